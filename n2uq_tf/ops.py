@@ -1,0 +1,288 @@
+"""The N2UQ math: activation and weight quantizers with their training gradients.
+
+Pure TensorFlow, no Keras. This module is the single source of truth for the
+quantization semantics (Liu et al., "Nonuniform-to-Uniform Quantization",
+CVPR 2022, and the official implementation); the Keras layers, the fused
+training kernel and the TFLite kernels are all tested against it.
+
+Activation quantizer, ``n = 2**bits - 1`` levels above zero, ``delta = 2 / n``:
+
+* ``xs = beta1 * x``; intervals are floored, ``a' = where(a > 1e-3, a, 1e-3)``;
+* segment bounds ``d_0 = s``, ``d_i = s + sum_{j<=i} a'_j``;
+* forward: ``level = #{i : xs > T_i}`` with ``T_i = d_{i-1} + a'_i / 2`` (the
+  segment midpoints), output ``level * beta2 * delta`` (uniform levels);
+* backward (generalized straight-through estimator): the gradient of the
+  piecewise-linear surrogate ``beta2 * delta * ((i - 1) + (xs - d_{i-1}) / a'_i)``
+  on segment ``i``, flat below ``d_0`` and above ``d_n``; ``beta2`` gets the
+  gradient of the forward output, ``delta * level``.
+
+Weight quantizer: ``alpha = gamma * mean|W|`` per output channel with
+``gamma = (2**b - 1) / 2**(b - 1)`` (entropy-preserving scale), ``2**b``
+symmetric levels ``alpha * (2k/n - 1)``, straight-through gradient ``g / alpha``.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+MIN_BITS, MAX_BITS = 1, 8
+# Intervals at or below this are floored (a `where`, so a floored interval gets
+# no gradient), as in the official code.
+INTERVAL_FLOOR = 1e-3
+
+__all__ = [
+    "check_bits",
+    "num_levels",
+    "level_step",
+    "weight_gamma",
+    "segment_bounds",
+    "activation_levels",
+    "n2uq_quantize",
+    "weight_scale",
+    "weight_codes",
+    "quantize_weights",
+]
+
+
+def check_bits(bits, what="bits"):
+    """Returns ``bits`` as an int after checking it is an integer in 1..8."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    bits = int(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def num_levels(bits):
+    """n = 2**bits - 1: the number of quantization steps above the lowest level."""
+    return 2 ** check_bits(bits) - 1
+
+
+def level_step(bits):
+    """delta = 2 / n: the activation output step (outputs span [0, 2] * beta2)."""
+    return 2.0 / num_levels(bits)
+
+
+def weight_gamma(bits):
+    """Entropy-preserving weight scale factor gamma = (2**b - 1) / 2**(b - 1)."""
+    return num_levels(bits) / 2.0 ** (check_bits(bits) - 1)
+
+
+def segment_bounds(start, intervals):
+    """Floored intervals, segment bounds d_0..d_n and forward thresholds T_1..T_n.
+
+    Returns ``(a, bounds, thresholds)`` as float32 tensors of shapes [n], [n + 1], [n].
+    """
+    start = tf.cast(tf.reshape(start, []), tf.float32)
+    intervals = tf.cast(intervals, tf.float32)
+    a = tf.where(intervals > INTERVAL_FLOOR, intervals, tf.constant(INTERVAL_FLOOR, tf.float32))
+    bounds = start + tf.concat([tf.zeros([1], tf.float32), tf.cumsum(a)], axis=0)
+    thresholds = bounds[:-1] + a * 0.5
+    return a, bounds, thresholds
+
+
+def _count_less(sorted_values, xs):
+    """Per element of ``xs``, the number of ``sorted_values`` strictly below it (int32)."""
+    n = int(sorted_values.shape[0])
+    if n <= 16:
+        return tf.add_n([tf.cast(xs > sorted_values[i], tf.int32) for i in range(n)])
+    flat = tf.reshape(xs, [1, -1])
+    counts = tf.searchsorted(sorted_values[tf.newaxis], flat, side="left", out_type=tf.int32)
+    return tf.reshape(counts, tf.shape(xs))
+
+
+def activation_levels(x, start, intervals, beta1, bits):
+    """Integer activation codes m in {0..n} (int32) that the quantizer outputs as m * beta2 * delta."""
+    num_levels(bits)
+    _, _, thresholds = segment_bounds(start, intervals)
+    xs = tf.cast(x, tf.float32) * tf.cast(tf.reshape(beta1, []), tf.float32)
+    return _count_less(thresholds, xs)
+
+
+def _parameter_gradients(sums, level_sum, a, raw_intervals, slopes, delta):
+    """Gradients to start, intervals, beta1, beta2 from per-segment sums.
+
+    ``sums`` is [3, n]: for the elements of segment i (d_{i-1} < xs <= d_i),
+    sum(g), sum(g * (xs - d_{i-1})) and sum(g * x_in); ``slopes_i = beta2 * delta / a'_i``.
+    With the surrogate u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i):
+      du/da'_i = -slope_i * (xs - d_{i-1}) / a'_i,  du/da'_j = -slope_i (j < i),
+      du/ds = -slope_i,  du/dbeta1 = slope_i * x_in.
+    So dL/da'_j = -slope_j * S2_j / a'_j - sum_{i > j} slope_i * S1_i.
+    """
+    dtype = sums.dtype
+    a = tf.cast(a, dtype)
+    slopes = tf.cast(slopes, dtype)
+    seg_g, seg_offset, seg_x = sums[0], sums[1], sums[2]
+    weighted_g = slopes * seg_g
+    grad_start = -tf.reduce_sum(weighted_g)
+    grad_a = -slopes * seg_offset / a - tf.cumsum(weighted_g, exclusive=True, reverse=True)
+    grad_intervals = tf.where(raw_intervals > INTERVAL_FLOOR, tf.cast(grad_a, tf.float32), 0.0)
+    grad_beta1 = tf.reduce_sum(slopes * seg_x)
+    grad_beta2 = tf.cast(delta, dtype) * tf.cast(level_sum, dtype)
+    return (tf.cast(grad_start, tf.float32), grad_intervals, tf.cast(grad_beta1, tf.float32),
+            tf.cast(grad_beta2, tf.float32))
+
+
+def _reference_quantize(x, start, intervals, beta1, beta2, bits):
+    """Pure-TF forward and G-STE backward (float32 in, float32 out)."""
+    n = num_levels(bits)
+    delta = level_step(bits)
+
+    @tf.custom_gradient
+    def quantize(x, start, intervals, beta1, beta2):
+        a, bounds, thresholds = segment_bounds(start, intervals)
+        xs = x * beta1
+        level = tf.cast(_count_less(thresholds, xs), tf.float32)
+        scale = beta2 * delta
+        y = level * scale
+
+        def grad(g):
+            slopes = scale / a
+            # k = #{j : d_j < xs}: segment k (1-based) when 1 <= k <= n, outside otherwise.
+            k = _count_less(bounds, xs)
+            zero = tf.zeros([1], tf.float32)
+            slope_of = tf.gather(tf.concat([zero, slopes, zero], 0), k)
+            lower_of = tf.gather(tf.concat([zero, bounds[:-1], zero], 0), k)
+            grad_xs = g * slope_of
+            per_segment = [
+                tf.math.bincount(k, weights=w, minlength=n + 2, maxlength=n + 2)[1:n + 1]
+                for w in (g, g * (xs - lower_of), g * x)
+            ]
+            # Elements outside [d_0, d_n] land in bins 0 and n + 1, dropped above.
+            sums = tf.stack(per_segment)
+            level_sum = tf.reduce_sum(g * level)
+            return (grad_xs * beta1,) + _parameter_gradients(sums, level_sum, a, intervals, slopes, delta)
+
+        return y, grad
+
+    return quantize(x, start, intervals, beta1, beta2)
+
+
+def _fused_quantize(x, start, intervals, beta1, beta2, bits, kernels):
+    """Same contract as `_reference_quantize`, one pass forward and one backward in C++."""
+    delta = level_step(bits)
+
+    @tf.custom_gradient
+    def quantize(x, start, intervals, beta1, beta2):
+        a, bounds, thresholds = segment_bounds(start, intervals)
+        scale = beta2 * delta
+        y = kernels.n2uq_quantize_forward(x, thresholds, beta1, scale)
+
+        def grad(g):
+            slopes = scale / a
+            grad_x, sums, level_sum = kernels.n2uq_quantize_backward(g, x, bounds, thresholds, beta1, slopes)
+            return (grad_x,) + _parameter_gradients(sums, level_sum, a, intervals, slopes, delta)
+
+        return y, grad
+
+    return quantize(x, start, intervals, beta1, beta2)
+
+
+def _fused_kernels():
+    try:
+        from n2uq_tf import _fused
+    except ImportError:
+        return None
+    return _fused.load()
+
+
+def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="auto"):
+    """N2UQ activation quantizer (forward levels, G-STE gradients).
+
+    Args:
+      x: input tensor of any rank; float32, or float16/bfloat16 (computed in float32,
+        returned in the input dtype).
+      start: scalar, the lower bound ``s`` of the first segment.
+      intervals: [n] segment lengths ``a`` (floored at 1e-3).
+      beta1, beta2: scalar input and output scales.
+      bits: 1..8.
+      implementation: "auto" (fused C++ kernel when it is available), "fused" or "reference".
+
+    Returns:
+      ``beta2 * (2 / n) * level`` in the dtype of ``x``.
+    """
+    n = num_levels(bits)
+    if implementation not in ("auto", "fused", "reference"):
+        raise ValueError(f"implementation must be 'auto', 'fused' or 'reference', got {implementation!r}")
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        raise TypeError(f"n2uq_quantize needs a floating-point input, got {x.dtype.name}")
+    intervals = tf.convert_to_tensor(intervals, tf.float32) if not isinstance(intervals, tf.Variable) else intervals
+    if intervals.shape.rank != 1 or intervals.shape[0] != n:
+        raise ValueError(f"intervals must have shape [{n}] for bits={bits}, got {intervals.shape}")
+    params = [tf.cast(tf.reshape(p, []), tf.float32) for p in (start, beta1, beta2)]
+    start, beta1, beta2 = params
+    intervals = tf.cast(intervals, tf.float32)
+    x32 = tf.cast(x, tf.float32)
+    kernels = None if implementation == "reference" else _fused_kernels()
+    if kernels is None:
+        if implementation == "fused":
+            raise RuntimeError("the fused N2UQ kernel is not available (see warnings from n2uq_tf._fused)")
+        y = _reference_quantize(x32, start, intervals, beta1, beta2, bits)
+    else:
+        y = _fused_quantize(x32, start, intervals, beta1, beta2, bits, kernels)
+    return tf.cast(y, x.dtype)
+
+
+def _channel_axes(rank, channel_axis):
+    axes = channel_axis if isinstance(channel_axis, (tuple, list)) else (channel_axis,)
+    keep = set()
+    for axis in axes:
+        if not -rank <= axis < rank:
+            raise ValueError(f"channel_axis {channel_axis!r} is out of range for a weight of rank {rank}")
+        keep.add(axis % rank)
+    return [i for i in range(rank) if i not in keep]
+
+
+def weight_scale(w, bits, channel_axis=-1):
+    """alpha = gamma * mean(|W|) over every axis but the output-channel axis (keepdims)."""
+    gamma = weight_gamma(bits)
+    w = tf.convert_to_tensor(w)
+    reduce_axes = _channel_axes(w.shape.rank, channel_axis)
+    return gamma * tf.reduce_mean(tf.abs(w), axis=reduce_axes, keepdims=True)
+
+
+def weight_codes(w, bits, channel_axis=-1):
+    """Integer weight codes k in {0..n} (int32) and alpha, with W_q = alpha * (2k/n - 1).
+
+    An all-zero channel has alpha = 0; its codes are meaningless and its W_q is 0.
+    """
+    n = num_levels(bits)
+    w = tf.convert_to_tensor(w)
+    alpha = weight_scale(w, bits, channel_axis)
+    safe_alpha = tf.where(alpha > 0, alpha, tf.ones_like(alpha))
+    clipped = tf.clip_by_value(w / safe_alpha, -1.0, 1.0)
+    codes = tf.round((clipped + 1.0) * (n / 2.0))
+    return tf.cast(codes, tf.int32), alpha
+
+
+def quantize_weights(w, bits, channel_axis=-1):
+    """Entropy-preserving weight quantizer with the straight-through gradient g / alpha.
+
+    ``channel_axis`` is the output-channel axis (-1 for Conv2D and Dense kernels) or a
+    tuple of axes kept separate (``(-2, -1)`` for a DepthwiseConv2D kernel, one scale per
+    depthwise output channel).
+    """
+    n = num_levels(bits)
+    w = tf.convert_to_tensor(w)
+    if not w.dtype.is_floating:
+        raise TypeError(f"quantize_weights needs a floating-point weight, got {w.dtype.name}")
+    _channel_axes(w.shape.rank, channel_axis)
+    dtype = w.dtype
+
+    @tf.custom_gradient
+    def quantize(w):
+        codes, alpha = weight_codes(tf.stop_gradient(w), bits, channel_axis)
+        alpha = tf.stop_gradient(alpha)
+        nonzero = alpha > 0
+        levels = tf.cast(codes, w.dtype) * 2.0 / n - 1.0
+        wq = tf.where(nonzero, alpha * levels, tf.zeros_like(w))
+
+        def grad(g):
+            return g / tf.where(nonzero, alpha, tf.ones_like(alpha))
+
+        return wq, grad
+
+    # Computed in float32 so that float16 kernels under mixed precision get the same levels.
+    return tf.cast(quantize(tf.cast(w, tf.float32)), dtype)
