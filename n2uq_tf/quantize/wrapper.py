@@ -1,0 +1,74 @@
+"""QuantizeWrapperV2 subclass that also quantizes the wrapped layer's input.
+
+tfmot places activation quantizers on layer outputs only. N2UQ quantizes each
+conv's input while the residual shortcut keeps the raw (float) block input, so
+the quantizer must sit on the consuming layer's input, inside its wrapper.
+"""
+
+import tensorflow as tf
+
+from n2uq_tf._keras import register, tfmot
+
+_QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
+
+
+@register
+class N2UQWrapper(_QuantizeWrapperV2):
+    """Quantizes the weights (per the config) and the input of one layer."""
+
+    def build(self, input_shape):
+        # Build the inner layer first: QuantizeWrapperV2.build snapshots its trainable weights,
+        # and an unbuilt layer (as when loading) would give another variable order than the
+        # trained model, so optimizer state would be restored onto the wrong variables.
+        if not self.layer.built:
+            with tf.name_scope(self.layer.name):
+                self.layer.build(input_shape)
+        super().build(input_shape)
+        quantizers = self.quantize_config.get_input_quantizers(self.layer)
+        if len(quantizers) > 1:
+            raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
+                             f"the config gave {len(quantizers)} input quantizers")
+        self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
+
+    @property
+    def input_quantizer(self):
+        """(quantizer, variables dict) of the input, or None when the input stays float."""
+        return self._input_quantizers[0] if self._input_quantizers else None
+
+    def call(self, inputs, training=None, **kwargs):
+        if self._input_quantizers:
+            if isinstance(inputs, (list, tuple)):
+                raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper expects one input tensor, "
+                                 f"got {len(inputs)}")
+            quantizer, variables = self._input_quantizers[0]
+            inputs = quantizer(inputs, training, weights=variables)
+        return super().call(inputs, training=training, **kwargs)
+
+    # The base wrapper lists the wrapped layer's weights among its own, so the `.keras`
+    # format would store them twice and count them differently on load (tfmot's
+    # "expected 2 variables, but received 3"). Store only the variables this wrapper
+    # created (quantizer parameters, optimizer_step); the inner layer stores its own.
+    def _own_variables(self):
+        inner = {id(v) for v in self.layer.weights}
+        seen, own = set(), []
+        for v in self._trainable_weights + self._non_trainable_weights:
+            if id(v) not in inner and id(v) not in seen:
+                seen.add(id(v))
+                own.append(v)
+        return own
+
+    def save_own_variables(self, store):
+        for i, v in enumerate(self._own_variables()):
+            store[f"{i}"] = v.numpy()
+
+    def load_own_variables(self, store):
+        own = self._own_variables()
+        if len(store.keys()) != len(own):
+            raise ValueError(f"layer {self.name!r}: the file holds {len(store.keys())} quantizer variables, "
+                             f"this model expects {len(own)} ({[v.name for v in own]})")
+        for i, v in enumerate(own):
+            value = store[f"{i}"]
+            if tuple(value.shape) != tuple(v.shape):
+                raise ValueError(f"layer {self.name!r}: variable {v.name} has shape {tuple(v.shape)} "
+                                 f"but the file holds {tuple(value.shape)}")
+            v.assign(tf.convert_to_tensor(value, v.dtype))
