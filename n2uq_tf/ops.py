@@ -38,6 +38,7 @@ __all__ = [
     "segment_bounds",
     "activation_levels",
     "n2uq_quantize",
+    "active_implementation",
     "weight_scale",
     "weight_codes",
     "quantize_weights",
@@ -185,6 +186,11 @@ def _fused_kernels():
     except ImportError:
         return None
     return _fused.load()
+
+
+def active_implementation():
+    """'fused' when the C++ training kernel is loaded, else 'reference' (pure TF)."""
+    return "fused" if _fused_kernels() is not None else "reference"
 
 
 def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="auto"):

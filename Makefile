@@ -1,0 +1,30 @@
+# make demo: the quick-start job; make test: install and run the test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.n2uq_tf-installed
+
+.PHONY: install test demo benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plots,litert]'
+	$(PY) -c "import n2uq_tf.ops as o; print('n2uq_tf quantizer:', o.active_implementation())"
+	touch $(STAMP)
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: install
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: install
+	$(PY) examples/quickstart.py
+
+benchmark: install
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,103 @@
+"""Time of an N2UQ QAT training step relative to the float step, measured in the same run.
+
+CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filters),
+32x32x3 inputs, batch 128, Adam, one `train_on_batch` per step. The quantized model is
+`n2uq_tf.quantize_model(resnet20, bits)`: every conv but the first at `bits`, the
+classifier float.
+
+    python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference]
+
+`--implementation reference` times the pure-TF quantizer instead of the fused kernel.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 3 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--implementation", choices=["auto", "reference"], default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
+    return parser.parse_args()
+
+
+args = parse_args()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if args.implementation == "reference":
+    os.environ["N2UQ_TF_DISABLE_FUSED"] = "1"
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+import n2uq_tf  # noqa: E402
+
+
+def resnet20(num_classes=10):
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inp)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    for stage, filters in enumerate([16, 32, 64]):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+            y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+            y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
+            y = keras.layers.BatchNormalization()(y)
+            shortcut = x
+            if stride != 1 or x.shape[-1] != filters:
+                shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x)
+                shortcut = keras.layers.BatchNormalization()(shortcut)
+            x = keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="resnet20")
+
+
+def compiled(model):
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def time_steps(model, x, y, steps):
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    keras.utils.set_random_seed(0)
+    x = tf.random.uniform((args.batch, 32, 32, 3))
+    y = tf.random.uniform((args.batch,), 0, 10, tf.int32)
+    float_model = resnet20()
+    models = {"float32": compiled(float_model)}
+    for bits in args.bits:
+        models[f"N2UQ W{bits}A{bits}"] = compiled(n2uq_tf.quantize_model(float_model, bits=bits))
+    for model in models.values():
+        time_steps(model, x, y, 3)  # trace and warm up
+    samples = {name: [] for name in models}
+    for _ in range(args.rounds):  # interleave so drifts in machine load hit every model alike
+        for name, model in models.items():
+            samples[name] += time_steps(model, x, y, args.steps)
+
+    base = statistics.median(samples["float32"])
+    print(f"\nResNet-20, 32x32, batch {args.batch}, {os.cpu_count()} CPU threads, TF {tf.__version__}, "
+          f"quantizer: {n2uq_tf.ops.active_implementation()}\n")
+    print("| model        | median step (ms) | vs float |")
+    print("|--------------|------------------|----------|")
+    for name, times in samples.items():
+        med = statistics.median(times)
+        print(f"| {name:12s} | {1e3 * med:16.1f} | {med / base:7.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
