@@ -1,0 +1,43 @@
+"""The package as a user meets it: imports in any order, and the README's demo."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+QUANTIZE_SMALL_MODEL = """
+import tf_keras
+model = tf_keras.Sequential([tf_keras.Input((6, 6, 2)), tf_keras.layers.Conv2D(4, 3), tf_keras.layers.ReLU(),
+                             tf_keras.layers.Conv2D(4, 3), tf_keras.layers.Flatten(), tf_keras.layers.Dense(2)])
+q = n2uq_tf.quantize_model(model, bits=2)
+print(type(q).__module__.split(".")[0], len(n2uq_tf.quantization_report(q).quantized))
+"""
+
+
+def run_python(code):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("prelude", [
+    "import n2uq_tf",
+    "import keras\nimport tensorflow as tf\nassert tf.keras.__version__.startswith('3')\nimport n2uq_tf",
+    "import tensorflow_model_optimization\nimport tensorflow as tf\nimport n2uq_tf",
+])
+def test_import_order_does_not_matter(prelude):
+    result = run_python(prelude + "\n" + QUANTIZE_SMALL_MODEL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["tf_keras", "1"]
+
+
+def test_quickstart_runs(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quickstart.py"), "--epochs", "1"],
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT),
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| float32" in result.stdout and "| N2UQ W2A2" in result.stdout
+    assert "compression" in result.stdout
