@@ -23,3 +23,21 @@ def check_format_version(config, what):
         raise ValueError(
             f"{what} was saved by a newer n2uq_tf (format version {version}; this one reads "
             f"up to {FORMAT_VERSION}). Upgrade n2uq_tf to load it.")
+
+
+class ConfigSerializable:
+    """from_config with the format-version check, and equality by config, for our config objects."""
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        check_format_version(config, cls.__name__)
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None

@@ -72,8 +72,9 @@ class QuantizationReport:
             if r.thresholds is not None:
                 shown = r.thresholds if len(r.thresholds) <= 4 else r.thresholds[:3] + [r.thresholds[-1]]
                 thresholds = " ".join(f"{t:.3g}" for t in shown)
-                if len(r.thresholds) > 4:
-                    thresholds = thresholds.replace(" ", " ", 2) + f" ({len(r.thresholds)})"
+                if len(r.thresholds) > 4:  # first three ... last
+                    parts = thresholds.split(" ")
+                    thresholds = " ".join(parts[:3] + ["...", parts[3]]) + f" ({len(r.thresholds)} thresholds)"
             if r.status in ("unsupported", "kept float"):
                 thresholds = f"{r.status}: {r.note}"
             rows.append((r.name, r.type, "-" if r.weight_bits is None else str(r.weight_bits),

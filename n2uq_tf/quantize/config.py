@@ -1,12 +1,12 @@
 """The N2UQ QuantizeConfig: which weights of a layer are quantized, and its input quantizer."""
 
 from n2uq_tf import ops
-from n2uq_tf._keras import FORMAT_VERSION, check_format_version, register, tfmot
+from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, register, tfmot
 from n2uq_tf.quantize.quantizers import ActivationQuantizer, WeightQuantizer
 
 
 @register
-class N2UQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeConfig):
     """Quantizes ``weight_attrs`` of a layer and, through `N2UQWrapper`, its input.
 
     Args:
@@ -69,18 +69,6 @@ class N2UQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
                 "weight_attrs": list(self.weight_attrs), "channel_axis": axis,
                 "learn_thresholds": self.learn_thresholds, "format_version": FORMAT_VERSION}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        check_format_version(config, cls.__name__)
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
 
     def __repr__(self):
         return (f"N2UQQuantizeConfig(weight_bits={self.weight_bits}, activation_bits={self.activation_bits}, "

@@ -1,7 +1,7 @@
 """tfmot Quantizer subclasses for N2UQ: they own the learnable parameters and call ops."""
 
 from n2uq_tf import ops
-from n2uq_tf._keras import check_format_version, keras, register, tfmot, FORMAT_VERSION
+from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, keras, register, tfmot
 
 # Suffixes of the activation-quantizer variables; training uses them to find the
 # quantizer parameters (trained at lr / 10 in the official recipe).
@@ -9,7 +9,7 @@ QUANTIZER_PARAMETER_SUFFIXES = ("n2uq_start", "n2uq_intervals", "n2uq_beta1", "n
 
 
 @register
-class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizers.Quantizer):
     """N2UQ activation quantizer: learnable thresholds (start, intervals), scales beta1, beta2.
 
     ``learn_thresholds=False`` freezes start and intervals at the uniform initialisation:
@@ -45,21 +45,9 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return {"bits": self.bits, "learn_thresholds": self.learn_thresholds,
                 "format_version": FORMAT_VERSION}
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        check_format_version(config, cls.__name__)
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
 
 @register
-class WeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+class WeightQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizers.Quantizer):
     """Entropy-preserving uniform weight quantizer (no variables: alpha is computed from W)."""
 
     def __init__(self, bits=2, channel_axis=-1):
@@ -75,15 +63,3 @@ class WeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     def get_config(self):
         axis = list(self.channel_axis) if isinstance(self.channel_axis, tuple) else self.channel_axis
         return {"bits": self.bits, "channel_axis": axis, "format_version": FORMAT_VERSION}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        check_format_version(config, cls.__name__)
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
