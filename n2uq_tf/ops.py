@@ -282,7 +282,10 @@ def quantize_weights(w, bits, channel_axis=-1):
         codes, alpha = weight_codes(tf.stop_gradient(w), bits, channel_axis)
         alpha = tf.stop_gradient(alpha)
         nonzero = alpha > 0
-        levels = tf.cast(codes, w.dtype) * 2.0 / n - 1.0
+        # 2k/n - 1 looked up from a correctly rounded table: computed as `k * 2.0 / n - 1`,
+        # Grappler's constant folding turns it into `k * (2/n) - 1` in graphs only, and graph
+        # and eager results would differ in the last bits.
+        levels = tf.gather(tf.constant([(2 * k - n) / n for k in range(n + 1)], tf.float32), codes)
         wq = tf.where(nonzero, alpha * levels, tf.zeros_like(w))
 
         def grad(g):

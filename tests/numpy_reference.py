@@ -118,13 +118,13 @@ def segment_index64(x, d):
 
 def boundary_distance64(x, start, intervals):
     """Distance of x from the nearest segment bound d_i or threshold T_i (float64)."""
-    s, a, _, d, _, _ = _params64(start, intervals, 1.0, 1.0)
+    _, a, _, d, _, _ = _params64(start, intervals, 1.0, 1.0)
     pts = np.concatenate([d, d[:-1] + a / 2])
     return np.min(np.abs(np.asarray(x, np.float64)[..., None] - pts), axis=-1)
 
 
 def levels64(x, start, intervals):
-    s, a, _, d, _, _ = _params64(start, intervals, 1.0, 1.0)
+    _, a, _, d, _, _ = _params64(start, intervals, 1.0, 1.0)
     t = d[:-1] + a / 2
     return np.sum(np.asarray(x, np.float64)[..., None] > t, axis=-1)
 
@@ -189,7 +189,7 @@ def gradient_scales64(x_in, g, start, intervals, beta1, beta2, bits):
     """sum |term| of every summed parameter gradient: the scale for an absolute tolerance."""
     n = num_levels(bits)
     delta = 2.0 / n
-    s, a, floored, d, b1, b2 = _params64(start, intervals, beta1, beta2)
+    s, a, _, d, b1, b2 = _params64(start, intervals, beta1, beta2)
     x_in = np.asarray(x_in, np.float32).astype(np.float64)
     g = np.abs(np.asarray(g, np.float64))
     x = b1 * x_in
