@@ -83,6 +83,8 @@ def build(force=False, verbose=True):
     raise RuntimeError("no writable folder for the kernel library: " + "; ".join(errors))
 
 
+# Called while Keras traces a model: plain Python, nothing for AutoGraph to convert.
+@tf.autograph.experimental.do_not_convert
 def load():
     """The op module with n2uq_quantize_forward/backward, or None (then ops.py uses pure TF)."""
     if os.environ.get("N2UQ_TF_DISABLE_FUSED") == "1":
