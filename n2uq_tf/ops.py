@@ -214,12 +214,10 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         raise TypeError(f"n2uq_quantize needs a floating-point input, got {x.dtype.name}")
-    intervals = tf.convert_to_tensor(intervals, tf.float32) if not isinstance(intervals, tf.Variable) else intervals
+    intervals = tf.cast(intervals, tf.float32)  # reads a Variable; the gradient still reaches it
     if intervals.shape.rank != 1 or intervals.shape[0] != n:
         raise ValueError(f"intervals must have shape [{n}] for bits={bits}, got {intervals.shape}")
-    params = [tf.cast(tf.reshape(p, []), tf.float32) for p in (start, beta1, beta2)]
-    start, beta1, beta2 = params
-    intervals = tf.cast(intervals, tf.float32)
+    start, beta1, beta2 = [tf.cast(tf.reshape(p, []), tf.float32) for p in (start, beta1, beta2)]
     x32 = tf.cast(x, tf.float32)
     kernels = None if implementation == "reference" else _fused_kernels()
     if kernels is None:
