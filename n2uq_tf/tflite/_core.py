@@ -1,0 +1,388 @@
+"""Builds (once) and wraps the TFLite-independent bit-serial kernel core (tflite_tools/core).
+
+The C++ sources are compiled on first use into a shared library whose file name carries
+a hash of the sources and flags, so an edited source is rebuilt and concurrent builders
+never see a partial file (atomic rename). The library goes into the package folder, or
+into $XDG_CACHE_HOME/n2uq_tf if that is read-only. No -march flag: the AVX2/AVX-512
+kernels carry their own target options and are picked at run time.
+
+Functions take NumPy arrays and return NumPy arrays; errors from the C API are raised as
+`CoreError` (a ValueError) with the library's message. `isa` is "auto" (environment
+variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx512" or "neon".
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+ISAS = ("auto", "portable", "avx2", "avx512", "neon")
+MAX_BITS = 4
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_NAMES = ("n2uq_core.h", "kernel_table.h", "kernels_impl.h", "core.cc", "isa_portable.cc", "isa_avx2.cc",
+                 "isa_avx512.cc", "isa_neon.cc")
+_COMPILED = ("core.cc", "isa_portable.cc", "isa_avx2.cc", "isa_avx512.cc", "isa_neon.cc")
+FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+_lock = threading.Lock()
+_loaded = {}
+
+
+class CoreError(ValueError):
+    """An argument the kernel core rejected (the message comes from the C library)."""
+
+
+def source_dir():
+    """The folder with the core's C++ sources (N2UQ_CORE_SOURCE_DIR overrides)."""
+    candidates = [os.environ.get("N2UQ_CORE_SOURCE_DIR"),
+                  os.path.join(_PACKAGE_DIR, "tflite", "csrc"),  # when packaged into the wheel
+                  os.path.join(os.path.dirname(_PACKAGE_DIR), "tflite_tools", "core")]  # source checkout
+    for candidate in candidates:
+        if candidate and os.path.exists(os.path.join(candidate, "n2uq_core.h")):
+            return candidate
+    raise RuntimeError("cannot find the n2uq kernel core sources (tflite_tools/core); set N2UQ_CORE_SOURCE_DIR")
+
+
+def compiler():
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+
+
+def _library_name(directory):
+    digest = hashlib.sha256(" ".join(FLAGS + [compiler()]).encode())
+    for name in _SOURCE_NAMES:
+        with open(os.path.join(directory, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return f"n2uq_core_{digest.hexdigest()[:12]}.so"
+
+
+def _candidate_dirs():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(_PACKAGE_DIR, "_lib"), os.path.join(cache, "n2uq_tf")]
+
+
+def build_command(output, sources=None):
+    sources = sources or source_dir()
+    return [compiler()] + FLAGS + [os.path.join(sources, name) for name in _COMPILED] + ["-o", output]
+
+
+def build(force=False, verbose=True):
+    """Compiles the core library if needed and returns its path (RuntimeError on failure)."""
+    sources = source_dir()
+    name = _library_name(sources)
+    for directory in _candidate_dirs():
+        path = os.path.join(directory, name)
+        if os.path.exists(path) and not force:
+            return path
+    errors = []
+    for directory in _candidate_dirs():
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError as error:
+            errors.append(f"{directory}: {error}")
+            continue
+        if verbose:
+            print(f"n2uq_tf: building the bit-serial kernel core (once, ~20 s) into {directory}", file=sys.stderr)
+        try:
+            result = subprocess.run(build_command(tmp, sources), capture_output=True, text=True)
+        except OSError as error:
+            os.unlink(tmp)
+            raise RuntimeError(f"cannot run the C++ compiler {compiler()!r}: {error}") from error
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling the kernel core failed:\n{result.stderr[-3000:]}")
+        path = os.path.join(directory, name)
+        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
+        for old in os.listdir(directory):  # libraries of older sources
+            if old.startswith("n2uq_core_") and old.endswith(".so") and old != name:
+                try:
+                    os.unlink(os.path.join(directory, old))
+                except OSError:
+                    pass
+        return path
+    raise RuntimeError("no writable folder for the kernel core library: " + "; ".join(errors))
+
+
+class ConvShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "batch", "in_height", "in_width", "in_channels", "out_channels", "kernel_height", "kernel_width",
+        "stride_height", "stride_width", "dilation_height", "dilation_width",
+        "pad_top", "pad_bottom", "pad_left", "pad_right", "act_bits", "weight_bits")]
+
+
+def _declare(lib):
+    i32, i64, f32, sz = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
+    ptr, char_p, shape_p = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ConvShape)
+    err = [char_p, sz]
+    signatures = {
+        "n2uq_core_abi_version": ([], ctypes.c_int),
+        "n2uq_isa_supported": ([ctypes.c_int], ctypes.c_int),
+        "n2uq_resolve_isa": ([ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_isa_name": ([ctypes.c_int], char_p),
+        "n2uq_pack_bitplanes": ([ptr, i64, i64, i32, i32, ptr, i64] + err, ctypes.c_int),
+        "n2uq_quantize_codes": ([ptr, i64, ptr, i32, f32, i32, ptr, i64, ctypes.c_int, ctypes.c_int] + err,
+                                ctypes.c_int),
+        "n2uq_quantize_and_pack": ([ptr, i64, i64, i32, ptr, i32, f32, i32, ptr, i64, ctypes.c_int, ctypes.c_int]
+                                   + err, ctypes.c_int),
+        "n2uq_conv2d_output_size": ([shape_p, ctypes.POINTER(i32), ctypes.POINTER(i32)] + err, ctypes.c_int),
+        "n2uq_conv2d_bitserial": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int,
+                                   ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_fully_connected": ([i32, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
+                                  ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_depthwise_conv2d": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int,
+                                   ctypes.c_int] + err, ctypes.c_int),
+    }
+    for name, (args, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = restype
+    return lib
+
+
+def library():
+    """The loaded ctypes library (built on first use)."""
+    with _lock:
+        if "lib" not in _loaded:
+            lib = _declare(ctypes.CDLL(build()))
+            if lib.n2uq_core_abi_version() != 1:
+                raise RuntimeError("n2uq kernel core ABI mismatch")
+            _loaded["lib"] = lib
+        return _loaded["lib"]
+
+
+def _call(fn, *args):
+    err = ctypes.create_string_buffer(512)
+    status = fn(*args, err, len(err))
+    if status != 0:
+        raise CoreError(err.value.decode(errors="replace") or f"kernel core error {status}")
+    return status
+
+
+def _isa_id(isa):
+    if isa is None:
+        isa = "auto"
+    if isa not in ISAS:
+        raise CoreError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    return ISAS.index(isa)
+
+
+def isa(requested="auto"):
+    """The ISA path that `requested` resolves to on this machine ("avx512", "avx2", "neon" or "portable")."""
+    lib = library()
+    err = ctypes.create_string_buffer(512)
+    resolved = lib.n2uq_resolve_isa(_isa_id(requested), err, len(err))
+    if resolved < 0:
+        raise CoreError(err.value.decode(errors="replace"))
+    return ISAS[resolved]
+
+
+def supported_isas():
+    """Every concrete ISA path this CPU and build can run, slowest first."""
+    lib = library()
+    return [name for i, name in enumerate(ISAS) if i > 0 and lib.n2uq_isa_supported(i)]
+
+
+def _ptr(array):
+    return array.ctypes.data_as(ctypes.c_void_p)
+
+
+def _as(array, dtype, what):
+    array = np.asarray(array)
+    if array.dtype != dtype:
+        if dtype == np.uint8:
+            if not np.issubdtype(array.dtype, np.integer):
+                raise CoreError(f"{what} must hold integer codes, got {array.dtype}")
+            if array.size and (array.min() < 0 or array.max() > 255):
+                raise CoreError(f"{what} codes must be in 0..255")
+        elif dtype == np.uint64:
+            raise CoreError(f"{what} must be uint64 packed words, got {array.dtype}")
+        elif not np.issubdtype(array.dtype, np.number):
+            raise CoreError(f"{what} must be numeric, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def words_per_plane(channels):
+    return (int(channels) + 63) // 64
+
+
+def pack_bitplanes(codes, bits):
+    """Packs integer codes [..., C] into uint64 words [..., bits, ceil(C / 64)]."""
+    codes = _as(codes, np.uint8, "codes")
+    if codes.ndim < 1 or codes.shape[-1] < 1:
+        raise CoreError(f"codes need a non-empty last (channel) axis, got shape {codes.shape}")
+    channels = codes.shape[-1]
+    positions = codes.size // channels
+    words = words_per_plane(channels)
+    out = np.empty(codes.shape[:-1] + (max(int(bits), 0), words), np.uint64) if 1 <= int(bits) <= 8 else \
+        np.empty((1,), np.uint64)
+    _call(library().n2uq_pack_bitplanes, _ptr(codes), codes.size, positions, channels, int(bits), _ptr(out),
+          out.size)
+    return out
+
+
+def unpack_bitplanes(packed, channels):
+    """Inverse of pack_bitplanes (NumPy only, for tests and inspection)."""
+    packed = np.asarray(packed, np.uint64)
+    bits_per_word = (packed[..., None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    planes = bits_per_word.reshape(packed.shape[:-1] + (-1,))[..., :channels]
+    weights = (np.uint64(1) << np.arange(packed.shape[-2], dtype=np.uint64))[:, None]
+    return (planes * weights).sum(axis=-2).astype(np.uint8)
+
+
+def _thresholds(thresholds):
+    return _as(np.ravel(np.asarray(thresholds, np.float32)), np.float32, "thresholds")
+
+
+def quantize_codes(x, thresholds, beta1, bits, *, isa="auto", num_threads=1):
+    """uint8 codes #{i : x * beta1 > thresholds[i]} of any-shaped float32 x."""
+    x = _as(x, np.float32, "x")
+    t = _thresholds(thresholds)
+    out = np.empty(x.shape, np.uint8)
+    _call(library().n2uq_quantize_codes, _ptr(x), x.size, _ptr(t), t.size, float(np.float32(beta1)), int(bits),
+          _ptr(out), out.size, _isa_id(isa), int(num_threads))
+    return out
+
+
+def quantize_and_pack(x, thresholds, beta1, bits, *, isa="auto", num_threads=1):
+    """Fused quantize + pack of float32 x [..., C] -> uint64 [..., bits, ceil(C / 64)]."""
+    x = _as(x, np.float32, "x")
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise CoreError(f"x needs a non-empty last (channel) axis, got shape {x.shape}")
+    t = _thresholds(thresholds)
+    channels = x.shape[-1]
+    bits = int(bits)
+    out = np.empty(x.shape[:-1] + (bits if 1 <= bits <= 8 else 1, words_per_plane(channels)), np.uint64)
+    _call(library().n2uq_quantize_and_pack, _ptr(x), x.size, x.size // channels, channels, _ptr(t), t.size,
+          float(np.float32(beta1)), bits, _ptr(out), out.size, _isa_id(isa), int(num_threads))
+    return out
+
+
+def _pair(value, what):
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise CoreError(f"{what} must be an int or a pair, got {value!r}")
+    return value
+
+
+def _padding(padding):
+    """(top, bottom, left, right) from an int, a pair (vertical, horizontal) or a 4-tuple."""
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 4
+    padding = tuple(int(p) for p in padding)
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    if len(padding) == 4:
+        return padding
+    raise CoreError(f"padding must be an int, a pair or (top, bottom, left, right), got {padding!r}")
+
+
+def conv_shape(batch, in_height, in_width, in_channels, out_channels, kernel_size, *, strides=1, dilations=1,
+               padding=0, act_bits, weight_bits):
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(strides, "strides")
+    dh, dw = _pair(dilations, "dilations")
+    top, bottom, left, right = _padding(padding)
+    return ConvShape(batch, in_height, in_width, in_channels, out_channels, kh, kw, sh, sw, dh, dw, top, bottom,
+                     left, right, act_bits, weight_bits)
+
+
+def output_size(shape):
+    """(out_height, out_width) of a ConvShape; raises CoreError for an invalid shape."""
+    oh, ow = ctypes.c_int32(), ctypes.c_int32()
+    _call(library().n2uq_conv2d_output_size, ctypes.byref(shape), ctypes.byref(oh), ctypes.byref(ow))
+    return oh.value, ow.value
+
+
+def _affine(multiplier, bias, channels):
+    multiplier = np.ones(channels, np.float32) if multiplier is None else _as(np.ravel(multiplier), np.float32,
+                                                                              "multiplier")
+    bias = np.zeros(channels, np.float32) if bias is None else _as(np.ravel(bias), np.float32, "bias")
+    if multiplier.size != bias.size:
+        raise CoreError(f"multiplier ({multiplier.size}) and bias ({bias.size}) lengths differ")
+    return multiplier, bias
+
+
+def _outputs(shape_tuple, output):
+    if output not in ("float", "int32", "both"):
+        raise CoreError(f"output must be 'float', 'int32' or 'both', got {output!r}")
+    out_f = np.empty(shape_tuple, np.float32) if output in ("float", "both") else None
+    out_i = np.empty(shape_tuple, np.int32) if output in ("int32", "both") else None
+    size = int(np.prod(shape_tuple))
+    return out_f, out_i, size
+
+
+def _result(out_f, out_i, output):
+    return {"float": out_f, "int32": out_i}.get(output, (out_f, out_i))
+
+
+def conv2d_bitserial(packed_input, packed_weights, in_channels, act_bits, weight_bits, multiplier=None, bias=None,
+                     *, strides=1, dilations=1, padding=0, output="float", isa="auto", num_threads=1):
+    """Bit-serial conv2d.
+
+    packed_input: uint64 [N, H, W, act_bits, words] (pack_bitplanes of NHWC codes);
+    packed_weights: uint64 [OC, KH, KW, weight_bits, words] (pack_bitplanes of [OC, KH, KW, IC] codes);
+    padding: int, (vertical, horizontal) or (top, bottom, left, right).
+    Returns [N, OH, OW, OC]: float32 multiplier * (2 S_mk - n_w S_m) + bias, the int32
+    integer, or both (output="float" | "int32" | "both").
+    """
+    x = _as(packed_input, np.uint64, "packed_input")
+    w = _as(packed_weights, np.uint64, "packed_weights")
+    if x.ndim != 5 or w.ndim != 5:
+        raise CoreError(f"packed_input and packed_weights must be 5-D, got {x.shape} and {w.shape}")
+    n, h, wd = x.shape[:3]
+    oc, kh, kw = w.shape[:3]
+    shape = conv_shape(n, h, wd, in_channels, oc, (kh, kw), strides=strides, dilations=dilations,
+                       padding=padding, act_bits=act_bits, weight_bits=weight_bits)
+    oh, ow = output_size(shape)
+    multiplier, bias = _affine(multiplier, bias, oc)
+    out_f, out_i, size = _outputs((n, oh, ow, oc), output)
+    _call(library().n2uq_conv2d_bitserial, ctypes.byref(shape), _ptr(x), x.size, _ptr(w), w.size,
+          _ptr(multiplier), _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f),
+          None if out_i is None else _ptr(out_i), size, _isa_id(isa), int(num_threads))
+    return _result(out_f, out_i, output)
+
+
+def fully_connected(packed_input, packed_weights, in_features, act_bits, weight_bits, multiplier=None, bias=None,
+                    *, output="float", isa="auto", num_threads=1):
+    """packed_input uint64 [batch, act_bits, words], packed_weights [out, weight_bits, words] -> [batch, out]."""
+    x = _as(packed_input, np.uint64, "packed_input")
+    w = _as(packed_weights, np.uint64, "packed_weights")
+    if x.ndim != 3 or w.ndim != 3:
+        raise CoreError(f"packed_input and packed_weights must be 3-D, got {x.shape} and {w.shape}")
+    batch, out_features = x.shape[0], w.shape[0]
+    multiplier, bias = _affine(multiplier, bias, out_features)
+    out_f, out_i, size = _outputs((batch, out_features), output)
+    _call(library().n2uq_fully_connected, batch, int(in_features), out_features, int(act_bits), int(weight_bits),
+          _ptr(x), x.size, _ptr(w), w.size, _ptr(multiplier), _ptr(bias), multiplier.size,
+          None if out_f is None else _ptr(out_f), None if out_i is None else _ptr(out_i), size, _isa_id(isa),
+          int(num_threads))
+    return _result(out_f, out_i, output)
+
+
+def depthwise_conv2d(input_codes, weight_codes, act_bits, weight_bits, multiplier=None, bias=None, *, strides=1,
+                     dilations=1, padding=0, output="float", isa="auto", num_threads=1):
+    """Depthwise conv on codes: input uint8 [N, H, W, C], weights uint8 [KH, KW, C, M] (or [KH, KW, C*M])."""
+    x = _as(input_codes, np.uint8, "input_codes")
+    w = _as(weight_codes, np.uint8, "weight_codes")
+    if x.ndim != 4 or w.ndim not in (3, 4):
+        raise CoreError(f"input must be 4-D and weights 3-D or 4-D, got {x.shape} and {w.shape}")
+    n, h, wd, c = x.shape
+    kh, kw = w.shape[:2]
+    out_channels = int(np.prod(w.shape[2:]))
+    shape = conv_shape(n, h, wd, c, out_channels, (kh, kw), strides=strides, dilations=dilations, padding=padding,
+                       act_bits=act_bits, weight_bits=weight_bits)
+    oh, ow = output_size(shape)
+    multiplier, bias = _affine(multiplier, bias, out_channels)
+    out_f, out_i, size = _outputs((n, oh, ow, out_channels), output)
+    _call(library().n2uq_depthwise_conv2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(w), w.size, _ptr(multiplier),
+          _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f),
+          None if out_i is None else _ptr(out_i), size, _isa_id(isa), int(num_threads))
+    return _result(out_f, out_i, output)

@@ -1,0 +1,117 @@
+/* n2uq_core: bit-serial kernels for N2UQ-quantized layers, independent of TFLite.
+ *
+ * Plain C ABI: every function returns N2UQ_OK (0) or a negative status and, on
+ * error, writes a NUL-terminated message into `err` (capacity `err_len`, may be 0).
+ * Every size, stride, padding and bit width is validated, and every buffer comes
+ * with its length in elements, so malformed arguments are reported, never read
+ * out of bounds.
+ *
+ * Data layout ("packed"): a tensor of codes [..., C] becomes, per position, `bits`
+ * bit planes of ceil(C / 64) uint64 words each: words[pos][plane][word], channel c
+ * in bit (c % 64) of word c / 64 of each plane; bits above C are zero.
+ * Activations are NHWC (pos = n, y, x); conv weights are [OC][KH][KW] x IC.
+ *
+ * Integer semantics: activation code m in 0..2^a_bits-1, weight code k in
+ * 0..2^w_bits-1 (n_w = 2^w_bits - 1). Each output is
+ *     acc = 2 * sum(m * k) - n_w * sum(m)      (exact int32 over the receptive field)
+ *     out = multiplier[oc] * acc + bias[oc]    (float32, no fused multiply-add)
+ * Zero padding contributes m = 0.
+ */
+#ifndef N2UQ_CORE_H_
+#define N2UQ_CORE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define N2UQ_CORE_ABI_VERSION 1
+
+enum {
+  N2UQ_OK = 0,
+  N2UQ_ERR_ARGUMENT = -1,    /* a size, stride, padding, bit width or pointer is invalid */
+  N2UQ_ERR_BUFFER = -2,      /* a buffer is shorter than its shape requires */
+  N2UQ_ERR_UNSUPPORTED = -3, /* e.g. an ISA this CPU lacks, or 8-bit codes */
+  N2UQ_ERR_INTERNAL = -4     /* out of memory or another unexpected failure */
+};
+
+/* Instruction-set paths. N2UQ_ISA_AUTO picks N2UQ_KERNEL_ISA from the environment
+ * (portable|avx2|avx512|neon) when set, else the fastest the CPU supports. */
+enum {
+  N2UQ_ISA_AUTO = 0,
+  N2UQ_ISA_PORTABLE = 1,
+  N2UQ_ISA_AVX2 = 2,
+  N2UQ_ISA_AVX512 = 3,
+  N2UQ_ISA_NEON = 4
+};
+
+#define N2UQ_MAX_BITS 4
+#define N2UQ_MAX_THREADS 256
+
+typedef struct N2uqConvShape {
+  int32_t batch, in_height, in_width, in_channels;
+  int32_t out_channels; /* depthwise: in_channels * depth_multiplier */
+  int32_t kernel_height, kernel_width;
+  int32_t stride_height, stride_width;
+  int32_t dilation_height, dilation_width;
+  int32_t pad_top, pad_bottom, pad_left, pad_right;
+  int32_t act_bits, weight_bits;
+} N2uqConvShape;
+
+int n2uq_core_abi_version(void);
+/* 1 if this build and CPU can run `isa`, else 0. */
+int n2uq_isa_supported(int isa);
+/* The concrete ISA that `isa` resolves to (N2UQ_ISA_AUTO -> env or best), or a negative status. */
+int n2uq_resolve_isa(int isa, char* err, size_t err_len);
+const char* n2uq_isa_name(int isa);
+
+/* Packs codes[num_positions][channels] (each < 2^bits) into
+ * out[num_positions][bits][ceil(channels / 64)]. */
+int n2uq_pack_bitplanes(const uint8_t* codes, int64_t codes_len, int64_t num_positions, int32_t channels,
+                        int32_t bits, uint64_t* out, int64_t out_len, char* err, size_t err_len);
+
+/* code = #{i : x * beta1 > thresholds[i]} (float32 product, strict >), as
+ * n2uq_tf.ops.activation_levels; num_thresholds must be 2^bits - 1. */
+int n2uq_quantize_codes(const float* x, int64_t count, const float* thresholds, int32_t num_thresholds,
+                        float beta1, int32_t bits, uint8_t* out, int64_t out_len, int isa, int num_threads,
+                        char* err, size_t err_len);
+
+/* Fused quantize + pack: x[num_positions][channels] -> packed words as n2uq_pack_bitplanes. */
+int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions, int32_t channels,
+                           const float* thresholds, int32_t num_thresholds, float beta1, int32_t bits,
+                           uint64_t* out, int64_t out_len, int isa, int num_threads, char* err, size_t err_len);
+
+/* Output height and width of a conv or depthwise conv with this shape (validates it). */
+int n2uq_conv2d_output_size(const N2uqConvShape* shape, int32_t* out_height, int32_t* out_width, char* err,
+                            size_t err_len);
+
+/* Bit-serial conv2d. input: packed [N][H][W] x in_channels at act_bits; weights: packed
+ * [OC][KH][KW] x in_channels at weight_bits; multiplier, bias: [OC]. out_float and/or
+ * out_int32 (either may be NULL, not both): [N][OH][OW][OC]. */
+int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int64_t input_len,
+                          const uint64_t* weights, int64_t weights_len, const float* multiplier,
+                          const float* bias, int64_t channels_len, float* out_float, int32_t* out_int32,
+                          int64_t out_len, int isa, int num_threads, char* err, size_t err_len);
+
+/* Fully connected: input packed [batch] x in_features, weights packed [out_features] x in_features. */
+int n2uq_fully_connected(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,
+                         int32_t weight_bits, const uint64_t* input, int64_t input_len, const uint64_t* weights,
+                         int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len,
+                         float* out_float, int32_t* out_int32, int64_t out_len, int isa, int num_threads,
+                         char* err, size_t err_len);
+
+/* Depthwise conv on unpacked codes. input: uint8 codes [N][H][W][C]; weights: uint8 codes
+ * [KH][KW][C * M] (TF's [KH][KW][C][M] flattened; output channel c * M + j sees input
+ * channel c), shape->out_channels = C * M. Output as n2uq_conv2d_bitserial. */
+int n2uq_depthwise_conv2d(const N2uqConvShape* shape, const uint8_t* input, int64_t input_len,
+                          const uint8_t* weights, int64_t weights_len, const float* multiplier, const float* bias,
+                          int64_t channels_len, float* out_float, int32_t* out_int32, int64_t out_len, int isa,
+                          int num_threads, char* err, size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* N2UQ_CORE_H_ */

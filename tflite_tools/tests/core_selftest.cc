@@ -1,0 +1,406 @@
+// Self-test of the kernel core: every ISA path this CPU runs against a naive scalar
+// loop on random cases (edge channel counts, strides, dilations, asymmetric padding,
+// bits 1-4 each, thread counts 1-3), plus malformed arguments that must return errors.
+// Built with -fsanitize=address,undefined by tests/test_kernel_core.py, cross-built for
+// aarch64 and run under qemu-user when the toolchain exists.
+//
+//   g++ -std=c++17 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -pthread \
+//       -ffp-contract=off -Itflite_tools/core tflite_tools/core/*.cc tflite_tools/tests/core_selftest.cc
+//   ./a.out [num_cases]     prints "selftest: OK ..." and exits 0 on success
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "n2uq_core.h"
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond, ...)                                 \
+  do {                                                    \
+    if (!(cond)) {                                        \
+      ++failures;                                         \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
+      std::printf(__VA_ARGS__);                           \
+      std::printf("\n");                                  \
+      if (failures > 20) std::exit(1);                    \
+    }                                                     \
+  } while (0)
+
+std::mt19937_64 rng(12345);
+
+int uniform(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+std::vector<uint64_t> pack(const std::vector<uint8_t>& codes, int64_t positions, int channels, int bits) {
+  const int64_t words = (channels + 63) / 64;
+  std::vector<uint64_t> out(size_t(positions * bits * words));
+  char err[256];
+  int rc = n2uq_pack_bitplanes(codes.data(), int64_t(codes.size()), positions, channels, bits, out.data(),
+                               int64_t(out.size()), err, sizeof err);
+  EXPECT(rc == N2UQ_OK, "pack failed: %s", err);
+  // Naive check of the layout.
+  for (int64_t p = 0; p < positions; ++p)
+    for (int c = 0; c < channels; ++c)
+      for (int b = 0; b < bits; ++b) {
+        const uint64_t bit = (out[size_t((p * bits + b) * words + c / 64)] >> (c % 64)) & 1;
+        if (bit != uint64_t((codes[size_t(p * channels + c)] >> b) & 1)) {
+          EXPECT(false, "pack layout wrong at position %lld channel %d plane %d", (long long)p, c, b);
+          return out;
+        }
+      }
+  return out;
+}
+
+struct Case {
+  N2uqConvShape s;
+  int oh, ow;
+};
+
+Case random_case(bool depthwise) {
+  static const int channel_choices[] = {1, 2, 3, 7, 63, 64, 65, 127, 128, 129, 130};
+  Case c{};
+  N2uqConvShape& s = c.s;
+  s.batch = uniform(1, 2);
+  s.kernel_height = uniform(1, 4);
+  s.kernel_width = uniform(1, 4);
+  s.stride_height = uniform(1, 3);
+  s.stride_width = uniform(1, 3);
+  s.dilation_height = uniform(1, 2);
+  s.dilation_width = uniform(1, 3);
+  const int eh = (s.kernel_height - 1) * s.dilation_height, ew = (s.kernel_width - 1) * s.dilation_width;
+  s.pad_top = uniform(0, eh);
+  s.pad_bottom = uniform(0, eh);
+  s.pad_left = uniform(0, ew);
+  s.pad_right = uniform(0, ew);
+  s.in_height = uniform(1, 7) + (eh > s.pad_top + s.pad_bottom ? eh - s.pad_top - s.pad_bottom : 0);
+  s.in_width = uniform(1, 21) + (ew > s.pad_left + s.pad_right ? ew - s.pad_left - s.pad_right : 0);
+  s.in_channels = channel_choices[uniform(0, 10)];
+  if (depthwise) {
+    s.in_channels = uniform(1, 300);
+    s.out_channels = s.in_channels * uniform(1, 2);
+  } else {
+    s.out_channels = uniform(1, 19);
+    if (uniform(0, 3) == 0) s.out_channels = uniform(60, 70);
+  }
+  s.act_bits = uniform(1, 4);
+  s.weight_bits = uniform(1, 4);
+  c.oh = (s.in_height + s.pad_top + s.pad_bottom - eh - 1) / s.stride_height + 1;
+  c.ow = (s.in_width + s.pad_left + s.pad_right - ew - 1) / s.stride_width + 1;
+  return c;
+}
+
+// Naive integer conv on codes: acc = 2 * sum(m * k) - n_w * sum(m).
+std::vector<int32_t> naive(const Case& c, const std::vector<uint8_t>& m, const std::vector<uint8_t>& k,
+                           bool depthwise) {
+  const N2uqConvShape& s = c.s;
+  const int n_w = (1 << s.weight_bits) - 1;
+  const int mult = depthwise ? s.out_channels / s.in_channels : 0;
+  std::vector<int32_t> out(size_t(s.batch) * c.oh * c.ow * s.out_channels);
+  for (int n = 0; n < s.batch; ++n)
+    for (int oh = 0; oh < c.oh; ++oh)
+      for (int ow = 0; ow < c.ow; ++ow)
+        for (int oc = 0; oc < s.out_channels; ++oc) {
+          int64_t smk = 0, sm = 0;
+          for (int kh = 0; kh < s.kernel_height; ++kh)
+            for (int kw = 0; kw < s.kernel_width; ++kw) {
+              const int ih = oh * s.stride_height + kh * s.dilation_height - s.pad_top;
+              const int iw = ow * s.stride_width + kw * s.dilation_width - s.pad_left;
+              if (ih < 0 || ih >= s.in_height || iw < 0 || iw >= s.in_width) continue;
+              const uint8_t* px = &m[((size_t(n) * s.in_height + ih) * s.in_width + iw) * s.in_channels];
+              if (depthwise) {
+                const int mv = px[oc / mult];
+                smk += mv * k[(size_t(kh) * s.kernel_width + kw) * s.out_channels + oc];
+                sm += mv;
+              } else {
+                const uint8_t* wk = &k[((size_t(oc) * s.kernel_height + kh) * s.kernel_width + kw) * s.in_channels];
+                for (int ic = 0; ic < s.in_channels; ++ic) {
+                  smk += int64_t(px[ic]) * wk[ic];
+                  sm += px[ic];
+                }
+              }
+            }
+          out[((size_t(n) * c.oh + oh) * c.ow + ow) * s.out_channels + oc] = int32_t(2 * smk - n_w * sm);
+        }
+  return out;
+}
+
+std::vector<uint8_t> random_codes(size_t count, int bits) {
+  std::vector<uint8_t> v(count);
+  for (auto& x : v) x = uint8_t(uniform(0, (1 << bits) - 1));
+  return v;
+}
+
+std::vector<int> isas() {
+  std::vector<int> result;
+  for (int isa = N2UQ_ISA_PORTABLE; isa <= N2UQ_ISA_NEON; ++isa)
+    if (n2uq_isa_supported(isa)) result.push_back(isa);
+  return result;
+}
+
+void check_outputs(const Case& c, const std::vector<int32_t>& expected, const std::vector<int32_t>& got_i,
+                   const std::vector<float>& got_f, const std::vector<float>& mult, const std::vector<float>& bias,
+                   const char* what, int isa, int threads) {
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const int oc = int(i % size_t(c.s.out_channels));
+    const float want = float(expected[i]) * mult[size_t(oc)] + bias[size_t(oc)];
+    if (got_i[i] != expected[i] || std::memcmp(&got_f[i], &want, sizeof want) != 0) {
+      EXPECT(false, "%s isa=%s threads=%d index %zu: int %d vs %d, float %.9g vs %.9g (C=%d OC=%d bits a%d w%d)",
+             what, n2uq_isa_name(isa), threads, i, got_i[i], expected[i], got_f[i], want, c.s.in_channels,
+             c.s.out_channels, c.s.act_bits, c.s.weight_bits);
+      return;
+    }
+  }
+}
+
+void run_conv_case(bool depthwise) {
+  const Case c = random_case(depthwise);
+  const N2uqConvShape& s = c.s;
+  const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
+  std::vector<uint8_t> m = random_codes(size_t(pixels * s.in_channels), s.act_bits);
+  const size_t weight_count = depthwise ? size_t(s.kernel_height) * s.kernel_width * s.out_channels
+                                        : size_t(s.out_channels) * s.kernel_height * s.kernel_width * s.in_channels;
+  std::vector<uint8_t> k = random_codes(weight_count, s.weight_bits);
+  const std::vector<int32_t> expected = naive(c, m, k, depthwise);
+  std::vector<float> mult(size_t(s.out_channels)), bias(size_t(s.out_channels));
+  for (auto& x : mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
+  for (auto& x : bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  std::vector<uint64_t> pm, pk;
+  if (!depthwise) {
+    pm = pack(m, pixels, s.in_channels, s.act_bits);
+    pk = pack(k, int64_t(s.out_channels) * s.kernel_height * s.kernel_width, s.in_channels, s.weight_bits);
+    // Bits above the channel count are "don't care" in the input: set them.
+    const int rem = s.in_channels % 64;
+    if (rem != 0) {
+      const int64_t words = (s.in_channels + 63) / 64;
+      for (size_t i = size_t(words - 1); i < pm.size(); i += size_t(words)) pm[i] |= ~0ull << rem;
+    }
+  }
+  for (int isa : isas())
+    for (int threads = 1; threads <= 3; ++threads) {
+      std::vector<int32_t> got_i(expected.size(), -7);
+      std::vector<float> got_f(expected.size(), -7.f);
+      char err[256] = "";
+      int rc;
+      if (depthwise)
+        rc = n2uq_depthwise_conv2d(&s, m.data(), int64_t(m.size()), k.data(), int64_t(k.size()), mult.data(),
+                                   bias.data(), int64_t(mult.size()), got_f.data(), got_i.data(),
+                                   int64_t(got_i.size()), isa, threads, err, sizeof err);
+      else
+        rc = n2uq_conv2d_bitserial(&s, pm.data(), int64_t(pm.size()), pk.data(), int64_t(pk.size()), mult.data(),
+                                   bias.data(), int64_t(mult.size()), got_f.data(), got_i.data(),
+                                   int64_t(got_i.size()), isa, threads, err, sizeof err);
+      EXPECT(rc == N2UQ_OK, "%s returned %d: %s", depthwise ? "depthwise" : "conv", rc, err);
+      if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, depthwise ? "depthwise" : "conv", isa,
+                                       threads);
+    }
+}
+
+void run_fully_connected_case() {
+  const int batch = uniform(1, 11), in_f = uniform(1, 300), out_f = uniform(1, 40);
+  const int a = uniform(1, 4), w = uniform(1, 4);
+  Case c{};
+  c.s.batch = 1;
+  c.s.in_height = c.s.kernel_height = c.s.kernel_width = c.s.stride_height = c.s.stride_width = 1;
+  c.s.dilation_height = c.s.dilation_width = 1;
+  c.s.in_width = batch;
+  c.s.in_channels = in_f;
+  c.s.out_channels = out_f;
+  c.s.act_bits = a;
+  c.s.weight_bits = w;
+  c.oh = 1;
+  c.ow = batch;
+  std::vector<uint8_t> m = random_codes(size_t(batch) * in_f, a), k = random_codes(size_t(out_f) * in_f, w);
+  const std::vector<int32_t> expected = naive(c, m, k, false);
+  std::vector<uint64_t> pm = pack(m, batch, in_f, a), pk = pack(k, out_f, in_f, w);
+  std::vector<float> mult(size_t(out_f), 0.5f), bias(size_t(out_f), 0.25f);
+  for (int isa : isas()) {
+    std::vector<int32_t> got_i(expected.size());
+    std::vector<float> got_f(expected.size());
+    char err[256] = "";
+    int rc = n2uq_fully_connected(batch, in_f, out_f, a, w, pm.data(), int64_t(pm.size()), pk.data(),
+                                  int64_t(pk.size()), mult.data(), bias.data(), out_f, got_f.data(), got_i.data(),
+                                  int64_t(got_i.size()), isa, 2, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "fully_connected returned %d: %s", rc, err);
+    if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "fully_connected", isa, 2);
+  }
+}
+
+void run_quantize_case() {
+  const int bits = uniform(1, 4), n = (1 << bits) - 1;
+  const int channels = uniform(1, 200), positions = uniform(1, 9);
+  std::vector<float> t(static_cast<size_t>(n));
+  float acc = std::uniform_real_distribution<float>(-1.f, 0.5f)(rng);
+  for (auto& x : t) x = acc += std::uniform_real_distribution<float>(0.01f, 0.5f)(rng);
+  const float beta1 = uniform(0, 1) ? 0.5f : std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
+  std::vector<float> x(size_t(positions) * channels);
+  for (auto& v : x) {
+    const int kind = uniform(0, 4);
+    v = kind == 0 ? t[size_t(uniform(0, n - 1))] / beta1  // exactly at a threshold (beta1 = 0.5 case)
+                  : std::uniform_real_distribution<float>(-2.f, 3.f)(rng);
+  }
+  std::vector<uint8_t> want(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float scaled = x[i] * beta1;
+    int code = 0;
+    for (float th : t) code += scaled > th;
+    want[i] = uint8_t(code);
+  }
+  const std::vector<uint64_t> packed_want = pack(want, positions, channels, bits);
+  for (int isa : isas()) {
+    std::vector<uint8_t> codes(x.size());
+    std::vector<uint64_t> packed(packed_want.size());
+    char err[256] = "";
+    int rc = n2uq_quantize_codes(x.data(), int64_t(x.size()), t.data(), n, beta1, bits, codes.data(),
+                                 int64_t(codes.size()), isa, 2, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && codes == want, "quantize_codes isa=%s rc=%d %s", n2uq_isa_name(isa), rc, err);
+    rc = n2uq_quantize_and_pack(x.data(), int64_t(x.size()), positions, channels, t.data(), n, beta1, bits,
+                                packed.data(), int64_t(packed.size()), isa, 3, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && packed == packed_want, "quantize_and_pack isa=%s rc=%d %s", n2uq_isa_name(isa), rc, err);
+  }
+}
+
+// Every malformed call must fail with a status and a message (never crash or read
+// past a buffer: the sanitizers watch the exact-size vectors).
+void run_malformed() {
+  N2uqConvShape good{};
+  good.batch = 1;
+  good.in_height = good.in_width = 5;
+  good.in_channels = 70;
+  good.out_channels = 3;
+  good.kernel_height = good.kernel_width = 3;
+  good.stride_height = good.stride_width = good.dilation_height = good.dilation_width = 1;
+  good.pad_top = good.pad_bottom = good.pad_left = good.pad_right = 1;
+  good.act_bits = good.weight_bits = 2;
+  std::vector<uint64_t> in(size_t(25 * 2 * 2)), w(size_t(3 * 9 * 2 * 2));
+  std::vector<float> mult(3, 1.f), bias(3, 0.f), out(75);
+  std::vector<int32_t> out_i(75);
+  std::vector<uint8_t> codes_in(25 * 70, 1), codes_w(9 * 70, 1);
+  auto conv = [&](const N2uqConvShape& s, int64_t in_len, int64_t w_len, int64_t out_len, int isa, int threads,
+                  const char* expect) {
+    char err[256] = "";
+    int rc = n2uq_conv2d_bitserial(&s, in.data(), in_len, w.data(), w_len, mult.data(), bias.data(), 3, out.data(),
+                                   out_i.data(), out_len, isa, threads, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, expect) != nullptr, "conv malformed (%s): rc=%d msg='%s'", expect, rc,
+           err);
+  };
+  {
+    char err[256] = "";
+    int rc = n2uq_conv2d_bitserial(&good, in.data(), int64_t(in.size()), w.data(), int64_t(w.size()), mult.data(),
+                                   bias.data(), 3, out.data(), out_i.data(), 75, 0, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "good conv failed: %s", err);
+  }
+  conv(good, int64_t(in.size()) - 1, int64_t(w.size()), 75, 0, 1, "input has");
+  conv(good, int64_t(in.size()), int64_t(w.size()) - 1, 75, 0, 1, "weights has");
+  conv(good, int64_t(in.size()), int64_t(w.size()), 74, 0, 1, "output has");
+  conv(good, int64_t(in.size()), int64_t(w.size()), 75, 0, 0, "num_threads");
+  conv(good, int64_t(in.size()), int64_t(w.size()), 75, 99, 1, "unknown ISA");
+  N2uqConvShape s = good;
+  s.act_bits = 0;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "act_bits");
+  s = good;
+  s.weight_bits = 9;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "weight_bits");
+  s = good;
+  s.weight_bits = 8;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "not supported");
+  s = good;
+  s.pad_left = 3;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "pad_left");
+  s = good;
+  s.pad_top = -1;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "pad_top");
+  s = good;
+  s.in_channels = 0;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "in_channels");
+  s = good;
+  s.batch = -3;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "batch");
+  s = good;
+  s.stride_width = 0;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "stride_width");
+  s = good;
+  s.kernel_height = 9;
+  s.pad_top = s.pad_bottom = 0;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "larger than the padded input");
+  s = good;
+  s.in_channels = 2000000000;
+  conv(s, int64_t(in.size()), int64_t(w.size()), 75, 0, 1, "in_channels");
+  {
+    char err[256] = "";
+    int rc = n2uq_conv2d_bitserial(nullptr, in.data(), 1, w.data(), 1, mult.data(), bias.data(), 3, out.data(),
+                                   nullptr, 75, 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strlen(err) > 0, "null shape: rc=%d", rc);
+    rc = n2uq_conv2d_bitserial(&good, in.data(), int64_t(in.size()), w.data(), int64_t(w.size()), mult.data(),
+                               bias.data(), 3, nullptr, nullptr, 75, 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "both NULL"), "null outputs: rc=%d %s", rc, err);
+    rc = n2uq_conv2d_bitserial(&good, in.data(), int64_t(in.size()), w.data(), int64_t(w.size()), mult.data(),
+                               bias.data(), 2, out.data(), nullptr, 75, 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "multiplier"), "short multiplier: rc=%d %s", rc, err);
+    // A too-small error buffer still gets a terminated prefix; a NULL one is allowed.
+    char tiny[4];
+    rc = n2uq_conv2d_bitserial(&good, in.data(), 1, w.data(), 1, mult.data(), bias.data(), 3, out.data(), nullptr,
+                               75, 0, 1, tiny, sizeof tiny);
+    EXPECT(rc != N2UQ_OK && std::strlen(tiny) == 3, "tiny error buffer");
+    rc = n2uq_conv2d_bitserial(&good, in.data(), 1, w.data(), 1, mult.data(), bias.data(), 3, out.data(), nullptr,
+                               75, 0, 1, nullptr, 0);
+    EXPECT(rc == N2UQ_ERR_BUFFER, "null error buffer: rc=%d", rc);
+    // Depthwise: codes above the bit width are rejected.
+    N2uqConvShape d = good;
+    d.out_channels = 70;
+    std::vector<float> m70(70, 1.f), b70(70, 0.f), o70(25 * 70);
+    codes_in[17] = 4;
+    rc = n2uq_depthwise_conv2d(&d, codes_in.data(), int64_t(codes_in.size()), codes_w.data(),
+                               int64_t(codes_w.size()), m70.data(), b70.data(), 70, o70.data(), nullptr,
+                               int64_t(o70.size()), 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "input code 4"), "depthwise bad code: rc=%d %s", rc, err);
+    codes_in[17] = 1;
+    d.out_channels = 71;
+    rc = n2uq_depthwise_conv2d(&d, codes_in.data(), int64_t(codes_in.size()), codes_w.data(),
+                               int64_t(codes_w.size()), m70.data(), b70.data(), 70, o70.data(), nullptr,
+                               int64_t(o70.size()), 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "multiple"), "depthwise bad multiplier: rc=%d %s", rc, err);
+    // Packing and quantizing.
+    std::vector<uint64_t> packed(2);
+    uint8_t bad_codes[3] = {0, 1, 4};
+    rc = n2uq_pack_bitplanes(bad_codes, 3, 1, 3, 2, packed.data(), 2, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "exceeds"), "pack bad code: rc=%d %s", rc, err);
+    rc = n2uq_pack_bitplanes(bad_codes, 2, 1, 3, 2, packed.data(), 2, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER, "pack short codes: rc=%d %s", rc, err);
+    rc = n2uq_pack_bitplanes(bad_codes, 3, 1, 3, 3, packed.data(), 2, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER, "pack short out: rc=%d %s", rc, err);
+    rc = n2uq_pack_bitplanes(bad_codes, 3, 0, 3, 2, packed.data(), 2, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT, "pack zero positions: rc=%d %s", rc, err);
+    float x[4] = {0, 1, 2, 3}, t[3] = {0.5f, 1.5f, 2.5f};
+    uint8_t q[4];
+    rc = n2uq_quantize_codes(x, 4, t, 2, 1.f, 2, q, 4, 0, 1, err, sizeof err);
+    EXPECT(rc != N2UQ_OK && std::strstr(err, "thresholds"), "quantize wrong threshold count: %s", err);
+    rc = n2uq_quantize_codes(x, 4, t, 3, 1.f, 2, q, 3, 0, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER, "quantize short out: rc=%d", rc);
+    rc = n2uq_quantize_and_pack(x, 3, 2, 2, t, 3, 1.f, 2, packed.data(), 4, 0, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER && std::strstr(err, "x has"), "quantize_and_pack short x: rc=%d %s", rc, err);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int cases = argc > 1 ? std::atoi(argv[1]) : 60;
+  std::string names;
+  for (int isa : isas()) names += std::string(" ") + n2uq_isa_name(isa);
+  for (int i = 0; i < cases; ++i) run_conv_case(false);
+  for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
+  for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
+  for (int i = 0; i < cases / 3 + 1; ++i) run_quantize_case();
+  run_malformed();
+  if (failures) {
+    std::printf("selftest: %d failures\n", failures);
+    return 1;
+  }
+  std::printf("selftest: OK, %d conv cases on ISAs:%s\n", cases, names.c_str());
+  return 0;
+}
