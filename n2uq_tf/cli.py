@@ -13,7 +13,6 @@ epoch is checkpointed, so an interrupted run continues with `--resume`.
 import argparse
 import inspect
 import json
-import math
 import os
 import sys
 import textwrap
@@ -183,7 +182,7 @@ def _build(args, num_classes, image_size, bits):
 
 
 def _steps(args, info, split, batch_size):
-    steps = math.ceil(info.splits[split] / batch_size)
+    steps = info.splits[split] // batch_size  # training drops the last partial batch
     return min(steps, args.steps_per_epoch) if args.steps_per_epoch else steps
 
 
