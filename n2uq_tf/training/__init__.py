@@ -1,0 +1,24 @@
+"""Training the way the N2UQ paper does: distillation from a float teacher and the optimizer recipe.
+
+    student = n2uq_tf.quantize_model(float_model, bits=2)
+    model = n2uq_tf.training.DistillationModel(student, teacher)
+    model.compile(n2uq_tf.training.paper_optimizer(epochs=E, steps_per_epoch=S), metrics=["accuracy"])
+    model.fit(dataset, epochs=E)
+"""
+
+from n2uq_tf.training.distillation import DistillationModel, distillation_loss
+from n2uq_tf.training.optimizer import (PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, N2UQAdam,
+                                        is_quantizer_variable, paper_optimizer)
+from n2uq_tf.training.schedules import LinearEpochDecay, linear_epoch_decay
+
+
+def custom_objects():
+    """Training classes a saved, compiled model may name (its optimizer and schedule)."""
+    return {cls.__name__: cls for cls in (N2UQAdam, LinearEpochDecay)}
+
+
+__all__ = [
+    "DistillationModel", "LinearEpochDecay", "N2UQAdam", "PAPER_BATCH_SIZE", "PAPER_EPOCHS",
+    "PAPER_LEARNING_RATE", "custom_objects", "distillation_loss", "is_quantizer_variable",
+    "linear_epoch_decay", "paper_optimizer",
+]

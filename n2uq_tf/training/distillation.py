@@ -1,0 +1,217 @@
+"""Knowledge distillation from a frozen float teacher, as N2UQ trains (pure distillation).
+
+loss = (1 - alpha) * T^2 * CE(softmax(teacher / T), softmax(student / T)) + alpha * label loss.
+The official recipe is alpha = 0, T = 1: soft cross-entropy to the teacher, no labels.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from n2uq_tf._keras import keras
+
+
+def _as_logits(outputs, from_logits):
+    """Logits of a model output, or log-probabilities of a softmax output.
+
+    Log-probabilities differ from the logits by a per-example constant, which a softmax at
+    any temperature cancels, so the loss stays exact. Where the softmax's input is still
+    reachable (Keras keeps it on the tensor, or the graph op is a Softmax) it is used, so no
+    precision is lost to probabilities that underflow to 0.
+    """
+    outputs = tf.convert_to_tensor(outputs)
+    if from_logits:
+        return tf.cast(outputs, tf.float32)
+    logits = getattr(outputs, "_keras_logits", None)
+    if logits is None and not tf.executing_eagerly() and hasattr(outputs, "op") \
+            and outputs.op.type == "Softmax":
+        logits = outputs.op.inputs[0]
+    if logits is not None:
+        return tf.cast(logits, tf.float32)
+    probabilities = tf.cast(outputs, tf.float32)
+    # A probability that underflowed to 0 becomes the smallest normal float: finite, and
+    # its soft-target mass stays negligible.
+    return tf.math.log(tf.maximum(probabilities, np.finfo(np.float32).tiny))
+
+
+def distillation_loss(teacher_logits, student_logits, temperature=1.0, reduction="mean",
+                      teacher_from_logits=True, student_from_logits=True):
+    """Soft cross-entropy from teacher to student at `temperature`, times temperature**2.
+
+    Per example: ``-T^2 * sum_k softmax(t / T)_k * log_softmax(s / T)_k`` over the last axis.
+    ``reduction="mean"`` (default) averages over the batch, as the official code does;
+    ``"none"`` returns the per-example values (shape: the batch dimensions).
+    The teacher side gets no gradient. Softmax outputs are accepted with
+    ``*_from_logits=False``.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    teacher = tf.stop_gradient(_as_logits(teacher_logits, teacher_from_logits))
+    student = _as_logits(student_logits, student_from_logits)
+    soft_targets = tf.nn.softmax(teacher / temperature, axis=-1)
+    per_example = -tf.reduce_sum(soft_targets * tf.nn.log_softmax(student / temperature, axis=-1), axis=-1)
+    per_example = per_example * (temperature ** 2)
+    return tf.reduce_mean(per_example) if reduction == "mean" else per_example
+
+
+class DistillationModel(keras.Model):
+    """Trains `student` to match a frozen `teacher`; everything else acts on the student.
+
+    ``loss = (1 - alpha) * distillation_loss(teacher, student, temperature)
+    + alpha * compiled label loss`` (+ the student's regularization losses). The paper's
+    recipe is ``alpha=0, temperature=1``: then ``compile`` needs no ``loss`` and the data
+    need no labels. The teacher is set ``trainable = False`` and always called with
+    ``training=False`` (its BatchNorm statistics are not updated).
+
+    - ``fit`` logs ``loss`` (the total), ``distillation_loss``, ``label_loss`` (alpha > 0)
+      and the compiled metrics of the student's outputs against the labels;
+      ``evaluate`` logs the same; ``predict`` and ``__call__`` return the student's outputs.
+    - ``save``/``save_weights``/``load_weights`` act on the student only, so
+      ``n2uq_tf.load_model`` of a saved file returns the (quantized) student. The file holds no
+      optimizer state; use ``keras.callbacks.BackupAndRestore`` to resume interrupted training
+      (it checkpoints this whole model: student, teacher and optimizer).
+    - Softmax outputs (``*_from_logits=False``) are turned back into logits (the softmax's
+      input when reachable, else log-probabilities), which is exact at any temperature.
+    - Works with tf.data, callbacks and ``tf.distribute`` strategies (build student, teacher
+      and this model inside ``strategy.scope()``). Losses are averaged over the global batch.
+
+    Args:
+      student: the model to train (e.g. ``n2uq_tf.quantize_model(float_model)``).
+      teacher: a trained model with the same output classes.
+      temperature: softmax temperature T (> 0); the distillation term is scaled by T^2.
+      alpha: weight of the label loss, in [0, 1].
+      teacher_from_logits, student_from_logits: False when that model ends in a softmax.
+    """
+
+    def __init__(self, student, teacher, temperature=1.0, alpha=0.0, teacher_from_logits=True,
+                 student_from_logits=True, **kwargs):
+        super().__init__(**kwargs)
+        for model, what in ((student, "student"), (teacher, "teacher")):
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"{what} must be a tf_keras.Model, got {type(model).__name__}")
+        temperature = float(temperature)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.temperature = temperature
+        self.alpha = alpha
+        self.teacher_from_logits = bool(teacher_from_logits)
+        self.student_from_logits = bool(student_from_logits)
+        self.total_loss_tracker = keras.metrics.Mean(name="loss")
+        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
+        self.label_loss_tracker = keras.metrics.Mean(name="label_loss")
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """As ``keras.Model.compile``; ``loss`` is the label loss, needed only when alpha > 0."""
+        if self.alpha > 0 and loss is None:
+            raise ValueError(f"alpha={self.alpha} weights a label loss: pass compile(loss=...), e.g. "
+                             "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    @property
+    def metrics(self):
+        # Our own loss trackers replace the compiled loss's "loss" tracker, which would
+        # record the label loss alone under the name of the total.
+        trackers = [self.total_loss_tracker, self.distillation_loss_tracker]
+        if self.alpha > 0:
+            trackers.append(self.label_loss_tracker)
+        if self._is_compiled and self.compiled_metrics is not None:
+            trackers += self.compiled_metrics.metrics
+        return trackers
+
+    def _compute_losses(self, y, sample_weight, student_outputs, teacher_outputs):
+        """(loss to differentiate, per-replica logged values) for one replica's batch.
+
+        The loss to differentiate is divided by the number of replicas, as Keras does,
+        because the replicas' gradients are summed.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        per_example = distillation_loss(teacher_outputs, student_outputs, self.temperature, "none",
+                                        self.teacher_from_logits, self.student_from_logits)
+        if sample_weight is not None:
+            weights = tf.cast(sample_weight, per_example.dtype)
+            per_example = per_example * tf.reshape(weights, tf.shape(per_example))
+        distill = tf.reduce_mean(per_example)
+        total_for_log = (1.0 - self.alpha) * distill
+        loss = total_for_log / replicas
+        label = None
+        if self.alpha > 0:
+            if y is None:
+                raise ValueError(f"alpha={self.alpha} needs labels: the data gave inputs only")
+            # compiled_loss returns the replica-scaled loss; the logged value is per replica.
+            label_scaled = tf.cast(self.compiled_loss(y, student_outputs, sample_weight), tf.float32)
+            label = label_scaled * replicas
+            loss += self.alpha * label_scaled
+            total_for_log += self.alpha * label
+        if self.student.losses:
+            regularization = tf.cast(tf.add_n(self.student.losses), tf.float32)
+            loss += regularization / replicas
+            total_for_log += regularization
+        return loss, total_for_log, distill, label
+
+    def _update_metrics(self, y, sample_weight, student_outputs, total, distill, label):
+        batch = tf.shape(tf.nest.flatten(student_outputs)[0])[0]
+        self.total_loss_tracker.update_state(total, sample_weight=batch)
+        self.distillation_loss_tracker.update_state(distill, sample_weight=batch)
+        if label is not None:
+            self.label_loss_tracker.update_state(label, sample_weight=batch)
+        if y is not None and self.compiled_metrics is not None:
+            self.compiled_metrics.update_state(y, student_outputs, sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # Outside the tape: the teacher's variables are trainable tf.Variables (only the Keras
+        # flag is off), and the tape would otherwise keep its activations for a backward pass.
+        teacher_outputs = self.teacher(x, training=False)
+        with tf.GradientTape() as tape:
+            student_outputs = self.student(x, training=True)
+            loss, total, distill, label = self._compute_losses(y, sample_weight, student_outputs, teacher_outputs)
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
+        return self._update_metrics(y, sample_weight, student_outputs, total, distill, label)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        student_outputs = self.student(x, training=False)
+        teacher_outputs = self.teacher(x, training=False)
+        _, total, distill, label = self._compute_losses(y, sample_weight, student_outputs, teacher_outputs)
+        return self._update_metrics(y, sample_weight, student_outputs, total, distill, label)
+
+    # Saving acts on the student, so the file is an ordinary (quantized) model.
+    def save(self, filepath, *args, **kwargs):
+        return self.student.save(filepath, *args, **kwargs)
+
+    def save_weights(self, filepath, *args, **kwargs):
+        return self.student.save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        return self.student.load_weights(filepath, *args, **kwargs)
+
+    def get_config(self):
+        # For to_json (TensorBoard's graph view); the file format of save() is the student's.
+        return {"student": keras.saving.serialize_keras_object(self.student),
+                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "temperature": self.temperature, "alpha": self.alpha,
+                "teacher_from_logits": self.teacher_from_logits,
+                "student_from_logits": self.student_from_logits, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Rebuilds the architecture (fresh weights); load trained weights with load_weights."""
+        from n2uq_tf.quantize.api import quantize_scope
+
+        config = dict(config)
+        with quantize_scope(custom_objects or {}):
+            student = keras.saving.deserialize_keras_object(config.pop("student"))
+            teacher = keras.saving.deserialize_keras_object(config.pop("teacher"))
+        return cls(student, teacher, **config)
