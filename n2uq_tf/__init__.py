@@ -4,7 +4,12 @@
     qmodel = n2uq_tf.quantize_model(float_model, bits=2)
     qmodel.compile(...); qmodel.fit(...)
     print(n2uq_tf.quantization_report(qmodel))
+
+The paper's recipe: ``n2uq_tf.models`` (reference networks), ``n2uq_tf.data`` (datasets),
+``n2uq_tf.DistillationModel`` and ``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -13,9 +18,22 @@ from n2uq_tf.quantize import (ActivationQuantizer, N2UQQuantizeConfig, N2UQQuant
                               N2UQWrapper, WeightQuantizer, custom_objects, load_model, quantize_model,
                               quantize_scope)
 from n2uq_tf.report import QuantizationReport, quantization_report  # noqa: E402
+from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, distillation_loss,  # noqa: E402
+                              paper_optimizer)
+
+# Imported on first use: data pulls in tensorflow_datasets, plots matplotlib.
+_LAZY_SUBMODULES = ("cli", "data", "layers", "models", "plots", "tflite")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"n2uq_tf.{name}")
+    raise AttributeError(f"module 'n2uq_tf' has no attribute {name!r}")
+
 
 __all__ = [
-    "ActivationQuantizer", "N2UQQuantizeConfig", "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport",
-    "WeightQuantizer", "custom_objects", "load_model", "ops", "quantization_report", "quantize_model",
+    "ActivationQuantizer", "DistillationModel", "LinearEpochDecay", "N2UQAdam", "N2UQQuantizeConfig",
+    "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport", "WeightQuantizer", "custom_objects",
+    "distillation_loss", "load_model", "ops", "paper_optimizer", "quantization_report", "quantize_model",
     "quantize_scope",
 ]

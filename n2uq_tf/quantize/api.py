@@ -28,6 +28,9 @@ def custom_objects():
         objects.update(_layers.custom_objects())
     except ImportError:
         pass
+    # The optimizer and schedule of the training recipe (named by class in .h5 files).
+    from n2uq_tf import training as _training
+    objects.update(_training.custom_objects())
     return objects
 
 
