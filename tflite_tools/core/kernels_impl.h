@@ -14,8 +14,10 @@
 // with the weight word broadcast. Accumulators are kept per (channel, i + j) so the
 // 2^(i+j) weighting happens once per output, outside the loop.
 
+// Output channels per register block: as many as the accumulators fit (a power of two
+// dividing kChannelChunk, so only odd channel counts take the one-channel tail path).
 constexpr int pick_register_block(int budget, int sums) {
-  return budget / sums >= 8 ? 8 : budget / sums >= 4 ? 4 : budget / sums >= 2 ? 2 : 1;
+  return budget / sums >= 16 ? 16 : budget / sums >= 8 ? 8 : budget / sums >= 4 ? 4 : budget / sums >= 2 ? 2 : 1;
 }
 
 template <class O>
@@ -53,7 +55,7 @@ void conv_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
 
 template <class O, int A, int WB, int R>
 inline void conv_block(const ConvJob& j, int64_t n, int64_t oh, int64_t oc0, int64_t ow0, int64_t ow_end,
-                       const int32_t* act_sums) {
+                       const int32_t* act_sums /* S_m of pixels ow0 .. ow0 + L - 1 */) {
   typedef typename O::V V;
   constexpr int S = A + WB - 1;
   constexpr int L = O::kLanes;
@@ -67,9 +69,14 @@ inline void conv_block(const ConvJob& j, int64_t n, int64_t oh, int64_t oc0, int
     const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
     if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
     const uint64_t* row = j.stage + (n * j.in_height + ih) * j.stride_width * phase_stride;
+    // Tap kw reads padded column ow * stride + kw * dilation = (ow + q) * stride + phase.
+    int64_t phase = 0, q = 0;
     for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
-      const int64_t offset = kw * j.dilation_width;
-      const uint64_t* a_base = row + (offset % j.stride_width) * phase_stride + ow0 + offset / j.stride_width;
+      if (kw > 0) {
+        phase += j.dilation_width;
+        while (phase >= j.stride_width) phase -= j.stride_width, ++q;
+      }
+      const uint64_t* a_base = row + phase * phase_stride + ow0 + q;
       const uint64_t* w_base = j.weights + oc0 * oc_stride + (kh * j.kernel_width + kw) * WB * words;
       for (int64_t c = 0; c < words; ++c) {
         V act[A];
@@ -91,19 +98,34 @@ inline void conv_block(const ConvJob& j, int64_t n, int64_t oh, int64_t oc0, int
   // BatchNorm y = g * (z - mean) / sqrt(var + eps) + b folds into the same affine map, so
   // multiplier_c = g / sqrt(var + eps) * beta2 * delta_a * alpha_c / n_w and bias_c holds the
   // rest: out = multiplier_c * (2 * S_mk - n_w * S_m) + bias_c, with the integer exact.
+  //
+  // Epilogue in fixed-size loops over the lanes (vectorized by the compiler): it runs
+  // once per R x L outputs, which matters when the receptive field is short (C = 64).
   const int64_t n_w = (1 << WB) - 1;
-  uint64_t lanes[S][L];
+  alignas(64) uint64_t lanes[S][L];
+  alignas(64) int32_t tile_int[R][L];
+  alignas(64) float tile_float[R][L];
+  int64_t act_sum[L];
+  for (int l = 0; l < L; ++l) act_sum[l] = act_sums[l];
   for (int o = 0; o < R; ++o) {
     for (int s = 0; s < S; ++s) O::store(lanes[s], acc[o][s]);
-    const int64_t oc = oc0 + o;
-    for (int l = 0; l < L && ow0 + l < ow_end; ++l) {
-      int64_t smk = 0;
-      for (int s = 0; s < S; ++s) smk += (int64_t)(lanes[s][l] << s);
-      const int32_t value = (int32_t)(2 * smk - n_w * act_sums[ow0 + l]);
-      const int64_t index = ((n * j.out_height + oh) * j.out_width + ow0 + l) * j.out_channels + oc;
-      if (j.out_int32) j.out_int32[index] = value;
-      if (j.out_float) j.out_float[index] = (float)value * j.multiplier[oc] + j.bias[oc];
+    for (int l = 0; l < L; ++l) {
+      int64_t smk = (int64_t)lanes[0][l];
+      for (int s = 1; s < S; ++s) smk += (int64_t)(lanes[s][l] << s);
+      tile_int[o][l] = (int32_t)(2 * smk - n_w * act_sum[l]);
     }
+    if (j.out_float) {
+      const float multiplier = j.multiplier[oc0 + o], bias = j.bias[oc0 + o];
+      for (int l = 0; l < L; ++l) tile_float[o][l] = (float)tile_int[o][l] * multiplier + bias;
+    }
+  }
+  const int64_t valid = ow_end - ow0 < L ? ow_end - ow0 : L;
+  for (int64_t l = 0; l < valid; ++l) {
+    const int64_t index = ((n * j.out_height + oh) * j.out_width + ow0 + l) * j.out_channels + oc0;
+    if (j.out_float)
+      for (int o = 0; o < R; ++o) j.out_float[index + o] = tile_float[o][l];
+    if (j.out_int32)
+      for (int o = 0; o < R; ++o) j.out_int32[index + o] = tile_int[o][l];
   }
 }
 
@@ -121,9 +143,8 @@ void conv_item_bits(const ConvJob& j, int64_t item) {
   const int64_t oc_begin = chunk * kChannelChunk;
   const int64_t oc_end = oc_begin + kChannelChunk < j.out_channels ? oc_begin + kChannelChunk : j.out_channels;
 
-  // S_m per output pixel, indexed by ow (only [ow_begin, ow_end) is filled).
-  int32_t sums_storage[kSegmentWidth];
-  int32_t* act_sums = sums_storage - ow_begin;
+  // S_m per output pixel of the segment; lanes past the row end read zeros.
+  int32_t act_sums[kSegmentWidth] = {};
   for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
     int64_t total = 0;
     for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
@@ -135,13 +156,13 @@ void conv_item_bits(const ConvJob& j, int64_t item) {
         if (iw >= 0 && iw < j.in_width) total += row[iw];
       }
     }
-    act_sums[ow] = (int32_t)total;
+    act_sums[ow - ow_begin] = (int32_t)total;
   }
   int64_t oc = oc_begin;
   for (; oc + R <= oc_end; oc += R)
-    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, R>(j, n, oh, oc, ow, ow_end, act_sums);
+    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, R>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
   for (; oc < oc_end; ++oc)
-    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, 1>(j, n, oh, oc, ow, ow_end, act_sums);
+    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, 1>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
 }
 
 template <class O, int A>

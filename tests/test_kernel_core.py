@@ -1,0 +1,382 @@
+"""The bit-serial kernel core (tflite_tools/core via n2uq_tf.tflite._core) against ops.py.
+
+Codes come from ops.activation_levels / ops.weight_codes; the reference is an exact
+int64 NumPy conv on those codes followed by the float32 affine map. Every ISA path the
+CPU runs and thread counts 1-3 must give identical results. The C++ self-test runs
+under AddressSanitizer + UBSan, and under qemu-aarch64 (NEON) when the cross toolchain
+is installed.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from n2uq_tf import ops
+from n2uq_tf.tflite import _core
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
+SELFTEST = os.path.join(ROOT, "tflite_tools", "tests", "core_selftest.cc")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def isas():
+    return _core.supported_isas()
+
+
+def quantizer_params(rng, bits):
+    n = 2 ** bits - 1
+    start = np.float32(rng.uniform(-0.6, 0.3))
+    intervals = rng.uniform(0.05, 0.6, n).astype(np.float32)
+    intervals[rng.random(n) < 0.1] = 0.0  # floored to 1e-3 by ops.segment_bounds
+    beta1 = np.float32(rng.uniform(0.5, 1.5))
+    beta2 = np.float32(rng.uniform(0.5, 1.5))
+    thresholds = ops.segment_bounds(start, intervals)[2].numpy()
+    return start, intervals, beta1, beta2, thresholds
+
+
+def activation_codes(x, params, bits):
+    start, intervals, beta1, _, _ = params
+    return ops.activation_levels(x, start, intervals, beta1, bits).numpy().astype(np.uint8)
+
+
+def conv_output_size(size, kernel, stride, dilation, pad_a, pad_b):
+    return (size + pad_a + pad_b - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def reference_conv(m, k, strides, dilations, pads, weight_bits):
+    """Exact 2 * S_mk - n_w * S_m in int64. m: [N, H, W, C] codes, k: [OC, KH, KW, C] codes."""
+    top, bottom, left, right = pads
+    (sh, sw), (dh, dw) = strides, dilations
+    n, h, w, _ = m.shape
+    oc, kh, kw, _ = k.shape
+    oh = conv_output_size(h, kh, sh, dh, top, bottom)
+    ow = conv_output_size(w, kw, sw, dw, left, right)
+    padded = np.pad(m.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    smk = np.zeros((n, oh, ow, oc), np.int64)
+    sm = np.zeros((n, oh, ow, 1), np.int64)
+    for y in range(kh):
+        for x in range(kw):
+            patch = padded[:, y * dh:y * dh + (oh - 1) * sh + 1:sh, x * dw:x * dw + (ow - 1) * sw + 1:sw, :]
+            smk += patch @ k[:, y, x, :].astype(np.int64).T
+            sm += patch.sum(axis=-1, keepdims=True)
+    return 2 * smk - (2 ** weight_bits - 1) * sm
+
+
+def affine(acc, multiplier, bias):
+    return acc.astype(np.float32) * multiplier + bias  # float32 multiply, then add: no FMA
+
+
+def random_conv_case(seed):
+    rng = np.random.default_rng(seed)
+    channels = int(rng.choice([1, 3, 63, 64, 65, 130]))
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    sh, sw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    dh, dw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    pads = tuple(int(rng.integers(0, e + 1)) for e in ((kh - 1) * dh, (kh - 1) * dh, (kw - 1) * dw, (kw - 1) * dw))
+    h = int(rng.integers(1, 7)) + max(0, (kh - 1) * dh - pads[0] - pads[1])
+    w = int(rng.integers(1, 12)) + max(0, (kw - 1) * dw - pads[2] - pads[3])
+    return dict(rng=rng, batch=int(rng.integers(1, 3)), h=h, w=w, channels=channels,
+                out_channels=int(rng.choice([1, 5, 17, 64, 70])), kernel=(kh, kw), strides=(sh, sw),
+                dilations=(dh, dw), pads=pads, act_bits=int(rng.integers(1, 5)), weight_bits=int(rng.integers(1, 5)))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_conv2d_matches_ops_reference(seed, isas):
+    case = random_conv_case(seed)
+    rng, a_bits, w_bits = case["rng"], case["act_bits"], case["weight_bits"]
+    params = quantizer_params(rng, a_bits)
+    x = rng.normal(0.4, 0.8, (case["batch"], case["h"], case["w"], case["channels"])).astype(np.float32)
+    m = activation_codes(x, params, a_bits)
+    kernel = rng.normal(0, 1, case["kernel"] + (case["channels"], case["out_channels"])).astype(np.float32)
+    codes, alpha = ops.weight_codes(kernel, w_bits)
+    k = np.transpose(codes.numpy(), (3, 0, 1, 2)).astype(np.uint8)  # [OC, KH, KW, IC]
+    alpha = alpha.numpy().reshape(-1)
+    delta_a = ops.level_step(a_bits)
+    bn_scale = rng.uniform(0.5, 2.0, case["out_channels"]).astype(np.float32)
+    multiplier = (bn_scale * params[3] * delta_a * alpha / (2 ** w_bits - 1)).astype(np.float32)
+    bias = rng.normal(0, 1, case["out_channels"]).astype(np.float32)
+
+    expected = reference_conv(m, k, case["strides"], case["dilations"], case["pads"], w_bits)
+    assert np.abs(expected).max(initial=0) < 2 ** 31
+    expected_float = affine(expected, multiplier, bias)
+    packed_x = _core.pack_bitplanes(m, a_bits)
+    packed_k = _core.pack_bitplanes(k, w_bits)
+    for isa in isas:
+        for threads in (1, 2, 3):
+            out_f, out_i = _core.conv2d_bitserial(packed_x, packed_k, case["channels"], a_bits, w_bits, multiplier,
+                                                  bias, strides=case["strides"], dilations=case["dilations"],
+                                                  padding=case["pads"], output="both", isa=isa, num_threads=threads)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} threads={threads} {case}")
+            np.testing.assert_array_equal(out_f.view(np.int32), expected_float.view(np.int32),
+                                          err_msg=f"isa={isa} threads={threads}")
+
+
+def test_conv2d_equals_dequantized_float_conv():
+    """The integer form is the exact product of ops.py's quantized activations and weights."""
+    rng = np.random.default_rng(7)
+    a_bits, w_bits, channels, out_channels = 2, 3, 70, 9
+    start, intervals, beta1, beta2, _ = params = quantizer_params(rng, a_bits)
+    x = rng.normal(0.4, 0.8, (2, 7, 6, channels)).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 3, channels, out_channels)).astype(np.float32)
+    xq = ops.n2uq_quantize(x, start, intervals, beta1, beta2, a_bits, implementation="reference")
+    wq = ops.quantize_weights(kernel, w_bits)
+    want = tf.nn.conv2d(tf.cast(xq, tf.float64), tf.cast(wq, tf.float64), strides=[1, 2, 1, 1],
+                        padding=[[0, 0], [1, 1], [1, 1], [0, 0]]).numpy()
+    codes, alpha = ops.weight_codes(kernel, w_bits)
+    multiplier = (beta2 * ops.level_step(a_bits) * alpha.numpy().reshape(-1) / (2 ** w_bits - 1)).astype(np.float32)
+    got = _core.conv2d_bitserial(_core.pack_bitplanes(activation_codes(x, params, a_bits), a_bits),
+                                 _core.pack_bitplanes(np.transpose(codes.numpy(), (3, 0, 1, 2)), w_bits), channels,
+                                 a_bits, w_bits, multiplier, None, strides=(2, 1), padding=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fully_connected(seed, isas):
+    rng = np.random.default_rng(100 + seed)
+    batch, features, outputs = int(rng.integers(1, 10)), int(rng.choice([1, 63, 64, 65, 130, 300])), \
+        int(rng.integers(1, 40))
+    a_bits, w_bits = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    m = rng.integers(0, 2 ** a_bits, (batch, features)).astype(np.uint8)
+    k = rng.integers(0, 2 ** w_bits, (outputs, features)).astype(np.uint8)
+    multiplier = rng.normal(0, 0.1, outputs).astype(np.float32)
+    bias = rng.normal(0, 1, outputs).astype(np.float32)
+    acc = 2 * (m.astype(np.int64) @ k.astype(np.int64).T) - (2 ** w_bits - 1) * m.astype(np.int64).sum(-1,
+                                                                                                       keepdims=True)
+    for isa in isas:
+        for threads in (1, 3):
+            out_f, out_i = _core.fully_connected(_core.pack_bitplanes(m, a_bits), _core.pack_bitplanes(k, w_bits),
+                                                 features, a_bits, w_bits, multiplier, bias, output="both", isa=isa,
+                                                 num_threads=threads)
+            np.testing.assert_array_equal(out_i, acc)
+            np.testing.assert_array_equal(out_f, affine(acc, multiplier, bias))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_depthwise_matches_ops_reference(seed, isas):
+    rng = np.random.default_rng(200 + seed)
+    channels, depth_multiplier = int(rng.choice([1, 3, 17, 64, 300])), int(rng.integers(1, 3))
+    a_bits, w_bits = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    kh, kw, sh, sw, dh, dw = (int(v) for v in rng.integers(1, 4, 2).tolist() + rng.integers(1, 3, 4).tolist())
+    pads = tuple(int(rng.integers(0, e + 1)) for e in ((kh - 1) * dh, (kh - 1) * dh, (kw - 1) * dw, (kw - 1) * dw))
+    h = int(rng.integers(1, 6)) + max(0, (kh - 1) * dh - pads[0] - pads[1])
+    w = int(rng.integers(1, 9)) + max(0, (kw - 1) * dw - pads[2] - pads[3])
+    params = quantizer_params(rng, a_bits)
+    m = activation_codes(rng.normal(0.4, 0.8, (2, h, w, channels)).astype(np.float32), params, a_bits)
+    kernel = rng.normal(0, 1, (kh, kw, channels, depth_multiplier)).astype(np.float32)
+    codes = ops.weight_codes(kernel, w_bits, channel_axis=(-2, -1))[0].numpy().astype(np.uint8)
+    out_channels = channels * depth_multiplier
+    # Output channel c * M + j sees input channel c with kernel [:, :, c, j]: a one-channel
+    # dense conv per output channel.
+    m_full = np.repeat(m, depth_multiplier, axis=-1)
+    flat = codes.reshape(kh, kw, out_channels)
+    expected = np.concatenate([
+        reference_conv(m_full[..., o:o + 1], flat[None, :, :, o:o + 1], (sh, sw), (dh, dw), pads, w_bits)
+        for o in range(out_channels)], axis=-1)
+    multiplier = rng.normal(0, 0.1, out_channels).astype(np.float32)
+    bias = rng.normal(0, 1, out_channels).astype(np.float32)
+    for isa in isas:
+        for threads in (1, 2):
+            out_f, out_i = _core.depthwise_conv2d(m, codes, a_bits, w_bits, multiplier, bias, strides=(sh, sw),
+                                                  dilations=(dh, dw), padding=pads, output="both", isa=isa,
+                                                  num_threads=threads)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa}")
+            np.testing.assert_array_equal(out_f, affine(expected, multiplier, bias))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_quantize_and_pack_equals_activation_levels(bits, isas):
+    rng = np.random.default_rng(bits)
+    n = 2 ** bits - 1
+    start = np.float32(-0.37)  # negative start
+    intervals = rng.uniform(0.05, 0.5, n).astype(np.float32)
+    for beta1 in (np.float32(1.0), np.float32(0.5), np.float32(1.37)):
+        thresholds = ops.segment_bounds(start, intervals)[2].numpy()
+        x = rng.normal(0.3, 1.0, (3, 5, 130)).astype(np.float32)
+        # Values whose product with beta1 lands exactly on a threshold (exact for beta1 = 1, 0.5),
+        # just beside it, and non-finite values.
+        at = (thresholds / beta1).astype(np.float32)
+        special = np.concatenate([at, np.nextafter(at, np.inf), np.nextafter(at, -np.inf),
+                                  [np.nan, np.inf, -np.inf, 0.0, -0.0, start]]).astype(np.float32)
+        x.reshape(-1)[:special.size] = special
+        x.reshape(-1)[200:200 + special.size] = special
+        want = ops.activation_levels(x, start, intervals, beta1, bits).numpy()
+        if beta1 != np.float32(1.37):
+            assert np.any(x * beta1 == thresholds[0])  # the exact-threshold case is really exercised
+        for isa in isas:
+            codes = _core.quantize_codes(x, thresholds, beta1, bits, isa=isa, num_threads=2)
+            np.testing.assert_array_equal(codes, want)
+            packed = _core.quantize_and_pack(x, thresholds, beta1, bits, isa=isa, num_threads=3)
+            np.testing.assert_array_equal(packed, _core.pack_bitplanes(want, bits))
+            np.testing.assert_array_equal(_core.unpack_bitplanes(packed, 130), want)
+
+
+def test_pack_bitplanes_layout():
+    codes = np.zeros((2, 70), np.uint8)
+    codes[0, 0] = 3
+    codes[0, 65] = 2
+    codes[1, 63] = 1
+    packed = _core.pack_bitplanes(codes, 2)
+    assert packed.shape == (2, 2, 2) and packed.dtype == np.uint64
+    assert packed[0, 0, 0] == 1 and packed[0, 1, 0] == 1  # code 3 at channel 0: both planes
+    assert packed[0, 1, 1] == 2 and packed[0, 0, 1] == 0  # code 2 at channel 65: plane 1, bit 1 of word 1
+    assert packed[1, 0, 0] == 1 << 63
+
+
+def test_tail_bits_of_packed_input_are_ignored():
+    rng = np.random.default_rng(3)
+    m = rng.integers(0, 4, (1, 5, 5, 70)).astype(np.uint8)
+    k = rng.integers(0, 4, (4, 3, 3, 70)).astype(np.uint8)
+    x = _core.pack_bitplanes(m, 2)
+    clean = _core.conv2d_bitserial(x, _core.pack_bitplanes(k, 2), 70, 2, 2, padding=1, output="int32")
+    x[..., -1] |= np.uint64(0xFFFFFFFFFFFFFFC0)  # garbage above channel 70
+    dirty = _core.conv2d_bitserial(x, _core.pack_bitplanes(k, 2), 70, 2, 2, padding=1, output="int32")
+    np.testing.assert_array_equal(clean, dirty)
+
+
+def test_isa_selection(monkeypatch, isas):
+    assert "portable" in isas
+    assert _core.isa("portable") == "portable"
+    assert _core.isa() == isas[-1]
+    monkeypatch.setenv("N2UQ_KERNEL_ISA", "portable")
+    assert _core.isa() == "portable"
+    monkeypatch.setenv("N2UQ_KERNEL_ISA", "sse9")
+    with pytest.raises(_core.CoreError, match="N2UQ_KERNEL_ISA"):
+        _core.isa()
+    monkeypatch.delenv("N2UQ_KERNEL_ISA")
+    for name in ("avx2", "avx512", "neon"):
+        if name not in isas:
+            with pytest.raises(_core.CoreError, match="not supported"):
+                _core.isa(name)
+    with pytest.raises(_core.CoreError, match="isa must be"):
+        _core.isa("fast")
+
+
+def _good_conv_args():
+    m = np.ones((1, 5, 5, 70), np.uint8)
+    k = np.ones((3, 3, 3, 70), np.uint8)
+    return _core.pack_bitplanes(m, 2), _core.pack_bitplanes(k, 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(act_bits=0), "act_bits must be 1..4, got 0"),
+    (dict(weight_bits=9), "weight_bits must be 1..4, got 9"),
+    (dict(weight_bits=8), "8 is not supported"),
+    (dict(padding=(3, 1)), "pad_top = 3 is larger than the dilated kernel"),
+    (dict(padding=(0, 0, -1, 0)), "pad_left must be >= 0"),
+    (dict(strides=0), "stride_height must be 1..1024"),
+    (dict(dilations=(1, -2)), "dilation_width must be 1..1024"),
+    (dict(in_channels=0), "in_channels must be"),
+    (dict(in_channels=200), "input has 100 elements, the shape needs 200"),
+    (dict(num_threads=0), "num_threads must be"),
+    (dict(isa="turbo"), "isa must be one of"),
+])
+def test_malformed_conv_arguments_raise(change, message):
+    x, w = _good_conv_args()
+    kwargs = dict(in_channels=70, act_bits=2, weight_bits=2, padding=1)
+    kwargs.update(change)
+    with pytest.raises(_core.CoreError, match=message):
+        _core.conv2d_bitserial(x, w, **kwargs)
+
+
+def test_malformed_buffers_raise_through_the_c_api():
+    """Lengths that do not match the shape, checked by the C library itself (no wrapper help)."""
+    lib = _core.library()
+    x, w = _good_conv_args()
+    shape = _core.conv_shape(1, 5, 5, 70, 3, 3, padding=1, act_bits=2, weight_bits=2)
+    mult = np.ones(3, np.float32)
+    out = np.empty(75, np.float32)
+    err = ctypes.create_string_buffer(256)
+
+    def conv(x_len, w_len, c_len, out_len, shape=shape, out_ptr=out):
+        return lib.n2uq_conv2d_bitserial(ctypes.byref(shape), _core._ptr(x), x_len, _core._ptr(w), w_len,
+                                         _core._ptr(mult), _core._ptr(mult), c_len,
+                                         None if out_ptr is None else _core._ptr(out_ptr), None, out_len, 0, 1,
+                                         err, len(err))
+
+    assert conv(x.size, w.size, 3, 75) == 0
+    for args, message in [((x.size - 1, w.size, 3, 75), b"input has 99"),
+                          ((x.size, w.size - 1, 3, 75), b"weights has"),
+                          ((x.size, w.size, 2, 75), b"multiplier has 2"),
+                          ((x.size, w.size, 3, 74), b"output has 74"),
+                          ((x.size, w.size, 3, 75, shape, None), b"both NULL")]:
+        assert conv(*args) < 0
+        assert message in err.value, err.value
+    big = _core.conv_shape(1, 5, 5, 70, 3, (9, 3), padding=(0, 1), act_bits=2, weight_bits=2)
+    assert conv(x.size, w.size, 3, 75, big) == -1 and b"larger than the padded input" in err.value
+    negative = _core.conv_shape(-1, 5, 5, 70, 3, 3, padding=1, act_bits=2, weight_bits=2)
+    assert conv(x.size, w.size, 3, 75, negative) == -1 and b"batch must be" in err.value
+
+
+def test_malformed_pack_quantize_depthwise_raise():
+    with pytest.raises(_core.CoreError, match="code 4 at index 1 exceeds 3"):
+        _core.pack_bitplanes(np.array([1, 4, 0]), 2)
+    with pytest.raises(_core.CoreError, match="bits must be 1..4, got 0"):
+        _core.pack_bitplanes(np.array([1]), 0)
+    with pytest.raises(_core.CoreError, match="need 3 thresholds, got 2"):
+        _core.quantize_and_pack(np.zeros((2, 3), np.float32), [0.1, 0.2], 1.0, 2)
+    with pytest.raises(_core.CoreError, match="num_positions"):
+        _core.quantize_and_pack(np.zeros((0, 3), np.float32), [0.1, 0.2, 0.3], 1.0, 2)
+    with pytest.raises(_core.CoreError, match="input code 5 exceeds 3"):
+        _core.depthwise_conv2d(np.full((1, 4, 4, 3), 5), np.ones((3, 3, 3, 1), np.uint8), 2, 2, padding=1)
+    with pytest.raises(_core.CoreError, match="weight code 2 exceeds 1"):
+        _core.depthwise_conv2d(np.ones((1, 4, 4, 3), np.uint8), np.full((3, 3, 3, 1), 2), 2, 1, padding=1)
+    with pytest.raises(_core.CoreError, match="must be uint64"):
+        _core.fully_connected(np.zeros((1, 2, 1), np.int64), np.zeros((1, 2, 1), np.uint64), 10, 2, 2)
+
+
+def _cached_build(tag, command_prefix, sources, output_flag_and_extra):
+    """Compiles the self-test once per source content into the user's cache; returns the binary path."""
+    digest = hashlib.sha256(" ".join(command_prefix + output_flag_and_extra).encode())
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "n2uq_tf")
+    os.makedirs(cache, exist_ok=True)
+    binary = os.path.join(cache, f"core_selftest_{tag}_{digest.hexdigest()[:12]}")
+    if not os.path.exists(binary):
+        tmp = binary + f".tmp{os.getpid()}"
+        result = subprocess.run(command_prefix + sources + output_flag_and_extra + ["-o", tmp], capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        os.replace(tmp, binary)
+    return binary
+
+
+def _selftest_sources():
+    return [os.path.join(CORE_DIR, name) for name in _core._COMPILED] + [SELFTEST]
+
+
+def test_cpp_selftest_under_asan_and_ubsan():
+    compiler = _core.compiler()
+    binary = _cached_build("asan", [compiler, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
+                                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-pthread",
+                                    "-ffp-contract=off", "-I" + CORE_DIR], _selftest_sources(), [])
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    env.pop("N2UQ_KERNEL_ISA", None)
+    result = subprocess.run([binary, "80"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "selftest: OK" in result.stdout
+
+
+AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+
+
+@pytest.mark.skipif(AARCH64_CXX is None or QEMU is None,
+                    reason="NEON path needs aarch64-linux-gnu-g++ and qemu-aarch64 "
+                           "(apt-get install -y g++-aarch64-linux-gnu qemu-user)")
+def test_cpp_selftest_neon_under_qemu():
+    binary = _cached_build("aarch64", [AARCH64_CXX, "-std=c++17", "-O2", "-static", "-pthread", "-ffp-contract=off",
+                                       "-I" + CORE_DIR], _selftest_sources(), [])
+    result = subprocess.run([QEMU, binary, "60"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ISAs: portable neon" in result.stdout
