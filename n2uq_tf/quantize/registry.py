@@ -5,6 +5,7 @@ kernels' output-channel axis. Layers listed in UNSUPPORTED stay float and are
 reported with the reason; any other layer with weights is reported as unsupported too.
 """
 
+from n2uq_tf import layers as n2uq_layers
 from n2uq_tf._keras import keras
 
 layers = keras.layers
@@ -14,6 +15,8 @@ SUPPORTED = {
     layers.Conv2D: (("kernel",), -1),
     layers.DepthwiseConv2D: (("depthwise_kernel",), (-2, -1)),  # one scale per depthwise output channel
     layers.Dense: (("kernel",), -1),
+    n2uq_layers.PaddedConv2D: (("kernel",), -1),  # PyTorch-style explicit padding, used by n2uq_tf.models
+    n2uq_layers.PaddedDepthwiseConv2D: (("depthwise_kernel",), (-2, -1)),
 }
 
 UNSUPPORTED = {
