@@ -336,7 +336,8 @@ def test_malformed_pack_quantize_depthwise_raise():
 def _cached_build(tag, command_prefix, sources, output_flag_and_extra):
     """Compiles the self-test once per source content into the user's cache; returns the binary path."""
     digest = hashlib.sha256(" ".join(command_prefix + output_flag_and_extra).encode())
-    for path in sources:
+    headers = [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
+    for path in sources + headers:
         with open(path, "rb") as f:
             digest.update(f.read())
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "n2uq_tf")

@@ -15,7 +15,7 @@
 // 2^(i+j) weighting happens once per output, outside the loop.
 
 // Output channels per register block: as many as the accumulators fit (a power of two
-// dividing kChannelChunk, so only odd channel counts take the one-channel tail path).
+// dividing kChannelChunk; channels past the last full block take a one-channel path).
 constexpr int pick_register_block(int budget, int sums) {
   return budget / sums >= 16 ? 16 : budget / sums >= 8 ? 8 : budget / sums >= 4 ? 4 : budget / sums >= 2 ? 2 : 1;
 }
@@ -159,10 +159,13 @@ void conv_item_bits(const ConvJob& j, int64_t item) {
     act_sums[ow - ow_begin] = (int32_t)total;
   }
   int64_t oc = oc_begin;
+  // Channel blocks outside, pixels inside: the block's weights stay in L1 across the row.
   for (; oc + R <= oc_end; oc += R)
-    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, R>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
+    for (int64_t ow = ow_begin; ow < ow_end; ow += L)
+      conv_block<O, A, WB, R>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
   for (; oc < oc_end; ++oc)
-    for (int64_t ow = ow_begin; ow < ow_end; ow += L) conv_block<O, A, WB, 1>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
+    for (int64_t ow = ow_begin; ow < ow_end; ow += L)
+      conv_block<O, A, WB, 1>(j, n, oh, oc, ow, ow_end, act_sums + (ow - ow_begin));
 }
 
 template <class O, int A>
