@@ -276,6 +276,10 @@ def test_bits_arguments():
     model = models.resnet20(weight_bits=2, activation_bits=4, width=4, input_shape=SMALL)
     assert {(w.quantize_config.weight_bits, w.quantize_config.activation_bits)
             for w in wrappers(model).values()} == {(2, 4)}
+    frozen = models.resnet20(2, width=4, input_shape=SMALL, learn_thresholds=False)
+    trainable = {short(v) for v in frozen.trainable_weights}
+    assert "input_n2uq_beta1" in trainable and "input_n2uq_start" not in trainable
+    assert not any(w.input_quantizer[1]["intervals"].trainable for w in wrappers(frozen).values())
     with pytest.raises(ValueError, match="both weight_bits and activation_bits"):
         models.resnet20(weight_bits=2, width=4, input_shape=SMALL)
     with pytest.raises(ValueError, match="bits"):

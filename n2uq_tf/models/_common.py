@@ -77,12 +77,14 @@ def _is_quantized(model):
     return any(isinstance(layer, N2UQWrapper) for layer in model.layers)
 
 
-def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, quantize_downsample=True):
+def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, quantize_downsample=True,
+             learn_thresholds=True):
     """The paper's quantization plan for a float model built by `n2uq_tf.models`.
 
     ``stem_conv`` and ``fc`` stay float, the downsample convs stay float when
     ``quantize_downsample=False`` (the paper's N2UQ*), every other conv is quantized
     (input and weights). The float weights are copied into the returned twin.
+    ``learn_thresholds=False`` freezes the activation thresholds (the uniform baseline).
     """
     if not isinstance(float_model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras model built by n2uq_tf.models, got "
@@ -98,10 +100,10 @@ def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, qua
     if not quantize_downsample:
         skip += [layer.name for layer in float_model.layers if layer.name.endswith(DOWNSAMPLE_SUFFIX)]
     return quantize_model(float_model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                          skip_layers=skip)
+                          skip_layers=skip, learn_thresholds=learn_thresholds)
 
 
-def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=True):
+def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=True, learn_thresholds=True):
     """What every builder returns: the float model, or its quantized twin when bits are given."""
     if bits is None and weight_bits is None and activation_bits is None:
         return float_model
@@ -109,7 +111,7 @@ def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=
         raise ValueError("give bits, or both weight_bits and activation_bits (bits=None alone builds the "
                          f"float model); got weight_bits={weight_bits!r}, activation_bits={activation_bits!r}")
     return quantize(float_model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                    quantize_downsample=quantize_downsample)
+                    quantize_downsample=quantize_downsample, learn_thresholds=learn_thresholds)
 
 
 def _inner(layer):

@@ -46,7 +46,7 @@ def inverted_residual(x, out_channels, mid_channels, stride, prefix):
 
 
 def mobilenet_v2(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), alpha=1.0, weight_bits=None,
-                 activation_bits=None, name=None):
+                 activation_bits=None, name=None, learn_thresholds=True):
     """The official N2UQ MobileNetV2; ``alpha`` scales every width (multiples of 8).
 
     ``bits=None`` returns the float model; an int (the paper uses 4) returns the quantized
@@ -82,4 +82,4 @@ def mobilenet_v2(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), alph
     x = layers.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = common.classifier(num_classes, last_channels)(x)
     float_model = keras.Model(inputs, outputs, name=name)
-    return common.finish(float_model, bits, weight_bits, activation_bits)
+    return common.finish(float_model, bits, weight_bits, activation_bits, learn_thresholds=learn_thresholds)

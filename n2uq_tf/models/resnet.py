@@ -5,7 +5,9 @@ raw block input (through the downsample conv + BN when the shape changes) and an
 follows the addition. The activation quantizer lives in the N2UQWrapper of the conv, so
 the float model is the same graph without it: the teacher and the initialisation.
 
-Layer names mirror the PyTorch module names (``layer2_0_conv1`` is ``layer2[0].conv1``).
+Layer names mirror the PyTorch module names (``layer2_0_conv1`` is ``layer2[0].conv1``); one
+RPReLU layer ``rprelu{i}`` holds PyTorch's ``bias{i}1``, ``prelu{i}``, ``bias{i}2``, and the one after
+the addition is ``rprelu_out``; ``downsample_conv`` / ``downsample_bn`` are the downsample's conv and BN.
 """
 
 from n2uq_tf._keras import keras
@@ -50,11 +52,11 @@ def _shortcut(x, filters, stride, prefix):
     return common.batch_norm(f"{prefix}_downsample_bn")(y)
 
 
-_BLOCKS = {"basic": (basic_block, 1), "bottleneck": (bottleneck_block, 4)}
+_BLOCKS = {"basic": basic_block, "bottleneck": bottleneck_block}
 
 
 def _stages(x, block, blocks_per_stage, widths, strides):
-    block_fn, _ = _BLOCKS[block]
+    block_fn = _BLOCKS[block]
     for stage, (count, planes, stride) in enumerate(zip(blocks_per_stage, widths, strides), 1):
         for index in range(count):
             x = block_fn(x, planes, stride if index == 0 else 1, f"layer{stage}_{index}")
@@ -86,10 +88,10 @@ def imagenet_resnet(block, blocks_per_stage, *, num_classes=1000, input_shape=(2
 
 def _imagenet_builder(arch, block, blocks_per_stage):
     def build(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), quantize_downsample=True,
-              weight_bits=None, activation_bits=None, name=None):
+              weight_bits=None, activation_bits=None, name=None, learn_thresholds=True):
         float_model = imagenet_resnet(block, blocks_per_stage, num_classes=num_classes, input_shape=input_shape,
                                       name=name or arch)
-        return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample)
+        return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds)
 
     build.__name__ = build.__qualname__ = arch
     build.__doc__ = f"""The official N2UQ {arch} ({block} blocks {list(blocks_per_stage)}).
@@ -98,7 +100,8 @@ def _imagenet_builder(arch, block, blocks_per_stage):
     teacher and the initialisation. An int returns the quantized twin with the paper's
     plan (`n2uq_tf.models.quantize`): float stem conv and fc, every other conv quantized;
     ``quantize_downsample=False`` keeps the downsample convs float (the paper's N2UQ*).
-    ``weight_bits`` / ``activation_bits`` override ``bits`` for weights / activations.
+    ``weight_bits`` / ``activation_bits`` override ``bits`` for weights / activations;
+    ``learn_thresholds=False`` freezes the activation thresholds (the uniform baseline).
     """
     return build
 
@@ -109,7 +112,7 @@ resnet50 = _imagenet_builder("resnet50", "bottleneck", (3, 4, 6, 3))
 
 
 def resnet20(bits=None, *, num_classes=10, input_shape=(32, 32, 3), width=16, quantize_downsample=True,
-             weight_bits=None, activation_bits=None, name=None):
+             weight_bits=None, activation_bits=None, name=None, learn_thresholds=True):
     """A CIFAR-size ResNet-20 with the N2UQ block structure, for CPU work.
 
     Float 3x3 stem conv (``width`` channels), BN, ReLU; three stages of three basic blocks
@@ -127,4 +130,4 @@ def resnet20(bits=None, *, num_classes=10, input_shape=(32, 32, 3), width=16, qu
     x = layers.ReLU(name="stem_relu")(x)
     x = _stages(x, "basic", (3, 3, 3), (width, 2 * width, 4 * width), (1, 2, 2))
     float_model = keras.Model(inputs, _head(x, num_classes), name=name)
-    return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample)
+    return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds)
