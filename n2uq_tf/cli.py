@@ -97,6 +97,8 @@ def build_parser():
     train.add_argument("--teacher", help="saved float Keras model to distil from (.keras, .h5, SavedModel)")
     train.add_argument("--teacher-epochs", type=_positive_int, default=30,
                        help="epochs for training the float teacher here when --teacher is not given")
+    train.add_argument("--teacher-lr", type=float,
+                       help="peak learning rate of the teacher trained here (default 4x --lr), linear decay")
     train.add_argument("--init", help="float weights to initialise the student from (a saved float twin)")
     train.add_argument("--steps-per-epoch", type=_positive_int,
                        help="cap the steps of each epoch (quick trials)")
@@ -106,6 +108,9 @@ def build_parser():
     train.add_argument("--tensorboard", action="store_true",
                        help="log losses, thresholds and betas to OUTPUT/tensorboard")
     train.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
+    train.add_argument("--mirrored", action="store_true",
+                       help="train data-parallel on every local GPU (or logical CPU device) with "
+                            "tf.distribute.MirroredStrategy")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model (float or quantized)",
@@ -195,6 +200,7 @@ def _fit(model, train_ds, val_ds, epochs, steps, callbacks, args):
 
 def command_train(args):
     import numpy as np
+    import tensorflow as tf
 
     import n2uq_tf
     from n2uq_tf import data, models, training
@@ -210,6 +216,9 @@ def command_train(args):
     if not args.resume and (os.path.exists(backup) or os.path.exists(student_path)):
         raise SystemExit(f"n2uq-tf: {args.output!r} already holds a run; pass --resume to continue it "
                          "or choose another --output")
+    if args.resume and os.path.exists(student_path):  # written only when the run completes
+        raise SystemExit(f"n2uq-tf: the run in {args.output!r} has finished ({student_path}); evaluate it with "
+                         f"`n2uq-tf evaluate {student_path} --dataset {args.dataset}`")
     keras.utils.set_random_seed(args.seed)
 
     train_ds = _dataset(args, "train", batch_size, True, seed=args.seed)
@@ -219,58 +228,63 @@ def command_train(args):
     print(f"n2uq-tf train: {args.model} on {args.dataset} ({info.splits['train']} images, "
           f"{image_size}x{image_size}), {steps} steps/epoch of {batch_size}, lr {lr:g}")
 
-    # 1. the float teacher
-    teacher_path = os.path.join(args.output, "teacher.keras")
-    if args.teacher:
-        teacher = load_any_model(args.teacher)
-        print(f"teacher: {args.teacher}")
-    elif os.path.exists(teacher_path):
-        teacher = load_any_model(teacher_path)
-        print(f"teacher: {teacher_path} (trained earlier in this run)")
-    else:
-        print(f"teacher: training the float {args.model} for {args.teacher_epochs} epochs")
-        teacher = _build(args, info.num_classes, image_size, None)
-        teacher.compile(keras.optimizers.Adam(lr * 2),
-                        keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
-             [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
-        teacher.save(teacher_path)
-    teacher.trainable = False
+    strategy = tf.distribute.MirroredStrategy() if args.mirrored else tf.distribute.get_strategy()
+    if args.mirrored:
+        print(f"MirroredStrategy over {strategy.num_replicas_in_sync} devices (batch {batch_size} is global)")
+    with strategy.scope():  # variables of the teacher, student and optimizer are mirrored
+        # 1. the float teacher
+        teacher_path = os.path.join(args.output, "teacher.keras")
+        if args.teacher:
+            teacher = load_any_model(args.teacher)
+            print(f"teacher: {args.teacher}")
+        elif os.path.exists(teacher_path):
+            teacher = load_any_model(teacher_path)
+            print(f"teacher: {teacher_path} (trained earlier in this run)")
+        else:
+            print(f"teacher: training the float {args.model} for {args.teacher_epochs} epochs")
+            teacher = _build(args, info.num_classes, image_size, None)
+            teacher_lr = args.teacher_lr or 4 * lr
+            teacher.compile(keras.optimizers.Adam(training.LinearEpochDecay(teacher_lr, args.teacher_epochs, steps)),
+                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+            _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
+                 [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
+            teacher.save(teacher_path)
+        teacher.trainable = False
 
-    # 2. the quantized student, initialised from float weights as in the paper
-    bits = args.bits
-    student = _build(args, info.num_classes, image_size, bits)
-    init = args.init or (None if args.teacher else teacher_path)
-    if init:
-        models.load_float_weights(student, load_any_model(init) if init != teacher_path else teacher)
-        print(f"student: {args.model} W{args.weight_bits or bits}A{args.activation_bits or bits}, "
-              f"initialised from {init}")
-    elif args.teacher:
-        try:
-            models.load_float_weights(student, teacher)
-            print("student: initialised from the teacher's weights (same architecture)")
-        except ValueError as error:
-            print(f"student: starting from scratch; the teacher is another architecture ({error}). "
-                  "Give --init FLOAT_TWIN to initialise from pretrained float weights.")
+        # 2. the quantized student, initialised from float weights as in the paper
+        bits = args.bits
+        student = _build(args, info.num_classes, image_size, bits)
+        init = args.init or (None if args.teacher else teacher_path)
+        if init:
+            models.load_float_weights(student, load_any_model(init) if init != teacher_path else teacher)
+            print(f"student: {args.model} W{args.weight_bits or bits}A{args.activation_bits or bits}, "
+                  f"initialised from {init}")
+        elif args.teacher:
+            try:
+                models.load_float_weights(student, teacher)
+                print("student: initialised from the teacher's weights (same architecture)")
+            except ValueError as error:
+                print(f"student: starting from scratch; the teacher is another architecture ({error}). "
+                      "Give --init FLOAT_TWIN to initialise from pretrained float weights.")
 
-    # 3. distillation with the official optimizer recipe
-    distiller = training.DistillationModel(student, teacher, temperature=args.temperature, alpha=args.alpha)
-    optimizer = training.paper_optimizer(lr, epochs=args.epochs, steps_per_epoch=steps)
-    distiller.compile(optimizer=optimizer,
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.alpha else None,
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    callbacks = [keras.callbacks.BackupAndRestore(backup)]
-    if args.tensorboard:
-        from n2uq_tf.training.callbacks import QuantizerTensorBoard
-        log_dir = os.path.join(args.output, "tensorboard")
-        callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
-    history = _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
+        # 3. distillation with the official optimizer recipe
+        distiller = training.DistillationModel(student, teacher, temperature=args.temperature, alpha=args.alpha)
+        optimizer = training.paper_optimizer(lr, epochs=args.epochs, steps_per_epoch=steps)
+        distiller.compile(optimizer=optimizer,
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.alpha else None,
+                          metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        callbacks = [keras.callbacks.BackupAndRestore(backup)]
+        if args.tensorboard:
+            from n2uq_tf.training.callbacks import QuantizerTensorBoard
+            log_dir = os.path.join(args.output, "tensorboard")
+            callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
+        history = _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
 
-    student.save(student_path)
-    student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    teacher.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    student_acc = student.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
-    teacher_acc = teacher.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
+        student.save(student_path)
+        student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        teacher.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        student_acc = student.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
+        teacher_acc = teacher.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
     report = n2uq_tf.quantization_report(student)
     with open(os.path.join(args.output, "report.txt"), "w") as f:
         f.write(str(report) + "\n")
