@@ -1,15 +1,21 @@
-"""python -m n2uq_tf.build: compile the fused training kernel now instead of on first use."""
+"""python -m n2uq_tf.build: compile the C++ libraries now instead of on first use.
+
+Builds the fused training kernel of the activation quantizer (against the installed
+TensorFlow) and the bit-serial inference kernel core (no TensorFlow dependency).
+"""
 
 import argparse
 
 from n2uq_tf import _fused
+from n2uq_tf.tflite import _core
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--force", action="store_true", help="rebuild even if the library exists")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if the libraries exist")
     args = parser.parse_args()
     print(_fused.build(force=args.force))
+    print(_core.build(force=args.force))
 
 
 if __name__ == "__main__":

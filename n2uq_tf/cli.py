@@ -249,6 +249,9 @@ def command_train(args):
             _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
                  [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
             teacher.save(teacher_path)
+            # Continue with the saved teacher (no optimizer attached), as a resumed run will, so
+            # the distillation checkpoints of both hold the same objects.
+            teacher = load_any_model(teacher_path)
         teacher.trainable = False
 
         # 2. the quantized student, initialised from float weights as in the paper

@@ -107,6 +107,9 @@ class DistillationModel(keras.Model):
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
         self.label_loss_tracker = keras.metrics.Mean(name="label_loss")
+        # Built models make this one built: BackupAndRestore needs that before fit.
+        if student.built and teacher.built:
+            self.built = True
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As ``keras.Model.compile``; ``loss`` is the label loss, needed only when alpha > 0."""
