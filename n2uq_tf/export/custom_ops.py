@@ -1,0 +1,237 @@
+"""The TFLite custom ops of an exported N2UQ model: names, inputs, options, TF reference bodies.
+
+This module is the contract between the exporter (which emits the ops) and the C++ kernels
+(which run them): each op is a `tf.function` whose ``experimental_implements`` attribute
+makes the TFLite converter (with ``allow_custom_ops``) drop the body and emit one CUSTOM op
+with that name and the scalar attributes as its FlexBuffer custom options. The body is a
+plain-TF reference of the op, so an exported graph can also be run in TensorFlow and
+compared with the Keras model before conversion.
+
+Ops (inputs in order; "bits" of a quantized tensor are 1..4):
+
+* ``N2UQQuantizePack``: x float32 [..., C], thresholds float32 [2^bits - 1]
+  -> packed int64 [..., bits, ceil(C / 64)].  Options: bits, channels, beta1.
+  code m = #{i : x * beta1 > thresholds[i]} (float32 product, strict >), as
+  ``ops.activation_levels``; bit b of m goes to plane b; channel c is bit c % 64 of
+  word c // 64 of its plane; bits above C are 0 (the int64 holds the uint64 bit pattern).
+* ``N2UQQuantize``: x float32 [..., C], thresholds -> codes uint8 [..., C] (feeds depthwise).
+  Options: bits, channels, beta1.
+* ``N2UQConv2D``: packed activations int64 [N, H, W, act_bits, words], weights uint8
+  bitstream (codes [OC][KH][KW][IC]), multiplier float32 [OC], bias float32 [OC]
+  -> float32 [N, OH, OW, OC].  Options: in_channels, out_channels, kernel_height,
+  kernel_width, stride_height, stride_width, dilation_height, dilation_width, pad_top,
+  pad_bottom, pad_left, pad_right, act_bits, weight_bits.
+* ``N2UQDepthwiseConv2D``: codes uint8 [N, H, W, C], weights uint8 bitstream (codes
+  [KH][KW][C * M], TF's depthwise layout flattened), multiplier, bias [C * M]
+  -> float32 [N, OH, OW, C * M].  Options as N2UQConv2D plus depth_multiplier
+  (out_channels = in_channels * depth_multiplier).
+* ``N2UQFullyConnected``: packed activations int64 [N, act_bits, words], weights uint8
+  bitstream (codes [OUT][IN]), multiplier, bias [OUT] -> float32 [N, OUT].  Options:
+  in_features, out_features, act_bits, weight_bits.
+
+Weight bitstream: code j of the flattened code array occupies stream bits
+j * weight_bits .. j * weight_bits + weight_bits - 1 (least significant bit first); stream
+bit t is bit t % 8 of byte t // 8; the last byte is zero-filled. So the file holds exactly
+ceil(count * weight_bits / 8) bytes per quantized kernel.
+
+Output arithmetic (activation value beta2 * delta_a * m, weight value alpha_c * (2k / n_w - 1),
+n_w = 2^weight_bits - 1): sum(a * w) = beta2 * delta_a * alpha_c / n_w * (2 * sum(m k) - n_w * sum(m)),
+so out = multiplier_c * (2 * sum(m k) - n_w * sum(m)) + bias_c with the layer's bias and a
+following BatchNorm folded into multiplier and bias by the exporter. Zero padding is code 0.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+OP_QUANTIZE_PACK = "N2UQQuantizePack"
+OP_QUANTIZE = "N2UQQuantize"
+OP_CONV2D = "N2UQConv2D"
+OP_DEPTHWISE_CONV2D = "N2UQDepthwiseConv2D"
+OP_FULLY_CONNECTED = "N2UQFullyConnected"
+ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED)
+
+WORD_BITS = 64
+CONV_OPTIONS = ("in_channels", "out_channels", "kernel_height", "kernel_width", "stride_height", "stride_width",
+                "dilation_height", "dilation_width", "pad_top", "pad_bottom", "pad_left", "pad_right",
+                "act_bits", "weight_bits")
+
+
+def words_per_plane(channels):
+    return -(-int(channels) // WORD_BITS)
+
+
+# ---------------------------------------------------------------- weight bitstream (NumPy, offline)
+
+def pack_weight_codes(codes, bits):
+    """Flattened integer codes (each < 2^bits) -> uint8 bitstream of ceil(count * bits / 8) bytes."""
+    codes = np.asarray(codes).reshape(-1).astype(np.int64)
+    if codes.size and (codes.min() < 0 or codes.max() >= 2 ** bits):
+        raise ValueError(f"weight codes must lie in 0..{2 ** bits - 1} for {bits} bits")
+    stream_bits = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(stream_bits, bitorder="little")
+
+
+def unpack_weight_codes(stream, count, bits):
+    """Inverse of `pack_weight_codes`: uint8 bitstream -> int32 codes [count]."""
+    stream = np.asarray(stream, np.uint8).reshape(-1)
+    if stream.size * 8 < count * bits:
+        raise ValueError(f"weight bitstream of {stream.size} bytes is too short for {count} codes of {bits} bits")
+    stream_bits = np.unpackbits(stream, bitorder="little")[:count * bits].reshape(count, bits).astype(np.int32)
+    return (stream_bits << np.arange(bits, dtype=np.int32)).sum(axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------- TF reference bodies
+
+def _codes(x, thresholds, beta1):
+    xs = tf.cast(x, tf.float32) * beta1
+    return tf.reduce_sum(tf.cast(xs[..., tf.newaxis] > thresholds, tf.int32), axis=-1)
+
+
+def _pack_planes(codes, bits, channels):
+    """int32 codes [..., C] -> int64 [..., bits, words] bit planes (the uint64 pattern in int64)."""
+    words = words_per_plane(channels)
+    pad = words * WORD_BITS - channels
+    codes = tf.pad(codes, [[0, 0]] * (codes.shape.rank - 1) + [[0, pad]])
+    lanes = tf.bitwise.left_shift(tf.ones([WORD_BITS], tf.int64), tf.range(WORD_BITS, dtype=tf.int64))
+    planes = []
+    for b in range(bits):
+        bit = tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(codes, b), 1), tf.int64)
+        bit = tf.reshape(bit, tf.concat([tf.shape(bit)[:-1], [words, WORD_BITS]], 0))
+        planes.append(tf.reduce_sum(bit * lanes, axis=-1))  # distinct powers of two: the sum is the OR
+    return tf.stack(planes, axis=-2)
+
+
+def _unpack_planes(packed, bits, channels):
+    """Inverse of `_pack_planes` -> int32 codes [..., C]."""
+    lanes = tf.range(WORD_BITS, dtype=tf.int64)
+    codes = 0
+    for b in range(bits):
+        plane = packed[..., b, :]  # [..., words]
+        bit = tf.bitwise.bitwise_and(tf.bitwise.right_shift(plane[..., tf.newaxis], lanes), 1)
+        bit = tf.reshape(bit, tf.concat([tf.shape(bit)[:-2], [-1]], 0))[..., :channels]
+        codes = codes + tf.cast(bit, tf.int32) * (1 << b)
+    return codes
+
+
+def _unpack_stream(stream, count, bits):
+    bit_index = tf.range(count * bits)
+    byte = tf.gather(tf.cast(stream, tf.int32), bit_index // 8)
+    stream_bits = tf.reshape(tf.bitwise.bitwise_and(tf.bitwise.right_shift(byte, bit_index % 8), 1), [count, bits])
+    return tf.reduce_sum(stream_bits * tf.bitwise.left_shift(1, tf.range(bits)), axis=1)
+
+
+def _affine(acc, multiplier, bias):
+    return tf.cast(acc, tf.float32) * multiplier + bias
+
+
+def _implements(name, **options):
+    attrs = [f'attr {{key: "tfl_fusable_op" value {{b: true}}}}']
+    for key, value in options.items():
+        if isinstance(value, bool):
+            attrs.append(f'attr {{key: "{key}" value {{b: {str(value).lower()}}}}}')
+        elif isinstance(value, (int, np.integer)):
+            attrs.append(f'attr {{key: "{key}" value {{i: {int(value)}}}}}')
+        elif isinstance(value, (float, np.floating)):
+            attrs.append(f'attr {{key: "{key}" value {{f: {float(np.float32(value))!r}}}}}')
+        else:
+            raise TypeError(f"custom-op option {key!r} must be a bool, int or float, got {type(value).__name__}")
+    return f'name: "{name}" ' + " ".join(attrs)
+
+
+def quantize_pack_fn(bits, channels, beta1, pack=True):
+    """The N2UQQuantizePack (pack=True) or N2UQQuantize op as a tf.function(x, thresholds)."""
+    beta1 = float(np.float32(beta1))
+    name = OP_QUANTIZE_PACK if pack else OP_QUANTIZE
+
+    @tf.function(experimental_implements=_implements(name, bits=int(bits), channels=int(channels), beta1=beta1))
+    def quantize(x, thresholds):
+        codes = _codes(x, thresholds, tf.constant(beta1, tf.float32))
+        if pack:
+            return _pack_planes(codes, int(bits), int(channels))
+        return tf.cast(codes, tf.uint8)
+
+    return quantize
+
+
+def _int_conv(codes, kernel_codes, strides, dilations, paddings, depthwise):
+    """Exact integer conv of codes in float64 (sums stay far below 2^53)."""
+    x = tf.pad(tf.cast(codes, tf.float64), [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]])
+    k = tf.cast(kernel_codes, tf.float64)
+    if depthwise:
+        # depthwise_conv2d has no float64 CPU kernel with dilation; per-channel conv2d instead.
+        channels = int(k.shape[2])
+        outs = []
+        for c in range(channels):
+            outs.append(tf.nn.conv2d(x[..., c:c + 1], k[:, :, c:c + 1, :], [1, *strides, 1], "VALID",
+                                     dilations=list(dilations)))
+        return tf.concat(outs, axis=-1)
+    return tf.nn.conv2d(x, k, [1, *strides, 1], "VALID", dilations=list(dilations))
+
+
+def conv2d_fn(*, in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
+    """The N2UQConv2D op as a tf.function(packed, weight_stream, multiplier, bias).
+
+    paddings: ((top, bottom), (left, right)).
+    """
+    kh, kw = kernel_size
+    options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kh, kw, strides[0], strides[1], dilations[0],
+                                      dilations[1], paddings[0][0], paddings[0][1], paddings[1][0], paddings[1][1],
+                                      act_bits, weight_bits)))
+    options = {k: int(v) for k, v in options.items()}
+    n_w = 2 ** weight_bits - 1
+
+    @tf.function(experimental_implements=_implements(OP_CONV2D, **options))
+    def conv(packed, weight_stream, multiplier, bias):
+        m = _unpack_planes(packed, act_bits, in_channels)
+        k = _unpack_stream(weight_stream, out_channels * kh * kw * in_channels, weight_bits)
+        k = tf.transpose(tf.reshape(k, [out_channels, kh, kw, in_channels]), [1, 2, 3, 0])  # HWIO
+        s_mk = _int_conv(m, k, strides, dilations, paddings, False)
+        s_m = _int_conv(m, tf.ones([kh, kw, in_channels, 1], tf.int32), strides, dilations, paddings, False)
+        return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
+
+    return conv
+
+
+def depthwise_conv2d_fn(*, in_channels, depth_multiplier, kernel_size, strides, dilations, paddings, act_bits,
+                        weight_bits):
+    """The N2UQDepthwiseConv2D op as a tf.function(codes, weight_stream, multiplier, bias)."""
+    kh, kw = kernel_size
+    out_channels = in_channels * depth_multiplier
+    options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kh, kw, strides[0], strides[1], dilations[0],
+                                      dilations[1], paddings[0][0], paddings[0][1], paddings[1][0], paddings[1][1],
+                                      act_bits, weight_bits)))
+    options = {k: int(v) for k, v in options.items()}
+    options["depth_multiplier"] = int(depth_multiplier)
+    n_w = 2 ** weight_bits - 1
+
+    @tf.function(experimental_implements=_implements(OP_DEPTHWISE_CONV2D, **options))
+    def depthwise(codes, weight_stream, multiplier, bias):
+        m = tf.cast(codes, tf.int32)
+        k = _unpack_stream(weight_stream, kh * kw * out_channels, weight_bits)
+        k = tf.reshape(k, [kh, kw, in_channels, depth_multiplier])
+        # Output channel c * M + j sees input channel c: repeat each input channel M times.
+        m_rep = tf.repeat(m, depth_multiplier, axis=-1)
+        k_flat = tf.reshape(k, [kh, kw, out_channels, 1])
+        s_mk = _int_conv(m_rep, k_flat, strides, dilations, paddings, True)
+        s_m = _int_conv(m_rep, tf.ones([kh, kw, out_channels, 1], tf.int32), strides, dilations, paddings, True)
+        return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
+
+    return depthwise
+
+
+def fully_connected_fn(*, in_features, out_features, act_bits, weight_bits):
+    """The N2UQFullyConnected op as a tf.function(packed, weight_stream, multiplier, bias)."""
+    options = dict(in_features=int(in_features), out_features=int(out_features), act_bits=int(act_bits),
+                   weight_bits=int(weight_bits))
+    n_w = 2 ** weight_bits - 1
+
+    @tf.function(experimental_implements=_implements(OP_FULLY_CONNECTED, **options))
+    def fully_connected(packed, weight_stream, multiplier, bias):
+        m = tf.cast(_unpack_planes(packed, act_bits, in_features), tf.float64)
+        k = tf.cast(tf.reshape(_unpack_stream(weight_stream, out_features * in_features, weight_bits),
+                               [out_features, in_features]), tf.float64)
+        s_mk = tf.matmul(m, k, transpose_b=True)
+        s_m = tf.reduce_sum(m, axis=-1, keepdims=True)
+        return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
+
+    return fully_connected
