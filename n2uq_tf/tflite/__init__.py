@@ -1,1 +1,19 @@
-"""TFLite export side of n2uq_tf. For now: the bit-serial kernel core (`n2uq_tf.tflite._core`)."""
+"""TFLite side of n2uq_tf: run exported models with the N2UQ custom ops in stock interpreters.
+
+* `delegate_path()`: the delegate plugin library (built from tflite_tools/tflite on first use),
+  loadable by any TFLite interpreter as an external delegate:
+  `tf.lite.Interpreter(path, experimental_delegates=[tf.lite.experimental.load_delegate(delegate_path())])`
+  or the same with `ai_edge_litert.interpreter`.
+* `load_delegate(**options)`, `Interpreter(model_path=..., num_threads=..., backend=...)`.
+* `benchmark_model(path, ...)` / `format_benchmark`, `inspect_model(path)` / `format_inspect`.
+* `_core`: the bit-serial kernel core wrapped with ctypes (tests, benchmarks).
+"""
+
+from n2uq_tf.tflite._delegate import (BACKENDS, N2UQ_OPS, DelegateUnavailableError, Interpreter, abi_probe_text,
+                                      benchmark_model, build, delegate_path, format_benchmark, format_inspect,
+                                      inspect_model, kernel_profile, load_delegate, model_n2uq_ops,
+                                      reset_kernel_profile)
+
+__all__ = ["BACKENDS", "N2UQ_OPS", "DelegateUnavailableError", "Interpreter", "abi_probe_text", "benchmark_model",
+           "build", "delegate_path", "format_benchmark", "format_inspect", "inspect_model", "kernel_profile",
+           "load_delegate", "model_n2uq_ops", "reset_kernel_profile"]

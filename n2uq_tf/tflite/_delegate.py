@@ -1,0 +1,434 @@
+"""Builds (once) and loads the N2UQ TFLite delegate plugin (tflite_tools/tflite).
+
+The plugin is a shared library with the external-delegate entry points
+`tflite_plugin_create_delegate` / `tflite_plugin_destroy_delegate`; its Prepare claims the
+N2UQ custom ops of a model and runs them with the bit-serial kernel core, whose sources are
+compiled into the same library. It needs no TensorFlow or LiteRT symbols, so the same file
+works with `tf.lite.Interpreter` and `ai_edge_litert.interpreter.Interpreter`.
+
+Build like `_core.py`: g++ -O3 -fPIC -shared, no -march (the core dispatches ISAs at run
+time), a file name carrying a hash of sources and flags, atomic rename, and the user cache
+folder when the package folder is read-only.
+
+Delegate options (strings, as for any external delegate):
+  num_threads  threads for the N2UQ kernels; 0 or absent: the interpreter's num_threads
+  isa          auto | portable | avx2 | avx512 | neon (default auto, see N2UQ_KERNEL_ISA)
+  abi_probe    1: record the tensor/node table seen in Prepare (ABI self-test)
+"""
+
+import ctypes
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from n2uq_tf.tflite import _core
+
+# Mirrors n2uq_tf.export.custom_ops.ALL_OPS (checked by tests) so that running a model
+# does not import TensorFlow when only ai_edge_litert is installed.
+N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
+BACKENDS = ("auto", "litert", "tflite")
+_SOURCE_NAMES = ("tflite_abi.h", "flexbuffer_options.h", "flexbuffer_options.cc", "delegate.cc")
+_COMPILED = ("delegate.cc", "flexbuffer_options.cc")
+FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno",
+         "-fvisibility=hidden"]
+_lock = threading.Lock()
+_loaded = {}
+
+
+class DelegateUnavailableError(RuntimeError):
+    """The model has N2UQ custom ops but the delegate plugin cannot be built or loaded."""
+
+
+def source_dir():
+    """The folder with the plugin's C++ sources (N2UQ_DELEGATE_SOURCE_DIR overrides)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.environ.get("N2UQ_DELEGATE_SOURCE_DIR"),
+                  os.path.join(package, "tflite", "csrc", "tflite"),  # if the wheel ships them
+                  os.path.join(package, "tflite", "csrc"),
+                  os.path.join(os.path.dirname(package), "tflite_tools", "tflite")]  # source checkout
+    for candidate in candidates:
+        if candidate and os.path.exists(os.path.join(candidate, "delegate.cc")):
+            return candidate
+    raise DelegateUnavailableError("cannot find the n2uq delegate sources (tflite_tools/tflite); "
+                                   "set N2UQ_DELEGATE_SOURCE_DIR")
+
+
+def _library_name(directory, core_directory):
+    digest = hashlib.sha256(" ".join(FLAGS + [_core.compiler()]).encode())
+    for folder, names in ((directory, _SOURCE_NAMES), (core_directory, _core._SOURCE_NAMES)):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return f"n2uq_delegate_{digest.hexdigest()[:12]}.so"
+
+
+def build_command(output, sources=None, core_sources=None):
+    sources = sources or source_dir()
+    core_sources = core_sources or _core.source_dir()
+    return ([_core.compiler()] + FLAGS + ["-I" + core_sources, "-I" + sources]
+            + [os.path.join(sources, name) for name in _COMPILED]
+            + [os.path.join(core_sources, name) for name in _core._COMPILED] + ["-o", output])
+
+
+def build(force=False, verbose=True):
+    """Compiles the delegate plugin if needed and returns its path (DelegateUnavailableError on failure)."""
+    sources, core_sources = source_dir(), _core.source_dir()
+    name = _library_name(sources, core_sources)
+    directories = _core._candidate_dirs()
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if os.path.exists(path) and not force:
+            return path
+    errors = []
+    for directory in directories:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError as error:
+            errors.append(f"{directory}: {error}")
+            continue
+        if verbose:
+            print(f"n2uq_tf: building the TFLite delegate plugin (once, ~20 s) into {directory}", file=sys.stderr)
+        try:
+            result = subprocess.run(build_command(tmp, sources, core_sources), capture_output=True, text=True)
+        except OSError as error:
+            os.unlink(tmp)
+            raise DelegateUnavailableError(f"cannot run the C++ compiler {_core.compiler()!r}: {error}") from error
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise DelegateUnavailableError(f"compiling the delegate plugin failed:\n{result.stderr[-3000:]}")
+        path = os.path.join(directory, name)
+        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
+        for old in os.listdir(directory):
+            if old.startswith("n2uq_delegate_") and old.endswith(".so") and old != name:
+                try:
+                    os.unlink(os.path.join(directory, old))
+                except OSError:
+                    pass
+        return path
+    raise DelegateUnavailableError("no writable folder for the delegate plugin: " + "; ".join(errors))
+
+
+def delegate_path():
+    """Path of the delegate plugin library (built on first use)."""
+    with _lock:
+        if "path" not in _loaded:
+            _loaded["path"] = build()
+        return _loaded["path"]
+
+
+def library():
+    """The plugin loaded with ctypes (the same handle the interpreters' load_delegate gets)."""
+    path = delegate_path()
+    with _lock:
+        if "lib" not in _loaded:
+            lib = ctypes.CDLL(path)
+            u64p, sz = ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t
+            lib.n2uq_delegate_profile_count.restype = ctypes.c_int
+            lib.n2uq_delegate_profile_entry.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                                        ctypes.c_char_p, sz, ctypes.c_char_p, sz,
+                                                        ctypes.POINTER(ctypes.c_int), u64p, u64p]
+            lib.n2uq_delegate_profile_entry.restype = ctypes.c_int
+            lib.n2uq_delegate_abi_probe.argtypes = [ctypes.c_char_p, sz]
+            lib.n2uq_delegate_abi_probe.restype = sz
+            lib.n2uq_flexbuffer_dump.argtypes = [ctypes.c_char_p, sz, ctypes.c_char_p, sz]
+            lib.n2uq_flexbuffer_dump.restype = ctypes.c_int
+            lib.n2uq_tflite_op_name.restype = ctypes.c_char_p
+            lib.n2uq_tflite_registration.argtypes = [ctypes.c_char_p]
+            lib.n2uq_tflite_registration.restype = ctypes.c_void_p
+            if lib.n2uq_delegate_abi_version() != 1:
+                raise DelegateUnavailableError("n2uq delegate plugin ABI mismatch")
+            _loaded["lib"] = lib
+        return _loaded["lib"]
+
+
+# ------------------------------------------------------------------ interpreters
+
+def _backend_module(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend in ("auto", "litert"):
+        try:
+            from ai_edge_litert import interpreter as litert
+            return "litert", litert
+        except ImportError:
+            if backend == "litert":
+                raise
+    import tensorflow as tf
+    return "tflite", tf.lite
+
+
+def load_delegate(backend="auto", **options):
+    """The N2UQ delegate as a `Delegate` object of the chosen interpreter package.
+
+    Options: num_threads (int, 0 = the interpreter's), isa ("auto", "portable", "avx2",
+    "avx512", "neon"), abi_probe (bool). Pass the result in `experimental_delegates`.
+    """
+    name, module = _backend_module(backend)
+    load = module.load_delegate if name == "litert" else module.experimental.load_delegate
+    options = {key: (int(value) if isinstance(value, bool) else value) for key, value in options.items()
+               if value is not None}
+    return load(delegate_path(), options)
+
+
+def _read_model(model_path, model_content):
+    if (model_path is None) == (model_content is None):
+        raise ValueError("pass exactly one of model_path and model_content")
+    if model_content is not None:
+        return bytes(model_content)
+    with open(model_path, "rb") as f:
+        return f.read()
+
+
+def model_n2uq_ops(model_path=None, model_content=None):
+    """Names of the N2UQ custom ops a .tflite model uses (from its operator-code strings)."""
+    content = _read_model(model_path, model_content)
+    # Names are stored as NUL-terminated flatbuffer strings; N2UQQuantize is a prefix of
+    # N2UQQuantizePack, so match the terminator too.
+    return [name for name in N2UQ_OPS if name.encode() + b"\0" in content]
+
+
+def Interpreter(model_path=None, model_content=None, num_threads=None, backend="auto", delegate_options=None,
+                **kwargs):
+    """A stock TFLite interpreter (ai_edge_litert or tf.lite) with the N2UQ delegate attached.
+
+    num_threads goes to the interpreter (context->recommended_num_threads) and so also to
+    the N2UQ kernels unless delegate_options sets num_threads. Other keyword arguments go
+    to the interpreter's constructor.
+    """
+    name, module = _backend_module(backend)
+    try:
+        delegate = load_delegate(name, **(delegate_options or {}))
+    except DelegateUnavailableError as error:
+        content = _read_model(model_path, model_content)
+        ops = model_n2uq_ops(model_content=content)
+        if ops:
+            raise DelegateUnavailableError(f"the model uses N2UQ custom ops ({', '.join(ops)}) which need the n2uq "
+                                           f"delegate plugin, but it is unavailable: {error}") from error
+        delegate = None
+    delegates = list(kwargs.pop("experimental_delegates", None) or [])
+    if delegate is not None:
+        delegates.append(delegate)
+    return module.Interpreter(model_path=model_path, model_content=model_content, num_threads=num_threads,
+                              experimental_delegates=delegates, **kwargs)
+
+
+# ------------------------------------------------------------------ profiling and benchmark
+
+def _native(delegate):
+    if delegate is None:
+        return None
+    pointer = delegate._get_native_delegate_pointer()
+    return int(pointer) if pointer else None
+
+
+def kernel_profile(delegate=None):
+    """Per-kernel timings recorded inside the plugin: a list of dicts (op, output, node,
+    invocations, seconds), for the live kernels of `delegate` (all delegates if None).
+    Times cover the kernel's invoke (a steady-clock span around the core call)."""
+    lib = library()
+    wanted = _native(delegate)
+    entries = []
+    for i in range(lib.n2uq_delegate_profile_count()):
+        owner = ctypes.c_void_p()
+        op, name = ctypes.create_string_buffer(64), ctypes.create_string_buffer(512)
+        node, calls, ns = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_uint64()
+        if lib.n2uq_delegate_profile_entry(i, ctypes.byref(owner), op, len(op), name, len(name), ctypes.byref(node),
+                                           ctypes.byref(calls), ctypes.byref(ns)) != 0:
+            continue
+        if wanted is not None and owner.value != wanted:
+            continue
+        entries.append({"op": op.value.decode(), "output": name.value.decode(errors="replace"),
+                        "node": node.value, "invocations": calls.value, "seconds": ns.value * 1e-9})
+    return sorted(entries, key=lambda e: e["node"])
+
+
+def reset_kernel_profile():
+    library().n2uq_delegate_profile_reset()
+
+
+def abi_probe_text():
+    """What the last delegate created with abi_probe=1 saw in its Prepare (see delegate.cc)."""
+    lib = library()
+    size = lib.n2uq_delegate_abi_probe(None, 0)
+    buffer = ctypes.create_string_buffer(size + 1)
+    lib.n2uq_delegate_abi_probe(buffer, len(buffer))
+    return buffer.value.decode(errors="replace")
+
+
+def flexbuffer_dump(data):
+    """The plugin's FlexBuffer reader on raw bytes: {key: (kind, value)}, ValueError when malformed."""
+    data = bytes(data)
+    out = ctypes.create_string_buffer(1 << 16)
+    status = library().n2uq_flexbuffer_dump(data, len(data), out, len(out))
+    text = out.value.decode(errors="replace")
+    if status != 0:
+        raise ValueError(text)
+    result = {}
+    for line in text.splitlines():
+        key, rest = line.split("=", 1)
+        kind, value = rest.split(":", 1)
+        result[key] = (kind, float(value) if kind == "float" else int(value) if kind in ("int", "uint", "bool")
+                       else None)
+    return result
+
+
+def _random_inputs(interpreter, seed):
+    rng = np.random.default_rng(seed)
+    values = []
+    for detail in interpreter.get_input_details():
+        shape, dtype = detail["shape"], np.dtype(detail["dtype"])
+        if np.issubdtype(dtype, np.floating):
+            values.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == np.bool_:
+            values.append(rng.random(shape) < 0.5)
+        else:
+            info = np.iinfo(dtype)
+            values.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
+    return values
+
+
+def _time_interpreter(interpreter, runs, warmup, seed=0, after_warmup=None):
+    interpreter.allocate_tensors()
+    for detail, value in zip(interpreter.get_input_details(), _random_inputs(interpreter, seed)):
+        interpreter.set_tensor(detail["index"], value)
+    for _ in range(warmup):
+        interpreter.invoke()
+    if after_warmup is not None:
+        after_warmup()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return {"mean_ms": 1e3 * statistics.fmean(times), "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times), "runs": runs}
+
+
+def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", float_model=None, isa=None):
+    """Latency of a .tflite model with the N2UQ delegate, and without it when that is possible.
+
+    A model with N2UQ ops cannot run without the delegate: then "without_delegate" times
+    `float_model` (e.g. a float twin) if given, else is None. "ops" is the per-kernel
+    breakdown of the N2UQ ops measured inside the plugin; "other_ms" is the rest of the
+    mean invoke time (builtin ops and interpreter overhead).
+    """
+    backend_name, module = _backend_module(backend)
+    delegate = load_delegate(backend_name, isa=isa)
+    interpreter = module.Interpreter(model_path=str(path), num_threads=int(num_threads),
+                                     experimental_delegates=[delegate])
+    runs = max(int(runs), 1)
+    # Warm-up invokes (caches, thread pool) stay out of the per-op profile.
+    with_delegate = _time_interpreter(interpreter, runs, int(warmup), after_warmup=reset_kernel_profile)
+    ops = []
+    for entry in kernel_profile(delegate):
+        calls = max(entry["invocations"], 1)
+        ops.append({"op": entry["op"], "output": entry["output"], "node": entry["node"],
+                    "calls": entry["invocations"], "mean_ms": 1e3 * entry["seconds"] / calls})
+    n2uq_ms = sum(op["mean_ms"] * op["calls"] / max(runs, 1) for op in ops)
+    for op in ops:
+        op["share"] = op["mean_ms"] * op["calls"] / max(runs, 1) / with_delegate["mean_ms"]
+    result = {"model": str(path), "backend": backend_name, "num_threads": int(num_threads),
+              "isa": _core.isa(isa or "auto"), "n2uq_ops": model_n2uq_ops(model_path=path),
+              "with_delegate": with_delegate, "ops": ops, "n2uq_ms": n2uq_ms,
+              "other_ms": max(with_delegate["mean_ms"] - n2uq_ms, 0.0), "without_delegate": None,
+              "without_delegate_model": None}
+    del interpreter
+    baseline = None
+    if not result["n2uq_ops"]:
+        baseline = str(path)
+    elif float_model is not None:
+        baseline = str(float_model)
+    if baseline is not None:
+        plain = module.Interpreter(model_path=baseline, num_threads=int(num_threads))
+        result["without_delegate"] = _time_interpreter(plain, runs, warmup)
+        result["without_delegate_model"] = baseline
+    return result
+
+
+def format_benchmark(result):
+    """A readable table of `benchmark_model`'s result."""
+    w = result["with_delegate"]
+    lines = [f"model: {result['model']}  ({result['backend']}, {result['num_threads']} thread(s), "
+             f"isa {result['isa']}, {w['runs']} runs)",
+             f"with n2uq delegate: mean {w['mean_ms']:.3f} ms, median {w['median_ms']:.3f} ms, "
+             f"min {w['min_ms']:.3f} ms"]
+    base = result["without_delegate"]
+    if base is not None:
+        lines.append(f"without delegate ({result['without_delegate_model']}): mean {base['mean_ms']:.3f} ms, "
+                     f"median {base['median_ms']:.3f} ms, min {base['min_ms']:.3f} ms")
+    elif result["n2uq_ops"]:
+        lines.append("without delegate: cannot run (the model has N2UQ custom ops; pass a float twin to compare)")
+    if result["ops"]:
+        lines.append(f"{'node':>5}  {'op':<20} {'mean ms':>9} {'share':>7}  output")
+        for op in result["ops"]:
+            lines.append(f"{op['node']:>5}  {op['op']:<20} {op['mean_ms']:>9.3f} {100 * op['share']:>6.1f}%  "
+                         f"{op['output']}")
+        lines.append(f"{'':>5}  {'other ops + overhead':<20} {result['other_ms']:>9.3f} "
+                     f"{100 * result['other_ms'] / max(w['mean_ms'], 1e-12):>6.1f}%")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ inspection
+
+def inspect_model(path):
+    """Operators, N2UQ op options and weight sizes of a .tflite model (needs tensorflow)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    with open(path, "rb") as f:
+        content = f.read()
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    builtin_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    buffers = model.buffers
+    ops, packed_bytes, other_const_bytes = [], 0, 0
+    for subgraph_index, subgraph in enumerate(model.subgraphs):
+        tensors = subgraph.tensors
+        for op_index, op in enumerate(subgraph.operators):
+            code = model.operatorCodes[op.opcodeIndex]
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            name = code.customCode.decode() if builtin == schema.BuiltinOperator.CUSTOM and code.customCode \
+                else builtin_names.get(builtin, str(builtin))
+            entry = {"subgraph": subgraph_index, "index": op_index, "op": name,
+                     "inputs": [(tensors[i].name.decode(), [int(d) for d in tensors[i].shape] if tensors[i].shape is not None
+                                 else [], type_names.get(tensors[i].type)) if i >= 0 else None for i in op.inputs],
+                     "outputs": [(tensors[i].name.decode(), [int(d) for d in tensors[i].shape] if tensors[i].shape is not None
+                                  else [], type_names.get(tensors[i].type)) for i in op.outputs]}
+            if name in N2UQ_OPS and op.customOptions is not None:
+                try:
+                    entry["options"] = {k: v for k, (_, v) in
+                                        flexbuffer_dump(bytes(bytearray(op.customOptions))).items()}
+                except ValueError as error:
+                    entry["options_error"] = str(error)
+                if name in ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected") and len(op.inputs) > 1:
+                    data = buffers[tensors[op.inputs[1]].buffer].data
+                    entry["weight_stream_bytes"] = 0 if data is None else len(data)
+            ops.append(entry)
+    for index, buffer in enumerate(buffers):
+        if buffer.data is not None:
+            other_const_bytes += len(buffer.data)
+    packed_bytes = sum(op.get("weight_stream_bytes", 0) for op in ops)
+    return {"model": str(path), "file_bytes": len(content), "ops": ops, "n2uq_ops": model_n2uq_ops(model_path=path),
+            "packed_weight_bytes": packed_bytes, "other_constant_bytes": other_const_bytes - packed_bytes}
+
+
+def format_inspect(info):
+    lines = [f"model: {info['model']}  ({info['file_bytes']} bytes; packed N2UQ weights "
+             f"{info['packed_weight_bytes']} bytes, other constants {info['other_constant_bytes']} bytes)"]
+    for op in info["ops"]:
+        outputs = ", ".join(f"{name}{shape}" for name, shape, _ in op["outputs"])
+        lines.append(f"  [{op['subgraph']}:{op['index']:>3}] {op['op']:<22} -> {outputs}")
+        if "options" in op:
+            lines.append("        " + ", ".join(f"{k}={v}" for k, v in sorted(op["options"].items())))
+        if "options_error" in op:
+            lines.append("        options: " + op["options_error"])
+    return "\n".join(lines)

@@ -1,0 +1,888 @@
+// delegate.cc: runs the N2UQ custom ops (n2uq_tf/export/custom_ops.py) in stock TFLite.
+//
+// Two entry points share one set of kernels:
+//  * the external-delegate plugin ABI (tflite_plugin_create_delegate / _destroy_delegate):
+//    the delegate's Prepare claims every CUSTOM node whose custom_name is an N2UQ op, one
+//    ReplaceNodeSubsetsWithDelegateKernels call per node, so it works with any interpreter
+//    that loads external delegates (tf.lite, ai_edge_litert, the C++ external delegate);
+//  * n2uq_tflite_registration(name): a TfLiteRegistration for MutableOpResolver::AddCustom.
+// Kernels validate every tensor and option against the op contract and report problems
+// through context->ReportError; the arithmetic is the TFLite-independent core (n2uq_core.h).
+// Only the self-written tflite_abi.h describes TFLite structures.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "flexbuffer_options.h"
+#include "n2uq_core.h"
+#include "tflite_abi.h"
+
+#define N2UQ_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+enum OpKind { kQuantizePack = 0, kQuantize, kConv2D, kDepthwise, kFullyConnected, kNumOps };
+const char* const kOpNames[kNumOps] = {"N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D",
+                                       "N2UQFullyConnected"};
+const int kBuiltinDelegate = 51;  // BuiltinOperator_DELEGATE
+const int64_t kMaxDim = int64_t(1) << 24;  // generous cap on channels/features so products cannot overflow
+const int64_t kMaxKernel = 4096;
+
+int OpKindOf(const char* name) {
+  if (name == nullptr) return -1;
+  for (int i = 0; i < kNumOps; ++i)
+    if (strcmp(name, kOpNames[i]) == 0) return i;
+  return -1;
+}
+
+struct Settings {
+  int num_threads = 0;  // 0: the interpreter's recommended_num_threads
+  int isa = N2UQ_ISA_AUTO;
+  bool abi_probe = false;
+};
+
+// ----------------------------------------------------------------- profiling registry
+
+struct ProfileEntry {
+  const void* delegate = nullptr;
+  int op = 0;
+  int node_index = -1;
+  std::string output_name;
+  std::atomic<uint64_t> invocations{0};
+  std::atomic<uint64_t> nanoseconds{0};
+};
+
+std::mutex g_mutex;  // guards g_profiles and g_abi_probe
+std::vector<std::shared_ptr<ProfileEntry>> g_profiles;
+std::string g_abi_probe;
+
+// ----------------------------------------------------------------- delegate state
+
+struct ClaimedNode {
+  int kind = -1;
+  int node_index = -1;
+  std::vector<int> inputs, outputs;
+  std::vector<uint8_t> options;
+};
+
+struct DelegateData {
+  Settings settings;
+  const ClaimedNode* pending = nullptr;  // the node whose kernel init is running right now
+};
+
+// ----------------------------------------------------------------- kernel state
+
+struct Kernel {
+  int kind = -1;
+  bool delegated = false;
+  const void* delegate = nullptr;
+  Settings settings;
+  int node_index = -1;
+  std::string init_error;
+  std::vector<int> inputs, outputs;  // delegate mode: the original node's tensors
+  // options
+  int32_t bits = 0, channels = 0;
+  float beta1 = 1.0f;
+  N2uqConvShape conv = {};
+  int32_t depth_multiplier = 1;
+  int32_t in_features = 0, out_features = 0, act_bits = 0, weight_bits = 0;
+  // prepared state
+  int64_t positions = 0;  // quantize: positions; FC: batch
+  bool weights_ready = false;
+  std::vector<uint64_t> packed_weights;  // conv, FC: the core's packed layout
+  std::vector<uint8_t> weight_codes;     // depthwise: plain codes
+  std::shared_ptr<ProfileEntry> profile;
+  std::string label;
+};
+
+const char* TensorName(const N2uqTfLiteContext* ctx, int index) {
+  if (index < 0 || static_cast<size_t>(index) >= ctx->tensors_size) return "?";
+  const char* name = ctx->tensors[index].name;
+  return name ? name : "?";
+}
+
+int Report(N2uqTfLiteContext* ctx, const Kernel* k, const std::string& message) {
+  std::string text = std::string(k && k->kind >= 0 ? kOpNames[k->kind] : "N2UQ op");
+  if (k && k->node_index >= 0) text += " (node " + std::to_string(k->node_index) + ")";
+  text += ": " + message;
+  if (ctx && ctx->ReportError) ctx->ReportError(ctx, "%s", text.c_str());
+  return kN2uqTfLiteError;
+}
+
+bool CheckedMul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+
+bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err) {
+  n2uq::FlexOptions o;
+  if (!o.Parse(data, size, err)) return false;
+  int64_t v[16];
+  auto get = [&](const char* key, int64_t lo, int64_t hi, int64_t* out) { return o.GetInt(key, lo, hi, out, err); };
+  switch (k->kind) {
+    case kQuantizePack:
+    case kQuantize: {
+      double beta1;
+      if (!get("bits", 1, N2UQ_MAX_BITS, &v[0]) || !get("channels", 1, kMaxDim, &v[1]) ||
+          !o.GetFloat("beta1", &beta1, err))
+        return false;
+      k->bits = int32_t(v[0]);
+      k->channels = int32_t(v[1]);
+      k->beta1 = float(beta1);
+      return true;
+    }
+    case kConv2D:
+    case kDepthwise: {
+      static const char* const keys[] = {"in_channels", "out_channels", "kernel_height", "kernel_width",
+                                         "stride_height", "stride_width", "dilation_height", "dilation_width",
+                                         "pad_top", "pad_bottom", "pad_left", "pad_right", "act_bits",
+                                         "weight_bits"};
+      static const int64_t lo[] = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1};
+      static const int64_t hi[] = {kMaxDim, kMaxDim, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel,
+                                   kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, N2UQ_MAX_BITS,
+                                   N2UQ_MAX_BITS};
+      for (int i = 0; i < 14; ++i)
+        if (!get(keys[i], lo[i], hi[i], &v[i])) return false;
+      N2uqConvShape& s = k->conv;
+      s.in_channels = int32_t(v[0]);
+      s.out_channels = int32_t(v[1]);
+      s.kernel_height = int32_t(v[2]);
+      s.kernel_width = int32_t(v[3]);
+      s.stride_height = int32_t(v[4]);
+      s.stride_width = int32_t(v[5]);
+      s.dilation_height = int32_t(v[6]);
+      s.dilation_width = int32_t(v[7]);
+      s.pad_top = int32_t(v[8]);
+      s.pad_bottom = int32_t(v[9]);
+      s.pad_left = int32_t(v[10]);
+      s.pad_right = int32_t(v[11]);
+      s.act_bits = int32_t(v[12]);
+      s.weight_bits = int32_t(v[13]);
+      if (k->kind == kDepthwise) {
+        if (!get("depth_multiplier", 1, kMaxDim, &v[14])) return false;
+        k->depth_multiplier = int32_t(v[14]);
+        if (int64_t(s.in_channels) * k->depth_multiplier != s.out_channels) {
+          *err = "out_channels " + std::to_string(s.out_channels) + " != in_channels " +
+                 std::to_string(s.in_channels) + " * depth_multiplier " + std::to_string(k->depth_multiplier);
+          return false;
+        }
+      }
+      return true;
+    }
+    case kFullyConnected:
+      if (!get("in_features", 1, kMaxDim, &v[0]) || !get("out_features", 1, kMaxDim, &v[1]) ||
+          !get("act_bits", 1, N2UQ_MAX_BITS, &v[2]) || !get("weight_bits", 1, N2UQ_MAX_BITS, &v[3]))
+        return false;
+      k->in_features = int32_t(v[0]);
+      k->out_features = int32_t(v[1]);
+      k->act_bits = int32_t(v[2]);
+      k->weight_bits = int32_t(v[3]);
+      return true;
+  }
+  *err = "unknown op";
+  return false;
+}
+
+void RegisterProfile(Kernel* k, const N2uqTfLiteContext* ctx) {
+  k->profile = std::make_shared<ProfileEntry>();
+  k->profile->delegate = k->delegate;
+  k->profile->op = k->kind;
+  k->profile->node_index = k->node_index;
+  if (!k->outputs.empty() && ctx) k->profile->output_name = TensorName(ctx, k->outputs[0]);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_profiles.push_back(k->profile);
+}
+
+Kernel* NewKernel(int kind, const uint8_t* options, size_t size) {
+  Kernel* k = new Kernel;
+  k->kind = kind;
+  k->label = kOpNames[kind];
+  std::string err;
+  if (!ParseOptions(k, options, size, &err)) k->init_error = err;
+  return k;
+}
+
+// Delegate-mode init: `buffer` is a TfLiteDelegateParams; the node's tensors and options
+// were saved by DelegatePrepare right before this synchronous call.
+void* DelegateKernelInit(N2uqTfLiteContext* ctx, const char* buffer, size_t) {
+  const auto* params = reinterpret_cast<const N2uqTfLiteDelegateParams*>(buffer);
+  const DelegateData* d = params && params->delegate ? static_cast<const DelegateData*>(params->delegate->data_)
+                                                     : nullptr;
+  if (d == nullptr || d->pending == nullptr) {
+    Kernel* k = new Kernel;
+    k->init_error = "delegate kernel created without a claimed node";
+    return k;
+  }
+  const ClaimedNode& node = *d->pending;
+  Kernel* k = NewKernel(node.kind, node.options.data(), node.options.size());
+  k->delegated = true;
+  k->delegate = params->delegate;
+  k->settings = d->settings;
+  k->node_index = node.node_index;
+  k->inputs = node.inputs;
+  k->outputs = node.outputs;
+  RegisterProfile(k, ctx);
+  return k;
+}
+
+template <int Kind>
+void* ResolverKernelInit(N2uqTfLiteContext*, const char* buffer, size_t length) {
+  return NewKernel(Kind, reinterpret_cast<const uint8_t*>(buffer), length);
+}
+
+void KernelFree(N2uqTfLiteContext*, void* buffer) {
+  Kernel* k = static_cast<Kernel*>(buffer);
+  if (k == nullptr) return;
+  if (k->profile) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (size_t i = 0; i < g_profiles.size(); ++i)
+      if (g_profiles[i] == k->profile) {
+        g_profiles.erase(g_profiles.begin() + i);
+        break;
+      }
+  }
+  delete k;
+}
+
+// ----------------------------------------------------------------- tensor checks
+
+struct Io {
+  std::vector<int> inputs, outputs;
+};
+
+bool GetIo(const Kernel* k, const N2uqTfLiteNode* node, Io* io, std::string* err) {
+  if (k->delegated) {
+    io->inputs = k->inputs;
+    io->outputs = k->outputs;
+    return true;
+  }
+  if (node->inputs == nullptr || node->outputs == nullptr) {
+    *err = "node has no input or output list";
+    return false;
+  }
+  io->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
+  io->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  return true;
+}
+
+int ExpectedInputs(int kind) { return kind == kQuantizePack || kind == kQuantize ? 2 : 4; }
+
+const char* TypeName(int type) {
+  switch (type) {
+    case kN2uqTfLiteFloat32: return "float32";
+    case kN2uqTfLiteInt32: return "int32";
+    case kN2uqTfLiteUInt8: return "uint8";
+    case kN2uqTfLiteInt64: return "int64";
+    default: return "another type";
+  }
+}
+
+size_t TypeSize(int type) {
+  switch (type) {
+    case kN2uqTfLiteFloat32: case kN2uqTfLiteInt32: return 4;
+    case kN2uqTfLiteUInt8: return 1;
+    case kN2uqTfLiteInt64: return 8;
+    default: return 0;
+  }
+}
+
+std::string DimsString(const N2uqTfLiteIntArray* dims) {
+  std::string s = "[";
+  for (int i = 0; dims && i < dims->size; ++i) s += (i ? ", " : "") + std::to_string(dims->data[i]);
+  return s + "]";
+}
+
+// Looks up tensor `index` (the `what` of the op) and checks its type and byte count.
+N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const char* what, std::string* err) {
+  if (index < 0 || static_cast<size_t>(index) >= ctx->tensors_size) {
+    *err = std::string(what) + ": tensor index " + std::to_string(index) + " is missing or out of range";
+    return nullptr;
+  }
+  N2uqTfLiteTensor* t = &ctx->tensors[index];
+  if (t->type != type) {
+    *err = std::string(what) + " '" + TensorName(ctx, index) + "' must be " + TypeName(type) + ", got " +
+           TypeName(t->type) + " (type " + std::to_string(t->type) + ")";
+    return nullptr;
+  }
+  if (t->dims == nullptr || t->dims->size < 0 || t->dims->size > 16) {
+    *err = std::string(what) + " has no valid shape";
+    return nullptr;
+  }
+  return t;
+}
+
+bool NumElements(const N2uqTfLiteTensor* t, int64_t* count) {
+  int64_t n = 1;
+  for (int i = 0; i < t->dims->size; ++i)
+    if (t->dims->data[i] < 0 || !CheckedMul(n, t->dims->data[i], &n)) return false;
+  *count = n;
+  return true;
+}
+
+// Input checks that need the data: byte count matches the shape (a truncated buffer never
+// reaches the core) and, when `need_data`, the data is there.
+bool CheckBytes(const N2uqTfLiteContext* ctx, const N2uqTfLiteTensor* t, const char* what, bool need_data,
+                std::string* err) {
+  int64_t n, bytes;
+  if (!NumElements(t, &n) || !CheckedMul(n, int64_t(TypeSize(t->type)), &bytes)) {
+    *err = std::string(what) + " has an invalid shape " + DimsString(t->dims);
+    return false;
+  }
+  if (t->bytes != static_cast<size_t>(bytes)) {
+    *err = std::string(what) + " '" + (t->name ? t->name : "?") + "' holds " + std::to_string(t->bytes) +
+           " bytes but its shape " + DimsString(t->dims) + " needs " + std::to_string(bytes);
+    return false;
+  }
+  if (need_data && t->data == nullptr && bytes > 0) {
+    *err = std::string(what) + " '" + (t->name ? t->name : "?") + "' must be a constant tensor (no data at prepare)";
+    return false;
+  }
+  (void)ctx;
+  return true;
+}
+
+bool CheckCount(const N2uqTfLiteTensor* t, int64_t expected, const char* what, std::string* err) {
+  int64_t n;
+  if (!NumElements(t, &n) || n != expected) {
+    *err = std::string(what) + " has shape " + DimsString(t->dims) + " but needs " + std::to_string(expected) +
+           " elements";
+    return false;
+  }
+  return true;
+}
+
+bool Resize(N2uqTfLiteContext* ctx, N2uqTfLiteTensor* out, const std::vector<int64_t>& dims, std::string* err) {
+  bool same = out->dims != nullptr && out->dims->size == int(dims.size());
+  for (size_t i = 0; same && i < dims.size(); ++i) same = out->dims->data[i] == dims[i];
+  if (same && out->bytes > 0) return true;
+  for (int64_t d : dims)
+    if (d < 0 || d > INT32_MAX) {
+      *err = "output dimension out of range";
+      return false;
+    }
+  // The interpreter takes ownership and releases it with free(), as TfLiteIntArrayFree does.
+  auto* array = static_cast<N2uqTfLiteIntArray*>(malloc(sizeof(int) * (1 + dims.size())));
+  if (array == nullptr) {
+    *err = "out of memory";
+    return false;
+  }
+  array->size = int(dims.size());
+  for (size_t i = 0; i < dims.size(); ++i) array->data[i] = int(dims[i]);
+  if (ctx->ResizeTensor == nullptr || ctx->ResizeTensor(ctx, out, array) != kN2uqTfLiteOk) {
+    *err = "resizing the output to " + DimsString(array) + " failed";
+    return false;
+  }
+  return true;
+}
+
+// Weight bitstream -> codes: code j occupies stream bits j*bits .. j*bits+bits-1, LSB first.
+void UnpackStream(const uint8_t* stream, int64_t count, int bits, uint8_t* codes) {
+  for (int64_t j = 0; j < count; ++j) {
+    unsigned code = 0;
+    for (int b = 0; b < bits; ++b) {
+      const int64_t t = j * bits + b;
+      code |= ((stream[t >> 3] >> (t & 7)) & 1u) << b;
+    }
+    codes[j] = uint8_t(code);
+  }
+}
+
+bool PrepareWeights(Kernel* k, const N2uqTfLiteTensor* w, int64_t count, int bits, int64_t positions,
+                    int32_t channels, std::string* err) {
+  int64_t stream_bits, bytes;
+  if (!CheckedMul(count, bits, &stream_bits)) {
+    *err = "weight count overflows";
+    return false;
+  }
+  bytes = (stream_bits + 7) / 8;
+  if (!CheckCount(w, bytes, "weight bitstream", err)) {
+    *err += " (ceil(" + std::to_string(count) + " codes * " + std::to_string(bits) + " bits / 8))";
+    return false;
+  }
+  if (k->weights_ready) return true;  // constant: unpacked once
+  std::vector<uint8_t> codes(static_cast<size_t>(count));
+  UnpackStream(static_cast<const uint8_t*>(w->data), count, bits, codes.data());
+  if (k->kind == kDepthwise) {
+    k->weight_codes.swap(codes);
+  } else {
+    const int64_t words = (channels + 63) / 64;
+    k->packed_weights.assign(static_cast<size_t>(positions * bits * words), 0);
+    char msg[256] = {0};
+    if (n2uq_pack_bitplanes(codes.data(), count, positions, channels, bits, k->packed_weights.data(),
+                            int64_t(k->packed_weights.size()), msg, sizeof(msg)) != N2UQ_OK) {
+      *err = std::string("packing the weights failed: ") + msg;
+      return false;
+    }
+  }
+  k->weights_ready = true;
+  return true;
+}
+
+bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
+  const int want = ExpectedInputs(k->kind);
+  if (int(io.inputs.size()) != want || io.outputs.size() != 1) {
+    *err = "expects " + std::to_string(want) + " inputs and 1 output, got " + std::to_string(io.inputs.size()) +
+           " and " + std::to_string(io.outputs.size());
+    return false;
+  }
+  switch (k->kind) {
+    case kQuantizePack:
+    case kQuantize: {
+      N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteFloat32, "input", err);
+      if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+      N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[1], kN2uqTfLiteFloat32, "thresholds", err);
+      if (!t || !CheckBytes(ctx, t, "thresholds", false, err) ||
+          !CheckCount(t, (1 << k->bits) - 1, "thresholds", err))
+        return false;
+      const int rank = x->dims->size;
+      if (rank < 1 || x->dims->data[rank - 1] != k->channels) {
+        *err = "input shape " + DimsString(x->dims) + " must end in channels = " + std::to_string(k->channels);
+        return false;
+      }
+      int64_t n = 0;
+      NumElements(x, &n);
+      k->positions = n / k->channels;
+      const bool pack = k->kind == kQuantizePack;
+      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], pack ? kN2uqTfLiteInt64 : kN2uqTfLiteUInt8, "output",
+                                        err);
+      if (!out) return false;
+      std::vector<int64_t> dims(x->dims->data, x->dims->data + rank);
+      if (pack) {
+        dims.back() = k->bits;
+        dims.push_back((k->channels + 63) / 64);
+      }
+      return Resize(ctx, out, dims, err);
+    }
+    case kConv2D:
+    case kDepthwise: {
+      N2uqConvShape& s = k->conv;
+      const bool dw = k->kind == kDepthwise;
+      N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], dw ? kN2uqTfLiteUInt8 : kN2uqTfLiteInt64, "input", err);
+      if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+      const int words = (s.in_channels + 63) / 64;
+      const N2uqTfLiteIntArray* d = x->dims;
+      if (dw ? (d->size != 4 || d->data[3] != s.in_channels)
+             : (d->size != 5 || d->data[3] != s.act_bits || d->data[4] != words)) {
+        *err = "input shape " + DimsString(d) + " must be " +
+               (dw ? "[N, H, W, " + std::to_string(s.in_channels) + "]"
+                   : "[N, H, W, act_bits=" + std::to_string(s.act_bits) + ", ceil(in_channels/64)=" +
+                         std::to_string(words) + "]");
+        return false;
+      }
+      s.batch = d->data[0];
+      s.in_height = d->data[1];
+      s.in_width = d->data[2];
+      int32_t oh = 0, ow = 0;
+      char msg[256] = {0};
+      if (n2uq_conv2d_output_size(&s, &oh, &ow, msg, sizeof(msg)) != N2UQ_OK) {
+        *err = msg;
+        return false;
+      }
+      N2uqTfLiteTensor* w = GetTensor(ctx, io.inputs[1], kN2uqTfLiteUInt8, "weight bitstream", err);
+      if (!w || !CheckBytes(ctx, w, "weight bitstream", true, err)) return false;
+      int64_t positions = int64_t(s.kernel_height) * s.kernel_width;  // depthwise: codes [KH][KW][C*M]
+      int64_t count;
+      if (!dw) positions *= s.out_channels;
+      if (!CheckedMul(positions, dw ? s.out_channels : s.in_channels, &count)) {
+        *err = "weight count overflows";
+        return false;
+      }
+      if (!PrepareWeights(k, w, count, s.weight_bits, positions, s.in_channels, err)) return false;
+      for (int i = 2; i < 4; ++i) {
+        const char* what = i == 2 ? "multiplier" : "bias";
+        N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
+        if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, s.out_channels, what, err)) return false;
+      }
+      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], kN2uqTfLiteFloat32, "output", err);
+      return out && Resize(ctx, out, {s.batch, oh, ow, s.out_channels}, err);
+    }
+    case kFullyConnected: {
+      N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteInt64, "input", err);
+      if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+      const int words = (k->in_features + 63) / 64;
+      const N2uqTfLiteIntArray* d = x->dims;
+      if (d->size < 3 || d->data[d->size - 2] != k->act_bits || d->data[d->size - 1] != words) {
+        *err = "input shape " + DimsString(d) + " must be [..., act_bits=" + std::to_string(k->act_bits) +
+               ", ceil(in_features/64)=" + std::to_string(words) + "]";
+        return false;
+      }
+      int64_t batch = 1;
+      for (int i = 0; i < d->size - 2; ++i) batch *= d->data[i];  // bounded by the checked byte count
+      if (batch > INT32_MAX) {
+        *err = "batch too large";
+        return false;
+      }
+      k->positions = batch;
+      N2uqTfLiteTensor* w = GetTensor(ctx, io.inputs[1], kN2uqTfLiteUInt8, "weight bitstream", err);
+      if (!w || !CheckBytes(ctx, w, "weight bitstream", true, err)) return false;
+      if (!PrepareWeights(k, w, int64_t(k->out_features) * k->in_features, k->weight_bits, k->out_features,
+                          k->in_features, err))
+        return false;
+      for (int i = 2; i < 4; ++i) {
+        const char* what = i == 2 ? "multiplier" : "bias";
+        N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
+        if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, k->out_features, what, err)) return false;
+      }
+      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], kN2uqTfLiteFloat32, "output", err);
+      if (!out) return false;
+      std::vector<int64_t> dims(d->data, d->data + d->size - 2);
+      dims.push_back(k->out_features);
+      return Resize(ctx, out, dims, err);
+    }
+  }
+  *err = "unknown op";
+  return false;
+}
+
+int KernelPrepare(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
+  Kernel* k = static_cast<Kernel*>(node->user_data);
+  if (k == nullptr) return Report(ctx, nullptr, "kernel state is missing");
+  if (!k->init_error.empty()) return Report(ctx, k, k->init_error);
+  Io io;
+  std::string err;
+  if (!GetIo(k, node, &io, &err) || !PrepareImpl(ctx, k, io, &err)) return Report(ctx, k, err);
+  return kN2uqTfLiteOk;
+}
+
+int Threads(const Kernel* k, const N2uqTfLiteContext* ctx) {
+  int n = k->settings.num_threads > 0 ? k->settings.num_threads : ctx->recommended_num_threads;
+  if (n < 1) n = 1;
+  return n > N2UQ_MAX_THREADS ? N2UQ_MAX_THREADS : n;
+}
+
+bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
+  // Shapes were validated in prepare; re-check the data pointers and sizes cheaply, because
+  // a caller may have resized an input without re-preparing.
+  if (int(io.inputs.size()) != ExpectedInputs(k->kind) || io.outputs.size() != 1) {
+    *err = "tensor lists changed after prepare";
+    return false;
+  }
+  for (int idx : io.inputs)
+    if (idx < 0 || static_cast<size_t>(idx) >= ctx->tensors_size || ctx->tensors[idx].data == nullptr) {
+      *err = "an input tensor has no data";
+      return false;
+    }
+  const int out_idx = io.outputs[0];
+  if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr) {
+    *err = "the output tensor has no data";
+    return false;
+  }
+  N2uqTfLiteTensor* t = ctx->tensors;
+  const N2uqTfLiteTensor& x = t[io.inputs[0]];
+  N2uqTfLiteTensor& out = t[out_idx];
+  const int threads = Threads(k, ctx);
+  const int isa = k->settings.isa;
+  int status = N2UQ_ERR_INTERNAL;
+  switch (k->kind) {
+    case kQuantizePack:
+    case kQuantize: {
+      const N2uqTfLiteTensor& thr = t[io.inputs[1]];
+      const int64_t x_len = int64_t(x.bytes / 4);
+      const int32_t n_thr = int32_t(thr.bytes / 4);
+      if (k->kind == kQuantizePack)
+        status = n2uq_quantize_and_pack(static_cast<const float*>(x.data), x_len, x_len / k->channels, k->channels,
+                                        static_cast<const float*>(thr.data), n_thr, k->beta1, k->bits,
+                                        static_cast<uint64_t*>(out.data), int64_t(out.bytes / 8), isa, threads, msg,
+                                        msg_len);
+      else
+        status = n2uq_quantize_codes(static_cast<const float*>(x.data), x_len, static_cast<const float*>(thr.data),
+                                     n_thr, k->beta1, k->bits, static_cast<uint8_t*>(out.data), int64_t(out.bytes),
+                                     isa, threads, msg, msg_len);
+      break;
+    }
+    case kConv2D:
+    case kDepthwise: {
+      const N2uqTfLiteTensor& mult = t[io.inputs[2]];
+      const N2uqTfLiteTensor& bias = t[io.inputs[3]];
+      const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
+      if (k->kind == kConv2D)
+        status = n2uq_conv2d_bitserial(&k->conv, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
+                                       k->packed_weights.data(), int64_t(k->packed_weights.size()),
+                                       static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
+                                       channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
+                                       isa, threads, msg, msg_len);
+      else
+        status = n2uq_depthwise_conv2d(&k->conv, static_cast<const uint8_t*>(x.data), int64_t(x.bytes),
+                                       k->weight_codes.data(), int64_t(k->weight_codes.size()),
+                                       static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
+                                       channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
+                                       isa, threads, msg, msg_len);
+      break;
+    }
+    case kFullyConnected: {
+      const N2uqTfLiteTensor& mult = t[io.inputs[2]];
+      const N2uqTfLiteTensor& bias = t[io.inputs[3]];
+      const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
+      status = n2uq_fully_connected(int32_t(k->positions), k->in_features, k->out_features, k->act_bits,
+                                    k->weight_bits, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
+                                    k->packed_weights.data(), int64_t(k->packed_weights.size()),
+                                    static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
+                                    channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
+                                    isa, threads, msg, msg_len);
+      break;
+    }
+  }
+  if (status != N2UQ_OK) {
+    *err = std::string("kernel failed: ") + (msg[0] ? msg : "unknown error");
+    return false;
+  }
+  return true;
+}
+
+int KernelInvoke(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
+  Kernel* k = static_cast<Kernel*>(node->user_data);
+  if (k == nullptr) return Report(ctx, nullptr, "kernel state is missing");
+  if (!k->init_error.empty()) return Report(ctx, k, k->init_error);
+  const auto start = std::chrono::steady_clock::now();
+  Io io;
+  std::string err;
+  char msg[512] = {0};
+  if (!GetIo(k, node, &io, &err) || !InvokeImpl(ctx, k, io, msg, sizeof(msg), &err)) return Report(ctx, k, err);
+  if (k->profile) {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
+    k->profile->invocations.fetch_add(1, std::memory_order_relaxed);
+    k->profile->nanoseconds.fetch_add(uint64_t(ns.count()), std::memory_order_relaxed);
+  }
+  return kN2uqTfLiteOk;
+}
+
+const char* KernelProfilingString(const N2uqTfLiteContext*, const N2uqTfLiteNode* node) {
+  const Kernel* k = node ? static_cast<const Kernel*>(node->user_data) : nullptr;
+  return k ? k->label.c_str() : "N2UQ";
+}
+
+N2uqTfLiteRegistration DelegateKernelRegistration() {
+  N2uqTfLiteRegistration r;
+  memset(&r, 0, sizeof(r));  // registration_external, async_kernel etc. must be NULL
+  r.init = DelegateKernelInit;
+  r.free = KernelFree;
+  r.prepare = KernelPrepare;
+  r.invoke = KernelInvoke;
+  r.profiling_string = KernelProfilingString;
+  r.builtin_code = kBuiltinDelegate;
+  r.custom_name = "N2UQDelegate";
+  r.version = 1;
+  return r;
+}
+
+// ----------------------------------------------------------------- delegate
+
+void RecordAbiProbe(N2uqTfLiteContext* ctx, const N2uqTfLiteIntArray* plan) {
+  std::string s = "tensors_size " + std::to_string(ctx->tensors_size) + "\n";
+  s += "recommended_num_threads " + std::to_string(ctx->recommended_num_threads) + "\n";
+  for (size_t i = 0; i < ctx->tensors_size; ++i) {
+    const N2uqTfLiteTensor& t = ctx->tensors[i];
+    s += "tensor " + std::to_string(i) + " type " + std::to_string(t.type) + " bytes " + std::to_string(t.bytes) +
+         " alloc " + std::to_string(t.allocation_type) + " const_data " +
+         std::to_string(t.allocation_type == kN2uqTfLiteMmapRo && t.data != nullptr) + " name " +
+         (t.name ? t.name : "") + " dims";
+    for (int d = 0; t.dims && d < t.dims->size; ++d) s += " " + std::to_string(t.dims->data[d]);
+    s += "\n";
+  }
+  for (int i = 0; i < plan->size; ++i) {
+    N2uqTfLiteNode* node = nullptr;
+    N2uqTfLiteRegistration* reg = nullptr;
+    if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kN2uqTfLiteOk) continue;
+    s += "node " + std::to_string(plan->data[i]) + " builtin " + std::to_string(reg->builtin_code) + " custom " +
+         (reg->custom_name ? reg->custom_name : "-") + " options " + std::to_string(node->custom_initial_data_size) +
+         " inputs";
+    for (int j = 0; node->inputs && j < node->inputs->size; ++j) s += " " + std::to_string(node->inputs->data[j]);
+    s += " outputs";
+    for (int j = 0; node->outputs && j < node->outputs->size; ++j) s += " " + std::to_string(node->outputs->data[j]);
+    s += "\n";
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_abi_probe = s;
+}
+
+int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
+  auto* d = static_cast<DelegateData*>(delegate->data_);
+  N2uqTfLiteIntArray* plan = nullptr;
+  if (ctx->GetExecutionPlan(ctx, &plan) != kN2uqTfLiteOk || plan == nullptr) {
+    ctx->ReportError(ctx, "%s", "n2uq delegate: cannot read the execution plan");
+    return kN2uqTfLiteDelegateError;
+  }
+  if (d->settings.abi_probe) RecordAbiProbe(ctx, plan);
+  // Collect first: replacing nodes rebuilds the execution plan `plan` points into.
+  std::vector<ClaimedNode> claims;
+  for (int i = 0; i < plan->size; ++i) {
+    N2uqTfLiteNode* node = nullptr;
+    N2uqTfLiteRegistration* reg = nullptr;
+    if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kN2uqTfLiteOk || !node || !reg) continue;
+    if (reg->builtin_code != kN2uqTfLiteBuiltinCustom) continue;
+    const int kind = OpKindOf(reg->custom_name);
+    if (kind < 0) continue;
+    ClaimedNode c;
+    c.kind = kind;
+    c.node_index = plan->data[i];
+    if (node->inputs) c.inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
+    if (node->outputs) c.outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+    if (node->custom_initial_data && node->custom_initial_data_size > 0) {
+      const auto* p = static_cast<const uint8_t*>(node->custom_initial_data);
+      c.options.assign(p, p + node->custom_initial_data_size);
+    }
+    claims.push_back(std::move(c));
+  }
+  const N2uqTfLiteRegistration reg = DelegateKernelRegistration();
+  struct { int size; int data[1]; } one;  // a TfLiteIntArray of one node
+  for (const ClaimedNode& c : claims) {
+    one.size = 1;
+    one.data[0] = c.node_index;
+    d->pending = &c;  // read by DelegateKernelInit, which the call below runs synchronously
+    const int status = ctx->ReplaceNodeSubsetsWithDelegateKernels(
+        ctx, reg, reinterpret_cast<const N2uqTfLiteIntArray*>(&one), delegate);
+    d->pending = nullptr;
+    if (status != kN2uqTfLiteOk) return status;
+  }
+  return kN2uqTfLiteOk;
+}
+
+bool ParseSetting(Settings* s, const char* key, const char* value, std::string* err) {
+  const std::string k = key ? key : "", v = value ? value : "";
+  if (k == "num_threads") {
+    char* end = nullptr;
+    const long n = strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end != 0 || n < 0 || n > N2UQ_MAX_THREADS) {
+      *err = "num_threads must be an integer in 0.." + std::to_string(N2UQ_MAX_THREADS) + " (0: the interpreter's)";
+      return false;
+    }
+    s->num_threads = int(n);
+    return true;
+  }
+  if (k == "isa") {
+    static const char* const names[] = {"auto", "portable", "avx2", "avx512", "neon"};
+    for (int i = 0; i < 5; ++i)
+      if (v == names[i]) {
+        char msg[256] = {0};
+        const int resolved = n2uq_resolve_isa(i, msg, sizeof(msg));
+        if (resolved < 0) {
+          *err = std::string("isa '") + v + "': " + msg;
+          return false;
+        }
+        s->isa = i;
+        return true;
+      }
+    *err = "isa must be auto, portable, avx2, avx512 or neon, got '" + v + "'";
+    return false;
+  }
+  if (k == "abi_probe") {
+    s->abi_probe = v == "1" || v == "true" || v == "True";
+    return true;
+  }
+  *err = "unknown option '" + k + "' (known: num_threads, isa, abi_probe)";
+  return false;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------- exported C API
+
+N2UQ_EXPORT N2uqTfLiteDelegate* n2uq_delegate_create(const char* const* keys, const char* const* values,
+                                                     size_t count, char* err, size_t err_len) {
+  Settings settings;
+  std::string error;
+  for (size_t i = 0; i < count; ++i)
+    if (!ParseSetting(&settings, keys ? keys[i] : nullptr, values ? values[i] : nullptr, &error)) {
+      if (err && err_len) snprintf(err, err_len, "n2uq delegate: %s", error.c_str());
+      return nullptr;
+    }
+  auto* d = new DelegateData;
+  d->settings = settings;
+  auto* delegate = new N2uqTfLiteDelegate;
+  memset(delegate, 0, sizeof(*delegate));
+  delegate->data_ = d;
+  delegate->Prepare = DelegatePrepare;
+  delegate->flags = kN2uqTfLiteDelegateFlagsAllowDynamicTensors;
+  return delegate;
+}
+
+N2UQ_EXPORT void n2uq_delegate_delete(N2uqTfLiteDelegate* delegate) {
+  if (delegate == nullptr) return;
+  delete static_cast<DelegateData*>(delegate->data_);
+  delete delegate;
+}
+
+// External-delegate plugin ABI. `count` is read as 32 bits: Python's loader passes a C int.
+N2UQ_EXPORT N2uqTfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values, size_t count,
+                                                              void (*report_error)(const char*)) {
+  char err[512] = {0};
+  N2uqTfLiteDelegate* delegate = n2uq_delegate_create(keys, values, size_t(uint32_t(count)), err, sizeof(err));
+  if (delegate == nullptr && report_error) report_error(err);
+  return delegate;
+}
+
+N2UQ_EXPORT void tflite_plugin_destroy_delegate(N2uqTfLiteDelegate* delegate) { n2uq_delegate_delete(delegate); }
+
+// Op-resolver route: registrations for MutableOpResolver::AddCustom(name, registration).
+N2UQ_EXPORT int n2uq_tflite_op_count(void) { return kNumOps; }
+
+N2UQ_EXPORT const char* n2uq_tflite_op_name(int index) {
+  return index >= 0 && index < kNumOps ? kOpNames[index] : nullptr;
+}
+
+N2UQ_EXPORT const N2uqTfLiteRegistration* n2uq_tflite_registration(const char* op_name) {
+  static N2uqTfLiteRegistration regs[kNumOps];
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* (*inits[kNumOps])(N2uqTfLiteContext*, const char*, size_t) = {
+        ResolverKernelInit<kQuantizePack>, ResolverKernelInit<kQuantize>, ResolverKernelInit<kConv2D>,
+        ResolverKernelInit<kDepthwise>, ResolverKernelInit<kFullyConnected>};
+    for (int i = 0; i < kNumOps; ++i) {
+      memset(&regs[i], 0, sizeof(regs[i]));
+      regs[i].init = inits[i];
+      regs[i].free = KernelFree;
+      regs[i].prepare = KernelPrepare;
+      regs[i].invoke = KernelInvoke;
+      regs[i].profiling_string = KernelProfilingString;
+      regs[i].builtin_code = kN2uqTfLiteBuiltinCustom;
+      regs[i].custom_name = kOpNames[i];
+      regs[i].version = 1;
+    }
+  });
+  const int kind = OpKindOf(op_name);
+  return kind >= 0 ? &regs[kind] : nullptr;
+}
+
+N2UQ_EXPORT int n2uq_delegate_abi_version(void) { return 1; }
+
+// Per-op timing of delegate kernels (steady clock around each invoke), for benchmarks.
+N2UQ_EXPORT int n2uq_delegate_profile_count(void) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return int(g_profiles.size());
+}
+
+N2UQ_EXPORT int n2uq_delegate_profile_entry(int index, const void** delegate, char* op, size_t op_len, char* name,
+                                            size_t name_len, int* node_index, uint64_t* invocations,
+                                            uint64_t* nanoseconds) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (index < 0 || size_t(index) >= g_profiles.size()) return -1;
+  const ProfileEntry& e = *g_profiles[index];
+  if (delegate) *delegate = e.delegate;
+  if (op && op_len) snprintf(op, op_len, "%s", kOpNames[e.op]);
+  if (name && name_len) snprintf(name, name_len, "%s", e.output_name.c_str());
+  if (node_index) *node_index = e.node_index;
+  if (invocations) *invocations = e.invocations.load();
+  if (nanoseconds) *nanoseconds = e.nanoseconds.load();
+  return 0;
+}
+
+N2UQ_EXPORT void n2uq_delegate_profile_reset(void) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto& e : g_profiles) {
+    e->invocations = 0;
+    e->nanoseconds = 0;
+  }
+}
+
+// ABI self-test: the tensor and node table the last delegate with abi_probe=1 saw in its
+// Prepare, as text. Returns the full length (copies at most out_len - 1 bytes).
+N2UQ_EXPORT size_t n2uq_delegate_abi_probe(char* out, size_t out_len) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (out && out_len) snprintf(out, out_len, "%s", g_abi_probe.c_str());
+  return g_abi_probe.size();
+}
