@@ -29,7 +29,8 @@ import n2uq_tf  # noqa: E402
 from n2uq_tf import data, models  # noqa: E402
 
 IMAGE_SIZE = 16  # digits are 8x8; 16x16 keeps three ResNet stages meaningful and the demo fast
-WIDTH = 8        # half the usual ResNet-20 width: enough for 10 digit classes
+WIDTH = 16       # the standard ResNet-20 width
+BATCH = 32       # small batches: more steps on a small dataset
 
 
 def train_teacher(train, test, epochs, steps):
@@ -44,7 +45,7 @@ def train_teacher(train, test, epochs, steps):
 def distil_student(teacher, train, test, bits, epochs, steps, learn_thresholds):
     student = models.quantize(teacher, bits, learn_thresholds=learn_thresholds)  # float weights copied
     distiller = n2uq_tf.DistillationModel(student, teacher)  # temperature 1, pure distillation
-    distiller.compile(n2uq_tf.paper_optimizer(2e-3, epochs=epochs, steps_per_epoch=steps),
+    distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=epochs, steps_per_epoch=steps),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     distiller.fit(train, epochs=epochs, verbose=0)
     return student, distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
@@ -60,13 +61,13 @@ def main():
 
     keras.utils.set_random_seed(args.seed)
     start = time.perf_counter()
-    batch = 64
+    batch = BATCH
     train = data.load_dataset("digits", "train", batch_size=batch, image_size=IMAGE_SIZE, seed=args.seed)
     test = data.load_dataset("digits", "test", batch_size=256, image_size=IMAGE_SIZE)
     info = data.dataset_info("digits")
     steps = info.splits["train"] // batch  # training batches drop the remainder
 
-    print(f"1/3 float teacher: ResNet-20 (width {WIDTH}) on {IMAGE_SIZE}x{IMAGE_SIZE} digits, {args.epochs} epochs")
+    print(f"1/3 float teacher: ResNet-20 on {IMAGE_SIZE}x{IMAGE_SIZE} digits, {args.epochs} epochs")
     teacher, float_acc = train_teacher(train, test, args.epochs, steps)
     print(f"2/3 N2UQ W{args.bits}A{args.bits} student, learned thresholds (distillation)")
     student, n2uq_acc = distil_student(teacher, train, test, args.bits, args.epochs, steps, True)
@@ -85,11 +86,15 @@ def main():
     b = args.bits
     print(f"\nsklearn digits, {info.splits['train']} train / {info.splits['test']} test images, "
           f"{time.perf_counter() - start:.0f} s\n")
-    print("| model                                   | test accuracy |")
-    print("|-----------------------------------------|---------------|")
-    print(f"| float32 teacher                         | {100 * float_acc:12.1f}% |")
-    print(f"| N2UQ W{b}A{b} (learned thresholds, G-STE)  | {100 * n2uq_acc:12.1f}% |")
-    print(f"| W{b}A{b} uniform thresholds (STE baseline) | {100 * uniform_acc:12.1f}% |\n")
+    rows = [("float32 teacher", float_acc),
+            (f"N2UQ W{b}A{b} (learned thresholds, G-STE)", n2uq_acc),
+            (f"W{b}A{b} uniform thresholds (STE baseline)", uniform_acc)]
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'model'.ljust(width)} | test accuracy |")
+    print(f"|{'-' * (width + 2)}|---------------|")
+    for name, accuracy in rows:
+        print(f"| {name.ljust(width)} | {100 * accuracy:12.1f}% |")
+    print()
     print(n2uq_tf.quantization_report(student))
     print(f"\nstudent saved to {os.path.join(args.output, 'student.keras')}"
           + (f"; plots: {', '.join(written)}" if written else ""))

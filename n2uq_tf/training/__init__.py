@@ -6,6 +6,7 @@
     model.fit(dataset, epochs=E)
 """
 
+from n2uq_tf.training.callbacks import QuantizerTensorBoard
 from n2uq_tf.training.distillation import DistillationModel, distillation_loss
 from n2uq_tf.training.optimizer import (PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, N2UQAdam,
                                         is_quantizer_variable, paper_optimizer)
@@ -18,7 +19,7 @@ def custom_objects():
 
 
 __all__ = [
-    "DistillationModel", "LinearEpochDecay", "N2UQAdam", "PAPER_BATCH_SIZE", "PAPER_EPOCHS",
+    "DistillationModel", "LinearEpochDecay", "N2UQAdam", "QuantizerTensorBoard", "PAPER_BATCH_SIZE", "PAPER_EPOCHS",
     "PAPER_LEARNING_RATE", "custom_objects", "distillation_loss", "is_quantizer_variable",
     "linear_epoch_decay", "paper_optimizer",
 ]
