@@ -1,0 +1,434 @@
+"""The N2UQ TFLite delegate plugin (tflite_tools/tflite via n2uq_tf.tflite).
+
+Models are built from the op contract's tf.functions (n2uq_tf.export.custom_ops) and converted
+with allow_custom_ops; the delegate's outputs in tf.lite and ai_edge_litert must equal the
+reference bodies run in TensorFlow bit for bit, for 1 and 2 threads. Malformed models run in
+a subprocess so that a crash fails the test instead of killing pytest. The C++ self-test
+(FlexBuffer fuzzing, kernels under a fake context) runs under AddressSanitizer + UBSan.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from flatbuffers import flexbuffers
+from tensorflow.lite.tools import flatbuffer_utils
+
+import n2uq_tf.tflite as n2tfl
+from n2uq_tf.export import custom_ops as co
+from n2uq_tf.tflite import _core, _delegate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN_DIR = os.path.join(ROOT, "tflite_tools", "tflite")
+CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
+BACKENDS = ("tflite", "litert")
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+# ------------------------------------------------------------------ model builders
+
+def thresholds(rng, bits):
+    return np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
+
+
+def conv_block(rng, x, *, cin, cout, k, strides, dilations, pads, ab, wb, beta1=0.9):
+    packed = co.quantize_pack_fn(ab, cin, beta1)(x, tf.constant(thresholds(rng, ab)))
+    stream = co.pack_weight_codes(rng.integers(0, 2 ** wb, cout * k[0] * k[1] * cin), wb)
+    conv = co.conv2d_fn(in_channels=cin, out_channels=cout, kernel_size=k, strides=strides, dilations=dilations,
+                        paddings=pads, act_bits=ab, weight_bits=wb)
+    return conv(packed, tf.constant(stream), tf.constant(rng.uniform(0.01, 0.2, cout).astype(np.float32)),
+                tf.constant(rng.normal(size=cout).astype(np.float32)))
+
+
+def depthwise_block(rng, x, *, c, mult, k, strides, dilations, pads, ab, wb):
+    codes = co.quantize_pack_fn(ab, c, 1.1, pack=False)(x, tf.constant(thresholds(rng, ab)))
+    stream = co.pack_weight_codes(rng.integers(0, 2 ** wb, k[0] * k[1] * c * mult), wb)
+    dw = co.depthwise_conv2d_fn(in_channels=c, depth_multiplier=mult, kernel_size=k, strides=strides,
+                                dilations=dilations, paddings=pads, act_bits=ab, weight_bits=wb)
+    return dw(codes, tf.constant(stream), tf.constant(rng.uniform(0.01, 0.2, c * mult).astype(np.float32)),
+              tf.constant(rng.normal(size=c * mult).astype(np.float32)))
+
+
+def fc_block(rng, x, *, cin, cout, ab, wb):
+    packed = co.quantize_pack_fn(ab, cin, 1.0)(x, tf.constant(thresholds(rng, ab)))
+    stream = co.pack_weight_codes(rng.integers(0, 2 ** wb, cout * cin), wb)
+    fc = co.fully_connected_fn(in_features=cin, out_features=cout, act_bits=ab, weight_bits=wb)
+    return fc(packed, tf.constant(stream), tf.constant(rng.uniform(0.01, 0.2, cout).astype(np.float32)),
+              tf.constant(rng.normal(size=cout).astype(np.float32)))
+
+
+class ModelA(tf.Module):
+    """conv chain: odd channels 5 -> 65 -> 130 -> 1, strides, dilations, asymmetric pads, mixed bits, builtins."""
+
+    def __init__(self):
+        super().__init__()
+        self.seed = 1
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 11, 10, 5], tf.float32)])
+    def f(self, x):
+        rng = np.random.default_rng(self.seed)
+        y1 = conv_block(rng, x, cin=5, cout=65, k=(3, 3), strides=(2, 1), dilations=(1, 1), pads=((1, 0), (2, 1)),
+                        ab=2, wb=3)
+        h = tf.nn.relu(y1) * 0.25 - 0.1
+        y2 = conv_block(rng, h, cin=65, cout=130, k=(1, 3), strides=(1, 2), dilations=(1, 2), pads=((0, 0), (2, 2)),
+                        ab=1, wb=4, beta1=1.25)
+        y3 = conv_block(rng, y2 * 0.05, cin=130, cout=1, k=(2, 2), strides=(1, 1), dilations=(2, 1),
+                        pads=((1, 2), (0, 1)), ab=4, wb=1)
+        y4 = conv_block(rng, x, cin=5, cout=7, k=(3, 3), strides=(1, 1), dilations=(1, 1), pads=((1, 1), (1, 1)),
+                        ab=3, wb=2)
+        return y1, y2, y3, y4
+
+
+class ModelB(tf.Module):
+    """1-channel conv, depthwise with multiplier, fully connected after a builtin reshape."""
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 9, 9, 3], tf.float32)])
+    def f(self, x):
+        rng = np.random.default_rng(2)
+        y1 = conv_block(rng, x[..., :1], cin=1, cout=4, k=(3, 3), strides=(1, 1), dilations=(1, 1),
+                        pads=((1, 1), (1, 1)), ab=1, wb=1)
+        d1 = depthwise_block(rng, x, c=3, mult=2, k=(3, 3), strides=(2, 2), dilations=(1, 1), pads=((1, 1), (0, 1)),
+                             ab=2, wb=2)
+        d2 = depthwise_block(rng, tf.nn.relu(d1) * 0.1, c=6, mult=1, k=(3, 2), strides=(1, 1), dilations=(2, 1),
+                             pads=((2, 2), (1, 0)), ab=4, wb=3)
+        flat = tf.reshape(d2, [1, -1])
+        f1 = fc_block(rng, flat * 0.2, cin=int(flat.shape[-1]), cout=10, ab=3, wb=2)
+        f2 = fc_block(rng, tf.concat([f1, f1], -1) * 0.1, cin=20, cout=70, ab=1, wb=4)
+        return y1, d1, d2, f1, f2
+
+
+def convert(module):
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+    converter.allow_custom_ops = True
+    return converter.convert()
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, module in (("A", ModelA()), ("B", ModelB())):
+        spec = module.f.input_signature[0]
+        x = np.random.default_rng(7).normal(0.5, 0.8, spec.shape).astype(np.float32)
+        reference = [np.asarray(r) for r in module.f(tf.constant(x))]
+        out[name] = (convert(module), x, reference)
+    return out
+
+
+def run(content, x, backend, threads, **options):
+    interpreter = n2tfl.Interpreter(model_content=content, num_threads=threads, backend=backend,
+                                    delegate_options=options)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    # Outputs come back in an order of the converter's choosing: match by shape and values.
+    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def assert_same_outputs(outputs, reference):
+    assert len(outputs) == len(reference)
+    unmatched = list(reference)
+    for out in outputs:
+        for i, ref in enumerate(unmatched):
+            if ref.shape == out.shape and np.array_equal(ref, out):
+                unmatched.pop(i)
+                break
+        else:
+            shapes = [r.shape for r in unmatched]
+            close = [float(np.max(np.abs(r - out))) for r in unmatched if r.shape == out.shape]
+            raise AssertionError(f"output {out.shape} matches no reference (left: {shapes}, max diffs {close})")
+
+
+# ------------------------------------------------------------------ tests
+
+def test_op_names_mirror_the_contract():
+    assert n2tfl.N2UQ_OPS == co.ALL_OPS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_outputs_equal_tf_reference_bit_for_bit(models, name, backend):
+    content, x, reference = models[name]
+    assert set(n2tfl.model_n2uq_ops(model_content=content)) >= {"N2UQQuantizePack"}
+    results = {}
+    for threads in (1, 2):
+        results[threads] = run(content, x, backend, threads)
+        assert_same_outputs(results[threads], reference)
+    for a, b in zip(results[1], results[2]):
+        assert np.array_equal(a, b)
+
+
+def test_isa_option_and_thread_override(models):
+    content, x, reference = models["A"]
+    for isa in _core.supported_isas():
+        assert_same_outputs(run(content, x, "litert", 1, isa=isa, num_threads=3), reference)
+
+
+def test_batch_resize_reprepares(models):
+    content, x, _ = models["B"]
+    interpreter = n2tfl.Interpreter(model_content=content, backend="litert")
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    first = [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
+    interpreter.invoke()  # weights were unpacked once at prepare; a second invoke gives the same result
+    for a, d in zip(first, interpreter.get_output_details()):
+        assert np.array_equal(a, interpreter.get_tensor(d["index"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abi_self_test_against_live_interpreter(models, backend):
+    """What the plugin reads through tflite_abi.h in Prepare equals the interpreter's own view."""
+    content, x, _ = models["A"]
+    interpreter = n2tfl.Interpreter(model_content=content, num_threads=2, backend=backend,
+                                    delegate_options={"abi_probe": True})
+    probe = n2tfl.abi_probe_text().splitlines()
+    header = dict(line.split() for line in probe[:2])
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    assert int(header["recommended_num_threads"]) == 2
+    assert int(header["tensors_size"]) >= len(details) > 10
+    types = {1: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64}
+    seen = 0
+    for line in probe:
+        if not line.startswith("tensor "):
+            continue
+        fields = line.split()
+        index, type_id, nbytes = int(fields[1]), int(fields[3]), int(fields[5])
+        name = fields[fields.index("name") + 1] if fields[fields.index("name") + 1] != "dims" else ""
+        dims = [int(v) for v in fields[fields.index("dims") + 1:]]
+        if index not in details:
+            continue
+        d = details[index]
+        assert d["name"] == name
+        assert list(d["shape"]) == dims, (d, line)
+        assert types[type_id] == d["dtype"]
+        assert nbytes == int(np.prod(dims)) * np.dtype(d["dtype"]).itemsize
+        seen += 1
+    assert seen == len(details)
+    # Nodes: the custom ops with their option sizes and tensor lists as in the flatbuffer.
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    graph = model.subgraphs[0]
+    custom = [line.split() for line in probe if line.startswith("node ") and " custom N2UQ" in line]
+    flat_custom = [op for op in graph.operators if model.operatorCodes[op.opcodeIndex].customCode]
+    assert len(custom) == len(flat_custom) == 8
+    for fields, op in zip(custom, flat_custom):
+        assert fields[5] == model.operatorCodes[op.opcodeIndex].customCode.decode()
+        assert int(fields[7]) == len(op.customOptions)
+        inputs = [int(v) for v in fields[fields.index("inputs") + 1:fields.index("outputs")]]
+        assert inputs == list(op.inputs)
+
+
+def test_flexbuffer_reader_widths_and_indirect_values():
+    cases = []
+    for width in (1, 2, 4, 8):
+        fbb = flexbuffers.Builder()
+        with fbb.Map():
+            fbb.Int("small", -5, byte_width=width)
+            fbb.UInt("u", 200, byte_width=width)
+            fbb.Bool("flag", True)
+            if width >= 4:
+                fbb.Float("f", 0.1, byte_width=width)
+            fbb.Int("big", 70000 if width >= 4 else 100)
+            fbb.IndirectInt("ii", -(2 ** 40), byte_width=8)
+            fbb.IndirectUInt("iu", 65535, byte_width=2)
+            fbb.IndirectFloat("if", 2.5, byte_width=4)
+            fbb.IndirectFloat("id", 0.3, byte_width=8)
+            fbb.String("s", "text")
+        cases.append(fbb.Finish())
+    for buffer in cases:
+        parsed = n2tfl._delegate.flexbuffer_dump(buffer)
+        expected = flexbuffers.Loads(buffer)
+        assert set(parsed) == set(expected)
+        for key, value in expected.items():
+            kind, got = parsed[key]
+            if isinstance(value, str):
+                assert kind == "other"
+            elif isinstance(value, float):
+                assert kind == "float" and got == value
+            else:
+                assert got == int(value), key
+    for bad in (b"", b"\x00", b"\x01\x01", b"abc\x25\x01", cases[0][:-3] + b"\xff\x26\x01", cases[2][5:]):
+        with pytest.raises(ValueError, match="malformed custom options"):
+            n2tfl._delegate.flexbuffer_dump(bad)
+
+
+def test_delegate_is_harmless_without_n2uq_ops():
+    class Plain(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([2, 3], tf.float32)])
+        def f(self, x):
+            return tf.nn.relu(x * 2.0 + 1.0)
+
+    module = Plain()
+    content = convert(module)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 3
+    assert n2tfl.model_n2uq_ops(model_content=content) == []
+    for backend in BACKENDS:
+        assert np.array_equal(run(content, x, backend, 1)[0], module.f(x).numpy())
+
+
+def test_missing_delegate_gives_a_clear_error(models, monkeypatch):
+    def unavailable():
+        raise n2tfl.DelegateUnavailableError("no compiler")
+
+    monkeypatch.setattr(_delegate, "delegate_path", unavailable)
+    with pytest.raises(n2tfl.DelegateUnavailableError, match="N2UQ custom ops .*N2UQConv2D.*no compiler"):
+        n2tfl.Interpreter(model_content=models["A"][0])
+
+
+def test_kernel_profile_and_benchmark(models, tmp_path):
+    path = tmp_path / "b.tflite"
+    path.write_bytes(models["B"][0])
+    result = n2tfl.benchmark_model(path, num_threads=1, runs=3, warmup=1)
+    assert result["without_delegate"] is None
+    assert sorted({op["op"] for op in result["ops"]}) == ["N2UQConv2D", "N2UQDepthwiseConv2D",
+                                                          "N2UQFullyConnected", "N2UQQuantize", "N2UQQuantizePack"]
+    assert all(op["calls"] == 3 and op["mean_ms"] >= 0 for op in result["ops"])
+    text = n2tfl.format_benchmark(result)
+    assert "N2UQDepthwiseConv2D" in text and "cannot run" in text
+    info = n2tfl.inspect_model(path)
+    convs = [op for op in info["ops"] if op["op"] == "N2UQConv2D"]
+    assert convs and convs[0]["options"]["kernel_height"] == 3 and info["packed_weight_bytes"] > 0
+    assert "N2UQFullyConnected" in n2tfl.format_inspect(info)
+
+
+# ------------------------------------------------------------------ malformed models
+
+def _edit(content, op_name, edit):
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    graph = model.subgraphs[0]
+    op = next(o for o in graph.operators if model.operatorCodes[o.opcodeIndex].customCode == op_name.encode())
+    edit(model, graph, op)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _options(op, **changes):
+    options = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+    options.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del options[key]
+    op.customOptions = list(flexbuffers.Dumps(options))
+
+
+def _set_buffer(model, graph, tensor_index, data, shape):
+    tensor = graph.tensors[tensor_index]
+    model.buffers[tensor.buffer].data = np.frombuffer(bytes(data), np.uint8).copy()
+    tensor.shape = np.array(shape, np.int32)
+
+
+MALFORMED = {
+    "garbage options": ("N2UQConv2D", lambda m, g, op: setattr(op, "customOptions", [7, 1, 2, 250, 38, 1]),
+                        "malformed custom options"),
+    "no options": ("N2UQQuantizePack", lambda m, g, op: setattr(op, "customOptions", None), "malformed custom options"),
+    "missing option": ("N2UQConv2D", lambda m, g, op: _options(op, stride_width=None), "missing option 'stride_width'"),
+    "bits out of range": ("N2UQConv2D", lambda m, g, op: _options(op, weight_bits=5), "weight_bits"),
+    "act_bits mismatch": ("N2UQConv2D", lambda m, g, op: _options(op, act_bits=3), "input shape"),
+    "channels mismatch": ("N2UQQuantizePack", lambda m, g, op: _options(op, channels=6), "must end in channels"),
+    "huge kernel": ("N2UQConv2D", lambda m, g, op: _options(op, kernel_height=2 ** 40), "kernel_height"),
+    "short weight stream": ("N2UQConv2D", lambda m, g, op: _set_buffer(
+        m, g, op.inputs[1], m.buffers[g.tensors[op.inputs[1]].buffer].data[:-1],
+        [len(m.buffers[g.tensors[op.inputs[1]].buffer].data) - 1]), "weight bitstream"),
+    "short multiplier": ("N2UQConv2D", lambda m, g, op: _set_buffer(
+        m, g, op.inputs[2], np.ones(2, np.float32).tobytes(), [2]), "multiplier"),
+    # (a shape larger than its buffer is already refused by TFLite itself)
+    "bias shape smaller than buffer": ("N2UQFullyConnected", lambda m, g, op: setattr(
+        g.tensors[op.inputs[3]], "shape", np.array([5], np.int32)), "bias"),
+    "wrong weight type": ("N2UQFullyConnected", lambda m, g, op: setattr(g.tensors[op.inputs[1]], "type", 9),
+                          "must be uint8"),
+    "too few inputs": ("N2UQDepthwiseConv2D", lambda m, g, op: setattr(op, "inputs", np.array(op.inputs[:3])),
+                       "expects 4 inputs"),
+}
+
+
+def test_malformed_models_report_errors_without_crashing(models, tmp_path):
+    jobs = []
+    for case, (op_name, edit, message) in MALFORMED.items():
+        content = models["A" if op_name in ("N2UQConv2D", "N2UQQuantizePack") else "B"][0]
+        path = tmp_path / (case.replace(" ", "_").replace("/", "_") + ".tflite")
+        path.write_bytes(_edit(content, op_name, edit))
+        jobs.append((case, str(path), message))
+    script = textwrap.dedent("""
+        import json, sys, warnings
+        warnings.simplefilter("ignore")
+        import numpy as np
+        import n2uq_tf.tflite as n2tfl
+        for case, path, message in json.loads(sys.argv[1]):
+            for backend in ("tflite", "litert"):
+                print("CASE", case, backend, flush=True)
+                try:
+                    it = n2tfl.Interpreter(model_path=path, backend=backend)
+                    it.allocate_tensors()
+                    for d in it.get_input_details():
+                        it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+                    it.invoke()
+                    print("RESULT", json.dumps([case, backend, None]), flush=True)
+                except Exception as error:
+                    print("RESULT", json.dumps([case, backend, str(error)]), flush=True)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, f"crashed after:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    outcomes = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(outcomes) == 2 * len(jobs)
+    messages = {case: message for case, _, message in jobs}
+    for case, backend, error in outcomes:
+        assert error is not None, f"{case} ({backend}) ran without an error"
+        assert messages[case] in error, f"{case} ({backend}): {error}"
+
+
+# ------------------------------------------------------------------ sanitizers
+
+def test_cpp_selftest_under_asan_and_ubsan():
+    sources = [os.path.join(PLUGIN_DIR, name) for name in ("delegate_selftest.cc", "delegate.cc",
+                                                           "flexbuffer_options.cc")]
+    sources += [os.path.join(CORE_DIR, name) for name in _core._COMPILED]
+    headers = [os.path.join(PLUGIN_DIR, name) for name in ("tflite_abi.h", "flexbuffer_options.h")]
+    headers += [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
+    command = [_core.compiler(), "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
+               "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-pthread", "-ffp-contract=off",
+               "-I" + CORE_DIR, "-I" + PLUGIN_DIR]
+    digest = hashlib.sha256(" ".join(command).encode())
+    for path in sources + headers:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "n2uq_tf")
+    os.makedirs(cache, exist_ok=True)
+    binary = os.path.join(cache, f"delegate_selftest_asan_{digest.hexdigest()[:12]}")
+    if not os.path.exists(binary):
+        tmp = binary + f".tmp{os.getpid()}"
+        build = subprocess.run(command + sources + ["-o", tmp], capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr[-3000:]
+        os.replace(tmp, binary)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    result = subprocess.run([binary, "3000"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "selftest: OK" in result.stdout
+
+
+# ------------------------------------------------------------------ exporter (when present)
+
+def test_exported_resnet20_matches_keras(tmp_path):
+    export = pytest.importorskip("n2uq_tf.export")
+    if not hasattr(export, "export_tflite"):
+        pytest.skip("n2uq_tf.export.export_tflite is not there yet")
+    from n2uq_tf import models as n2models
+    model = n2models.resnet20(bits=2, width=4, input_shape=(16, 16, 3))
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    content = export.export_tflite(model)
+    assert n2tfl.model_n2uq_ops(model_content=content)
+    for backend in BACKENDS:
+        interpreter = n2tfl.Interpreter(model_content=content, num_threads=2, backend=backend)
+        detail = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(detail["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

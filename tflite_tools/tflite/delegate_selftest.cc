@@ -1,0 +1,308 @@
+// delegate_selftest.cc: the FlexBuffer reader and the kernels' validation under a fake
+// TfLiteContext, meant to be built with -fsanitize=address,undefined (tests/test_delegate.py).
+// The reader gets truncated, bit-flipped and random buffers; the kernels get malformed
+// tensors and options through both the op-resolver registration and the delegate path.
+// Any out-of-bounds read aborts the sanitized binary; wrong answers print FAIL.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "flexbuffer_options.h"
+#include "tflite_abi.h"
+
+extern "C" {
+const N2uqTfLiteRegistration* n2uq_tflite_registration(const char* op_name);
+N2uqTfLiteDelegate* n2uq_delegate_create(const char* const* keys, const char* const* values, size_t count, char* err,
+                                         size_t err_len);
+void n2uq_delegate_delete(N2uqTfLiteDelegate* delegate);
+}
+
+static int failures = 0;
+#define CHECK(cond, ...)                   \
+  do {                                     \
+    if (!(cond)) {                         \
+      printf("FAIL %s:%d ", __FILE__, __LINE__); \
+      printf(__VA_ARGS__);                 \
+      printf("\n");                        \
+      ++failures;                          \
+    }                                      \
+  } while (0)
+
+static std::vector<uint8_t> Hex(const char* hex) {
+  std::vector<uint8_t> out;
+  for (size_t i = 0; hex[i] && hex[i + 1]; i += 2) out.push_back(uint8_t(strtoul(std::string(hex + i, 2).c_str(), nullptr, 16)));
+  return out;
+}
+
+// Options written by the TFLite converter for N2UQQuantizePack(bits=2, channels=5, beta1=0.75)
+// and N2UQConv2D(in 5, out 3, 3x3, stride 1, dilation 1, pads 1, act 2, weight 2).
+static const char* kPackOptions =
+    "62657461310062697473006368616e6e656c73000315100c0300000001000000030000000000403f02000000050000000e06060f2601";
+static const char* kConvOptions =
+    "6163745f626974730064696c6174696f6e5f6865696768740064696c6174696f6e5f776964746800696e5f6368616e6e656c73006b65"
+    "726e656c5f686569676874006b65726e656c5f7769647468006f75745f6368616e6e656c73007061645f626f74746f6d007061645f6c"
+    "656674007061645f7269676874007061645f746f70007374726964655f686569676874007374726964655f7769647468007765696768"
+    "745f62697473000eaaa293857a6d61554b433a33261a0e010e020101050303030101010101010204040404040404040404040404041c"
+    "2401";
+
+static void TestFlexBuffers(int iterations) {
+  n2uq::FlexOptions o;
+  std::string err;
+  std::vector<uint8_t> pack = Hex(kPackOptions), conv = Hex(kConvOptions);
+  CHECK(o.Parse(pack.data(), pack.size(), &err), "pack options: %s", err.c_str());
+  int64_t v = 0;
+  double f = 0;
+  CHECK(o.GetInt("bits", 1, 4, &v, &err) && v == 2, "bits");
+  CHECK(o.GetInt("channels", 1, 100, &v, &err) && v == 5, "channels");
+  CHECK(o.GetFloat("beta1", &f, &err) && f == 0.75, "beta1");
+  CHECK(!o.GetInt("missing", 0, 1, &v, &err) && err.find("missing option") != std::string::npos, "missing");
+  CHECK(!o.GetInt("bits", 3, 4, &v, &err) && err.find("out of range") != std::string::npos, "range");
+  CHECK(o.Parse(conv.data(), conv.size(), &err) && o.entries().size() == 14, "conv options: %s", err.c_str());
+  CHECK(!o.Parse(nullptr, 0, &err), "empty buffer");
+  std::mt19937_64 rng(1234);
+  for (const std::vector<uint8_t>* base : {&pack, &conv}) {
+    for (size_t n = 0; n < base->size(); ++n) {  // every prefix and suffix, in exact-size heap copies
+      std::vector<uint8_t> a(base->begin(), base->begin() + n), b(base->end() - n, base->end());
+      o.Parse(a.empty() ? nullptr : a.data(), a.size(), &err);
+      o.Parse(b.empty() ? nullptr : b.data(), b.size(), &err);
+    }
+    for (int it = 0; it < iterations; ++it) {
+      std::vector<uint8_t> m(*base);
+      const int flips = 1 + int(rng() % 4);
+      for (int k = 0; k < flips; ++k) m[rng() % m.size()] = uint8_t(rng());
+      if (o.Parse(m.data(), m.size(), &err)) {
+        for (const auto& e : o.entries()) o.GetFloat(e.key.c_str(), &f, &err);
+      }
+    }
+  }
+  for (int it = 0; it < iterations; ++it) {
+    std::vector<uint8_t> r(1 + rng() % 64);
+    for (auto& byte : r) byte = uint8_t(rng());
+    r.back() = uint8_t(1u << (rng() % 4));  // valid root width, so parsing goes deeper
+    if (r.size() >= 2) r[r.size() - 2] = uint8_t((9 << 2) | (rng() % 4));  // a map root
+    o.Parse(r.data(), r.size(), &err);
+  }
+}
+
+// ------------------------------------------------------------------ fake interpreter
+
+struct FakeInterpreter {
+  N2uqTfLiteContext ctx;
+  std::vector<N2uqTfLiteTensor> tensors;
+  std::vector<std::vector<uint8_t>> storage;
+  std::vector<N2uqTfLiteIntArray*> dims;
+  std::string last_error;
+  // graph for the delegate path
+  N2uqTfLiteNode node;
+  N2uqTfLiteRegistration node_reg;
+  N2uqTfLiteIntArray* plan = nullptr;
+  N2uqTfLiteIntArray* inputs = nullptr;
+  N2uqTfLiteIntArray* outputs = nullptr;
+  int replaced_status = -1;
+};
+
+static FakeInterpreter* Self(N2uqTfLiteContext* c) { return reinterpret_cast<FakeInterpreter*>(c); }
+
+static N2uqTfLiteIntArray* NewArray(const std::vector<int>& values) {
+  auto* a = static_cast<N2uqTfLiteIntArray*>(malloc(sizeof(int) * (1 + values.size())));
+  a->size = int(values.size());
+  for (size_t i = 0; i < values.size(); ++i) a->data[i] = values[i];
+  return a;
+}
+
+static size_t ElementSize(int type) { return type == kN2uqTfLiteInt64 ? 8 : type == kN2uqTfLiteUInt8 ? 1 : 4; }
+
+static int FakeResize(N2uqTfLiteContext* c, N2uqTfLiteTensor* t, N2uqTfLiteIntArray* new_size) {
+  FakeInterpreter* f = Self(c);
+  const size_t index = size_t(t - f->tensors.data());
+  size_t n = 1;
+  for (int i = 0; i < new_size->size; ++i) n *= size_t(new_size->data[i]);
+  free(f->dims[index]);
+  f->dims[index] = new_size;
+  t->dims = new_size;
+  t->bytes = n * ElementSize(t->type);
+  f->storage[index].assign(t->bytes, 0xAB);
+  t->data = t->bytes ? f->storage[index].data() : nullptr;
+  return kN2uqTfLiteOk;
+}
+
+static void FakeReport(N2uqTfLiteContext* c, const char* format, ...) {
+  char buf[1024];
+  va_list args;
+  va_start(args, format);
+  vsnprintf(buf, sizeof(buf), format, args);
+  va_end(args);
+  Self(c)->last_error = buf;
+}
+
+static int FakePlan(N2uqTfLiteContext* c, N2uqTfLiteIntArray** plan) {
+  *plan = Self(c)->plan;
+  return kN2uqTfLiteOk;
+}
+
+static int FakeNode(N2uqTfLiteContext* c, int index, N2uqTfLiteNode** node, N2uqTfLiteRegistration** reg) {
+  if (index != 0) return kN2uqTfLiteError;
+  *node = &Self(c)->node;
+  *reg = &Self(c)->node_reg;
+  return kN2uqTfLiteOk;
+}
+
+// Runs the delegate kernel's whole life (init, prepare, invoke, free) like the interpreter would.
+static int FakeReplace(N2uqTfLiteContext* c, N2uqTfLiteRegistration reg, const N2uqTfLiteIntArray* nodes,
+                       N2uqTfLiteDelegate* delegate) {
+  FakeInterpreter* f = Self(c);
+  N2uqTfLiteDelegateParams params = {delegate, const_cast<N2uqTfLiteIntArray*>(nodes), f->inputs, f->outputs};
+  N2uqTfLiteNode node = {};
+  node.inputs = f->inputs;
+  node.outputs = f->outputs;
+  node.user_data = reg.init(c, reinterpret_cast<const char*>(&params), 0);
+  int status = reg.prepare(c, &node);
+  if (status == kN2uqTfLiteOk) status = reg.invoke(c, &node);
+  reg.free(c, node.user_data);
+  f->replaced_status = status;
+  return kN2uqTfLiteOk;
+}
+
+static void Init(FakeInterpreter* f) {
+  memset(&f->ctx, 0, sizeof(f->ctx));
+  f->ctx.ResizeTensor = FakeResize;
+  f->ctx.ReportError = FakeReport;
+  f->ctx.GetExecutionPlan = FakePlan;
+  f->ctx.GetNodeAndRegistration = FakeNode;
+  f->ctx.ReplaceNodeSubsetsWithDelegateKernels = FakeReplace;
+  f->ctx.recommended_num_threads = 2;
+}
+
+static int AddTensor(FakeInterpreter* f, int type, const std::vector<int>& shape, const char* name) {
+  f->tensors.emplace_back();
+  N2uqTfLiteTensor& t = f->tensors.back();
+  memset(&t, 0, sizeof(t));
+  t.type = type;
+  t.name = name;
+  size_t n = 1;
+  for (int d : shape) n *= size_t(d);
+  t.bytes = n * ElementSize(type);
+  f->storage.emplace_back(t.bytes);  // exact size: ASan flags any read past it
+  f->dims.push_back(NewArray(shape));
+  return int(f->tensors.size()) - 1;
+}
+
+static void Finalize(FakeInterpreter* f) {
+  for (size_t i = 0; i < f->tensors.size(); ++i) {
+    f->tensors[i].dims = f->dims[i];
+    f->tensors[i].data = f->storage[i].empty() ? nullptr : f->storage[i].data();
+  }
+  f->ctx.tensors = f->tensors.data();
+  f->ctx.tensors_size = f->tensors.size();
+}
+
+static void Release(FakeInterpreter* f) {
+  for (auto* d : f->dims) free(d);
+  free(f->plan);
+  free(f->inputs);
+  free(f->outputs);
+}
+
+enum Mutation { kNone, kShortWeights, kLongWeights, kBadRank, kBadType, kBadIndex, kTruncatedOptions, kShortBias,
+                kBadActBits, kBadDataBytes, kNumMutations };
+
+// One conv run via the op-resolver registration; returns the status and the error text.
+static int RunConv(Mutation m, std::string* error, bool delegate_path) {
+  FakeInterpreter f;
+  Init(&f);
+  const int words = 1;
+  int in = AddTensor(&f, m == kBadType ? kN2uqTfLiteFloat32 : kN2uqTfLiteInt64,
+                     m == kBadRank ? std::vector<int>{1, 6, 6, 2 * words} : std::vector<int>{1, 6, 6,
+                                                                                               m == kBadActBits ? 3 : 2,
+                                                                                               words},
+                     "packed");
+  int w = AddTensor(&f, kN2uqTfLiteUInt8, {m == kShortWeights ? 33 : m == kLongWeights ? 35 : 34}, "weights");
+  int mult = AddTensor(&f, kN2uqTfLiteFloat32, {3}, "multiplier");
+  int bias = AddTensor(&f, kN2uqTfLiteFloat32, {m == kShortBias ? 2 : 3}, "bias");
+  int out = AddTensor(&f, kN2uqTfLiteFloat32, {1, 6, 6, 3}, "out");
+  Finalize(&f);
+  if (m == kBadDataBytes) f.tensors[in].bytes -= 8;  // shape says more than the buffer holds
+  for (size_t i = 0; i < f.storage[w].size(); ++i) f.storage[w][i] = uint8_t(i * 37 + 11);
+  for (int i = 0; i < 3; ++i) reinterpret_cast<float*>(f.storage[mult].data())[i] = 0.5f;
+  if (!f.storage[in].empty()) memset(f.storage[in].data(), 0x5A, f.storage[in].size());
+  std::vector<uint8_t> options = Hex(kConvOptions);
+  if (m == kTruncatedOptions) options.resize(options.size() / 2);
+  std::vector<int> ins = {in, w, mult, m == kBadIndex ? 99 : bias};
+  int status;
+  if (!delegate_path) {
+    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration("N2UQConv2D");
+    N2uqTfLiteNode node = {};
+    node.inputs = NewArray(ins);
+    node.outputs = NewArray({out});
+    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
+    status = reg->prepare(&f.ctx, &node);
+    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
+    reg->free(&f.ctx, node.user_data);
+    free(node.inputs);
+    free(node.outputs);
+  } else {
+    f.plan = NewArray({0});
+    f.inputs = NewArray(ins);
+    f.outputs = NewArray({out});
+    memset(&f.node, 0, sizeof(f.node));
+    f.node.inputs = f.inputs;
+    f.node.outputs = f.outputs;
+    f.node.custom_initial_data = options.data();
+    f.node.custom_initial_data_size = int(options.size());
+    memset(&f.node_reg, 0, sizeof(f.node_reg));
+    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
+    f.node_reg.custom_name = "N2UQConv2D";
+    char err[256];
+    const char* keys[] = {"num_threads"};
+    const char* values[] = {"2"};
+    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 1, err, sizeof(err));
+    status = d->Prepare(&f.ctx, d);
+    if (status == kN2uqTfLiteOk) status = f.replaced_status;
+    n2uq_delegate_delete(d);
+  }
+  *error = f.last_error;
+  Release(&f);
+  return status;
+}
+
+static void TestKernels() {
+  static const char* const expected[kNumMutations] = {
+      "", "weight bitstream", "weight bitstream", "input shape", "must be int64", "out of range",
+      "malformed custom options", "bias", "input shape", "bytes but its shape"};
+  for (int path = 0; path < 2; ++path) {
+    for (int m = 0; m < kNumMutations; ++m) {
+      std::string error;
+      const int status = RunConv(Mutation(m), &error, path == 1);
+      if (m == kNone) {
+        CHECK(status == kN2uqTfLiteOk, "valid conv failed (path %d): %s", path, error.c_str());
+      } else {
+        CHECK(status != kN2uqTfLiteOk, "mutation %d accepted (path %d)", m, path);
+        CHECK(error.find(expected[m]) != std::string::npos && error.find("N2UQConv2D") != std::string::npos,
+              "mutation %d (path %d): unexpected message '%s'", m, path, error.c_str());
+      }
+    }
+  }
+  char err[256];
+  const char* keys[] = {"isa", "bogus"};
+  const char* values[] = {"sse9", "1"};
+  CHECK(n2uq_delegate_create(keys, values, 1, err, sizeof(err)) == nullptr && strstr(err, "isa"), "bad isa");
+  CHECK(n2uq_delegate_create(keys + 1, values + 1, 1, err, sizeof(err)) == nullptr && strstr(err, "unknown option"),
+        "unknown option");
+}
+
+int main(int argc, char** argv) {
+  const int iterations = argc > 1 ? atoi(argv[1]) : 2000;
+  TestFlexBuffers(iterations);
+  TestKernels();
+  if (failures) {
+    printf("selftest: %d failure(s)\n", failures);
+    return 1;
+  }
+  printf("selftest: OK\n");
+  return 0;
+}
