@@ -18,6 +18,7 @@ The paper's recipe at toy scale:
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,12 +34,24 @@ WIDTH = 16       # the standard ResNet-20 width
 BATCH = 32       # small batches: more steps on a small dataset
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """One progress bar per training phase, advanced per epoch (on a terminal only)."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.bar = keras.utils.Progbar(epochs, unit_name="epoch") if sys.stdout.isatty() else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.bar is not None:
+            self.bar.update(epoch + 1, [(k, v) for k, v in (logs or {}).items() if k in ("loss", "accuracy")])
+
+
 def train_teacher(train, test, epochs, steps):
     teacher = models.resnet20(num_classes=10, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), width=WIDTH,
                               name="teacher")
     teacher.compile(keras.optimizers.Adam(n2uq_tf.LinearEpochDecay(3e-3, epochs, steps)),
                     keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    teacher.fit(train, epochs=epochs, verbose=0)
+    teacher.fit(train, epochs=epochs, verbose=0, callbacks=[EpochProgress(epochs)])
     return teacher, teacher.evaluate(test, verbose=0)[1]
 
 
@@ -47,7 +60,7 @@ def distil_student(teacher, train, test, bits, epochs, steps, learn_thresholds):
     distiller = n2uq_tf.DistillationModel(student, teacher)  # temperature 1, pure distillation
     distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=epochs, steps_per_epoch=steps),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    distiller.fit(train, epochs=epochs, verbose=0)
+    distiller.fit(train, epochs=epochs, verbose=0, callbacks=[EpochProgress(epochs)])
     return student, distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
 
 
