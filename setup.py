@@ -1,4 +1,4 @@
-"""Packaging lives in setup.cfg; this file only ships the C++ kernel core with the package."""
+"""Packaging lives in setup.cfg; this file only ships the C++ sources of tflite_tools with the package."""
 
 import glob
 import os
@@ -7,21 +7,23 @@ import shutil
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CORE_SOURCES = os.path.join("tflite_tools", "core")
+# C++ sources compiled on first use: repository folder -> folder inside the installed package.
+NATIVE_SOURCES = {
+    os.path.join("tflite_tools", "core"): os.path.join("n2uq_tf", "tflite", "csrc"),              # kernel core
+    os.path.join("tflite_tools", "tflite"): os.path.join("n2uq_tf", "tflite", "csrc", "tflite"),  # delegate
+}
 
 
-class BuildPyWithKernelCore(build_py):
-    """Copies tflite_tools/core (the bit-serial kernels, built on first use) to n2uq_tf/tflite/csrc.
-
-    An editable install finds the sources in the repository instead (n2uq_tf.tflite._core.source_dir).
-    """
+class BuildPyWithNativeSources(build_py):
+    """Ships tflite_tools' C++ sources inside the package (an editable install reads the repository)."""
 
     def run(self):
         super().run()
-        target = os.path.join(self.build_lib, "n2uq_tf", "tflite", "csrc")
-        os.makedirs(target, exist_ok=True)
-        for path in glob.glob(os.path.join(CORE_SOURCES, "*.h")) + glob.glob(os.path.join(CORE_SOURCES, "*.cc")):
-            shutil.copy(path, target)
+        for source, target in NATIVE_SOURCES.items():
+            target = os.path.join(self.build_lib, target)
+            os.makedirs(target, exist_ok=True)
+            for path in glob.glob(os.path.join(source, "*.h")) + glob.glob(os.path.join(source, "*.cc")):
+                shutil.copy(path, target)
 
 
-setup(cmdclass={"build_py": BuildPyWithKernelCore})
+setup(cmdclass={"build_py": BuildPyWithNativeSources})

@@ -1,13 +1,14 @@
 """python -m n2uq_tf.build: compile the C++ libraries now instead of on first use.
 
 Builds the fused training kernel of the activation quantizer (against the installed
-TensorFlow) and the bit-serial inference kernel core (no TensorFlow dependency).
+TensorFlow), the bit-serial inference kernel core and the TFLite delegate plugin (neither
+depends on TensorFlow).
 """
 
 import argparse
 
 from n2uq_tf import _fused
-from n2uq_tf.tflite import _core
+from n2uq_tf.tflite import _core, _delegate
 
 
 def main():
@@ -16,6 +17,7 @@ def main():
     args = parser.parse_args()
     print(_fused.build(force=args.force))
     print(_core.build(force=args.force))
+    print(_delegate.build(force=args.force))
 
 
 if __name__ == "__main__":
