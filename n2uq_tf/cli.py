@@ -28,6 +28,7 @@ EPILOG = textwrap.dedent("""\
           --teacher teacher.keras --epochs 128 --batch-size 256 --output runs/r18w2a2
       n2uq-tf evaluate runs/digits/student.keras --dataset digits
       n2uq-tf report runs/digits/student.keras --plots runs/digits/plots --dataset digits
+      n2uq-tf benchmark model.tflite --threads 2
 
     Run `n2uq-tf COMMAND --help` for the options of one command.""")
 
@@ -130,6 +131,21 @@ def build_parser():
     report.add_argument("--dataset", choices=None, help="dataset for the activation histograms of --plots")
     report.add_argument("--data-dir", help="TFDS data folder")
     report.add_argument("--image-size", type=_positive_int, help="input resolution (default: the dataset's)")
+    bench = commands.add_parser(
+        "benchmark", help="latency of a .tflite model with the N2UQ delegate, per-op breakdown",
+        description="Time a .tflite model in a stock TFLite interpreter with the N2UQ delegate attached "
+                    "(random inputs, warm-up excluded) and break the time down per N2UQ kernel. A model "
+                    "with N2UQ ops cannot run without the delegate: pass --float-model to time a float "
+                    "or int8 twin beside it.")
+    bench.add_argument("model_path", metavar="MODEL", help=".tflite file")
+    bench.add_argument("--threads", type=_positive_int, default=1, help="interpreter threads (default 1)")
+    bench.add_argument("--runs", type=_positive_int, default=50, help="timed invocations (default 50)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed invocations first (default 5)")
+    bench.add_argument("--float-model", help="a .tflite without N2UQ ops to time without the delegate")
+    bench.add_argument("--backend", choices=("auto", "litert", "tflite"), default="auto",
+                       help="ai_edge_litert or tf.lite interpreter (default: litert when installed)")
+    bench.add_argument("--isa", choices=("auto", "portable", "avx2", "avx512", "neon"), default=None,
+                       help="force a kernel instruction-set path (default: the fastest this CPU has)")
     return parser
 
 
@@ -355,7 +371,19 @@ def command_report(args):
     return 0
 
 
-COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report}
+def command_benchmark(args):
+    from n2uq_tf import tflite
+    if not os.path.exists(args.model_path):
+        raise FileNotFoundError(f"no model at {args.model_path!r}")
+    result = tflite.benchmark_model(args.model_path, num_threads=args.threads, runs=args.runs,
+                                    warmup=args.warmup, backend=args.backend, float_model=args.float_model,
+                                    isa=args.isa)
+    print(tflite.format_benchmark(result))
+    return 0
+
+
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report,
+            "benchmark": command_benchmark}
 
 
 def main(argv=None):
