@@ -284,9 +284,103 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
   return N2UQ_OK;
 }
 
+// Per-thread scratch reused across calls: a fresh vector per call costs an mmap and
+// page faults per layer once it passes malloc's mmap threshold (a 7x7x512 W2A2
+// layer's regrouped weights are 590 KB). Grows, never shrinks; contents are rewritten.
+struct Scratch {
+  std::vector<uint64_t> stage, weights;
+  std::vector<int32_t> pixel_sums, out_sums;
+};
+
+Scratch& scratch() {
+  static thread_local Scratch instance;
+  return instance;
+}
+
+template <class T>
+void ensure(std::vector<T>& v, int64_t size) {
+  if (int64_t(v.size()) < size) v.resize(size_t(size));
+}
+
+// Channel-lane path (see isa_avx512.cc): regroup the weights by kGroupLanes output
+// channels, stage a zero-padded input copy, then per output row and channel chunk.
+int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char* err, size_t err_len) {
+  const int64_t words = job.words, taps = int64_t(job.kernel_height) * job.kernel_width;
+  job.groups = int32_t((int64_t(job.out_channels) + kGroupLanes - 1) / kGroupLanes);
+  job.group_chunks = int32_t((int64_t(job.groups) + kGroupChunk - 1) / kGroupChunk);
+  int64_t rows = 0, stage_words = 0, pixels = 0, out_pixels = 0, group_words = 0;
+  if (!mul_ok(job.batch, job.in_height, &rows) ||
+      !mul_ok(rows, job.padded_width * job.act_bits * words, &stage_words) ||
+      !mul_ok(rows, job.in_width, &pixels) ||
+      !mul_ok(int64_t(job.batch) * job.out_height, job.out_width, &out_pixels) ||
+      !mul_ok(int64_t(job.groups) * kGroupLanes * taps, words * job.weight_bits, &group_words))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  Scratch& s = scratch();
+  try {
+    ensure(s.stage, stage_words);
+    ensure(s.pixel_sums, pixels);
+    ensure(s.out_sums, out_pixels);
+    ensure(s.weights, group_words);
+  } catch (const std::bad_alloc&) {
+    N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
+  }
+  job.stage = s.stage.data();
+  job.pixel_sums = s.pixel_sums.data();
+  uint64_t* grouped = s.weights.data();
+  int32_t* out_sums = s.out_sums.data();
+  job.group_weights = grouped;
+  job.out_sums = out_sums;
+  // [OC][KH][KW][WB][words] -> [group][KH][KW][words][WB][lane], zeros past OC; each
+  // channel's words are read contiguously (the group's 8 output lines stay in L1).
+  const int64_t wb = job.weight_bits, tap_in = wb * words, per_channel = taps * tap_in;
+  pool().run(num_threads, job.groups, [&](int64_t g) {
+    uint64_t* dst = grouped + g * per_channel * kGroupLanes;
+    for (int64_t l = 0; l < kGroupLanes; ++l) {
+      const int64_t oc = g * kGroupLanes + l;
+      if (oc >= job.out_channels) {
+        for (int64_t i = 0; i < per_channel; ++i) dst[i * kGroupLanes + l] = 0;
+        continue;
+      }
+      const uint64_t* src = job.weights + oc * per_channel;
+      for (int64_t t = 0; t < taps; ++t, src += tap_in)
+        for (int64_t b = 0; b < wb; ++b)
+          for (int64_t c = 0; c < words; ++c) dst[((t * words + c) * wb + b) * kGroupLanes + l] = src[b * words + c];
+    }
+  });
+  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_group_stage_rows(job, b, e); });
+  // S_m of each output's receptive field, once per pixel rather than per channel block:
+  // per tap, the range of output columns whose input column is inside the row, so the
+  // inner loop has no branch.
+  parallel_ranges(num_threads, int64_t(job.batch) * job.out_height, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t oh = r % job.out_height, n = r / job.out_height;
+      int32_t* out = out_sums + r * job.out_width;
+      for (int64_t ow = 0; ow < job.out_width; ++ow) out[ow] = 0;
+      for (int64_t kh = 0; kh < job.kernel_height; ++kh) {
+        const int64_t ih = oh * job.stride_height + kh * job.dilation_height - job.pad_top;
+        if (ih < 0 || ih >= job.in_height) continue;
+        const int32_t* row = job.pixel_sums + (n * job.in_height + ih) * job.in_width;
+        for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
+          // iw = ow * stride + offset must lie in [0, in_width).
+          const int64_t offset = kw * job.dilation_width - job.pad_left, stride = job.stride_width;
+          const int64_t first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+          int64_t last = (job.in_width - 1 - offset) / stride + 1;
+          if (job.in_width - 1 - offset < 0) last = 0;
+          if (last > job.out_width) last = job.out_width;
+          for (int64_t ow = first; ow < last; ++ow) out[ow] += row[ow * stride + offset];
+        }
+      }
+    }
+  });
+  const int64_t items = int64_t(job.batch) * job.out_height * job.group_chunks;
+  pool().run(num_threads, items, [&](int64_t item) { table->conv_group_item(job, item); });
+  return N2UQ_OK;
+}
+
 int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const KernelTable* table = table_for(isa);
+  if (table->conv_group_item != nullptr) return run_conv_groups(job, table, num_threads, err, err_len);
   const int64_t lanes = table->lanes;
   const int64_t q_max = int64_t(job.kernel_width - 1) * job.dilation_width / job.stride_width;
   const int64_t rounded_out = (int64_t(job.out_width) + lanes - 1) / lanes * lanes;
@@ -299,16 +393,15 @@ int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t er
       !mul_ok(rows, int64_t(job.stride_width) * job.act_bits * job.words, &stage_words) ||
       !mul_ok(stage_words, width, &stage_words) || !mul_ok(rows, job.in_width, &pixels))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
-  std::vector<uint64_t> stage;
-  std::vector<int32_t> pixel_sums;
+  Scratch& s = scratch();
   try {
-    stage.resize(size_t(stage_words));
-    pixel_sums.resize(size_t(pixels));
+    ensure(s.stage, stage_words);
+    ensure(s.pixel_sums, pixels);
   } catch (const std::bad_alloc&) {
     N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
   }
-  job.stage = stage.data();
-  job.pixel_sums = pixel_sums.data();
+  job.stage = s.stage.data();
+  job.pixel_sums = s.pixel_sums.data();
   job.segments = int32_t((int64_t(job.out_width) + kSegmentWidth - 1) / kSegmentWidth);
   job.channel_chunks = int32_t((int64_t(job.out_channels) + kChannelChunk - 1) / kChannelChunk);
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_stage_rows(job, b, e); });
@@ -355,6 +448,7 @@ int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, 
   job.dilation_width = s->dilation_width;
   job.pad_top = s->pad_top;
   job.pad_left = s->pad_left;
+  job.padded_width = int64_t(s->pad_left) + s->in_width + s->pad_right;
   job.out_height = int32_t(g.out_height);
   job.out_width = int32_t(g.out_width);
   job.act_bits = s->act_bits;

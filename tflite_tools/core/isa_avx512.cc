@@ -32,10 +32,174 @@ struct Ops {
 
 #include "kernels_impl.h"
 
+// ---------------------------------------------------------------- channel-lane conv
+//
+// Vector lanes are kGroupLanes = 8 consecutive output channels; the activation word of
+// one pixel is broadcast. For each tap and channel word the weight bit planes of the
+// group are WB vector loads reused by P pixels x A planes, and the inner step is the
+// same AND + VPOPCNTQ + VPADDQ as the pixel-lane kernel. What this layout buys: every
+// lane is a real output channel (no lanes wasted on a row of 7, 14 or 28 pixels), one
+// weight pointer walks sequentially, and the epilogue stores 8 channels of a pixel
+// contiguously instead of transposing scalars, which dominated at C = 64 (one word per tap).
+
+// Zero-padded copy of input rows [begin, end) (each [padded_width][A][words], tail
+// channels masked off) and their per-pixel code sums.
+void group_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, plane_words = (int64_t)j.act_bits * words;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail_mask = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // garbage above C must not count
+  const int64_t row_words = j.padded_width * plane_words;
+  for (int64_t row = begin; row < end; ++row) {
+    uint64_t* dst = j.stage + row * row_words;
+    const uint64_t* src = j.input + row * j.in_width * plane_words;
+    int32_t* sums = j.pixel_sums + row * j.in_width;
+    for (int64_t i = 0; i < j.pad_left * plane_words; ++i) dst[i] = 0;
+    for (int64_t i = (j.pad_left + j.in_width) * plane_words; i < row_words; ++i) dst[i] = 0;
+    dst += j.pad_left * plane_words;
+    for (int64_t x = 0; x < j.in_width; ++x, dst += plane_words, src += plane_words) {
+      int64_t pixel_sum = 0;
+      for (int p = 0; p < j.act_bits; ++p) {
+        int64_t plane_sum = 0;
+        for (int64_t c = 0; c < words; ++c) {
+          uint64_t w = src[p * words + c];
+          if (c == words - 1) w &= tail_mask;
+          dst[p * words + c] = w;
+          plane_sum += __builtin_popcountll(w);
+        }
+        pixel_sum += plane_sum << p;
+      }
+      sums[x] = (int32_t)pixel_sum;
+    }
+  }
+}
+
+// P output pixels (ow0 ..) x one channel group of output row (n, oh).
+template <int A, int WB, int P>
+inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int64_t ow0) {
+  constexpr int S = A + WB - 1;
+  __m512i acc[P][S];
+  for (int p = 0; p < P; ++p)
+    for (int s = 0; s < S; ++s) acc[p][s] = _mm512_setzero_si512();
+  const int64_t words = j.words, plane_words = (int64_t)A * words;
+  const int64_t pixel_step = (int64_t)j.stride_width * plane_words;  // words between adjacent outputs' taps
+  const int64_t tap_words = words * WB * kGroupLanes;
+  const uint64_t* group_w = j.group_weights + g * j.kernel_height * j.kernel_width * tap_words;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+    const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
+    if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
+    const uint64_t* row = j.stage + ((n * j.in_height + ih) * j.padded_width + ow0 * j.stride_width) * plane_words;
+    const uint64_t* w = group_w + kh * j.kernel_width * tap_words;
+    for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
+      const uint64_t* a = row + kw * j.dilation_width * plane_words;
+      for (int64_t c = 0; c < words; ++c, w += WB * kGroupLanes) {
+        __m512i wv[WB];
+        for (int b = 0; b < WB; ++b) wv[b] = _mm512_loadu_si512((const void*)(w + b * kGroupLanes));
+        for (int p = 0; p < P; ++p)
+          for (int i = 0; i < A; ++i) {
+            const __m512i av = _mm512_set1_epi64((long long)a[p * pixel_step + i * words + c]);
+            for (int b = 0; b < WB; ++b)
+              acc[p][i + b] = _mm512_add_epi64(acc[p][i + b], _mm512_popcnt_epi64(_mm512_and_si512(av, wv[b])));
+          }
+      }
+    }
+  }
+  // out = multiplier * (2 * S_mk - n_w * S_m) + bias (derivation in conv_block, kernels_impl.h),
+  // S_mk = sum_s 2^s acc[s]; int32 exact, then a float multiply and a separate add (no FMA).
+  const int64_t oc0 = g * kGroupLanes;
+  const int valid = j.out_channels - oc0 < kGroupLanes ? (int)(j.out_channels - oc0) : kGroupLanes;
+  const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+  const int64_t n_w = (1 << WB) - 1;
+  __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+  if (j.out_float) {
+    multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
+    bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
+  }
+  const int64_t pixel0 = (n * j.out_height + oh) * j.out_width + ow0;
+  for (int p = 0; p < P; ++p) {
+    __m512i smk = acc[p][0];
+    for (int s = 1; s < S; ++s) smk = _mm512_add_epi64(smk, _mm512_slli_epi64(acc[p][s], (unsigned)s));
+    const __m512i total =
+        _mm512_sub_epi64(_mm512_slli_epi64(smk, 1), _mm512_set1_epi64(n_w * j.out_sums[pixel0 + p]));
+    const __m512i as32 = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(total));  // exact: fits int32
+    const int64_t index = (pixel0 + p) * j.out_channels + oc0;
+    if (j.out_int32) _mm512_mask_storeu_epi32(j.out_int32 + index, mask, as32);
+    if (j.out_float) {
+      const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(as32), multiplier);
+      _mm512_mask_storeu_ps(j.out_float + index, mask, _mm512_add_ps(product, bias));
+    }
+  }
+}
+
+// Pixels per block: as many as the accumulators allow (24 of 32 registers; the rest hold
+// the weight planes and the broadcast activation).
+constexpr int group_pixels(int sums) { return sums == 1 ? 16 : 24 / sums; }
+
+typedef void (*GroupBlockFn)(const ConvJob&, int64_t, int64_t, int64_t, int64_t);
+
+template <int A, int WB, int P>
+struct GroupBlocks {
+  static void fill(GroupBlockFn* table) {
+    table[P] = &group_block<A, WB, P>;
+    GroupBlocks<A, WB, P - 1>::fill(table);
+  }
+};
+template <int A, int WB>
+struct GroupBlocks<A, WB, 0> {
+  static void fill(GroupBlockFn*) {}
+};
+
+template <int A, int WB>
+void group_item_bits(const ConvJob& j, int64_t item) {
+  constexpr int kMax = group_pixels(A + WB - 1);
+  GroupBlockFn blocks[kMax + 1];
+  GroupBlocks<A, WB, kMax>::fill(blocks);
+  const int64_t chunk = item % j.group_chunks, row = item / j.group_chunks;
+  const int64_t oh = row % j.out_height, n = row / j.out_height;
+  const int64_t g_end = (chunk + 1) * kGroupChunk < j.groups ? (chunk + 1) * kGroupChunk : j.groups;
+  // The row in equal blocks of at most kMax pixels (7 = one block of 7, 28 = 4 x 7): no
+  // lane or pixel is wasted and every block keeps as many pixels per weight load as fit.
+  const int64_t count = (j.out_width + kMax - 1) / kMax;
+  const int64_t base = j.out_width / count, longer = j.out_width % count;
+  for (int64_t g = chunk * kGroupChunk; g < g_end; ++g)
+    for (int64_t b = 0, ow = 0; b < count; ++b) {
+      const int64_t width = base + (b < longer ? 1 : 0);
+      blocks[width](j, n, oh, g, ow);
+      ow += width;
+    }
+}
+
+template <int A>
+void group_item_weight_bits(const ConvJob& j, int64_t item) {
+  switch (j.weight_bits) {
+    case 1: group_item_bits<A, 1>(j, item); break;
+    case 2: group_item_bits<A, 2>(j, item); break;
+    case 3: group_item_bits<A, 3>(j, item); break;
+    case 4: group_item_bits<A, 4>(j, item); break;
+    default: break;  // validated by the dispatcher
+  }
+}
+
+void group_item(const ConvJob& j, int64_t item) {
+  switch (j.act_bits) {
+    case 1: group_item_weight_bits<1>(j, item); break;
+    case 2: group_item_weight_bits<2>(j, item); break;
+    case 3: group_item_weight_bits<3>(j, item); break;
+    case 4: group_item_weight_bits<4>(j, item); break;
+    default: break;
+  }
+}
+
+KernelTable make_avx512_table() {
+  KernelTable table = make_kernel_table<Ops>("avx512");
+  table.conv_group_stage_rows = &group_stage_rows;
+  table.conv_group_item = &group_item;
+  return table;
+}
+
 }  // namespace
 
 const KernelTable* avx512_kernels() {
-  static const KernelTable table = make_kernel_table<Ops>("avx512");
+  static const KernelTable table = make_avx512_table();
   return &table;
 }
 

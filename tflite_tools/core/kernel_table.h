@@ -16,6 +16,10 @@ constexpr int kSegmentWidth = 64;
 constexpr int kChannelChunk = 64;
 // Output channels per depthwise accumulation pass (stack arrays).
 constexpr int kDepthwiseChunk = 256;
+// Channel-lane conv path (kernels with conv_group_item): output channels per vector
+// group, and groups per work item.
+constexpr int kGroupLanes = 8;
+constexpr int kGroupChunk = 8;
 
 struct ConvJob {
   int32_t batch, in_height, in_width, in_channels, words;  // words = ceil(in_channels / 64)
@@ -36,6 +40,12 @@ struct ConvJob {
   const float* bias;
   float* out_float;        // [N][OH][OW][OC] or null
   int32_t* out_int32;      // same, or null
+  // Channel-lane path only (KernelTable::conv_group_item): vector lanes are kGroupLanes
+  // output channels, so weights are regrouped and the input is a zero-padded copy.
+  int64_t padded_width;            // pad_left + in_width + pad_right
+  int32_t groups, group_chunks;    // groups = ceil(out_channels / kGroupLanes)
+  const uint64_t* group_weights;   // [groups][KH][KW][words][weight_bits][kGroupLanes], zero past OC
+  const int32_t* out_sums;         // [N][OH][OW]: S_m over each output's receptive field
 };
 
 struct DepthwiseJob {
@@ -66,6 +76,11 @@ struct KernelTable {
   void (*conv_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
   // Computes one work item (see ConvJob::segments / channel_chunks).
   void (*conv_item)(const ConvJob&, int64_t item);
+  // Channel-lane path, null where the ISA has none: stages rows [begin, end) into the
+  // padded [N][H][padded_width][act_bits][words] copy (stage) and fills pixel_sums;
+  // computes item (n * out_height + oh) * group_chunks + chunk.
+  void (*conv_group_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
+  void (*conv_group_item)(const ConvJob&, int64_t item);
   // One output row (n * out_height + oh).
   void (*depthwise_row)(const DepthwiseJob&, int64_t row);
   // Elements [begin, end) of x (channels = 1 view) -> out_codes.
