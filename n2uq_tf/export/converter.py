@@ -37,6 +37,7 @@ def _compact(model, streams):
     found by its packed weights (`streams`: weight bytes -> layer names).
     """
     codes = [c.customCode.decode() if c.customCode else None for c in model.operatorCodes]
+    output_layers = {}
     for subgraph in model.subgraphs:
         keep = set(subgraph.inputs.tolist() if subgraph.inputs is not None else []) | \
             set(subgraph.outputs.tolist() if subgraph.outputs is not None else [])
@@ -50,6 +51,8 @@ def _compact(model, streams):
         for index, tensor in enumerate(subgraph.tensors):
             if index in layer_names and index not in keep:
                 tensor.name = layer_names[index]
+            elif index in layer_names:  # a graph output keeps its name: note the layer in the metadata
+                output_layers[str(index)] = layer_names[index]
             elif index not in keep:
                 tensor.name = None
             q = tensor.quantization
@@ -59,6 +62,7 @@ def _compact(model, streams):
             if tensor.shapeSignature is not None and tensor.shape is not None and \
                     np.array_equal(tensor.shapeSignature, tensor.shape):
                 tensor.shapeSignature = None
+    return output_layers
 
 
 def _finish(flatbuffer, metadata, streams):
@@ -67,7 +71,9 @@ def _finish(flatbuffer, metadata, streams):
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
-    _compact(model, streams)
+    output_layers = _compact(model, streams)
+    if output_layers:
+        metadata = dict(metadata, output_layers=output_layers)
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(metadata, sort_keys=True).encode(), np.uint8)
     model.buffers.append(buffer)
@@ -142,7 +148,20 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
     streams = {}
     for r in lowered.lowered_layers:
         streams.setdefault(r.stream.tobytes(), []).append(r.name)
-    flatbuffer = _finish(converter.convert(), _metadata(report), streams)
+    try:
+        converted = converter.convert()
+    except RuntimeError as error:
+        if inference_type == "int8" and "custom op" in str(error) and report.lowered:
+            # Measured with TF 2.21: calibration runs the float model in the converter's own
+            # interpreter, which resolves custom ops only through C registerers linked against
+            # TensorFlow (target_spec._experimental_custom_op_registerers), not through a delegate.
+            raise NotImplementedError(
+                "inference_type='int8' cannot be calibrated yet: TFLite's calibrator runs the model with "
+                "its own op resolver, which cannot run the N2UQ custom ops "
+                f"({', '.join(sorted({r.ops[0] for r in report.lowered} | {r.ops[1] for r in report.lowered}))}). "
+                "Export with inference_type='float' (the N2UQ layers are bit-serial either way).") from error
+        raise
+    flatbuffer = _finish(converted, _metadata(report), streams)
     report.file_bytes = len(flatbuffer)
     if path is not None:
         path = os.fspath(path)

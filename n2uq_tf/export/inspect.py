@@ -19,6 +19,7 @@ class OperatorInfo:
     options: dict = None      # decoded custom options
     inputs: list = None
     outputs: list = None
+    layer: str = None         # Keras layer of an N2UQ conv / FC op
 
 
 @dataclasses.dataclass
@@ -159,8 +160,10 @@ def inspect_tflite(path_or_bytes):
                     count = options["kernel_height"] * options["kernel_width"] * (
                         options["out_channels"] if name == custom_ops.OP_DEPTHWISE_CONV2D
                         else options["in_channels"] * options["out_channels"])
-                out_name = _name(subgraph.tensors[info.outputs[0]].name)
-                layers.append(QuantizedLayerInfo(out_name or f"op {index}", name, options["weight_bits"],
+                out_name = ((metadata or {}).get("output_layers", {}).get(str(info.outputs[0]))
+                            or _name(subgraph.tensors[info.outputs[0]].name))
+                info.layer = out_name or f"op {index}"
+                layers.append(QuantizedLayerInfo(info.layer, name, options["weight_bits"],
                                                  options["act_bits"], count, 0 if buf is None else len(buf),
                                                  math.ceil(count * options["weight_bits"] / 8)))
             index += 1
