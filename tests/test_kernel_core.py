@@ -120,6 +120,45 @@ def test_conv2d_matches_ops_reference(seed, isas):
                                           err_msg=f"isa={isa} threads={threads}")
 
 
+def _check_conv_codes(m, k, a_bits, w_bits, strides, dilations, pads, isas, rng, threads=(1, 2)):
+    expected = reference_conv(m, k, strides, dilations, pads, w_bits)
+    out_channels = k.shape[0]
+    multiplier = rng.normal(0, 0.1, out_channels).astype(np.float32)
+    bias = rng.normal(0, 1, out_channels).astype(np.float32)
+    packed_x, packed_k = _core.pack_bitplanes(m, a_bits), _core.pack_bitplanes(k, w_bits)
+    for isa in isas:
+        for t in threads:
+            out_f, out_i = _core.conv2d_bitserial(packed_x, packed_k, m.shape[-1], a_bits, w_bits, multiplier, bias,
+                                                  strides=strides, dilations=dilations, padding=pads,
+                                                  output="both", isa=isa, num_threads=t)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} threads={t}")
+            np.testing.assert_array_equal(out_f, affine(expected, multiplier, bias), err_msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize("channels, out_channels", [(512, 16), (577, 13), (1024, 8)])
+def test_conv2d_wide_channels(channels, out_channels, isas):
+    """Words >= 8: the AVX-512 weight regrouping transposes 8x8 blocks (plus word and channel tails)."""
+    rng = np.random.default_rng(channels + out_channels)
+    for a_bits, w_bits in ((1, 1), (2, 2), (3, 1), (4, 4)):
+        m = rng.integers(0, 2 ** a_bits, (1, 3, 4, channels)).astype(np.uint8)
+        k = rng.integers(0, 2 ** w_bits, (out_channels, 3, 3, channels)).astype(np.uint8)
+        _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), isas, rng)
+
+
+@pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61])
+def test_conv2d_row_blocking(width, isas):
+    """Rows split into pixel blocks of every size up to the register limit, for every bit pair."""
+    rng = np.random.default_rng(width)
+    for a_bits in (1, 2, 3, 4):
+        for w_bits in (1, 2, 3, 4):
+            m = rng.integers(0, 2 ** a_bits, (1, 2, width, 70)).astype(np.uint8)
+            k = rng.integers(0, 2 ** w_bits, (9, 3, 3, 70)).astype(np.uint8)
+            _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), isas, rng, threads=(1,))
+    m = rng.integers(0, 4, (2, 3, width, 64)).astype(np.uint8)
+    k = rng.integers(0, 4, (24, 3, 3, 64)).astype(np.uint8)
+    _check_conv_codes(m, k, 2, 2, (1, 2), (1, 1), (1, 1, 1, 1), isas, rng)
+
+
 def test_conv2d_equals_dequantized_float_conv():
     """The integer form is the exact product of ops.py's quantized activations and weights."""
     rng = np.random.default_rng(7)

@@ -330,23 +330,7 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   int32_t* out_sums = s.out_sums.data();
   job.group_weights = grouped;
   job.out_sums = out_sums;
-  // [OC][KH][KW][WB][words] -> [group][KH][KW][words][WB][lane], zeros past OC; each
-  // channel's words are read contiguously (the group's 8 output lines stay in L1).
-  const int64_t wb = job.weight_bits, tap_in = wb * words, per_channel = taps * tap_in;
-  pool().run(num_threads, job.groups, [&](int64_t g) {
-    uint64_t* dst = grouped + g * per_channel * kGroupLanes;
-    for (int64_t l = 0; l < kGroupLanes; ++l) {
-      const int64_t oc = g * kGroupLanes + l;
-      if (oc >= job.out_channels) {
-        for (int64_t i = 0; i < per_channel; ++i) dst[i * kGroupLanes + l] = 0;
-        continue;
-      }
-      const uint64_t* src = job.weights + oc * per_channel;
-      for (int64_t t = 0; t < taps; ++t, src += tap_in)
-        for (int64_t b = 0; b < wb; ++b)
-          for (int64_t c = 0; c < words; ++c) dst[((t * words + c) * wb + b) * kGroupLanes + l] = src[b * words + c];
-    }
-  });
+  pool().run(num_threads, job.groups, [&](int64_t g) { table->conv_group_weights(job, grouped, g); });
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_group_stage_rows(job, b, e); });
   // S_m of each output's receptive field, once per pixel rather than per channel block:
   // per tap, the range of output columns whose input column is inside the row, so the

@@ -73,6 +73,52 @@ void group_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   }
 }
 
+// [OC][KH][KW][WB][words] -> [group][KH][KW][words][WB][lane], zeros past OC. Per
+// (tap, plane) the group's 8 channels x 8 consecutive words are one 8x8 transpose
+// (24 shuffles); a scalar loop takes word tails and the last, partial group.
+void group_weights(const ConvJob& j, uint64_t* grouped, int64_t g) {
+  const int64_t words = j.words, wb = j.weight_bits, taps = (int64_t)j.kernel_height * j.kernel_width;
+  const int64_t tap_in = wb * words, per_channel = taps * tap_in;
+  uint64_t* dst = grouped + g * per_channel * kGroupLanes;
+  const uint64_t* src = j.weights + g * kGroupLanes * per_channel;
+  const bool full = (g + 1) * kGroupLanes <= j.out_channels;
+  const int64_t vector_words = full ? words / 8 * 8 : 0;
+  const __m512i lo_idx = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi_idx = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i half_lo = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11), half_hi = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t b = 0; b < wb; ++b) {
+      const int64_t in_offset = t * tap_in + b * words;
+      for (int64_t c = 0; c < vector_words; c += 8) {
+        __m512i r[8], u[8], s[8];
+        for (int l = 0; l < 8; ++l) r[l] = _mm512_loadu_si512((const void*)(src + l * per_channel + in_offset + c));
+        for (int l = 0; l < 8; l += 2) {  // u[l]: words 0,2,4,6 of rows l, l+1; u[l+1]: words 1,3,5,7
+          u[l] = _mm512_unpacklo_epi64(r[l], r[l + 1]);
+          u[l + 1] = _mm512_unpackhi_epi64(r[l], r[l + 1]);
+        }
+        for (int e = 0; e < 2; ++e) {  // e = 0: even words, 1: odd words
+          s[4 * e + 0] = _mm512_permutex2var_epi64(u[e], lo_idx, u[2 + e]);      // words 0|4 (+e), rows 0-3
+          s[4 * e + 1] = _mm512_permutex2var_epi64(u[e], hi_idx, u[2 + e]);      // words 2|6 (+e), rows 0-3
+          s[4 * e + 2] = _mm512_permutex2var_epi64(u[4 + e], lo_idx, u[6 + e]);  // rows 4-7
+          s[4 * e + 3] = _mm512_permutex2var_epi64(u[4 + e], hi_idx, u[6 + e]);
+        }
+        for (int e = 0; e < 2; ++e) {
+          const __m512i w0 = _mm512_permutex2var_epi64(s[4 * e], half_lo, s[4 * e + 2]);
+          const __m512i w4 = _mm512_permutex2var_epi64(s[4 * e], half_hi, s[4 * e + 2]);
+          const __m512i w2 = _mm512_permutex2var_epi64(s[4 * e + 1], half_lo, s[4 * e + 3]);
+          const __m512i w6 = _mm512_permutex2var_epi64(s[4 * e + 1], half_hi, s[4 * e + 3]);
+          const int64_t word[4] = {c + e, c + 4 + e, c + 2 + e, c + 6 + e};
+          const __m512i v[4] = {w0, w4, w2, w6};
+          for (int k = 0; k < 4; ++k)
+            _mm512_storeu_si512((void*)(dst + ((t * words + word[k]) * wb + b) * kGroupLanes), v[k]);
+        }
+      }
+      for (int64_t c = vector_words; c < words; ++c)
+        for (int64_t l = 0; l < kGroupLanes; ++l)
+          dst[((t * words + c) * wb + b) * kGroupLanes + l] =
+              g * kGroupLanes + l < j.out_channels ? src[l * per_channel + in_offset + c] : 0;
+    }
+}
+
 // P output pixels (ow0 ..) x one channel group of output row (n, oh).
 template <int A, int WB, int P>
 inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int64_t ow0) {
@@ -192,6 +238,7 @@ void group_item(const ConvJob& j, int64_t item) {
 KernelTable make_avx512_table() {
   KernelTable table = make_kernel_table<Ops>("avx512");
   table.conv_group_stage_rows = &group_stage_rows;
+  table.conv_group_weights = &group_weights;
   table.conv_group_item = &group_item;
   return table;
 }

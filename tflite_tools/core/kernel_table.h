@@ -80,6 +80,8 @@ struct KernelTable {
   // padded [N][H][padded_width][act_bits][words] copy (stage) and fills pixel_sums;
   // computes item (n * out_height + oh) * group_chunks + chunk.
   void (*conv_group_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
+  // Regroups job.weights of channel group g into grouped (layout of ConvJob::group_weights).
+  void (*conv_group_weights)(const ConvJob&, uint64_t* grouped, int64_t g);
   void (*conv_group_item)(const ConvJob&, int64_t item);
   // One output row (n * out_height + oh).
   void (*depthwise_row)(const DepthwiseJob&, int64_t row);

@@ -280,6 +280,7 @@ KernelTable make_kernel_table(const char* name) {
   table.conv_stage_rows = &conv_stage_rows<O>;
   table.conv_item = &conv_item<O>;
   table.conv_group_stage_rows = nullptr;
+  table.conv_group_weights = nullptr;
   table.conv_group_item = nullptr;
   table.depthwise_row = &depthwise_row<O>;
   table.quantize_codes = &quantize_codes<O>;

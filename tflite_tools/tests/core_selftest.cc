@@ -62,7 +62,7 @@ struct Case {
 };
 
 Case random_case(bool depthwise) {
-  static const int channel_choices[] = {1, 2, 3, 7, 63, 64, 65, 127, 128, 129, 130};
+  static const int channel_choices[] = {1, 2, 3, 7, 63, 64, 65, 127, 128, 129, 130, 512, 577};
   Case c{};
   N2uqConvShape& s = c.s;
   s.batch = uniform(1, 2);
@@ -79,7 +79,7 @@ Case random_case(bool depthwise) {
   s.pad_right = uniform(0, ew);
   s.in_height = uniform(1, 7) + (eh > s.pad_top + s.pad_bottom ? eh - s.pad_top - s.pad_bottom : 0);
   s.in_width = uniform(1, 21) + (ew > s.pad_left + s.pad_right ? ew - s.pad_left - s.pad_right : 0);
-  s.in_channels = channel_choices[uniform(0, 10)];
+  s.in_channels = channel_choices[uniform(0, 12)];
   if (depthwise) {
     s.in_channels = uniform(1, 300);
     s.out_channels = s.in_channels * uniform(1, 2);
