@@ -6,9 +6,9 @@ import warnings
 
 from n2uq_tf import ops
 from n2uq_tf._keras import keras, tfmot
-from n2uq_tf.quantize import registry
+from n2uq_tf.quantize import methods, registry
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
-from n2uq_tf.quantize.quantizers import ActivationQuantizer, WeightQuantizer
+from n2uq_tf.quantize.quantizers import ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer
 from n2uq_tf.quantize.scheme import N2UQQuantizeScheme
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
@@ -21,7 +21,8 @@ _KERAS2_HINT = (
 def custom_objects():
     """Every class a saved quantized model may name, for Keras deserialization."""
     objects = {cls.__name__: cls for cls in
-               (N2UQWrapper, N2UQQuantizeConfig, ActivationQuantizer, WeightQuantizer)}
+               (N2UQWrapper, N2UQQuantizeConfig, ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer)}
+    objects.update({cls.__name__: cls for pair in methods.METHODS.values() for cls in pair if cls is not None})
     # Layers defined by n2uq_tf.layers (RPReLU, ...) register themselves there.
     try:
         from n2uq_tf import layers as _layers
@@ -73,15 +74,18 @@ def _is_keras3_model(obj):
     return False
 
 
+_METHOD_KEYS = ("method", "weight_method", "activation_method")
+
+
 def _normalize_bits(value, default_w, default_a, where):
     """Override value -> (weight_bits, activation_bits); None means skip the layer."""
     if value is None:
         return None
     if isinstance(value, dict):
-        unknown = set(value) - {"weight_bits", "activation_bits"}
+        unknown = set(value) - {"weight_bits", "activation_bits", *_METHOD_KEYS}
         if unknown:
             raise ValueError(f"overrides[{where!r}]: unknown keys {sorted(unknown)}; "
-                             "use weight_bits and activation_bits")
+                             "use weight_bits, activation_bits, method, weight_method and activation_method")
         w = value.get("weight_bits", default_w)
         a = value.get("activation_bits", default_a)
     elif isinstance(value, (tuple, list)):
@@ -105,13 +109,35 @@ def _override_for(layer, overrides, default_w, default_a):
     return False, None
 
 
+def _override_methods(layer, overrides, default_methods):
+    """(weight_method, activation_method) of a layer: the defaults, or what its override dict names.
+
+    An override's ``method`` sets both sides (as quantize_model's), weight_method /
+    activation_method one side; sides it does not name keep the defaults.
+    """
+    for key in (layer.name, type(layer), type(layer).__name__):
+        if key in overrides:
+            value = overrides[key]
+            if not isinstance(value, dict) or not any(k in value for k in _METHOD_KEYS):
+                break
+            if value.get("method") is not None:
+                return methods.resolve_methods(value["method"], value.get("weight_method"),
+                                               value.get("activation_method"))
+            return methods.resolve_methods("n2uq", value.get("weight_method") or default_methods[0],
+                                           value.get("activation_method") or default_methods[1])
+    return default_methods
+
+
 def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
-                      skip_layers="first_last", overrides=None):
+                      skip_layers="first_last", overrides=None, method="n2uq", weight_method=None,
+                      activation_method=None, learn_thresholds=True):
     """Decides, per layer, what `quantize_model` will do.
 
     Returns a list of dicts (in model.layers order) with keys name, type, action
-    ("quantize", "skip" or "unsupported"), weight_bits, activation_bits and reason.
+    ("quantize", "skip" or "unsupported"), weight_bits, activation_bits, weight_method,
+    activation_method and reason.
     """
+    default_methods = methods.resolve_methods(method, weight_method, activation_method, learn_thresholds)
     default_w = ops.check_bits(bits if weight_bits is None else weight_bits, "weight_bits")
     default_a = ops.check_bits(bits if activation_bits is None else activation_bits, "activation_bits")
     overrides = dict(overrides or {})
@@ -146,7 +172,8 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
     plan = []
     for layer in model.layers:
         entry = {"name": layer.name, "type": type(layer).__name__, "action": None,
-                 "weight_bits": None, "activation_bits": None, "reason": ""}
+                 "weight_bits": None, "activation_bits": None, "weight_method": None,
+                 "activation_method": None, "reason": ""}
         rule = registry.lookup(layer)
         found, value = _override_for(layer, overrides, default_w, default_a)
         if rule is None:
@@ -167,42 +194,60 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
             entry.update(action="skip", reason=skipped[layer.name])
         else:
             entry.update(action="quantize", weight_bits=default_w, activation_bits=default_a)
+        if entry["action"] == "quantize":
+            w_method, a_method = _override_methods(layer, overrides, default_methods)
+            entry.update(weight_method=w_method if entry["weight_bits"] is not None else None,
+                         activation_method=a_method if entry["activation_bits"] is not None else None)
         plan.append(entry)
     return plan
 
 
-def config_for(layer, weight_bits, activation_bits, learn_thresholds=True):
+def config_for(layer, weight_bits, activation_bits, learn_thresholds=True, weight_method="n2uq",
+               activation_method="n2uq"):
     """The N2UQQuantizeConfig that the registry table gives a supported layer."""
     rule = registry.lookup(layer)
     if rule is None:
         raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) is not supported: "
                          f"{registry.unsupported_reason(layer) or 'no kernel to quantize'}")
     attrs, axis = rule
-    return N2UQQuantizeConfig(weight_bits, activation_bits, attrs, axis, learn_thresholds)
+    return N2UQQuantizeConfig(weight_bits, activation_bits, attrs, axis, learn_thresholds,
+                              weight_method=weight_method or "n2uq", activation_method=activation_method or "n2uq")
 
 
-def quantize_model(model, bits=2, *, weight_bits=None, activation_bits=None, skip_layers="first_last",
+def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activation_method=None,
+                   weight_bits=None, activation_bits=None, skip_layers="first_last",
                    overrides=None, learn_thresholds=True):
-    """Returns a new tf_keras model with N2UQ quantization, ready for compile/fit.
+    """Returns a new tf_keras model with N2UQ (or another method's) quantization, ready for compile/fit.
 
     Args:
       model: a built Functional or Sequential tf_keras model (float).
       bits: default bits of weights and activations (1..8).
+      method: the quantizer of weights and activations: "n2uq" (default), "uniform" (N2UQ with
+        thresholds frozen at uniform: the paper's STE baseline; N2UQ weights), "dorefa", "pact"
+        (DoReFa weights, as in the PACT paper), "lsq", "daq"; for weights only, "none" (no weight
+        scaling) and "learnable" (learned per-channel scale); see `n2uq_tf.quantize.methods.METHODS`.
+        A method without an activation (weight) quantizer leaves that side to "n2uq".
+      weight_method, activation_method: override ``method`` for weights / activations (for
+        ablations such as uniform activations with entropy-preserving weights).
       weight_bits, activation_bits: defaults for each, overriding ``bits``.
       skip_layers: "first_last" (default, as in the paper: the first and the last
         quantizable layers stay float), None (quantize every supported layer) or a
         list of layer names or types to keep float.
       overrides: per-layer bits for mixed precision, keyed by layer name, layer class or
         class name; values are an int, a (weight_bits, activation_bits) pair, a dict
-        with those keys (None keeps that part float), or None to keep the layer float.
-      learn_thresholds: False freezes the activation thresholds (uniform-quantization baseline).
+        with those keys (None keeps that part float) and optionally method / weight_method /
+        activation_method, or None to keep the layer float.
+      learn_thresholds: False freezes the activation thresholds (uniform-quantization baseline):
+        the same as ``activation_method="uniform"``.
 
     Layers that cannot be quantized stay float; they are warned about and listed by
     `quantization_report`.
     """
     check_model(model)
     plan = plan_quantization(model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                             skip_layers=skip_layers, overrides=overrides)
+                             skip_layers=skip_layers, overrides=overrides, method=method,
+                             weight_method=weight_method, activation_method=activation_method,
+                             learn_thresholds=learn_thresholds)
     to_quantize = {p["name"]: p for p in plan if p["action"] == "quantize"}
     unsupported = [p for p in plan if p["action"] == "unsupported"]
     if unsupported:
@@ -219,7 +264,8 @@ def quantize_model(model, bits=2, *, weight_bits=None, activation_bits=None, ski
         clone = layer.__class__.from_config(layer.get_config())
         if p is None:
             return clone
-        config = config_for(layer, p["weight_bits"], p["activation_bits"], learn_thresholds)
+        config = config_for(layer, p["weight_bits"], p["activation_bits"],
+                            weight_method=p["weight_method"], activation_method=p["activation_method"])
         return tfmot.quantization.keras.quantize_annotate_layer(clone, quantize_config=config)
 
     with quantize_scope():

@@ -2,7 +2,7 @@
 
 from n2uq_tf import ops
 from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, register, tfmot
-from n2uq_tf.quantize.quantizers import ActivationQuantizer, WeightQuantizer
+from n2uq_tf.quantize import methods
 
 
 @register
@@ -15,11 +15,15 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
       weight_attrs: names of the kernel attributes (``("kernel",)`` for Conv2D/Dense,
         ``("depthwise_kernel",)`` for DepthwiseConv2D).
       channel_axis: output-channel axis of those kernels for the per-channel scale.
-      learn_thresholds: False freezes the activation thresholds at uniform (baseline).
+      learn_thresholds: False freezes the activation thresholds at uniform (baseline); the same
+        as ``activation_method="uniform"``.
+      weight_method, activation_method: names in `n2uq_tf.quantize.methods.METHODS` ("n2uq",
+        "uniform", "dorefa", "pact", "lsq", "daq"; weights also "none", "learnable"). A config
+        saved before these existed loads as "n2uq".
     """
 
     def __init__(self, weight_bits=2, activation_bits=2, weight_attrs=("kernel",), channel_axis=-1,
-                 learn_thresholds=True):
+                 learn_thresholds=True, weight_method="n2uq", activation_method="n2uq"):
         if weight_bits is None and activation_bits is None:
             raise ValueError("N2UQQuantizeConfig needs weight_bits or activation_bits (both are None)")
         self.weight_bits = None if weight_bits is None else ops.check_bits(weight_bits, "weight_bits")
@@ -27,10 +31,16 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
                                 else ops.check_bits(activation_bits, "activation_bits"))
         self.weight_attrs = tuple(weight_attrs)
         self.channel_axis = tuple(channel_axis) if isinstance(channel_axis, (list, tuple)) else int(channel_axis)
-        self.learn_thresholds = bool(learn_thresholds)
+        if activation_method == "uniform":
+            learn_thresholds = False
+        self.weight_method, self.activation_method = methods.resolve_methods(
+            "n2uq", weight_method, activation_method, learn_thresholds)
+        self.learn_thresholds = self.activation_method != "uniform"
+        if self.weight_bits is not None:
+            self._weight_quantizer()  # checks the bits the method takes (LSQ weights need 2+)
 
     def _weight_quantizer(self):
-        return WeightQuantizer(self.weight_bits, self.channel_axis)
+        return methods.weight_quantizer(self.weight_method, self.weight_bits, self.channel_axis)
 
     def get_weights_and_quantizers(self, layer):
         if self.weight_bits is None:
@@ -62,14 +72,16 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
         """Quantizers for the layer's inputs, applied by `N2UQWrapper` (not a tfmot hook)."""
         if self.activation_bits is None:
             return []
-        return [ActivationQuantizer(self.activation_bits, self.learn_thresholds)]
+        return [methods.activation_quantizer(self.activation_method, self.activation_bits)]
 
     def get_config(self):
         axis = list(self.channel_axis) if isinstance(self.channel_axis, tuple) else self.channel_axis
         return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
                 "weight_attrs": list(self.weight_attrs), "channel_axis": axis,
-                "learn_thresholds": self.learn_thresholds, "format_version": FORMAT_VERSION}
+                "learn_thresholds": self.learn_thresholds, "weight_method": self.weight_method,
+                "activation_method": self.activation_method, "format_version": FORMAT_VERSION}
 
     def __repr__(self):
         return (f"N2UQQuantizeConfig(weight_bits={self.weight_bits}, activation_bits={self.activation_bits}, "
-                f"weight_attrs={self.weight_attrs})")
+                f"weight_attrs={self.weight_attrs}, weight_method={self.weight_method!r}, "
+                f"activation_method={self.activation_method!r})")

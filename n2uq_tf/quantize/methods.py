@@ -1,0 +1,382 @@
+"""tfmot Quantizers of the literature methods, and METHODS: method name -> (activation, weight) class.
+
+The math is in `n2uq_tf.methods` (and `n2uq_tf.ops` for N2UQ); these classes own the
+variables, choose the training or inference path, and give the exporter the integer view.
+
+Variables initialised from data (LSQ's step, DAQ's activation range, the learnable weight
+scale) are set on the quantizer's first call (training or not) from the tensor it sees, and a
+saved ``*_initialized`` flag keeps a loaded model from initialising again.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from n2uq_tf import methods as m
+from n2uq_tf import ops
+from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, keras, register, tfmot
+from n2uq_tf.quantize.quantizers import (ActivationQuantizer, IntegerView, UniformActivationQuantizer,
+                                         UniformLevels, WeightQuantizer)
+
+_Quantizer = tfmot.quantization.keras.quantizers.Quantizer
+
+
+def _variable(layer, name, suffix, shape, value, trainable=True):
+    return layer.add_weight(f"{name}_{suffix}", shape=shape, dtype="float32",
+                            initializer=keras.initializers.Constant(value), trainable=trainable,
+                            experimental_autocast=False)  # parameters stay float32 under mixed precision
+
+
+def _lazy(variable, flag, init_fn):
+    """The variable's value, first set to init_fn() on the first call (flag 0 -> 1)."""
+
+    def first():
+        value = tf.cast(init_fn(), variable.dtype)
+        with tf.control_dependencies([variable.assign(value), flag.assign(1.0)]):
+            return tf.identity(variable.read_value())
+
+    return tf.cond(flag > 0.0, lambda: tf.identity(variable), first)
+
+
+def _training(training):
+    if training is None:
+        training = keras.backend.learning_phase()
+    if isinstance(training, (bool, int)):
+        return bool(training)
+    return tf.cast(training, tf.bool)
+
+
+def _numpy(value):
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float32)
+
+
+def _channel_shape(tensor_shape, channel_axis):
+    shape = list(tensor_shape)
+    keep = {a % len(shape) for a in (channel_axis if isinstance(channel_axis, (tuple, list)) else (channel_axis,))}
+    return [d if i in keep else 1 for i, d in enumerate(shape)]
+
+
+def _per_channel(value, w, channel_axis):
+    """A per-tensor scale broadcast to the per-channel shape of integer_view."""
+    return np.broadcast_to(np.asarray(value, np.float64), _channel_shape(w.shape, channel_axis)).copy()
+
+
+class _Base(ConfigSerializable, _Quantizer):
+    method = None
+
+    def __init__(self, bits=2):
+        self.bits = ops.check_bits(bits, f"{self.method} bits")
+
+    def get_config(self):
+        return {"bits": self.bits, "format_version": FORMAT_VERSION}
+
+
+class _WeightBase(_Base):
+    def __init__(self, bits=2, channel_axis=-1):
+        super().__init__(bits)
+        self.channel_axis = tuple(channel_axis) if isinstance(channel_axis, (list, tuple)) else int(channel_axis)
+
+    def get_config(self):
+        axis = list(self.channel_axis) if isinstance(self.channel_axis, tuple) else self.channel_axis
+        return {"bits": self.bits, "channel_axis": axis, "format_version": FORMAT_VERSION}
+
+
+# --------------------------------------------------------------------------- activations
+
+@register
+class DoReFaActivationQuantizer(_Base):
+    """DoReFa: round(n clip(x, 0, 1)) / n, STE (no parameters)."""
+    method = "dorefa"
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return tf.cast(m.dorefa_activation(inputs, self.bits), inputs.dtype)
+
+    def uniform_levels(self, variables):
+        n = ops.num_levels(self.bits)
+        return UniformLevels(m.half_step_thresholds(self.bits).numpy(), np.float32(1.0 / n), np.float32(1.0))
+
+
+@register
+class PACTActivationQuantizer(_Base):
+    """PACT: learnable clipping value alpha (init ``alpha_init``), uniform levels on [0, alpha].
+
+    ``alpha_l2`` > 0 adds the paper's L2 regularisation alpha_l2 * alpha^2 to the layer's losses.
+    alpha_init defaults to 2, the initial range of the N2UQ quantizer, for normalised inputs
+    (the paper starts at 10 on unnormalised ReLU outputs).
+    """
+    method = "pact"
+
+    def __init__(self, bits=2, alpha_init=2.0, alpha_l2=0.0):
+        super().__init__(bits)
+        self.alpha_init = float(alpha_init)
+        self.alpha_l2 = float(alpha_l2)
+        if not self.alpha_init > 0:
+            raise ValueError(f"PACT alpha_init must be > 0, got {alpha_init!r}")
+
+    def build(self, tensor_shape, name, layer):
+        alpha = _variable(layer, name, "pact_alpha", (), self.alpha_init)
+        if self.alpha_l2 > 0:
+            layer.add_loss(lambda: self.alpha_l2 * tf.square(alpha))
+        return {"alpha": alpha}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return tf.cast(m.pact_activation(inputs, weights["alpha"], self.bits), inputs.dtype)
+
+    def uniform_levels(self, variables):
+        thresholds, step = m.pact_levels(variables["alpha"], self.bits)
+        return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
+
+    def get_config(self):
+        return dict(super().get_config(), alpha_init=self.alpha_init, alpha_l2=self.alpha_l2)
+
+
+@register
+class LSQActivationQuantizer(_Base):
+    """LSQ, unsigned (Q_N = 0, Q_P = 2^b - 1): learned step s, init 2 mean|x| / sqrt(Q_P) on the first batch."""
+    method = "lsq"
+
+    def build(self, tensor_shape, name, layer):
+        return {"step": _variable(layer, name, "lsq_step", (), 1.0),
+                "initialized": _variable(layer, name, "lsq_initialized", (), 0.0, trainable=False)}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        _, q_p = m.lsq_weight_range(self.bits, signed=False)
+        step = _lazy(weights["step"], weights["initialized"],
+                     lambda: tf.maximum(m.lsq_init(inputs, q_p), 1e-6))
+        return tf.cast(m.lsq_activation(inputs, step, self.bits), inputs.dtype)
+
+    def uniform_levels(self, variables):
+        thresholds, step = m.lsq_activation_levels(variables["step"], self.bits)
+        return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
+
+
+@register
+class DAQActivationQuantizer(_Base):
+    """DAQ on [0, u]: soft rounding (DASR + temperature controller) at training, rounding at inference.
+
+    u is learnable, initialised to 3 std(x) on the first batch (as the authors' code).
+    """
+    method = "daq"
+
+    def __init__(self, bits=2, temperature=m.DAQ_ACT_TEMPERATURE, sigma=m.DAQ_ACT_SIGMA):
+        super().__init__(bits)
+        self.temperature, self.sigma = float(temperature), float(sigma)
+
+    def build(self, tensor_shape, name, layer):
+        return {"upper": _variable(layer, name, "daq_upper", (), 2.0),
+                "initialized": _variable(layer, name, "daq_initialized", (), 0.0, trainable=False)}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        upper = _lazy(weights["upper"], weights["initialized"],
+                      lambda: tf.maximum(3.0 * tf.math.reduce_std(tf.cast(inputs, tf.float32)), 1e-3))
+        y = m.daq_activation(inputs, upper, self.bits, _training(training), self.temperature, self.sigma)
+        return tf.cast(y, inputs.dtype)
+
+    def uniform_levels(self, variables):
+        thresholds, step = m.pact_levels(variables["upper"], self.bits)  # hard rounding on [0, u]
+        return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
+
+    def get_config(self):
+        return dict(super().get_config(), temperature=self.temperature, sigma=self.sigma)
+
+
+# --------------------------------------------------------------------------- weights
+
+@register
+class DoReFaWeightQuantizer(_WeightBase):
+    """DoReFa weights (per tensor): 2 round(n (tanh(w)/(2 max|tanh w|) + 1/2))/n - 1; E|w| sign(w) at 1 bit."""
+    method = "dorefa"
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return tf.cast(m.dorefa_weights(inputs, self.bits), inputs.dtype)
+
+    def integer_view(self, w, variables=None):
+        codes, scale = m.dorefa_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
+        n = ops.num_levels(self.bits)
+        # bits > 1: 2k/n - 1 = (2/n)(2k - n)/2; bits = 1: E (2k - 1) = 2E (2k - 1)/2.
+        step = 2.0 / n if self.bits > 1 else 2.0 * float(scale.numpy())
+        return IntegerView(codes.numpy(), _per_channel(step, w, self.channel_axis), n)
+
+
+@register
+class LSQWeightQuantizer(_WeightBase):
+    """Signed LSQ weights (Q_N = 2^(b-1), Q_P = 2^(b-1) - 1, per-tensor step, init 2 mean|w| / sqrt(Q_P)).
+
+    Levels include zero, so the integer view has zero2 = 2^b, not the 2^b - 1 of today's kernels.
+    """
+    method = "lsq"
+
+    def __init__(self, bits=2, channel_axis=-1):
+        super().__init__(bits, channel_axis)
+        m.lsq_weight_range(self.bits, signed=True)  # raises for 1 bit
+
+    def build(self, tensor_shape, name, layer):
+        return {"step": _variable(layer, name, "lsq_step", (), 1.0),
+                "initialized": _variable(layer, name, "lsq_initialized", (), 0.0, trainable=False)}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        _, q_p = m.lsq_weight_range(self.bits, signed=True)
+        step = _lazy(weights["step"], weights["initialized"],
+                     lambda: tf.maximum(m.lsq_init(inputs, q_p), 1e-8))
+        return tf.cast(m.lsq_weights(inputs, step, self.bits), inputs.dtype)
+
+    def integer_view(self, w, variables):
+        codes = m.lsq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["step"], self.bits)
+        return IntegerView(codes.numpy(), _per_channel(_numpy(variables["step"]), w, self.channel_axis),
+                           2 ** self.bits)
+
+
+@register
+class DAQWeightQuantizer(_WeightBase):
+    """DAQ weights: standardised, soft-rounded on a learnable [l, u] (init [-3, 3]), 2^b symmetric levels."""
+    method = "daq"
+
+    def __init__(self, bits=2, channel_axis=-1, temperature=m.DAQ_WEIGHT_TEMPERATURE, sigma=m.DAQ_WEIGHT_SIGMA):
+        super().__init__(bits, channel_axis)
+        self.temperature, self.sigma = float(temperature), float(sigma)
+
+    def build(self, tensor_shape, name, layer):
+        return {"lower": _variable(layer, name, "daq_lower", (), -3.0),
+                "upper": _variable(layer, name, "daq_upper", (), 3.0)}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        y = m.daq_weights(inputs, weights["lower"], weights["upper"], self.bits, _training(training),
+                          self.temperature, self.sigma)
+        return tf.cast(y, inputs.dtype)
+
+    def integer_view(self, w, variables):
+        codes, scale = m.daq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["lower"],
+                                          variables["upper"], self.bits)
+        n = ops.num_levels(self.bits)
+        return IntegerView(codes.numpy(), _per_channel(float(scale.numpy()) * 2.0 / n, w, self.channel_axis), n)
+
+    def get_config(self):
+        return dict(super().get_config(), temperature=self.temperature, sigma=self.sigma)
+
+
+@register
+class NoScaleWeightQuantizer(_WeightBase):
+    """Table 4 "no weight scaling": W clipped to [-1, 1], N2UQ's 2^b levels (2k - n)/n, STE."""
+    method = "none"
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return tf.cast(m.noscale_weights(inputs, self.bits), inputs.dtype)
+
+    def integer_view(self, w, variables=None):
+        codes = m.noscale_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
+        n = ops.num_levels(self.bits)
+        return IntegerView(codes.numpy(), _per_channel(2.0 / n, w, self.channel_axis), n)
+
+
+@register
+class LearnableScaleWeightQuantizer(_WeightBase):
+    """Table 4 "learnable scale": alpha_c (2k - n)/n with alpha_c learned per output channel (LSQ-style).
+
+    alpha_c starts at n mean|W_c| / sqrt(2^(b-1)) (LSQ's 2 mean|w| / sqrt(Q_P) in steps of
+    2 alpha / n, Q_P = 2^(b-1) positive levels) on the first call.
+    """
+    method = "learnable"
+
+    def build(self, tensor_shape, name, layer):
+        return {"alpha": _variable(layer, name, "learned_scale", _channel_shape(tensor_shape, self.channel_axis), 1.0),
+                "initialized": _variable(layer, name, "learned_scale_initialized", (), 0.0, trainable=False)}
+
+    def _init(self, w):
+        axes = ops._channel_axes(w.shape.rank, self.channel_axis)
+        n = ops.num_levels(self.bits)
+        mean = tf.reduce_mean(tf.abs(tf.cast(w, tf.float32)), axis=axes, keepdims=True)
+        return tf.maximum(mean * (n / math.sqrt(2 ** (self.bits - 1))), 1e-8)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        alpha = _lazy(weights["alpha"], weights["initialized"], lambda: self._init(inputs))
+        return tf.cast(m.learnable_scale_weights(inputs, alpha, self.bits, self.channel_axis), inputs.dtype)
+
+    def integer_view(self, w, variables):
+        alpha = _numpy(variables["alpha"]).astype(np.float64)
+        codes = m.learnable_scale_codes(tf.convert_to_tensor(w, tf.float32), variables["alpha"], self.bits)
+        return IntegerView(codes.numpy(), alpha * 2.0 / ops.num_levels(self.bits), ops.num_levels(self.bits))
+
+
+# --------------------------------------------------------------------------- the table
+
+# method -> (activation quantizer class or None, weight quantizer class or None). A method
+# without one side leaves that side to N2UQ when chosen with `method=`; PACT's paper quantizes
+# weights with DoReFa, so "pact" pairs the two.
+METHODS = {
+    "n2uq": (ActivationQuantizer, WeightQuantizer),
+    "uniform": (UniformActivationQuantizer, None),
+    "dorefa": (DoReFaActivationQuantizer, DoReFaWeightQuantizer),
+    "pact": (PACTActivationQuantizer, DoReFaWeightQuantizer),
+    "lsq": (LSQActivationQuantizer, LSQWeightQuantizer),
+    "daq": (DAQActivationQuantizer, DAQWeightQuantizer),
+    "none": (None, NoScaleWeightQuantizer),
+    "learnable": (None, LearnableScaleWeightQuantizer),
+}
+
+ACTIVATION_METHODS = tuple(name for name, (a, _) in METHODS.items() if a is not None)
+WEIGHT_METHODS = tuple(name for name, (_, w) in METHODS.items() if w is not None)
+
+# Today's bit-serial kernels take weights scale * (2k - n) / 2 only (zero2 = n = 2^b - 1).
+NEEDS_ZERO_POINT = ("lsq",)
+
+
+def _check_name(name, allowed, what):
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; methods: {', '.join(METHODS)}")
+    if name not in allowed:
+        raise ValueError(f"{what} method {name!r} has no {what} quantizer; {what} methods: {', '.join(allowed)}")
+    return name
+
+
+def resolve_methods(method="n2uq", weight_method=None, activation_method=None, learn_thresholds=True):
+    """(weight_method, activation_method) from `method` and the per-side overrides.
+
+    ``method`` sets both sides; a method without one side leaves it to "n2uq".
+    ``learn_thresholds=False`` turns an "n2uq" activation into "uniform".
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; methods: {', '.join(METHODS)}")
+    activation_quantizer, weight_quantizer = METHODS[method]
+    w = _check_name(weight_method, WEIGHT_METHODS, "weight") if weight_method is not None else (
+        method if weight_quantizer is not None else "n2uq")
+    a = _check_name(activation_method, ACTIVATION_METHODS, "activation") if activation_method is not None else (
+        method if activation_quantizer is not None else "n2uq")
+    if not learn_thresholds:
+        if a == "n2uq":
+            a = "uniform"
+        elif a != "uniform":
+            raise ValueError(f"learn_thresholds=False freezes N2UQ thresholds; it does not apply to "
+                             f"activation method {a!r}")
+    return w, a
+
+
+def activation_quantizer(method, bits):
+    return METHODS[_check_name(method, ACTIVATION_METHODS, "activation")][0](bits)
+
+
+def weight_quantizer(method, bits, channel_axis):
+    return METHODS[_check_name(method, WEIGHT_METHODS, "weight")][1](bits, channel_axis)
+
+
+def check_exportable(wrapper):
+    """Raises ValueError when a wrapper's quantizers cannot be lowered to today's bit-serial kernels.
+
+    For the exporter: LSQ weights have a zero level (zero2 = 2^b), the kernels take zero2 = 2^b - 1.
+    """
+    for _, quantizer, _ in getattr(wrapper, "_weight_vars", []):
+        if getattr(quantizer, "method", None) in NEEDS_ZERO_POINT:
+            raise ValueError(
+                f"layer {wrapper.layer.name!r}: {quantizer.method!r} weights have a zero level "
+                f"(w = scale (2k - 2^b) / 2); the bit-serial kernels take only zero2 = 2^b - 1 "
+                f"(N2UQ, uniform, DoReFa, PACT, DAQ, none, learnable). Export of {quantizer.method!r} "
+                "weights needs the zero-point generalisation of the kernels.")
