@@ -145,22 +145,15 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
         converter.representative_dataset = representative_dataset
         # TFLITE_BUILTINS too: ops without an int8 kernel stay float rather than failing.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        if report.lowered:
+            # Calibration runs the float model in the converter's own interpreter, which takes
+            # custom ops only from op-resolver registerers (not delegates): give it our kernels.
+            from n2uq_tf.tflite import _delegate
+            converter.target_spec._experimental_custom_op_registerers = [_delegate.op_resolver_registerer()]
     streams = {}
     for r in lowered.lowered_layers:
         streams.setdefault(r.stream.tobytes(), []).append(r.name)
-    try:
-        converted = converter.convert()
-    except RuntimeError as error:
-        if inference_type == "int8" and "custom op" in str(error) and report.lowered:
-            # Measured with TF 2.21: calibration runs the float model in the converter's own
-            # interpreter, which resolves custom ops only through C registerers linked against
-            # TensorFlow (target_spec._experimental_custom_op_registerers), not through a delegate.
-            raise NotImplementedError(
-                "inference_type='int8' cannot be calibrated yet: TFLite's calibrator runs the model with "
-                "its own op resolver, which cannot run the N2UQ custom ops "
-                f"({', '.join(sorted({r.ops[0] for r in report.lowered} | {r.ops[1] for r in report.lowered}))}). "
-                "Export with inference_type='float' (the N2UQ layers are bit-serial either way).") from error
-        raise
+    converted = converter.convert()
     flatbuffer = _finish(converted, _metadata(report), streams)
     report.file_bytes = len(flatbuffer)
     if path is not None:

@@ -150,6 +150,48 @@ def library():
         return _loaded["lib"]
 
 
+# ------------------------------------------------------------------ converter calibration
+
+# MutableOpResolver::AddCustom(const char*, const TfLiteRegistration*, int min_version, int max_version)
+_ADD_CUSTOM_SYMBOL = "_ZN6tflite17MutableOpResolver9AddCustomEPKcPK18TfLiteRegistrationii"
+
+
+def op_resolver_registerer():
+    """A registerer for TFLite's converter-side interpreters: ``fn(resolver_address)``.
+
+    TFLite's int8 calibrator runs the float model in its own interpreter, which takes custom
+    ops only from registerers (``converter.target_spec._experimental_custom_op_registerers``),
+    not from delegates. This one adds the plugin's kernels (`n2uq_tflite_registration`) to
+    the calibrator's MutableOpResolver through AddCustom, a symbol of the TensorFlow wheel's
+    libtensorflow_cc (the converter's own TFLite), resolved here with ctypes: no link step,
+    and the plugin itself stays free of TensorFlow symbols. Development-time only; apps load
+    the plugin as a delegate.
+    """
+    import tensorflow as tf
+    from n2uq_tf.export.custom_ops import ALL_OPS
+
+    path = os.path.join(os.path.dirname(tf.__file__), "libtensorflow_cc.so.2")
+    try:
+        add_custom = ctypes.CDLL(path)[_ADD_CUSTOM_SYMBOL]
+    except (OSError, AttributeError) as error:
+        raise DelegateUnavailableError(
+            f"this TensorFlow ({tf.__version__}) does not expose MutableOpResolver::AddCustom in {path}, "
+            f"so its int8 calibrator cannot run the N2UQ ops: {error}") from error
+    add_custom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    add_custom.restype = None
+    lib = library()
+    registrations = {name: lib.n2uq_tflite_registration(name.encode()) for name in ALL_OPS}
+    missing = [name for name, registration in registrations.items() if not registration]
+    if missing:
+        raise DelegateUnavailableError(f"the delegate plugin has no registration for {', '.join(missing)}")
+
+    def register(resolver_address):
+        for name, registration in registrations.items():
+            add_custom(resolver_address, name.encode(), registration, 1, 1)
+
+    return register
+
+
 # ------------------------------------------------------------------ interpreters
 
 def _backend_module(backend):
