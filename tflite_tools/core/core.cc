@@ -290,6 +290,7 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 struct Scratch {
   std::vector<uint64_t> stage, weights;
   std::vector<int32_t> pixel_sums, out_sums;
+  std::vector<int64_t> tap_columns;
 };
 
 Scratch& scratch() {
@@ -302,16 +303,28 @@ void ensure(std::vector<T>& v, int64_t size) {
   if (int64_t(v.size()) < size) v.resize(size_t(size));
 }
 
+// Columns per staged phase row: the last vector of output pixels (rounded up to whole
+// vectors of `lanes`) at the largest tap offset q, and every input column.
+int64_t staged_width(const ConvJob& job, int64_t lanes = 1) {
+  const int64_t q_max = int64_t(job.kernel_width - 1) * job.dilation_width / job.stride_width;
+  const int64_t rounded_out = (int64_t(job.out_width) + lanes - 1) / lanes * lanes;
+  int64_t width = rounded_out + q_max;
+  const int64_t needed_columns = (int64_t(job.in_width) - 1 + job.pad_left) / job.stride_width + 1;
+  return width < needed_columns ? needed_columns : width;
+}
+
 // Channel-lane path (see isa_avx512.cc): regroup the weights by kGroupLanes output
 // channels, stage a zero-padded input copy, then per output row and channel chunk.
 int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char* err, size_t err_len) {
   const int64_t words = job.words, taps = int64_t(job.kernel_height) * job.kernel_width;
+  // Staged as for the pixel-lane path: adjacent output pixels read adjacent words.
+  job.stage_width = staged_width(job);
   job.groups = int32_t((int64_t(job.out_channels) + kGroupLanes - 1) / kGroupLanes);
   job.group_chunks = int32_t((int64_t(job.groups) + kGroupChunk - 1) / kGroupChunk);
   int64_t rows = 0, stage_words = 0, pixels = 0, out_pixels = 0, group_words = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) ||
-      !mul_ok(rows, job.padded_width * job.act_bits * words, &stage_words) ||
-      !mul_ok(rows, job.in_width, &pixels) ||
+      !mul_ok(rows, int64_t(job.stride_width) * job.act_bits * words, &stage_words) ||
+      !mul_ok(stage_words, job.stage_width, &stage_words) || !mul_ok(rows, job.in_width, &pixels) ||
       !mul_ok(int64_t(job.batch) * job.out_height, job.out_width, &out_pixels) ||
       !mul_ok(int64_t(job.groups) * kGroupLanes * taps, words * job.weight_bits, &group_words))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
@@ -321,6 +334,7 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
     ensure(s.pixel_sums, pixels);
     ensure(s.out_sums, out_pixels);
     ensure(s.weights, group_words);
+    ensure(s.tap_columns, job.kernel_width);
   } catch (const std::bad_alloc&) {
     N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
   }
@@ -330,8 +344,16 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   int32_t* out_sums = s.out_sums.data();
   job.group_weights = grouped;
   job.out_sums = out_sums;
+  // Tap kw reads padded column ow * stride + kw * dilation = (ow + q) * stride + phase,
+  // i.e. word q of stride phase `phase` in the staged row.
+  for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
+    const int64_t padded = kw * job.dilation_width;
+    s.tap_columns[size_t(kw)] = (padded % job.stride_width) * job.act_bits * words * job.stage_width +
+                                padded / job.stride_width;
+  }
+  job.tap_columns = s.tap_columns.data();
   pool().run(num_threads, job.groups, [&](int64_t g) { table->conv_group_weights(job, grouped, g); });
-  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_group_stage_rows(job, b, e); });
+  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_stage_rows(job, b, e); });
   // S_m of each output's receptive field, once per pixel rather than per channel block:
   // per tap, the range of output columns whose input column is inside the row, so the
   // inner loop has no branch.
@@ -365,12 +387,7 @@ int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t er
   ConvJob job = base;
   const KernelTable* table = table_for(isa);
   if (table->conv_group_item != nullptr) return run_conv_groups(job, table, num_threads, err, err_len);
-  const int64_t lanes = table->lanes;
-  const int64_t q_max = int64_t(job.kernel_width - 1) * job.dilation_width / job.stride_width;
-  const int64_t rounded_out = (int64_t(job.out_width) + lanes - 1) / lanes * lanes;
-  int64_t width = rounded_out + q_max;
-  const int64_t needed_columns = (int64_t(job.in_width) - 1 + job.pad_left) / job.stride_width + 1;
-  if (width < needed_columns) width = needed_columns;
+  const int64_t width = staged_width(job, table->lanes);
   job.stage_width = width;
   int64_t rows = 0, stage_words = 0, pixels = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) ||
@@ -432,7 +449,6 @@ int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, 
   job.dilation_width = s->dilation_width;
   job.pad_top = s->pad_top;
   job.pad_left = s->pad_left;
-  job.padded_width = int64_t(s->pad_left) + s->in_width + s->pad_right;
   job.out_height = int32_t(g.out_height);
   job.out_width = int32_t(g.out_width);
   job.act_bits = s->act_bits;

@@ -42,37 +42,6 @@ struct Ops {
 // weight pointer walks sequentially, and the epilogue stores 8 channels of a pixel
 // contiguously instead of transposing scalars, which dominated at C = 64 (one word per tap).
 
-// Zero-padded copy of input rows [begin, end) (each [padded_width][A][words], tail
-// channels masked off) and their per-pixel code sums.
-void group_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, plane_words = (int64_t)j.act_bits * words;
-  const int rem = j.in_channels % 64;
-  const uint64_t tail_mask = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // garbage above C must not count
-  const int64_t row_words = j.padded_width * plane_words;
-  for (int64_t row = begin; row < end; ++row) {
-    uint64_t* dst = j.stage + row * row_words;
-    const uint64_t* src = j.input + row * j.in_width * plane_words;
-    int32_t* sums = j.pixel_sums + row * j.in_width;
-    for (int64_t i = 0; i < j.pad_left * plane_words; ++i) dst[i] = 0;
-    for (int64_t i = (j.pad_left + j.in_width) * plane_words; i < row_words; ++i) dst[i] = 0;
-    dst += j.pad_left * plane_words;
-    for (int64_t x = 0; x < j.in_width; ++x, dst += plane_words, src += plane_words) {
-      int64_t pixel_sum = 0;
-      for (int p = 0; p < j.act_bits; ++p) {
-        int64_t plane_sum = 0;
-        for (int64_t c = 0; c < words; ++c) {
-          uint64_t w = src[p * words + c];
-          if (c == words - 1) w &= tail_mask;
-          dst[p * words + c] = w;
-          plane_sum += __builtin_popcountll(w);
-        }
-        pixel_sum += plane_sum << p;
-      }
-      sums[x] = (int32_t)pixel_sum;
-    }
-  }
-}
-
 // [OC][KH][KW][WB][words] -> [group][KH][KW][words][WB][lane], zeros past OC. Per
 // (tap, plane) the group's 8 channels x 8 consecutive words are one 8x8 transpose
 // (24 shuffles); a scalar loop takes word tails and the last, partial group.
@@ -126,23 +95,27 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
   __m512i acc[P][S];
   for (int p = 0; p < P; ++p)
     for (int s = 0; s < S; ++s) acc[p][s] = _mm512_setzero_si512();
-  const int64_t words = j.words, plane_words = (int64_t)A * words;
-  const int64_t pixel_step = (int64_t)j.stride_width * plane_words;  // words between adjacent outputs' taps
+  // Staged rows (conv_stage_rows): [stride phase][A][words][stage_width], so pixel p of a
+  // tap is word p of the tap's base (an immediate offset) and the planes are A pointers.
+  const int64_t words = j.words, width = j.stage_width, plane = words * width;
+  const int64_t phase_stride = (int64_t)A * plane;
   const int64_t tap_words = words * WB * kGroupLanes;
-  const uint64_t* group_w = j.group_weights + g * j.kernel_height * j.kernel_width * tap_words;
-  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+  const uint64_t* w = j.group_weights + g * j.kernel_height * j.kernel_width * tap_words;
+  const int64_t kernel_width = j.kernel_width;
+  const int64_t* const column = j.tap_columns;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh, w += kernel_width * tap_words) {
     const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
     if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
-    const uint64_t* row = j.stage + ((n * j.in_height + ih) * j.padded_width + ow0 * j.stride_width) * plane_words;
-    const uint64_t* w = group_w + kh * j.kernel_width * tap_words;
-    for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
-      const uint64_t* a = row + kw * j.dilation_width * plane_words;
-      for (int64_t c = 0; c < words; ++c, w += WB * kGroupLanes) {
+    const uint64_t* row = j.stage + (n * j.in_height + ih) * j.stride_width * phase_stride + ow0;
+    const uint64_t* wt = w;
+    for (int64_t kw = 0; kw < kernel_width; ++kw) {
+      const uint64_t* a = row + column[kw];
+      for (int64_t c = 0; c < words; ++c, a += width, wt += WB * kGroupLanes) {
         __m512i wv[WB];
-        for (int b = 0; b < WB; ++b) wv[b] = _mm512_loadu_si512((const void*)(w + b * kGroupLanes));
+        for (int b = 0; b < WB; ++b) wv[b] = _mm512_loadu_si512((const void*)(wt + b * kGroupLanes));
         for (int p = 0; p < P; ++p)
           for (int i = 0; i < A; ++i) {
-            const __m512i av = _mm512_set1_epi64((long long)a[p * pixel_step + i * words + c]);
+            const __m512i av = _mm512_set1_epi64((long long)a[i * plane + p]);
             for (int b = 0; b < WB; ++b)
               acc[p][i + b] = _mm512_add_epi64(acc[p][i + b], _mm512_popcnt_epi64(_mm512_and_si512(av, wv[b])));
           }
@@ -154,24 +127,27 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
   const int64_t oc0 = g * kGroupLanes;
   const int valid = j.out_channels - oc0 < kGroupLanes ? (int)(j.out_channels - oc0) : kGroupLanes;
   const __mmask16 mask = (__mmask16)((1u << valid) - 1);
-  const int64_t n_w = (1 << WB) - 1;
+  const int64_t n_w = (1 << WB) - 1, out_channels = j.out_channels;
+  // Locals: the output stores could alias the job as far as the compiler knows.
+  float* const out_float = j.out_float;
+  int32_t* const out_int32 = j.out_int32;
+  const int64_t pixel0 = (n * j.out_height + oh) * j.out_width + ow0;
+  const int32_t* const sums = j.out_sums + pixel0;
   __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
-  if (j.out_float) {
+  if (out_float) {
     multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
     bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
   }
-  const int64_t pixel0 = (n * j.out_height + oh) * j.out_width + ow0;
   for (int p = 0; p < P; ++p) {
     __m512i smk = acc[p][0];
     for (int s = 1; s < S; ++s) smk = _mm512_add_epi64(smk, _mm512_slli_epi64(acc[p][s], (unsigned)s));
-    const __m512i total =
-        _mm512_sub_epi64(_mm512_slli_epi64(smk, 1), _mm512_set1_epi64(n_w * j.out_sums[pixel0 + p]));
+    const __m512i total = _mm512_sub_epi64(_mm512_slli_epi64(smk, 1), _mm512_set1_epi64(n_w * sums[p]));
     const __m512i as32 = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(total));  // exact: fits int32
-    const int64_t index = (pixel0 + p) * j.out_channels + oc0;
-    if (j.out_int32) _mm512_mask_storeu_epi32(j.out_int32 + index, mask, as32);
-    if (j.out_float) {
+    const int64_t index = (pixel0 + p) * out_channels + oc0;
+    if (out_int32) _mm512_mask_storeu_epi32(out_int32 + index, mask, as32);
+    if (out_float) {
       const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(as32), multiplier);
-      _mm512_mask_storeu_ps(j.out_float + index, mask, _mm512_add_ps(product, bias));
+      _mm512_mask_storeu_ps(out_float + index, mask, _mm512_add_ps(product, bias));
     }
   }
 }
@@ -237,7 +213,6 @@ void group_item(const ConvJob& j, int64_t item) {
 
 KernelTable make_avx512_table() {
   KernelTable table = make_kernel_table<Ops>("avx512");
-  table.conv_group_stage_rows = &group_stage_rows;
   table.conv_group_weights = &group_weights;
   table.conv_group_item = &group_item;
   return table;

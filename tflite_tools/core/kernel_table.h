@@ -41,11 +41,12 @@ struct ConvJob {
   float* out_float;        // [N][OH][OW][OC] or null
   int32_t* out_int32;      // same, or null
   // Channel-lane path only (KernelTable::conv_group_item): vector lanes are kGroupLanes
-  // output channels, so weights are regrouped and the input is a zero-padded copy.
-  int64_t padded_width;            // pad_left + in_width + pad_right
+  // output channels, so weights are regrouped; the input is staged as above.
   int32_t groups, group_chunks;    // groups = ceil(out_channels / kGroupLanes)
   const uint64_t* group_weights;   // [groups][KH][KW][words][weight_bits][kGroupLanes], zero past OC
   const int32_t* out_sums;         // [N][OH][OW]: S_m over each output's receptive field
+  // [KW]: offset of tap kw's words from its row's staged base (stride phase and shift q).
+  const int64_t* tap_columns;
 };
 
 struct DepthwiseJob {
@@ -76,10 +77,8 @@ struct KernelTable {
   void (*conv_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
   // Computes one work item (see ConvJob::segments / channel_chunks).
   void (*conv_item)(const ConvJob&, int64_t item);
-  // Channel-lane path, null where the ISA has none: stages rows [begin, end) into the
-  // padded [N][H][padded_width][act_bits][words] copy (stage) and fills pixel_sums;
+  // Channel-lane path, null where the ISA has none (input staged by conv_stage_rows):
   // computes item (n * out_height + oh) * group_chunks + chunk.
-  void (*conv_group_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
   // Regroups job.weights of channel group g into grouped (layout of ConvJob::group_weights).
   void (*conv_group_weights)(const ConvJob&, uint64_t* grouped, int64_t g);
   void (*conv_group_item)(const ConvJob&, int64_t item);

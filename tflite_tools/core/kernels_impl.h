@@ -279,7 +279,6 @@ KernelTable make_kernel_table(const char* name) {
   table.lanes = O::kLanes;
   table.conv_stage_rows = &conv_stage_rows<O>;
   table.conv_item = &conv_item<O>;
-  table.conv_group_stage_rows = nullptr;
   table.conv_group_weights = nullptr;
   table.conv_group_item = nullptr;
   table.depthwise_row = &depthwise_row<O>;
