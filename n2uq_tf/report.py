@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 
-from n2uq_tf import ops
 from n2uq_tf._keras import keras
 from n2uq_tf.quantize import registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
@@ -27,6 +26,19 @@ class LayerReport:
     beta1: float = None
     beta2: float = None
     note: str = ""
+    weight_method: str = None     # "n2uq", "dorefa", "lsq", ... (n2uq_tf.quantize.methods.METHODS)
+    activation_method: str = None
+    step: float = None            # activation output step (beta2 * delta for N2UQ)
+
+    @property
+    def method(self):
+        """One method name when weights and input agree (or one is float), else "W:<w> A:<a>"."""
+        names = [m for m in (self.weight_method, self.activation_method) if m is not None]
+        if not names:
+            return ""
+        if len(set(names)) == 1:
+            return names[0]
+        return f"W:{self.weight_method} A:{self.activation_method}"
 
 
 @dataclasses.dataclass
@@ -63,7 +75,7 @@ class QuantizationReport:
                 "packed_bytes": self.packed_bytes, "compression": self.compression}
 
     def __str__(self):
-        header = ("layer", "type", "W", "A", "params", "float32 B", "packed B", "thresholds (input units)")
+        header = ("layer", "type", "method", "W", "A", "params", "float32 B", "packed B", "thresholds (input units)")
         rows = []
         for r in self.layers:
             if r.params == 0 and r.status == "float":
@@ -77,15 +89,15 @@ class QuantizationReport:
                     thresholds = " ".join(parts[:3] + ["...", parts[3]]) + f" ({len(r.thresholds)} thresholds)"
             if r.status in ("unsupported", "kept float"):
                 thresholds = f"{r.status}: {r.note}"
-            rows.append((r.name, r.type, "-" if r.weight_bits is None else str(r.weight_bits),
+            rows.append((r.name, r.type, r.method, "-" if r.weight_bits is None else str(r.weight_bits),
                          "-" if r.activation_bits is None else str(r.activation_bits),
                          f"{r.params:,}", f"{r.float_bytes:,}", f"{r.packed_bytes:,}", thresholds))
-        rows.append(("total", "", "", "", f"{self.total_params:,}", f"{self.float_bytes:,}",
+        rows.append(("total", "", "", "", "", f"{self.total_params:,}", f"{self.float_bytes:,}",
                      f"{self.packed_bytes:,}", f"compression {self.compression:.2f}x"))
         widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header) - 1)]
         lines = []
         for row in [header] + rows:
-            cells = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
             lines.append("  ".join(cells + [str(row[-1])]).rstrip())
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
@@ -128,13 +140,18 @@ def _wrapper_report(wrapper):
             packed += FLOAT_BYTES * size
     report = LayerReport(layer.name, type(layer).__name__, "quantized", config.weight_bits,
                          config.activation_bits)
+    if config.weight_bits is not None:
+        report.weight_method = getattr(config, "weight_method", "n2uq")
     if wrapper.input_quantizer is not None:
         quantizer, variables = wrapper.input_quantizer
-        _, _, thresholds = ops.segment_bounds(variables["start"], variables["intervals"])
-        beta1 = float(variables["beta1"].numpy())
-        report.beta1, report.beta2 = beta1, float(variables["beta2"].numpy())
-        t = thresholds.numpy()
-        report.thresholds = [float(v) for v in (t / beta1 if beta1 != 0 else t)]
+        report.activation_method = getattr(quantizer, "method", "n2uq")
+        levels = quantizer.uniform_levels(variables)
+        if "beta1" in variables and "beta2" in variables:
+            report.beta1, report.beta2 = float(variables["beta1"].numpy()), float(variables["beta2"].numpy())
+        scale = float(levels.input_scale)
+        t = np.asarray(levels.thresholds, np.float64)
+        report.thresholds = [float(v) for v in (t / scale if scale != 0 else t)]
+        report.step = float(levels.step)
     report.params, report.float_bytes, report.packed_bytes = params, FLOAT_BYTES * params, packed
     return report
 

@@ -324,7 +324,7 @@ METHODS = {
 }
 
 ACTIVATION_METHODS = tuple(name for name, (a, _) in METHODS.items() if a is not None)
-WEIGHT_METHODS = tuple(name for name, (_, w) in METHODS.items() if w is not None)
+WEIGHT_METHODS = tuple(name for name, (_, w) in METHODS.items() if w is not None and w.method == name)
 
 # Today's bit-serial kernels take weights scale * (2k - n) / 2 only (zero2 = n = 2^b - 1).
 NEEDS_ZERO_POINT = ("lsq",)
@@ -334,7 +334,7 @@ def _check_name(name, allowed, what):
     if name not in METHODS:
         raise ValueError(f"unknown quantization method {name!r}; methods: {', '.join(METHODS)}")
     if name not in allowed:
-        raise ValueError(f"{what} method {name!r} has no {what} quantizer; {what} methods: {', '.join(allowed)}")
+        raise ValueError(f"{name!r} is not a {what} method; {what} methods: {', '.join(allowed)}")
     return name
 
 
@@ -348,7 +348,7 @@ def resolve_methods(method="n2uq", weight_method=None, activation_method=None, l
         raise ValueError(f"unknown quantization method {method!r}; methods: {', '.join(METHODS)}")
     activation_quantizer, weight_quantizer = METHODS[method]
     w = _check_name(weight_method, WEIGHT_METHODS, "weight") if weight_method is not None else (
-        method if weight_quantizer is not None else "n2uq")
+        weight_quantizer.method if weight_quantizer is not None else "n2uq")
     a = _check_name(activation_method, ACTIVATION_METHODS, "activation") if activation_method is not None else (
         method if activation_quantizer is not None else "n2uq")
     if not learn_thresholds:
