@@ -7,6 +7,7 @@
 
 The paper's recipe: ``n2uq_tf.models`` (reference networks), ``n2uq_tf.data`` (datasets),
 ``n2uq_tf.DistillationModel`` and ``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
+Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tflite.Interpreter``.
 """
 
 import importlib
@@ -22,18 +23,21 @@ from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, dis
                               paper_optimizer)
 
 # Imported on first use: data pulls in tensorflow_datasets, plots matplotlib.
-_LAZY_SUBMODULES = ("cli", "data", "layers", "models", "plots", "tflite")
+_LAZY_SUBMODULES = ("cli", "data", "export", "layers", "models", "plots", "tflite")
+_LAZY_FUNCTIONS = {"export_tflite": "n2uq_tf.export", "inspect_tflite": "n2uq_tf.export"}
 
 
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"n2uq_tf.{name}")
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
     raise AttributeError(f"module 'n2uq_tf' has no attribute {name!r}")
 
 
 __all__ = [
     "ActivationQuantizer", "DistillationModel", "LinearEpochDecay", "N2UQAdam", "N2UQQuantizeConfig",
     "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport", "WeightQuantizer", "custom_objects",
-    "distillation_loss", "load_model", "ops", "paper_optimizer", "quantization_report", "quantize_model",
+    "distillation_loss", "export_tflite", "inspect_tflite", "load_model", "ops", "paper_optimizer", "quantization_report", "quantize_model",
     "quantize_scope",
 ]

@@ -1,4 +1,4 @@
-"""The `n2uq-tf` command: train, evaluate and report N2UQ models.
+"""The `n2uq-tf` command: train, evaluate, report, export, inspect and benchmark N2UQ models.
 
     n2uq-tf train --model resnet20 --dataset digits --bits 2 --epochs 10 --output runs/digits
     n2uq-tf evaluate runs/digits/student.keras --dataset digits
@@ -19,7 +19,8 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DESCRIPTION = "N2UQ quantization-aware training for tf_keras: train, evaluate and report."
+DESCRIPTION = ("N2UQ quantization-aware training for tf_keras: train, evaluate and report models, "
+               "export them to TFLite with bit-packed ops, inspect and benchmark the result.")
 
 EPILOG = textwrap.dedent("""\
     Examples:
@@ -28,7 +29,9 @@ EPILOG = textwrap.dedent("""\
           --teacher teacher.keras --epochs 128 --batch-size 256 --output runs/r18w2a2
       n2uq-tf evaluate runs/digits/student.keras --dataset digits
       n2uq-tf report runs/digits/student.keras --plots runs/digits/plots --dataset digits
-      n2uq-tf benchmark model.tflite --threads 2
+      n2uq-tf export runs/digits/student.keras -o student.tflite
+      n2uq-tf inspect student.tflite
+      n2uq-tf benchmark student.tflite --threads 2
 
     Run `n2uq-tf COMMAND --help` for the options of one command.""")
 
@@ -131,6 +134,28 @@ def build_parser():
     report.add_argument("--dataset", choices=None, help="dataset for the activation histograms of --plots")
     report.add_argument("--data-dir", help="TFDS data folder")
     report.add_argument("--image-size", type=_positive_int, help="input resolution (default: the dataset's)")
+    export = commands.add_parser(
+        "export", help="convert a quantized model to TFLite with bit-packed N2UQ ops",
+        description="Convert a saved quantized model to a .tflite file: each quantized conv/dense layer "
+                    "becomes an N2UQ quantize-and-pack op and a bit-serial conv/FC op (weights stored at "
+                    "their bit width, BatchNorm folded), the rest TFLite builtins (float, or int8 with "
+                    "--int8). Run it with `n2uq-tf benchmark` or n2uq_tf.tflite.Interpreter.")
+    export.add_argument("model_path", metavar="MODEL", help="saved quantized model (.keras, .h5 or SavedModel)")
+    export.add_argument("--output", "-o", help="the .tflite to write (default: MODEL with .tflite)")
+    export.add_argument("--int8", action="store_true",
+                        help="int8 builtins, calibrated on --dataset (the N2UQ ops are bit-serial either way)")
+    export.add_argument("--dataset", help="calibration images for --int8 (a dataset name, e.g. digits)")
+    export.add_argument("--data-dir", help="TFDS data folder")
+    export.add_argument("--calibration-batches", type=_positive_int, default=8,
+                        help="batches of 16 images for --int8 calibration (default 8)")
+
+    inspect_cmd = commands.add_parser(
+        "inspect", help="ops, custom-op options, bits and bytes per layer of a .tflite model",
+        description="List a .tflite model's operators with the N2UQ ops' options, the bits and bytes of "
+                    "every quantized layer, and the file size against packed weights + float remainder.")
+    inspect_cmd.add_argument("model_path", metavar="MODEL", help=".tflite file")
+    inspect_cmd.add_argument("--json", action="store_true", help="print as JSON")
+
     bench = commands.add_parser(
         "benchmark", help="latency of a .tflite model with the N2UQ delegate, per-op breakdown",
         description="Time a .tflite model in a stock TFLite interpreter with the N2UQ delegate attached "
@@ -382,8 +407,40 @@ def command_benchmark(args):
     return 0
 
 
+def command_export(args):
+    import n2uq_tf
+    from n2uq_tf.export import export_tflite
+    model = n2uq_tf.load_model(args.model_path, compile=False)
+    output = args.output or os.path.splitext(args.model_path.rstrip("/"))[0] + ".tflite"
+    representative = None
+    if args.int8:
+        if not args.dataset:
+            raise SystemExit("n2uq-tf export: --int8 needs --dataset for calibration images")
+        from n2uq_tf import data
+        ds = data.load_dataset(args.dataset, "train", batch_size=16, image_size=model.input_shape[1],
+                               data_dir=args.data_dir, training=False)
+        batches = [x.numpy() for x, _ in ds.take(args.calibration_batches)]
+
+        def representative():
+            for batch in batches:
+                for image in batch:
+                    yield [image[None]]
+    _, report = export_tflite(model, output, inference_type="int8" if args.int8 else "float",
+                              representative_dataset=representative, return_report=True)
+    print(report)
+    print(f"wrote {output} ({os.path.getsize(output):,} bytes)")
+    return 0
+
+
+def command_inspect(args):
+    from n2uq_tf.export import inspect_tflite
+    info = inspect_tflite(args.model_path)
+    print(json.dumps(info.to_dict(), indent=1, default=str) if args.json else info)
+    return 0
+
+
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report,
-            "benchmark": command_benchmark}
+            "export": command_export, "inspect": command_inspect, "benchmark": command_benchmark}
 
 
 def main(argv=None):

@@ -25,14 +25,15 @@ def run_cli(*args):
 def test_help_explains_every_command():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr[-2000:]
-    for word in ("train", "evaluate", "report", "Examples:"):
+    for word in ("train", "evaluate", "report", "export", "inspect", "benchmark", "Examples:"):
         assert word in result.stdout
     train = run_cli("train", "--help")
     assert train.returncode == 0
     for option in ("--teacher", "--bits", "--resume", "--frozen-thresholds", "--float-downsample", "digits"):
         assert option in train.stdout
     assert run_cli("evaluate", "--help").returncode == 0
-    assert run_cli("report", "--help").returncode == 0
+    for command in ("report", "export", "inspect", "benchmark"):
+        assert run_cli(command, "--help").returncode == 0
 
 
 def test_unknown_model_is_an_argparse_error():
@@ -138,3 +139,29 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert cli.main(["train", "--dataset", "cifar10", "--data-dir", empty, "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "cifar10" in err and "download" in err
+
+
+def test_export_inspect_benchmark(finished_run, tmp_path, capsys):
+    student = os.path.join(finished_run, "student.keras")
+    tflite_path = str(tmp_path / "student.tflite")
+    assert cli.main(["export", student, "-o", tflite_path]) == 0
+    out = capsys.readouterr().out
+    assert "N2UQConv2D" in out and f"wrote {tflite_path}" in out
+    assert cli.main(["inspect", tflite_path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["file_bytes"] == os.path.getsize(tflite_path)
+    assert cli.main(["inspect", tflite_path]) == 0
+    assert "N2UQQuantizePack x20" in capsys.readouterr().out
+    assert cli.main(["benchmark", tflite_path, "--runs", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "with n2uq delegate" in out and "N2UQConv2D" in out
+    # The exported student gives the Keras student's predictions in the stock interpreter.
+    x, _ = n2uq_tf.data.digits_arrays(image_size=8)[1]
+    keras_out = n2uq_tf.load_model(student).predict(x[:4], verbose=0)
+    interpreter = n2uq_tf.tflite.Interpreter(tflite_path)
+    inp, outp = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(inp["index"], [4, 8, 8, 3])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x[:4])
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(outp["index"]), keras_out, atol=1e-4)
