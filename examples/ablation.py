@@ -1,0 +1,199 @@
+"""The N2UQ paper's ablations (Tables 3 and 4) at toy scale, over several seeds.
+
+    python examples/ablation.py [--dataset digits|cifar10] [--seeds 3] [--epochs 6] [--output ablation_out]
+
+Per seed: a float ResNet-20 teacher, then 2-bit students distilled from it (the paper's
+recipe: pure distillation, Adam with quantizer parameters at lr/10, linear decay), one per
+quantizer combination:
+
+Table 3 (what each N2UQ component adds):
+  baseline                           uniform thresholds (STE), no weight scaling
+  + threshold learning (G-STE)       learned thresholds,       no weight scaling
+  + entropy-preserving weights       uniform thresholds (STE), entropy-preserving weights
+  both (N2UQ)                        learned thresholds,       entropy-preserving weights
+Table 4 (weight quantization, with learned thresholds):
+  no weight scaling / learnable scale (LSQ-style, per channel) / entropy-preserving
+
+Rows that are the same configuration (Table 4's "no weight scaling" is Table 3's
+"+ threshold learning", its "entropy-preserving" Table 3's "both") are trained once.
+Prints both tables as Markdown (test accuracy, mean +- std over seeds) and writes them with
+a bar plot (error bars = std) to the output folder. The default, digits (offline, scikit-learn),
+runs in a few minutes on 2 CPU cores; ``--dataset cifar10`` needs CIFAR-10 prepared for TFDS.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+import n2uq_tf  # noqa: E402
+from n2uq_tf import data, models  # noqa: E402
+
+# (weight_method, activation_method) per configuration.
+CONFIGS = {
+    "uniform+none": ("none", "uniform"),
+    "n2uq+none": ("none", "n2uq"),
+    "uniform+ep": ("n2uq", "uniform"),
+    "n2uq+ep": ("n2uq", "n2uq"),
+    "n2uq+learnable": ("learnable", "n2uq"),
+}
+TABLE3 = [("baseline (uniform thresholds, STE)", "uniform+none"),
+          ("+ threshold learning (G-STE)", "n2uq+none"),
+          ("+ entropy-preserving weights", "uniform+ep"),
+          ("both (N2UQ)", "n2uq+ep")]
+TABLE4 = [("no weight scaling", "n2uq+none"),
+          ("learnable scale", "n2uq+learnable"),
+          ("entropy-preserving (N2UQ)", "n2uq+ep")]
+FLOAT_LAYERS = ["stem_conv", "fc"]  # n2uq_tf.models' plan: float stem conv and classifier
+
+DEFAULTS = {  # per dataset: image size, ResNet-20 width, batch, epochs
+    "digits": dict(image_size=16, width=8, batch=32, epochs=6),
+    "cifar10": dict(image_size=32, width=16, batch=128, epochs=30),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DEFAULTS), default="digits")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="epochs for the teacher and each student")
+    parser.add_argument("--width", type=int, help="ResNet-20 width (16 is the standard)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--train-images", type=int, help="use only the first N training images (quick runs)")
+    parser.add_argument("--data-dir", help="TFDS data_dir for cifar10")
+    parser.add_argument("--output", default="ablation_out")
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.dataset].items():
+        name = {"batch": "batch_size"}.get(key, key)
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
+def load(args, seed):
+    if args.dataset == "digits":
+        train = data.load_dataset("digits", "train", batch_size=args.batch_size, image_size=args.image_size,
+                                  seed=seed)
+        test = data.load_dataset("digits", "test", batch_size=256, image_size=args.image_size)
+        train_count = data.dataset_info("digits").splits["train"]
+    else:
+        kw = dict(image_size=args.image_size, data_dir=args.data_dir)
+        train = data.load_dataset("cifar10", "train", batch_size=args.batch_size, seed=seed, **kw)
+        test = data.load_dataset("cifar10", "test", batch_size=256, **kw)
+        train_count = data.dataset_info("cifar10").splits["train"]
+    if args.train_images:
+        train = train.unbatch().take(args.train_images).batch(args.batch_size, drop_remainder=True)
+        train_count = min(train_count, args.train_images)
+    return train, test, max(1, train_count // args.batch_size)
+
+
+def train_teacher(args, train, test, steps):
+    teacher = models.resnet20(num_classes=10, input_shape=(args.image_size, args.image_size, 3), width=args.width,
+                              name="teacher")
+    teacher.compile(keras.optimizers.Adam(n2uq_tf.LinearEpochDecay(3e-3, args.epochs, steps)),
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    teacher.fit(train, epochs=args.epochs, verbose=0)
+    return teacher, teacher.evaluate(test, verbose=0)[1]
+
+
+def train_student(args, teacher, train, test, steps, weight_method, activation_method):
+    student = n2uq_tf.quantize_model(teacher, args.bits, weight_method=weight_method,
+                                     activation_method=activation_method, skip_layers=FLOAT_LAYERS)
+    distiller = n2uq_tf.DistillationModel(student, teacher)
+    distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=args.epochs, steps_per_epoch=steps),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    distiller.fit(train, epochs=args.epochs, verbose=0)
+    return distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+
+
+def markdown_table(title, rows, results):
+    lines = [f"**{title}**", "", "| configuration | test accuracy (%) |", "|---|---|"]
+    for label, key in rows:
+        acc = 100 * np.asarray(results[key])
+        lines.append(f"| {label} | {acc.mean():.2f} ± {acc.std():.2f} |")
+    return "\n".join(lines)
+
+
+def plot(tables, results, path, title):
+    """Bar plot with std error bars; a Figure on the Agg canvas (no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(tables), sharey=True)
+    for ax, (name, rows) in zip(np.atleast_1d(axes), tables):
+        acc = [100 * np.asarray(results[key]) for _, key in rows]
+        means, stds = [a.mean() for a in acc], [a.std() for a in acc]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([label.replace(" (", "\n(") for label, _ in rows], fontsize=8)
+        ax.set_title(name)
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, low - 5), 100)
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        load(args, 0)
+    except data.DatasetNotAvailableError as error:
+        sys.exit(f"{args.dataset} is not available: {error}")
+    results = {key: [] for key in CONFIGS}
+    teachers = []
+    for seed in range(args.seeds):
+        keras.utils.set_random_seed(seed)
+        train, test, steps = load(args, seed)
+        teacher, teacher_acc = train_teacher(args, train, test, steps)
+        teachers.append(teacher_acc)
+        print(f"seed {seed}: float teacher {100 * teacher_acc:.2f}%", flush=True)
+        for key, (weight_method, activation_method) in CONFIGS.items():
+            keras.utils.set_random_seed(1000 + seed)  # the same student initialisation noise per row
+            acc = train_student(args, teacher, train, test, steps, weight_method, activation_method)
+            results[key].append(acc)
+            print(f"  W:{weight_method:9s} A:{activation_method:7s} {100 * acc:.2f}%", flush=True)
+
+    b = args.bits
+    setting = (f"{args.dataset}, ResNet-20 width {args.width}, {args.image_size}x{args.image_size}, "
+               f"W{b}A{b}, {args.epochs} epochs, batch {args.batch_size}, {args.seeds} seed(s), "
+               f"mean ± std over seeds")
+    teacher_acc = 100 * np.asarray(teachers)
+    text = "\n\n".join([
+        f"Ablations ({setting}); float teacher {teacher_acc.mean():.2f} ± {teacher_acc.std():.2f}%",
+        markdown_table("Table 3: N2UQ components", TABLE3, results),
+        markdown_table("Table 4: weight quantization (learned thresholds)", TABLE4, results),
+    ])
+    print("\n" + text)
+    n2uq, uniform = np.mean(results["n2uq+ep"]), np.mean(results["uniform+none"])
+    print(f"\nfull N2UQ {'>=' if n2uq >= uniform else '<'} uniform baseline on the mean "
+          f"({100 * n2uq:.2f}% vs {100 * uniform:.2f}%); {time.perf_counter() - start:.0f} s")
+
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "ablation.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.output, "ablation.json"), "w") as f:
+        json.dump({"settings": vars(args), "teacher": teachers, "configs": CONFIGS, "accuracy": results}, f, indent=1)
+    try:
+        plot([("Table 3", TABLE3), ("Table 4", TABLE4)], results, os.path.join(args.output, "ablation.png"),
+             setting)
+    except ImportError as error:
+        print(f"(plot skipped: {error})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
