@@ -373,7 +373,12 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
           int64_t last = (job.in_width - 1 - offset) / stride + 1;
           if (job.in_width - 1 - offset < 0) last = 0;
           if (last > job.out_width) last = job.out_width;
-          for (int64_t ow = first; ow < last; ++ow) out[ow] += row[ow * stride + offset];
+          if (stride == 1) {  // contiguous: the compiler vectorizes it
+            const int32_t* in = row + offset;
+            for (int64_t ow = first; ow < last; ++ow) out[ow] += in[ow];
+          } else {
+            for (int64_t ow = first; ow < last; ++ow) out[ow] += row[ow * stride + offset];
+          }
         }
       }
     }

@@ -32,9 +32,10 @@ void conv_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < row_stage; ++i) stage[i] = 0;
     const uint64_t* in_row = j.input + row * j.in_width * plane_words;
     int32_t* sums = j.pixel_sums + row * j.in_width;
+    // Padded column x + pad_left = column * stride + phase, stepped without a division per pixel.
+    int64_t phase = j.pad_left % j.stride_width, column = j.pad_left / j.stride_width;
     for (int64_t x = 0; x < j.in_width; ++x) {
-      const int64_t padded = x + j.pad_left;
-      const int64_t phase = padded % j.stride_width, column = padded / j.stride_width;
+      if (x > 0 && ++phase == j.stride_width) phase = 0, ++column;
       uint64_t* dst = stage + phase * plane_words * j.stage_width + column;
       const uint64_t* src = in_row + x * plane_words;
       int64_t pixel_sum = 0;
