@@ -290,7 +290,7 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 struct Scratch {
   std::vector<uint64_t> stage, weights;
   std::vector<int32_t> pixel_sums, out_sums;
-  std::vector<int64_t> tap_columns;
+  std::vector<int64_t> tap_offsets;
 };
 
 Scratch& scratch() {
@@ -334,7 +334,7 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
     ensure(s.pixel_sums, pixels);
     ensure(s.out_sums, out_pixels);
     ensure(s.weights, group_words);
-    ensure(s.tap_columns, job.kernel_width);
+    ensure(s.tap_offsets, taps * words);
   } catch (const std::bad_alloc&) {
     N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
   }
@@ -344,14 +344,19 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   int32_t* out_sums = s.out_sums.data();
   job.group_weights = grouped;
   job.out_sums = out_sums;
-  // Tap kw reads padded column ow * stride + kw * dilation = (ow + q) * stride + phase,
-  // i.e. word q of stride phase `phase` in the staged row.
-  for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
-    const int64_t padded = kw * job.dilation_width;
-    s.tap_columns[size_t(kw)] = (padded % job.stride_width) * job.act_bits * words * job.stage_width +
-                                padded / job.stride_width;
-  }
-  job.tap_columns = s.tap_columns.data();
+  // Tap (kh, kw) of output column ow reads input row ih0 + kh * dilation_h and padded
+  // column ow * stride + kw * dilation_w = (ow + q) * stride + phase: word q of stride
+  // phase `phase` in the staged row ([phase][act_bits][words][stage_width]).
+  const int64_t plane = words * job.stage_width, row_stride = int64_t(job.stride_width) * job.act_bits * plane;
+  for (int64_t kh = 0; kh < job.kernel_height; ++kh)
+    for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
+      const int64_t padded = kw * job.dilation_width;
+      const int64_t column = (padded % job.stride_width) * job.act_bits * plane + padded / job.stride_width;
+      for (int64_t c = 0; c < words; ++c)
+        s.tap_offsets[size_t((kh * job.kernel_width + kw) * words + c)] =
+            kh * job.dilation_height * row_stride + column + c * job.stage_width;
+    }
+  job.tap_offsets = s.tap_offsets.data();
   pool().run(num_threads, job.groups, [&](int64_t g) { table->conv_group_weights(job, grouped, g); });
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_stage_rows(job, b, e); });
   // S_m of each output's receptive field, once per pixel rather than per channel block:

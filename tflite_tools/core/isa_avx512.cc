@@ -99,33 +99,33 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
   // Staged rows (conv_stage_rows): [stride phase][A][words][stage_width], so pixel p of a
   // tap is word p of the tap's base (an immediate offset) and the planes are A pointers.
   const int64_t words = j.words, width = j.stage_width, plane = words * width;
-  const int64_t phase_stride = (int64_t)A * plane;
+  const int64_t row_stride = (int64_t)j.stride_width * A * plane;  // one input row of the stage
   const int64_t tap_words = words * WB * kGroupLanes;
-  const int64_t kernel_width = j.kernel_width, group_stride = j.kernel_height * kernel_width * tap_words;
-  const uint64_t* w = j.group_weights + g * group_stride;
-  const int64_t* const column = j.tap_columns;
-  for (int64_t kh = 0; kh < j.kernel_height; ++kh, w += kernel_width * tap_words) {
-    const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
-    if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
-    const uint64_t* row = j.stage + (n * j.in_height + ih) * j.stride_width * phase_stride + ow0;
-    const uint64_t* wt = w;
-    for (int64_t kw = 0; kw < kernel_width; ++kw) {
-      const uint64_t* a = row + column[kw];
-      for (int64_t c = 0; c < words; ++c, a += width, wt += WB * kGroupLanes) {
-        __m512i wv[G][WB];
+  const int64_t group_stride = (int64_t)j.kernel_height * j.kernel_width * tap_words;
+  // Rows outside the input are zero padding (m = 0 adds nothing): only kernel rows
+  // [kh_begin, kh_end) are visited. Their (tap, word) steps are one flat run of
+  // tap_offsets, and the weights are stored in the same order, WB * 8 words per step.
+  const int64_t ih0 = oh * j.stride_height - j.pad_top, dh = j.dilation_height;
+  const int64_t kh_begin = ih0 >= 0 ? 0 : (-ih0 + dh - 1) / dh;
+  int64_t kh_end = j.in_height - 1 - ih0 < 0 ? 0 : (j.in_height - 1 - ih0) / dh + 1;
+  if (kh_end > j.kernel_height) kh_end = j.kernel_height;
+  const int64_t steps_per_row = (int64_t)j.kernel_width * words;
+  const int64_t base = (n * j.in_height + ih0) * row_stride + ow0;  // + offset >= 0 for visited rows
+  const int64_t* offset = j.tap_offsets + kh_begin * steps_per_row;
+  const int64_t* const offset_end = j.tap_offsets + kh_end * steps_per_row;
+  const uint64_t* wt = j.group_weights + g * group_stride + kh_begin * steps_per_row * WB * kGroupLanes;
+  for (; offset < offset_end; ++offset, wt += WB * kGroupLanes) {
+    const uint64_t* a = j.stage + (base + *offset);
+    __m512i wv[G][WB];
+    for (int h = 0; h < G; ++h)
+      for (int b = 0; b < WB; ++b) wv[h][b] = _mm512_loadu_si512((const void*)(wt + h * group_stride + b * kGroupLanes));
+    for (int p = 0; p < P; ++p)
+      for (int i = 0; i < A; ++i) {
+        const __m512i av = _mm512_set1_epi64((long long)a[i * plane + p]);
         for (int h = 0; h < G; ++h)
           for (int b = 0; b < WB; ++b)
-            wv[h][b] = _mm512_loadu_si512((const void*)(wt + h * group_stride + b * kGroupLanes));
-        for (int p = 0; p < P; ++p)
-          for (int i = 0; i < A; ++i) {
-            const __m512i av = _mm512_set1_epi64((long long)a[i * plane + p]);
-            for (int h = 0; h < G; ++h)
-              for (int b = 0; b < WB; ++b)
-                acc[p][h][i + b] =
-                    _mm512_add_epi64(acc[p][h][i + b], _mm512_popcnt_epi64(_mm512_and_si512(av, wv[h][b])));
-          }
+            acc[p][h][i + b] = _mm512_add_epi64(acc[p][h][i + b], _mm512_popcnt_epi64(_mm512_and_si512(av, wv[h][b])));
       }
-    }
   }
   // out = multiplier * (2 * S_mk - n_w * S_m) + bias (derivation in conv_block, kernels_impl.h),
   // S_mk = sum_s 2^s acc[s]; int32 exact, then a float multiply and a separate add (no FMA).
