@@ -41,11 +41,13 @@ from n2uq_tf import ops
 __all__ = [
     "half_step_thresholds", "count_above",
     "dorefa_activation", "dorefa_weights", "dorefa_weight_codes",
-    "pact_activation",
-    "lsq_activation", "lsq_weights", "lsq_weight_codes", "lsq_weight_range", "lsq_grad_scale",
-    "daq_temperature", "daq_soft_round", "daq_activation", "daq_weights", "daq_weight_codes",
+    "pact_activation", "pact_levels",
+    "lsq_activation", "lsq_activation_levels", "lsq_weights", "lsq_weight_codes", "lsq_weight_range",
+    "lsq_grad_scale", "lsq_init",
+    "daq_temperature", "daq_soft_round", "daq_activation", "daq_weights", "daq_weight_codes", "daq_weight_scale",
     "DAQ_ACT_TEMPERATURE", "DAQ_ACT_SIGMA", "DAQ_WEIGHT_TEMPERATURE", "DAQ_WEIGHT_SIGMA",
     "noscale_weights", "noscale_weight_codes", "learnable_scale_weights", "learnable_scale_codes",
+    "learnable_scale_grad_scale",
 ]
 
 # The authors' DAQ settings (configs/DAQ/resnet20_DAQ_W1A1.yml: a_temp 2, a_sig 2; the weight
@@ -392,6 +394,7 @@ def learnable_scale_codes(w, alpha, bits):
     return tf.cast(tf.round((tf.clip_by_value(ratio, -1.0, 1.0) + 1.0) * (n / 2.0)), tf.int32)
 
 
+@tf.autograph.experimental.do_not_convert
 def learnable_scale_grad_scale(w, channel_axis, bits):
     """1 / sqrt(N_c * 2^(b-1)): LSQ's g with N the weights per channel and Q_P the positive levels."""
     w = tf.convert_to_tensor(w)

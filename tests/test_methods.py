@@ -359,3 +359,12 @@ def test_every_quantizer_is_registered_for_loading():
             if cls is not None:
                 assert objects[cls.__name__] is cls
                 assert keras.saving.get_registered_object(f"n2uq_tf>{cls.__name__}") is cls
+
+
+@pytest.mark.parametrize("weight_method, activation_method", [("learnable", "n2uq"), ("daq", "daq"), ("lsq", "lsq")])
+def test_functional_model_with_data_initialised_methods(small_cnn, batch, weight_method, activation_method):
+    """A Functional model (cloned through autograph, unlike the Sequential one above) builds and trains."""
+    q = n2uq_tf.quantize_model(small_cnn, 2, weight_method=weight_method, activation_method=activation_method)
+    q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = q.fit(*batch, epochs=1, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))

@@ -299,7 +299,9 @@ class LearnableScaleWeightQuantizer(_WeightBase):
 
     def __call__(self, inputs, training, weights, **kwargs):
         alpha = _lazy(weights["alpha"], weights["initialized"], lambda: self._init(inputs))
-        return tf.cast(m.learnable_scale_weights(inputs, alpha, self.bits, self.channel_axis), inputs.dtype)
+        grad_scale = m.learnable_scale_grad_scale(inputs, self.channel_axis, self.bits)  # static shapes
+        return tf.cast(m.learnable_scale_weights(inputs, alpha, self.bits, self.channel_axis, grad_scale),
+                       inputs.dtype)
 
     def integer_view(self, w, variables):
         alpha = _numpy(variables["alpha"]).astype(np.float64)
