@@ -289,7 +289,7 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 // layer's regrouped weights are 590 KB). Grows, never shrinks; contents are rewritten.
 struct Scratch {
   std::vector<uint64_t> stage, weights;
-  std::vector<int32_t> pixel_sums, out_sums;
+  std::vector<int32_t> pixel_sums;
   std::vector<int64_t> tap_offsets;
 };
 
@@ -321,18 +321,16 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   job.stage_width = staged_width(job);
   job.groups = int32_t((int64_t(job.out_channels) + kGroupLanes - 1) / kGroupLanes);
   job.group_chunks = int32_t((int64_t(job.groups) + kGroupChunk - 1) / kGroupChunk);
-  int64_t rows = 0, stage_words = 0, pixels = 0, out_pixels = 0, group_words = 0;
+  int64_t rows = 0, stage_words = 0, pixels = 0, group_words = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) ||
       !mul_ok(rows, int64_t(job.stride_width) * job.act_bits * words, &stage_words) ||
       !mul_ok(stage_words, job.stage_width, &stage_words) || !mul_ok(rows, job.in_width, &pixels) ||
-      !mul_ok(int64_t(job.batch) * job.out_height, job.out_width, &out_pixels) ||
       !mul_ok(int64_t(job.groups) * kGroupLanes * taps, words * job.weight_bits, &group_words))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
   try {
     ensure(s.stage, stage_words);
     ensure(s.pixel_sums, pixels);
-    ensure(s.out_sums, out_pixels);
     ensure(s.weights, group_words);
     ensure(s.tap_offsets, taps * words);
   } catch (const std::bad_alloc&) {
@@ -341,9 +339,7 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   job.stage = s.stage.data();
   job.pixel_sums = s.pixel_sums.data();
   uint64_t* grouped = s.weights.data();
-  int32_t* out_sums = s.out_sums.data();
   job.group_weights = grouped;
-  job.out_sums = out_sums;
   // Tap (kh, kw) of output column ow reads input row ih0 + kh * dilation_h and padded
   // column ow * stride + kw * dilation_w = (ow + q) * stride + phase: word q of stride
   // phase `phase` in the staged row ([phase][act_bits][words][stage_width]).
@@ -357,36 +353,15 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
             kh * job.dilation_height * row_stride + column + c * job.stage_width;
     }
   job.tap_offsets = s.tap_offsets.data();
-  pool().run(num_threads, job.groups, [&](int64_t g) { table->conv_group_weights(job, grouped, g); });
-  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_stage_rows(job, b, e); });
-  // S_m of each output's receptive field, once per pixel rather than per channel block:
-  // per tap, the range of output columns whose input column is inside the row, so the
-  // inner loop has no branch.
-  parallel_ranges(num_threads, int64_t(job.batch) * job.out_height, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t oh = r % job.out_height, n = r / job.out_height;
-      int32_t* out = out_sums + r * job.out_width;
-      for (int64_t ow = 0; ow < job.out_width; ++ow) out[ow] = 0;
-      for (int64_t kh = 0; kh < job.kernel_height; ++kh) {
-        const int64_t ih = oh * job.stride_height + kh * job.dilation_height - job.pad_top;
-        if (ih < 0 || ih >= job.in_height) continue;
-        const int32_t* row = job.pixel_sums + (n * job.in_height + ih) * job.in_width;
-        for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
-          // iw = ow * stride + offset must lie in [0, in_width).
-          const int64_t offset = kw * job.dilation_width - job.pad_left, stride = job.stride_width;
-          const int64_t first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-          int64_t last = (job.in_width - 1 - offset) / stride + 1;
-          if (job.in_width - 1 - offset < 0) last = 0;
-          if (last > job.out_width) last = job.out_width;
-          if (stride == 1) {  // contiguous: the compiler vectorizes it
-            const int32_t* in = row + offset;
-            for (int64_t ow = first; ow < last; ++ow) out[ow] += in[ow];
-          } else {
-            for (int64_t ow = first; ow < last; ++ow) out[ow] += row[ow * stride + offset];
-          }
-        }
-      }
-    }
+  // Regrouping and staging are independent: one parallel pass (one wake-up and barrier
+  // for the workers instead of two), groups first, then about 4 row ranges per thread.
+  int64_t row_chunk = (rows + 4 * num_threads - 1) / (4 * num_threads);
+  if (row_chunk < 1) row_chunk = 1;
+  const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
+  pool().run(num_threads, job.groups + row_tasks, [&](int64_t t) {
+    if (t < job.groups) return table->conv_group_weights(job, grouped, t);
+    const int64_t begin = (t - job.groups) * row_chunk;
+    table->conv_stage_rows(job, begin, begin + row_chunk < rows ? begin + row_chunk : rows);
   });
   const int64_t items = int64_t(job.batch) * job.out_height * job.group_chunks;
   pool().run(num_threads, items, [&](int64_t item) { table->conv_group_item(job, item); });

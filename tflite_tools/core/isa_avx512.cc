@@ -90,7 +90,8 @@ void group_weights(const ConvJob& j, uint64_t* grouped, int64_t g) {
 
 // P output pixels (ow0 ..) x one channel group of output row (n, oh).
 template <int A, int WB, int P, int G>
-inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int64_t ow0) {
+inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int64_t ow0,
+                        const int32_t* sums /* S_m of pixels ow0 .. ow0 + P - 1 */) {
   constexpr int S = A + WB - 1;
   __m512i acc[P][G][S];
   for (int p = 0; p < P; ++p)
@@ -137,7 +138,6 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
   float* const out_float = j.out_float;
   int32_t* const out_int32 = j.out_int32;
   const int64_t pixel0 = (n * j.out_height + oh) * j.out_width + ow0;
-  const int32_t* const sums = j.out_sums + pixel0;
   __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
   if (out_float) {
     multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
@@ -173,7 +173,7 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
 constexpr int group_count(int sums) { return sums <= 3 ? 2 : 1; }
 constexpr int group_pixels(int sums) { return 24 / (sums * group_count(sums)); }
 
-typedef void (*GroupBlockFn)(const ConvJob&, int64_t, int64_t, int64_t, int64_t);
+typedef void (*GroupBlockFn)(const ConvJob&, int64_t, int64_t, int64_t, int64_t, const int32_t*);
 
 template <int A, int WB, int P, int G>
 struct GroupBlocks {
@@ -187,25 +187,52 @@ struct GroupBlocks<A, WB, 0, G> {
   static void fill(GroupBlockFn*) {}
 };
 
+// S_m (sum of codes over the receptive field) of output pixels [begin, end) of row
+// (n, oh), from the staged per-pixel sums: per tap, the range of output columns whose
+// input column lies inside the row, so the inner loop has no branch.
+void row_sums(const ConvJob& j, int64_t n, int64_t oh, int64_t begin, int64_t end, int32_t* out) {
+  for (int64_t ow = begin; ow < end; ++ow) out[ow - begin] = 0;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+    const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
+    if (ih < 0 || ih >= j.in_height) continue;
+    const int32_t* row = j.pixel_sums + (n * j.in_height + ih) * j.in_width;
+    for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
+      // iw = ow * stride + offset must lie in [0, in_width).
+      const int64_t offset = kw * j.dilation_width - j.pad_left, stride = j.stride_width;
+      int64_t first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+      int64_t last = j.in_width - 1 - offset < 0 ? 0 : (j.in_width - 1 - offset) / stride + 1;
+      if (first < begin) first = begin;
+      if (last > end) last = end;
+      for (int64_t ow = first; ow < last; ++ow) out[ow - begin] += row[ow * stride + offset];
+    }
+  }
+}
+
 template <int A, int WB>
 void group_item_bits(const ConvJob& j, int64_t item) {
   constexpr int S = A + WB - 1, G = group_count(S), kMax = group_pixels(S);
+  constexpr int64_t kSegment = 256;  // output columns per S_m buffer
   GroupBlockFn blocks[kMax + 1], single[kMax + 1];
   GroupBlocks<A, WB, kMax, G>::fill(blocks);
   GroupBlocks<A, WB, kMax, 1>::fill(single);  // an odd last group
   const int64_t chunk = item % j.group_chunks, row = item / j.group_chunks;
   const int64_t oh = row % j.out_height, n = row / j.out_height;
   const int64_t g_end = (chunk + 1) * kGroupChunk < j.groups ? (chunk + 1) * kGroupChunk : j.groups;
-  // The row in equal blocks of at most kMax pixels (7 = one block of 7, 28 = 4 x 7): no
-  // lane or pixel is wasted and every block keeps as many pixels per weight load as fit.
-  const int64_t count = (j.out_width + kMax - 1) / kMax;
-  const int64_t base = j.out_width / count, longer = j.out_width % count;
-  for (int64_t g = chunk * kGroupChunk; g < g_end; g += G) {
-    GroupBlockFn* table = g + G <= g_end ? blocks : single;
-    for (int64_t b = 0, ow = 0; b < count; ++b) {
-      const int64_t width = base + (b < longer ? 1 : 0);
-      table[width](j, n, oh, g, ow);
-      ow += width;
+  int32_t sums[kSegment];
+  for (int64_t seg = 0; seg < j.out_width; seg += kSegment) {
+    const int64_t seg_width = j.out_width - seg < kSegment ? j.out_width - seg : kSegment;
+    row_sums(j, n, oh, seg, seg + seg_width, sums);
+    // The segment in equal blocks of at most kMax pixels (7 = one block of 7, 28 = 4 x 7):
+    // no lane or pixel is wasted and every block keeps as many pixels per weight load as fit.
+    const int64_t count = (seg_width + kMax - 1) / kMax;
+    const int64_t base = seg_width / count, longer = seg_width % count;
+    for (int64_t g = chunk * kGroupChunk; g < g_end; g += G) {
+      GroupBlockFn* table = g + G <= g_end ? blocks : single;
+      for (int64_t b = 0, x = 0; b < count; ++b) {
+        const int64_t width = base + (b < longer ? 1 : 0);
+        table[width](j, n, oh, g, seg + x, sums + x);
+        x += width;
+      }
     }
   }
 }

@@ -44,7 +44,6 @@ struct ConvJob {
   // output channels, so weights are regrouped; the input is staged as above.
   int32_t groups, group_chunks;    // groups = ceil(out_channels / kGroupLanes)
   const uint64_t* group_weights;   // [groups][KH][KW][words][weight_bits][kGroupLanes], zero past OC
-  const int32_t* out_sums;         // [N][OH][OW]: S_m over each output's receptive field
   // [KH][KW][words]: offset of each (tap, word) step's staged words from the staged
   // base of kernel row 0 (input row oh * stride_height - pad_top) at output column 0.
   const int64_t* tap_offsets;
