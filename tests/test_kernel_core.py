@@ -145,9 +145,10 @@ def test_conv2d_wide_channels(channels, out_channels, isas):
         _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), isas, rng)
 
 
-@pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61])
+@pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61, 300, 530])
 def test_conv2d_row_blocking(width, isas):
-    """Rows split into pixel blocks of every size up to the register limit, for every bit pair."""
+    """Rows split into pixel blocks of every size up to the register limit (and rows longer than
+    one 256-column S_m segment), for every bit pair."""
     rng = np.random.default_rng(width)
     for a_bits in (1, 2, 3, 4):
         for w_bits in (1, 2, 3, 4):
