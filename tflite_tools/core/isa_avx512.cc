@@ -146,16 +146,16 @@ inline void group_block(const ConvJob& j, int64_t n, int64_t oh, int64_t g, int6
   // Low dwords of both groups' qword lanes: channels oc0 .. oc0 + 15 in order.
   const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   for (int p = 0; p < P; ++p) {
-    __m512i total[G];
-    const __m512i correction = _mm512_set1_epi64(n_w * sums[p]);
+    // 2 * S_mk per group, then the groups' low dwords side by side and one subtraction:
+    // arithmetic mod 2^32 is exact because the final value fits int32 (check_accumulator).
+    __m512i twice[G];
     for (int h = 0; h < G; ++h) {
-      __m512i smk = acc[p][h][0];
-      for (int s = 1; s < S; ++s) smk = _mm512_add_epi64(smk, _mm512_slli_epi64(acc[p][h][s], (unsigned)s));
-      total[h] = _mm512_sub_epi64(_mm512_slli_epi64(smk, 1), correction);
+      twice[h] = _mm512_slli_epi64(acc[p][h][0], 1);
+      for (int s = 1; s < S; ++s) twice[h] = _mm512_add_epi64(twice[h], _mm512_slli_epi64(acc[p][h][s], (unsigned)s + 1));
     }
-    // Exact: every total fits int32, so its low dword is the value.
-    const __m512i as32 = G == 2 ? _mm512_permutex2var_epi32(total[0], low_dwords, total[G - 1])
-                                : _mm512_castsi256_si512(_mm512_cvtepi64_epi32(total[0]));
+    const __m512i packed = G == 2 ? _mm512_permutex2var_epi32(twice[0], low_dwords, twice[G - 1])
+                                  : _mm512_castsi256_si512(_mm512_cvtepi64_epi32(twice[0]));
+    const __m512i as32 = _mm512_sub_epi32(packed, _mm512_set1_epi32((int32_t)(n_w * sums[p])));
     const int64_t index = (pixel0 + p) * out_channels + oc0;
     if (out_int32) _mm512_mask_storeu_epi32(out_int32 + index, mask, as32);
     if (out_float) {
@@ -203,7 +203,11 @@ void row_sums(const ConvJob& j, int64_t n, int64_t oh, int64_t begin, int64_t en
       int64_t last = j.in_width - 1 - offset < 0 ? 0 : (j.in_width - 1 - offset) / stride + 1;
       if (first < begin) first = begin;
       if (last > end) last = end;
-      for (int64_t ow = first; ow < last; ++ow) out[ow - begin] += row[ow * stride + offset];
+      if (stride == 1) {  // contiguous: vectorized
+        for (int64_t ow = first; ow < last; ++ow) out[ow - begin] += row[ow + offset];
+      } else {
+        for (int64_t ow = first; ow < last; ++ow) out[ow - begin] += row[ow * stride + offset];
+      }
     }
   }
 }

@@ -22,29 +22,34 @@ constexpr int pick_register_block(int budget, int sums) {
 
 template <class O>
 void conv_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words;
-  const int64_t plane_words = (int64_t)j.act_bits * words;
+  // Job fields in locals: the uint64 stores below may alias the job's int64 fields as far
+  // as the compiler knows, which would reload every one of them per word.
+  const int64_t words = j.words, act_bits = j.act_bits, width = j.stage_width, in_width = j.in_width;
+  const int64_t stride = j.stride_width, plane_words = act_bits * words;
   const int rem = j.in_channels % 64;
   const uint64_t tail_mask = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // garbage above C must not count
-  const int64_t row_stage = (int64_t)j.stride_width * plane_words * j.stage_width;
+  const int64_t row_stage = stride * plane_words * width;
+  uint64_t* const stage_base = j.stage;
+  const uint64_t* const input = j.input;
+  int32_t* const pixel_sums = j.pixel_sums;
+  const int64_t first_phase = j.pad_left % stride, first_column = j.pad_left / stride;
   for (int64_t row = begin; row < end; ++row) {
-    uint64_t* stage = j.stage + row * row_stage;
+    uint64_t* stage = stage_base + row * row_stage;
     for (int64_t i = 0; i < row_stage; ++i) stage[i] = 0;
-    const uint64_t* in_row = j.input + row * j.in_width * plane_words;
-    int32_t* sums = j.pixel_sums + row * j.in_width;
+    const uint64_t* src = input + row * in_width * plane_words;
+    int32_t* sums = pixel_sums + row * in_width;
     // Padded column x + pad_left = column * stride + phase, stepped without a division per pixel.
-    int64_t phase = j.pad_left % j.stride_width, column = j.pad_left / j.stride_width;
-    for (int64_t x = 0; x < j.in_width; ++x) {
-      if (x > 0 && ++phase == j.stride_width) phase = 0, ++column;
-      uint64_t* dst = stage + phase * plane_words * j.stage_width + column;
-      const uint64_t* src = in_row + x * plane_words;
+    int64_t phase = first_phase, column = first_column;
+    for (int64_t x = 0; x < in_width; ++x, src += plane_words) {
+      if (x > 0 && ++phase == stride) phase = 0, ++column;
+      uint64_t* dst = stage + phase * plane_words * width + column;
       int64_t pixel_sum = 0;
-      for (int p = 0; p < j.act_bits; ++p) {
+      for (int64_t p = 0; p < act_bits; ++p) {
         int64_t plane_sum = 0;
         for (int64_t c = 0; c < words; ++c) {
           uint64_t w = src[p * words + c];
           if (c == words - 1) w &= tail_mask;
-          dst[(p * words + c) * j.stage_width] = w;
+          dst[(p * words + c) * width] = w;
           plane_sum += O::popcount64(w);
         }
         pixel_sum += plane_sum << p;
