@@ -1,6 +1,7 @@
 // C API of n2uq_core: argument validation, ISA dispatch and the thread pool.
 // Compiled without any target options; the per-ISA files hold the kernels.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
@@ -129,6 +130,11 @@ const KernelTable* table_for(int isa) {
 // Workers persist across calls (spawning threads per layer would cost more than small
 // layers take). Each call hands out task indices from an atomic counter; a task's
 // results never depend on which thread ran it, so outputs are identical for any count.
+//
+// Waking a sleeping worker (futex) takes tens of microseconds on a VM, which a 50 us
+// layer feels twice per call (staging, then the conv). So workers, and the caller
+// waiting for them, first spin for kSpin before blocking on the condition variables;
+// the spin is short so that idle workers do not keep a shared machine busy.
 class ThreadPool {
  public:
   void run(int num_threads, int64_t num_tasks, const std::function<void(int64_t)>& task) {
@@ -150,38 +156,56 @@ class ThreadPool {
       }
       job_ = &body;
       participants_ = num_threads - 1;
-      remaining_ = participants_;
-      ++generation_;
+      remaining_.store(participants_);
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     body();
+    spin_until([&] { return remaining_.load() == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return remaining_ == 0; });
+    done_.wait(lock, [&] { return remaining_.load() == 0; });
     job_ = nullptr;
   }
 
  private:
+  static constexpr auto kSpin = std::chrono::microseconds(100);
+
+  template <class Ready>
+  static void spin_until(Ready ready) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 1; !ready(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      asm volatile("yield");
+#endif
+      if (i % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) return;
+    }
+  }
+
   void worker_loop(int id) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
+      spin_until([&] { return generation_.load() != seen; });
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return generation_.load() != seen; });
+      seen = generation_.load();
       if (id >= participants_) continue;
       const std::function<void()>* job = job_;
       lock.unlock();
       (*job)();
       lock.lock();
-      if (--remaining_ == 0) done_.notify_all();
+      if (remaining_.fetch_sub(1) == 1) done_.notify_all();
     }
   }
 
   std::mutex call_mutex_, mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
-  const std::function<void()>* job_ = nullptr;
-  int participants_ = 0, remaining_ = 0;
-  uint64_t generation_ = 0;
+  const std::function<void()>* job_ = nullptr;   // guarded by mutex_
+  int participants_ = 0;                          // guarded by mutex_
+  std::atomic<int> remaining_{0};                 // written under mutex_, read spinning
+  std::atomic<uint64_t> generation_{0};           // written under mutex_, read spinning
 };
 
 ThreadPool& pool() {
@@ -314,7 +338,7 @@ int64_t staged_width(const ConvJob& job, int64_t lanes = 1) {
 }
 
 // Channel-lane path (see isa_avx512.cc): regroup the weights by kGroupLanes output
-// channels, stage a zero-padded input copy, then per output row and channel chunk.
+// channels, stage the input as the pixel-lane path does, then per output row and channel chunk.
 int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char* err, size_t err_len) {
   const int64_t words = job.words, taps = int64_t(job.kernel_height) * job.kernel_width;
   // Staged as for the pixel-lane path: adjacent output pixels read adjacent words.

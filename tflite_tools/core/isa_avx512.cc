@@ -39,8 +39,11 @@ struct Ops {
 // group are WB vector loads reused by P pixels x A planes, and the inner step is the
 // same AND + VPOPCNTQ + VPADDQ as the pixel-lane kernel. What this layout buys: every
 // lane is a real output channel (no lanes wasted on a row of 7, 14 or 28 pixels), one
-// weight pointer walks sequentially, and the epilogue stores 8 channels of a pixel
+// weight pointer walks sequentially, and the epilogue stores 8 or 16 channels of a pixel
 // contiguously instead of transposing scalars, which dominated at C = 64 (one word per tap).
+// Carry-save (Harley-Seal) accumulation was not used: on this core VPOPCNTQ + VPADDQ is
+// 2 ops per AND result and a carry-save adder is 2 VPTERNLOGQ per AND result saved, so it
+// cannot cut the op count (it pays off only where popcount is many ops, e.g. AVX2).
 
 // [OC][KH][KW][WB][words] -> [group][KH][KW][words][WB][lane], zeros past OC. Per
 // (tap, plane) the group's 8 channels x 8 consecutive words are one 8x8 transpose
