@@ -77,10 +77,10 @@ struct KernelTable {
   void (*conv_stage_rows)(const ConvJob&, int64_t begin, int64_t end);
   // Computes one work item (see ConvJob::segments / channel_chunks).
   void (*conv_item)(const ConvJob&, int64_t item);
-  // Channel-lane path, null where the ISA has none (input staged by conv_stage_rows):
-  // computes item (n * out_height + oh) * group_chunks + chunk.
+  // Channel-lane path, both null where the ISA has none (input staged by conv_stage_rows).
   // Regroups job.weights of channel group g into grouped (layout of ConvJob::group_weights).
   void (*conv_group_weights)(const ConvJob&, uint64_t* grouped, int64_t g);
+  // Computes item (n * out_height + oh) * group_chunks + chunk.
   void (*conv_group_item)(const ConvJob&, int64_t item);
   // One output row (n * out_height + oh).
   void (*depthwise_row)(const DepthwiseJob&, int64_t row);
