@@ -83,27 +83,40 @@ def _select(pairs, layers):
 
 
 def _activation_state(wrapper):
-    """Thresholds, bounds (input units) and raw parameters of a wrapper's input quantizer."""
+    """Thresholds (input units) and parameters of a wrapper's input quantizer, any method.
+
+    Every activation quantizer gives its inference thresholds through ``uniform_levels``
+    (output = step * #{x * input_scale > T_i}). N2UQ's also has the G-STE segment bounds and
+    the raw start / intervals / betas; other methods list their own scalar variables.
+    """
     quantizer, v = wrapper.input_quantizer
-    start = float(v["start"].numpy())
-    intervals = np.asarray(v["intervals"].numpy(), np.float64)
-    beta1, beta2 = float(v["beta1"].numpy()), float(v["beta2"].numpy())
-    _, bounds, thresholds = ops.segment_bounds(start, intervals.astype(np.float32))
-    # Input units: the quantizer compares beta1 * x with T_i. With beta1 = 0 there are none;
-    # show the raw values then, as quantization_report does.
-    scale = beta1 if beta1 != 0 else 1.0
-    return {"bits": quantizer.bits,
-            "thresholds": [float(t) / scale for t in thresholds.numpy()],
-            "bounds": [float(d) / scale for d in bounds.numpy()],
-            "start": start, "intervals": [float(a) for a in intervals],
-            "beta1": beta1, "beta2": beta2}
+    levels = quantizer.uniform_levels(v)
+    # Input units: the quantizer compares input_scale * x with T_i. With a zero scale there
+    # are none; show the raw values then, as quantization_report does.
+    scale = float(levels.input_scale) if float(levels.input_scale) != 0 else 1.0
+    state = {"bits": quantizer.bits, "method": getattr(quantizer, "method", "n2uq"),
+             "thresholds": [float(t) / scale for t in np.asarray(levels.thresholds)],
+             "step": float(levels.step), "bounds": []}
+    if {"start", "intervals", "beta1", "beta2"} <= set(v):
+        start = float(v["start"].numpy())
+        intervals = np.asarray(v["intervals"].numpy(), np.float64)
+        _, bounds, _ = ops.segment_bounds(start, intervals.astype(np.float32))
+        state.update(bounds=[float(d) / scale for d in bounds.numpy()], start=start,
+                     intervals=[float(a) for a in intervals], beta1=float(v["beta1"].numpy()),
+                     beta2=float(v["beta2"].numpy()))
+    else:
+        state["parameters"] = {k: float(t.numpy()) for k, t in v.items()
+                               if t.shape.rank == 0 and t.dtype.is_floating and not k.endswith("initialized")}
+    return state
 
 
 def quantizer_state(model):
-    """{layer: {"thresholds", "bounds", "start", "intervals", "beta1", "beta2", "bits"}}.
+    """{layer: {"thresholds", "bounds", "start", "intervals", "beta1", "beta2", "bits", "method", "step"}}.
 
     One entry per layer whose input is quantized; thresholds T_i / beta1 and segment
     bounds d_i / beta1 are in input units, start and intervals are the stored (unfloored)
+    variables (other methods than N2UQ: "parameters" with their scalar variables instead of
+    bounds, start, intervals and betas)
     variables. A model with a ``student`` attribute (distillation) reports the student.
     """
     return {name: _activation_state(w) for name, w in quantized_layers(model) if w.input_quantizer is not None}
@@ -180,17 +193,21 @@ def activation_inputs(model, x, layers=None, max_values=MAX_VALUES, batch_size=6
 
 
 def _weight_codes(wrapper):
-    """Codes k (int array) and W / alpha (float array) of every quantized kernel of a wrapper."""
-    config = wrapper.quantize_config
+    """Codes k (int array) and W on the [-1, 1] level axis (float array) of a wrapper's kernels.
+
+    Any weight method: its ``integer_view`` gives codes and w_q = scale * (2k - zero2) / 2, so
+    W sits at k = W / scale + zero2 / 2 on the code axis, shown as 2k/n - 1 (W / alpha for N2UQ).
+    """
+    n = ops.num_levels(wrapper.quantize_config.weight_bits)
     codes, ratios = [], []
-    for weight, _, _ in wrapper._weight_vars:
-        w = tf.convert_to_tensor(weight, tf.float32)
-        k, alpha = ops.weight_codes(w, config.weight_bits, config.channel_axis)
-        alpha = alpha.numpy()
-        ratio = w.numpy() / np.where(alpha > 0, alpha, 1.0)
-        nonzero = np.broadcast_to(alpha > 0, ratio.shape)  # all-zero channels have no codes
-        codes.append(k.numpy()[nonzero])
-        ratios.append(ratio[nonzero])
+    for weight, quantizer, variables in wrapper._weight_vars:
+        w = np.asarray(tf.convert_to_tensor(weight, tf.float32).numpy(), np.float64)
+        view = quantizer.integer_view(w, variables)
+        scale = np.broadcast_to(np.asarray(view.scale, np.float64), w.shape)
+        nonzero = scale > 0  # all-zero channels have no codes
+        position = w[nonzero] / scale[nonzero] + view.zero2 / 2.0
+        codes.append(np.asarray(view.codes).reshape(w.shape)[nonzero].astype(np.int64))
+        ratios.append(2.0 * position / n - 1.0)
     return np.concatenate(codes), np.concatenate(ratios)
 
 
@@ -305,7 +322,10 @@ def plot_thresholds(model, x, path=None, layers=None, max_layers=None, bins=60):
                         textcoords="offset points", ha="left", va="top", fontsize=7, color="#3182bd",
                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none",
                               "alpha": 0.8})
-        note = f"A{state['bits']}  $\\beta_1$={state['beta1']:.3g}  $\\beta_2$={state['beta2']:.3g}"
+        if "beta1" in state:
+            note = f"A{state['bits']}  $\\beta_1$={state['beta1']:.3g}  $\\beta_2$={state['beta2']:.3g}"
+        else:
+            note = f"A{state['bits']} {state['method']}  step={state['step']:.3g}"
         ax.text(0.98, 0.96, note, transform=ax.transAxes, ha="right", va="top", fontsize=7.5,
                 bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "0.8", "alpha": 0.85})
         ax.set_title(_short(name), fontsize=9.5)

@@ -196,3 +196,28 @@ def test_save_plots_writes_pngs_without_touching_pyplot(quantized, images, tmp_p
     assert matplotlib.get_backend() == backend and ("matplotlib.pyplot" in sys.modules) == had_pyplot
     # Without inputs only the weight levels can be drawn.
     assert plots.save_plots(quantized, None, str(tmp_path / "w")) == [str(tmp_path / "w" / "weight_levels.png")]
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa", "daq"])
+def test_other_methods_are_drawn_from_their_integer_views(method, images):
+    """Thresholds from uniform_levels, bars from integer_view codes, for every literature method."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input(images.shape[1:])
+    x = keras.layers.Conv2D(6, 3, name="c1")(inp)
+    x = keras.layers.Conv2D(5, 3, name="c2")(x)
+    model = n2uq_tf.quantize_model(keras.Model(inp, x), 2, method=method, skip_layers=None)
+    model.predict(images, verbose=0)  # data-dependent initialisations (LSQ, DAQ) happen here
+    fig = plots.plot_thresholds(model, images)
+    for ax in fig.axes:
+        quantizer, variables = wrappers_by_name(model)[ax.get_gid()].input_quantizer
+        levels = quantizer.uniform_levels(variables)
+        want = sorted(np.asarray(levels.thresholds, np.float64) / float(levels.input_scale))
+        got = sorted(l.get_xdata()[0] for l in ax.lines if l.get_gid() == "threshold")
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for ax in plots.plot_weight_levels(model).axes:
+        wrapper = wrappers_by_name(model)[ax.get_gid()]
+        (kernel, quantizer, variables), = wrapper._weight_vars
+        codes = np.asarray(quantizer.integer_view(kernel.numpy(), variables).codes).reshape(-1)
+        want = np.bincount(codes, minlength=4) / codes.size
+        (bars,) = ax.containers
+        np.testing.assert_allclose([p.get_height() for p in bars], want, atol=1e-12)

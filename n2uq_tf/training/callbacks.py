@@ -25,11 +25,15 @@ def scalar_tags(state):
         prefix = f"quantizers/{layer}/"
         for i, t in enumerate(s["thresholds"], 1):
             tags[f"{prefix}threshold_{i}"] = t
-        tags[f"{prefix}start"] = s["start"]
-        for i, a in enumerate(s["intervals"], 1):
-            tags[f"{prefix}interval_{i}"] = a
-        tags[f"{prefix}beta1"] = s["beta1"]
-        tags[f"{prefix}beta2"] = s["beta2"]
+        if "start" in s:  # N2UQ
+            tags[f"{prefix}start"] = s["start"]
+            for i, a in enumerate(s["intervals"], 1):
+                tags[f"{prefix}interval_{i}"] = a
+            tags[f"{prefix}beta1"] = s["beta1"]
+            tags[f"{prefix}beta2"] = s["beta2"]
+        else:  # other methods: their own scalars (PACT's alpha, LSQ's step, ...)
+            for name, value in s.get("parameters", {}).items():
+                tags[f"{prefix}{name}"] = value
     return tags
 
 
