@@ -83,3 +83,31 @@ def test_keras_application_exports_and_runs(application):
     convs = sum(isinstance(layer, n2uq_tf.N2UQWrapper) and type(layer.layer).__name__ == "Conv2D"
                 for layer in model.layers)
     _check(model, {"N2UQConv2D": convs, "N2UQDepthwiseConv2D": depthwise}, seed=1)
+
+
+@pytest.mark.parametrize("method, weight_method", [
+    ("uniform", None), ("dorefa", None), ("pact", None), ("daq", None), ("lsq", None), ("n2uq", "learnable"),
+    ("n2uq", "none")])
+def test_every_quantizer_method_exports_and_runs(method, weight_method):
+    """Each literature method lowers through its uniform_levels / integer_view hooks (LSQ weights,
+    with a zero level the kernels do not take yet, stay builtin and are reported) and runs in the
+    stock interpreters equal to Keras."""
+    keras.utils.set_random_seed(2)
+    float_model = models.resnet20(num_classes=10, input_shape=(16, 16, 3), width=8)
+    model = n2uq_tf.quantize_model(float_model, 2, method=method, weight_method=weight_method,
+                                   skip_layers=["stem_conv", "fc"])
+    x = np.random.default_rng(2).normal(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    model.predict(x, verbose=0)  # data-dependent initialisations (LSQ, DAQ)
+    wrappers = _quantized_convs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        content, report = export_tflite(model, return_report=True)
+    if method == "lsq":
+        assert len(report.kept_builtin) == wrappers and "zero level" in report.kept_builtin[0].reason
+    else:
+        assert len(report.lowered) == wrappers and not report.kept_builtin
+    expected = model(x, training=False).numpy()
+    scale = max(float(np.abs(expected).max()), 1.0)
+    for backend in BACKENDS:
+        got = _run(content, x, backend)
+        assert float(np.abs(got - expected).max()) <= REL_TOL * scale, backend

@@ -21,6 +21,7 @@ from n2uq_tf import ops
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU
+from n2uq_tf.quantize import methods
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
@@ -159,11 +160,14 @@ def _bn_affine(bn):
 
 
 def _activation_state(wrapper):
-    """Thresholds T (float32), beta1, beta2 and bits of a wrapper's input quantizer."""
+    """Thresholds T (float32), input scale and output step of a wrapper's input quantizer.
+
+    Any method: ``uniform_levels`` gives its inference output exactly as
+    step * #{x * input_scale > T_i} (N2UQ: input_scale beta1, step beta2 * delta).
+    """
     quantizer, v = wrapper.input_quantizer
-    _, _, thresholds = ops.segment_bounds(v["start"], v["intervals"])
-    return (thresholds.numpy().astype(np.float32), np.float32(v["beta1"].numpy()),
-            np.float32(v["beta2"].numpy()), quantizer.bits)
+    levels = quantizer.uniform_levels(v)
+    return (np.asarray(levels.thresholds, np.float32), np.float32(levels.input_scale), np.float32(levels.step))
 
 
 def _builtin_reason(wrapper, input_shape):
@@ -173,6 +177,10 @@ def _builtin_reason(wrapper, input_shape):
         return "weights not quantized (weight_bits=None)"
     if wrapper.input_quantizer is None:
         return "input not quantized (activation_bits=None)"
+    try:
+        methods.check_exportable(wrapper)
+    except ValueError as error:
+        return str(error)
     if config.weight_bits > MAX_EXPORT_BITS or config.activation_bits > MAX_EXPORT_BITS:
         return (f"W{config.weight_bits}A{config.activation_bits}: the custom ops take 1..{MAX_EXPORT_BITS} bits")
     if type(layer) not in _CONV_TYPES + _DEPTHWISE_TYPES + _DENSE_TYPES:
@@ -211,24 +219,26 @@ class _Lowered:
         self.bn = bn
         config = wrapper.quantize_config
         wb, ab = config.weight_bits, config.activation_bits
-        self.thresholds, beta1, beta2, _ = _activation_state(wrapper)
-        kernel_var, quantizer, _ = wrapper._weight_vars[0]
-        kernel = tf.convert_to_tensor(kernel_var, tf.float32)
-        codes, alpha = ops.weight_codes(kernel, wb, quantizer.channel_axis)
-        codes, alpha = codes.numpy(), alpha.numpy()
-        out_channels = int(np.prod(alpha.shape))
+        self.thresholds, input_scale, step = _activation_state(wrapper)
+        kernel_var, quantizer, variables = wrapper._weight_vars[0]
+        view = quantizer.integer_view(tf.convert_to_tensor(kernel_var, tf.float32), variables)
+        codes, weight_scale = np.asarray(view.codes), np.asarray(view.scale, np.float64)
+        out_channels = int(np.prod(weight_scale.shape))
         in_channels = self.in_channels = int(input_shape[-1])
+        n_w = 2 ** wb - 1
+        if view.zero2 != n_w:  # check_exportable keeps such layers builtin
+            raise ValueError(f"layer {layer.name!r}: weight zero2 {view.zero2} is not 2^b - 1")
 
-        # Folding. The quantizer outputs beta2 * delta_a * m (m the activation code) and the
-        # kernel is alpha_c * (2k / n_w - 1), so the layer computes
-        #   conv = beta2 * delta_a * alpha_c / n_w * (2 * sum(m k) - n_w * sum(m)) + conv_bias_c,
+        # Folding. The quantizer outputs step_a * m (m the activation code; N2UQ: step_a =
+        # beta2 * delta_a) and the kernel is scale_c * (2k - n_w) / 2 (N2UQ: scale_c = 2 alpha_c / n_w),
+        # so the layer computes
+        #   conv = step_a * scale_c / 2 * (2 * sum(m k) - n_w * sum(m)) + conv_bias_c,
         # the accumulator in brackets being what the custom op computes exactly. A following
         # BN, y = g * (conv - mean) / sqrt(var + eps) + b = s_c * conv + (b - s_c * mean), gives
-        #   multiplier_c = s_c * beta2 * delta_a * alpha_c / n_w,
+        #   multiplier_c = s_c * step_a * scale_c / 2,
         #   bias_c = s_c * (conv_bias_c - mean_c) + b_c,  s_c = g_c / sqrt(var_c + eps)
         # (g = 1 / b = 0 for a BN without scale / center). float64 here, float32 in the file.
-        n_w = 2 ** wb - 1
-        multiplier = float(beta2) * ops.level_step(ab) * alpha.reshape(-1).astype(np.float64) / n_w
+        multiplier = float(step) * weight_scale.reshape(-1) / 2.0
         conv_bias = (np.asarray(layer.bias.numpy(), np.float64).reshape(-1) if getattr(layer, "use_bias", False)
                      else np.zeros(out_channels))
         if bn is not None:
@@ -243,7 +253,7 @@ class _Lowered:
         if type(layer) in _DENSE_TYPES:
             self.kind = custom_ops.OP_FULLY_CONNECTED
             ordered = codes.T  # [IN][OUT] -> [OUT][IN]
-            self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, beta1)
+            self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale)
             self.op = custom_ops.fully_connected_fn(in_features=in_channels, out_features=out_channels,
                                                     act_bits=ab, weight_bits=wb)
             self.quantize_name = custom_ops.OP_QUANTIZE_PACK
@@ -261,7 +271,7 @@ class _Lowered:
             if type(layer) in _DEPTHWISE_TYPES:
                 self.kind = custom_ops.OP_DEPTHWISE_CONV2D
                 ordered = codes  # [KH][KW][C][M], flattened as it is
-                self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, beta1, pack=False)
+                self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale, pack=False)
                 self.quantize_name = custom_ops.OP_QUANTIZE
                 self.op = custom_ops.depthwise_conv2d_fn(
                     in_channels=in_channels, depth_multiplier=int(layer.depth_multiplier), kernel_size=(kh, kw),
@@ -269,7 +279,7 @@ class _Lowered:
             else:
                 self.kind = custom_ops.OP_CONV2D
                 ordered = codes.transpose(3, 0, 1, 2)  # HWIO -> [OC][KH][KW][IC]
-                self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, beta1)
+                self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale)
                 self.quantize_name = custom_ops.OP_QUANTIZE_PACK
                 self.op = custom_ops.conv2d_fn(
                     in_channels=in_channels, out_channels=out_channels, kernel_size=(kh, kw), strides=strides,
@@ -350,17 +360,16 @@ def _implements_of(function):
     return text_format.MessageToString(function._attributes["_implements"].func, as_one_line=True)
 
 
-def _builtin_quantize(x, thresholds, beta1, beta2, bits):
-    """The activation quantizer as TFLite builtins: level = #{x * beta1 > T_i}, times beta2 * delta."""
-    xs = tf.cast(x, tf.float32) * tf.constant(beta1, tf.float32)
+def _builtin_quantize(x, thresholds, input_scale, step):
+    """The activation quantizer as TFLite builtins: step * #{x * input_scale > T_i}."""
+    xs = tf.cast(x, tf.float32) * tf.constant(input_scale, tf.float32)
     if thresholds.size <= 15:
         level = tf.add_n([tf.cast(xs > float(t), tf.float32) for t in thresholds])
     else:
         # Bucketize counts boundaries <= x; the next float above T turns that into T < x.
         upper = np.nextafter(thresholds, np.float32(np.inf)).astype(np.float32)
         level = tf.cast(tf.raw_ops.Bucketize(input=xs, boundaries=[float(t) for t in upper]), tf.float32)
-    scale = np.float32(beta2) * np.float32(ops.level_step(bits))  # as the Keras quantizer: float32 product
-    return level * tf.constant(scale, tf.float32)
+    return level * tf.constant(step, tf.float32)
 
 
 class _KeptBuiltin:
@@ -376,7 +385,7 @@ class _KeptBuiltin:
         for (var, quantizer, variables), attr in zip(wrapper._weight_vars, self.attrs):
             w = tf.convert_to_tensor(var, tf.float32)
             count += int(np.prod(w.shape))
-            self.kernels.append(ops.quantize_weights(w, quantizer.bits, quantizer.channel_axis).numpy())
+            self.kernels.append(quantizer(w, False, weights=variables).numpy())  # the method's inference weights
         self.act = _activation_state(wrapper) if wrapper.input_quantizer is not None else None
         ops_used = ["builtin"]
         self.report = LayerExport(
