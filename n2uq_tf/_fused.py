@@ -7,36 +7,25 @@ into $XDG_CACHE_HOME/n2uq_tf). Without a C++ compiler, `load()` warns once and r
 None and ops.py uses its pure-TF reference. N2UQ_TF_DISABLE_FUSED=1 skips the kernel.
 """
 
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 
 import tensorflow as tf
+
+from n2uq_tf import _native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "n2uq_train_ops.cc")
 _lock = threading.Lock()
 _loaded = {}
 
 
-def _library_name():
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:10]
-    return f"n2uq_train_ops_tf{tf.__version__}_{digest}.so"
-
-
 def _candidate_dirs():
-    package_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [package_dir, os.path.join(cache, "n2uq_tf")]
+    return _native.library_dirs()
 
 
 def compiler():
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    return _native.compiler()
 
 
 def build_command(output):
@@ -46,41 +35,12 @@ def build_command(output):
 
 def build(force=False, verbose=True):
     """Compiles the kernel library if needed and returns its path (raises RuntimeError on failure)."""
-    name = _library_name()
-    for directory in _candidate_dirs():
-        path = os.path.join(directory, name)
-        if os.path.exists(path) and not force:
-            return path
-    errors = []
-    for directory in _candidate_dirs():
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-            os.close(fd)
-        except OSError as error:
-            errors.append(f"{directory}: {error}")
-            continue
-        if verbose:
-            print(f"n2uq_tf: building the fused quantizer kernel for TensorFlow {tf.__version__} "
-                  f"(once, ~15 s) into {directory}", file=sys.stderr)
-        try:
-            result = subprocess.run(build_command(tmp), capture_output=True, text=True)
-        except OSError as error:
-            os.unlink(tmp)
-            raise RuntimeError(f"cannot run the C++ compiler {compiler()!r}: {error}") from error
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"compiling {SOURCE} failed:\n{result.stderr[-2000:]}")
-        path = os.path.join(directory, name)
-        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
-        for old in os.listdir(directory):  # libraries of older sources or TF versions
-            if old.startswith("n2uq_train_ops_") and old.endswith(".so") and old != name:
-                try:
-                    os.unlink(os.path.join(directory, old))
-                except OSError:
-                    pass
-        return path
-    raise RuntimeError("no writable folder for the kernel library: " + "; ".join(errors))
+    # Tied to this TensorFlow's headers and ABI: the version is part of the name.
+    prefix = f"n2uq_train_ops_tf{tf.__version__}_"
+    name = _native.content_name(prefix, ["-ffp-contract=off"], [SOURCE])
+    return _native.build_library(name, build_command, f"the fused quantizer kernel for TensorFlow {tf.__version__}",
+                                 stale_prefix="n2uq_train_ops_", force=force, verbose=verbose,
+                                 directories=_candidate_dirs())
 
 
 # Called while Keras traces a model: plain Python, nothing for AutoGraph to convert.

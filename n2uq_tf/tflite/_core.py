@@ -1,10 +1,7 @@
-"""Builds (once) and wraps the TFLite-independent bit-serial kernel core (tflite_tools/core).
+"""Wraps the TFLite-independent bit-serial kernel core (tflite_tools/core) with ctypes.
 
-The C++ sources are compiled on first use into a shared library whose file name carries
-a hash of the sources and flags, so an edited source is rebuilt and concurrent builders
-never see a partial file (atomic rename). The library goes into the package folder, or
-into $XDG_CACHE_HOME/n2uq_tf if that is read-only. No -march flag: the AVX2/AVX-512
-kernels carry their own target options and are picked at run time.
+The library is built at install time or on first use by `n2uq_tf._native` (content-hashed
+name, atomic rename, no -march flag: the AVX2/AVX-512 kernels are picked at run time).
 
 Functions take NumPy arrays and return NumPy arrays; errors from the C API are raised as
 `CoreError` (a ValueError) with the library's message. `isa` is "auto" (environment
@@ -12,23 +9,18 @@ variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx5
 """
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 
 import numpy as np
 
+from n2uq_tf import _native
+
 ISAS = ("auto", "portable", "avx2", "avx512", "neon")
 MAX_BITS = 4
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SOURCE_NAMES = ("n2uq_core.h", "kernel_table.h", "kernels_impl.h", "core.cc", "isa_portable.cc", "isa_avx2.cc",
-                 "isa_avx512.cc", "isa_neon.cc")
-_COMPILED = ("core.cc", "isa_portable.cc", "isa_avx2.cc", "isa_avx512.cc", "isa_neon.cc")
-FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+_SOURCE_NAMES = _native.CORE_HEADERS_AND_SOURCES
+_COMPILED = _native.CORE_COMPILED
+FLAGS = _native.CORE_FLAGS
 _lock = threading.Lock()
 _loaded = {}
 
@@ -37,76 +29,15 @@ class CoreError(ValueError):
     """An argument the kernel core rejected (the message comes from the C library)."""
 
 
-def source_dir():
-    """The folder with the core's C++ sources (N2UQ_CORE_SOURCE_DIR overrides)."""
-    candidates = [os.environ.get("N2UQ_CORE_SOURCE_DIR"),
-                  os.path.join(_PACKAGE_DIR, "tflite", "csrc"),  # when packaged into the wheel
-                  os.path.join(os.path.dirname(_PACKAGE_DIR), "tflite_tools", "core")]  # source checkout
-    for candidate in candidates:
-        if candidate and os.path.exists(os.path.join(candidate, "n2uq_core.h")):
-            return candidate
-    raise RuntimeError("cannot find the n2uq kernel core sources (tflite_tools/core); set N2UQ_CORE_SOURCE_DIR")
-
-
-def compiler():
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
-
-
-def _library_name(directory):
-    digest = hashlib.sha256(" ".join(FLAGS + [compiler()]).encode())
-    for name in _SOURCE_NAMES:
-        with open(os.path.join(directory, name), "rb") as f:
-            digest.update(name.encode() + b"\0" + f.read())
-    return f"n2uq_core_{digest.hexdigest()[:12]}.so"
-
-
-def _candidate_dirs():
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(_PACKAGE_DIR, "_lib"), os.path.join(cache, "n2uq_tf")]
-
-
-def build_command(output, sources=None):
-    sources = sources or source_dir()
-    return [compiler()] + FLAGS + [os.path.join(sources, name) for name in _COMPILED] + ["-o", output]
+# Building lives in n2uq_tf._native (shared with the delegate and the fused training kernel).
+source_dir = _native.core_source_dir
+compiler = _native.compiler
+build_command = _native.core_build_command
 
 
 def build(force=False, verbose=True):
     """Compiles the core library if needed and returns its path (RuntimeError on failure)."""
-    sources = source_dir()
-    name = _library_name(sources)
-    for directory in _candidate_dirs():
-        path = os.path.join(directory, name)
-        if os.path.exists(path) and not force:
-            return path
-    errors = []
-    for directory in _candidate_dirs():
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-            os.close(fd)
-        except OSError as error:
-            errors.append(f"{directory}: {error}")
-            continue
-        if verbose:
-            print(f"n2uq_tf: building the bit-serial kernel core (once, ~20 s) into {directory}", file=sys.stderr)
-        try:
-            result = subprocess.run(build_command(tmp, sources), capture_output=True, text=True)
-        except OSError as error:
-            os.unlink(tmp)
-            raise RuntimeError(f"cannot run the C++ compiler {compiler()!r}: {error}") from error
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"compiling the kernel core failed:\n{result.stderr[-3000:]}")
-        path = os.path.join(directory, name)
-        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
-        for old in os.listdir(directory):  # libraries of older sources
-            if old.startswith("n2uq_core_") and old.endswith(".so") and old != name:
-                try:
-                    os.unlink(os.path.join(directory, old))
-                except OSError:
-                    pass
-        return path
-    raise RuntimeError("no writable folder for the kernel core library: " + "; ".join(errors))
+    return _native.build_core(force=force, verbose=verbose)
 
 
 class ConvShape(ctypes.Structure):

@@ -6,9 +6,8 @@ N2UQ custom ops of a model and runs them with the bit-serial kernel core, whose 
 compiled into the same library. It needs no TensorFlow or LiteRT symbols, so the same file
 works with `tf.lite.Interpreter` and `ai_edge_litert.interpreter.Interpreter`.
 
-Build like `_core.py`: g++ -O3 -fPIC -shared, no -march (the core dispatches ISAs at run
-time), a file name carrying a hash of sources and flags, atomic rename, and the user cache
-folder when the package folder is read-only.
+Built at install time or on first use by `n2uq_tf._native` (g++ -O3 -fPIC -shared, no -march:
+the core dispatches ISAs at run time; content-hashed name, atomic rename).
 
 Delegate options (strings, as for any external delegate):
   num_threads  threads for the N2UQ kernels; 0 or absent: the interpreter's num_threads
@@ -17,27 +16,23 @@ Delegate options (strings, as for any external delegate):
 """
 
 import ctypes
-import hashlib
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
+from n2uq_tf import _native
 from n2uq_tf.tflite import _core
 
 # Mirrors n2uq_tf.export.custom_ops.ALL_OPS (checked by tests) so that running a model
 # does not import TensorFlow when only ai_edge_litert is installed.
 N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
 BACKENDS = ("auto", "litert", "tflite")
-_SOURCE_NAMES = ("tflite_abi.h", "flexbuffer_options.h", "flexbuffer_options.cc", "delegate.cc")
-_COMPILED = ("delegate.cc", "flexbuffer_options.cc")
-FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno",
-         "-fvisibility=hidden"]
+_SOURCE_NAMES = _native.DELEGATE_HEADERS_AND_SOURCES
+_COMPILED = _native.DELEGATE_COMPILED
+FLAGS = _native.DELEGATE_FLAGS
 _lock = threading.Lock()
 _loaded = {}
 
@@ -46,75 +41,24 @@ class DelegateUnavailableError(RuntimeError):
     """The model has N2UQ custom ops but the delegate plugin cannot be built or loaded."""
 
 
+# Building lives in n2uq_tf._native (shared with the core and the fused training kernel).
+build_command = _native.delegate_build_command
+
+
 def source_dir():
     """The folder with the plugin's C++ sources (N2UQ_DELEGATE_SOURCE_DIR overrides)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [os.environ.get("N2UQ_DELEGATE_SOURCE_DIR"),
-                  os.path.join(package, "tflite", "csrc", "tflite"),  # if the wheel ships them
-                  os.path.join(package, "tflite", "csrc"),
-                  os.path.join(os.path.dirname(package), "tflite_tools", "tflite")]  # source checkout
-    for candidate in candidates:
-        if candidate and os.path.exists(os.path.join(candidate, "delegate.cc")):
-            return candidate
-    raise DelegateUnavailableError("cannot find the n2uq delegate sources (tflite_tools/tflite); "
-                                   "set N2UQ_DELEGATE_SOURCE_DIR")
-
-
-def _library_name(directory, core_directory):
-    digest = hashlib.sha256(" ".join(FLAGS + [_core.compiler()]).encode())
-    for folder, names in ((directory, _SOURCE_NAMES), (core_directory, _core._SOURCE_NAMES)):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    return f"n2uq_delegate_{digest.hexdigest()[:12]}.so"
-
-
-def build_command(output, sources=None, core_sources=None):
-    sources = sources or source_dir()
-    core_sources = core_sources or _core.source_dir()
-    return ([_core.compiler()] + FLAGS + ["-I" + core_sources, "-I" + sources]
-            + [os.path.join(sources, name) for name in _COMPILED]
-            + [os.path.join(core_sources, name) for name in _core._COMPILED] + ["-o", output])
+    try:
+        return _native.delegate_source_dir()
+    except _native.BuildError as error:
+        raise DelegateUnavailableError(str(error)) from error
 
 
 def build(force=False, verbose=True):
     """Compiles the delegate plugin if needed and returns its path (DelegateUnavailableError on failure)."""
-    sources, core_sources = source_dir(), _core.source_dir()
-    name = _library_name(sources, core_sources)
-    directories = _core._candidate_dirs()
-    for directory in directories:
-        path = os.path.join(directory, name)
-        if os.path.exists(path) and not force:
-            return path
-    errors = []
-    for directory in directories:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-            os.close(fd)
-        except OSError as error:
-            errors.append(f"{directory}: {error}")
-            continue
-        if verbose:
-            print(f"n2uq_tf: building the TFLite delegate plugin (once, ~20 s) into {directory}", file=sys.stderr)
-        try:
-            result = subprocess.run(build_command(tmp, sources, core_sources), capture_output=True, text=True)
-        except OSError as error:
-            os.unlink(tmp)
-            raise DelegateUnavailableError(f"cannot run the C++ compiler {_core.compiler()!r}: {error}") from error
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise DelegateUnavailableError(f"compiling the delegate plugin failed:\n{result.stderr[-3000:]}")
-        path = os.path.join(directory, name)
-        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
-        for old in os.listdir(directory):
-            if old.startswith("n2uq_delegate_") and old.endswith(".so") and old != name:
-                try:
-                    os.unlink(os.path.join(directory, old))
-                except OSError:
-                    pass
-        return path
-    raise DelegateUnavailableError("no writable folder for the delegate plugin: " + "; ".join(errors))
+    try:
+        return _native.build_delegate(force=force, verbose=verbose, error=DelegateUnavailableError)
+    except _native.BuildError as error:  # sources missing
+        raise DelegateUnavailableError(str(error)) from error
 
 
 def delegate_path():
@@ -265,7 +209,7 @@ def Interpreter(model_path=None, model_content=None, num_threads=None, backend="
 
 # ------------------------------------------------------------------ profiling and benchmark
 
-def _native(delegate):
+def _native_pointer(delegate):
     if delegate is None:
         return None
     pointer = delegate._get_native_delegate_pointer()
@@ -277,7 +221,7 @@ def kernel_profile(delegate=None):
     invocations, seconds), for the live kernels of `delegate` (all delegates if None).
     Times cover the kernel's invoke (a steady-clock span around the core call)."""
     lib = library()
-    wanted = _native(delegate)
+    wanted = _native_pointer(delegate)
     entries = []
     for i in range(lib.n2uq_delegate_profile_count()):
         owner = ctypes.c_void_p()
