@@ -412,7 +412,7 @@ def command_export(args):
     from n2uq_tf.export import export_tflite
     model = n2uq_tf.load_model(args.model_path, compile=False)
     output = args.output or os.path.splitext(args.model_path.rstrip("/"))[0] + ".tflite"
-    representative = None
+    representative = None  # calibration images, int8 only
     if args.int8:
         if not args.dataset:
             raise SystemExit("n2uq-tf export: --int8 needs --dataset for calibration images")
@@ -421,10 +421,11 @@ def command_export(args):
                                data_dir=args.data_dir, training=False)
         batches = [x.numpy() for x, _ in ds.take(args.calibration_batches)]
 
-        def representative():
+        def calibration_images():
             for batch in batches:
                 for image in batch:
                     yield [image[None]]
+        representative = calibration_images
     _, report = export_tflite(model, output, inference_type="int8" if args.int8 else "float",
                               representative_dataset=representative, return_report=True)
     print(report)

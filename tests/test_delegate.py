@@ -7,7 +7,6 @@ a subprocess so that a crash fails the test instead of killing pytest. The C++ s
 (FlexBuffer fuzzing, kernels under a fake context) runs under AddressSanitizer + UBSan.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ from tensorflow.lite.tools import flatbuffer_utils
 import n2uq_tf.tflite as n2tfl
 from n2uq_tf.export import custom_ops as co
 from n2uq_tf.tflite import _core, _delegate
+
+import native_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(ROOT, "tflite_tools", "tflite")
@@ -386,22 +387,9 @@ def test_cpp_selftest_under_asan_and_ubsan():
     sources += [os.path.join(CORE_DIR, name) for name in _core._COMPILED]
     headers = [os.path.join(PLUGIN_DIR, name) for name in ("tflite_abi.h", "flexbuffer_options.h")]
     headers += [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
-    command = [_core.compiler(), "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
-               "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-pthread", "-ffp-contract=off",
-               "-I" + CORE_DIR, "-I" + PLUGIN_DIR]
-    digest = hashlib.sha256(" ".join(command).encode())
-    for path in sources + headers:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "n2uq_tf")
-    os.makedirs(cache, exist_ok=True)
-    binary = os.path.join(cache, f"delegate_selftest_asan_{digest.hexdigest()[:12]}")
-    if not os.path.exists(binary):
-        tmp = binary + f".tmp{os.getpid()}"
-        build = subprocess.run(command + sources + ["-o", tmp], capture_output=True, text=True)
-        assert build.returncode == 0, build.stderr[-3000:]
-        os.replace(tmp, binary)
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    command = [_core.compiler()] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR, "-I" + PLUGIN_DIR]
+    binary = native_build.cached_binary("delegate_selftest_asan", command, sources, headers)
+    env = dict(os.environ, **native_build.SANITIZER_ENV)
     result = subprocess.run([binary, "3000"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "selftest: OK" in result.stdout

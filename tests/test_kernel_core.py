@@ -8,7 +8,6 @@ is installed.
 """
 
 import ctypes
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import tensorflow as tf
 
 from n2uq_tf import ops
 from n2uq_tf.tflite import _core
+
+import native_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
@@ -373,23 +374,9 @@ def test_malformed_pack_quantize_depthwise_raise():
         _core.fully_connected(np.zeros((1, 2, 1), np.int64), np.zeros((1, 2, 1), np.uint64), 10, 2, 2)
 
 
-def _cached_build(tag, command_prefix, sources, output_flag_and_extra):
-    """Compiles the self-test once per source content into the user's cache; returns the binary path."""
-    digest = hashlib.sha256(" ".join(command_prefix + output_flag_and_extra).encode())
+def _cached_build(tag, command_prefix, sources, link_flags):
     headers = [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
-    for path in sources + headers:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "n2uq_tf")
-    os.makedirs(cache, exist_ok=True)
-    binary = os.path.join(cache, f"core_selftest_{tag}_{digest.hexdigest()[:12]}")
-    if not os.path.exists(binary):
-        tmp = binary + f".tmp{os.getpid()}"
-        result = subprocess.run(command_prefix + sources + output_flag_and_extra + ["-o", tmp], capture_output=True,
-                                text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
-        os.replace(tmp, binary)
-    return binary
+    return native_build.cached_binary(f"core_selftest_{tag}", command_prefix, sources, headers, link_flags)
 
 
 def _selftest_sources():
@@ -398,10 +385,9 @@ def _selftest_sources():
 
 def test_cpp_selftest_under_asan_and_ubsan():
     compiler = _core.compiler()
-    binary = _cached_build("asan", [compiler, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
-                                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-pthread",
-                                    "-ffp-contract=off", "-I" + CORE_DIR], _selftest_sources(), [])
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    binary = _cached_build("asan", [compiler] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR],
+                           _selftest_sources(), [])
+    env = dict(os.environ, **native_build.SANITIZER_ENV)
     env.pop("N2UQ_KERNEL_ISA", None)
     result = subprocess.run([binary, "80"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,7 +1,5 @@
 """Save and load in every Keras format, with all quantizer state, and clear errors."""
 
-import json
-import os
 import zipfile
 
 import numpy as np

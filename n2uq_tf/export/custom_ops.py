@@ -125,7 +125,7 @@ def _affine(acc, multiplier, bias):
 
 
 def _implements(name, **options):
-    attrs = [f'attr {{key: "tfl_fusable_op" value {{b: true}}}}']
+    attrs = ['attr {key: "tfl_fusable_op" value {b: true}}']
     for key, value in options.items():
         if isinstance(value, bool):
             attrs.append(f'attr {{key: "{key}" value {{b: {str(value).lower()}}}}}')

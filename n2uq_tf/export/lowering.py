@@ -17,7 +17,6 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import ops
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU

@@ -9,7 +9,6 @@ variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx5
 """
 
 import ctypes
-import os
 import threading
 
 import numpy as np

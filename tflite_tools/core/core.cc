@@ -232,6 +232,32 @@ struct ConvGeometry {
   int64_t out_height, out_width;
 };
 
+// The fields both conv jobs take from a validated shape, its output size and the affine outputs.
+template <typename Job>
+void fill_job(Job& job, const N2uqConvShape* s, const ConvGeometry& g, const float* multiplier, const float* bias,
+              float* out_float, int32_t* out_int32) {
+  job.batch = s->batch;
+  job.in_height = s->in_height;
+  job.in_width = s->in_width;
+  job.in_channels = s->in_channels;
+  job.out_channels = s->out_channels;
+  job.kernel_height = s->kernel_height;
+  job.kernel_width = s->kernel_width;
+  job.stride_height = s->stride_height;
+  job.stride_width = s->stride_width;
+  job.dilation_height = s->dilation_height;
+  job.dilation_width = s->dilation_width;
+  job.pad_top = s->pad_top;
+  job.pad_left = s->pad_left;
+  job.out_height = int32_t(g.out_height);
+  job.out_width = int32_t(g.out_width);
+  job.weight_bits = s->weight_bits;
+  job.multiplier = multiplier;
+  job.bias = bias;
+  job.out_float = out_float;
+  job.out_int32 = out_int32;
+}
+
 int check_spatial(const N2uqConvShape* s, bool depthwise, ConvGeometry* g, char* err, size_t err_len) {
   N2UQ_CHECK(s != nullptr, N2UQ_ERR_ARGUMENT, "shape is NULL");
   const struct {
@@ -444,30 +470,11 @@ int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, 
                                  (1 << s->act_bits) - 1, (1 << s->weight_bits) - 1, err, err_len))
     return rc;
   ConvJob job{};
-  job.batch = s->batch;
-  job.in_height = s->in_height;
-  job.in_width = s->in_width;
-  job.in_channels = s->in_channels;
+  fill_job(job, s, g, multiplier, bias, out_float, out_int32);
   job.words = int32_t(words);
-  job.out_channels = s->out_channels;
-  job.kernel_height = s->kernel_height;
-  job.kernel_width = s->kernel_width;
-  job.stride_height = s->stride_height;
-  job.stride_width = s->stride_width;
-  job.dilation_height = s->dilation_height;
-  job.dilation_width = s->dilation_width;
-  job.pad_top = s->pad_top;
-  job.pad_left = s->pad_left;
-  job.out_height = int32_t(g.out_height);
-  job.out_width = int32_t(g.out_width);
   job.act_bits = s->act_bits;
-  job.weight_bits = s->weight_bits;
   job.input = input;
   job.weights = weights;
-  job.multiplier = multiplier;
-  job.bias = bias;
-  job.out_float = out_float;
-  job.out_int32 = out_int32;
   return run_conv(job, resolved, num_threads, err, err_len);
 }
 
@@ -693,29 +700,10 @@ int n2uq_depthwise_conv2d(const N2uqConvShape* s, const uint8_t* input, int64_t 
     N2UQ_CHECK(weights_max <= weight_max, N2UQ_ERR_ARGUMENT, "weight code %d exceeds %d for weight_bits = %d",
                weights_max, weight_max, s->weight_bits);
     DepthwiseJob job{};
-    job.batch = s->batch;
-    job.in_height = s->in_height;
-    job.in_width = s->in_width;
-    job.in_channels = s->in_channels;
+    fill_job(job, s, g, multiplier, bias, out_float, out_int32);
     job.depth_multiplier = s->out_channels / s->in_channels;
-    job.out_channels = s->out_channels;
-    job.kernel_height = s->kernel_height;
-    job.kernel_width = s->kernel_width;
-    job.stride_height = s->stride_height;
-    job.stride_width = s->stride_width;
-    job.dilation_height = s->dilation_height;
-    job.dilation_width = s->dilation_width;
-    job.pad_top = s->pad_top;
-    job.pad_left = s->pad_left;
-    job.out_height = int32_t(g.out_height);
-    job.out_width = int32_t(g.out_width);
-    job.weight_bits = s->weight_bits;
     job.input = input;
     job.weights = weights;
-    job.multiplier = multiplier;
-    job.bias = bias;
-    job.out_float = out_float;
-    job.out_int32 = out_int32;
     const KernelTable* table = table_for(resolved);
     pool().run(num_threads, int64_t(s->batch) * g.out_height, [&](int64_t row) { table->depthwise_row(job, row); });
     return N2UQ_OK;
