@@ -1,26 +1,54 @@
-"""Bit-serial conv throughput of the kernel core on ResNet-18's 3x3 layer shapes.
+"""N2UQ bit-serial kernels vs TFLite's builtin CONV_2D: per layer, end to end, and file sizes.
 
-    python benchmarks/kernels.py [--threads 1 2] [--bits 1 2 3 4] [--isa avx512 ...] [--tflite]
+    python benchmarks/kernels.py [--markdown benchmarks/RESULTS.md]      # everything, one run
+    python benchmarks/kernels.py --skip-end-to-end --skip-sizes          # per-layer part only
+    python benchmarks/kernels.py --skip-layers                           # ResNet-18 part only
 
-GMAC/s = N*OH*OW*OC*KH*KW*IC / median time (stride 1, pad 1, batch 1), for each bit
-width (WkAk), thread count and ISA path. Our conv is called through the C API with
-preallocated buffers, as a TFLite delegate calls it (the NumPy wrapper would allocate the
-output every call). With --tflite it also builds a one-layer tf_keras model per shape,
-converts it to TFLite float32 and int8 (representative dataset) and times
-tf.lite.Interpreter's CONV_2D in the same run, then prints TFLite int8 time / our time.
+Three parts, all in one run by default (each can be skipped):
 
-Every candidate of a (layer, threads) row is timed once per round, rounds interleaved
-(--repeats of them), so drift on a shared machine hits all candidates alike; the table
-shows medians over rounds and the "noise" column the largest relative spread
-(interquartile range / median) of any candidate in the row. A benchmark, not a test:
-nothing here asserts a speed.
+1. Per layer (--skip-layers): GMAC/s = N*OH*OW*OC*KH*KW*IC / median time on ResNet-18's 3x3
+   layer shapes (stride 1, pad 1, batch 1), for each bit width (WkAk), thread count and ISA
+   path. Our conv is called through the C API with preallocated buffers, as a TFLite delegate
+   calls it (the NumPy wrapper would allocate the output every call); it is the conv alone,
+   without the quantize-and-pack op that feeds it in a network (the end-to-end part counts
+   that). Unless --no-tflite, a one-layer tf_keras model per shape is converted to TFLite
+   float32 and int8 (representative dataset) and its CONV_2D is timed in the stock
+   interpreter (ai_edge_litert, else tf.lite; default XNNPACK) in the same rounds, with
+   TFLite int8 time / our time.
+2. End to end (--skip-end-to-end): ResNet-18 at 224x224x3, batch 1, in the stock interpreter:
+   ours (`n2uq_tf.models.resnet18(bits=b)` exported with `export_tflite`, float builtins for
+   stem/fc/PReLU/adds, N2UQ ops run by our delegate; with --e2e-int8-bits also
+   inference_type="int8"), against the float twin `resnet18()` converted to TFLite int8
+   (full-integer post-training quantization, float input/output) and float32, both on the
+   interpreter's default XNNPACK. Random weights (latency does not depend on values), with
+   randomized BN statistics and quantizer parameters so the activation codes are spread over
+   the levels. The delegate's per-kernel profile splits our time into N2UQ conv, N2UQ
+   quantize-and-pack and the rest (builtins + interpreter). A sanity line compares each
+   exported model's output with Keras on one image.
+3. File sizes (--skip-sizes): file bytes, packed N2UQ weight bytes and the remaining buffers
+   (`inspect_tflite`) per exported model, file / (packed + remainder) vs the 1.10 target, and
+   the float twin's float32 and int8 .tflite sizes.
+
+Every candidate of a row is timed once per round, rounds interleaved (--repeats /
+--e2e-repeats of them), so drift on a shared machine hits all candidates alike; tables show
+medians over rounds and a noise column, the relative spread (interquartile range / median:
+for a layer row the largest of any candidate in the row). Exported models are cached in a
+temporary folder for the run (--cache-dir keeps them). --markdown PATH writes all tables with
+the machine, versions, thread counts and repeat counts. A benchmark, not a test: nothing here
+asserts a speed.
 """
 
 import argparse
+import contextlib
 import ctypes
+import datetime
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -29,6 +57,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from n2uq_tf.tflite import _core  # noqa: E402
 
 SHAPES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # (spatial, channels), 3x3, stride 1, pad 1
+E2E_INPUT = (224, 224, 3)
+SIZE_TARGET = 1.10
+N2UQ_CONV_OPS = ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
+N2UQ_QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")
 
 
 def cpu_name():
@@ -40,6 +72,31 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The SIMD flags that matter to these kernels (from /proc/cpuinfo)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni",
+              "avx512_bitalg", "popcnt")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def stock_interpreter():
+    """(name, module) of the stock interpreter: ai_edge_litert if installed, else tf.lite."""
+    try:
+        from ai_edge_litert import interpreter as litert
+        return "ai_edge_litert", litert
+    except ImportError:
+        import tensorflow as tf
+        return "tf.lite", tf.lite
 
 
 def calls_per_sample(fn, min_time):
@@ -58,9 +115,36 @@ def sample(fn, calls):
     return (time.perf_counter() - start) / calls
 
 
+def spread(values):
+    """Interquartile range / median."""
+    return float(np.subtract(*np.percentile(values, [75, 25])) / np.median(values))
+
+
+def interleaved(candidates, repeats, sample_time, before_rounds=None):
+    """Times every zero-argument callable once per round, `repeats` rounds: {key: [seconds per call]}."""
+    calls = {key: calls_per_sample(fn, sample_time) for key, fn in candidates.items()}
+    if before_rounds is not None:
+        before_rounds()
+    samples = {key: [] for key in candidates}
+    for _ in range(repeats):
+        for key, fn in candidates.items():
+            samples[key].append(sample(fn, calls[key]))
+    return samples, calls
+
+
 def macs(size, channels):
     return size * size * channels * channels * 9
 
+
+def markdown_table(header, rows, align=None):
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+# ------------------------------------------------------------------ part 1: per layer
 
 def our_conv(size, channels, bits, isa, threads, rng):
     """A zero-argument callable running one conv through the C API on preallocated buffers."""
@@ -79,8 +163,8 @@ def our_conv(size, channels, bits, isa, threads, rng):
     return lambda _keep=(x, w, mult, bias, out): lib.n2uq_conv2d_bitserial(*args)
 
 
-def tflite_interpreters(size, channels, threads, rng):
-    """Float32 and int8 tf.lite.Interpreter for one 3x3 conv on this shape."""
+def tflite_layer_models(size, channels, rng):
+    """Float32 and int8 (int8 input/output) TFLite flatbuffers of one 3x3 conv on this shape."""
     import tensorflow as tf
     import tf_keras as keras
 
@@ -99,64 +183,535 @@ def tflite_interpreters(size, channels, threads, rng):
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-        interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
+        result[kind] = converter.convert()
+    return result
+
+
+def tflite_layer_interpreters(flatbuffers, threads):
+    _, module = stock_interpreter()
+    result = {}
+    for kind, content in flatbuffers.items():
+        interpreter = module.Interpreter(model_content=content, num_threads=threads)
         interpreter.allocate_tensors()
         detail = interpreter.get_input_details()[0]
-        data = np.zeros(detail["shape"], detail["dtype"])
-        interpreter.set_tensor(detail["index"], data)
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
         result[kind] = interpreter
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--isa", nargs="+", default=None, help="ISA paths (default: the fastest supported)")
-    parser.add_argument("--tflite", action="store_true", help="also time TFLite float32 and int8 CONV_2D")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds per row")
-    parser.add_argument("--sample-time", type=float, default=0.05, help="seconds per timing sample")
-    args = parser.parse_args()
-    isas = args.isa or [_core.isa()]
-    rng = np.random.default_rng(0)
-    print(f"CPU: {cpu_name()}; ISA paths: {', '.join(isas)}; GMAC/s (3x3, stride 1, pad 1, batch 1); "
-          f"median of {args.repeats} interleaved rounds")
+def run_layers(args, isas, rng, md):
+    print(f"\n== Per layer: GMAC/s (3x3, stride 1, pad 1, batch 1); median of {args.repeats} interleaved rounds, "
+          f"{args.sample_time * 1e3:g} ms samples; ISA paths: {', '.join(isas)}"
+          + (f"; TFLite in {stock_interpreter()[0]} (XNNPACK)" if args.tflite else ""), flush=True)
     header = f"{'layer':>14} {'thr':>3} {'isa':>8} " + " ".join(f"{f'W{b}A{b}':>8}" for b in args.bits)
     if args.tflite:
         header += f" {'tfl fp32':>8} {'tfl int8':>8} " + " ".join(f"{f'W{b}A{b}/i8':>8}" for b in args.bits)
         header += f" {'fp32/i8':>8}"
     header += f" {'noise':>6}"
     print(header)
+    md_header = ["layer", "threads"] + (["ISA"] if len(isas) > 1 else []) + [f"W{b}A{b}" for b in args.bits]
+    if args.tflite:
+        md_header += ["TFLite fp32", "TFLite int8"] + [f"W{b}A{b} vs int8" for b in args.bits] + ["fp32 vs int8"]
+    md_header.append("noise")
+    md_rows, ratios = [], []
     for size, channels in SHAPES:
         layer = f"{size}x{size}x{channels}"
         work = macs(size, channels)
+        flatbuffers = tflite_layer_models(size, channels, rng) if args.tflite else {}
         for threads in args.threads:
             candidates = {}
-            if args.tflite:
-                for kind, interpreter in tflite_interpreters(size, channels, threads, rng).items():
-                    candidates[kind] = interpreter.invoke
+            for kind, interpreter in tflite_layer_interpreters(flatbuffers, threads).items():
+                candidates[kind] = interpreter.invoke
             for isa in isas:
                 for b in args.bits:
                     candidates[(isa, b)] = our_conv(size, channels, b, isa, threads, rng)
-            calls = {key: calls_per_sample(fn, args.sample_time) for key, fn in candidates.items()}
-            samples = {key: [] for key in candidates}
-            for _ in range(args.repeats):
-                for key, fn in candidates.items():
-                    samples[key].append(sample(fn, calls[key]))
+            samples, _ = interleaved(candidates, args.repeats, args.sample_time)
             median = {key: float(np.median(v)) for key, v in samples.items()}
-            noise = max(float(np.subtract(*np.percentile(v, [75, 25])) / np.median(v)) for v in samples.values())
+            noise = max(spread(v) for v in samples.values())
             for isa in isas:
-                row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(
-                    f"{work / median[(isa, b)] / 1e9:8.1f}" for b in args.bits)
+                gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
+                row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{g:>8}" for g in gmacs)
+                md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
                 if args.tflite:
+                    vs = {b: median["int8"] / median[(isa, b)] for b in args.bits}
+                    ratios.append((layer, threads, isa, vs))
                     row += f" {work / median['float'] / 1e9:8.1f} {work / median['int8'] / 1e9:8.1f} "
-                    row += " ".join(f"{median['int8'] / median[(isa, b)]:8.2f}" for b in args.bits)
+                    row += " ".join(f"{vs[b]:8.2f}" for b in args.bits)
                     row += f" {median['int8'] / median['float']:8.2f}"
+                    md_row += [f"{work / median['float'] / 1e9:.1f}", f"{work / median['int8'] / 1e9:.1f}"]
+                    md_row += [f"{vs[b]:.2f}x" for b in args.bits] + [f"{median['int8'] / median['float']:.2f}x"]
                 row += f" {100 * noise:5.1f}%"
+                md_row.append(f"{100 * noise:.0f}%")
+                md_rows.append(md_row)
                 print(row, flush=True)
+    notes = []
     if args.tflite:
         print("W*A*/i8 and fp32/i8: TFLite int8 time / that time (> 1: faster than TFLite int8); "
               "noise: largest IQR/median of any candidate in the row")
+        for bits, target in ((2, 1.0), (1, 3.0)):
+            if bits in args.bits:
+                rows = [r for r in ratios]
+                worst = min(rows, key=lambda r: r[3][bits])
+                met = all(r[3][bits] >= target for r in rows)
+                notes.append(f"W{bits}A{bits} >= {target:g}x TFLite int8 on every layer row: "
+                             f"{'met' if met else 'NOT met'} (worst {worst[3][bits]:.2f}x at {worst[0]}, "
+                             f"{worst[1]} thread(s))")
+        for note in notes:
+            print("target: " + note)
+    md.append("## Per layer: 3x3 conv, stride 1, pad 1, batch 1 (GMAC/s, higher is better)")
+    md.append("")
+    md.append(f"Median of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms samples. Our conv is "
+              "called through the kernel core's C API on preallocated buffers (the conv alone, no quantize-and-pack "
+              f"op; ISA {', '.join(isas)}); TFLite's CONV_2D is a one-layer model invoked in "
+              f"{stock_interpreter()[0]} with its default XNNPACK. \"vs int8\" = TFLite int8 time / that time "
+              "(> 1: faster than int8). Noise = largest IQR/median of any candidate in the row.")
+    md.append("")
+    md += markdown_table(md_header, md_rows)
+    md.append("")
+    md += [f"- Target: {note}" for note in notes]
+    if notes:
+        md.append("")
+    return notes
+
+
+# ------------------------------------------------------------------ part 2 and 3: ResNet-18
+
+def _randomize_float(model, rng):
+    """Random BN affine and RPReLU parameters (weights keep their He init)."""
+    for v in model.weights:
+        name, shape = v.name.split("/")[-1], tuple(v.shape)
+        if name.startswith("gamma"):
+            v.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
+        elif name.startswith("beta") and "n2uq" not in v.name:
+            v.assign(rng.normal(0.0, 0.2, shape).astype(np.float32))
+        elif name.startswith(("bias1", "bias2")):
+            v.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
+        elif name.startswith("alpha"):
+            v.assign(rng.uniform(0.1, 0.4, shape).astype(np.float32))
+
+
+def _randomize_quantizers(model, rng):
+    """Non-uniform thresholds spread over the normalized activations (codes use all levels)."""
+    for v in model.weights:
+        name, shape = v.name, tuple(v.shape)
+        if "n2uq_start" in name:
+            v.assign(rng.uniform(-0.6, -0.1))
+        elif "n2uq_intervals" in name:
+            n = shape[0]
+            v.assign((rng.uniform(0.1, 0.6, shape) * 3.0 / max(n, 3)).astype(np.float32))
+        elif "n2uq_beta" in name:
+            v.assign(rng.uniform(0.7, 1.4))
+
+
+def _calibrate_batch_norm(model, images):
+    """Moving statistics = the batch statistics of `images` (one training-mode pass at momentum 0),
+    so every BN output is normalized and the quantizers see activations of unit scale."""
+    import tf_keras as keras
+    bns = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        model(images, training=True)
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+
+
+def code_spread(quantized, image):
+    """Over the lowered layers: mean fraction of the 2^b levels used, and the layers using one level."""
+    from n2uq_tf.export.lowering import lower
+    codes = lower(quantized).activation_codes(image)
+    used, single = [], []
+    bits = {w.layer.name: w.quantize_config.activation_bits for w in quantized.layers
+            if type(w).__name__ == "N2UQWrapper"}
+    for name, c in codes.items():
+        values = np.unique(c.numpy())
+        used.append(len(values) / 2 ** bits.get(name, 1))
+        if len(values) < 2:
+            single.append(name)
+    return float(np.mean(used)), single, len(codes)
+
+
+def layer_check(quantized, path, probe, label):
+    """Sanity lines: each N2UQ conv of the exported model against its Keras layer (wrapper + folded BN)
+    fed the interpreter's own input to that layer, and where the whole-model outputs first part.
+
+    Feeding each layer the interpreter's input isolates the kernels: a random-weight network amplifies
+    every activation that float rounding puts on the other side of a threshold, so whole-model
+    outputs drift apart at 224x224 without any kernel error."""
+    import tf_keras as keras
+    from n2uq_tf import inspect_tflite
+    from n2uq_tf import tflite
+    name, module = stock_interpreter()
+    delegate = tflite.load_delegate("litert" if name == "ai_edge_litert" else "tflite")
+    kwargs = {"experimental_preserve_all_tensors": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = module.Interpreter(model_path=path, num_threads=2, experimental_delegates=[delegate], **kwargs)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], probe)
+    interpreter.invoke()
+    ops = inspect_tflite(path).operators
+    producer_input = {op.outputs[0]: op.inputs[0] for op in ops if op.name in N2UQ_QUANTIZE_OPS}
+    names = {layer.name for layer in quantized.layers}
+    isolated, chained, first = [], [], None
+    for op in ops:
+        if op.name != "N2UQConv2D" or op.inputs[0] not in producer_input:
+            continue
+        got = interpreter.get_tensor(op.outputs[0])
+        layer_in = interpreter.get_tensor(producer_input[op.inputs[0]])
+        bn_name = op.layer.replace("_downsample_conv", "_downsample_bn").replace("_conv", "_bn")
+        wrapper = quantized.get_layer("quant_" + op.layer)
+        y = wrapper(layer_in, training=False)
+        bn = quantized.get_layer(bn_name) if bn_name in names else None
+        if bn is not None:
+            y = bn(y, training=False)
+        y = y.numpy()
+        scale = max(float(np.abs(y).max()), 1.0)
+        isolated.append((float(np.abs(got - y).max()) / scale, op.layer))
+        out = (bn or wrapper).get_output_at(-1)
+        chained.append((op.layer, got, out))
+    sub = keras.Model(quantized.inputs, [c[2] for c in chained])
+    refs = sub(probe, training=False)
+    for (layer, got, _), ref in zip(chained, refs):
+        ref = ref.numpy()
+        diff = np.abs(got - ref)
+        scale = max(float(np.abs(ref).max()), 1.0)
+        if first is None and diff.max() > 1e-4 * scale:
+            first = (layer, float(np.mean(diff > 1e-4 * scale)), ref.shape)
+    worst = max(isolated)
+    lines = [f"{label}, each of its {len(isolated)} N2UQ convs fed the interpreter's own input vs its Keras layer "
+             f"(+ folded BN): worst max |diff| / max |output| = {worst[0]:.2g} ({worst[1]}) "
+             f"[{'within' if worst[0] <= 2e-5 else 'OUTSIDE'} the tests' 2e-5 float tolerance]"]
+    if first is not None:
+        lines.append(f"{label}, whole model vs Keras: outputs first part at {first[0]} {first[2][1:]}, on "
+                     f"{100 * first[1]:.2f}% of its outputs (one input code that float rounding put across a "
+                     f"threshold changes a 3x3 x {first[2][-1]}-channel footprint = "
+                     f"{100 * 9 * first[2][-1] / np.prod(first[2][1:]):.2f}% of them); later layers amplify it")
+    else:
+        lines.append(f"{label}, whole model vs Keras: every N2UQ conv output within 1e-4 relative")
+    return lines
+
+
+def build_e2e_models(args, cache):
+    """Exports every ResNet-18 variant into `cache`: {key: info dict}, plus the sanity lines."""
+    import tensorflow as tf
+    import n2uq_tf
+    from n2uq_tf import models
+
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((4,) + E2E_INPUT).astype(np.float32)
+    probe = rng.standard_normal((1,) + E2E_INPUT).astype(np.float32)
+
+    def representative():
+        for i in range(len(images)):
+            yield [images[i:i + 1]]
+
+    infos, sanity = {}, []
+    t0 = time.perf_counter()
+    import tf_keras as keras
+    keras.utils.set_random_seed(0)
+    float_model = models.resnet18(input_shape=E2E_INPUT)
+    _randomize_float(float_model, rng)
+    _calibrate_batch_norm(float_model, images)
+    expected_float = float_model(probe, training=False).numpy()
+
+    for kind in ("float", "int8"):
+        path = os.path.join(cache, f"resnet18_tflite_{kind}.tflite")
+        start = time.perf_counter()
+        converter = tf.lite.TFLiteConverter.from_keras_model(float_model)
+        if kind == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        with open(path, "wb") as f:
+            f.write(converter.convert())
+        label = "TFLite float32 (float twin)" if kind == "float" else "TFLite int8 PTQ (float twin)"
+        infos[f"tfl_{kind}"] = {"label": label, "path": path, "ours": False, "expected": expected_float,
+                                "convert_s": time.perf_counter() - start}
+        print(f"  converted {label}: {os.path.getsize(path):,} B in {time.perf_counter() - start:.1f} s", flush=True)
+
+    for bits in sorted(set(args.e2e_bits) | set(args.e2e_int8_bits)):
+        start = time.perf_counter()
+        quantized = models.quantize(float_model, bits=bits)
+        _randomize_quantizers(quantized, rng)
+        _calibrate_batch_norm(quantized, images)
+        expected = quantized(probe, training=False).numpy()
+        build_s = time.perf_counter() - start
+        check_layers = True  # a few seconds per model
+        if check_layers:
+            used, single, count = code_spread(quantized, probe)
+            sanity.append(f"W{bits}A{bits} activation codes on the probe image: {count} quantized convs use on "
+                          f"average {100 * used:.0f}% of their levels; single-level layers: "
+                          f"{', '.join(single) or 'none'}")
+        kinds = (["float"] if bits in args.e2e_bits else []) + (["int8"] if bits in args.e2e_int8_bits else [])
+        for kind in kinds:
+            path = os.path.join(cache, f"resnet18_w{bits}a{bits}_{kind}.tflite")
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                kwargs = {"inference_type": "int8", "representative_dataset": representative} if kind == "int8" else {}
+                _, report = n2uq_tf.export_tflite(quantized, path, return_report=True, **kwargs)
+            label = f"ours W{bits}A{bits}" + (" (int8 builtins)" if kind == "int8" else "")
+            infos[f"w{bits}_{kind}"] = {"label": label, "path": path, "ours": True, "bits": bits, "kind": kind,
+                                        "expected": expected, "convert_s": time.perf_counter() - start,
+                                        "kept_builtin": [r.name for r in report.kept_builtin]}
+            if check_layers and kind == "float":
+                sanity += layer_check(quantized, path, probe, label)
+            print(f"  exported {label}: {os.path.getsize(path):,} B in {time.perf_counter() - start:.1f} s "
+                  f"(+{build_s:.1f} s to build and calibrate the Keras model)", flush=True)
+        del quantized
+    print(f"  models ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    for key, info in infos.items():
+        got = run_once(info, probe)
+        exp = info["expected"]
+        scale = max(float(np.abs(exp).max()), 1.0)
+        diff = float(np.abs(got - exp).max())
+        info["sanity"] = (diff, scale, int(got.argmax()) == int(exp.argmax()))
+        sanity.append(f"{info['label']} vs its Keras model on one 224x224 image: max |diff| {diff:.3g} "
+                      f"({diff / scale:.2g} of max |logit| {scale:.3g}), top-1 {'equal' if info['sanity'][2] else 'DIFFERS'}"
+                      + ((" [within the tests' 2e-5 relative float tolerance]" if diff <= 2e-5 * scale else
+                          " [beyond the tests' 2e-5 relative tolerance: see the per-layer lines for where]")
+                         if info["ours"] and info["kind"] == "float"
+                         else " [quantized by the converter: not expected to match closely]"
+                         if "int8" in key else ""))
+    return infos, sanity
+
+
+def make_interpreter(info, threads):
+    """(interpreter, delegate or None) in the stock interpreter; ours get the N2UQ delegate."""
+    from n2uq_tf import tflite
+    name, module = stock_interpreter()
+    delegate = None
+    delegates = []
+    if info["ours"]:
+        delegate = tflite.load_delegate("litert" if name == "ai_edge_litert" else "tflite")
+        delegates = [delegate]
+    interpreter = module.Interpreter(model_path=info["path"], num_threads=threads, experimental_delegates=delegates)
+    interpreter.allocate_tensors()
+    return interpreter, delegate
+
+
+def run_once(info, image):
+    interpreter, _ = make_interpreter(info, 2)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.set_tensor(inp["index"], image.astype(inp["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"]).astype(np.float32)
+
+
+def run_end_to_end(args, infos, md):
+    from n2uq_tf import tflite
+    interp_name = stock_interpreter()[0]
+    print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; median of "
+          f"{args.e2e_repeats} interleaved rounds of ~{args.e2e_sample_time * 1e3:g} ms samples", flush=True)
+    order = [k for k in infos if infos[k]["ours"]] + ["tfl_int8", "tfl_float"]
+    header = (f"{'model':<28} {'thr':>3} {'median ms':>10} {'noise':>6} {'vs int8':>8} {'N2UQ conv':>9} "
+              f"{'N2UQ pack':>9} {'rest':>6}")
+    print(header)
+    md_rows, results = [], {}
+    image = np.random.default_rng(3).standard_normal((1,) + E2E_INPUT).astype(np.float32)
+    for threads in args.threads:
+        live = {key: make_interpreter(infos[key], threads) for key in order}
+        for interpreter, _ in live.values():
+            inp = interpreter.get_input_details()[0]
+            interpreter.set_tensor(inp["index"], image)
+            for _ in range(2):  # warm-up (caches, thread pools, XNNPACK weight packing)
+                interpreter.invoke()
+        candidates = {key: interpreter.invoke for key, (interpreter, _) in live.items()}
+        counted = {key: [0, 0.0] for key in order}  # invocations, seconds (timed rounds only)
+
+        def counting(key, fn):
+            def call():
+                fn()
+                counted[key][0] += 1
+            return call
+
+        samples, calls = interleaved({k: counting(k, fn) for k, fn in candidates.items()}, args.e2e_repeats,
+                                     args.e2e_sample_time,
+                                     before_rounds=lambda: ([c.__setitem__(0, 0) for c in counted.values()],
+                                                            tflite.reset_kernel_profile()))
+        for key in order:
+            counted[key][1] = sum(samples[key]) * calls[key]
+        median = {key: float(np.median(v)) for key, v in samples.items()}
+        for key in order:
+            info, (_, delegate) = infos[key], live[key]
+            shares = None
+            if info["ours"]:
+                profile = tflite.kernel_profile(delegate)
+                conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS)
+                pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_QUANTIZE_OPS)
+                total = counted[key][1]
+                shares = (conv_s / total, pack_s / total, 1.0 - (conv_s + pack_s) / total)
+            vs = median["tfl_int8"] / median[key]
+            noise = spread(samples[key])
+            results[(key, threads)] = {"median_ms": 1e3 * median[key], "noise": noise, "vs_int8": vs,
+                                       "shares": shares}
+            share_txt = [f"{100 * s:.0f}%" for s in shares] if shares else ["-", "-", "-"]
+            print(f"{info['label']:<28} {threads:>3} {1e3 * median[key]:10.2f} {100 * noise:5.1f}% {vs:7.2f}x "
+                  f"{share_txt[0]:>9} {share_txt[1]:>9} {share_txt[2]:>6}", flush=True)
+            md_rows.append([info["label"], threads, f"{1e3 * median[key]:.2f}", f"{vs:.2f}x", *share_txt,
+                            f"{100 * noise:.0f}%"])
+        del live, candidates
+    print("vs int8: TFLite int8 time / that time (> 1: faster); N2UQ conv / pack: share of the invoke time in our "
+          "kernels (delegate profile); rest: builtins (stem, PReLU, adds, pool, fc) + interpreter")
+    md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
+    md.append("")
+    md.append(f"{interp_name} `Interpreter`, median of {args.e2e_repeats} interleaved rounds (each round runs every "
+              f"model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
+              "`resnet18(bits=b)` exported with `export_tflite` (float builtins for the 7x7 stem, PReLU, adds, pool "
+              "and fc; \"int8 builtins\" = `inference_type=\"int8\"`), with the N2UQ delegate. TFLite int8 / "
+              "float32: the float twin `resnet18()` converted by TFLite (full-integer PTQ on 4 random images, float "
+              "input/output), on the interpreter's default XNNPACK. \"vs int8\" = TFLite int8 time / that time. "
+              "N2UQ conv / pack = share of invoke time inside our conv and quantize-and-pack kernels (the "
+              "delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
+              "Noise = IQR/median over rounds.")
+    md.append("")
+    md += markdown_table(["model", "threads", "median ms", "vs int8", "N2UQ conv", "N2UQ pack", "rest", "noise"],
+                         md_rows)
+    md.append("")
+    return results
+
+
+def run_sizes(infos, md):
+    from n2uq_tf import inspect_tflite
+    print("\n== File sizes", flush=True)
+    print(f"{'model':<28} {'file B':>12} {'packed B':>11} {'ideal B':>11} {'other B':>11} {'file/(p+o)':>10}")
+    rows, ratios = [], []
+    for key, info in infos.items():
+        size = os.path.getsize(info["path"])
+        if info["ours"]:
+            ins = inspect_tflite(info["path"])
+            ideal = sum(layer.expected_bytes for layer in ins.layers)
+            ratio = ins.size_ratio
+            ratios.append((info["label"], ratio))
+            print(f"{info['label']:<28} {size:>12,} {ins.packed_bytes:>11,} {ideal:>11,} {ins.float_bytes:>11,} "
+                  f"{ratio:>10.4f}")
+            rows.append([info["label"], f"{size:,}", f"{ins.packed_bytes:,}", f"{ideal:,}", f"{ins.float_bytes:,}",
+                         f"{ratio:.4f}", "met" if ratio <= SIZE_TARGET else "**not met**"])
+        else:
+            print(f"{info['label']:<28} {size:>12,} {'-':>11} {'-':>11} {'-':>11} {'-':>10}")
+            rows.append([info["label"], f"{size:,}", "-", "-", "-", "-", "-"])
+    print(f"packed: bytes of the N2UQ weight buffers; ideal: sum of ceil(weights * bits / 8); other: every other "
+          f"buffer (stem, fc, multipliers, biases, PReLU, ...); target file/(p+o) <= {SIZE_TARGET}")
+    md.append("## File sizes: ResNet-18")
+    md.append("")
+    md.append("Packed = bytes of the N2UQ weight buffers (`inspect_tflite`); ideal = sum over layers of "
+              "ceil(weights x bits / 8); other = every other buffer (float stem and fc, per-channel multipliers and "
+              f"biases, PReLU slopes, int8 scales, ...). Target: file / (packed + other) <= {SIZE_TARGET:.2f}.")
+    md.append("")
+    md += markdown_table(["model", "file bytes", "packed N2UQ", "ideal packed", "other buffers", "file / (packed + other)",
+                          f"<= {SIZE_TARGET:.2f}"], rows)
+    md.append("")
+    return ratios
+
+
+# ------------------------------------------------------------------ main
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for name in ("tensorflow", "ai_edge_litert", "numpy"):
+        try:
+            from importlib import metadata
+            out[name] = metadata.version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return out
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True)
+        if head.returncode == 0:
+            return head.stdout.strip() + (" (working tree modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4], help="per-layer bit widths")
+    parser.add_argument("--isa", nargs="+", default=None, help="ISA paths (default: the fastest supported)")
+    parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True,
+                        help="per layer: also time TFLite float32 and int8 CONV_2D (default on)")
+    parser.add_argument("--repeats", type=int, default=9, help="per layer: interleaved timing rounds per row")
+    parser.add_argument("--sample-time", type=float, default=0.05, help="per layer: seconds per timing sample")
+    parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="skip the end-to-end ResNet-18 timing")
+    parser.add_argument("--skip-sizes", action="store_true", help="skip the file-size table")
+    parser.add_argument("--e2e-bits", type=int, nargs="+", default=[1, 2, 4],
+                        help="end to end: our bit widths exported with float builtins")
+    parser.add_argument("--e2e-int8-bits", type=int, nargs="*", default=[2],
+                        help="end to end: our bit widths also exported with inference_type='int8' (none: skip)")
+    parser.add_argument("--e2e-repeats", type=int, default=9, help="end to end: interleaved timing rounds")
+    parser.add_argument("--e2e-sample-time", type=float, default=0.25, help="end to end: seconds per sample")
+    parser.add_argument("--cache-dir", default=None, help="keep the exported .tflite files here (default: a "
+                                                           "temporary folder removed at the end)")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write all tables as Markdown to PATH")
+    args = parser.parse_args()
+    isas = args.isa or [_core.isa()]
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    flags = cpu_flags()
+    versions = _versions()
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; {' '.join(flags)}); kernel ISA: {', '.join(isas)}; "
+          f"threads {args.threads}; " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    body, targets = [], []
+    if not args.skip_layers:
+        targets += run_layers(args, isas, rng, body)
+    e2e, size_ratios, sanity = None, None, []
+    if not (args.skip_end_to_end and args.skip_sizes):
+        with contextlib.ExitStack() as stack:
+            cache = args.cache_dir
+            if cache is None:
+                cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="n2uq_bench_"))
+            os.makedirs(cache, exist_ok=True)
+            print(f"\n== Building and exporting ResNet-18 {'x'.join(map(str, E2E_INPUT))} (cache: {cache})", flush=True)
+            infos, sanity = build_e2e_models(args, cache)
+            print("sanity:\n" + "\n".join("  " + line for line in sanity), flush=True)
+            if not args.skip_end_to_end:
+                e2e = run_end_to_end(args, infos, body)
+            if not args.skip_sizes:
+                size_ratios = run_sizes(infos, body)
+    if e2e:
+        for key, threads in e2e:
+            if key.startswith("w") and key.endswith("_float") and key[1:-6] in ("1", "2"):
+                r = e2e[(key, threads)]
+                targets.append(f"end to end, W{key[1:-6]}A{key[1:-6]} at {threads} thread(s): {r['vs_int8']:.2f}x "
+                               f"TFLite int8 ({r['median_ms']:.2f} ms)")
+    if size_ratios:
+        worst = max(size_ratios, key=lambda r: r[1])
+        targets.append(f"file / (packed + other) <= {SIZE_TARGET:.2f}: "
+                       f"{'met' if worst[1] <= SIZE_TARGET else 'NOT met'} (worst {worst[1]:.4f}, {worst[0]})")
+    if targets:
+        print("\ntargets:\n" + "\n".join("  " + t for t in targets))
+        body += ["## Targets", ""] + [f"- {t}" for t in targets] + [""]
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    elapsed = time.perf_counter() - started
+    print(f"\ntotal {elapsed:.0f} s; load average at start {load_before}, at end {load_after}")
+    if args.markdown:
+        md = ["# n2uq_tf kernel benchmark results", "",
+              f"Written by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}` on "
+              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (commit {_git_commit()}), {elapsed:.0f} s.", "",
+              f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; flags: {' '.join(flags) or 'n/a'}",
+              f"- Kernel ISA path: {', '.join(isas)}; threads: {', '.join(map(str, args.threads))}",
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+              f"- Load average (1/5/15 min) at start {load_before and tuple(round(x, 2) for x in load_before)}, "
+              f"at end {load_after and tuple(round(x, 2) for x in load_after)}",
+              f"- Repeats: per layer {args.repeats} rounds x {args.sample_time * 1e3:g} ms samples; end to end "
+              f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples", ""]
+        if sanity:
+            md += ["Sanity checks:", ""] + [f"- {line}" for line in sanity] + [""]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md + body).rstrip() + "\n")
+        print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":
