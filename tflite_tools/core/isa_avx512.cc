@@ -265,10 +265,120 @@ void group_item(const ConvJob& j, int64_t item) {
   }
 }
 
+// ---------------------------------------------------------------- quantize (and pack)
+//
+// 16 channels per vector, a binary search over the sorted threshold table (kernel_table.h):
+// bit b of the code is s > T[code_above_b + 2^b - 1]. Level b's table is T shifted down by
+// 2^b - 1, so VPERMPS with the partial code as the index fetches every lane's threshold,
+// and the comparison's 16-bit mask is that group's 16 bits of bit plane b, ready to store.
+// Per 16 channels: 1 multiply, `bits` compares, bits - 1 permutes and masked adds (the
+// scalar path compared every value with all 2^bits - 1 thresholds).
+
+template <int BITS>
+inline void quantize_levels(const QuantizeJob& j, __m512* levels) {
+  for (int b = 0; b < BITS; ++b) {
+    // Lane i: T[i + 2^b - 1], clamped into the table (lanes past it are never indexed);
+    // the top level sees code 0 only, so its threshold is broadcast.
+    float table[16];
+    for (int i = 0; i < 16; ++i) {
+      const int index = (b == BITS - 1 ? 0 : i) + (1 << b) - 1;
+      table[i] = j.thresholds[index < kThresholdTable ? index : kThresholdTable - 1];
+    }
+    levels[b] = _mm512_loadu_ps(table);
+  }
+}
+
+// Codes of the 16 values x (lanes outside `valid` get no plane bits); planes[b]: bit plane b.
+template <int BITS, bool CODES>
+inline __m512i quantize16(__m512 x, __m512 beta1, const __m512* levels, __mmask16 valid, __mmask16* planes) {
+  const __m512 scaled = _mm512_mul_ps(x, beta1);
+  __m512i code = _mm512_setzero_si512();
+  for (int b = BITS - 1; b >= 0; --b) {
+    const __m512 t = b == BITS - 1 ? levels[b] : _mm512_permutexvar_ps(code, levels[b]);
+    // Ordered, non-signaling >: false for a NaN, like the scalar comparison.
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, scaled, t, _CMP_GT_OQ);
+    planes[b] = m;
+    if (CODES || b > 0) code = _mm512_mask_add_epi32(code, m, code, _mm512_set1_epi32(1 << b));
+  }
+  return code;
+}
+
+template <int BITS>
+void quantize_and_pack_bits(const QuantizeJob& j, int64_t begin, int64_t end) {
+  __m512 levels[BITS];
+  quantize_levels<BITS>(j, levels);
+  const __m512 beta1 = _mm512_set1_ps(j.beta1);
+  const int64_t channels = j.channels, words = j.words, full_words = channels / 64;
+  const int rem = (int)(channels % 64);
+  for (int64_t pos = begin; pos < end; ++pos) {
+    const float* x = j.x + pos * channels;
+    uint64_t* out = j.out_packed + pos * BITS * words;
+    for (int64_t w = 0; w < full_words; ++w, x += 64) {
+      __mmask16 p[4][BITS];
+      for (int g = 0; g < 4; ++g)
+        quantize16<BITS, false>(_mm512_loadu_ps(x + 16 * g), beta1, levels, (__mmask16)0xFFFF, p[g]);
+      for (int b = 0; b < BITS; ++b)
+        out[b * words + w] = (uint64_t)p[0][b] | (uint64_t)p[1][b] << 16 | (uint64_t)p[2][b] << 32 |
+                             (uint64_t)p[3][b] << 48;
+    }
+    if (rem > 0) {  // last, partial word: masked loads, lanes past the channels give 0 bits
+      uint64_t planes[BITS] = {};
+      for (int g = 0; 16 * g < rem; ++g) {
+        const int left = rem - 16 * g;
+        const __mmask16 valid = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+        __mmask16 p[BITS];
+        quantize16<BITS, false>(_mm512_maskz_loadu_ps(valid, x + 16 * g), beta1, levels, valid, p);
+        for (int b = 0; b < BITS; ++b) planes[b] |= (uint64_t)p[b] << (16 * g);
+      }
+      for (int b = 0; b < BITS; ++b) out[b * words + full_words] = planes[b];
+    }
+  }
+}
+
+template <int BITS>
+void quantize_codes_bits(const QuantizeJob& j, int64_t begin, int64_t end) {
+  __m512 levels[BITS];
+  quantize_levels<BITS>(j, levels);
+  const __m512 beta1 = _mm512_set1_ps(j.beta1);
+  __mmask16 p[BITS];
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512i code = quantize16<BITS, true>(_mm512_loadu_ps(j.x + i), beta1, levels, (__mmask16)0xFFFF, p);
+    _mm_storeu_si128((__m128i*)(j.out_codes + i), _mm512_cvtepi32_epi8(code));
+  }
+  if (i < end) {
+    const __mmask16 valid = (__mmask16)((1u << (end - i)) - 1u);
+    const __m512i code = quantize16<BITS, true>(_mm512_maskz_loadu_ps(valid, j.x + i), beta1, levels, valid, p);
+    _mm512_mask_cvtepi32_storeu_epi8(j.out_codes + i, valid, code);
+  }
+}
+
+void quantize_and_pack_avx512(const QuantizeJob& j, int64_t begin, int64_t end) {
+  switch (j.bits) {
+    case 1: quantize_and_pack_bits<1>(j, begin, end); break;
+    case 2: quantize_and_pack_bits<2>(j, begin, end); break;
+    case 3: quantize_and_pack_bits<3>(j, begin, end); break;
+    case 4: quantize_and_pack_bits<4>(j, begin, end); break;
+    default: break;  // validated by the dispatcher
+  }
+}
+
+void quantize_codes_avx512(const QuantizeJob& j, int64_t begin, int64_t end) {
+  switch (j.bits) {
+    case 1: quantize_codes_bits<1>(j, begin, end); break;
+    case 2: quantize_codes_bits<2>(j, begin, end); break;
+    case 3: quantize_codes_bits<3>(j, begin, end); break;
+    case 4: quantize_codes_bits<4>(j, begin, end); break;
+    default: break;
+  }
+}
+
 KernelTable make_avx512_table() {
   KernelTable table = make_kernel_table<Ops>("avx512");
   table.conv_group_weights = &group_weights;
   table.conv_group_item = &group_item;
+  table.quantize_codes = &quantize_codes_avx512;
+  table.quantize_and_pack = &quantize_and_pack_avx512;
   return table;
 }
 

@@ -61,10 +61,18 @@ struct DepthwiseJob {
   int32_t* out_int32;
 };
 
+// Threshold table entries: 2^N2UQ_MAX_BITS - 1 thresholds, padded to a full 16-float vector.
+constexpr int kThresholdTable = 16;
+
 struct QuantizeJob {
   const float* x;
   int32_t channels, words, bits, num_thresholds;
-  const float* thresholds;
+  // The caller's thresholds sorted ascending, NaN replaced by +inf, padded with +inf to
+  // kThresholdTable entries. code = #{i : x * beta1 > T_i} does not depend on their order,
+  // and "s > NaN" and "s > +inf" are false for every s (NaN included), so this table gives
+  // the same codes while letting the kernels binary-search it: with sorted T the
+  // predicates s > T_i are nested, and bit b of the code is the outcome of one comparison.
+  float thresholds[kThresholdTable];
   float beta1;
   uint8_t* out_codes;   // quantize_codes: one code per element
   uint64_t* out_packed; // quantize_and_pack: [positions][bits][words]

@@ -246,7 +246,10 @@ void depthwise_row(const DepthwiseJob& j, int64_t row) {
 }
 
 // level = #{i : x * beta1 > T_i}: the float32 product and strict comparison of
-// ops.activation_levels (a NaN compares false everywhere and gets code 0).
+// ops.activation_levels (a NaN compares false everywhere and gets code 0). The count
+// over all thresholds (which the compiler keeps branch-free) measured faster here than a
+// scalar binary search over the sorted table, whose loads depend on each other; the
+// AVX2 / AVX-512 files do the binary search with vector permutes instead.
 inline int32_t activation_code(float x, const QuantizeJob& j) {
   const float scaled = x * j.beta1;
   int32_t code = 0;
