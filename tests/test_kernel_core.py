@@ -260,6 +260,133 @@ def test_quantize_and_pack_equals_activation_levels(bits, isas):
             np.testing.assert_array_equal(_core.unpack_bitplanes(packed, 130), want)
 
 
+def numpy_codes(x, thresholds, beta1):
+    """#{i : float32(x * beta1) > thresholds[i]} in NumPy (any threshold order; NaN compares false)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.asarray(x, np.float32) * np.float32(beta1)
+        return (scaled[..., None] > np.asarray(thresholds, np.float32)).sum(-1).astype(np.uint8)
+
+
+def numpy_pack(codes, bits):
+    """[..., C] codes -> uint64 [..., bits, ceil(C / 64)], channel c in bit c % 64 of word c // 64."""
+    channels = codes.shape[-1]
+    words = -(-channels // 64)
+    padded = np.zeros(codes.shape[:-1] + (words * 64,), np.uint8)
+    padded[..., :channels] = codes
+    planes = np.stack([(padded >> b) & 1 for b in range(bits)], axis=-2)
+    packed = np.packbits(planes, axis=-1, bitorder="little")
+    return packed.view("<u8").astype(np.uint64)
+
+
+def special_values(thresholds, beta1):
+    """Values whose product with beta1 is exactly a threshold (where beta1 allows), beside it,
+    signed zeros, infinities, NaN and denormals."""
+    t = np.asarray(thresholds, np.float32)
+    finite = t[np.isfinite(t)]
+    at = finite / np.float32(beta1) if beta1 != 0 else finite
+    tiny = np.float32(1e-45)
+    return np.concatenate([at, np.nextafter(at, np.float32(np.inf)), np.nextafter(at, np.float32(-np.inf)),
+                           finite, [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, tiny, -tiny, np.float32(3e-39),
+                                    np.float32(-3e-39), np.float32(1.17e-38), np.float32(3e38), np.float32(-3e38)]
+                           ]).astype(np.float32)
+
+
+def quantize_inputs(rng, positions, channels, thresholds, beta1):
+    x = rng.normal(0.2, 1.0, (positions, channels)).astype(np.float32)
+    special = special_values(thresholds, beta1)
+    flat = x.reshape(-1)
+    # Sprinkle the special values at random places (several copies), so that every lane
+    # of a vector and the channel tails see them.
+    for _ in range(3):
+        where = rng.choice(flat.size, size=min(flat.size, special.size), replace=False)
+        flat[where] = special[:where.size]
+        special = rng.permutation(special)
+    return x
+
+
+THRESHOLD_KINDS = ["sorted", "unsorted", "duplicates", "nonfinite"]
+
+
+def threshold_table(rng, bits, kind):
+    n = 2 ** bits - 1
+    t = np.sort(rng.uniform(-1.0, 1.5, n)).astype(np.float32)
+    if kind == "unsorted":
+        t = rng.permutation(t)
+    elif kind == "duplicates":
+        t = np.sort(rng.choice(t, n)).astype(np.float32)  # repeated values
+        t = rng.permutation(t) if bits > 1 else t
+        t[rng.random(n) < 0.3] = 0.0
+        if n > 1:
+            t[-1] = -0.0  # equal to +0.0 in the comparison
+    elif kind == "nonfinite":
+        choices = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45], np.float32)
+        mask = rng.random(n) < 0.5
+        t[mask] = rng.choice(choices, int(mask.sum()))
+        t = rng.permutation(t)
+    return t
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", THRESHOLD_KINDS)
+def test_quantize_and_pack_every_isa_bit_exact(bits, kind, isas):
+    """Every ISA path and thread count against a NumPy count + packer, bit for bit: channel
+    counts around the 16 / 8 lane vectors and 64-channel words, thresholds in any order with
+    duplicates, signed zeros, NaN and infinities, x with exact-threshold products, NaN,
+    infinities and denormals, beta1 positive, negative and zero."""
+    rng = np.random.default_rng(1000 * bits + THRESHOLD_KINDS.index(kind))
+    for channels in (1, 15, 16, 17, 63, 64, 65, 130, 1000):
+        thresholds = threshold_table(rng, bits, kind)
+        for beta1 in (np.float32(0.5), np.float32(1.0), np.float32(rng.uniform(0.3, 2.0)), np.float32(-0.75),
+                      np.float32(0.0)):
+            positions = int(rng.integers(1, 6)) if channels >= 130 else int(rng.integers(1, 40))
+            x = quantize_inputs(rng, positions, channels, thresholds, beta1)
+            want = numpy_codes(x, thresholds, beta1)
+            want_packed = numpy_pack(want, bits)
+            for isa in isas:
+                for threads in (1, 2, 3):
+                    label = f"isa={isa} threads={threads} C={channels} beta1={beta1} t={thresholds}"
+                    packed = _core.quantize_and_pack(x, thresholds, beta1, bits, isa=isa, num_threads=threads)
+                    np.testing.assert_array_equal(packed, want_packed, err_msg=label)
+                    codes = _core.quantize_codes(x, thresholds, beta1, bits, isa=isa, num_threads=threads)
+                    np.testing.assert_array_equal(codes, want, err_msg=label)
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 15, 16, 17, 31, 33, 1000])
+def test_quantize_codes_lengths(count, isas):
+    """Flat lengths around the vector widths (the codes path has its own tails)."""
+    rng = np.random.default_rng(count)
+    for bits in (1, 2, 3, 4):
+        thresholds = threshold_table(rng, bits, "unsorted")
+        x = quantize_inputs(rng, 1, count, thresholds, np.float32(1.0)).reshape(-1)
+        want = numpy_codes(x, thresholds, 1.0)
+        for isa in isas:
+            np.testing.assert_array_equal(_core.quantize_codes(x, thresholds, 1.0, bits, isa=isa), want,
+                                          err_msg=f"isa={isa} bits={bits}")
+
+
+def test_quantize_large_layer_threads(isas):
+    """A layer large enough to be split into several tasks: identical for 1, 2 and 3 threads."""
+    rng = np.random.default_rng(5)
+    for bits in (1, 2, 4):
+        thresholds = threshold_table(rng, bits, "sorted")
+        x = quantize_inputs(rng, 56 * 56, 64, thresholds, np.float32(0.5)).reshape(1, 56, 56, 64)
+        want = numpy_codes(x, thresholds, 0.5)
+        want_packed = numpy_pack(want, bits)
+        for isa in isas:
+            for threads in (1, 2, 3):
+                np.testing.assert_array_equal(
+                    _core.quantize_and_pack(x, thresholds, 0.5, bits, isa=isa, num_threads=threads), want_packed)
+                np.testing.assert_array_equal(
+                    _core.quantize_codes(x, thresholds, 0.5, bits, isa=isa, num_threads=threads), want)
+
+
+def test_numpy_pack_matches_core_pack():
+    rng = np.random.default_rng(9)
+    for channels in (1, 64, 65, 130):
+        codes = rng.integers(0, 16, (3, channels)).astype(np.uint8)
+        np.testing.assert_array_equal(numpy_pack(codes, 4), _core.pack_bitplanes(codes, 4))
+
+
 def test_pack_bitplanes_layout():
     codes = np.zeros((2, 70), np.uint8)
     codes[0, 0] = 3

@@ -7,10 +7,12 @@
 //   g++ -std=c++17 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -pthread \
 //       -ffp-contract=off -Itflite_tools/core tflite_tools/core/*.cc tflite_tools/tests/core_selftest.cc
 //   ./a.out [num_cases]     prints "selftest: OK ..." and exits 0 on success
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -230,18 +232,41 @@ void run_fully_connected_case() {
   }
 }
 
+// Quantize paths vs a naive count over the thresholds as given: any order, duplicates,
+// signed zeros, NaN and infinities among the thresholds; x with exact-threshold products,
+// signed zeros, NaN, infinities and denormals; beta1 positive, negative or zero; channel
+// counts around the 8 / 16 lane vectors and 64-channel words; 1-3 threads.
 void run_quantize_case() {
+  static const int channel_choices[] = {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 130, 200, 1000};
   const int bits = uniform(1, 4), n = (1 << bits) - 1;
-  const int channels = uniform(1, 200), positions = uniform(1, 9);
+  const int channels = uniform(0, 3) == 0 ? uniform(1, 200)
+                                          : channel_choices[uniform(0, int(sizeof channel_choices / sizeof(int)) - 1)];
+  const int positions = channels >= 500 ? uniform(1, 3) : uniform(1, 9);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float denormal = std::numeric_limits<float>::denorm_min();
+  const float specials[] = {nan, -nan, inf, -inf, 0.f, -0.f, denormal, -denormal, 3e-39f, -3e-39f, 3e38f, -3e38f};
+  const int num_specials = int(sizeof specials / sizeof(float));
   std::vector<float> t(static_cast<size_t>(n));
   float acc = std::uniform_real_distribution<float>(-1.f, 0.5f)(rng);
   for (auto& x : t) x = acc += std::uniform_real_distribution<float>(0.01f, 0.5f)(rng);
-  const float beta1 = uniform(0, 1) ? 0.5f : std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
+  const int order = uniform(0, 3);  // 0: sorted, 1: shuffled, 2: duplicates, 3: non-finite / zeros
+  if (order >= 1) std::shuffle(t.begin(), t.end(), rng);
+  if (order == 2)
+    for (auto& x : t) x = uniform(0, 2) == 0 ? t[size_t(uniform(0, n - 1))] : uniform(0, 3) == 0 ? -0.f : x;
+  if (order == 3)
+    for (auto& x : t)
+      if (uniform(0, 1)) x = specials[uniform(0, 7)];
+  const int beta_kind = uniform(0, 4);
+  const float beta1 = beta_kind == 0 ? 0.5f : beta_kind == 1 ? 0.f : beta_kind == 2 ? -0.75f
+                                                                    : std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
   std::vector<float> x(size_t(positions) * channels);
   for (auto& v : x) {
-    const int kind = uniform(0, 4);
-    v = kind == 0 ? t[size_t(uniform(0, n - 1))] / beta1  // exactly at a threshold (beta1 = 0.5 case)
-                  : std::uniform_real_distribution<float>(-2.f, 3.f)(rng);
+    const int kind = uniform(0, 5);
+    const float th = t[size_t(uniform(0, n - 1))];
+    v = kind == 0 && beta1 != 0.f ? th / beta1  // exactly at a threshold (beta1 = 0.5 case)
+        : kind == 1 ? specials[uniform(0, num_specials - 1)]
+        : kind == 2 ? th
+                    : std::uniform_real_distribution<float>(-2.f, 3.f)(rng);
   }
   std::vector<uint8_t> want(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
@@ -252,15 +277,18 @@ void run_quantize_case() {
   }
   const std::vector<uint64_t> packed_want = pack(want, positions, channels, bits);
   for (int isa : isas()) {
+    const int threads = uniform(1, 3);
     std::vector<uint8_t> codes(x.size());
     std::vector<uint64_t> packed(packed_want.size());
     char err[256] = "";
     int rc = n2uq_quantize_codes(x.data(), int64_t(x.size()), t.data(), n, beta1, bits, codes.data(),
-                                 int64_t(codes.size()), isa, 2, err, sizeof err);
-    EXPECT(rc == N2UQ_OK && codes == want, "quantize_codes isa=%s rc=%d %s", n2uq_isa_name(isa), rc, err);
+                                 int64_t(codes.size()), isa, threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && codes == want, "quantize_codes isa=%s rc=%d %s bits=%d C=%d order=%d beta1=%g",
+           n2uq_isa_name(isa), rc, err, bits, channels, order, beta1);
     rc = n2uq_quantize_and_pack(x.data(), int64_t(x.size()), positions, channels, t.data(), n, beta1, bits,
-                                packed.data(), int64_t(packed.size()), isa, 3, err, sizeof err);
-    EXPECT(rc == N2UQ_OK && packed == packed_want, "quantize_and_pack isa=%s rc=%d %s", n2uq_isa_name(isa), rc, err);
+                                packed.data(), int64_t(packed.size()), isa, threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && packed == packed_want, "quantize_and_pack isa=%s rc=%d %s bits=%d C=%d order=%d beta1=%g",
+           n2uq_isa_name(isa), rc, err, bits, channels, order, beta1);
   }
 }
 
@@ -395,7 +423,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < cases; ++i) run_conv_case(false);
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
-  for (int i = 0; i < cases / 3 + 1; ++i) run_quantize_case();
+  for (int i = 0; i < 2 * cases; ++i) run_quantize_case();
   run_malformed();
   if (failures) {
     std::printf("selftest: %d failures\n", failures);
