@@ -274,6 +274,54 @@ def run_layers(args, isas, rng, md):
     return notes
 
 
+def our_quantize_pack(size, channels, bits, isa, threads, rng):
+    """A zero-argument callable running n2uq_quantize_and_pack (the delegate's N2UQQuantizePack op)
+    on one float activation [1, size, size, channels] through the C API on preallocated buffers."""
+    x = rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32)
+    thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
+    out = np.empty((size * size, bits, _core.words_per_plane(channels)), np.uint64)
+    lib, err = _core.library(), ctypes.create_string_buffer(256)
+    args = (_core._ptr(x), x.size, size * size, channels, _core._ptr(thresholds), thresholds.size, 1.0, bits,
+            _core._ptr(out), out.size, _core.ISAS.index(isa), threads, err, len(err))
+    if lib.n2uq_quantize_and_pack(*args) != 0:
+        raise RuntimeError(err.value.decode())
+    return lambda _keep=(x, thresholds, out): lib.n2uq_quantize_and_pack(*args)
+
+
+def run_quantize_pack(args, isas, rng, md):
+    print(f"\n== Per layer: quantize-and-pack (float32 NHWC -> codes -> bit planes, batch 1): us per call and GB/s "
+          f"of float input; median of {args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples",
+          flush=True)
+    print(f"{'layer':>14} {'thr':>3} {'isa':>8} " + " ".join(f"{f'A{b} us':>8} {f'A{b} GB/s':>8}" for b in args.bits)
+          + f" {'noise':>6}")
+    md_header = ["layer", "threads"] + (["ISA"] if len(isas) > 1 else [])
+    md_header += [col for b in args.bits for col in (f"A{b} us", f"A{b} GB/s")] + ["noise"]
+    md_rows = []
+    for size, channels in SHAPES:
+        layer = f"{size}x{size}x{channels}"
+        gigabytes = size * size * channels * 4 / 1e9
+        for threads in args.threads:
+            candidates = {(isa, b): our_quantize_pack(size, channels, b, isa, threads, rng)
+                          for isa in isas for b in args.bits}
+            samples, _ = interleaved(candidates, args.repeats, args.sample_time)
+            median = {key: float(np.median(v)) for key, v in samples.items()}
+            noise = max(spread(v) for v in samples.values())
+            for isa in isas:
+                cells = [(f"{median[(isa, b)] * 1e6:.1f}", f"{gigabytes / median[(isa, b)]:.1f}") for b in args.bits]
+                print(f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{us:>8} {gb:>8}" for us, gb in cells)
+                      + f" {100 * noise:5.1f}%", flush=True)
+                md_rows.append([layer, threads] + ([isa] if len(isas) > 1 else [])
+                               + [c for cell in cells for c in cell] + [f"{100 * noise:.0f}%"])
+    md.append("## Per layer: quantize-and-pack (us per call, GB/s of float32 input)")
+    md.append("")
+    md.append(f"`n2uq_quantize_and_pack` (the delegate's N2UQQuantizePack op) on a [1, H, W, C] float32 activation "
+              f"through the C API on preallocated buffers; median of {args.repeats} interleaved rounds of "
+              f"{args.sample_time * 1e3:g} ms samples. Noise = largest IQR/median of any candidate in the row.")
+    md.append("")
+    md += markdown_table(md_header, md_rows)
+    md.append("")
+
+
 # ------------------------------------------------------------------ part 2 and 3: ResNet-18
 
 def _randomize_float(model, rng):
@@ -666,6 +714,7 @@ def main():
     body, targets = [], []
     if not args.skip_layers:
         targets += run_layers(args, isas, rng, body)
+        run_quantize_pack(args, isas, rng, body)
     e2e, size_ratios, sanity = None, None, []
     if not (args.skip_end_to_end and args.skip_sizes):
         with contextlib.ExitStack() as stack:
