@@ -23,6 +23,13 @@ def test_ablation_smoke(tmp_path):
     result = json.loads((out / "ablation.json").read_text())
     assert set(result["accuracy"]) == {"uniform+none", "n2uq+none", "uniform+ep", "n2uq+ep", "n2uq+learnable"}
     assert all(len(v) == 1 for v in result["accuracy"].values())
+    # Every row trains a full twin: rows that differ only in the weight quantizer (no variables for
+    # "none" and entropy-preserving weights) train the same variables. (Regression: rows after the
+    # first were clones of the frozen teacher with only the quantizer parameters trainable.)
+    counts = {key: v[0]["trainable_variables"] for key, v in result["quantizers"].items()}
+    assert counts["uniform+none"] == counts["uniform+ep"] < counts["n2uq+none"] == counts["n2uq+ep"]
+    assert counts["n2uq+learnable"] > counts["n2uq+ep"]
+    assert "trainable variables" in proc.stdout
     assert (out / "ablation.md").exists()
     if (out / "ablation.png").exists():
         assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"

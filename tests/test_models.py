@@ -413,3 +413,71 @@ def test_quantize_rejects_foreign_and_quantized_models(quantized20):
 def test_builder_argument_errors(builder, kwargs, match):
     with pytest.raises(ValueError, match=match):
         builder(**kwargs)
+
+
+# ------------------------------------------------------------------ quantizer methods, frozen teachers
+
+def methods_of(model):
+    return {(w.quantize_config.weight_method, w.quantize_config.activation_method) for w in wrappers(model).values()}
+
+
+@pytest.mark.parametrize("builder,kwargs,expected", [
+    (models.resnet20, dict(method="lsq"), ("lsq", "lsq")),
+    (models.resnet20, dict(method="pact"), ("dorefa", "pact")),  # PACT's paper pairs DoReFa weights
+    (models.resnet20, dict(weight_method="none", activation_method="uniform"), ("none", "uniform")),
+    (models.resnet20, dict(method="dorefa", activation_method="n2uq"), ("dorefa", "n2uq")),
+    (models.resnet20, dict(weight_method="learnable"), ("learnable", "n2uq")),
+    (models.resnet18, dict(method="daq", input_shape=(32, 32, 3), num_classes=10), ("daq", "daq")),
+    (models.mobilenet_v2, dict(method="dorefa", input_shape=(32, 32, 3), num_classes=10, alpha=0.35),
+     ("dorefa", "dorefa")),
+])
+def test_builders_pass_the_quantizer_methods(builder, kwargs, expected):
+    kwargs = dict(dict(width=4, input_shape=SMALL) if builder is models.resnet20 else {}, **kwargs)
+    model = builder(2, **kwargs)
+    assert methods_of(model) == {expected}
+    for wrapper in wrappers(model).values():
+        quantizer, _ = wrapper.input_quantizer
+        assert quantizer.method == expected[1]
+        assert wrapper._weight_vars[0][1].method == expected[0]
+
+
+def test_quantize_passes_the_quantizer_methods():
+    keras.utils.set_random_seed(4)
+    float_model = models.resnet20(width=4, input_shape=SMALL)
+    assert methods_of(models.quantize(float_model, 2)) == {("n2uq", "n2uq")}
+    assert methods_of(models.quantize(float_model, 2, method=None)) == {("n2uq", "n2uq")}
+    assert methods_of(models.quantize(float_model, 2, weight_method="none", activation_method="uniform")) == {
+        ("none", "uniform")}
+    star = models.quantize(float_model, 2, method="lsq", quantize_downsample=False)
+    assert methods_of(star) == {("lsq", "lsq")} and len(wrappers(star)) == 18
+    assert methods_of(models.quantize(float_model, 2, learn_thresholds=False)) == {("n2uq", "uniform")}
+    with pytest.raises(ValueError, match="unknown quantization method 'lsqq'"):
+        models.quantize(float_model, 2, method="lsqq")
+    with pytest.raises(ValueError, match="not a weight method"):
+        models.quantize(float_model, 2, weight_method="pact")
+    with pytest.raises(ValueError, match="give bits"):
+        models.resnet20(width=4, input_shape=SMALL, method="lsq")
+
+
+def test_quantizing_a_frozen_teacher_gives_a_trainable_student():
+    """Regression: DistillationModel sets teacher.trainable = False; a student quantized from that
+    teacher afterwards was a clone with every layer frozen (BatchNorm in inference mode on the float
+    statistics, RPReLU and BN fixed), which collapsed the examples/ablation.py rows after the first."""
+    keras.utils.set_random_seed(8)
+    teacher = randomize(models.resnet20(width=4, input_shape=SMALL), seed=9)
+    fresh = models.quantize(teacher, 2, weight_method="none")
+    n2uq_tf.DistillationModel(fresh, teacher)  # freezes the teacher, as in the ablation loop
+    assert not teacher.trainable
+    with pytest.warns(UserWarning, match="frozen"):
+        student = models.quantize(teacher, 2, weight_method="none")
+    with pytest.warns(UserWarning, match="frozen"):
+        direct = n2uq_tf.quantize_model(teacher, 2, skip_layers=["stem_conv", "fc"])
+    for model in (student, direct):
+        assert [(short(v), v.shape) for v in model.trainable_variables] == [
+            (short(v), v.shape) for v in fresh.trainable_variables]
+        assert all(layer.trainable for layer in model.layers)
+    x = np.random.default_rng(10).normal(size=(4, *SMALL)).astype(np.float32)
+    # BatchNorm uses batch statistics at training: the same outputs as the student of the unfrozen teacher.
+    np.testing.assert_allclose(student(x, training=True).numpy(), fresh(x, training=True).numpy(), rtol=1e-5,
+                               atol=1e-5)
+    assert teacher.trainable is False  # the teacher itself is left as it was

@@ -78,13 +78,16 @@ def _is_quantized(model):
 
 
 def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, quantize_downsample=True,
-             learn_thresholds=True):
+             learn_thresholds=True, method=None, weight_method=None, activation_method=None):
     """The paper's quantization plan for a float model built by `n2uq_tf.models`.
 
     ``stem_conv`` and ``fc`` stay float, the downsample convs stay float when
     ``quantize_downsample=False`` (the paper's N2UQ*), every other conv is quantized
     (input and weights). The float weights are copied into the returned twin.
     ``learn_thresholds=False`` freezes the activation thresholds (the uniform baseline).
+    ``method``, ``weight_method`` and ``activation_method`` choose the quantizers, as in
+    `n2uq_tf.quantize_model` (None: N2UQ; e.g. ``method="lsq"``, or ``weight_method="none",
+    activation_method="uniform"`` for the paper's baseline).
     """
     if not isinstance(float_model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras model built by n2uq_tf.models, got "
@@ -100,18 +103,25 @@ def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, qua
     if not quantize_downsample:
         skip += [layer.name for layer in float_model.layers if layer.name.endswith(DOWNSAMPLE_SUFFIX)]
     return quantize_model(float_model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                          skip_layers=skip, learn_thresholds=learn_thresholds)
+                          skip_layers=skip, learn_thresholds=learn_thresholds,
+                          method="n2uq" if method is None else method, weight_method=weight_method,
+                          activation_method=activation_method)
 
 
-def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=True, learn_thresholds=True):
+def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=True, learn_thresholds=True,
+           method=None, weight_method=None, activation_method=None):
     """What every builder returns: the float model, or its quantized twin when bits are given."""
     if bits is None and weight_bits is None and activation_bits is None:
+        if any(m is not None for m in (method, weight_method, activation_method)):
+            raise ValueError("method / weight_method / activation_method choose the quantizers of a quantized "
+                             "model: give bits (or weight_bits and activation_bits) too")
         return float_model
     if bits is None and (weight_bits is None or activation_bits is None):
         raise ValueError("give bits, or both weight_bits and activation_bits (bits=None alone builds the "
                          f"float model); got weight_bits={weight_bits!r}, activation_bits={activation_bits!r}")
     return quantize(float_model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                    quantize_downsample=quantize_downsample, learn_thresholds=learn_thresholds)
+                    quantize_downsample=quantize_downsample, learn_thresholds=learn_thresholds,
+                    method=method, weight_method=weight_method, activation_method=activation_method)
 
 
 def _inner(layer):

@@ -46,11 +46,13 @@ def inverted_residual(x, out_channels, mid_channels, stride, prefix):
 
 
 def mobilenet_v2(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), alpha=1.0, weight_bits=None,
-                 activation_bits=None, name=None, learn_thresholds=True):
+                 activation_bits=None, name=None, learn_thresholds=True, method=None, weight_method=None,
+                 activation_method=None):
     """The official N2UQ MobileNetV2; ``alpha`` scales every width (multiples of 8).
 
     ``bits=None`` returns the float model; an int (the paper uses 4) returns the quantized
     twin: float stem conv and fc, every other conv (including depthwise) quantized.
+    ``method`` / ``weight_method`` / ``activation_method`` pick the quantizers (`n2uq_tf.quantize_model`'s).
     """
     name = name or "mobilenet_v2"
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
@@ -82,4 +84,5 @@ def mobilenet_v2(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), alph
     x = layers.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = common.classifier(num_classes, last_channels)(x)
     float_model = keras.Model(inputs, outputs, name=name)
-    return common.finish(float_model, bits, weight_bits, activation_bits, learn_thresholds=learn_thresholds)
+    return common.finish(float_model, bits, weight_bits, activation_bits, learn_thresholds=learn_thresholds,
+                         method=method, weight_method=weight_method, activation_method=activation_method)

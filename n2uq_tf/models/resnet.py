@@ -88,10 +88,12 @@ def imagenet_resnet(block, blocks_per_stage, *, num_classes=1000, input_shape=(2
 
 def _imagenet_builder(arch, block, blocks_per_stage):
     def build(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), quantize_downsample=True,
-              weight_bits=None, activation_bits=None, name=None, learn_thresholds=True):
+              weight_bits=None, activation_bits=None, name=None, learn_thresholds=True, method=None,
+              weight_method=None, activation_method=None):
         float_model = imagenet_resnet(block, blocks_per_stage, num_classes=num_classes, input_shape=input_shape,
                                       name=name or arch)
-        return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds)
+        return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds,
+                             method, weight_method, activation_method)
 
     build.__name__ = build.__qualname__ = arch
     build.__doc__ = f"""The official N2UQ {arch} ({block} blocks {list(blocks_per_stage)}).
@@ -101,7 +103,8 @@ def _imagenet_builder(arch, block, blocks_per_stage):
     plan (`n2uq_tf.models.quantize`): float stem conv and fc, every other conv quantized;
     ``quantize_downsample=False`` keeps the downsample convs float (the paper's N2UQ*).
     ``weight_bits`` / ``activation_bits`` override ``bits`` for weights / activations;
-    ``learn_thresholds=False`` freezes the activation thresholds (the uniform baseline).
+    ``learn_thresholds=False`` freezes the activation thresholds (the uniform baseline);
+    ``method`` / ``weight_method`` / ``activation_method`` pick the quantizers (`n2uq_tf.quantize_model`'s).
     """
     return build
 
@@ -112,7 +115,8 @@ resnet50 = _imagenet_builder("resnet50", "bottleneck", (3, 4, 6, 3))
 
 
 def resnet20(bits=None, *, num_classes=10, input_shape=(32, 32, 3), width=16, quantize_downsample=True,
-             weight_bits=None, activation_bits=None, name=None, learn_thresholds=True):
+             weight_bits=None, activation_bits=None, name=None, learn_thresholds=True, method=None,
+             weight_method=None, activation_method=None):
     """A CIFAR-size ResNet-20 with the N2UQ block structure, for CPU work.
 
     Float 3x3 stem conv (``width`` channels), BN, ReLU; three stages of three basic blocks
@@ -130,4 +134,5 @@ def resnet20(bits=None, *, num_classes=10, input_shape=(32, 32, 3), width=16, qu
     x = layers.ReLU(name="stem_relu")(x)
     x = _stages(x, "basic", (3, 3, 3), (width, 2 * width, 4 * width), (1, 2, 2))
     float_model = keras.Model(inputs, _head(x, num_classes), name=name)
-    return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds)
+    return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds,
+                         method, weight_method, activation_method)

@@ -240,6 +240,10 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
       learn_thresholds: False freezes the activation thresholds (uniform-quantization baseline):
         the same as ``activation_method="uniform"``.
 
+    A model frozen as a whole (``model.trainable = False``, e.g. a `DistillationModel`'s teacher)
+    is quantized into a trainable model, with a warning; layers frozen one by one in a trainable
+    model stay frozen.
+
     Layers that cannot be quantized stay float; they are warned about and listed by
     `quantization_report`.
     """
@@ -259,9 +263,21 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
                          f"{', '.join(c.__name__ for c in registry.SUPPORTED)}); plan: "
                          + ", ".join(f"{p['name']}={p['action']}" for p in plan if p['action'] != 'float'))
 
+    # A frozen model (model.trainable = False, as DistillationModel leaves its teacher) gives a
+    # trainable student: cloned with trainable=False, every BatchNorm would run in inference mode
+    # on the float model's moving statistics and only the quantizer parameters would train.
+    frozen = not model.trainable
+    if frozen:
+        warnings.warn(f"model {model.name!r} is frozen (trainable=False, as DistillationModel sets on its "
+                      "teacher); the quantized model is made trainable. Set trainable=False on the result "
+                      "to freeze it.", stacklevel=2)
+
     def annotate(layer):
         p = to_quantize.get(layer.name)
-        clone = layer.__class__.from_config(layer.get_config())
+        layer_config = layer.get_config()
+        if frozen and "trainable" in layer_config:
+            layer_config["trainable"] = True
+        clone = layer.__class__.from_config(layer_config)
         if p is None:
             return clone
         config = config_for(layer, p["weight_bits"], p["activation_bits"],
