@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -180,7 +181,7 @@ def plot(tables, results, path, title):
         means, stds = [a.mean() for a in acc], [a.std() for a in acc]
         ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([label.replace(" (", "\n(") for label, _ in rows], fontsize=8)
+        ax.set_xticklabels([textwrap.fill(label, 16) for label, _ in rows], fontsize=8)
         ax.set_title(name)
         low = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(max(0.0, low - 5), 100)
