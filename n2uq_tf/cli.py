@@ -92,6 +92,10 @@ def build_parser():
                        help="keep residual downsample convs float (the paper's N2UQ* variant)")
     train.add_argument("--frozen-thresholds", action="store_true",
                        help="freeze thresholds at uniform: the paper's STE baseline")
+    train.add_argument("--method", help="quantizer of weights and activations: n2uq (default), uniform, dorefa, "
+                                        "pact, lsq or daq (see the README's quantization methods)")
+    train.add_argument("--weight-method", help="weight quantizer, overriding --method (also none, learnable)")
+    train.add_argument("--activation-method", help="activation quantizer, overriding --method")
     train.add_argument("--epochs", type=_positive_int, default=128, help="student epochs (default 128)")
     train.add_argument("--lr", type=float, default=None,
                        help="peak learning rate (default 1.25e-3 scaled by batch size / 256)")
@@ -217,10 +221,12 @@ def _build(args, num_classes, image_size, bits):
     from n2uq_tf import models
     builder = models.MODELS[args.model]
     kwargs = _model_kwargs(builder, num_classes=num_classes, input_shape=(image_size, image_size, 3),
-                           width=args.width, quantize_downsample=not args.float_downsample,
-                           learn_thresholds=False if args.frozen_thresholds else None)
+                           width=args.width, quantize_downsample=not args.float_downsample)
     if bits is not None:
-        kwargs.update(_model_kwargs(builder, weight_bits=args.weight_bits, activation_bits=args.activation_bits))
+        kwargs.update(_model_kwargs(builder, weight_bits=args.weight_bits, activation_bits=args.activation_bits,
+                                    method=args.method, weight_method=args.weight_method,
+                                    activation_method=args.activation_method,
+                                    learn_thresholds=False if args.frozen_thresholds else None))
     model = builder(bits, **kwargs)
     if args.frozen_thresholds and bits is not None and "learn_thresholds" not in kwargs:
         raise SystemExit(f"n2uq-tf: --frozen-thresholds is not supported by model {args.model}")
