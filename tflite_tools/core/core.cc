@@ -488,10 +488,18 @@ int check_thresholds(const float* thresholds, int32_t num_thresholds, int32_t bi
 
 static_assert((1 << N2UQ_MAX_BITS) - 1 < kThresholdTable, "threshold table too small");
 
-// Elements per quantize task at least: the vector paths take ~2-7 us for 64K floats, about
-// what waking a pool worker costs on a shared VM, so smaller layers stay on one thread
-// (7x7x512 at 2 threads took 23-34 us against 6-10 us on 1 with a 4096-element grain).
-constexpr int64_t kQuantizeGrain = 65536;
+// Elements per quantize task at least: the AVX2 / AVX-512 paths take ~3-12 us for 64K
+// floats, about what waking a pool worker costs on a shared VM, so smaller layers stay on
+// one thread (7x7x512 at 2 threads took 23-34 us against 6-10 us on 1 with a 4096-element
+// grain, loaded 2-core VM). The scalar path is ~30x slower per element and keeps 4096.
+int64_t quantize_grain(int isa) {
+  switch (isa) {
+    case N2UQ_ISA_AVX2:
+    case N2UQ_ISA_AVX512: return 65536;
+    case N2UQ_ISA_NEON: return 16384;
+    default: return 4096;
+  }
+}
 
 // QuantizeJob::thresholds from the caller's (validated) thresholds: see kernel_table.h.
 void fill_thresholds(QuantizeJob& job, const float* thresholds, int32_t num_thresholds) {
@@ -594,7 +602,7 @@ int n2uq_quantize_codes(const float* x, int64_t count, const float* thresholds, 
     job.beta1 = beta1;
     job.out_codes = out;
     const KernelTable* table = table_for(resolved);
-    parallel_ranges(num_threads, count, kQuantizeGrain, [&](int64_t b, int64_t e) { table->quantize_codes(job, b, e); });
+    parallel_ranges(num_threads, count, quantize_grain(resolved), [&](int64_t b, int64_t e) { table->quantize_codes(job, b, e); });
     return N2UQ_OK;
   });
 }
@@ -627,7 +635,7 @@ int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions,
     job.beta1 = beta1;
     job.out_packed = out;
     const KernelTable* table = table_for(resolved);
-    const int64_t grain = kQuantizeGrain / channels + 1;
+    const int64_t grain = quantize_grain(resolved) / channels + 1;
     parallel_ranges(num_threads, num_positions, grain,
                     [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
     return N2UQ_OK;
