@@ -314,12 +314,22 @@ void quantize_and_pack_bits(const QuantizeJob& j, int64_t begin, int64_t end) {
     const float* x = j.x + pos * channels;
     uint64_t* out = j.out_packed + pos * BITS * words;
     for (int64_t w = 0; w < full_words; ++w, x += 64) {
-      __mmask16 p[4][BITS];
-      for (int g = 0; g < 4; ++g)
-        quantize16<BITS, false>(_mm512_loadu_ps(x + 16 * g), beta1, levels, (__mmask16)0xFFFF, p[g]);
-      for (int b = 0; b < BITS; ++b)
-        out[b * words + w] = (uint64_t)p[0][b] | (uint64_t)p[1][b] << 16 | (uint64_t)p[2][b] << 32 |
-                             (uint64_t)p[3][b] << 48;
+      // Level by level over the word's 4 groups: 4 independent permute-compare chains.
+      __m512 scaled[4];
+      __m512i code[4];
+      for (int g = 0; g < 4; ++g) {
+        scaled[g] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * g), beta1);
+        code[g] = _mm512_setzero_si512();
+      }
+      for (int b = BITS - 1; b >= 0; --b) {
+        __mmask16 m[4];
+        for (int g = 0; g < 4; ++g) {
+          const __m512 t = b == BITS - 1 ? levels[b] : _mm512_permutexvar_ps(code[g], levels[b]);
+          m[g] = _mm512_cmp_ps_mask(scaled[g], t, _CMP_GT_OQ);
+          if (b > 0) code[g] = _mm512_mask_add_epi32(code[g], m[g], code[g], _mm512_set1_epi32(1 << b));
+        }
+        out[b * words + w] = (uint64_t)m[0] | (uint64_t)m[1] << 16 | (uint64_t)m[2] << 32 | (uint64_t)m[3] << 48;
+      }
     }
     if (rem > 0) {  // last, partial word: masked loads, lanes past the channels give 0 bits
       uint64_t planes[BITS] = {};
