@@ -93,10 +93,26 @@ void quantize_and_pack_bits(const QuantizeJob& j, int64_t begin, int64_t end) {
     uint64_t* out = j.out_packed + pos * BITS * words;
     for (int64_t w = 0; w < full_words; ++w, x += 64) {
       uint64_t planes[BITS] = {};
-      for (int g = 0; g < 8; ++g) {
-        uint32_t p[BITS];
-        quantize8<BITS, false>(_mm256_loadu_ps(x + 8 * g), beta1, levels, p);
-        for (int b = 0; b < BITS; ++b) planes[b] |= (uint64_t)p[b] << (8 * g);
+      // Half a word at a time, level by level over its 4 groups: 4 independent
+      // permute-compare chains (8 would not fit the 16 ymm registers).
+      for (int half = 0; half < 2; ++half) {
+        __m256 scaled[4];
+        __m256i k[4];
+        for (int g = 0; g < 4; ++g) {
+          scaled[g] = _mm256_mul_ps(_mm256_loadu_ps(x + 32 * half + 8 * g), beta1);
+          k[g] = _mm256_setzero_si256();
+        }
+        for (int b = BITS - 1; b >= 0; --b) {
+          uint64_t bits = 0;
+          for (int g = 0; g < 4; ++g) {
+            const __m256 t = b == BITS - 1 ? _mm256_permutevar8x32_ps(levels[b], _mm256_setzero_si256())
+                                           : _mm256_permutevar8x32_ps(levels[b], k[g]);
+            const __m256 m = _mm256_cmp_ps(scaled[g], t, _CMP_GT_OQ);
+            bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(m) << (8 * g);
+            if (b > 0) k[g] = _mm256_sub_epi32(_mm256_add_epi32(k[g], k[g]), _mm256_castps_si256(m));
+          }
+          planes[b] |= bits << (32 * half);
+        }
       }
       for (int b = 0; b < BITS; ++b) out[b * words + w] = planes[b];
     }
