@@ -5,13 +5,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_ablation_smoke(tmp_path):
-    pytest.importorskip("sklearn")
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "ablation.py"), "--seeds", "1", "--epochs", "1",

@@ -124,10 +124,7 @@ def test_rejects_bad_update_freq(tmp_path):
 
 
 def test_with_the_distillation_model(small_cnn, tmp_path):
-    try:
-        from n2uq_tf.training import DistillationModel
-    except ImportError:
-        pytest.skip("n2uq_tf.training.DistillationModel is not available")
+    from n2uq_tf.training import DistillationModel
     student = n2uq_tf.quantize_model(small_cnn, bits=2)
     distiller = DistillationModel(student, small_cnn)
     distiller.compile(keras.optimizers.Adam(0.01))

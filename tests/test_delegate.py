@@ -395,16 +395,10 @@ def test_cpp_selftest_under_asan_and_ubsan():
     assert "selftest: OK" in result.stdout
 
 
-# ------------------------------------------------------------------ exporter (when present)
+# ------------------------------------------------------------------ exporter
 
 def test_exported_resnet20_matches_keras(tmp_path):
-    export = pytest.importorskip("n2uq_tf.export")
-    export_tflite = getattr(export, "export_tflite", None)
-    if export_tflite is None:
-        try:
-            from n2uq_tf.export.converter import export_tflite
-        except ImportError:
-            pytest.skip("the exporter (n2uq_tf.export.export_tflite) is not there yet")
+    from n2uq_tf.export import export_tflite
     from n2uq_tf import models as n2models
     model = n2models.resnet20(bits=2, width=4, input_shape=(16, 16, 3))
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-pytest.importorskip("matplotlib")
-
-import n2uq_tf  # noqa: E402
-from n2uq_tf import plots  # noqa: E402
+import n2uq_tf
+from n2uq_tf import plots
 
 # Known quantizer parameters per layer: start, intervals, beta1, beta2. conv_a has an
 # interval below the 1e-3 floor, fc1 is 4-bit.
