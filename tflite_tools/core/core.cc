@@ -478,6 +478,19 @@ int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, 
   return run_conv(job, resolved, num_threads, err, err_len);
 }
 
+// Sizes of a [num_positions][channels] tensor of codes (or floats) and of its packed
+// [num_positions][bits][words] form, after checking the dimensions.
+int check_packed_layout(int64_t num_positions, int32_t channels, int32_t bits, int64_t* elements,
+                        int64_t* packed_words, char* err, size_t err_len) {
+  N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
+             "num_positions must be >= 1, got %lld", (long long)num_positions);
+  N2UQ_CHECK(channels >= 1 && channels <= kMaxDim, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
+             (long long)kMaxDim, channels);
+  if (!mul_ok(num_positions, channels, elements) || !mul_ok(num_positions, bits * words_for(channels), packed_words))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
+  return N2UQ_OK;
+}
+
 int check_thresholds(const float* thresholds, int32_t num_thresholds, int32_t bits, char* err, size_t err_len) {
   if (int rc = check_bits(bits, "bits", err, err_len)) return rc;
   N2UQ_CHECK(thresholds != nullptr, N2UQ_ERR_ARGUMENT, "thresholds is NULL");
@@ -555,16 +568,12 @@ int n2uq_pack_bitplanes(const uint8_t* codes, int64_t codes_len, int64_t num_pos
                         int32_t bits, uint64_t* out, int64_t out_len, char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
     if (int rc = check_bits(bits, "bits", err, err_len)) return rc;
-    N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
-               "num_positions must be >= 1, got %lld", (long long)num_positions);
-    N2UQ_CHECK(channels >= 1 && channels <= kMaxDim, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
-               (long long)kMaxDim, channels);
-    const int64_t words = words_for(channels);
     int64_t codes_needed = 0, out_needed = 0;
-    if (!mul_ok(num_positions, channels, &codes_needed) || !mul_ok(num_positions, bits * words, &out_needed))
-      N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
+    if (int rc = check_packed_layout(num_positions, channels, bits, &codes_needed, &out_needed, err, err_len))
+      return rc;
     if (int rc = check_buffer(codes, codes_len, codes_needed, "codes", err, err_len)) return rc;
     if (int rc = check_buffer(out, out_len, out_needed, "out", err, err_len)) return rc;
+    const int64_t words = words_for(channels);
     const uint8_t max_code = uint8_t((1 << bits) - 1);
     for (int64_t i = 0; i < codes_needed; ++i)
       N2UQ_CHECK(codes[i] <= max_code, N2UQ_ERR_ARGUMENT, "code %d at index %lld exceeds %d for %d bits",
@@ -613,14 +622,8 @@ int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions,
   return guarded(err, err_len, [&]() -> int {
     if (int rc = check_thresholds(thresholds, num_thresholds, bits, err, err_len)) return rc;
     if (int rc = check_threads(num_threads, err, err_len)) return rc;
-    N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
-               "num_positions must be >= 1, got %lld", (long long)num_positions);
-    N2UQ_CHECK(channels >= 1 && channels <= kMaxDim, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
-               (long long)kMaxDim, channels);
-    const int64_t words = words_for(channels);
     int64_t x_needed = 0, out_needed = 0;
-    if (!mul_ok(num_positions, channels, &x_needed) || !mul_ok(num_positions, bits * words, &out_needed))
-      N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
+    if (int rc = check_packed_layout(num_positions, channels, bits, &x_needed, &out_needed, err, err_len)) return rc;
     if (int rc = check_buffer(x, x_len, x_needed, "x", err, err_len)) return rc;
     if (int rc = check_buffer(out, out_len, out_needed, "out", err, err_len)) return rc;
     const int resolved = resolve(isa, err, err_len);
@@ -628,7 +631,7 @@ int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions,
     QuantizeJob job{};
     job.x = x;
     job.channels = channels;
-    job.words = int32_t(words);
+    job.words = int32_t(words_for(channels));
     job.bits = bits;
     job.num_thresholds = num_thresholds;
     fill_thresholds(job, thresholds, num_thresholds);
