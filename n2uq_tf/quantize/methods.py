@@ -68,6 +68,9 @@ class _Base(ConfigSerializable, _Quantizer):
     def __init__(self, bits=2):
         self.bits = ops.check_bits(bits, f"{self.method} bits")
 
+    def build(self, tensor_shape, name, layer):
+        return {}  # no variables; quantizers with parameters override this
+
     def get_config(self):
         return {"bits": self.bits, "format_version": FORMAT_VERSION}
 
@@ -88,9 +91,6 @@ class _WeightBase(_Base):
 class DoReFaActivationQuantizer(_Base):
     """DoReFa: round(n clip(x, 0, 1)) / n, STE (no parameters)."""
     method = "dorefa"
-
-    def build(self, tensor_shape, name, layer):
-        return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
         return tf.cast(m.dorefa_activation(inputs, self.bits), inputs.dtype)
@@ -191,9 +191,6 @@ class DoReFaWeightQuantizer(_WeightBase):
     """DoReFa weights (per tensor): 2 round(n (tanh(w)/(2 max|tanh w|) + 1/2))/n - 1; E|w| sign(w) at 1 bit."""
     method = "dorefa"
 
-    def build(self, tensor_shape, name, layer):
-        return {}
-
     def __call__(self, inputs, training, weights, **kwargs):
         return tf.cast(m.dorefa_weights(inputs, self.bits), inputs.dtype)
 
@@ -265,9 +262,6 @@ class DAQWeightQuantizer(_WeightBase):
 class NoScaleWeightQuantizer(_WeightBase):
     """Table 4 "no weight scaling": W clipped to [-1, 1], N2UQ's 2^b levels (2k - n)/n, STE."""
     method = "none"
-
-    def build(self, tensor_shape, name, layer):
-        return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
         return tf.cast(m.noscale_weights(inputs, self.bits), inputs.dtype)
