@@ -184,18 +184,10 @@ def _verbose():
     return 1 if sys.stdout.isatty() else 2  # progress bar on a terminal, one line per epoch in logs
 
 
-def load_any_model(path, compile=False):
-    """Loads a float or quantized model saved in any Keras format, with clear errors."""
+def load_any_model(path):
+    """A float or quantized model saved in any Keras format (teachers are float), with clear errors."""
     import n2uq_tf
-    from n2uq_tf._keras import keras
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model at {path!r}")
-    try:
-        with n2uq_tf.quantize_scope():
-            return keras.models.load_model(path, compile=compile)
-    except Exception as error:  # corrupt files, foreign formats: one readable message
-        raise ValueError(f"could not load a Keras model from {path!r}: {type(error).__name__}: {error}") from error
+    return n2uq_tf.load_model(path, compile=False, require_quantized=False)
 
 
 def _eval_split(info):
@@ -306,7 +298,8 @@ def command_train(args):
         student = _build(args, info.num_classes, image_size, bits)
         init = args.init or (None if args.teacher else teacher_path)
         if init:
-            models.load_float_weights(student, load_any_model(init) if init != teacher_path else teacher)
+            # A path may also be a weights-only file of the float twin.
+            models.load_float_weights(student, init if init != teacher_path else teacher)
             print(f"student: {args.model} W{args.weight_bits or bits}A{args.activation_bits or bits}, "
                   f"initialised from {init}")
         elif args.teacher:

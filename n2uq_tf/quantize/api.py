@@ -300,12 +300,13 @@ def _describe_format(path):
     return {".h5": "HDF5", ".hdf5": "HDF5", ".keras": "Keras"}.get(ext, "unknown")
 
 
-def load_model(path, custom_objects=None, compile=True):
+def load_model(path, custom_objects=None, compile=True, require_quantized=True):
     """Loads a quantized model saved as .keras, .h5 or a SavedModel directory.
 
     All quantizer state (thresholds, betas) is restored, so predictions are identical.
     Raises FileNotFoundError for a missing path and ValueError for a file that is not a
-    model, is corrupt, or holds no N2UQ-quantized layer.
+    model, is corrupt, or (unless ``require_quantized=False``, e.g. for a float teacher)
+    holds no N2UQ-quantized layer.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -317,7 +318,7 @@ def load_model(path, custom_objects=None, compile=True):
     except Exception as error:  # OSError, zipfile.BadZipFile, h5py and protobuf decode errors, ...
         raise ValueError(f"could not load a quantized model from {path!r} ({fmt} format): "
                          f"{type(error).__name__}: {error}") from error
-    if not any(isinstance(layer, N2UQWrapper) for layer in _all_layers(model)):
+    if require_quantized and not any(isinstance(layer, N2UQWrapper) for layer in _all_layers(model)):
         raise ValueError(f"{path!r} holds a model without N2UQ-quantized layers; load float models with "
                          "tf_keras.models.load_model")
     return model
