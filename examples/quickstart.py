@@ -55,13 +55,12 @@ def train_teacher(train, test, epochs, steps):
     return teacher, teacher.evaluate(test, verbose=0)[1]
 
 
-def distil_student(teacher, train, test, bits, epochs, steps, learn_thresholds):
-    student = models.quantize(teacher, bits, learn_thresholds=learn_thresholds)  # float weights copied
+def distil_student(student, teacher, train, test, epochs, steps):
     distiller = n2uq_tf.DistillationModel(student, teacher)  # temperature 1, pure distillation
     distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=epochs, steps_per_epoch=steps),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     distiller.fit(train, epochs=epochs, verbose=0, callbacks=[EpochProgress(epochs)])
-    return student, distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+    return distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
 
 
 def main():
@@ -83,9 +82,13 @@ def main():
     print(f"1/3 float teacher: ResNet-20 on {IMAGE_SIZE}x{IMAGE_SIZE} digits, {args.epochs} epochs")
     teacher, float_acc = train_teacher(train, test, args.epochs, steps)
     print(f"2/3 N2UQ W{args.bits}A{args.bits} student, learned thresholds (distillation)")
-    student, n2uq_acc = distil_student(teacher, train, test, args.bits, args.epochs, steps, True)
+    # Both students start from the trained float weights (quantized twins, made before distillation
+    # freezes the teacher).
+    student = models.quantize(teacher, args.bits)
+    baseline = models.quantize(teacher, args.bits, learn_thresholds=False)
+    n2uq_acc = distil_student(student, teacher, train, test, args.epochs, steps)
     print(f"3/3 baseline W{args.bits}A{args.bits} student, thresholds frozen at uniform")
-    _, uniform_acc = distil_student(teacher, train, test, args.bits, args.epochs, steps, False)
+    uniform_acc = distil_student(baseline, teacher, train, test, args.epochs, steps)
 
     os.makedirs(args.output, exist_ok=True)
     student.save(os.path.join(args.output, "student.keras"))
