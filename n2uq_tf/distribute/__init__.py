@@ -1,0 +1,21 @@
+"""Communication-efficient data-parallel training: compressed gradient exchange on tf.distribute.
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()   # or MirroredStrategy()
+    with strategy.scope():
+        model = make_model()
+        model.compile(n2uq_tf.distribute.compress_gradients("adam", "nuqsgd", bits=4), loss)
+    model.fit(dataset)
+
+Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et al.), "qsgd",
+"qsgdinf" and "none". `n2uq-tf launch -n 2 -- python train.py` starts local workers on 127.0.0.1.
+"""
+
+from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
+                                            GradientCompression, compress_vector, decode, encode,
+                                            pack_codes, quantize_buckets, unpack_codes)
+from n2uq_tf.distribute.optimizer import (CompressedOptimizer, all_gather_payloads,  # noqa: F401
+                                          compress_gradients, exchange_compressed, replica_seed)
+
+__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "GradientCompression",
+           "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "encode",
+           "exchange_compressed", "pack_codes", "quantize_buckets", "replica_seed", "unpack_codes"]

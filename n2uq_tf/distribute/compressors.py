@@ -1,0 +1,260 @@
+"""Gradient compressors for data-parallel SGD: NUQSGD, QSGD, QSGDinf (and "none").
+
+One source of truth for the math; the optimizer hook (`optimizer.py`) only moves bytes.
+
+A gradient vector is cut into buckets of `bucket_size` values. Each bucket is divided by its
+norm (L2 for nuqsgd and qsgd, max |v| for qsgdinf), so every r_i = |v_i| / norm lies in [0, 1].
+r_i is rounded at random to one of its two neighbouring magnitude levels l_j <= r_i <= l_{j+1},
+up with probability p = (r_i - l_j) / (l_{j+1} - l_j): E[level] = r_i, so the decoded
+sign * norm * level is an unbiased estimate of v_i, with variance norm^2 (l_{j+1} - r)(r - l_j).
+
+With b bits a code is (sign << (b - 1)) | level index, so there are 2^(b-1) magnitude levels:
+- nuqsgd (Ramezani-Kebrya et al., arXiv 1908.06077): {0, 2^(1-K), ..., 1/4, 1/2, 1}, K = 2^(b-1) - 1.
+  Normalised gradients crowd near 0, where exponential levels are dense: lower variance.
+- qsgd (Alistarh et al., 2017): {0, 1/s, ..., 1}, s = 2^(b-1) - 1, L2 norm.
+- qsgdinf: the same uniform levels, max-abs norm.
+Codes are bit-packed 32 / b to an int32 word; the norms travel as float32 beside them.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+SUPPORTED_BITS = (2, 4, 8)  # b divides 32: codes never straddle a word
+DEFAULT_BUCKET_SIZE = 8192  # the paper's runs
+SMALL_BITS_BUCKET_SIZE = 128  # 2 bits diverged with 8192-value buckets and trained with 128 (DESIGN.md 7)
+
+
+def nuqsgd_levels(bits):
+    k = 2 ** (bits - 1) - 1
+    return np.concatenate([[0.0], 2.0 ** np.arange(1 - k, 1)])
+
+
+def uniform_levels(bits):
+    s = 2 ** (bits - 1) - 1
+    return np.arange(s + 1) / s
+
+
+# The table of compressors: level set and bucket norm. "none" is the framework's own float all-reduce.
+COMPRESSORS = {
+    "none": None,
+    "nuqsgd": (nuqsgd_levels, "l2"),
+    "qsgd": (uniform_levels, "l2"),
+    "qsgdinf": (uniform_levels, "max"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientCompression:
+    """Which compressor, how many bits per value, how many values share a norm, and the noise seed.
+
+    bucket_size=None picks 8192 (the paper's) at 4 and 8 bits and 128 at 2 bits.
+    """
+
+    method: str = "nuqsgd"
+    bits: int = 4
+    bucket_size: int = None
+    seed: int = 0
+
+    def __post_init__(self):
+        method = str(self.method).lower()
+        if method not in COMPRESSORS:
+            raise ValueError(f"compression method must be one of {sorted(COMPRESSORS)}, got {self.method!r}")
+        object.__setattr__(self, "method", method)
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"compression bits must be one of {SUPPORTED_BITS} (codes are packed 32 / bits "
+                             f"to an int32 word), got {self.bits!r}")
+        bucket_size = self.bucket_size
+        if bucket_size is None:
+            bucket_size = SMALL_BITS_BUCKET_SIZE if self.bits == 2 else DEFAULT_BUCKET_SIZE
+        if (isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer))
+                or bucket_size <= 0 or bucket_size % self.codes_per_word):
+            raise ValueError(f"compression bucket_size must be a positive multiple of {self.codes_per_word} "
+                             f"(codes per 32-bit word at {self.bits} bits), got {self.bucket_size!r}")
+        object.__setattr__(self, "bucket_size", int(bucket_size))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"compression seed must be an int, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def enabled(self):
+        return self.method != "none"
+
+    @property
+    def codes_per_word(self):
+        return 32 // self.bits
+
+    @property
+    def norm(self):
+        return COMPRESSORS[self.method][1] if self.enabled else None
+
+    def levels(self):
+        """The 2^(bits-1) magnitude levels in [0, 1], ascending (float32)."""
+        if not self.enabled:
+            raise ValueError("compression method 'none' has no levels")
+        return COMPRESSORS[self.method][0](self.bits).astype(np.float32)
+
+    def signed_levels(self):
+        """Decode table indexed by code: (-1)^sign * levels[index] (float32, 2^bits entries)."""
+        levels = self.levels()
+        return np.concatenate([levels, -levels]).astype(np.float32)
+
+    def payload_words(self, num_buckets):
+        """32-bit words one replica sends for num_buckets buckets: packed codes, then one norm each."""
+        return num_buckets * (self.bucket_size // self.codes_per_word + 1)
+
+    def get_config(self):
+        return dataclasses.asdict(self)
+
+
+def bucket_norms(buckets, norm):
+    """Per-bucket norm of a [num_buckets, bucket_size] float32 tensor: 'l2' or 'max' (max |v|)."""
+    if norm == "l2":
+        return tf.sqrt(tf.reduce_sum(tf.square(buckets), axis=1))
+    return tf.reduce_max(tf.abs(buckets), axis=1)
+
+
+def _lower_level_index(ratio, compression):
+    """The j with levels[j] <= ratio < levels[j+1], clamped to [0, L-2] (so ratio 1.0 gives L-2)."""
+    top = 2 ** (compression.bits - 1) - 2  # L - 2
+    if compression.method == "nuqsgd":
+        # levels[j] = 2^(j-K) for j >= 1: j = floor(log2 ratio) + K, read exactly from the float's
+        # exponent field (ratio <= 1, so the field is <= 127; zero and subnormals give j <= 0).
+        k = top + 1
+        exponent = tf.bitwise.right_shift(tf.bitcast(ratio, tf.int32), 23) - 127
+        return tf.clip_by_value(exponent + k, 0, top)
+    # Uniform levels j / s: floor(ratio * s), then one step of correction against the float32 table
+    # (ratio * s can round across a level).
+    s = top + 1
+    levels = tf.constant(compression.levels())
+    index = tf.clip_by_value(tf.cast(tf.floor(ratio * s), tf.int32), 0, top)
+    index -= tf.cast(tf.gather(levels, index) > ratio, tf.int32)
+    index += tf.cast((tf.gather(levels, index + 1) <= ratio) & (index < top), tf.int32)
+    return index
+
+
+def quantize_buckets(buckets, compression, uniform):
+    """Codes and norms of [num_buckets, bucket_size] float32 buckets, given U[0,1) draws of that shape.
+
+    Returns (codes int32 in [0, 2^bits), norms float32 [num_buckets]). A bucket of zeros gets norm 0
+    and codes 0.
+    """
+    buckets = tf.convert_to_tensor(buckets, tf.float32)
+    norms = bucket_norms(buckets, compression.norm)
+    safe_norms = tf.where(norms > 0, norms, tf.ones_like(norms))
+    # |v| <= norm in exact arithmetic; float rounding may put a lone value a hair above 1.
+    ratio = tf.minimum(tf.abs(buckets) / safe_norms[:, None], 1.0)
+    levels = tf.constant(compression.levels())
+    lower = _lower_level_index(ratio, compression)
+    low, high = tf.gather(levels, lower), tf.gather(levels, lower + 1)
+    round_up = uniform < (ratio - low) / (high - low)
+    index = lower + tf.cast(round_up, tf.int32)
+    sign = tf.cast(buckets < 0, tf.int32)
+    codes = tf.bitwise.bitwise_or(index, tf.bitwise.left_shift(sign, compression.bits - 1))
+    return codes, norms
+
+
+def dequantize_buckets(codes, norms, compression):
+    """float32 values of [..., num_buckets, bucket_size] codes with [..., num_buckets] norms."""
+    table = tf.constant(compression.signed_levels())
+    return tf.gather(table, codes) * norms[..., None]
+
+
+def pack_codes(codes, bits):
+    """int32 words of b-bit codes (count a multiple of 32 / b): code i of a word sits at bits b*i."""
+    per_word = 32 // bits
+    groups = tf.reshape(tf.cast(codes, tf.uint32), [-1, per_word])
+    word = groups[:, 0]
+    for i in range(1, per_word):
+        word = tf.bitwise.bitwise_or(word, tf.bitwise.left_shift(groups[:, i], tf.constant(bits * i, tf.uint32)))
+    return tf.bitcast(word, tf.int32)
+
+
+def unpack_codes(words, bits):
+    """int32 codes of packed words ([..., n] -> [..., n * 32 / b]); inverse of pack_codes."""
+    per_word = 32 // bits
+    words = tf.bitcast(tf.convert_to_tensor(words, tf.int32), tf.uint32)
+    mask = tf.constant(2 ** bits - 1, tf.uint32)
+    parts = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, tf.constant(bits * i, tf.uint32)), mask)
+             for i in range(per_word)]
+    codes = tf.stack(parts, axis=-1)
+    shape = tf.concat([tf.shape(words)[:-1], [-1]], axis=0)
+    return tf.cast(tf.reshape(codes, shape), tf.int32)
+
+
+def encode(buckets, compression, seed):
+    """One replica's payload for [num_buckets, bucket_size] buckets: int32 [payload_words].
+
+    seed: int32/int64 [2] for tf.random.stateless_uniform; the rounding noise is a function of it.
+    """
+    uniform = tf.random.stateless_uniform(tf.shape(buckets), seed=seed, dtype=tf.float32)
+    codes, norms = quantize_buckets(buckets, compression, uniform)
+    return tf.concat([pack_codes(codes, compression.bits), tf.bitcast(norms, tf.int32)], axis=0)
+
+
+def decode(payload, compression, num_buckets):
+    """float32 [..., num_buckets * bucket_size] from payloads [..., payload_words] (inverse of encode)."""
+    code_words = num_buckets * compression.bucket_size // compression.codes_per_word
+    codes = unpack_codes(payload[..., :code_words], compression.bits)
+    norms = tf.bitcast(payload[..., code_words:], tf.float32)
+    leading = tf.shape(codes)[:-1]
+    codes = tf.reshape(codes, tf.concat([leading, [num_buckets, compression.bucket_size]], axis=0))
+    values = dequantize_buckets(codes, norms, compression)
+    return tf.reshape(values, tf.concat([leading, [-1]], axis=0))
+
+
+def compress_vector(vector, compression, seed):
+    """Decoded Q(v) of a 1-D vector (padded to whole buckets and cut back): the round trip, for studies."""
+    vector = tf.convert_to_tensor(vector, tf.float32)
+    size = vector.shape[0]
+    layout = BucketLayout([size], compression.bucket_size)
+    payload = encode(layout.to_buckets([vector]), compression, seed)
+    return layout.from_flat(decode(payload, compression, layout.num_buckets))[0]
+
+
+class BucketLayout:
+    """Where each gradient's values sit in the bucketed vector that is encoded.
+
+    A tensor of at least one bucket gets buckets of its own (its last one zero-padded), so a large
+    layer's scale never mixes with a neighbour's. Smaller tensors (biases, BN, quantizer parameters)
+    are concatenated into shared buckets: one norm per bucket_size values, not one per tensor.
+    """
+
+    def __init__(self, sizes, bucket_size):
+        self.sizes = [int(s) for s in sizes]
+        self.bucket_size = int(bucket_size)
+        self.offsets = [None] * len(self.sizes)
+        offset = 0
+        for i, size in enumerate(self.sizes):
+            if size >= self.bucket_size:
+                self.offsets[i] = offset
+                offset += -(-size // self.bucket_size) * self.bucket_size
+        self._small_start = offset
+        for i, size in enumerate(self.sizes):
+            if size < self.bucket_size:
+                self.offsets[i] = offset
+                offset += size
+        self.num_buckets = -(-offset // self.bucket_size)
+        self.padded_size = self.num_buckets * self.bucket_size
+
+    @property
+    def num_values(self):
+        return sum(self.sizes)
+
+    def to_buckets(self, tensors):
+        """[num_buckets, bucket_size] float32 from tensors of the layout's sizes (any shapes)."""
+        pieces, position = [], 0
+        for i in sorted(range(len(self.sizes)), key=lambda i: self.offsets[i]):
+            if self.offsets[i] > position:
+                pieces.append(tf.zeros([self.offsets[i] - position], tf.float32))
+            pieces.append(tf.reshape(tf.cast(tensors[i], tf.float32), [-1]))
+            position = self.offsets[i] + self.sizes[i]
+        if self.padded_size > position:
+            pieces.append(tf.zeros([self.padded_size - position], tf.float32))
+        flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+        return tf.reshape(flat, [self.num_buckets, self.bucket_size])
+
+    def from_flat(self, flat):
+        """The tensors' values (1-D each) back from a padded flat vector."""
+        return [flat[offset:offset + size] for offset, size in zip(self.offsets, self.sizes)]
