@@ -13,9 +13,10 @@ Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et
 from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
                                             GradientCompression, compress_vector, decode, encode,
                                             pack_codes, quantize_buckets, unpack_codes)
-from n2uq_tf.distribute.optimizer import (CompressedOptimizer, all_gather_payloads,  # noqa: F401
-                                          compress_gradients, exchange_compressed, replica_seed)
+from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all_gather_payloads,  # noqa: F401
+                                          compress_gradients, exchange_compressed, exchange_size,
+                                          replica_seed)
 
-__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "GradientCompression",
+__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeSize", "GradientCompression",
            "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "encode",
-           "exchange_compressed", "pack_codes", "quantize_buckets", "replica_seed", "unpack_codes"]
+           "exchange_compressed", "exchange_size", "pack_codes", "quantize_buckets", "replica_seed", "unpack_codes"]

@@ -189,12 +189,25 @@ def encode(buckets, compression, seed):
     seed: int32/int64 [2] for tf.random.stateless_uniform; the rounding noise is a function of it.
     """
     uniform = tf.random.stateless_uniform(tf.shape(buckets), seed=seed, dtype=tf.float32)
-    codes, norms = quantize_buckets(buckets, compression, uniform)
-    return tf.concat([pack_codes(codes, compression.bits), tf.bitcast(norms, tf.int32)], axis=0)
+    return _quantize_and_pack(tf.convert_to_tensor(buckets, tf.float32), uniform, compression)
 
 
 def decode(payload, compression, num_buckets):
     """float32 [..., num_buckets * bucket_size] from payloads [..., payload_words] (inverse of encode)."""
+    return _unpack_and_dequantize(tf.convert_to_tensor(payload, tf.int32), compression, num_buckets)
+
+
+# XLA fuses the element-wise chains below into single loops: measured 2.6x (quantize) and 5x (decode)
+# faster than op-by-op on CPU at 1M values. The noise stays outside: XLA's CPU Philox was 6x slower
+# than TF's own kernel.
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _quantize_and_pack(buckets, uniform, compression):
+    codes, norms = quantize_buckets(buckets, compression, uniform)
+    return tf.concat([pack_codes(codes, compression.bits), tf.bitcast(norms, tf.int32)], axis=0)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _unpack_and_dequantize(payload, compression, num_buckets):
     code_words = num_buckets * compression.bucket_size // compression.codes_per_word
     codes = unpack_codes(payload[..., :code_words], compression.bits)
     norms = tf.bitcast(payload[..., code_words:], tf.float32)

@@ -180,3 +180,42 @@ def _gather_merge_fn(strategy, per_replica):
     with collective._lock:  # the same collective order on every device
         gathered = [launcher._all_gather(value, options) for launcher, value in zip(collective._launchers, local)]
     return distribute_utils.regroup(gathered, wrap_class=values.Mirrored)
+
+
+class ExchangeSize(tuple):
+    """What one replica contributes to the gradient exchange per step (values, bytes, ratio)."""
+
+    __slots__ = ()
+    _fields = ("values", "float32_bytes", "bytes")
+
+    def __new__(cls, values, float32_bytes, payload_bytes):
+        return super().__new__(cls, (values, float32_bytes, payload_bytes))
+
+    values = property(lambda self: self[0])
+    float32_bytes = property(lambda self: self[1])
+    bytes = property(lambda self: self[2])
+
+    @property
+    def ratio(self):
+        """float32 bytes / payload bytes: how many times smaller the exchange is."""
+        return self.float32_bytes / self.bytes
+
+    def __repr__(self):
+        return (f"ExchangeSize(values={self.values}, float32_bytes={self.float32_bytes}, bytes={self.bytes}, "
+                f"ratio={self.ratio:.2f})")
+
+
+def exchange_size(variables, compression):
+    """Bytes one replica puts into the exchange per step for these trainable variables.
+
+    compression: a GradientCompression, or a compressed optimizer. "none" is the float32 gradients
+    (what the framework's all-reduce moves per replica, before its ring or tree schedule).
+    """
+    if isinstance(compression, CompressedOptimizer):
+        compression = compression.gradient_compression
+    sizes = [v.shape.num_elements() for v in variables]
+    values = sum(sizes)
+    if not compression.enabled:
+        return ExchangeSize(values, 4 * values, 4 * values)
+    layout = BucketLayout(sizes, compression.bucket_size)
+    return ExchangeSize(values, 4 * values, 4 * compression.payload_words(layout.num_buckets))
