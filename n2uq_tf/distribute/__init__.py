@@ -13,10 +13,14 @@ Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et
 from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
                                             GradientCompression, compress_vector, decode, encode,
                                             pack_codes, quantize_buckets, unpack_codes)
+from n2uq_tf.distribute.launch import free_ports, is_chief, launch, num_workers, tf_config, worker_index  # noqa: F401
+from n2uq_tf.distribute.monitor import ExchangeMonitor, loopback_bytes, strategy_from_environment  # noqa: F401
 from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all_gather_payloads,  # noqa: F401
                                           compress_gradients, exchange_compressed, exchange_size,
                                           replica_seed)
 
-__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeSize", "GradientCompression",
+__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeMonitor", "ExchangeSize", "GradientCompression",
            "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "encode",
-           "exchange_compressed", "exchange_size", "pack_codes", "quantize_buckets", "replica_seed", "unpack_codes"]
+           "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch", "loopback_bytes", "num_workers",
+           "pack_codes", "quantize_buckets", "replica_seed", "strategy_from_environment", "tf_config",
+           "unpack_codes", "worker_index"]
