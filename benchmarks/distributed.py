@@ -158,7 +158,7 @@ def codec_table(args):
             return tf.reduce_sum(tf.reshape(values, [args.workers, -1]), axis=0)
 
         encode_fused = tf.function(lambda grads: c.encode(layout.to_buckets(grads), comp, seed))
-        decode_fused = tf.function(lambda p: tf.reduce_sum(c.decode(p, comp, layout.num_buckets), axis=0))
+        decode_fused = tf.function(lambda p: c.decode_sum(p, comp, layout.num_buckets))
         payload = encode_fused(grads)
         payloads = tf.stack([payload] * args.workers)
         times = [median_ms(tf.function(encode_plain), grads), median_ms(encode_fused, grads),

@@ -11,7 +11,7 @@ Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et
 """
 
 from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
-                                            GradientCompression, compress_vector, decode, encode,
+                                            GradientCompression, compress_vector, decode, decode_sum, encode,
                                             pack_codes, quantize_buckets, unpack_codes)
 from n2uq_tf.distribute.launch import free_ports, is_chief, launch, num_workers, tf_config, worker_index  # noqa: F401
 from n2uq_tf.distribute.monitor import ExchangeMonitor, loopback_bytes, strategy_from_environment  # noqa: F401
@@ -20,7 +20,7 @@ from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all
                                           replica_seed)
 
 __all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeMonitor", "ExchangeSize", "GradientCompression",
-           "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "encode",
+           "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "decode_sum", "encode",
            "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch", "loopback_bytes", "num_workers",
            "pack_codes", "quantize_buckets", "replica_seed", "strategy_from_environment", "tf_config",
            "unpack_codes", "worker_index"]

@@ -15,7 +15,7 @@ bit-identical. Keras already scales the loss by 1 / replicas, so the sum is the 
 import tensorflow as tf
 
 from n2uq_tf._keras import check_format_version, keras, register
-from n2uq_tf.distribute.compressors import BucketLayout, GradientCompression, decode, encode
+from n2uq_tf.distribute.compressors import BucketLayout, GradientCompression, decode_sum, encode
 
 _REGISTERED_NAME = "n2uq_tf>CompressedOptimizer"
 _compressed_classes = {}
@@ -134,10 +134,7 @@ def exchange_compressed(grads, compression, step):
     seed = replica_seed(compression, step, context.replica_id_in_sync_group)
     payload = encode(layout.to_buckets(grads), compression, seed)
     gathered = all_gather_payloads(payload, context)  # [replicas, words]
-    decoded = decode(gathered, compression, layout.num_buckets)
-    total = decoded[0]
-    for replica in range(1, context.num_replicas_in_sync):  # fixed order: identical sums everywhere
-        total = total + decoded[replica]
+    total = decode_sum(gathered, compression, layout.num_buckets)  # replica order: identical everywhere
     return [tf.cast(tf.reshape(flat, g.shape), g.dtype) for flat, g in zip(layout.from_flat(total), grads)]
 
 
