@@ -32,6 +32,7 @@ EPILOG = textwrap.dedent("""\
       n2uq-tf export runs/digits/student.keras -o student.tflite
       n2uq-tf inspect student.tflite
       n2uq-tf benchmark student.tflite --threads 2
+      n2uq-tf launch --workers 2 -- python my_train.py --epochs 3
 
     Run `n2uq-tf COMMAND --help` for the options of one command.""")
 
@@ -175,6 +176,25 @@ def build_parser():
                        help="ai_edge_litert or tf.lite interpreter (default: litert when installed)")
     bench.add_argument("--isa", choices=("auto", "portable", "avx2", "avx512", "neon"), default=None,
                        help="force a kernel instruction-set path (default: the fastest this CPU has)")
+
+    launch = commands.add_parser(
+        "launch", help="run a training command as N local MultiWorkerMirroredStrategy workers",
+        description=textwrap.dedent("""\
+            Run a command as N local tf.distribute.MultiWorkerMirroredStrategy workers, for a quick
+            multi-worker run on one machine before going to a cluster. Each worker gets its own
+            TF_CONFIG (127.0.0.1, free ports) and N2UQ_WORKER_INDEX / N2UQ_NUM_WORKERS; output lines
+            are prefixed [worker i]. If one worker fails the others are stopped and its exit status
+            is returned. Worker 0 is the chief: only it should write files
+            (n2uq_tf.distribute.is_chief()).
+
+              n2uq-tf launch -n 2 -- python my_train.py --epochs 3"""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    launch.add_argument("--workers", "-n", type=_positive_int, default=2, help="number of workers (default 2)")
+    launch.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="kill all workers after this many seconds and exit with 124")
+    launch.add_argument("--no-prefix", action="store_true", help="don't prefix output lines with [worker i]")
+    launch.add_argument("worker_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the command every worker runs")
     return parser
 
 
@@ -439,8 +459,21 @@ def command_inspect(args):
     return 0
 
 
+def command_launch(args):
+    from n2uq_tf.distribute.launch import launch
+    command = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
+    if not command:
+        raise SystemExit("n2uq-tf launch: give the command each worker runs after --, "
+                         "e.g. n2uq-tf launch -n 2 -- python train.py")
+    try:
+        return launch(command, args.workers, timeout=args.timeout, prefix_output=not args.no_prefix)
+    except KeyboardInterrupt:  # the workers are stopped already; no traceback for Ctrl-C
+        return 130
+
+
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report,
-            "export": command_export, "inspect": command_inspect, "benchmark": command_benchmark}
+            "export": command_export, "inspect": command_inspect, "benchmark": command_benchmark,
+            "launch": command_launch}
 
 
 def main(argv=None):
