@@ -43,14 +43,14 @@ def parse_args():
 
 
 def run_config(args, method, bits, seed):
-    from n2uq_tf.distribute import launch
+    from n2uq_tf.distribute import launch_workers
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         command = [sys.executable, EXAMPLE, "--compression", method, "--bits", str(bits), "--model", args.model,
                    "--dataset", args.dataset, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                    "--seed", str(seed), "--json", out]
         log = open(os.path.join(tmp, "log.txt"), "w+")
-        status = launch(command, args.workers, stream=log, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        status = launch_workers(command, args.workers, stream=log, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         if status != 0 or not os.path.exists(out):
             log.seek(0)
             sys.exit(f"{method}:{bits} seed {seed} failed (status {status}):\n{log.read()[-4000:]}")

@@ -7,13 +7,15 @@
     model.fit(dataset)
 
 Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et al.), "qsgd",
-"qsgdinf" and "none". `n2uq-tf launch -n 2 -- python train.py` starts local workers on 127.0.0.1.
+"qsgdinf" and "none". `n2uq-tf launch -n 2 -- python train.py` (or `launch_workers([...], 2)`) starts local workers on 127.0.0.1.
 """
 
 from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
                                             GradientCompression, compress_vector, decode, decode_sum, encode,
                                             pack_codes, quantize_buckets, unpack_codes)
-from n2uq_tf.distribute.launch import free_ports, is_chief, launch, num_workers, tf_config, worker_index  # noqa: F401
+# The module n2uq_tf.distribute.launch stays reachable as such; its launch() is re-exported as launch_workers.
+from n2uq_tf.distribute.launch import free_ports, is_chief, num_workers, tf_config, worker_index  # noqa: F401
+from n2uq_tf.distribute.launch import launch as launch_workers  # noqa: F401
 from n2uq_tf.distribute.monitor import ExchangeMonitor, loopback_bytes, strategy_from_environment  # noqa: F401
 from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all_gather_payloads,  # noqa: F401
                                           compress_gradients, exchange_compressed, exchange_size,
@@ -21,6 +23,6 @@ from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all
 
 __all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeMonitor", "ExchangeSize", "GradientCompression",
            "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "decode_sum", "encode",
-           "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch", "loopback_bytes", "num_workers",
+           "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch_workers", "loopback_bytes", "num_workers",
            "pack_codes", "quantize_buckets", "replica_seed", "strategy_from_environment", "tf_config",
            "unpack_codes", "worker_index"]

@@ -3,8 +3,8 @@
     n2uq-tf launch --workers 2 -- python my_train.py --epochs 3
     python -m n2uq_tf.distribute.launch -n 2 -- python my_train.py --epochs 3
 
-    from n2uq_tf.distribute import launch
-    status = launch(["python", "my_train.py"], num_workers=2)
+    from n2uq_tf.distribute import launch_workers
+    status = launch_workers(["python", "my_train.py"], num_workers=2)
 
 Each worker is the same command with its own TF_CONFIG (all addresses on 127.0.0.1, ports picked
 free), plus N2UQ_WORKER_INDEX and N2UQ_NUM_WORKERS. Output is streamed line by line as
