@@ -120,6 +120,13 @@ def build_parser():
     train.add_argument("--mirrored", action="store_true",
                        help="train data-parallel on every local GPU (or logical CPU device) with "
                             "tf.distribute.MirroredStrategy")
+    train.add_argument("--compression", default="none", choices=["none", "nuqsgd", "qsgd", "qsgdinf"],
+                       help="compress the gradient exchange between replicas (n2uq_tf.distribute); "
+                            "with TF_CONFIG set (e.g. by `n2uq-tf launch`) training is multi-worker")
+    train.add_argument("--compression-bits", type=int, default=4, choices=[2, 4, 8],
+                       help="bits per gradient value, sign included (default 4)")
+    train.add_argument("--bucket-size", type=_positive_int,
+                       help="gradient values per norm (default 8192; 128 at 2 bits)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model (float or quantized)",
@@ -257,6 +264,22 @@ def _fit(model, train_ds, val_ds, epochs, steps, callbacks, args):
                      callbacks=callbacks, verbose=_verbose())
 
 
+def _train_strategy(args, batch_size):
+    import tensorflow as tf
+    if os.environ.get("TF_CONFIG"):
+        if args.mirrored:
+            raise SystemExit("n2uq-tf: --mirrored and TF_CONFIG (multi-worker) exclude each other")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        print(f"MultiWorkerMirroredStrategy: {strategy.num_replicas_in_sync} replicas "
+              f"(batch {batch_size} is global)")
+        return strategy
+    if args.mirrored:
+        strategy = tf.distribute.MirroredStrategy()
+        print(f"MirroredStrategy over {strategy.num_replicas_in_sync} devices (batch {batch_size} is global)")
+        return strategy
+    return tf.distribute.get_strategy()
+
+
 def command_train(args):
     import numpy as np
     import tensorflow as tf
@@ -269,6 +292,12 @@ def command_train(args):
     image_size = args.image_size or info.image_size
     batch_size = args.batch_size or (64 if args.dataset == "digits" else 256)
     eval_split = _eval_split(info)
+    strategy = _train_strategy(args, batch_size)  # first: MultiWorkerMirroredStrategy must precede other TF work
+    from n2uq_tf.distribute import launch as workers
+    if workers.num_workers() > 1 and not workers.is_chief():
+        # Every worker trains in step with the chief; only the chief writes the run's folder.
+        args.output = os.path.join(args.output, f".worker{workers.worker_index()}")
+        args.no_plots = True
     os.makedirs(args.output, exist_ok=True)
     backup = os.path.join(args.output, "backup")
     student_path = os.path.join(args.output, "student.keras")
@@ -287,9 +316,13 @@ def command_train(args):
     print(f"n2uq-tf train: {args.model} on {args.dataset} ({info.splits['train']} images, "
           f"{image_size}x{image_size}), {steps} steps/epoch of {batch_size}, lr {lr:g}")
 
-    strategy = tf.distribute.MirroredStrategy() if args.mirrored else tf.distribute.get_strategy()
-    if args.mirrored:
-        print(f"MirroredStrategy over {strategy.num_replicas_in_sync} devices (batch {batch_size} is global)")
+    def compressed(optimizer):
+        if args.compression == "none":
+            return optimizer
+        from n2uq_tf import distribute
+        return distribute.compress_gradients(optimizer, args.compression, bits=args.compression_bits,
+                                             bucket_size=args.bucket_size, seed=args.seed)
+
     with strategy.scope():  # variables of the teacher, student and optimizer are mirrored
         # 1. the float teacher
         teacher_path = os.path.join(args.output, "teacher.keras")
@@ -303,7 +336,8 @@ def command_train(args):
             print(f"teacher: training the float {args.model} for {args.teacher_epochs} epochs")
             teacher = _build(args, info.num_classes, image_size, None)
             teacher_lr = args.teacher_lr or 4 * lr
-            teacher.compile(keras.optimizers.Adam(training.LinearEpochDecay(teacher_lr, args.teacher_epochs, steps)),
+            teacher.compile(compressed(keras.optimizers.Adam(training.LinearEpochDecay(teacher_lr, args.teacher_epochs,
+                                                                                        steps))),
                             keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
             _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
                  [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
@@ -332,7 +366,12 @@ def command_train(args):
 
         # 3. distillation with the official optimizer recipe
         distiller = training.DistillationModel(student, teacher, temperature=args.temperature, alpha=args.alpha)
-        optimizer = training.paper_optimizer(lr, epochs=args.epochs, steps_per_epoch=steps)
+        optimizer = compressed(training.paper_optimizer(lr, epochs=args.epochs, steps_per_epoch=steps))
+        if args.compression != "none":
+            from n2uq_tf import distribute
+            size = distribute.exchange_size(student.trainable_variables, optimizer)
+            print(f"gradient exchange: {args.compression} {args.compression_bits}-bit, {size.bytes:,} B/step per "
+                  f"replica ({size.ratio:.2f}x less than float32's {size.float32_bytes:,})")
         distiller.compile(optimizer=optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.alpha else None,
                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
@@ -362,9 +401,10 @@ def command_train(args):
             print("plots:", ", ".join(written))
         except ImportError as error:
             print(f"plots skipped ({error}); pip install matplotlib")
-    print(f"\n{args.dataset} {eval_split}: teacher (float) {100 * teacher_acc:.2f}%, "
-          f"student {100 * student_acc:.2f}%  ->  {student_path}")
-    print(report)
+    if workers.is_chief():  # the other workers' results are the same numbers
+        print(f"\n{args.dataset} {eval_split}: teacher (float) {100 * teacher_acc:.2f}%, "
+              f"student {100 * student_acc:.2f}%  ->  {student_path}")
+        print(report)
     return 0
 
 
