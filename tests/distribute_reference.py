@@ -1,0 +1,226 @@
+"""Independent NumPy reference of the gradient compressors (written from the formulas, not the TF code).
+
+Nothing here imports TensorFlow or n2uq_tf: this module is the oracle that
+``tests/test_distribute_compressors.py`` holds ``n2uq_tf.distribute.compressors`` against.
+
+Scheme (NUQSGD, Ramezani-Kebrya et al., arXiv 1908.06077; QSGD, Alistarh et al. 2017), b bits per value:
+
+* a vector is cut into buckets of B values (the last one zero-padded); each bucket has a norm:
+  L2 for nuqsgd and qsgd, max |v| for qsgdinf; r_i = |v_i| / norm lies in [0, 1];
+* 2^(b-1) magnitude levels: nuqsgd {0, 2^-(K-1), ..., 1/4, 1/2, 1} with K = 2^(b-1) - 1
+  (the paper's (0, 1/2^s, ..., 1/2, 1) with s = K - 1), qsgd / qsgdinf {0, 1/s, 2/s, ..., 1}
+  with s = 2^(b-1) - 1;
+* j is the bracket levels[j] <= r < levels[j+1] (r = 1 takes the top bracket); with
+  p = (r - levels[j]) / (levels[j+1] - levels[j]) the level index is j + 1 if u < p else j, u ~ U[0, 1);
+* code = (sign << (b - 1)) | index, sign = 1 for negative values; decoded value
+  (-1)^sign * levels[index] * norm. A zero bucket has norm 0 and codes 0;
+* E[Q(v)_i] = v_i and Var[Q(v)_i] = norm^2 (l_{j+1} - r)(r - l_j);
+* codes are packed 32 / b to a 32-bit word, code i of a group at bit offset b * i (little end first),
+  and the word is read as a two's-complement int32.
+
+Arithmetic follows what a float32 implementation is expected to compute: r = float32(|v|) /
+float32(norm) and p = (r - lo) / (hi - lo) in float32; the L2 norm is summed in float64 and rounded
+once to float32 (the correctly rounded norm, so r <= 1 always holds for it).
+"""
+
+from fractions import Fraction
+
+import numpy as np
+
+METHODS = ("nuqsgd", "qsgd", "qsgdinf")
+BITS = (2, 4, 8)
+
+
+def num_levels(bits):
+    """2^(b-1) magnitude levels: one bit of the code is the sign."""
+    return 2 ** (bits - 1)
+
+
+def exact_levels(method, bits):
+    """The paper's level set as exact fractions, ascending."""
+    n = num_levels(bits)
+    if method == "nuqsgd":
+        k = n - 1  # K: number of nonzero levels, 1 = 2^0 down to 2^-(K-1)
+        return [Fraction(0)] + [Fraction(1, 2 ** e) for e in range(k - 1, -1, -1)]
+    if method in ("qsgd", "qsgdinf"):
+        s = n - 1
+        return [Fraction(j, s) for j in range(s + 1)]
+    raise ValueError(method)
+
+
+def levels(method, bits):
+    """float32 levels (each the float32 nearest to the exact fraction)."""
+    return np.array([float(f) for f in exact_levels(method, bits)], np.float32)
+
+
+def norm_kind(method):
+    return "max" if method == "qsgdinf" else "l2"
+
+
+def bucket_norms(buckets, method):
+    """float32 [nb] norms of float32 [nb, B] buckets."""
+    b = np.asarray(buckets, np.float32)
+    if norm_kind(method) == "max":
+        return np.max(np.abs(b), axis=1).astype(np.float32)  # exact
+    return np.sqrt(np.sum(b.astype(np.float64) ** 2, axis=1)).astype(np.float32)
+
+
+def ratios(buckets, norms):
+    """r = |v| / norm in float32; 0 for a zero bucket. Clipped to 1 (a no-op for correctly rounded norms)."""
+    b = np.abs(np.asarray(buckets, np.float32))
+    n = np.asarray(norms, np.float32)[:, None]
+    safe = np.where(n > 0, n, np.float32(1))
+    r = (b / safe).astype(np.float32)
+    r = np.where(n > 0, r, np.float32(0))
+    return np.minimum(r, np.float32(1)).astype(np.float32)
+
+
+def brackets(r, lv):
+    """(j, p): bracket index with lv[j] <= r < lv[j+1] (r = 1 -> top bracket) and the round-up probability."""
+    lv = np.asarray(lv, np.float32)
+    j = np.searchsorted(lv, r, side="right") - 1
+    j = np.clip(j, 0, len(lv) - 2)
+    lo, hi = lv[j], lv[j + 1]
+    p = ((r - lo) / (hi - lo)).astype(np.float32)
+    return j.astype(np.int64), p
+
+
+def quantize(buckets, method, bits, uniform, return_details=False):
+    """Codes (int64 [nb, B]) and norms (float32 [nb]) given the U[0,1) draws `uniform` of the same shape."""
+    buckets = np.asarray(buckets, np.float32)
+    norms = bucket_norms(buckets, method)
+    r = ratios(buckets, norms)
+    j, p = brackets(r, levels(method, bits))
+    index = j + (np.asarray(uniform, np.float32) < p)
+    sign = (buckets < 0).astype(np.int64)
+    codes = (sign << (bits - 1)) | index
+    if return_details:
+        return codes, norms, {"r": r, "j": j, "p": p}
+    return codes, norms
+
+
+def dequantize(codes, norms, method, bits):
+    """float32 values (-1)^sign * levels[index] * norm, [..., nb, B] codes with [..., nb] norms."""
+    codes = np.asarray(codes, np.int64)
+    sign = (codes >> (bits - 1)) & 1
+    index = codes & (num_levels(bits) - 1)
+    magnitude = levels(method, bits)[index] * np.asarray(norms, np.float32)[..., None]
+    return np.where(sign == 1, -magnitude, magnitude).astype(np.float32)
+
+
+def pack(codes, bits):
+    """int32 words: code i of each group of 32 / b at bit offset b * i, explicit integer arithmetic."""
+    per_word = 32 // bits
+    flat = [int(c) for c in np.asarray(codes).reshape(-1)]
+    assert len(flat) % per_word == 0
+    words = []
+    for start in range(0, len(flat), per_word):
+        word = 0
+        for i, code in enumerate(flat[start:start + per_word]):
+            assert 0 <= code < 2 ** bits
+            word += code * 2 ** (bits * i)
+        assert 0 <= word < 2 ** 32
+        words.append(word - 2 ** 32 if word >= 2 ** 31 else word)  # two's complement view
+    return np.array(words, np.int64).astype(np.int32)
+
+
+def unpack(words, bits):
+    """Inverse of pack: [n] int32 words -> [n * 32 / b] codes."""
+    per_word = 32 // bits
+    out = []
+    for w in np.asarray(words).reshape(-1):
+        word = int(w) % 2 ** 32  # unsigned view
+        for i in range(per_word):
+            out.append((word // 2 ** (bits * i)) % 2 ** bits)
+    return np.array(out, np.int64)
+
+
+def bucketize(vector, bucket_size):
+    """[nb, B] float32: a 1-D vector zero-padded to whole buckets."""
+    v = np.asarray(vector, np.float32).reshape(-1)
+    nb = -(-v.size // bucket_size)
+    out = np.zeros(nb * bucket_size, np.float32)
+    out[:v.size] = v
+    return out.reshape(nb, bucket_size)
+
+
+def quantize_vector(vector, method, bits, bucket_size, uniform):
+    """Reference decoded Q(v) for a 1-D vector, `uniform` of the padded [nb, B] shape."""
+    v = np.asarray(vector, np.float32).reshape(-1)
+    buckets = bucketize(v, bucket_size)
+    codes, norms = quantize(buckets, method, bits, uniform)
+    return dequantize(codes, norms, method, bits).reshape(-1)[:v.size]
+
+
+def coordinate_variance(vector, method, bits, bucket_size):
+    """float64 per-coordinate Var[Q(v)_i] = norm^2 (l_{j+1} - r)(r - l_j), plus the spacing norm (hi - lo).
+
+    Returns (variance, step, p) over the padded buckets' flat layout, cut to the vector's size:
+    step is the distance between the two values Q(v)_i can take, p the probability of the upper one.
+    """
+    v = np.asarray(vector, np.float32).reshape(-1)
+    buckets = bucketize(v, bucket_size)
+    norms = bucket_norms(buckets, method)
+    r = ratios(buckets, norms)
+    lv = levels(method, bits)
+    j, p = brackets(r, lv)
+    lo, hi = lv[j].astype(np.float64), lv[j + 1].astype(np.float64)
+    n = norms.astype(np.float64)[:, None]
+    r64 = r.astype(np.float64)
+    var = n ** 2 * (hi - r64) * (r64 - lo)
+    step = n * (hi - lo) * np.ones_like(r64)
+    cut = slice(0, v.size)
+    return var.reshape(-1)[cut], step.reshape(-1)[cut], p.astype(np.float64).reshape(-1)[cut]
+
+
+def expected_relative_variance(vector, method, bits, bucket_size):
+    """Exact E||Q(v) - v||^2 / ||v||^2 from the variance formula."""
+    v = np.asarray(vector, np.float64).reshape(-1)
+    var, _, _ = coordinate_variance(vector, method, bits, bucket_size)
+    return float(np.sum(var) / np.sum(v ** 2))
+
+
+def squared_error_variance(vector, method, bits, bucket_size):
+    """Exact Var[||Q(v) - v||^2] for one draw (coordinates round independently).
+
+    Q(v)_i - v_i is +step(1-p) w.p. p and -step p w.p. 1-p, so its square is two-valued with
+    variance p(1-p) (step^2 ((1-p)^2 - p^2))^2 = p (1-p) step^4 (1 - 2p)^2.
+    """
+    _, step, p = coordinate_variance(vector, method, bits, bucket_size)
+    return float(np.sum(p * (1 - p) * step ** 4 * (1 - 2 * p) ** 2))
+
+
+class Layout:
+    """Reference bucket layout: tensors of >= B values get ceil(size / B) whole buckets of their own, in
+    order; the smaller ones follow, concatenated (in order) into shared buckets."""
+
+    def __init__(self, sizes, bucket_size):
+        self.sizes = [int(s) for s in sizes]
+        self.bucket_size = bucket_size
+        big = [i for i, s in enumerate(self.sizes) if s >= bucket_size]
+        small = [i for i, s in enumerate(self.sizes) if s < bucket_size]
+        self.offsets = [0] * len(self.sizes)
+        position = 0
+        for i in big:
+            self.offsets[i] = position
+            position += bucket_size * int(np.ceil(self.sizes[i] / bucket_size))
+        for i in small:
+            self.offsets[i] = position
+            position += self.sizes[i]
+        self.num_buckets = int(np.ceil(position / bucket_size))
+        self.padded_size = self.num_buckets * bucket_size
+
+    def buckets_of(self, i):
+        """The set of bucket indices tensor i touches."""
+        if self.sizes[i] == 0:
+            return set()
+        first = self.offsets[i] // self.bucket_size
+        last = (self.offsets[i] + self.sizes[i] - 1) // self.bucket_size
+        return set(range(first, last + 1))
+
+    def flatten(self, arrays):
+        flat = np.zeros(self.padded_size, np.float32)
+        for offset, a in zip(self.offsets, arrays):
+            a = np.asarray(a, np.float32).reshape(-1)
+            flat[offset:offset + a.size] = a
+        return flat.reshape(self.num_buckets, self.bucket_size)
