@@ -58,13 +58,14 @@ class GradientCompression:
     seed: int = 0
 
     def __post_init__(self):
-        method = str(self.method).lower()
+        method = self.method.lower() if isinstance(self.method, str) else self.method
         if method not in COMPRESSORS:
             raise ValueError(f"compression method must be one of {sorted(COMPRESSORS)}, got {self.method!r}")
         object.__setattr__(self, "method", method)
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if not isinstance(self.bits, (int, np.integer)) or isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"compression bits must be one of {SUPPORTED_BITS} (codes are packed 32 / bits "
                              f"to an int32 word), got {self.bits!r}")
+        object.__setattr__(self, "bits", int(self.bits))
         bucket_size = self.bucket_size
         if bucket_size is None:
             bucket_size = SMALL_BITS_BUCKET_SIZE if self.bits == 2 else DEFAULT_BUCKET_SIZE
@@ -110,9 +111,12 @@ class GradientCompression:
 
 def bucket_norms(buckets, norm):
     """Per-bucket norm of a [num_buckets, bucket_size] float32 tensor: 'l2' or 'max' (max |v|)."""
-    if norm == "l2":
-        return tf.sqrt(tf.reduce_sum(tf.square(buckets), axis=1))
-    return tf.reduce_max(tf.abs(buckets), axis=1)
+    if norm != "l2":
+        return tf.reduce_max(tf.abs(buckets), axis=1)
+    # In float64: float32 squares overflow beyond ~1e19 and flush to zero below ~1e-19, where the
+    # float exchange would carry the values unchanged; float64 squares of float32 values are exact.
+    wide = tf.cast(buckets, tf.float64)
+    return tf.cast(tf.sqrt(tf.reduce_sum(tf.square(wide), axis=1)), tf.float32)
 
 
 def _lower_level_index(ratio, compression):
@@ -280,7 +284,7 @@ class BucketLayout:
                 pieces.append(tf.zeros([self.offsets[i] - position], tf.float32))
             pieces.append(tf.reshape(tf.cast(tensors[i], tf.float32), [-1]))
             position = self.offsets[i] + self.sizes[i]
-        if self.padded_size > position:
+        if self.padded_size > position or not pieces:
             pieces.append(tf.zeros([self.padded_size - position], tf.float32))
         flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
         return tf.reshape(flat, [self.num_buckets, self.bucket_size])
