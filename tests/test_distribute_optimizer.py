@@ -656,7 +656,7 @@ def test_built_or_already_compressed_optimizer_is_refused():
 
 
 @pytest.mark.parametrize("kwargs, argument", [
-    (dict(method="topk"), "method"), (dict(method=4), "method"),
+    (dict(method="topk"), "method"), (dict(method=4), "method"), (dict(method=None), "method"),
     (dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(bits=True), "bits"), (dict(bits="4"), "bits"),
     (dict(bits=4, bucket_size=0), "bucket_size"), (dict(bits=4, bucket_size=-8), "bucket_size"),
     (dict(bits=4, bucket_size=12), "bucket_size"), (dict(bits=2, bucket_size=8), "bucket_size"),
