@@ -204,9 +204,15 @@ def decode(payload, compression, num_buckets):
 def decode_sum(payloads, compression, num_buckets):
     """Sum over the leading axis of decoded payloads [replicas, payload_words], added in replica order.
 
-    The fixed order (not a tree reduction) gives every replica the very same float sum.
+    The fixed order (not a tree reduction) gives every replica the very same float sum. The adds stay
+    outside XLA, which would contract them with the decode's multiply into FMAs where the CPU has them:
+    workers on different CPUs would then disagree in the last bit.
     """
-    return _decode_sum(tf.convert_to_tensor(payloads, tf.int32), compression, num_buckets)
+    values = decode(payloads, compression, num_buckets)
+    total = values[0]
+    for replica in range(1, values.shape[0]):
+        total = total + values[replica]
+    return total
 
 
 # XLA fuses the element-wise chains below into single loops: measured 2.6x (quantize) and 5x (decode)
@@ -227,15 +233,6 @@ def _unpack_and_dequantize(payload, compression, num_buckets):
     codes = tf.reshape(codes, tf.concat([leading, [num_buckets, compression.bucket_size]], axis=0))
     values = dequantize_buckets(codes, norms, compression)
     return tf.reshape(values, tf.concat([leading, [-1]], axis=0))
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _decode_sum(payloads, compression, num_buckets):
-    values = _unpack_and_dequantize.python_function(payloads, compression, num_buckets)
-    total = values[0]
-    for replica in range(1, payloads.shape[0]):
-        total = total + values[replica]
-    return total
 
 
 def compress_vector(vector, compression, seed):
