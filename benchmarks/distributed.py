@@ -37,9 +37,14 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and config")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="method[:bits], e.g. nuqsgd:4")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow threads per worker (default: cores / workers, at least 1)")
     parser.add_argument("--skip-codec", action="store_true", help="leave out the codec timing table")
     parser.add_argument("--markdown", help="also write the tables to this Markdown file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
+    return args
 
 
 def run_config(args, method, bits, seed):
@@ -48,7 +53,7 @@ def run_config(args, method, bits, seed):
         out = os.path.join(tmp, "result.json")
         command = [sys.executable, EXAMPLE, "--compression", method, "--bits", str(bits), "--model", args.model,
                    "--dataset", args.dataset, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                   "--seed", str(seed), "--json", out]
+                   "--seed", str(seed), "--threads", str(args.threads), "--json", out]
         log = open(os.path.join(tmp, "log.txt"), "w+")
         status = launch_workers(command, args.workers, stream=log, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         if status != 0 or not os.path.exists(out):
@@ -92,8 +97,9 @@ def format_exchange(rows, baseline, args):
 
     lines = [f"{args.model} on {args.dataset}, {rows[0]['parameters']:,} parameters, {args.workers} workers x "
              f"{rows[0]['replicas'] // args.workers} replica(s) on 127.0.0.1, global batch {args.batch_size}, "
-             f"{args.epochs} epochs, seeds {args.seeds}", "",
-             "| exchange | bucket | B/step/replica | vs float32 | loopback B/step (measured) | step ms | "
+             f"{args.epochs} epochs, seeds {args.seeds}, {args.threads} TF thread(s) per worker; "
+             "step ms: median over the run's steps, then over seeds", "",
+             "| exchange | bucket | B/step/replica | float32 / this | loopback B/step (measured) | step ms | "
              "vs none | test accuracy % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -101,7 +107,7 @@ def format_exchange(rows, baseline, args):
         lo_ratio = (f" ({baseline['loopback'] / row['loopback']:.1f}x less)"
                     if baseline and row["loopback"] and row is not baseline else "")
         lines.append(f"| {row['config']} | {row['bucket'] or '-'} | {row['bytes']:,} | "
-                     f"{row['float32_bytes'] / row['bytes']:.2f}x less | {row['loopback']:,.0f}{lo_ratio} | "
+                     f"{row['float32_bytes'] / row['bytes']:.2f}x | {row['loopback']:,.0f}{lo_ratio} | "
                      f"{row['step_ms']:.1f} | {step_ratio} | {mean_std(row['accuracy'])} |")
     return lines
 

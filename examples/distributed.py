@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local-replicas", type=int, default=None,
                         help="split this process's CPU into N logical devices (MirroredStrategy)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow threads per process (default: TF's choice). Several workers on one "
+                             "machine: cores / workers, so they don't fight over the cores")
     parser.add_argument("--json", help="write the chief's results here")
     return parser.parse_args(argv)
 
@@ -87,6 +90,9 @@ def build_model(name, input_shape, classes):
 def main(argv=None):
     args = parse_args(argv)
     import tensorflow as tf
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.local_replicas:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()]

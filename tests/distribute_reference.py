@@ -191,36 +191,41 @@ def squared_error_variance(vector, method, bits, bucket_size):
 
 
 class Layout:
-    """Reference bucket layout: tensors of >= B values get ceil(size / B) whole buckets of their own, in
-    order; the smaller ones follow, concatenated (in order) into shared buckets."""
+    """Reference bucket layout: each tensor's floor(size / B) whole buckets are its own, in order; the
+    rest (tails of large tensors, small tensors whole) follow back to back, in order, in shared
+    buckets; zero padding only at the end. Kept as an index map: flat position -> (tensor, element)."""
 
     def __init__(self, sizes, bucket_size):
         self.sizes = [int(s) for s in sizes]
         self.bucket_size = bucket_size
-        big = [i for i, s in enumerate(self.sizes) if s >= bucket_size]
-        small = [i for i, s in enumerate(self.sizes) if s < bucket_size]
-        self.offsets = [0] * len(self.sizes)
-        position = 0
-        for i in big:
-            self.offsets[i] = position
-            position += bucket_size * int(np.ceil(self.sizes[i] / bucket_size))
-        for i in small:
-            self.offsets[i] = position
-            position += self.sizes[i]
-        self.num_buckets = int(np.ceil(position / bucket_size))
+        owner, element = [], []
+        for i, size in enumerate(self.sizes):
+            whole = (size // bucket_size) * bucket_size
+            owner += [i] * whole
+            element += list(range(whole))
+        for i, size in enumerate(self.sizes):
+            whole = (size // bucket_size) * bucket_size
+            owner += [i] * (size - whole)
+            element += list(range(whole, size))
+        self.num_buckets = int(np.ceil(len(owner) / bucket_size))
         self.padded_size = self.num_buckets * bucket_size
+        pad = self.padded_size - len(owner)
+        self.owner = np.array(owner + [-1] * pad)
+        self.element = np.array(element + [-1] * pad)
 
     def buckets_of(self, i):
         """The set of bucket indices tensor i touches."""
-        if self.sizes[i] == 0:
-            return set()
-        first = self.offsets[i] // self.bucket_size
-        last = (self.offsets[i] + self.sizes[i] - 1) // self.bucket_size
-        return set(range(first, last + 1))
+        return set((np.flatnonzero(self.owner == i) // self.bucket_size).tolist())
+
+    def own_buckets_of(self, i):
+        """The buckets holding only tensor i's values (its whole buckets)."""
+        return {b for b in self.buckets_of(i)
+                if np.all(self.owner[b * self.bucket_size:(b + 1) * self.bucket_size] == i)}
 
     def flatten(self, arrays):
         flat = np.zeros(self.padded_size, np.float32)
-        for offset, a in zip(self.offsets, arrays):
-            a = np.asarray(a, np.float32).reshape(-1)
-            flat[offset:offset + a.size] = a
+        arrays = [np.asarray(a, np.float32).reshape(-1) for a in arrays]
+        for position, (i, e) in enumerate(zip(self.owner, self.element)):
+            if i >= 0:
+                flat[position] = arrays[i][e]
         return flat.reshape(self.num_buckets, self.bucket_size)

@@ -631,7 +631,6 @@ def test_noise_is_deterministic_per_seed_and_independent_across_seeds():
 def check_layout(sizes, bucket_size, seed=0):
     layout = BucketLayout(sizes, bucket_size)
     expected = ref.Layout(sizes, bucket_size)
-    assert list(layout.offsets) == expected.offsets
     assert layout.num_buckets == expected.num_buckets and layout.padded_size == expected.padded_size
     assert layout.padded_size == layout.num_buckets * bucket_size
     rng = np.random.default_rng(seed)
@@ -640,16 +639,13 @@ def check_layout(sizes, bucket_size, seed=0):
     np.testing.assert_array_equal(buckets, expected.flatten(tensors))
     back = layout.from_flat(tf.reshape(buckets, [-1]))
     for tensor, out in zip(tensors, back):
-        np.testing.assert_array_equal(out, tensor)
-    # Every value that is no tensor's is zero padding.
+        np.testing.assert_array_equal(np.asarray(out), tensor)
+    # Every value that is no tensor's is zero padding, and the padding is less than one bucket (at the end).
     assert np.count_nonzero(buckets) == sum(sizes)
-    # A tensor of at least one bucket shares none of its buckets with any other tensor.
+    assert 0 <= layout.padded_size - sum(sizes) < bucket_size
+    # Each tensor's floor(size / B) whole buckets hold its values alone.
     for i, size in enumerate(sizes):
-        if size >= bucket_size:
-            assert layout.offsets[i] % bucket_size == 0
-            for j in range(len(sizes)):
-                if j != i:
-                    assert not expected.buckets_of(i) & expected.buckets_of(j), (i, j)
+        assert len(expected.own_buckets_of(i)) == size // bucket_size, (i, size)
     return layout
 
 
@@ -657,15 +653,16 @@ def test_bucket_layout_mixed_sizes():
     b = 64
     sizes = [2 * b + 5, 3, b, 17, b - 1, 1, 3 * b, 40, 0, b + 1]
     layout = check_layout(sizes, b)
-    # Big tensors first, in order, each padded to whole buckets (3, 1, 3, 2 buckets); then the small
-    # ones back to back from bucket 9 on: 3 + 17 + 63 + 1 + 40 + 0 = 124 values, 2 shared buckets.
-    s = 9 * b
-    assert layout.offsets == [0, s, 3 * b, s + 3, s + 20, s + 83, 4 * b, s + 84, s + 124, 7 * b]
-    assert layout.num_buckets == 11 and layout.padded_size == 11 * b
-    # One tensor exactly one bucket long, one tensor alone.
+    # Whole buckets first, in order (2, 1, 3, 1 of them: positions 0, 128, 192, 384); then from 448 on the
+    # leftovers back to back: tail 5 of tensor 0, 3, 17, 63, 1, 40, tail 1 of tensor 9 = 130 values.
+    assert layout.segments == [[(0, 0, 128), (448, 128, 5)], [(453, 0, 3)], [(128, 0, 64)], [(456, 0, 17)],
+                               [(473, 0, 63)], [(536, 0, 1)], [(192, 0, 192)], [(537, 0, 40)], [],
+                               [(384, 0, 64), (577, 64, 1)]]
+    assert layout.num_buckets == 10 and layout.padded_size == 10 * b
+    # One tensor exactly one bucket long, one tensor alone, and a tail sharing with a small tensor.
     assert check_layout([b], b).num_buckets == 1
     assert check_layout([5], b).num_buckets == 1
-    assert check_layout([b + 1, b - 1], b).offsets == [0, 2 * b]
+    assert check_layout([b + 1, b - 1], b).segments == [[(0, 0, b), (b, b, 1)], [(b + 1, 0, b - 1)]]
 
 
 @PROP

@@ -313,6 +313,12 @@ def aggregate_candidates(products):
                      (r0.astype(np.float64) + p1).astype(np.float32)])
 
 
+def unflatten(layout, flat):
+    """Each tensor's 1-D values from a flat (bucketed) NumPy vector, by the layout's segments."""
+    return [np.concatenate([flat[position:position + length] for position, _, length in segments]
+                           + [np.zeros(0, flat.dtype)]) for segments in layout.segments]
+
+
 def check_step(run, step):
     """Asserts one fit step against the test's own computation; returns what it found."""
     compression = nd.GradientCompression(**run["compression"])
@@ -331,8 +337,9 @@ def check_step(run, step):
     np.testing.assert_array_equal(bits_of(decoded), bits_of(products.astype(np.float32)))
     candidates = aggregate_candidates(products)
     fused = 0
-    for size, offset, w0, w1 in zip(layout.sizes, layout.offsets, before, after):
-        sums = candidates[:, offset:offset + size].reshape((3,) + w0.shape)
+    per_tensor = [np.stack(rows) for rows in zip(*(unflatten(layout, c) for c in candidates))]
+    for sums, w0, w1 in zip(per_tensor, before, after):
+        sums = sums.reshape((3,) + w0.shape)
         expected = w0[None] - sums  # SGD, lr 1, no momentum: w + (-g * 1), one float32 rounding
         matches = bits_of(w1)[None] == bits_of(expected)
         # Bitwise the separately rounded sum; the FMA candidates are kept to say what went wrong if not.
@@ -370,7 +377,7 @@ def test_compressed_sum_is_not_the_float_sum(mirrored):
     found = check_step(run, run["steps"][0])
     flat_sum = np.concatenate([(g0 + g1).reshape(-1) for g0, g1 in zip(*found["grads"])])
     layout = found["layout"]
-    aggregated = np.concatenate([found["candidates"][0][o:o + s] for o, s in zip(layout.offsets, layout.sizes)])
+    aggregated = np.concatenate(unflatten(layout, found["candidates"][0]))
     assert not np.allclose(aggregated, flat_sum, rtol=1e-3)
     assert np.corrcoef(aggregated, flat_sum)[0, 1] > 0.99
 
@@ -421,8 +428,7 @@ def test_rounding_noise_is_independent_per_replica(mirrored):
     # Correlated noise would have applied 2 * decode(encode(g)) with one seed; it did not.
     layout = found["layout"]
     for doubled in (2 * d0, 2 * d1):
-        applied_if_same = [w - doubled[o:o + s].reshape(w.shape)
-                           for o, s, w in zip(layout.offsets, layout.sizes, found["before"])]
+        applied_if_same = [w - d.reshape(w.shape) for d, w in zip(unflatten(layout, doubled), found["before"])]
         assert any(not np.array_equal(a, b) for a, b in zip(found["after"], applied_if_same))
 
 
@@ -528,11 +534,10 @@ def test_single_replica_compresses_exactly_and_still_learns():
     layout = nd.BucketLayout([int(np.prod(g.shape)) for g in grads], compression.bucket_size)
     payload = nd.encode(layout.to_buckets(grads), compression, nd.replica_seed(compression, 0, 0)).numpy()
     products = exact_products(payload, compression.get_config(), layout.num_buckets).astype(np.float32)
-    for w0, w1, o, s in zip(before, model.get_weights(), layout.offsets, layout.sizes):
-        np.testing.assert_array_equal(bits_of(w1), bits_of(w0 - products[o:o + s].reshape(w0.shape)))
+    for w0, w1, applied in zip(before, model.get_weights(), unflatten(layout, products)):
+        np.testing.assert_array_equal(bits_of(w1), bits_of(w0 - applied.reshape(w0.shape)))
     flat = np.concatenate([g.numpy().reshape(-1) for g in grads])
-    assert not np.allclose(np.concatenate([products[o:o + s] for o, s in zip(layout.offsets, layout.sizes)]), flat,
-                           rtol=1e-3)
+    assert not np.allclose(np.concatenate(unflatten(layout, products)), flat, rtol=1e-3)
 
     # Training: compressed Adam learns and ends near uncompressed Adam, but is a different run.
     histories, weights = {}, {}

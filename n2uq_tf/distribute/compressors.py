@@ -247,45 +247,49 @@ def compress_vector(vector, compression, seed):
 class BucketLayout:
     """Where each gradient's values sit in the bucketed vector that is encoded.
 
-    A tensor of at least one bucket gets buckets of its own (its last one zero-padded), so a large
-    layer's scale never mixes with a neighbour's. Smaller tensors (biases, BN, quantizer parameters)
-    are concatenated into shared buckets: one norm per bucket_size values, not one per tensor.
+    A tensor's whole buckets (floor(size / bucket_size) of them) are its own, so most of a large
+    layer never shares a norm with a neighbour. What is left over (the tails of large tensors and
+    every smaller tensor: biases, BN, quantizer parameters) is concatenated, in variable order, into
+    shared buckets after them: one norm per bucket_size values, and zero padding only at the very end.
+
+    segments[i]: (position in the flat vector, start in tensor i, length) of each piece of tensor i.
     """
 
     def __init__(self, sizes, bucket_size):
         self.sizes = [int(s) for s in sizes]
         self.bucket_size = int(bucket_size)
-        self.offsets = [None] * len(self.sizes)
-        offset = 0
+        self.segments = [[] for _ in self.sizes]
+        position = 0
         for i, size in enumerate(self.sizes):
-            if size >= self.bucket_size:
-                self.offsets[i] = offset
-                offset += -(-size // self.bucket_size) * self.bucket_size
-        self._small_start = offset
+            whole = size - size % self.bucket_size
+            if whole:
+                self.segments[i].append((position, 0, whole))
+                position += whole
+        self.shared_start = position
         for i, size in enumerate(self.sizes):
-            if size < self.bucket_size:
-                self.offsets[i] = offset
-                offset += size
-        self.num_buckets = -(-offset // self.bucket_size)
+            tail = size % self.bucket_size
+            if tail:
+                self.segments[i].append((position, size - tail, tail))
+                position += tail
+        self.num_values = position
+        self.num_buckets = -(-position // self.bucket_size)
         self.padded_size = self.num_buckets * self.bucket_size
-
-    @property
-    def num_values(self):
-        return sum(self.sizes)
 
     def to_buckets(self, tensors):
         """[num_buckets, bucket_size] float32 from tensors of the layout's sizes (any shapes)."""
-        pieces, position = [], 0
-        for i in sorted(range(len(self.sizes)), key=lambda i: self.offsets[i]):
-            if self.offsets[i] > position:
-                pieces.append(tf.zeros([self.offsets[i] - position], tf.float32))
-            pieces.append(tf.reshape(tf.cast(tensors[i], tf.float32), [-1]))
-            position = self.offsets[i] + self.sizes[i]
-        if self.padded_size > position or not pieces:
-            pieces.append(tf.zeros([self.padded_size - position], tf.float32))
-        flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
-        return tf.reshape(flat, [self.num_buckets, self.bucket_size])
+        flat = [tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors]
+        pieces = sorted((position, i, start, length)
+                        for i, segments in enumerate(self.segments) for position, start, length in segments)
+        parts = [flat[i][start:start + length] for _, i, start, length in pieces]
+        if self.padded_size > self.num_values or not parts:
+            parts.append(tf.zeros([self.padded_size - self.num_values], tf.float32))
+        joined = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+        return tf.reshape(joined, [self.num_buckets, self.bucket_size])
 
     def from_flat(self, flat):
         """The tensors' values (1-D each) back from a padded flat vector."""
-        return [flat[offset:offset + size] for offset, size in zip(self.offsets, self.sizes)]
+        out = []
+        for size, segments in zip(self.sizes, self.segments):
+            parts = [flat[position:position + length] for position, _, length in segments]
+            out.append(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0) if parts else flat[:0])
+        return out

@@ -14,7 +14,7 @@ bit-identical. Keras already scales the loss by 1 / replicas, so the sum is the 
 
 import tensorflow as tf
 
-from n2uq_tf._keras import check_format_version, keras, register
+from n2uq_tf._keras import FORMAT_VERSION, check_format_version, keras, register
 from n2uq_tf.distribute.compressors import BucketLayout, GradientCompression, decode_sum, encode
 
 _REGISTERED_NAME = "n2uq_tf>CompressedOptimizer"
@@ -79,7 +79,7 @@ class CompressedOptimizer:
         return {"optimizer": {"class_name": keras.saving.get_registered_name(self._base_class),
                               "config": self._base_class.get_config(self)},
                 "compression": self._gradient_compression.get_config(),
-                "format_version": 1}
+                "format_version": FORMAT_VERSION}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -102,7 +102,6 @@ def _compressed_class(base):
     if base not in _compressed_classes:
         cls = type(f"Compressed{base.__name__}", (CompressedOptimizer, base), {"_base_class": base})
         # Keras writes the registered name of an object's class; route every subclass to ours.
-        keras.saving.get_custom_objects()  # make sure the registry is initialised
         from tf_keras.src.saving import object_registration
         object_registration._GLOBAL_CUSTOM_NAMES[cls] = _REGISTERED_NAME
         _compressed_classes[base] = cls
