@@ -49,11 +49,30 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def input_shape_wanted(model_name):
+    """(height, width, channels) the model takes, or (features,) for a flat input."""
+    if model_name == "mlp":
+        return (8, 8, 1)
+    if model_name == "cnn":
+        return (16, 16, 1)
+    if os.path.exists(model_name):  # a saved model: feed it digits at its own input size
+        import n2uq_tf
+        shape = tuple(n2uq_tf.load_model(model_name, require_quantized=False, compile=False).input_shape[1:])
+        if len(shape) == 1 and shape[0] == 64 or len(shape) == 3 and shape[0] == shape[1] and shape[2] in (1, 3):
+            return shape
+        raise SystemExit(f"--model {model_name}: input shape {shape} is neither (64,) (flat 8x8 digits) nor "
+                         "(size, size, 1 or 3) images")
+    return (16, 16, 3)
+
+
 def load_data(name, model_name):
     from n2uq_tf import data
+    shape = input_shape_wanted(model_name)
     if name == "digits":
-        size = 8 if model_name in ("mlp",) else 16
-        return data.digits_arrays(image_size=size, channels=1 if model_name in ("mlp", "cnn") else 3)
+        if len(shape) == 1:
+            (x, y), (xt, yt) = data.digits_arrays(image_size=8, channels=1)
+            return (x.reshape(len(x), -1), y), (xt.reshape(len(xt), -1), yt)
+        return data.digits_arrays(image_size=shape[0], channels=shape[2])
     import tensorflow_datasets as tfds
     arrays = []
     for split in ("train", "test"):
