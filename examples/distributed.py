@@ -34,7 +34,7 @@ def parse_args(argv=None):
                         help="values per norm (default 8192; 128 at 2 bits)")
     parser.add_argument("--model", default="mlp",
                         help="mlp, cnn, resnet20, resnet20-w2a2, or a path to a saved Keras model "
-                             "(.keras/.h5/SavedModel, its weights are reinitialised by nothing: trained as loaded)")
+                             "(.keras/.h5/SavedModel; trained from the weights it was saved with)")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
