@@ -8,6 +8,7 @@
 The paper's recipe: ``n2uq_tf.models`` (reference networks), ``n2uq_tf.data`` (datasets),
 ``n2uq_tf.DistillationModel`` and ``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
 Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tflite.Interpreter``.
+Data-parallel training with compressed gradients: ``n2uq_tf.distribute.compress_gradients``.
 """
 
 import importlib
@@ -23,7 +24,7 @@ from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, dis
                               paper_optimizer)
 
 # Imported on first use: data pulls in tensorflow_datasets, plots matplotlib.
-_LAZY_SUBMODULES = ("cli", "data", "export", "layers", "models", "plots", "tflite")
+_LAZY_SUBMODULES = ("cli", "data", "distribute", "export", "layers", "models", "plots", "tflite")
 _LAZY_FUNCTIONS = {"export_tflite": "n2uq_tf.export", "inspect_tflite": "n2uq_tf.export"}
 
 

@@ -41,3 +41,14 @@ def test_quickstart_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| float32" in result.stdout and "| N2UQ W2A2" in result.stdout
     assert "compression" in result.stdout
+
+
+def test_submodules_reachable_from_the_package_alone():
+    # `import n2uq_tf` then n2uq_tf.distribute.compress_gradients(...) etc., in a fresh interpreter.
+    code = ("import n2uq_tf, sys; assert 'n2uq_tf.distribute' not in sys.modules; "
+            "print(n2uq_tf.distribute.compress_gradients.__name__, n2uq_tf.models.resnet20.__name__, "
+            "n2uq_tf.distribute.launch.free_ports.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["compress_gradients", "resnet20", "free_ports"]
