@@ -122,9 +122,9 @@ def codec_table(args):
     from distributed import build_model, load_data
     from n2uq_tf.distribute import compressors as c
 
-    (x, y), _ = load_data(args.dataset, args.model)
     keras.utils.set_random_seed(0)
-    model = build_model(args.model, x.shape[1:], int(y.max()) + 1)
+    model = build_model(args.model, args.dataset)
+    (x, y), _ = load_data(args.dataset, tuple(model.input_shape[1:]))
     model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     xb, yb = x[:args.batch_size], y[:args.batch_size]
 

@@ -49,43 +49,46 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def input_shape_wanted(model_name):
-    """(height, width, channels) the model takes, or (features,) for a flat input."""
-    if model_name == "mlp":
-        return (8, 8, 1)
-    if model_name == "cnn":
-        return (16, 16, 1)
-    if os.path.exists(model_name):  # a saved model: feed it digits at its own input size
-        import n2uq_tf
-        shape = tuple(n2uq_tf.load_model(model_name, require_quantized=False, compile=False).input_shape[1:])
-        if len(shape) == 1 and shape[0] == 64 or len(shape) == 3 and shape[0] == shape[1] and shape[2] in (1, 3):
-            return shape
-        raise SystemExit(f"--model {model_name}: input shape {shape} is neither (64,) (flat 8x8 digits) nor "
-                         "(size, size, 1 or 3) images")
-    return (16, 16, 3)
+CLASSES = 10  # digits and CIFAR-10
 
 
-def load_data(name, model_name):
+def builtin_input_shape(model_name, dataset):
+    if dataset == "cifar10":
+        return (32, 32, 3)
+    return {"mlp": (8, 8, 1), "cnn": (16, 16, 1)}.get(model_name, (16, 16, 3))
+
+
+def load_data(name, shape):
+    """((x_train, y_train), (x_test, y_test)) as NumPy arrays shaped for a model input `shape`:
+    (64,) is flat 8x8 digits, (s, s, c) images at s x s with c channels."""
+    import numpy as np
     from n2uq_tf import data
-    shape = input_shape_wanted(model_name)
+    flat = len(shape) == 1 and shape[0] == 64 and name == "digits"
+    if not flat and not (len(shape) == 3 and shape[0] == shape[1] and shape[2] in ((1, 3) if name == "digits" else (3,))):
+        raise SystemExit(f"--model takes input {shape}; {name} can feed (64,) (flat digits) or (s, s, 1 or 3) "
+                         "images (CIFAR-10: 3 channels)")
     if name == "digits":
-        if len(shape) == 1:
+        if flat:
             (x, y), (xt, yt) = data.digits_arrays(image_size=8, channels=1)
             return (x.reshape(len(x), -1), y), (xt.reshape(len(xt), -1), yt)
         return data.digits_arrays(image_size=shape[0], channels=shape[2])
     import tensorflow_datasets as tfds
     arrays = []
     for split in ("train", "test"):
-        ds = data.load_dataset("cifar10", split, batch_size=1024, training=False)
+        ds = data.load_dataset("cifar10", split, batch_size=1024, image_size=shape[0], training=False)
         xs, ys = zip(*tfds.as_numpy(ds))
-        import numpy as np
         arrays.append((np.concatenate(xs), np.concatenate(ys)))
     return tuple(arrays)
 
 
-def build_model(name, input_shape, classes):
+def build_model(name, dataset, classes=CLASSES):
+    """One of the example's models, or a saved model loaded as it is (its input decides the data)."""
     import tf_keras as keras
     from n2uq_tf import models
+    if os.path.exists(name):
+        import n2uq_tf
+        return n2uq_tf.load_model(name, require_quantized=False, compile=False)
+    input_shape = builtin_input_shape(name, dataset)
     if name == "mlp":
         return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
                                  keras.layers.Dense(1024, activation="relu"),
@@ -100,9 +103,6 @@ def build_model(name, input_shape, classes):
     if name in ("resnet20", "resnet20-w2a2"):
         bits = 2 if name.endswith("w2a2") else None
         return models.resnet20(num_classes=classes, input_shape=input_shape, bits=bits)
-    if os.path.exists(name):
-        import n2uq_tf
-        return n2uq_tf.load_model(name, require_quantized=False, compile=False)
     raise SystemExit(f"--model: {name!r} is neither mlp, cnn, resnet20, resnet20-w2a2 nor a saved model path")
 
 
@@ -123,8 +123,10 @@ def main(argv=None):
 
     strategy = distribute.strategy_from_environment()
     chief = distribute.is_chief()
-    (x_train, y_train), (x_test, y_test) = load_data(args.dataset, args.model)
-    classes = int(max(y_train.max(), y_test.max())) + 1
+    with strategy.scope():
+        keras.utils.set_random_seed(args.seed)  # the same initial weights on every worker
+        model = build_model(args.model, args.dataset)
+    (x_train, y_train), (x_test, y_test) = load_data(args.dataset, tuple(model.input_shape[1:]))
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -134,8 +136,6 @@ def main(argv=None):
     test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(args.batch_size).with_options(options)
 
     with strategy.scope():
-        keras.utils.set_random_seed(args.seed)  # the same initial weights on every worker
-        model = build_model(args.model, x_train.shape[1:], classes)
         if any(isinstance(layer, n2uq_tf.N2UQWrapper) for layer in model.submodules):  # the paper's optimizer
             base = n2uq_tf.paper_optimizer(args.learning_rate, epochs=args.epochs,
                                            steps_per_epoch=len(x_train) // args.batch_size)

@@ -196,12 +196,8 @@ def build_parser():
 
               n2uq-tf launch -n 2 -- python my_train.py --epochs 3"""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    launch.add_argument("--workers", "-n", type=_positive_int, default=2, help="number of workers (default 2)")
-    launch.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="kill all workers after this many seconds and exit with 124")
-    launch.add_argument("--no-prefix", action="store_true", help="don't prefix output lines with [worker i]")
-    launch.add_argument("worker_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="the command every worker runs")
+    from n2uq_tf.distribute.launch import add_launch_arguments
+    add_launch_arguments(launch)
     return parser
 
 
@@ -500,15 +496,8 @@ def command_inspect(args):
 
 
 def command_launch(args):
-    from n2uq_tf.distribute.launch import launch
-    command = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
-    if not command:
-        raise SystemExit("n2uq-tf launch: give the command each worker runs after --, "
-                         "e.g. n2uq-tf launch -n 2 -- python train.py")
-    try:
-        return launch(command, args.workers, timeout=args.timeout, prefix_output=not args.no_prefix)
-    except KeyboardInterrupt:  # the workers are stopped already; no traceback for Ctrl-C
-        return 130
+    from n2uq_tf.distribute.launch import launch_from_arguments
+    return launch_from_arguments(args)
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report,

@@ -216,8 +216,8 @@ def decode_sum(payloads, compression, num_buckets):
 
 
 # XLA fuses the element-wise chains below into single loops: measured 2.6x (quantize) and 5x (decode)
-# faster than op-by-op on CPU at 1M values. The noise stays outside: XLA's CPU Philox was 6x slower
-# than TF's own kernel.
+# faster than op-by-op on CPU at 1M values. The noise stays outside: under XLA the default generator
+# was 100x slower on CPU and an explicit Philox no faster than TF's own kernel (and draws other bits).
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _quantize_and_pack(buckets, uniform, compression):
     codes, norms = quantize_buckets(buckets, compression, uniform)
@@ -265,7 +265,6 @@ class BucketLayout:
             if whole:
                 self.segments[i].append((position, 0, whole))
                 position += whole
-        self.shared_start = position
         for i, size in enumerate(self.sizes):
             tail = size % self.bucket_size
             if tail:
@@ -289,7 +288,7 @@ class BucketLayout:
     def from_flat(self, flat):
         """The tensors' values (1-D each) back from a padded flat vector."""
         out = []
-        for size, segments in zip(self.sizes, self.segments):
-            parts = [flat[position:position + length] for position, _, length in segments]
-            out.append(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0) if parts else flat[:0])
+        for segments in self.segments:
+            parts = [flat[position:position + length] for position, _, length in segments] or [flat[:0]]
+            out.append(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0))
         return out

@@ -309,7 +309,7 @@ def _restore_sigterm(previous):
         signal.signal(signal.SIGTERM, previous)
 
 
-# --- command line -------------------------------------------------------------------------------
+# --- command line (`n2uq-tf launch` and `python -m n2uq_tf.distribute.launch`) ---------------------
 
 def _worker_count(text):
     value = int(text)
@@ -318,24 +318,36 @@ def _worker_count(text):
     return value
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m n2uq_tf.distribute.launch",
-        description="Run a command as N local MultiWorkerMirroredStrategy workers on 127.0.0.1, "
-                    "each with its own TF_CONFIG; worker 0 is the chief.")
+def add_launch_arguments(parser):
+    """The launcher's options and the worker command (after --) on an argparse parser."""
     parser.add_argument("--workers", "-n", type=_worker_count, default=2, help="number of workers (default 2)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="kill all workers after this many seconds and exit with 124")
     parser.add_argument("--no-prefix", action="store_true", help="don't prefix output lines with [worker i]")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command every worker runs, after --")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    parser.add_argument("worker_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the command every worker runs")
+
+
+def launch_from_arguments(args, prog="n2uq-tf launch"):
+    """Runs the launch that add_launch_arguments' options describe; returns the exit status."""
+    command = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not command:
-        parser.error("give the command each worker runs after --, e.g. -- python train.py")
+        raise SystemExit(f"{prog}: give the command each worker runs after --, e.g. {prog} -n 2 -- python train.py")
     try:
         return launch(command, args.workers, timeout=args.timeout, prefix_output=not args.no_prefix)
     except ValueError as error:
-        parser.error(str(error))
+        raise SystemExit(f"{prog}: {error}") from None
+    except KeyboardInterrupt:  # the workers are stopped already; no traceback for Ctrl-C
+        return 130
+
+
+def main(argv=None):
+    prog = "python -m n2uq_tf.distribute.launch"
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run a command as N local MultiWorkerMirroredStrategy workers on 127.0.0.1, "
+                               "each with its own TF_CONFIG; worker 0 is the chief.")
+    add_launch_arguments(parser)
+    return launch_from_arguments(parser.parse_args(argv), prog)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from n2uq_tf._keras import keras
 from n2uq_tf.distribute.compressors import GradientCompression
-from n2uq_tf.distribute.optimizer import CompressedOptimizer, exchange_size
+from n2uq_tf.distribute.optimizer import exchange_size
 
 
 def strategy_from_environment():
@@ -53,11 +53,8 @@ class ExchangeMonitor(keras.callbacks.Callback):
         self._size = None
 
     def on_train_begin(self, logs=None):
-        optimizer = self.model.optimizer
-        compression = (optimizer.gradient_compression if isinstance(optimizer, CompressedOptimizer)
-                       else GradientCompression("none"))
-        self._size = exchange_size(self.model.trainable_variables, compression)
-        self._compression = compression
+        self._compression = getattr(self.model.optimizer, "gradient_compression", GradientCompression("none"))
+        self._size = exchange_size(self.model.trainable_variables, self._compression)
         self.step_times = []
         self._lo_start = loopback_bytes()
 

@@ -12,6 +12,8 @@ them in replica order. The same bytes and the same order on every replica keep t
 bit-identical. Keras already scales the loss by 1 / replicas, so the sum is the right aggregate.
 """
 
+import typing
+
 import tensorflow as tf
 
 from n2uq_tf._keras import FORMAT_VERSION, check_format_version, keras, register
@@ -178,18 +180,12 @@ def _gather_merge_fn(strategy, per_replica):
     return distribute_utils.regroup(gathered, wrap_class=values.Mirrored)
 
 
-class ExchangeSize(tuple):
-    """What one replica contributes to the gradient exchange per step (values, bytes, ratio)."""
+class ExchangeSize(typing.NamedTuple):
+    """What one replica contributes to the gradient exchange per step."""
 
-    __slots__ = ()
-    _fields = ("values", "float32_bytes", "bytes")
-
-    def __new__(cls, values, float32_bytes, payload_bytes):
-        return super().__new__(cls, (values, float32_bytes, payload_bytes))
-
-    values = property(lambda self: self[0])
-    float32_bytes = property(lambda self: self[1])
-    bytes = property(lambda self: self[2])
+    values: int
+    float32_bytes: int
+    bytes: int
 
     @property
     def ratio(self):
@@ -204,11 +200,12 @@ class ExchangeSize(tuple):
 def exchange_size(variables, compression):
     """Bytes one replica puts into the exchange per step for these trainable variables.
 
-    compression: a GradientCompression, or a compressed optimizer. "none" is the float32 gradients
-    (what the framework's all-reduce moves per replica, before its ring or tree schedule).
+    compression: a GradientCompression, or an optimizer (an uncompressed one exchanges float32).
+    "none" is the float32 gradients (what the framework's all-reduce moves per replica, before its
+    ring or tree schedule).
     """
-    if isinstance(compression, CompressedOptimizer):
-        compression = compression.gradient_compression
+    if not isinstance(compression, GradientCompression):
+        compression = getattr(compression, "gradient_compression", GradientCompression("none"))
     sizes = [v.shape.num_elements() for v in variables]
     values = sum(sizes)
     if not compression.enabled:
