@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -5,6 +6,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tf_keras as keras  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def release_models_after_each_test():
+    """Drops Keras' global state and collects garbage after every test.
+
+    Models, traced graphs and interpreters otherwise pile up over ~900 tests (the suite held
+    8 GB at its end before this); the CI machines have 2 cores and limited memory.
+    """
+    yield
+    keras.backend.clear_session()
+    gc.collect()
 
 
 @pytest.fixture
