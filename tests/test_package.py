@@ -52,3 +52,28 @@ def test_submodules_reachable_from_the_package_alone():
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["compress_gradients", "resnet20", "free_ports"]
+
+
+def readme_block(after):
+    """The first ```python block of README.md after the line containing `after`, dedented."""
+    import textwrap
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return textwrap.dedent(text[start:text.index("```", start)])
+
+
+def test_readme_tfmot_by_hand_snippet_gives_the_same_model_as_quantize_model():
+    code = readme_block("**tfmot by hand.**") + """
+float_model = keras.Sequential([keras.Input((32, 32, 3))] + [
+    l.layer if hasattr(l, "quantize_config") else l for l in annotated_model.layers])
+auto = n2uq_tf.quantize_model(float_model, bits=2)
+def summary(m):  # per layer: class, wrapped class, weight shapes
+    return [(type(l).__name__, type(getattr(l, "layer", l)).__name__,
+             sorted(tuple(v.shape) for v in l.weights)) for l in m.layers]
+print("REPORT", len(n2uq_tf.quantization_report(qmodel).quantized))
+print("SAME", summary(qmodel) == summary(auto))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REPORT 2" in result.stdout and "SAME True" in result.stdout, result.stdout[-3000:]
