@@ -1,7 +1,6 @@
 """quantization_report: what was quantized, with which bits, what it learned and what it saves."""
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -10,6 +9,13 @@ from n2uq_tf.quantize import registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 FLOAT_BYTES = 4
+
+# LayerReport.export, from the exporter's own plan (n2uq_tf.export.plan_export) of each layer status.
+EXPORT_PACKED = "packed"          # bit-packed N2UQ custom ops
+EXPORT_FLOAT = "float"            # a float TFLite builtin (for a quantized layer: export_note says why)
+EXPORT_FOLDED = "folded"          # a BatchNormalization folded into the preceding N2UQ op
+_EXPORT_OF_STATUS = {"lowered": EXPORT_PACKED, "builtin": EXPORT_FLOAT, "float": EXPORT_FLOAT,
+                     "folded": EXPORT_FOLDED}
 
 
 @dataclasses.dataclass
@@ -29,6 +35,8 @@ class LayerReport:
     weight_method: str = None     # "n2uq", "dorefa", "lsq", ... (n2uq_tf.quantize.methods.METHODS)
     activation_method: str = None
     step: float = None            # activation output step (beta2 * delta for N2UQ)
+    export: str = None            # what export_tflite makes of it: EXPORT_* below (None: no export plan)
+    export_note: str = ""         # why a quantized layer exports as float; what a BN folds into
 
     @property
     def method(self):
@@ -74,8 +82,14 @@ class QuantizationReport:
                 "total_params": self.total_params, "float_bytes": self.float_bytes,
                 "packed_bytes": self.packed_bytes, "compression": self.compression}
 
+    @property
+    def exported_float(self):
+        """Quantized layers that the export keeps as float builtins (their reason in ``export_note``)."""
+        return [r for r in self.quantized if r.export == EXPORT_FLOAT]
+
     def __str__(self):
-        header = ("layer", "type", "method", "W", "A", "params", "float32 B", "packed B", "thresholds (input units)")
+        header = ("layer", "type", "method", "W", "A", "params", "float32 B", "packed B", "export",
+                  "thresholds (input units)")
         rows = []
         for r in self.layers:
             if r.params == 0 and r.status == "float":
@@ -89,15 +103,20 @@ class QuantizationReport:
                     thresholds = " ".join(parts[:3] + ["...", parts[3]]) + f" ({len(r.thresholds)} thresholds)"
             if r.status in ("unsupported", "kept float"):
                 thresholds = f"{r.status}: {r.note}"
+            elif r.export == EXPORT_FOLDED:
+                thresholds = r.export_note
+            elif r.status == "quantized" and r.export != EXPORT_PACKED and r.export_note:
+                thresholds = (f"{thresholds}; " if thresholds else "") + f"exported as float: {r.export_note}"
             rows.append((r.name, r.type, r.method, "-" if r.weight_bits is None else str(r.weight_bits),
                          "-" if r.activation_bits is None else str(r.activation_bits),
-                         f"{r.params:,}", f"{r.float_bytes:,}", f"{r.packed_bytes:,}", thresholds))
+                         f"{r.params:,}", f"{r.float_bytes:,}", f"{r.packed_bytes:,}", r.export or "-", thresholds))
         rows.append(("total", "", "", "", "", f"{self.total_params:,}", f"{self.float_bytes:,}",
-                     f"{self.packed_bytes:,}", f"compression {self.compression:.2f}x"))
+                     f"{self.packed_bytes:,}", "", f"compression {self.compression:.2f}x"))
         widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header) - 1)]
         lines = []
         for row in [header] + rows:
-            cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            cells = [str(c).ljust(w) if i < 3 or i == 8 else str(c).rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths))]
             lines.append("  ".join(cells + [str(row[-1])]).rstrip())
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
@@ -124,20 +143,7 @@ def _wrapper_report(wrapper):
     config = wrapper.quantize_config
     # tfmot swaps the inner layer's kernel attribute for the quantized tensor, so the
     # wrapper (not the inner layer) is where every variable is listed.
-    quantized_ids = {id(weight) for weight, _, _ in wrapper._weight_vars}
-    params = packed = 0
-    seen = set()
-    for v in _float_weights(wrapper.weights):
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        size = int(np.prod(v.shape))
-        params += size
-        if id(v) in quantized_ids:
-            channels = int(np.prod([v.shape[a] for a in np.atleast_1d(config.channel_axis)]))
-            packed += math.ceil(size * config.weight_bits / 8) + FLOAT_BYTES * channels
-        else:
-            packed += FLOAT_BYTES * size
+    params = sum(int(np.prod(v.shape)) for v in {id(v): v for v in _float_weights(wrapper.weights)}.values())
     report = LayerReport(layer.name, type(layer).__name__, "quantized", config.weight_bits,
                          config.activation_bits)
     if config.weight_bits is not None:
@@ -152,19 +158,54 @@ def _wrapper_report(wrapper):
         t = np.asarray(levels.thresholds, np.float64)
         report.thresholds = [float(v) for v in (t / scale if scale != 0 else t)]
         report.step = float(levels.step)
-    report.params, report.float_bytes, report.packed_bytes = params, FLOAT_BYTES * params, packed
+    # Packed bytes come from the export plan (quantization_report); float until then.
+    report.params, report.float_bytes, report.packed_bytes = params, FLOAT_BYTES * params, FLOAT_BYTES * params
     return report
 
 
-def quantization_report(model):
-    """Per-layer bits, parameters, learned thresholds and packed size of a (quantized) model.
+def _export_plan(model):
+    """{layer name: [LayerExport, ...]} of the exporter's plan for `model` (the same decisions
+    export_tflite takes), or the reason it cannot export the model."""
+    from n2uq_tf.export.lowering import lower
+    try:
+        plan = lower(model).report
+    except ValueError as error:
+        return None, str(error)
+    rows = {}
+    for row in plan.layers:
+        rows.setdefault(row.name, []).append(row)
+    return rows, None
 
-    ``packed_bytes`` counts quantized kernels at their bit width plus a float32 scale per
-    output channel, and everything else (biases, BatchNorm, quantizer parameters, float
-    layers) at 4 bytes per value. ``print(report)`` shows a table; ``report.to_dict()``
-    gives the numbers.
+
+def _apply_export_plan(row, exported):
+    """Sets the row's export decision and its packed bytes to what the file will hold for it."""
+    row.export = _EXPORT_OF_STATUS[exported.status]
+    if exported.status == "folded":
+        row.export_note = exported.reason  # "folded into <layer>"
+        row.packed_bytes = 0
+    else:
+        if exported.status == "builtin":
+            row.export_note = exported.reason
+        row.packed_bytes = exported.packed_bytes + exported.float_bytes
+
+
+def quantization_report(model):
+    """Per-layer bits, parameters, learned thresholds, packed size and export of a (quantized) model.
+
+    Each row says what `export_tflite` will make of the layer (``export``), decided by the
+    exporter's own plan (`n2uq_tf.export.plan_export`): ``"packed"`` (bit-packed N2UQ custom
+    ops), ``"float"`` (a float TFLite builtin; for a quantized layer ``export_note`` says why,
+    e.g. more than 4 bits, LSQ weights with a zero level, float weights) or ``"folded"`` (a
+    BatchNormalization folded into the preceding N2UQ op). ``packed_bytes`` is what the layer
+    adds to the exported file's weight data: a packed layer's bit-packed kernel plus its float32
+    per-channel multiplier and bias and its thresholds; a folded BatchNormalization nothing;
+    every other layer (quantized layers exported as float included) 4 bytes per value.
+    ``float_bytes`` is 4 bytes per parameter. ``print(report)`` shows a table;
+    ``report.to_dict()`` gives the numbers. A `DistillationModel` is reported by its student.
     """
+    from n2uq_tf.export.source import inference_model
     from n2uq_tf.quantize.api import check_model
+    model = inference_model(model)
     check_model(model)
     rows = []
     for layer in _walk(model):
@@ -181,4 +222,11 @@ def quantization_report(model):
             status, note = "float", ""
         rows.append(LayerReport(layer.name, type(layer).__name__, status, params=size,
                                 float_bytes=FLOAT_BYTES * size, packed_bytes=FLOAT_BYTES * size, note=note))
+    plan, not_exportable = _export_plan(model)
+    for row in rows:
+        exported = plan.get(row.name) if plan is not None else None
+        if exported:
+            _apply_export_plan(row, exported.pop(0))
+        elif not_exportable is not None and row.status == "quantized":
+            row.export_note = f"the model cannot be exported: {not_exportable}"  # nothing is packed then
     return QuantizationReport(rows)

@@ -100,6 +100,30 @@ def _check_arguments(inference_type, representative_dataset):
         raise ValueError("representative_dataset is only used with inference_type='int8'")
 
 
+def _representative_by_name(representative_dataset, input_names):
+    """The user's calibration generator with each list of arrays (Keras input order) turned into a
+    dict keyed by input name: the converted model orders its inputs otherwise (as TFLite's stock
+    converter does), and the calibrator matches a dict by name."""
+    def generate():
+        for sample in representative_dataset():
+            if isinstance(sample, (list, tuple)) and len(sample) == len(input_names):
+                yield dict(zip(input_names, sample))
+            else:
+                yield sample
+    return generate
+
+
+def _check_runnable(info, origin):
+    """Raises ValueError unless every op of the inspected file is a TFLite builtin or an N2UQ op."""
+    foreign = sorted({op.name for op in info.operators if op.custom and op.name not in custom_ops.ALL_OPS})
+    if foreign:
+        raise ValueError(
+            f"the converted model holds ops that are neither TFLite builtins nor N2UQ ops: {', '.join(foreign)} "
+            f"(the converter keeps a TensorFlow op without a TFLite builtin as a custom op, which no interpreter "
+            f"runs); {origin}. The layers computing them need a TFLite builtin (a float32 computation, "
+            "supported layer arguments).")
+
+
 def export_tflite(model, path=None, *, inference_type="float", representative_dataset=None,
                   return_report=False):
     """Converts a quantized tf_keras model to a TFLite flatbuffer with N2UQ custom ops.
@@ -110,19 +134,32 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
     layers are TFLite builtins: float32, or with ``inference_type="int8"`` int8 calibrated on
     ``representative_dataset`` (the custom ops keep float32 inputs and outputs; the converter puts
     DEQUANTIZE / QUANTIZE around them). Quantized layers that cannot be lowered stay float
-    builtins on their fake-quantized weights (warned about, listed in the report). The input
+    builtins on their fake-quantized weights (warned about, listed in the report); a model with
+    no lowered layer is warned about too (the file is a plain float model). The input
     batch size stays free (shape signature -1, 1 until resized).
 
+    A model trained under a ``mixed_float16`` / ``mixed_bfloat16`` (or float16 / bfloat16) policy
+    exports as its float32 twin (same weights, float32 builtins). A `DistillationModel` exports its
+    student. The signature keeps the Keras input and output names (outputs named after their
+    layers, the wrapped layer's name for a quantized one), as TFLite's ``from_keras_model`` does.
+    Before anything is written the file is checked to hold only TFLite builtins and N2UQ ops;
+    ``path`` is written atomically (a failed export leaves no file).
+
     Args:
-      model: a quantized Functional or Sequential tf_keras model (`n2uq_tf.quantize_model`).
+      model: a quantized Functional or Sequential tf_keras model (`n2uq_tf.quantize_model`), or a
+        `DistillationModel`.
       path: where to write the .tflite, or None.
       inference_type: "float" or "int8".
-      representative_dataset: for "int8": a callable yielding lists of float32 input arrays.
+      representative_dataset: for "int8": a callable yielding lists of float32 input arrays in the
+        Keras model's input order (or dicts keyed by input name).
       return_report: also return the `ExportReport` (per layer ops, bits, bytes; file size).
 
     Returns:
       the flatbuffer bytes, or (bytes, report) with ``return_report=True``.
     """
+    from n2uq_tf._io import atomic_path
+    from n2uq_tf.export.inspect import inspect_tflite
+
     _check_arguments(inference_type, representative_dataset)
     lowered = lower(model)
     report = lowered.report
@@ -131,6 +168,10 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
     if kept:
         warnings.warn("n2uq_tf.export_tflite keeps these quantized layers as float builtins: "
                       + "; ".join(f"{r.name} ({r.type}): {r.reason}" for r in kept), stacklevel=2)
+    if not report.lowered:
+        warnings.warn(f"n2uq_tf.export_tflite: no layer of model {lowered.model.name!r} becomes an N2UQ op "
+                      f"({'no layer is quantized' if not kept else 'no quantized layer can be lowered'}); "
+                      "the file is a plain float TFLite model", stacklevel=2)
 
     function = lowered.export_function.get_concrete_function()
     # The converter saves its trackable as a SavedModel first; given the Keras model that retraces
@@ -142,7 +183,8 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
     converter.allow_custom_ops = True
     if inference_type == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset
+        input_names = [spec.name for spec in lowered.export_function.input_signature]
+        converter.representative_dataset = _representative_by_name(representative_dataset, input_names)
         # TFLITE_BUILTINS too: ops without an int8 kernel stay float rather than failing.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         if report.lowered:
@@ -155,11 +197,18 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
         streams.setdefault(r.stream.tobytes(), []).append(r.name)
     converted = converter.convert()
     flatbuffer = _finish(converted, _metadata(report), streams)
-    report.file_bytes = len(flatbuffer)
-    if path is not None:
+    if path is None:
+        info = inspect_tflite(flatbuffer)
+        _check_runnable(info, "export_tflite refused it")
+    else:
         path = os.fspath(path)
-        with open(path, "wb") as f:
-            f.write(flatbuffer)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(flatbuffer)
+            info = inspect_tflite(tmp)  # what was written, read back
+            _check_runnable(info, f"nothing was written to {path!r}")
+    report.file_bytes = info.file_bytes
+    report.data_bytes = info.data_bytes
     return (flatbuffer, report) if return_report else flatbuffer
 
 

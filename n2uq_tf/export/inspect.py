@@ -43,10 +43,16 @@ class TFLiteInspection:
     metadata: dict = None      # the n2uq_tf metadata entry, None for a file not written by n2uq_tf
 
     @property
+    def data_bytes(self):
+        """The file's weight data: packed N2UQ kernels + every other constant buffer (not metadata)."""
+        return self.packed_bytes + self.float_bytes
+
+    @property
     def size_ratio(self):
-        """File size / (packed weights + other buffers)."""
-        total = self.packed_bytes + self.float_bytes
-        return self.file_bytes / total if total else None
+        """The file's overhead, file bytes / `data_bytes`: what the flatbuffer's structure (operators,
+        tensors, metadata) adds to the data it must hold. The one overhead figure of an export:
+        `ExportReport.size_ratio` is this figure of the written file."""
+        return self.file_bytes / self.data_bytes if self.data_bytes else None
 
     def op_counts(self):
         counts = {}
@@ -56,7 +62,7 @@ class TFLiteInspection:
 
     def to_dict(self):
         return {"file_bytes": self.file_bytes, "packed_bytes": self.packed_bytes, "float_bytes": self.float_bytes,
-                "size_ratio": self.size_ratio, "metadata": self.metadata, "op_counts": self.op_counts(),
+                "data_bytes": self.data_bytes, "size_ratio": self.size_ratio, "metadata": self.metadata, "op_counts": self.op_counts(),
                 "operators": [dataclasses.asdict(o) for o in self.operators],
                 "layers": [dataclasses.asdict(l) for l in self.layers]}
 
@@ -81,8 +87,8 @@ class TFLiteInspection:
                 lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         ratio = self.size_ratio
         lines.append(f"file {self.file_bytes:,} B; N2UQ weights {self.packed_bytes:,} B; other buffers "
-                     f"{self.float_bytes:,} B; file / (packed + other) = "
-                     + ("n/a" if ratio is None else f"{ratio:.3f}"))
+                     f"{self.float_bytes:,} B; file = "
+                     + ("n/a" if ratio is None else f"{ratio:.3f}") + " x its weight data")
         return "\n".join(lines)
 
 

@@ -49,10 +49,16 @@ class LayerExport:
 
 @dataclasses.dataclass
 class ExportReport:
-    """Per-layer export decisions, and file sizes once converted."""
+    """Per-layer export decisions, and file sizes once converted.
+
+    ``packed_bytes`` / ``float_bytes`` / ``expected_bytes`` are planned from the Keras layers;
+    ``file_bytes``, ``data_bytes`` and ``size_ratio`` are measured on the written file, the
+    same figures as `inspect_tflite` gives for it.
+    """
     layers: list
     inference_type: str = "float"
     file_bytes: int = None        # size of the .tflite, once converted
+    data_bytes: int = None        # its weight data: packed N2UQ kernels + every other constant buffer
 
     @property
     def lowered(self):
@@ -72,20 +78,21 @@ class ExportReport:
 
     @property
     def expected_bytes(self):
-        """Packed quantized weights + float32 remainder: the reference of the size target."""
+        """Planned weight data: packed quantized kernels + the layers' float32 values."""
         return self.packed_bytes + self.float_bytes
 
     @property
     def size_ratio(self):
-        if self.file_bytes is None or not self.expected_bytes:
+        """The file's overhead: file bytes / its weight data (`TFLiteInspection.size_ratio`)."""
+        if self.file_bytes is None or not self.data_bytes:
             return None
-        return self.file_bytes / self.expected_bytes
+        return self.file_bytes / self.data_bytes
 
     def to_dict(self):
         return {"layers": [dataclasses.asdict(r) for r in self.layers], "inference_type": self.inference_type,
                 "packed_bytes": self.packed_bytes, "float_bytes": self.float_bytes,
                 "expected_bytes": self.expected_bytes, "file_bytes": self.file_bytes,
-                "size_ratio": self.size_ratio}
+                "data_bytes": self.data_bytes, "size_ratio": self.size_ratio}
 
     def __str__(self):
         header = ("layer", "type", "W", "A", "exported as", "packed B", "float B", "note")
@@ -99,8 +106,8 @@ class ExportReport:
                          " + ".join(r.ops) if r.status == "lowered" else r.status,
                          f"{r.packed_bytes:,}", f"{r.float_bytes:,}", note))
         total_note = ""
-        if self.file_bytes is not None:
-            total_note = f"file {self.file_bytes:,} B = {self.size_ratio:.3f} x (packed + float)"
+        if self.file_bytes is not None and self.data_bytes:
+            total_note = f"file {self.file_bytes:,} B = {self.size_ratio:.3f} x its weight data ({self.data_bytes:,} B)"
         rows.append(("total", "", "", "", "", f"{self.packed_bytes:,}", f"{self.float_bytes:,}", total_note))
         widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header) - 1)]
         lines = []
@@ -534,8 +541,8 @@ class LoweredModel(tf.Module):
 
     def __init__(self, model):
         super().__init__(name="n2uq_lowered")
-        from n2uq_tf.quantize.api import check_model
-        check_model(model)
+        from n2uq_tf.export.source import export_source
+        model = export_source(model)  # a distiller's student; float32 twin of a mixed-precision model
         if not _is_functional(model):
             raise ValueError(f"model {model.name!r} is not a functional graph; build it with an Input "
                              "(Functional API, or Sequential with an input shape) to export it")
@@ -545,8 +552,9 @@ class LoweredModel(tf.Module):
         self.report = ExportReport(self._report_rows(records))
         self.lowered_layers = [r[1] for r in records if r[0] == "wrapper" and isinstance(r[1], _Lowered)]
         self._lowered = {h.name: h for h in self.lowered_layers}
-        specs = [tf.TensorSpec(t.shape, t.dtype, name=f"input_{i}" if len(model.inputs) > 1 else "input")
-                 for i, t in enumerate(model.inputs)]
+        from n2uq_tf.export.source import signature_names
+        input_names, self.output_names = signature_names(model)
+        specs = [tf.TensorSpec(t.shape, t.dtype, name=name) for t, name in zip(model.inputs, input_names)]
         self._single = len(specs) == 1
         # `serve` is what the converter gets; a tf.function as the instance's __call__ would not be
         # found by Python's call protocol.
@@ -586,7 +594,8 @@ class LoweredModel(tf.Module):
         return self._run(inputs, None)
 
     def _forward_stub(self, *inputs):
-        return self._run(inputs, None, stub=True)
+        # Outputs keyed by the Keras output names: the converter makes them the signature's names.
+        return dict(zip(self.output_names, self._plan.run(list(inputs), None, True)))
 
     def _codes(self, *inputs):
         taps = {}
