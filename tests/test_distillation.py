@@ -165,6 +165,98 @@ def test_softmax_student_and_teacher_match_logits():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def above_teacher_entropy(losses, teacher, x, temperature=1.0):
+    """Distillation losses minus their floor (T^2 times the teacher's soft-target entropy): the KL part."""
+    soft_targets = np_softmax(teacher(x, training=False).numpy().astype(np.float64) / temperature)
+    floor = temperature ** 2 * -(soft_targets * np.log(soft_targets)).sum(-1).mean()
+    kl = np.asarray(losses) - floor
+    assert kl.min() > 0, kl
+    return kl
+
+
+def _softmax_ending(model, kind):
+    """`model` (ending in logits) with a softmax added the way `kind` says."""
+    logits = model.output
+    if kind == "activation_argument":  # Dense(..., activation="softmax"): rebuild the last layer
+        last = model.layers[-1]
+        config = dict(last.get_config(), activation="softmax")
+        dense = keras.layers.Dense.from_config(config)
+        out = dense(model.layers[-2].output)
+        dense.set_weights(last.get_weights())
+    elif kind == "softmax_layer":
+        out = keras.layers.Softmax(name="probs")(logits)
+    elif kind == "activation_layer":
+        out = keras.layers.Activation("softmax", name="probs")(logits)
+    else:  # "tf_op": tf.nn.softmax called on the Keras tensor
+        out = tf.nn.softmax(logits)
+    return keras.Model(model.input, out, name=f"{model.name}_{kind}")
+
+
+@pytest.mark.parametrize("kind", ["activation_argument", "softmax_layer", "activation_layer", "tf_op"])
+def test_softmax_ending_models_train_like_their_logit_twins_with_default_flags(kind):
+    """A student and a teacher ending in a softmax, with the default flags, are detected and train
+    exactly like their logit twins (the loss falls); taken for logits they trained on a flat loss."""
+    x, _ = data(n=32)
+    teacher = dense_teacher()
+    results = []
+    for softmax in (False, True):
+        student = linear_student()
+        if softmax:
+            assert n2uq_tf.training.distillation.softmax_output(_softmax_ending(student, kind)) is not None
+            model = DistillationModel(_softmax_ending(student, kind), _softmax_ending(teacher, kind),
+                                      temperature=2.0)
+            assert not model.student_from_logits and not model.teacher_from_logits
+        else:
+            model = DistillationModel(student, teacher, temperature=2.0)
+            assert model.student_from_logits and model.teacher_from_logits
+        model.compile(keras.optimizers.SGD(0.5))
+        history = model.fit(x, batch_size=8, epochs=4, shuffle=False, verbose=0).history
+        results.append((history["loss"], model.student.get_weights()))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    kl = above_teacher_entropy(results[1][0], teacher, x, 2.0)
+    assert kl[-1] < 0.5 * kl[0], kl
+
+
+def test_quantized_softmax_student_is_detected_through_its_wrapper():
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((5,))
+    x = keras.layers.Dense(16, activation="relu")(inp)
+    out = keras.layers.Dense(4, activation="softmax", name="probs")(x)
+    student = n2uq_tf.quantize_model(keras.Model(inp, out), bits=2, skip_layers=None)
+    assert isinstance(student.get_layer("quant_probs"), n2uq_tf.N2UQWrapper)
+    model = DistillationModel(student, dense_teacher())
+    assert not model.student_from_logits and model.teacher_from_logits
+    x, _ = data(n=32)
+    model.compile(keras.optimizers.Adam(3e-2))
+    kl = above_teacher_entropy(model.fit(x, batch_size=8, epochs=6, verbose=0).history["loss"], model.teacher, x)
+    assert kl[-1] < 0.5 * kl[0], kl
+
+
+def test_softmax_outputs_taken_for_logits_are_refused():
+    teacher = dense_teacher()
+    student = linear_student(softmax=True)
+    with pytest.raises(ValueError, match=r"student 'student' ends in a softmax.*layer 'fc'.*student_from_logits=False"):
+        DistillationModel(student, teacher, student_from_logits=True)
+    with pytest.raises(ValueError, match="teacher .* ends in a softmax"):
+        DistillationModel(linear_student(), _softmax_ending(teacher, "softmax_layer"), teacher_from_logits=True)
+    # A normalisation the layers do not show (a Lambda) is caught on the values, before a step trains.
+    inp = keras.Input((5,))
+    logits = keras.layers.Dense(4)(inp)
+    probs = keras.layers.Lambda(lambda z: tf.exp(z) / tf.reduce_sum(tf.exp(z), -1, keepdims=True))(logits)
+    hidden = keras.Model(inp, probs, name="hidden_softmax")
+    model = DistillationModel(hidden, teacher)
+    assert model.student_from_logits
+    model.compile(keras.optimizers.SGD(0.5))
+    before = [w.copy() for w in hidden.get_weights()]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outputs of the student are probabilities.*"
+                                                             "student_from_logits=False"):
+        model.fit(data()[0], batch_size=8, epochs=1, verbose=0)
+    for a, b in zip(before, hidden.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_teacher_is_frozen_in_inference_mode():
     x, _ = data(n=32)
     teacher = dense_teacher(batchnorm=True)

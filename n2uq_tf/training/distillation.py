@@ -33,6 +33,75 @@ def _as_logits(outputs, from_logits):
     return tf.math.log(tf.maximum(probabilities, np.finfo(np.float32).tiny))
 
 
+_SOFTMAX_NAMES = ("softmax", "softmax_v2")
+_SOFTMAX_SYMBOLS = ("nn.softmax", "math.softmax")
+# Outputs taken for logits that are non-negative with rows summing to 1 within this are probabilities.
+_DISTRIBUTION_TOLERANCE = 5e-3
+
+
+def _is_softmax_function(function):
+    return getattr(function, "__name__", None) in _SOFTMAX_NAMES
+
+
+def softmax_output(model):
+    """Where `model`'s output goes through a softmax (a description naming the layer), else None.
+
+    Looks at the layer producing each output: a Softmax layer, a layer whose activation is
+    softmax (a quantized layer's wrapped layer too), ``tf.nn.softmax`` called on a Keras tensor,
+    and the last layer of a nested model. A Lambda that normalises is not seen here;
+    `DistillationModel` also checks the values it trains on.
+    """
+    names = getattr(model, "output_names", None) or []
+    layers = {layer.name: layer for layer in getattr(model, "layers", [])}
+    for name in names:
+        layer = layers.get(name)
+        layer = getattr(layer, "layer", layer)  # a quantize wrapper: the layer it wraps
+        if layer is None:
+            continue
+        if isinstance(layer, keras.Model):
+            inner = softmax_output(layer)
+            if inner is not None:
+                return inner
+        elif isinstance(layer, keras.layers.Softmax):
+            return f"layer {layer.name!r} (Softmax)"
+        elif _is_softmax_function(getattr(layer, "activation", None)):
+            return f"layer {layer.name!r} ({type(layer).__name__} with activation softmax)"
+        elif getattr(layer, "symbol", None) in _SOFTMAX_SYMBOLS:
+            return f"layer {layer.name!r} (tf.{layer.symbol})"
+    return None
+
+
+def _resolve_from_logits(model, from_logits, what):
+    """The from_logits flag for `model`: detected when None; an explicit True on a softmax output raises."""
+    softmax = softmax_output(model)
+    if from_logits is None:
+        return softmax is None
+    if from_logits and softmax is not None:
+        raise ValueError(
+            f"the {what} {model.name!r} ends in a softmax ({softmax}): its outputs are probabilities, which "
+            f"{what}_from_logits=True would take for logits (a softmax of probabilities is nearly uniform, so the "
+            f"loss would be nearly flat). Pass {what}_from_logits=False, or leave it None to detect it.")
+    return bool(from_logits)
+
+
+def _checked_logits(outputs, what):
+    """`outputs` (taken for logits), failing the step, before any update, when they are already a
+    distribution over the last axis."""
+    outputs = tf.convert_to_tensor(outputs)
+    if outputs.shape.rank is None or outputs.shape[-1] is None or outputs.shape[-1] < 2:
+        return outputs
+    values = tf.cast(outputs, tf.float32)
+    sums = tf.reduce_sum(values, axis=-1)
+    probabilities = tf.logical_and(tf.reduce_all(values >= 0.0),
+                                   tf.reduce_all(tf.abs(sums - 1.0) <= _DISTRIBUTION_TOLERANCE))
+    check = tf.debugging.Assert(tf.logical_not(probabilities), [
+        f"DistillationModel: the outputs of the {what} are probabilities (non-negative, each row sums to 1) but "
+        f"{what}_from_logits=True takes them for logits, which makes the loss nearly flat; pass "
+        f"{what}_from_logits=False"])
+    with tf.control_dependencies([check]):  # the loss, and so every update, waits for the check
+        return tf.identity(outputs)
+
+
 def distillation_loss(teacher_logits, student_logits, temperature=1.0, reduction="mean",
                       teacher_from_logits=True, student_from_logits=True):
     """Soft cross-entropy from teacher to student at `temperature`, times temperature**2.
@@ -72,8 +141,10 @@ class DistillationModel(keras.Model):
       ``n2uq_tf.load_model`` of a saved file returns the (quantized) student. The file holds no
       optimizer state; use ``keras.callbacks.BackupAndRestore`` to resume interrupted training
       (it checkpoints this whole model: student, teacher and optimizer).
-    - Softmax outputs (``*_from_logits=False``) are turned back into logits (the softmax's
-      input when reachable, else log-probabilities), which is exact at any temperature.
+    - Softmax outputs are turned back into logits (the softmax's input when reachable, else
+      log-probabilities), which is exact at any temperature. A teacher or student that ends in a
+      softmax (a Softmax layer, a softmax activation) is detected; outputs taken for logits that
+      turn out to be probabilities stop training with an error rather than train on a flat loss.
     - Works with tf.data, callbacks and ``tf.distribute`` strategies (build student, teacher
       and this model inside ``strategy.scope()``). Losses are averaged over the global batch.
 
@@ -82,11 +153,13 @@ class DistillationModel(keras.Model):
       teacher: a trained model with the same output classes.
       temperature: softmax temperature T (> 0); the distillation term is scaled by T^2.
       alpha: weight of the label loss, in [0, 1].
-      teacher_from_logits, student_from_logits: False when that model ends in a softmax.
+      teacher_from_logits, student_from_logits: None (default) detects from the model's last
+        layer whether it outputs logits; False when that model outputs probabilities; True when it
+        outputs logits (a model detected to end in a softmax then raises ValueError).
     """
 
-    def __init__(self, student, teacher, temperature=1.0, alpha=0.0, teacher_from_logits=True,
-                 student_from_logits=True, **kwargs):
+    def __init__(self, student, teacher, temperature=1.0, alpha=0.0, teacher_from_logits=None,
+                 student_from_logits=None, **kwargs):
         super().__init__(**kwargs)
         for model, what in ((student, "student"), (teacher, "teacher")):
             if not isinstance(model, keras.Model):
@@ -102,8 +175,8 @@ class DistillationModel(keras.Model):
         self.teacher.trainable = False
         self.temperature = temperature
         self.alpha = alpha
-        self.teacher_from_logits = bool(teacher_from_logits)
-        self.student_from_logits = bool(student_from_logits)
+        self.teacher_from_logits = _resolve_from_logits(teacher, teacher_from_logits, "teacher")
+        self.student_from_logits = _resolve_from_logits(student, student_from_logits, "student")
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
         self.label_loss_tracker = keras.metrics.Mean(name="label_loss")
@@ -139,6 +212,10 @@ class DistillationModel(keras.Model):
         because the replicas' gradients are summed.
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.teacher_from_logits:
+            teacher_outputs = _checked_logits(teacher_outputs, "teacher")
+        if self.student_from_logits:
+            student_outputs = _checked_logits(student_outputs, "student")
         per_example = distillation_loss(teacher_outputs, student_outputs, self.temperature, "none",
                                         self.teacher_from_logits, self.student_from_logits)
         if sample_weight is not None:
