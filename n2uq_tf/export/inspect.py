@@ -62,7 +62,8 @@ class TFLiteInspection:
 
     def to_dict(self):
         return {"file_bytes": self.file_bytes, "packed_bytes": self.packed_bytes, "float_bytes": self.float_bytes,
-                "data_bytes": self.data_bytes, "size_ratio": self.size_ratio, "metadata": self.metadata, "op_counts": self.op_counts(),
+                "data_bytes": self.data_bytes, "size_ratio": self.size_ratio, "metadata": self.metadata,
+                "op_counts": self.op_counts(),
                 "operators": [dataclasses.asdict(o) for o in self.operators],
                 "layers": [dataclasses.asdict(l) for l in self.layers]}
 
