@@ -35,7 +35,7 @@ class LayerReport:
     weight_method: str = None     # "n2uq", "dorefa", "lsq", ... (n2uq_tf.quantize.methods.METHODS)
     activation_method: str = None
     step: float = None            # activation output step (beta2 * delta for N2UQ)
-    export: str = None            # what export_tflite makes of it: EXPORT_* below (None: no export plan)
+    export: str = None            # what export_tflite makes of it: EXPORT_* above (None: no export plan)
     export_note: str = ""         # why a quantized layer exports as float; what a BN folds into
 
     @property
