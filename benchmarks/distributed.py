@@ -160,7 +160,8 @@ def codec_table(args):
         def decode_plain(payloads):
             words = layout.num_buckets * comp.bucket_size // comp.codes_per_word
             codes = tf.reshape(c.unpack_codes(payloads[:, :words], comp.bits), [args.workers, layout.num_buckets, -1])
-            values = c.dequantize_buckets(codes, tf.bitcast(payloads[:, words:], tf.float32), comp)
+            norms = tf.bitcast(payloads[:, words:words + layout.num_buckets], tf.float32)
+            values = c.dequantize_buckets(codes, norms, comp)
             return tf.reduce_sum(tf.reshape(values, [args.workers, -1]), axis=0)
 
         encode_fused = tf.function(lambda grads: c.encode(layout.to_buckets(grads), comp, seed))

@@ -8,16 +8,38 @@
 saved float Keras model), a quantized student initialised from the float weights, pure
 distillation with Adam, quantizer parameters at lr/10 and a linear per-epoch decay. Every
 epoch is checkpointed, so an interrupted run continues with `--resume`.
+
+Nothing is lost by a command: no command writes over one of its inputs, every model, history and
+report appears whole or not at all (n2uq_tf._io), and `train` writes only into a new or empty
+folder, a run it continues (--resume) or one it is told to start again (--overwrite).
+Expected errors are one line on stderr, no traceback: exit status 2 for a command line that asks
+for something wrong or unsafe (as argparse's own errors), 1 for a failure (missing data, a full
+disk).
 """
 
 import argparse
 import inspect
 import json
 import os
+import shutil
 import sys
 import textwrap
 
+from n2uq_tf._io import atomic_open, atomic_path, same_file
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class CLIError(Exception):
+    """An expected failure of a command: one line on stderr, exit status 1, no traceback."""
+
+    exit_code = 1
+
+
+class UsageError(CLIError):
+    """The command line asks for something wrong or unsafe: exit status 2, as argparse's errors."""
+
+    exit_code = 2
 
 DESCRIPTION = ("N2UQ quantization-aware training for tf_keras: train, evaluate and report models, "
                "export them to TFLite with bit-packed ops, inspect and benchmark the result.")
@@ -44,7 +66,7 @@ def _positive_int(text):
     return value
 
 
-def _add_data_arguments(parser, default_dataset=None):
+def _add_data_arguments(parser, default_dataset=None, training=False):
     from n2uq_tf import data
     parser.add_argument("--dataset", default=default_dataset, required=default_dataset is None,
                         choices=sorted(data.DATASETS),
@@ -54,9 +76,23 @@ def _add_data_arguments(parser, default_dataset=None):
     parser.add_argument("--manual-dir", help="folder holding the ILSVRC2012 tar files (imagenet2012 only)")
     parser.add_argument("--download", action="store_true",
                         help="let TFDS download and prepare the dataset if it is missing (needs network)")
-    parser.add_argument("--image-size", type=_positive_int, help="input resolution (default: the dataset's)")
+    _add_input_arguments(parser, training)
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="batch size (default 256 as in the paper, 64 for digits)")
+
+
+def _add_input_arguments(parser, training=False):
+    """What the pipeline feeds the model: image size, channels, normalisation."""
+    from n2uq_tf import data
+    default_size, default_channels = ("the dataset's", "3") if training else ("the model's", "the model's")
+    parser.add_argument("--image-size", type=_positive_int, help=f"input resolution (default: {default_size})")
+    parser.add_argument("--channels", type=int, choices=data.CHANNELS,
+                        help=f"image channels: 3 (RGB; gray images repeated) or 1 (gray; RGB as luma) "
+                             f"(default: {default_channels})")
+    parser.add_argument("--normalization", choices=data.NORMALIZATIONS,
+                        help="'dataset' (default): (image - mean) / std with the dataset's statistics; 'unit': "
+                             "values in [0, 1]; 'pixels': values in [0, 255], for models that scale their "
+                             "input themselves (a Rescaling or Normalization layer first)")
 
 
 def build_parser():
@@ -79,13 +115,16 @@ def build_parser():
             3. Distillation: soft cross-entropy to the teacher (temperature 1, no label term
                by default), Adam (eps 1e-8), quantizer parameters at lr/10, lr decayed
                linearly per epoch to 0, as in the official N2UQ code.
-            Outputs in --output: student.keras, teacher.keras, history.json, report.txt and
-            plots/*.png; checkpoints in OUTPUT/backup (continue an interrupted run with --resume)."""),
+            Outputs in --output: student.keras, teacher.keras, history.json (every epoch so far,
+            kept whole across --resume), report.txt and plots/*.png; checkpoints in OUTPUT/backup.
+            OUTPUT/run.json marks the folder as a run (its options): a new run needs a new or empty
+            folder; continue an interrupted run with --resume (same options), or start it again
+            with --overwrite (removes the run's files listed above, nothing else)."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--model", default="resnet20", choices=sorted(models.MODELS),
                        help="network from n2uq_tf.models (default resnet20)")
     train.add_argument("--width", type=_positive_int, help="base width of resnet20 (default 16)")
-    _add_data_arguments(train, default_dataset="digits")
+    _add_data_arguments(train, default_dataset="digits", training=True)
     train.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
     train.add_argument("--weight-bits", type=int, help="weight bits, overriding --bits")
     train.add_argument("--activation-bits", type=int, help="activation bits, overriding --bits")
@@ -113,7 +152,10 @@ def build_parser():
                        help="cap the steps of each epoch (quick trials)")
     train.add_argument("--output", default="runs/n2uq", help="output folder (default runs/n2uq)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the checkpoints in OUTPUT/backup instead of refusing a used folder")
+                       help="continue the interrupted run in OUTPUT from its checkpoints (same options)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a folder that holds a run or other files: removes the run's "
+                            "own files there first (other files stay)")
     train.add_argument("--tensorboard", action="store_true",
                        help="log losses, thresholds and betas to OUTPUT/tensorboard")
     train.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
@@ -145,7 +187,7 @@ def build_parser():
     report.add_argument("--plots", metavar="DIR", help="write thresholds.png and weight_levels.png here")
     report.add_argument("--dataset", choices=None, help="dataset for the activation histograms of --plots")
     report.add_argument("--data-dir", help="TFDS data folder")
-    report.add_argument("--image-size", type=_positive_int, help="input resolution (default: the dataset's)")
+    _add_input_arguments(report)
     export = commands.add_parser(
         "export", help="convert a quantized model to TFLite with bit-packed N2UQ ops",
         description="Convert a saved quantized model to a .tflite file: each quantized conv/dense layer "
@@ -160,6 +202,7 @@ def build_parser():
     export.add_argument("--data-dir", help="TFDS data folder")
     export.add_argument("--calibration-batches", type=_positive_int, default=8,
                         help="batches of 16 images for --int8 calibration (default 8)")
+    _add_input_arguments(export)
 
     inspect_cmd = commands.add_parser(
         "inspect", help="ops, custom-op options, bits and bytes per layer of a .tflite model",
@@ -224,8 +267,237 @@ def _dataset(args, split, batch_size, training, seed=None):
     from n2uq_tf import data
     return data.load_dataset(args.dataset, split, batch_size=batch_size, image_size=args.image_size,
                              data_dir=args.data_dir, manual_dir=getattr(args, "manual_dir", None),
-                             download=getattr(args, "download", False), training=training, seed=seed)
+                             download=getattr(args, "download", False), training=training, seed=seed,
+                             channels=args.channels or 3, normalization=args.normalization or "dataset")
 
+
+# --- paths: never write over an input; outputs where a file or a folder is expected ---------------
+
+def _refuse_overwriting_inputs(outputs, inputs):
+    """UsageError when an output names the same file or folder as an input (real paths: links, '..')."""
+    for output_name, output in outputs:
+        for input_name, path in inputs:
+            if output and path and same_file(output, path):
+                raise UsageError(f"{output_name} {output!r} is the {input_name} {path!r}: refusing to write over an "
+                                 "input; choose another output")
+
+
+def _require_file_output(path, option):
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; give the file to write")
+
+
+def _require_folder_output(path, option):
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a file, not a folder; give a folder (a new one is created)")
+
+
+# --- the model's input against the built-in pipeline ------------------------------------------------
+
+def _self_scaling_layer(model):
+    """The Rescaling or Normalization layer a model begins with (it scales its own input), or None."""
+    from n2uq_tf._keras import keras
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers:
+        return None
+    first = layers[0]
+    if isinstance(first, (keras.layers.Rescaling, keras.layers.Normalization)):
+        return first
+    return _self_scaling_layer(first) if isinstance(first, keras.Model) else None
+
+
+def _match_pipeline(model, args, name, fill):
+    """Checks that `model` takes what the dataset pipeline will feed it, else a UsageError naming each
+    mismatch and the options that fix it. fill: unset --image-size / --channels follow the model
+    (evaluate, report, export serve a given model); otherwise they are the run's (train's teacher).
+    Sets args.image_size, args.channels and args.normalization to what will be fed."""
+    from n2uq_tf import data
+    info = data.dataset_info(args.dataset)
+    shape, outputs = model.input_shape, model.output_shape
+    if isinstance(shape, list) or isinstance(outputs, list):
+        raise UsageError(f"{name} has {len(shape) if isinstance(shape, list) else 1} input(s) and "
+                         f"{len(outputs) if isinstance(outputs, list) else 1} output(s); the built-in pipeline "
+                         "feeds one image input and reads one class output. Use it from Python with your own data "
+                         "(n2uq_tf.load_model, then evaluate / fit).")
+    if len(shape) != 4:
+        raise UsageError(f"{name} takes inputs of shape {tuple(shape)}, not images (batch, height, width, "
+                         f"channels), which is what the {args.dataset} pipeline feeds. Use it from Python with "
+                         "your own data (n2uq_tf.load_model, then evaluate / fit).")
+    _, height, width, channels = shape
+    mismatches, fixes = [], []
+    if height and width:
+        if args.image_size is None and fill:
+            args.image_size = height if height == width else (height, width)
+        fed = data.preprocess.image_hw(args.image_size or info.image_size)
+        if fed != (height, width):
+            mismatches.append(f"{height}x{width} images, not {fed[0]}x{fed[1]}")
+            if fill:  # the user's --image-size contradicts the model
+                fixes.append("no --image-size (the model's own size is the default)")
+            else:
+                fixes.append(f"--image-size {height}" if height == width else
+                             "a model with square input (the built-in students are square)")
+    if channels not in data.CHANNELS:
+        raise UsageError(f"{name} takes {channels}-channel images; the built-in pipeline gives "
+                         f"{' or '.join(map(str, data.CHANNELS))} channels")
+    if args.channels is None and fill:
+        args.channels = channels
+    fed_channels = args.channels or 3
+    if fed_channels != channels:
+        mismatches.append(f"{channels}-channel images, not {fed_channels}-channel ones")
+        fixes.append(f"--channels {channels}")
+    scaling = _self_scaling_layer(model)
+    if scaling is not None and args.normalization is None:
+        mismatches.append(f"unnormalised images: its first layer {scaling.name!r} ({type(scaling).__name__}) "
+                          f"scales them itself, while the pipeline normalises with the {args.dataset} mean/std")
+        fixes.append("--normalization pixels (values 0-255) or --normalization unit (0-1), whichever the "
+                     "layer expects (--normalization dataset feeds normalised images anyway)")
+    args.normalization = args.normalization or "dataset"
+    classes = outputs[-1]
+    if classes is not None and classes < info.num_classes:
+        mismatches.append(f"{classes} classes at its output, fewer than {args.dataset}'s {info.num_classes}")
+        fixes.append("a model with a class per label")
+    if mismatches:
+        raise UsageError(f"{name} does not take what the {args.dataset} pipeline gives: it takes "
+                         + "; ".join(mismatches) + ". Pass " + ", ".join(fixes) + ".")
+
+
+# --- a training run's folder ----------------------------------------------------------------------
+
+# OUTPUT/run.json marks a folder as a run and records the options that define it.
+RUN_MARKER = "run.json"
+# Everything `train` writes in its folder: what --overwrite removes, and nothing else.
+RUN_FILES = (RUN_MARKER, "student.keras", "teacher.keras", "history.json", "report.txt", "backup", "teacher_backup",
+             "plots", "tensorboard")
+# The options that define a run: --resume continues a run only under the same ones.
+RUN_OPTIONS = ("model", "width", "dataset", "image_size", "channels", "normalization", "batch_size", "bits",
+               "weight_bits", "activation_bits", "float_downsample", "frozen_thresholds", "method", "weight_method",
+               "activation_method", "epochs", "lr", "temperature", "alpha", "teacher", "teacher_epochs",
+               "teacher_lr", "init", "steps_per_epoch", "compression", "compression_bits", "bucket_size", "seed")
+_PATH_OPTIONS = ("teacher", "init")
+_RUN_OPTION_DEFAULTS = {"channels": 3, "normalization": "dataset"}  # not given = these, for train
+
+
+def _run_options(args):
+    """The run-defining options' effective values (paths absolute)."""
+    options = {}
+    for name in RUN_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            value = _RUN_OPTION_DEFAULTS.get(name)
+        options[name] = os.path.abspath(value) if name in _PATH_OPTIONS and value else value
+    return options
+
+
+def _option_text(name, value):
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"no {flag}" if value in (None, False) else f"{flag} {value}"
+
+
+def _check_run_folder(args):
+    """Checks --output, --resume and --overwrite against the folder's state and the inputs; writes nothing."""
+    output = args.output
+    _require_folder_output(output, "--output")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it again: pass one of them")
+    run_paths = {name: os.path.join(output, name) for name in RUN_FILES}
+    inputs = [(f"--{name}", getattr(args, name)) for name in _PATH_OPTIONS]
+    _refuse_overwriting_inputs([("--output", output)] + [("the run's", path) for path in run_paths.values()],
+                               inputs)
+    marker = run_paths[RUN_MARKER]
+    if args.resume:
+        if not os.path.isfile(marker):
+            raise UsageError(f"{output!r} holds no run to resume (no {RUN_MARKER}, which `n2uq-tf train` writes "
+                             "when a run starts)")
+        if os.path.exists(run_paths["student.keras"]):  # written only when the run completes
+            student = run_paths["student.keras"]
+            raise UsageError(f"the run in {output!r} has finished ({student}); evaluate it with "
+                             f"`n2uq-tf evaluate {student} --dataset {args.dataset}`, or start it again with "
+                             "--overwrite")
+        with open(marker) as f:
+            recorded = json.load(f).get("options", {})
+        current = _run_options(args)
+        differ = [name for name in RUN_OPTIONS if name in recorded and recorded[name] != current[name]]
+        if differ:
+            raise UsageError(f"the run in {output!r} was started with "
+                             + ", ".join(_option_text(n, recorded[n]) for n in differ) + "; this command has "
+                             + ", ".join(_option_text(n, current[n]) for n in differ)
+                             + ". Resume it with the options it was started with")
+        return
+    if os.path.isfile(marker) and not args.overwrite:
+        raise UsageError(f"{output!r} already holds a run ({marker}); pass --resume to continue it, --overwrite to "
+                         "start it again, or choose another --output")
+    # Other workers' folders (OUTPUT/.workerN, made by them at any time) are not the chief's concern.
+    entries = [e for e in os.listdir(output) if not e.startswith(".worker")] if os.path.isdir(output) else []
+    if entries and not args.overwrite:
+        collide = [name for name in RUN_FILES if name in entries]
+        raise UsageError(f"{output!r} is not empty and is not an n2uq-tf run (no {RUN_MARKER})"
+                         + (f"; a run would write over {', '.join(collide)} there" if collide else "")
+                         + ". Choose a new or empty folder, or pass --overwrite to write the run there "
+                         "(it removes the run's own files first: " + ", ".join(RUN_FILES) + ")")
+
+
+def _start_run_folder(args):
+    """A new run (not --resume): clears the run's files under --overwrite and writes the marker."""
+    if args.resume:
+        return
+    removed = []
+    for name in RUN_FILES:
+        path = os.path.join(args.output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif os.path.lexists(path):
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        print(f"--overwrite: removed {', '.join(removed)} from {args.output}")
+    os.makedirs(args.output, exist_ok=True)
+    with atomic_open(os.path.join(args.output, RUN_MARKER)) as f:
+        json.dump({"n2uq_tf_run": 1, "options": _run_options(args)}, f, indent=1)
+
+
+def _read_history(path):
+    """{epoch: {metric: value}} from a history.json (empty when there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        record = json.load(f)
+    history = record.get("history", {})
+    epochs = record.get("epoch") or list(range(len(next(iter(history.values()), []))))
+    return {int(e): {k: v[i] for k, v in history.items() if i < len(v)} for i, e in enumerate(epochs)}
+
+
+def _write_history(path, epochs, **extra):
+    """history.json: every epoch's metrics so far, in epoch order (epoch numbers from 0, as Keras'
+    History.epoch), plus `extra` (the final accuracies)."""
+    order = sorted(epochs)
+    keys = list(dict.fromkeys(k for e in order for k in epochs[e]))
+    record = {"epoch": order, "history": {k: [epochs[e].get(k) for e in order] for k in keys}, **extra}
+    with atomic_open(path) as f:
+        json.dump(record, f, indent=1)
+
+
+def _history_file_callback(path):
+    """A callback keeping OUTPUT/history.json whole: every finished epoch is written at once, and a
+    resumed run adds to the epochs recorded before the interruption (Keras' History holds only the
+    epochs of one fit call)."""
+    from n2uq_tf._keras import keras
+
+    class HistoryFile(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs = _read_history(path)
+
+        def on_epoch_end(self, epoch, logs=None):
+            # An epoch run again after an interruption replaces its record and any later one.
+            self.epochs = {e: m for e, m in self.epochs.items() if e < epoch}
+            self.epochs[epoch] = {k: float(v) for k, v in (logs or {}).items()}
+            _write_history(path, self.epochs)
+
+    return HistoryFile()
+
+
+# --- the commands ----------------------------------------------------------------------------------
 
 def _model_kwargs(builder, **kwargs):
     accepted = inspect.signature(builder).parameters
@@ -235,17 +507,16 @@ def _model_kwargs(builder, **kwargs):
 def _build(args, num_classes, image_size, bits):
     from n2uq_tf import models
     builder = models.MODELS[args.model]
-    kwargs = _model_kwargs(builder, num_classes=num_classes, input_shape=(image_size, image_size, 3),
+    kwargs = _model_kwargs(builder, num_classes=num_classes, input_shape=(image_size, image_size, args.channels or 3),
                            width=args.width, quantize_downsample=not args.float_downsample)
     if bits is not None:
         kwargs.update(_model_kwargs(builder, weight_bits=args.weight_bits, activation_bits=args.activation_bits,
                                     method=args.method, weight_method=args.weight_method,
                                     activation_method=args.activation_method,
                                     learn_thresholds=False if args.frozen_thresholds else None))
-    model = builder(bits, **kwargs)
     if args.frozen_thresholds and bits is not None and "learn_thresholds" not in kwargs:
-        raise SystemExit(f"n2uq-tf: --frozen-thresholds is not supported by model {args.model}")
-    return model
+        raise UsageError(f"--frozen-thresholds is not supported by model {args.model}")
+    return builder(bits, **kwargs)
 
 
 def _steps(args, info, split, batch_size):
@@ -264,7 +535,7 @@ def _train_strategy(args, batch_size):
     import tensorflow as tf
     if os.environ.get("TF_CONFIG"):
         if args.mirrored:
-            raise SystemExit("n2uq-tf: --mirrored and TF_CONFIG (multi-worker) exclude each other")
+            raise UsageError("--mirrored and TF_CONFIG (multi-worker) exclude each other")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         print(f"MultiWorkerMirroredStrategy: {strategy.num_replicas_in_sync} replicas "
               f"(batch {batch_size} is global)")
@@ -276,41 +547,54 @@ def _train_strategy(args, batch_size):
     return tf.distribute.get_strategy()
 
 
+def _save_model(model, path):
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
 def command_train(args):
     import numpy as np
-    import tensorflow as tf
 
     import n2uq_tf
     from n2uq_tf import data, models, training
     from n2uq_tf._keras import keras
 
     info = data.dataset_info(args.dataset)
-    image_size = args.image_size or info.image_size
     batch_size = args.batch_size or (64 if args.dataset == "digits" else 256)
     eval_split = _eval_split(info)
     strategy = _train_strategy(args, batch_size)  # first: MultiWorkerMirroredStrategy must precede other TF work
     from n2uq_tf.distribute import launch as workers
     if workers.num_workers() > 1 and not workers.is_chief():
         # Every worker trains in step with the chief; only the chief writes the run's folder.
+        _require_folder_output(args.output, "--output")
         args.output = os.path.join(args.output, f".worker{workers.worker_index()}")
         args.no_plots = True
-    os.makedirs(args.output, exist_ok=True)
+    _check_run_folder(args)
     backup = os.path.join(args.output, "backup")
     student_path = os.path.join(args.output, "student.keras")
-    if not args.resume and (os.path.exists(backup) or os.path.exists(student_path)):
-        raise SystemExit(f"n2uq-tf: {args.output!r} already holds a run; pass --resume to continue it "
-                         "or choose another --output")
-    if args.resume and os.path.exists(student_path):  # written only when the run completes
-        raise SystemExit(f"n2uq-tf: the run in {args.output!r} has finished ({student_path}); evaluate it with "
-                         f"`n2uq-tf evaluate {student_path} --dataset {args.dataset}`")
-    keras.utils.set_random_seed(args.seed)
+    teacher_path = os.path.join(args.output, "teacher.keras")
+    history_path = os.path.join(args.output, "history.json")
 
-    train_ds = _dataset(args, "train", batch_size, True, seed=args.seed)
-    val_ds = _dataset(args, eval_split, batch_size, False)
+    with strategy.scope():  # variables of the teacher, student and optimizer are mirrored
+        teacher = None
+        if args.teacher:  # checked before anything is written: it must take this run's images
+            teacher = load_any_model(args.teacher)
+            _match_pipeline(teacher, args, f"--teacher {args.teacher}", fill=False)
+            print(f"teacher: {args.teacher}")
+        elif args.resume and os.path.exists(teacher_path):  # trained earlier in this run, never a stale one
+            teacher = load_any_model(teacher_path)
+            print(f"teacher: {teacher_path} (trained earlier in this run)")
+    args.channels = args.channels or 3
+    args.normalization = args.normalization or "dataset"
+    image_size = args.image_size or info.image_size
+    keras.utils.set_random_seed(args.seed)
+    train_ds = _dataset(args, "train", batch_size, True, seed=args.seed)  # a missing dataset fails here,
+    val_ds = _dataset(args, eval_split, batch_size, False)  # before the folder becomes a run
+    _start_run_folder(args)
     steps = _steps(args, info, "train", batch_size)
     lr = args.lr if args.lr is not None else 1.25e-3 * batch_size / 256
     print(f"n2uq-tf train: {args.model} on {args.dataset} ({info.splits['train']} images, "
-          f"{image_size}x{image_size}), {steps} steps/epoch of {batch_size}, lr {lr:g}")
+          f"{image_size}x{image_size}x{args.channels}), {steps} steps/epoch of {batch_size}, lr {lr:g}")
 
     def compressed(optimizer):
         if args.compression == "none":
@@ -319,16 +603,9 @@ def command_train(args):
         return distribute.compress_gradients(optimizer, args.compression, bits=args.compression_bits,
                                              bucket_size=args.bucket_size, seed=args.seed)
 
-    with strategy.scope():  # variables of the teacher, student and optimizer are mirrored
+    with strategy.scope():
         # 1. the float teacher
-        teacher_path = os.path.join(args.output, "teacher.keras")
-        if args.teacher:
-            teacher = load_any_model(args.teacher)
-            print(f"teacher: {args.teacher}")
-        elif os.path.exists(teacher_path):
-            teacher = load_any_model(teacher_path)
-            print(f"teacher: {teacher_path} (trained earlier in this run)")
-        else:
+        if teacher is None:
             print(f"teacher: training the float {args.model} for {args.teacher_epochs} epochs")
             teacher = _build(args, info.num_classes, image_size, None)
             teacher_lr = args.teacher_lr or 4 * lr
@@ -337,7 +614,7 @@ def command_train(args):
                             keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
             _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
                  [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
-            teacher.save(teacher_path)
+            _save_model(teacher, teacher_path)
             # Continue with the saved teacher (no optimizer attached), as a resumed run will, so
             # the distillation checkpoints of both hold the same objects.
             teacher = load_any_model(teacher_path)
@@ -371,24 +648,25 @@ def command_train(args):
         distiller.compile(optimizer=optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.alpha else None,
                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        callbacks = [keras.callbacks.BackupAndRestore(backup)]
+        # The history file first: an epoch recorded there but not yet checkpointed is run again and
+        # its record replaced, while the other order could lose an epoch's record.
+        history = _history_file_callback(history_path)
+        callbacks = [history, keras.callbacks.BackupAndRestore(backup)]
         if args.tensorboard:
             from n2uq_tf.training.callbacks import QuantizerTensorBoard
             log_dir = os.path.join(args.output, "tensorboard")
             callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
-        history = _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
+        _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
 
-        student.save(student_path)
+        _save_model(student, student_path)
         student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         teacher.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         student_acc = student.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
         teacher_acc = teacher.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
     report = n2uq_tf.quantization_report(student)
-    with open(os.path.join(args.output, "report.txt"), "w") as f:
+    with atomic_open(os.path.join(args.output, "report.txt")) as f:
         f.write(str(report) + "\n")
-    with open(os.path.join(args.output, "history.json"), "w") as f:
-        json.dump({"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-                   "teacher_accuracy": teacher_acc, "student_accuracy": student_acc}, f, indent=1)
+    _write_history(history_path, history.epochs, teacher_accuracy=teacher_acc, student_accuracy=student_acc)
     if not args.no_plots:
         try:
             from n2uq_tf import plots
@@ -407,14 +685,12 @@ def command_train(args):
 def command_evaluate(args):
     from n2uq_tf import data
     from n2uq_tf._keras import keras
-    model = load_any_model(args.model_path)
     info = data.dataset_info(args.dataset)
     split = args.split or _eval_split(info)
     if split not in info.splits:
-        raise SystemExit(f"n2uq-tf: dataset {args.dataset} has no split {split!r} "
-                         f"(splits: {', '.join(info.splits)})")
-    if args.image_size is None and model.input_shape[1] is not None:
-        args.image_size = model.input_shape[1]
+        raise UsageError(f"dataset {args.dataset} has no split {split!r} (splits: {', '.join(info.splits)})")
+    model = load_any_model(args.model_path)
+    _match_pipeline(model, args, args.model_path, fill=True)
     dataset = _dataset(args, split, args.batch_size or 256, False)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[
         keras.metrics.SparseCategoricalAccuracy(name="top1"),
@@ -427,6 +703,9 @@ def command_evaluate(args):
 
 def command_report(args):
     import n2uq_tf
+    if args.plots:
+        _require_folder_output(args.plots, "--plots")
+        _refuse_overwriting_inputs([("--plots", args.plots)], [("MODEL", args.model_path)])
     model = n2uq_tf.load_model(args.model_path, compile=False)
     report = n2uq_tf.quantization_report(model)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report)
@@ -436,9 +715,10 @@ def command_report(args):
         if args.dataset:
             import numpy as np
             from n2uq_tf import data
-            size = args.image_size or model.input_shape[1]
+            _match_pipeline(model, args, args.model_path, fill=True)
             ds = data.load_dataset(args.dataset, _eval_split(data.dataset_info(args.dataset)), batch_size=128,
-                                   image_size=size, data_dir=args.data_dir, training=False)
+                                   image_size=args.image_size, data_dir=args.data_dir, training=False,
+                                   channels=args.channels or 3, normalization=args.normalization)
             sample = np.concatenate([x for x, _ in ds.take(2)])
             written = plots.save_plots(model, sample, args.plots)
         else:
@@ -465,15 +745,21 @@ def command_benchmark(args):
 def command_export(args):
     import n2uq_tf
     from n2uq_tf.export import export_tflite
-    model = n2uq_tf.load_model(args.model_path, compile=False)
     output = args.output or os.path.splitext(args.model_path.rstrip("/"))[0] + ".tflite"
+    _require_file_output(output, "--output")
+    _refuse_overwriting_inputs([("--output", output)], [("MODEL", args.model_path)])
+    if args.int8 and not args.dataset:
+        raise UsageError("--int8 needs --dataset for calibration images")
+    model = n2uq_tf.load_model(args.model_path, compile=False)
     representative = None  # calibration images, int8 only
     if args.int8:
-        if not args.dataset:
-            raise SystemExit("n2uq-tf export: --int8 needs --dataset for calibration images")
         from n2uq_tf import data
-        ds = data.load_dataset(args.dataset, "train", batch_size=16, image_size=model.input_shape[1],
-                               data_dir=args.data_dir, training=False)
+        if args.dataset not in data.DATASETS:
+            raise UsageError(f"unknown --dataset {args.dataset!r}; available: {', '.join(sorted(data.DATASETS))}")
+        _match_pipeline(model, args, args.model_path, fill=True)
+        ds = data.load_dataset(args.dataset, "train", batch_size=16, image_size=args.image_size,
+                               data_dir=args.data_dir, training=False, channels=args.channels or 3,
+                               normalization=args.normalization)
         batches = [x.numpy() for x, _ in ds.take(args.calibration_batches)]
 
         def calibration_images():
@@ -481,8 +767,9 @@ def command_export(args):
                 for image in batch:
                     yield [image[None]]
         representative = calibration_images
-    _, report = export_tflite(model, output, inference_type="int8" if args.int8 else "float",
-                              representative_dataset=representative, return_report=True)
+    with atomic_path(output) as tmp:  # a failed export leaves no file and the old one as it was
+        _, report = export_tflite(model, tmp, inference_type="int8" if args.int8 else "float",
+                                  representative_dataset=representative, return_report=True)
     print(report)
     print(f"wrote {output} ({os.path.getsize(output):,} bytes)")
     return 0
@@ -505,14 +792,32 @@ COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": comm
             "launch": command_launch}
 
 
+def _expected_errors():
+    """Library errors that are about the user's input or machine, not bugs: (type, exit status), first
+    match wins. Anything else keeps its traceback (a bug to report)."""
+    from n2uq_tf.data import DatasetNotAvailableError
+    return ((CLIError, None),                 # ours: the status is the error's own
+            (DatasetNotAvailableError, 1),    # the data is not on this machine (the message says how to get it)
+            (FileNotFoundError, 2),           # a path on the command line names nothing
+            (ValueError, 2),                  # a value the library refuses, named in its message
+            (OSError, 1))                     # the file system refused (permissions, a full disk)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
+        hint = " (continue it with --resume)" if args.command == "train" else ""
+        print(f"n2uq-tf {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        status = next((code for kind, code in _expected_errors() if isinstance(error, kind)), False)
+        if status is False:
+            raise
         print(f"n2uq-tf {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code if status is None else status
 
 
 if __name__ == "__main__":

@@ -20,7 +20,17 @@ Scheme (NUQSGD, Ramezani-Kebrya et al., arXiv 1908.06077; QSGD, Alistarh et al. 
 
 Arithmetic follows what a float32 implementation is expected to compute: r = float32(|v|) /
 float32(norm) and p = (r - lo) / (hi - lo) in float32; the L2 norm is summed in float64 and rounded
-once to float32 (the correctly rounded norm, so r <= 1 always holds for it).
+once to float32 (the correctly rounded norm, so r <= 1 always holds for it); an L2 norm above the
+largest float32 is that largest float32 (still >= max |v|, so r <= 1 and every decoded value is finite).
+
+Non-finite values (NaN, +Inf, -Inf) must come out of decoding where they went in, and nowhere else:
+
+* they count as 0 in their bucket's norm and ratios, and get the marker code 2^(b-1) (sign 1, level 0);
+* a bucket holding any of them is sent with its norm negated (sign bit set; -0.0 for a zero norm), and
+  in it a negative value whose level index is 0 gets sign 0, so that the marker means only "non-finite";
+* after the norms, a side list of 64 two-bit kinds (0 NaN, 1 +Inf, 2 -Inf) of the payload's first 64
+  non-finite values in position order, packed as codes are (4 words);
+* decoding gives a marker in a negated-norm bucket the listed kind, NaN past the 64th.
 """
 
 from fractions import Fraction
@@ -29,6 +39,9 @@ import numpy as np
 
 METHODS = ("nuqsgd", "qsgd", "qsgdinf")
 BITS = (2, 4, 8)
+FLOAT32_MAX = np.finfo(np.float32).max
+SIDE_LIST_KINDS = 64
+KIND_VALUE = {0: np.float32(np.nan), 1: np.float32(np.inf), 2: np.float32(-np.inf), 3: np.float32(np.nan)}
 
 
 def num_levels(bits):
@@ -58,11 +71,13 @@ def norm_kind(method):
 
 
 def bucket_norms(buckets, method):
-    """float32 [nb] norms of float32 [nb, B] buckets."""
+    """float32 [nb] norms of float32 [nb, B] buckets, over their finite values (non-negative)."""
     b = np.asarray(buckets, np.float32)
+    b = np.where(np.isfinite(b), b, np.float32(0))
     if norm_kind(method) == "max":
         return np.max(np.abs(b), axis=1).astype(np.float32)  # exact
-    return np.sqrt(np.sum(b.astype(np.float64) ** 2, axis=1)).astype(np.float32)
+    l2 = np.sqrt(np.sum(b.astype(np.float64) ** 2, axis=1))
+    return np.minimum(l2, np.float64(FLOAT32_MAX)).astype(np.float32)
 
 
 def ratios(buckets, norms):
@@ -86,26 +101,85 @@ def brackets(r, lv):
 
 
 def quantize(buckets, method, bits, uniform, return_details=False):
-    """Codes (int64 [nb, B]) and norms (float32 [nb]) given the U[0,1) draws `uniform` of the same shape."""
+    """Codes (int64 [nb, B]) and norms (float32 [nb]) given the U[0,1) draws `uniform` of the same shape.
+
+    A bucket with non-finite values has its norm negated and those values' codes are the marker.
+    """
     buckets = np.asarray(buckets, np.float32)
-    norms = bucket_norms(buckets, method)
-    r = ratios(buckets, norms)
+    finite = np.isfinite(buckets)
+    values = np.where(finite, buckets, np.float32(0))
+    norms = bucket_norms(values, method)
+    r = ratios(values, norms)
     j, p = brackets(r, levels(method, bits))
     index = j + (np.asarray(uniform, np.float32) < p)
-    sign = (buckets < 0).astype(np.int64)
+    sign = (values < 0).astype(np.int64)
     codes = (sign << (bits - 1)) | index
+    marker = 1 << (bits - 1)
+    for b in np.flatnonzero(~finite.all(axis=1)):
+        codes[b][codes[b] == marker] = 0  # a negative value at level 0: +0, so the marker is free
+        codes[b][~finite[b]] = marker
+        norms[b] = -norms[b]
     if return_details:
         return codes, norms, {"r": r, "j": j, "p": p}
     return codes, norms
 
 
 def dequantize(codes, norms, method, bits):
-    """float32 values (-1)^sign * levels[index] * norm, [..., nb, B] codes with [..., nb] norms."""
+    """float32 values (-1)^sign * levels[index] * |norm|, [..., nb, B] codes with [..., nb] norms;
+    NaN at markers of negated-norm buckets."""
     codes = np.asarray(codes, np.int64)
+    norms = np.asarray(norms, np.float32)
     sign = (codes >> (bits - 1)) & 1
     index = codes & (num_levels(bits) - 1)
-    magnitude = levels(method, bits)[index] * np.asarray(norms, np.float32)[..., None]
-    return np.where(sign == 1, -magnitude, magnitude).astype(np.float32)
+    magnitude = levels(method, bits)[index] * np.abs(norms)[..., None]
+    out = np.where(sign == 1, -magnitude, magnitude).astype(np.float32)
+    out[np.signbit(norms)[..., None] & (codes == 1 << (bits - 1))] = np.nan
+    return out
+
+
+def side_list(buckets):
+    """The 64 two-bit kinds of the first non-finite values of [nb, B] buckets in position order, 0-padded."""
+    kinds = []
+    for v in np.asarray(buckets, np.float32).reshape(-1):
+        if len(kinds) == SIDE_LIST_KINDS:
+            break
+        if np.isnan(v):
+            kinds.append(0)
+        elif v == np.inf:
+            kinds.append(1)
+        elif v == -np.inf:
+            kinds.append(2)
+    return kinds + [0] * (SIDE_LIST_KINDS - len(kinds))
+
+
+def encode_payload(buckets, method, bits, uniform):
+    """int32 payload words: packed codes, the norms' bits, the packed side list."""
+    codes, norms = quantize(buckets, method, bits, uniform)
+    return np.concatenate([pack(codes, bits), np.asarray(norms, np.float32).view(np.int32),
+                           pack(side_list(buckets), 2)]).astype(np.int32)
+
+
+def decode_payload(words, method, bits, num_buckets, bucket_size):
+    """float32 [num_buckets * bucket_size] values of one payload (inverse of encode_payload)."""
+    words = np.asarray(words, np.int32)
+    code_words = num_buckets * bucket_size * bits // 32
+    codes = unpack(words[:code_words], bits).reshape(num_buckets, bucket_size)
+    norms = words[code_words:code_words + num_buckets].view(np.float32)
+    kinds = unpack(words[code_words + num_buckets:], 2)
+    assert len(kinds) == SIDE_LIST_KINDS
+    out = dequantize(codes, norms, method, bits).reshape(-1)
+    markers = np.flatnonzero(np.repeat(np.signbit(norms), bucket_size) & (codes.reshape(-1) == 1 << (bits - 1)))
+    for rank, position in enumerate(markers):
+        out[position] = KIND_VALUE[int(kinds[rank])] if rank < SIDE_LIST_KINDS else np.float32(np.nan)
+    return out
+
+
+def decode_sum(payloads, method, bits, num_buckets, bucket_size):
+    """Sum of decoded payloads in float32, replica 0 first, then 1, ..."""
+    total = decode_payload(payloads[0], method, bits, num_buckets, bucket_size)
+    for words in payloads[1:]:
+        total = (total + decode_payload(words, method, bits, num_buckets, bucket_size)).astype(np.float32)
+    return total
 
 
 def pack(codes, bits):

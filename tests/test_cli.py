@@ -1,7 +1,10 @@
-"""The n2uq-tf command as a user runs it: help, train (with checkpoints and resume), evaluate, report."""
+"""The n2uq-tf command as a user runs it: help, train (with checkpoints and resume), evaluate, report,
+export; its data safety (no input overwritten, atomic outputs, run folders) and its errors (one line,
+exit status 2 for the command line, 1 for failures, never a traceback for an expected error)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +44,17 @@ def test_unknown_model_is_an_argparse_error():
     assert result.returncode == 2 and "invalid choice: 'resnet1000'" in result.stderr
 
 
+def folder_state(folder):
+    """{relative path: bytes} of every file under a folder (what a command must leave alone)."""
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                state[os.path.relpath(path, folder)] = f.read()
+    return state
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A complete tiny `n2uq-tf train` run, in process."""
@@ -74,10 +88,12 @@ def test_train_writes_a_loadable_student_and_its_records(finished_run):
 
 
 def test_used_output_folder_is_refused_and_finished_run_says_so(finished_run, capsys):
-    with pytest.raises(SystemExit, match="already holds a run"):
-        cli.main(["train", *TINY, "--epochs", "2", "--output", finished_run])
-    with pytest.raises(SystemExit, match="has finished"):
-        cli.main(["train", *TINY, "--epochs", "2", "--output", finished_run, "--resume"])
+    before = folder_state(finished_run)
+    assert cli.main(["train", *TINY, "--epochs", "2", "--output", finished_run]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(["train", *TINY, "--epochs", "2", "--output", finished_run, "--resume"]) == 2
+    assert "has finished" in capsys.readouterr().err
+    assert folder_state(finished_run) == before  # nothing written, nothing removed
 
 
 class _Interrupt(Exception):
@@ -102,12 +118,22 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         cli.main(["train", *TINY, "--epochs", "3", "--output", out, "--no-plots"])
     assert os.path.exists(os.path.join(out, "teacher.keras"))
     assert not os.path.exists(os.path.join(out, "student.keras"))
+    with open(os.path.join(out, "history.json")) as f:
+        first = json.load(f)  # written after every epoch
+    assert first["epoch"] == [0] and len(first["history"]["loss"]) == 1
 
     monkeypatch.setattr(cli, "_fit", real_fit)
+    # Continuing under other options would be another run.
+    assert cli.main(["train", *TINY, "--epochs", "4", "--output", out, "--no-plots", "--resume"]) == 2
     assert cli.main(["train", *TINY, "--epochs", "3", "--output", out, "--no-plots", "--resume"]) == 0
     with open(os.path.join(out, "history.json")) as f:
-        history = json.load(f)["history"]
-    assert len(history["loss"]) == 2  # epochs 2 and 3 only: epoch 1 came from the checkpoint
+        record = json.load(f)
+    # The whole run: epoch 1 from before the interruption (as recorded then), 2 and 3 after it.
+    assert record["epoch"] == [0, 1, 2]
+    assert set(record["history"]) == set(first["history"]) and len(record["history"]["val_accuracy"]) == 3
+    for key, values in first["history"].items():
+        assert record["history"][key][0] == values[0]
+    assert 0 <= record["student_accuracy"] <= 1
 
 
 def test_evaluate_and_report(finished_run, tmp_path, capsys):
@@ -132,12 +158,12 @@ def test_evaluate_and_report(finished_run, tmp_path, capsys):
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-    assert cli.main(["evaluate", str(tmp_path / "missing.keras"), "--dataset", "digits"]) == 2
+    assert cli.main(["evaluate", str(tmp_path / "missing.keras"), "--dataset", "digits"]) == 2  # the command line
     assert "no model at" in capsys.readouterr().err
     empty = str(tmp_path / "tfds")
     os.makedirs(empty)
-    assert cli.main(["train", "--dataset", "cifar10", "--data-dir", empty, "--output", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
+    assert cli.main(["train", "--dataset", "cifar10", "--data-dir", empty, "--output", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err  # a failure: the data is not on this machine
     assert "cifar10" in err and "download" in err
 
 
@@ -165,3 +191,162 @@ def test_export_inspect_benchmark(finished_run, tmp_path, capsys):
     interpreter.set_tensor(inp["index"], x[:4])
     interpreter.invoke()
     np.testing.assert_allclose(interpreter.get_tensor(outp["index"]), keras_out, atol=1e-4)
+
+
+# --- data safety ------------------------------------------------------------------------------------
+
+def test_export_never_writes_over_its_input(finished_run, tmp_path, capsys):
+    model = str(tmp_path / "m.keras")
+    shutil.copy(os.path.join(finished_run, "student.keras"), model)
+    os.symlink(model, str(tmp_path / "link.keras"))
+    os.makedirs(tmp_path / "sub")
+    before = folder_state(tmp_path)
+    # The same file by its name, through a link, and by a path with '..' in it.
+    for output in (model, str(tmp_path / "link.keras"), str(tmp_path / "sub" / ".." / "m.keras")):
+        assert cli.main(["export", model, "-o", output]) == 2, output
+        err = capsys.readouterr().err
+        assert "refusing to write over an input" in err and "Traceback" not in err
+    assert cli.main(["export", model, "-o", str(tmp_path / "sub")]) == 2  # a folder, not a file
+    assert "is a folder" in capsys.readouterr().err
+    assert folder_state(tmp_path) == before
+
+
+def test_a_failed_export_leaves_the_old_file_and_no_partial_one(finished_run, tmp_path, monkeypatch, capsys):
+    from n2uq_tf import export
+    output = tmp_path / "student.tflite"
+    output.write_bytes(b"the previous export")
+
+    def failing_export(model, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"TFL3 half a model")
+        raise ValueError("conversion failed half way")
+
+    monkeypatch.setattr(export, "export_tflite", failing_export)
+    assert cli.main(["export", os.path.join(finished_run, "student.keras"), "-o", str(output)]) == 2
+    assert "conversion failed half way" in capsys.readouterr().err
+    assert output.read_bytes() == b"the previous export"
+    assert os.listdir(tmp_path) == ["student.tflite"]  # no temporary left behind
+
+
+class _StopAfterSetUp(Exception):
+    """Raised where training would begin: the folder checks and set-up are done by then."""
+
+
+@pytest.fixture
+def stop_before_training(monkeypatch):
+    def stop(*args, **kwargs):
+        raise _StopAfterSetUp()
+    monkeypatch.setattr(cli, "_fit", stop)
+
+
+def test_train_refuses_a_folder_that_is_not_a_run(tmp_path, capsys, stop_before_training):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "history.json").write_text("my own history")
+    (out / "report.txt").write_text("my own report")
+    (out / "teacher.keras").write_text("not this run's teacher")
+    before = folder_state(out)
+    assert cli.main(["train", *TINY, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not an n2uq-tf run" in err and "--overwrite" in err and "history.json" in err
+    assert cli.main(["train", *TINY, "--output", str(out), "--resume"]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert folder_state(out) == before
+    # --overwrite: the run's own names go (the stale teacher is not reused), other files stay.
+    (out / "notes.txt").write_text("keep me")
+    (out / "backup").mkdir()
+    with pytest.raises(_StopAfterSetUp):
+        cli.main(["train", *TINY, "--output", str(out), "--overwrite"])
+    assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
+    assert "removed teacher.keras, history.json, report.txt, backup from" in capsys.readouterr().out
+    with open(out / "run.json") as f:
+        assert json.load(f)["options"]["model"] == "resnet20"
+    # Now a run: a new train is refused, --resume accepted.
+    assert cli.main(["train", *TINY, "--output", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(_StopAfterSetUp):
+        cli.main(["train", *TINY, "--output", str(out), "--resume"])
+
+
+def test_train_output_naming_a_file_or_an_input(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = run_cli("train", *TINY, "--output", str(afile))
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
+    assert "Traceback" not in result.stderr and afile.read_text() == "x"
+    teacher = tmp_path / "run" / "teacher.keras"  # the run would write (or --overwrite remove) its teacher.keras
+    teacher.parent.mkdir()
+    teacher.write_text("a teacher")
+    result = run_cli("train", *TINY, "--output", str(tmp_path / "run"), "--teacher", str(teacher), "--overwrite")
+    assert result.returncode == 2 and "refusing to write over an input" in result.stderr
+    assert teacher.read_text() == "a teacher"
+
+
+def test_interrupt_is_one_line_and_status_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "n2uq-tf train: interrupted (continue it with --resume)"
+
+
+# --- a user's own model against the built-in pipeline -------------------------------------------------
+
+def _user_model(path, input_shape, first=None, classes=10):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input(input_shape)
+    x = first(inputs) if first is not None else inputs
+    if len(input_shape) == 3:
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu")(x))
+    outputs = keras.layers.Dense(classes)(x)
+    model = keras.Model(inputs, outputs)
+    model.save(path)
+    return model
+
+
+def _top1(model, x, y):
+    return f"top-1 {100 * np.mean(np.argmax(model.predict(x, verbose=0), -1) == y):.2f}%"
+
+
+def test_evaluate_a_gray_model_and_a_model_that_scales_its_input(tmp_path, capsys):
+    raw, labels = n2uq_tf.data.datasets._digits_raw()[1]  # digits test split, pixel / 16, 8x8x1
+    # A 1-channel model: fed gray digits at its size (the model's channels and size are the defaults).
+    gray = _user_model(str(tmp_path / "gray.keras"), (8, 8, 1))
+    assert cli.main(["evaluate", str(tmp_path / "gray.keras"), "--dataset", "digits"]) == 0
+    normalised = (raw - n2uq_tf.data.DIGITS_MEAN[0]) / n2uq_tf.data.DIGITS_STD[0]
+    assert _top1(gray, normalised, labels) in capsys.readouterr().out
+    assert cli.main(["evaluate", str(tmp_path / "gray.keras"), "--dataset", "digits", "--channels", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "1-channel images, not 3-channel" in err and "--channels 1" in err and "Traceback" not in err
+    # A model that scales 0-255 pixels itself: said so, and evaluated on pixels when asked.
+    scaled = _user_model(str(tmp_path / "scaled.keras"), (8, 8, 3), first=keras.layers.Rescaling(1 / 255))
+    assert cli.main(["evaluate", str(tmp_path / "scaled.keras"), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "'rescaling' (Rescaling)" in err and "--normalization pixels" in err
+    assert cli.main(["evaluate", str(tmp_path / "scaled.keras"), "--dataset", "digits",
+                     "--normalization", "pixels"]) == 0
+    assert _top1(scaled, np.repeat(raw * 255, 3, axis=-1), labels) in capsys.readouterr().out
+
+
+def test_models_the_pipeline_cannot_feed_are_named(tmp_path, capsys):
+    _user_model(str(tmp_path / "flat.keras"), (64,))
+    assert cli.main(["evaluate", str(tmp_path / "flat.keras"), "--dataset", "digits"]) == 2
+    assert "takes inputs of shape (None, 64), not images" in capsys.readouterr().err
+    _user_model(str(tmp_path / "five.keras"), (8, 8, 3), classes=5)
+    assert cli.main(["evaluate", str(tmp_path / "five.keras"), "--dataset", "digits"]) == 2
+    assert "5 classes at its output, fewer than digits's 10" in capsys.readouterr().err
+    _user_model(str(tmp_path / "gray.keras"), (8, 8, 1))
+    assert cli.main(["evaluate", str(tmp_path / "gray.keras"), "--dataset", "digits", "--image-size", "16"]) == 2
+    assert "8x8 images, not 16x16" in capsys.readouterr().err
+
+
+def test_train_with_a_teacher_that_takes_other_images(tmp_path):
+    teacher = str(tmp_path / "teacher.keras")
+    _user_model(teacher, (8, 8, 1))
+    out = tmp_path / "run"
+    result = run_cli("train", "--model", "resnet20", "--width", "4", "--teacher", teacher, "--output", str(out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for words in ("8x8 images, not 32x32", "1-channel images, not 3-channel", "--image-size 8", "--channels 1"):
+        assert words in result.stderr, words
+    assert not out.exists()  # refused before anything was written

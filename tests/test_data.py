@@ -402,3 +402,45 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         data.datasets._require_sklearn()
+
+
+# --- what the model takes: channels and normalisation -------------------------------------------------
+
+LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)  # ITU-R BT.601, as tf.image.rgb_to_grayscale
+
+
+def test_gray_and_unnormalised_cifar(tfds_dir):
+    data_dir = tfds_dir["data_dir"]
+    images, _ = tfds_dir["cifar"]["test"]
+    by_key = {int(img[0, 0, 0]): img for img in images}
+    # Evaluation keeps the order: the default (RGB, normalised) run names the images of each position.
+    rgb = np.concatenate([x for x, _ in data.load_dataset("cifar10", "test", batch_size=10, data_dir=data_dir)])
+    keys = np.round(_unnormalize(rgb, CIFAR_MEAN, CIFAR_STD)[:, 0, 0, 0]).astype(int)
+    pixels = np.stack([by_key[k] for k in keys]).astype(np.float32)
+    gray = pixels @ LUMA
+    expected = {
+        (1, "pixels"): gray[..., None], (1, "unit"): gray[..., None] / 255,
+        (1, "dataset"): ((gray / 255 - LUMA @ CIFAR_MEAN) / (LUMA @ CIFAR_STD))[..., None],
+        (3, "pixels"): pixels, (3, "unit"): pixels / 255, (3, "dataset"): (pixels / 255 - CIFAR_MEAN) / CIFAR_STD}
+    for (channels, normalization), want in expected.items():
+        x = np.concatenate([x for x, _ in data.load_dataset("cifar10", "test", batch_size=10, data_dir=data_dir,
+                                                            channels=channels, normalization=normalization)])
+        assert x.shape == (10, 32, 32, channels), (channels, normalization)
+        np.testing.assert_allclose(x, want, rtol=1e-5, atol=2e-4, err_msg=f"{channels} {normalization}")
+    # The defaults are the RGB, dataset-normalised images, bit for bit.
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in data.load_dataset(
+        "cifar10", "test", batch_size=10, data_dir=data_dir, channels=3, normalization="dataset")]), rgb)
+
+
+def test_gray_and_unnormalised_digits():
+    raw = data.datasets._digits_raw()[1][0]  # the test split in [0, 1] (pixel / 16), 8x8x1
+    mean, std = data.DIGITS_MEAN[0], data.DIGITS_STD[0]
+    for channels in (1, 3):
+        for normalization, want in (("unit", raw), ("pixels", raw * 255), ("dataset", (raw - mean) / std)):
+            x = next(iter(data.load_dataset("digits", "test", batch_size=360, image_size=8, channels=channels,
+                                            normalization=normalization)))[0].numpy()
+            np.testing.assert_allclose(x, np.repeat(want, channels, axis=-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        data.load_dataset("digits", "test", channels=2)
+    with pytest.raises(ValueError, match="normalization"):
+        data.load_dataset("digits", "test", normalization="imagenet")

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import distribute_reference as ref
-from n2uq_tf.distribute.compressors import (BucketLayout, GradientCompression, compress_vector, decode, encode,
-                                            pack_codes, quantize_buckets, unpack_codes)
+from n2uq_tf.distribute.compressors import (BucketLayout, GradientCompression, compress_vector, decode, decode_sum,
+                                            encode, pack_codes, quantize_buckets, unpack_codes)
 
 METHODS = ref.METHODS
 BITS = ref.BITS
@@ -133,7 +133,7 @@ def test_defaults_and_payload_words():
         for bucket_size in (32 // bits, 64, 8192):
             c = GradientCompression("qsgd", bits, bucket_size=bucket_size)
             for nb in (0, 1, 7):
-                assert c.payload_words(nb) == nb * (bucket_size * bits // 32 + 1)
+                assert c.payload_words(nb) == nb * (bucket_size * bits // 32 + 1) + 4  # + the side list
     with pytest.raises(AttributeError):  # frozen
         GradientCompression().bits = 8
 
@@ -446,7 +446,8 @@ def test_encode_decode_matches_reference(method, bits):
     ref_codes, ref_norms, details = ref.quantize(buckets, method, bits, uniform, return_details=True)
     code_words = NB * BUCKET * bits // 32
     codes = ref.unpack(payload.numpy()[:code_words], bits).reshape(NB, BUCKET).astype(np.int32)
-    norms = payload.numpy()[code_words:].view(np.float32)
+    norms = payload.numpy()[code_words:code_words + NB].view(np.float32)
+    assert not payload.numpy()[code_words + NB:].any()  # finite values: an empty non-finite side list
     differ = assert_codes_match(codes, norms, ref_codes, ref_norms, details["p"], uniform, bits)
     # The payload is exactly the reference packing of those codes, then the norms' bits.
     np.testing.assert_array_equal(payload.numpy()[:code_words], ref.pack(codes, bits))
@@ -684,7 +685,137 @@ def test_payload_bytes(bits, min_ratio):
     assert payload.shape[0] == compression.payload_words(layout.num_buckets)
     payload_bytes = payload.shape[0] * payload.dtype.size
     codes_bytes = math.ceil(size / compression.bucket_size) * compression.bucket_size * bits // 8
-    assert payload_bytes == codes_bytes + 4 * layout.num_buckets
+    assert payload_bytes == codes_bytes + 4 * layout.num_buckets + 16  # codes, norms, the non-finite side list
     assert size * 4 / payload_bytes >= min_ratio
-    if bits == 4:  # 4 bits, bucket 8192: 123 buckets of 1025 words, 7.93x less than float32
-        assert layout.num_buckets == 123 and payload_bytes == 123 * 1025 * 4
+    if bits == 4:  # 4 bits, bucket 8192: 123 buckets of 1025 words and 4 words, 7.93x less than float32
+        assert layout.num_buckets == 123 and payload_bytes == (123 * 1025 + 4) * 4
+
+
+# --------------------------------------------------------------------------- 10. non-finite and huge values
+# The float exchange carries a NaN or +/-Inf to its own position and nowhere else; so must the codec.
+
+NONFINITE = {"nan": np.float32(np.nan), "+inf": np.float32(np.inf), "-inf": np.float32(-np.inf)}
+
+
+def kinds_of(values):
+    """'nan', '+inf', '-inf' or 'finite' per value (an exact comparison of what a sum would carry)."""
+    values = np.asarray(values, np.float32)
+    return np.where(np.isnan(values), "nan", np.where(values == np.inf, "+inf",
+                                                      np.where(values == -np.inf, "-inf", "finite")))
+
+
+def with_nonfinite(rng):
+    """Gaussian buckets with non-finite values in a few of them, and the same buckets with 0 there."""
+    buckets = make_buckets("gaussian", rng)
+    places = {(5, 7): "nan", (5, 100): "+inf", (6, 3): "-inf", (0, 9): "nan",  # bucket 0 is otherwise all zero
+              (9, BUCKET - 1): "+inf", (10, 0): "-inf", (10, 1): "nan"}
+    buckets[8, ::13] = NONFINITE["nan"]  # 40 NaN: 48 non-finite values in all, within the side list's 64
+    buckets[11, :] *= np.float32(1e-15)
+    buckets[11, 1] = np.float32(1e15)  # r ~ 1e-30 for the others: level 0 (but at 8-bit nuqsgd's 2^-126)
+    buckets[11, 0] = NONFINITE["+inf"]
+    for (b, i), kind in places.items():
+        buckets[b, i] = NONFINITE[kind]
+    return buckets, np.where(np.isfinite(buckets), buckets, np.float32(0))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_values_keep_their_places_and_spare_their_buckets(method, bits):
+    rng = np.random.default_rng([10, METHODS.index(method), bits])
+    buckets, zeroed = with_nonfinite(rng)
+    compression = GradientCompression(method, bits, bucket_size=BUCKET)
+    seed = seed_of(77, bits)
+    uniform = tf.random.stateless_uniform(buckets.shape, seed=seed, dtype=tf.float32).numpy()
+    codes, norms = quantize_buckets(buckets, compression, uniform)
+    codes, norms = codes.numpy(), norms.numpy()
+    ref_codes, ref_norms, details = ref.quantize(buckets, method, bits, uniform, return_details=True)
+    assert_codes_match(codes, norms, ref_codes, ref_norms, details["p"], uniform, bits)
+    # Each bucket is coded as if its non-finite values were 0: the same norms (sign bit apart), and
+    # the same codes but at the markers and at the level-0 values there, sent as +0.
+    marked = ~np.isfinite(buckets).all(axis=1)
+    clean_codes, clean_norms = (t.numpy() for t in quantize_buckets(zeroed, compression, uniform))
+    np.testing.assert_array_equal(np.abs(norms), clean_norms)
+    np.testing.assert_array_equal(np.signbit(norms), marked)
+    marker = 1 << (bits - 1)
+    # The marker means non-finite in the marked buckets (elsewhere it is a negative value at level 0).
+    np.testing.assert_array_equal((codes == marker) & marked[:, None], ~np.isfinite(buckets))
+    same = np.where(marked[:, None] & (clean_codes == marker), 0, clean_codes)
+    np.testing.assert_array_equal(np.where(np.isfinite(buckets), codes, same), same)
+    if (method, bits) != ("nuqsgd", 8):
+        assert (clean_codes[11] == marker).any()  # the +0 rule was exercised
+
+    payload = encode(buckets, compression, seed).numpy()
+    assert payload.shape == (compression.payload_words(NB),)
+    if np.array_equal(norms, ref_norms):  # the L2 sums agreed to the bit: the payload is the reference's
+        np.testing.assert_array_equal(payload, ref.encode_payload(buckets, method, bits, uniform))
+    np.testing.assert_array_equal(payload[-4:], ref.pack(ref.side_list(buckets), 2))
+    decoded = decode(payload, compression, NB).numpy()
+    np.testing.assert_array_equal(kinds_of(decoded), kinds_of(buckets.reshape(-1)))
+    np.testing.assert_array_equal(decoded, ref.decode_payload(payload, method, bits, NB, BUCKET))
+    # The finite values decode as the zeroed buckets' do (the +0 rule changes no value).
+    clean = decode(encode(zeroed, compression, seed), compression, NB).numpy()
+    finite = np.isfinite(buckets.reshape(-1))
+    np.testing.assert_array_equal(decoded[finite], clean[finite])
+
+
+def test_nonfinite_values_past_the_side_list_decode_as_nan():
+    compression = GradientCompression("nuqsgd", 4, bucket_size=64)
+    vector = np.ones(300, np.float32)
+    bad = np.arange(0, 300, 3)[:80]  # 80 non-finite values: the side list names the first 64
+    vector[bad] = np.where(np.arange(80) % 2, np.float32(-np.inf), np.float32(np.inf))
+    vector[bad[10]] = np.nan
+    out = compress_vector(vector, compression, seed_of(1, 2)).numpy()
+    np.testing.assert_array_equal(kinds_of(out[bad[:64]]), kinds_of(vector[bad[:64]]))
+    assert np.all(np.isnan(out[bad[64:]]))  # kind lost, place kept: still never finite
+    good = np.setdiff1d(np.arange(300), bad)
+    assert np.all(np.isfinite(out[good]))
+    np.testing.assert_array_equal(out, ref.decode_payload(encode(ref.bucketize(vector, 64), compression,
+                                                                 seed_of(1, 2)).numpy(),
+                                                          "nuqsgd", 4, 5, 64)[:300])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_huge_finite_values_decode_finite(method):
+    # L2 norm far above the largest float32 (8 values of 3e38 and -3e38 beside ordinary ones).
+    rng = np.random.default_rng(METHODS.index(method))
+    vector = rng.standard_normal(256).astype(np.float32)
+    vector[::32] = np.float32(3e38) * np.float32([1, -1, 1, 1, -1, 1, -1, 1])
+    compression = GradientCompression(method, 4, bucket_size=128)
+    uniform = tf.random.stateless_uniform([2, 128], seed=seed_of(5, 5), dtype=tf.float32).numpy()
+    codes, norms = quantize_buckets(vector.reshape(2, 128), compression, uniform)
+    ref_codes, ref_norms = ref.quantize(vector.reshape(2, 128), method, 4, uniform)
+    np.testing.assert_array_equal(norms, ref_norms)
+    np.testing.assert_array_equal(codes, ref_codes)
+    if method != "qsgdinf":
+        np.testing.assert_array_equal(norms, np.finfo(np.float32).max)  # clamped
+    out = compress_vector(vector, compression, seed_of(5, 5)).numpy()
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out, ref.dequantize(ref_codes, ref_norms, method, 4).reshape(-1))
+    assert np.all(np.sign(out) * np.sign(vector) >= 0)
+    # Unbiased still: the mean over draws approaches each huge value (spacing <= the norm, 400 draws).
+    payloads = tf.stack([encode(vector.reshape(2, 128), compression, seed_of(d, 9)) for d in range(400)])
+    mean = decode(payloads, compression, 2).numpy().astype(np.float64).mean(axis=0)
+    huge = vector[::32].astype(np.float64)
+    np.testing.assert_allclose(mean[::32], huge, rtol=0.15)
+
+
+def test_decode_sum_of_two_payloads_is_the_float_sum_at_nonfinite_places():
+    """Per position, replica 0's and replica 1's values: the float exchange's g0 + g1 decides the kind."""
+    pairs = [("nan", 1.0), (1.0, "nan"), ("+inf", 1.0), ("+inf", "-inf"), ("+inf", "+inf"), ("-inf", "-inf"),
+             ("-inf", "nan"), ("+inf", -1e30), (2e38, 2e38), (1e38, 1e38)]
+    compression = GradientCompression("nuqsgd", 4, bucket_size=64)
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((2, 128)).astype(np.float32)
+    for position, pair in enumerate(pairs):
+        for replica, value in enumerate(pair):
+            g[replica, 7 * position] = NONFINITE[value] if isinstance(value, str) else np.float32(value)
+    payloads = tf.stack([encode(g[r].reshape(2, 64), compression, seed_of(r, 0)) for r in range(2)])
+    total = decode_sum(payloads, compression, 2).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        float_sum = g[0] + g[1]
+    nonfinite = ~np.isfinite(g).all(axis=0)
+    np.testing.assert_array_equal(kinds_of(total[nonfinite]), kinds_of(float_sum[nonfinite]))
+    assert np.all(np.isfinite(total[np.isfinite(float_sum) & ~nonfinite]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = ref.decode_sum(payloads.numpy(), "nuqsgd", 4, 2, 64)
+    np.testing.assert_array_equal(total, expected)

@@ -138,8 +138,8 @@ def test_one_gradient_all_gather_per_step_and_no_gradient_all_reduce(runs):
         values, _, payload_bytes = worker["exchange_size"]
         assert values == worker["params"] == 64 * 64 + 64 + 64 * 10 + 10
         # Kernel 1 (4096) in 16 whole buckets, kernel 2 (640) in 2; its tail (128) and both biases (74)
-        # share 1: 19 x (256 / 8 + 1) words.
-        assert payload_bytes == 4 * 19 * 33
+        # share 1: 19 x (256 / 8 + 1) words, then the 4 words of the non-finite side list.
+        assert payload_bytes == 4 * (19 * 33 + 4)
         graphs = worker["collectives"]
         assert graphs
         for graph in graphs:
@@ -159,3 +159,84 @@ def test_one_gradient_all_gather_per_step_and_no_gradient_all_reduce(runs):
             assert big == [["CollectiveReduceV2", "float32", [worker["params"]], "ConcatV2"]], graph
     print("multi-worker train step collectives: nuqsgd", runs["nuqsgd"][0]["collectives"][0]["ops"],
           "none", runs["none"][0]["collectives"][0]["ops"])
+
+
+# --- non-finite gradient values between two workers ----------------------------------------------------
+
+NONFINITE_SCRIPT = textwrap.dedent(r'''
+import json, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+from n2uq_tf import distribute as nd
+
+# (index in a 600-value gradient): (worker 0's value, worker 1's value)
+BAD = {3: ("nan", 1.0), 70: ("inf", 2.0), 140: ("inf", "-inf"), 210: ("-inf", "-inf"), 333: (0.5, "nan"),
+       400: ("-inf", 3e38), 599: ("nan", "nan")}
+
+
+def gradient(worker):
+    g = np.random.default_rng(worker).normal(size=600).astype(np.float32)
+    g[500:504] = 1e38  # huge but finite, the float sum (2e38) too
+    for index, values in BAD.items():
+        g[index] = np.float32(values[worker])
+    return g
+
+
+compression = nd.GradientCompression("nuqsgd", 4, bucket_size=128)
+
+
+@tf.function
+def exchange(g):
+    def step(g):
+        context = tf.distribute.get_replica_context()
+        return (nd.exchange_compressed([g], compression, tf.constant(0, tf.int64))[0],
+                context.all_reduce(tf.distribute.ReduceOp.SUM, g))
+    return strategy.run(step, args=(g,))
+
+
+worker = strategy.cluster_resolver.task_id
+per_replica = strategy.experimental_distribute_values_from_function(lambda context: tf.constant(gradient(worker)))
+compressed, summed = (strategy.experimental_local_results(x)[0].numpy() for x in exchange(per_replica))
+layout = nd.BucketLayout([600], compression.bucket_size)
+payloads = [nd.encode(layout.to_buckets([gradient(w)]), compression, nd.replica_seed(compression, 0, w)).numpy()
+            for w in range(2)]
+print("RESULT" + json.dumps({"task": worker, "compressed": compressed.tobytes().hex(), "float": summed.tobytes().hex(),
+                             "payloads": [p.tobytes().hex() for p in payloads]}), flush=True)
+''')
+
+
+def test_nonfinite_gradients_between_two_workers_reach_the_sum_as_the_float_all_reduce_does():
+    import numpy as np
+
+    import distribute_reference as ref
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(n2uq_tf.__file__)))
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    for attempt in range(2):  # a port taken between free_ports() and the bind: once more with new ports
+        output = io.StringIO()
+        status = launcher.launch([sys.executable, "-c", NONFINITE_SCRIPT], 2, env=env, stream=output)
+        text = output.getvalue()
+        if status == 0 or not re.search(r"address already in use", text, re.I):
+            break
+    assert status == 0, text[-4000:]
+    results = {}
+    for line in text.splitlines():
+        match = re.match(r"\[worker (\d)\] RESULT(.*)$", line)
+        if match:
+            results[int(match.group(1))] = json.loads(match.group(2))
+    assert sorted(results) == [0, 1], text[-4000:]
+    values = {key: [np.frombuffer(bytes.fromhex(results[w][key]), np.float32) for w in (0, 1)]
+              for key in ("compressed", "float")}
+    assert values["compressed"][0].tobytes() == values["compressed"][1].tobytes()  # the workers agree
+    compressed, float_sum = values["compressed"][0], values["float"][0]
+
+    def kinds(v):
+        return np.where(np.isnan(v), 0, np.where(v == np.inf, 1, np.where(v == -np.inf, 2, 3)))
+
+    np.testing.assert_array_equal(kinds(compressed), kinds(float_sum))  # the same NaN/+Inf/-Inf places, only those
+    assert np.sum(~np.isfinite(float_sum)) == 7
+    payloads = np.stack([np.frombuffer(bytes.fromhex(p), np.int32) for p in results[0]["payloads"]])
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = ref.decode_sum(payloads, "nuqsgd", 4, 5, 128)[:600]
+    np.testing.assert_array_equal(compressed, expected)

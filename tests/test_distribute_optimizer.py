@@ -253,6 +253,52 @@ out["distill"] = {
     "replicas": replicas_identical(student.variables + optimizer.variables),
     "collectives": collectives(distiller.train_function)}
 out["timings"]["distill"] = time.time() - t
+
+# --- non-finite and huge gradient values: the compressed exchange beside the float all-reduce ---------
+t = time.time()
+NONFINITE = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}
+# (variable, index): (replica 0's value, replica 1's value); a (300 values) spans 5 buckets of 64.
+BAD = {(0, 10): ("nan", 1.0), (0, 20): ("+inf", 1.0), (0, 30): ("+inf", "-inf"), (0, 40): ("-inf", "-inf"),
+       (0, 130): (1.0, "nan"), (0, 200): ("-inf", 2e38), (1, 23): ("+inf", 0.5), (1, 34): ("nan", "nan")}
+
+
+def bad_gradients(replica):
+    rng = np.random.default_rng(40 + replica)
+    grads = [rng.normal(size=300).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)]
+    grads[0][250:254] = 1e38  # huge but finite: the float sum 2e38 is finite too
+    for (variable, index), values in BAD.items():
+        value = values[replica]
+        grads[variable].reshape(-1)[index] = NONFINITE[value] if isinstance(value, str) else value
+    return grads
+
+
+def exchange_both(compression):
+    @tf.function
+    def run(grads):
+        def step(gs):
+            context = tf.distribute.get_replica_context()
+            return (nd.exchange_compressed(gs, compression, tf.constant(0, tf.int64)),
+                    context.all_reduce(tf.distribute.ReduceOp.SUM, gs))
+        return strategy.run(step, args=(grads,))
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: [tf.constant(g) for g in bad_gradients(context.replica_id_in_sync_group)])
+    compressed, floats = run(per_replica)
+    local = lambda values: [[hexed(v) for v in replica]
+                            for replica in zip(*[strategy.experimental_local_results(x) for x in values])]
+    layout = nd.BucketLayout([300, 35], compression.bucket_size)
+    buckets = [layout.to_buckets(bad_gradients(r)) for r in range(R)]
+    seeds = [nd.replica_seed(compression, 0, r) for r in range(R)]
+    return {"compression": compression.get_config(), "compressed": local(compressed), "float": local(floats),
+            "grads": [[hexed(g) for g in bad_gradients(r)] for r in range(R)],
+            "buckets": [hexed(b.numpy()) for b in buckets],
+            "payloads": [hexed(nd.encode(b, compression, seed).numpy()) for b, seed in zip(buckets, seeds)],
+            "uniform": [hexed(tf.random.stateless_uniform(b.shape, seed=seed).numpy())
+                        for b, seed in zip(buckets, seeds)]}
+
+
+out["nonfinite"] = [exchange_both(nd.GradientCompression(m, b, 64)) for m, b in (("nuqsgd", 4), ("qsgd", 8),
+                                                                                  ("qsgdinf", 2))]
+out["timings"]["nonfinite"] = time.time() - t
 out["timings"]["total"] = time.time() - T0
 print("RESULT" + json.dumps(out))
 ''')
@@ -298,8 +344,9 @@ def exact_products(payload, compression, num_buckets):
     words = payload[:code_words].view(np.uint32)
     shifts = np.arange(32 // bits, dtype=np.uint32) * bits
     codes = ((words[:, None] >> shifts) & (2 ** bits - 1)).reshape(num_buckets, bucket)
-    norms = payload[code_words:].view(np.float32).astype(np.float64)
-    assert norms.shape == (num_buckets,)
+    norms = payload[code_words:code_words + num_buckets].view(np.float32).astype(np.float64)
+    assert norms.shape == (num_buckets,) and not np.signbit(norms).any()  # no bucket with non-finite values
+    assert not payload[code_words + num_buckets:].any()  # so an empty side list
     levels = magnitude_levels(compression["method"], bits).astype(np.float64)
     sign = np.where(codes >> (bits - 1), -1.0, 1.0)
     return (sign * levels[codes & (2 ** (bits - 1) - 1)] * norms[:, None]).reshape(-1)
@@ -419,7 +466,7 @@ def test_rounding_noise_is_independent_per_replica(mirrored):
     for a, b in zip(g0, g1):  # the same data on both replicas: the same gradient, bit for bit
         np.testing.assert_array_equal(bits_of(a), bits_of(b))
     sent = array(step["sent"][0])
-    codes_words = sent.shape[1] - nd.BucketLayout(run["sizes"], 16).num_buckets
+    codes_words = nd.GradientCompression(**run["compression"]).code_words(nd.BucketLayout(run["sizes"], 16).num_buckets)
     assert not np.array_equal(sent[0, :codes_words], sent[1, :codes_words])  # different codes ...
     np.testing.assert_array_equal(sent[0, codes_words:], sent[1, codes_words:])  # ... of the same norms
     found = check_step(run, step)
@@ -481,6 +528,44 @@ def test_distillation_with_compressed_paper_optimizer(mirrored):
     for v in others:
         assert v["multiplier"] == 1.0, v
         assert 0.95 * lr < v["max_step"] <= lr * 1.0001, v
+
+
+# --- 6b. non-finite and huge gradient values --------------------------------------------------------------
+
+def kinds_of(values):
+    values = np.asarray(values, np.float32)
+    return np.where(np.isnan(values), "nan", np.where(values == np.inf, "+inf",
+                                                      np.where(values == -np.inf, "-inf", "finite")))
+
+
+def test_nonfinite_gradients_on_two_replicas_reach_the_sum_as_the_float_exchange_does(mirrored):
+    """One NaN or Inf changes its own position of the sum, as in the float all-reduce, and nothing else."""
+    import distribute_reference as ref
+    for run in mirrored["nonfinite"]:
+        config = run["compression"]
+        method, bits, bucket = config["method"], config["bits"], config["bucket_size"]
+        layout = nd.BucketLayout([300, 35], bucket)
+        float_sum = np.concatenate([array(v).reshape(-1) for v in run["float"][0]])
+        compressed = [np.concatenate([array(v).reshape(-1) for v in replica]) for replica in run["compressed"]]
+        assert compressed[0].tobytes() == compressed[1].tobytes(), config  # replicas agree bit for bit
+        for replica in run["float"][1:]:
+            assert np.concatenate([array(v).reshape(-1) for v in replica]).tobytes() == float_sum.tobytes()
+        # Where the float exchange gives NaN, +Inf or -Inf, so does the compressed one, and only there.
+        np.testing.assert_array_equal(kinds_of(compressed[0]), kinds_of(float_sum), err_msg=str(config))
+        assert np.sum(~np.isfinite(float_sum)) == 8  # the 8 bad places (-Inf + 2e38 is -Inf)
+        # The sum is the reference decoding of each replica's payload, added in replica order ...
+        payloads = np.stack([array(p) for p in run["payloads"]])
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected = ref.decode_sum(payloads, method, bits, layout.num_buckets, bucket)
+        np.testing.assert_array_equal(compressed[0], np.concatenate(unflatten(layout, expected)))
+        # ... and each payload is the reference's: markers where the values were non-finite, the side list
+        # of their kinds, norms of the finite values only.
+        for r in range(2):
+            buckets, uniform = array(run["buckets"][r]), array(run["uniform"][r])
+            own = ref.encode_payload(buckets, method, bits, uniform)
+            code_words = layout.num_buckets * bucket * bits // 32
+            np.testing.assert_array_equal(payloads[r][code_words:], own[code_words:])  # norms, side list
+            np.testing.assert_array_equal(payloads[r][:code_words], own[:code_words])
 
 
 # --- 9 (with real payloads). exchange_size is what is sent -------------------------------------------
@@ -552,6 +637,30 @@ def test_single_replica_compresses_exactly_and_still_learns():
     assert histories["nuqsgd"][-1] < 0.5 * histories["nuqsgd"][0]
     assert histories["nuqsgd"][-1] < 1.5 * histories["plain"][-1]
     assert any(not np.array_equal(a, b) for a, b in zip(weights["plain"], weights["nuqsgd"]))
+
+
+def test_nonfinite_gradients_on_one_replica_come_back_where_they_were():
+    """With one replica the float exchange is the gradient itself: its NaN and Inf come back in place."""
+    import distribute_reference as ref
+    rng = np.random.default_rng(7)
+    kernel, bias = rng.normal(size=(20, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    kernel[3, 4], kernel[11, 0], kernel[19, 9], bias[2] = np.nan, np.inf, -np.inf, np.nan
+    kernel[7, :3] = 3e38  # a bucket whose L2 norm exceeds the largest float32
+    variables = [tf.Variable(tf.zeros_like(kernel)), tf.Variable(tf.zeros_like(bias))]
+    for method in ("nuqsgd", "qsgd", "qsgdinf"):
+        optimizer = nd.compress_gradients(keras.optimizers.SGD(1.0), method, bits=4, bucket_size=64)
+        aggregated = optimizer.aggregate_gradients(list(zip([tf.constant(kernel), tf.constant(bias)], variables)))
+        out = np.concatenate([g.numpy().reshape(-1) for g, _ in aggregated])
+        grads = np.concatenate([kernel.reshape(-1), bias])
+        np.testing.assert_array_equal(kinds_of(out), kinds_of(grads), err_msg=method)
+        compression = optimizer.gradient_compression
+        layout = nd.BucketLayout([200, 10], 64)
+        seed = nd.replica_seed(compression, optimizer.iterations, 0)
+        buckets = layout.to_buckets([kernel, bias])
+        payload = ref.encode_payload(buckets.numpy(), method, 4,
+                                     tf.random.stateless_uniform(buckets.shape, seed=seed).numpy())
+        expected = ref.decode_payload(payload, method, 4, layout.num_buckets, 64)
+        np.testing.assert_array_equal(out, np.concatenate(unflatten(layout, expected)), err_msg=method)
 
 
 # --- 7. saving and loading -----------------------------------------------------------------------------
@@ -688,9 +797,10 @@ def test_exchange_size_of_a_million_parameters():
     optimizer = nd.compress_gradients(keras.optimizers.Adam(), "nuqsgd", bits=4, bucket_size=8192)
     size = nd.exchange_size(model.trainable_variables, optimizer)
     # The kernel's 122 whole buckets (999,424 values) are its own; its tail (576) and the bias (1000)
-    # share one more; per bucket 8192 codes of 4 bits = 1024 words, plus one float32 norm.
-    assert size.bytes == 4 * (122 + 1) * (1024 + 1) == 504_300
+    # share one more; per bucket 8192 codes of 4 bits = 1024 words, plus one float32 norm; then the
+    # 4 words of the non-finite side list.
+    assert size.bytes == 4 * ((122 + 1) * (1024 + 1) + 4) == 504_316
     assert (size.values, size.float32_bytes) == (params, 4 * params)
-    assert size.ratio == pytest.approx(4 * params / 504_300) and size.ratio >= 7
+    assert size.ratio == pytest.approx(4 * params / 504_316) and size.ratio >= 7
     two_bits = nd.exchange_size(model.trainable_variables, nd.GradientCompression("qsgd", 2))  # bucket 128
-    assert two_bits.bytes == 4 * (7812 + 9) * (8 + 1)  # 7812 whole buckets; tail 64 + bias 1000 share 9
+    assert two_bits.bytes == 4 * ((7812 + 9) * (8 + 1) + 4)  # 7812 whole buckets; tail 64 + bias 1000 share 9

@@ -12,14 +12,15 @@ Nothing downloads unless `download=True`; TFDS data that is missing raises
 
 from n2uq_tf.data.datasets import (DATASETS, DatasetInfo, DatasetNotAvailableError, DatasetSpec,
                                    dataset_info, digits_arrays, load_dataset)
-from n2uq_tf.data.preprocess import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
-                                     IMAGENET_STD, center_crop, normalize, pad_random_crop,
-                                     preprocess_cifar, preprocess_digits, preprocess_imagenet, random_flip,
-                                     random_resized_crop, resize_shorter_side, sample_crop_window)
+from n2uq_tf.data.preprocess import (CHANNELS, CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
+                                     IMAGENET_STD, NORMALIZATIONS, center_crop, model_input, normalize,
+                                     pad_random_crop, preprocess_cifar, preprocess_digits, preprocess_imagenet,
+                                     random_flip, random_resized_crop, resize_shorter_side, sample_crop_window)
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DIGITS_MEAN", "DIGITS_STD", "DatasetInfo",
-    "DatasetNotAvailableError", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "center_crop", "dataset_info",
-    "digits_arrays", "load_dataset", "normalize", "pad_random_crop", "preprocess_cifar", "preprocess_digits",
+    "CHANNELS", "CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DIGITS_MEAN", "DIGITS_STD", "DatasetInfo",
+    "DatasetNotAvailableError", "DatasetSpec", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "center_crop",
+    "dataset_info", "digits_arrays", "load_dataset", "model_input", "normalize", "pad_random_crop",
+    "preprocess_cifar", "preprocess_digits",
     "preprocess_imagenet", "random_flip", "random_resized_crop", "resize_shorter_side", "sample_crop_window",
 ]

@@ -224,7 +224,7 @@ def dataset_info(name):
 
 def load_dataset(name, split="train", *, batch_size=256, image_size=None, data_dir=None, manual_dir=None,
                  download=False, training=None, shuffle_buffer=None, seed=None, drop_remainder=None,
-                 repeat=False):
+                 repeat=False, channels=3, normalization="dataset"):
     """A batched, prefetched `tf.data.Dataset` of (float32 NHWC images, int64 labels).
 
     name: "imagenet2012", "cifar10" (TFDS, prepared in `data_dir`) or "digits" (ships with
@@ -236,7 +236,9 @@ def load_dataset(name, split="train", *, batch_size=256, image_size=None, data_d
     statistics, CIFAR-10's training-set statistics, and for digits (pixel / 16, in [0, 1]) the
     mean/std of its training split. The splits are TFDS split strings ("train[:10%]" works) for
     the TFDS datasets, "train" or "test" for digits.
-    repeat=True repeats before batching (endless dataset).
+    repeat=True repeats before batching (endless dataset). channels (3, or 1 for gray) and
+    normalization ("dataset", "unit" for [0, 1], "pixels" for [0, 255]) shape the images for models
+    that take other input (see `preprocess.model_input`).
     TFDS data that is not prepared raises `DatasetNotAvailableError` unless download=True
     (imagenet2012 then needs the ILSVRC2012 tar files in manual_dir).
     """
@@ -245,6 +247,10 @@ def load_dataset(name, split="train", *, batch_size=256, image_size=None, data_d
     unknown = [s for s in names if s not in spec.info.splits]
     if unknown:
         raise ValueError(f"{name} has splits {', '.join(spec.info.splits)}, not {unknown[0]!r}")
+    if channels not in pp.CHANNELS:
+        raise ValueError(f"channels must be one of {pp.CHANNELS}, got {channels!r}")
+    if normalization not in pp.NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {pp.NORMALIZATIONS}, got {normalization!r}")
     if training is None:
         training = split.startswith("train")
     if drop_remainder is None:
@@ -256,7 +262,7 @@ def load_dataset(name, split="train", *, batch_size=256, image_size=None, data_d
         ds = ds.shuffle(shuffle_buffer or spec.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    preprocess = spec.preprocess
+    preprocess = functools.partial(spec.preprocess, channels=channels, normalization=normalization)
     if training:
         # One random int64 per example, new each epoch yet fixed by `seed`: per-example stateless
         # seeds keep augmentation reproducible under parallel map.

@@ -1,6 +1,7 @@
 """Image preprocessing for the N2UQ training recipes, as plain TF functions usable in `tf.data.map`.
 
-Every function takes one image (HWC) and returns float32, normalised with the dataset's mean/std.
+Every function takes one image (HWC) and returns float32, normalised with the dataset's mean/std
+(or as `normalization` says, with `channels` channels: see `model_input`).
 Randomness is stateless: `seed` is a shape-[2] integer tensor (one per example, see
 `load_dataset`), so a pipeline with a fixed seed is reproducible; `seed=None` draws one.
 """
@@ -20,6 +21,13 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # the same for the three repeated channels.
 DIGITS_MEAN = (0.3054, 0.3054, 0.3054)
 DIGITS_STD = (0.3760, 0.3760, 0.3760)
+
+# What the model is fed (`model_input`): "dataset" (image - mean) / std with the dataset's statistics,
+# "unit" values in [0, 1], "pixels" values in [0, 255] (for models that scale their input themselves).
+NORMALIZATIONS = ("dataset", "unit", "pixels")
+CHANNELS = (1, 3)
+# ITU-R BT.601 luma, as tf.image.rgb_to_grayscale.
+LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 # torchvision RandomResizedCrop defaults.
 CROP_SCALE = (0.08, 1.0)
@@ -47,6 +55,36 @@ def normalize(image, mean, std, max_value=255.0):
     """(image / max_value - mean) / std per channel, float32."""
     image = tf.cast(image, tf.float32) / max_value
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def model_input(image, mean, std, max_value=255.0, channels=3, normalization="dataset"):
+    """The last step of every pipeline: an image in [0, max_value] as the model takes it.
+
+    channels: 3 repeats a gray image; 1 turns RGB into its BT.601 luma, normalised (for "dataset")
+    with the luma of the channel means and stds (the std so taken is an upper bound of the gray
+    image's, exact when the channels move together). normalization: see NORMALIZATIONS.
+    """
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be one of {CHANNELS}, got {channels!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    image = tf.cast(image, tf.float32)
+    mean, std = tuple(mean), tuple(std)
+    source = image.shape[-1] or len(mean)  # a crop's channel count may be unknown while tracing: RGB
+    if channels == 1 and source == 3:
+        image = tf.image.rgb_to_grayscale(image)
+        mean = (sum(w * m for w, m in zip(LUMA_WEIGHTS, mean)),)
+        std = (sum(w * s for w, s in zip(LUMA_WEIGHTS, std)),)
+        source = 1
+    elif source == 1:  # gray: one channel's statistics, repeated after normalising
+        mean, std = mean[:1], std[:1]
+    if normalization == "dataset":
+        image = normalize(image, mean, std, max_value)
+    elif normalization == "unit":
+        image = image / max_value
+    else:
+        image = image * (255.0 / max_value)
+    return tf.repeat(image, channels, axis=-1) if source == 1 and channels == 3 else image
 
 
 def sample_crop_window(height, width, seed, scale=CROP_SCALE, ratio=CROP_RATIO, attempts=10):
@@ -151,13 +189,13 @@ def random_flip(image, seed=None):
     return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def preprocess_imagenet(image, training, image_size=224, seed=None):
+def preprocess_imagenet(image, training, image_size=224, seed=None, channels=3, normalization="dataset"):
     """ImageNet preprocessing of the official N2UQ (torchvision) recipe.
 
     training: RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip.
     evaluation: resize the shorter side to round(256/224 * image_size) then centre crop image_size.
     `image`: JPEG bytes (the fast path: only the crop window is decoded) or a decoded uint8 HWC image.
-    Returns float32 (h, w, 3) normalised with ImageNet's mean/std.
+    Returns float32 (h, w, 3) normalised with ImageNet's mean/std (see `model_input` for the options).
     """
     size = image_hw(image_size)
     if training:
@@ -167,17 +205,17 @@ def preprocess_imagenet(image, training, image_size=224, seed=None):
         image = _decode(image)
         image = resize_shorter_side(image, int(round(min(size) * EVAL_RESIZE_RATIO)))
         image = center_crop(image, size)
-    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    return model_input(image, IMAGENET_MEAN, IMAGENET_STD, channels=channels, normalization=normalization)
 
 
-def preprocess_cifar(image, training, image_size=32, seed=None):
+def preprocess_cifar(image, training, image_size=32, seed=None, channels=3, normalization="dataset"):
     """CIFAR-10 preprocessing.
 
     training at 32x32: zero-pad 4, random 32x32 crop, horizontal flip -- the standard CIFAR recipe
     (He et al. 2016) used by the CIFAR experiments of LSQ/N2UQ-style work. At any other
     image_size: RandomResizedCrop to image_size + flip instead (ImageNet-style models).
     evaluation: the image itself, resized (bilinear) if image_size is not 32.
-    Returns float32 normalised with the CIFAR-10 channel mean/std.
+    Returns float32 normalised with the CIFAR-10 channel mean/std (see `model_input` for the options).
     """
     size = image_hw(image_size)
     image = _decode(image)
@@ -188,19 +226,18 @@ def preprocess_cifar(image, training, image_size=32, seed=None):
         image = random_flip(image, flip_seed)
     elif not native:
         image = _resize(image, size)
-    return normalize(image, CIFAR10_MEAN, CIFAR10_STD)
+    return model_input(image, CIFAR10_MEAN, CIFAR10_STD, channels=channels, normalization=normalization)
 
 
-def preprocess_digits(image, training, image_size=32, seed=None, channels=3):
+def preprocess_digits(image, training, image_size=32, seed=None, channels=3, normalization="dataset"):
     """sklearn digits: image in [0, 1] (pixel / 16), 8x8x1 (or a batch of them when not training).
 
     Bilinear resize to image_size, for training a random shift of up to one original pixel
     (zero-pad image_size/8, random crop; no flips: digits are not mirror-symmetric), normalise with
-    the digits mean/std and repeat the gray channel `channels` times.
+    the digits mean/std and repeat the gray channel `channels` times (see `model_input` for the options).
     """
     size = image_hw(image_size)
     image = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
     if training:
         image = pad_random_crop(image, max(1, round(min(size) / 8)), seed)
-    image = normalize(image, DIGITS_MEAN[:1], DIGITS_STD[:1], max_value=1.0)
-    return tf.repeat(image, channels, axis=-1) if channels != 1 else image
+    return model_input(image, DIGITS_MEAN, DIGITS_STD, max_value=1.0, channels=channels, normalization=normalization)

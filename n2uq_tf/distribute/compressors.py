@@ -14,6 +14,23 @@ With b bits a code is (sign << (b - 1)) | level index, so there are 2^(b-1) magn
 - qsgd (Alistarh et al., 2017): {0, 1/s, ..., 1}, s = 2^(b-1) - 1, L2 norm.
 - qsgdinf: the same uniform levels, max-abs norm.
 Codes are bit-packed 32 / b to an int32 word; the norms travel as float32 beside them.
+
+Non-finite values (what the float all-reduce does with them, and nothing more). A NaN or +/-Inf
+gradient value must reach the sum at its own position, as the float exchange carries it, without
+spoiling the rest of its bucket. It takes no part in the bucket's norm and is sent as the marker
+code: the "negative zero" code (sign bit set, level 0), otherwise never needed. A bucket holding
+markers says so by the sign bit of its norm word (a norm is never negative), and in such a bucket
+a negative value that rounds to level 0 is sent as +0, so the marker is unambiguous; buckets of
+finite values are coded exactly as before. Which non-finite value a marker stands for (NaN, +Inf
+or -Inf) travels in a side list after the norms: 2 bits for each of the payload's first
+NONFINITE_KINDS markers, in position order (4 words, 16 bytes a payload). Markers past those
+decode as NaN: still non-finite and at their positions, only an Inf among them loses its kind.
+Decoded payloads are summed as floats, so NaN + x = NaN, Inf + finite = Inf and Inf - Inf = NaN,
+as in the float exchange.
+
+Huge finite values: the L2 norm is summed in float64 (no overflow) and, where it exceeds the
+largest float32, clamped to it. Any norm >= max |v| keeps the rounding unbiased (r <= 1), and
+with this one every decoded value level * norm stays a finite float32.
 """
 
 import dataclasses
@@ -24,6 +41,12 @@ import tensorflow as tf
 SUPPORTED_BITS = (2, 4, 8)  # b divides 32: codes never straddle a word
 DEFAULT_BUCKET_SIZE = 8192  # the paper's runs
 SMALL_BITS_BUCKET_SIZE = 128  # 2 bits diverged with 8192-value buckets and trained with 128 (DESIGN.md 7)
+# The side list of non-finite kinds: 2-bit codes, 16 to a word, for a payload's first 64 markers.
+NONFINITE_KINDS = 64
+NONFINITE_WORDS = NONFINITE_KINDS * 2 // 32
+# Kind code -> value (3 is never sent; it reads as NaN).
+NONFINITE_VALUES = np.float32([np.nan, np.inf, -np.inf, np.nan])
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def nuqsgd_levels(bits):
@@ -101,22 +124,37 @@ class GradientCompression:
         levels = self.levels()
         return np.concatenate([levels, -levels]).astype(np.float32)
 
+    @property
+    def marker_code(self):
+        """The code of a non-finite value: sign bit set, level 0 ("negative zero")."""
+        return 1 << (self.bits - 1)
+
+    def code_words(self, num_buckets):
+        """32-bit words of the packed codes of num_buckets buckets."""
+        return num_buckets * self.bucket_size // self.codes_per_word
+
     def payload_words(self, num_buckets):
-        """32-bit words one replica sends for num_buckets buckets: packed codes, then one norm each."""
-        return num_buckets * (self.bucket_size // self.codes_per_word + 1)
+        """32-bit words one replica sends for num_buckets buckets: packed codes, one norm per bucket,
+        then the NONFINITE_WORDS of the non-finite side list."""
+        return self.code_words(num_buckets) + num_buckets + NONFINITE_WORDS
 
     def get_config(self):
         return dataclasses.asdict(self)
 
 
 def bucket_norms(buckets, norm):
-    """Per-bucket norm of a [num_buckets, bucket_size] float32 tensor: 'l2' or 'max' (max |v|)."""
+    """Per-bucket norm of [num_buckets, bucket_size] finite float32 values: 'l2' or 'max' (max |v|).
+
+    The L2 norm is clamped to the largest float32 (see the module docstring).
+    """
     if norm != "l2":
         return tf.reduce_max(tf.abs(buckets), axis=1)
     # In float64: float32 squares overflow beyond ~1e19 and flush to zero below ~1e-19, where the
-    # float exchange would carry the values unchanged; float64 squares of float32 values are exact.
+    # float exchange would carry the values unchanged; float64 squares of float32 values are exact,
+    # and a bucket of them sums far below float64's range.
     wide = tf.cast(buckets, tf.float64)
-    return tf.cast(tf.sqrt(tf.reduce_sum(tf.square(wide), axis=1)), tf.float32)
+    l2 = tf.sqrt(tf.reduce_sum(tf.square(wide), axis=1))
+    return tf.cast(tf.minimum(l2, _FLOAT32_MAX), tf.float32)
 
 
 def _lower_level_index(ratio, compression):
@@ -142,27 +180,38 @@ def quantize_buckets(buckets, compression, uniform):
     """Codes and norms of [num_buckets, bucket_size] float32 buckets, given U[0,1) draws of that shape.
 
     Returns (codes int32 in [0, 2^bits), norms float32 [num_buckets]). A bucket of zeros gets norm 0
-    and codes 0.
+    and codes 0. Non-finite values get the marker code and their bucket's norm is negated (its sign
+    bit set, -0.0 for a zero norm): see the module docstring.
     """
     buckets = tf.convert_to_tensor(buckets, tf.float32)
-    norms = bucket_norms(buckets, compression.norm)
+    finite = tf.math.is_finite(buckets)
+    values = tf.where(finite, buckets, tf.zeros_like(buckets))
+    norms = bucket_norms(values, compression.norm)
     safe_norms = tf.where(norms > 0, norms, tf.ones_like(norms))
     # |v| <= norm in exact arithmetic; float rounding may put a lone value a hair above 1.
-    ratio = tf.minimum(tf.abs(buckets) / safe_norms[:, None], 1.0)
+    ratio = tf.minimum(tf.abs(values) / safe_norms[:, None], 1.0)
     levels = tf.constant(compression.levels())
     lower = _lower_level_index(ratio, compression)
     low, high = tf.gather(levels, lower), tf.gather(levels, lower + 1)
     round_up = uniform < (ratio - low) / (high - low)
     index = lower + tf.cast(round_up, tf.int32)
-    sign = tf.cast(buckets < 0, tf.int32)
-    codes = tf.bitwise.bitwise_or(index, tf.bitwise.left_shift(sign, compression.bits - 1))
-    return codes, norms
+    marked = tf.reduce_any(~finite, axis=1, keepdims=True)  # buckets that hold markers
+    negative = (values < 0) & ~(marked & (index == 0))  # there, a value rounded to 0 is sent as +0
+    codes = tf.bitwise.bitwise_or(index, tf.bitwise.left_shift(tf.cast(negative, tf.int32), compression.bits - 1))
+    codes = tf.where(finite, codes, compression.marker_code)
+    return codes, tf.where(marked[:, 0], -norms, norms)
 
 
 def dequantize_buckets(codes, norms, compression):
-    """float32 values of [..., num_buckets, bucket_size] codes with [..., num_buckets] norms."""
+    """float32 values of [..., num_buckets, bucket_size] codes with [..., num_buckets] norms.
+
+    Markers (in buckets whose norm has its sign bit set) decode as NaN; `decode` then gives the
+    side list's infinities their places.
+    """
     table = tf.constant(compression.signed_levels())
-    return tf.gather(table, codes) * norms[..., None]
+    marked = tf.bitcast(norms, tf.int32) < 0  # the sign bit, also of -0.0
+    values = tf.gather(table, codes) * tf.abs(norms)[..., None]
+    return tf.where(marked[..., None] & (codes == compression.marker_code), tf.constant(np.nan, tf.float32), values)
 
 
 def pack_codes(codes, bits):
@@ -187,18 +236,61 @@ def unpack_codes(words, bits):
     return tf.cast(tf.reshape(codes, shape), tf.int32)
 
 
+def nonfinite_kinds(buckets):
+    """The side list of buckets' non-finite values: int32 [NONFINITE_WORDS].
+
+    2-bit kind codes (0 NaN, 1 +Inf, 2 -Inf) of the first NONFINITE_KINDS non-finite values in
+    position order, packed like the codes; unused slots are 0.
+    """
+    flat = tf.reshape(tf.convert_to_tensor(buckets, tf.float32), [-1])
+    positions = tf.where(~tf.math.is_finite(flat))[:NONFINITE_KINDS, 0]
+    values = tf.gather(flat, positions)
+    kinds = tf.where(values > 0, 1, tf.where(values < 0, 2, 0))  # NaN compares false both ways
+    kinds = tf.pad(kinds, [[0, NONFINITE_KINDS - tf.size(kinds)]])
+    return tf.ensure_shape(pack_codes(kinds, 2), [NONFINITE_WORDS])
+
+
+def restore_infinities(values, side_lists):
+    """values [..., n] with NaN at every marker, and their payloads' side lists [..., NONFINITE_WORDS]:
+    the values with each listed marker set to its kind (rows of the leading axes apart)."""
+    n = tf.shape(values)[-1]
+    rows = tf.reshape(values, [-1, n])
+    kinds = tf.reshape(unpack_codes(side_lists, 2), [-1, NONFINITE_KINDS])
+    marked = tf.where(tf.math.is_nan(rows))  # [k, 2]: (row, position), in row-major order
+    row = marked[:, 0]
+    rank = tf.range(tf.shape(marked, out_type=tf.int64)[0]) - tf.searchsorted(row, row, side="left", out_type=tf.int64)
+    listed = rank < NONFINITE_KINDS
+    kind = tf.gather_nd(kinds, tf.stack([row, tf.minimum(rank, NONFINITE_KINDS - 1)], axis=1))
+    kind = tf.where(listed, kind, 0)
+    restored = tf.tensor_scatter_nd_update(rows, marked, tf.gather(tf.constant(NONFINITE_VALUES), kind))
+    return tf.reshape(restored, tf.shape(values))
+
+
+def _any_marked(norm_words):
+    return tf.reduce_any(norm_words < 0)  # a norm's sign bit, read on its int32 word
+
+
 def encode(buckets, compression, seed):
     """One replica's payload for [num_buckets, bucket_size] buckets: int32 [payload_words].
 
     seed: int32/int64 [2] for tf.random.stateless_uniform; the rounding noise is a function of it.
     """
+    buckets = tf.convert_to_tensor(buckets, tf.float32)
     uniform = tf.random.stateless_uniform(tf.shape(buckets), seed=seed, dtype=tf.float32)
-    return _quantize_and_pack(tf.convert_to_tensor(buckets, tf.float32), uniform, compression)
+    coded = _quantize_and_pack(buckets, uniform, compression)
+    # The side list only where a bucket holds markers: the search over the values costs a pass.
+    side = tf.cond(_any_marked(coded[compression.code_words(buckets.shape[0]):]),
+                   lambda: nonfinite_kinds(buckets), lambda: tf.zeros([NONFINITE_WORDS], tf.int32))
+    return tf.concat([coded, side], axis=0)
 
 
 def decode(payload, compression, num_buckets):
     """float32 [..., num_buckets * bucket_size] from payloads [..., payload_words] (inverse of encode)."""
-    return _unpack_and_dequantize(tf.convert_to_tensor(payload, tf.int32), compression, num_buckets)
+    payload = tf.convert_to_tensor(payload, tf.int32)
+    values = _unpack_and_dequantize(payload, compression, num_buckets)
+    code_words = compression.code_words(num_buckets)
+    return tf.cond(_any_marked(payload[..., code_words:code_words + num_buckets]),
+                   lambda: restore_infinities(values, payload[..., -NONFINITE_WORDS:]), lambda: values)
 
 
 def decode_sum(payloads, compression, num_buckets):
@@ -226,9 +318,9 @@ def _quantize_and_pack(buckets, uniform, compression):
 
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _unpack_and_dequantize(payload, compression, num_buckets):
-    code_words = num_buckets * compression.bucket_size // compression.codes_per_word
+    code_words = compression.code_words(num_buckets)
     codes = unpack_codes(payload[..., :code_words], compression.bits)
-    norms = tf.bitcast(payload[..., code_words:], tf.float32)
+    norms = tf.bitcast(payload[..., code_words:code_words + num_buckets], tf.float32)
     leading = tf.shape(codes)[:-1]
     codes = tf.reshape(codes, tf.concat([leading, [num_buckets, compression.bucket_size]], axis=0))
     values = dequantize_buckets(codes, norms, compression)
