@@ -189,6 +189,7 @@ compression = nd.GradientCompression("nuqsgd", 4, bucket_size=128)
 @tf.function
 def exchange(g):
     def step(g):
+        g = tf.identity(g)  # on the replica's device: the all-reduce takes its destination from it
         context = tf.distribute.get_replica_context()
         return (nd.exchange_compressed([g], compression, tf.constant(0, tf.int64))[0],
                 context.all_reduce(tf.distribute.ReduceOp.SUM, g))

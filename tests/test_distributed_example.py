@@ -31,8 +31,8 @@ def test_readme_launch_command_trains_two_workers_with_nuqsgd(tmp_path):
     assert result["ratio"] >= 7.0
     # Buckets: kernels 65,536 / 1,048,576 / 10,240 values -> 8 + 128 + 1 whole ones of their own; the
     # last kernel's tail (2,048) and the three biases (2,058) share 1. Each bucket: 8192 codes / 8 per
-    # word + 1 norm word.
-    assert result["bytes_per_step"] == 4 * (8 + 128 + 1 + 1) * (8192 // 8 + 1)
+    # word + 1 norm word; then the 4 words of the non-finite side list.
+    assert result["bytes_per_step"] == 4 * ((8 + 128 + 1 + 1) * (8192 // 8 + 1) + 4)
     assert result["test_accuracy"] > 0.9  # digits, 2 epochs: the float exchange reaches ~0.97
     # The chief alone reports; both workers' lines come through the launcher's prefixes.
     assert "[worker 0]" in run.stdout and "test accuracy" in run.stdout
