@@ -175,13 +175,24 @@ def _conv1d_reference(wrapper, x):
     return np.maximum(y, 0) if layer.activation is keras.activations.relu else y
 
 
+def _separable_kernel(wrapper, attr):
+    """A SeparableConv2D kernel as the quantized layer uses it (float64): entropy-preserving
+    weights, one scale per depthwise output channel / per filter; the float kernel if unquantized."""
+    config = wrapper.quantize_config
+    if config.weight_bits is None:
+        return getattr(wrapper.layer, attr).numpy().astype(np.float64)
+    variable = wrapper._weight_vars[config.weight_attrs.index(attr)][0]
+    axis = (-2, -1) if attr == "depthwise_kernel" else -1
+    return ref.quantize_weights64(variable.numpy(), config.weight_bits, axis)[0]
+
+
 def _depthwise_reference(wrapper, x):
     """A quantized SeparableConv2D's depthwise output in NumPy (float64): N2UQ levels of x, weights
     with one scale per depthwise output channel, TF's padding; output channel c * M + j."""
     layer, config = wrapper.layer, wrapper.quantize_config
     q = ref.quantize_f32(x, *_quantizer_parameters(wrapper.input_quantizer[1]),
                          config.activation_bits).astype(np.float64)
-    dw, _, _ = ref.quantize_weights64(wrapper._weight_vars[0][0].numpy(), config.weight_bits, (-2, -1))
+    dw = _separable_kernel(wrapper, "depthwise_kernel")
     kh, kw, c, m = dw.shape
     (sh, sw), (dh, dwl) = layer.strides, layer.dilation_rate
     if layer.padding == "same":
@@ -205,7 +216,7 @@ def _separable_reference(wrapper, x):
     layer, config = wrapper.layer, wrapper.quantize_config
     bits = config.activation_bits
     depthwise = _depthwise_reference(wrapper, x)
-    pw, _, _ = ref.quantize_weights64(wrapper._weight_vars[1][0].numpy(), config.weight_bits, -1)
+    pw = _separable_kernel(wrapper, "pointwise_kernel")
     (_, _, mid_variables), = wrapper.intermediate_quantizers
     start, intervals, beta1, beta2 = _quantizer_parameters(mid_variables)
     # Keras computes the depthwise conv in float32: no value may sit within its rounding of a threshold.
@@ -582,6 +593,18 @@ def test_separable_kept_builtin_keeps_the_intermediate_quantizer(xception):
     wrapper = _wrappers(q)["sep_w8"]
     want, _, _ = _separable_reference(wrapper, x)
     _assert_close(lower(q)(x).numpy(), want, "kept builtin vs NumPy")
+    # float weights, quantized activations: both quantizers, the layer's own kernels
+    q = n2uq_tf.quantize_model(keras.Model(inp, L.SeparableConv2D(6, 3, name="sep_wfloat")(inp)), bits=2,
+                               skip_layers=None, overrides={"sep_wfloat": {"weight_bits": None}})
+    wrapper = _wrappers(q)["sep_wfloat"]
+    assert len(wrapper.intermediate_quantizers) == 1 and not wrapper._weight_vars
+    _learned_looking(q, x, 5)
+    [row] = plan_export(q).kept_builtin
+    assert "weight_bits=None" in row.reason
+    _assert_close(lower(q)(x).numpy(), q(x, training=False).numpy(), "float weights")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(q(x, training=True))
+    assert all(g is not None for g in tape.gradient(loss, q.trainable_weights))
 
 
 def test_separable_mixed_precision_training():

@@ -210,7 +210,7 @@ def _builtin_reason(wrapper, input_shape):
     if len(wrapper._weight_vars) != len(stages):
         return (f"{len(wrapper._weight_vars)} quantized weights; {type(layer).__name__} is lowered with "
                 f"{len(stages)}")
-    if len(getattr(wrapper, "intermediate_quantizers", [])) != len(stages) - 1:
+    if len(wrapper.intermediate_quantizers) != len(stages) - 1:
         return f"no quantizer between the stages of {type(layer).__name__}"
     rank = len(input_shape)
     if type(layer) in _DENSE_TYPES:
@@ -405,7 +405,7 @@ class _Lowered:
                                   config.activation_bits, folded=None if bn is None else bn.name)
         quantizers = [(layer.name, wrapper.input_quantizer)] + [
             (f"{layer.name}/{name}", (quantizer, variables))
-            for name, quantizer, variables in getattr(wrapper, "intermediate_quantizers", [])]
+            for name, quantizer, variables in wrapper.intermediate_quantizers]
         kinds = _STAGE_OPS[type(layer)]
         shape = list(input_shape)
         if self.one_d:
@@ -482,7 +482,7 @@ class _KeptBuiltin:
         self.act = _activation_state(*wrapper.input_quantizer) if wrapper.input_quantizer is not None else None
         # A split layer (SeparableConv2D) computes through the registry's split forward, with its
         # intermediate quantizer as builtins too.
-        self.between = [_activation_state(q, v) for _, q, v in getattr(wrapper, "intermediate_quantizers", [])]
+        self.between = [_activation_state(q, v) for _, q, v in wrapper.intermediate_quantizers]
         ops_used = ["builtin"]
         self.report = LayerExport(
             self.name, type(layer).__name__, "builtin", ops_used, config.weight_bits, config.activation_bits,

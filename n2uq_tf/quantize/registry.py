@@ -20,7 +20,8 @@ class Split(NamedTuple):
     """A layer computed as two convolutions with an activation quantizer between them.
 
     ``call(layer, inputs, kernels, between)`` is the layer's forward pass with ``kernels``
-    ({attribute: tensor}, the quantized kernels) in place of the layer's own and ``between``
+    ({attribute: tensor}, the quantized kernels; attributes it lacks are read from the layer, as
+    when the weights stay float) in place of the layer's own and ``between``
     applied to the first stage's output. The kernels are passed rather than set on the layer, so
     the layer's own `call` (which Keras traces on its own when saving a SavedModel) keeps reading
     its variables. The quantizer's variables are named ``<name>_n2uq_start``, ...
@@ -43,13 +44,15 @@ def _separable_conv2d_call(layer, inputs, kernels, between):
     layer's strides, padding and dilation, then a 1x1 'VALID' conv); split here so that the
     pointwise conv sees quantized activations, as every other quantized conv does.
     """
+    depthwise_kernel = kernels.get("depthwise_kernel", layer.depthwise_kernel)
+    pointwise_kernel = kernels.get("pointwise_kernel", layer.pointwise_kernel)
     channels_last = layer.data_format == "channels_last"
     data_format = "NHWC" if channels_last else "NCHW"
     strides = (1, *layer.strides, 1) if channels_last else (1, 1, *layer.strides)
-    x = tf.nn.depthwise_conv2d(inputs, tf.cast(kernels["depthwise_kernel"], inputs.dtype), strides,
+    x = tf.nn.depthwise_conv2d(inputs, tf.cast(depthwise_kernel, inputs.dtype), strides,
                                layer.padding.upper(), dilations=layer.dilation_rate, data_format=data_format)
     x = between(x)
-    x = tf.nn.conv2d(x, tf.cast(kernels["pointwise_kernel"], x.dtype), 1, "VALID", data_format=data_format)
+    x = tf.nn.conv2d(x, tf.cast(pointwise_kernel, x.dtype), 1, "VALID", data_format=data_format)
     if layer.use_bias:
         x = tf.nn.bias_add(x, tf.cast(layer.bias, x.dtype), data_format=data_format)
     if layer.activation is not None:
