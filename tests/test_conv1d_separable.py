@@ -7,11 +7,11 @@ thresholds) before the pointwise conv, with per-channel weight scales for both k
 exports as N2UQQuantize + N2UQDepthwiseConv2D + N2UQQuantizePack + N2UQConv2D (1x1).
 
 The models are what a new user would bring: a small temporal conv net on synthetic time series
-and an Xception-style block, trained a few steps with `fit` before being checked.
+and an Xception-style block, trained a few steps with `fit`, then given learned-looking quantizer
+parameters (thresholds spread over what each quantizer sees) so that every level is exercised.
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -433,11 +433,12 @@ def test_report_lists_the_layers(tcn, xception):
         filters = layer.pointwise_kernel.shape[-1]
         bias = filters if layer.use_bias else 0
         quantizer_values = 2 * (3 + 3)  # two N2UQ quantizers: start, 3 intervals, beta1, beta2
-        # depthwise: 2 bits a weight + one float32 scale per depthwise output channel (c * m);
-        # pointwise: 2 bits a weight + one scale per filter; bias and quantizer parameters float32
-        assert row.packed_bytes == (math.ceil(kh * kw * c * m * 2 / 8) + 4 * c * m
-                                    + math.ceil(c * m * filters * 2 / 8) + 4 * filters + 4 * (bias + quantizer_values))
         assert row.params == kh * kw * c * m + c * m * filters + bias + quantizer_values
+        # What the file holds: both kernels at 2 bits a weight; float32 multiplier and bias per
+        # output channel of each op (c * m depthwise, `filters` pointwise) and 3 thresholds per quantizer
+        assert row.export == "packed"
+        assert row.packed_bytes == (math.ceil(kh * kw * c * m * 2 / 8) + math.ceil(c * m * filters * 2 / 8)
+                                    + 4 * (2 * c * m + 3) + 4 * (2 * filters + 3))
         (_, quantizer, variables), = wrappers[name].intermediate_quantizers
         levels = quantizer.uniform_levels(variables)
         np.testing.assert_allclose(row.intermediate_thresholds["pointwise_input"],
@@ -445,7 +446,8 @@ def test_report_lists_the_layers(tcn, xception):
         assert f"{name} " in str(report) and "pointwise_input:" in str(report)
     conv = {r.name: r for r in n2uq_tf.quantization_report(tcn[0]).layers}
     assert conv["causal_d2"].status == "quantized" and conv["causal_d2"].type == "Conv1D"
-    assert conv["causal_d2"].packed_bytes == math.ceil(3 * 8 * 8 * 2 / 8) + 4 * 8 + 4 * (8 + 6)
+    assert conv["causal_d2"].export == "packed" and conv["bn_d2"].export == "folded"
+    assert conv["causal_d2"].packed_bytes == math.ceil(3 * 8 * 8 * 2 / 8) + 4 * (2 * 8 + 3)
     assert conv["causal_d2"].intermediate_thresholds is None
 
 
