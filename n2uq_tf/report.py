@@ -37,6 +37,9 @@ class LayerReport:
     step: float = None            # activation output step (beta2 * delta for N2UQ)
     export: str = None            # what export_tflite makes of it: EXPORT_* above (None: no export plan)
     export_note: str = ""         # why a quantized layer exports as float; what a BN folds into
+    # {name: thresholds (its input's units)} of quantizers inside the layer, between its stages
+    # (SeparableConv2D: "pointwise_input", on the depthwise output)
+    intermediate_thresholds: dict = None
 
     @property
     def method(self):
@@ -94,13 +97,9 @@ class QuantizationReport:
         for r in self.layers:
             if r.params == 0 and r.status == "float":
                 continue
-            thresholds = ""
-            if r.thresholds is not None:
-                shown = r.thresholds if len(r.thresholds) <= 4 else r.thresholds[:3] + [r.thresholds[-1]]
-                thresholds = " ".join(f"{t:.3g}" for t in shown)
-                if len(r.thresholds) > 4:  # first three ... last
-                    parts = thresholds.split(" ")
-                    thresholds = " ".join(parts[:3] + ["...", parts[3]]) + f" ({len(r.thresholds)} thresholds)"
+            thresholds = "" if r.thresholds is None else _format_thresholds(r.thresholds)
+            for name, values in (r.intermediate_thresholds or {}).items():
+                thresholds += f"; {name}: {_format_thresholds(values)}"
             if r.status in ("unsupported", "kept float"):
                 thresholds = f"{r.status}: {r.note}"
             elif r.export == EXPORT_FOLDED:
@@ -126,6 +125,15 @@ class QuantizationReport:
         print_fn(str(self))
 
 
+def _format_thresholds(values):
+    shown = values if len(values) <= 4 else values[:3] + [values[-1]]
+    text = " ".join(f"{t:.3g}" for t in shown)
+    if len(values) > 4:  # first three ... last
+        parts = text.split(" ")
+        text = " ".join(parts[:3] + ["...", parts[3]]) + f" ({len(values)} thresholds)"
+    return text
+
+
 def _walk(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model) and not isinstance(layer, N2UQWrapper):
@@ -136,6 +144,13 @@ def _walk(model):
 
 def _float_weights(variables):
     return [v for v in variables if v.dtype.is_floating]
+
+
+def _input_unit_thresholds(levels):
+    """A quantizer's thresholds T_i / input_scale (its input's units; raw T_i for a zero scale)."""
+    scale = float(levels.input_scale)
+    t = np.asarray(levels.thresholds, np.float64)
+    return [float(v) for v in (t / scale if scale != 0 else t)]
 
 
 def _wrapper_report(wrapper):
@@ -154,10 +169,12 @@ def _wrapper_report(wrapper):
         levels = quantizer.uniform_levels(variables)
         if "beta1" in variables and "beta2" in variables:
             report.beta1, report.beta2 = float(variables["beta1"].numpy()), float(variables["beta2"].numpy())
-        scale = float(levels.input_scale)
-        t = np.asarray(levels.thresholds, np.float64)
-        report.thresholds = [float(v) for v in (t / scale if scale != 0 else t)]
+        report.thresholds = _input_unit_thresholds(levels)
         report.step = float(levels.step)
+    between = wrapper.intermediate_quantizers
+    if between:
+        report.intermediate_thresholds = {name: _input_unit_thresholds(quantizer.uniform_levels(variables))
+                                          for name, quantizer, variables in between}
     # Packed bytes come from the export plan (quantization_report); float until then.
     report.params, report.float_bytes, report.packed_bytes = params, FLOAT_BYTES * params, FLOAT_BYTES * params
     return report

@@ -2,15 +2,17 @@
 
 `lower(model)` walks the model's own functional graph (nested functional models included)
 and calls every layer in inference mode, except that each `N2UQWrapper` it can lower
-(Conv2D, DepthwiseConv2D, Dense and their padded variants, 1..4 bits) becomes the
-quantize(-and-pack) op plus a bit-serial conv / FC op of `custom_ops`, with a directly
-following BatchNormalization folded into the op's per-channel multiplier and bias.
+(Conv2D, DepthwiseConv2D, Dense and their padded variants, Conv1D as a 2-D conv of height 1,
+SeparableConv2D as two quantize + conv pairs; 1..4 bits) becomes the quantize(-and-pack) op
+plus a bit-serial conv / FC op of `custom_ops`, with a directly following BatchNormalization
+folded into the last op's per-channel multiplier and bias.
 Wrappers it cannot lower stay float builtins on fake-quantized constants, so the graph
 still computes the Keras model's inference outputs. The result is a tf.Module whose
 `__call__` is the function the TFLite converter sees; the custom ops' bodies are the plain-TF
 references, so it also runs in TensorFlow (the pre-conversion self-check).
 """
 
+import collections
 import dataclasses
 import math
 
@@ -20,15 +22,29 @@ import tensorflow as tf
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU
-from n2uq_tf.quantize import methods
+from n2uq_tf.quantize import methods, registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
 FLOAT_BYTES = 4
 
-_CONV_TYPES = (keras.layers.Conv2D, PaddedConv2D)
-_DEPTHWISE_TYPES = (keras.layers.DepthwiseConv2D, PaddedDepthwiseConv2D)
 _DENSE_TYPES = (keras.layers.Dense,)
+_ONE_D_TYPES = (keras.layers.Conv1D,)  # lowered as 2-D convs of height 1, on [batch, 1, width, channels]
+
+# The custom conv / FC op of each stage of a lowerable layer, in order; each is preceded by its
+# quantize(-and-pack) op. SeparableConv2D: depthwise, then its "pointwise_input" quantizer and a 1x1 conv.
+_STAGE_OPS = {
+    keras.layers.Conv1D: (custom_ops.OP_CONV2D,),
+    keras.layers.Conv2D: (custom_ops.OP_CONV2D,),
+    PaddedConv2D: (custom_ops.OP_CONV2D,),
+    keras.layers.DepthwiseConv2D: (custom_ops.OP_DEPTHWISE_CONV2D,),
+    PaddedDepthwiseConv2D: (custom_ops.OP_DEPTHWISE_CONV2D,),
+    keras.layers.SeparableConv2D: (custom_ops.OP_DEPTHWISE_CONV2D, custom_ops.OP_CONV2D),
+    keras.layers.Dense: (custom_ops.OP_FULLY_CONNECTED,),
+}
+# Output tensor name suffix of a stage that is not a layer's last ("<layer>/depthwise").
+_STAGE_LABELS = {custom_ops.OP_DEPTHWISE_CONV2D: "depthwise", custom_ops.OP_CONV2D: "conv",
+                 custom_ops.OP_FULLY_CONNECTED: "fully_connected"}
 
 
 @dataclasses.dataclass
@@ -165,14 +181,13 @@ def _bn_affine(bn):
     return scale, beta - scale * mean
 
 
-def _activation_state(wrapper):
-    """Thresholds T (float32), input scale and output step of a wrapper's input quantizer.
+def _activation_state(quantizer, variables):
+    """Thresholds T (float32), input scale and output step of an activation quantizer.
 
     Any method: ``uniform_levels`` gives its inference output exactly as
     step * #{x * input_scale > T_i} (N2UQ: input_scale beta1, step beta2 * delta).
     """
-    quantizer, v = wrapper.input_quantizer
-    levels = quantizer.uniform_levels(v)
+    levels = quantizer.uniform_levels(variables)
     return (np.asarray(levels.thresholds, np.float32), np.float32(levels.input_scale), np.float32(levels.step))
 
 
@@ -189,10 +204,14 @@ def _builtin_reason(wrapper, input_shape):
         return str(error)
     if config.weight_bits > MAX_EXPORT_BITS or config.activation_bits > MAX_EXPORT_BITS:
         return (f"W{config.weight_bits}A{config.activation_bits}: the custom ops take 1..{MAX_EXPORT_BITS} bits")
-    if type(layer) not in _CONV_TYPES + _DEPTHWISE_TYPES + _DENSE_TYPES:
+    stages = _STAGE_OPS.get(type(layer))
+    if stages is None:
         return f"no custom op for {type(layer).__name__}"
-    if len(wrapper._weight_vars) != 1:
-        return "more than one quantized weight"
+    if len(wrapper._weight_vars) != len(stages):
+        return (f"{len(wrapper._weight_vars)} quantized weights; {type(layer).__name__} is lowered with "
+                f"{len(stages)}")
+    if len(wrapper.intermediate_quantizers) != len(stages) - 1:
+        return f"no quantizer between the stages of {type(layer).__name__}"
     rank = len(input_shape)
     if type(layer) in _DENSE_TYPES:
         if rank != 2:
@@ -204,33 +223,62 @@ def _builtin_reason(wrapper, input_shape):
         return "data_format='channels_first'"
     if getattr(layer, "groups", 1) != 1:
         return f"grouped convolution (groups={layer.groups})"
-    if rank != 4 or input_shape[-1] is None:
-        return f"input shape {tuple(input_shape)} is not [batch, height, width, channels]"
+    one_d = type(layer) in _ONE_D_TYPES
+    spatial = "width" if one_d else "height, width"
+    if rank != (3 if one_d else 4) or input_shape[-1] is None:
+        return f"input shape {tuple(input_shape)} is not [batch, {spatial}, channels]"
     padding = getattr(layer, "padding", "valid")
     if not isinstance(layer, (PaddedConv2D, PaddedDepthwiseConv2D)) and padding == "same" \
-            and (input_shape[1] is None or input_shape[2] is None):
-        return "'same' padding on an input of unknown height/width"
-    if padding not in ("same", "valid"):
+            and any(size is None for size in input_shape[1:-1]):
+        return f"'same' padding on an input of unknown {spatial}"
+    if padding not in ("same", "valid", "causal"):  # 'causal' exists on Conv1D only
         return f"padding={padding!r}"
     return None
 
 
-class _Lowered:
-    """One N2UQWrapper call lowered to quantize + conv/FC custom ops (constants ready)."""
+# Geometry of a 2-D conv op: kernel (height, width), strides, dilations, ((top, bottom), (left, right)).
+_Geometry = collections.namedtuple("_Geometry", ["kernel_size", "strides", "dilations", "paddings"])
+_POINTWISE = _Geometry((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)))
 
-    def __init__(self, wrapper, input_shape, bn):
-        layer = wrapper.layer
-        self.name = layer.name
-        self.layer = layer
-        self.bn = bn
-        config = wrapper.quantize_config
-        wb, ab = config.weight_bits, config.activation_bits
-        self.thresholds, input_scale, step = _activation_state(wrapper)
-        kernel_var, quantizer, variables = wrapper._weight_vars[0]
-        view = quantizer.integer_view(tf.convert_to_tensor(kernel_var, tf.float32), variables)
+
+def _conv_geometry(layer, input_shape):
+    """The `_Geometry` of a conv layer's (first) op; a Conv1D is a 2-D conv of height 1."""
+    if type(layer) in _ONE_D_TYPES:
+        kernel, strides, dilations = ((1, int(v[0])) for v in (layer.kernel_size, layer.strides, layer.dilation_rate))
+        spatial = (1, input_shape[1])
+    else:
+        kernel, strides, dilations = (tuple(int(d) for d in v)
+                                      for v in (layer.kernel_size, layer.strides, layer.dilation_rate))
+        spatial = tuple(input_shape[1:3])
+    if isinstance(layer, (PaddedConv2D, PaddedDepthwiseConv2D)):
+        paddings = tuple(tuple(p) for p in layer.explicit_padding)
+    elif layer.padding == "causal":  # Conv1D: all of the padding before the sequence, (k - 1) * d steps
+        paddings = ((0, 0), ((kernel[1] - 1) * dilations[1], 0))
+    elif layer.padding == "same":
+        paddings = tuple(_tf_same_padding(int(spatial[i]), kernel[i], strides[i], dilations[i]) for i in range(2))
+    else:
+        paddings = ((0, 0), (0, 0))
+    return _Geometry(kernel, strides, dilations, paddings)
+
+
+class _Stage:
+    """One quantize(-and-pack) op and one bit-serial conv / FC op, constants ready.
+
+    ``name`` names the op's output tensor in the file; ``tap`` is the key of its activation
+    codes in `LoweredModel.activation_codes`.
+    """
+
+    def __init__(self, *, name, tap, layer, kind, quantizer, weight, in_channels, report, geometry=None,
+                 depth_multiplier=1, conv_bias=None, bn=None, one_d=False):
+        self.name, self.tap, self.layer, self.kind, self.report, self.one_d = name, tap, layer, kind, report, one_d
+        wb, ab = report.weight_bits, report.activation_bits
+        self.act_bits = ab
+        self.thresholds, input_scale, step = _activation_state(*quantizer)
+        kernel_var, weight_quantizer, variables = weight
+        view = weight_quantizer.integer_view(tf.convert_to_tensor(kernel_var, tf.float32), variables)
         codes, weight_scale = np.asarray(view.codes), np.asarray(view.scale, np.float64)
         out_channels = int(np.prod(weight_scale.shape))
-        in_channels = self.in_channels = int(input_shape[-1])
+        in_channels = self.in_channels = int(in_channels)
         n_w = 2 ** wb - 1
         if view.zero2 != n_w:  # check_exportable keeps such layers builtin
             raise ValueError(f"layer {layer.name!r}: weight zero2 {view.zero2} is not 2^b - 1")
@@ -245,8 +293,7 @@ class _Lowered:
         #   bias_c = s_c * (conv_bias_c - mean_c) + b_c,  s_c = g_c / sqrt(var_c + eps)
         # (g = 1 / b = 0 for a BN without scale / center). float64 here, float32 in the file.
         multiplier = float(step) * weight_scale.reshape(-1) / 2.0
-        conv_bias = (np.asarray(layer.bias.numpy(), np.float64).reshape(-1) if getattr(layer, "use_bias", False)
-                     else np.zeros(out_channels))
+        conv_bias = np.zeros(out_channels) if conv_bias is None else np.asarray(conv_bias, np.float64).reshape(-1)
         if bn is not None:
             s, shift = _bn_affine(bn)
             multiplier, bias = s * multiplier, s * conv_bias + shift
@@ -254,70 +301,53 @@ class _Lowered:
             bias = conv_bias
         self.multiplier = multiplier.astype(np.float32)
         self.bias = bias.astype(np.float32)
-        self.activation = None if _is_linear(getattr(layer, "activation", None)) else layer.activation
 
-        if type(layer) in _DENSE_TYPES:
-            self.kind = custom_ops.OP_FULLY_CONNECTED
+        if kind == custom_ops.OP_FULLY_CONNECTED:
             ordered = codes.T  # [IN][OUT] -> [OUT][IN]
             self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale)
             self.op = custom_ops.fully_connected_fn(in_features=in_channels, out_features=out_channels,
                                                     act_bits=ab, weight_bits=wb)
             self.quantize_name = custom_ops.OP_QUANTIZE_PACK
         else:
-            kh, kw = layer.kernel_size
-            strides, dilations = tuple(layer.strides), tuple(layer.dilation_rate)
-            if isinstance(layer, (PaddedConv2D, PaddedDepthwiseConv2D)):
-                paddings = tuple(tuple(p) for p in layer.explicit_padding)
-            elif layer.padding == "same":
-                paddings = tuple(_tf_same_padding(int(input_shape[1 + i]), (kh, kw)[i], strides[i], dilations[i])
-                                 for i in range(2))
-            else:
-                paddings = ((0, 0), (0, 0))
-            self.paddings = paddings
-            if type(layer) in _DEPTHWISE_TYPES:
-                self.kind = custom_ops.OP_DEPTHWISE_CONV2D
+            self.kernel_size, self.strides, self.dilations, self.paddings = geometry
+            kh, kw = self.kernel_size
+            conv_options = dict(kernel_size=(kh, kw), strides=self.strides, dilations=self.dilations,
+                                paddings=self.paddings, act_bits=ab, weight_bits=wb)
+            if kind == custom_ops.OP_DEPTHWISE_CONV2D:
                 ordered = codes  # [KH][KW][C][M], flattened as it is
                 self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale, pack=False)
                 self.quantize_name = custom_ops.OP_QUANTIZE
-                self.op = custom_ops.depthwise_conv2d_fn(
-                    in_channels=in_channels, depth_multiplier=int(layer.depth_multiplier), kernel_size=(kh, kw),
-                    strides=strides, dilations=dilations, paddings=paddings, act_bits=ab, weight_bits=wb)
+                self.op = custom_ops.depthwise_conv2d_fn(in_channels=in_channels,
+                                                         depth_multiplier=int(depth_multiplier), **conv_options)
             else:
-                self.kind = custom_ops.OP_CONV2D
-                ordered = codes.transpose(3, 0, 1, 2)  # HWIO -> [OC][KH][KW][IC]
+                # HWIO -> [OC][KH][KW][IC]; a Conv1D's [K][IC][OC] is HWIO of height 1, a pointwise
+                # kernel [1][1][IC][OC].
+                ordered = codes.reshape(kh, kw, in_channels, out_channels).transpose(3, 0, 1, 2)
                 self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale)
                 self.quantize_name = custom_ops.OP_QUANTIZE_PACK
-                self.op = custom_ops.conv2d_fn(
-                    in_channels=in_channels, out_channels=out_channels, kernel_size=(kh, kw), strides=strides,
-                    dilations=dilations, paddings=paddings, act_bits=ab, weight_bits=wb)
+                self.op = custom_ops.conv2d_fn(in_channels=in_channels, out_channels=out_channels, **conv_options)
         self._stubs = None
         self.stream = custom_ops.pack_weight_codes(ordered, wb)
         self.weight_count = int(codes.size)
-        self.report = LayerExport(
-            self.name, type(layer).__name__, "lowered", [self.quantize_name, self.kind], wb, ab,
-            self.weight_count, int(self.stream.size),
-            FLOAT_BYTES * (2 * out_channels + self.thresholds.size),
-            folded=None if bn is None else bn.name)
-        if self.activation is not None:
-            self.report.ops.append(f"builtin {getattr(self.activation, '__name__', 'activation')}")
+        self.float_bytes = FLOAT_BYTES * (2 * out_channels + self.thresholds.size)
 
-    def _output_shapes(self, x_shape):
+    def output_shapes(self, x_shape):
         """Static shapes (batch None) of the quantize op's and the layer op's outputs."""
         x_shape = list(x_shape)
         out = len(self.multiplier)
         if self.kind == custom_ops.OP_FULLY_CONNECTED:
-            return x_shape[:-1] + [self.report.activation_bits, custom_ops.words_per_plane(self.in_channels)], \
+            return x_shape[:-1] + [self.act_bits, custom_ops.words_per_plane(self.in_channels)], \
                 x_shape[:-1] + [out]
         spatial = []
         for i in range(2):
-            extent = (self.layer.kernel_size[i] - 1) * self.layer.dilation_rate[i] + 1
+            extent = (self.kernel_size[i] - 1) * self.dilations[i] + 1
             size = x_shape[1 + i]
             spatial.append(None if size is None else
-                           (size + sum(self.paddings[i]) - extent) // self.layer.strides[i] + 1)
+                           (size + sum(self.paddings[i]) - extent) // self.strides[i] + 1)
         if self.kind == custom_ops.OP_DEPTHWISE_CONV2D:
             q_shape = x_shape
         else:
-            q_shape = x_shape[:-1] + [self.report.activation_bits, custom_ops.words_per_plane(self.in_channels)]
+            q_shape = x_shape[:-1] + [self.act_bits, custom_ops.words_per_plane(self.in_channels)]
         return q_shape, x_shape[:1] + spatial + [out]
 
     def stubs(self, x_shape):
@@ -327,7 +357,7 @@ class _Lowered:
         (bit unpacking, float64 convolutions, a per-channel loop for depthwise) took ~0.7 s per
         layer of converter time for nothing.
         """
-        q_shape, y_shape = self._output_shapes(x_shape)
+        q_shape, y_shape = self.output_shapes(x_shape)
         q_dtype = tf.uint8 if self.kind == custom_ops.OP_DEPTHWISE_CONV2D else tf.int64
 
         def shaped(like, shape, dtype):
@@ -344,20 +374,77 @@ class _Lowered:
                 tf.function(op, experimental_implements=_implements_of(self.op), autograph=False))
 
     def __call__(self, x, taps, stub=False):
-        with tf.name_scope(self.name):
-            if stub:
-                if self._stubs is None:
-                    self._stubs = self.stubs(x.shape.as_list())
-                quantize, op = self._stubs
+        if stub:
+            if self._stubs is None:
+                self._stubs = self.stubs(x.shape.as_list())
+            quantize, op = self._stubs
+        else:
+            quantize, op = self.quantize, self.op
+        q = quantize(x, tf.constant(self.thresholds))
+        if taps is not None:
+            taps[self.tap] = q
+        return op(q, tf.constant(self.stream), tf.constant(self.multiplier), tf.constant(self.bias))
+
+
+class _Lowered:
+    """One N2UQWrapper call lowered to custom ops: its stages (`_STAGE_OPS`), then its activation.
+
+    A SeparableConv2D is two stages: the input quantizer and the depthwise op, then its
+    "pointwise_input" quantizer and a 1x1 conv carrying the bias (and a folded BN). A Conv1D runs
+    as a 2-D conv of height 1: its input is expanded to [batch, 1, width, channels] and the
+    output squeezed back.
+    """
+
+    def __init__(self, wrapper, input_shape, bn):
+        layer = wrapper.layer
+        self.name, self.layer, self.bn = layer.name, layer, bn
+        config = wrapper.quantize_config
+        self.one_d = type(layer) in _ONE_D_TYPES
+        self.activation = None if _is_linear(getattr(layer, "activation", None)) else layer.activation
+        self.report = LayerExport(self.name, type(layer).__name__, "lowered", [], config.weight_bits,
+                                  config.activation_bits, folded=None if bn is None else bn.name)
+        quantizers = [(layer.name, wrapper.input_quantizer)] + [
+            (f"{layer.name}/{name}", (quantizer, variables))
+            for name, quantizer, variables in wrapper.intermediate_quantizers]
+        kinds = _STAGE_OPS[type(layer)]
+        shape = list(input_shape)
+        if self.one_d:
+            shape.insert(1, 1)
+        self.stages = []
+        for i, kind in enumerate(kinds):
+            last = i == len(kinds) - 1
+            tap, quantizer = quantizers[i]
+            if kind == custom_ops.OP_FULLY_CONNECTED:
+                geometry = None
             else:
-                quantize, op = self.quantize, self.op
-            q = quantize(x, tf.constant(self.thresholds))
-            if taps is not None:
-                taps[self.name] = q
-            y = op(q, tf.constant(self.stream), tf.constant(self.multiplier), tf.constant(self.bias))
+                geometry = _conv_geometry(layer, input_shape) if i == 0 else _POINTWISE
+            stage = _Stage(
+                name=self.name if last else f"{self.name}/{_STAGE_LABELS[kind]}", tap=tap, layer=layer, kind=kind,
+                quantizer=quantizer, weight=wrapper._weight_vars[i], in_channels=shape[-1], report=self.report,
+                geometry=geometry, one_d=self.one_d,
+                depth_multiplier=getattr(layer, "depth_multiplier", 1) if kind == custom_ops.OP_DEPTHWISE_CONV2D else 1,
+                conv_bias=layer.bias.numpy() if last and getattr(layer, "use_bias", False) else None,
+                bn=bn if last else None)
+            shape = stage.output_shapes(shape)[1]
+            self.stages.append(stage)
+        self.report.ops = [op for s in self.stages for op in (s.quantize_name, s.kind)]
+        self.report.weight_count = sum(s.weight_count for s in self.stages)
+        self.report.packed_bytes = sum(int(s.stream.size) for s in self.stages)
+        self.report.float_bytes = sum(s.float_bytes for s in self.stages)
+        if self.activation is not None:
+            self.report.ops.append(f"builtin {getattr(self.activation, '__name__', 'activation')}")
+
+    def __call__(self, x, taps, stub=False):
+        with tf.name_scope(self.name):
+            if self.one_d:
+                x = tf.expand_dims(x, 1)
+            for stage in self.stages:
+                x = stage(x, taps, stub)
+            if self.one_d:
+                x = tf.squeeze(x, 1)
             if self.activation is not None:
-                y = self.activation(y)
-        return y
+                x = self.activation(x)
+        return x
 
 
 def _implements_of(function):
@@ -392,7 +479,10 @@ class _KeptBuiltin:
             w = tf.convert_to_tensor(var, tf.float32)
             count += int(np.prod(w.shape))
             self.kernels.append(quantizer(w, False, weights=variables).numpy())  # the method's inference weights
-        self.act = _activation_state(wrapper) if wrapper.input_quantizer is not None else None
+        self.act = _activation_state(*wrapper.input_quantizer) if wrapper.input_quantizer is not None else None
+        # A split layer (SeparableConv2D) computes through the registry's split forward, with its
+        # intermediate quantizer as builtins too.
+        self.between = [_activation_state(q, v) for _, q, v in wrapper.intermediate_quantizers]
         ops_used = ["builtin"]
         self.report = LayerExport(
             self.name, type(layer).__name__, "builtin", ops_used, config.weight_bits, config.activation_bits,
@@ -403,6 +493,10 @@ class _KeptBuiltin:
         with tf.name_scope(self.name):
             if self.act is not None:
                 x = _builtin_quantize(x, *self.act)
+            if self.between:
+                [state] = self.between
+                kernels = {attr: tf.constant(k) for attr, k in zip(self.attrs, self.kernels)}
+                return registry.split_of(layer).call(layer, x, kernels, lambda t: _builtin_quantize(t, *state))
             saved = [getattr(layer, a) for a in self.attrs]
             try:
                 for attr, k in zip(self.attrs, self.kernels):
@@ -536,7 +630,8 @@ class LoweredModel(tf.Module):
     ``lowered(x)`` (``lowered.serve``, a tf.function with the model's input signature, batch size free) gives the
     model's inference outputs computed through the custom ops' TF reference bodies;
     ``lowered.activation_codes(x)`` gives {layer name: int32 activation codes [..., C]} of every
-    lowered layer's quantize op; ``lowered.report`` is the `ExportReport` (no file sizes yet).
+    lowered layer's quantize op (a SeparableConv2D's intermediate quantizer under
+    "<layer>/pointwise_input"); ``lowered.report`` is the `ExportReport` (no file sizes yet).
     """
 
     def __init__(self, model):
@@ -550,8 +645,10 @@ class LoweredModel(tf.Module):
         records = []
         self._plan = _GraphPlan(model, records)
         self.report = ExportReport(self._report_rows(records))
-        self.lowered_layers = [r[1] for r in records if r[0] == "wrapper" and isinstance(r[1], _Lowered)]
-        self._lowered = {h.name: h for h in self.lowered_layers}
+        # Every quantize + conv/FC op pair (`_Stage`; a SeparableConv2D has two), in graph order.
+        self.lowered_layers = [stage for r in records if r[0] == "wrapper" and isinstance(r[1], _Lowered)
+                               for stage in r[1].stages]
+        self._lowered = {stage.tap: stage for stage in self.lowered_layers}
         from n2uq_tf.export.source import signature_names
         input_names, self.output_names = signature_names(model)
         specs = [tf.TensorSpec(t.shape, t.dtype, name=name) for t, name in zip(model.inputs, input_names)]
@@ -560,7 +657,7 @@ class LoweredModel(tf.Module):
         # found by Python's call protocol.
         self.serve = tf.function(self._forward, input_signature=specs, autograph=False)
         self.activation_codes = tf.function(self._codes, input_signature=specs, autograph=False)
-        # The same graph with empty custom-op bodies: what export_tflite converts (see _Lowered.stubs).
+        # The same graph with empty custom-op bodies: what export_tflite converts (see _Stage.stubs).
         self.export_function = tf.function(self._forward_stub, input_signature=specs, autograph=False)
 
     def __call__(self, *inputs):
@@ -607,6 +704,8 @@ class LoweredModel(tf.Module):
                 codes[name] = custom_ops._unpack_planes(q, h.report.activation_bits, h.in_channels)
             else:
                 codes[name] = tf.cast(q, tf.int32)
+            if h.one_d:  # back to the Conv1D input's [batch, width, channels]
+                codes[name] = tf.squeeze(codes[name], 1)
         return codes
 
 

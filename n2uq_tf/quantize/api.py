@@ -209,8 +209,7 @@ def config_for(layer, weight_bits, activation_bits, learn_thresholds=True, weigh
     if rule is None:
         raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) is not supported: "
                          f"{registry.unsupported_reason(layer) or 'no kernel to quantize'}")
-    attrs, axis = rule
-    return N2UQQuantizeConfig(weight_bits, activation_bits, attrs, axis, learn_thresholds,
+    return N2UQQuantizeConfig(weight_bits, activation_bits, rule.weight_attrs, rule.channel_axis, learn_thresholds,
                               weight_method=weight_method or "n2uq", activation_method=activation_method or "n2uq")
 
 

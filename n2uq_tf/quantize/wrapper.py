@@ -3,11 +3,14 @@
 tfmot places activation quantizers on layer outputs only. N2UQ quantizes each
 conv's input while the residual shortcut keeps the raw (float) block input, so
 the quantizer must sit on the consuming layer's input, inside its wrapper.
+A layer that the registry splits into two convolutions (SeparableConv2D) also gets
+a quantizer between them, applied here through the registry's split forward.
 """
 
 import tensorflow as tf
 
-from n2uq_tf._keras import register, tfmot
+from n2uq_tf._keras import keras, register, tfmot
+from n2uq_tf.quantize import registry
 
 _QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
 
@@ -29,11 +32,21 @@ class N2UQWrapper(_QuantizeWrapperV2):
             raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
                              f"the config gave {len(quantizers)} input quantizers")
         self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
+        get_intermediate = getattr(self.quantize_config, "get_intermediate_quantizers", None)
+        intermediate = get_intermediate(self.layer) if get_intermediate is not None else []
+        # The quantizers take no shape from their input (scalar thresholds and scales).
+        self._intermediate_quantizers = [(name, q, q.build(None, name, self)) for name, q in intermediate]
 
     @property
     def input_quantizer(self):
         """(quantizer, variables dict) of the input, or None when the input stays float."""
         return self._input_quantizers[0] if self._input_quantizers else None
+
+    @property
+    def intermediate_quantizers(self):
+        """[(name, quantizer, variables dict)] between the layer's stages (SeparableConv2D's
+        "pointwise_input"); empty for other layers."""
+        return list(self._intermediate_quantizers)
 
     def call(self, inputs, training=None, **kwargs):
         if self._input_quantizers:
@@ -42,7 +55,23 @@ class N2UQWrapper(_QuantizeWrapperV2):
                                  f"got {len(inputs)}")
             quantizer, variables = self._input_quantizers[0]
             inputs = quantizer(inputs, training, weights=variables)
+        if self._intermediate_quantizers:
+            return self._split_call(inputs, training)
         return super().call(inputs, training=training, **kwargs)
+
+    def _split_call(self, inputs, training):
+        """The base wrapper's weight quantization, then the registry's split forward of the layer.
+
+        The base call would run the layer's own `call` (SeparableConv2D: both convolutions in one op),
+        leaving no place for the quantizer between them.
+        """
+        if training is None:
+            training = keras.backend.learning_phase()
+        kernels = {attr: _by_training(training, lambda flag, w=w, q=q, v=v: q(w, flag, weights=v))
+                   for attr, (w, q, v) in zip(self.quantize_config.weight_attrs, self._weight_vars)}
+        [(_, quantizer, variables)] = self._intermediate_quantizers
+        return registry.split_of(self.layer).call(
+            self.layer, inputs, kernels, lambda x: quantizer(x, training, weights=variables))
 
     # The base wrapper lists the wrapped layer's weights among its own, so the `.keras`
     # format would store them twice and count them differently on load (tfmot's
@@ -72,3 +101,10 @@ class N2UQWrapper(_QuantizeWrapperV2):
                 raise ValueError(f"layer {self.name!r}: variable {v.name} has shape {tuple(v.shape)} "
                                  f"but the file holds {tuple(value.shape)}")
             v.assign(tf.convert_to_tensor(value, v.dtype))
+
+
+def _by_training(training, fn):
+    """fn(True) or fn(False) as `training` says (a Python bool or a boolean tensor)."""
+    if isinstance(training, (bool, int)):
+        return fn(bool(training))
+    return tf.cond(tf.cast(training, tf.bool), lambda: fn(True), lambda: fn(False))
