@@ -3,15 +3,14 @@
 Models are built from the op contract's tf.functions (n2uq_tf.export.custom_ops) and converted
 with allow_custom_ops; the delegate's outputs in tf.lite and ai_edge_litert must equal the
 reference bodies run in TensorFlow bit for bit, for 1 and 2 threads. Malformed models run in
-a subprocess so that a crash fails the test instead of killing pytest. The C++ self-test
-(FlexBuffer fuzzing, kernels under a fake context) runs under AddressSanitizer + UBSan.
+child processes with the AddressSanitizer + UBSan build of the plugin (tests/delegate_fuzz.py),
+so that a crash or a sanitizer report fails the test instead of killing pytest. The C++
+self-test (FlexBuffer fuzzing, kernels under a fake context) runs under the sanitizers too.
 """
 
-import json
 import os
+import re
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import n2uq_tf.tflite as n2tfl
 from n2uq_tf.export import custom_ops as co
 from n2uq_tf.tflite import _core, _delegate
 
+import delegate_fuzz
 import native_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,12 +202,15 @@ def test_abi_self_test_against_live_interpreter(models, backend):
         fields = line.split()
         index, type_id, nbytes = int(fields[1]), int(fields[3]), int(fields[5])
         name = fields[fields.index("name") + 1] if fields[fields.index("name") + 1] != "dims" else ""
-        dims = [int(v) for v in fields[fields.index("dims") + 1:]]
+        dims = [int(v) for v in fields[fields.index("dims") + 1:fields.index("signature")]]
+        signature = [int(v) for v in fields[fields.index("signature") + 1:]]
         if index not in details:
             continue
         d = details[index]
         assert d["name"] == name
         assert list(d["shape"]) == dims, (d, line)
+        # (the interpreters report the shape as the signature when the file has none)
+        assert list(d["shape_signature"]) == (signature or dims), (d, line)
         assert types[type_id] == d["dtype"]
         assert nbytes == int(np.prod(dims)) * np.dtype(d["dtype"]).itemsize
         seen += 1
@@ -342,41 +345,33 @@ MALFORMED = {
 }
 
 
-def test_malformed_models_report_errors_without_crashing(models, tmp_path):
-    jobs = []
+@pytest.fixture(scope="module")
+def sanitized():
+    """The ASan + UBSan build of the plugin and the environment of a child that loads it."""
+    return delegate_fuzz.asan_plugin(), delegate_fuzz.sanitizer_env()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_malformed_models_report_errors_without_crashing(models, sanitized, backend, tmp_path):
+    """Each malformed model gets our error message in a child running the sanitized plugin: never a
+    crash or a sanitizer report. Besides the cases above, for every N2UQ op type: each input slot
+    and every input slot -> -1, the output -> a constant tensor (of its shape: the kernel would
+    write into the model; of another shape: the resize fails), the output aliased to each input."""
+    mutants, expected = [], []
     for case, (op_name, edit, message) in MALFORMED.items():
         content = models["A" if op_name in ("N2UQConv2D", "N2UQQuantizePack") else "B"][0]
-        path = tmp_path / (case.replace(" ", "_").replace("/", "_") + ".tflite")
-        path.write_bytes(_edit(content, op_name, edit))
-        jobs.append((case, str(path), message))
-    script = textwrap.dedent("""
-        import json, sys, warnings
-        warnings.simplefilter("ignore")
-        import numpy as np
-        import n2uq_tf.tflite as n2tfl
-        for case, path, message in json.loads(sys.argv[1]):
-            for backend in ("tflite", "litert"):
-                print("CASE", case, backend, flush=True)
-                try:
-                    it = n2tfl.Interpreter(model_path=path, backend=backend)
-                    it.allocate_tensors()
-                    for d in it.get_input_details():
-                        it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
-                    it.invoke()
-                    print("RESULT", json.dumps([case, backend, None]), flush=True)
-                except Exception as error:
-                    print("RESULT", json.dumps([case, backend, str(error)]), flush=True)
-    """)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True, text=True,
-                            env=env, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, f"crashed after:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    outcomes = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(outcomes) == 2 * len(jobs)
-    messages = {case: message for case, _, message in jobs}
-    for case, backend, error in outcomes:
-        assert error is not None, f"{case} ({backend}) ran without an error"
-        assert messages[case] in error, f"{case} ({backend}): {error}"
+        mutants.append(delegate_fuzz.Mutant("malformed", case, _edit(content, op_name, edit), None))
+        expected.append(message)
+    for op_name, label, content in delegate_fuzz.op_io_edits(models["B"][0]):
+        mutants.append(delegate_fuzz.Mutant("op_io_edit", f"{op_name}: {label}", content, None))
+        expected.append(re.compile(rf"{op_name} \(node \d+\): "))
+    assert len(mutants) == len(MALFORMED) + 2 * 7 + 3 * 11  # 7 edits of a 2-input op, 11 of a 4-input op
+    plugin, env = sanitized
+    results = delegate_fuzz.run_mutants(mutants, backend, plugin, env, str(tmp_path))
+    for (mutant, outcome, detail), message in zip(results, expected):
+        assert outcome == "error", f"{mutant.label} ({backend}): {outcome}\n{detail[-3000:]}"
+        found = message.search(detail) if isinstance(message, re.Pattern) else message in detail
+        assert found, f"{mutant.label} ({backend}): {detail}"
 
 
 # ------------------------------------------------------------------ sanitizers

@@ -160,8 +160,12 @@ def _expected_options(report_row, lowered_layer):
     opts = dict(in_channels=h.in_channels, out_channels=len(h.multiplier), kernel_height=layer.kernel_size[0],
                 kernel_width=layer.kernel_size[1], stride_height=layer.strides[0], stride_width=layer.strides[1],
                 dilation_height=layer.dilation_rate[0], dilation_width=layer.dilation_rate[1],
-                pad_top=h.paddings[0][0], pad_bottom=h.paddings[0][1], pad_left=h.paddings[1][0],
-                pad_right=h.paddings[1][1], act_bits=h.report.activation_bits, weight_bits=h.report.weight_bits)
+                act_bits=h.report.activation_bits, weight_bits=h.report.weight_bits)
+    if layer.padding == "same":  # computed by the kernel (Padded* layers are "valid" + explicit pads)
+        opts["padding"] = custom_ops.PADDING_SAME
+    else:
+        opts.update(padding=custom_ops.PADDING_EXPLICIT, pad_top=h.paddings[0][0], pad_bottom=h.paddings[0][1],
+                    pad_left=h.paddings[1][0], pad_right=h.paddings[1][1])
     if h.kind == custom_ops.OP_DEPTHWISE_CONV2D:
         opts["depth_multiplier"] = layer.depth_multiplier
     return opts
@@ -173,7 +177,7 @@ def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
         data, report = export_tflite(small_cnn, path, return_report=True)
     assert path.read_bytes() == data and isinstance(report, ExportReport)
     info = inspect_tflite(path)
-    assert info.metadata["format_version"] == 1 and info.metadata["n2uq_tf_version"] == n2uq_tf.__version__
+    assert info.metadata["format_version"] == 2 and info.metadata["n2uq_tf_version"] == n2uq_tf.__version__
     lowered = {h.name: h for h in lower(small_cnn).lowered_layers}
     counts = info.op_counts()
     n_pack = sum(h.quantize_name == custom_ops.OP_QUANTIZE_PACK for h in lowered.values())

@@ -12,7 +12,7 @@ from n2uq_tf.export.lowering import lower
 
 # Written into the flatbuffer's metadata under METADATA_NAME; readers refuse a newer one.
 METADATA_NAME = "n2uq_tf"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: conv ops carry a 'padding' option (custom_ops)
 INFERENCE_TYPES = ("float", "int8")
 _LAYER_OPS = (custom_ops.OP_CONV2D, custom_ops.OP_DEPTHWISE_CONV2D, custom_ops.OP_FULLY_CONNECTED)
 

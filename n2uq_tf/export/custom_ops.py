@@ -19,8 +19,9 @@ Ops (inputs in order; "bits" of a quantized tensor are 1..4):
 * ``N2UQConv2D``: packed activations int64 [N, H, W, act_bits, words], weights uint8
   bitstream (codes [OC][KH][KW][IC]), multiplier float32 [OC], bias float32 [OC]
   -> float32 [N, OH, OW, OC].  Options: in_channels, out_channels, kernel_height,
-  kernel_width, stride_height, stride_width, dilation_height, dilation_width, pad_top,
-  pad_bottom, pad_left, pad_right, act_bits, weight_bits.
+  kernel_width, stride_height, stride_width, dilation_height, dilation_width, act_bits,
+  weight_bits, padding, and with padding = PADDING_EXPLICIT also pad_top, pad_bottom,
+  pad_left, pad_right.
 * ``N2UQDepthwiseConv2D``: codes uint8 [N, H, W, C], weights uint8 bitstream (codes
   [KH][KW][C * M], TF's depthwise layout flattened), multiplier, bias [C * M]
   -> float32 [N, OH, OW, C * M].  Options as N2UQConv2D plus depth_multiplier
@@ -28,6 +29,16 @@ Ops (inputs in order; "bits" of a quantized tensor are 1..4):
 * ``N2UQFullyConnected``: packed activations int64 [N, act_bits, words], weights uint8
   bitstream (codes [OUT][IN]), multiplier, bias [OUT] -> float32 [N, OUT].  Options:
   in_features, out_features, act_bits, weight_bits.
+
+Padding (option ``padding``): PADDING_SAME (1) is TF's 'same', computed by the kernel at prepare
+from the actual input size (the output has ceil(H / stride) x ceil(W / stride) positions, the
+padding they need is split with the extra row / column after), so a resized input is padded as
+Keras pads it; the op then has no pad_* options. PADDING_EXPLICIT (0) pads by the pad_* options
+at every input size ('valid' is explicit zeros; `n2uq_tf.layers.PaddedConv2D` gives its fixed
+PyTorch-style pads). Files of export format 1 have no ``padding`` option: their pad_* were fixed
+for the exported input size, and the kernels refuse an input size at which a 'same' reading and an
+explicit reading of those pads would differ (they tell the two apart by the file's shape where
+they can: pads that are not 'same' at the exported size were explicit).
 
 Weight bitstream: code j of the flattened code array occupies stream bits
 j * weight_bits .. j * weight_bits + weight_bits - 1 (least significant bit first); stream
@@ -52,8 +63,11 @@ ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FUL
 
 WORD_BITS = 64
 CONV_OPTIONS = ("in_channels", "out_channels", "kernel_height", "kernel_width", "stride_height", "stride_width",
-                "dilation_height", "dilation_width", "pad_top", "pad_bottom", "pad_left", "pad_right",
-                "act_bits", "weight_bits")
+                "dilation_height", "dilation_width", "act_bits", "weight_bits", "padding")
+PAD_OPTIONS = ("pad_top", "pad_bottom", "pad_left", "pad_right")  # with PADDING_EXPLICIT only
+PADDING_EXPLICIT = 0
+PADDING_SAME = 1
+SAME = "same"  # the `paddings` argument of conv2d_fn / depthwise_conv2d_fn for PADDING_SAME
 
 
 def words_per_plane(channels):
@@ -154,30 +168,46 @@ def quantize_pack_fn(bits, channels, beta1, pack=True):
 
 
 def _int_conv(codes, kernel_codes, strides, dilations, paddings, depthwise):
-    """Exact integer conv of codes in float64 (sums stay far below 2^53)."""
-    x = tf.pad(tf.cast(codes, tf.float64), [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]])
+    """Exact integer conv of codes in float64 (sums stay far below 2^53); zero padding is code 0."""
+    x = tf.cast(codes, tf.float64)
+    if paddings == SAME:
+        padding = "SAME"
+    else:
+        x = tf.pad(x, [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]])
+        padding = "VALID"
     k = tf.cast(kernel_codes, tf.float64)
     if depthwise:
         # depthwise_conv2d has no float64 CPU kernel with dilation; per-channel conv2d instead.
         channels = int(k.shape[2])
         outs = []
         for c in range(channels):
-            outs.append(tf.nn.conv2d(x[..., c:c + 1], k[:, :, c:c + 1, :], [1, *strides, 1], "VALID",
+            outs.append(tf.nn.conv2d(x[..., c:c + 1], k[:, :, c:c + 1, :], [1, *strides, 1], padding,
                                      dilations=list(dilations)))
         return tf.concat(outs, axis=-1)
-    return tf.nn.conv2d(x, k, [1, *strides, 1], "VALID", dilations=list(dilations))
+    return tf.nn.conv2d(x, k, [1, *strides, 1], padding, dilations=list(dilations))
+
+
+def _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
+    """The options of a conv / depthwise op; `paddings` is SAME or ((top, bottom), (left, right))."""
+    if paddings == SAME:
+        pads = {}
+    else:
+        (top, bottom), (left, right) = paddings
+        pads = dict(zip(PAD_OPTIONS, (top, bottom, left, right)))
+    options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kernel_size[0], kernel_size[1], strides[0],
+                                      strides[1], dilations[0], dilations[1], act_bits, weight_bits,
+                                      PADDING_SAME if paddings == SAME else PADDING_EXPLICIT)), **pads)
+    return {k: int(v) for k, v in options.items()}
 
 
 def conv2d_fn(*, in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
     """The N2UQConv2D op as a tf.function(packed, weight_stream, multiplier, bias).
 
-    paddings: ((top, bottom), (left, right)).
+    paddings: SAME (TF's 'same' for whatever input size comes) or ((top, bottom), (left, right)).
     """
     kh, kw = kernel_size
-    options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kh, kw, strides[0], strides[1], dilations[0],
-                                      dilations[1], paddings[0][0], paddings[0][1], paddings[1][0], paddings[1][1],
-                                      act_bits, weight_bits)))
-    options = {k: int(v) for k, v in options.items()}
+    options = _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits,
+                            weight_bits)
     n_w = 2 ** weight_bits - 1
 
     @tf.function(experimental_implements=_implements(OP_CONV2D, **options))
@@ -197,10 +227,8 @@ def depthwise_conv2d_fn(*, in_channels, depth_multiplier, kernel_size, strides, 
     """The N2UQDepthwiseConv2D op as a tf.function(codes, weight_stream, multiplier, bias)."""
     kh, kw = kernel_size
     out_channels = in_channels * depth_multiplier
-    options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kh, kw, strides[0], strides[1], dilations[0],
-                                      dilations[1], paddings[0][0], paddings[0][1], paddings[1][0], paddings[1][1],
-                                      act_bits, weight_bits)))
-    options = {k: int(v) for k, v in options.items()}
+    options = _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits,
+                            weight_bits)
     options["depth_multiplier"] = int(depth_multiplier)
     n_w = 2 ** weight_bits - 1
 

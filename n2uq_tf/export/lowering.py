@@ -236,9 +236,11 @@ def _builtin_reason(wrapper, input_shape):
     return None
 
 
-# Geometry of a 2-D conv op: kernel (height, width), strides, dilations, ((top, bottom), (left, right)).
-_Geometry = collections.namedtuple("_Geometry", ["kernel_size", "strides", "dilations", "paddings"])
-_POINTWISE = _Geometry((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)))
+# Geometry of a 2-D conv op: kernel (height, width), strides, dilations, ((top, bottom), (left, right)),
+# and whether those pads are 'same' (then the kernel computes them for the input size it gets, a
+# resized input too; `paddings` holds them at the export-time size, for the static shapes).
+_Geometry = collections.namedtuple("_Geometry", ["kernel_size", "strides", "dilations", "paddings", "same"])
+_POINTWISE = _Geometry((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), False)
 
 
 def _conv_geometry(layer, input_shape):
@@ -250,15 +252,17 @@ def _conv_geometry(layer, input_shape):
         kernel, strides, dilations = (tuple(int(d) for d in v)
                                       for v in (layer.kernel_size, layer.strides, layer.dilation_rate))
         spatial = tuple(input_shape[1:3])
+    same = False
     if isinstance(layer, (PaddedConv2D, PaddedDepthwiseConv2D)):
         paddings = tuple(tuple(p) for p in layer.explicit_padding)
     elif layer.padding == "causal":  # Conv1D: all of the padding before the sequence, (k - 1) * d steps
         paddings = ((0, 0), ((kernel[1] - 1) * dilations[1], 0))
     elif layer.padding == "same":
         paddings = tuple(_tf_same_padding(int(spatial[i]), kernel[i], strides[i], dilations[i]) for i in range(2))
+        same = True
     else:
         paddings = ((0, 0), (0, 0))
-    return _Geometry(kernel, strides, dilations, paddings)
+    return _Geometry(kernel, strides, dilations, paddings, same)
 
 
 class _Stage:
@@ -309,10 +313,10 @@ class _Stage:
                                                     act_bits=ab, weight_bits=wb)
             self.quantize_name = custom_ops.OP_QUANTIZE_PACK
         else:
-            self.kernel_size, self.strides, self.dilations, self.paddings = geometry
+            self.kernel_size, self.strides, self.dilations, self.paddings, same = geometry
             kh, kw = self.kernel_size
             conv_options = dict(kernel_size=(kh, kw), strides=self.strides, dilations=self.dilations,
-                                paddings=self.paddings, act_bits=ab, weight_bits=wb)
+                                paddings=custom_ops.SAME if same else self.paddings, act_bits=ab, weight_bits=wb)
             if kind == custom_ops.OP_DEPTHWISE_CONV2D:
                 ordered = codes  # [KH][KW][C][M], flattened as it is
                 self.quantize = custom_ops.quantize_pack_fn(ab, in_channels, input_scale, pack=False)

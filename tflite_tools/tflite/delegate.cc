@@ -36,6 +36,31 @@ const int kBuiltinDelegate = 51;  // BuiltinOperator_DELEGATE
 const int64_t kMaxDim = int64_t(1) << 24;  // generous cap on channels/features so products cannot overflow
 const int64_t kMaxKernel = 4096;
 
+// Conv / depthwise options and where they go. The pad_* options are there with padding
+// "explicit" and in files without a padding option (export format 1), absent with "same".
+struct ConvOption {
+  const char* key;
+  int64_t lo, hi;
+  int32_t N2uqConvShape::*field;
+};
+const ConvOption kConvOptions[] = {
+    {"in_channels", 1, kMaxDim, &N2uqConvShape::in_channels},
+    {"out_channels", 1, kMaxDim, &N2uqConvShape::out_channels},
+    {"kernel_height", 1, kMaxKernel, &N2uqConvShape::kernel_height},
+    {"kernel_width", 1, kMaxKernel, &N2uqConvShape::kernel_width},
+    {"stride_height", 1, kMaxKernel, &N2uqConvShape::stride_height},
+    {"stride_width", 1, kMaxKernel, &N2uqConvShape::stride_width},
+    {"dilation_height", 1, kMaxKernel, &N2uqConvShape::dilation_height},
+    {"dilation_width", 1, kMaxKernel, &N2uqConvShape::dilation_width},
+    {"act_bits", 1, N2UQ_MAX_BITS, &N2uqConvShape::act_bits},
+    {"weight_bits", 1, N2UQ_MAX_BITS, &N2uqConvShape::weight_bits}};
+const ConvOption kPadOptions[] = {{"pad_top", 0, kMaxKernel, &N2uqConvShape::pad_top},
+                                  {"pad_bottom", 0, kMaxKernel, &N2uqConvShape::pad_bottom},
+                                  {"pad_left", 0, kMaxKernel, &N2uqConvShape::pad_left},
+                                  {"pad_right", 0, kMaxKernel, &N2uqConvShape::pad_right}};
+// The "padding" option (custom_ops.PADDING_EXPLICIT / PADDING_SAME); kPaddingLegacy: absent.
+enum PaddingMode { kPaddingLegacy = -1, kPaddingExplicit = 0, kPaddingSame = 1 };
+
 int OpKindOf(const char* name) {
   if (name == nullptr) return -1;
   for (int i = 0; i < kNumOps; ++i)
@@ -92,6 +117,7 @@ struct Kernel {
   int32_t bits = 0, channels = 0;
   float beta1 = 1.0f;
   N2uqConvShape conv = {};
+  int padding = kPaddingLegacy;  // PaddingMode
   int32_t depth_multiplier = 1;
   int32_t in_features = 0, out_features = 0, act_bits = 0, weight_bits = 0;
   // prepared state
@@ -109,12 +135,25 @@ const char* TensorName(const N2uqTfLiteContext* ctx, int index) {
   return name ? name : "?";
 }
 
-int Report(N2uqTfLiteContext* ctx, const Kernel* k, const std::string& message) {
-  std::string text = std::string(k && k->kind >= 0 ? kOpNames[k->kind] : "N2UQ op");
-  if (k && k->node_index >= 0) text += " (node " + std::to_string(k->node_index) + ")";
+// "tensor 12 'name'", or "tensor 12" for an unnamed one (exported files keep few names).
+std::string TensorLabel(const N2uqTfLiteContext* ctx, int index) {
+  std::string label = "tensor " + std::to_string(index);
+  if (index >= 0 && static_cast<size_t>(index) < ctx->tensors_size && ctx->tensors[index].name &&
+      ctx->tensors[index].name[0])
+    label += std::string(" '") + ctx->tensors[index].name + "'";
+  return label;
+}
+
+int ReportNode(N2uqTfLiteContext* ctx, int kind, int node_index, const std::string& message) {
+  std::string text = std::string(kind >= 0 && kind < kNumOps ? kOpNames[kind] : "N2UQ op");
+  if (node_index >= 0) text += " (node " + std::to_string(node_index) + ")";
   text += ": " + message;
   if (ctx && ctx->ReportError) ctx->ReportError(ctx, "%s", text.c_str());
   return kN2uqTfLiteError;
+}
+
+int Report(N2uqTfLiteContext* ctx, const Kernel* k, const std::string& message) {
+  return ReportNode(ctx, k ? k->kind : -1, k ? k->node_index : -1, message);
 }
 
 bool CheckedMul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
@@ -122,7 +161,7 @@ bool CheckedMul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_over
 bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err) {
   n2uq::FlexOptions o;
   if (!o.Parse(data, size, err)) return false;
-  int64_t v[16];
+  int64_t v[4];
   auto get = [&](const char* key, int64_t lo, int64_t hi, int64_t* out) { return o.GetInt(key, lo, hi, out, err); };
   switch (k->kind) {
     case kQuantizePack:
@@ -138,34 +177,34 @@ bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err)
     }
     case kConv2D:
     case kDepthwise: {
-      static const char* const keys[] = {"in_channels", "out_channels", "kernel_height", "kernel_width",
-                                         "stride_height", "stride_width", "dilation_height", "dilation_width",
-                                         "pad_top", "pad_bottom", "pad_left", "pad_right", "act_bits",
-                                         "weight_bits"};
-      static const int64_t lo[] = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1};
-      static const int64_t hi[] = {kMaxDim, kMaxDim, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel,
-                                   kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, kMaxKernel, N2UQ_MAX_BITS,
-                                   N2UQ_MAX_BITS};
-      for (int i = 0; i < 14; ++i)
-        if (!get(keys[i], lo[i], hi[i], &v[i])) return false;
       N2uqConvShape& s = k->conv;
-      s.in_channels = int32_t(v[0]);
-      s.out_channels = int32_t(v[1]);
-      s.kernel_height = int32_t(v[2]);
-      s.kernel_width = int32_t(v[3]);
-      s.stride_height = int32_t(v[4]);
-      s.stride_width = int32_t(v[5]);
-      s.dilation_height = int32_t(v[6]);
-      s.dilation_width = int32_t(v[7]);
-      s.pad_top = int32_t(v[8]);
-      s.pad_bottom = int32_t(v[9]);
-      s.pad_left = int32_t(v[10]);
-      s.pad_right = int32_t(v[11]);
-      s.act_bits = int32_t(v[12]);
-      s.weight_bits = int32_t(v[13]);
+      for (const ConvOption& option : kConvOptions) {
+        if (!get(option.key, option.lo, option.hi, &v[0])) return false;
+        s.*option.field = int32_t(v[0]);
+      }
+      // "padding" decides whether the pad_* options belong to the op (custom_ops.PADDING_*).
+      k->padding = kPaddingLegacy;
+      if (o.Has("padding")) {
+        if (!get("padding", kPaddingExplicit, kPaddingSame, &v[0])) return false;
+        k->padding = int(v[0]);
+      }
+      for (const ConvOption& option : kPadOptions) {
+        if (k->padding == kPaddingSame) {
+          if (o.Has(option.key)) {
+            *err = std::string("option '") + option.key + "' is not allowed with padding = 1 ('same': the pads "
+                   "follow from the input size)";
+            return false;
+          }
+          s.*option.field = 0;
+        } else if (!get(option.key, option.lo, option.hi, &v[0])) {
+          return false;
+        } else {
+          s.*option.field = int32_t(v[0]);
+        }
+      }
       if (k->kind == kDepthwise) {
-        if (!get("depth_multiplier", 1, kMaxDim, &v[14])) return false;
-        k->depth_multiplier = int32_t(v[14]);
+        if (!get("depth_multiplier", 1, kMaxDim, &v[0])) return false;
+        k->depth_multiplier = int32_t(v[0]);
         if (int64_t(s.in_channels) * k->depth_multiplier != s.out_channels) {
           *err = "out_channels " + std::to_string(s.out_channels) + " != in_channels " +
                  std::to_string(s.in_channels) + " * depth_multiplier " + std::to_string(k->depth_multiplier);
@@ -297,6 +336,12 @@ std::string DimsString(const N2uqTfLiteIntArray* dims) {
   return s + "]";
 }
 
+std::string DimsString(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
 // Looks up tensor `index` (the `what` of the op) and checks its type and byte count.
 N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const char* what, std::string* err) {
   if (index < 0 || static_cast<size_t>(index) >= ctx->tensors_size) {
@@ -314,6 +359,27 @@ N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const c
     return nullptr;
   }
   return t;
+}
+
+bool IsConstant(const N2uqTfLiteTensor* t) {
+  return t->allocation_type == kN2uqTfLiteMmapRo || t->allocation_type == kN2uqTfLitePersistentRo;
+}
+
+// The op's output: of `type`, writable (a constant of a malformed model lives in the model's
+// read-only buffer) and none of the op's inputs (the kernels read their inputs while writing).
+N2uqTfLiteTensor* GetOutput(N2uqTfLiteContext* ctx, const Io& io, int type, std::string* err) {
+  N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], type, "output", err);
+  if (out == nullptr) return nullptr;
+  if (IsConstant(out)) {
+    *err = "output " + TensorLabel(ctx, io.outputs[0]) + " is a constant tensor of the model";
+    return nullptr;
+  }
+  for (size_t i = 0; i < io.inputs.size(); ++i)
+    if (io.inputs[i] == io.outputs[0]) {
+      *err = "output " + TensorLabel(ctx, io.outputs[0]) + " is also input " + std::to_string(i) + " of the op";
+      return nullptr;
+    }
+  return out;
 }
 
 bool NumElements(const N2uqTfLiteTensor* t, int64_t* count) {
@@ -365,7 +431,10 @@ bool Resize(N2uqTfLiteContext* ctx, N2uqTfLiteTensor* out, const std::vector<int
       *err = "output dimension out of range";
       return false;
     }
-  // The interpreter takes ownership and releases it with free(), as TfLiteIntArrayFree does.
+  // The interpreter takes ownership of `array` and frees it (with free(), as TfLiteIntArrayFree
+  // does) also when the resize fails, so the error message is formatted beforehand.
+  const std::string failed = "resizing the output '" + std::string(out->name ? out->name : "?") + "' to " +
+                             DimsString(dims) + " failed";
   auto* array = static_cast<N2uqTfLiteIntArray*>(malloc(sizeof(int) * (1 + dims.size())));
   if (array == nullptr) {
     *err = "out of memory";
@@ -373,11 +442,73 @@ bool Resize(N2uqTfLiteContext* ctx, N2uqTfLiteTensor* out, const std::vector<int
   }
   array->size = int(dims.size());
   for (size_t i = 0; i < dims.size(); ++i) array->data[i] = int(dims[i]);
-  if (ctx->ResizeTensor == nullptr || ctx->ResizeTensor(ctx, out, array) != kN2uqTfLiteOk) {
-    *err = "resizing the output to " + DimsString(array) + " failed";
+  if (ctx->ResizeTensor == nullptr) {
+    free(array);
+    *err = failed + " (the interpreter has no ResizeTensor)";
+    return false;
+  }
+  if (ctx->ResizeTensor(ctx, out, array) != kN2uqTfLiteOk) {
+    *err = failed;
     return false;
   }
   return true;
+}
+
+// TF's 'same' padding of one spatial dim (as TFLite's CONV_2D computes it): the output has
+// ceil(size / stride) positions and the padding they need is split with the extra one after.
+void SamePadding(int64_t size, int64_t kernel, int64_t stride, int64_t dilation, int32_t* before, int32_t* after) {
+  const int64_t extent = (kernel - 1) * dilation + 1;
+  const int64_t out = (size + stride - 1) / stride;
+  int64_t total = (out - 1) * stride + extent - size;
+  if (total < 0) total = 0;
+  *before = int32_t(total / 2);
+  *after = int32_t(total - total / 2);
+}
+
+std::string PadsString(const int32_t pads[4]) {
+  return "(" + std::to_string(pads[0]) + ", " + std::to_string(pads[1]) + ", " + std::to_string(pads[2]) + ", " +
+         std::to_string(pads[3]) + ")";
+}
+
+// Sets the pads of k->conv for its input size (in_height, in_width). 'same': computed here, so a
+// resized input gets the padding it needs. Explicit: as given. A file without the padding option
+// (export format 1) holds fixed pads that were either explicit or 'same' at the export-time input
+// size; `x`'s shape signature (the file's shape) tells which where it can, and a size whose answer
+// depends on what the file does not say is refused.
+bool ResolvePadding(Kernel* k, const N2uqTfLiteTensor* x, std::string* err) {
+  N2uqConvShape& s = k->conv;
+  int32_t same[4];
+  SamePadding(s.in_height, s.kernel_height, s.stride_height, s.dilation_height, &same[0], &same[1]);
+  SamePadding(s.in_width, s.kernel_width, s.stride_width, s.dilation_width, &same[2], &same[3]);
+  if (k->padding == kPaddingSame) {
+    s.pad_top = same[0], s.pad_bottom = same[1], s.pad_left = same[2], s.pad_right = same[3];
+    return true;
+  }
+  if (k->padding == kPaddingExplicit) return true;
+  const int32_t pads[4] = {s.pad_top, s.pad_bottom, s.pad_left, s.pad_right};
+  if (memcmp(pads, same, sizeof(pads)) == 0) return true;  // both readings agree
+  const N2uqTfLiteIntArray* sig = x->dims_signature;
+  if (sig != nullptr && sig->size == x->dims->size && sig->size >= 3) {
+    const int32_t h = sig->data[1], w = sig->data[2];
+    if (h < 0 || w < 0) return true;  // a free height/width: format 1 lowered 'same' only for fixed sizes
+    if (h > 0 && w > 0) {
+      int32_t at_export[4];
+      SamePadding(h, s.kernel_height, s.stride_height, s.dilation_height, &at_export[0], &at_export[1]);
+      SamePadding(w, s.kernel_width, s.stride_width, s.dilation_width, &at_export[2], &at_export[3]);
+      if (memcmp(pads, at_export, sizeof(pads)) != 0) return true;  // not 'same' at export: explicit
+      *err = "this op has no 'padding' option (n2uq_tf export format 1), so its pads (top, bottom, left, right) " +
+             PadsString(pads) + " may be 'same' padding fixed for the exported " + std::to_string(h) + "x" +
+             std::to_string(w) + " input; a " + std::to_string(s.in_height) + "x" + std::to_string(s.in_width) +
+             " input needs " + PadsString(same) + " for 'same'. Re-export the model with a current n2uq_tf to "
+             "run this input size";
+      return false;
+    }
+  }
+  *err = "this op has no 'padding' option (n2uq_tf export format 1) and the file does not say its exported "
+         "input size, so its fixed pads " + PadsString(pads) + " may be 'same' padding for another input size "
+         "than " + std::to_string(s.in_height) + "x" + std::to_string(s.in_width) + " (which needs " +
+         PadsString(same) + "). Re-export the model with a current n2uq_tf to run this input size";
+  return false;
 }
 
 // Weight bitstream -> codes: code j occupies stream bits j*bits .. j*bits+bits-1, LSB first.
@@ -448,8 +579,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
       NumElements(x, &n);
       k->positions = n / k->channels;
       const bool pack = k->kind == kQuantizePack;
-      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], pack ? kN2uqTfLiteInt64 : kN2uqTfLiteUInt8, "output",
-                                        err);
+      N2uqTfLiteTensor* out = GetOutput(ctx, io, pack ? kN2uqTfLiteInt64 : kN2uqTfLiteUInt8, err);
       if (!out) return false;
       std::vector<int64_t> dims(x->dims->data, x->dims->data + rank);
       if (pack) {
@@ -477,6 +607,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
       s.batch = d->data[0];
       s.in_height = d->data[1];
       s.in_width = d->data[2];
+      if (!ResolvePadding(k, x, err)) return false;
       int32_t oh = 0, ow = 0;
       char msg[256] = {0};
       if (n2uq_conv2d_output_size(&s, &oh, &ow, msg, sizeof(msg)) != N2UQ_OK) {
@@ -498,7 +629,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
         if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, s.out_channels, what, err)) return false;
       }
-      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], kN2uqTfLiteFloat32, "output", err);
+      N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err);
       return out && Resize(ctx, out, {s.batch, oh, ow, s.out_channels}, err);
     }
     case kFullyConnected: {
@@ -528,7 +659,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
         if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, k->out_features, what, err)) return false;
       }
-      N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], kN2uqTfLiteFloat32, "output", err);
+      N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err);
       if (!out) return false;
       std::vector<int64_t> dims(d->data, d->data + d->size - 2);
       dims.push_back(k->out_features);
@@ -568,8 +699,9 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       return false;
     }
   const int out_idx = io.outputs[0];
-  if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr) {
-    *err = "the output tensor has no data";
+  if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr ||
+      IsConstant(&ctx->tensors[out_idx])) {
+    *err = "the output tensor has no data or is a constant";
     return false;
   }
   N2uqTfLiteTensor* t = ctx->tensors;
@@ -682,6 +814,9 @@ void RecordAbiProbe(N2uqTfLiteContext* ctx, const N2uqTfLiteIntArray* plan) {
          std::to_string(t.allocation_type == kN2uqTfLiteMmapRo && t.data != nullptr) + " name " +
          (t.name ? t.name : "") + " dims";
     for (int d = 0; t.dims && d < t.dims->size; ++d) s += " " + std::to_string(t.dims->data[d]);
+    s += " signature";  // the file's shape: read for files without a padding option (ResolvePadding)
+    for (int d = 0; t.dims_signature && d < t.dims_signature->size; ++d)
+      s += " " + std::to_string(t.dims_signature->data[d]);
     s += "\n";
   }
   for (int i = 0; i < plan->size; ++i) {
@@ -726,6 +861,15 @@ int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
       const auto* p = static_cast<const uint8_t*>(node->custom_initial_data);
       c.options.assign(p, p + node->custom_initial_data_size);
     }
+    // A node that writes one of its own inputs is refused here: the interpreter's partitioning
+    // of such a node fails without a message, and no kernel could run it.
+    for (int out : c.outputs)
+      for (size_t j = 0; j < c.inputs.size(); ++j)
+        if (c.inputs[j] == out) {
+          ReportNode(ctx, kind, c.node_index,
+                     "output " + TensorLabel(ctx, out) + " is also input " + std::to_string(j) + " of the op");
+          return kN2uqTfLiteDelegateError;
+        }
     claims.push_back(std::move(c));
   }
   const N2uqTfLiteRegistration reg = DelegateKernelRegistration();
