@@ -1,10 +1,11 @@
-# make demo: the quick-start job; make test: install and run the test suite.
+# make demo: the quick-start job; make test: install and run the test suite;
+# make fuzz: the delegate's mutation campaign under ASan + UBSan with a larger sample than the suite's.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.n2uq_tf-installed
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test demo benchmark fuzz clean
 
 install: $(STAMP)
 
@@ -19,6 +20,13 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 test: install
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# FUZZ_CASES random mutants (plus option, op-I/O and resize edits) from seed FUZZ_SEED, in both interpreters.
+FUZZ_CASES ?= 2000
+FUZZ_SEED ?= 1
+fuzz: install
+	N2UQ_FUZZ_CASES=$(FUZZ_CASES) N2UQ_FUZZ_SEED=$(FUZZ_SEED) N2UQ_FUZZ_BACKENDS=litert,tflite \
+		$(PY) -m pytest -q -s tests/test_delegate_fuzz.py
 
 demo: install
 	$(PY) examples/quickstart.py

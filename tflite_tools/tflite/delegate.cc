@@ -350,7 +350,7 @@ N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const c
   }
   N2uqTfLiteTensor* t = &ctx->tensors[index];
   if (t->type != type) {
-    *err = std::string(what) + " '" + TensorName(ctx, index) + "' must be " + TypeName(type) + ", got " +
+    *err = std::string(what) + " (" + TensorLabel(ctx, index) + ") must be " + TypeName(type) + ", got " +
            TypeName(t->type) + " (type " + std::to_string(t->type) + ")";
     return nullptr;
   }
@@ -400,15 +400,15 @@ bool CheckBytes(const N2uqTfLiteContext* ctx, const N2uqTfLiteTensor* t, const c
     return false;
   }
   if (t->bytes != static_cast<size_t>(bytes)) {
-    *err = std::string(what) + " '" + (t->name ? t->name : "?") + "' holds " + std::to_string(t->bytes) +
-           " bytes but its shape " + DimsString(t->dims) + " needs " + std::to_string(bytes);
+    *err = std::string(what) + " (" + TensorLabel(ctx, int(t - ctx->tensors)) + ") holds " +
+           std::to_string(t->bytes) + " bytes but its shape " + DimsString(t->dims) + " needs " + std::to_string(bytes);
     return false;
   }
   if (need_data && t->data == nullptr && bytes > 0) {
-    *err = std::string(what) + " '" + (t->name ? t->name : "?") + "' must be a constant tensor (no data at prepare)";
+    *err = std::string(what) + " (" + TensorLabel(ctx, int(t - ctx->tensors)) +
+           ") must be a constant tensor (no data at prepare)";
     return false;
   }
-  (void)ctx;
   return true;
 }
 

@@ -104,6 +104,7 @@ struct FakeInterpreter {
   N2uqTfLiteIntArray* inputs = nullptr;
   N2uqTfLiteIntArray* outputs = nullptr;
   int replaced_status = -1;
+  bool fail_resize = false;  // ResizeTensor fails, and frees the new shape as TFLite does
 };
 
 static FakeInterpreter* Self(N2uqTfLiteContext* c) { return reinterpret_cast<FakeInterpreter*>(c); }
@@ -119,6 +120,10 @@ static size_t ElementSize(int type) { return type == kN2uqTfLiteInt64 ? 8 : type
 
 static int FakeResize(N2uqTfLiteContext* c, N2uqTfLiteTensor* t, N2uqTfLiteIntArray* new_size) {
   FakeInterpreter* f = Self(c);
+  if (f->fail_resize) {
+    free(new_size);
+    return kN2uqTfLiteError;
+  }
   const size_t index = size_t(t - f->tensors.data());
   size_t n = 1;
   for (int i = 0; i < new_size->size; ++i) n *= size_t(new_size->data[i]);
@@ -209,7 +214,7 @@ static void Release(FakeInterpreter* f) {
 }
 
 enum Mutation { kNone, kShortWeights, kLongWeights, kBadRank, kBadType, kBadIndex, kTruncatedOptions, kShortBias,
-                kBadActBits, kBadDataBytes, kNumMutations };
+                kBadActBits, kBadDataBytes, kConstantOutput, kFailedResize, kAliasedOutput, kNumMutations };
 
 // One conv run via the op-resolver registration; returns the status and the error text.
 static int RunConv(Mutation m, std::string* error, bool delegate_path) {
@@ -224,8 +229,12 @@ static int RunConv(Mutation m, std::string* error, bool delegate_path) {
   int w = AddTensor(&f, kN2uqTfLiteUInt8, {m == kShortWeights ? 33 : m == kLongWeights ? 35 : 34}, "weights");
   int mult = AddTensor(&f, kN2uqTfLiteFloat32, {3}, "multiplier");
   int bias = AddTensor(&f, kN2uqTfLiteFloat32, {m == kShortBias ? 2 : 3}, "bias");
-  int out = AddTensor(&f, kN2uqTfLiteFloat32, {1, 6, 6, 3}, "out");
+  const std::vector<int> out_shape = m == kFailedResize ? std::vector<int>{1, 2, 3} : std::vector<int>{1, 6, 6, 3};
+  int out = AddTensor(&f, kN2uqTfLiteFloat32, out_shape, "out");
   Finalize(&f);
+  if (m == kConstantOutput) f.tensors[out].allocation_type = kN2uqTfLiteMmapRo;
+  f.fail_resize = m == kFailedResize;
+  if (m == kAliasedOutput) out = mult;
   if (m == kBadDataBytes) f.tensors[in].bytes -= 8;  // shape says more than the buffer holds
   for (size_t i = 0; i < f.storage[w].size(); ++i) f.storage[w][i] = uint8_t(i * 37 + 11);
   for (int i = 0; i < 3; ++i) reinterpret_cast<float*>(f.storage[mult].data())[i] = 0.5f;
@@ -273,7 +282,8 @@ static int RunConv(Mutation m, std::string* error, bool delegate_path) {
 static void TestKernels() {
   static const char* const expected[kNumMutations] = {
       "", "weight bitstream", "weight bitstream", "input shape", "must be int64", "out of range",
-      "malformed custom options", "bias", "input shape", "bytes but its shape"};
+      "malformed custom options", "bias", "input shape", "bytes but its shape", "is a constant tensor",
+      "resizing the output 'out' to [1, 6, 6, 3] failed", "is also input 2 of the op"};
   for (int path = 0; path < 2; ++path) {
     for (int m = 0; m < kNumMutations; ++m) {
       std::string error;
