@@ -211,12 +211,17 @@ def option_edits(base):
             groups[position, key] = [(f"{name} #{position}: {key} -> {'removed' if new is None else new!r}",
                                       position, {key: new}) for new in values]
         groups[position, "unknown_option"] = [(f"{name} #{position}: unknown option", position, {"unknown_option": 3})]
-        if "padding" in options:
+        if "kernel_height" in options:  # the padding mode, with and without pads
             pads = {"pad_top": 1, "pad_bottom": 1, "pad_left": 1, "pad_right": 1}
+            no_pads = dict.fromkeys(pads)
+            groups.setdefault((position, "padding"), [])
             groups[position, "padding"] += [
-                (f"{name} #{position}: padding switched, pads as they were", position,
-                 {"padding": 1 - options["padding"]}),
-                (f"{name} #{position}: padding 1 with pads", position, dict(pads, padding=1)),
+                (f"{name} #{position}: padding {mode}, pads as they were", position, {"padding": mode})
+                for mode in (0, 1)]
+            groups[position, "padding"] += [
+                (f"{name} #{position}: padding 1 with pads 1", position, dict(pads, padding=1)),
+                (f"{name} #{position}: padding 1 without pads", position, dict(no_pads, padding=1)),
+                (f"{name} #{position}: padding 0 without pads", position, dict(no_pads, padding=0)),
                 (f"{name} #{position}: no padding option, pads 1", position, dict(pads, padding=None))]
     return groups
 
@@ -299,7 +304,7 @@ def resize_cases(rng, count):
 
 def campaign(base, cases, seed):
     """The mutants of one campaign: `cases` random mutants spread evenly over RANDOM_CLASSES;
-    max(1, cases // 200) random edits of every option of every N2UQ op (of its 2-19 edits);
+    max(1, cases // 200) random edits of every option of every N2UQ op (of its 1-23 edits);
     every op-I/O edit; max(1, cases // 10) resized inputs."""
     rng = np.random.default_rng(seed)
     mutants = []

@@ -164,8 +164,10 @@ def _expected_options(report_row, lowered_layer):
     if layer.padding == "same":  # computed by the kernel (Padded* layers are "valid" + explicit pads)
         opts["padding"] = custom_ops.PADDING_SAME
     else:
-        opts.update(padding=custom_ops.PADDING_EXPLICIT, pad_top=h.paddings[0][0], pad_bottom=h.paddings[0][1],
-                    pad_left=h.paddings[1][0], pad_right=h.paddings[1][1])
+        opts.update(pad_top=h.paddings[0][0], pad_bottom=h.paddings[0][1], pad_left=h.paddings[1][0],
+                    pad_right=h.paddings[1][1])
+        if tuple(layer.strides) != (1, 1):  # (at stride 1 the pads serve every input size: no mode needed)
+            opts["padding"] = custom_ops.PADDING_EXPLICIT
     if h.kind == custom_ops.OP_DEPTHWISE_CONV2D:
         opts["depth_multiplier"] = layer.depth_multiplier
     return opts
@@ -319,7 +321,7 @@ def test_newer_format_is_refused(small_cnn):
     meta["format_version"] = 99
     model.buffers[entry.buffer].data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     newer = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    with pytest.raises(ValueError, match="format 99.*reads up to format 1"):
+    with pytest.raises(ValueError, match="format 99.*reads up to format 2"):
         inspect_tflite(newer)
 
 

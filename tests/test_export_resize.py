@@ -46,7 +46,8 @@ def _randomize(model, seed):
 
 def _model(input_shape):
     """'same' convs with strides 1 and 2, odd and even kernels, dilation (square and not), a
-    non-square kernel, a depthwise 'same' conv with stride 2 and a multiplier, explicit pads, 'valid'."""
+    non-square kernel, a depthwise 'same' conv with stride 2 and a multiplier, explicit pads at
+    strides 1 and 2, 'valid'."""
     inp = keras.Input(input_shape)
     x = L.Conv2D(6, 3, strides=2, padding="same", name="same_s2")(inp)
     x = L.BatchNormalization(name="bn")(x)
@@ -56,6 +57,7 @@ def _model(input_shape):
     x = PaddedConv2D(5, 3, explicit_padding=((1, 2), (0, 1)), name="explicit")(x)
     x = PaddedDepthwiseConv2D(3, explicit_padding=1, name="dw_explicit")(x)
     x = L.Conv2D(4, 1, padding="valid", name="valid")(x)
+    x = PaddedConv2D(4, 2, strides=2, explicit_padding=((1, 0), (1, 0)), name="explicit_s2")(x)
     return keras.Model(inp, x)
 
 
@@ -112,10 +114,13 @@ def test_the_file_carries_the_padding_mode(exported):
     pads = ("pad_top", "pad_bottom", "pad_left", "pad_right")
     for name in ("same_s2", "same_dil", "dw_same_s2", "same_k4_s21"):
         assert options[name]["padding"] == custom_ops.PADDING_SAME and not set(pads) & set(options[name]), name
-    assert options["explicit"]["padding"] == custom_ops.PADDING_EXPLICIT
+    # explicit pads; the mode is left out at strides 1 x 1, where they serve every input size
     assert [options["explicit"][p] for p in pads] == [1, 2, 0, 1]
     assert [options["dw_explicit"][p] for p in pads] == [1, 1, 1, 1]
     assert [options["valid"][p] for p in pads] == [0, 0, 0, 0]
+    assert [options["explicit_s2"][p] for p in pads] == [1, 0, 1, 0]
+    assert not {"explicit", "dw_explicit", "valid"} & {k for k, v in options.items() if "padding" in v}
+    assert options["explicit_s2"]["padding"] == custom_ops.PADDING_EXPLICIT
 
 
 def _as_format_1(content):
@@ -126,7 +131,7 @@ def _as_format_1(content):
         if model.operatorCodes[op.opcodeIndex].customCode not in (b"N2UQConv2D", b"N2UQDepthwiseConv2D"):
             continue
         options = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
-        if options.pop("padding") == custom_ops.PADDING_SAME:
+        if options.pop("padding", None) == custom_ops.PADDING_SAME:
             shape = graph.tensors[op.inputs[0]].shape
             for (before, after), size, k, s, d in zip(
                     (("pad_top", "pad_bottom"), ("pad_left", "pad_right")), shape[1:3],

@@ -20,8 +20,8 @@ Ops (inputs in order; "bits" of a quantized tensor are 1..4):
   bitstream (codes [OC][KH][KW][IC]), multiplier float32 [OC], bias float32 [OC]
   -> float32 [N, OH, OW, OC].  Options: in_channels, out_channels, kernel_height,
   kernel_width, stride_height, stride_width, dilation_height, dilation_width, act_bits,
-  weight_bits, padding, and with padding = PADDING_EXPLICIT also pad_top, pad_bottom,
-  pad_left, pad_right.
+  weight_bits, padding (see Padding; absent for explicit padding at strides 1 x 1), and
+  unless padding = PADDING_SAME also pad_top, pad_bottom, pad_left, pad_right.
 * ``N2UQDepthwiseConv2D``: codes uint8 [N, H, W, C], weights uint8 bitstream (codes
   [KH][KW][C * M], TF's depthwise layout flattened), multiplier, bias [C * M]
   -> float32 [N, OH, OW, C * M].  Options as N2UQConv2D plus depth_multiplier
@@ -35,10 +35,12 @@ from the actual input size (the output has ceil(H / stride) x ceil(W / stride) p
 padding they need is split with the extra row / column after), so a resized input is padded as
 Keras pads it; the op then has no pad_* options. PADDING_EXPLICIT (0) pads by the pad_* options
 at every input size ('valid' is explicit zeros; `n2uq_tf.layers.PaddedConv2D` gives its fixed
-PyTorch-style pads). Files of export format 1 have no ``padding`` option: their pad_* were fixed
-for the exported input size, and the kernels refuse an input size at which a 'same' reading and an
-explicit reading of those pads would differ (they tell the two apart by the file's shape where
-they can: pads that are not 'same' at the exported size were explicit).
+PyTorch-style pads). An explicit op with strides 1 x 1 leaves ``padding`` out (each option costs
+~12 bytes per op): at stride 1 'same' padding does not depend on the input size, so its pad_*
+serve every size whatever they were. Files of export format 1 have no ``padding`` option at all:
+their pad_* were fixed for the exported input size, and the kernels refuse an input size at which
+a 'same' and an explicit reading of those pads differ (pads that are not 'same' at stride 1, or
+at the exported size read from the file's shape signature, were explicit).
 
 Weight bitstream: code j of the flattened code array occupies stream bits
 j * weight_bits .. j * weight_bits + weight_bits - 1 (least significant bit first); stream
@@ -189,14 +191,14 @@ def _int_conv(codes, kernel_codes, strides, dilations, paddings, depthwise):
 
 def _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
     """The options of a conv / depthwise op; `paddings` is SAME or ((top, bottom), (left, right))."""
-    if paddings == SAME:
-        pads = {}
-    else:
-        (top, bottom), (left, right) = paddings
-        pads = dict(zip(PAD_OPTIONS, (top, bottom, left, right)))
     options = dict(zip(CONV_OPTIONS, (in_channels, out_channels, kernel_size[0], kernel_size[1], strides[0],
                                       strides[1], dilations[0], dilations[1], act_bits, weight_bits,
-                                      PADDING_SAME if paddings == SAME else PADDING_EXPLICIT)), **pads)
+                                      PADDING_SAME if paddings == SAME else PADDING_EXPLICIT)))
+    if paddings != SAME:
+        (top, bottom), (left, right) = paddings
+        options.update(zip(PAD_OPTIONS, (top, bottom, left, right)))
+        if tuple(strides) == (1, 1):
+            del options["padding"]  # stride 1: the pads serve every input size (see Padding)
     return {k: int(v) for k, v in options.items()}
 
 

@@ -36,8 +36,8 @@ const int kBuiltinDelegate = 51;  // BuiltinOperator_DELEGATE
 const int64_t kMaxDim = int64_t(1) << 24;  // generous cap on channels/features so products cannot overflow
 const int64_t kMaxKernel = 4096;
 
-// Conv / depthwise options and where they go. The pad_* options are there with padding
-// "explicit" and in files without a padding option (export format 1), absent with "same".
+// Conv / depthwise options and where they go. The pad_* options are there unless padding is
+// 'same' (custom_ops: "Padding").
 struct ConvOption {
   const char* key;
   int64_t lo, hi;
@@ -58,8 +58,8 @@ const ConvOption kPadOptions[] = {{"pad_top", 0, kMaxKernel, &N2uqConvShape::pad
                                   {"pad_bottom", 0, kMaxKernel, &N2uqConvShape::pad_bottom},
                                   {"pad_left", 0, kMaxKernel, &N2uqConvShape::pad_left},
                                   {"pad_right", 0, kMaxKernel, &N2uqConvShape::pad_right}};
-// The "padding" option (custom_ops.PADDING_EXPLICIT / PADDING_SAME); kPaddingLegacy: absent.
-enum PaddingMode { kPaddingLegacy = -1, kPaddingExplicit = 0, kPaddingSame = 1 };
+// The "padding" option (custom_ops.PADDING_EXPLICIT / PADDING_SAME); kPaddingUnstated: absent.
+enum PaddingMode { kPaddingUnstated = -1, kPaddingExplicit = 0, kPaddingSame = 1 };
 
 int OpKindOf(const char* name) {
   if (name == nullptr) return -1;
@@ -117,7 +117,7 @@ struct Kernel {
   int32_t bits = 0, channels = 0;
   float beta1 = 1.0f;
   N2uqConvShape conv = {};
-  int padding = kPaddingLegacy;  // PaddingMode
+  int padding = kPaddingUnstated;  // PaddingMode
   int32_t depth_multiplier = 1;
   int32_t in_features = 0, out_features = 0, act_bits = 0, weight_bits = 0;
   // prepared state
@@ -183,7 +183,7 @@ bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err)
         s.*option.field = int32_t(v[0]);
       }
       // "padding" decides whether the pad_* options belong to the op (custom_ops.PADDING_*).
-      k->padding = kPaddingLegacy;
+      k->padding = kPaddingUnstated;
       if (o.Has("padding")) {
         if (!get("padding", kPaddingExplicit, kPaddingSame, &v[0])) return false;
         k->padding = int(v[0]);
@@ -471,10 +471,11 @@ std::string PadsString(const int32_t pads[4]) {
 }
 
 // Sets the pads of k->conv for its input size (in_height, in_width). 'same': computed here, so a
-// resized input gets the padding it needs. Explicit: as given. A file without the padding option
-// (export format 1) holds fixed pads that were either explicit or 'same' at the export-time input
-// size; `x`'s shape signature (the file's shape) tells which where it can, and a size whose answer
-// depends on what the file does not say is refused.
+// resized input gets the padding it needs. Explicit: as given. Without the padding option (export
+// format 1, and explicit ops at strides 1 x 1) the fixed pads were explicit or 'same' at the
+// exported input size: they serve this size if both readings agree, or where they cannot be 'same'
+// (at stride 1 'same' padding is the same at every size; else `x`'s shape signature, the file's
+// shape, gives the exported size); a size whose answer the file does not tell is refused.
 bool ResolvePadding(Kernel* k, const N2uqTfLiteTensor* x, std::string* err) {
   N2uqConvShape& s = k->conv;
   int32_t same[4];
@@ -487,6 +488,9 @@ bool ResolvePadding(Kernel* k, const N2uqTfLiteTensor* x, std::string* err) {
   if (k->padding == kPaddingExplicit) return true;
   const int32_t pads[4] = {s.pad_top, s.pad_bottom, s.pad_left, s.pad_right};
   if (memcmp(pads, same, sizeof(pads)) == 0) return true;  // both readings agree
+  if ((s.stride_height == 1 && (pads[0] != same[0] || pads[1] != same[1])) ||
+      (s.stride_width == 1 && (pads[2] != same[2] || pads[3] != same[3])))
+    return true;  // not 'same' at any size: explicit
   const N2uqTfLiteIntArray* sig = x->dims_signature;
   if (sig != nullptr && sig->size == x->dims->size && sig->size >= 3) {
     const int32_t h = sig->data[1], w = sig->data[2];
