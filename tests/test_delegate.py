@@ -66,7 +66,7 @@ def fc_block(rng, x, *, cin, cout, ab, wb):
 
 
 class ModelA(tf.Module):
-    """conv chain: odd channels 5 -> 65 -> 130 -> 1, strides, dilations, asymmetric pads, mixed bits, builtins."""
+    """conv chain: odd channels 5 -> 65 -> 130 -> 1, strides, dilations, asymmetric and 'same' pads, mixed bits."""
 
     def __init__(self):
         super().__init__()
@@ -84,7 +84,9 @@ class ModelA(tf.Module):
                         pads=((1, 2), (0, 1)), ab=4, wb=1)
         y4 = conv_block(rng, x, cin=5, cout=7, k=(3, 3), strides=(1, 1), dilations=(1, 1), pads=((1, 1), (1, 1)),
                         ab=3, wb=2)
-        return y1, y2, y3, y4
+        # 'same' computed by the kernel: odd height, stride 2, an even kernel width, dilation
+        y5 = conv_block(rng, x, cin=5, cout=9, k=(3, 2), strides=(2, 2), dilations=(1, 2), pads=co.SAME, ab=2, wb=2)
+        return y1, y2, y3, y4, y5
 
 
 class ModelB(tf.Module):
@@ -99,10 +101,11 @@ class ModelB(tf.Module):
                              ab=2, wb=2)
         d2 = depthwise_block(rng, tf.nn.relu(d1) * 0.1, c=6, mult=1, k=(3, 2), strides=(1, 1), dilations=(2, 1),
                              pads=((2, 2), (1, 0)), ab=4, wb=3)
+        d3 = depthwise_block(rng, x, c=3, mult=1, k=(2, 3), strides=(2, 1), dilations=(1, 1), pads=co.SAME, ab=2, wb=2)
         flat = tf.reshape(d2, [1, -1])
         f1 = fc_block(rng, flat * 0.2, cin=int(flat.shape[-1]), cout=10, ab=3, wb=2)
         f2 = fc_block(rng, tf.concat([f1, f1], -1) * 0.1, cin=20, cout=70, ab=1, wb=4)
-        return y1, d1, d2, f1, f2
+        return y1, d1, d2, f1, f2, d3
 
 
 def convert(module):
@@ -220,7 +223,7 @@ def test_abi_self_test_against_live_interpreter(models, backend):
     graph = model.subgraphs[0]
     custom = [line.split() for line in probe if line.startswith("node ") and " custom N2UQ" in line]
     flat_custom = [op for op in graph.operators if model.operatorCodes[op.opcodeIndex].customCode]
-    assert len(custom) == len(flat_custom) == 8
+    assert len(custom) == len(flat_custom) == 10
     for fields, op in zip(custom, flat_custom):
         assert fields[5] == model.operatorCodes[op.opcodeIndex].customCode.decode()
         assert int(fields[7]) == len(op.customOptions)

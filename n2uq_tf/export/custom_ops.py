@@ -66,7 +66,7 @@ ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FUL
 WORD_BITS = 64
 CONV_OPTIONS = ("in_channels", "out_channels", "kernel_height", "kernel_width", "stride_height", "stride_width",
                 "dilation_height", "dilation_width", "act_bits", "weight_bits", "padding")
-PAD_OPTIONS = ("pad_top", "pad_bottom", "pad_left", "pad_right")  # with PADDING_EXPLICIT only
+PAD_OPTIONS = ("pad_top", "pad_bottom", "pad_left", "pad_right")  # absent with PADDING_SAME
 PADDING_EXPLICIT = 0
 PADDING_SAME = 1
 SAME = "same"  # the `paddings` argument of conv2d_fn / depthwise_conv2d_fn for PADDING_SAME
