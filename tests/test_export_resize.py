@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from flatbuffers import flexbuffers
 from tensorflow.lite.tools import flatbuffer_utils
 
