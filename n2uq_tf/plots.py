@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from n2uq_tf import ops
 from n2uq_tf._keras import keras
+from n2uq_tf.quantize import nested
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 __all__ = ["quantized_layers", "quantizer_state", "activation_inputs", "plot_thresholds",
@@ -45,25 +46,10 @@ def _target(model):
 def quantized_layers(model):
     """[(name, N2UQWrapper)] in layer order, nested models included.
 
-    The name is the wrapped layer's name (as in `quantization_report`); a name that occurs
-    twice (nested models) is prefixed by its model's name.
+    The name is the wrapped layer's path, as in `quantization_report`: its name, prefixed by
+    the names of the nested models holding it (``backbone/block1_conv``).
     """
-    model = _target(model)
-    found = []
-
-    def walk(m, prefix):
-        for layer in m.layers:
-            if isinstance(layer, N2UQWrapper):
-                found.append((prefix, layer))
-            elif isinstance(layer, keras.Model):
-                walk(layer, layer.name)
-
-    walk(model, None)
-    counts = {}
-    for _, w in found:
-        counts[w.layer.name] = counts.get(w.layer.name, 0) + 1
-    return [(w.layer.name if counts[w.layer.name] == 1 or prefix is None else f"{prefix}/{w.layer.name}", w)
-            for prefix, w in found]
+    return [(w.path, w.layer) for w in nested.walk(_target(model)) if isinstance(w.layer, N2UQWrapper)]
 
 
 def _select(pairs, layers):

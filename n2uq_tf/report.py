@@ -4,8 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from n2uq_tf._keras import keras
-from n2uq_tf.quantize import registry
+from n2uq_tf.quantize import nested, registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 FLOAT_BYTES = 4
@@ -134,14 +133,6 @@ def _format_thresholds(values):
     return text
 
 
-def _walk(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) and not isinstance(layer, N2UQWrapper):
-            yield from _walk(layer)
-        else:
-            yield layer
-
-
 def _float_weights(variables):
     return [v for v in variables if v.dtype.is_floating]
 
@@ -225,9 +216,10 @@ def quantization_report(model):
     model = inference_model(model)
     check_model(model)
     rows = []
-    for layer in _walk(model):
+    for walked in nested.walk(model):  # layers inside nested models are named by their path
+        layer = walked.layer
         if isinstance(layer, N2UQWrapper):
-            rows.append(_wrapper_report(layer))
+            rows.append(dataclasses.replace(_wrapper_report(layer), name=walked.path))
             continue
         size = sum(int(np.prod(v.shape)) for v in _float_weights(layer.weights))
         reason = registry.unsupported_reason(layer)
@@ -237,7 +229,7 @@ def quantization_report(model):
             status, note = "kept float", "not quantized (skip_layers or overrides)"
         else:
             status, note = "float", ""
-        rows.append(LayerReport(layer.name, type(layer).__name__, status, params=size,
+        rows.append(LayerReport(walked.path, type(layer).__name__, status, params=size,
                                 float_bytes=FLOAT_BYTES * size, packed_bytes=FLOAT_BYTES * size, note=note))
     plan, not_exportable = _export_plan(model)
     for row in rows:

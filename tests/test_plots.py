@@ -134,7 +134,8 @@ def test_activation_inputs_of_a_nested_model(quantized, images):
     inp = keras.Input((12, 12, 3))
     outer = keras.Model(inp, keras.layers.Dense(2)(quantized(inp)))
     values = plots.activation_inputs(outer, images)
-    captured = captured_inputs(quantized, images)
+    # Layers inside a nested model are named by their path, as in quantization_report.
+    captured = {f"{quantized.name}/{name}": v for name, v in captured_inputs(quantized, images).items()}
     assert set(values) == set(captured)
     for name in values:
         np.testing.assert_allclose(values[name], captured[name], rtol=1e-6, atol=1e-6)

@@ -1,5 +1,7 @@
 """quantize_model: what gets quantized, the tfmot integration, and training."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -208,3 +210,62 @@ def test_applications_quantize_and_fit(builder, shape, tmp_path):
     path = str(tmp_path / "q.keras")
     q.save(path)
     np.testing.assert_array_equal(n2uq_tf.load_model(path).predict(x, verbose=0), q.predict(x, verbose=0))
+
+
+# ------------------------------------------------------------------ defaults that surprise (issue 12.5)
+
+def two_quantizable_layers():
+    return keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="first"),
+                             keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="last")], name="tiny")
+
+
+def test_only_first_and_last_quantizable_says_to_pass_skip_layers_none():
+    model = two_quantizable_layers()
+    with pytest.raises(ValueError, match=r"only quantizable layers are the first and the last \('first' and 'last'\)"
+                                         r".*skip_layers=None.*raw model input"):
+        n2uq_tf.quantize_model(model)
+    assert set(wrappers(n2uq_tf.quantize_model(model, skip_layers=None))) == {"first", "last"}
+    # Kept float by the user, not by the default: no advice about skip_layers=None.
+    with pytest.raises(ValueError, match="no layer to quantize") as error:
+        n2uq_tf.quantize_model(model, skip_layers=["first", "last"])
+    assert "skip_layers=None" not in str(error.value)
+
+
+def first_layer_warnings(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = n2uq_tf.quantize_model(model, **kwargs)
+    return q, [str(w.message) for w in caught if "the first quantizable layer" in str(w.message)]
+
+
+def test_quantizing_the_first_layer_unasked_warns_with_its_name(small_cnn):
+    # A skip_layers list replaces the default first/last rule: the stem gets quantized.
+    q, caught = first_layer_warnings(small_cnn, skip_layers=["logits"])
+    assert "stem" in wrappers(q)
+    assert len(caught) == 1 and "'stem'" in caught[0] and "raw model input" in caught[0]
+    assert "a list replaces the default first/last rule" in caught[0]
+    # An override by class reaches the first layer too.
+    q, caught = first_layer_warnings(small_cnn, overrides={keras.layers.Conv2D: 4})
+    assert wrappers(q)["stem"].quantize_config.weight_bits == 4
+    assert len(caught) == 1 and "'stem'" in caught[0] and "overrides[Conv2D]" in caught[0]
+    # Asked for by name, or every layer with skip_layers=None: no warning.
+    for kwargs in ({"overrides": {"stem": 4}}, {"skip_layers": None}, {"skip_layers": ["stem", "logits"]}, {}):
+        _, caught = first_layer_warnings(small_cnn, **kwargs)
+        assert not caught, kwargs
+
+
+def test_already_quantized_model_is_refused(small_cnn, tmp_path):
+    q = n2uq_tf.quantize_model(small_cnn)
+    with pytest.raises(ValueError, match="'small_cnn' is already quantized: layer 'conv_a' is N2UQ-quantized"):
+        n2uq_tf.quantize_model(q)
+    q.save(str(tmp_path / "q.keras"))
+    with pytest.raises(ValueError, match="already quantized"):
+        n2uq_tf.quantize_model(n2uq_tf.load_model(str(tmp_path / "q.keras")))
+    inp = keras.Input((12, 12, 3))
+    outer = keras.Model(inp, keras.layers.Dense(2, name="extra")(q(inp)))  # quantized model nested
+    with pytest.raises(ValueError, match="layer 'small_cnn/conv_a' is N2UQ-quantized"):
+        n2uq_tf.quantize_model(outer)
+    eight_bit = tfmot.quantization.keras.quantize_model(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"), keras.layers.Dense(2, name="d2")]))
+    with pytest.raises(ValueError, match="already quantized: layer 'd1' is quantized by tfmot"):
+        n2uq_tf.quantize_model(eight_bit)

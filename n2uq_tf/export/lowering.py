@@ -22,7 +22,7 @@ import tensorflow as tf
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU
-from n2uq_tf.quantize import methods, registry
+from n2uq_tf.quantize import methods, nested, registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
@@ -399,16 +399,18 @@ class _Lowered:
     output squeezed back.
     """
 
-    def __init__(self, wrapper, input_shape, bn):
+    def __init__(self, wrapper, input_shape, bn, prefix=""):
         layer = wrapper.layer
-        self.name, self.layer, self.bn = layer.name, layer, bn
+        # Named by its path (n2uq_tf.quantize.nested): in the report, the activation codes and
+        # the .tflite tensor names, as in quantization_report.
+        self.name, self.layer, self.bn = prefix + layer.name, layer, bn
         config = wrapper.quantize_config
         self.one_d = type(layer) in _ONE_D_TYPES
         self.activation = None if _is_linear(getattr(layer, "activation", None)) else layer.activation
         self.report = LayerExport(self.name, type(layer).__name__, "lowered", [], config.weight_bits,
-                                  config.activation_bits, folded=None if bn is None else bn.name)
-        quantizers = [(layer.name, wrapper.input_quantizer)] + [
-            (f"{layer.name}/{name}", (quantizer, variables))
+                                  config.activation_bits, folded=None if bn is None else prefix + bn.name)
+        quantizers = [(self.name, wrapper.input_quantizer)] + [
+            (f"{self.name}/{name}", (quantizer, variables))
             for name, quantizer, variables in wrapper.intermediate_quantizers]
         kinds = _STAGE_OPS[type(layer)]
         shape = list(input_shape)
@@ -472,10 +474,10 @@ def _builtin_quantize(x, thresholds, input_scale, step):
 class _KeptBuiltin:
     """A wrapper kept as float builtins: its own layer call on fake-quantized constant kernels."""
 
-    def __init__(self, wrapper, reason):
+    def __init__(self, wrapper, reason, prefix=""):
         self.wrapper = wrapper
         layer, config = wrapper.layer, wrapper.quantize_config
-        self.name = layer.name
+        self.name = prefix + layer.name  # its path (n2uq_tf.quantize.nested)
         self.attrs = list(config.weight_attrs) if config.weight_bits is not None else []
         self.kernels = []
         count = 0
@@ -557,7 +559,7 @@ def _is_functional(layer):
 class _GraphPlan:
     """Per node of one functional model: how to compute it (nested models get their own plan)."""
 
-    def __init__(self, model, records):
+    def __init__(self, model, records, prefix=""):
         self.model = model
         self.steps = []      # (node, handler or None, skip_ids)
         nodes = _graph_nodes(model)
@@ -567,34 +569,37 @@ class _GraphPlan:
                 consumers.setdefault(t_id, []).append(node)
         output_ids = {str(id(t)) for t in model.outputs}
         self.absorbed = set()    # ids of BN nodes folded into the preceding op
+        nested_plans = {}
         for node in nodes:
             if node.is_input or id(node) in self.absorbed:
                 continue
             layer = node.layer
             if isinstance(layer, N2UQWrapper):
-                handler, bn_node = self._plan_wrapper(node, consumers, output_ids)
+                handler, bn_node = self._plan_wrapper(node, consumers, output_ids, prefix)
                 records.append(("wrapper", handler))
                 if bn_node is not None:
                     self.absorbed.add(id(bn_node))
-                    records.append(("bn", bn_node.layer, layer.layer.name))
+                    records.append(("bn", bn_node.layer, handler.name, prefix))
                 self.steps.append((node, handler, bn_node))
             elif _is_functional(layer):
-                self.steps.append((node, _GraphPlan(layer, records), None))
+                if id(layer) not in nested_plans:  # a nested model called twice is planned (and reported) once
+                    nested_plans[id(layer)] = _GraphPlan(layer, records, prefix + layer.name + nested.SEPARATOR)
+                self.steps.append((node, nested_plans[id(layer)], None))
             elif type(layer) is RPReLU and layer.dtype == "float32":
-                records.append(("layer", layer))
+                records.append(("layer", layer, prefix))
                 self.steps.append((node, _RPReLU(layer), None))
             else:
-                records.append(("layer", layer))
+                records.append(("layer", layer, prefix))
                 self.steps.append((node, None, None))
 
     @staticmethod
-    def _plan_wrapper(node, consumers, output_ids):
+    def _plan_wrapper(node, consumers, output_ids, prefix):
         wrapper = node.layer
         inputs = tf.nest.flatten(node.input_tensors)
         input_shape = tuple(inputs[0].shape.as_list()) if len(inputs) == 1 else ()
         reason = "more than one input" if len(inputs) != 1 else _builtin_reason(wrapper, input_shape)
         if reason is not None:
-            return _KeptBuiltin(wrapper, reason), None
+            return _KeptBuiltin(wrapper, reason, prefix), None
         bn_node = None
         out_ids = node.flat_output_ids
         users = consumers.get(out_ids[0], []) if len(out_ids) == 1 else []
@@ -602,7 +607,7 @@ class _GraphPlan:
                 and len(users[0].flat_input_ids) == 1
                 and _foldable_bn(users[0].layer, len(input_shape)) is None):
             bn_node = users[0]
-        return _Lowered(wrapper, input_shape, None if bn_node is None else bn_node.layer), bn_node
+        return _Lowered(wrapper, input_shape, None if bn_node is None else bn_node.layer, prefix), bn_node
 
     def run(self, inputs, taps, stub=False):
         """Computes the model's outputs for `inputs` (a flat list matching model.inputs)."""
@@ -675,15 +680,16 @@ class LoweredModel(tf.Module):
             if kind == "wrapper":
                 rows.append(record[1].report)
             elif kind == "bn":
-                _, bn, into = record
+                _, bn, into, prefix = record
                 seen.add(id(bn))
-                rows.append(LayerExport(bn.name, type(bn).__name__, "folded", [], reason=f"folded into {into}"))
+                rows.append(LayerExport(prefix + bn.name, type(bn).__name__, "folded", [],
+                                        reason=f"folded into {into}"))
             else:
-                layer = record[1]
+                _, layer, prefix = record
                 if id(layer) in seen:  # a shared layer is stored once
                     continue
                 seen.add(id(layer))
-                rows.append(LayerExport(layer.name, type(layer).__name__, "float", ["builtin"],
+                rows.append(LayerExport(prefix + layer.name, type(layer).__name__, "float", ["builtin"],
                                         float_bytes=FLOAT_BYTES * _float_param_count(layer)))
         return rows
 

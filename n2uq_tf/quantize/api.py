@@ -6,7 +6,7 @@ import warnings
 
 from n2uq_tf import ops
 from n2uq_tf._keras import keras, tfmot
-from n2uq_tf.quantize import methods, registry
+from n2uq_tf.quantize import methods, nested, registry
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
 from n2uq_tf.quantize.quantizers import ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer
 from n2uq_tf.quantize.scheme import N2UQQuantizeScheme
@@ -101,21 +101,33 @@ def _normalize_bits(value, default_w, default_a, where):
     return w, a
 
 
-def _override_for(layer, overrides, default_w, default_a):
-    """Looks a layer up in overrides by name, then class, then class name. Returns (found, value)."""
-    for key in (layer.name, type(layer), type(layer).__name__):
-        if key in overrides:
-            return True, _normalize_bits(overrides[key], default_w, default_a, key)
-    return False, None
+def _lookup_keys(walked):
+    """The keys that name a layer in overrides, most specific first: its path, the paths of the
+    nested models holding it (innermost first), its class, its class name."""
+    layer = walked.layer
+    return (walked.path, *reversed(walked.owners), type(layer), type(layer).__name__)
 
 
-def _override_methods(layer, overrides, default_methods):
+def _override_key(walked, overrides):
+    """The overrides key that applies to a layer (see `_lookup_keys`), or None."""
+    return next((key for key in _lookup_keys(walked) if key in overrides), None)
+
+
+def _override_for(walked, overrides, default_w, default_a):
+    """Looks a layer up in overrides (see `_lookup_keys`). Returns (found, value)."""
+    key = _override_key(walked, overrides)
+    if key is None:
+        return False, None
+    return True, _normalize_bits(overrides[key], default_w, default_a, key)
+
+
+def _override_methods(walked, overrides, default_methods):
     """(weight_method, activation_method) of a layer: the defaults, or what its override dict names.
 
     An override's ``method`` sets both sides (as quantize_model's), weight_method /
     activation_method one side; sides it does not name keep the defaults.
     """
-    for key in (layer.name, type(layer), type(layer).__name__):
+    for key in _lookup_keys(walked):
         if key in overrides:
             value = overrides[key]
             if not isinstance(value, dict) or not any(k in value for k in _METHOD_KEYS):
@@ -133,73 +145,109 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
                       activation_method=None, learn_thresholds=True):
     """Decides, per layer, what `quantize_model` will do.
 
-    Returns a list of dicts (in model.layers order) with keys name, type, action
-    ("quantize", "skip" or "unsupported"), weight_bits, activation_bits, weight_method,
-    activation_method and reason.
+    Nested models (a Sequential block or a `tf_keras.applications` backbone used as a layer) are
+    looked into at any depth; every layer is named by its path (``backbone/block1_conv``, see
+    `n2uq_tf.quantize.nested`). ``skip_layers="first_last"`` counts over these layers in order: the
+    first quantizable layer (the one that sees the raw input) and the last one stay float.
+    In ``overrides`` and a ``skip_layers`` list a layer is named by its path, its class or class
+    name, or the path of a nested model holding it (which names every layer inside). For
+    overrides the most specific key wins: the layer's path, then the nested models holding it
+    (innermost first), then its class, then its class name.
+
+    Returns a list of dicts (in layer order, nested models replaced by their layers) with keys
+    name (the layer's path), type, action ("quantize", "skip", "unsupported" or "float"),
+    weight_bits, activation_bits, weight_method, activation_method, reason, first (True for
+    the first quantizable layer) and override (the overrides key that decided its bits, or None).
     """
     default_methods = methods.resolve_methods(method, weight_method, activation_method, learn_thresholds)
     default_w = ops.check_bits(bits if weight_bits is None else weight_bits, "weight_bits")
     default_a = ops.check_bits(bits if activation_bits is None else activation_bits, "activation_bits")
     overrides = dict(overrides or {})
-    names = {layer.name for layer in model.layers}
+    walked = list(nested.walk(model))
+    model_paths = {w.path for w in nested.walk(model, models=True) if nested.is_nested_model(w.layer)}
     for key in overrides:
-        if isinstance(key, str) and key not in names and not any(type(l).__name__ == key for l in model.layers):
-            raise ValueError(f"overrides names {key!r}, which is neither a layer name nor a layer type "
-                             f"in model {model.name!r}")
+        if isinstance(key, str):
+            _check_layer_key(key, walked, model_paths, model, "overrides")
 
-    supported = [layer for layer in model.layers if registry.lookup(layer) is not None]
+    supported = [w for w in walked if registry.lookup(w.layer) is not None]
     if skip_layers == "first_last":
         skipped = {}
         if supported:
-            skipped[supported[0].name] = "first quantizable layer kept float (skip_layers='first_last')"
-            skipped.setdefault(supported[-1].name, "last quantizable layer kept float (skip_layers='first_last')")
+            skipped[supported[0].path] = "first quantizable layer kept float (skip_layers='first_last')"
+            skipped.setdefault(supported[-1].path, "last quantizable layer kept float (skip_layers='first_last')")
     elif skip_layers is None:
         skipped = {}
     elif isinstance(skip_layers, (list, tuple, set)):
         skipped = {}
         for item in skip_layers:
-            matches = [l for l in model.layers
-                       if item in (l.name, type(l), type(l).__name__)]
+            if isinstance(item, str):
+                _check_layer_key(item, walked, model_paths, model, "skip_layers")
+            matches = [w for w in walked if item in _lookup_keys(w)]
             if not matches:
                 raise ValueError(f"skip_layers names {item!r}, which is not a layer name or type in "
                                  f"model {model.name!r}")
-            for l in matches:
-                skipped[l.name] = f"kept float (skip_layers includes {item!r})"
+            for w in matches:
+                skipped[w.path] = f"kept float (skip_layers includes {item!r})"
     else:
         raise ValueError(f"skip_layers must be 'first_last', None or a list of layer names/types, "
                          f"got {skip_layers!r}")
 
     plan = []
-    for layer in model.layers:
-        entry = {"name": layer.name, "type": type(layer).__name__, "action": None,
+    for w in walked:
+        layer = w.layer
+        entry = {"name": w.path, "type": type(layer).__name__, "action": None,
                  "weight_bits": None, "activation_bits": None, "weight_method": None,
-                 "activation_method": None, "reason": ""}
+                 "activation_method": None, "reason": "", "first": bool(supported) and w is supported[0],
+                 "override": None}
         rule = registry.lookup(layer)
-        found, value = _override_for(layer, overrides, default_w, default_a)
+        found, value = _override_for(w, overrides, default_w, default_a)
+        key = _override_key(w, overrides) if found else None
         if rule is None:
             reason = registry.unsupported_reason(layer)
+            if isinstance(layer, keras.Model) and not nested.is_nested_model(layer):
+                reason = (f"a subclassed model ({type(layer).__name__}) cannot be looked into; build it with "
+                          "the Functional or Sequential API, or wrap its layers in N2UQWrapper by hand")
             if reason is not None:
                 entry.update(action="unsupported", reason=reason)
-            elif found and value is not None:
-                raise ValueError(f"overrides asks to quantize layer {layer.name!r} ({type(layer).__name__}), "
+            elif found and value is not None and key not in w.owners:
+                raise ValueError(f"overrides asks to quantize layer {w.path!r} ({type(layer).__name__}), "
                                  "which has no kernel to quantize")
             else:
                 entry.update(action="float")
         elif found:
+            entry["override"] = key
             if value is None:
-                entry.update(action="skip", reason="kept float (overrides)")
+                entry.update(action="skip", reason=f"kept float (overrides[{_key_text(key)}] is None)")
             else:
                 entry.update(action="quantize", weight_bits=value[0], activation_bits=value[1])
-        elif layer.name in skipped:
-            entry.update(action="skip", reason=skipped[layer.name])
+        elif w.path in skipped:
+            entry.update(action="skip", reason=skipped[w.path])
         else:
             entry.update(action="quantize", weight_bits=default_w, activation_bits=default_a)
         if entry["action"] == "quantize":
-            w_method, a_method = _override_methods(layer, overrides, default_methods)
+            w_method, a_method = _override_methods(w, overrides, default_methods)
             entry.update(weight_method=w_method if entry["weight_bits"] is not None else None,
                          activation_method=a_method if entry["activation_bits"] is not None else None)
         plan.append(entry)
     return plan
+
+
+def _key_text(key):
+    return key.__name__ if isinstance(key, type) else repr(key)
+
+
+def _check_layer_key(key, walked, model_paths, model, argument):
+    """Raises a ValueError unless the string `key` is a layer path, a nested model's path or a
+    layer class name of `model`; a bare name of a layer inside a nested model gets its path."""
+    if key in model_paths or any(key in (w.path, type(w.layer).__name__) for w in walked):
+        return
+    inner = [w.path for w in walked if w.owners and nested.layer_name(w.layer) == key]
+    hint = ""
+    if inner:
+        hint = (f"; layers inside nested models are named by their path: did you mean "
+                f"{' or '.join(map(repr, inner[:3]))}?")
+    raise ValueError(f"{argument} names {key!r}, which is neither a layer name nor a layer type "
+                     f"in model {model.name!r}{hint}")
 
 
 def config_for(layer, weight_bits, activation_bits, learn_thresholds=True, weight_method="n2uq",
@@ -247,6 +295,7 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
     `quantization_report`.
     """
     check_model(model)
+    _check_not_quantized(model)
     plan = plan_quantization(model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
                              skip_layers=skip_layers, overrides=overrides, method=method,
                              weight_method=weight_method, activation_method=activation_method,
@@ -258,9 +307,10 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
                       + "; ".join(f"{p['name']} ({p['type']}): {p['reason']}" for p in unsupported),
                       stacklevel=2)
     if not to_quantize:
-        raise ValueError(f"model {model.name!r} has no layer to quantize (supported: "
-                         f"{', '.join(c.__name__ for c in registry.SUPPORTED)}); plan: "
-                         + ", ".join(f"{p['name']}={p['action']}" for p in plan if p['action'] != 'float'))
+        raise ValueError(_nothing_to_quantize_message(model, plan, skip_layers))
+    first_layer_warning = _first_layer_warning(plan, skip_layers)
+    if first_layer_warning:
+        warnings.warn(first_layer_warning, stacklevel=2)
 
     # A frozen model (model.trainable = False, as DistillationModel leaves its teacher) gives a
     # trainable student: cloned with trainable=False, every BatchNorm would run in inference mode
@@ -271,16 +321,25 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
                       "teacher); the quantized model is made trainable. Set trainable=False on the result "
                       "to freeze it.", stacklevel=2)
 
-    def annotate(layer):
-        p = to_quantize.get(layer.name)
+    def clone_layer(layer, path):
+        """(clone of a float layer, its N2UQQuantizeConfig or None when it stays float)."""
+        p = to_quantize.get(path)
         layer_config = layer.get_config()
         if frozen and "trainable" in layer_config:
             layer_config["trainable"] = True
         clone = layer.__class__.from_config(layer_config)
         if p is None:
+            return clone, None
+        return clone, config_for(layer, p["weight_bits"], p["activation_bits"],
+                                 weight_method=p["weight_method"], activation_method=p["activation_method"])
+
+    if nested.has_nested_models(model):
+        return _quantize_nested(model, clone_layer, frozen)
+
+    def annotate(layer):
+        clone, config = clone_layer(layer, layer.name)
+        if config is None:
             return clone
-        config = config_for(layer, p["weight_bits"], p["activation_bits"],
-                            weight_method=p["weight_method"], activation_method=p["activation_method"])
         return tfmot.quantization.keras.quantize_annotate_layer(clone, quantize_config=config)
 
     with quantize_scope():
@@ -288,6 +347,83 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
         annotated.set_weights(model.get_weights())
         quantized = tfmot.quantization.keras.quantize_apply(annotated, N2UQQuantizeScheme())
     return quantized
+
+
+def _quantize_nested(model, clone_layer, frozen):
+    """quantize_model of a model with nested models: what quantize_apply would give if it recursed.
+
+    tfmot's quantize_apply only wraps the layers of the model it is given, and clones a nested
+    model whole (from its config, annotations inside left unapplied). So the same two steps are
+    done at every depth (`nested.clone`): a clone of the float model that takes its weights, then
+    a clone in which each layer to quantize is wrapped in N2UQWrapper (as our scheme's
+    quantize_apply wraps annotated layers) and every other layer is shared. Each nested model
+    keeps its name, place and frozen state (a `trainable=False` backbone stays frozen): keeping
+    the user's structure, rather than flattening it, keeps `model.get_layer("backbone")` and
+    fine-tuning code working, and the model saves and loads as any model of nested models does.
+    """
+    configs = {}
+
+    def clone_leaf(layer, path):
+        clone, config = clone_layer(layer, path)
+        if config is not None:
+            configs[path] = config
+        return clone
+
+    def wrap_leaf(layer, path):
+        config = configs.get(path)
+        return layer if config is None else N2UQWrapper(layer, config)
+
+    with quantize_scope():
+        cloned = nested.clone(model, clone_leaf, unfreeze=frozen)
+        cloned.set_weights(model.get_weights())
+        return nested.clone(cloned, wrap_leaf)
+
+
+def _check_not_quantized(model):
+    """quantize_model takes a float model: a clear error for one that is already quantized."""
+    for walked in nested.walk(model):
+        layer = walked.layer
+        if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+            kind = "N2UQ-quantized" if isinstance(layer, N2UQWrapper) else f"quantized by tfmot ({type(layer).__name__})"
+            raise ValueError(
+                f"model {model.name!r} is already quantized: layer {walked.path!r} is {kind}. quantize_model "
+                "takes the float model; compile and fit this one to keep training it, or quantize the float "
+                "model again for other bits")
+        if type(layer).__name__ == "QuantizeAnnotate":
+            raise ValueError(
+                f"model {model.name!r} holds tfmot quantization annotations (layer {walked.path!r}); "
+                "quantize_model takes the float model and annotates it itself. To apply your own "
+                "annotations use tfmot.quantization.keras.quantize_apply(model, n2uq_tf.N2UQQuantizeScheme()) "
+                "inside n2uq_tf.quantize_scope()")
+
+
+def _nothing_to_quantize_message(model, plan, skip_layers):
+    message = (f"model {model.name!r} has no layer to quantize (supported: "
+               f"{', '.join(c.__name__ for c in registry.SUPPORTED)}); plan: "
+               + ", ".join(f"{p['name']}={p['action']}" for p in plan if p['action'] != 'float'))
+    quantizable = [p for p in plan if p["action"] in ("quantize", "skip")]
+    kept = [p["name"] for p in quantizable if p["reason"].endswith("(skip_layers='first_last')")]
+    if skip_layers == "first_last" and kept and len(kept) == len(quantizable):
+        message += (f". Its only quantizable layers are the first and the last ({' and '.join(map(repr, kept))}), "
+                    "which skip_layers='first_last' (the default, as in the paper) keeps float. Pass "
+                    "skip_layers=None to quantize them too: the first then quantizes the raw model input and "
+                    "the last the output layer's weights, which usually costs more accuracy than any other "
+                    "layer; or quantize one of them with overrides={name: bits}")
+    return message
+
+
+def _first_layer_warning(plan, skip_layers):
+    """The warning for a first quantizable layer that gets quantized without being asked for by
+    name (through a skip_layers list that leaves it out, or an override by class or nested model)."""
+    first = next((p for p in plan if p["first"]), None)
+    if first is None or first["action"] != "quantize" or skip_layers is None or first["override"] == first["name"]:
+        return None
+    why = (f"overrides[{_key_text(first['override'])}]" if first["override"] is not None
+           else "skip_layers (a list replaces the default first/last rule)")
+    return (f"n2uq_tf.quantize_model quantizes {first['name']!r}, the first quantizable layer, which sees the raw "
+            f"model input ({why}); the paper and skip_layers='first_last' keep it float, as quantizing the raw "
+            f"input usually costs accuracy. Add {first['name']!r} to skip_layers (or overrides={{{first['name']!r}: "
+            "None}) to keep it float, or name it in overrides to quantize it without this warning")
 
 
 def _describe_format(path):
@@ -317,14 +453,8 @@ def load_model(path, custom_objects=None, compile=True, require_quantized=True):
     except Exception as error:  # OSError, zipfile.BadZipFile, h5py and protobuf decode errors, ...
         raise ValueError(f"could not load a quantized model from {path!r} ({fmt} format): "
                          f"{type(error).__name__}: {error}") from error
-    if require_quantized and not any(isinstance(layer, N2UQWrapper) for layer in _all_layers(model)):
+    if require_quantized and not any(isinstance(w.layer, N2UQWrapper) for w in nested.walk(model)):
         raise ValueError(f"{path!r} holds a model without N2UQ-quantized layers; load float models with "
                          "tf_keras.models.load_model")
     return model
 
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)

@@ -73,6 +73,20 @@ class N2UQWrapper(_QuantizeWrapperV2):
         return registry.split_of(self.layer).call(
             self.layer, inputs, kernels, lambda x: quantizer(x, training, weights=variables))
 
+    # tfmot's wrapper lists the quantized kernels among its trainable weights even when the
+    # wrapped layer is frozen, so a frozen layer (e.g. of a transfer-learning backbone) would
+    # train. Frozen means nothing trains, as for any Keras layer: kernels and quantizer variables
+    # move to the non-trainable weights (same order, so h5 files read the same).
+    @property
+    def trainable_weights(self):
+        return super().trainable_weights if self.trainable else []
+
+    @property
+    def non_trainable_weights(self):
+        if self.trainable:
+            return super().non_trainable_weights
+        return self._dedup_weights(super().trainable_weights + super().non_trainable_weights)
+
     # The base wrapper lists the wrapped layer's weights among its own, so the `.keras`
     # format would store them twice and count them differently on load (tfmot's
     # "expected 2 variables, but received 3"). Store only the variables this wrapper
