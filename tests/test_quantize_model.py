@@ -243,11 +243,11 @@ def test_quantizing_the_first_layer_unasked_warns_with_its_name(small_cnn):
     q, caught = first_layer_warnings(small_cnn, skip_layers=["logits"])
     assert "stem" in wrappers(q)
     assert len(caught) == 1 and "'stem'" in caught[0] and "raw model input" in caught[0]
-    assert "a list replaces the default first/last rule" in caught[0]
+    assert "skip_layers is a list, which replaces the default first/last rule" in caught[0]
     # An override by class reaches the first layer too.
     q, caught = first_layer_warnings(small_cnn, overrides={keras.layers.Conv2D: 4})
     assert wrappers(q)["stem"].quantize_config.weight_bits == 4
-    assert len(caught) == 1 and "'stem'" in caught[0] and "overrides[Conv2D]" in caught[0]
+    assert len(caught) == 1 and "'stem'" in caught[0] and "overrides[Conv2D] applies to it" in caught[0]
     # Asked for by name, or every layer with skip_layers=None: no warning.
     for kwargs in ({"overrides": {"stem": 4}}, {"skip_layers": None}, {"skip_layers": ["stem", "logits"]}, {}):
         _, caught = first_layer_warnings(small_cnn, **kwargs)

@@ -279,7 +279,8 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
       weight_bits, activation_bits: defaults for each, overriding ``bits``.
       skip_layers: "first_last" (default, as in the paper: the first and the last
         quantizable layers stay float), None (quantize every supported layer) or a
-        list of layer names or types to keep float.
+        list of layer names or types to keep float, which replaces the first/last rule (a first
+        layer it leaves quantized is warned about).
       overrides: per-layer bits for mixed precision, keyed by layer name, layer class or
         class name; values are an int, a (weight_bits, activation_bits) pair, a dict
         with those keys (None keeps that part float) and optionally method / weight_method /
@@ -287,9 +288,13 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
       learn_thresholds: False freezes the activation thresholds (uniform-quantization baseline):
         the same as ``activation_method="uniform"``.
 
+    Models nested in `model` (a Sequential block, a `tf_keras.applications` backbone) are
+    quantized inside and keep their place; their layers are named by path
+    (``backbone/block1_conv``) in skip_layers and overrides, see `plan_quantization`.
+
     A model frozen as a whole (``model.trainable = False``, e.g. a `DistillationModel`'s teacher)
-    is quantized into a trainable model, with a warning; layers frozen one by one in a trainable
-    model stay frozen.
+    is quantized into a trainable model, with a warning; nested models and layers frozen in a
+    trainable model stay frozen (quantizer variables included).
 
     Layers that cannot be quantized stay float; they are warned about and listed by
     `quantization_report`.
@@ -418,12 +423,13 @@ def _first_layer_warning(plan, skip_layers):
     first = next((p for p in plan if p["first"]), None)
     if first is None or first["action"] != "quantize" or skip_layers is None or first["override"] == first["name"]:
         return None
-    why = (f"overrides[{_key_text(first['override'])}]" if first["override"] is not None
-           else "skip_layers (a list replaces the default first/last rule)")
-    return (f"n2uq_tf.quantize_model quantizes {first['name']!r}, the first quantizable layer, which sees the raw "
-            f"model input ({why}); the paper and skip_layers='first_last' keep it float, as quantizing the raw "
-            f"input usually costs accuracy. Add {first['name']!r} to skip_layers (or overrides={{{first['name']!r}: "
-            "None}) to keep it float, or name it in overrides to quantize it without this warning")
+    why = (f"overrides[{_key_text(first['override'])}] applies to it" if first["override"] is not None
+           else "skip_layers is a list, which replaces the default first/last rule")
+    name = first["name"]
+    return (f"n2uq_tf.quantize_model quantizes {name!r}, the first quantizable layer, which sees the raw model "
+            f"input, because {why}. The paper (and the default skip_layers='first_last') keeps it float: "
+            f"quantizing the raw input usually costs accuracy. To keep it float add {name!r} to skip_layers or "
+            f"pass overrides={{{name!r}: None}}; to quantize it without this warning name it in overrides.")
 
 
 def _describe_format(path):
