@@ -155,6 +155,10 @@ def test_report_names_inner_layers_by_path_with_their_status():
     assert rows["mid/inner/bn"].status == "float" and rows["mid/inner/bn"].params == 4 * 6
     assert rows["stem"].status == "kept float" and rows["head"].status == "kept float"
     assert "mid" not in rows  # a nested model is replaced by its layers
+    # What the export does with them, from the exporter's plan under the same names.
+    assert rows["mid/inner/c"].export == "packed" and rows["mid/inner/c"].packed_bytes < rows["mid/inner/c"].float_bytes
+    assert rows["mid/inner/bn"].export == "folded" and rows["mid/inner/bn"].export_note == "folded into mid/inner/c"
+    assert rows["mid/dw"].export == "float"
     report = n2uq_tf.quantization_report(q)
     assert report.total_params == sum(int(np.prod(v.shape)) for v in q.weights if v.dtype.is_floating)
     assert "mid/inner/c" in str(report)
