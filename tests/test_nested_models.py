@@ -294,3 +294,25 @@ def test_applications_backbone_in_a_functional_model():
     scale = max(float(np.abs(expected).max()), 1.0)
     for backend in BACKENDS:
         assert float(np.abs(_run(content, x, backend) - expected).max()) <= REL_TOL * scale, backend
+
+
+def test_nested_separable_conv_stages_are_named_by_path():
+    """A two-stage layer (SeparableConv2D: depthwise, then its pointwise_input quantizer and a 1x1
+    conv) inside a nested model: both stages lowered under the layer's path."""
+    keras.utils.set_random_seed(3)
+    blk = keras.Sequential([layers.SeparableConv2D(5, 3, padding="same", name="sep")], name="blk")
+    inp = keras.Input((7, 7, 3))
+    x = layers.GlobalAveragePooling2D()(blk(layers.Conv2D(4, 3, name="stem")(inp)))
+    model = keras.Model(inp, layers.Dense(3, name="head")(x))
+    q = n2uq_tf.quantize_model(model, 2, skip_layers=None)
+    _randomize(q, seed=3)
+    x, _ = data(model, n=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        content, report = export_tflite(q, return_report=True)
+    assert [r.name for r in report.lowered] == ["stem", "blk/sep", "head"]
+    assert set(lower(q).activation_codes(tf.constant(x))) == {"stem", "blk/sep", "blk/sep/pointwise_input", "head"}
+    expected = q(x, training=False).numpy()
+    scale = max(float(np.abs(expected).max()), 1.0)
+    for backend in BACKENDS:
+        assert float(np.abs(_run(content, x, backend) - expected).max()) <= REL_TOL * scale, backend
