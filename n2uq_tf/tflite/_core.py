@@ -6,6 +6,10 @@ name, atomic rename, no -march flag: the AVX2/AVX-512 kernels are picked at run 
 Functions take NumPy arrays and return NumPy arrays; errors from the C API are raised as
 `CoreError` (a ValueError) with the library's message. `isa` is "auto" (environment
 variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx512" or "neon".
+Conv and fully connected layers also take `path`: "auto" (environment variable
+N2UQ_KERNEL_PATH, else the fastest on the layer's shape, measured once per shape), "bitserial"
+(AND + popcount), "dot" (integer dot products on byte codes) or "lut" (table lookups); every
+path gives identical results. `ConvPlan` prepares a layer's weights once for repeated calls.
 """
 
 import ctypes
@@ -16,6 +20,8 @@ import numpy as np
 from n2uq_tf import _native
 
 ISAS = ("auto", "portable", "avx2", "avx512", "neon")
+PATHS = ("auto", "bitserial", "dot", "lut")
+ABI_VERSION = 2
 MAX_BITS = 4
 _SOURCE_NAMES = _native.CORE_HEADERS_AND_SOURCES
 _COMPILED = _native.CORE_COMPILED
@@ -63,6 +69,18 @@ def _declare(lib):
         "n2uq_conv2d_output_size": ([shape_p, ctypes.POINTER(i32), ctypes.POINTER(i32)] + err, ctypes.c_int),
         "n2uq_conv2d_bitserial": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int,
                                    ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_conv2d": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_path_name": ([ctypes.c_int], char_p),
+        "n2uq_path_supported": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),
+        "n2uq_cpu_features": ([], char_p),
+        "n2uq_conv_plan_create": ([shape_p, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.POINTER(ctypes.c_void_p)] + err, ctypes.c_int),
+        "n2uq_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int] + err,
+                               ctypes.c_int),
+        "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "n2uq_conv_plan_destroy": ([ptr], None),
+        "n2uq_fully_connected_shape": ([i32, i32, i32, i32, i32, shape_p] + err, ctypes.c_int),
         "n2uq_fully_connected": ([i32, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
                                   ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_depthwise_conv2d": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int,
@@ -80,7 +98,7 @@ def library():
     with _lock:
         if "lib" not in _loaded:
             lib = _declare(ctypes.CDLL(build()))
-            if lib.n2uq_core_abi_version() != 1:
+            if lib.n2uq_core_abi_version() != ABI_VERSION:
                 raise RuntimeError("n2uq kernel core ABI mismatch")
             _loaded["lib"] = lib
         return _loaded["lib"]
@@ -116,6 +134,31 @@ def supported_isas():
     """Every concrete ISA path this CPU and build can run, slowest first."""
     lib = library()
     return [name for i, name in enumerate(ISAS) if i > 0 and lib.n2uq_isa_supported(i)]
+
+
+def _path_id(path):
+    if path is None:
+        path = "auto"
+    if path not in PATHS:
+        raise CoreError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    return PATHS.index(path)
+
+
+def supported_paths(isa="auto"):
+    """The conv paths this CPU and build can run under `isa` ("auto": the resolved ISA)."""
+    lib = library()
+    isa_id = ISAS.index(globals()["isa"](isa))
+    return [name for i, name in enumerate(PATHS) if i > 0 and lib.n2uq_path_supported(isa_id, i)]
+
+
+def supported_combinations():
+    """Every (isa, path) pair this CPU and build can run."""
+    return [(i, p) for i in supported_isas() for p in supported_paths(i)]
+
+
+def cpu_features():
+    """The CPU features the kernels detected (CPUID + XCR0 / HWCAP), e.g. ["avx2", "popcnt", ...]."""
+    return library().n2uq_cpu_features().decode().split()
 
 
 def _ptr(array):
@@ -253,9 +296,9 @@ def _result(out_f, out_i, output):
     return {"float": out_f, "int32": out_i}.get(output, (out_f, out_i))
 
 
-def conv2d_bitserial(packed_input, packed_weights, in_channels, act_bits, weight_bits, multiplier=None, bias=None,
-                     *, strides=1, dilations=1, padding=0, output="float", isa="auto", num_threads=1):
-    """Bit-serial conv2d.
+def conv2d(packed_input, packed_weights, in_channels, act_bits, weight_bits, multiplier=None, bias=None, *,
+           strides=1, dilations=1, padding=0, output="float", isa="auto", path="auto", num_threads=1):
+    """Conv2d on packed codes (any path; see the module docstring).
 
     packed_input: uint64 [N, H, W, act_bits, words] (pack_bitplanes of NHWC codes);
     packed_weights: uint64 [OC, KH, KW, weight_bits, words] (pack_bitplanes of [OC, KH, KW, IC] codes);
@@ -274,27 +317,79 @@ def conv2d_bitserial(packed_input, packed_weights, in_channels, act_bits, weight
     oh, ow = output_size(shape)
     multiplier, bias = _affine(multiplier, bias, oc)
     out_f, out_i, size = _outputs((n, oh, ow, oc), output)
-    _call(library().n2uq_conv2d_bitserial, ctypes.byref(shape), _ptr(x), x.size, _ptr(w), w.size,
+    _call(library().n2uq_conv2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(w), w.size,
           _ptr(multiplier), _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f),
-          None if out_i is None else _ptr(out_i), size, _isa_id(isa), int(num_threads))
+          None if out_i is None else _ptr(out_i), size, _isa_id(isa), _path_id(path), int(num_threads))
     return _result(out_f, out_i, output)
 
 
+conv2d_bitserial = conv2d  # the name predates the other paths
+
+
 def fully_connected(packed_input, packed_weights, in_features, act_bits, weight_bits, multiplier=None, bias=None,
-                    *, output="float", isa="auto", num_threads=1):
+                    *, output="float", isa="auto", path="auto", num_threads=1):
     """packed_input uint64 [batch, act_bits, words], packed_weights [out, weight_bits, words] -> [batch, out]."""
     x = _as(packed_input, np.uint64, "packed_input")
     w = _as(packed_weights, np.uint64, "packed_weights")
     if x.ndim != 3 or w.ndim != 3:
         raise CoreError(f"packed_input and packed_weights must be 3-D, got {x.shape} and {w.shape}")
     batch, out_features = x.shape[0], w.shape[0]
+    shape = ConvShape()
+    _call(library().n2uq_fully_connected_shape, batch, int(in_features), out_features, int(act_bits),
+          int(weight_bits), ctypes.byref(shape))
     multiplier, bias = _affine(multiplier, bias, out_features)
     out_f, out_i, size = _outputs((batch, out_features), output)
-    _call(library().n2uq_fully_connected, batch, int(in_features), out_features, int(act_bits), int(weight_bits),
-          _ptr(x), x.size, _ptr(w), w.size, _ptr(multiplier), _ptr(bias), multiplier.size,
-          None if out_f is None else _ptr(out_f), None if out_i is None else _ptr(out_i), size, _isa_id(isa),
-          int(num_threads))
+    _call(library().n2uq_conv2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(w), w.size, _ptr(multiplier),
+          _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f), None if out_i is None else _ptr(out_i),
+          size, _isa_id(isa), _path_id(path), int(num_threads))
     return _result(out_f, out_i, output)
+
+
+class ConvPlan:
+    """A conv layer's weights prepared once for one path (n2uq_conv_plan_create).
+
+    `shape` is a ConvShape (conv_shape or fully_connected_shape) whose batch and input size
+    path selection times on; `run` accepts any batch and input size with the same filter.
+    """
+
+    def __init__(self, shape, packed_weights, *, isa="auto", path="auto", num_threads=1):
+        self._lib = library()
+        w = _as(packed_weights, np.uint64, "packed_weights")
+        self.shape = shape
+        self._handle = ctypes.c_void_p()
+        _call(self._lib.n2uq_conv_plan_create, ctypes.byref(shape), _ptr(w), w.size, _isa_id(isa), _path_id(path),
+              int(num_threads), ctypes.byref(self._handle))
+        isa_id, path_id = ctypes.c_int(), ctypes.c_int()
+        self._lib.n2uq_conv_plan_info(self._handle, ctypes.byref(isa_id), ctypes.byref(path_id))
+        self.isa, self.path = ISAS[isa_id.value], PATHS[path_id.value]
+
+    def run(self, packed_input, multiplier=None, bias=None, *, shape=None, output="float", num_threads=1):
+        """packed_input as for conv2d (5-D) or fully_connected (3-D); returns the same outputs."""
+        shape = shape or self.shape
+        x = _as(packed_input, np.uint64, "packed_input")
+        oh, ow = output_size(shape)
+        multiplier, bias = _affine(multiplier, bias, shape.out_channels)
+        out_f, out_i, size = _outputs((shape.batch, oh, ow, shape.out_channels), output)
+        _call(self._lib.n2uq_conv_plan_run, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(multiplier),
+              _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f),
+              None if out_i is None else _ptr(out_i), size, int(num_threads))
+        return _result(out_f, out_i, output)
+
+    def close(self):
+        if getattr(self, "_handle", None):
+            self._lib.n2uq_conv_plan_destroy(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+def fully_connected_shape(batch, in_features, out_features, act_bits, weight_bits):
+    """The ConvShape of a fully connected layer (a 1x1 conv over a 1 x batch image)."""
+    shape = ConvShape()
+    _call(library().n2uq_fully_connected_shape, int(batch), int(in_features), int(out_features), int(act_bits),
+          int(weight_bits), ctypes.byref(shape))
+    return shape
 
 
 def depthwise_conv2d(input_codes, weight_codes, act_bits, weight_bits, multiplier=None, bias=None, *, strides=1,

@@ -12,6 +12,8 @@ the core dispatches ISAs at run time; content-hashed name, atomic rename).
 Delegate options (strings, as for any external delegate):
   num_threads  threads for the N2UQ kernels; 0 or absent: the interpreter's num_threads
   isa          auto | portable | avx2 | avx512 | neon (default auto, see N2UQ_KERNEL_ISA)
+  path         conv / fully-connected kernel path: auto | bitserial | dot | lut (default auto:
+               N2UQ_KERNEL_PATH, else the fastest measured on each layer's shape at Prepare)
   abi_probe    1: record the tensor/node table seen in Prepare (ABI self-test)
 """
 
@@ -81,6 +83,8 @@ def library():
                                                         ctypes.c_char_p, sz, ctypes.c_char_p, sz,
                                                         ctypes.POINTER(ctypes.c_int), u64p, u64p]
             lib.n2uq_delegate_profile_entry.restype = ctypes.c_int
+            lib.n2uq_delegate_profile_path.argtypes = [ctypes.c_int]
+            lib.n2uq_delegate_profile_path.restype = ctypes.c_int
             lib.n2uq_delegate_abi_probe.argtypes = [ctypes.c_char_p, sz]
             lib.n2uq_delegate_abi_probe.restype = sz
             lib.n2uq_flexbuffer_dump.argtypes = [ctypes.c_char_p, sz, ctypes.c_char_p, sz]
@@ -156,7 +160,8 @@ def load_delegate(backend="auto", **options):
     """The N2UQ delegate as a `Delegate` object of the chosen interpreter package.
 
     Options: num_threads (int, 0 = the interpreter's), isa ("auto", "portable", "avx2",
-    "avx512", "neon"), abi_probe (bool). Pass the result in `experimental_delegates`.
+    "avx512", "neon"), path ("auto", "bitserial", "dot", "lut"), abi_probe (bool). Pass the
+    result in `experimental_delegates`.
     """
     name, module = _backend_module(backend)
     load = module.load_delegate if name == "litert" else module.experimental.load_delegate
@@ -218,8 +223,9 @@ def _native_pointer(delegate):
 
 def kernel_profile(delegate=None):
     """Per-kernel timings recorded inside the plugin: a list of dicts (op, output, node,
-    invocations, seconds), for the live kernels of `delegate` (all delegates if None).
-    Times cover the kernel's invoke (a steady-clock span around the core call)."""
+    invocations, seconds, path), for the live kernels of `delegate` (all delegates if None).
+    Times cover the kernel's invoke (a steady-clock span around the core call); path is the
+    kernel path a conv / fully connected op prepared ("bitserial", "dot", "lut"), else None."""
     lib = library()
     wanted = _native_pointer(delegate)
     entries = []
@@ -232,8 +238,10 @@ def kernel_profile(delegate=None):
             continue
         if wanted is not None and owner.value != wanted:
             continue
+        path = lib.n2uq_delegate_profile_path(i)
         entries.append({"op": op.value.decode(), "output": name.value.decode(errors="replace"),
-                        "node": node.value, "invocations": calls.value, "seconds": ns.value * 1e-9})
+                        "node": node.value, "invocations": calls.value, "seconds": ns.value * 1e-9,
+                        "path": _core.PATHS[path] if 0 < path < len(_core.PATHS) else None})
     return sorted(entries, key=lambda e: e["node"])
 
 
@@ -299,7 +307,8 @@ def _time_interpreter(interpreter, runs, warmup, seed=0, after_warmup=None):
             "min_ms": 1e3 * min(times), "runs": runs}
 
 
-def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", float_model=None, isa=None):
+def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", float_model=None, isa=None,
+                    kernel_path=None):
     """Latency of a .tflite model with the N2UQ delegate, and without it when that is possible.
 
     A model with N2UQ ops cannot run without the delegate: then "without_delegate" times
@@ -308,7 +317,7 @@ def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", floa
     mean invoke time (builtin ops and interpreter overhead).
     """
     backend_name, module = _backend_module(backend)
-    delegate = load_delegate(backend_name, isa=isa)
+    delegate = load_delegate(backend_name, isa=isa, path=kernel_path)
     interpreter = module.Interpreter(model_path=str(path), num_threads=int(num_threads),
                                      experimental_delegates=[delegate])
     runs = max(int(runs), 1)
@@ -318,7 +327,7 @@ def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", floa
     for entry in kernel_profile(delegate):
         calls = max(entry["invocations"], 1)
         ops.append({"op": entry["op"], "output": entry["output"], "node": entry["node"],
-                    "calls": entry["invocations"], "mean_ms": 1e3 * entry["seconds"] / calls})
+                    "calls": entry["invocations"], "mean_ms": 1e3 * entry["seconds"] / calls, "path": entry["path"]})
     n2uq_ms = sum(op["mean_ms"] * op["calls"] / max(runs, 1) for op in ops)
     for op in ops:
         op["share"] = op["mean_ms"] * op["calls"] / max(runs, 1) / with_delegate["mean_ms"]
@@ -354,10 +363,10 @@ def format_benchmark(result):
     elif result["n2uq_ops"]:
         lines.append("without delegate: cannot run (the model has N2UQ custom ops; pass a float twin to compare)")
     if result["ops"]:
-        lines.append(f"{'node':>5}  {'op':<20} {'mean ms':>9} {'share':>7}  output")
+        lines.append(f"{'node':>5}  {'op':<20} {'path':<9} {'mean ms':>9} {'share':>7}  output")
         for op in result["ops"]:
-            lines.append(f"{op['node']:>5}  {op['op']:<20} {op['mean_ms']:>9.3f} {100 * op['share']:>6.1f}%  "
-                         f"{op['output']}")
+            lines.append(f"{op['node']:>5}  {op['op']:<20} {op.get('path') or '-':<9} {op['mean_ms']:>9.3f} "
+                         f"{100 * op['share']:>6.1f}%  {op['output']}")
         lines.append(f"{'':>5}  {'other ops + overhead':<20} {result['other_ms']:>9.3f} "
                      f"{100 * result['other_ms'] / max(w['mean_ms'], 1e-12):>6.1f}%")
     return "\n".join(lines)

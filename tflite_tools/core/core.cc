@@ -8,13 +8,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <new>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "kernel_table.h"
 #include "n2uq_core.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 namespace n2uq_core {
 namespace {
@@ -60,26 +70,73 @@ int check_threads(int num_threads, char* err, size_t err_len) {
   return N2UQ_OK;
 }
 
-// ---------------------------------------------------------------- ISA dispatch
+// ---------------------------------------------------------------- CPU features
+
+// What the kernels need from the CPU, read once. x86-64: CPUID for the instructions and
+// XCR0 (XGETBV) for the OS saving the registers they use (ymm: bits 1-2; zmm and opmask:
+// bits 5-7); a feature the OS does not enable counts as absent. aarch64: the kernel's HWCAP.
+struct CpuFeatures {
+  bool popcnt = false, avx2 = false, avx512f = false, avx512bw = false, avx512vl = false;
+  bool avx512vpopcntdq = false, avx512vnni = false, avx512vbmi = false, avx_vnni = false;
+  bool amx_int8 = false;  // reported only: no AMX path (it would also need arch_prctl permission)
+  bool asimd_dotprod = false;
+};
+
+CpuFeatures detect_cpu_features() {
+  CpuFeatures f;
+#if defined(__x86_64__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  f.popcnt = (c >> 23) & 1;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+  uint64_t xcr0 = 0;
+  if (osxsave) {
+    uint32_t lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (uint64_t(hi) << 32) | lo;
+  }
+  const bool ymm_state = avx && (xcr0 & 0x6) == 0x6;
+  const bool zmm_state = ymm_state && (xcr0 & 0xE0) == 0xE0;
+  const bool tile_state = (xcr0 & 0x60000) == 0x60000;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const unsigned max_subleaf = a;
+  f.avx2 = ymm_state && ((b >> 5) & 1);
+  f.avx512f = zmm_state && ((b >> 16) & 1);
+  f.avx512bw = f.avx512f && ((b >> 30) & 1);
+  f.avx512vl = f.avx512f && ((b >> 31) & 1);
+  f.avx512vbmi = f.avx512f && ((c >> 1) & 1);
+  f.avx512vnni = f.avx512f && ((c >> 11) & 1);
+  f.avx512vpopcntdq = f.avx512f && ((c >> 14) & 1);
+  f.amx_int8 = tile_state && ((d >> 24) & 1) && ((d >> 25) & 1);
+  if (max_subleaf >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avx_vnni = f.avx2 && ((a >> 4) & 1);
+  }
+#elif defined(__aarch64__) && defined(__linux__)
+  f.asimd_dotprod = (getauxval(AT_HWCAP) >> 20) & 1;  // HWCAP_ASIMDDP
+#endif
+  return f;
+}
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = detect_cpu_features();
+  return features;
+}
+
+// ---------------------------------------------------------------- ISA and path dispatch
 
 bool cpu_has(int isa) {
+  const CpuFeatures& f = cpu_features();
   switch (isa) {
     case N2UQ_ISA_PORTABLE:
       return true;
-#if defined(__x86_64__)
     case N2UQ_ISA_AVX2:
-      __builtin_cpu_init();
-      return avx2_kernels() != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+      return avx2_kernels() != nullptr && f.avx2 && f.popcnt;
     case N2UQ_ISA_AVX512:
-      __builtin_cpu_init();
-      return avx512_kernels() != nullptr && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vpopcntdq") &&
-             __builtin_cpu_supports("popcnt");
-#endif
-#if defined(__aarch64__)
+      return avx512_kernels() != nullptr && f.avx512f && f.avx512bw && f.avx512vpopcntdq && f.popcnt;
     case N2UQ_ISA_NEON:
       return neon_kernels() != nullptr;  // Advanced SIMD is mandatory on aarch64
-#endif
     default:
       return false;
   }
@@ -125,6 +182,55 @@ const KernelTable* table_for(int isa) {
   }
 }
 
+// The kernels of a byte-code path under a concrete, supported ISA, or null when this build
+// or CPU cannot run it. Declarative: each row names the instructions the kernels execute
+// beyond the ISA family's own (see cpu_has).
+const PathKernels* path_kernels(int isa, int path) {
+  const CpuFeatures& f = cpu_features();
+  struct Row {
+    int isa, path;
+    bool cpu_ok;
+    const PathKernels* kernels;
+  };
+  const Row rows[] = {
+      {N2UQ_ISA_PORTABLE, N2UQ_PATH_DOT, true, portable_dot_kernels()},
+      {N2UQ_ISA_AVX2, N2UQ_PATH_DOT, f.avx_vnni, avx_vnni_dot_kernels()},  // preferred over the next row
+      {N2UQ_ISA_AVX2, N2UQ_PATH_DOT, true, avx2_dot_kernels()},
+      {N2UQ_ISA_AVX512, N2UQ_PATH_DOT, f.avx512vnni, avx512_dot_kernels()},
+      {N2UQ_ISA_AVX512, N2UQ_PATH_LUT, f.avx512vbmi && f.avx512vnni, avx512_lut_kernels()},
+      {N2UQ_ISA_NEON, N2UQ_PATH_DOT, f.asimd_dotprod, neon_dot_kernels()},
+  };
+  for (const Row& r : rows)
+    if (r.isa == isa && r.path == path && r.cpu_ok && r.kernels != nullptr) return r.kernels;
+  return nullptr;
+}
+
+bool path_available(int isa, int path) {
+  if (!cpu_has(isa)) return false;
+  if (path == N2UQ_PATH_BITSERIAL) return true;
+  return path_kernels(isa, path) != nullptr;
+}
+
+int path_from_name(const char* name) {
+  static const char* const names[] = {"auto", "bitserial", "dot", "lut"};
+  for (int i = 0; i < N2UQ_NUM_PATHS; ++i)
+    if (std::strcmp(name, names[i]) == 0) return i;
+  return -1;
+}
+
+// A concrete path, N2UQ_PATH_AUTO (select by measurement) or a negative status.
+int requested_path(int path, char* err, size_t err_len) {
+  if (path == N2UQ_PATH_AUTO) {
+    const char* env = std::getenv("N2UQ_KERNEL_PATH");
+    if (env == nullptr || env[0] == '\0') return N2UQ_PATH_AUTO;
+    path = path_from_name(env);
+    N2UQ_CHECK(path >= 0, N2UQ_ERR_ARGUMENT, "N2UQ_KERNEL_PATH=%.40s is not one of auto, bitserial, dot, lut", env);
+    return path;
+  }
+  N2UQ_CHECK(path > N2UQ_PATH_AUTO && path < N2UQ_NUM_PATHS, N2UQ_ERR_ARGUMENT, "unknown path id %d", path);
+  return path;
+}
+
 // ---------------------------------------------------------------- thread pool
 
 // Workers persist across calls (spawning threads per layer would cost more than small
@@ -138,15 +244,21 @@ const KernelTable* table_for(int isa) {
 class ThreadPool {
  public:
   void run(int num_threads, int64_t num_tasks, const std::function<void(int64_t)>& task) {
+    run_slots(num_threads, num_tasks, [&](int64_t i, int) { task(i); });
+  }
+
+  // As run, and each task also gets its thread's slot in 0 .. num_threads - 1 (the caller
+  // is slot 0), for per-thread scratch that the caller allocated.
+  void run_slots(int num_threads, int64_t num_tasks, const std::function<void(int64_t, int)>& task) {
     if (num_threads > num_tasks) num_threads = (int)num_tasks;
     if (num_threads <= 1) {
-      for (int64_t i = 0; i < num_tasks; ++i) task(i);
+      for (int64_t i = 0; i < num_tasks; ++i) task(i, 0);
       return;
     }
     std::lock_guard<std::mutex> one_call_at_a_time(call_mutex_);
     std::atomic<int64_t> next(0);
-    const std::function<void()> body = [&] {
-      for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) task(i);
+    const std::function<void(int)> body = [&](int slot) {
+      for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) task(i, slot);
     };
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -160,7 +272,7 @@ class ThreadPool {
       generation_.fetch_add(1);
     }
     wake_.notify_all();
-    body();
+    body(0);
     spin_until([&] { return remaining_.load() == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [&] { return remaining_.load() == 0; });
@@ -191,9 +303,9 @@ class ThreadPool {
       wake_.wait(lock, [&] { return generation_.load() != seen; });
       seen = generation_.load();
       if (id >= participants_) continue;
-      const std::function<void()>* job = job_;
+      const std::function<void(int)>* job = job_;
       lock.unlock();
-      (*job)();
+      (*job)(id + 1);
       lock.lock();
       if (remaining_.fetch_sub(1) == 1) done_.notify_all();
     }
@@ -202,7 +314,7 @@ class ThreadPool {
   std::mutex call_mutex_, mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
-  const std::function<void()>* job_ = nullptr;   // guarded by mutex_
+  const std::function<void(int)>* job_ = nullptr;  // guarded by mutex_
   int participants_ = 0;                          // guarded by mutex_
   std::atomic<int> remaining_{0};                 // written under mutex_, read spinning
   std::atomic<uint64_t> generation_{0};           // written under mutex_, read spinning
@@ -335,12 +447,13 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 }
 
 // Per-thread scratch reused across calls: a fresh vector per call costs an mmap and
-// page faults per layer once it passes malloc's mmap threshold (a 7x7x512 W2A2
-// layer's regrouped weights are 590 KB). Grows, never shrinks; contents are rewritten.
+// page faults per layer once it passes malloc's mmap threshold. Grows, never shrinks;
+// contents are rewritten. (Weights live in the plan, prepared once.)
 struct Scratch {
-  std::vector<uint64_t> stage, weights;
+  std::vector<uint64_t> stage;
   std::vector<int32_t> pixel_sums;
   std::vector<int64_t> tap_offsets;
+  std::vector<uint8_t> codes;   // dot path: staged codes; lut path: every thread's table rings
 };
 
 Scratch& scratch() {
@@ -349,8 +462,13 @@ Scratch& scratch() {
 }
 
 template <class T>
-void ensure(std::vector<T>& v, int64_t size) {
-  if (int64_t(v.size()) < size) v.resize(size_t(size));
+int ensure(std::vector<T>& v, int64_t size, const char* what, char* err, size_t err_len) {
+  try {
+    if (int64_t(v.size()) < size) v.resize(size_t(size));
+  } catch (const std::bad_alloc&) {
+    N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the %s (%lld elements)", what, (long long)size);
+  }
+  return N2UQ_OK;
 }
 
 // Columns per staged phase row: the last vector of output pixels (rounded up to whole
@@ -363,33 +481,48 @@ int64_t staged_width(const ConvJob& job, int64_t lanes = 1) {
   return width < needed_columns ? needed_columns : width;
 }
 
-// Channel-lane path (see isa_avx512.cc): regroup the weights by kGroupLanes output
-// channels, stage the input as the pixel-lane path does, then per output row and channel chunk.
+}  // namespace
+}  // namespace n2uq_core
+
+// A prepared conv: the filter, the resolved ISA and path, and the weights in that path's
+// layout (built once by n2uq_conv_plan_create, read-only afterwards, so one plan may run
+// on several threads at once).
+struct N2uqConvPlan {
+  N2uqConvShape filter;  // batch / in_height / in_width: the shape it was created (and timed) on
+  int isa = 0, path = 0;
+  const n2uq_core::KernelTable* table = nullptr;
+  const n2uq_core::PathKernels* kernels = nullptr;  // dot / lut
+  std::vector<uint64_t> packed;   // bitserial: [OC][KH][KW][weight_bits][words]
+  std::vector<uint64_t> grouped;  // bitserial with conv_group_item: ConvJob::group_weights
+  std::vector<int8_t> dot;        // dot: ConvJob::dot_weights
+  std::vector<uint8_t> lut;       // lut: ConvJob::lut_indices
+};
+
+namespace n2uq_core {
+namespace {
+
+// ---------------------------------------------------------------- bit-serial path
+
+// Channel-lane path (see isa_avx512.cc): the weights were regrouped by kGroupLanes output
+// channels in the plan; stage the input as the pixel-lane path does, then per output row
+// and channel chunk.
 int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char* err, size_t err_len) {
   const int64_t words = job.words, taps = int64_t(job.kernel_height) * job.kernel_width;
   // Staged as for the pixel-lane path: adjacent output pixels read adjacent words.
   job.stage_width = staged_width(job);
   job.groups = int32_t((int64_t(job.out_channels) + kGroupLanes - 1) / kGroupLanes);
   job.group_chunks = int32_t((int64_t(job.groups) + kGroupChunk - 1) / kGroupChunk);
-  int64_t rows = 0, stage_words = 0, pixels = 0, group_words = 0;
+  int64_t rows = 0, stage_words = 0, pixels = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) ||
       !mul_ok(rows, int64_t(job.stride_width) * job.act_bits * words, &stage_words) ||
-      !mul_ok(stage_words, job.stage_width, &stage_words) || !mul_ok(rows, job.in_width, &pixels) ||
-      !mul_ok(int64_t(job.groups) * kGroupLanes * taps, words * job.weight_bits, &group_words))
+      !mul_ok(stage_words, job.stage_width, &stage_words) || !mul_ok(rows, job.in_width, &pixels))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
-  try {
-    ensure(s.stage, stage_words);
-    ensure(s.pixel_sums, pixels);
-    ensure(s.weights, group_words);
-    ensure(s.tap_offsets, taps * words);
-  } catch (const std::bad_alloc&) {
-    N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
-  }
+  if (int rc = ensure(s.stage, stage_words, "staged input", err, err_len)) return rc;
+  if (int rc = ensure(s.pixel_sums, pixels, "pixel sums", err, err_len)) return rc;
+  if (int rc = ensure(s.tap_offsets, taps * words, "tap offsets", err, err_len)) return rc;
   job.stage = s.stage.data();
   job.pixel_sums = s.pixel_sums.data();
-  uint64_t* grouped = s.weights.data();
-  job.group_weights = grouped;
   // Tap (kh, kw) of output column ow reads input row ih0 + kh * dilation_h and padded
   // column ow * stride + kw * dilation_w = (ow + q) * stride + phase: word q of stride
   // phase `phase` in the staged row ([phase][act_bits][words][stage_width]).
@@ -403,25 +536,20 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
             kh * job.dilation_height * row_stride + column + c * job.stage_width;
     }
   job.tap_offsets = s.tap_offsets.data();
-  // Regrouping and staging are independent: one parallel pass (one wake-up and barrier
-  // for the workers instead of two), groups first, then about 4 row ranges per thread.
-  int64_t row_chunk = (rows + 4 * num_threads - 1) / (4 * num_threads);
-  if (row_chunk < 1) row_chunk = 1;
-  const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
-  pool().run(num_threads, job.groups + row_tasks, [&](int64_t t) {
-    if (t < job.groups) return table->conv_group_weights(job, grouped, t);
-    const int64_t begin = (t - job.groups) * row_chunk;
-    table->conv_stage_rows(job, begin, begin + row_chunk < rows ? begin + row_chunk : rows);
-  });
+  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { table->conv_stage_rows(job, b, e); });
   const int64_t items = int64_t(job.batch) * job.out_height * job.group_chunks;
   pool().run(num_threads, items, [&](int64_t item) { table->conv_group_item(job, item); });
   return N2UQ_OK;
 }
 
-int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t err_len) {
+int run_bitserial(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
-  const KernelTable* table = table_for(isa);
-  if (table->conv_group_item != nullptr) return run_conv_groups(job, table, num_threads, err, err_len);
+  const KernelTable* table = plan.table;
+  job.weights = plan.packed.data();
+  if (table->conv_group_item != nullptr) {
+    job.group_weights = plan.grouped.data();
+    return run_conv_groups(job, table, num_threads, err, err_len);
+  }
   const int64_t width = staged_width(job, table->lanes);
   job.stage_width = width;
   int64_t rows = 0, stage_words = 0, pixels = 0;
@@ -430,12 +558,8 @@ int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t er
       !mul_ok(stage_words, width, &stage_words) || !mul_ok(rows, job.in_width, &pixels))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
-  try {
-    ensure(s.stage, stage_words);
-    ensure(s.pixel_sums, pixels);
-  } catch (const std::bad_alloc&) {
-    N2UQ_FAIL(N2UQ_ERR_INTERNAL, "out of memory for the staged input (%lld words)", (long long)stage_words);
-  }
+  if (int rc = ensure(s.stage, stage_words, "staged input", err, err_len)) return rc;
+  if (int rc = ensure(s.pixel_sums, pixels, "pixel sums", err, err_len)) return rc;
   job.stage = s.stage.data();
   job.pixel_sums = s.pixel_sums.data();
   job.segments = int32_t((int64_t(job.out_width) + kSegmentWidth - 1) / kSegmentWidth);
@@ -446,36 +570,416 @@ int run_conv(const ConvJob& base, int isa, int num_threads, char* err, size_t er
   return N2UQ_OK;
 }
 
-int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, const uint64_t* weights,
-              int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
-              int32_t* out_int32, int64_t out_len, int isa, int num_threads, char* err, size_t err_len) {
+// ---------------------------------------------------------------- byte-code paths
+
+// Dot path: stage every input row as codes (columns zero-padded), then work items of
+// (output row, chunk of output-channel blocks).
+int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+  ConvJob job = base;
+  const PathKernels* k = plan.kernels;
+  job.dot_weights = plan.dot.data();
+  job.padded_width = int64_t(job.in_width) + plan.filter.pad_left + plan.filter.pad_right;
+  job.code_columns = (job.padded_width + job.stride_width - 1) / job.stride_width;
+  job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
+  job.dot_lanes = k->lanes;
+  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
+  job.oc_chunks = (job.oc_blocks + k->blocks_per_chunk - 1) / k->blocks_per_chunk;
+  int64_t rows = 0, bytes = 0;
+  if (!mul_ok(job.batch, job.in_height, &rows) || !mul_ok(rows, job.code_columns * job.stride_width, &bytes) ||
+      !mul_ok(bytes, int64_t(job.quads) * 4, &bytes))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  Scratch& s = scratch();
+  if (int rc = ensure(s.codes, bytes, "staged codes", err, err_len)) return rc;
+  job.code_stage = s.codes.data();
+  parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
+  const int64_t items = int64_t(job.batch) * job.out_height * job.oc_chunks;
+  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
+  return N2UQ_OK;
+}
+
+// Input rows a LUT work item keeps tables for: every row one output row reads (the span of
+// the dilated kernel), reused by the next output rows (row ih lives in slot ih % span).
+int64_t lut_ring_rows(const N2uqConvShape& s) { return int64_t(s.kernel_height - 1) * s.dilation_height + 1; }
+
+// Partial sums of one LUT register block: kLutMaxBlockPixels x every output channel (rounded
+// up to the lanes of whole chunks), int32.
+int64_t lut_tile_bytes(const N2uqConvShape& s) {
+  return kLutMaxBlockPixels * ((int64_t(s.out_channels) + 127) / 128 * 128) * 4;
+}
+
+// Bytes of one thread's LUT scratch (layout in kernel_table.h): the slot header, per ring
+// row and padded column the tables and the pixel's code sum, one pixel's codes.
+bool lut_thread_bytes(const N2uqConvShape& s, int64_t in_width, int64_t* bytes) {
+  const int64_t groups = (int64_t(s.in_channels) + kLutGroup - 1) / kLutGroup;
+  const int64_t padded = in_width + s.pad_left + s.pad_right, rows = lut_ring_rows(s);
+  const int64_t columns = (padded + s.stride_width - 1) / s.stride_width;  // per stride phase
+  const int64_t header = (rows * 8 + 63) / 64 * 64, codes = words_for(s.in_channels) * 64 + 64;
+  int64_t tables = 0, row = 0, ring = 0;
+  if (!mul_ok(columns * s.stride_width, groups * kLutTable, &tables)) return false;
+  row = tables + (padded * 4 + 63) / 64 * 64;  // tables, then the int32 code sum of every column
+  if (!mul_ok(rows, row, &ring)) return false;
+  *bytes = header + ring + lut_tile_bytes(s) + codes;
+  return true;
+}
+
+// Largest LUT scratch per thread: layers that would need more (huge dilations or widths) do
+// not offer the path.
+constexpr int64_t kMaxLutRing = int64_t(64) << 20;
+
+// The LUT path handles the shape (kernel rows, scratch size).
+bool lut_fits(const N2uqConvShape& s) {
+  int64_t bytes = 0;
+  return s.kernel_height <= kLutMaxKernelRows && s.kernel_width <= kLutMaxKernelRows &&
+         lut_thread_bytes(s, s.in_width, &bytes) && bytes <= kMaxLutRing;
+}
+
+// Output rows per LUT work item: each item rebuilds the tables of the rows it reads, so
+// bands trade parallelism for the (span - stride) rows rebuilt at every band edge.
+int64_t lut_band_rows(const ConvJob& job, int num_threads) {
+  const int64_t rows = int64_t(job.batch) * job.out_height;
+  int64_t band = (rows + 2 * num_threads - 1) / (2 * num_threads);  // about 2 items per thread
+  if (band > 16) band = 16;
+  if (band > job.out_height) band = job.out_height;
+  return band < 1 ? 1 : band;
+}
+
+int run_lut(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+  ConvJob job = base;
+  const PathKernels* k = plan.kernels;
+  job.lut_indices = plan.lut.data();
+  job.padded_width = int64_t(job.in_width) + plan.filter.pad_left + plan.filter.pad_right;
+  job.lut_code_bytes = int64_t(job.words) * 64 + 64;
+  job.lut_groups = int32_t((int64_t(job.in_channels) + kLutGroup - 1) / kLutGroup);
+  const int lanes = job.weight_bits <= 2 ? k->lanes : k->lanes_wide;
+  const int per_chunk = k->blocks_per_chunk * k->lanes / lanes;  // chunks of the same channels either way
+  job.lut_blocks = int32_t((int64_t(job.out_channels) + lanes - 1) / lanes);
+  job.lut_chunks = (job.lut_blocks + per_chunk - 1) / per_chunk;
+  int64_t per_thread = 0, all = 0;
+  if (!lut_thread_bytes(plan.filter, job.in_width, &per_thread) || per_thread > kMaxLutRing ||
+      !mul_ok(per_thread, num_threads, &all))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the lookup tables of this input would be too large for the lut path (%lld MB "
+              "per thread at most)", (long long)(kMaxLutRing >> 20));
+  job.lut_ring_rows = int32_t(lut_ring_rows(plan.filter));
+  job.lut_tile_bytes = lut_tile_bytes(plan.filter);
+  job.lut_band = int32_t(lut_band_rows(job, num_threads));
+  job.lut_thread_bytes = per_thread;
+  Scratch& s = scratch();
+  if (int rc = ensure(s.codes, all + 64, "lookup tables", err, err_len)) return rc;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(s.codes.data());
+  job.lut_tables = s.codes.data() + (64 - address % 64) % 64;
+  const int64_t bands = (int64_t(job.out_height) + job.lut_band - 1) / job.lut_band;
+  pool().run_slots(num_threads, int64_t(job.batch) * bands, [&](int64_t item, int slot) { k->item(job, item, slot); });
+  return N2UQ_OK;
+}
+
+// ---------------------------------------------------------------- plans
+
+// Weight codes [OC][KH][KW][C] from packed bit planes [OC][KH][KW][weight_bits][words].
+std::vector<uint8_t> weight_codes(const N2uqConvShape& s, const uint64_t* packed) {
+  const int64_t words = words_for(s.in_channels), bits = s.weight_bits, channels = s.in_channels;
+  const int64_t positions = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
+  std::vector<uint8_t> codes(size_t(positions * channels));
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    const uint64_t* src = packed + pos * bits * words;
+    uint8_t* dst = codes.data() + pos * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      unsigned code = 0;
+      for (int64_t b = 0; b < bits; ++b) code |= unsigned((src[b * words + c / 64] >> (c % 64)) & 1) << b;
+      dst[c] = uint8_t(code);
+    }
+  }
+  return codes;
+}
+
+// ConvJob::dot_weights: int8 w' = 2k - n_w, [chunk][KH][KW][quads][blocks of the chunk][lanes][4]
+// (chunks of `per_chunk` blocks of `lanes` output channels; the last chunk may have fewer blocks).
+void build_dot_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
+                       std::vector<int8_t>* out) {
+  const int64_t taps = int64_t(s.kernel_height) * s.kernel_width, channels = s.in_channels;
+  const int64_t quads = (channels + 3) / 4, blocks = (int64_t(s.out_channels) + lanes - 1) / lanes;
+  const int64_t block_bytes = taps * quads * lanes * 4;
+  const int n_w = (1 << s.weight_bits) - 1;
+  out->assign(size_t(blocks * block_bytes), 0);
+  for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+    const int64_t block = oc / lanes, chunk = block / per_chunk, r = block % per_chunk;
+    const int64_t in_chunk = blocks - chunk * per_chunk < per_chunk ? blocks - chunk * per_chunk : per_chunk;
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t index = chunk * per_chunk * block_bytes + (((t * quads + c / 4) * in_chunk + r) * lanes + oc % lanes) * 4 + c % 4;
+        (*out)[size_t(index)] = int8_t(2 * int(codes[size_t((oc * taps + t) * channels + c)]) - n_w);
+      }
+  }
+}
+
+// ConvJob::lut_indices: [chunk][KH][KW][groups][blocks of the chunk][64]; in a block, lane
+// (oc % per_block) * planes + j holds bit j of the weight codes of the group's kLutGroup
+// channels (bit i: channel i), planes = 2 for weight_bits <= 2, else 4, per_block = 64 /
+// planes output channels; lanes of missing planes or channels index entry 0 (= 0).
+void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int chunk_blocks_narrow,
+                       std::vector<uint8_t>* out) {
+  const int64_t taps = int64_t(s.kernel_height) * s.kernel_width, channels = s.in_channels;
+  const int64_t planes = s.weight_bits <= 2 ? 2 : 4, per_block = 64 / planes;
+  // Chunks hold the same output channels for either lane layout: chunk_blocks_narrow blocks of
+  // 32 channels, or twice as many of 16.
+  const int64_t per_chunk = chunk_blocks_narrow * 32 / per_block;
+  const int64_t groups = (channels + kLutGroup - 1) / kLutGroup;
+  const int64_t blocks = (int64_t(s.out_channels) + per_block - 1) / per_block;
+  const int64_t block_bytes = taps * groups * 64;
+  out->assign(size_t(blocks * block_bytes), 0);
+  for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+    const int64_t block = oc / per_block, chunk = block / per_chunk, r = block % per_chunk;
+    const int64_t in_chunk = blocks - chunk * per_chunk < per_chunk ? blocks - chunk * per_chunk : per_chunk;
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < channels; ++c) {
+        const unsigned code = codes[size_t((oc * taps + t) * channels + c)];
+        const int64_t base = chunk * per_chunk * block_bytes + ((t * groups + c / kLutGroup) * in_chunk + r) * 64 +
+                             (oc % per_block) * planes;
+        for (int64_t j = 0; j < s.weight_bits; ++j)
+          (*out)[size_t(base + j)] |= uint8_t(((code >> j) & 1u) << (c % kLutGroup));
+      }
+  }
+}
+
+// Builds `plan`'s weights for its path from the packed weights.
+int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
+                    size_t err_len) {
+  const N2uqConvShape& s = plan->filter;
+  if (plan->path == N2UQ_PATH_BITSERIAL) {
+    plan->packed.assign(weights, weights + weights_needed);
+    if (plan->table->conv_group_item != nullptr) {
+      ConvJob job{};
+      job.in_channels = s.in_channels;
+      job.words = int32_t(words_for(s.in_channels));
+      job.out_channels = s.out_channels;
+      job.kernel_height = s.kernel_height;
+      job.kernel_width = s.kernel_width;
+      job.weight_bits = s.weight_bits;
+      job.weights = plan->packed.data();
+      const int64_t groups = (int64_t(s.out_channels) + kGroupLanes - 1) / kGroupLanes;
+      int64_t grouped = 0;
+      if (!mul_ok(groups * kGroupLanes * s.kernel_height * s.kernel_width, job.words * int64_t(s.weight_bits),
+                  &grouped))
+        N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the weights are too large");
+      plan->grouped.assign(size_t(grouped), 0);
+      uint64_t* dst = plan->grouped.data();
+      pool().run(num_threads, groups, [&](int64_t g) { plan->table->conv_group_weights(job, dst, g); });
+    }
+    return N2UQ_OK;
+  }
+  const std::vector<uint8_t> codes = weight_codes(s, weights);
+  if (plan->path == N2UQ_PATH_DOT)
+    build_dot_weights(s, codes, plan->kernels->lanes, plan->kernels->blocks_per_chunk, &plan->dot);
+  else
+    build_lut_indices(s, codes, plan->kernels->blocks_per_chunk * plan->kernels->lanes / 32, &plan->lut);
+  return N2UQ_OK;
+}
+
+// The filter fields of two shapes (everything but batch and input size) agree.
+bool same_filter(const N2uqConvShape& a, const N2uqConvShape& b) {
+  return a.in_channels == b.in_channels && a.out_channels == b.out_channels && a.kernel_height == b.kernel_height &&
+         a.kernel_width == b.kernel_width && a.stride_height == b.stride_height && a.stride_width == b.stride_width &&
+         a.dilation_height == b.dilation_height && a.dilation_width == b.dilation_width && a.pad_top == b.pad_top &&
+         a.pad_bottom == b.pad_bottom && a.pad_left == b.pad_left && a.pad_right == b.pad_right &&
+         a.act_bits == b.act_bits && a.weight_bits == b.weight_bits;
+}
+
+// Validates a conv shape and the sizes of its packed input and weights.
+struct ConvSizes {
   ConvGeometry g;
-  if (int rc = check_spatial(s, false, &g, err, err_len)) return rc;
-  if (int rc = check_threads(num_threads, err, err_len)) return rc;
-  const int resolved = resolve(isa, err, err_len);
-  if (resolved < 0) return resolved;
+  int64_t input, weights, out;
+};
+
+int check_conv(const N2uqConvShape* s, ConvSizes* z, char* err, size_t err_len) {
+  if (int rc = check_spatial(s, false, &z->g, err, err_len)) return rc;
   const int64_t words = words_for(s->in_channels);
-  int64_t input_needed = 0, weights_needed = 0, out_needed = 0;
-  if (!mul_ok(int64_t(s->batch) * s->in_height, int64_t(s->in_width) * s->act_bits * words, &input_needed) ||
+  if (!mul_ok(int64_t(s->batch) * s->in_height, int64_t(s->in_width) * s->act_bits * words, &z->input) ||
       !mul_ok(int64_t(s->out_channels) * s->kernel_height, int64_t(s->kernel_width) * s->weight_bits * words,
-              &weights_needed) ||
-      !mul_ok(int64_t(s->batch) * g.out_height, g.out_width * s->out_channels, &out_needed))
+              &z->weights) ||
+      !mul_ok(int64_t(s->batch) * z->g.out_height, z->g.out_width * s->out_channels, &z->out))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
-  if (int rc = check_buffer(input, input_len, input_needed, "input", err, err_len)) return rc;
-  if (int rc = check_buffer(weights, weights_len, weights_needed, "weights", err, err_len)) return rc;
-  if (int rc = check_outputs(out_float, out_int32, out_len, out_needed, multiplier, bias, channels_len,
-                             s->out_channels, err, err_len))
-    return rc;
-  if (int rc = check_accumulator(int64_t(s->kernel_height) * s->kernel_width * s->in_channels,
-                                 (1 << s->act_bits) - 1, (1 << s->weight_bits) - 1, err, err_len))
-    return rc;
+  return check_accumulator(int64_t(s->kernel_height) * s->kernel_width * s->in_channels, (1 << s->act_bits) - 1,
+                           (1 << s->weight_bits) - 1, err, err_len);
+}
+
+// Runs a plan on a validated shape (same filter) and buffers.
+int run_plan(const N2uqConvPlan& plan, const N2uqConvShape* s, const ConvGeometry& g, const uint64_t* input,
+             const float* multiplier, const float* bias, float* out_float, int32_t* out_int32, int num_threads,
+             char* err, size_t err_len) {
   ConvJob job{};
   fill_job(job, s, g, multiplier, bias, out_float, out_int32);
-  job.words = int32_t(words);
+  job.words = int32_t(words_for(s->in_channels));
   job.act_bits = s->act_bits;
   job.input = input;
-  job.weights = weights;
-  return run_conv(job, resolved, num_threads, err, err_len);
+  switch (plan.path) {
+    case N2UQ_PATH_DOT: return run_dot(job, plan, num_threads, err, err_len);
+    case N2UQ_PATH_LUT: return run_lut(job, plan, num_threads, err, err_len);
+    default: return run_bitserial(job, plan, num_threads, err, err_len);
+  }
+}
+
+// A plan for a concrete path (weights built), or a status.
+int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_needed, int isa, int path,
+              int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+  N2UQ_CHECK(path_available(isa, path), N2UQ_ERR_UNSUPPORTED, "path %s is not supported with ISA %s by this CPU or build",
+             n2uq_path_name(path), n2uq_isa_name(isa));
+  if (path == N2UQ_PATH_LUT) {
+    N2UQ_CHECK(lut_fits(s), N2UQ_ERR_UNSUPPORTED,
+               "the lut path takes kernels of at most %d x %d and %lld MB of tables per thread", kLutMaxKernelRows,
+               kLutMaxKernelRows,
+               (long long)(kMaxLutRing >> 20));
+  }
+  std::unique_ptr<N2uqConvPlan> plan(new N2uqConvPlan);
+  plan->filter = s;
+  plan->isa = isa;
+  plan->path = path;
+  plan->table = table_for(isa);
+  plan->kernels = path == N2UQ_PATH_BITSERIAL ? nullptr : path_kernels(isa, path);
+  if (int rc = prepare_weights(plan.get(), weights, weights_needed, num_threads, err, err_len)) return rc;
+  *out = std::move(plan);
+  return N2UQ_OK;
+}
+
+// ---------------------------------------------------------------- path selection
+
+// Selection by measurement: the first plan of a shape (filter, batch, input size, ISA,
+// thread count) times every path the CPU can run on random codes of that shape and keeps
+// the fastest; later plans of the same shape reuse the answer. Per candidate: one warm-up
+// call (scratch growth, page faults, pool wake-up), then interleaved rounds until each has
+// run kMinRounds times and the budget is spent, at most kMaxRounds; the best (minimum)
+// time of each decides, which is the estimate least disturbed by other processes.
+constexpr int kMinRounds = 3;
+constexpr int kMaxRounds = 9;
+constexpr double kBudgetSeconds = 0.03;
+
+struct SelectionKey {
+  int32_t fields[17];
+  int isa, threads;
+  bool operator<(const SelectionKey& o) const {
+    return std::memcmp(this, &o, sizeof(*this)) < 0;
+  }
+};
+
+std::mutex g_selection_mutex;
+std::map<SelectionKey, int>& selections() {
+  static std::map<SelectionKey, int>* cache = new std::map<SelectionKey, int>();  // never destroyed
+  return *cache;
+}
+
+SelectionKey selection_key(const N2uqConvShape& s, int isa, int threads) {
+  SelectionKey key;
+  std::memset(&key, 0, sizeof(key));
+  static_assert(sizeof(N2uqConvShape) == sizeof(key.fields), "shape layout");
+  std::memcpy(key.fields, &s, sizeof(s));
+  key.isa = isa;
+  key.threads = threads;
+  return key;
+}
+
+// Deterministic pseudo-random codes packed as the conv input.
+std::vector<uint64_t> calibration_input(int64_t words_needed) {
+  std::vector<uint64_t> input(static_cast<size_t>(words_needed));
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (uint64_t& w : input) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    w = state;
+  }
+  return input;
+}
+
+int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa,
+                         int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+  std::vector<int> candidates;
+  for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path) {
+    if (!path_available(isa, path)) continue;
+    if (path == N2UQ_PATH_LUT && !lut_fits(s)) continue;
+    candidates.push_back(path);
+  }
+  const SelectionKey key = selection_key(s, isa, num_threads);
+  {
+    std::lock_guard<std::mutex> lock(g_selection_mutex);
+    auto it = selections().find(key);
+    if (it != selections().end()) candidates.assign(1, it->second);
+  }
+  if (candidates.size() == 1)
+    return make_plan(s, weights, z.weights, isa, candidates[0], num_threads, out, err, err_len);
+  std::vector<std::unique_ptr<N2uqConvPlan>> plans(candidates.size());
+  for (size_t i = 0; i < candidates.size(); ++i)
+    if (int rc = make_plan(s, weights, z.weights, isa, candidates[i], num_threads, &plans[i], err, err_len))
+      return rc;
+  const std::vector<uint64_t> input = calibration_input(z.input);
+  std::vector<int32_t> output(size_t(z.out));
+  std::vector<double> best(candidates.size(), 1e30);
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  for (int round = 0; round <= kMaxRounds; ++round) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      const auto t0 = clock::now();
+      if (int rc = run_plan(*plans[i], &s, z.g, input.data(), nullptr, nullptr, nullptr, output.data(), num_threads,
+                            err, err_len))
+        return rc;
+      const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
+      if (round > 0 && seconds < best[i]) best[i] = seconds;  // round 0 warms up
+    }
+    if (round >= kMinRounds && std::chrono::duration<double>(clock::now() - start).count() > kBudgetSeconds) break;
+  }
+  size_t winner = 0;
+  for (size_t i = 1; i < candidates.size(); ++i)
+    if (best[i] < best[winner]) winner = i;
+  {
+    std::lock_guard<std::mutex> lock(g_selection_mutex);
+    selections()[key] = candidates[winner];
+  }
+  *out = std::move(plans[winner]);
+  return N2UQ_OK;
+}
+
+int create_plan(const N2uqConvShape* s, const uint64_t* weights, int64_t weights_len, int isa, int path,
+                int num_threads, std::unique_ptr<N2uqConvPlan>* out, ConvSizes* sizes, char* err, size_t err_len) {
+  ConvSizes z;
+  if (int rc = check_conv(s, &z, err, err_len)) return rc;
+  if (int rc = check_threads(num_threads, err, err_len)) return rc;
+  if (int rc = check_buffer(weights, weights_len, z.weights, "weights", err, err_len)) return rc;
+  const int resolved = resolve(isa, err, err_len);
+  if (resolved < 0) return resolved;
+  const int wanted = requested_path(path, err, err_len);
+  if (wanted < 0) return wanted;
+  if (sizes) *sizes = z;
+  if (wanted == N2UQ_PATH_AUTO) return select_and_make_plan(*s, z, weights, resolved, num_threads, out, err, err_len);
+  return make_plan(*s, weights, z.weights, resolved, wanted, num_threads, out, err, err_len);
+}
+
+int run_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
+                const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
+                int32_t* out_int32, int64_t out_len, int num_threads, char* err, size_t err_len) {
+  ConvSizes z;
+  if (int rc = check_conv(s, &z, err, err_len)) return rc;
+  if (int rc = check_threads(num_threads, err, err_len)) return rc;
+  N2UQ_CHECK(same_filter(*s, plan.filter), N2UQ_ERR_ARGUMENT,
+             "the shape's filter (channels, kernel, strides, dilations, padding, bits) differs from the plan's");
+  if (int rc = check_buffer(input, input_len, z.input, "input", err, err_len)) return rc;
+  if (int rc = check_outputs(out_float, out_int32, out_len, z.out, multiplier, bias, channels_len, s->out_channels,
+                             err, err_len))
+    return rc;
+  return run_plan(plan, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len);
+}
+
+int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, const uint64_t* weights,
+              int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
+              int32_t* out_int32, int64_t out_len, int isa, int path, int num_threads, char* err, size_t err_len) {
+  // Validate the cheap arguments first so that bad calls fail before any weight work.
+  ConvSizes z;
+  if (int rc = check_conv(s, &z, err, err_len)) return rc;
+  if (int rc = check_threads(num_threads, err, err_len)) return rc;
+  if (int rc = check_buffer(input, input_len, z.input, "input", err, err_len)) return rc;
+  if (int rc = check_buffer(weights, weights_len, z.weights, "weights", err, err_len)) return rc;
+  if (int rc = check_outputs(out_float, out_int32, out_len, z.out, multiplier, bias, channels_len, s->out_channels,
+                             err, err_len))
+    return rc;
+  std::unique_ptr<N2uqConvPlan> plan;
+  if (int rc = create_plan(s, weights, weights_len, isa, path, num_threads, &plan, nullptr, err, err_len)) return rc;
+  return run_plan(*plan, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len);
 }
 
 // Sizes of a [num_positions][channels] tensor of codes (or floats) and of its packed
@@ -552,6 +1056,40 @@ int n2uq_core_abi_version(void) { return N2UQ_CORE_ABI_VERSION; }
 int n2uq_isa_supported(int isa) { return cpu_has(isa) ? 1 : 0; }
 
 int n2uq_resolve_isa(int isa, char* err, size_t err_len) { return resolve(isa, err, err_len); }
+
+const char* n2uq_path_name(int path) {
+  switch (path) {
+    case N2UQ_PATH_AUTO: return "auto";
+    case N2UQ_PATH_BITSERIAL: return "bitserial";
+    case N2UQ_PATH_DOT: return "dot";
+    case N2UQ_PATH_LUT: return "lut";
+    default: return "unknown";
+  }
+}
+
+int n2uq_path_supported(int isa, int path) {
+  return isa > N2UQ_ISA_AUTO && path > N2UQ_PATH_AUTO && path < N2UQ_NUM_PATHS && path_available(isa, path) ? 1 : 0;
+}
+
+const char* n2uq_cpu_features(void) {
+  static const std::string names = [] {
+    const CpuFeatures& f = cpu_features();
+    const struct {
+      bool have;
+      const char* name;
+    } table[] = {{f.popcnt, "popcnt"},         {f.avx2, "avx2"},
+                 {f.avx_vnni, "avx_vnni"},     {f.avx512f, "avx512f"},
+                 {f.avx512bw, "avx512bw"},     {f.avx512vl, "avx512vl"},
+                 {f.avx512vpopcntdq, "avx512vpopcntdq"}, {f.avx512vnni, "avx512vnni"},
+                 {f.avx512vbmi, "avx512vbmi"}, {f.amx_int8, "amx_int8"},
+                 {f.asimd_dotprod, "asimddp"}};
+    std::string out;
+    for (const auto& t : table)
+      if (t.have) out += (out.empty() ? "" : " ") + std::string(t.name);
+    return out;
+  }();
+  return names.c_str();
+}
 
 const char* n2uq_isa_name(int isa) {
   switch (isa) {
@@ -659,14 +1197,76 @@ int n2uq_conv2d_output_size(const N2uqConvShape* shape, int32_t* out_height, int
   });
 }
 
+int n2uq_conv2d(const N2uqConvShape* shape, const uint64_t* input, int64_t input_len, const uint64_t* weights,
+                int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len,
+                float* out_float, int32_t* out_int32, int64_t out_len, int isa, int path, int num_threads,
+                char* err, size_t err_len) {
+  return guarded(err, err_len, [&]() -> int {
+    return conv_impl(shape, input, input_len, weights, weights_len, multiplier, bias, channels_len, out_float,
+                     out_int32, out_len, isa, path, num_threads, err, err_len);
+  });
+}
+
 int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int64_t input_len,
                           const uint64_t* weights, int64_t weights_len, const float* multiplier, const float* bias,
                           int64_t channels_len, float* out_float, int32_t* out_int32, int64_t out_len, int isa,
                           int num_threads, char* err, size_t err_len) {
+  return n2uq_conv2d(shape, input, input_len, weights, weights_len, multiplier, bias, channels_len, out_float,
+                     out_int32, out_len, isa, N2UQ_PATH_AUTO, num_threads, err, err_len);
+}
+
+int n2uq_conv_plan_create(const N2uqConvShape* shape, const uint64_t* weights, int64_t weights_len, int isa,
+                          int path, int num_threads, N2uqConvPlan** plan, char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
-    return conv_impl(shape, input, input_len, weights, weights_len, multiplier, bias, channels_len, out_float,
-                     out_int32, out_len, isa, num_threads, err, err_len);
+    N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
+    *plan = nullptr;
+    std::unique_ptr<N2uqConvPlan> made;
+    if (int rc = create_plan(shape, weights, weights_len, isa, path, num_threads, &made, nullptr, err, err_len))
+      return rc;
+    *plan = made.release();
+    return N2UQ_OK;
   });
+}
+
+int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, const uint64_t* input,
+                       int64_t input_len, const float* multiplier, const float* bias, int64_t channels_len,
+                       float* out_float, int32_t* out_int32, int64_t out_len, int num_threads, char* err,
+                       size_t err_len) {
+  return guarded(err, err_len, [&]() -> int {
+    N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
+    return run_checked(*plan, shape, input, input_len, multiplier, bias, channels_len, out_float, out_int32, out_len,
+                       num_threads, err, err_len);
+  });
+}
+
+int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path) {
+  if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
+  if (isa) *isa = plan->isa;
+  if (path) *path = plan->path;
+  return N2UQ_OK;
+}
+
+void n2uq_conv_plan_destroy(N2uqConvPlan* plan) { delete plan; }
+
+int n2uq_fully_connected_shape(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,
+                               int32_t weight_bits, N2uqConvShape* shape, char* err, size_t err_len) {
+  N2UQ_CHECK(shape != nullptr, N2UQ_ERR_ARGUMENT, "shape is NULL");
+  N2UQ_CHECK(batch >= 1, N2UQ_ERR_ARGUMENT, "batch must be >= 1, got %d", batch);
+  N2UQ_CHECK(in_features >= 1, N2UQ_ERR_ARGUMENT, "in_features must be >= 1, got %d", in_features);
+  N2UQ_CHECK(out_features >= 1, N2UQ_ERR_ARGUMENT, "out_features must be >= 1, got %d", out_features);
+  // A 1x1 conv over a 1 x batch "image": the batch rows become the output pixels.
+  std::memset(shape, 0, sizeof(*shape));
+  shape->batch = 1;
+  shape->in_height = 1;
+  shape->in_width = batch;
+  shape->in_channels = in_features;
+  shape->out_channels = out_features;
+  shape->kernel_height = shape->kernel_width = 1;
+  shape->stride_height = shape->stride_width = 1;
+  shape->dilation_height = shape->dilation_width = 1;
+  shape->act_bits = act_bits;
+  shape->weight_bits = weight_bits;
+  return N2UQ_OK;
 }
 
 int n2uq_fully_connected(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,
@@ -674,25 +1274,12 @@ int n2uq_fully_connected(int32_t batch, int32_t in_features, int32_t out_feature
                          int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len,
                          float* out_float, int32_t* out_int32, int64_t out_len, int isa, int num_threads, char* err,
                          size_t err_len) {
-  // A 1x1 conv over a 1 x batch "image": the batch rows become the vector lanes.
-  N2uqConvShape shape{};
-  shape.batch = 1;
-  shape.in_height = 1;
-  shape.in_width = batch;
-  shape.in_channels = in_features;
-  shape.out_channels = out_features;
-  shape.kernel_height = shape.kernel_width = 1;
-  shape.stride_height = shape.stride_width = 1;
-  shape.dilation_height = shape.dilation_width = 1;
-  shape.act_bits = act_bits;
-  shape.weight_bits = weight_bits;
-  return guarded(err, err_len, [&]() -> int {
-    N2UQ_CHECK(batch >= 1, N2UQ_ERR_ARGUMENT, "batch must be >= 1, got %d", batch);
-    N2UQ_CHECK(in_features >= 1, N2UQ_ERR_ARGUMENT, "in_features must be >= 1, got %d", in_features);
-    N2UQ_CHECK(out_features >= 1, N2UQ_ERR_ARGUMENT, "out_features must be >= 1, got %d", out_features);
-    return conv_impl(&shape, input, input_len, weights, weights_len, multiplier, bias, channels_len, out_float,
-                     out_int32, out_len, isa, num_threads, err, err_len);
-  });
+  N2uqConvShape shape;
+  if (int rc = n2uq_fully_connected_shape(batch, in_features, out_features, act_bits, weight_bits, &shape, err,
+                                          err_len))
+    return rc;
+  return n2uq_conv2d(&shape, input, input_len, weights, weights_len, multiplier, bias, channels_len, out_float,
+                     out_int32, out_len, isa, N2UQ_PATH_AUTO, num_threads, err, err_len);
 }
 
 int n2uq_depthwise_conv2d(const N2uqConvShape* s, const uint8_t* input, int64_t input_len, const uint8_t* weights,

@@ -147,11 +147,85 @@ const KernelTable* neon_kernels() {
 
 }  // namespace n2uq_core
 
+// ---------------------------------------------------------------- dot path (SDOT)
+//
+// ARMv8.2 dot product (FEAT_DotProd, optional before ARMv8.4): these functions alone are
+// compiled for it, and core.cc calls in only when HWCAP reports asimddp.
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+
+namespace n2uq_core {
+namespace {
+namespace neon_dot {
+
+// 4 output channels per vector, 4 vectors per work item; P * R accumulators + R weights +
+// the broadcast in 32 q registers. Codes (<= 15) are valid int8, so SDOT (s8 x s8) serves.
+struct DotOps {
+  static constexpr int kLanes = 4;
+  static constexpr int kBlocksPerChunk = 4;
+  static constexpr int max_pixels(int r) { return r >= 4 ? 6 : r == 3 ? 8 : r == 2 ? 12 : 16; }
+  typedef int32x4_t Acc;
+  typedef int8x16_t Wv;
+  typedef int8x16_t Av;
+  static inline Acc zero() { return vdupq_n_s32(0); }
+  static inline Wv load_weights(const int8_t* p) { return vld1q_s8(p); }
+  static inline Av broadcast4(const uint8_t* p) {
+    uint32_t quad;
+    __builtin_memcpy(&quad, p, 4);
+    return vreinterpretq_s8_u32(vdupq_n_u32(quad));
+  }
+  static inline Acc dot(Acc acc, Av a, Wv w) { return vdotq_s32(acc, a, w); }
+  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, Acc acc, int valid) {
+    int32_t lanes[4];
+    vst1q_s32(lanes, acc);
+    if (valid == 4) {
+      if (j.out_int32) vst1q_s32(j.out_int32 + index, acc);
+      if (j.out_float) {
+        const float32x4_t product = vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(j.multiplier + oc0));
+        vst1q_f32(j.out_float + index, vaddq_f32(product, vld1q_f32(j.bias + oc0)));
+      }
+      return;
+    }
+    for (int l = 0; l < valid; ++l) {
+      if (j.out_int32) j.out_int32[index + l] = lanes[l];
+      if (j.out_float) j.out_float[index + l] = (float)lanes[l] * j.multiplier[oc0 + l] + j.bias[oc0 + l];
+    }
+  }
+  // Per 8 channels: the plane's byte in 8 lanes, each lane tests its bit (VTST), 2^p kept.
+  static inline void codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out) {
+    const uint8x8_t select = {1, 2, 4, 8, 16, 32, 64, 128};
+    uint8x8_t codes[8];
+    for (int b = 0; b < 8; ++b) codes[b] = vdup_n_u8(0);
+    for (int p = 0; p < act_bits; ++p) {
+      const uint64_t bits = planes[p * words] & tail;
+      const uint8x8_t weight = vdup_n_u8((uint8_t)(1u << p));
+      for (int b = 0; b < 8; ++b)
+        codes[b] = vorr_u8(codes[b], vand_u8(vtst_u8(vdup_n_u8((uint8_t)(bits >> (8 * b))), select), weight));
+    }
+    for (int b = 0; b < 8; ++b) vst1_u8(out + 8 * b, codes[b]);
+  }
+};
+
+#include "dot_impl.h"
+
+}  // namespace neon_dot
+}  // namespace
+
+const PathKernels* neon_dot_kernels() {
+  static const PathKernels kernels = neon_dot::make_dot_kernels<neon_dot::DotOps>("neon sdot");
+  return &kernels;
+}
+
+}  // namespace n2uq_core
+
+#pragma GCC pop_options
+
 #else
 
 #include "kernel_table.h"
 namespace n2uq_core {
 const KernelTable* neon_kernels() { return nullptr; }
+const PathKernels* neon_dot_kernels() { return nullptr; }
 }  // namespace n2uq_core
 
 #endif

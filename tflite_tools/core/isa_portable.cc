@@ -28,11 +28,53 @@ struct Ops {
 
 #include "kernels_impl.h"
 
+// Dot path in plain C++: 4 output channels per "vector", one block per work item.
+struct DotOps {
+  static constexpr int kLanes = 4;
+  static constexpr int kBlocksPerChunk = 1;
+  static constexpr int max_pixels(int) { return 4; }
+  struct Acc {
+    int32_t v[4];
+  };
+  typedef const int8_t* Wv;
+  struct Av {
+    int32_t m[4];
+  };
+  static inline Acc zero() { return Acc{{0, 0, 0, 0}}; }
+  static inline Wv load_weights(const int8_t* p) { return p; }
+  static inline Av broadcast4(const uint8_t* p) { return Av{{p[0], p[1], p[2], p[3]}}; }
+  static inline Acc dot(Acc acc, const Av& a, Wv w) {
+    for (int l = 0; l < 4; ++l)
+      acc.v[l] += a.m[0] * w[4 * l] + a.m[1] * w[4 * l + 1] + a.m[2] * w[4 * l + 2] + a.m[3] * w[4 * l + 3];
+    return acc;
+  }
+  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, const Acc& acc, int valid) {
+    for (int l = 0; l < valid; ++l) {
+      if (j.out_int32) j.out_int32[index + l] = acc.v[l];
+      if (j.out_float) j.out_float[index + l] = (float)acc.v[l] * j.multiplier[oc0 + l] + j.bias[oc0 + l];
+    }
+  }
+  static inline void codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out) {
+    for (int c = 0; c < 64; ++c) out[c] = 0;
+    for (int p = 0; p < act_bits; ++p) {
+      const uint64_t bits = planes[p * words] & tail;
+      for (int c = 0; c < 64; ++c) out[c] |= (uint8_t)(((bits >> c) & 1u) << p);
+    }
+  }
+};
+
+#include "dot_impl.h"
+
 }  // namespace
 
 const KernelTable* portable_kernels() {
   static const KernelTable table = make_kernel_table<Ops>("portable");
   return &table;
+}
+
+const PathKernels* portable_dot_kernels() {
+  static const PathKernels kernels = make_dot_kernels<DotOps>("portable dot");
+  return &kernels;
 }
 
 }  // namespace n2uq_core

@@ -47,7 +47,48 @@ struct ConvJob {
   // [KH][KW][words]: offset of each (tap, word) step's staged words from the staged
   // base of kernel row 0 (input row oh * stride_height - pad_top) at output column 0.
   const int64_t* tap_offsets;
+
+  // ---- byte-code paths (dot and lut): one uint8 code per channel, columns zero-padded:
+  // tap (kh, kw) of output column ow reads padded column ow * stride_width + kw *
+  // dilation_width of input row oh * stride_height + kh * dilation_height - pad_top (rows
+  // outside the input are skipped: m = 0 adds nothing).
+  int64_t padded_width;   // in_width + pad_left + pad_right
+
+  // Dot path (dot_impl.h): acc = sum m * w' with w' = 2k - n_w in [-15, 15] as int8, so the
+  // output needs no correction term. Staged codes [N*H][stride_width][quads][code_columns][4];
+  // weights [chunk][KH][KW][quads][blocks of the chunk][dot_lanes][4], zero past in_channels
+  // and out_channels. Work items: (n * out_height + oh) * oc_chunks + chunk.
+  int64_t code_columns;   // ceil(padded_width / stride_width)
+  uint8_t* code_stage;
+  int32_t quads;          // ceil(in_channels / 4)
+  int32_t dot_lanes, oc_blocks, oc_chunks;
+  const int8_t* dot_weights;
+
+  // LUT path (see isa_avx512_dot.cc): per input pixel and group of kLutGroup input
+  // channels a table of the 2^kLutGroup subset sums of their codes; weights are table
+  // indices [chunk][KH][KW][lut_groups][blocks of the chunk][64] (lane = output channel x
+  // weight plane). Work items are bands of up to lut_band output rows of one image; each
+  // builds the tables of the input rows it reads into its thread's ring (per thread:
+  // lut_thread_bytes at lut_tables + slot * lut_thread_bytes, 64-byte aligned):
+  //   [lut_ring_rows int64: the input row each slot holds, padded to 64 bytes]
+  //   [lut_ring_rows][padded_width][lut_groups * kLutTable + 64]: a pixel's tables, then its
+  //   code sum (int32) at the start of the last 64 bytes; row ih in slot ih % lut_ring_rows;
+  //   [lut_tile_bytes]: int32 partial sums of one register block's pixels, every channel;
+  //   [lut_code_bytes]: one pixel's codes (64 per channel word, then 64 zero bytes).
+  int32_t lut_groups, lut_blocks, lut_chunks, lut_band, lut_ring_rows;
+  int64_t lut_tile_bytes, lut_code_bytes, lut_thread_bytes;
+  uint8_t* lut_tables;
+  const uint8_t* lut_indices;
 };
+
+// LUT path geometry: 6 input channels per table (VPERMB: a 64-byte table, a 6-bit index
+// per byte lane, the table a memory operand).
+constexpr int kLutGroup = 6;
+constexpr int kLutTable = 1 << kLutGroup;
+// Kernel rows and columns the LUT path handles (it keeps per-row pointers and per-column
+// offsets), and output pixels per register block at most (the partial-sum tile's rows).
+constexpr int kLutMaxKernelRows = 32;
+constexpr int kLutMaxBlockPixels = 12;
 
 struct DepthwiseJob {
   int32_t batch, in_height, in_width, in_channels, depth_multiplier, out_channels;
@@ -98,10 +139,33 @@ struct KernelTable {
   void (*quantize_and_pack)(const QuantizeJob&, int64_t begin, int64_t end);
 };
 
+// A conv path beyond the bit-serial one (kernel_table.h's ConvJob fields of that path).
+// Null where the build has none; core.cc checks the CPU features the path needs.
+struct PathKernels {
+  const char* name;
+  // Dot path: output channels per weight vector (ConvJob::dot_lanes); LUT path: output
+  // channels per index vector for weight_bits <= 2 and > 2 (64 lanes = channels x planes).
+  int lanes, lanes_wide;
+  // Stages input rows [begin, end) of the N*H rows (codes, or tables + pixel_sums).
+  void (*stage_rows)(const ConvJob&, int64_t begin, int64_t end);
+  // Computes one work item (dot: (n * out_height + oh) * oc_chunks + chunk; lut: a band);
+  // `slot` is the running thread's index for per-thread scratch (0 .. num_threads - 1).
+  void (*item)(const ConvJob&, int64_t item, int slot);
+  // Output channel blocks (of `lanes`) per work item.
+  int blocks_per_chunk;
+};
+
 const KernelTable* portable_kernels();
 const KernelTable* avx2_kernels();    // null when not built for x86-64
 const KernelTable* avx512_kernels();  // null when not built for x86-64
 const KernelTable* neon_kernels();    // null when not built for aarch64
+
+const PathKernels* portable_dot_kernels();
+const PathKernels* avx2_dot_kernels();       // VPMADDUBSW; null when not built for x86-64
+const PathKernels* avx_vnni_dot_kernels();   // AVX-VNNI VPDPBUSD on ymm; null when not x86-64
+const PathKernels* avx512_dot_kernels();     // AVX-512 VNNI; null when not built for x86-64
+const PathKernels* avx512_lut_kernels();     // AVX-512 VBMI + VNNI; null when not built for x86-64
+const PathKernels* neon_dot_kernels();       // SDOT (dotprod); null when not built for aarch64
 
 }  // namespace n2uq_core
 

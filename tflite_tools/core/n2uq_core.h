@@ -16,6 +16,18 @@
  *     acc = 2 * sum(m * k) - n_w * sum(m)      (exact int32 over the receptive field)
  *     out = multiplier[oc] * acc + bias[oc]    (float32, no fused multiply-add)
  * Zero padding contributes m = 0.
+ *
+ * Conv and fully connected layers have several paths, all bit-exact (the integer is exact
+ * and the affine map is the same float32 multiply, then add):
+ *   bitserial  AND + popcount over bit planes (S_mk = sum_ij 2^(i+j) popcount(m_i & k_j));
+ *   dot        integer dot products on byte codes: acc = sum m * w' with int8 weights
+ *              w' = 2k - n_w (AVX-512 VNNI, AVX-VNNI, AVX2 VPMADDUBSW, NEON SDOT, scalar);
+ *   lut        table lookups: per input pixel and 7 channels, the 128 subset sums of their
+ *              codes, indexed by the bit planes of 7 weights (AVX-512 VBMI VPERMI2B).
+ * N2UQ_PATH_AUTO takes N2UQ_KERNEL_PATH from the environment when set, else times the
+ * paths this CPU can run on the layer's shape once (cached per shape and thread count) and
+ * keeps the fastest. A conv plan (n2uq_conv_plan_create) unpacks and regroups the weights
+ * once into the chosen path's layout, so repeated calls pay only for the arithmetic.
  */
 #ifndef N2UQ_CORE_H_
 #define N2UQ_CORE_H_
@@ -27,7 +39,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 1
+#define N2UQ_CORE_ABI_VERSION 2
 
 enum {
   N2UQ_OK = 0,
@@ -46,6 +58,16 @@ enum {
   N2UQ_ISA_AVX512 = 3,
   N2UQ_ISA_NEON = 4
 };
+
+/* Conv / fully-connected paths (see above). N2UQ_PATH_AUTO picks N2UQ_KERNEL_PATH from the
+ * environment (auto|bitserial|dot|lut) when set, else the fastest measured on the shape. */
+enum {
+  N2UQ_PATH_AUTO = 0,
+  N2UQ_PATH_BITSERIAL = 1,
+  N2UQ_PATH_DOT = 2,
+  N2UQ_PATH_LUT = 3
+};
+#define N2UQ_NUM_PATHS 4
 
 #define N2UQ_MAX_BITS 4
 #define N2UQ_MAX_THREADS 256
@@ -66,6 +88,12 @@ int n2uq_isa_supported(int isa);
 /* The concrete ISA that `isa` resolves to (N2UQ_ISA_AUTO -> env or best), or a negative status. */
 int n2uq_resolve_isa(int isa, char* err, size_t err_len);
 const char* n2uq_isa_name(int isa);
+const char* n2uq_path_name(int path);
+/* 1 if this build and CPU can run conv path `path` (not AUTO) under the concrete `isa`, else 0. */
+int n2uq_path_supported(int isa, int path);
+/* The CPU features the kernels look at (CPUID + XCR0 on x86-64, HWCAP on aarch64), as a
+ * space-separated list of names, e.g. "avx2 popcnt avx512f ... avx512vnni". */
+const char* n2uq_cpu_features(void);
 
 /* Packs codes[num_positions][channels] (each < 2^bits) into
  * out[num_positions][bits][ceil(channels / 64)]. */
@@ -87,15 +115,42 @@ int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions,
 int n2uq_conv2d_output_size(const N2uqConvShape* shape, int32_t* out_height, int32_t* out_width, char* err,
                             size_t err_len);
 
-/* Bit-serial conv2d. input: packed [N][H][W] x in_channels at act_bits; weights: packed
+/* Conv2d. input: packed [N][H][W] x in_channels at act_bits; weights: packed
  * [OC][KH][KW] x in_channels at weight_bits; multiplier, bias: [OC]. out_float and/or
- * out_int32 (either may be NULL, not both): [N][OH][OW][OC]. */
+ * out_int32 (either may be NULL, not both): [N][OH][OW][OC]. One call = plan create, run,
+ * destroy (use a plan when the same weights run more than once). */
+int n2uq_conv2d(const N2uqConvShape* shape, const uint64_t* input, int64_t input_len, const uint64_t* weights,
+                int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len,
+                float* out_float, int32_t* out_int32, int64_t out_len, int isa, int path, int num_threads,
+                char* err, size_t err_len);
+
+/* n2uq_conv2d with path = N2UQ_PATH_AUTO (the name predates the other paths). */
 int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int64_t input_len,
                           const uint64_t* weights, int64_t weights_len, const float* multiplier,
                           const float* bias, int64_t channels_len, float* out_float, int32_t* out_int32,
                           int64_t out_len, int isa, int num_threads, char* err, size_t err_len);
 
-/* Fully connected: input packed [batch] x in_features, weights packed [out_features] x in_features. */
+/* A conv (or fully connected) layer prepared once: the shape's filter, the path and ISA,
+ * and the weights in that path's layout. `shape` includes batch and input size: AUTO path
+ * selection times the candidates on it (and n2uq_conv_plan_run accepts any batch and
+ * input size with the same filter). `num_threads` is the thread count selection times at. */
+typedef struct N2uqConvPlan N2uqConvPlan;
+int n2uq_conv_plan_create(const N2uqConvShape* shape, const uint64_t* weights, int64_t weights_len, int isa,
+                          int path, int num_threads, N2uqConvPlan** plan, char* err, size_t err_len);
+int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, const uint64_t* input,
+                       int64_t input_len, const float* multiplier, const float* bias, int64_t channels_len,
+                       float* out_float, int32_t* out_int32, int64_t out_len, int num_threads, char* err,
+                       size_t err_len);
+/* The plan's concrete ISA and path (either pointer may be NULL). */
+int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path);
+void n2uq_conv_plan_destroy(N2uqConvPlan* plan);
+
+/* The conv shape of a fully connected layer: a 1x1 conv over a 1 x batch image. */
+int n2uq_fully_connected_shape(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,
+                               int32_t weight_bits, N2uqConvShape* shape, char* err, size_t err_len);
+
+/* Fully connected: input packed [batch] x in_features, weights packed [out_features] x in_features
+ * (path AUTO; a plan on n2uq_fully_connected_shape runs any path). */
 int n2uq_fully_connected(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,
                          int32_t weight_bits, const uint64_t* input, int64_t input_len, const uint64_t* weights,
                          int64_t weights_len, const float* multiplier, const float* bias, int64_t channels_len,

@@ -71,6 +71,7 @@ int OpKindOf(const char* name) {
 struct Settings {
   int num_threads = 0;  // 0: the interpreter's recommended_num_threads
   int isa = N2UQ_ISA_AUTO;
+  int path = N2UQ_PATH_AUTO;  // conv / fully connected kernel path (n2uq_core.h)
   bool abi_probe = false;
 };
 
@@ -81,6 +82,7 @@ struct ProfileEntry {
   int op = 0;
   int node_index = -1;
   std::string output_name;
+  std::atomic<int> path{0};  // conv / FC: the plan's kernel path (N2UQ_PATH_*), else 0
   std::atomic<uint64_t> invocations{0};
   std::atomic<uint64_t> nanoseconds{0};
 };
@@ -123,7 +125,9 @@ struct Kernel {
   // prepared state
   int64_t positions = 0;  // quantize: positions; FC: batch
   bool weights_ready = false;
-  std::vector<uint64_t> packed_weights;  // conv, FC: the core's packed layout
+  // conv, FC: the weights unpacked once and laid out for the kernel path (n2uq_conv_plan_*)
+  std::unique_ptr<N2uqConvPlan, void (*)(N2uqConvPlan*)> plan{nullptr, n2uq_conv_plan_destroy};
+  N2uqConvShape fc_shape = {};           // FC: the plan's shape (batch from the input)
   std::vector<uint8_t> weight_codes;     // depthwise: plain codes
   std::shared_ptr<ProfileEntry> profile;
   std::string label;
@@ -527,8 +531,39 @@ void UnpackStream(const uint8_t* stream, int64_t count, int bits, uint8_t* codes
   }
 }
 
+int Threads(const Kernel* k, const N2uqTfLiteContext* ctx) {
+  int n = k->settings.num_threads > 0 ? k->settings.num_threads : ctx->recommended_num_threads;
+  if (n < 1) n = 1;
+  return n > N2UQ_MAX_THREADS ? N2UQ_MAX_THREADS : n;
+}
+
+// Conv / FC weights: the bitstream's codes packed as bit planes, then a plan for `shape`
+// (the path's layout, built once; AUTO times the paths on this shape).
+bool PreparePlan(Kernel* k, const std::vector<uint8_t>& codes, int64_t positions, int32_t channels, int bits,
+                 const N2uqConvShape& shape, int threads, std::string* err) {
+  const int64_t words = (channels + 63) / 64;
+  std::vector<uint64_t> packed(static_cast<size_t>(positions * bits * words), 0);
+  char msg[256] = {0};
+  if (n2uq_pack_bitplanes(codes.data(), int64_t(codes.size()), positions, channels, bits, packed.data(),
+                          int64_t(packed.size()), msg, sizeof(msg)) != N2UQ_OK) {
+    *err = std::string("packing the weights failed: ") + msg;
+    return false;
+  }
+  N2uqConvPlan* plan = nullptr;
+  if (n2uq_conv_plan_create(&shape, packed.data(), int64_t(packed.size()), k->settings.isa, k->settings.path, threads,
+                            &plan, msg, sizeof(msg)) != N2UQ_OK) {
+    *err = std::string("preparing the weights failed: ") + msg;
+    return false;
+  }
+  k->plan.reset(plan);
+  int path = 0;
+  n2uq_conv_plan_info(plan, nullptr, &path);
+  if (k->profile) k->profile->path.store(path);
+  return true;
+}
+
 bool PrepareWeights(Kernel* k, const N2uqTfLiteTensor* w, int64_t count, int bits, int64_t positions,
-                    int32_t channels, std::string* err) {
+                    int32_t channels, const N2uqConvShape& shape, int threads, std::string* err) {
   int64_t stream_bits, bytes;
   if (!CheckedMul(count, bits, &stream_bits)) {
     *err = "weight count overflows";
@@ -542,18 +577,10 @@ bool PrepareWeights(Kernel* k, const N2uqTfLiteTensor* w, int64_t count, int bit
   if (k->weights_ready) return true;  // constant: unpacked once
   std::vector<uint8_t> codes(static_cast<size_t>(count));
   UnpackStream(static_cast<const uint8_t*>(w->data), count, bits, codes.data());
-  if (k->kind == kDepthwise) {
+  if (k->kind == kDepthwise)
     k->weight_codes.swap(codes);
-  } else {
-    const int64_t words = (channels + 63) / 64;
-    k->packed_weights.assign(static_cast<size_t>(positions * bits * words), 0);
-    char msg[256] = {0};
-    if (n2uq_pack_bitplanes(codes.data(), count, positions, channels, bits, k->packed_weights.data(),
-                            int64_t(k->packed_weights.size()), msg, sizeof(msg)) != N2UQ_OK) {
-      *err = std::string("packing the weights failed: ") + msg;
-      return false;
-    }
-  }
+  else if (!PreparePlan(k, codes, positions, channels, bits, shape, threads, err))
+    return false;
   k->weights_ready = true;
   return true;
 }
@@ -627,7 +654,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         *err = "weight count overflows";
         return false;
       }
-      if (!PrepareWeights(k, w, count, s.weight_bits, positions, s.in_channels, err)) return false;
+      if (!PrepareWeights(k, w, count, s.weight_bits, positions, s.in_channels, s, Threads(k, ctx), err)) return false;
       for (int i = 2; i < 4; ++i) {
         const char* what = i == 2 ? "multiplier" : "bias";
         N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
@@ -653,10 +680,16 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         return false;
       }
       k->positions = batch;
+      char msg[256] = {0};
+      if (n2uq_fully_connected_shape(int32_t(batch), k->in_features, k->out_features, k->act_bits, k->weight_bits,
+                                     &k->fc_shape, msg, sizeof(msg)) != N2UQ_OK) {
+        *err = msg;
+        return false;
+      }
       N2uqTfLiteTensor* w = GetTensor(ctx, io.inputs[1], kN2uqTfLiteUInt8, "weight bitstream", err);
       if (!w || !CheckBytes(ctx, w, "weight bitstream", true, err)) return false;
       if (!PrepareWeights(k, w, int64_t(k->out_features) * k->in_features, k->weight_bits, k->out_features,
-                          k->in_features, err))
+                          k->in_features, k->fc_shape, Threads(k, ctx), err))
         return false;
       for (int i = 2; i < 4; ++i) {
         const char* what = i == 2 ? "multiplier" : "bias";
@@ -682,12 +715,6 @@ int KernelPrepare(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   std::string err;
   if (!GetIo(k, node, &io, &err) || !PrepareImpl(ctx, k, io, &err)) return Report(ctx, k, err);
   return kN2uqTfLiteOk;
-}
-
-int Threads(const Kernel* k, const N2uqTfLiteContext* ctx) {
-  int n = k->settings.num_threads > 0 ? k->settings.num_threads : ctx->recommended_num_threads;
-  if (n < 1) n = 1;
-  return n > N2UQ_MAX_THREADS ? N2UQ_MAX_THREADS : n;
 }
 
 bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
@@ -737,11 +764,10 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       const N2uqTfLiteTensor& bias = t[io.inputs[3]];
       const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
       if (k->kind == kConv2D)
-        status = n2uq_conv2d_bitserial(&k->conv, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
-                                       k->packed_weights.data(), int64_t(k->packed_weights.size()),
-                                       static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
-                                       channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
-                                       isa, threads, msg, msg_len);
+        status = n2uq_conv_plan_run(k->plan.get(), &k->conv, static_cast<const uint64_t*>(x.data),
+                                    int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
+                                    static_cast<const float*>(bias.data), channels_len, static_cast<float*>(out.data),
+                                    nullptr, int64_t(out.bytes / 4), threads, msg, msg_len);
       else
         status = n2uq_depthwise_conv2d(&k->conv, static_cast<const uint8_t*>(x.data), int64_t(x.bytes),
                                        k->weight_codes.data(), int64_t(k->weight_codes.size()),
@@ -754,12 +780,10 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       const N2uqTfLiteTensor& mult = t[io.inputs[2]];
       const N2uqTfLiteTensor& bias = t[io.inputs[3]];
       const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
-      status = n2uq_fully_connected(int32_t(k->positions), k->in_features, k->out_features, k->act_bits,
-                                    k->weight_bits, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
-                                    k->packed_weights.data(), int64_t(k->packed_weights.size()),
-                                    static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
-                                    channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
-                                    isa, threads, msg, msg_len);
+      status = n2uq_conv_plan_run(k->plan.get(), &k->fc_shape, static_cast<const uint64_t*>(x.data),
+                                  int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
+                                  static_cast<const float*>(bias.data), channels_len, static_cast<float*>(out.data),
+                                  nullptr, int64_t(out.bytes / 4), threads, msg, msg_len);
       break;
     }
   }
@@ -918,11 +942,21 @@ bool ParseSetting(Settings* s, const char* key, const char* value, std::string* 
     *err = "isa must be auto, portable, avx2, avx512 or neon, got '" + v + "'";
     return false;
   }
+  if (k == "path") {
+    static const char* const names[] = {"auto", "bitserial", "dot", "lut"};
+    for (int i = 0; i < N2UQ_NUM_PATHS; ++i)
+      if (v == names[i]) {
+        s->path = i;
+        return true;
+      }
+    *err = "path must be auto, bitserial, dot or lut, got '" + v + "'";
+    return false;
+  }
   if (k == "abi_probe") {
     s->abi_probe = v == "1" || v == "true" || v == "True";
     return true;
   }
-  *err = "unknown option '" + k + "' (known: num_threads, isa, abi_probe)";
+  *err = "unknown option '" + k + "' (known: num_threads, isa, path, abi_probe)";
   return false;
 }
 
@@ -1017,6 +1051,13 @@ N2UQ_EXPORT int n2uq_delegate_profile_entry(int index, const void** delegate, ch
   if (invocations) *invocations = e.invocations.load();
   if (nanoseconds) *nanoseconds = e.nanoseconds.load();
   return 0;
+}
+
+// The kernel path (N2UQ_PATH_*) profile entry `index` runs (0 for ops without paths), or -1.
+N2UQ_EXPORT int n2uq_delegate_profile_path(int index) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (index < 0 || size_t(index) >= g_profiles.size()) return -1;
+  return g_profiles[index]->path.load();
 }
 
 N2UQ_EXPORT void n2uq_delegate_profile_reset(void) {

@@ -1,0 +1,164 @@
+// Dot path: integer dot products on byte codes, instantiated once per ISA file with that
+// file's vector ops. Include this after the file's target options and inside an anonymous
+// namespace, after defining a struct `DotOps` with
+//   kLanes            output channels per weight vector (ConvJob::dot_lanes);
+//   kBlocksPerChunk   weight vectors per work item (R <= this);
+//   max_pixels(R)     constexpr: output pixels per register block with R weight vectors;
+//   Acc, Wv, Av       accumulator (int32 x kLanes), weight vector, broadcast activations;
+//   zero(), load_weights(const int8_t*) (kLanes x 4 bytes), broadcast4(const uint8_t*)
+//   (one channel quad of one pixel), dot(Acc, Av, Wv) (acc + 4 products per lane: u8 code
+//   x s8 weight), store(const ConvJob&, int64_t index, int64_t oc0, Acc, int valid) (int32
+//   and/or float outputs of `valid` channels at element `index`, channel oc0);
+//   codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out)
+//   (the 64 codes of one channel word from its bit planes).
+// No standard-library headers here (see kernel_table.h).
+//
+// Integer view: activation code m in 0..2^a - 1, weight code k in 0..2^w - 1, and
+//   acc = 2 * sum(m * k) - n_w * sum(m) = sum(m * (2k - n_w)),
+// a u8 x s8 dot product with w' = 2k - n_w in [-15, 15] (the plan stores w', so there is
+// no correction term), exact in int32 (check_accumulator bounds it).
+//
+// Staged input (dot_stage_rows): per input row, stride_width phases; per phase and channel
+// quad, the 4 codes of every padded column in a row of code_columns:
+//   stage[row][phase][quad][column][4],
+// padded column c = column * stride_width + phase, zero in the padding and past the
+// channels. Tap (kh, kw) of output column ow reads column ow + (kw * dilation_width) /
+// stride_width of phase (kw * dilation_width) % stride_width, so the P pixels of a register
+// block read P consecutive quads: one pointer per tap, offsets 4p.
+
+constexpr int64_t dot_quad_stride(const ConvJob& j) { return j.code_columns * 4; }
+constexpr int64_t dot_phase_stride(const ConvJob& j) { return j.code_columns * 4 * j.quads; }
+constexpr int64_t dot_row_stride(const ConvJob& j) { return j.code_columns * 4 * j.quads * j.stride_width; }
+
+template <class O>
+void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, act_bits = j.act_bits, in_width = j.in_width, stride = j.stride_width;
+  const int64_t quads = j.quads, quad_stride = dot_quad_stride(j), phase_stride = dot_phase_stride(j);
+  const int64_t row_stride = dot_row_stride(j);
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
+  alignas(64) uint8_t codes[64];
+  for (int64_t row = begin; row < end; ++row) {
+    uint8_t* stage = j.code_stage + row * row_stride;
+    for (int64_t i = 0; i < row_stride; ++i) stage[i] = 0;
+    const uint64_t* src = j.input + row * in_width * act_bits * words;
+    for (int64_t x = 0; x < in_width; ++x, src += act_bits * words) {
+      const int64_t padded = x + j.pad_left;
+      uint8_t* dst = stage + (padded % stride) * phase_stride + (padded / stride) * 4;
+      for (int64_t w = 0; w < words; ++w) {
+        O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, codes);
+        const int64_t q_end = quads - w * 16 < 16 ? quads - w * 16 : 16;
+        for (int64_t q = 0; q < q_end; ++q) {
+          uint8_t* d = dst + (w * 16 + q) * quad_stride;
+          d[0] = codes[4 * q];
+          d[1] = codes[4 * q + 1];
+          d[2] = codes[4 * q + 2];
+          d[3] = codes[4 * q + 3];
+        }
+      }
+    }
+  }
+}
+
+// Weights of a chunk (ConvJob::dot_weights, see build_dot_weights in core.cc):
+// [chunk][KH][KW][quad][R][kLanes][4], R = the chunk's blocks, so one pointer walks them.
+template <class O, int P, int R>
+void dot_block(const ConvJob& j, int64_t n, int64_t oh, int64_t ow0, int64_t chunk) {
+  typedef typename O::Acc Acc;
+  typedef typename O::Wv Wv;
+  typedef typename O::Av Av;
+  Acc acc[P][R];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = O::zero();
+  const int64_t quads = j.quads, quad_stride = dot_quad_stride(j), phase_stride = dot_phase_stride(j);
+  const int64_t row_stride = dot_row_stride(j), stride = j.stride_width, dilation = j.dilation_width;
+  constexpr int64_t kStep = (int64_t)R * O::kLanes * 4;  // weight bytes per quad
+  const int64_t taps = (int64_t)j.kernel_height * j.kernel_width;
+  const int8_t* const weights = j.dot_weights + chunk * O::kBlocksPerChunk * taps * quads * O::kLanes * 4;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+    const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
+    if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
+    const uint8_t* row = j.code_stage + (n * j.in_height + ih) * row_stride;
+    for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
+      const int64_t padded = kw * dilation;
+      const uint8_t* a = row + (padded % stride) * phase_stride + (ow0 + padded / stride) * 4;
+      const int8_t* w = weights + (kh * j.kernel_width + kw) * quads * kStep;
+      for (int64_t q = 0; q < quads; ++q, a += quad_stride, w += kStep) {
+        Wv wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + r * O::kLanes * 4);
+        for (int p = 0; p < P; ++p) {
+          const Av av = O::broadcast4(a + 4 * p);
+          for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
+        }
+      }
+    }
+  }
+  const int64_t oc_begin = chunk * O::kBlocksPerChunk * O::kLanes;
+  for (int p = 0; p < P; ++p) {
+    const int64_t index = ((n * j.out_height + oh) * j.out_width + ow0 + p) * j.out_channels;
+    for (int r = 0; r < R; ++r) {
+      const int64_t oc0 = oc_begin + (int64_t)r * O::kLanes;
+      const int64_t left = j.out_channels - oc0;
+      O::store(j, index + oc0, oc0, acc[p][r], left < O::kLanes ? (int)left : O::kLanes);
+    }
+  }
+}
+
+typedef void (*DotBlockFn)(const ConvJob&, int64_t, int64_t, int64_t, int64_t);
+
+template <class O, int P, int R>
+struct DotBlocks {
+  static void fill(DotBlockFn* table) {
+    table[P] = &dot_block<O, P, R>;
+    DotBlocks<O, P - 1, R>::fill(table);
+  }
+};
+template <class O, int R>
+struct DotBlocks<O, 0, R> {
+  static void fill(DotBlockFn*) {}
+};
+
+// Runs one output row of one chunk with R weight vectors: the row in equal blocks of at
+// most max_pixels(R) pixels (56 = 8 x 7 with a limit of 7), so no pixel is wasted.
+template <class O, int R>
+void dot_row(const ConvJob& j, int64_t n, int64_t oh, int64_t chunk) {
+  constexpr int kMax = O::max_pixels(R);
+  DotBlockFn blocks[kMax + 1];
+  DotBlocks<O, kMax, R>::fill(blocks);
+  const int64_t width = j.out_width;
+  const int64_t count = (width + kMax - 1) / kMax;
+  const int64_t base = width / count, longer = width % count;
+  for (int64_t b = 0, x = 0; b < count; ++b) {
+    const int64_t pixels = base + (b < longer ? 1 : 0);
+    blocks[pixels](j, n, oh, x, chunk);
+    x += pixels;
+  }
+}
+
+template <class O>
+void dot_item(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t chunk = item % j.oc_chunks, row = item / j.oc_chunks;
+  const int64_t oh = row % j.out_height, n = row / j.out_height;
+  const int64_t left = j.oc_blocks - chunk * O::kBlocksPerChunk;
+  const int blocks = left < O::kBlocksPerChunk ? (int)left : O::kBlocksPerChunk;
+  static_assert(O::kBlocksPerChunk >= 1 && O::kBlocksPerChunk <= 4, "1..4 weight vectors per chunk");
+  switch (blocks) {
+    case 1: dot_row<O, 1>(j, n, oh, chunk); break;
+    case 2: if (O::kBlocksPerChunk >= 2) dot_row<O, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, n, oh, chunk); break;
+    case 3: if (O::kBlocksPerChunk >= 3) dot_row<O, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, n, oh, chunk); break;
+    case 4: if (O::kBlocksPerChunk >= 4) dot_row<O, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, n, oh, chunk); break;
+    default: break;
+  }
+}
+
+template <class O>
+PathKernels make_dot_kernels(const char* name) {
+  PathKernels k;
+  k.name = name;
+  k.lanes = O::kLanes;
+  k.lanes_wide = O::kLanes;
+  k.stage_rows = &dot_stage_rows<O>;
+  k.item = &dot_item<O>;
+  k.blocks_per_chunk = O::kBlocksPerChunk;
+  return k;
+}
