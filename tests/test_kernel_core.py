@@ -1,16 +1,18 @@
 """The bit-serial kernel core (tflite_tools/core via n2uq_tf.tflite._core) against ops.py.
 
 Codes come from ops.activation_levels / ops.weight_codes; the reference is an exact
-int64 NumPy conv on those codes followed by the float32 affine map. Every ISA path the
-CPU runs and thread counts 1-3 must give identical results. The C++ self-test runs
-under AddressSanitizer + UBSan, and under qemu-aarch64 (NEON) when the cross toolchain
-is installed.
+int64 NumPy conv on those codes followed by the float32 affine map. Every (ISA, conv path)
+pair the CPU runs (bitserial, dot, lut; forced, so each is tested whatever selection
+would pick) and thread counts 1-3 must give identical results. The C++ self-test runs
+under AddressSanitizer + UBSan (also with CPU features masked, for the fallback kernels),
+and under qemu-aarch64 (NEON, SDOT) when the cross toolchain is installed.
 """
 
 import ctypes
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +33,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def isas():
     return _core.supported_isas()
+
+
+@pytest.fixture(scope="module")
+def combos():
+    """Every (isa, path) pair this CPU runs."""
+    return _core.supported_combinations()
 
 
 def quantizer_params(rng, bits):
@@ -91,7 +99,7 @@ def random_conv_case(seed):
 
 
 @pytest.mark.parametrize("seed", range(24))
-def test_conv2d_matches_ops_reference(seed, isas):
+def test_conv2d_matches_ops_reference(seed, combos):
     case = random_conv_case(seed)
     rng, a_bits, w_bits = case["rng"], case["act_bits"], case["weight_bits"]
     params = quantizer_params(rng, a_bits)
@@ -111,43 +119,43 @@ def test_conv2d_matches_ops_reference(seed, isas):
     expected_float = affine(expected, multiplier, bias)
     packed_x = _core.pack_bitplanes(m, a_bits)
     packed_k = _core.pack_bitplanes(k, w_bits)
-    for isa in isas:
+    for isa, path in combos:
         for threads in (1, 2, 3):
-            out_f, out_i = _core.conv2d_bitserial(packed_x, packed_k, case["channels"], a_bits, w_bits, multiplier,
-                                                  bias, strides=case["strides"], dilations=case["dilations"],
-                                                  padding=case["pads"], output="both", isa=isa, num_threads=threads)
-            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} threads={threads} {case}")
+            out_f, out_i = _core.conv2d(packed_x, packed_k, case["channels"], a_bits, w_bits, multiplier, bias,
+                                        strides=case["strides"], dilations=case["dilations"], padding=case["pads"],
+                                        output="both", isa=isa, path=path, num_threads=threads)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} path={path} threads={threads} {case}")
             np.testing.assert_array_equal(out_f.view(np.int32), expected_float.view(np.int32),
-                                          err_msg=f"isa={isa} threads={threads}")
+                                          err_msg=f"isa={isa} path={path} threads={threads}")
 
 
-def _check_conv_codes(m, k, a_bits, w_bits, strides, dilations, pads, isas, rng, threads=(1, 2)):
+def _check_conv_codes(m, k, a_bits, w_bits, strides, dilations, pads, combos, rng, threads=(1, 2)):
     expected = reference_conv(m, k, strides, dilations, pads, w_bits)
     out_channels = k.shape[0]
     multiplier = rng.normal(0, 0.1, out_channels).astype(np.float32)
     bias = rng.normal(0, 1, out_channels).astype(np.float32)
     packed_x, packed_k = _core.pack_bitplanes(m, a_bits), _core.pack_bitplanes(k, w_bits)
-    for isa in isas:
+    for isa, path in combos:
         for t in threads:
-            out_f, out_i = _core.conv2d_bitserial(packed_x, packed_k, m.shape[-1], a_bits, w_bits, multiplier, bias,
-                                                  strides=strides, dilations=dilations, padding=pads,
-                                                  output="both", isa=isa, num_threads=t)
-            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} threads={t}")
-            np.testing.assert_array_equal(out_f, affine(expected, multiplier, bias), err_msg=f"isa={isa}")
+            out_f, out_i = _core.conv2d(packed_x, packed_k, m.shape[-1], a_bits, w_bits, multiplier, bias,
+                                        strides=strides, dilations=dilations, padding=pads, output="both", isa=isa,
+                                        path=path, num_threads=t)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} path={path} threads={t}")
+            np.testing.assert_array_equal(out_f, affine(expected, multiplier, bias), err_msg=f"isa={isa} path={path}")
 
 
-@pytest.mark.parametrize("channels, out_channels", [(512, 16), (577, 13), (1024, 8)])
-def test_conv2d_wide_channels(channels, out_channels, isas):
+@pytest.mark.parametrize("channels, out_channels", [(512, 16), (577, 13), (1024, 8), (70, 130)])
+def test_conv2d_wide_channels(channels, out_channels, combos):
     """Words >= 8: the AVX-512 weight regrouping transposes 8x8 blocks (plus word and channel tails)."""
     rng = np.random.default_rng(channels + out_channels)
     for a_bits, w_bits in ((1, 1), (2, 2), (3, 1), (4, 4)):
         m = rng.integers(0, 2 ** a_bits, (1, 3, 4, channels)).astype(np.uint8)
         k = rng.integers(0, 2 ** w_bits, (out_channels, 3, 3, channels)).astype(np.uint8)
-        _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), isas, rng)
+        _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), combos, rng)
 
 
 @pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61, 300, 530])
-def test_conv2d_row_blocking(width, isas):
+def test_conv2d_row_blocking(width, combos):
     """Rows split into pixel blocks of every size up to the register limit (and rows longer than
     one 256-column S_m segment), for every bit pair."""
     rng = np.random.default_rng(width)
@@ -155,10 +163,10 @@ def test_conv2d_row_blocking(width, isas):
         for w_bits in (1, 2, 3, 4):
             m = rng.integers(0, 2 ** a_bits, (1, 2, width, 70)).astype(np.uint8)
             k = rng.integers(0, 2 ** w_bits, (9, 3, 3, 70)).astype(np.uint8)
-            _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), isas, rng, threads=(1,))
+            _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), combos, rng, threads=(1,))
     m = rng.integers(0, 4, (2, 3, width, 64)).astype(np.uint8)
     k = rng.integers(0, 4, (24, 3, 3, 64)).astype(np.uint8)
-    _check_conv_codes(m, k, 2, 2, (1, 2), (1, 1), (1, 1, 1, 1), isas, rng)
+    _check_conv_codes(m, k, 2, 2, (1, 2), (1, 1), (1, 1, 1, 1), combos, rng)
 
 
 def test_conv2d_equals_dequantized_float_conv():
@@ -181,7 +189,7 @@ def test_conv2d_equals_dequantized_float_conv():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_fully_connected(seed, isas):
+def test_fully_connected(seed, combos):
     rng = np.random.default_rng(100 + seed)
     batch, features, outputs = int(rng.integers(1, 10)), int(rng.choice([1, 63, 64, 65, 130, 300])), \
         int(rng.integers(1, 40))
@@ -192,12 +200,12 @@ def test_fully_connected(seed, isas):
     bias = rng.normal(0, 1, outputs).astype(np.float32)
     acc = 2 * (m.astype(np.int64) @ k.astype(np.int64).T) - (2 ** w_bits - 1) * m.astype(np.int64).sum(-1,
                                                                                                        keepdims=True)
-    for isa in isas:
+    for isa, path in combos:
         for threads in (1, 3):
             out_f, out_i = _core.fully_connected(_core.pack_bitplanes(m, a_bits), _core.pack_bitplanes(k, w_bits),
                                                  features, a_bits, w_bits, multiplier, bias, output="both", isa=isa,
-                                                 num_threads=threads)
-            np.testing.assert_array_equal(out_i, acc)
+                                                 path=path, num_threads=threads)
+            np.testing.assert_array_equal(out_i, acc, err_msg=f"isa={isa} path={path}")
             np.testing.assert_array_equal(out_f, affine(acc, multiplier, bias))
 
 
@@ -428,6 +436,101 @@ def test_isa_selection(monkeypatch, isas):
         _core.isa("fast")
 
 
+@pytest.mark.parametrize("a_bits, w_bits", [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 1)])
+def test_plan_runs_other_inputs_of_its_filter(a_bits, w_bits, combos):
+    """A plan prepares the weights once (for its path) and runs any batch and input size."""
+    rng = np.random.default_rng(10 * a_bits + w_bits)
+    k = rng.integers(0, 2 ** w_bits, (37, 3, 3, 70)).astype(np.uint8)
+    packed_k = _core.pack_bitplanes(k, w_bits)
+    multiplier = rng.normal(0, 0.1, 37).astype(np.float32)
+    bias = rng.normal(0, 1, 37).astype(np.float32)
+    for isa, path in combos:
+        plan = _core.ConvPlan(_core.conv_shape(1, 6, 9, 70, 37, 3, strides=(1, 2), padding=(1, 0, 2, 1),
+                                               act_bits=a_bits, weight_bits=w_bits), packed_k, isa=isa, path=path)
+        assert (plan.isa, plan.path) == (isa, path)
+        for n, h, w in ((1, 6, 9), (2, 3, 17), (1, 11, 4)):
+            m = rng.integers(0, 2 ** a_bits, (n, h, w, 70)).astype(np.uint8)
+            shape = _core.conv_shape(n, h, w, 70, 37, 3, strides=(1, 2), padding=(1, 0, 2, 1), act_bits=a_bits,
+                                     weight_bits=w_bits)
+            expected = reference_conv(m, k, (1, 2), (1, 1), (1, 0, 2, 1), w_bits)
+            out_f, out_i = plan.run(_core.pack_bitplanes(m, a_bits), multiplier, bias, shape=shape, output="both",
+                                    num_threads=2)
+            np.testing.assert_array_equal(out_i, expected, err_msg=f"isa={isa} path={path} input {n, h, w}")
+            np.testing.assert_array_equal(out_f, affine(expected, multiplier, bias))
+        other = _core.conv_shape(1, 6, 9, 70, 37, 3, strides=1, padding=1, act_bits=a_bits, weight_bits=w_bits)
+        with pytest.raises(_core.CoreError, match="differs from the plan"):
+            plan.run(np.zeros((1, 6, 9, a_bits, 2), np.uint64), shape=other)
+
+
+def test_auto_path_is_one_the_cpu_runs_and_is_kept_per_shape(monkeypatch):
+    monkeypatch.delenv("N2UQ_KERNEL_PATH", raising=False)
+    rng = np.random.default_rng(5)
+    k = _core.pack_bitplanes(rng.integers(0, 4, (64, 3, 3, 64)), 2)
+    shape = _core.conv_shape(1, 14, 14, 64, 64, 3, padding=1, act_bits=2, weight_bits=2)
+    chosen = {_core.ConvPlan(shape, k).path for _ in range(3)}
+    assert len(chosen) == 1, "selection is measured once per shape and reused"
+    assert chosen <= set(_core.supported_paths())
+
+
+def test_kernel_path_environment_and_arguments(monkeypatch):
+    shape = _core.conv_shape(1, 5, 5, 70, 3, 3, padding=1, act_bits=2, weight_bits=2)
+    x, w = _good_conv_args()
+    for path in _core.supported_paths():
+        monkeypatch.setenv("N2UQ_KERNEL_PATH", path)
+        assert _core.ConvPlan(shape, w).path == path
+        np.testing.assert_array_equal(
+            _core.conv2d(x, w, 70, 2, 2, padding=1, output="int32"),
+            _core.conv2d(x, w, 70, 2, 2, padding=1, output="int32", isa="portable", path="bitserial"))
+    monkeypatch.setenv("N2UQ_KERNEL_PATH", "fastest")
+    with pytest.raises(_core.CoreError, match="N2UQ_KERNEL_PATH=fastest"):
+        _core.conv2d(x, w, 70, 2, 2, padding=1)
+    monkeypatch.delenv("N2UQ_KERNEL_PATH")
+    with pytest.raises(_core.CoreError, match="path must be one of"):
+        _core.conv2d(x, w, 70, 2, 2, padding=1, path="gemm")
+    with pytest.raises(_core.CoreError, match="path lut is not supported with ISA portable"):
+        _core.conv2d(x, w, 70, 2, 2, padding=1, isa="portable", path="lut")
+    assert "lut" not in _core.supported_paths("portable")
+    assert {"bitserial", "dot"} <= set(_core.supported_paths("portable"))
+
+
+def test_paths_follow_the_cpu_features():
+    """A path is offered only where CPUID (and the OS, XCR0) report what its kernels execute."""
+    features = set(_core.cpu_features())
+    assert features <= {"popcnt", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512vpopcntdq",
+                        "avx512vnni", "avx512vbmi", "amx_int8", "asimddp"}
+    combos = set(_core.supported_combinations())
+    assert (("avx512", "dot") in combos) == ("avx512" in _core.supported_isas() and "avx512vnni" in features)
+    assert (("avx512", "lut") in combos) == ("avx512" in _core.supported_isas()
+                                            and {"avx512vnni", "avx512vbmi"} <= features)
+    assert (("neon", "dot") in combos) == ("neon" in _core.supported_isas() and "asimddp" in features)
+    assert ("avx2" in _core.supported_isas()) == ({"avx2", "popcnt"} <= features)
+
+
+def test_fallback_kernels_when_features_are_hidden():
+    """N2UQ_CPU_DISABLE hides features (read once per process), so the AVX2 dot path runs its
+    VPMADDUBSW kernel instead of AVX-VNNI and the LUT path is withdrawn; outputs stay exact."""
+    script = (
+        "import numpy as np, sys; sys.path.insert(0, %r)\n"
+        "from n2uq_tf.tflite import _core\n"
+        "import test_kernel_core as t\n"
+        "assert 'avx_vnni' not in _core.cpu_features() and 'avx512vbmi' not in _core.cpu_features()\n"
+        "assert all(p != 'lut' for _, p in _core.supported_combinations())\n"
+        "rng = np.random.default_rng(1)\n"
+        "for a, w in ((1, 1), (2, 2), (3, 4), (4, 4)):\n"
+        "    m = rng.integers(0, 2 ** a, (2, 5, 13, 70)).astype(np.uint8)\n"
+        "    k = rng.integers(0, 2 ** w, (19, 3, 3, 70)).astype(np.uint8)\n"
+        "    want = t.reference_conv(m, k, (1, 1), (1, 1), (1, 1, 1, 1), w)\n"
+        "    for isa, path in _core.supported_combinations():\n"
+        "        got = _core.conv2d(_core.pack_bitplanes(m, a), _core.pack_bitplanes(k, w), 70, a, w, padding=1,\n"
+        "                           output='int32', isa=isa, path=path, num_threads=2)\n"
+        "        assert np.array_equal(got, want), (isa, path, a, w)\n"
+        "print('ok', _core.supported_combinations())\n") % os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, N2UQ_CPU_DISABLE="avx_vnni,avx512vbmi", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "ok" in result.stdout
+
+
 def _good_conv_args():
     m = np.ones((1, 5, 5, 70), np.uint8)
     k = np.ones((3, 3, 3, 70), np.uint8)
@@ -446,6 +549,7 @@ def _good_conv_args():
     (dict(in_channels=200), "input has 100 elements, the shape needs 200"),
     (dict(num_threads=0), "num_threads must be"),
     (dict(isa="turbo"), "isa must be one of"),
+    (dict(path="turbo"), "path must be one of"),
 ])
 def test_malformed_conv_arguments_raise(change, message):
     x, w = _good_conv_args()
@@ -515,10 +619,19 @@ def test_cpp_selftest_under_asan_and_ubsan():
     binary = _cached_build("asan", [compiler] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR],
                            _selftest_sources(), [])
     env = dict(os.environ, **native_build.SANITIZER_ENV)
-    env.pop("N2UQ_KERNEL_ISA", None)
-    result = subprocess.run([binary, "80"], capture_output=True, text=True, env=env, timeout=300)
+    for name in ("N2UQ_KERNEL_ISA", "N2UQ_KERNEL_PATH", "N2UQ_CPU_DISABLE"):
+        env.pop(name, None)
+    result = subprocess.run([binary, "80"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "selftest: OK" in result.stdout
+    for isa, path in _core.supported_combinations():
+        assert f" {isa}/{path}" in result.stdout, (isa, path, result.stdout)
+    # The fallback kernels (AVX2 without AVX-VNNI) under the sanitizers too.
+    if "avx_vnni" in _core.cpu_features():
+        env["N2UQ_CPU_DISABLE"] = "avx_vnni"
+        result = subprocess.run([binary, "30"], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "selftest: OK" in result.stdout and "avx_vnni" not in result.stdout.split("cpu:")[-1]
 
 
 AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
@@ -531,6 +644,11 @@ QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 def test_cpp_selftest_neon_under_qemu():
     binary = _cached_build("aarch64", [AARCH64_CXX, "-std=c++17", "-O2", "-static", "-pthread", "-ffp-contract=off",
                                        "-I" + CORE_DIR], _selftest_sources(), [])
-    result = subprocess.run([QEMU, binary, "60"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([QEMU, binary, "60"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ISAs: portable neon" in result.stdout
+    assert " neon/dot" in result.stdout and "asimddp" in result.stdout  # qemu's default CPU has SDOT
+    # A core without the dot-product extension (Cortex-A53): SDOT must never be chosen.
+    result = subprocess.run([QEMU, "-cpu", "cortex-a53", binary, "10"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " neon/bitserial" in result.stdout and " neon/dot" not in result.stdout

@@ -119,8 +119,33 @@ CpuFeatures detect_cpu_features() {
   return f;
 }
 
+// The features' names (n2uq_cpu_features) and flags, in one table.
+struct FeatureName {
+  const char* name;
+  bool CpuFeatures::*flag;
+};
+const FeatureName kFeatureNames[] = {
+    {"popcnt", &CpuFeatures::popcnt},       {"avx2", &CpuFeatures::avx2},
+    {"avx_vnni", &CpuFeatures::avx_vnni},   {"avx512f", &CpuFeatures::avx512f},
+    {"avx512bw", &CpuFeatures::avx512bw},   {"avx512vl", &CpuFeatures::avx512vl},
+    {"avx512vpopcntdq", &CpuFeatures::avx512vpopcntdq}, {"avx512vnni", &CpuFeatures::avx512vnni},
+    {"avx512vbmi", &CpuFeatures::avx512vbmi}, {"amx_int8", &CpuFeatures::amx_int8},
+    {"asimddp", &CpuFeatures::asimd_dotprod}};
+
+// N2UQ_CPU_DISABLE (comma-separated feature names) treats those features as absent, so that
+// tests reach the fallback kernels (e.g. AVX2 without AVX-VNNI) on any CPU. It can only remove
+// features, never add one the CPU lacks.
+CpuFeatures masked(CpuFeatures f) {
+  const char* env = std::getenv("N2UQ_CPU_DISABLE");
+  if (env == nullptr) return f;
+  const std::string list = std::string(",") + env + ",";
+  for (const FeatureName& n : kFeatureNames)
+    if (list.find(std::string(",") + n.name + ",") != std::string::npos) f.*n.flag = false;
+  return f;
+}
+
 const CpuFeatures& cpu_features() {
-  static const CpuFeatures features = detect_cpu_features();
+  static const CpuFeatures features = masked(detect_cpu_features());
   return features;
 }
 
@@ -1074,18 +1099,9 @@ int n2uq_path_supported(int isa, int path) {
 const char* n2uq_cpu_features(void) {
   static const std::string names = [] {
     const CpuFeatures& f = cpu_features();
-    const struct {
-      bool have;
-      const char* name;
-    } table[] = {{f.popcnt, "popcnt"},         {f.avx2, "avx2"},
-                 {f.avx_vnni, "avx_vnni"},     {f.avx512f, "avx512f"},
-                 {f.avx512bw, "avx512bw"},     {f.avx512vl, "avx512vl"},
-                 {f.avx512vpopcntdq, "avx512vpopcntdq"}, {f.avx512vnni, "avx512vnni"},
-                 {f.avx512vbmi, "avx512vbmi"}, {f.amx_int8, "amx_int8"},
-                 {f.asimd_dotprod, "asimddp"}};
     std::string out;
-    for (const auto& t : table)
-      if (t.have) out += (out.empty() ? "" : " ") + std::string(t.name);
+    for (const FeatureName& n : kFeatureNames)
+      if (f.*n.flag) out += (out.empty() ? "" : " ") + std::string(n.name);
     return out;
   }();
   return names.c_str();

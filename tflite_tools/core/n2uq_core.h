@@ -92,7 +92,9 @@ const char* n2uq_path_name(int path);
 /* 1 if this build and CPU can run conv path `path` (not AUTO) under the concrete `isa`, else 0. */
 int n2uq_path_supported(int isa, int path);
 /* The CPU features the kernels look at (CPUID + XCR0 on x86-64, HWCAP on aarch64), as a
- * space-separated list of names, e.g. "avx2 popcnt avx512f ... avx512vnni". */
+ * space-separated list of names, e.g. "popcnt avx2 avx_vnni avx512f ... avx512vnni". The
+ * environment variable N2UQ_CPU_DISABLE (comma-separated names, read once) hides features,
+ * for testing the fallback kernels. */
 const char* n2uq_cpu_features(void);
 
 /* Packs codes[num_positions][channels] (each < 2^bits) into

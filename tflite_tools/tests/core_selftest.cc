@@ -1,6 +1,8 @@
-// Self-test of the kernel core: every ISA path this CPU runs against a naive scalar
-// loop on random cases (edge channel counts, strides, dilations, asymmetric padding,
-// bits 1-4 each, thread counts 1-3), plus malformed arguments that must return errors.
+// Self-test of the kernel core: every ISA and conv path (bitserial, dot, lut) this CPU
+// runs against a naive scalar loop on random cases (edge channel counts, strides,
+// dilations, asymmetric padding, bits 1-4 each, thread counts 1-3), through one-shot calls
+// and through plans reused across input sizes, plus malformed arguments that must return
+// errors. N2UQ_CPU_DISABLE (see n2uq_core.h) reaches the fallback kernels.
 // Built with -fsanitize=address,undefined by tests/test_kernel_core.py, cross-built for
 // aarch64 and run under qemu-user when the toolchain exists.
 //
@@ -144,16 +146,32 @@ std::vector<int> isas() {
   return result;
 }
 
+struct Combo {
+  int isa, path;
+};
+
+// Every (ISA, conv path) pair this build and CPU run.
+std::vector<Combo> combos() {
+  std::vector<Combo> result;
+  for (int isa : isas())
+    for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path)
+      if (n2uq_path_supported(isa, path)) result.push_back(Combo{isa, path});
+  return result;
+}
+
 void check_outputs(const Case& c, const std::vector<int32_t>& expected, const std::vector<int32_t>& got_i,
                    const std::vector<float>& got_f, const std::vector<float>& mult, const std::vector<float>& bias,
-                   const char* what, int isa, int threads) {
+                   const char* what, int isa, int threads, int path = 0) {
   for (size_t i = 0; i < expected.size(); ++i) {
     const int oc = int(i % size_t(c.s.out_channels));
     const float want = float(expected[i]) * mult[size_t(oc)] + bias[size_t(oc)];
     if (got_i[i] != expected[i] || std::memcmp(&got_f[i], &want, sizeof want) != 0) {
-      EXPECT(false, "%s isa=%s threads=%d index %zu: int %d vs %d, float %.9g vs %.9g (C=%d OC=%d bits a%d w%d)",
-             what, n2uq_isa_name(isa), threads, i, got_i[i], expected[i], got_f[i], want, c.s.in_channels,
-             c.s.out_channels, c.s.act_bits, c.s.weight_bits);
+      EXPECT(false,
+             "%s isa=%s path=%s threads=%d index %zu: int %d vs %d, float %.9g vs %.9g (C=%d OC=%d %dx%d s%dx%d "
+             "d%dx%d bits a%d w%d)",
+             what, n2uq_isa_name(isa), n2uq_path_name(path), threads, i, got_i[i], expected[i], got_f[i], want,
+             c.s.in_channels, c.s.out_channels, c.s.kernel_height, c.s.kernel_width, c.s.stride_height,
+             c.s.stride_width, c.s.dilation_height, c.s.dilation_width, c.s.act_bits, c.s.weight_bits);
       return;
     }
   }
@@ -182,24 +200,76 @@ void run_conv_case(bool depthwise) {
       for (size_t i = size_t(words - 1); i < pm.size(); i += size_t(words)) pm[i] |= ~0ull << rem;
     }
   }
-  for (int isa : isas())
+  if (depthwise) {
+    for (int isa : isas())
+      for (int threads = 1; threads <= 3; ++threads) {
+        std::vector<int32_t> got_i(expected.size(), -7);
+        std::vector<float> got_f(expected.size(), -7.f);
+        char err[256] = "";
+        const int rc = n2uq_depthwise_conv2d(&s, m.data(), int64_t(m.size()), k.data(), int64_t(k.size()),
+                                             mult.data(), bias.data(), int64_t(mult.size()), got_f.data(),
+                                             got_i.data(), int64_t(got_i.size()), isa, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "depthwise returned %d: %s", rc, err);
+        if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "depthwise", isa, threads);
+      }
+    return;
+  }
+  for (const Combo& combo : combos())
     for (int threads = 1; threads <= 3; ++threads) {
       std::vector<int32_t> got_i(expected.size(), -7);
       std::vector<float> got_f(expected.size(), -7.f);
       char err[256] = "";
-      int rc;
-      if (depthwise)
-        rc = n2uq_depthwise_conv2d(&s, m.data(), int64_t(m.size()), k.data(), int64_t(k.size()), mult.data(),
-                                   bias.data(), int64_t(mult.size()), got_f.data(), got_i.data(),
-                                   int64_t(got_i.size()), isa, threads, err, sizeof err);
-      else
-        rc = n2uq_conv2d_bitserial(&s, pm.data(), int64_t(pm.size()), pk.data(), int64_t(pk.size()), mult.data(),
-                                   bias.data(), int64_t(mult.size()), got_f.data(), got_i.data(),
-                                   int64_t(got_i.size()), isa, threads, err, sizeof err);
-      EXPECT(rc == N2UQ_OK, "%s returned %d: %s", depthwise ? "depthwise" : "conv", rc, err);
-      if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, depthwise ? "depthwise" : "conv", isa,
-                                       threads);
+      const int rc = n2uq_conv2d(&s, pm.data(), int64_t(pm.size()), pk.data(), int64_t(pk.size()), mult.data(),
+                                 bias.data(), int64_t(mult.size()), got_f.data(), got_i.data(), int64_t(got_i.size()),
+                                 combo.isa, combo.path, threads, err, sizeof err);
+      EXPECT(rc == N2UQ_OK, "conv returned %d: %s", rc, err);
+      if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "conv", combo.isa, threads, combo.path);
     }
+}
+
+// A plan made once on one input size runs other batch sizes and input sizes of the same
+// filter, on every (ISA, path), and reports the path it was made for.
+void run_plan_case() {
+  Case c = random_case(false);
+  N2uqConvShape& s = c.s;
+  const int64_t weights = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
+  std::vector<uint8_t> k = random_codes(size_t(weights * s.in_channels), s.weight_bits);
+  std::vector<uint64_t> pk = pack(k, weights, s.in_channels, s.weight_bits);
+  std::vector<float> mult(size_t(s.out_channels)), bias(size_t(s.out_channels));
+  for (auto& x : mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
+  for (auto& x : bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  for (const Combo& combo : combos()) {
+    N2uqConvPlan* plan = nullptr;
+    char err[256] = "";
+    int rc = n2uq_conv_plan_create(&s, pk.data(), int64_t(pk.size()), combo.isa, combo.path, 2, &plan, err,
+                                   sizeof err);
+    EXPECT(rc == N2UQ_OK && plan != nullptr, "plan_create isa=%s path=%s: %s", n2uq_isa_name(combo.isa),
+           n2uq_path_name(combo.path), err);
+    if (plan == nullptr) continue;
+    int isa = -1, path = -1;
+    EXPECT(n2uq_conv_plan_info(plan, &isa, &path) == N2UQ_OK && isa == combo.isa && path == combo.path,
+           "plan_info: isa %d path %d, asked %d %d", isa, path, combo.isa, combo.path);
+    for (int size = 0; size < 3; ++size) {
+      Case run = c;
+      run.s.batch = uniform(1, 2);
+      run.s.in_height = c.s.in_height + uniform(0, 3);
+      run.s.in_width = c.s.in_width + uniform(0, 9);
+      n2uq_conv2d_output_size(&run.s, &run.oh, &run.ow, err, sizeof err);
+      const int64_t pixels = int64_t(run.s.batch) * run.s.in_height * run.s.in_width;
+      std::vector<uint8_t> m = random_codes(size_t(pixels * s.in_channels), s.act_bits);
+      std::vector<uint64_t> pm = pack(m, pixels, s.in_channels, s.act_bits);
+      const std::vector<int32_t> expected = naive(run, m, k, false);
+      const int threads = uniform(1, 3);
+      std::vector<int32_t> got_i(expected.size(), -7);
+      std::vector<float> got_f(expected.size(), -7.f);
+      rc = n2uq_conv_plan_run(plan, &run.s, pm.data(), int64_t(pm.size()), mult.data(), bias.data(),
+                              int64_t(mult.size()), got_f.data(), got_i.data(), int64_t(got_i.size()), threads, err,
+                              sizeof err);
+      EXPECT(rc == N2UQ_OK, "plan_run returned %d: %s", rc, err);
+      if (rc == N2UQ_OK) check_outputs(run, expected, got_i, got_f, mult, bias, "plan", combo.isa, threads, combo.path);
+    }
+    n2uq_conv_plan_destroy(plan);
+  }
 }
 
 void run_fully_connected_case() {
@@ -229,6 +299,18 @@ void run_fully_connected_case() {
                                   int64_t(got_i.size()), isa, 2, err, sizeof err);
     EXPECT(rc == N2UQ_OK, "fully_connected returned %d: %s", rc, err);
     if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "fully_connected", isa, 2);
+  }
+  N2uqConvShape shape;
+  char err[256] = "";
+  EXPECT(n2uq_fully_connected_shape(batch, in_f, out_f, a, w, &shape, err, sizeof err) == N2UQ_OK, "fc shape: %s", err);
+  for (const Combo& combo : combos()) {
+    std::vector<int32_t> got_i(expected.size());
+    std::vector<float> got_f(expected.size());
+    const int rc = n2uq_conv2d(&shape, pm.data(), int64_t(pm.size()), pk.data(), int64_t(pk.size()), mult.data(),
+                               bias.data(), out_f, got_f.data(), got_i.data(), int64_t(got_i.size()), combo.isa,
+                               combo.path, uniform(1, 3), err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "fully connected (conv2d) returned %d: %s", rc, err);
+    if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "fully_connected", combo.isa, 2, combo.path);
   }
 }
 
@@ -412,15 +494,70 @@ void run_malformed() {
     rc = n2uq_quantize_and_pack(x, 3, 2, 2, t, 3, 1.f, 2, packed.data(), 4, 0, 1, err, sizeof err);
     EXPECT(rc == N2UQ_ERR_BUFFER && std::strstr(err, "x has"), "quantize_and_pack short x: rc=%d %s", rc, err);
   }
+  // Paths and plans.
+  {
+    char err[256] = "";
+    auto conv_path = [&](int isa, int path, const char* expect) {
+      const int rc = n2uq_conv2d(&good, in.data(), int64_t(in.size()), w.data(), int64_t(w.size()), mult.data(),
+                                 bias.data(), 3, out.data(), nullptr, 75, isa, path, 1, err, sizeof err);
+      EXPECT(rc != N2UQ_OK && std::strstr(err, expect) != nullptr, "conv path (%s): rc=%d msg='%s'", expect, rc, err);
+    };
+    conv_path(0, 7, "unknown path");
+    conv_path(0, -1, "unknown path");
+    conv_path(N2UQ_ISA_PORTABLE, N2UQ_PATH_LUT, "not supported");  // no portable LUT kernels
+    for (int isa = N2UQ_ISA_PORTABLE; isa <= N2UQ_ISA_NEON; ++isa)
+      for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path)
+        if (n2uq_isa_supported(isa) && !n2uq_path_supported(isa, path)) conv_path(isa, path, "not supported");
+    EXPECT(n2uq_path_supported(0, N2UQ_PATH_DOT) == 0 && n2uq_path_supported(N2UQ_ISA_PORTABLE, 0) == 0 &&
+               n2uq_path_supported(N2UQ_ISA_PORTABLE, 9) == 0 && n2uq_path_supported(-4, 1) == 0,
+           "path_supported takes concrete ISAs and paths only");
+    N2uqConvPlan* plan = nullptr;
+    int rc = n2uq_conv_plan_create(&good, w.data(), int64_t(w.size()) - 1, 0, 0, 1, &plan, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER && plan == nullptr && std::strstr(err, "weights has"), "plan short weights: %s", err);
+    rc = n2uq_conv_plan_create(&good, w.data(), int64_t(w.size()), 0, 0, 1, nullptr, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT && std::strstr(err, "plan is NULL"), "plan NULL out: %s", err);
+    rc = n2uq_conv_plan_create(&good, w.data(), int64_t(w.size()), 0, 0, 0, &plan, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT && std::strstr(err, "num_threads"), "plan threads: %s", err);
+    rc = n2uq_conv_plan_create(&good, w.data(), int64_t(w.size()), 0, 0, 1, &plan, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && plan != nullptr, "plan create: %s", err);
+    rc = n2uq_conv_plan_run(nullptr, &good, in.data(), int64_t(in.size()), mult.data(), bias.data(), 3, out.data(),
+                            nullptr, 75, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT && std::strstr(err, "plan is NULL"), "run NULL plan: %s", err);
+    N2uqConvShape other = good;
+    other.stride_width = 2;
+    rc = n2uq_conv_plan_run(plan, &other, in.data(), int64_t(in.size()), mult.data(), bias.data(), 3, out.data(),
+                            nullptr, 75, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT && std::strstr(err, "differs from the plan"), "run other filter: %s", err);
+    rc = n2uq_conv_plan_run(plan, &good, in.data(), int64_t(in.size()) - 1, mult.data(), bias.data(), 3, out.data(),
+                            nullptr, 75, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER && std::strstr(err, "input has"), "run short input: %s", err);
+    other = good;
+    other.in_height = 9;  // larger input than the buffers
+    rc = n2uq_conv_plan_run(plan, &other, in.data(), int64_t(in.size()), mult.data(), bias.data(), 3, out.data(),
+                            nullptr, 75, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_BUFFER, "run larger shape on small buffers: rc=%d %s", rc, err);
+    rc = n2uq_conv_plan_run(plan, &good, in.data(), int64_t(in.size()), mult.data(), bias.data(), 3, out.data(),
+                            nullptr, 75, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "plan run: %s", err);
+    EXPECT(n2uq_conv_plan_info(nullptr, nullptr, nullptr) == N2UQ_ERR_ARGUMENT, "info NULL plan");
+    n2uq_conv_plan_destroy(plan);
+    n2uq_conv_plan_destroy(nullptr);
+    N2uqConvShape fc;
+    EXPECT(n2uq_fully_connected_shape(0, 3, 3, 2, 2, &fc, err, sizeof err) == N2UQ_ERR_ARGUMENT &&
+               std::strstr(err, "batch"), "fc shape batch: %s", err);
+    EXPECT(n2uq_fully_connected_shape(1, 3, 3, 2, 2, nullptr, err, sizeof err) == N2UQ_ERR_ARGUMENT, "fc shape NULL");
+  }
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? std::atoi(argv[1]) : 60;
-  std::string names;
+  std::string names, paths;
   for (int isa : isas()) names += std::string(" ") + n2uq_isa_name(isa);
+  for (const Combo& c : combos()) paths += std::string(" ") + n2uq_isa_name(c.isa) + "/" + n2uq_path_name(c.path);
   for (int i = 0; i < cases; ++i) run_conv_case(false);
+  for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
   for (int i = 0; i < 2 * cases; ++i) run_quantize_case();
@@ -429,6 +566,7 @@ int main(int argc, char** argv) {
     std::printf("selftest: %d failures\n", failures);
     return 1;
   }
-  std::printf("selftest: OK, %d conv cases on ISAs:%s\n", cases, names.c_str());
+  std::printf("selftest: OK, %d conv cases on ISAs:%s; paths:%s; cpu: %s\n", cases, names.c_str(), paths.c_str(),
+              n2uq_cpu_features());
   return 0;
 }
