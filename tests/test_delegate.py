@@ -174,6 +174,37 @@ def test_isa_option_and_thread_override(models):
         assert_same_outputs(run(content, x, "litert", 1, isa=isa, num_threads=3), reference)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_path_option_every_kernel_path_bit_exact(models, backend):
+    """The delegate's `path` option forces a conv / FC kernel path, on every ISA that has it."""
+    for name in ("A", "B"):
+        content, x, reference = models[name]
+        for isa, path in _core.supported_combinations():
+            for threads in (1, 2):
+                assert_same_outputs(run(content, x, backend, threads, isa=isa, path=path), reference)
+
+
+def test_path_option_is_reported_per_kernel_and_validated(models):
+    content, x, _ = models["B"]
+    from ai_edge_litert.interpreter import Interpreter
+    for path in _core.supported_paths():
+        delegate = n2tfl.load_delegate("litert", path=path)
+        interpreter = Interpreter(model_content=content, experimental_delegates=[delegate])
+        interpreter.allocate_tensors()
+        entries = n2tfl.kernel_profile(delegate)
+        paths = {e["op"]: e["path"] for e in entries}
+        assert paths["N2UQConv2D"] == path and paths["N2UQFullyConnected"] == path
+        assert paths["N2UQQuantizePack"] is None and paths["N2UQDepthwiseConv2D"] is None
+        del interpreter
+    with pytest.raises(ValueError, match="path must be auto, bitserial, dot or lut"):
+        n2tfl.load_delegate("litert", path="gemm")
+    for isa in _core.supported_isas():
+        for path in {"bitserial", "dot", "lut"} - set(_core.supported_paths(isa)):
+            delegate = n2tfl.load_delegate("litert", isa=isa, path=path)
+            with pytest.raises(RuntimeError, match=f"path {path} is not supported with ISA {isa}"):
+                Interpreter(model_content=content, experimental_delegates=[delegate]).allocate_tensors()
+
+
 def test_batch_resize_reprepares(models):
     content, x, _ = models["B"]
     interpreter = n2tfl.Interpreter(model_content=content, backend="litert")

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "flexbuffer_options.h"
+#include "n2uq_core.h"
 #include "tflite_abi.h"
 
 extern "C" {
@@ -217,7 +218,10 @@ enum Mutation { kNone, kShortWeights, kLongWeights, kBadRank, kBadType, kBadInde
                 kBadActBits, kBadDataBytes, kConstantOutput, kFailedResize, kAliasedOutput, kNumMutations };
 
 // One conv run via the op-resolver registration; returns the status and the error text.
-static int RunConv(Mutation m, std::string* error, bool delegate_path) {
+// delegate_path: through the delegate (with its `path` and `isa` options when not null)
+// rather than the op-resolver registration.
+static int RunConv(Mutation m, std::string* error, bool delegate_path, const char* kernel_path = nullptr,
+                   const char* isa = nullptr) {
   FakeInterpreter f;
   Init(&f);
   const int words = 1;
@@ -267,9 +271,9 @@ static int RunConv(Mutation m, std::string* error, bool delegate_path) {
     f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
     f.node_reg.custom_name = "N2UQConv2D";
     char err[256];
-    const char* keys[] = {"num_threads"};
-    const char* values[] = {"2"};
-    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 1, err, sizeof(err));
+    const char* keys[] = {"num_threads", "path", "isa"};
+    const char* values[] = {"2", kernel_path ? kernel_path : "auto", isa ? isa : "auto"};
+    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 3, err, sizeof(err));
     status = d->Prepare(&f.ctx, d);
     if (status == kN2uqTfLiteOk) status = f.replaced_status;
     n2uq_delegate_delete(d);
@@ -297,12 +301,35 @@ static void TestKernels() {
       }
     }
   }
+  // Every kernel path the CPU runs, through the delegate's `path` option, valid and mutated.
+  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut"};
+  for (int isa = N2UQ_ISA_PORTABLE; isa <= N2UQ_ISA_NEON; ++isa) {
+    if (!n2uq_isa_supported(isa)) continue;
+    for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path) {
+      std::string error;
+      const int status = RunConv(kNone, &error, true, kPaths[path], n2uq_isa_name(isa));
+      if (n2uq_path_supported(isa, path)) {
+        CHECK(status == kN2uqTfLiteOk, "valid conv failed (isa %s, path %s): %s", n2uq_isa_name(isa), kPaths[path],
+              error.c_str());
+        for (int m = 1; m < kNumMutations; ++m) {
+          CHECK(RunConv(Mutation(m), &error, true, kPaths[path], n2uq_isa_name(isa)) != kN2uqTfLiteOk &&
+                    error.find(expected[m]) != std::string::npos,
+                "mutation %d (isa %s, path %s): '%s'", m, n2uq_isa_name(isa), kPaths[path], error.c_str());
+        }
+      } else {  // a path this CPU cannot run is refused at Prepare, never run
+        CHECK(status != kN2uqTfLiteOk && error.find("not supported") != std::string::npos,
+              "unsupported path accepted (isa %s, path %s): '%s'", n2uq_isa_name(isa), kPaths[path], error.c_str());
+      }
+    }
+  }
   char err[256];
-  const char* keys[] = {"isa", "bogus"};
-  const char* values[] = {"sse9", "1"};
+  const char* keys[] = {"isa", "bogus", "path"};
+  const char* values[] = {"sse9", "1", "gemm"};
   CHECK(n2uq_delegate_create(keys, values, 1, err, sizeof(err)) == nullptr && strstr(err, "isa"), "bad isa");
   CHECK(n2uq_delegate_create(keys + 1, values + 1, 1, err, sizeof(err)) == nullptr && strstr(err, "unknown option"),
         "unknown option");
+  CHECK(n2uq_delegate_create(keys + 2, values + 2, 1, err, sizeof(err)) == nullptr && strstr(err, "path must be"),
+        "bad path");
 }
 
 int main(int argc, char** argv) {
