@@ -520,6 +520,7 @@ struct N2uqConvPlan {
   std::vector<uint64_t> packed;   // bitserial: [OC][KH][KW][weight_bits][words]
   std::vector<uint64_t> grouped;  // bitserial with conv_group_item: ConvJob::group_weights
   std::vector<int8_t> dot;        // dot: ConvJob::dot_weights
+  int dot_chunk_blocks = 0;       // dot: ConvJob::dot_chunk_blocks
   std::vector<uint8_t> lut;       // lut: ConvJob::lut_indices
 };
 
@@ -608,14 +609,22 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
   job.dot_lanes = k->lanes;
   job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
-  job.oc_chunks = (job.oc_blocks + k->blocks_per_chunk - 1) / k->blocks_per_chunk;
+  job.dot_chunk_blocks = plan.dot_chunk_blocks;
+  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
   int64_t rows = 0, bytes = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) || !mul_ok(rows, job.code_columns * job.stride_width, &bytes) ||
-      !mul_ok(bytes, int64_t(job.quads) * 4, &bytes))
+      !mul_ok(bytes, int64_t(job.words) * 64, &bytes))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
   if (int rc = ensure(s.codes, bytes, "staged codes", err, err_len)) return rc;
+  if (int rc = ensure(s.tap_offsets, job.kernel_width, "tap offsets", err, err_len)) return rc;
   job.code_stage = s.codes.data();
+  const int64_t phase_bytes = job.code_columns * 64 * job.words;  // layout in dot_impl.h
+  for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
+    const int64_t padded = kw * job.dilation_width;
+    s.tap_offsets[size_t(kw)] = padded % job.stride_width * phase_bytes + padded / job.stride_width * 64;
+  }
+  job.code_tap_columns = s.tap_offsets.data();
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
   const int64_t items = int64_t(job.batch) * job.out_height * job.oc_chunks;
   pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
@@ -765,6 +774,13 @@ void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes
   }
 }
 
+// Weight vectors per dot-path work chunk (R of the register blocks). Measured on Zen 5 (AVX-512,
+// ResNet-18 3x3 layers): R = 3 allows blocks of up to 8 pixels, so rows of 7, 14, 28 and 56
+// pixels split into whole 7-pixel blocks and each weight vector loaded from L2 (the 7x7x512
+// layer's 221 KB per chunk) serves 7 pixels; R = 4 (6 pixels) split a 7-pixel row 4 + 3 and
+// ran 35% slower there, and was no faster on the other rows.
+int dot_chunk_blocks(const PathKernels* k) { return k->blocks_per_chunk < 3 ? k->blocks_per_chunk : 3; }
+
 // Builds `plan`'s weights for its path from the packed weights.
 int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
                     size_t err_len) {
@@ -792,8 +808,10 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
     return N2UQ_OK;
   }
   const std::vector<uint8_t> codes = weight_codes(s, weights);
-  if (plan->path == N2UQ_PATH_DOT)
-    build_dot_weights(s, codes, plan->kernels->lanes, plan->kernels->blocks_per_chunk, &plan->dot);
+  if (plan->path == N2UQ_PATH_DOT) {
+    plan->dot_chunk_blocks = dot_chunk_blocks(plan->kernels);
+    build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
+  }
   else
     build_lut_indices(s, codes, plan->kernels->blocks_per_chunk * plan->kernels->lanes / 32, &plan->lut);
   return N2UQ_OK;

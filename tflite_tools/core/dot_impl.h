@@ -10,7 +10,7 @@
 //   x s8 weight), store(const ConvJob&, int64_t index, int64_t oc0, Acc, int valid) (int32
 //   and/or float outputs of `valid` channels at element `index`, channel oc0);
 //   codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out)
-//   (the 64 codes of one channel word from its bit planes).
+//   (the 64 codes of one channel word from its bit planes; planes[p * words] is plane p).
 // No standard-library headers here (see kernel_table.h).
 //
 // Integer view: activation code m in 0..2^a - 1, weight code k in 0..2^w - 1, and
@@ -18,44 +18,39 @@
 // a u8 x s8 dot product with w' = 2k - n_w in [-15, 15] (the plan stores w', so there is
 // no correction term), exact in int32 (check_accumulator bounds it).
 //
-// Staged input (dot_stage_rows): per input row, stride_width phases; per phase and channel
-// quad, the 4 codes of every padded column in a row of code_columns:
-//   stage[row][phase][quad][column][4],
+// Staged input (dot_stage_rows): per input row, stride_width phases; per phase and 64-channel
+// word, the 64 codes of every padded column in a row of code_columns:
+//   stage[row][phase][word][column][64],
 // padded column c = column * stride_width + phase, zero in the padding and past the
 // channels. Tap (kh, kw) of output column ow reads column ow + (kw * dilation_width) /
-// stride_width of phase (kw * dilation_width) % stride_width, so the P pixels of a register
-// block read P consecutive quads: one pointer per tap, offsets 4p.
+// stride_width of phase (kw * dilation_width) % stride_width (code_tap_columns), so the P
+// pixels of a register block are 64 bytes apart: one pointer per tap, channel quad j of a
+// word at + 4j, pixel p at + 64p. Staging is one 64-byte store per pixel and word.
 
-constexpr int64_t dot_quad_stride(const ConvJob& j) { return j.code_columns * 4; }
-constexpr int64_t dot_phase_stride(const ConvJob& j) { return j.code_columns * 4 * j.quads; }
-constexpr int64_t dot_row_stride(const ConvJob& j) { return j.code_columns * 4 * j.quads * j.stride_width; }
+inline int64_t dot_word_stride(const ConvJob& j) { return j.code_columns * 64; }
+inline int64_t dot_phase_stride(const ConvJob& j) { return dot_word_stride(j) * j.words; }
+inline int64_t dot_row_stride(const ConvJob& j) { return dot_phase_stride(j) * j.stride_width; }
 
 template <class O>
 void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, act_bits = j.act_bits, in_width = j.in_width, stride = j.stride_width;
-  const int64_t quads = j.quads, quad_stride = dot_quad_stride(j), phase_stride = dot_phase_stride(j);
-  const int64_t row_stride = dot_row_stride(j);
+  const int64_t word_stride = dot_word_stride(j), phase_stride = dot_phase_stride(j), row_stride = dot_row_stride(j);
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
-  alignas(64) uint8_t codes[64];
   for (int64_t row = begin; row < end; ++row) {
     uint8_t* stage = j.code_stage + row * row_stride;
-    for (int64_t i = 0; i < row_stride; ++i) stage[i] = 0;
+    for (int64_t c = 0; c < j.padded_width; ++c) {  // padding columns: code 0
+      if (c >= j.pad_left && c < j.pad_left + in_width) continue;
+      uint8_t* dst = stage + (c % stride) * phase_stride + (c / stride) * 64;
+      for (int64_t w = 0; w < words; ++w)
+        for (int b = 0; b < 64; ++b) dst[w * word_stride + b] = 0;
+    }
     const uint64_t* src = j.input + row * in_width * act_bits * words;
     for (int64_t x = 0; x < in_width; ++x, src += act_bits * words) {
-      const int64_t padded = x + j.pad_left;
-      uint8_t* dst = stage + (padded % stride) * phase_stride + (padded / stride) * 4;
-      for (int64_t w = 0; w < words; ++w) {
-        O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, codes);
-        const int64_t q_end = quads - w * 16 < 16 ? quads - w * 16 : 16;
-        for (int64_t q = 0; q < q_end; ++q) {
-          uint8_t* d = dst + (w * 16 + q) * quad_stride;
-          d[0] = codes[4 * q];
-          d[1] = codes[4 * q + 1];
-          d[2] = codes[4 * q + 2];
-          d[3] = codes[4 * q + 3];
-        }
-      }
+      const int64_t c = x + j.pad_left;
+      uint8_t* dst = stage + (c % stride) * phase_stride + (c / stride) * 64;
+      for (int64_t w = 0; w < words; ++w)
+        O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, dst + w * word_stride);
     }
   }
 }
@@ -70,30 +65,44 @@ void dot_block(const ConvJob& j, int64_t n, int64_t oh, int64_t ow0, int64_t chu
   Acc acc[P][R];
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < R; ++r) acc[p][r] = O::zero();
-  const int64_t quads = j.quads, quad_stride = dot_quad_stride(j), phase_stride = dot_phase_stride(j);
-  const int64_t row_stride = dot_row_stride(j), stride = j.stride_width, dilation = j.dilation_width;
+  const int64_t quads = j.quads, words = j.words, word_stride = dot_word_stride(j), row_stride = dot_row_stride(j);
   constexpr int64_t kStep = (int64_t)R * O::kLanes * 4;  // weight bytes per quad
   const int64_t taps = (int64_t)j.kernel_height * j.kernel_width;
-  const int8_t* const weights = j.dot_weights + chunk * O::kBlocksPerChunk * taps * quads * O::kLanes * 4;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * quads * O::kLanes * 4;
   for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
     const int64_t ih = oh * j.stride_height + kh * j.dilation_height - j.pad_top;
     if (ih < 0 || ih >= j.in_height) continue;  // zero padding: m = 0 adds nothing
-    const uint8_t* row = j.code_stage + (n * j.in_height + ih) * row_stride;
+    const uint8_t* row = j.code_stage + (n * j.in_height + ih) * row_stride + ow0 * 64;
     for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
-      const int64_t padded = kw * dilation;
-      const uint8_t* a = row + (padded % stride) * phase_stride + (ow0 + padded / stride) * 4;
       const int8_t* w = weights + (kh * j.kernel_width + kw) * quads * kStep;
-      for (int64_t q = 0; q < quads; ++q, a += quad_stride, w += kStep) {
-        Wv wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + r * O::kLanes * 4);
-        for (int p = 0; p < P; ++p) {
-          const Av av = O::broadcast4(a + 4 * p);
-          for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
+      const uint8_t* word = row + j.code_tap_columns[kw];
+      for (int64_t wd = 0; wd < words; ++wd, word += word_stride) {
+        const int64_t in_word = quads - wd * 16 < 16 ? quads - wd * 16 : 16;
+        const uint8_t* a = word;
+        // Unrolled by 2: half the loop overhead and exit mispredictions of the 16-quad words.
+        int64_t q = 0;
+        for (; q + 2 <= in_word; q += 2, a += 8, w += 2 * kStep)
+          for (int half = 0; half < 2; ++half) {
+            Wv wv[R];
+            for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + half * kStep + r * O::kLanes * 4);
+            for (int p = 0; p < P; ++p) {
+              const Av av = O::broadcast4(a + 4 * half + 64 * p);
+              for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
+            }
+          }
+        if (q < in_word) {
+          Wv wv[R];
+          for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + r * O::kLanes * 4);
+          for (int p = 0; p < P; ++p) {
+            const Av av = O::broadcast4(a + 64 * p);
+            for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
+          }
+          w += kStep;
         }
       }
     }
   }
-  const int64_t oc_begin = chunk * O::kBlocksPerChunk * O::kLanes;
+  const int64_t oc_begin = chunk * j.dot_chunk_blocks * O::kLanes;
   for (int p = 0; p < P; ++p) {
     const int64_t index = ((n * j.out_height + oh) * j.out_width + ow0 + p) * j.out_channels;
     for (int r = 0; r < R; ++r) {
@@ -139,8 +148,8 @@ template <class O>
 void dot_item(const ConvJob& j, int64_t item, int /*slot*/) {
   const int64_t chunk = item % j.oc_chunks, row = item / j.oc_chunks;
   const int64_t oh = row % j.out_height, n = row / j.out_height;
-  const int64_t left = j.oc_blocks - chunk * O::kBlocksPerChunk;
-  const int blocks = left < O::kBlocksPerChunk ? (int)left : O::kBlocksPerChunk;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  const int blocks = left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks;
   static_assert(O::kBlocksPerChunk >= 1 && O::kBlocksPerChunk <= 4, "1..4 weight vectors per chunk");
   switch (blocks) {
     case 1: dot_row<O, 1>(j, n, oh, chunk); break;

@@ -20,8 +20,9 @@ namespace n2uq_core {
 namespace {
 namespace avx512_dot {
 
-// 16 output channels per vector (one int32 lane each), 4 vectors per work item (64 channels);
-// register blocks of P pixels x R vectors: P * R accumulators + R weights <= 31 of 32 zmm.
+// 16 output channels per vector (one int32 lane each), up to 4 vectors per work item (the
+// plan picks R, core.cc dot_chunk_blocks); register blocks of P pixels x R vectors: P * R
+// accumulators + R weights <= 31 of 32 zmm.
 // VPDPBUSD multiplies the broadcast activation quad (unsigned) by the weight quads (signed).
 struct DotOps {
   static constexpr int kLanes = 16;
@@ -329,8 +330,10 @@ struct LutBlocks<JW, 0, R> {
   static void fill(LutBlockFn*) {}
 };
 
-// Register blocks (pixels x index vectors), measured on Zen 5 (see lut_block).
-constexpr int block_pixels(int jw) { return jw == 4 ? 3 : 5; }
+// Register blocks (pixels x index vectors), measured on Zen 5 (see lut_block): 3 x 4 vectors
+// for 4-plane lanes (64 channels), 7 x 2 for 2-plane lanes (64 channels); larger blocks
+// spilled, smaller ones reloaded the tables more often.
+constexpr int block_pixels(int jw) { return jw == 4 ? 3 : 7; }
 
 // Bytes of tables one register block may read per channel-group block: with the chunk loop
 // innermost they stay in L1 (48 KB on the cores this was tuned on) across every chunk.

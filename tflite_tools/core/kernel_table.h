@@ -55,13 +55,17 @@ struct ConvJob {
   int64_t padded_width;   // in_width + pad_left + pad_right
 
   // Dot path (dot_impl.h): acc = sum m * w' with w' = 2k - n_w in [-15, 15] as int8, so the
-  // output needs no correction term. Staged codes [N*H][stride_width][quads][code_columns][4];
+  // output needs no correction term. Staged codes [N*H][stride_width][words][code_columns][64];
   // weights [chunk][KH][KW][quads][blocks of the chunk][dot_lanes][4], zero past in_channels
   // and out_channels. Work items: (n * out_height + oh) * oc_chunks + chunk.
   int64_t code_columns;   // ceil(padded_width / stride_width)
   uint8_t* code_stage;
+  // [KW]: byte offset of kernel column kw's codes from the staged row base at output column
+  // 0: (kw * dilation_width) % stride_width phases, (kw * dilation_width) / stride_width columns.
+  const int64_t* code_tap_columns;
   int32_t quads;          // ceil(in_channels / 4)
   int32_t dot_lanes, oc_blocks, oc_chunks;
+  int32_t dot_chunk_blocks;  // weight vectors per chunk (<= PathKernels::blocks_per_chunk), set by the plan
   const int8_t* dot_weights;
 
   // LUT path (see isa_avx512_dot.cc): per input pixel and group of kLutGroup input
