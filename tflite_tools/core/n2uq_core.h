@@ -1,4 +1,4 @@
-/* n2uq_core: bit-serial kernels for N2UQ-quantized layers, independent of TFLite.
+/* n2uq_core: kernels for N2UQ-quantized layers (bit-serial, dot-product, lookup), independent of TFLite.
  *
  * Plain C ABI: every function returns N2UQ_OK (0) or a negative status and, on
  * error, writes a NUL-terminated message into `err` (capacity `err_len`, may be 0).
