@@ -16,7 +16,8 @@ Three parts, all in one run by default (each can be skipped):
    a one-layer tf_keras model per shape is converted to TFLite float32 and int8 (int8 input
    and output, representative dataset) and its CONV_2D is timed in the stock interpreter
    (ai_edge_litert, else tf.lite; default XNNPACK) in the same rounds, with TFLite int8 time
-   / our time.
+   / our time. With --lce-python, W1A1 is also compared with Larq Compute Engine's binary
+   conv (benchmarks/lce_layers.py, run by that Python: LCE pins numpy < 2).
 2. End to end (--skip-end-to-end): ResNet-18 at 224x224x3, batch 1, in the stock interpreter:
    ours (`n2uq_tf.models.resnet18(bits=b)` exported with `export_tflite`, float builtins for
    stem/fc/PReLU/adds, N2UQ ops run by our delegate; with --e2e-int8-bits also
@@ -46,6 +47,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -343,6 +345,45 @@ def run_quantize_pack(args, isas, rng, md):
     md.append("")
     md += markdown_table(md_header, md_rows)
     md.append("")
+
+
+LCE_SETUP = ("python3.11 -m venv /tmp/lce && /tmp/lce/bin/pip install 'numpy<2' 'tensorflow==2.15.*' 'larq==0.13.*' "
+             "larq-compute-engine==0.16.0")
+
+
+def run_lce(args, md):
+    """1 bit against Larq Compute Engine's binary conv (benchmarks/lce_layers.py in LCE's own Python)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [args.lce_python, os.path.join(here, "lce_layers.py"), "--core-lib", _core.build(verbose=False),
+               "--repeats", str(args.repeats), "--sample-time", str(args.sample_time),
+               "--threads", *map(str, args.threads)]
+    print(f"\n== Per layer, 1 bit: ours W1A1 vs Larq Compute Engine's binary conv ({args.lce_python})", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(result.stderr[-3000:])
+        raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode})")
+    rows = [json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("JSON ")]
+    print("\n".join(line for line in result.stdout.splitlines() if not line.startswith("JSON ")), flush=True)
+    worst = min(rows, key=lambda r: r["ours_vs_lce"])
+    note = (f"W1A1 >= Larq Compute Engine {rows[0]['lce_version']} on every shape: "
+            f"{'met' if all(r['ours_vs_lce'] >= 1.0 for r in rows) else 'NOT met'} (worst {worst['ours_vs_lce']:.2f}x at "
+            f"{worst['layer']}, {worst['threads']} thread(s))")
+    md.append("## Per layer, 1 bit: ours W1A1 vs Larq Compute Engine's binary conv (GMAC/s)")
+    md.append("")
+    md.append(f"`benchmarks/lce_layers.py` in a separate environment (LCE {rows[0]['lce_version']} pins numpy < 2), "
+              "timing both in the same process in interleaved rounds: LCE = larq QuantConv2D (ste_sign input and "
+              "kernel, pad_values=1) converted by LCE's converter and run by its interpreter, the input binarization "
+              "included, its Python call's input/output copies subtracted (a same-size one-ReLU model timed alongside); "
+              "ours = quantize-and-pack + conv plan through the C API. LCE's own documentation says its x86 build runs "
+              "reference (unoptimized) kernels: it is optimized for ARMv8, so on x86 this row measures LCE's fallback.")
+    md.append("")
+    md += markdown_table(["layer", "threads", "LCE", "ours W1A1", "ours vs LCE", "path", "noise"],
+                         [[r["layer"], r["threads"], f"{r['lce_gmacs']:.1f}", f"{r['ours_gmacs']:.1f}",
+                           f"{r['ours_vs_lce']:.2f}x", r["path"], f"{100 * r['noise']:.0f}%"] for r in rows])
+    md.append("")
+    md.append(f"- Target: {note}")
+    md.append("")
+    return [note]
 
 
 # ------------------------------------------------------------------ part 2 and 3: ResNet-18
@@ -793,6 +834,9 @@ def main():
                         help="end to end: our bit widths also exported with inference_type='int8' (none: skip)")
     parser.add_argument("--e2e-repeats", type=int, default=9, help="end to end: interleaved timing rounds")
     parser.add_argument("--e2e-sample-time", type=float, default=0.25, help="end to end: seconds per sample")
+    parser.add_argument("--lce-python", default=None, metavar="PYTHON",
+                        help="per layer: also compare W1A1 with Larq Compute Engine, run by this Python (an "
+                             f"environment with larq-compute-engine 0.16; e.g. {LCE_SETUP})")
     parser.add_argument("--cache-dir", default=None, help="keep the exported .tflite files here (default: a "
                                                            "temporary folder removed at the end)")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write all tables as Markdown to PATH")
@@ -808,6 +852,10 @@ def main():
     body, targets = [], []
     if not args.skip_layers:
         targets += run_layers(args, isas, rng, body)
+        if args.lce_python:
+            targets += run_lce(args, body)
+        else:
+            print(f"\n(1-bit comparison with Larq Compute Engine skipped: pass --lce-python; setup: {LCE_SETUP})")
         run_quantize_pack(args, isas, rng, body)
     e2e, size_ratios, sanity = None, None, []
     if not (args.skip_end_to_end and args.skip_sizes):
