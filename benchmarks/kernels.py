@@ -121,6 +121,18 @@ def sample(fn, calls):
     return (time.perf_counter() - start) / calls
 
 
+STATISTICS = {"median": np.median, "min": np.min}
+
+
+def summary(values):
+    """The per-candidate statistic of its per-round times (--statistic): median, or min (best of
+    the rounds: on a machine shared with other jobs, contention only ever adds time)."""
+    return float(STATISTICS[STATISTIC](values))
+
+
+STATISTIC = "median"
+
+
 def spread(values):
     """Interquartile range / median."""
     return float(np.subtract(*np.percentile(values, [75, 25])) / np.median(values))
@@ -221,7 +233,7 @@ PATH_ABBREVIATIONS = {"bitserial": "bs", "dot": "dot", "lut": "lut"}
 
 
 def run_layers(args, isas, rng, md):
-    print(f"\n== Per layer: GMAC/s (3x3, stride 1, pad 1, batch 1; ours = quantize-and-pack + conv); median of "
+    print(f"\n== Per layer: GMAC/s (3x3, stride 1, pad 1, batch 1; ours = quantize-and-pack + conv); {STATISTIC} of "
           f"{args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples; ISA: {', '.join(isas)}; path "
           f"{args.path}" + (f"; TFLite in {stock_interpreter()[0]} (XNNPACK)" if args.tflite else ""), flush=True)
     header = f"{'layer':>14} {'thr':>3} {'isa':>8} " + " ".join(f"{f'W{b}A{b}':>8}" for b in args.bits)
@@ -247,7 +259,7 @@ def run_layers(args, isas, rng, md):
                 for b in args.bits:
                     candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads, rng)
             samples, _ = interleaved(candidates, args.repeats, args.sample_time)
-            median = {key: float(np.median(v)) for key, v in samples.items()}
+            median = {key: summary(v) for key, v in samples.items()}
             noise = max(spread(v) for v in samples.values())
             for isa in isas:
                 gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
@@ -282,7 +294,7 @@ def run_layers(args, isas, rng, md):
             print("target: " + note)
     md.append("## Per layer: 3x3 conv, stride 1, pad 1, batch 1 (GMAC/s, higher is better)")
     md.append("")
-    md.append(f"Median of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms samples. Ours = the "
+    md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms samples. Ours = the "
               "quantize-and-pack of the float input plus the conv (what a network pays per layer), both through the "
               "kernel core's C API on preallocated buffers, the conv from a plan prepared once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, bs = bitserial, "
@@ -315,7 +327,7 @@ def our_quantize_pack(size, channels, bits, isa, threads, rng):
 
 def run_quantize_pack(args, isas, rng, md):
     print(f"\n== Per layer: quantize-and-pack (float32 NHWC -> codes -> bit planes, batch 1): us per call and GB/s "
-          f"of float input; median of {args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples",
+          f"of float input; {STATISTIC} of {args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples",
           flush=True)
     print(f"{'layer':>14} {'thr':>3} {'isa':>8} " + " ".join(f"{f'A{b} us':>8} {f'A{b} GB/s':>8}" for b in args.bits)
           + f" {'noise':>6}")
@@ -329,7 +341,7 @@ def run_quantize_pack(args, isas, rng, md):
             candidates = {(isa, b): our_quantize_pack(size, channels, b, isa, threads, rng)
                           for isa in isas for b in args.bits}
             samples, _ = interleaved(candidates, args.repeats, args.sample_time)
-            median = {key: float(np.median(v)) for key, v in samples.items()}
+            median = {key: summary(v) for key, v in samples.items()}
             noise = max(spread(v) for v in samples.values())
             for isa in isas:
                 cells = [(f"{median[(isa, b)] * 1e6:.1f}", f"{gigabytes / median[(isa, b)]:.1f}") for b in args.bits]
@@ -340,7 +352,7 @@ def run_quantize_pack(args, isas, rng, md):
     md.append("## Per layer: quantize-and-pack (us per call, GB/s of float32 input)")
     md.append("")
     md.append(f"`n2uq_quantize_and_pack` (the delegate's N2UQQuantizePack op) on a [1, H, W, C] float32 activation "
-              f"through the C API on preallocated buffers; median of {args.repeats} interleaved rounds of "
+              f"through the C API on preallocated buffers; {STATISTIC} of {args.repeats} interleaved rounds of "
               f"{args.sample_time * 1e3:g} ms samples. Noise = largest IQR/median of any candidate in the row.")
     md.append("")
     md += markdown_table(md_header, md_rows)
@@ -355,10 +367,12 @@ def run_lce(args, md):
     """1 bit against Larq Compute Engine's binary conv (benchmarks/lce_layers.py in LCE's own Python)."""
     here = os.path.dirname(os.path.abspath(__file__))
     command = [args.lce_python, os.path.join(here, "lce_layers.py"), "--core-lib", _core.build(verbose=False),
-               "--repeats", str(args.repeats), "--sample-time", str(args.sample_time),
+               "--repeats", str(args.repeats), "--sample-time", str(args.sample_time), "--statistic", STATISTIC,
                "--threads", *map(str, args.threads)]
     print(f"\n== Per layer, 1 bit: ours W1A1 vs Larq Compute Engine's binary conv ({args.lce_python})", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    # LCE's environment has its own TensorFlow and Keras: none of this process's settings for them.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "PYTHONPATH")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(result.stderr[-3000:])
         raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode})")
@@ -653,10 +667,10 @@ def run_once(info, image):
 def run_end_to_end(args, infos, md):
     from n2uq_tf import tflite
     interp_name = stock_interpreter()[0]
-    print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; median of "
+    print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; {STATISTIC} of "
           f"{args.e2e_repeats} interleaved rounds of ~{args.e2e_sample_time * 1e3:g} ms samples", flush=True)
     order = [k for k in infos if infos[k]["ours"]] + ["relu_int8", "relu_float", "tfl_int8", "tfl_float"]
-    header = (f"{'model':<34} {'thr':>3} {'median ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
+    header = (f"{'model':<34} {'thr':>3} {STATISTIC + ' ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
               f"{'N2UQ conv':>9} {'N2UQ pack':>9} {'rest':>6}")
     print(header)
     md_rows, results = [], {}
@@ -683,7 +697,7 @@ def run_end_to_end(args, infos, md):
                                                             tflite.reset_kernel_profile()))
         for key in order:
             counted[key][1] = sum(samples[key]) * calls[key]
-        median = {key: float(np.median(v)) for key, v in samples.items()}
+        median = {key: summary(v) for key, v in samples.items()}
         for key in order:
             info, (_, delegate) = infos[key], live[key]
             shares = None
@@ -709,7 +723,7 @@ def run_end_to_end(args, infos, md):
           "builtins (stem, PReLU, adds, pool, fc) + interpreter")
     md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
     md.append("")
-    md.append(f"{interp_name} `Interpreter`, median of {args.e2e_repeats} interleaved rounds (each round runs every "
+    md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs every "
               f"model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
               "`resnet18(bits=b)` exported with `export_tflite` (float builtins for the 7x7 stem, PReLU, adds, pool "
               "and fc; \"int8 builtins\" = `inference_type=\"int8\"`), with the N2UQ delegate. TFLite int8 / "
@@ -721,7 +735,7 @@ def run_end_to_end(args, infos, md):
               "delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
               "Noise = IQR/median over rounds.")
     md.append("")
-    md += markdown_table(["model", "threads", "median ms", "vs ReLU int8", "vs twin int8", "N2UQ conv", "N2UQ pack",
+    md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv", "N2UQ pack",
                           "rest", "noise"], md_rows)
     md.append("")
     return results
@@ -824,6 +838,9 @@ def main():
     parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True,
                         help="per layer: also time TFLite float32 and int8 CONV_2D (default on)")
     parser.add_argument("--repeats", type=int, default=9, help="per layer: interleaved timing rounds per row")
+    parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
+                        help="per-candidate statistic of the rounds (min: best round, for a machine shared with "
+                             "other jobs)")
     parser.add_argument("--sample-time", type=float, default=0.05, help="per layer: seconds per timing sample")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-end-to-end", action="store_true", help="skip the end-to-end ResNet-18 timing")
@@ -841,6 +858,8 @@ def main():
                                                            "temporary folder removed at the end)")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write all tables as Markdown to PATH")
     args = parser.parse_args()
+    global STATISTIC
+    STATISTIC = args.statistic
     isas = args.isa or [_core.isa()]
     rng = np.random.default_rng(0)
     started = time.perf_counter()
@@ -907,7 +926,8 @@ def main():
               f"- Load average (1/5/15 min) at start {load_before and tuple(round(x, 2) for x in load_before)}, "
               f"at end {load_after and tuple(round(x, 2) for x in load_after)}",
               f"- Repeats: per layer {args.repeats} rounds x {args.sample_time * 1e3:g} ms samples; end to end "
-              f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples", ""]
+              f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples; statistic per candidate: "
+              f"{STATISTIC} of its rounds", ""]
         if sanity:
             md += ["Sanity checks:", ""] + [f"- {line}" for line in sanity] + [""]
         body = [("#" + line) if line.startswith("## ") else line for line in body]  # sections inside the CPU's

@@ -120,14 +120,18 @@ def _isa_id(isa):
     return ISAS.index(isa)
 
 
-def isa(requested="auto"):
-    """The ISA path that `requested` resolves to on this machine ("avx512", "avx2", "neon" or "portable")."""
+def _resolve_isa(requested):
     lib = library()
     err = ctypes.create_string_buffer(512)
     resolved = lib.n2uq_resolve_isa(_isa_id(requested), err, len(err))
     if resolved < 0:
         raise CoreError(err.value.decode(errors="replace"))
     return ISAS[resolved]
+
+
+def isa(requested="auto"):
+    """The ISA path that `requested` resolves to on this machine ("avx512", "avx2", "neon" or "portable")."""
+    return _resolve_isa(requested)
 
 
 def supported_isas():
@@ -147,7 +151,7 @@ def _path_id(path):
 def supported_paths(isa="auto"):
     """The conv paths this CPU and build can run under `isa` ("auto": the resolved ISA)."""
     lib = library()
-    isa_id = ISAS.index(globals()["isa"](isa))
+    isa_id = ISAS.index(_resolve_isa(isa))
     return [name for i, name in enumerate(PATHS) if i > 0 and lib.n2uq_path_supported(isa_id, i)]
 
 
