@@ -34,10 +34,12 @@ Three parts, all in one run by default (each can be skipped):
    (`inspect_tflite`) per exported model, file / (packed + remainder) vs the 1.10 target, and
    the float twin's float32 and int8 .tflite sizes.
 
-Every candidate of a row is timed once per round, rounds interleaved (--repeats /
---e2e-repeats of them), so drift on a shared machine hits all candidates alike; tables show
-medians over rounds and a noise column, the relative spread (interquartile range / median:
-for a layer row the largest of any candidate in the row). Exported models are cached in a
+Every candidate of a row is timed once per round (one untimed call, then the sample), rounds
+interleaved (--repeats / --e2e-repeats of them), so drift on a shared machine hits all
+candidates alike; tables show the median over rounds (or, with --statistic min, the best round:
+on a machine shared with other jobs contention only adds time, so short samples and the minimum
+recover each candidate's own speed) and a noise column, the relative spread (interquartile
+range / median: for a layer row the largest of any candidate in the row). Exported models are cached in a
 temporary folder for the run (--cache-dir keeps them). --markdown PATH writes all tables with
 the machine, versions, thread counts and repeat counts. A benchmark, not a test: nothing here
 asserts a speed.
@@ -115,6 +117,9 @@ def calls_per_sample(fn, min_time):
 
 
 def sample(fn, calls):
+    """Seconds per call over `calls` calls, after one untimed call: every candidate starts its sample
+    with its own data in cache (the candidate before it in the round may have evicted them)."""
+    fn()
     start = time.perf_counter()
     for _ in range(calls):
         fn()

@@ -895,9 +895,9 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 // call (scratch growth, page faults, pool wake-up), then interleaved rounds until each has
 // run kMinRounds times and the budget is spent, at most kMaxRounds; the best (minimum)
 // time of each decides, which is the estimate least disturbed by other processes.
-constexpr int kMinRounds = 3;
-constexpr int kMaxRounds = 9;
-constexpr double kBudgetSeconds = 0.03;
+constexpr int kMinRounds = 5;
+constexpr int kMaxRounds = 15;
+constexpr double kBudgetSeconds = 0.05;
 
 struct SelectionKey {
   int32_t fields[17];
