@@ -688,20 +688,24 @@ def run_end_to_end(args, infos, md):
             for _ in range(2):  # warm-up (caches, thread pools, XNNPACK weight packing)
                 interpreter.invoke()
         candidates = {key: interpreter.invoke for key, (interpreter, _) in live.items()}
-        counted = {key: [0, 0.0] for key in order}  # invocations, seconds (timed rounds only)
+        # Invoke seconds of every call in the rounds (the untimed one before each sample too), the
+        # same invocations the delegate's profile covers: the shares below are exact fractions.
+        counted = {key: 0.0 for key in order}
 
         def counting(key, fn):
             def call():
+                start = time.perf_counter()
                 fn()
-                counted[key][0] += 1
+                counted[key] += time.perf_counter() - start
             return call
 
+        def reset():
+            for key in counted:
+                counted[key] = 0.0
+            tflite.reset_kernel_profile()
+
         samples, calls = interleaved({k: counting(k, fn) for k, fn in candidates.items()}, args.e2e_repeats,
-                                     args.e2e_sample_time,
-                                     before_rounds=lambda: ([c.__setitem__(0, 0) for c in counted.values()],
-                                                            tflite.reset_kernel_profile()))
-        for key in order:
-            counted[key][1] = sum(samples[key]) * calls[key]
+                                     args.e2e_sample_time, before_rounds=reset)
         median = {key: summary(v) for key, v in samples.items()}
         for key in order:
             info, (_, delegate) = infos[key], live[key]
@@ -710,7 +714,7 @@ def run_end_to_end(args, infos, md):
                 profile = tflite.kernel_profile(delegate)
                 conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS)
                 pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_QUANTIZE_OPS)
-                total = counted[key][1]
+                total = counted[key]
                 shares = (conv_s / total, pack_s / total, 1.0 - (conv_s + pack_s) / total)
             vs = median["relu_int8"] / median[key]
             vs_twin = median["tfl_int8"] / median[key]
