@@ -82,6 +82,27 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+# x86 CPU families by their CPUID family number (the VM's model name may not say).
+CPU_FAMILIES = {("AuthenticAMD", 25): "Zen 3 / Zen 4", ("AuthenticAMD", 26): "Zen 5", ("GenuineIntel", 6): "Intel Core"}
+
+
+def cpu_family():
+    """'family 26 model 2 (Zen 5)' from /proc/cpuinfo, or '' where it is not known."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return ""
+    if "cpu family" not in info:
+        return ""
+    family = int(info["cpu family"])
+    name = CPU_FAMILIES.get((info.get("vendor_id", ""), family))
+    return f"family {family} model {info.get('model', '?')}" + (f" ({name})" if name else "")
+
+
 def cpu_flags():
     """The SIMD flags that matter to these kernels (from /proc/cpuinfo)."""
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni",
@@ -928,12 +949,16 @@ def main():
         md = [f"## {cpu_name()} ({' '.join(flags) or 'n/a'})", "",
               f"Written by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}` on "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (commit {_git_commit()}), {elapsed:.0f} s.", "",
-              f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; flags: {' '.join(flags) or 'n/a'}; kernel "
+              f"- CPU: {cpu_name()}, {cpu_family() or 'family n/a'}, {os.cpu_count()} logical CPUs; flags: "
+              f"{' '.join(flags) or 'n/a'}; kernel "
               f"features detected: {' '.join(_core.cpu_features()) or 'none'}",
               f"- Kernel ISA path: {', '.join(isas)}; threads: {', '.join(map(str, args.threads))}",
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
               f"- Load average (1/5/15 min) at start {load_before and tuple(round(x, 2) for x in load_before)}, "
-              f"at end {load_after and tuple(round(x, 2) for x in load_after)}",
+              f"at end {load_after and tuple(round(x, 2) for x in load_after)}"
+              + (" (above the CPU count: other jobs competed for the cores during the run, the 2-thread rows and "
+                 "the multi-millisecond end-to-end invokes most)" if load_before and max(load_before[0], (load_after or
+                                                                                                      [0])[0]) > (os.cpu_count() or 1) else ""),
               f"- Repeats: per layer {args.repeats} rounds x {args.sample_time * 1e3:g} ms samples; end to end "
               f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples; statistic per candidate: "
               f"{STATISTIC} of its rounds", ""]
