@@ -14,8 +14,8 @@ The only change to an ordinary Keras script is the optimizer line:
 
 The chief (worker 0) prints the bytes each replica exchanges per step, the median step time and
 the test accuracy; --json writes them for benchmarks/distributed.py. Data: scikit-learn's digits
-(offline) or CIFAR-10 (TFDS, prepared). Models: an MLP (1.1M parameters, the size of the NUQSGD
-measurements in DESIGN.md), a small CNN, ResNet-20 float or N2UQ W2A2, or any saved Keras model.
+(offline) or CIFAR-10 (TFDS, prepared). Models: an MLP (1.1M parameters, the size of the
+measurements in benchmarks/DISTRIBUTED.md), a small CNN, ResNet-20 float or N2UQ W2A2, or any saved Keras model.
 """
 
 import argparse

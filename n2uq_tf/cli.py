@@ -4,7 +4,7 @@
     n2uq-tf evaluate runs/digits/student.keras --dataset digits
     n2uq-tf report runs/digits/student.keras --plots runs/digits/plots --dataset digits
 
-`train` runs the paper's recipe (DESIGN.md section 2): a float teacher (trained here, or any
+`train` runs the paper's recipe (docs/design.md, section 1): a float teacher (trained here, or any
 saved float Keras model), a quantized student initialised from the float weights, pure
 distillation with Adam, quantizer parameters at lr/10 and a linear per-epoch decay. Every
 epoch is checkpointed, so an interrupted run continues with `--resume`.

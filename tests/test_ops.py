@@ -41,7 +41,7 @@ def np_surrogate(x, s, a, b1, b2, bits):
 
 
 def np_gradients(g, x, s, a_raw, b1, b2, bits):
-    """DESIGN.md section 2 formulas, written per element."""
+    """The G-STE formulas of docs/design.md section 1, written per element."""
     n = 2 ** bits - 1
     delta = 2.0 / n
     a, d, _ = np_bounds(s, a_raw)

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 SUPPORTED_BITS = (2, 4, 8)  # b divides 32: codes never straddle a word
 DEFAULT_BUCKET_SIZE = 8192  # the paper's runs
-SMALL_BITS_BUCKET_SIZE = 128  # 2 bits diverged with 8192-value buckets and trained with 128 (DESIGN.md 7)
+SMALL_BITS_BUCKET_SIZE = 128  # 2 bits diverged with 8192-value buckets and trained with 128 (measured on a small MLP: see benchmarks/DISTRIBUTED.md)
 # The side list of non-finite kinds: 2-bit codes, 16 to a word, for a payload's first 64 markers.
 NONFINITE_KINDS = 64
 NONFINITE_WORDS = NONFINITE_KINDS * 2 // 32

@@ -1,6 +1,6 @@
 /* tflite_abi.h: the few TFLite C ABI declarations the n2uq delegate needs.
  *
- * Written from the documented memory layout (DESIGN.md section 4, x86-64 / aarch64 LP64,
+ * Written from the documented memory layout (x86-64 / aarch64 LP64, see docs/design.md section 3;
  * TF 2.21 and LiteRT 2.3), not copied from TFLite headers: the Python wheels ship no
  * headers, and this file keeps the plugin free of any TFLite build dependency. Only the
  * fields we touch are named; everything is checked by static_asserts below and by the
