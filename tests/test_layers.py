@@ -158,8 +158,8 @@ def test_custom_objects_and_registry():
                                             "PaddedDepthwiseConv2D": n2uq_layers.PaddedDepthwiseConv2D}
     for name, cls in n2uq_layers.custom_objects().items():
         assert n2uq_tf.custom_objects()[name] is cls
-    assert registry.lookup(n2uq_layers.PaddedConv2D(2, 3)) == (("kernel",), -1)
-    assert registry.lookup(n2uq_layers.PaddedDepthwiseConv2D(3)) == (("depthwise_kernel",), (-2, -1))
+    assert registry.lookup(n2uq_layers.PaddedConv2D(2, 3)) == registry.Rule(("kernel",), -1, None)
+    assert registry.lookup(n2uq_layers.PaddedDepthwiseConv2D(3)) == registry.Rule(("depthwise_kernel",), (-2, -1), None)
 
 
 # ------------------------------------------------------------------ quantized: padding after the quantizer
