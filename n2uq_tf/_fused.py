@@ -43,6 +43,17 @@ def build(force=False, verbose=True):
                                  directories=_candidate_dirs())
 
 
+def writing_saved_model():
+    """True while a SavedModel is being written (tf.saved_model.save, Keras ``save`` to a folder).
+
+    What a SavedModel records must load where this library is not loaded (a fresh process, TF
+    Serving, ``N2UQ_TF_DISABLE_FUSED=1``), so functions traced then use TensorFlow's own ops.
+    TensorFlow has no public test for this; its save context is the one place that knows.
+    """
+    from tensorflow.python.saved_model import save_context
+    return save_context.in_save_context()
+
+
 # Called while Keras traces a model: plain Python, nothing for AutoGraph to convert.
 @tf.autograph.experimental.do_not_convert
 def load():

@@ -20,22 +20,28 @@ class N2UQWrapper(_QuantizeWrapperV2):
     """Quantizes the weights (per the config) and the input of one layer."""
 
     def build(self, input_shape):
-        # Build the inner layer first: QuantizeWrapperV2.build snapshots its trainable weights,
-        # and an unbuilt layer (as when loading) would give another variable order than the
-        # trained model, so optimizer state would be restored onto the wrong variables.
-        if not self.layer.built:
-            with tf.name_scope(self.layer.name):
-                self.layer.build(input_shape)
-        super().build(input_shape)
-        quantizers = self.quantize_config.get_input_quantizers(self.layer)
-        if len(quantizers) > 1:
-            raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
-                             f"the config gave {len(quantizers)} input quantizers")
-        self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
-        get_intermediate = getattr(self.quantize_config, "get_intermediate_quantizers", None)
-        intermediate = get_intermediate(self.layer) if get_intermediate is not None else []
-        # The quantizers take no shape from their input (scalar thresholds and scales).
-        self._intermediate_quantizers = [(name, q, q.build(None, name, self)) for name, q in intermediate]
+        # A variable's name comes from the name scope open when it is created: a functional call
+        # opens the wrapper's, a `.keras` load (build_from_config) none, so the same quantizer
+        # variable was 'quant_conv/input_n2uq_start' or a bare 'input_n2uq_start', and the optimizer
+        # slots of every layer collided (a `.h5` save then failed half-written). Absolute scopes
+        # ("name/") give the same layer-scoped names on every path.
+        with tf.name_scope(self.name + "/"):
+            # Build the inner layer first: QuantizeWrapperV2.build snapshots its trainable weights,
+            # and an unbuilt layer (as when loading) would give another variable order than the
+            # trained model, so optimizer state would be restored onto the wrong variables.
+            if not self.layer.built:
+                with tf.name_scope(self.layer.name + "/"):
+                    self.layer.build(input_shape)
+            super().build(input_shape)
+            quantizers = self.quantize_config.get_input_quantizers(self.layer)
+            if len(quantizers) > 1:
+                raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
+                                 f"the config gave {len(quantizers)} input quantizers")
+            self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
+            get_intermediate = getattr(self.quantize_config, "get_intermediate_quantizers", None)
+            intermediate = get_intermediate(self.layer) if get_intermediate is not None else []
+            # The quantizers take no shape from their input (scalar thresholds and scales).
+            self._intermediate_quantizers = [(name, q, q.build(None, name, self)) for name, q in intermediate]
 
     @property
     def input_quantizer(self):
