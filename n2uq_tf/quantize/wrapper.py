@@ -54,16 +54,35 @@ class N2UQWrapper(_QuantizeWrapperV2):
         "pointwise_input"); empty for other layers."""
         return list(self._intermediate_quantizers)
 
+    # A NaN or Inf weight would reach the quantizers' level tables as an out-of-range index (a
+    # cryptic GatherV2 error) or silently zero a channel, so every call first checks the wrapper's
+    # float variables and names the layer. It reads each weight once per step; the cost is measured
+    # by `benchmarks/train_step.py --finite-check-cost`. Set False (on the class or one wrapper,
+    # before the model is traced) to leave it out.
+    check_finite = True
+
     def call(self, inputs, training=None, **kwargs):
-        if self._input_quantizers:
-            if isinstance(inputs, (list, tuple)):
-                raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper expects one input tensor, "
-                                 f"got {len(inputs)}")
-            quantizer, variables = self._input_quantizers[0]
-            inputs = quantizer(inputs, training, weights=variables)
-        if self._intermediate_quantizers:
-            return self._split_call(inputs, training)
-        return super().call(inputs, training=training, **kwargs)
+        with tf.control_dependencies(self._finite_checks() if self.check_finite else []):
+            if self._input_quantizers:
+                if isinstance(inputs, (list, tuple)):
+                    raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper expects one input tensor, "
+                                     f"got {len(inputs)}")
+                quantizer, variables = self._input_quantizers[0]
+                inputs = quantizer(inputs, training, weights=variables)
+            if self._intermediate_quantizers:
+                return self._split_call(inputs, training)
+            return super().call(inputs, training=training, **kwargs)
+
+    def _finite_checks(self):
+        checks, seen = [], set()
+        for variable in self.trainable_weights + self.non_trainable_weights:
+            if id(variable) in seen or not variable.dtype.is_floating:
+                continue
+            seen.add(id(variable))
+            name = variable.name.split(":")[0]
+            checks.append(tf.debugging.check_numerics(
+                variable, f"layer {self.layer.name!r} has non-finite weights: NaN or Inf in {name}"))
+        return checks
 
     def _split_call(self, inputs, training):
         """The base wrapper's weight quantization, then the registry's split forward of the layer.
