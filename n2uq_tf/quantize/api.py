@@ -150,8 +150,8 @@ def _check_override_class(key, walked, model):
     if any(type(w.layer) is key for w in walked):
         return
     types = sorted({type(w.layer).__name__ for w in walked})
-    raise ValueError(f"overrides names the class {key.__module__}.{key.__qualname__}, which is not the type of any "
-                     f"layer in model {model.name!r} (a class matches layers of exactly that class; the model's "
+    raise ValueError(f"overrides names the class {key.__module__}.{key.__qualname__}, which is neither a layer name nor "
+                     f"a layer type in model {model.name!r} (a class matches layers of exactly that class; the model's "
                      f"layer types: {', '.join(types)})")
 
 
@@ -205,7 +205,7 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
         elif isinstance(key, type):
             _check_override_class(key, walked, model)
         else:
-            raise TypeError(f"overrides keys are layer names (or paths), layer classes or class names; got "
+            raise TypeError(f"overrides keys are layer names, layer classes or class names; got "
                             f"{key!r} ({type(key).__name__})")
 
     supported = [w for w in walked if registry.lookup(w.layer) is not None]
