@@ -37,7 +37,8 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     partial model at ``filepath``. ``overwrite=False`` raises FileExistsError for an existing
     ``filepath`` (where Keras would prompt).
     """
-    if not isinstance(filepath, (str, os.PathLike)):  # an open h5py.File: the caller owns it
+    if not isinstance(filepath, (str, os.PathLike)) or "://" in os.fspath(filepath):
+        # An open h5py.File (the caller owns it) or a remote URL (Keras stages those locally itself).
         return _class_save(model, filepath, overwrite=overwrite, save_format=save_format, **kwargs)
     filepath = os.fspath(filepath)
     if not overwrite and os.path.lexists(filepath):
@@ -89,7 +90,19 @@ def incomplete_reason(path, fmt):
     return None if check is None else check(path)
 
 
+# A truncated or half-written file still starts as its format does; one that does not is no model.
+_ZIP_SIGNATURE = b"PK\x03\x04"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _starts_with(path, signature):
+    with open(path, "rb") as f:
+        return f.read(len(signature)) == signature
+
+
 def _keras_archive_gap(path):
+    if not _starts_with(path, _ZIP_SIGNATURE):
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -112,6 +125,8 @@ def _hdf5_gap(path):
     def names(attribute):
         return [n.decode("utf8") if isinstance(n, bytes) else str(n) for n in attribute]
 
+    if not _starts_with(path, _HDF5_SIGNATURE):
+        return None
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
