@@ -2,6 +2,7 @@
 that load in a fresh process and serve without n2uq_tf; incomplete files named as such."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,9 +64,10 @@ def variables_by_name(variables, what, scope=None):
 def assert_same_state(loaded, saved, x, step):
     """Identical weights (under the same layer-scoped names), optimizer state and predictions."""
     for layer in loaded.layers:
-        if isinstance(layer, N2UQWrapper):
-            own = [v for v in layer.weights if v.name.split("/")[0] not in (layer.layer.name,)]
-            assert own and all(v.name.startswith(layer.name + "/") for v in own), (step, [v.name for v in own])
+        if isinstance(layer, N2UQWrapper):  # 'quant_conv/input_n2uq_start', 'conv/kernel'
+            names = [v.name for v in layer.weights]
+            assert all(n.startswith((layer.name + "/", layer.layer.name + "/")) for n in names), (step, names)
+            assert any(n.startswith(layer.name + "/input_") for n in names), (step, names)
     want, got = variables_by_name(saved.weights, step), variables_by_name(loaded.weights, step)
     assert got.keys() == want.keys(), step
     for name in want:
@@ -202,7 +204,7 @@ def test_load_names_a_half_written_file(fmt, write_fails_at, small_trained, tmp_
     failing_dataset_writes(write_fails_at)
     with pytest.raises(OSError):
         keras.Model.save(small_trained, path)  # tf_keras writes in place: a partial file stays
-    with pytest.raises(ValueError, match=f"{path}.* is an incomplete .*save that failed"):
+    with pytest.raises(ValueError, match=f"{path}' is an incomplete .{fmt} file: .*save that failed"):
         n2uq_tf.load_model(path)
 
 
@@ -212,7 +214,7 @@ def test_load_names_a_truncated_file(fmt, small_trained, tmp_path):
     small_trained.save(path)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=f"{path}.* is an incomplete"):
+    with pytest.raises(ValueError, match=f"{path}' is an incomplete .{fmt} file: "):
         n2uq_tf.load_model(path)
 
 
@@ -229,11 +231,10 @@ def saved_model(small_trained, data, tmp_path_factory):
 
 @pytest.mark.parametrize("missing", ["variables/variables.index", "keras_metadata.pb"])
 def test_load_names_an_incomplete_saved_model(missing, saved_model, tmp_path):
-    import shutil
     path = str(tmp_path / "copy")
     shutil.copytree(saved_model[0], path)
     os.remove(os.path.join(path, missing))
-    with pytest.raises(ValueError, match=f"{path}.* is an incomplete SavedModel model: .*{missing}"):
+    with pytest.raises(ValueError, match=f"{path}' is an incomplete SavedModel folder: .*{missing}"):
         n2uq_tf.load_model(path)
 
 

@@ -496,11 +496,9 @@ def load_model(path, custom_objects=None, compile=True, require_quantized=True):
     try:
         model = _load_keras_model(path, fmt, custom_objects, compile)
     except Exception as error:  # OSError, zipfile.BadZipFile, h5py and protobuf decode errors, ...
-        gap = saving.incomplete_reason(path, fmt)
-        if gap is not None:
-            raise ValueError(f"{path!r} is an incomplete {fmt} model: {gap}. It was written by a save that "
-                             "failed or was interrupted, or copied in part; save the model again "
-                             f"(n2uq_tf.save_model writes atomically). {type(error).__name__}: {error}") from error
+        incomplete = saving.incomplete_message(path, fmt, error)
+        if incomplete is not None:
+            raise ValueError(incomplete) from error
         raise ValueError(f"could not load a quantized model from {path!r} ({fmt} format): "
                          f"{type(error).__name__}: {error}") from error
     if require_quantized and not any(isinstance(w.layer, N2UQWrapper) for w in nested.walk(model)):

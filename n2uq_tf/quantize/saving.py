@@ -17,15 +17,11 @@ import tensorflow as tf
 
 from n2uq_tf._io import atomic_path
 
-_FILE_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
-_SAVE_FORMATS = {"keras": "keras", "keras_v3": "keras", "h5": "h5", "hdf5": "h5", "tf": "tf", "tensorflow": "tf"}
-
-
-def writes_folder(path, save_format=None):
-    """True when Keras saves ``path`` (with ``save_format``) as a SavedModel folder."""
+def _writes_folder(path, save_format):
+    """True when tf_keras saves ``path`` (with ``save_format``) as a SavedModel folder."""
     if save_format is not None:
-        return _SAVE_FORMATS.get(save_format) == "tf"
-    return _FILE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower()) is None
+        return save_format in ("tf", "tensorflow")
+    return os.path.splitext(path)[1].lower() not in (".keras", ".h5", ".hdf5")
 
 
 def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
@@ -43,7 +39,7 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     filepath = os.fspath(filepath)
     if not overwrite and os.path.lexists(filepath):
         raise FileExistsError(f"{filepath!r} exists and overwrite=False")
-    with atomic_path(filepath, directory=writes_folder(filepath, save_format)) as tmp:
+    with atomic_path(filepath, directory=_writes_folder(filepath, save_format)) as tmp:
         _class_save(model, tmp, overwrite=True, save_format=save_format, **kwargs)
 
 
@@ -86,8 +82,18 @@ def incomplete_reason(path, fmt):
 
     ``fmt`` is "Keras", "HDF5" or "SavedModel" (as `load_model` names them).
     """
-    check = {"Keras": _keras_archive_gap, "HDF5": _hdf5_gap, "SavedModel": _saved_model_gap}.get(fmt)
-    return None if check is None else check(path)
+    check = _GAP_CHECKS.get(fmt)
+    return None if check is None else check[1](path)
+
+
+def incomplete_message(path, fmt, error):
+    """The error message for a model file that failed to load because it is incomplete, or None."""
+    gap = incomplete_reason(path, fmt)
+    if gap is None:
+        return None
+    return (f"{path!r} is an incomplete {_GAP_CHECKS[fmt][0]}: {gap}. It was probably written by a save "
+            "that failed or was interrupted, or copied in part; save the model again (n2uq_tf.save_model "
+            f"writes atomically). {type(error).__name__}: {error}")
 
 
 # A truncated or half-written file still starts as its format does; one that does not is no model.
@@ -133,7 +139,8 @@ def _hdf5_gap(path):
         return f"HDF5 cannot open it ({error})"
     with handle:
         if "model_config" not in handle.attrs:
-            return "it has no model_config"
+            # save_weights files have their layer list at the top: not a model, not a broken one.
+            return None if "layer_names" in handle.attrs else "it has no model_config"
         weights = handle.get("model_weights")
         if weights is None or "layer_names" not in weights.attrs:
             return "it has no model weights"
@@ -178,4 +185,8 @@ def _saved_model_gap(path):
     return None
 
 
-__all__ = ["incomplete_reason", "make_save_atomic", "restore_saved_model_optimizer", "save_model", "writes_folder"]
+# load_model's format name -> (what it is called in messages, the check of what it misses)
+_GAP_CHECKS = {"Keras": (".keras file", _keras_archive_gap), "HDF5": (".h5 file", _hdf5_gap),
+               "SavedModel": ("SavedModel folder", _saved_model_gap)}
+
+__all__ = ["incomplete_message", "incomplete_reason", "make_save_atomic", "restore_saved_model_optimizer", "save_model"]
