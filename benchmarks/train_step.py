@@ -6,8 +6,10 @@ CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filt
 classifier float.
 
     python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference]
+                                    [--finite-check-cost]
 
-`--implementation reference` times the pure-TF quantizer instead of the fused kernel.
+`--implementation reference` times the pure-TF quantizer instead of the fused kernel;
+`--finite-check-cost` adds each quantized model without its NaN/Inf weight check.
 """
 
 import argparse
@@ -24,6 +26,8 @@ def parse_args():
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--implementation", choices=["auto", "reference"], default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
+    parser.add_argument("--finite-check-cost", action="store_true",
+                        help="also time each quantized model without N2UQWrapper's NaN/Inf weight check")
     return parser.parse_args()
 
 
@@ -37,6 +41,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 import n2uq_tf  # noqa: E402
+from kernels import cpu_name  # noqa: E402  (benchmarks/kernels.py, beside this script)
 
 
 def resnet20(num_classes=10):
@@ -83,6 +88,12 @@ def main():
     models = {"float32": compiled(float_model)}
     for bits in args.bits:
         models[f"N2UQ W{bits}A{bits}"] = compiled(n2uq_tf.quantize_model(float_model, bits=bits))
+        if args.finite_check_cost:
+            unchecked = n2uq_tf.quantize_model(float_model, bits=bits)
+            for layer in unchecked.layers:
+                if isinstance(layer, n2uq_tf.N2UQWrapper):
+                    layer.check_finite = False
+            models[f"W{bits}A{bits} no check"] = compiled(unchecked)
     for model in models.values():
         time_steps(model, x, y, 3)  # trace and warm up
     samples = {name: [] for name in models}
@@ -92,14 +103,14 @@ def main():
 
     base_wall = statistics.median(t[0] for t in samples["float32"])
     base_cpu = statistics.median(t[1] for t in samples["float32"])
-    print(f"\nResNet-20, 32x32, batch {args.batch}, {os.cpu_count()} CPU threads, TF {tf.__version__}, "
+    print(f"\nResNet-20, 32x32, batch {args.batch}, {cpu_name()}, {os.cpu_count()} CPU threads, TF {tf.__version__}, "
           f"quantizer: {n2uq_tf.ops.active_implementation()}\n")
-    print("| model        | wall ms/step | vs float | CPU ms/step | vs float |")
-    print("|--------------|--------------|----------|-------------|----------|")
+    print("| model           | wall ms/step | vs float | CPU ms/step | vs float |")
+    print("|-----------------|--------------|----------|-------------|----------|")
     for name, times in samples.items():
         wall = statistics.median(t[0] for t in times)
         cpu = statistics.median(t[1] for t in times)
-        print(f"| {name:12s} | {1e3 * wall:12.1f} | {wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | "
+        print(f"| {name:15s} | {1e3 * wall:12.1f} | {wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | "
               f"{cpu / base_cpu:7.2f}x |")
     return 0
 

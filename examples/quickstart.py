@@ -91,7 +91,7 @@ def main():
     uniform_acc = distil_student(baseline, teacher, train, test, args.epochs, steps)
 
     os.makedirs(args.output, exist_ok=True)
-    student.save(os.path.join(args.output, "student.keras"))
+    n2uq_tf.save_model(student, os.path.join(args.output, "student.keras"))  # atomic: whole or untouched
     written = []
     try:
         sample = np.concatenate([x for x, _ in test.take(2)])

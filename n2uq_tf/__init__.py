@@ -7,6 +7,7 @@
 
 The paper's recipe: ``n2uq_tf.models`` (reference networks), ``n2uq_tf.data`` (datasets),
 ``n2uq_tf.DistillationModel`` and ``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
+Saving: ``n2uq_tf.save_model(qmodel, path)`` (atomic) and ``n2uq_tf.load_model(path)``.
 Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tflite.Interpreter``.
 Data-parallel training with compressed gradients: ``n2uq_tf.distribute.compress_gradients``.
 """
@@ -19,6 +20,7 @@ from n2uq_tf import ops  # noqa: E402
 from n2uq_tf.quantize import (ActivationQuantizer, N2UQQuantizeConfig, N2UQQuantizeScheme,  # noqa: E402
                               N2UQWrapper, WeightQuantizer, custom_objects, load_model, quantize_model,
                               quantize_scope)
+from n2uq_tf.quantize.saving import save_model  # noqa: E402
 from n2uq_tf.report import QuantizationReport, quantization_report  # noqa: E402
 from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, distillation_loss,  # noqa: E402
                               paper_optimizer)
@@ -40,5 +42,5 @@ __all__ = [
     "ActivationQuantizer", "DistillationModel", "LinearEpochDecay", "N2UQAdam", "N2UQQuantizeConfig",
     "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport", "WeightQuantizer", "custom_objects",
     "distillation_loss", "export_tflite", "inspect_tflite", "load_model", "ops", "paper_optimizer", "quantization_report", "quantize_model",
-    "quantize_scope",
+    "quantize_scope", "save_model",
 ]

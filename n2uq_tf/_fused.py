@@ -43,6 +43,35 @@ def build(force=False, verbose=True):
                                  directories=_candidate_dirs())
 
 
+# The op names the library registers (n2uq_train_ops.cc), as they appear in a saved graph.
+OP_NAMES = ("N2uqQuantizeForward", "N2uqQuantizeBackward")
+
+
+def register_ops():
+    """Makes the fused ops known to TensorFlow (building the library if needed), whatever
+    N2UQ_TF_DISABLE_FUSED says: earlier n2uq_tf versions traced them into SavedModels, which
+    then load only where the ops are registered. Training still follows the setting.
+    Raises RuntimeError when the library cannot be built."""
+    with _lock:
+        if _loaded.get("module") is None:
+            tf.load_op_library(build(verbose=False))
+
+
+def writing_saved_model():
+    """True while a SavedModel is being written (tf.saved_model.save, Keras ``save`` to a folder).
+
+    What a SavedModel records must load where this library is not loaded (a fresh process, TF
+    Serving, ``N2UQ_TF_DISABLE_FUSED=1``), so functions traced then use TensorFlow's own ops.
+    TensorFlow has no public test for this; its save context is the one place that knows (should it
+    move, this says False and tests/test_save_formats.py finds our op in the SavedModel).
+    """
+    try:
+        from tensorflow.python.saved_model import save_context
+    except ImportError:
+        return False
+    return save_context.in_save_context()
+
+
 # Called while Keras traces a model: plain Python, nothing for AutoGraph to convert.
 @tf.autograph.experimental.do_not_convert
 def load():

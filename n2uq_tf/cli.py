@@ -547,11 +547,6 @@ def _train_strategy(args, batch_size):
     return tf.distribute.get_strategy()
 
 
-def _save_model(model, path):
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
 def command_train(args):
     import numpy as np
 
@@ -614,7 +609,7 @@ def command_train(args):
                             keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
             _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
                  [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
-            _save_model(teacher, teacher_path)
+            n2uq_tf.save_model(teacher, teacher_path)  # atomic
             # Continue with the saved teacher (no optimizer attached), as a resumed run will, so
             # the distillation checkpoints of both hold the same objects.
             teacher = load_any_model(teacher_path)
@@ -658,7 +653,7 @@ def command_train(args):
             callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
         _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
 
-        _save_model(student, student_path)
+        n2uq_tf.save_model(student, student_path)
         student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         teacher.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         student_acc = student.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]

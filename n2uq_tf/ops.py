@@ -188,6 +188,14 @@ def _fused_kernels():
     return _fused.load()
 
 
+def _writing_saved_model():
+    try:
+        from n2uq_tf import _fused
+    except ImportError:
+        return False
+    return _fused.writing_saved_model()
+
+
 def active_implementation():
     """'fused' when the C++ training kernel is loaded, else 'reference' (pure TF)."""
     return "fused" if _fused_kernels() is not None else "reference"
@@ -203,7 +211,8 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
       intervals: [n] segment lengths ``a`` (floored at 1e-3).
       beta1, beta2: scalar input and output scales.
       bits: 1..8.
-      implementation: "auto" (fused C++ kernel when it is available), "fused" or "reference".
+      implementation: "auto" (fused C++ kernel when it is available, except while a SavedModel
+        is written), "fused" or "reference".
 
     Returns:
       ``beta2 * (2 / n) * level`` in the dtype of ``x``.
@@ -219,7 +228,12 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
         raise ValueError(f"intervals must have shape [{n}] for bits={bits}, got {intervals.shape}")
     start, beta1, beta2 = [tf.cast(tf.reshape(p, []), tf.float32) for p in (start, beta1, beta2)]
     x32 = tf.cast(x, tf.float32)
-    kernels = None if implementation == "reference" else _fused_kernels()
+    # "auto" keeps to TensorFlow's own ops while a SavedModel is written: the file must load and
+    # serve where our op library is not loaded (a fresh process, TF Serving, N2UQ_TF_DISABLE_FUSED=1).
+    if implementation == "reference" or (implementation == "auto" and _writing_saved_model()):
+        kernels = None
+    else:
+        kernels = _fused_kernels()
     if kernels is None:
         if implementation == "fused":
             raise RuntimeError("the fused N2UQ kernel is not available (see warnings from n2uq_tf._fused)")

@@ -547,3 +547,16 @@ def test_one_overhead_figure_for_a_file(resnet20, tmp_path, capsys):
     figure = f"{info.size_ratio:.3f} x its weight data"
     assert figure in str(report) and figure in str(info)
     assert report.to_dict()["size_ratio"] == info.to_dict()["size_ratio"]
+
+
+def test_non_finite_weights_are_named_before_export():
+    q = _small_cnn()
+    wrapper = q.get_layer("quant_dw")
+    kernel = wrapper._weight_vars[0][0]  # the variable (the layer attribute is tfmot's quantized tensor)
+    value = kernel.numpy()
+    value.flat[3] = np.nan
+    kernel.assign(value)
+    with pytest.raises(ValueError, match=r"non-finite weights .* dw \(dw/depthwise_kernel:0: 1 NaN and 0 Inf"):
+        export_tflite(q)
+    with pytest.raises(ValueError, match="non-finite weights .* dw "):
+        plan_export(q)

@@ -269,3 +269,39 @@ def test_already_quantized_model_is_refused(small_cnn, tmp_path):
         keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"), keras.layers.Dense(2, name="d2")]))
     with pytest.raises(ValueError, match="already quantized: layer 'd1' is quantized by tfmot"):
         n2uq_tf.quantize_model(eight_bit)
+
+
+def test_non_finite_float_weights_are_named_at_quantize_time(small_cnn):
+    kernel = small_cnn.get_layer("conv_a").kernel
+    value = kernel.numpy()
+    value[0, 0, 0, 0], value[1, 0, 0, 0] = np.nan, np.inf
+    kernel.assign(value)
+    with pytest.raises(ValueError, match=r"non-finite weights \(NaN or Inf\) in layer conv_a "
+                                         r"\(conv_a/kernel:0: 1 NaN and 1 Inf of 576 values\)"):
+        n2uq_tf.quantize_model(small_cnn)
+
+
+@pytest.mark.parametrize("method", ["n2uq", "dorefa", "lsq"])
+def test_a_weight_turned_nan_is_named_in_training_and_inference(small_cnn, batch, method):
+    import tensorflow as tf
+    q = n2uq_tf.quantize_model(small_cnn, bits=2, method=method)
+    q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    kernel = q.get_layer("quant_conv_a")._weight_vars[0][0]  # the variable (tfmot sets the attribute to a tensor)
+    value = kernel.numpy()
+    value[0, 0, 0, 0] = np.nan  # as a diverged step leaves it
+    kernel.assign(value)
+    message = "layer 'conv_a' has non-finite weights: NaN or Inf in conv_a/kernel"
+    x, y = batch
+    for run in (lambda: q.fit(x, y, epochs=1, verbose=0), lambda: q.predict(x, verbose=0), lambda: q(x)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            run()
+
+
+def test_override_keyed_by_a_class_the_model_lacks(small_cnn):
+    with pytest.raises(ValueError, match="overrides names the class .*SeparableConv2D, which is neither"):
+        n2uq_tf.quantize_model(small_cnn, overrides={keras.layers.SeparableConv2D: 4})
+    # Classes match exactly (as the lookup does): a base class names no layer of the model.
+    with pytest.raises(ValueError, match=r"overrides names the class .*\.Layer, .*Conv2D, Dense"):
+        n2uq_tf.quantize_model(small_cnn, overrides={keras.layers.Layer: 4})
+    with pytest.raises(TypeError, match="overrides keys are layer names, layer classes or class names; got 3"):
+        n2uq_tf.quantize_model(small_cnn, overrides={3: 4})

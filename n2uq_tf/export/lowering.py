@@ -646,7 +646,9 @@ class LoweredModel(tf.Module):
     def __init__(self, model):
         super().__init__(name="n2uq_lowered")
         from n2uq_tf.export.source import export_source
+        from n2uq_tf.quantize.api import check_finite_weights
         model = export_source(model)  # a distiller's student; float32 twin of a mixed-precision model
+        check_finite_weights(model)
         if not _is_functional(model):
             raise ValueError(f"model {model.name!r} is not a functional graph; build it with an Input "
                              "(Functional API, or Sequential with an input shape) to export it")

@@ -4,5 +4,6 @@ from n2uq_tf.quantize.api import (check_model, config_for, custom_objects, load_
                                   quantize_model, quantize_scope)
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
 from n2uq_tf.quantize.quantizers import QUANTIZER_PARAMETER_SUFFIXES, ActivationQuantizer, WeightQuantizer
+from n2uq_tf.quantize.saving import save_model
 from n2uq_tf.quantize.scheme import N2UQQuantizeScheme
 from n2uq_tf.quantize.wrapper import N2UQWrapper

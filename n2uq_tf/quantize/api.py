@@ -4,9 +4,11 @@ import contextlib
 import os
 import warnings
 
+import numpy as np
+
 from n2uq_tf import ops
 from n2uq_tf._keras import keras, tfmot
-from n2uq_tf.quantize import methods, nested, registry
+from n2uq_tf.quantize import methods, nested, registry, saving
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
 from n2uq_tf.quantize.quantizers import ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer
 from n2uq_tf.quantize.scheme import N2UQQuantizeScheme
@@ -67,6 +69,28 @@ def check_model(model, what="model"):
         raise ValueError(f"{what} {model.name!r} is not built; call model.build(input_shape) first")
 
 
+def check_finite_weights(model, what="model"):
+    """Raises ValueError naming every layer of `model` whose weights hold NaN or Inf.
+
+    Quantizing such a weight has no meaning (its scale is NaN and its codes are not levels), so
+    quantize_model and export stop here rather than fail later inside a quantizer.
+    """
+    bad = []
+    for walked in nested.walk(model):  # inner layers of nested models by their path
+        for variable in walked.layer.weights:
+            if not variable.dtype.is_floating:
+                continue
+            values = np.asarray(variable.numpy())
+            finite = np.isfinite(values)
+            if not finite.all():
+                bad.append(f"{walked.path} ({variable.name}: {int(np.isnan(values).sum())} NaN and "
+                           f"{int(np.isinf(values).sum())} Inf of {values.size} values)")
+    if bad:
+        raise ValueError(f"{what} {model.name!r} has non-finite weights (NaN or Inf) in layer "
+                         + "; ".join(bad) + ". They come from a diverged training run or a broken file; "
+                         "train again from the last good checkpoint (a lower learning rate, gradient clipping).")
+
+
 def _is_keras3_model(obj):
     for cls in type(obj).__mro__:
         if cls.__name__ == "Model" and cls.__module__.startswith("keras"):
@@ -121,6 +145,16 @@ def _override_for(walked, overrides, default_w, default_a):
     return True, _normalize_bits(overrides[key], default_w, default_a, key)
 
 
+def _check_override_class(key, walked, model):
+    """An overrides key given as a class must be the exact class of some layer of the model."""
+    if any(type(w.layer) is key for w in walked):
+        return
+    types = sorted({type(w.layer).__name__ for w in walked})
+    raise ValueError(f"overrides names the class {key.__module__}.{key.__qualname__}, which is neither a layer name nor "
+                     f"a layer type in model {model.name!r} (a class matches layers of exactly that class; the model's "
+                     f"layer types: {', '.join(types)})")
+
+
 def _override_methods(walked, overrides, default_methods):
     """(weight_method, activation_method) of a layer: the defaults, or what its override dict names.
 
@@ -168,6 +202,11 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
     for key in overrides:
         if isinstance(key, str):
             _check_layer_key(key, walked, model_paths, model, "overrides")
+        elif isinstance(key, type):
+            _check_override_class(key, walked, model)
+        else:
+            raise TypeError(f"overrides keys are layer names, layer classes or class names; got "
+                            f"{key!r} ({type(key).__name__})")
 
     supported = [w for w in walked if registry.lookup(w.layer) is not None]
     if skip_layers == "first_last":
@@ -301,6 +340,7 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
     """
     check_model(model)
     _check_not_quantized(model)
+    check_finite_weights(model)
     plan = plan_quantization(model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
                              skip_layers=skip_layers, overrides=overrides, method=method,
                              weight_method=weight_method, activation_method=activation_method,
@@ -339,7 +379,7 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
                                  weight_method=p["weight_method"], activation_method=p["activation_method"])
 
     if nested.has_nested_models(model):
-        return _quantize_nested(model, clone_layer, frozen)
+        return saving.make_save_atomic(_quantize_nested(model, clone_layer, frozen))
 
     def annotate(layer):
         clone, config = clone_layer(layer, layer.name)
@@ -351,7 +391,7 @@ def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activati
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
         quantized = tfmot.quantization.keras.quantize_apply(annotated, N2UQQuantizeScheme())
-    return quantized
+    return saving.make_save_atomic(quantized)
 
 
 def _quantize_nested(model, clone_layer, frozen):
@@ -454,13 +494,35 @@ def load_model(path, custom_objects=None, compile=True, require_quantized=True):
         raise FileNotFoundError(f"no model at {path!r}")
     fmt = _describe_format(path)
     try:
-        with quantize_scope(custom_objects or {}):
-            model = keras.models.load_model(path, compile=compile)
+        model = _load_keras_model(path, fmt, custom_objects, compile)
     except Exception as error:  # OSError, zipfile.BadZipFile, h5py and protobuf decode errors, ...
+        incomplete = saving.incomplete_message(path, fmt, error)
+        if incomplete is not None:
+            raise ValueError(incomplete) from error
         raise ValueError(f"could not load a quantized model from {path!r} ({fmt} format): "
                          f"{type(error).__name__}: {error}") from error
     if require_quantized and not any(isinstance(w.layer, N2UQWrapper) for w in nested.walk(model)):
         raise ValueError(f"{path!r} holds a model without N2UQ-quantized layers; load float models with "
                          "tf_keras.models.load_model")
+    return saving.make_save_atomic(model)
+
+
+def _load_keras_model(path, fmt, custom_objects, compile):
+    def load():
+        with quantize_scope(custom_objects or {}):
+            return keras.models.load_model(path, compile=compile)
+
+    from n2uq_tf import _fused
+
+    try:
+        model = load()
+    except Exception as error:
+        if fmt != "SavedModel" or not any(name in str(error) for name in _fused.OP_NAMES):
+            raise
+        # Earlier n2uq_tf versions traced the fused training op into SavedModels: register it, then load.
+        _fused.register_ops()
+        model = load()
+    if fmt == "SavedModel" and compile:
+        saving.restore_saved_model_optimizer(model, path)
     return model
 

@@ -5,6 +5,8 @@ Its layout transform wraps every layer annotated with an `N2UQQuantizeConfig` in
 layer, so quantize_apply adds no 8-bit fake-quant anywhere.
 """
 
+import tensorflow as tf
+
 from n2uq_tf._keras import keras, tfmot
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
 from n2uq_tf.quantize.wrapper import N2UQWrapper
@@ -28,13 +30,29 @@ class _WrapAnnotatedLayers(_keras_quantization.QuantizeLayoutTransform):
         def wrap(layer):
             config = layer_quantize_map.get(layer.name, {}).get("quantize_config")
             if isinstance(config, N2UQQuantizeConfig):
-                return N2UQWrapper(layer, config)
+                return N2UQWrapper(_with_own_weight_names(layer), config)
             if config is not None:
                 raise ValueError(f"layer {layer.name!r} is annotated with {type(config).__name__}; "
                                  "the N2UQ scheme takes N2UQQuantizeConfig annotations only")
             return layer
 
         return keras.models.clone_model(model, input_tensors=None, clone_function=wrap), layer_quantize_map
+
+
+def _with_own_weight_names(layer):
+    """A copy of a built layer whose variables are named under the layer's name ('conv/kernel').
+
+    quantize_apply hands over layers that its annotation wrapper built, named
+    'quantize_annotate_7/kernel'; a loaded model names them 'conv/kernel' (see N2UQWrapper.build).
+    """
+    build_config = layer.get_build_config() if layer.built else None
+    if not build_config or all(w.name.startswith(layer.name + "/") for w in layer.weights):
+        return layer
+    copy = layer.__class__.from_config(layer.get_config())
+    with tf.name_scope(layer.name + "/"):
+        copy.build_from_config(build_config)
+    copy.set_weights(layer.get_weights())
+    return copy
 
 
 class N2UQQuantizeScheme(_keras_quantization.QuantizeScheme):

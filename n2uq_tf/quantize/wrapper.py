@@ -20,22 +20,28 @@ class N2UQWrapper(_QuantizeWrapperV2):
     """Quantizes the weights (per the config) and the input of one layer."""
 
     def build(self, input_shape):
-        # Build the inner layer first: QuantizeWrapperV2.build snapshots its trainable weights,
-        # and an unbuilt layer (as when loading) would give another variable order than the
-        # trained model, so optimizer state would be restored onto the wrong variables.
-        if not self.layer.built:
-            with tf.name_scope(self.layer.name):
-                self.layer.build(input_shape)
-        super().build(input_shape)
-        quantizers = self.quantize_config.get_input_quantizers(self.layer)
-        if len(quantizers) > 1:
-            raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
-                             f"the config gave {len(quantizers)} input quantizers")
-        self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
-        get_intermediate = getattr(self.quantize_config, "get_intermediate_quantizers", None)
-        intermediate = get_intermediate(self.layer) if get_intermediate is not None else []
-        # The quantizers take no shape from their input (scalar thresholds and scales).
-        self._intermediate_quantizers = [(name, q, q.build(None, name, self)) for name, q in intermediate]
+        # A variable's name comes from the name scope open when it is created: a functional call
+        # opens the wrapper's, a `.keras` load (build_from_config) none, so the same quantizer
+        # variable was 'quant_conv/input_n2uq_start' or a bare 'input_n2uq_start', and the optimizer
+        # slots of every layer collided (a `.h5` save then failed half-written). Absolute scopes
+        # ("name/") give the same layer-scoped names on every path.
+        with tf.name_scope(self.name + "/"):
+            # Build the inner layer first: QuantizeWrapperV2.build snapshots its trainable weights,
+            # and an unbuilt layer (as when loading) would give another variable order than the
+            # trained model, so optimizer state would be restored onto the wrong variables.
+            if not self.layer.built:
+                with tf.name_scope(self.layer.name + "/"):
+                    self.layer.build(input_shape)
+            super().build(input_shape)
+            quantizers = self.quantize_config.get_input_quantizers(self.layer)
+            if len(quantizers) > 1:
+                raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper quantizes a single input, "
+                                 f"the config gave {len(quantizers)} input quantizers")
+            self._input_quantizers = [(q, q.build(input_shape, "input", self)) for q in quantizers]
+            get_intermediate = getattr(self.quantize_config, "get_intermediate_quantizers", None)
+            intermediate = get_intermediate(self.layer) if get_intermediate is not None else []
+            # The quantizers take no shape from their input (scalar thresholds and scales).
+            self._intermediate_quantizers = [(name, q, q.build(None, name, self)) for name, q in intermediate]
 
     @property
     def input_quantizer(self):
@@ -48,16 +54,35 @@ class N2UQWrapper(_QuantizeWrapperV2):
         "pointwise_input"); empty for other layers."""
         return list(self._intermediate_quantizers)
 
+    # A NaN or Inf weight would reach the quantizers' level tables as an out-of-range index (a
+    # cryptic GatherV2 error) or silently zero a channel, so every call first checks the wrapper's
+    # float variables and names the layer. It reads each weight once per step; the cost is measured
+    # by `benchmarks/train_step.py --finite-check-cost`. Set False (on the class or one wrapper,
+    # before the model is traced) to leave it out.
+    check_finite = True
+
     def call(self, inputs, training=None, **kwargs):
-        if self._input_quantizers:
-            if isinstance(inputs, (list, tuple)):
-                raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper expects one input tensor, "
-                                 f"got {len(inputs)}")
-            quantizer, variables = self._input_quantizers[0]
-            inputs = quantizer(inputs, training, weights=variables)
-        if self._intermediate_quantizers:
-            return self._split_call(inputs, training)
-        return super().call(inputs, training=training, **kwargs)
+        with tf.control_dependencies(self._finite_checks() if self.check_finite else []):
+            if self._input_quantizers:
+                if isinstance(inputs, (list, tuple)):
+                    raise ValueError(f"layer {self.layer.name!r}: N2UQWrapper expects one input tensor, "
+                                     f"got {len(inputs)}")
+                quantizer, variables = self._input_quantizers[0]
+                inputs = quantizer(inputs, training, weights=variables)
+            if self._intermediate_quantizers:
+                return self._split_call(inputs, training)
+            return super().call(inputs, training=training, **kwargs)
+
+    def _finite_checks(self):
+        checks, seen = [], set()
+        for variable in self.trainable_weights + self.non_trainable_weights:
+            if id(variable) in seen or not variable.dtype.is_floating:
+                continue
+            seen.add(id(variable))
+            name = variable.name.split(":")[0]
+            checks.append(tf.debugging.check_numerics(
+                variable, f"layer {self.layer.name!r} has non-finite weights: NaN or Inf in {name}"))
+        return checks
 
     def _split_call(self, inputs, training):
         """The base wrapper's weight quantization, then the registry's split forward of the layer.

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from n2uq_tf._keras import keras
+from n2uq_tf.quantize.saving import save_model
 
 
 def _as_logits(outputs, from_logits):
@@ -267,9 +268,9 @@ class DistillationModel(keras.Model):
         _, total, distill, label = self._compute_losses(y, sample_weight, student_outputs, teacher_outputs)
         return self._update_metrics(y, sample_weight, student_outputs, total, distill, label)
 
-    # Saving acts on the student, so the file is an ordinary (quantized) model.
+    # Saving acts on the student, so the file is an ordinary (quantized) model, written atomically.
     def save(self, filepath, *args, **kwargs):
-        return self.student.save(filepath, *args, **kwargs)
+        return save_model(self.student, filepath, *args, **kwargs)
 
     def save_weights(self, filepath, *args, **kwargs):
         return self.student.save_weights(filepath, *args, **kwargs)
