@@ -5,9 +5,12 @@ CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filt
 `n2uq_tf.quantize_model(resnet20, bits)`: every conv but the first at `bits`, the
 classifier float.
 
-    python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference]
+    python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference] [--xla both|on|off]
 
-`--implementation reference` times the pure-TF quantizer instead of the fused kernel.
+Each model is timed without XLA and compiled by XLA (`compile(jit_compile=True)`); every
+ratio is against the float model compiled the same way. Without XLA `implementation="auto"`
+uses the fused C++ kernel on the CPU (`--implementation reference` times the pure-TF
+quantizer instead); under XLA the quantizer is always the pure-TF one.
 """
 
 import argparse
@@ -24,6 +27,8 @@ def parse_args():
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--implementation", choices=["auto", "reference"], default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
+    parser.add_argument("--xla", choices=["both", "on", "off"], default="both",
+                        help="time the models without XLA, compiled by XLA, or both (default)")
     return parser.parse_args()
 
 
@@ -59,9 +64,22 @@ def resnet20(num_classes=10):
     return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="resnet20")
 
 
-def compiled(model):
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+def compiled(model, jit_compile):
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
     return model
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def time_steps(model, x, y, steps):
@@ -80,27 +98,33 @@ def main():
     x = tf.random.uniform((args.batch, 32, 32, 3))
     y = tf.random.uniform((args.batch,), 0, 10, tf.int32)
     float_model = resnet20()
-    models = {"float32": compiled(float_model)}
-    for bits in args.bits:
-        models[f"N2UQ W{bits}A{bits}"] = compiled(n2uq_tf.quantize_model(float_model, bits=bits))
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.xla]
+    models = {}  # (name, jit_compile) -> compiled model; each mode gets its own models
+    for jit in modes:
+        models[("float32", jit)] = compiled(keras.models.clone_model(float_model), jit)
+        for bits in args.bits:
+            models[(f"N2UQ W{bits}A{bits}", jit)] = compiled(n2uq_tf.quantize_model(float_model, bits=bits), jit)
     for model in models.values():
-        time_steps(model, x, y, 3)  # trace and warm up
-    samples = {name: [] for name in models}
+        time_steps(model, x, y, 3)  # trace, compile and warm up
+    samples = {key: [] for key in models}
     for _ in range(args.rounds):  # interleave so drifts in machine load hit every model alike
-        for name, model in models.items():
-            samples[name] += time_steps(model, x, y, args.steps)
+        for key, model in models.items():
+            samples[key] += time_steps(model, x, y, args.steps)
 
-    base_wall = statistics.median(t[0] for t in samples["float32"])
-    base_cpu = statistics.median(t[1] for t in samples["float32"])
-    print(f"\nResNet-20, 32x32, batch {args.batch}, {os.cpu_count()} CPU threads, TF {tf.__version__}, "
-          f"quantizer: {n2uq_tf.ops.active_implementation()}\n")
-    print("| model        | wall ms/step | vs float | CPU ms/step | vs float |")
-    print("|--------------|--------------|----------|-------------|----------|")
-    for name, times in samples.items():
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nResNet-20, 32x32, batch {args.batch}, TF {tf.__version__}, {cpu_model()}, {os.cpu_count()} CPU threads, "
+          f"load average {load:.1f} at the end; medians of {args.rounds} x {args.steps} interleaved steps\n")
+    print("| model        | XLA | quantizer | wall ms/step | vs float | CPU ms/step | vs float |")
+    print("|--------------|-----|-----------|--------------|----------|-------------|----------|")
+    for (name, jit), times in samples.items():
+        base = samples[("float32", jit)]
+        base_wall = statistics.median(t[0] for t in base)
+        base_cpu = statistics.median(t[1] for t in base)
         wall = statistics.median(t[0] for t in times)
         cpu = statistics.median(t[1] for t in times)
-        print(f"| {name:12s} | {1e3 * wall:12.1f} | {wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | "
-              f"{cpu / base_cpu:7.2f}x |")
+        quantizer = "-" if name == "float32" else n2uq_tf.ops.active_implementation(jit_compile=jit)
+        print(f"| {name:12s} | {'yes' if jit else 'no':3s} | {quantizer:9s} | {1e3 * wall:12.1f} | "
+              f"{wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | {cpu / base_cpu:7.2f}x |")
     return 0
 
 

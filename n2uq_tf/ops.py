@@ -115,66 +115,71 @@ def activation_levels(x, start, intervals, beta1, bits):
     return _count_less(thresholds, xs)
 
 
-def _parameter_gradients(seg_g, seg_offset, beta1_sum, level_sum, a, raw_intervals, slopes, delta):
-    """Gradients to start, intervals, beta1, beta2 from per-segment sums.
+# The G-STE backward. On segment i the surrogate is u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i),
+# with slope_i = beta2 * delta / a'_i, so for an element in segment i (d_{i-1} < xs <= d_i):
+#   du/dxs = slope_i,  du/ds = -slope_i,  du/dbeta1 = slope_i * x_in,
+#   du/da'_j = -slope_i * clip((xs - d_{j-1}) / a'_j, 0, 1)   (-slope_i for j < i, 0 for j > i),
+# and elements outside [d_0, d_n] get nothing; beta2 gets the forward's delta * level. With upstream g
+# and gs = g * slope (0 outside), the parameter gradients are the sums over all elements
+#   start: -sum(gs),  a'_j: -sum(gs * clip(...)) (the "interval sums"),  beta1: sum(gs * x_in),
+#   beta2: delta * sum(g * level).
+# Grouped by segment (the fused kernel's form): interval sum_j = slope_j * offset_j / a'_j
+# + sum_{i > j} slope_i * count_i, with count_i = sum(g) and offset_i = sum(g * (xs - d_{i-1})) over segment i.
 
-    For the elements of segment i (d_{i-1} < xs <= d_i): ``seg_g_i = sum(g)`` and
-    ``seg_offset_i = sum(g * (xs - d_{i-1}))``; ``slopes_i = beta2 * delta / a'_i``;
-    ``beta1_sum = sum(g * slope * x_in)`` over all elements (slope 0 outside [d_0, d_n]);
-    ``level_sum = sum(g * level)``. With the surrogate u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i):
-      du/da'_i = -slope_i * (xs - d_{i-1}) / a'_i,  du/da'_j = -slope_i (j < i),
-      du/ds = -slope_i,  du/dbeta1 = slope_i * x_in.
-    So dL/da'_j = -slope_j * seg_offset_j / a'_j - sum_{i > j} slope_i * seg_g_i.
-    The sums may be float64 (the fused kernel) or float32; the results are float32.
+def _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum, raw_intervals, delta):
+    """Gradients to start, intervals, beta1, beta2 from the sums above (float32 or float64) as float32.
+
+    A stored interval at or below the floor gets no gradient (the floor is a `where`).
     """
-    dtype = seg_g.dtype
-    a = tf.cast(a, dtype)
-    slopes = tf.cast(slopes, dtype)
-    weighted_g = slopes * seg_g
-    grad_start = -tf.reduce_sum(weighted_g)
-    grad_a = -slopes * seg_offset / a - tf.cumsum(weighted_g, exclusive=True, reverse=True)
-    grad_intervals = tf.where(raw_intervals > INTERVAL_FLOOR, tf.cast(grad_a, tf.float32), 0.0)
-    grad_beta2 = tf.cast(delta, dtype) * tf.cast(level_sum, dtype)
-    return (tf.cast(grad_start, tf.float32), grad_intervals, tf.cast(beta1_sum, tf.float32),
+    grad_intervals = tf.where(raw_intervals > INTERVAL_FLOOR, -tf.cast(interval_sums, tf.float32), 0.0)
+    grad_beta2 = tf.cast(delta, level_sum.dtype) * level_sum
+    return (-tf.cast(slope_sum, tf.float32), grad_intervals, tf.cast(beta1_sum, tf.float32),
             tf.cast(grad_beta2, tf.float32))
 
 
-def _gste_terms(g, x, xs, bounds, slopes):
-    """The G-STE backward's per-element and per-segment terms, with static shapes only (XLA).
+def _interval_sums_from_segments(count, offset, a, slopes):
+    """The interval sums from per-segment sums of g and of g * (xs - d_{i-1}) (see above), in their dtype."""
+    a, slopes = tf.cast(a, count.dtype), tf.cast(slopes, count.dtype)
+    weighted = slopes * count
+    return slopes * offset / a + tf.cumsum(weighted, exclusive=True, reverse=True), tf.reduce_sum(weighted)
 
-    Element e is in segment i (1-based) when d_{i-1} < xs_e <= d_i; outside [d_0, d_n] (and
-    for NaN) its slope is 0 and it is in no segment. Returns ``g * slope`` per element, the
-    per-segment sums of g and of g * (xs - d_{i-1}) ([n] each), and sum(g * slope * x) over
-    the elements inside (an infinite x outside adds nothing, not 0 * inf).
+
+def _gste_backward(g, x, xs, bounds, a, slopes):
+    """``(g * slope, interval sums, sum(g * slope), sum(g * slope * x))`` with static shapes only (XLA).
+
+    Up to COMPARE_LIMIT segments every sum is an elementwise expression of compares and selects
+    feeding one reduction, which XLA fuses into one loop (no gather: that is the slow part under
+    XLA on CPU). Above it, the segment index comes from a binary search and the per-segment sums
+    from `unsorted_segment_sum` with a constant segment count, whose cost does not grow with n.
+    NaN and elements outside [d_0, d_n] are in no segment (an infinite x adds nothing, not 0 * inf).
     """
     n = int(slopes.shape[0])
     zero = tf.zeros_like(xs)
     if n <= COMPARE_LIMIT:
-        # above[j] = d_j < xs; segment i is above[i-1] and not above[i]. The slope is picked by a
-        # chain of selects (a gather is the slow part of this under XLA on CPU), and every
-        # masked sum is an elementwise expression feeding a reduction: XLA fuses each into one loop.
-        above = [xs > bounds[j] for j in range(n + 1)]
+        above = [xs > bounds[j] for j in range(n + 1)]  # segment i: above[i-1] and not above[i]
         slope_of = zero
         for i in range(n):
             slope_of = tf.where(above[i], slopes[i], slope_of)
         slope_of = tf.where(above[n], zero, slope_of)
-        inside = [above[i] & ~above[i + 1] for i in range(n)]
+        grad_xs = g * slope_of
+        # clip((xs - d_{j-1}) / a'_j, 0, 1) as selects: 1 above d_j, the fraction inside segment j, else 0.
+        interval_sums = tf.stack([
+            tf.reduce_sum(tf.where(above[j], grad_xs, tf.where(above[j - 1], grad_xs * (xs - bounds[j - 1]) / a[j - 1],
+                                                                 zero)))
+            for j in range(1, n + 1)])
+        slope_sum = tf.reduce_sum(grad_xs)
         in_range = above[0] & ~above[n]
-        seg_g = tf.stack([tf.reduce_sum(tf.where(m, g, zero)) for m in inside])
-        seg_offset = tf.stack([tf.reduce_sum(tf.where(m, g * (xs - bounds[i]), zero)) for i, m in enumerate(inside)])
     else:
-        # k = #{j : d_j < xs}: segment k for 1 <= k <= n; 0 below d_0 and n + 1 above d_n.
-        k = _count_less(bounds, xs)
+        k = _count_less(bounds, xs)  # segment k for 1 <= k <= n; 0 below d_0 and n + 1 above d_n
         pad = tf.zeros([1], tf.float32)
         slope_of = tf.gather(tf.concat([pad, slopes, pad], 0), k)
         lower_of = tf.gather(tf.concat([pad, bounds[:-1], pad], 0), k)
         in_range = (k > 0) & (k <= n)
+        grad_xs = g * slope_of
         terms = tf.stack([tf.reshape(g, [-1]), tf.reshape(tf.where(in_range, g * (xs - lower_of), zero), [-1])], 1)
-        # A constant segment count keeps the shape static; bins 0 and n + 1 (outside) are dropped.
-        sums = tf.math.unsorted_segment_sum(terms, tf.reshape(k, [-1]), num_segments=n + 2)
-        seg_g, seg_offset = sums[1:n + 1, 0], sums[1:n + 1, 1]
-    grad_xs = g * slope_of
-    return grad_xs, seg_g, seg_offset, tf.reduce_sum(tf.where(in_range, grad_xs * x, zero))
+        sums = tf.math.unsorted_segment_sum(terms, tf.reshape(k, [-1]), num_segments=n + 2)  # bins 0, n + 1: outside
+        interval_sums, slope_sum = _interval_sums_from_segments(sums[1:n + 1, 0], sums[1:n + 1, 1], a, slopes)
+    return grad_xs, interval_sums, slope_sum, tf.reduce_sum(tf.where(in_range, grad_xs * x, zero))
 
 
 def _reference_quantize(x, start, intervals, beta1, beta2, bits):
@@ -192,11 +197,10 @@ def _reference_quantize(x, start, intervals, beta1, beta2, bits):
             # xs and level are recomputed rather than kept from the forward: under XLA this
             # fuses into the backward's loops, and no activation-sized tensor is held between passes.
             xs = x * beta1
-            slopes = scale / a
-            grad_xs, seg_g, seg_offset, beta1_sum = _gste_terms(g, x, xs, bounds, slopes)
+            grad_xs, interval_sums, slope_sum, beta1_sum = _gste_backward(g, x, xs, bounds, a, scale / a)
             level_sum = tf.reduce_sum(g * tf.cast(_count_less(thresholds, xs), tf.float32))
-            return (grad_xs * beta1,) + _parameter_gradients(seg_g, seg_offset, beta1_sum, level_sum, a, intervals,
-                                                             slopes, delta)
+            return (grad_xs * beta1,) + _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum,
+                                                             intervals, delta)
 
         return y, grad
 
@@ -215,10 +219,11 @@ def _fused_quantize(x, start, intervals, beta1, beta2, bits, kernels):
 
         def grad(g):
             slopes = scale / a
+            # float64 per-segment sums: count, offset and sum(g * x_in) of each segment
             grad_x, sums, level_sum = kernels.n2uq_quantize_backward(g, x, bounds, thresholds, beta1, slopes)
+            interval_sums, slope_sum = _interval_sums_from_segments(sums[0], sums[1], a, slopes)
             beta1_sum = tf.reduce_sum(tf.cast(slopes, tf.float64) * sums[2])
-            return (grad_x,) + _parameter_gradients(sums[0], sums[1], beta1_sum, level_sum, a, intervals, slopes,
-                                                    delta)
+            return (grad_x,) + _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum, intervals, delta)
 
         return y, grad
 
