@@ -6,6 +6,7 @@ CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filt
 classifier float.
 
     python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference] [--xla both|on|off]
+    python benchmarks/train_step.py --quantizer   # the activation quantizer alone, against a ReLU
 
 Each model is timed without XLA and compiled by XLA (`compile(jit_compile=True)`); every
 ratio is against the float model compiled the same way. Without XLA `implementation="auto"`
@@ -29,6 +30,9 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
     parser.add_argument("--xla", choices=["both", "on", "off"], default="both",
                         help="time the models without XLA, compiled by XLA, or both (default)")
+    parser.add_argument("--quantizer", action="store_true",
+                        help="time the N2UQ activation quantizer alone (forward + backward, one 128x32x32x16 "
+                             "tensor) for each implementation, with and without XLA, against a ReLU")
     return parser.parse_args()
 
 
@@ -70,6 +74,10 @@ def compiled(model, jit_compile):
     return model
 
 
+def load_average():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -93,7 +101,55 @@ def time_steps(model, x, y, steps):
     return times
 
 
+def quantizer_table():
+    """Forward + backward of one activation quantizer against ReLU's, each without and with XLA."""
+    x = tf.random.uniform((args.batch, 32, 32, 16), -0.5, 2.5, seed=0)
+    g = tf.random.normal(x.shape, seed=1)
+
+    def step(function):
+        def run(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = function(x)
+            return tape.gradient(y, x, output_gradients=g)
+        return run
+
+    def quantizer(bits, implementation):
+        n = 2 ** bits - 1
+        params = [tf.Variable(0.0), tf.Variable(tf.fill([n], 2.0 / n)), tf.Variable(1.0), tf.Variable(1.0)]
+        return lambda x: n2uq_tf.ops.n2uq_quantize(x, *params, bits, implementation=implementation)
+
+    rows = {("ReLU", "-", False): tf.function(step(tf.nn.relu)),
+            ("ReLU", "-", True): tf.function(step(tf.nn.relu), jit_compile=True)}
+    for bits in args.bits:
+        implementations = ["fused", "reference"] if n2uq_tf.ops.active_implementation() == "fused" else ["reference"]
+        for implementation in implementations:
+            rows[(f"N2UQ A{bits}", implementation, False)] = tf.function(step(quantizer(bits, implementation)))
+        rows[(f"N2UQ A{bits}", "reference", True)] = tf.function(step(quantizer(bits, "auto")), jit_compile=True)
+    samples = {key: [] for key in rows}
+    for function in rows.values():
+        function(x).numpy()
+    for _ in range(args.rounds * args.steps):
+        for key, function in rows.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            function(x).numpy()
+            samples[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    print(f"\nActivation quantizer alone, forward + backward, {tuple(x.shape)} float32, TF {tf.__version__}, "
+          f"{cpu_model()}, {os.cpu_count()} CPU threads, load average {load_average():.1f} at the end; "
+          f"medians of {args.rounds * args.steps} interleaved runs\n")
+    print("| op        | implementation | XLA | wall ms | CPU ms | CPU vs ReLU (same XLA) |")
+    print("|-----------|----------------|-----|---------|--------|------------------------|")
+    for (name, implementation, jit), times in samples.items():
+        relu_cpu = statistics.median(t[1] for t in samples[("ReLU", "-", jit)])
+        wall, cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
+        print(f"| {name:9s} | {implementation:14s} | {'yes' if jit else 'no':3s} | {1e3 * wall:7.1f} | "
+              f"{1e3 * cpu:6.1f} | {cpu / relu_cpu:21.2f}x |")
+    return 0
+
+
 def main():
+    if args.quantizer:
+        return quantizer_table()
     keras.utils.set_random_seed(0)
     x = tf.random.uniform((args.batch, 32, 32, 3))
     y = tf.random.uniform((args.batch,), 0, 10, tf.int32)
@@ -111,7 +167,7 @@ def main():
         for key, model in models.items():
             samples[key] += time_steps(model, x, y, args.steps)
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"\nResNet-20, 32x32, batch {args.batch}, TF {tf.__version__}, {cpu_model()}, {os.cpu_count()} CPU threads, "
           f"load average {load:.1f} at the end; medians of {args.rounds} x {args.steps} interleaved steps\n")
     print("| model        | XLA | quantizer | wall ms/step | vs float | CPU ms/step | vs float |")
