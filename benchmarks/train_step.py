@@ -106,33 +106,33 @@ def quantizer_table():
     x = tf.random.uniform((args.batch, 32, 32, 16), -0.5, 2.5, seed=0)
     g = tf.random.normal(x.shape, seed=1)
 
-    def step(function):
-        def run(x):
+    def step(function, params):
+        def run(x):  # every gradient is returned, so none of the backward's sums is left out
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = function(x)
-            return tape.gradient(y, x, output_gradients=g)
+                y = function(x, *params)
+            return tape.gradient(y, [x] + params, output_gradients=g)
         return run
 
     def quantizer(bits, implementation):
         n = 2 ** bits - 1
         params = [tf.Variable(0.0), tf.Variable(tf.fill([n], 2.0 / n)), tf.Variable(1.0), tf.Variable(1.0)]
-        return lambda x: n2uq_tf.ops.n2uq_quantize(x, *params, bits, implementation=implementation)
+        return lambda x, *p: n2uq_tf.ops.n2uq_quantize(x, *p, bits, implementation=implementation), params
 
-    rows = {("ReLU", "-", False): tf.function(step(tf.nn.relu)),
-            ("ReLU", "-", True): tf.function(step(tf.nn.relu), jit_compile=True)}
+    rows = {("ReLU", "-", False): tf.function(step(tf.nn.relu, [])),
+            ("ReLU", "-", True): tf.function(step(tf.nn.relu, []), jit_compile=True)}
     for bits in args.bits:
         implementations = ["fused", "reference"] if n2uq_tf.ops.active_implementation() == "fused" else ["reference"]
         for implementation in implementations:
-            rows[(f"N2UQ A{bits}", implementation, False)] = tf.function(step(quantizer(bits, implementation)))
-        rows[(f"N2UQ A{bits}", "reference", True)] = tf.function(step(quantizer(bits, "auto")), jit_compile=True)
+            rows[(f"N2UQ A{bits}", implementation, False)] = tf.function(step(*quantizer(bits, implementation)))
+        rows[(f"N2UQ A{bits}", "reference", True)] = tf.function(step(*quantizer(bits, "auto")), jit_compile=True)
     samples = {key: [] for key in rows}
     for function in rows.values():
-        function(x).numpy()
+        [t.numpy() for t in function(x)]
     for _ in range(args.rounds * args.steps):
         for key, function in rows.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            function(x).numpy()
+            [t.numpy() for t in function(x)]
             samples[key].append((time.perf_counter() - wall, time.process_time() - cpu))
     print(f"\nActivation quantizer alone, forward + backward, {tuple(x.shape)} float32, TF {tf.__version__}, "
           f"{cpu_model()}, {os.cpu_count()} CPU threads, load average {load_average():.1f} at the end; "
