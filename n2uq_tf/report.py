@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 
 from n2uq_tf import ops
-from n2uq_tf._keras import keras
 from n2uq_tf.quantize import nested, registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
