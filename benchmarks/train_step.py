@@ -5,11 +5,15 @@ CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filt
 `n2uq_tf.quantize_model(resnet20, bits)`: every conv but the first at `bits`, the
 classifier float.
 
-    python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference]
+    python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference] [--xla both|on|off]
                                     [--finite-check-cost]
+    python benchmarks/train_step.py --quantizer   # the activation quantizer alone, against a ReLU
 
-`--implementation reference` times the pure-TF quantizer instead of the fused kernel;
-`--finite-check-cost` adds each quantized model without its NaN/Inf weight check.
+Each model is timed without XLA and compiled by XLA (`compile(jit_compile=True)`); every
+ratio is against the float model compiled the same way. Without XLA `implementation="auto"`
+uses the fused C++ kernel on the CPU (`--implementation reference` times the pure-TF
+quantizer instead); under XLA the quantizer is always the pure-TF one. `--finite-check-cost`
+adds each quantized model without its NaN/Inf weight check.
 """
 
 import argparse
@@ -26,6 +30,11 @@ def parse_args():
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--implementation", choices=["auto", "reference"], default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
+    parser.add_argument("--xla", choices=["both", "on", "off"], default="both",
+                        help="time the models without XLA, compiled by XLA, or both (default)")
+    parser.add_argument("--quantizer", action="store_true",
+                        help="time the N2UQ activation quantizer alone (forward + backward, one 128x32x32x16 "
+                             "tensor) for each implementation, with and without XLA, against a ReLU")
     parser.add_argument("--finite-check-cost", action="store_true",
                         help="also time each quantized model without N2UQWrapper's NaN/Inf weight check")
     return parser.parse_args()
@@ -36,7 +45,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if args.implementation == "reference":
     os.environ["N2UQ_TF_DISABLE_FUSED"] = "1"
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
@@ -64,9 +72,14 @@ def resnet20(num_classes=10):
     return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="resnet20")
 
 
-def compiled(model):
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+def compiled(model, jit_compile):
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
     return model
+
+
+def load_average():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def time_steps(model, x, y, steps):
@@ -80,38 +93,92 @@ def time_steps(model, x, y, steps):
     return times
 
 
+def quantizer_table():
+    """Forward + backward of one activation quantizer against ReLU's, each without and with XLA."""
+    x = tf.random.uniform((args.batch, 32, 32, 16), -0.5, 2.5, seed=0)
+    g = tf.random.normal(x.shape, seed=1)
+
+    def step(function, params):
+        def run(x):  # every gradient is returned, so none of the backward's sums is left out
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = function(x, *params)
+            return tape.gradient(y, [x] + params, output_gradients=g)
+        return run
+
+    def quantizer(bits, implementation):
+        n = 2 ** bits - 1
+        params = [tf.Variable(0.0), tf.Variable(tf.fill([n], 2.0 / n)), tf.Variable(1.0), tf.Variable(1.0)]
+        return lambda x, *p: n2uq_tf.ops.n2uq_quantize(x, *p, bits, implementation=implementation), params
+
+    rows = {("ReLU", "-", False): tf.function(step(tf.nn.relu, [])),
+            ("ReLU", "-", True): tf.function(step(tf.nn.relu, []), jit_compile=True)}
+    for bits in args.bits:
+        implementations = ["fused", "reference"] if n2uq_tf.ops.active_implementation() == "fused" else ["reference"]
+        for implementation in implementations:
+            rows[(f"N2UQ A{bits}", implementation, False)] = tf.function(step(*quantizer(bits, implementation)))
+        rows[(f"N2UQ A{bits}", "reference", True)] = tf.function(step(*quantizer(bits, "auto")), jit_compile=True)
+    samples = {key: [] for key in rows}
+    for function in rows.values():
+        [t.numpy() for t in function(x)]
+    for _ in range(args.rounds * args.steps):
+        for key, function in rows.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            [t.numpy() for t in function(x)]
+            samples[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    print(f"\nActivation quantizer alone, forward + backward, {tuple(x.shape)} float32, TF {tf.__version__}, "
+          f"{cpu_name()}, {os.cpu_count()} CPU threads, load average {load_average():.1f} at the end; "
+          f"medians of {args.rounds * args.steps} interleaved runs\n")
+    print("| op        | implementation | XLA | wall ms | CPU ms | CPU vs ReLU (same XLA) |")
+    print("|-----------|----------------|-----|---------|--------|------------------------|")
+    for (name, implementation, jit), times in samples.items():
+        relu_cpu = statistics.median(t[1] for t in samples[("ReLU", "-", jit)])
+        wall, cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
+        print(f"| {name:9s} | {implementation:14s} | {'yes' if jit else 'no':3s} | {1e3 * wall:7.1f} | "
+              f"{1e3 * cpu:6.1f} | {cpu / relu_cpu:21.2f}x |")
+    return 0
+
+
 def main():
+    if args.quantizer:
+        return quantizer_table()
     keras.utils.set_random_seed(0)
     x = tf.random.uniform((args.batch, 32, 32, 3))
     y = tf.random.uniform((args.batch,), 0, 10, tf.int32)
     float_model = resnet20()
-    models = {"float32": compiled(float_model)}
-    for bits in args.bits:
-        models[f"N2UQ W{bits}A{bits}"] = compiled(n2uq_tf.quantize_model(float_model, bits=bits))
-        if args.finite_check_cost:
-            unchecked = n2uq_tf.quantize_model(float_model, bits=bits)
-            for layer in unchecked.layers:
-                if isinstance(layer, n2uq_tf.N2UQWrapper):
-                    layer.check_finite = False
-            models[f"W{bits}A{bits} no check"] = compiled(unchecked)
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.xla]
+    models = {}  # (name, jit_compile) -> compiled model; each mode gets its own models
+    for jit in modes:
+        models[("float32", jit)] = compiled(keras.models.clone_model(float_model), jit)
+        for bits in args.bits:
+            models[(f"N2UQ W{bits}A{bits}", jit)] = compiled(n2uq_tf.quantize_model(float_model, bits=bits), jit)
+            if args.finite_check_cost:
+                unchecked = n2uq_tf.quantize_model(float_model, bits=bits)
+                for layer in unchecked.layers:
+                    if isinstance(layer, n2uq_tf.N2UQWrapper):
+                        layer.check_finite = False
+                models[(f"W{bits}A{bits} no check", jit)] = compiled(unchecked, jit)
     for model in models.values():
-        time_steps(model, x, y, 3)  # trace and warm up
-    samples = {name: [] for name in models}
+        time_steps(model, x, y, 3)  # trace, compile and warm up
+    samples = {key: [] for key in models}
     for _ in range(args.rounds):  # interleave so drifts in machine load hit every model alike
-        for name, model in models.items():
-            samples[name] += time_steps(model, x, y, args.steps)
+        for key, model in models.items():
+            samples[key] += time_steps(model, x, y, args.steps)
 
-    base_wall = statistics.median(t[0] for t in samples["float32"])
-    base_cpu = statistics.median(t[1] for t in samples["float32"])
-    print(f"\nResNet-20, 32x32, batch {args.batch}, {cpu_name()}, {os.cpu_count()} CPU threads, TF {tf.__version__}, "
-          f"quantizer: {n2uq_tf.ops.active_implementation()}\n")
-    print("| model           | wall ms/step | vs float | CPU ms/step | vs float |")
-    print("|-----------------|--------------|----------|-------------|----------|")
-    for name, times in samples.items():
+    load = load_average()
+    print(f"\nResNet-20, 32x32, batch {args.batch}, TF {tf.__version__}, {cpu_name()}, {os.cpu_count()} CPU threads, "
+          f"load average {load:.1f} at the end; medians of {args.rounds} x {args.steps} interleaved steps\n")
+    print("| model        | XLA | quantizer | wall ms/step | vs float | CPU ms/step | vs float |")
+    print("|--------------|-----|-----------|--------------|----------|-------------|----------|")
+    for (name, jit), times in samples.items():
+        base = samples[("float32", jit)]
+        base_wall = statistics.median(t[0] for t in base)
+        base_cpu = statistics.median(t[1] for t in base)
         wall = statistics.median(t[0] for t in times)
         cpu = statistics.median(t[1] for t in times)
-        print(f"| {name:15s} | {1e3 * wall:12.1f} | {wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | "
-              f"{cpu / base_cpu:7.2f}x |")
+        quantizer = "-" if name == "float32" else n2uq_tf.ops.active_implementation(jit_compile=jit)
+        print(f"| {name:12s} | {'yes' if jit else 'no':3s} | {quantizer:9s} | {1e3 * wall:12.1f} | "
+              f"{wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | {cpu / base_cpu:7.2f}x |")
     return 0
 
 

@@ -19,16 +19,30 @@ Activation quantizer, ``n = 2**bits - 1`` levels above zero, ``delta = 2 / n``:
 Weight quantizer: ``alpha = gamma * mean|W|`` per output channel with
 ``gamma = (2**b - 1) / 2**(b - 1)`` (entropy-preserving scale), ``2**b``
 symmetric levels ``alpha * (2k/n - 1)``, straight-through gradient ``g / alpha``.
+
+Two implementations of the activation quantizer compute the same thing (see
+`active_implementation`): "reference", pure TensorFlow with static shapes only, which
+runs on every device and compiles with XLA (``tf.function(jit_compile=True)``), and
+"fused", a C++ CPU kernel (n2uq_tf/kernels) that does the work in one pass each way
+and is what ``implementation="auto"`` picks on a CPU outside XLA.
 """
 
 import numbers
 
 import tensorflow as tf
+# TensorFlow's own test for "this graph will be compiled by XLA" (what Keras uses too);
+# there is no public equivalent.
+from tensorflow.python.ops import control_flow_util
 
 MIN_BITS, MAX_BITS = 1, 8
 # Intervals at or below this are floored (a `where`, so a floored interval gets
 # no gradient), as in the official code.
 INTERVAL_FLOOR = 1e-3
+# Up to this many thresholds (4 bits), levels and segments are found by one elementwise
+# compare per threshold, which XLA fuses into a single pass with no gather; above it, by
+# a binary search (searchsorted) and index-based segment sums, whose cost does not grow with n.
+COMPARE_LIMIT = 16
+IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 __all__ = [
     "check_bits",
@@ -86,7 +100,7 @@ def segment_bounds(start, intervals):
 def _count_less(sorted_values, xs):
     """Per element of ``xs``, the number of ``sorted_values`` strictly below it (int32)."""
     n = int(sorted_values.shape[0])
-    if n <= 16:
+    if n <= COMPARE_LIMIT:
         return tf.add_n([tf.cast(xs > sorted_values[i], tf.int32) for i in range(n)])
     flat = tf.reshape(xs, [1, -1])
     counts = tf.searchsorted(sorted_values[tf.newaxis], flat, side="left", out_type=tf.int32)
@@ -101,59 +115,92 @@ def activation_levels(x, start, intervals, beta1, bits):
     return _count_less(thresholds, xs)
 
 
-def _parameter_gradients(sums, level_sum, a, raw_intervals, slopes, delta):
-    """Gradients to start, intervals, beta1, beta2 from per-segment sums.
+# The G-STE backward. On segment i the surrogate is u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i),
+# with slope_i = beta2 * delta / a'_i, so for an element in segment i (d_{i-1} < xs <= d_i):
+#   du/dxs = slope_i,  du/ds = -slope_i,  du/dbeta1 = slope_i * x_in,
+#   du/da'_j = -slope_i * clip((xs - d_{j-1}) / a'_j, 0, 1)   (-slope_i for j < i, 0 for j > i),
+# and elements outside [d_0, d_n] get nothing; beta2 gets the forward's delta * level. With upstream g
+# and gs = g * slope (0 outside), the parameter gradients are the sums over all elements
+#   start: -sum(gs),  a'_j: -sum(gs * clip(...)) (the "interval sums"),  beta1: sum(gs * x_in),
+#   beta2: delta * sum(g * level).
+# Grouped by segment (the fused kernel's form): interval sum_j = slope_j * offset_j / a'_j
+# + sum_{i > j} slope_i * count_i, with count_i = sum(g) and offset_i = sum(g * (xs - d_{i-1})) over segment i.
 
-    ``sums`` is [3, n]: for the elements of segment i (d_{i-1} < xs <= d_i),
-    sum(g), sum(g * (xs - d_{i-1})) and sum(g * x_in); ``slopes_i = beta2 * delta / a'_i``.
-    With the surrogate u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i):
-      du/da'_i = -slope_i * (xs - d_{i-1}) / a'_i,  du/da'_j = -slope_i (j < i),
-      du/ds = -slope_i,  du/dbeta1 = slope_i * x_in.
-    So dL/da'_j = -slope_j * S2_j / a'_j - sum_{i > j} slope_i * S1_i.
+def _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum, raw_intervals, delta):
+    """Gradients to start, intervals, beta1, beta2 from the sums above (float32 or float64) as float32.
+
+    A stored interval at or below the floor gets no gradient (the floor is a `where`).
     """
-    dtype = sums.dtype
-    a = tf.cast(a, dtype)
-    slopes = tf.cast(slopes, dtype)
-    seg_g, seg_offset, seg_x = sums[0], sums[1], sums[2]
-    weighted_g = slopes * seg_g
-    grad_start = -tf.reduce_sum(weighted_g)
-    grad_a = -slopes * seg_offset / a - tf.cumsum(weighted_g, exclusive=True, reverse=True)
-    grad_intervals = tf.where(raw_intervals > INTERVAL_FLOOR, tf.cast(grad_a, tf.float32), 0.0)
-    grad_beta1 = tf.reduce_sum(slopes * seg_x)
-    grad_beta2 = tf.cast(delta, dtype) * tf.cast(level_sum, dtype)
-    return (tf.cast(grad_start, tf.float32), grad_intervals, tf.cast(grad_beta1, tf.float32),
+    grad_intervals = tf.where(raw_intervals > INTERVAL_FLOOR, -tf.cast(interval_sums, tf.float32), 0.0)
+    grad_beta2 = tf.cast(delta, level_sum.dtype) * level_sum
+    return (-tf.cast(slope_sum, tf.float32), grad_intervals, tf.cast(beta1_sum, tf.float32),
             tf.cast(grad_beta2, tf.float32))
 
 
+def _interval_sums_from_segments(count, offset, a, slopes):
+    """The interval sums from per-segment sums of g and of g * (xs - d_{i-1}) (see above), in their dtype."""
+    a, slopes = tf.cast(a, count.dtype), tf.cast(slopes, count.dtype)
+    weighted = slopes * count
+    return slopes * offset / a + tf.cumsum(weighted, exclusive=True, reverse=True), tf.reduce_sum(weighted)
+
+
+def _gste_backward(g, x, xs, bounds, a, slopes):
+    """``(g * slope, interval sums, sum(g * slope), sum(g * slope * x))`` with static shapes only (XLA).
+
+    Up to COMPARE_LIMIT segments every sum is an elementwise expression of compares and selects
+    feeding one reduction, which XLA fuses into one loop (no gather: that is the slow part under
+    XLA on CPU). Above it, the segment index comes from a binary search and the per-segment sums
+    from `unsorted_segment_sum` with a constant segment count, whose cost does not grow with n.
+    NaN and elements outside [d_0, d_n] are in no segment (an infinite x adds nothing, not 0 * inf).
+    """
+    n = int(slopes.shape[0])
+    zero = tf.zeros_like(xs)
+    if n <= COMPARE_LIMIT:
+        above = [xs > bounds[j] for j in range(n + 1)]  # segment i: above[i-1] and not above[i]
+        slope_of = zero
+        for i in range(n):
+            slope_of = tf.where(above[i], slopes[i], slope_of)
+        slope_of = tf.where(above[n], zero, slope_of)
+        grad_xs = g * slope_of
+        # clip((xs - d_{j-1}) / a'_j, 0, 1) as selects: 1 above d_j, the fraction inside segment j, else 0.
+        interval_sums = tf.stack([
+            tf.reduce_sum(tf.where(above[j], grad_xs, tf.where(above[j - 1], grad_xs * (xs - bounds[j - 1]) / a[j - 1],
+                                                                 zero)))
+            for j in range(1, n + 1)])
+        slope_sum = tf.reduce_sum(grad_xs)
+        in_range = above[0] & ~above[n]
+    else:
+        k = _count_less(bounds, xs)  # segment k for 1 <= k <= n; 0 below d_0 and n + 1 above d_n
+        pad = tf.zeros([1], tf.float32)
+        slope_of = tf.gather(tf.concat([pad, slopes, pad], 0), k)
+        lower_of = tf.gather(tf.concat([pad, bounds[:-1], pad], 0), k)
+        in_range = (k > 0) & (k <= n)
+        grad_xs = g * slope_of
+        terms = tf.stack([tf.reshape(g, [-1]), tf.reshape(tf.where(in_range, g * (xs - lower_of), zero), [-1])], 1)
+        sums = tf.math.unsorted_segment_sum(terms, tf.reshape(k, [-1]), num_segments=n + 2)  # bins 0, n + 1: outside
+        interval_sums, slope_sum = _interval_sums_from_segments(sums[1:n + 1, 0], sums[1:n + 1, 1], a, slopes)
+    return grad_xs, interval_sums, slope_sum, tf.reduce_sum(tf.where(in_range, grad_xs * x, zero))
+
+
 def _reference_quantize(x, start, intervals, beta1, beta2, bits):
-    """Pure-TF forward and G-STE backward (float32 in, float32 out)."""
-    n = num_levels(bits)
+    """Pure-TF forward and G-STE backward (float32 in, float32 out); compiles with XLA."""
     delta = level_step(bits)
 
     @tf.custom_gradient
     def quantize(x, start, intervals, beta1, beta2):
         a, bounds, thresholds = segment_bounds(start, intervals)
-        xs = x * beta1
-        level = tf.cast(_count_less(thresholds, xs), tf.float32)
         scale = beta2 * delta
+        level = tf.cast(_count_less(thresholds, x * beta1), tf.float32)
         y = level * scale
 
         def grad(g):
-            slopes = scale / a
-            # k = #{j : d_j < xs}: segment k (1-based) when 1 <= k <= n, outside otherwise.
-            k = _count_less(bounds, xs)
-            zero = tf.zeros([1], tf.float32)
-            slope_of = tf.gather(tf.concat([zero, slopes, zero], 0), k)
-            lower_of = tf.gather(tf.concat([zero, bounds[:-1], zero], 0), k)
-            grad_xs = g * slope_of
-            per_segment = [
-                tf.math.bincount(k, weights=w, minlength=n + 2, maxlength=n + 2)[1:n + 1]
-                for w in (g, g * (xs - lower_of), g * x)
-            ]
-            # Elements outside [d_0, d_n] land in bins 0 and n + 1, dropped above.
-            sums = tf.stack(per_segment)
-            level_sum = tf.reduce_sum(g * level)
-            return (grad_xs * beta1,) + _parameter_gradients(sums, level_sum, a, intervals, slopes, delta)
+            # xs and level are recomputed rather than kept from the forward: under XLA this
+            # fuses into the backward's loops, and no activation-sized tensor is held between passes.
+            xs = x * beta1
+            grad_xs, interval_sums, slope_sum, beta1_sum = _gste_backward(g, x, xs, bounds, a, scale / a)
+            level_sum = tf.reduce_sum(g * tf.cast(_count_less(thresholds, xs), tf.float32))
+            return (grad_xs * beta1,) + _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum,
+                                                             intervals, delta)
 
         return y, grad
 
@@ -161,7 +208,7 @@ def _reference_quantize(x, start, intervals, beta1, beta2, bits):
 
 
 def _fused_quantize(x, start, intervals, beta1, beta2, bits, kernels):
-    """Same contract as `_reference_quantize`, one pass forward and one backward in C++."""
+    """Same contract as `_reference_quantize`, one pass forward and one backward in C++ (CPU only, no XLA)."""
     delta = level_step(bits)
 
     @tf.custom_gradient
@@ -172,8 +219,11 @@ def _fused_quantize(x, start, intervals, beta1, beta2, bits, kernels):
 
         def grad(g):
             slopes = scale / a
+            # float64 per-segment sums: count, offset and sum(g * x_in) of each segment
             grad_x, sums, level_sum = kernels.n2uq_quantize_backward(g, x, bounds, thresholds, beta1, slopes)
-            return (grad_x,) + _parameter_gradients(sums, level_sum, a, intervals, slopes, delta)
+            interval_sums, slope_sum = _interval_sums_from_segments(sums[0], sums[1], a, slopes)
+            beta1_sum = tf.reduce_sum(tf.cast(slopes, tf.float64) * sums[2])
+            return (grad_x,) + _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum, intervals, delta)
 
         return y, grad
 
@@ -196,9 +246,66 @@ def _writing_saved_model():
     return _fused.writing_saved_model()
 
 
-def active_implementation():
-    """'fused' when the C++ training kernel is loaded, else 'reference' (pure TF)."""
-    return "fused" if _fused_kernels() is not None else "reference"
+def in_xla_context():
+    """True while tracing a function that XLA compiles (``tf.function(jit_compile=True)``, a
+    Keras model compiled with ``jit_compile=True``, TPU replication), outer functions included."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _accelerators_visible():
+    """Whether TensorFlow sees a device other than the CPU (where unplaced ops then go)."""
+    return any(d.device_type != "CPU" for d in tf.config.list_logical_devices())
+
+
+def _device_type(device):
+    """'CPU', 'GPU', 'TPU', ... for a device string; an unnamed type is where TF's placer puts
+    ops that have kernels everywhere: an accelerator when one is visible, else the CPU."""
+    kind = tf.DeviceSpec.from_string(device or "").device_type
+    if kind:
+        return kind.upper()
+    return "GPU" if _accelerators_visible() else "CPU"
+
+
+def _current_device():
+    """The device that an op created here is meant for (graph: the device scope; eager: where it runs)."""
+    return tf.identity(tf.zeros([])).device
+
+
+def active_implementation(implementation="auto", *, jit_compile=None, device=None):
+    """Which path `n2uq_quantize(..., implementation=implementation)` takes: 'fused' or 'reference'.
+
+    "auto" picks the fused C++ kernel only where it belongs: it is loaded (a compiler was
+    found, ``N2UQ_TF_DISABLE_FUSED`` is not 1), the code is not compiled by XLA (the kernel has
+    no XLA lowering) and the op is meant for the CPU (the kernel is CPU-only: in a GPU/TPU step
+    it would cost two host transfers per quantizer), and no SavedModel is being written (the file
+    must not depend on our op library). Everywhere else it picks "reference".
+
+    By default the context answers: the tf.function being traced (its XLA setting) and the
+    device scope. ``jit_compile`` and ``device`` (e.g. "/GPU:0") ask about another context,
+    e.g. ``active_implementation(jit_compile=model.jit_compile)`` for a compiled Keras model.
+    Raises ValueError for an unknown name, or for "fused" under XLA.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+                         f"got {implementation!r}")
+    xla = in_xla_context() if jit_compile is None else bool(jit_compile)
+    if implementation == "fused" and xla:
+        raise ValueError("implementation='fused' cannot run under XLA (jit_compile=True): the fused kernel has "
+                         "no XLA lowering; use implementation='auto' or 'reference'")
+    if implementation == "reference":
+        return "reference"
+    if implementation == "fused":
+        if _fused_kernels() is None:
+            raise RuntimeError("the fused N2UQ kernel is not available (N2UQ_TF_DISABLE_FUSED=1, or see the "
+                               "warning from n2uq_tf._fused)")
+        return "fused"
+    # While a SavedModel is written "auto" keeps to TensorFlow's own ops: the file must load and
+    # serve where our op library is not loaded (a fresh process, TF Serving, N2UQ_TF_DISABLE_FUSED=1).
+    if xla or _fused_kernels() is None or _writing_saved_model():
+        return "reference"
+    return "fused" if _device_type(_current_device() if device is None else device) == "CPU" else "reference"
 
 
 def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="auto"):
@@ -211,15 +318,16 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
       intervals: [n] segment lengths ``a`` (floored at 1e-3).
       beta1, beta2: scalar input and output scales.
       bits: 1..8.
-      implementation: "auto" (fused C++ kernel when it is available, except while a SavedModel
-        is written), "fused" or "reference".
+      implementation: "auto" (the fused C++ kernel on a CPU outside XLA when it is available,
+        except while a SavedModel is written; see `active_implementation`), "fused" or "reference".
 
     Returns:
       ``beta2 * (2 / n) * level`` in the dtype of ``x``.
     """
     n = num_levels(bits)
-    if implementation not in ("auto", "fused", "reference"):
-        raise ValueError(f"implementation must be 'auto', 'fused' or 'reference', got {implementation!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+                         f"got {implementation!r}")
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         raise TypeError(f"n2uq_quantize needs a floating-point input, got {x.dtype.name}")
@@ -228,18 +336,11 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
         raise ValueError(f"intervals must have shape [{n}] for bits={bits}, got {intervals.shape}")
     start, beta1, beta2 = [tf.cast(tf.reshape(p, []), tf.float32) for p in (start, beta1, beta2)]
     x32 = tf.cast(x, tf.float32)
-    # "auto" keeps to TensorFlow's own ops while a SavedModel is written: the file must load and
-    # serve where our op library is not loaded (a fresh process, TF Serving, N2UQ_TF_DISABLE_FUSED=1).
-    if implementation == "reference" or (implementation == "auto" and _writing_saved_model()):
-        kernels = None
+    # `start` was made by an op just now, so its device is that of this scope (see active_implementation).
+    if active_implementation(implementation, device=start.device if implementation == "auto" else None) == "fused":
+        y = _fused_quantize(x32, start, intervals, beta1, beta2, bits, _fused_kernels())
     else:
-        kernels = _fused_kernels()
-    if kernels is None:
-        if implementation == "fused":
-            raise RuntimeError("the fused N2UQ kernel is not available (see warnings from n2uq_tf._fused)")
         y = _reference_quantize(x32, start, intervals, beta1, beta2, bits)
-    else:
-        y = _fused_quantize(x32, start, intervals, beta1, beta2, bits, kernels)
     return tf.cast(y, x.dtype)
 
 

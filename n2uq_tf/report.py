@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from n2uq_tf import ops
 from n2uq_tf.quantize import nested, registry
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
@@ -54,6 +55,9 @@ class LayerReport:
 @dataclasses.dataclass
 class QuantizationReport:
     layers: list
+    # What training runs for the N2UQ activation quantizers, "fused" (the C++ CPU kernel) or
+    # "reference" (pure TF: XLA, GPUs/TPUs), for the model as compiled (n2uq_tf.ops.active_implementation).
+    implementation: str = None
 
     @property
     def total_params(self):
@@ -82,7 +86,8 @@ class QuantizationReport:
     def to_dict(self):
         return {"layers": [dataclasses.asdict(r) for r in self.layers],
                 "total_params": self.total_params, "float_bytes": self.float_bytes,
-                "packed_bytes": self.packed_bytes, "compression": self.compression}
+                "packed_bytes": self.packed_bytes, "compression": self.compression,
+                "implementation": self.implementation}
 
     @property
     def exported_float(self):
@@ -118,10 +123,15 @@ class QuantizationReport:
             lines.append("  ".join(cells + [str(row[-1])]).rstrip())
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        if self.implementation is not None and any(r.activation_method in ("n2uq", "uniform") for r in self.layers):
+            lines.append(f"N2UQ activation quantizers train with: {_IMPLEMENTATION_NAMES[self.implementation]}")
         return "\n".join(lines)
 
     def summary(self, print_fn=print):
         print_fn(str(self))
+
+
+_IMPLEMENTATION_NAMES = {"fused": "fused (C++ kernel, CPU, no XLA)", "reference": "reference (pure TF, XLA-compilable)"}
 
 
 def _format_thresholds(values):
@@ -210,9 +220,12 @@ def quantization_report(model):
     every other layer (quantized layers exported as float included) 4 bytes per value.
     ``float_bytes`` is 4 bytes per parameter. ``print(report)`` shows a table;
     ``report.to_dict()`` gives the numbers. A `DistillationModel` is reported by its student.
+    ``implementation`` says which N2UQ activation-quantizer kernel training takes, for the
+    model's ``jit_compile`` and the devices TensorFlow sees.
     """
     from n2uq_tf.export.source import inference_model
     from n2uq_tf.quantize.api import check_model
+    implementation = ops.active_implementation(jit_compile=bool(getattr(model, "jit_compile", False)))
     model = inference_model(model)
     check_model(model)
     rows = []
@@ -238,4 +251,4 @@ def quantization_report(model):
             _apply_export_plan(row, exported.pop(0))
         elif not_exportable is not None and row.status == "quantized":
             row.export_note = f"the model cannot be exported: {not_exportable}"  # nothing is packed then
-    return QuantizationReport(rows)
+    return QuantizationReport(rows, implementation)

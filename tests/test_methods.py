@@ -1,5 +1,5 @@
-"""Literature quantizers: math vs the NumPy references (tests/methods_reference.py), Keras
-integration (train, save/load in .keras and .h5), mixed methods, errors, old configs, and the
+"""Literature quantizers: math vs the NumPy references (tests/methods_reference.py), eagerly
+and compiled by XLA, XLA vs no XLA bit for bit where the math allows, Keras integration (train, save/load in .keras and .h5), mixed methods, errors, old configs, and the
 export hooks (uniform_levels / integer_view reproduce the Keras inference output)."""
 
 import math
@@ -18,14 +18,35 @@ from n2uq_tf.quantize import methods as qm
 BITS = [1, 2, 3, 4]
 
 
-def grads(fn, *args):
-    """(value, gradients) of sum(g * fn(*args)) for a fixed random upstream g."""
+MODES = ["eager", "xla"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    """Each math test runs eagerly and inside tf.function(jit_compile=True)."""
+    return request.param
+
+
+def grads(fn, *args, mode="eager"):
+    """(value, gradients) of sum(g * fn(*args)) for a fixed random upstream g; "xla" compiles it."""
     args = [tf.constant(a, tf.float32) for a in args]
-    with tf.GradientTape() as tape:
-        tape.watch(args)
-        y = fn(*args)
-    g = np.random.default_rng(7).normal(size=y.shape).astype(np.float32)
-    return y.numpy(), [d.numpy() for d in tape.gradient(y, args, output_gradients=tf.constant(g))], g
+    g = np.random.default_rng(7).normal(size=fn(*args).shape).astype(np.float32)
+
+    def forward_backward(g, *args):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            y = fn(*args)
+        return y, tape.gradient(y, args, output_gradients=g)
+
+    if mode == "xla":
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+    y, d = forward_backward(tf.constant(g), *args)
+    return y.numpy(), [t.numpy() for t in d], g
+
+
+def compiled(fn, mode):
+    """fn as is, or compiled by XLA."""
+    return tf.function(fn, jit_compile=True) if mode == "xla" else fn
 
 
 def away_from(x, points, gap=1e-3):
@@ -44,30 +65,30 @@ def rng_x(shape=(4, 5, 6), scale=1.5, seed=0):
 # --------------------------------------------------------------------------- math vs references
 
 @pytest.mark.parametrize("bits", BITS)
-def test_dorefa_activation(bits):
+def test_dorefa_activation(bits, mode):
     n = 2 ** bits - 1
     x = away_from(rng_x(scale=0.8), np.r_[(np.arange(n) + 0.5) / n, 0.0, 1.0])
-    y, (dx,), g = grads(lambda x: m.dorefa_activation(x, bits), x)
+    y, (dx,), g = grads(lambda x: m.dorefa_activation(x, bits), x, mode=mode)
     want, mask = ref.dorefa_activation(x, bits)
     np.testing.assert_allclose(y, want, atol=1e-6)
     np.testing.assert_allclose(dx, g * mask, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_dorefa_weights(bits):
+def test_dorefa_weights(bits, mode):
     w = rng_x((3, 3, 4, 5), scale=0.3, seed=bits)
-    y, (dw,), g = grads(lambda w: m.dorefa_weights(w, bits), w)
+    y, (dw,), g = grads(lambda w: m.dorefa_weights(w, bits), w, mode=mode)
     want, want_grad = ref.dorefa_weights(w.astype(np.float64), bits, g.astype(np.float64))
     np.testing.assert_allclose(y, want, atol=1e-6)
     np.testing.assert_allclose(dw, want_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_pact(bits):
+def test_pact(bits, mode):
     alpha = 1.7
     n = 2 ** bits - 1
     x = away_from(rng_x(), np.r_[(np.arange(n) + 0.5) * alpha / n, 0.0, alpha])
-    y, (dx, dalpha), g = grads(lambda x, a: m.pact_activation(x, a, bits), x, alpha)
+    y, (dx, dalpha), g = grads(lambda x, a: m.pact_activation(x, a, bits), x, alpha, mode=mode)
     want, want_dx, want_da = ref.pact(x, alpha, bits, g)
     np.testing.assert_allclose(y, want, atol=1e-6)
     np.testing.assert_allclose(dx, want_dx, atol=1e-6)
@@ -75,11 +96,11 @@ def test_pact(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_lsq_activation_unsigned(bits):
+def test_lsq_activation_unsigned(bits, mode):
     s = 0.37
     q_p = 2 ** bits - 1
     x = away_from(rng_x(), np.r_[(np.arange(q_p) + 0.5) * s, 0.0, q_p * s])
-    y, (dx, ds), g = grads(lambda x, s: m.lsq_activation(x, s, bits), x, s)
+    y, (dx, ds), g = grads(lambda x, s: m.lsq_activation(x, s, bits), x, s, mode=mode)
     features = int(np.prod(x.shape[1:]))  # N = features per example
     want, want_dx, want_ds = ref.lsq(x, s, 0, q_p, g, features)
     np.testing.assert_allclose(y, want, atol=1e-6)
@@ -88,11 +109,11 @@ def test_lsq_activation_unsigned(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_lsq_weights_signed_and_grad_scale(bits):
+def test_lsq_weights_signed_and_grad_scale(bits, mode):
     s = 0.05
     q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
     w = away_from(rng_x((3, 3, 4, 6), scale=0.1), (np.arange(-q_n, q_p) + 0.5) * s, gap=1e-4)
-    y, (dw, ds), g = grads(lambda w, s: m.lsq_weights(w, s, bits), w, s)
+    y, (dw, ds), g = grads(lambda w, s: m.lsq_weights(w, s, bits), w, s, mode=mode)
     want, want_dw, want_ds = ref.lsq(w, s, q_n, q_p, g, w.size)
     np.testing.assert_allclose(y, want, atol=1e-6)
     np.testing.assert_allclose(dw, want_dw, atol=1e-6)
@@ -107,20 +128,20 @@ def test_lsq_one_bit_weights_rejected():
 
 
 @pytest.mark.parametrize("temperature, sigma", [(2.0, 2.0), (2.0, 1.0), (4.0, 1.5)])
-def test_daq_temperature_controller(temperature, sigma):
+def test_daq_temperature_controller(temperature, sigma, mode):
     f = np.linspace(0.01, 0.99, 37).astype(np.float32)
-    got = m.daq_temperature(f, temperature, sigma).numpy()
+    got = compiled(lambda f: m.daq_temperature(f, temperature, sigma), mode)(tf.constant(f)).numpy()
     np.testing.assert_allclose(got, ref.daq_beta(f, temperature, sigma), rtol=1e-5)
     # It adapts to the input: largest (sharpest) where the two scores are closest, near f = 1/2.
     assert got[18] > 2 * got[0] and got[18] > 2 * got[-1]
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
-def test_daq_activation_training_forward_and_gradients(bits):
+def test_daq_activation_training_forward_and_gradients(bits, mode):
     u = 1.9
     n = 2 ** bits - 1
     x = away_from(rng_x((257,), scale=1.2), np.r_[np.arange(n + 1) * u / n, (np.arange(n) + 0.5) * u / n], gap=2e-3)
-    y, (dx, du), g = grads(lambda x, u: m.daq_activation(x, u, bits, True, 2.0, 2.0), x, u)
+    y, (dx, du), g = grads(lambda x, u: m.daq_activation(x, u, bits, True, 2.0, 2.0), x, u, mode=mode)
     want, want_dx, want_du = ref.daq_activation_train(x, u, bits, 2.0, 2.0, g)
     np.testing.assert_allclose(y, want, atol=2e-5)
     np.testing.assert_allclose(dx, want_dx, rtol=2e-3, atol=1e-4)
@@ -128,11 +149,11 @@ def test_daq_activation_training_forward_and_gradients(bits):
     # The controller makes the soft value the rounded one (no quantizer gap) ...
     np.testing.assert_allclose(y, ref.daq_activation_infer(x, u, bits), atol=2e-5)
     # ... and inference is hard rounding.
-    hard = m.daq_activation(x, u, bits, False).numpy()
+    hard = compiled(lambda x: m.daq_activation(x, u, bits, False), mode)(tf.constant(x)).numpy()
     np.testing.assert_allclose(hard, ref.daq_activation_infer(x, u, bits), atol=1e-6)
 
 
-def test_daq_soft_round_finite_differences():
+def test_daq_soft_round_finite_differences(mode):
     r = np.array([0.2, 0.4, 0.7, 1.1, 1.35, 2.8], np.float64)
     h = 1e-6
     # With beta held at its value at r, the soft value is smooth in r: central differences.
@@ -150,17 +171,17 @@ def test_daq_soft_round_finite_differences():
 
         numeric.append((soft(ri + h) - soft(ri - h)) / (2 * h))
     np.testing.assert_allclose(ref.daq_soft_slope(r, 2.0, 2.0), numeric, rtol=1e-5)
-    _, (slope,), g = grads(lambda r: m.daq_soft_round(r, 2.0, 2.0), r.astype(np.float32))
+    _, (slope,), g = grads(lambda r: m.daq_soft_round(r, 2.0, 2.0), r.astype(np.float32), mode=mode)
     np.testing.assert_allclose(slope, g * np.array(numeric), rtol=2e-3)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
-def test_daq_weights(bits):
+def test_daq_weights(bits, mode):
     w = rng_x((3, 3, 4, 6), scale=0.2, seed=3)
     lower, upper = -2.5, 2.8
-    hard = m.daq_weights(w, lower, upper, bits, False).numpy()
+    hard = compiled(lambda w: m.daq_weights(w, lower, upper, bits, False), mode)(tf.constant(w)).numpy()
     np.testing.assert_allclose(hard, ref.daq_weights_infer(w, lower, upper, bits), rtol=1e-5, atol=1e-6)
-    soft, (dw,), g = grads(lambda w: m.daq_weights(w, lower, upper, bits, True), w)
+    soft, (dw,), g = grads(lambda w: m.daq_weights(w, lower, upper, bits, True), w, mode=mode)
     np.testing.assert_allclose(soft, hard, atol=1e-5)
     # d w_q / dw = S * 2/n * dDASR/dr * n / (std (u - l)) = dDASR/dr inside the range (S = std (u - l) / 2).
     w64 = w.astype(np.float64)
@@ -172,26 +193,96 @@ def test_daq_weights(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_noscale_weights(bits):
+def test_noscale_weights(bits, mode):
     w = rng_x((3, 3, 2, 4), scale=0.9)
     n = 2 ** bits - 1
     w = away_from(w, np.arange(1, n) * 2 / n - 1)
-    y, (dw,), g = grads(lambda w: m.noscale_weights(w, bits), w)
+    y, (dw,), g = grads(lambda w: m.noscale_weights(w, bits), w, mode=mode)
     np.testing.assert_allclose(y, ref.noscale(w.astype(np.float64), bits), atol=1e-6)
     np.testing.assert_allclose(dw, g, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
-def test_learnable_scale_weights(bits):
+def test_learnable_scale_weights(bits, mode):
     w = rng_x((3, 3, 2, 4), scale=0.3, seed=5)
     alpha = np.array([0.2, 0.35, 0.5, 0.8], np.float32).reshape(1, 1, 1, 4)
-    y, (dw, da), g = grads(lambda w, a: m.learnable_scale_weights(w, a, bits), w, alpha)
+    y, (dw, da), g = grads(lambda w, a: m.learnable_scale_weights(w, a, bits), w, alpha, mode=mode)
     gs = 1 / math.sqrt(18 * 2 ** (bits - 1))
     want, want_dw, want_da = ref.learnable(w.astype(np.float64), alpha.astype(np.float64), bits, g,
                                            (0, 1, 2), gs)
     np.testing.assert_allclose(y, want, atol=1e-6)
     np.testing.assert_allclose(dw, want_dw, atol=1e-6)
     np.testing.assert_allclose(da, want_da, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- XLA vs no XLA
+
+def _xla_cases(bits):
+    """name -> (function of float32 tensors, arguments, the kind of each output: value, then gradients).
+
+    "exact": per-element compares, selects, table lookups and products, which XLA computes with
+    the same float32 operations: bit for bit. ("sum", bound): a sum over elements (a parameter's
+    gradient), accumulated by XLA in another order: |difference| <= 1e-5 * bound, where bound is
+    the largest |per-element factor| times sum|g| (>= sum |term|). "smooth": through tanh or exp,
+    which XLA evaluates with its own approximations (a few ulps apart from TensorFlow's kernels),
+    then through DAQ's temperature controller, which divides by a difference of two scores:
+    |difference| <= 1e-5 (tanh) or 1e-4 (DAQ) of the tensor's largest |value|.
+    """
+    n = 2 ** bits - 1
+    x = rng_x((4, 50, 6), seed=10 + bits)
+    w = rng_x((3, 3, 8, 5), scale=0.3, seed=20 + bits)
+    lsq_a = float(m.lsq_grad_scale(300, n)) * n                   # g * max |ds/ds_e| = g * Q_P
+    cases = {
+        "dorefa_activation": (lambda x: m.dorefa_activation(x, bits), [x], ["exact", "exact"]),
+        "dorefa_weights": (lambda w: m.dorefa_weights(w, bits), [w],
+                           [("sum", float(np.mean(np.abs(w)))) if bits == 1 else "exact", "smooth5"]),
+        "pact": (lambda x, a: m.pact_activation(x, a, bits), [x, np.float32(1.5)], ["exact", "exact", ("sum", 1.0)]),
+        "lsq_activation": (lambda x, s: m.lsq_activation(x, s, bits), [x, np.float32(0.3)],
+                           ["exact", "exact", ("sum", lsq_a)]),
+        "daq_activation": (lambda x, u: m.daq_activation(x, u, bits, True), [x, np.float32(1.7)],
+                           ["smooth4", "smooth4", "smooth4"]),
+        "daq_activation_inference": (lambda x, u: m.daq_activation(x, u, bits, False), [x, np.float32(1.7)],
+                                     ["exact", "exact", ("sum", 1.0)]),  # dy/du = level / n <= 1
+        "daq_weights": (lambda w: m.daq_weights(w, -2.5, 2.8, bits, True), [w], ["smooth4", "smooth4"]),
+        "noscale_weights": (lambda w: m.noscale_weights(w, bits), [w], ["exact", "exact"]),
+        "learnable_scale_weights": (lambda w, a: m.learnable_scale_weights(w, a, bits),
+                                    [w, np.full((1, 1, 1, 5), 0.4, np.float32)],
+                                    ["exact", "exact", ("sum", m.learnable_scale_grad_scale(w, -1, bits))]),
+    }
+    if bits > 1:
+        q_n, q_p = m.lsq_weight_range(bits, signed=True)
+        cases["lsq_weights"] = (lambda w, s: m.lsq_weights(w, s, bits), [w, np.float32(0.1)],
+                                ["exact", "exact", ("sum", float(m.lsq_grad_scale(w.size, q_p)) * q_n)])
+    return cases
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_xla_matches_the_uncompiled_methods(bits):
+    """Every literature quantizer, value and gradients, under XLA vs the same graph without XLA."""
+    for name, (fn, args, kinds) in _xla_cases(bits).items():
+        args = [tf.constant(a) for a in args]
+        g = tf.constant(np.random.default_rng(bits).normal(size=fn(*args).shape).astype(np.float32))
+
+        def forward_backward(*args, fn=fn):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                y = fn(*args)
+            return [y] + [d if d is not None else tf.zeros_like(a)
+                          for d, a in zip(tape.gradient(y, args, output_gradients=g), args)]
+
+        plain = [t.numpy() for t in tf.function(forward_backward)(*args)]
+        xla = [t.numpy() for t in tf.function(forward_backward, jit_compile=True)(*args)]
+        sum_g = float(np.sum(np.abs(g.numpy())))
+        for i, (kind, want, got) in enumerate(zip(kinds, plain, xla)):
+            what = f"{name} at {bits} bits, output {i} ({kind})"
+            assert np.all(np.isfinite(got)), what
+            if kind == "exact":
+                np.testing.assert_array_equal(got, want, err_msg=what)
+            elif kind in ("smooth5", "smooth4"):
+                tol = (1e-5 if kind == "smooth5" else 1e-4) * np.max(np.abs(want))
+                assert np.max(np.abs(got - want)) <= tol, what
+            else:
+                assert np.all(np.abs(got - want) <= 1e-5 * kind[1] * sum_g), what
 
 
 # --------------------------------------------------------------------------- Keras integration

@@ -11,11 +11,13 @@ The reference is written from the design spec, not from ops.py. What is checked:
 5. hypothesis properties;
 6. float16 / bfloat16 inputs;
 7. bad ``bits``;
-8. tf.function (graph mode) vs eager.
+8. tf.function (graph mode) vs eager;
+9. XLA (``tf.function(jit_compile=True)``) vs the same op without XLA.
 
 When ops.n2uq_quantize has an ``implementation`` switch and a non-reference
 (fused) kernel is active, every activation test runs for the default and for
-``implementation="reference"``.
+``implementation="reference"``; every activation test also runs compiled by XLA
+("xla": the default implementation inside ``tf.function(jit_compile=True)``).
 """
 
 import inspect
@@ -40,7 +42,7 @@ def _implementations():
     if "implementation" not in params:
         return ["default"]
     active = getattr(ops, "active_implementation", lambda: "unknown")()
-    return ["default", "reference"] if active != "reference" else ["default"]
+    return (["default", "reference"] if active != "reference" else ["default"]) + ["xla"]
 
 
 IMPLS = _implementations()
@@ -51,7 +53,15 @@ def impl(request):
     return request.param
 
 
+def xla(fn):
+    """fn compiled by XLA; arguments become tensors (a numpy scalar would be a Python constant)."""
+    compiled = tf.function(fn, jit_compile=True)
+    return lambda *args: compiled(*[a if isinstance(a, (tf.Tensor, tf.Variable)) else tf.constant(a) for a in args])
+
+
 def quant(x, s, a, b1, b2, bits, impl="default"):
+    if impl == "xla":
+        return xla(lambda *args: ops.n2uq_quantize(*args, bits))(x, s, a, b1, b2)
     kw = {} if impl == "default" else {"implementation": impl}
     return ops.n2uq_quantize(x, s, a, b1, b2, bits, **kw)
 
@@ -108,10 +118,14 @@ def levels_from_output(y, b2, bits):
 def run_grads(x, s, a, b1, b2, bits, g, impl="default"):
     xv = tf.Variable(x)
     sv, av, b1v, b2v = tf.Variable(s), tf.Variable(a), tf.Variable(b1), tf.Variable(b2)
-    with tf.GradientTape() as tape:
-        y = quant(xv, sv, av, b1v, b2v, bits, impl)
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) * g)
-    grads = tape.gradient(loss, [xv, sv, av, b1v, b2v])
+
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            y = quant(xv, sv, av, b1v, b2v, bits, "default" if impl == "xla" else impl)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * g)
+        return y, tape.gradient(loss, [xv, sv, av, b1v, b2v])
+
+    y, grads = (tf.function(forward_backward, jit_compile=True) if impl == "xla" else forward_backward)()
     names = ["x", "start", "intervals", "beta1", "beta2"]
     out = {}
     for nme, gr in zip(names, grads):
@@ -675,3 +689,92 @@ def test_graph_mode_matches_eager(bits, impl):
     want = ref.gradients64(x, g, s, a, b1, b2, bits)
     np.testing.assert_allclose(graph[2], want["x"], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(levels_from_output(graph[0], b2, bits), ref.levels_f32(x, s, a, b1))
+
+
+# --------------------------------------------------------------------------- 9. XLA vs no XLA
+
+@pytest.mark.parametrize("floored", [False, True], ids=["plain", "floored"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_xla_matches_the_uncompiled_op(bits, floored):
+    """Under XLA the pure-TF op gives the same numbers as without XLA (implementation="reference").
+
+    Bit for bit up to 4 bits: the outputs, the integer levels and the gradient to x (the
+    same float32 operations on every element: compares, selects and products; no sum, so
+    no contraction into a fused multiply-add changes their rounding).
+
+    From 5 bits on, XLA evaluates the cumulative sum of the n > 16 intervals as a tree
+    (another rounding order), so the bounds d_i and thresholds T_i may differ by an ulp or
+    two; elements within `threshold_tolerance` of a threshold (or bound) may then take the
+    neighbouring level (or slope), as between any two correct float32 implementations, and
+    everything else is bit for bit.
+
+    The parameter gradients are sums over all elements, which XLA accumulates in another
+    order; two float32 sums of the same terms differ by a few ulps of sum |term|
+    (`gradient_scales64`) each, bounded here by 1e-5 of that scale (about 80 ulps; the
+    suite above bounds each against float64 by 1e-4).
+    """
+    rng = np.random.default_rng(2024 + 10 * bits + floored)
+    s, a, b1, b2 = make_params(rng, bits, floored)
+    x = make_x(rng, (3, 5000), s, a, b1)
+    t = ref.thresholds_f32(s, a)
+    d = ref.bounds_f32(s, a)
+    edges = np.concatenate([t, d, np.nextafter(t, F32(np.inf)), np.nextafter(d, F32(-np.inf))]) / b1
+    x.reshape(-1)[:edges.size] = edges.astype(F32)  # elements on and next to every threshold and bound
+    x.reshape(-1)[edges.size:edges.size + 3] = [np.nan, np.inf, -np.inf]
+    g = rng.normal(size=x.shape).astype(F32)
+    g.reshape(-1)[edges.size:edges.size + 3] = 0.0
+    tol = ref.threshold_tolerance(s, a, bits)
+    away = (ref.boundary_distance64(float(b1) * x.astype(np.float64), s, a) > tol) | ~np.isfinite(x)
+    if bits > 4:  # an element that changes segment changes the sums: compare the sums without them
+        g[~away] = 0.0
+    y_ref, gr_ref = run_grads(x, s, a, b1, b2, bits, g, "reference")
+    y_xla, gr_xla = run_grads(x, s, a, b1, b2, bits, g, "xla")
+    levels_ref = ops.activation_levels(x, s, a, b1, bits).numpy()
+    levels_xla = xla(lambda *args: ops.activation_levels(*args, bits))(x, s, a, b1).numpy()
+    if bits <= 4:
+        np.testing.assert_array_equal(y_xla, y_ref)
+        np.testing.assert_array_equal(levels_xla, levels_ref)
+        np.testing.assert_array_equal(gr_xla["x"], gr_ref["x"])
+    else:
+        assert away.sum() > 0.8 * x.size
+        np.testing.assert_array_equal(y_xla[away], y_ref[away])
+        np.testing.assert_array_equal(levels_xla[away], levels_ref[away])
+        np.testing.assert_array_equal(gr_xla["x"], gr_ref["x"])
+        assert np.all(np.abs(levels_xla - levels_ref) <= 1)
+    finite = np.isfinite(x)
+    scale = ref.gradient_scales64(x[finite], g[finite], s, a, b1, b2, bits)
+    for name in ("start", "beta1", "beta2", "intervals"):
+        assert np.all(np.isfinite(gr_xla[name])), name
+        err = np.abs(gr_xla[name] - gr_ref[name])
+        assert np.all(err <= 1e-5 * scale[name] + 1e-30), f"{name}: XLA {gr_xla[name]}, no XLA {gr_ref[name]}"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_xla_weight_quantizer(bits):
+    """quantize_weights / weight_codes under XLA. alpha = gamma * mean|W| is a sum, which XLA
+    orders differently: alpha may move by a few ulps (bounded by 8 here; 144 terms per channel).
+    Everything after alpha is exact: the codes agree except where (W / alpha + 1) n / 2 is within
+    float32 noise of a .5 tie, the values are alpha * (2k - n) / n of XLA's own alpha, and the
+    gradient is g / alpha, bit for bit."""
+    w = _weights((3, 3, 16, 24), 40 + bits)
+    g = np.random.default_rng(bits).normal(size=w.shape).astype(F32)
+    n = ref.num_levels(bits)
+    table = np.array([(2 * k - n) / n for k in range(n + 1)], F32)
+
+    def run(w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            q = ops.quantize_weights(w, bits)
+        codes, alpha = ops.weight_codes(w, bits)
+        return q, tape.gradient(q, w, output_gradients=tf.constant(g)), codes, alpha
+
+    q, dw, codes, alpha = [t.numpy() for t in run(tf.constant(w))]
+    q_x, dw_x, codes_x, alpha_x = [t.numpy() for t in tf.function(run, jit_compile=True)(tf.constant(w))]
+    np.testing.assert_allclose(alpha_x, alpha, rtol=8 * np.finfo(F32).eps, atol=0)
+    np.testing.assert_allclose(alpha_x, ref.weight_alpha64(w, bits), rtol=8 * np.finfo(F32).eps, atol=0)
+    _, u = ref.weight_codes64(w, ref.weight_alpha64(w, bits), bits)
+    tie = np.abs(u - np.floor(u) - 0.5) < 1e-5
+    assert np.all((codes_x == codes) | tie)
+    for values, grads, k, scale in ((q, dw, codes, alpha), (q_x, dw_x, codes_x, alpha_x)):
+        np.testing.assert_array_equal(values, (scale * table[k]).astype(F32))
+        np.testing.assert_array_equal(grads, (g / scale).astype(F32))
