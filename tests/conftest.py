@@ -43,3 +43,12 @@ def small_cnn():
 def batch():
     rng = np.random.default_rng(0)
     return rng.random((8, 12, 12, 3), dtype=np.float32), rng.integers(0, 4, 8)
+
+
+def pytest_runtest_logreport(report):
+    """With N2UQ_TEST_TIMES=FILE, appends "seconds phase test" per test phase as the run goes (a long
+    run on a loaded machine shows where its time goes before it ends; --durations prints at the end)."""
+    path = os.environ.get("N2UQ_TEST_TIMES")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.2f} {report.when} {report.nodeid}\n")
