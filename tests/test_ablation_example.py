@@ -14,7 +14,7 @@ def test_ablation_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "ablation.py"), "--seeds", "1", "--epochs", "1",
          "--width", "4", "--image-size", "8", "--train-images", "64", "--batch-size", "16", "--output", str(out)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        capture_output=True, text=True, timeout=3600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| baseline (uniform thresholds, STE) |" in proc.stdout and "| learnable scale |" in proc.stdout
     assert "±" in proc.stdout
@@ -39,6 +39,6 @@ def test_ablation_cifar10_missing_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "ablation.py"), "--dataset", "cifar10", "--seeds", "1",
          "--data-dir", str(tmp_path / "no_data"), "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        capture_output=True, text=True, timeout=3600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode != 0
     assert "cifar10 is not available" in proc.stderr

@@ -17,7 +17,7 @@ def test_train_two_workers_with_nuqsgd(tmp_path):
                "--dataset", "digits", "--image-size", "16", "--bits", "2", "--epochs", "1",
                "--teacher-epochs", "1", "--steps-per-epoch", "3", "--compression", "nuqsgd",
                "--output", str(output), "--no-plots"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(command, capture_output=True, text=True, timeout=3600,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     assert "[worker 0] MultiWorkerMirroredStrategy: 2 replicas" in run.stdout

@@ -86,7 +86,7 @@ def run_workers(method, attempts=2):
     for attempt in range(attempts):
         output = io.StringIO()
         status = launcher.launch([sys.executable, "-c", WORKER_SCRIPT, method], 2, env=env, stream=output,
-                                 timeout=240)
+                                 timeout=3600)
         text = output.getvalue()
         # A port taken between free_ports() and the gRPC server's bind: try once more with new ports.
         if status != 0 and attempt + 1 < attempts and re.search(r"address already in use", text, re.I):

@@ -304,7 +304,7 @@ print("RESULT" + json.dumps(out))
 ''')
 
 
-def run_script(script, timeout=400):
+def run_script(script, timeout=3600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]

@@ -14,7 +14,7 @@ BENCHMARK = os.path.join(ROOT, "benchmarks", "distributed.py")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def _run(argv, timeout=600):
+def _run(argv, timeout=3600):
     run = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     return run
