@@ -1,11 +1,17 @@
-# make demo: the quick-start job; make test: install and run the test suite;
+# make demo: the quick-start job; make test: install and run the whole test suite (what CI runs);
+# make test-fast: the suite without the tests marked slow (end-to-end, compile-heavy), an inner loop;
 # make fuzz: the delegate's mutation campaign under ASan + UBSan with a larger sample than the suite's.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.n2uq_tf-installed
 
-.PHONY: install test demo benchmark fuzz clean
+.PHONY: install test test-fast demo benchmark fuzz clean
+
+# Test processes (pytest-xdist): one per core of a CI machine; each file's tests stay on one worker
+# so its module fixtures (trained and exported models) are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 install: $(STAMP)
 
@@ -18,7 +24,11 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PYTEST) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: install
+	$(PYTEST) -m "not slow" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # FUZZ_CASES random mutants (plus option, op-I/O and resize edits) from seed FUZZ_SEED, in both interpreters.
