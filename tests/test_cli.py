@@ -25,6 +25,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "n2uq_tf", *args], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_help_explains_every_command():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -63,6 +64,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_student_and_its_records(finished_run):
     out = finished_run
     for name in ("student.keras", "teacher.keras", "report.txt", "history.json",
@@ -100,6 +102,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     real_fit = cli._fit
@@ -136,6 +139,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert 0 <= record["student_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_and_report(finished_run, tmp_path, capsys):
     student = os.path.join(finished_run, "student.keras")
     assert cli.main(["evaluate", student, "--dataset", "digits"]) == 0

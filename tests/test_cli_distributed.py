@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import n2uq_tf
+
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
 
 
 def test_train_two_workers_with_nuqsgd(tmp_path):

@@ -13,6 +13,8 @@ import pytest
 import n2uq_tf
 import n2uq_tf.tflite as n2tfl
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

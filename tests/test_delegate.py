@@ -386,6 +386,7 @@ def sanitized():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_malformed_models_report_errors_without_crashing(models, sanitized, backend, tmp_path):
     """Each malformed model gets our error message in a child running the sanitized plugin: never a
     crash or a sanitizer report. Besides the cases above, for every N2UQ op type: each input slot
@@ -410,6 +411,7 @@ def test_malformed_models_report_errors_without_crashing(models, sanitized, back
 
 # ------------------------------------------------------------------ sanitizers
 
+@pytest.mark.slow
 def test_cpp_selftest_under_asan_and_ubsan():
     sources = [os.path.join(PLUGIN_DIR, name) for name in ("delegate_selftest.cc", "delegate.cc",
                                                            "flexbuffer_options.cc")]
@@ -426,6 +428,7 @@ def test_cpp_selftest_under_asan_and_ubsan():
 
 # ------------------------------------------------------------------ exporter
 
+@pytest.mark.slow
 def test_exported_resnet20_matches_keras(tmp_path):
     from n2uq_tf.export import export_tflite
     from n2uq_tf import models as n2models

@@ -18,7 +18,7 @@ CASES = int(os.environ.get("N2UQ_FUZZ_CASES", "400"))
 SEED = int(os.environ.get("N2UQ_FUZZ_SEED", "0"))
 BACKENDS = os.environ.get("N2UQ_FUZZ_BACKENDS", "litert").split(",")
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def test_crash_classifier_places_the_stack():

@@ -413,6 +413,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     run = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, env=env,
@@ -434,6 +435,7 @@ def test_mirrored_strategy_on_two_logical_cpus():
         assert mirrored["eval"][key] == pytest.approx(single["eval"][key], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_bit_student_learns_from_float_teacher_on_digits():
     """A real dataset: sklearn's 8x8 digits. A 2-bit student distilled from its float teacher
     (pure distillation, the paper's optimizer) ends within a few points of the teacher."""

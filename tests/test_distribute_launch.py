@@ -189,6 +189,7 @@ def test_ctrl_c_stops_all_workers_and_reraises():
         assert_gone(int(worker_lines(lines, i)[0].split()[1]))
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_its_workers():
     """A scheduler stopping the launcher must not leave workers running in their own process groups."""
     launcher = subprocess.Popen(
@@ -245,6 +246,7 @@ print(json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": history.his
 """
 
 
+@pytest.mark.slow
 def test_a_real_two_worker_multiworkermirroredstrategy_run():
     status, lines = run([sys.executable, "-c", MWMS_WORKER], timeout=1800)  # hang guard only
     assert status == 0, "\n".join(lines[-40:])

@@ -170,6 +170,8 @@ import numpy as np, tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 from n2uq_tf import distribute as nd
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
+
 # (index in a 600-value gradient): (worker 0's value, worker 1's value)
 BAD = {3: ("nan", 1.0), 70: ("inf", 2.0), 140: ("inf", "-inf"), 210: ("-inf", "-inf"), 333: (0.5, "nan"),
        400: ("-inf", 3e38), 599: ("nan", "nan")}

@@ -400,6 +400,7 @@ def check_step(run, step):
 
 # --- 1. the update is the sum over replicas of decode(encode(g_r)) --------------------------------
 
+@pytest.mark.slow
 def test_mirrored_update_is_sum_of_each_replicas_decoded_compression(mirrored):
     assert mirrored["replicas"] == 2
     runs = mirrored["exact"]
@@ -417,6 +418,7 @@ def test_mirrored_update_is_sum_of_each_replicas_decoded_compression(mirrored):
     assert not any(fused.values()), fused
 
 
+@pytest.mark.slow
 def test_compressed_sum_is_not_the_float_sum(mirrored):
     """The exchange really quantizes (8-bit qsgdinf: close to, but not, the float gradient sum)."""
     run = next(r for r in mirrored["exact"] if r["compression"] == {"method": "qsgdinf", "bits": 8, "bucket_size": 8192,
@@ -431,6 +433,7 @@ def test_compressed_sum_is_not_the_float_sum(mirrored):
 
 # --- 2. replicas stay bit-identical ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_replicas_stay_bit_identical(mirrored):
     for run in mirrored["exact"] + [mirrored["same_data"]]:
         assert run["replicas"] == {"checked": 9, "differ": []}, run["compression"]  # 4 weights, iterations, 4 momenta
@@ -443,6 +446,7 @@ def test_replicas_stay_bit_identical(mirrored):
 
 # --- 3. "none" is the framework's optimizer, bit for bit -----------------------------------------
 
+@pytest.mark.slow
 def test_none_reproduces_plain_adam_bitwise(mirrored):
     fits = mirrored["fits"]
     none, plain = fits["none"], fits["plain"]
@@ -459,6 +463,7 @@ def test_none_reproduces_plain_adam_bitwise(mirrored):
 
 # --- 4. rounding noise: independent per replica, repeatable per seed -------------------------------
 
+@pytest.mark.slow
 def test_rounding_noise_is_independent_per_replica(mirrored):
     run = mirrored["same_data"]
     step = run["steps"][0]
@@ -479,6 +484,7 @@ def test_rounding_noise_is_independent_per_replica(mirrored):
         assert any(not np.array_equal(a, b) for a, b in zip(found["after"], applied_if_same))
 
 
+@pytest.mark.slow
 def test_fixed_seed_repeats_and_other_seed_changes_the_run(mirrored):
     fits = mirrored["fits"]
     assert fits["nuqsgd_again"]["weights"] == fits["nuqsgd"]["weights"]
@@ -489,6 +495,7 @@ def test_fixed_seed_repeats_and_other_seed_changes_the_run(mirrored):
 
 # --- 5. one fused collective per step ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_collective_gather_per_step_and_no_gradient_all_reduce(mirrored):
     fits = mirrored["fits"]
     one_gather = [["CollectiveGatherV2", "device:CPU:0", "float32"], ["CollectiveGatherV2", "device:CPU:1", "float32"]]
@@ -509,6 +516,7 @@ def test_one_collective_gather_per_step_and_no_gradient_all_reduce(mirrored):
 
 # --- 6. DistillationModel + paper_optimizer ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_distillation_with_compressed_paper_optimizer(mirrored):
     out = mirrored["distill"]
     assert out["optimizer_class"] == "CompressedN2UQAdam" and out["is_n2uq_adam"] and out["is_compressed"]
@@ -538,6 +546,7 @@ def kinds_of(values):
                                                       np.where(values == -np.inf, "-inf", "finite")))
 
 
+@pytest.mark.slow
 def test_nonfinite_gradients_on_two_replicas_reach_the_sum_as_the_float_exchange_does(mirrored):
     """One NaN or Inf changes its own position of the sum, as in the float all-reduce, and nothing else."""
     import distribute_reference as ref
@@ -570,6 +579,7 @@ def test_nonfinite_gradients_on_two_replicas_reach_the_sum_as_the_float_exchange
 
 # --- 9 (with real payloads). exchange_size is what is sent -------------------------------------------
 
+@pytest.mark.slow
 def test_payload_sent_has_the_exchange_size(mirrored):
     for run in mirrored["exact"]:
         values, float_bytes, payload_bytes = run["exchange_size"]
@@ -597,6 +607,7 @@ def _regression_data(n=64):
     return x, y
 
 
+@pytest.mark.slow
 def test_single_replica_compresses_exactly_and_still_learns():
     x, y = _regression_data()
     # One step of compressed SGD(1.0): w - decode(encode(g, replica_seed(c, 0, 0))), bitwise.
@@ -639,6 +650,7 @@ def test_single_replica_compresses_exactly_and_still_learns():
     assert any(not np.array_equal(a, b) for a, b in zip(weights["plain"], weights["nuqsgd"]))
 
 
+@pytest.mark.slow
 def test_nonfinite_gradients_on_one_replica_come_back_where_they_were():
     """With one replica the float exchange is the gradient itself: its NaN and Inf come back in place."""
     import distribute_reference as ref

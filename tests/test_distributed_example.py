@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "distributed.py")
 BENCHMARK = os.path.join(ROOT, "benchmarks", "distributed.py")

@@ -135,6 +135,7 @@ def test_small_cnn_lowered_equals_keras(small_cnn):
     print(f"small CNN: max |keras - lowered| = {diff:.3g} (outputs up to {scale:.3g})")
 
 
+@pytest.mark.slow
 def test_resnet20_lowered_equals_keras(resnet20):
     diff, scale, lowered = _check_lowered(resnet20, _inputs(resnet20, 2, 1))
     assert len(lowered.report.lowered) == 20 and not lowered.report.kept_builtin

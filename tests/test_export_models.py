@@ -17,6 +17,8 @@ from n2uq_tf._keras import keras
 from n2uq_tf.export import export_tflite, inspect_tflite
 from test_export import REL_TOL, _randomize
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
+
 BACKENDS = ("tflite", "litert")
 
 

@@ -614,6 +614,7 @@ def _selftest_sources():
     return [os.path.join(CORE_DIR, name) for name in _core._COMPILED] + [SELFTEST]
 
 
+@pytest.mark.slow
 def test_cpp_selftest_under_asan_and_ubsan():
     compiler = _core.compiler()
     binary = _cached_build("asan", [compiler] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR],
@@ -641,6 +642,7 @@ QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 @pytest.mark.skipif(AARCH64_CXX is None or QEMU is None,
                     reason="NEON path needs aarch64-linux-gnu-g++ and qemu-aarch64 "
                            "(apt-get install -y g++-aarch64-linux-gnu qemu-user)")
+@pytest.mark.slow
 def test_cpp_selftest_neon_under_qemu():
     binary = _cached_build("aarch64", [AARCH64_CXX, "-std=c++17", "-O2", "-static", "-pthread", "-ffp-contract=off",
                                        "-I" + CORE_DIR], _selftest_sources(), [])

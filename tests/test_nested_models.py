@@ -207,6 +207,7 @@ def test_nested_model_trains_saves_and_loads(tmp_path, filename):
     assert any(not np.array_equal(a, b) for a, b in zip(before, loaded.get_weights()))
 
 
+@pytest.mark.slow
 def test_nested_model_exports_with_parity_in_both_interpreters():
     model = two_levels()
     q = n2uq_tf.quantize_model(model, 2, skip_layers=None)
@@ -272,6 +273,7 @@ def test_frozen_layer_stays_frozen_when_quantized():
 
 # ------------------------------------------------------------------ an applications backbone
 
+@pytest.mark.slow
 def test_applications_backbone_in_a_functional_model():
     """The usual transfer-learning model: MobileNetV2 (include_top=False) -> GAP -> Dense."""
     keras.utils.set_random_seed(2)

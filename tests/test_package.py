@@ -28,12 +28,14 @@ def run_python(code):
     "import keras\nimport tensorflow as tf\nassert tf.keras.__version__.startswith('3')\nimport n2uq_tf",
     "import tensorflow_model_optimization\nimport tensorflow as tf\nimport n2uq_tf",
 ])
+@pytest.mark.slow
 def test_import_order_does_not_matter(prelude):
     result = run_python(prelude + "\n" + QUANTIZE_SMALL_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["tf_keras", "1"]
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quickstart.py"), "--epochs", "1"],
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT),

@@ -84,6 +84,7 @@ def assert_same_state(loaded, saved, x, step):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), saved.predict(x, verbose=0), err_msg=step)
 
 
+@pytest.mark.slow
 def test_every_format_after_every_format_with_training_between(data, tmp_path):
     x, _ = data
     uninterrupted, model = residual_model(), residual_model()
@@ -269,6 +270,7 @@ LOAD_IN_FRESH_PROCESS = """
 
 
 @pytest.mark.parametrize("disable_fused", ["0", "1"])
+@pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process(disable_fused, saved_model):
     path, folder = saved_model
     out = run_fresh(LOAD_IN_FRESH_PROCESS.format(path=path, folder=folder, train=True),
@@ -277,6 +279,7 @@ def test_saved_model_loads_in_a_fresh_process(disable_fused, saved_model):
         assert out.split()[-1] == "reference"
 
 
+@pytest.mark.slow
 def test_saved_model_serves_without_n2uq_tf(saved_model):
     path, folder = saved_model
     run_fresh(f"""

@@ -211,6 +211,7 @@ def relative_gap(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
 
+@pytest.mark.slow
 def test_resnet20_trains_under_xla():
     """ResNet-20 W2A2 with jit_compile=True: the loss falls, and XLA moves the first step's
     gradients less than it moves the float twin's.
@@ -255,6 +256,7 @@ def bn_cnn():
 
 
 @pytest.mark.parametrize("weight_method, activation_method", ALL_METHODS)
+@pytest.mark.slow
 def test_every_method_trains_under_xla(weight_method, activation_method):
     """Each quantized layer, fed the same input, gives the same output and gradients under XLA
     (to the rounding of XLA's convolution sums: 1e-5 of the largest value), and the compiled
@@ -290,6 +292,7 @@ def test_every_method_trains_under_xla(weight_method, activation_method):
     assert np.all(np.isfinite(losses)) and min(losses[1:]) < losses[0], losses
 
 
+@pytest.mark.slow
 def test_distillation_model_trains_under_xla(small_cnn, batch):
     x, _ = batch
     keras.utils.set_random_seed(5)
