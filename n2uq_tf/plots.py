@@ -18,10 +18,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import ops
-from n2uq_tf._keras import keras
-from n2uq_tf.quantize import nested
-from n2uq_tf.quantize.wrapper import N2UQWrapper
+from n2uq_tf import model_reader, ops
+from n2uq_tf.model_reader import quantizer_state
 
 __all__ = ["quantized_layers", "quantizer_state", "activation_inputs", "plot_thresholds",
            "plot_weight_levels", "save_plots"]
@@ -33,103 +31,39 @@ _DPI = 120
 
 # --------------------------------------------------------------------------- the numbers
 
-def _target(model):
-    """The model whose quantizers to show: a distillation wrapper's student, else the model."""
-    student = getattr(model, "student", None)
-    if isinstance(student, keras.Model):
-        return student
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"expected a tf_keras.Model, got {type(model).__name__}")
-    return model
-
-
 def quantized_layers(model):
     """[(name, N2UQWrapper)] in layer order, nested models included.
 
     The name is the wrapped layer's path, as in `quantization_report`: its name, prefixed by
-    the names of the nested models holding it (``backbone/block1_conv``).
+    the names of the nested models holding it (``backbone/block1_conv``). A model with a
+    ``student`` (distillation) gives its student's layers.
     """
-    return [(w.path, w.layer) for w in nested.walk(_target(model)) if isinstance(w.layer, N2UQWrapper)]
+    return [(q.path, q.wrapper) for q in model_reader.quantized_layers(model)]
 
 
-def _select(pairs, layers):
+def _select(quantized, layers):
+    """The `QuantizedLayer`s named in ``layers`` (paths, wrapper or layer names), in model order."""
     if layers is None:
-        return pairs
+        return quantized
     wanted = [layers] if isinstance(layers, str) else list(layers)
     by_name = {}
-    for name, w in pairs:
-        for key in (name, w.name, w.layer.name):
-            by_name.setdefault(key, (name, w))
+    for q in quantized:
+        for key in (q.path, q.wrapper.name, q.layer.name):
+            by_name.setdefault(key, q)
     missing = [k for k in wanted if k not in by_name]
     if missing:
         raise ValueError(f"no quantized layer named {missing[0]!r}; quantized layers: "
-                         + ", ".join(n for n, _ in pairs))
-    chosen = {id(by_name[k][1]) for k in wanted}
-    return [(n, w) for n, w in pairs if id(w) in chosen]  # keep model order
+                         + ", ".join(q.path for q in quantized))
+    chosen = {id(by_name[k]) for k in wanted}
+    return [q for q in quantized if id(q) in chosen]  # keep model order
 
 
-def _activation_state(wrapper):
-    """Thresholds (input units) and parameters of a wrapper's input quantizer, any method.
-
-    Every activation quantizer gives its inference thresholds through ``uniform_levels``
-    (output = step * #{x * input_scale > T_i}). N2UQ's also has the G-STE segment bounds and
-    the raw start / intervals / betas; other methods list their own scalar variables.
-    """
-    quantizer, v = wrapper.input_quantizer
-    levels = quantizer.uniform_levels(v)
-    # Input units: the quantizer compares input_scale * x with T_i. With a zero scale there
-    # are none; show the raw values then, as quantization_report does.
-    scale = float(levels.input_scale) if float(levels.input_scale) != 0 else 1.0
-    state = {"bits": quantizer.bits, "method": getattr(quantizer, "method", "n2uq"),
-             "thresholds": [float(t) / scale for t in np.asarray(levels.thresholds)],
-             "step": float(levels.step), "bounds": []}
-    if {"start", "intervals", "beta1", "beta2"} <= set(v):
-        start = float(v["start"].numpy())
-        intervals = np.asarray(v["intervals"].numpy(), np.float64)
-        _, bounds, _ = ops.segment_bounds(start, intervals.astype(np.float32))
-        state.update(bounds=[float(d) / scale for d in bounds.numpy()], start=start,
-                     intervals=[float(a) for a in intervals], beta1=float(v["beta1"].numpy()),
-                     beta2=float(v["beta2"].numpy()))
-    else:
-        state["parameters"] = {k: float(t.numpy()) for k, t in v.items()
-                               if t.shape.rank == 0 and t.dtype.is_floating and not k.endswith("initialized")}
-    return state
+def _with_input(model, layers):
+    return [q for q in _select(model_reader.quantized_layers(model), layers) if q.input is not None]
 
 
-def quantizer_state(model):
-    """{layer: {"thresholds", "bounds", "start", "intervals", "beta1", "beta2", "bits", "method", "step"}}.
-
-    One entry per layer whose input is quantized; thresholds T_i / beta1 and segment
-    bounds d_i / beta1 are in input units, start and intervals are the stored (unfloored)
-    variables (other methods than N2UQ: "parameters" with their scalar variables instead of
-    bounds, start, intervals and betas)
-    variables. A model with a ``student`` attribute (distillation) reports the student.
-    """
-    return {name: _activation_state(w) for name, w in quantized_layers(model) if w.input_quantizer is not None}
-
-
-def _input_tensors(model, wanted):
-    """[(wrapper, symbolic input tensor)] in `model`'s own graph, entering nested models.
-
-    Read from the model's own nodes: ``wrapper.input`` is node 0's input, and tfmot's
-    quantize_apply also calls each wrapper in intermediate graphs, so node 0 is not ours.
-    """
-    found = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):  # inputs first
-        for node in model._nodes_by_depth[depth]:
-            layer = node.layer
-            if isinstance(layer, N2UQWrapper):
-                if id(layer) in wanted:
-                    found.append((layer, node.input_tensors))
-            elif isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
-                inner = _input_tensors(layer, wanted)
-                if inner:
-                    # A sub-extractor called on this node's inputs maps the nested
-                    # model's tensors into the outer graph.
-                    sub = keras.Model(layer.inputs, [t for _, t in inner])
-                    outputs = tf.nest.flatten(sub(node.input_tensors))
-                    found.extend(zip([w for w, _ in inner], outputs))
-    return found
+def _with_weights(model, layers):
+    return [q for q in _select(model_reader.quantized_layers(model), layers) if q.weight_bits is not None and q.weights]
 
 
 def _first_batch(x):
@@ -148,22 +82,23 @@ def activation_inputs(model, x, layers=None, max_values=MAX_VALUES, batch_size=6
     batch keep a random sample of that size (fixed ``seed``). ``x`` is an array (or the
     structure the model takes), or a tf.data.Dataset whose first batch is used.
     """
-    model = _target(model)
-    if not getattr(model, "_is_graph_network", False):
+    model = model_reader.inspected_model(model)
+    reader = model_reader.reader_for(model)
+    if not reader.is_functional(model):
         raise ValueError(f"model {model.name!r} is subclassed; activation_inputs needs a Functional or "
                          "Sequential model (or an object with a `student` that is one)")
-    pairs = [(n, w) for n, w in _select(quantized_layers(model), layers) if w.input_quantizer is not None]
-    if not pairs:
+    quantized = _with_input(model, layers)
+    if not quantized:
         return {}
-    tensors = _input_tensors(model, {id(w) for _, w in pairs})
-    extractor = keras.Model(model.inputs, [t for _, t in tensors])
-    names = {id(w): n for n, w in pairs}
+    tensors = reader.activation_input_tensors(model, {id(q.wrapper) for q in quantized})
+    extractor = reader.sub_model(model, [t for _, t in tensors])
+    names = {id(q.wrapper): q.path for q in quantized}
 
     x = _first_batch(x)
     flat = tf.nest.flatten(x)
     total = int(flat[0].shape[0])
     rng = np.random.default_rng(seed)
-    chunks = {n: [] for n, _ in pairs}
+    chunks = {q.path: [] for q in quantized}
     for begin in range(0, total, batch_size):
         chunk = tf.nest.map_structure(lambda a: a[begin:begin + batch_size], x)
         size = int(tf.nest.flatten(chunk)[0].shape[0])
@@ -175,18 +110,18 @@ def activation_inputs(model, x, layers=None, max_values=MAX_VALUES, batch_size=6
                 keep = int(max_values * size / total)
                 values = values[np.sort(rng.choice(values.size, keep, replace=False))]
             chunks[names[id(wrapper)]].append(values)
-    return {n: np.concatenate(chunks[n]) for n, _ in pairs}
+    return {q.path: np.concatenate(chunks[q.path]) for q in quantized}
 
 
-def _weight_codes(wrapper):
-    """Codes k (int array) and W on the [-1, 1] level axis (float array) of a wrapper's kernels.
+def _weight_codes(quantized):
+    """Codes k (int array) and W on the [-1, 1] level axis (float array) of a layer's kernels.
 
     Any weight method: its ``integer_view`` gives codes and w_q = scale * (2k - zero2) / 2, so
     W sits at k = W / scale + zero2 / 2 on the code axis, shown as 2k/n - 1 (W / alpha for N2UQ).
     """
-    n = ops.num_levels(wrapper.quantize_config.weight_bits)
+    n = ops.num_levels(quantized.weight_bits)
     codes, ratios = [], []
-    for weight, quantizer, variables in wrapper._weight_vars:
+    for _, weight, quantizer, variables in quantized.weights:
         w = np.asarray(tf.convert_to_tensor(weight, tf.float32).numpy(), np.float64)
         view = quantizer.integer_view(w, variables)
         scale = np.broadcast_to(np.asarray(view.scale, np.float64), w.shape)
@@ -271,17 +206,18 @@ def plot_thresholds(model, x, path=None, layers=None, max_layers=None, bins=60):
     Saves a PNG to ``path`` when given; returns the matplotlib Figure.
     """
     Figure, FigureCanvasAgg, ticker = _matplotlib()
-    pairs = [(n, w) for n, w in _select(quantized_layers(model), layers) if w.input_quantizer is not None]
-    if not pairs:
+    quantized = _with_input(model, layers)
+    if not quantized:
         raise ValueError("the model has no layer with a quantized input")
-    shown = _limit(pairs, max_layers)
-    values = activation_inputs(model, x, layers=[w.name for _, w in shown])
+    shown = _limit(quantized, max_layers)
+    values = activation_inputs(model, x, layers=[q.wrapper.name for q in shown])
     title = "Learned activation thresholds over the input histograms (input units: $T_i/\\beta_1$)"
-    if len(shown) < len(pairs):
-        title += f"\n{len(shown)} of {len(pairs)} quantized layers"
+    if len(shown) < len(quantized):
+        title += f"\n{len(shown)} of {len(quantized)} quantized layers"
     fig, axes = _grid(len(shown), title, Figure, FigureCanvasAgg)
-    for ax, (name, wrapper) in zip(axes, shown):
-        state = _activation_state(wrapper)
+    for ax, q in zip(axes, shown):
+        name = q.path
+        state = model_reader.activation_state(q.input)
         data = values[name]
         marks = np.asarray(state["bounds"] + state["thresholds"])
         lo = min(float(data.min()), float(marks.min())) if data.size else float(marks.min())
@@ -346,19 +282,18 @@ def plot_weight_levels(model, path=None, layers=None, max_layers=None):
     Saves a PNG to ``path`` when given; returns the matplotlib Figure.
     """
     Figure, FigureCanvasAgg, ticker = _matplotlib()
-    pairs = [(n, w) for n, w in _select(quantized_layers(model), layers)
-             if w.quantize_config.weight_bits is not None and w._weight_vars]
-    if not pairs:
+    quantized = _with_weights(model, layers)
+    if not quantized:
         raise ValueError("the model has no layer with quantized weights")
-    shown = _limit(pairs, max_layers)
+    shown = _limit(quantized, max_layers)
     title = "Weight levels: fraction of weights per code $k$ (entropy-preserving scale)"
-    if len(shown) < len(pairs):
-        title += f"\n{len(shown)} of {len(pairs)} quantized layers"
+    if len(shown) < len(quantized):
+        title += f"\n{len(shown)} of {len(quantized)} quantized layers"
     fig, axes = _grid(len(shown), title, Figure, FigureCanvasAgg)
-    for ax, (name, wrapper) in zip(axes, shown):
-        bits = wrapper.quantize_config.weight_bits
+    for ax, q in zip(axes, shown):
+        name, bits = q.path, q.weight_bits
         n = ops.num_levels(bits)
-        codes, ratios = _weight_codes(wrapper)
+        codes, ratios = _weight_codes(q)
         fractions = np.bincount(codes, minlength=n + 1) / max(codes.size, 1)
         ax.bar(np.arange(n + 1), fractions, width=0.8, color="#74c476", edgecolor="#238b45", linewidth=0.6,
                label="fraction at level $k$")
@@ -402,12 +337,11 @@ def save_plots(model, x, directory, max_layers=None):
     """
     os.makedirs(directory, exist_ok=True)
     written = []
-    pairs = quantized_layers(model)
-    if x is not None and any(w.input_quantizer is not None for _, w in pairs):
+    if x is not None and _with_input(model, None):
         path = os.path.join(directory, "thresholds.png")
         plot_thresholds(model, x, path, max_layers=max_layers)
         written.append(path)
-    if any(w.quantize_config.weight_bits is not None and w._weight_vars for _, w in pairs):
+    if _with_weights(model, None):
         path = os.path.join(directory, "weight_levels.png")
         plot_weight_levels(model, path, max_layers=max_layers)
         written.append(path)

@@ -2,11 +2,7 @@
 
 import dataclasses
 
-import numpy as np
-
-from n2uq_tf import ops
-from n2uq_tf.quantize import nested, registry
-from n2uq_tf.quantize.wrapper import N2UQWrapper
+from n2uq_tf import model_reader, ops
 
 FLOAT_BYTES = 4
 
@@ -143,39 +139,20 @@ def _format_thresholds(values):
     return text
 
 
-def _float_weights(variables):
-    return [v for v in variables if v.dtype.is_floating]
-
-
-def _input_unit_thresholds(levels):
-    """A quantizer's thresholds T_i / input_scale (its input's units; raw T_i for a zero scale)."""
-    scale = float(levels.input_scale)
-    t = np.asarray(levels.thresholds, np.float64)
-    return [float(v) for v in (t / scale if scale != 0 else t)]
-
-
-def _wrapper_report(wrapper):
-    layer = wrapper.layer
-    config = wrapper.quantize_config
-    # tfmot swaps the inner layer's kernel attribute for the quantized tensor, so the
-    # wrapper (not the inner layer) is where every variable is listed.
-    params = sum(int(np.prod(v.shape)) for v in {id(v): v for v in _float_weights(wrapper.weights)}.values())
-    report = LayerReport(layer.name, type(layer).__name__, "quantized", config.weight_bits,
-                         config.activation_bits)
-    if config.weight_bits is not None:
-        report.weight_method = getattr(config, "weight_method", "n2uq")
-    if wrapper.input_quantizer is not None:
-        quantizer, variables = wrapper.input_quantizer
-        report.activation_method = getattr(quantizer, "method", "n2uq")
-        levels = quantizer.uniform_levels(variables)
+def _quantized_report(quantized, params):
+    """The row of a quantized layer (a `n2uq_tf.model_reader.QuantizedLayer`), ``params`` its float values."""
+    report = LayerReport(quantized.path, type(quantized.layer).__name__, "quantized", quantized.weight_bits,
+                         quantized.activation_bits, weight_method=quantized.weight_method)
+    if quantized.input is not None:
+        variables = quantized.input.variables
+        report.activation_method = quantized.input.method
         if "beta1" in variables and "beta2" in variables:
             report.beta1, report.beta2 = float(variables["beta1"].numpy()), float(variables["beta2"].numpy())
-        report.thresholds = _input_unit_thresholds(levels)
+        levels = quantized.input.levels()
+        report.thresholds = model_reader.input_units(levels.thresholds, levels.input_scale)
         report.step = float(levels.step)
-    between = wrapper.intermediate_quantizers
-    if between:
-        report.intermediate_thresholds = {name: _input_unit_thresholds(quantizer.uniform_levels(variables))
-                                          for name, quantizer, variables in between}
+    if quantized.intermediate:
+        report.intermediate_thresholds = {q.name: q.input_thresholds() for q in quantized.intermediate}
     # Packed bytes come from the export plan (quantization_report); float until then.
     report.params, report.float_bytes, report.packed_bytes = params, FLOAT_BYTES * params, FLOAT_BYTES * params
     return report
@@ -228,17 +205,19 @@ def quantization_report(model):
     implementation = ops.active_implementation(jit_compile=bool(getattr(model, "jit_compile", False)))
     model = inference_model(model)
     check_model(model)
+    reader = model_reader.reader_for(model)
     rows = []
-    for walked in nested.walk(model):  # layers inside nested models are named by their path
+    for walked in reader.walk(model):  # layers inside nested models are named by their path
         layer = walked.layer
-        if isinstance(layer, N2UQWrapper):
-            rows.append(dataclasses.replace(_wrapper_report(layer), name=walked.path))
+        size = reader.float_parameter_count(layer)  # a quantized layer's: its quantizer parameters too
+        quantized = reader.quantized(layer, walked.path)
+        if quantized is not None:
+            rows.append(_quantized_report(quantized, size))
             continue
-        size = sum(int(np.prod(v.shape)) for v in _float_weights(layer.weights))
-        reason = registry.unsupported_reason(layer)
+        reason = reader.unsupported_reason(layer)
         if reason is not None:
             status, note = "unsupported", reason
-        elif registry.lookup(layer) is not None:
+        elif reader.is_quantizable(layer):
             status, note = "kept float", "not quantized (skip_layers or overrides)"
         else:
             status, note = "float", ""

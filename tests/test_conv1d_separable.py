@@ -19,9 +19,9 @@ import tensorflow as tf
 
 import numpy_reference as ref
 import n2uq_tf
+from n2uq_tf import model_reader
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops, export_tflite, inspect_tflite, lower, plan_export
-from n2uq_tf.plots import _input_tensors
 from n2uq_tf.quantize import N2UQQuantizeConfig, N2UQWrapper, registry
 
 L = keras.layers
@@ -141,7 +141,7 @@ def _wrappers(model):
 def _layer_inputs(model, x):
     """{layer name: the float input of each quantized layer} in Keras inference."""
     wrappers = list(_wrappers(model).values())
-    tensors = _input_tensors(model, {id(w) for w in wrappers})
+    tensors = model_reader.reader_for(model).activation_input_tensors(model, {id(w) for w in wrappers})
     values = keras.Model(model.inputs, [t for _, t in tensors])(x, training=False)
     return {w.layer.name: np.asarray(v) for (w, _), v in zip(tensors, tf.nest.flatten(values))}
 
@@ -163,7 +163,8 @@ def _conv1d_reference(wrapper, x):
     """The quantized Conv1D in NumPy: N2UQ levels of x, entropy-preserving weights, padded 1-D conv."""
     layer, config = wrapper.layer, wrapper.quantize_config
     q = ref.quantize_f32(x, *_quantizer_parameters(wrapper.input_quantizer[1]), config.activation_bits)
-    w, _, _ = ref.quantize_weights64(wrapper._weight_vars[0][0].numpy(), config.weight_bits, -1)   # [K][IC][OC]
+    kernel = wrapper.weight_quantizers[0].variable.numpy()
+    w, _, _ = ref.quantize_weights64(kernel, config.weight_bits, -1)   # [K][IC][OC]
     (k,), (s,), (d,) = layer.kernel_size, layer.strides, layer.dilation_rate
     pads = {"causal": ((k - 1) * d, 0), "valid": (0, 0),
             "same": _tf_same_padding(x.shape[1], k, s, d)}[layer.padding]
@@ -181,7 +182,7 @@ def _separable_kernel(wrapper, attr):
     config = wrapper.quantize_config
     if config.weight_bits is None:
         return getattr(wrapper.layer, attr).numpy().astype(np.float64)
-    variable = wrapper._weight_vars[config.weight_attrs.index(attr)][0]
+    variable = wrapper.weight_quantizers[config.weight_attrs.index(attr)].variable
     axis = (-2, -1) if attr == "depthwise_kernel" else -1
     return ref.quantize_weights64(variable.numpy(), config.weight_bits, axis)[0]
 
@@ -329,8 +330,8 @@ def test_separable_forward_equals_numpy(xception):
         _assert_close(got, want, name)
         # Without the quantizer between depthwise and pointwise the layer computes something else.
         layer = wrapper.layer
-        kernels = {attr: quantizer(w, False, weights=v)
-                   for attr, (w, quantizer, v) in zip(("depthwise_kernel", "pointwise_kernel"), wrapper._weight_vars)}
+        kernels = {attr: quantizer(w, False, weights=v) for attr, w, quantizer, v in wrapper.weight_quantizers}
+        assert list(kernels) == ["depthwise_kernel", "pointwise_kernel"]
         quantized_input = wrapper.input_quantizer[0](tf.constant(inputs[name]), False,
                                                      weights=wrapper.input_quantizer[1])
         unquantized = registry.split_of(layer).call(layer, quantized_input, kernels, lambda t: t)
@@ -384,7 +385,7 @@ def test_every_variable_gets_a_gradient(kind):
     # The pointwise_input quantizer's gradients are the G-STE formulas on the depthwise output,
     # with the upstream gradient sent back through the quantized pointwise kernel.
     _, depthwise, _ = _separable_reference(wrapper, x)
-    pw, _, _ = ref.quantize_weights64(wrapper._weight_vars[1][0].numpy(), 2, -1)
+    pw, _, _ = ref.quantize_weights64(wrapper.weight_quantizers[1].variable.numpy(), 2, -1)
     upstream = g.astype(np.float64) @ pw[0, 0].T
     (_, _, v), = wrapper.intermediate_quantizers
     start, intervals, beta1, beta2 = _quantizer_parameters(v)
@@ -547,7 +548,8 @@ def test_export_matches_keras_in_both_interpreters(tcn, xception, backend, tmp_p
             wrapper = wrappers[stage.layer.name]
             index = 0 if stage.kind == custom_ops.OP_DEPTHWISE_CONV2D or not wrapper.intermediate_quantizers else 1
             codes = custom_ops.unpack_weight_codes(stage.stream, stage.weight_count, 2)
-            np.testing.assert_array_equal(codes, _layout(stage, wrapper._weight_vars[index][0].numpy()).reshape(-1))
+            kernel = wrapper.weight_quantizers[index].variable.numpy()
+            np.testing.assert_array_equal(codes, _layout(stage, kernel).reshape(-1))
             assert layer.packed_bytes == math.ceil(stage.weight_count * 2 / 8)
             op = next(o for o in info.operators if o.layer == layer.name)
             assert (op.options["kernel_height"], op.options["kernel_width"]) == stage.kernel_size
@@ -602,7 +604,7 @@ def test_separable_kept_builtin_keeps_the_intermediate_quantizer(xception):
     q = n2uq_tf.quantize_model(keras.Model(inp, L.SeparableConv2D(6, 3, name="sep_wfloat")(inp)), bits=2,
                                skip_layers=None, overrides={"sep_wfloat": {"weight_bits": None}})
     wrapper = _wrappers(q)["sep_wfloat"]
-    assert len(wrapper.intermediate_quantizers) == 1 and not wrapper._weight_vars
+    assert len(wrapper.intermediate_quantizers) == 1 and not wrapper.weight_quantizers
     _learned_looking(q, x, 5)
     [row] = plan_export(q).kept_builtin
     assert "weight_bits=None" in row.reason

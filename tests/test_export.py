@@ -199,7 +199,7 @@ def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
         # the bitstream decodes to the Keras kernel's codes in the contract's layout
         codes = custom_ops.unpack_weight_codes(h.stream, h.weight_count, h.report.weight_bits)
         wrapper = next(w for w in small_cnn.layers if getattr(w, "layer", None) is h.layer)
-        kernel = wrapper._weight_vars[0][0]  # the variable (the layer attribute is tfmot's quantized tensor)
+        kernel = wrapper.weight_quantizers[0].variable  # the variable (the layer attribute is tfmot's quantized tensor)
         axis = (-2, -1) if h.kind == custom_ops.OP_DEPTHWISE_CONV2D else -1
         k, _ = ops.weight_codes(tf.convert_to_tensor(kernel), h.report.weight_bits, axis)
         k = k.numpy()
@@ -553,7 +553,7 @@ def test_one_overhead_figure_for_a_file(resnet20, tmp_path, capsys):
 def test_non_finite_weights_are_named_before_export():
     q = _small_cnn()
     wrapper = q.get_layer("quant_dw")
-    kernel = wrapper._weight_vars[0][0]  # the variable (the layer attribute is tfmot's quantized tensor)
+    kernel = wrapper.weight_quantizers[0].variable  # the variable (the layer attribute is tfmot's quantized tensor)
     value = kernel.numpy()
     value.flat[3] = np.nan
     kernel.assign(value)

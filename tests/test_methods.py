@@ -349,7 +349,7 @@ def test_export_hooks_reproduce_inference(weight_method, activation_method):
         xs = inputs * np.float32(levels.input_scale)
         count = np.sum(xs[..., None] > levels.thresholds, axis=-1).astype(np.float32)
         np.testing.assert_array_equal(got, count * np.float32(levels.step))
-        kernel, wq, wv = wrapper._weight_vars[0]
+        _, kernel, wq, wv = wrapper.weight_quantizers[0]
         view = wq.integer_view(kernel, wv)
         n_codes = 2 ** wq.bits
         assert view.codes.min() >= 0 and view.codes.max() < n_codes
@@ -375,7 +375,7 @@ def test_data_dependent_initialisation_happens_once():
         c2_input = layer(c2_input, training=False)
     c2_input = c2_input.numpy()
     np.testing.assert_allclose(variables["step"].numpy(), 2 * np.mean(np.abs(c2_input)) / math.sqrt(7), rtol=1e-5)
-    kernel, _, wv = wrapper._weight_vars[0]
+    _, kernel, _, wv = wrapper.weight_quantizers[0]
     np.testing.assert_allclose(wv["step"].numpy(), 2 * np.mean(np.abs(kernel.numpy())) / math.sqrt(3), rtol=1e-5)
     assert variables["initialized"].numpy() == 1.0 == wv["initialized"].numpy()
     step = variables["step"].numpy()

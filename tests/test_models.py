@@ -438,7 +438,7 @@ def test_builders_pass_the_quantizer_methods(builder, kwargs, expected):
     for wrapper in wrappers(model).values():
         quantizer, _ = wrapper.input_quantizer
         assert quantizer.method == expected[1]
-        assert wrapper._weight_vars[0][1].method == expected[0]
+        assert wrapper.weight_quantizers[0].quantizer.method == expected[0]
 
 
 def test_quantize_passes_the_quantizer_methods():

@@ -215,7 +215,7 @@ def test_other_methods_are_drawn_from_their_integer_views(method, images):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     for ax in plots.plot_weight_levels(model).axes:
         wrapper = wrappers_by_name(model)[ax.get_gid()]
-        (kernel, quantizer, variables), = wrapper._weight_vars
+        (_, kernel, quantizer, variables), = wrapper.weight_quantizers
         codes = np.asarray(quantizer.integer_view(kernel.numpy(), variables).codes).reshape(-1)
         want = np.bincount(codes, minlength=4) / codes.size
         (bars,) = ax.containers

@@ -286,7 +286,8 @@ def test_a_weight_turned_nan_is_named_in_training_and_inference(small_cnn, batch
     import tensorflow as tf
     q = n2uq_tf.quantize_model(small_cnn, bits=2, method=method)
     q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    kernel = q.get_layer("quant_conv_a")._weight_vars[0][0]  # the variable (tfmot sets the attribute to a tensor)
+    # the variable (tfmot sets the attribute to a tensor)
+    kernel = q.get_layer("quant_conv_a").weight_quantizers[0].variable
     value = kernel.numpy()
     value[0, 0, 0, 0] = np.nan  # as a diverged step leaves it
     kernel.assign(value)

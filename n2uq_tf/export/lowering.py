@@ -19,11 +19,11 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from n2uq_tf import model_reader
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU
-from n2uq_tf.quantize import methods, nested, registry
-from n2uq_tf.quantize.wrapper import N2UQWrapper
+from n2uq_tf.quantize import methods
 
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
 FLOAT_BYTES = 4
@@ -138,15 +138,6 @@ class ExportReport:
 
 # ------------------------------------------------------------------ per-layer plans
 
-def _float_param_count(layer):
-    seen, count = set(), 0
-    for v in layer.weights:
-        if id(v) not in seen and v.dtype.is_floating:
-            seen.add(id(v))
-            count += int(np.prod(v.shape))
-    return count
-
-
 def _is_linear(activation):
     return activation is None or activation is keras.activations.linear or \
         getattr(activation, "__name__", "") == "linear"
@@ -181,36 +172,38 @@ def _bn_affine(bn):
     return scale, beta - scale * mean
 
 
-def _activation_state(quantizer, variables):
-    """Thresholds T (float32), input scale and output step of an activation quantizer.
+def _activation_state(activation):
+    """Thresholds T (float32), input scale and output step of a `model_reader.QuantizedActivation`.
 
-    Any method: ``uniform_levels`` gives its inference output exactly as
-    step * #{x * input_scale > T_i} (N2UQ: input_scale beta1, step beta2 * delta).
+    Any method: its levels give its inference output exactly as step * #{x * input_scale > T_i}
+    (N2UQ: input_scale beta1, step beta2 * delta). The ops take T and the scale as they are (no
+    division into input units), so the export is exact for any scale.
     """
-    levels = quantizer.uniform_levels(variables)
+    levels = activation.levels()
     return (np.asarray(levels.thresholds, np.float32), np.float32(levels.input_scale), np.float32(levels.step))
 
 
-def _builtin_reason(wrapper, input_shape):
-    """Why a wrapper cannot be lowered to custom ops, or None if it can."""
-    layer, config = wrapper.layer, wrapper.quantize_config
-    if config.weight_bits is None:
+def _builtin_reason(quantized, input_shape):
+    """Why a quantized layer (`model_reader.QuantizedLayer`) cannot be lowered to custom ops, or None if it can."""
+    layer = quantized.layer
+    if quantized.weight_bits is None:
         return "weights not quantized (weight_bits=None)"
-    if wrapper.input_quantizer is None:
+    if quantized.input is None:
         return "input not quantized (activation_bits=None)"
     try:
-        methods.check_exportable(wrapper)
+        methods.check_exportable(quantized.wrapper)
     except ValueError as error:
         return str(error)
-    if config.weight_bits > MAX_EXPORT_BITS or config.activation_bits > MAX_EXPORT_BITS:
-        return (f"W{config.weight_bits}A{config.activation_bits}: the custom ops take 1..{MAX_EXPORT_BITS} bits")
+    if quantized.weight_bits > MAX_EXPORT_BITS or quantized.activation_bits > MAX_EXPORT_BITS:
+        return (f"W{quantized.weight_bits}A{quantized.activation_bits}: the custom ops take "
+                f"1..{MAX_EXPORT_BITS} bits")
     stages = _STAGE_OPS.get(type(layer))
     if stages is None:
         return f"no custom op for {type(layer).__name__}"
-    if len(wrapper._weight_vars) != len(stages):
-        return (f"{len(wrapper._weight_vars)} quantized weights; {type(layer).__name__} is lowered with "
+    if len(quantized.weights) != len(stages):
+        return (f"{len(quantized.weights)} quantized weights; {type(layer).__name__} is lowered with "
                 f"{len(stages)}")
-    if len(wrapper.intermediate_quantizers) != len(stages) - 1:
+    if len(quantized.intermediate) != len(stages) - 1:
         return f"no quantizer between the stages of {type(layer).__name__}"
     rank = len(input_shape)
     if type(layer) in _DENSE_TYPES:
@@ -277,8 +270,8 @@ class _Stage:
         self.name, self.tap, self.layer, self.kind, self.report, self.one_d = name, tap, layer, kind, report, one_d
         wb, ab = report.weight_bits, report.activation_bits
         self.act_bits = ab
-        self.thresholds, input_scale, step = _activation_state(*quantizer)
-        kernel_var, weight_quantizer, variables = weight
+        self.thresholds, input_scale, step = _activation_state(quantizer)
+        _, kernel_var, weight_quantizer, variables = weight
         view = weight_quantizer.integer_view(tf.convert_to_tensor(kernel_var, tf.float32), variables)
         codes, weight_scale = np.asarray(view.codes), np.asarray(view.scale, np.float64)
         out_channels = int(np.prod(weight_scale.shape))
@@ -399,19 +392,17 @@ class _Lowered:
     output squeezed back.
     """
 
-    def __init__(self, wrapper, input_shape, bn, prefix=""):
-        layer = wrapper.layer
-        # Named by its path (n2uq_tf.quantize.nested): in the report, the activation codes and
+    def __init__(self, quantized, input_shape, bn, prefix=""):
+        layer = quantized.layer
+        # Named by its path (n2uq_tf.model_reader): in the report, the activation codes and
         # the .tflite tensor names, as in quantization_report.
-        self.name, self.layer, self.bn = prefix + layer.name, layer, bn
-        config = wrapper.quantize_config
+        self.name, self.layer, self.bn = quantized.path, layer, bn
         self.one_d = type(layer) in _ONE_D_TYPES
         self.activation = None if _is_linear(getattr(layer, "activation", None)) else layer.activation
-        self.report = LayerExport(self.name, type(layer).__name__, "lowered", [], config.weight_bits,
-                                  config.activation_bits, folded=None if bn is None else prefix + bn.name)
-        quantizers = [(self.name, wrapper.input_quantizer)] + [
-            (f"{self.name}/{name}", (quantizer, variables))
-            for name, quantizer, variables in wrapper.intermediate_quantizers]
+        self.report = LayerExport(self.name, type(layer).__name__, "lowered", [], quantized.weight_bits,
+                                  quantized.activation_bits, folded=None if bn is None else prefix + bn.name)
+        quantizers = [(self.name, quantized.input)] + [
+            (f"{self.name}/{between.name}", between) for between in quantized.intermediate]
         kinds = _STAGE_OPS[type(layer)]
         shape = list(input_shape)
         if self.one_d:
@@ -426,7 +417,7 @@ class _Lowered:
                 geometry = _conv_geometry(layer, input_shape) if i == 0 else _POINTWISE
             stage = _Stage(
                 name=self.name if last else f"{self.name}/{_STAGE_LABELS[kind]}", tap=tap, layer=layer, kind=kind,
-                quantizer=quantizer, weight=wrapper._weight_vars[i], in_channels=shape[-1], report=self.report,
+                quantizer=quantizer, weight=quantized.weights[i], in_channels=shape[-1], report=self.report,
                 geometry=geometry, one_d=self.one_d,
                 depth_multiplier=getattr(layer, "depth_multiplier", 1) if kind == custom_ops.OP_DEPTHWISE_CONV2D else 1,
                 conv_bias=layer.bias.numpy() if last and getattr(layer, "use_bias", False) else None,
@@ -472,45 +463,37 @@ def _builtin_quantize(x, thresholds, input_scale, step):
 
 
 class _KeptBuiltin:
-    """A wrapper kept as float builtins: its own layer call on fake-quantized constant kernels."""
+    """A quantized layer kept as float builtins: its own layer call on fake-quantized constant kernels."""
 
-    def __init__(self, wrapper, reason, prefix=""):
-        self.wrapper = wrapper
-        layer, config = wrapper.layer, wrapper.quantize_config
-        self.name = prefix + layer.name  # its path (n2uq_tf.quantize.nested)
-        self.attrs = list(config.weight_attrs) if config.weight_bits is not None else []
-        self.kernels = []
+    def __init__(self, quantized, reason, reader):
+        self.quantized, self.reader = quantized, reader
+        layer = quantized.layer
+        self.name = quantized.path
+        self.kernels = {}
         count = 0
-        for (var, quantizer, variables), attr in zip(wrapper._weight_vars, self.attrs):
-            w = tf.convert_to_tensor(var, tf.float32)
+        for weight in quantized.weights:
+            w = tf.convert_to_tensor(weight.variable, tf.float32)
             count += int(np.prod(w.shape))
-            self.kernels.append(quantizer(w, False, weights=variables).numpy())  # the method's inference weights
-        self.act = _activation_state(*wrapper.input_quantizer) if wrapper.input_quantizer is not None else None
-        # A split layer (SeparableConv2D) computes through the registry's split forward, with its
-        # intermediate quantizer as builtins too.
-        self.between = [_activation_state(q, v) for _, q, v in wrapper.intermediate_quantizers]
+            # the method's inference weights
+            self.kernels[weight.attr] = weight.quantizer(w, False, weights=weight.variables).numpy()
+        self.act = _activation_state(quantized.input) if quantized.input is not None else None
+        # A split layer (SeparableConv2D) has its intermediate quantizer as builtins too.
+        self.between = [_activation_state(between) for between in quantized.intermediate]
         ops_used = ["builtin"]
         self.report = LayerExport(
-            self.name, type(layer).__name__, "builtin", ops_used, config.weight_bits, config.activation_bits,
-            count, 0, FLOAT_BYTES * _float_param_count(wrapper), reason=reason)
+            self.name, type(layer).__name__, "builtin", ops_used, quantized.weight_bits, quantized.activation_bits,
+            count, 0, FLOAT_BYTES * reader.float_parameter_count(quantized.wrapper), reason=reason)
 
     def __call__(self, x, taps, stub=False):
-        layer = self.wrapper.layer
         with tf.name_scope(self.name):
             if self.act is not None:
                 x = _builtin_quantize(x, *self.act)
+            kernels = {attr: tf.constant(k) for attr, k in self.kernels.items()}
+            between = None
             if self.between:
                 [state] = self.between
-                kernels = {attr: tf.constant(k) for attr, k in zip(self.attrs, self.kernels)}
-                return registry.split_of(layer).call(layer, x, kernels, lambda t: _builtin_quantize(t, *state))
-            saved = [getattr(layer, a) for a in self.attrs]
-            try:
-                for attr, k in zip(self.attrs, self.kernels):
-                    setattr(layer, attr, tf.constant(k))
-                return layer.call(x)
-            finally:
-                for attr, v in zip(self.attrs, saved):
-                    setattr(layer, attr, v)
+                between = lambda t: _builtin_quantize(t, *state)  # noqa: E731
+            return self.reader.call_with_kernels(self.quantized, x, kernels, between)
 
 
 class _RPReLU:
@@ -536,54 +519,40 @@ class _RPReLU:
 
 # ------------------------------------------------------------------ the graph walk
 
-class _Value:
-    """A computed tensor that `Node.map_arguments` may pop any number of times."""
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def pop(self):
-        return self.value
-
-
-def _graph_nodes(model):
-    """The model's own nodes, inputs first (not the temporary graphs tfmot also called layers in)."""
-    return [node for depth in sorted(model._nodes_by_depth, reverse=True) for node in model._nodes_by_depth[depth]]
-
-
-def _is_functional(layer):
-    return isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
-
-
 class _GraphPlan:
-    """Per node of one functional model: how to compute it (nested models get their own plan)."""
+    """Per node of one functional model: how to compute it (nested models get their own plan).
 
-    def __init__(self, model, records, prefix=""):
-        self.model = model
+    The nodes are the reader's (`model_reader.GraphNode`): the model's own graph, inputs first.
+    """
+
+    def __init__(self, model, records, reader, prefix=""):
+        self.model, self.reader = model, reader
         self.steps = []      # (node, handler or None, skip_ids)
-        nodes = _graph_nodes(model)
+        nodes = reader.graph_nodes(model)
         consumers = {}
         for node in nodes:
-            for t_id in set(node.flat_input_ids):
+            for t_id in set(node.input_ids):
                 consumers.setdefault(t_id, []).append(node)
-        output_ids = {str(id(t)) for t in model.outputs}
+        output_ids = {reader.tensor_id(t) for t in model.outputs}
         self.absorbed = set()    # ids of BN nodes folded into the preceding op
         nested_plans = {}
         for node in nodes:
             if node.is_input or id(node) in self.absorbed:
                 continue
             layer = node.layer
-            if isinstance(layer, N2UQWrapper):
-                handler, bn_node = self._plan_wrapper(node, consumers, output_ids, prefix)
+            quantized = reader.quantized(layer)
+            if quantized is not None:
+                quantized = dataclasses.replace(quantized, path=prefix + quantized.path)
+                handler, bn_node = self._plan_wrapper(node, quantized, consumers, output_ids, prefix)
                 records.append(("wrapper", handler))
                 if bn_node is not None:
                     self.absorbed.add(id(bn_node))
                     records.append(("bn", bn_node.layer, handler.name, prefix))
                 self.steps.append((node, handler, bn_node))
-            elif _is_functional(layer):
+            elif reader.is_functional(layer):
                 if id(layer) not in nested_plans:  # a nested model called twice is planned (and reported) once
-                    nested_plans[id(layer)] = _GraphPlan(layer, records, prefix + layer.name + nested.SEPARATOR)
+                    nested_plans[id(layer)] = _GraphPlan(layer, records, reader,
+                                                         prefix + layer.name + model_reader.SEPARATOR)
                 self.steps.append((node, nested_plans[id(layer)], None))
             elif type(layer) is RPReLU and layer.dtype == "float32":
                 records.append(("layer", layer, prefix))
@@ -592,45 +561,40 @@ class _GraphPlan:
                 records.append(("layer", layer, prefix))
                 self.steps.append((node, None, None))
 
-    @staticmethod
-    def _plan_wrapper(node, consumers, output_ids, prefix):
-        wrapper = node.layer
-        inputs = tf.nest.flatten(node.input_tensors)
-        input_shape = tuple(inputs[0].shape.as_list()) if len(inputs) == 1 else ()
-        reason = "more than one input" if len(inputs) != 1 else _builtin_reason(wrapper, input_shape)
+    def _plan_wrapper(self, node, quantized, consumers, output_ids, prefix):
+        inputs = node.inputs
+        input_shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+        reason = "more than one input" if len(inputs) != 1 else _builtin_reason(quantized, input_shape)
         if reason is not None:
-            return _KeptBuiltin(wrapper, reason, prefix), None
+            return _KeptBuiltin(quantized, reason, self.reader), None
         bn_node = None
-        out_ids = node.flat_output_ids
+        out_ids = node.output_ids
         users = consumers.get(out_ids[0], []) if len(out_ids) == 1 else []
-        if (len(users) == 1 and out_ids[0] not in output_ids and _is_linear(getattr(wrapper.layer, "activation", None))
-                and len(users[0].flat_input_ids) == 1
+        if (len(users) == 1 and out_ids[0] not in output_ids
+                and _is_linear(getattr(quantized.layer, "activation", None)) and len(users[0].input_ids) == 1
                 and _foldable_bn(users[0].layer, len(input_shape)) is None):
             bn_node = users[0]
-        return _Lowered(wrapper, input_shape, None if bn_node is None else bn_node.layer, prefix), bn_node
+        return _Lowered(quantized, input_shape, None if bn_node is None else bn_node.layer, prefix), bn_node
 
     def run(self, inputs, taps, stub=False):
         """Computes the model's outputs for `inputs` (a flat list matching model.inputs)."""
-        values = {str(id(t)): _Value(v) for t, v in zip(self.model.inputs, inputs)}
+        values = {self.reader.tensor_id(t): v for t, v in zip(self.model.inputs, inputs)}
         for node, handler, bn_node in self.steps:
-            if any(t_id not in values for t_id in node.flat_input_ids):
+            if any(t_id not in values for t_id in node.input_ids):
                 raise ValueError(f"cannot compute layer {node.layer.name!r}: an input is not computed "
                                  "(is the model a connected functional graph?)")
-            args, kwargs = node.map_arguments(values)
+            args, kwargs = node.arguments(values)
             if isinstance(handler, _GraphPlan):
                 outputs = handler.run(tf.nest.flatten(args[0] if len(args) == 1 and not kwargs else args), taps,
                                       stub)
             elif handler is not None:
                 outputs = handler(args[0], taps, stub)
             else:
-                layer = node.layer
-                if layer._call_spec.expects_training_arg:
-                    kwargs["training"] = False
-                outputs = layer(*args, **kwargs)
-            out_ids = bn_node.flat_output_ids if bn_node is not None else node.flat_output_ids
+                outputs = self.reader.call_inference(node.layer, args, kwargs)
+            out_ids = bn_node.output_ids if bn_node is not None else node.output_ids
             for t_id, value in zip(out_ids, tf.nest.flatten(outputs)):
-                values[t_id] = _Value(value)
-        return [values[str(id(t))].pop() for t in self.model.outputs]
+                values[t_id] = value
+        return [values[self.reader.tensor_id(t)] for t in self.model.outputs]
 
 
 class LoweredModel(tf.Module):
@@ -649,13 +613,14 @@ class LoweredModel(tf.Module):
         from n2uq_tf.quantize.api import check_finite_weights
         model = export_source(model)  # a distiller's student; float32 twin of a mixed-precision model
         check_finite_weights(model)
-        if not _is_functional(model):
+        reader = model_reader.reader_for(model)
+        if not reader.is_functional(model):
             raise ValueError(f"model {model.name!r} is not a functional graph; build it with an Input "
                              "(Functional API, or Sequential with an input shape) to export it")
         self.model = model
         records = []
-        self._plan = _GraphPlan(model, records)
-        self.report = ExportReport(self._report_rows(records))
+        self._plan = _GraphPlan(model, records, reader)
+        self.report = ExportReport(self._report_rows(records, reader))
         # Every quantize + conv/FC op pair (`_Stage`; a SeparableConv2D has two), in graph order.
         self.lowered_layers = [stage for r in records if r[0] == "wrapper" and isinstance(r[1], _Lowered)
                                for stage in r[1].stages]
@@ -675,7 +640,7 @@ class LoweredModel(tf.Module):
         return self.serve(*inputs)
 
     @staticmethod
-    def _report_rows(records):
+    def _report_rows(records, reader):
         rows, seen = [], set()
         for record in records:
             kind = record[0]
@@ -692,7 +657,7 @@ class LoweredModel(tf.Module):
                     continue
                 seen.add(id(layer))
                 rows.append(LayerExport(prefix + layer.name, type(layer).__name__, "float", ["builtin"],
-                                        float_bytes=FLOAT_BYTES * _float_param_count(layer)))
+                                        float_bytes=FLOAT_BYTES * reader.float_parameter_count(layer)))
         return rows
 
     def _run(self, inputs, taps, stub=False):

@@ -9,8 +9,9 @@ import math
 import os
 
 from n2uq_tf import layers as n2uq_layers
+from n2uq_tf import model_reader
 from n2uq_tf._keras import keras
-from n2uq_tf.quantize import N2UQWrapper, quantize_model, quantize_scope
+from n2uq_tf.quantize import quantize_model, quantize_scope
 
 FLOAT_LAYERS = ("stem_conv", "fc")  # the paper keeps the first conv and the classifier float
 DOWNSAMPLE_SUFFIX = "downsample_conv"  # float in the N2UQ* variant
@@ -74,7 +75,8 @@ def check_num_classes(num_classes, what):
 
 
 def _is_quantized(model):
-    return any(isinstance(layer, N2UQWrapper) for layer in model.layers)
+    reader = model_reader.reader_for(model)
+    return any(reader.quantized(layer) is not None for layer in model.layers)
 
 
 def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, quantize_downsample=True,
@@ -124,15 +126,18 @@ def finish(float_model, bits, weight_bits, activation_bits, quantize_downsample=
                     method=method, weight_method=weight_method, activation_method=activation_method)
 
 
-def _inner(layer):
-    return layer.layer if isinstance(layer, N2UQWrapper) else layer
+def _inner(layer, reader):
+    """The float layer of a quantized layer (the layer itself if it is not quantized)."""
+    quantized = reader.quantized(layer)
+    return layer if quantized is None else quantized.layer
 
 
 def float_twin(quantized_model):
     """A float model with the quantized model's architecture and layer names (fresh weights)."""
+    reader = model_reader.reader_for(quantized_model)
 
     def unwrap(layer):
-        inner = _inner(layer)
+        inner = _inner(layer, reader)
         return inner.__class__.from_config(inner.get_config())
 
     with quantize_scope():
@@ -173,15 +178,16 @@ def _short_name(variable):
     return variable.name.split("/")[-1].split(":")[0]
 
 
-def layer_variables(layer):
+def layer_variables(layer, reader):
     """{short name ('kernel', 'gamma', ...): variable} of a layer's own weights.
 
-    For an N2UQWrapper these are the wrapped layer's weights, without the quantizer
+    For a quantized layer these are the wrapped layer's weights, without the quantizer
     parameters. (Wrapping moves the kernel out of the inner layer's weight list: the
     wrapper replaces the attribute by the quantized tensor and keeps the variable.)
     """
-    if isinstance(layer, N2UQWrapper):
-        variables = [weight for weight, _, _ in getattr(layer, "_weight_vars", [])] + list(layer.layer.weights)
+    quantized = reader.quantized(layer)
+    if quantized is not None:
+        variables = [weight.variable for weight in quantized.weights] + list(quantized.layer.weights)
     else:
         variables = list(layer.weights)
     named = {}
@@ -202,8 +208,9 @@ def load_float_weights(quantized_model, source):
     if not isinstance(quantized_model, keras.Model):
         raise TypeError(f"quantized_model must be a tf_keras model, got {type(quantized_model).__name__}")
     source_model = source if isinstance(source, keras.Model) else _load_source(quantized_model, source)
-    sources = {_inner(layer).name: layer_variables(layer) for layer in source_model.layers}
-    targets = {_inner(layer).name: layer_variables(layer) for layer in quantized_model.layers}
+    reader = model_reader.reader_for(quantized_model)
+    sources = {_inner(layer, reader).name: layer_variables(layer, reader) for layer in source_model.layers}
+    targets = {_inner(layer, reader).name: layer_variables(layer, reader) for layer in quantized_model.layers}
 
     assignments = []
     for name, target in targets.items():

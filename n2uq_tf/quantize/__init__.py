@@ -1,5 +1,6 @@
-"""tf_keras + tfmot front end: quantizers, config, wrapper, scheme, quantize_model."""
+"""tf_keras + tfmot front end: quantizers, config, wrapper, scheme, quantize_model, model reader."""
 
+from n2uq_tf.quantize import reader  # noqa: F401  (registers this front end's n2uq_tf.model_reader reader)
 from n2uq_tf.quantize.api import (check_model, config_for, custom_objects, load_model, plan_quantization,
                                   quantize_model, quantize_scope)
 from n2uq_tf.quantize.config import N2UQQuantizeConfig

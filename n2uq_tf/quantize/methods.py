@@ -369,7 +369,7 @@ def check_exportable(wrapper):
 
     For the exporter: LSQ weights have a zero level (zero2 = 2^b), the kernels take zero2 = 2^b - 1.
     """
-    for _, quantizer, _ in getattr(wrapper, "_weight_vars", []):
+    for _, _, quantizer, _ in wrapper.weight_quantizers:
         if getattr(quantizer, "method", None) in NEEDS_ZERO_POINT:
             raise ValueError(
                 f"layer {wrapper.layer.name!r}: {quantizer.method!r} weights have a zero level "

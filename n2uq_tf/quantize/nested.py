@@ -12,18 +12,8 @@ Subclassed models cannot be looked into (they have no layer graph to clone); the
 them as single layers.
 """
 
-from typing import NamedTuple
-
 from n2uq_tf._keras import keras, tfmot
-
-SEPARATOR = "/"
-
-
-class WalkedLayer(NamedTuple):
-    """One layer met by `walk`."""
-    path: str           # "backbone/block1_conv"; a top-level layer's path is its name
-    layer: object       # the tf_keras layer (an N2UQWrapper for a quantized layer)
-    owners: tuple = ()  # paths of the nested models holding the layer, outermost first
+from n2uq_tf.model_reader import SEPARATOR, WalkedLayer  # noqa: F401  (WalkedLayer re-exported)
 
 
 def is_nested_model(layer):

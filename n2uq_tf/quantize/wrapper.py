@@ -10,6 +10,7 @@ a quantizer between them, applied here through the registry's split forward.
 import tensorflow as tf
 
 from n2uq_tf._keras import keras, register, tfmot
+from n2uq_tf.model_reader import QuantizedActivation, QuantizedWeight
 from n2uq_tf.quantize import registry
 
 _QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
@@ -50,9 +51,22 @@ class N2UQWrapper(_QuantizeWrapperV2):
 
     @property
     def intermediate_quantizers(self):
-        """[(name, quantizer, variables dict)] between the layer's stages (SeparableConv2D's
-        "pointwise_input"); empty for other layers."""
-        return list(self._intermediate_quantizers)
+        """[`QuantizedActivation` (name, quantizer, variables dict)] between the layer's stages
+        (SeparableConv2D's "pointwise_input"); empty for other layers."""
+        return [QuantizedActivation(*entry) for entry in self._intermediate_quantizers]
+
+    @property
+    def weight_quantizers(self):
+        """[`QuantizedWeight` (attr, float variable, quantizer, quantizer variables dict)], one per
+        quantized weight in ``quantize_config.weight_attrs`` order; empty when the weights stay float
+        (and before the wrapper is built).
+
+        The variable is what trains: tfmot replaces the wrapped layer's attribute (``layer.kernel``)
+        by the quantized tensor while the wrapper is called.
+        """
+        built = getattr(self, "_weight_vars", [])  # set by tfmot's build
+        return [QuantizedWeight(attr, variable, quantizer, variables)
+                for attr, (variable, quantizer, variables) in zip(self.quantize_config.weight_attrs, built)]
 
     # A NaN or Inf weight would reach the quantizers' level tables as an out-of-range index (a
     # cryptic GatherV2 error) or silently zero a channel, so every call first checks the wrapper's
@@ -93,7 +107,7 @@ class N2UQWrapper(_QuantizeWrapperV2):
         if training is None:
             training = keras.backend.learning_phase()
         kernels = {attr: _by_training(training, lambda flag, w=w, q=q, v=v: q(w, flag, weights=v))
-                   for attr, (w, q, v) in zip(self.quantize_config.weight_attrs, self._weight_vars)}
+                   for attr, w, q, v in self.weight_quantizers}
         [(_, quantizer, variables)] = self._intermediate_quantizers
         return registry.split_of(self.layer).call(
             self.layer, inputs, kernels, lambda x: quantizer(x, training, weights=variables))

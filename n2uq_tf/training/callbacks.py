@@ -7,7 +7,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from n2uq_tf._keras import keras
-from n2uq_tf.plots import quantizer_state
+from n2uq_tf.model_reader import quantizer_state
 
 __all__ = ["QuantizerTensorBoard", "quantizer_state"]
 
@@ -65,10 +65,6 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
         self._last_step = None
         self._warned = False
 
-    def _quantized_model(self):
-        student = getattr(self.model, "student", None)
-        return self.model if student is None else student
-
     def on_train_begin(self, logs=None):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.run_dir)
@@ -76,7 +72,7 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
             self._last_step = self._step()
 
     def _write(self, step):
-        state = quantizer_state(self._quantized_model())
+        state = quantizer_state(self.model)  # a distiller's student (model_reader.inspected_model)
         if not state:
             if not self._warned:
                 warnings.warn("QuantizerTensorBoard: the model has no quantized activations to log")
