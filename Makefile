@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plots,litert]'
+	$(PY) -m pip install -q -e '.[data,test,plots,litert]'
 	$(PY) -c "import n2uq_tf.ops as o; print('n2uq_tf quantizer:', o.active_implementation())"
 	touch $(STAMP)
 

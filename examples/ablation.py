@@ -50,10 +50,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-import n2uq_tf  # noqa: E402
-from n2uq_tf import data, models  # noqa: E402
+from n2uq_tf import data, models, recipe  # noqa: E402
 
 # (weight_method, activation_method) per configuration.
 CONFIGS = {
@@ -71,6 +71,7 @@ TABLE4 = [("no weight scaling", "n2uq+none"),
           ("learnable scale", "n2uq+learnable"),
           ("entropy-preserving (N2UQ)", "n2uq+ep")]
 FLOAT_LAYERS = ["stem_conv", "fc"]  # n2uq_tf.models' plan: float stem conv and classifier
+LEARNING_RATE = 3e-3  # teacher and students (toy scale: few epochs, small batches)
 
 DEFAULTS = {  # per dataset: image size, ResNet-20 width, batch, epochs
     "digits": dict(image_size=16, width=8, batch=32, epochs=6),
@@ -112,17 +113,17 @@ def load(args, seed):
         test = data.load_dataset("cifar10", "test", batch_size=256, **kw)
         train_count = data.dataset_info("cifar10").splits["train"]
     if args.train_images:
-        train = train.unbatch().take(args.train_images).batch(args.batch_size, drop_remainder=True)
         train_count = min(train_count, args.train_images)
+        # Told its batch count (unbatch hides it), Keras starts each epoch at the first batch again.
+        train = train.unbatch().take(args.train_images).batch(args.batch_size, drop_remainder=True).apply(
+            tf.data.experimental.assert_cardinality(train_count // args.batch_size))
     return train, test, max(1, train_count // args.batch_size)
 
 
 def train_teacher(args, train, test, steps):
     teacher = models.resnet20(num_classes=10, input_shape=(args.image_size, args.image_size, 3), width=args.width)
-    teacher.compile(keras.optimizers.Adam(n2uq_tf.LinearEpochDecay(3e-3, args.epochs, steps)),
-                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    teacher.fit(train, epochs=args.epochs, verbose=0)
-    return teacher, teacher.evaluate(test, verbose=0)[1]
+    recipe.train_teacher(teacher, train, epochs=args.epochs, learning_rate=LEARNING_RATE, steps_per_epoch=steps)
+    return teacher, recipe.accuracy(teacher, test)
 
 
 def quantizer_summary(student):
@@ -142,7 +143,8 @@ def quantizer_summary(student):
 
 
 def train_student(args, teacher, train, test, steps, weight_method, activation_method):
-    """A fresh quantized ResNet-20 twin (`n2uq_tf.models`' plan) with the teacher's float weights, distilled.
+    """A fresh quantized ResNet-20 twin (`n2uq_tf.models`' plan), distilled by the paper's recipe from
+    the teacher's float weights.
 
     The twin is built anew rather than quantized from ``teacher``: DistillationModel freezes its
     teacher, and (before quantize_model reset that) a student cloned from the frozen teacher had
@@ -150,14 +152,10 @@ def train_student(args, teacher, train, test, steps, weight_method, activation_m
     """
     student = models.resnet20(args.bits, num_classes=10, input_shape=(args.image_size, args.image_size, 3),
                               width=args.width, weight_method=weight_method, activation_method=activation_method)
-    models.load_float_weights(student, teacher)
     trainable = len(student.trainable_variables)
-    distiller = n2uq_tf.DistillationModel(student, teacher)
-    distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=args.epochs, steps_per_epoch=steps),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    distiller.fit(train, epochs=args.epochs, verbose=0)
-    accuracy = distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
-    return accuracy, dict(quantizer_summary(student), trainable_variables=trainable)
+    result = recipe.train_n2uq(student, train, test, teacher=teacher, epochs=args.epochs, steps_per_epoch=steps,
+                               learning_rate=LEARNING_RATE)  # init_from the teacher, its float twin
+    return result.student_accuracy, dict(quantizer_summary(student), trainable_variables=trainable)
 
 
 def markdown_table(title, rows, results):

@@ -23,15 +23,20 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-import n2uq_tf  # noqa: E402
-from n2uq_tf import data, models  # noqa: E402
+from n2uq_tf import data, models, recipe  # noqa: E402
 
 IMAGE_SIZE = 16  # digits are 8x8; 16x16 keeps three ResNet stages meaningful and the demo fast
 WIDTH = 16       # the standard ResNet-20 width
 BATCH = 32       # small batches: more steps on a small dataset
+LEARNING_RATE = 3e-3  # teacher and students: the paper's 1.25e-3 is for batch 256 and 128 epochs
+
+
+def _plots_only(message):
+    """The recipe's log, less its phase lines (this script prints its own)."""
+    if message.startswith("plots skipped"):
+        print(f"({message})")
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -44,23 +49,6 @@ class EpochProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.bar is not None:
             self.bar.update(epoch + 1, [(k, v) for k, v in (logs or {}).items() if k in ("loss", "accuracy")])
-
-
-def train_teacher(train, test, epochs, steps):
-    teacher = models.resnet20(num_classes=10, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), width=WIDTH,
-                              name="teacher")
-    teacher.compile(keras.optimizers.Adam(n2uq_tf.LinearEpochDecay(3e-3, epochs, steps)),
-                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    teacher.fit(train, epochs=epochs, verbose=0, callbacks=[EpochProgress(epochs)])
-    return teacher, teacher.evaluate(test, verbose=0)[1]
-
-
-def distil_student(student, teacher, train, test, epochs, steps):
-    distiller = n2uq_tf.DistillationModel(student, teacher)  # temperature 1, pure distillation
-    distiller.compile(n2uq_tf.paper_optimizer(3e-3, epochs=epochs, steps_per_epoch=steps),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    distiller.fit(train, epochs=epochs, verbose=0, callbacks=[EpochProgress(epochs)])
-    return distiller.evaluate(test, verbose=0, return_dict=True)["accuracy"]
 
 
 def main():
@@ -80,40 +68,40 @@ def main():
     steps = info.splits["train"] // batch  # training batches drop the remainder
 
     print(f"1/3 float teacher: ResNet-20 on {IMAGE_SIZE}x{IMAGE_SIZE} digits, {args.epochs} epochs")
-    teacher, float_acc = train_teacher(train, test, args.epochs, steps)
-    print(f"2/3 N2UQ W{args.bits}A{args.bits} student, learned thresholds (distillation)")
+    float_model = models.resnet20(num_classes=10, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), width=WIDTH,
+                                  name="teacher")
+    teacher = recipe.train_teacher(float_model, train, epochs=args.epochs, learning_rate=LEARNING_RATE,
+                                   steps_per_epoch=steps, callbacks=[EpochProgress(args.epochs)])
     # Both students start from the trained float weights (quantized twins, made before distillation
     # freezes the teacher).
     student = models.quantize(teacher, args.bits)
     baseline = models.quantize(teacher, args.bits, learn_thresholds=False)
-    n2uq_acc = distil_student(student, teacher, train, test, args.epochs, steps)
-    print(f"3/3 baseline W{args.bits}A{args.bits} student, thresholds frozen at uniform")
-    uniform_acc = distil_student(baseline, teacher, train, test, args.epochs, steps)
-
     os.makedirs(args.output, exist_ok=True)
-    n2uq_tf.save_model(student, os.path.join(args.output, "student.keras"))  # atomic: whole or untouched
-    written = []
-    try:
-        sample = np.concatenate([x for x, _ in test.take(2)])
-        written = n2uq_tf.plots.save_plots(student, sample, args.output)
-    except ImportError as error:
-        print(f"(plots skipped: {error})")
+    print(f"2/3 N2UQ W{args.bits}A{args.bits} student, learned thresholds (distillation)")
+    n2uq = recipe.train_n2uq(student, train, test, teacher=teacher, epochs=args.epochs, steps_per_epoch=steps,
+                             learning_rate=LEARNING_RATE, init_from=None,  # the twins hold the float weights
+                             callbacks=[EpochProgress(args.epochs)],
+                             student_path=os.path.join(args.output, "student.keras"),  # atomic: whole or untouched
+                             plots_dir=args.output, plot_batches=2, log=_plots_only)
+    print(f"3/3 baseline W{args.bits}A{args.bits} student, thresholds frozen at uniform")
+    uniform = recipe.train_n2uq(baseline, train, test, teacher=teacher, epochs=args.epochs, steps_per_epoch=steps,
+                                learning_rate=LEARNING_RATE, init_from=None, callbacks=[EpochProgress(args.epochs)])
 
     b = args.bits
     print(f"\nsklearn digits, {info.splits['train']} train / {info.splits['test']} test images, "
           f"{time.perf_counter() - start:.0f} s\n")
-    rows = [("float32 teacher", float_acc),
-            (f"N2UQ W{b}A{b} (learned thresholds, G-STE)", n2uq_acc),
-            (f"W{b}A{b} uniform thresholds (STE baseline)", uniform_acc)]
+    rows = [("float32 teacher", n2uq.teacher_accuracy),
+            (f"N2UQ W{b}A{b} (learned thresholds, G-STE)", n2uq.student_accuracy),
+            (f"W{b}A{b} uniform thresholds (STE baseline)", uniform.student_accuracy)]
     width = max(len(name) for name, _ in rows)
     print(f"| {'model'.ljust(width)} | test accuracy |")
     print(f"|{'-' * (width + 2)}|---------------|")
     for name, accuracy in rows:
         print(f"| {name.ljust(width)} | {100 * accuracy:12.1f}% |")
     print()
-    print(n2uq_tf.quantization_report(student))
+    print(n2uq.report)
     print(f"\nstudent saved to {os.path.join(args.output, 'student.keras')}"
-          + (f"; plots: {', '.join(written)}" if written else ""))
+          + (f"; plots: {', '.join(n2uq.plots)}" if n2uq.plots else ""))
 
 
 if __name__ == "__main__":

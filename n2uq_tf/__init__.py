@@ -5,8 +5,9 @@
     qmodel.compile(...); qmodel.fit(...)
     print(n2uq_tf.quantization_report(qmodel))
 
-The paper's recipe: ``n2uq_tf.models`` (reference networks), ``n2uq_tf.data`` (datasets),
-``n2uq_tf.DistillationModel`` and ``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
+The paper's recipe in one call: ``n2uq_tf.recipe.train_n2uq``, built from ``n2uq_tf.models``
+(reference networks), ``n2uq_tf.data`` (datasets), ``n2uq_tf.DistillationModel`` and
+``n2uq_tf.paper_optimizer`` (training), ``n2uq_tf.plots``.
 Saving: ``n2uq_tf.save_model(qmodel, path)`` (atomic) and ``n2uq_tf.load_model(path)``.
 Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tflite.Interpreter``.
 Data-parallel training with compressed gradients: ``n2uq_tf.distribute.compress_gradients``.
@@ -26,7 +27,7 @@ from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, dis
                               paper_optimizer)
 
 # Imported on first use: data pulls in tensorflow_datasets, plots matplotlib.
-_LAZY_SUBMODULES = ("cli", "data", "distribute", "export", "layers", "models", "plots", "tflite")
+_LAZY_SUBMODULES = ("cli", "data", "distribute", "export", "layers", "models", "plots", "recipe", "tflite")
 _LAZY_FUNCTIONS = {"export_tflite": "n2uq_tf.export", "inspect_tflite": "n2uq_tf.export"}
 
 

@@ -31,7 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class CLIError(Exception):
-    """An expected failure of a command: one line on stderr, exit status 1, no traceback."""
+    """The one error type of the commands: an expected failure, reported as one line on stderr with
+    no traceback and exit status `exit_code` (1: a failure; `UsageError`: 2). Library errors that
+    are about the user's input or machine are reported the same way (`_expected_errors`)."""
 
     exit_code = 1
 
@@ -40,6 +42,7 @@ class UsageError(CLIError):
     """The command line asks for something wrong or unsafe: exit status 2, as argparse's errors."""
 
     exit_code = 2
+
 
 DESCRIPTION = ("N2UQ quantization-aware training for tf_keras: train, evaluate and report models, "
                "export them to TFLite with bit-packed ops, inspect and benchmark the result.")
@@ -96,7 +99,10 @@ def _add_input_arguments(parser, training=False):
 
 
 def build_parser():
-    from n2uq_tf import models
+    from n2uq_tf import data, distribute, models, ops
+    from n2uq_tf.quantize.methods import ACTIVATION_METHODS, METHODS, WEIGHT_METHODS
+    from n2uq_tf.tflite import BACKENDS, _core
+    bits = tuple(range(ops.MIN_BITS, ops.MAX_BITS + 1))
     parser = argparse.ArgumentParser(prog="n2uq-tf", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -125,17 +131,21 @@ def build_parser():
                        help="network from n2uq_tf.models (default resnet20)")
     train.add_argument("--width", type=_positive_int, help="base width of resnet20 (default 16)")
     _add_data_arguments(train, default_dataset="digits", training=True)
-    train.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
-    train.add_argument("--weight-bits", type=int, help="weight bits, overriding --bits")
-    train.add_argument("--activation-bits", type=int, help="activation bits, overriding --bits")
+    train.add_argument("--bits", type=int, default=2, choices=bits, metavar="BITS",
+                       help=f"weight and activation bits, {bits[0]} to {bits[-1]} (default 2)")
+    train.add_argument("--weight-bits", type=int, choices=bits, metavar="BITS", help="weight bits, overriding --bits")
+    train.add_argument("--activation-bits", type=int, choices=bits, metavar="BITS",
+                       help="activation bits, overriding --bits")
     train.add_argument("--float-downsample", action="store_true",
                        help="keep residual downsample convs float (the paper's N2UQ* variant)")
     train.add_argument("--frozen-thresholds", action="store_true",
                        help="freeze thresholds at uniform: the paper's STE baseline")
-    train.add_argument("--method", help="quantizer of weights and activations: n2uq (default), uniform, dorefa, "
-                                        "pact, lsq or daq (see the README's quantization methods)")
-    train.add_argument("--weight-method", help="weight quantizer, overriding --method (also none, learnable)")
-    train.add_argument("--activation-method", help="activation quantizer, overriding --method")
+    train.add_argument("--method", choices=tuple(METHODS),
+                       help="quantizer of weights and activations (default n2uq; see the README's quantization "
+                            "methods)")
+    train.add_argument("--weight-method", choices=WEIGHT_METHODS, help="weight quantizer, overriding --method")
+    train.add_argument("--activation-method", choices=ACTIVATION_METHODS,
+                       help="activation quantizer, overriding --method")
     train.add_argument("--epochs", type=_positive_int, default=128, help="student epochs (default 128)")
     train.add_argument("--lr", type=float, default=None,
                        help="peak learning rate (default 1.25e-3 scaled by batch size / 256)")
@@ -162,10 +172,10 @@ def build_parser():
     train.add_argument("--mirrored", action="store_true",
                        help="train data-parallel on every local GPU (or logical CPU device) with "
                             "tf.distribute.MirroredStrategy")
-    train.add_argument("--compression", default="none", choices=["none", "nuqsgd", "qsgd", "qsgdinf"],
+    train.add_argument("--compression", default="none", choices=tuple(distribute.COMPRESSORS),
                        help="compress the gradient exchange between replicas (n2uq_tf.distribute); "
                             "with TF_CONFIG set (e.g. by `n2uq-tf launch`) training is multi-worker")
-    train.add_argument("--compression-bits", type=int, default=4, choices=[2, 4, 8],
+    train.add_argument("--compression-bits", type=int, default=4, choices=distribute.SUPPORTED_BITS,
                        help="bits per gradient value, sign included (default 4)")
     train.add_argument("--bucket-size", type=_positive_int,
                        help="gradient values per norm (default 8192; 128 at 2 bits)")
@@ -185,7 +195,8 @@ def build_parser():
     report.add_argument("model_path", metavar="MODEL", help="saved quantized model")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plots", metavar="DIR", help="write thresholds.png and weight_levels.png here")
-    report.add_argument("--dataset", choices=None, help="dataset for the activation histograms of --plots")
+    report.add_argument("--dataset", choices=sorted(data.DATASETS),
+                        help="dataset for the activation histograms of --plots")
     report.add_argument("--data-dir", help="TFDS data folder")
     _add_input_arguments(report)
     export = commands.add_parser(
@@ -198,7 +209,7 @@ def build_parser():
     export.add_argument("--output", "-o", help="the .tflite to write (default: MODEL with .tflite)")
     export.add_argument("--int8", action="store_true",
                         help="int8 builtins, calibrated on --dataset (the N2UQ ops are bit-serial either way)")
-    export.add_argument("--dataset", help="calibration images for --int8 (a dataset name, e.g. digits)")
+    export.add_argument("--dataset", choices=sorted(data.DATASETS), help="calibration images for --int8")
     export.add_argument("--data-dir", help="TFDS data folder")
     export.add_argument("--calibration-batches", type=_positive_int, default=8,
                         help="batches of 16 images for --int8 calibration (default 8)")
@@ -222,9 +233,9 @@ def build_parser():
     bench.add_argument("--runs", type=_positive_int, default=50, help="timed invocations (default 50)")
     bench.add_argument("--warmup", type=int, default=5, help="untimed invocations first (default 5)")
     bench.add_argument("--float-model", help="a .tflite without N2UQ ops to time without the delegate")
-    bench.add_argument("--backend", choices=("auto", "litert", "tflite"), default="auto",
+    bench.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="ai_edge_litert or tf.lite interpreter (default: litert when installed)")
-    bench.add_argument("--isa", choices=("auto", "portable", "avx2", "avx512", "neon"), default=None,
+    bench.add_argument("--isa", choices=_core.ISAS, default=None,
                        help="force a kernel instruction-set path (default: the fastest this CPU has)")
 
     launch = commands.add_parser(
@@ -524,11 +535,20 @@ def _steps(args, info, split, batch_size):
     return min(steps, args.steps_per_epoch) if args.steps_per_epoch else steps
 
 
-def _fit(model, train_ds, val_ds, epochs, steps, callbacks, args):
-    if args.steps_per_epoch:
-        train_ds = train_ds.repeat()
-    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps,
-                     callbacks=callbacks, verbose=_verbose())
+def _gradient_compression(args):
+    """--compression as a GradientCompression (None for none); checked before anything is written."""
+    if args.compression == "none":
+        return None
+    from n2uq_tf.distribute import GradientCompression
+    return GradientCompression(args.compression, args.compression_bits, args.bucket_size, args.seed)
+
+
+def _require_tensorboard():
+    """keras' TensorBoard callback needs the tensorboard package (an extra: TensorFlow no longer installs it)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise CLIError("--tensorboard needs the tensorboard package: pip install 'n2uq_tf[tensorboard]'") from None
 
 
 def _train_strategy(args, batch_size):
@@ -548,10 +568,7 @@ def _train_strategy(args, batch_size):
 
 
 def command_train(args):
-    import numpy as np
-
-    import n2uq_tf
-    from n2uq_tf import data, models, training
+    from n2uq_tf import data, recipe
     from n2uq_tf._keras import keras
 
     info = data.dataset_info(args.dataset)
@@ -565,6 +582,9 @@ def command_train(args):
         args.output = os.path.join(args.output, f".worker{workers.worker_index()}")
         args.no_plots = True
     _check_run_folder(args)
+    compression = _gradient_compression(args)
+    if args.tensorboard:
+        _require_tensorboard()
     backup = os.path.join(args.output, "backup")
     student_path = os.path.join(args.output, "student.keras")
     teacher_path = os.path.join(args.output, "teacher.keras")
@@ -585,95 +605,51 @@ def command_train(args):
     keras.utils.set_random_seed(args.seed)
     train_ds = _dataset(args, "train", batch_size, True, seed=args.seed)  # a missing dataset fails here,
     val_ds = _dataset(args, eval_split, batch_size, False)  # before the folder becomes a run
+    if args.steps_per_epoch:
+        train_ds = train_ds.repeat()  # a capped epoch continues where the last one stopped
     _start_run_folder(args)
     steps = _steps(args, info, "train", batch_size)
     lr = args.lr if args.lr is not None else 1.25e-3 * batch_size / 256
     print(f"n2uq-tf train: {args.model} on {args.dataset} ({info.splits['train']} images, "
           f"{image_size}x{image_size}x{args.channels}), {steps} steps/epoch of {batch_size}, lr {lr:g}")
 
-    def compressed(optimizer):
-        if args.compression == "none":
-            return optimizer
-        from n2uq_tf import distribute
-        return distribute.compress_gradients(optimizer, args.compression, bits=args.compression_bits,
-                                             bucket_size=args.bucket_size, seed=args.seed)
-
     with strategy.scope():
-        # 1. the float teacher
-        if teacher is None:
-            print(f"teacher: training the float {args.model} for {args.teacher_epochs} epochs")
+        trained_here = teacher is None
+        if trained_here:  # the float twin, trained by the recipe
             teacher = _build(args, info.num_classes, image_size, None)
-            teacher_lr = args.teacher_lr or 4 * lr
-            teacher.compile(compressed(keras.optimizers.Adam(training.LinearEpochDecay(teacher_lr, args.teacher_epochs,
-                                                                                        steps))),
-                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-            _fit(teacher, train_ds, val_ds, args.teacher_epochs, steps,
-                 [keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))], args)
-            n2uq_tf.save_model(teacher, teacher_path)  # atomic
-            # Continue with the saved teacher (no optimizer attached), as a resumed run will, so
-            # the distillation checkpoints of both hold the same objects.
-            teacher = load_any_model(teacher_path)
-        teacher.trainable = False
-
-        # 2. the quantized student, initialised from float weights as in the paper
-        bits = args.bits
-        student = _build(args, info.num_classes, image_size, bits)
-        init = args.init or (None if args.teacher else teacher_path)
-        if init:
-            # A path may also be a weights-only file of the float twin.
-            models.load_float_weights(student, init if init != teacher_path else teacher)
-            print(f"student: {args.model} W{args.weight_bits or bits}A{args.activation_bits or bits}, "
-                  f"initialised from {init}")
-        elif args.teacher:
-            try:
-                models.load_float_weights(student, teacher)
-                print("student: initialised from the teacher's weights (same architecture)")
-            except ValueError as error:
-                print(f"student: starting from scratch; the teacher is another architecture ({error}). "
-                      "Give --init FLOAT_TWIN to initialise from pretrained float weights.")
-
-        # 3. distillation with the official optimizer recipe
-        distiller = training.DistillationModel(student, teacher, temperature=args.temperature, alpha=args.alpha)
-        optimizer = compressed(training.paper_optimizer(lr, epochs=args.epochs, steps_per_epoch=steps))
-        if args.compression != "none":
-            from n2uq_tf import distribute
-            size = distribute.exchange_size(student.trainable_variables, optimizer)
-            print(f"gradient exchange: {args.compression} {args.compression_bits}-bit, {size.bytes:,} B/step per "
-                  f"replica ({size.ratio:.2f}x less than float32's {size.float32_bytes:,})")
-        distiller.compile(optimizer=optimizer,
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.alpha else None,
-                          metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        # The history file first: an epoch recorded there but not yet checkpointed is run again and
-        # its record replaced, while the other order could lose an epoch's record.
-        history = _history_file_callback(history_path)
-        callbacks = [history, keras.callbacks.BackupAndRestore(backup)]
-        if args.tensorboard:
-            from n2uq_tf.training.callbacks import QuantizerTensorBoard
-            log_dir = os.path.join(args.output, "tensorboard")
-            callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
-        _fit(distiller, train_ds, val_ds, args.epochs, steps, callbacks, args)
-
-        n2uq_tf.save_model(student, student_path)
-        student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        teacher.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        student_acc = student.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
-        teacher_acc = teacher.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
-    report = n2uq_tf.quantization_report(student)
+        student = _build(args, info.num_classes, image_size, args.bits)
+    print(f"student: {args.model} W{args.weight_bits or args.bits}A{args.activation_bits or args.bits}")
+    if compression is not None:
+        from n2uq_tf import distribute
+        size = distribute.exchange_size(student.trainable_variables, compression)
+        print(f"gradient exchange: {args.compression} {args.compression_bits}-bit, {size.bytes:,} B/step per "
+              f"replica ({size.ratio:.2f}x less than float32's {size.float32_bytes:,})")
+    # The history file first: an epoch recorded there but not yet checkpointed is run again and
+    # its record replaced, while the other order could lose an epoch's record.
+    history = _history_file_callback(history_path)
+    callbacks = [history, keras.callbacks.BackupAndRestore(backup)]
+    if args.tensorboard:
+        from n2uq_tf.training.callbacks import QuantizerTensorBoard
+        log_dir = os.path.join(args.output, "tensorboard")
+        callbacks += [keras.callbacks.TensorBoard(log_dir), QuantizerTensorBoard(log_dir)]
+    result = recipe.train_n2uq(
+        student, train_ds, val_ds, teacher=teacher, epochs=args.epochs, steps_per_epoch=steps, learning_rate=lr,
+        teacher_epochs=args.teacher_epochs if trained_here else 0, teacher_learning_rate=args.teacher_lr,
+        # A given teacher of another architecture is no float twin: the student then starts from scratch.
+        init_from=args.init or recipe.TEACHER, init_optional=bool(args.teacher and not args.init),
+        temperature=args.temperature, alpha=args.alpha, validation_data=val_ds, callbacks=callbacks,
+        teacher_callbacks=[keras.callbacks.BackupAndRestore(os.path.join(args.output, "teacher_backup"))],
+        teacher_path=teacher_path, student_path=student_path,
+        plots_dir=None if args.no_plots else os.path.join(args.output, "plots"), plot_batches=4,
+        gradient_compression=compression, strategy=strategy, verbose=_verbose(), log=print)
     with atomic_open(os.path.join(args.output, "report.txt")) as f:
-        f.write(str(report) + "\n")
-    _write_history(history_path, history.epochs, teacher_accuracy=teacher_acc, student_accuracy=student_acc)
-    if not args.no_plots:
-        try:
-            from n2uq_tf import plots
-            sample = np.concatenate([x for x, _ in val_ds.take(4)])
-            written = plots.save_plots(student, sample, os.path.join(args.output, "plots"))
-            print("plots:", ", ".join(written))
-        except ImportError as error:
-            print(f"plots skipped ({error}); pip install matplotlib")
+        f.write(str(result.report) + "\n")
+    _write_history(history_path, history.epochs, teacher_accuracy=result.teacher_accuracy,
+                   student_accuracy=result.student_accuracy)
     if workers.is_chief():  # the other workers' results are the same numbers
-        print(f"\n{args.dataset} {eval_split}: teacher (float) {100 * teacher_acc:.2f}%, "
-              f"student {100 * student_acc:.2f}%  ->  {student_path}")
-        print(report)
+        print(f"\n{args.dataset} {eval_split}: teacher (float) {100 * result.teacher_accuracy:.2f}%, "
+              f"student {100 * result.student_accuracy:.2f}%  ->  {student_path}")
+        print(result.report)
     return 0
 
 
@@ -749,8 +725,6 @@ def command_export(args):
     representative = None  # calibration images, int8 only
     if args.int8:
         from n2uq_tf import data
-        if args.dataset not in data.DATASETS:
-            raise UsageError(f"unknown --dataset {args.dataset!r}; available: {', '.join(sorted(data.DATASETS))}")
         _match_pipeline(model, args, args.model_path, fill=True)
         ds = data.load_dataset(args.dataset, "train", batch_size=16, image_size=args.image_size,
                                data_dir=args.data_dir, training=False, channels=args.channels or 3,
@@ -779,7 +753,7 @@ def command_inspect(args):
 
 def command_launch(args):
     from n2uq_tf.distribute.launch import launch_from_arguments
-    return launch_from_arguments(args)
+    return launch_from_arguments(args)  # a ValueError: a command line it cannot run (exit status 2)
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": command_report,
@@ -790,9 +764,15 @@ COMMANDS = {"train": command_train, "evaluate": command_evaluate, "report": comm
 def _expected_errors():
     """Library errors that are about the user's input or machine, not bugs: (type, exit status), first
     match wins. Anything else keeps its traceback (a bug to report)."""
+    from n2uq_tf._native import BuildError
+    from n2uq_tf._optional import MissingDependencyError
     from n2uq_tf.data import DatasetNotAvailableError
+    from n2uq_tf.tflite import DelegateUnavailableError
     return ((CLIError, None),                 # ours: the status is the error's own
             (DatasetNotAvailableError, 1),    # the data is not on this machine (the message says how to get it)
+            (MissingDependencyError, 1),      # an optional package is not installed (the message names it)
+            (BuildError, 1),                  # the C++ libraries cannot be compiled here (no compiler)
+            (DelegateUnavailableError, 1),    # the TFLite delegate cannot be built or loaded here
             (FileNotFoundError, 2),           # a path on the command line names nothing
             (ValueError, 2),                  # a value the library refuses, named in its message
             (OSError, 1))                     # the file system refused (permissions, a full disk)

@@ -136,14 +136,12 @@ def _weight_codes(quantized):
 
 def _matplotlib():
     """The few matplotlib classes used here (never pyplot: no global backend or figure state)."""
-    try:
-        from matplotlib import ticker
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("n2uq_tf.plots needs matplotlib: pip install matplotlib "
-                          "(or n2uq_tf[plots])") from error
-    return Figure, FigureCanvasAgg, ticker
+    from n2uq_tf._optional import require
+    install = "matplotlib: pip install matplotlib (or n2uq_tf[plots])"
+    ticker = require("matplotlib.ticker", "n2uq_tf.plots", install)
+    backend_agg = require("matplotlib.backends.backend_agg", "n2uq_tf.plots", install)
+    figure = require("matplotlib.figure", "n2uq_tf.plots", install)
+    return figure.Figure, backend_agg.FigureCanvasAgg, ticker
 
 
 def _limit(pairs, max_layers):

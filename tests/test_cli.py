@@ -13,7 +13,7 @@ import pytest
 import tf_keras as keras
 
 import n2uq_tf
-from n2uq_tf import cli
+from n2uq_tf import cli, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--width", "4", "--image-size", "8", "--batch-size", "32",
@@ -105,18 +105,18 @@ class _Interrupt(Exception):
 @pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    real_fit = cli._fit
+    real_fit = recipe._fit
 
     class StopAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             raise _Interrupt()
 
-    def interrupted_fit(model, train_ds, val_ds, epochs, steps, callbacks, args):
+    def interrupted_fit(model, data, *, callbacks, **kwargs):
         if isinstance(model, n2uq_tf.DistillationModel):  # the student phase; BackupAndRestore runs first
-            callbacks = callbacks + [StopAfterFirstEpoch()]
-        return real_fit(model, train_ds, val_ds, epochs, steps, callbacks, args)
+            callbacks = list(callbacks) + [StopAfterFirstEpoch()]
+        return real_fit(model, data, callbacks=callbacks, **kwargs)
 
-    monkeypatch.setattr(cli, "_fit", interrupted_fit)
+    monkeypatch.setattr(recipe, "_fit", interrupted_fit)
     with pytest.raises(_Interrupt):
         cli.main(["train", *TINY, "--epochs", "3", "--output", out, "--no-plots"])
     assert os.path.exists(os.path.join(out, "teacher.keras"))
@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         first = json.load(f)  # written after every epoch
     assert first["epoch"] == [0] and len(first["history"]["loss"]) == 1
 
-    monkeypatch.setattr(cli, "_fit", real_fit)
+    monkeypatch.setattr(recipe, "_fit", real_fit)
     # Continuing under other options would be another run.
     assert cli.main(["train", *TINY, "--epochs", "4", "--output", out, "--no-plots", "--resume"]) == 2
     assert cli.main(["train", *TINY, "--epochs", "3", "--output", out, "--no-plots", "--resume"]) == 0
@@ -240,7 +240,7 @@ class _StopAfterSetUp(Exception):
 def stop_before_training(monkeypatch):
     def stop(*args, **kwargs):
         raise _StopAfterSetUp()
-    monkeypatch.setattr(cli, "_fit", stop)
+    monkeypatch.setattr(recipe, "_fit", stop)
 
 
 def test_train_refuses_a_folder_that_is_not_a_run(tmp_path, capsys, stop_before_training):

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from n2uq_tf._optional import MissingDependencyError, require
 from n2uq_tf.data import preprocess as pp
 
 
@@ -72,15 +73,22 @@ def _prepared_version_exists(data_dir, tfds_name):
 
 def _ensure_tfds_can_build():
     # tensorflow-datasets 4.9.x imports `importlib_resources` when preparing a dataset but declares
-    # it only for Python < 3.9 (tensorflow/datasets#11212). The stdlib module has the API it uses.
+    # it only for Python < 3.9 (tensorflow/datasets#11212); it uses importlib_resources.abc.Traversable.
+    # setup.cfg installs the package on Python 3.10, whose importlib.resources has no .abc; from 3.11
+    # the standard library's module has that API and stands in for it.
     try:
         importlib.import_module("importlib_resources")
     except ImportError:
         if sys.version_info < (3, 11):
-            raise ImportError("preparing a TFDS dataset needs `pip install importlib_resources` "
-                              "(tensorflow/datasets#11212)") from None
+            raise MissingDependencyError("preparing a TFDS dataset on Python 3.10 needs importlib_resources: "
+                                         "pip install 'n2uq_tf[data]' (tensorflow/datasets#11212)") from None
         importlib.import_module("importlib.resources.abc")  # makes .abc an attribute, as tfds uses it
         sys.modules["importlib_resources"] = sys.modules["importlib.resources"]
+
+
+def _tfds():
+    return require("tensorflow_datasets", "the TFDS datasets (imagenet2012, cifar10)",
+                   "tensorflow-datasets: pip install 'n2uq_tf[data]'")
 
 
 def _not_available(spec, data_dir, manual_dir, detail):
@@ -90,7 +98,7 @@ def _not_available(spec, data_dir, manual_dir, detail):
 
 def _tfds_builder(spec, split, data_dir, manual_dir, download):
     """A prepared TFDS builder for `spec`, preparing it first only if `download`."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
     data_dir = os.path.expanduser(data_dir or _default_data_dir())
     manual_dir = os.path.expanduser(manual_dir or os.path.join(data_dir, "downloads", "manual"))
     name = spec.tfds_name
@@ -121,7 +129,7 @@ def _tfds_builder(spec, split, data_dir, manual_dir, download):
 
 
 def _load_tfds(spec, split, *, training, seed, data_dir, manual_dir, download):
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
     builder = _tfds_builder(spec, split, data_dir, manual_dir, download)
     decoders = {"image": tfds.decode.SkipDecoding()} if spec.skip_decoding else None
     # Files are shuffled for training (ImageNet has 1,024 shards); the seed makes it repeatable.
@@ -133,11 +141,7 @@ def _load_tfds(spec, split, *, training, seed, data_dir, manual_dir, download):
 
 
 def _require_sklearn():
-    try:
-        return importlib.import_module("sklearn.datasets")
-    except ImportError:
-        raise ImportError("the 'digits' dataset comes from scikit-learn: pip install scikit-learn "
-                          "(or pip install 'n2uq_tf[test]')") from None
+    return require("sklearn.datasets", "the 'digits' dataset", "scikit-learn: pip install 'n2uq_tf[data]'")
 
 
 @functools.lru_cache(maxsize=1)

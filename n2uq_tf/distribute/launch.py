@@ -329,14 +329,14 @@ def add_launch_arguments(parser):
 
 
 def launch_from_arguments(args, prog="n2uq-tf launch"):
-    """Runs the launch that add_launch_arguments' options describe; returns the exit status."""
+    """Runs the launch that add_launch_arguments' options describe; returns the exit status.
+
+    Raises ValueError for a command line it cannot run (no command, bad options): a usage error."""
     command = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not command:
-        raise SystemExit(f"{prog}: give the command each worker runs after --, e.g. {prog} -n 2 -- python train.py")
+        raise ValueError(f"give the command each worker runs after --, e.g. {prog} -n 2 -- python train.py")
     try:
         return launch(command, args.workers, timeout=args.timeout, prefix_output=not args.no_prefix)
-    except ValueError as error:
-        raise SystemExit(f"{prog}: {error}") from None
     except KeyboardInterrupt:  # the workers are stopped already; no traceback for Ctrl-C
         return 130
 
@@ -347,7 +347,10 @@ def main(argv=None):
         prog=prog, description="Run a command as N local MultiWorkerMirroredStrategy workers on 127.0.0.1, "
                                "each with its own TF_CONFIG; worker 0 is the chief.")
     add_launch_arguments(parser)
-    return launch_from_arguments(parser.parse_args(argv), prog)
+    try:
+        return launch_from_arguments(parser.parse_args(argv), prog)
+    except ValueError as error:
+        parser.error(str(error))  # one line and exit status 2, as the n2uq-tf command
 
 
 if __name__ == "__main__":
