@@ -210,7 +210,8 @@ def main(argv=None):
             results[key].append(acc)
             summaries[key].append(summary)
             print(f"  W:{weight_method:9s} A:{activation_method:7s} {100 * acc:.2f}%  "
-                  f"({summary['trainable_variables']} trainable variables; intervals {summary['interval_min']:.3f}..{summary['interval_max']:.3f}, "
+                  f"({summary['trainable_variables']} trainable variables; "
+                  f"intervals {summary['interval_min']:.3f}..{summary['interval_max']:.3f}, "
                   f"mean beta1 {summary['beta1_mean']:.3f}, beta2 {summary['beta2_mean']:.3f})", flush=True)
 
     b = args.bits

@@ -64,7 +64,8 @@ def load_data(name, shape):
     import numpy as np
     from n2uq_tf import data
     flat = len(shape) == 1 and shape[0] == 64 and name == "digits"
-    if not flat and not (len(shape) == 3 and shape[0] == shape[1] and shape[2] in ((1, 3) if name == "digits" else (3,))):
+    square = len(shape) == 3 and shape[0] == shape[1]
+    if not flat and not (square and shape[2] in ((1, 3) if name == "digits" else (3,))):
         raise SystemExit(f"--model takes input {shape}; {name} can feed (64,) (flat digits) or (s, s, 1 or 3) "
                          "images (CIFAR-10: 3 channels)")
     if name == "digits":

@@ -42,6 +42,6 @@ def __getattr__(name):
 __all__ = [
     "ActivationQuantizer", "DistillationModel", "LinearEpochDecay", "N2UQAdam", "N2UQQuantizeConfig",
     "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport", "WeightQuantizer", "custom_objects",
-    "distillation_loss", "export_tflite", "inspect_tflite", "load_model", "ops", "paper_optimizer", "quantization_report", "quantize_model",
-    "quantize_scope", "save_model",
+    "distillation_loss", "export_tflite", "inspect_tflite", "load_model", "ops", "paper_optimizer",
+    "quantization_report", "quantize_model", "quantize_scope", "save_model",
 ]

@@ -12,13 +12,15 @@ libraries at install time (the fused kernel needs TensorFlow's flags and is buil
 """
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# "n2uq_tf._native" in the package: the n2uq-tf command shows its INFO messages on stderr.
+logger = logging.getLogger(__name__)
 
 # The bit-serial kernel core (tflite_tools/core) and the TFLite delegate plugin (tflite_tools/tflite).
 CORE_HEADERS_AND_SOURCES = ("n2uq_core.h", "kernel_table.h", "kernels_impl.h", "dot_impl.h", "core.cc",
@@ -77,7 +79,7 @@ def build_library(name, command, description, *, stale_prefix, force=False, verb
             problems.append(f"{directory}: {problem}")
             continue
         if verbose:
-            print(f"n2uq_tf: building {description} (once) into {directory}", file=sys.stderr)
+            logger.info("n2uq_tf: building %s (once) into %s", description, directory)
         try:
             result = subprocess.run(command(tmp), capture_output=True, text=True)
         except OSError as problem:

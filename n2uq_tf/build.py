@@ -6,6 +6,7 @@ depends on TensorFlow).
 """
 
 import argparse
+import logging
 
 from n2uq_tf import _fused
 from n2uq_tf.tflite import _core, _delegate
@@ -15,6 +16,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if the libraries exist")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # "building ... (once)" as each starts
     print(_fused.build(force=args.force))
     print(_core.build(force=args.force))
     print(_delegate.build(force=args.force))

@@ -20,6 +20,7 @@ disk).
 import argparse
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -778,7 +779,27 @@ def _expected_errors():
             (OSError, 1))                     # the file system refused (permissions, a full disk)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to the sys.stderr of the moment (which tests and tools may swap), message only."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # as logging's own handlers: a broken stream never stops the command
+            self.handleError(record)
+
+
+def _show_library_messages():
+    """The package's INFO messages (a C++ library built on first use) on stderr, where a command's user
+    sees them; left alone when the process configured logging itself."""
+    package = logging.getLogger("n2uq_tf")
+    if not package.handlers and not logging.getLogger().handlers:
+        package.addHandler(_StderrHandler())
+        package.setLevel(logging.INFO)
+
+
 def main(argv=None):
+    _show_library_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

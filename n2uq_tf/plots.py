@@ -100,7 +100,7 @@ def activation_inputs(model, x, layers=None, max_values=MAX_VALUES, batch_size=6
     rng = np.random.default_rng(seed)
     chunks = {q.path: [] for q in quantized}
     for begin in range(0, total, batch_size):
-        chunk = tf.nest.map_structure(lambda a: a[begin:begin + batch_size], x)
+        chunk = tf.nest.map_structure(lambda a, begin=begin: a[begin:begin + batch_size], x)
         size = int(tf.nest.flatten(chunk)[0].shape[0])
         outputs = tf.nest.flatten(extractor(chunk, training=False))
         for (wrapper, _), out in zip(tensors, outputs):

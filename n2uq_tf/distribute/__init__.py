@@ -7,7 +7,8 @@
     model.fit(dataset)
 
 Compressors (`compressors.py`): "nuqsgd" (exponential levels, Ramezani-Kebrya et al.), "qsgd",
-"qsgdinf" and "none". `n2uq-tf launch -n 2 -- python train.py` (or `launch_workers([...], 2)`) starts local workers on 127.0.0.1.
+"qsgdinf" and "none". `n2uq-tf launch -n 2 -- python train.py` (or `launch_workers([...], 2)`) starts
+local workers on 127.0.0.1.
 """
 
 from n2uq_tf.distribute.compressors import (COMPRESSORS, SUPPORTED_BITS, BucketLayout,  # noqa: F401
@@ -21,8 +22,9 @@ from n2uq_tf.distribute.optimizer import (CompressedOptimizer, ExchangeSize, all
                                           compress_gradients, exchange_compressed, exchange_size,
                                           replica_seed)
 
-__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeMonitor", "ExchangeSize", "GradientCompression",
-           "all_gather_payloads", "compress_gradients", "compress_vector", "decode", "decode_sum", "encode",
-           "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch_workers", "loopback_bytes", "num_workers",
+__all__ = ["COMPRESSORS", "SUPPORTED_BITS", "BucketLayout", "CompressedOptimizer", "ExchangeMonitor", "ExchangeSize",
+           "GradientCompression", "all_gather_payloads", "compress_gradients", "compress_vector", "decode",
+           "decode_sum", "encode", "exchange_compressed", "exchange_size", "free_ports", "is_chief", "launch_workers",
+           "loopback_bytes", "num_workers",
            "pack_codes", "quantize_buckets", "replica_seed", "strategy_from_environment", "tf_config",
            "unpack_codes", "worker_index"]

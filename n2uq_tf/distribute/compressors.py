@@ -40,7 +40,8 @@ import tensorflow as tf
 
 SUPPORTED_BITS = (2, 4, 8)  # b divides 32: codes never straddle a word
 DEFAULT_BUCKET_SIZE = 8192  # the paper's runs
-SMALL_BITS_BUCKET_SIZE = 128  # 2 bits diverged with 8192-value buckets and trained with 128 (measured on a small MLP: see benchmarks/DISTRIBUTED.md)
+# 2 bits diverged with 8192-value buckets and trained with 128 (measured on a small MLP: see benchmarks/DISTRIBUTED.md)
+SMALL_BITS_BUCKET_SIZE = 128
 # The side list of non-finite kinds: 2-bit codes, 16 to a word, for a payload's first 64 markers.
 NONFINITE_KINDS = 64
 NONFINITE_WORDS = NONFINITE_KINDS * 2 // 32
@@ -85,7 +86,8 @@ class GradientCompression:
         if method not in COMPRESSORS:
             raise ValueError(f"compression method must be one of {sorted(COMPRESSORS)}, got {self.method!r}")
         object.__setattr__(self, "method", method)
-        if not isinstance(self.bits, (int, np.integer)) or isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if (not isinstance(self.bits, (int, np.integer)) or isinstance(self.bits, bool)
+                or self.bits not in SUPPORTED_BITS):
             raise ValueError(f"compression bits must be one of {SUPPORTED_BITS} (codes are packed 32 / bits "
                              f"to an int32 word), got {self.bits!r}")
         object.__setattr__(self, "bits", int(self.bits))

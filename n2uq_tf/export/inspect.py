@@ -65,7 +65,7 @@ class TFLiteInspection:
                 "data_bytes": self.data_bytes, "size_ratio": self.size_ratio, "metadata": self.metadata,
                 "op_counts": self.op_counts(),
                 "operators": [dataclasses.asdict(o) for o in self.operators],
-                "layers": [dataclasses.asdict(l) for l in self.layers]}
+                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
     def __str__(self):
         lines = []
@@ -81,11 +81,12 @@ class TFLiteInspection:
                 lines.append(f"  #{op.index:<4d} {op.name:<22s} {opts}")
         if self.layers:
             header = ("layer", "op", "W", "A", "weights", "packed B")
-            rows = [(l.name, l.op, str(l.weight_bits), str(l.activation_bits), f"{l.weight_count:,}",
-                     f"{l.packed_bytes:,}") for l in self.layers]
+            rows = [(layer.name, layer.op, str(layer.weight_bits), str(layer.activation_bits),
+                     f"{layer.weight_count:,}", f"{layer.packed_bytes:,}") for layer in self.layers]
             widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
             for row in [header] + rows:
-                lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+                lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                       for i, (c, w) in enumerate(zip(row, widths))))
         ratio = self.size_ratio
         lines.append(f"file {self.file_bytes:,} B; N2UQ weights {self.packed_bytes:,} B; other buffers "
                      f"{self.float_bytes:,} B; file = "

@@ -130,7 +130,7 @@ def signature_names(model):
     """
     outputs = []
     for name in model.output_names:
-        layer = model.get_layer(name) if name in {l.name for l in model.layers} else None
+        layer = model.get_layer(name) if name in {each.name for each in model.layers} else None
         inner = getattr(layer, "layer", None)
         outputs.append(inner.name if isinstance(inner, keras.layers.Layer) else name)
     return _unique(list(model.input_names)), _unique(outputs)

@@ -150,9 +150,9 @@ def _check_override_class(key, walked, model):
     if any(type(w.layer) is key for w in walked):
         return
     types = sorted({type(w.layer).__name__ for w in walked})
-    raise ValueError(f"overrides names the class {key.__module__}.{key.__qualname__}, which is neither a layer name nor "
-                     f"a layer type in model {model.name!r} (a class matches layers of exactly that class; the model's "
-                     f"layer types: {', '.join(types)})")
+    raise ValueError(f"overrides names the class {key.__module__}.{key.__qualname__}, which is neither a layer name "
+                     f"nor a layer type in model {model.name!r} (a class matches layers of exactly that class; the "
+                     f"model's layer types: {', '.join(types)})")
 
 
 def _override_methods(walked, overrides, default_methods):
@@ -429,7 +429,8 @@ def _check_not_quantized(model):
     for walked in nested.walk(model):
         layer = walked.layer
         if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
-            kind = "N2UQ-quantized" if isinstance(layer, N2UQWrapper) else f"quantized by tfmot ({type(layer).__name__})"
+            kind = ("N2UQ-quantized" if isinstance(layer, N2UQWrapper)
+                    else f"quantized by tfmot ({type(layer).__name__})")
             raise ValueError(
                 f"model {model.name!r} is already quantized: layer {walked.path!r} is {kind}. quantize_model "
                 "takes the float model; compile and fit this one to keep training it, or quantize the float "

@@ -75,7 +75,7 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
         state = quantizer_state(self.model)  # a distiller's student (model_reader.inspected_model)
         if not state:
             if not self._warned:
-                warnings.warn("QuantizerTensorBoard: the model has no quantized activations to log")
+                warnings.warn("QuantizerTensorBoard: the model has no quantized activations to log", stacklevel=2)
                 self._warned = True
             return
         with self._writer.as_default():
