@@ -253,7 +253,7 @@ def activation_state(activation):
     return state
 
 
-def quantizer_state(model):
+def quantizer_state(model: Any) -> dict[str, dict[str, Any]]:
     """{layer path: {"bits", "method", "thresholds", "step", "bounds", ...}}, one entry per layer
     whose input is quantized.
 

@@ -14,6 +14,8 @@ drawn on their own Agg canvas, so pyplot and the user's backend are never touche
 
 import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -31,7 +33,7 @@ _DPI = 120
 
 # --------------------------------------------------------------------------- the numbers
 
-def quantized_layers(model):
+def quantized_layers(model: Any) -> list[tuple[str, Any]]:
     """[(name, N2UQWrapper)] in layer order, nested models included.
 
     The name is the wrapped layer's path, as in `quantization_report`: its name, prefixed by
@@ -74,7 +76,8 @@ def _first_batch(x):
     return x
 
 
-def activation_inputs(model, x, layers=None, max_values=MAX_VALUES, batch_size=64, seed=0):
+def activation_inputs(model: Any, x: Any, layers: str | Sequence[str] | None = None, max_values: int = MAX_VALUES,
+                      batch_size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
     """{layer: float32 array of the values entering its input quantizer} for inputs ``x``.
 
     Values are flattened, in input units (before beta1), computed in inference mode
@@ -192,7 +195,8 @@ def _save(fig, path):
         fig.savefig(path, dpi=_DPI, facecolor="white")
 
 
-def plot_thresholds(model, x, path=None, layers=None, max_layers=None, bins=60):
+def plot_thresholds(model: Any, x: Any, path: str | os.PathLike[str] | None = None,
+                    layers: str | Sequence[str] | None = None, max_layers: int | None = None, bins: int = 60) -> Any:
     """Input-activation histograms with the learned thresholds, one panel per quantized layer.
 
     Per panel: the histogram (counts) of the layer's input activations for ``x``, solid
@@ -269,7 +273,8 @@ def _entropy_bits(fractions):
     return float(-(p * np.log2(p)).sum())
 
 
-def plot_weight_levels(model, path=None, layers=None, max_layers=None):
+def plot_weight_levels(model: Any, path: str | os.PathLike[str] | None = None,
+                       layers: str | Sequence[str] | None = None, max_layers: int | None = None) -> Any:
     """Fraction of weights at each code k = 0..n, one panel per quantized layer (the paper's Fig. 3).
 
     Bars: the fraction at each level (codes of every output channel together, each with
@@ -327,7 +332,7 @@ def plot_weight_levels(model, path=None, layers=None, max_layers=None):
     return fig
 
 
-def save_plots(model, x, directory, max_layers=None):
+def save_plots(model: Any, x: Any, directory: str | os.PathLike[str], max_layers: int | None = None) -> list[str]:
     """Writes thresholds.png (needs inputs ``x``; skipped when x is None) and weight_levels.png.
 
     Returns the list of written paths. Each figure is written only when the model has

@@ -23,25 +23,21 @@ command adds its run folder (checkpoints, resume, history.json) around it. Nothi
 pass ``log=print`` to see the phases.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any
+
+import tensorflow as tf
 
 from n2uq_tf._keras import keras
+from n2uq_tf.distribute.compressors import GradientCompression
+from n2uq_tf.report import QuantizationReport, quantization_report
 from n2uq_tf.training.distillation import DistillationModel
 from n2uq_tf.training.optimizer import PAPER_LEARNING_RATE, paper_optimizer
 from n2uq_tf.training.schedules import LinearEpochDecay
-
-if TYPE_CHECKING:
-    import tensorflow as tf
-
-    from n2uq_tf.distribute import GradientCompression
-    from n2uq_tf.report import QuantizationReport
 
 __all__ = ["TEACHER", "TEACHER_LR_MULTIPLIER", "RecipeResult", "accuracy", "train_n2uq", "train_teacher"]
 
@@ -51,7 +47,7 @@ TEACHER = "teacher"
 # (a float network trains well at a higher rate than its quantized twin).
 TEACHER_LR_MULTIPLIER = 4
 
-FloatSource = Union["keras.Model", str, "os.PathLike[str]"]
+FloatSource = keras.Model | str | os.PathLike[str]
 Log = Callable[[str], Any]
 
 
@@ -76,7 +72,6 @@ class RecipeResult:
 
     @functools.cached_property
     def report(self) -> QuantizationReport:
-        from n2uq_tf.report import quantization_report
         return quantization_report(self.student)
 
 

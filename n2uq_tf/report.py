@@ -1,6 +1,7 @@
 """quantization_report: what was quantized, with which bits, what it learned and what it saves."""
 
 import dataclasses
+from typing import Any
 
 from n2uq_tf import model_reader, ops
 
@@ -184,7 +185,7 @@ def _apply_export_plan(row, exported):
         row.packed_bytes = exported.packed_bytes + exported.float_bytes
 
 
-def quantization_report(model):
+def quantization_report(model: Any) -> QuantizationReport:
     """Per-layer bits, parameters, learned thresholds, packed size and export of a (quantized) model.
 
     Each row says what `export_tflite` will make of the layer (``export``), decided by the

@@ -79,3 +79,57 @@ print("SAME", summary(qmodel) == summary(auto))
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REPORT 2" in result.stdout and "SAME True" in result.stdout, result.stdout[-3000:]
+
+
+def public_api():
+    """The entry points users call, as the README and the docstrings name them."""
+    import n2uq_tf.data
+    import n2uq_tf.distribute
+    import n2uq_tf.models
+    import n2uq_tf.plots
+    import n2uq_tf.recipe
+    import n2uq_tf.tflite
+    from n2uq_tf import data, distribute, models, plots, recipe, tflite, training
+    return [
+        n2uq_tf.quantize_model, n2uq_tf.load_model, n2uq_tf.save_model, n2uq_tf.quantize_scope, n2uq_tf.custom_objects,
+        n2uq_tf.quantization_report, n2uq_tf.export_tflite, n2uq_tf.inspect_tflite, n2uq_tf.DistillationModel,
+        n2uq_tf.distillation_loss, n2uq_tf.paper_optimizer, n2uq_tf.N2UQAdam, n2uq_tf.LinearEpochDecay,
+        training.QuantizerTensorBoard, models.resnet18, models.resnet34, models.resnet50, models.resnet20,
+        models.mobilenet_v2, models.quantize, models.load_float_weights, models.float_twin, models.get_model,
+        data.load_dataset, data.dataset_info, data.digits_arrays, plots.plot_thresholds, plots.plot_weight_levels,
+        plots.save_plots, plots.quantizer_state, plots.activation_inputs, plots.quantized_layers, tflite.Interpreter,
+        tflite.delegate_path, tflite.load_delegate, tflite.benchmark_model, tflite.format_benchmark,
+        tflite.model_n2uq_ops, distribute.compress_gradients, distribute.exchange_size, distribute.launch_workers,
+        distribute.free_ports, distribute.tf_config, distribute.worker_index, distribute.num_workers,
+        distribute.is_chief, recipe.train_n2uq, recipe.train_teacher, recipe.accuracy,
+    ]
+
+
+def test_public_api_is_typed():
+    import inspect
+    import typing
+    for entry in public_api():
+        function = entry.__init__ if inspect.isclass(entry) else entry
+        name = getattr(entry, "__qualname__", repr(entry))
+        signature = inspect.signature(function)
+        hints = typing.get_type_hints(function)  # resolves: no name a type checker could not find
+        for parameter in list(signature.parameters.values())[1 if inspect.isclass(entry) else 0:]:
+            assert parameter.name in hints, f"{name}: parameter {parameter.name!r} has no type"
+        if not inspect.isclass(entry):
+            assert "return" in hints, f"{name}: no return type"
+    import n2uq_tf
+    assert os.path.isfile(os.path.join(os.path.dirname(n2uq_tf.__file__), "py.typed"))
+
+
+def test_py_typed_is_package_data():
+    from setuptools.config.setupcfg import read_configuration
+    options = read_configuration(os.path.join(ROOT, "setup.cfg"), ignore_option_errors=True)["options"]
+    assert "py.typed" in options["package_data"]["n2uq_tf"]
+
+
+def test_code_passes_ruff():
+    """The package, examples and packaging script pass the ruff rules in pyproject.toml (ruff comes
+    with the test extra)."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "n2uq_tf", "examples", "setup.py"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

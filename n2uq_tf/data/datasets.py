@@ -169,7 +169,8 @@ def _load_digits(spec, split, **_):
     return tf.data.Dataset.from_tensor_slices(train if split == "train" else test)
 
 
-def digits_arrays(image_size=32, channels=3):
+def digits_arrays(image_size: int | tuple[int, int] = 32,
+                  channels: int = 3) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """sklearn digits as NumPy arrays for plain `fit(x, y)`: ((x_train, y_train), (x_test, y_test)).
 
     Images are the evaluation preprocessing of `load_dataset("digits", ...)` (bilinear resize to
@@ -220,15 +221,17 @@ def _spec(name):
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}") from None
 
 
-def dataset_info(name):
+def dataset_info(name: str) -> DatasetInfo:
     """`DatasetInfo` (num_classes, image_size, splits -> examples, mean, std) without loading anything."""
     info = _spec(name).info
     return dataclasses.replace(info, splits=dict(info.splits))
 
 
-def load_dataset(name, split="train", *, batch_size=256, image_size=None, data_dir=None, manual_dir=None,
-                 download=False, training=None, shuffle_buffer=None, seed=None, drop_remainder=None,
-                 repeat=False, channels=3, normalization="dataset"):
+def load_dataset(name: str, split: str = "train", *, batch_size: int = 256,
+                 image_size: int | tuple[int, int] | None = None, data_dir: str | None = None,
+                 manual_dir: str | None = None, download: bool = False, training: bool | None = None,
+                 shuffle_buffer: int | None = None, seed: int | None = None, drop_remainder: bool | None = None,
+                 repeat: bool = False, channels: int = 3, normalization: str = "dataset") -> tf.data.Dataset:
     """A batched, prefetched `tf.data.Dataset` of (float32 NHWC images, int64 labels).
 
     name: "imagenet2012", "cifar10" (TFDS, prepared in `data_dir`) or "digits" (ships with

@@ -51,6 +51,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
 
 # How long a worker has to exit after SIGTERM before it gets SIGKILL.
 TERMINATE_GRACE_SECONDS = 5.0
@@ -58,7 +60,7 @@ TIMEOUT_STATUS = 124  # as coreutils `timeout`
 _POLL_SECONDS = 0.05
 
 
-def free_ports(count, host="127.0.0.1"):
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct TCP ports that were free on `host` a moment ago.
 
     All sockets stay bound until every port is picked, so the ports are distinct. They are closed
@@ -79,7 +81,7 @@ def free_ports(count, host="127.0.0.1"):
             sock.close()
 
 
-def tf_config(ports, index, host="127.0.0.1"):
+def tf_config(ports: Sequence[int], index: int, host: str = "127.0.0.1") -> dict[str, Any]:
     """The TF_CONFIG dict of worker `index` in a cluster of workers at host:port, one per port."""
     if not _is_ipv4_loopback(host):
         raise ValueError(f"host must be an IPv4 loopback address such as 127.0.0.1, got {host!r}: "
@@ -112,7 +114,7 @@ def _cluster_and_task(environ):
     return config.get("cluster") or {}, config.get("task") or {}
 
 
-def worker_index(environ=None):
+def worker_index(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank among the training workers (0 when not distributed).
 
     Read from TF_CONFIG (a "chief" task, where a cluster has one, is rank 0 and the workers
@@ -128,7 +130,7 @@ def worker_index(environ=None):
     return int(environ.get("N2UQ_WORKER_INDEX", 0))
 
 
-def num_workers(environ=None):
+def num_workers(environ: Mapping[str, str] | None = None) -> int:
     """How many training workers (chief included) the cluster has; 1 when not distributed."""
     environ = os.environ if environ is None else environ
     cluster, _ = _cluster_and_task(environ)
@@ -137,7 +139,7 @@ def num_workers(environ=None):
     return int(environ.get("N2UQ_NUM_WORKERS", 1))
 
 
-def is_chief(environ=None):
+def is_chief(environ: Mapping[str, str] | None = None) -> bool:
     """True in the process that should write files and print final results; True when not distributed.
 
     MultiWorkerMirroredStrategy's convention: the "chief" task if the cluster has one, else worker 0.
@@ -152,7 +154,9 @@ def is_chief(environ=None):
 
 # --- the launcher -------------------------------------------------------------------------------
 
-def launch(command, num_workers, *, env=None, ports=None, prefix_output=True, timeout=None, stream=None):
+def launch(command: Sequence[str], num_workers: int, *, env: Mapping[str, str] | None = None,
+           ports: Sequence[int] | None = None, prefix_output: bool = True, timeout: float | None = None,
+           stream: TextIO | None = None) -> int:
     """Run `command` as `num_workers` local MultiWorkerMirroredStrategy workers; return the exit status.
 
     command: the argv list every worker runs (e.g. [sys.executable, "train.py"]).

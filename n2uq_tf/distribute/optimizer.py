@@ -13,6 +13,7 @@ bit-identical. Keras already scales the loss by 1 / replicas, so the sum is the 
 """
 
 import typing
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -23,7 +24,8 @@ _REGISTERED_NAME = "n2uq_tf>CompressedOptimizer"
 _compressed_classes = {}
 
 
-def compress_gradients(optimizer, method="nuqsgd", bits=4, bucket_size=None, seed=0):
+def compress_gradients(optimizer: keras.optimizers.Optimizer | str, method: str = "nuqsgd", bits: int = 4,
+                       bucket_size: int | None = None, seed: int = 0) -> keras.optimizers.Optimizer:
     """The optimizer, exchanging gradients compressed by `method` at `bits` bits per value.
 
     optimizer: a tf_keras optimizer instance (Adam, SGD, N2UQAdam, ...) or a name like "adam".
@@ -197,7 +199,8 @@ class ExchangeSize(typing.NamedTuple):
                 f"ratio={self.ratio:.2f})")
 
 
-def exchange_size(variables, compression):
+def exchange_size(variables: Sequence[tf.Variable],
+                  compression: GradientCompression | keras.optimizers.Optimizer) -> "ExchangeSize":
     """Bytes one replica puts into the exchange per step for these trainable variables.
 
     compression: a GradientCompression, or an optimizer (an uncompressed one exchanges float32).

@@ -3,12 +3,15 @@
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
-from n2uq_tf.export.lowering import lower
+from n2uq_tf.export.lowering import ExportReport, lower
 
 # Written into the flatbuffer's metadata under METADATA_NAME; readers refuse a newer one.
 METADATA_NAME = "n2uq_tf"
@@ -124,8 +127,9 @@ def _check_runnable(info, origin):
             "supported layer arguments).")
 
 
-def export_tflite(model, path=None, *, inference_type="float", representative_dataset=None,
-                  return_report=False):
+def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None, *, inference_type: str = "float",
+                  representative_dataset: Callable[[], Iterable[Any]] | None = None,
+                  return_report: bool = False) -> bytes | tuple[bytes, ExportReport]:
     """Converts a quantized tf_keras model to a TFLite flatbuffer with N2UQ custom ops.
 
     Every lowerable quantized Conv2D / DepthwiseConv2D / Dense (1..4 bits, see
@@ -212,6 +216,6 @@ def export_tflite(model, path=None, *, inference_type="float", representative_da
     return (flatbuffer, report) if return_report else flatbuffer
 
 
-def plan_export(model):
+def plan_export(model: keras.Model) -> ExportReport:
     """The `ExportReport` of `model` without converting: which layers become which ops."""
     return lower(model).report

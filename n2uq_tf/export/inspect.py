@@ -134,7 +134,7 @@ def _decode_options(data):
     return {(_name(k)): v for k, v in options.items()} if isinstance(options, dict) else {"raw": options}
 
 
-def inspect_tflite(path_or_bytes):
+def inspect_tflite(path_or_bytes: str | os.PathLike[str] | bytes) -> TFLiteInspection:
     """A `TFLiteInspection` of a .tflite file (a path or the bytes): ``print()`` it or ``to_dict()``."""
     from tensorflow.lite.tools import flatbuffer_utils
     data = _read(path_or_bytes)

@@ -7,6 +7,9 @@
     n2uq_star = models.resnet18(bits=2, quantize_downsample=False)  # float downsample (N2UQ*)
 """
 
+from typing import Any
+
+from n2uq_tf._keras import keras
 from n2uq_tf.models._common import float_twin, load_float_weights, quantize
 from n2uq_tf.models.mobilenet import mobilenet_v2
 from n2uq_tf.models.resnet import resnet18, resnet20, resnet34, resnet50
@@ -20,7 +23,7 @@ MODELS = {
 }
 
 
-def get_model(name, /, **kwargs):
+def get_model(name: str, /, **kwargs: Any) -> keras.Model:
     """Builds the model registered as ``name`` in `MODELS` with the builder's keyword arguments."""
     try:
         builder = MODELS[name]

@@ -79,8 +79,10 @@ def _is_quantized(model):
     return any(reader.quantized(layer) is not None for layer in model.layers)
 
 
-def quantize(float_model, bits=2, *, weight_bits=None, activation_bits=None, quantize_downsample=True,
-             learn_thresholds=True, method=None, weight_method=None, activation_method=None):
+def quantize(float_model: keras.Model, bits: int | None = 2, *, weight_bits: int | None = None,
+             activation_bits: int | None = None, quantize_downsample: bool = True, learn_thresholds: bool = True,
+             method: str | None = None, weight_method: str | None = None,
+             activation_method: str | None = None) -> keras.Model:
     """The paper's quantization plan for a float model built by `n2uq_tf.models`.
 
     ``stem_conv`` and ``fc`` stay float, the downsample convs stay float when
@@ -132,7 +134,7 @@ def _inner(layer, reader):
     return layer if quantized is None else quantized.layer
 
 
-def float_twin(quantized_model):
+def float_twin(quantized_model: keras.Model) -> keras.Model:
     """A float model with the quantized model's architecture and layer names (fresh weights)."""
     reader = model_reader.reader_for(quantized_model)
 
@@ -196,7 +198,7 @@ def layer_variables(layer, reader):
     return named
 
 
-def load_float_weights(quantized_model, source):
+def load_float_weights(quantized_model: keras.Model, source: keras.Model | str | os.PathLike[str]) -> keras.Model:
     """Copies a float network's weights, layer by layer name, into its quantized twin.
 
     ``source`` is a float tf_keras model or a path to one (.h5, .keras, SavedModel) or to its

@@ -45,9 +45,11 @@ def inverted_residual(x, out_channels, mid_channels, stride, prefix):
     return y
 
 
-def mobilenet_v2(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), alpha=1.0, weight_bits=None,
-                 activation_bits=None, name=None, learn_thresholds=True, method=None, weight_method=None,
-                 activation_method=None):
+def mobilenet_v2(bits: int | None = None, *, num_classes: int = 1000,
+                 input_shape: tuple[int, int, int] = (224, 224, 3), alpha: float = 1.0, weight_bits: int | None = None,
+                 activation_bits: int | None = None, name: str | None = None, learn_thresholds: bool = True,
+                 method: str | None = None, weight_method: str | None = None,
+                 activation_method: str | None = None) -> keras.Model:
     """The official N2UQ MobileNetV2; ``alpha`` scales every width (multiples of 8).
 
     ``bits=None`` returns the float model; an int (the paper uses 4) returns the quantized

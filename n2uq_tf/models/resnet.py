@@ -87,9 +87,10 @@ def imagenet_resnet(block, blocks_per_stage, *, num_classes=1000, input_shape=(2
 
 
 def _imagenet_builder(arch, block, blocks_per_stage):
-    def build(bits=None, *, num_classes=1000, input_shape=(224, 224, 3), quantize_downsample=True,
-              weight_bits=None, activation_bits=None, name=None, learn_thresholds=True, method=None,
-              weight_method=None, activation_method=None):
+    def build(bits: int | None = None, *, num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3),
+              quantize_downsample: bool = True, weight_bits: int | None = None, activation_bits: int | None = None,
+              name: str | None = None, learn_thresholds: bool = True, method: str | None = None,
+              weight_method: str | None = None, activation_method: str | None = None) -> keras.Model:
         float_model = imagenet_resnet(block, blocks_per_stage, num_classes=num_classes, input_shape=input_shape,
                                       name=name or arch)
         return common.finish(float_model, bits, weight_bits, activation_bits, quantize_downsample, learn_thresholds,
@@ -114,9 +115,11 @@ resnet34 = _imagenet_builder("resnet34", "basic", (3, 4, 6, 3))
 resnet50 = _imagenet_builder("resnet50", "bottleneck", (3, 4, 6, 3))
 
 
-def resnet20(bits=None, *, num_classes=10, input_shape=(32, 32, 3), width=16, quantize_downsample=True,
-             weight_bits=None, activation_bits=None, name=None, learn_thresholds=True, method=None,
-             weight_method=None, activation_method=None):
+def resnet20(bits: int | None = None, *, num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
+             width: int = 16, quantize_downsample: bool = True, weight_bits: int | None = None,
+             activation_bits: int | None = None, name: str | None = None, learn_thresholds: bool = True,
+             method: str | None = None, weight_method: str | None = None,
+             activation_method: str | None = None) -> keras.Model:
     """A CIFAR-size ResNet-20 with the N2UQ block structure, for CPU work.
 
     Float 3x3 stem conv (``width`` channels), BN, ReLU; three stages of three basic blocks

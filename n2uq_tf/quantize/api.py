@@ -3,6 +3,8 @@
 import contextlib
 import os
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ _KERAS2_HINT = (
     "TensorFlow so that tf.keras is tf_keras), e.g. keras.applications.ResNet50(weights=None).")
 
 
-def custom_objects():
+def custom_objects() -> dict[str, type]:
     """Every class a saved quantized model may name, for Keras deserialization."""
     objects = {cls.__name__: cls for cls in
                (N2UQWrapper, N2UQQuantizeConfig, ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer)}
@@ -38,7 +40,7 @@ def custom_objects():
 
 
 @contextlib.contextmanager
-def quantize_scope(*extra_objects):
+def quantize_scope(*extra_objects: Mapping[str, Any]) -> Iterator[None]:
     """Scope for loading quantized models through tf_keras directly.
 
     ``with n2uq_tf.quantize_scope(): keras.models.load_model(path)``. Extra dicts of
@@ -300,9 +302,11 @@ def config_for(layer, weight_bits, activation_bits, learn_thresholds=True, weigh
                               weight_method=weight_method or "n2uq", activation_method=activation_method or "n2uq")
 
 
-def quantize_model(model, bits=2, *, method="n2uq", weight_method=None, activation_method=None,
-                   weight_bits=None, activation_bits=None, skip_layers="first_last",
-                   overrides=None, learn_thresholds=True):
+def quantize_model(model: keras.Model, bits: int = 2, *, method: str = "n2uq", weight_method: str | None = None,
+                   activation_method: str | None = None, weight_bits: int | None = None,
+                   activation_bits: int | None = None, skip_layers: str | Sequence[str | type] | None = "first_last",
+                   overrides: Mapping[str | type, Any] | None = None,
+                   learn_thresholds: bool = True) -> keras.Model:
     """Returns a new tf_keras model with N2UQ (or another method's) quantization, ready for compile/fit.
 
     Args:
@@ -482,7 +486,8 @@ def _describe_format(path):
     return {".h5": "HDF5", ".hdf5": "HDF5", ".keras": "Keras"}.get(ext, "unknown")
 
 
-def load_model(path, custom_objects=None, compile=True, require_quantized=True):
+def load_model(path: str | os.PathLike[str], custom_objects: Mapping[str, Any] | None = None, compile: bool = True,
+               require_quantized: bool = True) -> keras.Model:
     """Loads a quantized model saved as .keras, .h5 or a SavedModel directory.
 
     All quantizer state (thresholds, betas) is restored, so predictions are identical.

@@ -12,10 +12,12 @@ import glob
 import os
 import types
 import zipfile
+from typing import Any
 
 import tensorflow as tf
 
 from n2uq_tf._io import atomic_path
+from n2uq_tf._keras import keras
 
 def _writes_folder(path, save_format):
     """True when tf_keras saves ``path`` (with ``save_format``) as a SavedModel folder."""
@@ -24,7 +26,8 @@ def _writes_folder(path, save_format):
     return os.path.splitext(path)[1].lower() not in (".keras", ".h5", ".hdf5")
 
 
-def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
+def save_model(model: keras.Model, filepath: str | os.PathLike[str], overwrite: bool = True,
+               save_format: str | None = None, **kwargs: Any) -> None:
     """``model.save(filepath, ...)``, atomically: ``filepath`` ends up holding the whole model or unchanged.
 
     Takes the arguments of tf_keras's ``Model.save`` (a ``.keras`` or ``.h5`` file, or a SavedModel

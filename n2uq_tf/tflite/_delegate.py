@@ -22,6 +22,7 @@ import os
 import statistics
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def source_dir():
         raise DelegateUnavailableError(str(error)) from error
 
 
-def build(force=False, verbose=True):
+def build(force: bool = False, verbose: bool = True) -> str:
     """Compiles the delegate plugin if needed and returns its path (DelegateUnavailableError on failure)."""
     try:
         return _native.build_delegate(force=force, verbose=verbose, error=DelegateUnavailableError)
@@ -63,7 +64,7 @@ def build(force=False, verbose=True):
         raise DelegateUnavailableError(str(error)) from error
 
 
-def delegate_path():
+def delegate_path() -> str:
     """Path of the delegate plugin library (built on first use)."""
     with _lock:
         if "path" not in _loaded:
@@ -156,7 +157,7 @@ def _backend_module(backend):
     return "tflite", tf.lite
 
 
-def load_delegate(backend="auto", **options):
+def load_delegate(backend: str = "auto", **options: Any) -> Any:
     """The N2UQ delegate as a `Delegate` object of the chosen interpreter package.
 
     Options: num_threads (int, 0 = the interpreter's), isa ("auto", "portable", "avx2",
@@ -179,7 +180,7 @@ def _read_model(model_path, model_content):
         return f.read()
 
 
-def model_n2uq_ops(model_path=None, model_content=None):
+def model_n2uq_ops(model_path: str | os.PathLike[str] | None = None, model_content: bytes | None = None) -> list[str]:
     """Names of the N2UQ custom ops a .tflite model uses (from its operator-code strings)."""
     content = _read_model(model_path, model_content)
     # Names are stored as NUL-terminated flatbuffer strings; N2UQQuantize is a prefix of
@@ -187,8 +188,9 @@ def model_n2uq_ops(model_path=None, model_content=None):
     return [name for name in N2UQ_OPS if name.encode() + b"\0" in content]
 
 
-def Interpreter(model_path=None, model_content=None, num_threads=None, backend="auto", delegate_options=None,
-                **kwargs):
+def Interpreter(model_path: str | os.PathLike[str] | None = None, model_content: bytes | None = None,
+                num_threads: int | None = None, backend: str = "auto", delegate_options: dict[str, Any] | None = None,
+                **kwargs: Any) -> Any:
     """A stock TFLite interpreter (ai_edge_litert or tf.lite) with the N2UQ delegate attached.
 
     num_threads goes to the interpreter (context->recommended_num_threads) and so also to
@@ -307,8 +309,9 @@ def _time_interpreter(interpreter, runs, warmup, seed=0, after_warmup=None):
             "min_ms": 1e3 * min(times), "runs": runs}
 
 
-def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", float_model=None, isa=None,
-                    kernel_path=None):
+def benchmark_model(path: str | os.PathLike[str], num_threads: int = 1, runs: int = 50, warmup: int = 5,
+                    backend: str = "auto", float_model: str | os.PathLike[str] | None = None, isa: str | None = None,
+                    kernel_path: str | None = None) -> dict[str, Any]:
     """Latency of a .tflite model with the N2UQ delegate, and without it when that is possible.
 
     A model with N2UQ ops cannot run without the delegate: then "without_delegate" times
@@ -349,7 +352,7 @@ def benchmark_model(path, num_threads=1, runs=50, warmup=5, backend="auto", floa
     return result
 
 
-def format_benchmark(result):
+def format_benchmark(result: dict[str, Any]) -> str:
     """A readable table of `benchmark_model`'s result."""
     w = result["with_delegate"]
     lines = [f"model: {result['model']}  ({result['backend']}, {result['num_threads']} thread(s), "

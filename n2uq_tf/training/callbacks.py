@@ -52,7 +52,8 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
         reads one event file per run at a time, and keras' TensorBoard writes "train".
     """
 
-    def __init__(self, log_dir, update_freq="epoch", subdir="quantizers"):
+    def __init__(self, log_dir: str | os.PathLike[str], update_freq: str | int = "epoch",
+                 subdir: str | None = "quantizers"):
         super().__init__()
         if update_freq != "epoch" and (isinstance(update_freq, bool) or not isinstance(update_freq, int)
                                        or update_freq < 1):

@@ -4,6 +4,8 @@ loss = (1 - alpha) * T^2 * CE(softmax(teacher / T), softmax(student / T)) + alph
 The official recipe is alpha = 0, T = 1: soft cross-entropy to the teacher, no labels.
 """
 
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
@@ -103,8 +105,9 @@ def _checked_logits(outputs, what):
         return tf.identity(outputs)
 
 
-def distillation_loss(teacher_logits, student_logits, temperature=1.0, reduction="mean",
-                      teacher_from_logits=True, student_from_logits=True):
+def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float = 1.0,
+                      reduction: str = "mean", teacher_from_logits: bool = True,
+                      student_from_logits: bool = True) -> tf.Tensor:
     """Soft cross-entropy from teacher to student at `temperature`, times temperature**2.
 
     Per example: ``-T^2 * sum_k softmax(t / T)_k * log_softmax(s / T)_k`` over the last axis.
@@ -159,8 +162,8 @@ class DistillationModel(keras.Model):
         outputs logits (a model detected to end in a softmax then raises ValueError).
     """
 
-    def __init__(self, student, teacher, temperature=1.0, alpha=0.0, teacher_from_logits=None,
-                 student_from_logits=None, **kwargs):
+    def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 1.0, alpha: float = 0.0,
+                 teacher_from_logits: bool | None = None, student_from_logits: bool | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         for model, what in ((student, "student"), (teacher, "teacher")):
             if not isinstance(model, keras.Model):

@@ -8,6 +8,7 @@ update itself.
 """
 
 import re
+from typing import Any
 
 import tensorflow as tf
 
@@ -38,8 +39,8 @@ class N2UQAdam(keras.optimizers.Adam):
     (learning_rate may be a schedule), and Adam's moments are per variable as usual.
     """
 
-    def __init__(self, learning_rate=PAPER_LEARNING_RATE, quantizer_lr_multiplier=0.1, epsilon=1e-8,
-                 name="N2UQAdam", **kwargs):
+    def __init__(self, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = PAPER_LEARNING_RATE,
+                 quantizer_lr_multiplier: float = 0.1, epsilon: float = 1e-8, name: str = "N2UQAdam", **kwargs: Any):
         super().__init__(learning_rate=learning_rate, epsilon=epsilon, name=name, **kwargs)
         multiplier = float(quantizer_lr_multiplier)
         if not multiplier >= 0.0:
@@ -101,8 +102,9 @@ class N2UQAdam(keras.optimizers.Adam):
         return config
 
 
-def paper_optimizer(learning_rate=PAPER_LEARNING_RATE, *, epochs=PAPER_EPOCHS, steps_per_epoch=None,
-                    quantizer_lr_multiplier=0.1, epsilon=1e-8, batch_size=None):
+def paper_optimizer(learning_rate: float = PAPER_LEARNING_RATE, *, epochs: int = PAPER_EPOCHS,
+                    steps_per_epoch: int | None = None, quantizer_lr_multiplier: float = 0.1, epsilon: float = 1e-8,
+                    batch_size: int | None = None) -> "N2UQAdam":
     """The official N2UQ optimizer, for ``model.compile(optimizer=paper_optimizer(...))``.
 
     Adam with epsilon 1e-8 and no weight decay; activation-quantizer parameters (start,

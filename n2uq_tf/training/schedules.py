@@ -9,7 +9,7 @@ import tensorflow as tf
 from n2uq_tf._keras import FORMAT_VERSION, check_format_version, keras, register
 
 
-def linear_epoch_decay(initial_learning_rate, epoch, epochs):
+def linear_epoch_decay(initial_learning_rate: float, epoch: int, epochs: int) -> float:
     """Learning rate of 0-based `epoch` out of `epochs`: lr0 * max(0, 1 - (epoch + 1) / epochs)."""
     return float(initial_learning_rate) * max(0.0, 1.0 - (epoch + 1) / epochs)
 
@@ -28,7 +28,7 @@ class LinearEpochDecay(keras.optimizers.schedules.LearningRateSchedule):
     0 .. steps_per_epoch - 1 are epoch 0, and so on. Past the last epoch the rate stays 0.
     """
 
-    def __init__(self, initial_learning_rate, epochs, steps_per_epoch, name=None):
+    def __init__(self, initial_learning_rate: float, epochs: int, steps_per_epoch: int, name: str | None = None):
         self.initial_learning_rate = float(initial_learning_rate)
         self.epochs = _check_positive_int(epochs, "epochs")
         self.steps_per_epoch = _check_positive_int(steps_per_epoch, "steps_per_epoch")
