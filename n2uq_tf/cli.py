@@ -4,17 +4,18 @@
     n2uq-tf evaluate runs/digits/student.keras --dataset digits
     n2uq-tf report runs/digits/student.keras --plots runs/digits/plots --dataset digits
 
-`train` runs the paper's recipe (docs/design.md, section 1): a float teacher (trained here, or any
-saved float Keras model), a quantized student initialised from the float weights, pure
-distillation with Adam, quantizer parameters at lr/10 and a linear per-epoch decay. Every
-epoch is checkpointed, so an interrupted run continues with `--resume`.
+`train` runs the paper's recipe, `n2uq_tf.recipe.train_n2uq` (docs/design.md, section 1): a float
+teacher (trained here, or any saved float Keras model), a quantized student initialised from the
+float weights, pure distillation with Adam, quantizer parameters at lr/10 and a linear per-epoch
+decay. Around it the command keeps a run folder: every epoch is checkpointed, so an interrupted
+run continues with `--resume`.
 
 Nothing is lost by a command: no command writes over one of its inputs, every model, history and
 report appears whole or not at all (n2uq_tf._io), and `train` writes only into a new or empty
 folder, a run it continues (--resume) or one it is told to start again (--overwrite).
-Expected errors are one line on stderr, no traceback: exit status 2 for a command line that asks
-for something wrong or unsafe (as argparse's own errors), 1 for a failure (missing data, a full
-disk).
+Expected errors (`CLIError`, and the library errors `_expected_errors` lists) are one line on
+stderr, no traceback: exit status 2 for a command line that asks for something wrong or unsafe
+(`UsageError`, as argparse's own errors), 1 for a failure (missing data or package, a full disk).
 """
 
 import argparse

@@ -354,3 +354,63 @@ def test_train_with_a_teacher_that_takes_other_images(tmp_path):
     for words in ("8x8 images, not 32x32", "1-channel images, not 3-channel", "--image-size 8", "--channels 1"):
         assert words in result.stderr, words
     assert not out.exists()  # refused before anything was written
+
+
+# --- one error path: expected errors are one line with their exit status ------------------------------
+
+def test_tensorboard_without_the_package_is_a_failure_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed (an extra)
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--output", str(out), "--tensorboard"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("n2uq-tf train: error: --tensorboard needs the tensorboard package: "
+                           "pip install 'n2uq_tf[tensorboard]'")
+    assert not out.exists()
+
+
+def test_a_missing_optional_package_is_a_failure_not_a_traceback(finished_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.ticker", None)  # matplotlib (the plots extra) not installed
+    assert cli.main(["report", os.path.join(finished_run, "student.keras"), "--plots", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "n2uq-tf report: error: n2uq_tf.plots needs matplotlib: pip install matplotlib" in err
+    assert "Traceback" not in err
+
+
+def test_choices_come_from_the_library(capsys):
+    from n2uq_tf import data, distribute, models, ops, tflite
+    from n2uq_tf.quantize import methods
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    choices = {(name, action.dest): tuple(action.choices) for name, sub in commands.items()
+               for action in sub._actions if action.choices is not None}
+    assert choices[("train", "model")] == tuple(sorted(models.MODELS))
+    assert choices[("train", "dataset")] == choices[("evaluate", "dataset")] == tuple(sorted(data.DATASETS))
+    assert choices[("report", "dataset")] == choices[("export", "dataset")] == tuple(sorted(data.DATASETS))
+    bits = tuple(range(ops.MIN_BITS, ops.MAX_BITS + 1))
+    for option in ("bits", "weight_bits", "activation_bits"):
+        assert choices[("train", option)] == bits
+    assert choices[("train", "method")] == tuple(methods.METHODS)
+    assert choices[("train", "weight_method")] == methods.WEIGHT_METHODS
+    assert choices[("train", "activation_method")] == methods.ACTIVATION_METHODS
+    assert choices[("train", "compression")] == tuple(distribute.COMPRESSORS)
+    assert choices[("train", "compression_bits")] == distribute.SUPPORTED_BITS
+    assert choices[("train", "channels")] == data.CHANNELS
+    assert choices[("train", "normalization")] == data.NORMALIZATIONS
+    assert choices[("benchmark", "backend")] == tflite.BACKENDS
+    assert choices[("benchmark", "isa")] == tflite._core.ISAS
+
+
+def test_the_native_build_message_reaches_the_command_s_stderr(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from n2uq_tf import _native
+    package = logging.getLogger("n2uq_tf")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a process that configured no logging (pytest does)
+    monkeypatch.setattr(package, "handlers", [])
+    monkeypatch.setattr(package, "level", logging.NOTSET)
+    cli._show_library_messages()
+    fake_compiler = [sys.executable, "-c", "import sys; open(sys.argv[1], 'wb').close()"]
+    path = _native.build_library("n2uq_test_lib.so", lambda output: fake_compiler + [output], "a test library",
+                                 stale_prefix="n2uq_test_", directories=[str(tmp_path)])
+    assert path == str(tmp_path / "n2uq_test_lib.so") and os.path.exists(path)
+    assert capsys.readouterr().err == f"n2uq_tf: building a test library (once) into {tmp_path}\n"

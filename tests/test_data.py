@@ -404,6 +404,26 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
         data.datasets._require_sklearn()
 
 
+def test_tfds_datasets_without_tensorflow_datasets_say_what_to_install(monkeypatch, tmp_path):
+    from n2uq_tf._optional import MissingDependencyError
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # the data extra not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install tensorflow-datasets \(or n2uq_tf\[data\]\)"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_tfds_can_prepare_data_without_importlib_resources(monkeypatch):
+    """tensorflow-datasets imports the undeclared importlib_resources to prepare a dataset: setup.cfg
+    installs it on Python 3.10, and from 3.11 the standard library's importlib.resources stands in."""
+    import importlib.resources
+    monkeypatch.setitem(sys.modules, "importlib_resources", None)  # not installed
+    if sys.version_info < (3, 11):
+        with pytest.raises(ImportError, match="importlib_resources"):
+            data.datasets._ensure_tfds_can_build()
+    else:
+        data.datasets._ensure_tfds_can_build()
+        assert sys.modules["importlib_resources"].abc.Traversable is importlib.resources.abc.Traversable
+
+
 # --- what the model takes: channels and normalisation -------------------------------------------------
 
 LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)  # ITU-R BT.601, as tf.image.rgb_to_grayscale

@@ -80,15 +80,16 @@ def _ensure_tfds_can_build():
         importlib.import_module("importlib_resources")
     except ImportError:
         if sys.version_info < (3, 11):
-            raise MissingDependencyError("preparing a TFDS dataset on Python 3.10 needs importlib_resources: "
-                                         "pip install 'n2uq_tf[data]' (tensorflow/datasets#11212)") from None
+            raise MissingDependencyError("preparing a TFDS dataset on Python 3.10 needs importlib_resources: pip "
+                                         "install importlib_resources (or n2uq_tf[data]; tensorflow/datasets#11212)"
+                                         ) from None
         importlib.import_module("importlib.resources.abc")  # makes .abc an attribute, as tfds uses it
         sys.modules["importlib_resources"] = sys.modules["importlib.resources"]
 
 
 def _tfds():
     return require("tensorflow_datasets", "the TFDS datasets (imagenet2012, cifar10)",
-                   "tensorflow-datasets: pip install 'n2uq_tf[data]'")
+                   "tensorflow-datasets: pip install tensorflow-datasets (or n2uq_tf[data])")
 
 
 def _not_available(spec, data_dir, manual_dir, detail):
@@ -141,7 +142,8 @@ def _load_tfds(spec, split, *, training, seed, data_dir, manual_dir, download):
 
 
 def _require_sklearn():
-    return require("sklearn.datasets", "the 'digits' dataset", "scikit-learn: pip install 'n2uq_tf[data]'")
+    return require("sklearn.datasets", "the 'digits' dataset",
+                   "scikit-learn: pip install scikit-learn (or n2uq_tf[data])")
 
 
 @functools.lru_cache(maxsize=1)
