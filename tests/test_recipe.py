@@ -45,6 +45,7 @@ def assert_same_weights(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_train_n2uq_trains_saves_and_freezes_the_teacher_and_starts_the_student_from_it(digits, tmp_path,
                                                                                        monkeypatch):
     (x, y), (x_test, y_test) = digits
