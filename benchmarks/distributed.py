@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -145,12 +144,8 @@ def codec_table(args):
              f"decode + sum of {args.workers} payloads; float32 train step {float_ms:.1f} ms (batch {args.batch_size})",
              "", "| compressor | encode op-by-op ms | encode fused ms | decode+sum op-by-op ms | decode+sum fused ms | "
              "fused codec / float step |", "|---|---:|---:|---:|---:|---:|"]
-    for config in [cfg for cfg in args.configs if not cfg.startswith("none")]:
-        method, _, bits = config.partition(":")
-        comp = c.GradientCompression(method, int(bits or 4))
-        layout = c.BucketLayout(sizes, comp.bucket_size)
-        seed = tf.constant([0, 1], tf.int64)
-
+    def codecs(comp, layout, seed):
+        """One compressor's encode and decode + sum, op by op and fused, as tf.functions."""
         def encode_plain(grads):
             buckets = layout.to_buckets(grads)
             uniform = tf.random.stateless_uniform(tf.shape(buckets), seed=seed)
@@ -164,13 +159,19 @@ def codec_table(args):
             values = c.dequantize_buckets(codes, norms, comp)
             return tf.reduce_sum(tf.reshape(values, [args.workers, -1]), axis=0)
 
-        encode_fused = tf.function(lambda grads: c.encode(layout.to_buckets(grads), comp, seed))
-        decode_fused = tf.function(lambda p: c.decode_sum(p, comp, layout.num_buckets))
+        return (tf.function(encode_plain), tf.function(lambda grads: c.encode(layout.to_buckets(grads), comp, seed)),
+                tf.function(decode_plain), tf.function(lambda p: c.decode_sum(p, comp, layout.num_buckets)))
+
+    for config in [cfg for cfg in args.configs if not cfg.startswith("none")]:
+        method, _, bits = config.partition(":")
+        comp = c.GradientCompression(method, int(bits or 4))
+        encode_plain, encode_fused, decode_plain, decode_fused = codecs(
+            comp, c.BucketLayout(sizes, comp.bucket_size), tf.constant([0, 1], tf.int64))
         payload = encode_fused(grads)
         payloads = tf.stack([payload] * args.workers)
-        times = [median_ms(tf.function(encode_plain), grads), median_ms(encode_fused, grads),
-                 median_ms(tf.function(decode_plain), payloads), median_ms(decode_fused, payloads)]
-        np.testing.assert_array_equal(tf.function(decode_plain)(payloads).numpy(), decode_fused(payloads).numpy())
+        times = [median_ms(encode_plain, grads), median_ms(encode_fused, grads),
+                 median_ms(decode_plain, payloads), median_ms(decode_fused, payloads)]
+        np.testing.assert_array_equal(decode_plain(payloads).numpy(), decode_fused(payloads).numpy())
         lines.append(f"| {method} {comp.bits}-bit | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | "
                      f"{times[3]:.2f} | {(times[1] + times[3]) / float_ms:.2f} |")
     return lines

@@ -320,9 +320,10 @@ def run_layers(args, isas, rng, md):
             print("target: " + note)
     md.append("## Per layer: 3x3 conv, stride 1, pad 1, batch 1 (GMAC/s, higher is better)")
     md.append("")
-    md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms samples. Ours = the "
-              "quantize-and-pack of the float input plus the conv (what a network pays per layer), both through the "
-              "kernel core's C API on preallocated buffers, the conv from a plan prepared once; ISA "
+    md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms "
+              "samples. Ours = the quantize-and-pack of the float input plus the conv (what a network pays per "
+              "layer), both through the kernel core's C API on preallocated buffers, the conv from a plan prepared "
+              "once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, bs = bitserial, "
               "chosen by the plan's timing of the paths this CPU runs when auto). TFLite's CONV_2D is a one-layer "
               f"int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default XNNPACK. "
@@ -406,16 +407,17 @@ def run_lce(args, md):
     print("\n".join(line for line in result.stdout.splitlines() if not line.startswith("JSON ")), flush=True)
     worst = min(rows, key=lambda r: r["ours_vs_lce"])
     note = (f"W1A1 >= Larq Compute Engine {rows[0]['lce_version']} on every shape: "
-            f"{'met' if all(r['ours_vs_lce'] >= 1.0 for r in rows) else 'NOT met'} (worst {worst['ours_vs_lce']:.2f}x at "
-            f"{worst['layer']}, {worst['threads']} thread(s))")
+            f"{'met' if all(r['ours_vs_lce'] >= 1.0 for r in rows) else 'NOT met'} "
+            f"(worst {worst['ours_vs_lce']:.2f}x at {worst['layer']}, {worst['threads']} thread(s))")
     md.append("## Per layer, 1 bit: ours W1A1 vs Larq Compute Engine's binary conv (GMAC/s)")
     md.append("")
     md.append(f"`benchmarks/lce_layers.py` in a separate environment (LCE {rows[0]['lce_version']} pins numpy < 2), "
               "timing both in the same process in interleaved rounds: LCE = larq QuantConv2D (ste_sign input and "
               "kernel, pad_values=1) converted by LCE's converter and run by its interpreter, the input binarization "
-              "included, its Python call's input/output copies subtracted (a same-size one-ReLU model timed alongside); "
-              "ours = quantize-and-pack + conv plan through the C API. LCE's own documentation says its x86 build runs "
-              "reference (unoptimized) kernels: it is optimized for ARMv8, so on x86 this row measures LCE's fallback.")
+              "included, its Python call's input/output copies subtracted (a same-size one-ReLU model timed "
+              "alongside); ours = quantize-and-pack + conv plan through the C API. LCE's own documentation says its "
+              "x86 build runs reference (unoptimized) kernels: it is optimized for ARMv8, so on x86 this row "
+              "measures LCE's fallback.")
     md.append("")
     md += markdown_table(["layer", "threads", "LCE", "ours W1A1", "ours vs LCE", "path", "noise"],
                          [[r["layer"], r["threads"], f"{r['lce_gmacs']:.1f}", f"{r['ours_gmacs']:.1f}",
@@ -659,7 +661,8 @@ def build_e2e_models(args, cache):
         diff = float(np.abs(got - exp).max())
         info["sanity"] = (diff, scale, int(got.argmax()) == int(exp.argmax()))
         sanity.append(f"{info['label']} vs its Keras model on one 224x224 image: max |diff| {diff:.3g} "
-                      f"({diff / scale:.2g} of max |logit| {scale:.3g}), top-1 {'equal' if info['sanity'][2] else 'DIFFERS'}"
+                      f"({diff / scale:.2g} of max |logit| {scale:.3g}), "
+                      f"top-1 {'equal' if info['sanity'][2] else 'DIFFERS'}"
                       + ((" [within the tests' 2e-5 relative float tolerance]" if diff <= 2e-5 * scale else
                           " [beyond the tests' 2e-5 relative tolerance: see the per-layer lines for where]")
                          if info["ours"] and info["kind"] == "float"
@@ -713,14 +716,14 @@ def run_end_to_end(args, infos, md):
         # same invocations the delegate's profile covers: the shares below are exact fractions.
         counted = {key: 0.0 for key in order}
 
-        def counting(key, fn):
+        def counting(key, fn, counted=counted):
             def call():
                 start = time.perf_counter()
                 fn()
                 counted[key] += time.perf_counter() - start
             return call
 
-        def reset():
+        def reset(counted=counted):
             for key in counted:
                 counted[key] = 0.0
             tflite.reset_kernel_profile()
@@ -753,8 +756,8 @@ def run_end_to_end(args, infos, md):
           "builtins (stem, PReLU, adds, pool, fc) + interpreter")
     md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
     md.append("")
-    md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs every "
-              f"model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
+    md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs "
+              f"every model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
               "`resnet18(bits=b)` exported with `export_tflite` (float builtins for the 7x7 stem, PReLU, adds, pool "
               "and fc; \"int8 builtins\" = `inference_type=\"int8\"`), with the N2UQ delegate. TFLite int8 / "
               "float32: the standard ReLU ResNet-18 (what a TFLite user would otherwise ship) and the RPReLU float "
@@ -765,8 +768,8 @@ def run_end_to_end(args, infos, md):
               "delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
               "Noise = IQR/median over rounds.")
     md.append("")
-    md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv", "N2UQ pack",
-                          "rest", "noise"], md_rows)
+    md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",
+                          "N2UQ pack", "rest", "noise"], md_rows)
     md.append("")
     return results
 
@@ -776,7 +779,7 @@ def run_sizes(infos, md):
     print("\n== File sizes", flush=True)
     print(f"{'model':<28} {'file B':>12} {'packed B':>11} {'ideal B':>11} {'other B':>11} {'file/(p+o)':>10}")
     rows, ratios = [], []
-    for key, info in infos.items():
+    for info in infos.values():
         size = os.path.getsize(info["path"])
         if info["ours"]:
             ins = inspect_tflite(info["path"])
@@ -798,8 +801,8 @@ def run_sizes(infos, md):
               "ceil(weights x bits / 8); other = every other buffer (float stem and fc, per-channel multipliers and "
               f"biases, PReLU slopes, int8 scales, ...). Target: file / (packed + other) <= {SIZE_TARGET:.2f}.")
     md.append("")
-    md += markdown_table(["model", "file bytes", "packed N2UQ", "ideal packed", "other buffers", "file / (packed + other)",
-                          f"<= {SIZE_TARGET:.2f}"], rows)
+    md += markdown_table(["model", "file bytes", "packed N2UQ", "ideal packed", "other buffers",
+                          "file / (packed + other)", f"<= {SIZE_TARGET:.2f}"], rows)
     md.append("")
     return ratios
 
@@ -926,8 +929,8 @@ def main():
         for key, threads in e2e:
             if key.startswith("w") and key.endswith("_float"):
                 bits, r = int(key[1:-6]), e2e[(key, threads)]
-                line = (f"end to end, W{bits}A{bits} at {threads} thread(s): {r['vs_int8']:.2f}x TFLite int8 of the ReLU "
-                        f"ResNet-18 ({r['median_ms']:.2f} ms)")
+                line = (f"end to end, W{bits}A{bits} at {threads} thread(s): {r['vs_int8']:.2f}x TFLite int8 of the "
+                        f"ReLU ResNet-18 ({r['median_ms']:.2f} ms)")
                 if threads == 1 and bits in goals:
                     line += f" (target >= {goals[bits]:g}x: {'met' if r['vs_int8'] >= goals[bits] else 'NOT met'})"
                 if bits == 2 and r["shares"]:
@@ -957,8 +960,8 @@ def main():
               f"- Load average (1/5/15 min) at start {load_before and tuple(round(x, 2) for x in load_before)}, "
               f"at end {load_after and tuple(round(x, 2) for x in load_after)}"
               + (" (above the CPU count: other jobs competed for the cores during the run, the 2-thread rows and "
-                 "the multi-millisecond end-to-end invokes most)" if load_before and max(load_before[0], (load_after or
-                                                                                                      [0])[0]) > (os.cpu_count() or 1) else ""),
+                 "the multi-millisecond end-to-end invokes most)"
+                 if load_before and max(load_before[0], (load_after or [0])[0]) > (os.cpu_count() or 1) else ""),
               f"- Repeats: per layer {args.repeats} rounds x {args.sample_time * 1e3:g} ms samples; end to end "
               f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples; statistic per candidate: "
               f"{STATISTIC} of its rounds", ""]

@@ -127,8 +127,8 @@ def main():
             lce_conv = Interpreter(conv_model, num_threads=threads)
             lce_copy = Interpreter(relu_model, num_threads=threads)
             ours, path = ours_w1a1(lib, size, channels, threads, rng)
-            candidates = {"lce": lambda: lce_conv.interpreter.predict([x]),
-                          "copy": lambda: lce_copy.interpreter.predict([x]), "ours": ours}
+            candidates = {"lce": lambda conv=lce_conv, x=x: conv.interpreter.predict([x]),
+                          "copy": lambda relu=lce_copy, x=x: relu.interpreter.predict([x]), "ours": ours}
             calls = {}
             for key, fn in candidates.items():
                 fn()

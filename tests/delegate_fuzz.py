@@ -248,7 +248,7 @@ def op_io_edits(base):
     item_bytes = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 9: 1}
     model = _read(base)
     firsts = {}
-    for position, (name, op) in enumerate(_n2uq_ops(model)):
+    for position, (name, _op) in enumerate(_n2uq_ops(model)):
         firsts.setdefault(name, position)
     assert set(firsts) == set(N2UQ_OPS), f"the base model lacks {set(N2UQ_OPS) - set(firsts)}"
     out = []

@@ -13,7 +13,7 @@ from n2uq_tf.training.callbacks import QuantizerTensorBoard, quantizer_state
 
 
 def wrappers_by_name(model):
-    return {l.layer.name: l for l in model.layers if isinstance(l, n2uq_tf.N2UQWrapper)}
+    return {layer.layer.name: layer for layer in model.layers if isinstance(layer, n2uq_tf.N2UQWrapper)}
 
 
 def expected_scalars(model):

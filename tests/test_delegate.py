@@ -30,7 +30,8 @@ PLUGIN_DIR = os.path.join(ROOT, "tflite_tools", "tflite")
 CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
 BACKENDS = ("tflite", "litert")
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 # ------------------------------------------------------------------ model builders

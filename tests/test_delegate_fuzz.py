@@ -18,7 +18,8 @@ CASES = int(os.environ.get("N2UQ_FUZZ_CASES", "400"))
 SEED = int(os.environ.get("N2UQ_FUZZ_SEED", "0"))
 BACKENDS = os.environ.get("N2UQ_FUZZ_BACKENDS", "litert").split(",")
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def test_crash_classifier_places_the_stack():
@@ -28,7 +29,7 @@ READ of size 4 at 0x6030000a10e0 thread T0
     #0 0x7fe526d6f33d in DimsString /src/tflite_tools/tflite/delegate.cc:290
     #1 0x7fe526d7a10c in Resize /src/tflite_tools/tflite/delegate.cc:376
     #2 0x7fe5265c0000 in tflite::Subgraph::PrepareOpsStartingAt(int) (/site-packages/ai_edge_litert/libpywrap_litert_common.so+0x1)
-SUMMARY: AddressSanitizer: heap-use-after-free /src/tflite_tools/tflite/delegate.cc:290 in DimsString"""
+SUMMARY: AddressSanitizer: heap-use-after-free /src/tflite_tools/tflite/delegate.cc:290 in DimsString"""  # noqa: E501
     stock = """AddressSanitizer:DEADLYSIGNAL
 ==2==ERROR: AddressSanitizer: SEGV on unknown address 0x000000000010 (pc 0x7f bp 0x7f sp 0x7f T0)
     #0 0x7f0 in tflite::InterpreterBuilder::ParseTensors (/site-packages/ai_edge_litert/libpywrap_litert_common.so+0x2)

@@ -352,7 +352,7 @@ def test_backup_and_restore_resumes_and_config(tmp_path):
     config = json.loads(first.to_json())["config"]
     assert config["temperature"] == 1.0 and config["alpha"] == 0.0
     again = DistillationModel.from_config(config)
-    assert [type(l) for l in again.student.layers] == [type(l) for l in first.student.layers]
+    assert [type(layer) for layer in again.student.layers] == [type(layer) for layer in first.student.layers]
     assert not again.teacher.trainable
 
 
@@ -468,8 +468,8 @@ def test_two_bit_student_learns_from_float_teacher_on_digits():
     teacher_weights = [w.copy() for w in teacher.get_weights()]
     # The paper's setup: float first conv and classifier, the other convs at W2A2, initialised from the teacher.
     student = n2uq_tf.quantize_model(teacher, bits=2)
-    quantized = [l for l in student.layers if isinstance(l, n2uq_tf.N2UQWrapper)]
-    assert len(quantized) == 2 and all(l.input_quantizer[0].bits == 2 for l in quantized)
+    quantized = [layer for layer in student.layers if isinstance(layer, n2uq_tf.N2UQWrapper)]
+    assert len(quantized) == 2 and all(layer.input_quantizer[0].bits == 2 for layer in quantized)
     initial_accuracy = accuracy(student)
 
     epochs, batch_size = 10, 64

@@ -4,7 +4,8 @@ What is checked: the paper's level sets and config validation; codes and norms e
 reference given the same U[0,1) draws (Gaussian, heavy-tailed, sparse, per-bucket scales, zero
 buckets, r = 1, values exactly on and next to levels); the bit layout of packed words; the
 encode/decode round trip; unbiasedness and the exact variance by Monte Carlo over many seeds, with
-bounds from Bernstein's inequality (not tuned constants); the published-scale variance figures (measured once: QSGD 9.3, QSGDinf 0.05, NUQSGD 0.34);
+bounds from Bernstein's inequality (not tuned constants); the published-scale variance figures (measured
+once: QSGD 9.3, QSGDinf 0.05, NUQSGD 0.34);
 independence and determinism of the rounding noise; the bucket layout; the payload size.
 
 Monte Carlo bounds. For independent X_k with |X_k - E X_k| <= M and total variance V, Bernstein's

@@ -282,7 +282,8 @@ def test_cli_launch_leaves_options_after_the_separator_to_the_command(capsys):
         "[worker 0] ['--workers', '9']", "[worker 1] ['--workers', '9']"]
     assert cli.main(["launch", "-n", "2"]) == 2  # no command: a usage error, one line, no traceback
     err = capsys.readouterr().err
-    assert err.startswith("n2uq-tf launch: error: give the command each worker runs after --") and "Traceback" not in err
+    assert err.startswith("n2uq-tf launch: error: give the command each worker runs after --")
+    assert "Traceback" not in err
 
 
 def test_cli_launch_help(capsys):

@@ -216,7 +216,7 @@ def test_nonfinite_gradients_between_two_workers_reach_the_sum_as_the_float_all_
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(n2uq_tf.__file__)))
     env = {"TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    for attempt in range(2):  # a port taken between free_ports() and the bind: once more with new ports
+    for _attempt in range(2):  # a port taken between free_ports() and the bind: once more with new ports
         output = io.StringIO()
         status = launcher.launch([sys.executable, "-c", NONFINITE_SCRIPT], 2, env=env, stream=output)
         text = output.getvalue()

@@ -189,7 +189,7 @@ def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
     assert counts[custom_ops.OP_CONV2D] == 4 and counts[custom_ops.OP_FULLY_CONNECTED] == 2
     assert set(counts) - set(custom_ops.ALL_OPS) <= {"ADD", "CONV_2D", "MEAN", "MUL", "RELU", "GREATER",
                                                      "CAST", "ADD_N", "FULLY_CONNECTED"}
-    assert {l.name for l in info.layers} == set(lowered)
+    assert {layer.name for layer in info.layers} == set(lowered)
     for layer in info.layers:
         h = lowered[layer.name]
         op = next(o for o in info.operators if o.layer == layer.name)

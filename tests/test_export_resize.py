@@ -25,7 +25,8 @@ BACKENDS = ("tflite", "litert")
 # convolution by a few ulps; a wrong padding row moves outputs by ~1e-1.
 REL_TOL = 2e-5
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def _randomize(model, seed):

@@ -1,6 +1,7 @@
 """Literature quantizers: math vs the NumPy references (tests/methods_reference.py), eagerly
-and compiled by XLA, XLA vs no XLA bit for bit where the math allows, Keras integration (train, save/load in .keras and .h5), mixed methods, errors, old configs, and the
-export hooks (uniform_levels / integer_view reproduce the Keras inference output)."""
+and compiled by XLA, XLA vs no XLA bit for bit where the math allows, Keras integration (train,
+save/load in .keras and .h5), mixed methods, errors, old configs, and the export hooks
+(uniform_levels / integer_view reproduce the Keras inference output)."""
 
 import math
 
@@ -158,10 +159,10 @@ def test_daq_soft_round_finite_differences(mode):
     h = 1e-6
     # With beta held at its value at r, the soft value is smooth in r: central differences.
     numeric = []
-    for i, ri in enumerate(r):
+    for ri in r:
         beta = ref.daq_beta(np.array([ri - np.floor(ri)]), 2.0, 2.0)[0]
 
-        def soft(v, beta=beta):
+        def soft(v, beta=beta, ri=ri):
             fl = np.floor(ri)
             s = ref.daq_scores(np.array([v - fl]), 2.0)[:, 0]
             z = beta * s
@@ -263,7 +264,7 @@ def test_xla_matches_the_uncompiled_methods(bits):
         args = [tf.constant(a) for a in args]
         g = tf.constant(np.random.default_rng(bits).normal(size=fn(*args).shape).astype(np.float32))
 
-        def forward_backward(*args, fn=fn):
+        def forward_backward(*args, fn=fn, g=g):
             with tf.GradientTape() as tape:
                 tape.watch(args)
                 y = fn(*args)

@@ -201,9 +201,10 @@ def test_mobilenet_v2_structure_and_alpha():
     assert model.get_layer("stem_conv").output_shape == (None, 32, 32, 16)
     assert model.get_layer("block17_bn3").output_shape == (None, 2, 2, 160)
     assert model.get_layer("head_conv").output_shape[-1] == 1280
-    adds = sorted(int(l.name.split("_")[0][5:]) for l in model.layers if isinstance(l, keras.layers.Add))
+    adds = sorted(int(layer.name.split("_")[0][5:]) for layer in model.layers if isinstance(layer, keras.layers.Add))
     assert adds == [3, 5, 6, 8, 9, 10, 12, 13, 15, 16]
-    strided = [l.name for l in model.layers if isinstance(l, PaddedDepthwiseConv2D) and l.strides == (2, 2)]
+    strided = [layer.name for layer in model.layers
+               if isinstance(layer, PaddedDepthwiseConv2D) and layer.strides == (2, 2)]
     assert strided == ["block2_conv2", "block4_conv2", "block7_conv2", "block14_conv2"]
 
 
@@ -244,7 +245,7 @@ def check_paper_plan(model, bits, n_quantized, float_downsample):
             assert wrapper.layer.kernel_size == (1, 1)  # padded convs are all PaddedConv2D
     assert isinstance(model.get_layer("stem_conv"), (keras.layers.Conv2D, PaddedConv2D))
     assert isinstance(model.get_layer("fc"), keras.layers.Dense)
-    float_convs = [l.name for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    float_convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert len(float_convs) == 1 + float_downsample
     assert all(n == "stem_conv" or n.endswith("downsample_conv") for n in float_convs)
     if model.name == "mobilenet_v2":

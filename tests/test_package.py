@@ -128,8 +128,8 @@ def test_py_typed_is_package_data():
 
 
 def test_code_passes_ruff():
-    """The package, examples and packaging script pass the ruff rules in pyproject.toml (ruff comes
-    with the test extra)."""
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "n2uq_tf", "examples", "setup.py"],
+    """The package, examples, tests, benchmarks and setup.py pass the ruff rules in pyproject.toml
+    (ruff comes with the test extra)."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

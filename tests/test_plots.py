@@ -21,7 +21,7 @@ PARAMS = {
 
 
 def wrappers_by_name(model):
-    return {l.layer.name: l for l in model.layers if isinstance(l, n2uq_tf.N2UQWrapper)}
+    return {layer.layer.name: layer for layer in model.layers if isinstance(layer, n2uq_tf.N2UQWrapper)}
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_threshold_panels(quantized, images):
         name = ax.get_gid()
         assert ax.get_title() == name
         thresholds, bounds = expected_marks(name)
-        lines = {gid: sorted(l.get_xdata()[0] for l in ax.lines if l.get_gid() == gid)
+        lines = {gid: sorted(line.get_xdata()[0] for line in ax.lines if line.get_gid() == gid)
                  for gid in ("threshold", "bound")}
         np.testing.assert_allclose(lines["threshold"], np.sort(thresholds), rtol=1e-6)
         np.testing.assert_allclose(lines["bound"], np.sort(bounds), rtol=1e-6, atol=1e-7)
@@ -151,7 +151,7 @@ def test_weight_level_bars(quantized):
         (bars,) = ax.containers
         np.testing.assert_array_equal([p.get_x() + p.get_width() / 2 for p in bars], np.arange(n + 1))
         np.testing.assert_allclose([p.get_height() for p in bars], fractions, rtol=1e-12)
-        uniform = [l for l in ax.lines if l.get_label().startswith("uniform")]
+        uniform = [line for line in ax.lines if line.get_label().startswith("uniform")]
         assert uniform[0].get_ydata()[0] == pytest.approx(1 / (n + 1))
         p = fractions[fractions > 0]
         assert f"H = {-(p * np.log2(p)).sum():.2f}" in ax.texts[0].get_text()
@@ -211,7 +211,7 @@ def test_other_methods_are_drawn_from_their_integer_views(method, images):
         quantizer, variables = wrappers_by_name(model)[ax.get_gid()].input_quantizer
         levels = quantizer.uniform_levels(variables)
         want = sorted(np.asarray(levels.thresholds, np.float64) / float(levels.input_scale))
-        got = sorted(l.get_xdata()[0] for l in ax.lines if l.get_gid() == "threshold")
+        got = sorted(line.get_xdata()[0] for line in ax.lines if line.get_gid() == "threshold")
         np.testing.assert_allclose(got, want, rtol=1e-6)
     for ax in plots.plot_weight_levels(model).axes:
         wrapper = wrappers_by_name(model)[ax.get_gid()]

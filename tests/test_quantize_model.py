@@ -23,7 +23,7 @@ def test_default_keeps_first_and_last_float(small_cnn):
     for w in wrappers(q).values():
         assert (w.quantize_config.weight_bits, w.quantize_config.activation_bits) == (2, 2)
     # No 8-bit fake-quant was added anywhere: only our wrappers and the original layers.
-    assert not any("QuantizeLayer" == type(l).__name__ for l in q.layers)
+    assert not any("QuantizeLayer" == type(layer).__name__ for layer in q.layers)
     assert not any("quantize_layer" in v.name or "min" in v.name.split("/")[-1] for v in q.variables)
 
 
@@ -80,7 +80,7 @@ def test_hand_annotation_gives_the_same_model(small_cnn, batch):
         annotated = keras.models.clone_model(small_cnn, clone_function=annotate)
         annotated.set_weights(small_cnn.get_weights())
         by_hand = tfmot.quantization.keras.quantize_apply(annotated, N2UQQuantizeScheme())
-    assert [type(l).__name__ for l in by_hand.layers] == [type(l).__name__ for l in q.layers]
+    assert [type(layer).__name__ for layer in by_hand.layers] == [type(layer).__name__ for layer in q.layers]
     for a, b in zip(by_hand.layers, q.layers):
         if isinstance(a, N2UQWrapper):
             assert a.quantize_config == b.quantize_config
@@ -201,7 +201,7 @@ def test_applications_quantize_and_fit(builder, shape, tmp_path):
     q = n2uq_tf.quantize_model(model, bits=2)
     kinds = {type(w.layer).__name__ for w in wrappers(q).values()}
     assert "Conv2D" in kinds
-    convs = [l for l in model.layers if type(l).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense")]
+    convs = [layer for layer in model.layers if type(layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense")]
     assert len(wrappers(q)) == len(convs) - 2  # all but the first conv and the classifier
     q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy())
     x = np.random.default_rng(0).random((4,) + shape, dtype=np.float32)

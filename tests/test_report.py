@@ -44,7 +44,7 @@ def conv_bn_name(model):
 
 def test_thresholds_follow_the_variables(small_cnn):
     q = n2uq_tf.quantize_model(small_cnn, bits=2)
-    wrapper = [l for l in q.layers if getattr(l, "input_quantizer", None)][0]
+    wrapper = [layer for layer in q.layers if getattr(layer, "input_quantizer", None)][0]
     variables = wrapper.input_quantizer[1]
     variables["start"].assign(0.2)
     variables["intervals"].assign([0.2, 0.4, 0.8])

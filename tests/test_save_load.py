@@ -108,7 +108,7 @@ def test_mixed_precision_training(small_cnn, batch):
         x = keras.layers.GlobalAveragePooling2D()(x)
         out = keras.layers.Dense(4, dtype="float32")(x)
         q = n2uq_tf.quantize_model(keras.Model(inp, out), bits=2)
-        wrapper = [l for l in q.layers if isinstance(l, N2UQWrapper)][0]
+        wrapper = [layer for layer in q.layers if isinstance(layer, N2UQWrapper)][0]
         assert all(v.dtype == "float32" for v in wrapper.input_quantizer[1].values())
         q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         history = q.fit(*batch, epochs=2, batch_size=4, verbose=0)
