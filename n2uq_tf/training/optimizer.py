@@ -116,8 +116,8 @@ def paper_optimizer(learning_rate: float = PAPER_LEARNING_RATE, *, epochs: int =
       learning_rate: the rate at the paper's batch size 256 (paper: 1.25e-3).
       epochs: the number of epochs fit will run (the decay reaches 0 in the last one).
       steps_per_epoch: batches per epoch. Given, the decay is a `LinearEpochDecay` schedule
-        inside the optimizer. None gives a constant rate: then add the per-epoch callback
-        (``n2uq_tf.training.callbacks``) to fit for the decay, or the rate never decays.
+        inside the optimizer. None gives a constant rate (no decay: the paper's recipe needs
+        steps_per_epoch).
       quantizer_lr_multiplier: factor on the rate for quantizer parameters (paper: 0.1).
       epsilon: Adam's epsilon (paper: 1e-8, not Keras' 1e-7).
       batch_size: if given, the rate is scaled linearly, learning_rate * batch_size / 256
