@@ -13,7 +13,8 @@ __all__ = ["QuantizerTensorBoard", "quantizer_state"]
 
 # What tensorboard.summary.scalar writes (scalars plugin, ScalarPluginData version 0
 # serializes to b""). Written by hand because tf.summary.scalar needs the tensorboard
-# package, which TensorFlow no longer installs; TensorBoard reads these the same.
+# package, which TensorFlow no longer installs (n2uq_tf has it as the optional tensorboard extra);
+# TensorBoard reads these the same.
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""))
 
