@@ -30,10 +30,17 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
+from n2uq_tf import plots
 from n2uq_tf._keras import keras
+from n2uq_tf._optional import MissingDependencyError
 from n2uq_tf.distribute.compressors import GradientCompression
+from n2uq_tf.distribute.optimizer import compress_gradients
+from n2uq_tf.models import load_float_weights
+from n2uq_tf.quantize.api import load_model
+from n2uq_tf.quantize.saving import save_model
 from n2uq_tf.report import QuantizationReport, quantization_report
 from n2uq_tf.training.distillation import DistillationModel
 from n2uq_tf.training.optimizer import PAPER_LEARNING_RATE, paper_optimizer
@@ -43,8 +50,8 @@ __all__ = ["TEACHER", "TEACHER_LR_MULTIPLIER", "RecipeResult", "accuracy", "trai
 
 # init_from=TEACHER: the student starts from the teacher's float weights (the teacher is its float twin).
 TEACHER = "teacher"
-# A float teacher trained here runs at this multiple of the student's learning rate by default
-# (a float network trains well at a higher rate than its quantized twin).
+# A float teacher trained here peaks at this multiple of the student's learning rate unless given its
+# own (`n2uq-tf train --teacher-lr`).
 TEACHER_LR_MULTIPLIER = 4
 
 FloatSource = keras.Model | str | os.PathLike[str]
@@ -58,7 +65,8 @@ def _silent(message: str) -> None:
 @dataclasses.dataclass
 class RecipeResult:
     """What `train_n2uq` returns: the two models, their accuracy on the evaluation data, the
-    distillation's per-epoch metrics, and the PNG files written.
+    distillation's per-epoch metrics (of this call's fit: a resumed run's earlier epochs are not in
+    it), and the PNG files written.
 
     ``report`` (the student's `n2uq_tf.quantization_report`) is computed on first use.
     """
@@ -98,7 +106,6 @@ def _compressed(optimizer: keras.optimizers.Optimizer,
                 compression: GradientCompression | None) -> keras.optimizers.Optimizer:
     if compression is None or not compression.enabled:
         return optimizer
-    from n2uq_tf.distribute import compress_gradients
     return compress_gradients(optimizer, compression.method, bits=compression.bits,
                               bucket_size=compression.bucket_size, seed=compression.seed)
 
@@ -144,7 +151,6 @@ def _describe(source: FloatSource) -> str:
 def _initialise(student: keras.Model, teacher: keras.Model, init_from: FloatSource | None, init_optional: bool,
                 log: Log) -> None:
     """Step 2: the student's float weights (layer by layer name; quantizer parameters keep theirs)."""
-    from n2uq_tf.models import load_float_weights
     if init_from is None:
         return
     source = teacher if isinstance(init_from, str) and init_from == TEACHER else init_from
@@ -205,9 +211,6 @@ def train_n2uq(student: keras.Model, train_data: tf.data.Dataset, eval_data: tf.
       strategy: build, train and evaluate in its scope (a `tf.distribute` strategy).
       verbose: Keras' fit verbosity. log: called with a line per phase (e.g. ``print``).
     """
-    from n2uq_tf.quantize.api import load_model
-    from n2uq_tf.quantize.saving import save_model
-
     steps = _steps(train_data, steps_per_epoch)
     with _scope(strategy):
         # 1. the float teacher
@@ -246,12 +249,10 @@ def train_n2uq(student: keras.Model, train_data: tf.data.Dataset, eval_data: tf.
 
 def _plots(student: keras.Model, eval_data: tf.data.Dataset, directory: str | os.PathLike[str], batches: int,
            log: Log) -> list[str]:
-    import numpy as np
+    sample = np.concatenate([x for x, _ in eval_data.take(batches)])
     try:
-        from n2uq_tf import plots
-        sample = np.concatenate([x for x, _ in eval_data.take(batches)])
         written = plots.save_plots(student, sample, os.fspath(directory))
-    except ImportError as error:
+    except MissingDependencyError as error:  # matplotlib (the plots extra) is not installed
         log(f"plots skipped ({error})")
         return []
     log("plots: " + ", ".join(written))
