@@ -2,6 +2,9 @@
 started from its float weights, the teacher left as it was, and the accuracies it reports measured
 independently (the CLI's end-to-end runs are in test_cli.py)."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -121,3 +124,15 @@ def test_init_from_a_model_that_does_not_fit_the_student(digits, tmp_path, monke
         recipe.train_n2uq(student, data, data, teacher=other, init_from=path, epochs=1, log=logged.append)
     assert_same_weights(float_weights(student), float_weights(teacher))
     assert f"student: {student.name} initialised from {path}" in logged
+
+
+def test_plots_are_drawn_or_skipped_without_matplotlib(digits, tmp_path, monkeypatch):
+    (x, y), _ = digits
+    student = n2uq_tf.quantize_model(tiny_cnn("float_twin"), bits=2)
+    logged = []
+    written = recipe._plots(student, batches((x, y)), tmp_path / "plots", 1, logged.append)
+    assert sorted(os.path.basename(p) for p in written) == ["thresholds.png", "weight_levels.png"]
+    assert logged == ["plots: " + ", ".join(written)]
+    monkeypatch.setitem(sys.modules, "matplotlib.ticker", None)  # matplotlib (the plots extra) not installed
+    assert recipe._plots(student, batches((x, y)), tmp_path / "none", 1, logged.append) == []
+    assert logged[-1].startswith("plots skipped (n2uq_tf.plots needs matplotlib: pip install matplotlib")
