@@ -30,6 +30,39 @@ Ops (inputs in order; "bits" of a quantized tensor are 1..4):
   bitstream (codes [OUT][IN]), multiplier, bias [OUT] -> float32 [N, OUT].  Options:
   in_features, out_features, act_bits, weight_bits.
 
+Fused output stages: ``N2UQConv2DFused``, ``N2UQDepthwiseConv2DFused`` and ``N2UQFullyConnectedFused``
+are their layer op plus what follows it up to the next quantizer, in the layer's output pass:
+inputs and options of the layer op, then the stage's. Options: ``steps`` (0..16) and one
+``step_<i>`` per step, a kind of STEP_KINDS (by id, from 1):
+
+  =  ==============  ===========================  ==================================
+  id kind            y becomes                    input
+  =  ==============  ===========================  ==================================
+  1  add             y + v[c]                     v: float32, out_channels elements
+  2  mul             y * v[c]                     v: float32, out_channels elements
+  3  prelu           y >= 0 ? y : y * v[c]        v: float32, out_channels elements
+  4  add_tensor      y + r                        r: float32 of the layer output's shape
+  5  relu            y < 0 ? 0 : y
+  6  relu6           y < 0 ? 0 : y > 6 ? 6 : y
+  7  relu_n1_to_1    y < -1 ? -1 : y > 1 ? 1 : y
+  =  ==============  ===========================  ==================================
+
+``quantize`` (QUANTIZE_NONE 0, QUANTIZE_PACK 1 or QUANTIZE_CODES 2) with, unless 0,
+``quantize_bits`` (1..4) and ``quantize_beta1``: the codes of y after every step, as
+N2UQQuantizePack (int64 [..., bits, words]) or N2UQQuantize (uint8 [..., C]) with those options
+and the thresholds; ``float_output`` (0..steps, optional; required and equal to ``steps`` when
+quantize is 0): the op also outputs y after that many steps, float32 of the layer output's shape.
+Inputs after the layer's four: one per step that takes one, in step order, then the thresholds
+(2^quantize_bits - 1 float32) when it quantizes. Outputs: the float tensor (if any), then the codes.
+
+Each step is the float32 operation of the TFLite builtin it replaces (ADD / SUB of a constant as an
+add, MUL, PRELU, ADD of a tensor, the ReLUs and fused activations), applied to the same operands
+in the same order, and the quantizer compares the same float32 products with the same thresholds,
+so a fused op gives exactly the float tensor and the codes of the ops it replaces: no threshold
+moves by rounding (the stage does not fold the steps' constants into the layer's multiplier and
+bias, which would round differently; the only difference left is NaN handling, where the ReLU
+builtins disagree among themselves). The exporter (`n2uq_tf.export.fusion`) writes these ops.
+
 Padding (option ``padding``): PADDING_SAME (1) is TF's 'same', computed by the kernel at prepare
 from the actual input size (the output has ceil(H / stride) x ceil(W / stride) positions, the
 padding they need is split with the extra row / column after), so a resized input is padded as
@@ -61,7 +94,21 @@ OP_QUANTIZE = "N2UQQuantize"
 OP_CONV2D = "N2UQConv2D"
 OP_DEPTHWISE_CONV2D = "N2UQDepthwiseConv2D"
 OP_FULLY_CONNECTED = "N2UQFullyConnected"
-ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED)
+OP_CONV2D_FUSED = "N2UQConv2DFused"
+OP_DEPTHWISE_CONV2D_FUSED = "N2UQDepthwiseConv2DFused"
+OP_FULLY_CONNECTED_FUSED = "N2UQFullyConnectedFused"
+ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED, OP_CONV2D_FUSED,
+           OP_DEPTHWISE_CONV2D_FUSED, OP_FULLY_CONNECTED_FUSED)
+LAYER_OPS = (OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED)  # each op holding a layer's packed weights
+FUSED_OPS = {OP_CONV2D_FUSED: OP_CONV2D, OP_DEPTHWISE_CONV2D_FUSED: OP_DEPTHWISE_CONV2D,
+             OP_FULLY_CONNECTED_FUSED: OP_FULLY_CONNECTED}  # fused op -> its layer op
+
+# Output-stage steps of the fused ops (see "Fused output stages"): kind -> (id, takes a tensor input).
+STEP_KINDS = {"add": (1, True), "mul": (2, True), "prelu": (3, True), "add_tensor": (4, True), "relu": (5, False),
+              "relu6": (6, False), "relu_n1_to_1": (7, False)}
+MAX_STEPS = 16
+QUANTIZE_NONE, QUANTIZE_PACK, QUANTIZE_CODES = 0, 1, 2
+QUANTIZE_MODES = {None: QUANTIZE_NONE, "pack": QUANTIZE_PACK, "codes": QUANTIZE_CODES}
 
 WORD_BITS = 64
 CONV_OPTIONS = ("in_channels", "out_channels", "kernel_height", "kernel_width", "stride_height", "stride_width",
@@ -202,17 +249,13 @@ def _conv_options(in_channels, out_channels, kernel_size, strides, dilations, pa
     return {k: int(v) for k, v in options.items()}
 
 
-def conv2d_fn(*, in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
-    """The N2UQConv2D op as a tf.function(packed, weight_stream, multiplier, bias).
-
-    paddings: SAME (TF's 'same' for whatever input size comes) or ((top, bottom), (left, right)).
-    """
+def _conv2d_body(*, in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits, weight_bits):
+    """(options, reference body (packed, weight_stream, multiplier, bias) -> float32) of N2UQConv2D."""
     kh, kw = kernel_size
     options = _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits,
                             weight_bits)
     n_w = 2 ** weight_bits - 1
 
-    @tf.function(experimental_implements=_implements(OP_CONV2D, **options))
     def conv(packed, weight_stream, multiplier, bias):
         m = _unpack_planes(packed, act_bits, in_channels)
         k = _unpack_stream(weight_stream, out_channels * kh * kw * in_channels, weight_bits)
@@ -221,12 +264,23 @@ def conv2d_fn(*, in_channels, out_channels, kernel_size, strides, dilations, pad
         s_m = _int_conv(m, tf.ones([kh, kw, in_channels, 1], tf.int32), strides, dilations, paddings, False)
         return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
 
-    return conv
+    return options, conv
 
 
-def depthwise_conv2d_fn(*, in_channels, depth_multiplier, kernel_size, strides, dilations, paddings, act_bits,
-                        weight_bits):
-    """The N2UQDepthwiseConv2D op as a tf.function(codes, weight_stream, multiplier, bias)."""
+def conv2d_fn(**conv):
+    """The N2UQConv2D op as a tf.function(packed, weight_stream, multiplier, bias).
+
+    Keywords: in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits,
+    weight_bits; paddings: SAME (TF's 'same' for whatever input size comes) or ((top, bottom),
+    (left, right)).
+    """
+    options, body = _conv2d_body(**conv)
+    return tf.function(body, experimental_implements=_implements(OP_CONV2D, **options))
+
+
+def _depthwise_body(*, in_channels, depth_multiplier, kernel_size, strides, dilations, paddings, act_bits,
+                    weight_bits):
+    """(options, reference body (codes, weight_stream, multiplier, bias) -> float32) of N2UQDepthwiseConv2D."""
     kh, kw = kernel_size
     out_channels = in_channels * depth_multiplier
     options = _conv_options(in_channels, out_channels, kernel_size, strides, dilations, paddings, act_bits,
@@ -234,7 +288,6 @@ def depthwise_conv2d_fn(*, in_channels, depth_multiplier, kernel_size, strides, 
     options["depth_multiplier"] = int(depth_multiplier)
     n_w = 2 ** weight_bits - 1
 
-    @tf.function(experimental_implements=_implements(OP_DEPTHWISE_CONV2D, **options))
     def depthwise(codes, weight_stream, multiplier, bias):
         m = tf.cast(codes, tf.int32)
         k = _unpack_stream(weight_stream, kh * kw * out_channels, weight_bits)
@@ -246,16 +299,25 @@ def depthwise_conv2d_fn(*, in_channels, depth_multiplier, kernel_size, strides, 
         s_m = _int_conv(m_rep, tf.ones([kh, kw, out_channels, 1], tf.int32), strides, dilations, paddings, True)
         return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
 
-    return depthwise
+    return options, depthwise
 
 
-def fully_connected_fn(*, in_features, out_features, act_bits, weight_bits):
-    """The N2UQFullyConnected op as a tf.function(packed, weight_stream, multiplier, bias)."""
+def depthwise_conv2d_fn(**depthwise):
+    """The N2UQDepthwiseConv2D op as a tf.function(codes, weight_stream, multiplier, bias).
+
+    Keywords: in_channels, depth_multiplier, kernel_size, strides, dilations, paddings, act_bits,
+    weight_bits.
+    """
+    options, body = _depthwise_body(**depthwise)
+    return tf.function(body, experimental_implements=_implements(OP_DEPTHWISE_CONV2D, **options))
+
+
+def _fully_connected_body(*, in_features, out_features, act_bits, weight_bits):
+    """(options, reference body (packed, weight_stream, multiplier, bias) -> float32) of N2UQFullyConnected."""
     options = dict(in_features=int(in_features), out_features=int(out_features), act_bits=int(act_bits),
                    weight_bits=int(weight_bits))
     n_w = 2 ** weight_bits - 1
 
-    @tf.function(experimental_implements=_implements(OP_FULLY_CONNECTED, **options))
     def fully_connected(packed, weight_stream, multiplier, bias):
         m = tf.cast(_unpack_planes(packed, act_bits, in_features), tf.float64)
         k = tf.cast(tf.reshape(_unpack_stream(weight_stream, out_features * in_features, weight_bits),
@@ -264,4 +326,129 @@ def fully_connected_fn(*, in_features, out_features, act_bits, weight_bits):
         s_m = tf.reduce_sum(m, axis=-1, keepdims=True)
         return _affine(2 * s_mk - n_w * s_m, multiplier, bias)
 
-    return fully_connected
+    return options, fully_connected
+
+
+def fully_connected_fn(**fully_connected):
+    """The N2UQFullyConnected op as a tf.function(packed, weight_stream, multiplier, bias).
+
+    Keywords: in_features, out_features, act_bits, weight_bits.
+    """
+    options, body = _fully_connected_body(**fully_connected)
+    return tf.function(body, experimental_implements=_implements(OP_FULLY_CONNECTED, **options))
+
+
+# ---------------------------------------------------------------- fused output stages
+
+def output_stage_options(steps=(), *, float_output=None, quantize=None, quantize_bits=None, quantize_beta1=1.0):
+    """The custom options of a fused op's output stage (see "Fused output stages").
+
+    steps: kinds of STEP_KINDS in order; float_output: steps applied before the float output, or
+    None; quantize: None, "pack" or "codes", with quantize_bits and quantize_beta1.
+    """
+    steps = list(steps)
+    unknown = [kind for kind in steps if kind not in STEP_KINDS]
+    if unknown:
+        raise ValueError(f"unknown output-stage step {unknown[0]!r} (known: {', '.join(STEP_KINDS)})")
+    if len(steps) > MAX_STEPS:
+        raise ValueError(f"an output stage has at most {MAX_STEPS} steps, got {len(steps)}")
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be None, 'pack' or 'codes', got {quantize!r}")
+    if float_output is not None and not 0 <= int(float_output) <= len(steps):
+        raise ValueError(f"float_output must be 0..{len(steps)} (steps before the float output), got {float_output!r}")
+    if quantize is None and float_output != len(steps):
+        raise ValueError("an output stage without a quantizer outputs the float tensor after every step: "
+                         f"float_output must be {len(steps)}")
+    options = {"steps": len(steps)}
+    options.update((f"step_{i}", STEP_KINDS[kind][0]) for i, kind in enumerate(steps))
+    options["quantize"] = QUANTIZE_MODES[quantize]
+    if quantize is not None:
+        if quantize_bits is None or not 1 <= int(quantize_bits) <= 4:
+            raise ValueError(f"quantize_bits must be 1..4, got {quantize_bits!r}")
+        options["quantize_bits"] = int(quantize_bits)
+        options["quantize_beta1"] = float(np.float32(quantize_beta1))
+    if float_output is not None:
+        options["float_output"] = int(float_output)
+    return options
+
+
+def stage_input_count(steps, quantize):
+    """Inputs an output stage adds after the layer's four."""
+    return sum(STEP_KINDS[kind][1] for kind in steps) + (quantize is not None)
+
+
+# The float32 operation of each step, as the TFLite builtin it replaces computes it.
+_STEP_OPS = {
+    "add": lambda y, v: y + tf.reshape(v, [-1]),
+    "mul": lambda y, v: y * tf.reshape(v, [-1]),
+    "prelu": lambda y, v: tf.where(y >= 0.0, y, y * tf.reshape(v, [-1])),
+    "add_tensor": lambda y, r: y + r,
+    "relu": lambda y, _: tf.where(y < 0.0, tf.zeros_like(y), y),
+    "relu6": lambda y, _: tf.where(y < 0.0, tf.zeros_like(y), tf.where(y > 6.0, tf.fill(tf.shape(y), 6.0), y)),
+    "relu_n1_to_1": lambda y, _: tf.where(y < -1.0, tf.fill(tf.shape(y), -1.0),
+                                          tf.where(y > 1.0, tf.ones_like(y), y)),
+}
+
+
+def _step_boundary(y):
+    """y, through an op that Grappler's arithmetic optimizer does not look through: it would
+    otherwise rewrite a chain of float adds (or muls) into one AddN (or reassociate it), which
+    rounds differently from the ops one after the other that the reference stands for."""
+    return tf.raw_ops.Snapshot(input=y)
+
+
+def output_stage_reference(y, stage_inputs, steps=(), *, float_output=None, quantize=None, quantize_bits=None,
+                           quantize_beta1=1.0):
+    """The output stage in plain TF on a layer output y [..., C]: the fused op's outputs, a tuple
+    (float tensor if float_output is not None, then the codes if quantize)."""
+    inputs = iter(stage_inputs)
+    outputs = []
+    y = _step_boundary(y)
+    for i, kind in enumerate(steps):
+        if float_output == i:
+            outputs.append(y)
+        y = _step_boundary(_STEP_OPS[kind](y, next(inputs) if STEP_KINDS[kind][1] else None))
+    if float_output == len(steps):
+        outputs.append(y)
+    if quantize is not None:
+        codes = _codes(y, next(inputs), tf.constant(float(np.float32(quantize_beta1)), tf.float32))
+        channels = int(y.shape[-1])
+        outputs.append(_pack_planes(codes, int(quantize_bits), channels) if quantize == "pack"
+                       else tf.cast(codes, tf.uint8))
+    return tuple(outputs)
+
+
+def _fused_fn(name, layer_options, layer_body, stage):
+    stage_options = output_stage_options(**stage)
+    options = dict(layer_options, **stage_options)
+
+    @tf.function(experimental_implements=_implements(name, **options))
+    def fused(x, weight_stream, multiplier, bias, *stage_inputs):
+        outputs = output_stage_reference(layer_body(x, weight_stream, multiplier, bias), stage_inputs, **stage)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    return fused
+
+
+def conv2d_fused_fn(*, steps=(), float_output=None, quantize=None, quantize_bits=None, quantize_beta1=1.0, **conv):
+    """The N2UQConv2DFused op as a tf.function(packed, weight_stream, multiplier, bias, *stage_inputs):
+    `conv2d_fn`'s keywords plus the stage's (`output_stage_options`)."""
+    return _fused_fn(OP_CONV2D_FUSED, *_conv2d_body(**conv),
+                     dict(steps=steps, float_output=float_output, quantize=quantize, quantize_bits=quantize_bits,
+                          quantize_beta1=quantize_beta1))
+
+
+def depthwise_conv2d_fused_fn(*, steps=(), float_output=None, quantize=None, quantize_bits=None, quantize_beta1=1.0,
+                              **depthwise):
+    """The N2UQDepthwiseConv2DFused op: `depthwise_conv2d_fn`'s keywords plus the stage's."""
+    return _fused_fn(OP_DEPTHWISE_CONV2D_FUSED, *_depthwise_body(**depthwise),
+                     dict(steps=steps, float_output=float_output, quantize=quantize, quantize_bits=quantize_bits,
+                          quantize_beta1=quantize_beta1))
+
+
+def fully_connected_fused_fn(*, steps=(), float_output=None, quantize=None, quantize_bits=None, quantize_beta1=1.0,
+                             **fully_connected):
+    """The N2UQFullyConnectedFused op: `fully_connected_fn`'s keywords plus the stage's."""
+    return _fused_fn(OP_FULLY_CONNECTED_FUSED, *_fully_connected_body(**fully_connected),
+                     dict(steps=steps, float_output=float_output, quantize=quantize, quantize_bits=quantize_bits,
+                          quantize_beta1=quantize_beta1))

@@ -52,6 +52,23 @@ class ConvShape(ctypes.Structure):
         "pad_top", "pad_bottom", "pad_left", "pad_right", "act_bits", "weight_bits")]
 
 
+# Output-stage step kinds (n2uq_core.h N2UQ_STEP_*, in id order from 1; custom_ops.STEP_KINDS mirrors them)
+# and quantize modes (N2UQ_QUANTIZE_*).
+STEP_KINDS = ("add", "mul", "prelu", "add_tensor", "relu", "relu6", "relu_n1_to_1")
+MAX_OUTPUT_STEPS = 16
+QUANTIZE_MODES = (None, "pack", "codes")
+
+
+class OutputStep(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("values", ctypes.c_void_p), ("values_len", ctypes.c_int64)]
+
+
+class OutputStage(ctypes.Structure):
+    _fields_ = [("num_steps", ctypes.c_int32), ("steps", OutputStep * MAX_OUTPUT_STEPS),
+                ("float_after", ctypes.c_int32), ("quantize", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("thresholds", ctypes.c_void_p), ("num_thresholds", ctypes.c_int32), ("beta1", ctypes.c_float)]
+
+
 def _declare(lib):
     i32, i64, f32, sz = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
     ptr, char_p, shape_p = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ConvShape)
@@ -85,6 +102,8 @@ def _declare(lib):
                                   ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_depthwise_conv2d": ([shape_p, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int,
                                    ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_output_stage": ([ctypes.POINTER(OutputStage), i64, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64,
+                               ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
     }
     for name, (args, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -415,3 +434,56 @@ def depthwise_conv2d(input_codes, weight_codes, act_bits, weight_bits, multiplie
           _ptr(bias), multiplier.size, None if out_f is None else _ptr(out_f),
           None if out_i is None else _ptr(out_i), size, _isa_id(isa), int(num_threads))
     return _result(out_f, out_i, output)
+
+
+def output_stage(values, steps=(), *, float_after=None, quantize=None, bits=None, thresholds=None, beta1=1.0,
+                 isa="auto", num_threads=1):
+    """The output stage of the fused layer ops (n2uq_output_stage) on float32 values [..., C].
+
+    steps: [(kind, values or None)] with kind in STEP_KINDS ("add" / "mul" / "prelu": [C] values,
+    "add_tensor": values of the shape of `values`, the ReLUs: None). float_after: return the float
+    tensor after that many steps (None: no float output); quantize: None, "pack" (uint64
+    [..., bits, words]) or "codes" (uint8 [..., C]) of the values after every step, with `bits`,
+    `thresholds` and `beta1` as `quantize_and_pack`. Returns (float or None, quantized or None).
+    """
+    x = _as(values, np.float32, "values")
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise CoreError(f"values need a non-empty last (channel) axis, got shape {x.shape}")
+    channels = x.shape[-1]
+    positions = x.size // channels
+    steps = list(steps)
+    if len(steps) > MAX_OUTPUT_STEPS:
+        raise CoreError(f"at most {MAX_OUTPUT_STEPS} steps, got {len(steps)}")
+    if quantize not in QUANTIZE_MODES:
+        raise CoreError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    stage = OutputStage()
+    stage.num_steps = len(steps)
+    keep = []
+    for i, (kind, step_values) in enumerate(steps):
+        if kind not in STEP_KINDS:
+            raise CoreError(f"step kind must be one of {', '.join(STEP_KINDS)}, got {kind!r}")
+        stage.steps[i].kind = STEP_KINDS.index(kind) + 1
+        if step_values is not None:
+            array = _as(np.ravel(step_values), np.float32, f"step {i} values")
+            keep.append(array)
+            stage.steps[i].values = array.ctypes.data
+            stage.steps[i].values_len = array.size
+    stage.float_after = -1 if float_after is None else int(float_after)
+    stage.quantize = QUANTIZE_MODES.index(quantize)
+    out_f = np.empty(x.shape, np.float32) if float_after is not None else None
+    out_p = out_c = None
+    if quantize is not None:
+        t = _thresholds(thresholds)
+        keep.append(t)
+        stage.bits, stage.thresholds, stage.num_thresholds = int(bits), t.ctypes.data, t.size
+        stage.beta1 = float(np.float32(beta1))
+        if quantize == "pack":
+            out_p = np.empty(x.shape[:-1] + (int(bits) if 1 <= int(bits) <= 8 else 1, words_per_plane(channels)),
+                             np.uint64)
+        else:
+            out_c = np.empty(x.shape, np.uint8)
+    _call(library().n2uq_output_stage, ctypes.byref(stage), positions, channels, _ptr(x), x.size,
+          None if out_f is None else _ptr(out_f), 0 if out_f is None else out_f.size,
+          None if out_p is None else _ptr(out_p), 0 if out_p is None else out_p.size,
+          None if out_c is None else _ptr(out_c), 0 if out_c is None else out_c.size, _isa_id(isa), int(num_threads))
+    return out_f, (out_p if quantize == "pack" else out_c)

@@ -31,7 +31,8 @@ from n2uq_tf.tflite import _core
 
 # Mirrors n2uq_tf.export.custom_ops.ALL_OPS (checked by tests) so that running a model
 # does not import TensorFlow when only ai_edge_litert is installed.
-N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
+N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected",
+            "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")
 BACKENDS = ("auto", "litert", "tflite")
 _SOURCE_NAMES = _native.DELEGATE_HEADERS_AND_SOURCES
 _COMPILED = _native.DELEGATE_COMPILED

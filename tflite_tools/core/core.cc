@@ -1367,3 +1367,27 @@ int n2uq_depthwise_conv2d(const N2uqConvShape* s, const uint8_t* input, int64_t 
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------- for output_stage.cc (core_internal.h)
+
+namespace n2uq_core {
+
+int resolve_isa(int isa, char* err, size_t err_len) { return resolve(isa, err, err_len); }
+
+const KernelTable* isa_kernels(int isa) { return table_for(isa); }
+
+void prepare_quantize_job(QuantizeJob& job, const float* thresholds, int32_t num_thresholds, int32_t bits,
+                          float beta1) {
+  job.bits = bits;
+  job.num_thresholds = num_thresholds;
+  fill_thresholds(job, thresholds, num_thresholds);
+  job.beta1 = beta1;
+}
+
+int64_t quantize_task_elements(int isa) { return quantize_grain(isa); }
+
+void run_ranges(int num_threads, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  parallel_ranges(num_threads, count, grain, fn);
+}
+
+}  // namespace n2uq_core

@@ -167,6 +167,52 @@ int n2uq_depthwise_conv2d(const N2uqConvShape* shape, const uint8_t* input, int6
                           int64_t channels_len, float* out_float, int32_t* out_int32, int64_t out_len, int isa,
                           int num_threads, char* err, size_t err_len);
 
+/* Output stage: what a fused layer op (N2UQConv2DFused, ...) does with its layer's float output
+ * y = multiplier * acc + bias before the next quantizer, in one pass over [positions][channels]:
+ * steps applied in order, each exactly the float32 operation of the TFLite builtin it replaces
+ * (so the result is bit-identical to running those builtins one after the other; no fused
+ * multiply-add), then optionally the float tensor written, then more steps, then optionally the
+ * next layer's quantize-and-pack (or quantize to byte codes), as n2uq_quantize_and_pack. */
+enum {
+  N2UQ_STEP_ADD = 1,         /* y + v[c]            (ADD of a per-channel constant) */
+  N2UQ_STEP_MUL = 2,         /* y * v[c]            (MUL) */
+  N2UQ_STEP_PRELU = 3,       /* y >= 0 ? y : y * v[c]  (PRELU) */
+  N2UQ_STEP_ADD_TENSOR = 4,  /* y + r[p][c]         (ADD of a tensor of the output's shape: a residual) */
+  N2UQ_STEP_RELU = 5,        /* y < 0 ? 0 : y */
+  N2UQ_STEP_RELU6 = 6,       /* y < 0 ? 0 : y > 6 ? 6 : y */
+  N2UQ_STEP_RELU_N1_TO_1 = 7 /* y < -1 ? -1 : y > 1 ? 1 : y */
+};
+#define N2UQ_STEP_KINDS 8 /* step kinds are 1 .. N2UQ_STEP_KINDS - 1 */
+#define N2UQ_MAX_OUTPUT_STEPS 16
+
+enum { N2UQ_QUANTIZE_NONE = 0, N2UQ_QUANTIZE_PACK = 1, N2UQ_QUANTIZE_CODES = 2 };
+
+typedef struct N2uqOutputStep {
+  int32_t kind;         /* N2UQ_STEP_* */
+  const float* values;  /* ADD / MUL / PRELU: [channels]; ADD_TENSOR: [num_positions][channels]; else NULL */
+  int64_t values_len;   /* elements */
+} N2uqOutputStep;
+
+typedef struct N2uqOutputStage {
+  int32_t num_steps;                             /* 0 .. N2UQ_MAX_OUTPUT_STEPS */
+  N2uqOutputStep steps[N2UQ_MAX_OUTPUT_STEPS];
+  int32_t float_after;  /* the float output holds y after this many steps; -1: no float output */
+  int32_t quantize;     /* N2UQ_QUANTIZE_*: of y after every step */
+  int32_t bits;         /* quantize: code bits, 2^bits - 1 thresholds, beta1 (as n2uq_quantize_and_pack) */
+  const float* thresholds;
+  int32_t num_thresholds;
+  float beta1;
+} N2uqOutputStage;
+
+/* Runs `stage` over values[num_positions][channels] (a layer's float output). Writes out_float
+ * [num_positions][channels] when stage->float_after >= 0 (it may be `values` itself: each chunk is
+ * read before it is written), and out_packed [num_positions][bits][ceil(channels / 64)] (quantize
+ * PACK) or out_codes [num_positions][channels] (CODES); the other output pointers may be NULL. */
+int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32_t channels, const float* values,
+                      int64_t values_len, float* out_float, int64_t out_float_len, uint64_t* out_packed,
+                      int64_t out_packed_len, uint8_t* out_codes, int64_t out_codes_len, int isa, int num_threads,
+                      char* err, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif

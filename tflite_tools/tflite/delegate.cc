@@ -29,9 +29,21 @@
 
 namespace {
 
-enum OpKind { kQuantizePack = 0, kQuantize, kConv2D, kDepthwise, kFullyConnected, kNumOps };
+enum OpKind {
+  kQuantizePack = 0, kQuantize, kConv2D, kDepthwise, kFullyConnected,
+  // The layer ops with a fused output stage (custom_ops "Fused output stages"): the layer op's
+  // inputs and options, then the stage's.
+  kConv2DFused, kDepthwiseFused, kFullyConnectedFused, kNumOps
+};
 const char* const kOpNames[kNumOps] = {"N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D",
-                                       "N2UQFullyConnected"};
+                                       "N2UQFullyConnected", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused",
+                                       "N2UQFullyConnectedFused"};
+bool IsFused(int kind) { return kind == kConv2DFused || kind == kDepthwiseFused || kind == kFullyConnectedFused; }
+// The layer op a fused op extends (itself for the others).
+int BaseKind(int kind) {
+  return kind == kConv2DFused ? kConv2D : kind == kDepthwiseFused ? kDepthwise
+                                        : kind == kFullyConnectedFused ? kFullyConnected : kind;
+}
 const int kBuiltinDelegate = 51;  // BuiltinOperator_DELEGATE
 const int64_t kMaxDim = int64_t(1) << 24;  // generous cap on channels/features so products cannot overflow
 const int64_t kMaxKernel = 4096;
@@ -122,8 +134,12 @@ struct Kernel {
   int padding = kPaddingUnstated;  // PaddingMode
   int32_t depth_multiplier = 1;
   int32_t in_features = 0, out_features = 0, act_bits = 0, weight_bits = 0;
+  // fused ops: the output stage's options (step kinds, float output, quantizer); the per-tensor
+  // parts (step values, thresholds) are inputs, read at invoke
+  N2uqOutputStage stage = {};
   // prepared state
   int64_t positions = 0;  // quantize: positions; FC: batch
+  int64_t layer_elements = 0;  // fused: elements of the layer's float output (the stage's input)
   bool weights_ready = false;
   // conv, FC: the weights unpacked once and laid out for the kernel path (n2uq_conv_plan_*)
   std::unique_ptr<N2uqConvPlan, void (*)(N2uqConvPlan*)> plan{nullptr, n2uq_conv_plan_destroy};
@@ -162,12 +178,11 @@ int Report(N2uqTfLiteContext* ctx, const Kernel* k, const std::string& message) 
 
 bool CheckedMul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
-bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err) {
-  n2uq::FlexOptions o;
-  if (!o.Parse(data, size, err)) return false;
+// The options of a non-fused op of kind `kind` (a fused op's layer options).
+bool ParseLayerOptions(int kind, Kernel* k, const n2uq::FlexOptions& o, std::string* err) {
   int64_t v[4];
   auto get = [&](const char* key, int64_t lo, int64_t hi, int64_t* out) { return o.GetInt(key, lo, hi, out, err); };
-  switch (k->kind) {
+  switch (kind) {
     case kQuantizePack:
     case kQuantize: {
       double beta1;
@@ -206,7 +221,7 @@ bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err)
           s.*option.field = int32_t(v[0]);
         }
       }
-      if (k->kind == kDepthwise) {
+      if (kind == kDepthwise) {
         if (!get("depth_multiplier", 1, kMaxDim, &v[0])) return false;
         k->depth_multiplier = int32_t(v[0]);
         if (int64_t(s.in_channels) * k->depth_multiplier != s.out_channels) {
@@ -229,6 +244,48 @@ bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err)
   }
   *err = "unknown op";
   return false;
+}
+
+// The output stage of a fused op (custom_ops "Fused output stages"): "steps" and one "step_<i>"
+// per step, "quantize" (0 none, 1 pack, 2 codes) with "quantize_bits" and "quantize_beta1" unless
+// 0, and "float_output" (steps applied before the float output), required without a quantizer.
+bool ParseStageOptions(Kernel* k, const n2uq::FlexOptions& o, std::string* err) {
+  N2uqOutputStage& st = k->stage;
+  int64_t v = 0;
+  if (!o.GetInt("steps", 0, N2UQ_MAX_OUTPUT_STEPS, &v, err)) return false;
+  st.num_steps = int32_t(v);
+  for (int i = 0; i < st.num_steps; ++i) {
+    const std::string key = "step_" + std::to_string(i);
+    if (!o.GetInt(key.c_str(), 1, N2UQ_STEP_KINDS - 1, &v, err)) return false;
+    st.steps[i].kind = int32_t(v);
+  }
+  if (!o.GetInt("quantize", N2UQ_QUANTIZE_NONE, N2UQ_QUANTIZE_CODES, &v, err)) return false;
+  st.quantize = int32_t(v);
+  if (st.quantize != N2UQ_QUANTIZE_NONE) {
+    double beta1 = 1.0;
+    if (!o.GetInt("quantize_bits", 1, N2UQ_MAX_BITS, &v, err) || !o.GetFloat("quantize_beta1", &beta1, err))
+      return false;
+    st.bits = int32_t(v);
+    st.beta1 = float(beta1);
+  }
+  st.float_after = -1;
+  if (o.Has("float_output")) {
+    if (!o.GetInt("float_output", 0, st.num_steps, &v, err)) return false;
+    st.float_after = int32_t(v);
+  }
+  if (st.quantize == N2UQ_QUANTIZE_NONE && st.float_after != st.num_steps) {
+    *err = "an output stage without a quantizer (quantize = 0) needs float_output = steps (" +
+           std::to_string(st.num_steps) + ")";
+    return false;
+  }
+  return true;
+}
+
+bool ParseOptions(Kernel* k, const uint8_t* data, size_t size, std::string* err) {
+  n2uq::FlexOptions o;
+  if (!o.Parse(data, size, err)) return false;
+  if (!ParseLayerOptions(BaseKind(k->kind), k, o, err)) return false;
+  return !IsFused(k->kind) || ParseStageOptions(k, o, err);
 }
 
 void RegisterProfile(Kernel* k, const N2uqTfLiteContext* ctx) {
@@ -313,7 +370,29 @@ bool GetIo(const Kernel* k, const N2uqTfLiteNode* node, Io* io, std::string* err
   return true;
 }
 
-int ExpectedInputs(int kind) { return kind == kQuantizePack || kind == kQuantize ? 2 : 4; }
+// A stage step that reads a tensor input (per-channel values or the residual).
+bool StepHasInput(int32_t kind) {
+  return kind == N2UQ_STEP_ADD || kind == N2UQ_STEP_MUL || kind == N2UQ_STEP_PRELU || kind == N2UQ_STEP_ADD_TENSOR;
+}
+
+// Inputs: quantize ops 2; layer ops 4; fused ops 4, one per step that reads a tensor, then the
+// thresholds when they quantize.
+int ExpectedInputs(const Kernel* k) {
+  const int kind = BaseKind(k->kind);
+  if (kind == kQuantizePack || kind == kQuantize) return 2;
+  int n = 4;
+  if (IsFused(k->kind)) {
+    for (int i = 0; i < k->stage.num_steps; ++i) n += StepHasInput(k->stage.steps[i].kind) ? 1 : 0;
+    n += k->stage.quantize != N2UQ_QUANTIZE_NONE ? 1 : 0;
+  }
+  return n;
+}
+
+// Outputs: 1; a fused op has its float output (if any) first, then its codes (if any).
+int ExpectedOutputs(const Kernel* k) {
+  if (!IsFused(k->kind)) return 1;
+  return (k->stage.float_after >= 0 ? 1 : 0) + (k->stage.quantize != N2UQ_QUANTIZE_NONE ? 1 : 0);
+}
 
 const char* TypeName(int type) {
   switch (type) {
@@ -371,16 +450,24 @@ bool IsConstant(const N2uqTfLiteTensor* t) {
 
 // The op's output: of `type`, writable (a constant of a malformed model lives in the model's
 // read-only buffer) and none of the op's inputs (the kernels read their inputs while writing).
-N2uqTfLiteTensor* GetOutput(N2uqTfLiteContext* ctx, const Io& io, int type, std::string* err) {
-  N2uqTfLiteTensor* out = GetTensor(ctx, io.outputs[0], type, "output", err);
+// Output `slot` likewise, and none of the op's other outputs.
+N2uqTfLiteTensor* GetOutput(N2uqTfLiteContext* ctx, const Io& io, int type, std::string* err, size_t slot = 0) {
+  const int index = io.outputs[slot];
+  const std::string what = slot == 0 ? "output" : "output " + std::to_string(slot);
+  N2uqTfLiteTensor* out = GetTensor(ctx, index, type, what.c_str(), err);
   if (out == nullptr) return nullptr;
   if (IsConstant(out)) {
-    *err = "output " + TensorLabel(ctx, io.outputs[0]) + " is a constant tensor of the model";
+    *err = what + " " + TensorLabel(ctx, index) + " is a constant tensor of the model";
     return nullptr;
   }
   for (size_t i = 0; i < io.inputs.size(); ++i)
-    if (io.inputs[i] == io.outputs[0]) {
-      *err = "output " + TensorLabel(ctx, io.outputs[0]) + " is also input " + std::to_string(i) + " of the op";
+    if (io.inputs[i] == index) {
+      *err = what + " " + TensorLabel(ctx, index) + " is also input " + std::to_string(i) + " of the op";
+      return nullptr;
+    }
+  for (size_t i = 0; i < io.outputs.size(); ++i)
+    if (i != slot && io.outputs[i] == index) {
+      *err = what + " " + TensorLabel(ctx, index) + " is also output " + std::to_string(i) + " of the op";
       return nullptr;
     }
   return out;
@@ -577,7 +664,7 @@ bool PrepareWeights(Kernel* k, const N2uqTfLiteTensor* w, int64_t count, int bit
   if (k->weights_ready) return true;  // constant: unpacked once
   std::vector<uint8_t> codes(static_cast<size_t>(count));
   UnpackStream(static_cast<const uint8_t*>(w->data), count, bits, codes.data());
-  if (k->kind == kDepthwise)
+  if (BaseKind(k->kind) == kDepthwise)
     k->weight_codes.swap(codes);
   else if (!PreparePlan(k, codes, positions, channels, bits, shape, threads, err))
     return false;
@@ -585,14 +672,76 @@ bool PrepareWeights(Kernel* k, const N2uqTfLiteTensor* w, int64_t count, int bit
   return true;
 }
 
+// A layer op's float output of shape `dims`, or a fused op's stage inputs (custom_ops "Fused output
+// stages": per-channel values of out_channels elements, a residual of exactly `dims`, thresholds)
+// and its outputs (the float tensor, then the packed [..., bits, words] or byte codes).
+bool PrepareLayerOutputs(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, const std::vector<int64_t>& dims,
+                         std::string* err) {
+  if (!IsFused(k->kind)) {
+    N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err);
+    return out && Resize(ctx, out, dims, err);
+  }
+  const N2uqOutputStage& st = k->stage;
+  const int64_t channels = dims.back();
+  int64_t elements = 1;
+  for (int64_t d : dims)
+    if (d < 0 || !CheckedMul(elements, d, &elements)) {
+      *err = "output shape " + DimsString(dims) + " is too large";
+      return false;
+    }
+  k->layer_elements = elements;
+  size_t next = 4;
+  for (int i = 0; i < st.num_steps; ++i) {
+    const int kind = st.steps[i].kind;
+    if (!StepHasInput(kind)) continue;
+    const bool residual = kind == N2UQ_STEP_ADD_TENSOR;
+    const std::string what = "step " + std::to_string(i) + (residual ? " residual" : " values");
+    N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[next++], kN2uqTfLiteFloat32, what.c_str(), err);
+    if (!t || !CheckBytes(ctx, t, what.c_str(), false, err)) return false;
+    if (residual) {  // no broadcasting: exactly the layer's output shape
+      bool same = t->dims->size == int(dims.size());
+      for (size_t j = 0; same && j < dims.size(); ++j) same = t->dims->data[j] == dims[j];
+      if (!same) {
+        *err = what + " has shape " + DimsString(t->dims) + " but the layer's output has " + DimsString(dims);
+        return false;
+      }
+    } else if (!CheckCount(t, channels, what.c_str(), err)) {
+      return false;
+    }
+  }
+  if (st.quantize != N2UQ_QUANTIZE_NONE) {
+    N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[next], kN2uqTfLiteFloat32, "thresholds", err);
+    if (!t || !CheckBytes(ctx, t, "thresholds", false, err) || !CheckCount(t, (1 << st.bits) - 1, "thresholds", err))
+      return false;
+  }
+  size_t slot = 0;
+  if (st.float_after >= 0) {
+    N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err, slot++);
+    if (!out || !Resize(ctx, out, dims, err)) return false;
+  }
+  if (st.quantize != N2UQ_QUANTIZE_NONE) {
+    const bool pack = st.quantize == N2UQ_QUANTIZE_PACK;
+    N2uqTfLiteTensor* out = GetOutput(ctx, io, pack ? kN2uqTfLiteInt64 : kN2uqTfLiteUInt8, err, slot);
+    if (!out) return false;
+    std::vector<int64_t> q = dims;
+    if (pack) {
+      q.back() = st.bits;
+      q.push_back((channels + 63) / 64);
+    }
+    if (!Resize(ctx, out, q, err)) return false;
+  }
+  return true;
+}
+
 bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
-  const int want = ExpectedInputs(k->kind);
-  if (int(io.inputs.size()) != want || io.outputs.size() != 1) {
-    *err = "expects " + std::to_string(want) + " inputs and 1 output, got " + std::to_string(io.inputs.size()) +
-           " and " + std::to_string(io.outputs.size());
+  const int want = ExpectedInputs(k), want_out = ExpectedOutputs(k);
+  if (int(io.inputs.size()) != want || int(io.outputs.size()) != want_out) {
+    *err = "expects " + std::to_string(want) + " inputs and " + std::to_string(want_out) + " output" +
+           (want_out == 1 ? "" : "s") + ", got " + std::to_string(io.inputs.size()) + " and " +
+           std::to_string(io.outputs.size());
     return false;
   }
-  switch (k->kind) {
+  switch (BaseKind(k->kind)) {
     case kQuantizePack:
     case kQuantize: {
       N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteFloat32, "input", err);
@@ -622,7 +771,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
     case kConv2D:
     case kDepthwise: {
       N2uqConvShape& s = k->conv;
-      const bool dw = k->kind == kDepthwise;
+      const bool dw = BaseKind(k->kind) == kDepthwise;
       N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], dw ? kN2uqTfLiteUInt8 : kN2uqTfLiteInt64, "input", err);
       if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
       const int words = (s.in_channels + 63) / 64;
@@ -660,8 +809,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
         if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, s.out_channels, what, err)) return false;
       }
-      N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err);
-      return out && Resize(ctx, out, {s.batch, oh, ow, s.out_channels}, err);
+      return PrepareLayerOutputs(ctx, k, io, {s.batch, oh, ow, s.out_channels}, err);
     }
     case kFullyConnected: {
       N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteInt64, "input", err);
@@ -696,11 +844,9 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
         N2uqTfLiteTensor* t = GetTensor(ctx, io.inputs[i], kN2uqTfLiteFloat32, what, err);
         if (!t || !CheckBytes(ctx, t, what, false, err) || !CheckCount(t, k->out_features, what, err)) return false;
       }
-      N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteFloat32, err);
-      if (!out) return false;
       std::vector<int64_t> dims(d->data, d->data + d->size - 2);
       dims.push_back(k->out_features);
-      return Resize(ctx, out, dims, err);
+      return PrepareLayerOutputs(ctx, k, io, dims, err);
     }
   }
   *err = "unknown op";
@@ -717,10 +863,58 @@ int KernelPrepare(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   return kN2uqTfLiteOk;
 }
 
+// A fused op's layer output before its stage, when the op has no float output to hold it: per
+// calling thread (ops of one interpreter run on its thread; interpreters on other threads get their
+// own), grown to the largest layer it served.
+std::vector<float>& StageScratch() {
+  thread_local std::vector<float> scratch;
+  return scratch;
+}
+
+// Runs a fused op's output stage on the layer output `values` (the stage's tensors from the op's
+// inputs after the layer's four, in the order of custom_ops "Fused output stages").
+int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* values, int64_t values_len,
+             int threads, char* msg, size_t msg_len) {
+  N2uqOutputStage st = k->stage;
+  size_t next = 4;
+  for (int i = 0; i < st.num_steps; ++i) {
+    if (!StepHasInput(st.steps[i].kind)) continue;
+    const N2uqTfLiteTensor& v = t[io.inputs[next++]];
+    st.steps[i].values = static_cast<const float*>(v.data);
+    st.steps[i].values_len = int64_t(v.bytes / 4);
+  }
+  if (st.quantize != N2UQ_QUANTIZE_NONE) {
+    const N2uqTfLiteTensor& thr = t[io.inputs[next]];
+    st.thresholds = static_cast<const float*>(thr.data);
+    st.num_thresholds = int32_t(thr.bytes / 4);
+  }
+  const int32_t channels = BaseKind(k->kind) == kFullyConnected ? k->out_features : k->conv.out_channels;
+  float* out_float = nullptr;
+  int64_t out_float_len = 0;
+  size_t slot = 0;
+  if (st.float_after >= 0) {
+    out_float = static_cast<float*>(t[io.outputs[slot]].data);
+    out_float_len = int64_t(t[io.outputs[slot]].bytes / 4);
+    ++slot;
+  }
+  uint64_t* packed = nullptr;
+  uint8_t* codes = nullptr;
+  int64_t packed_len = 0, codes_len = 0;
+  if (st.quantize == N2UQ_QUANTIZE_PACK) {
+    packed = static_cast<uint64_t*>(t[io.outputs[slot]].data);
+    packed_len = int64_t(t[io.outputs[slot]].bytes / 8);
+  } else if (st.quantize == N2UQ_QUANTIZE_CODES) {
+    codes = static_cast<uint8_t*>(t[io.outputs[slot]].data);
+    codes_len = int64_t(t[io.outputs[slot]].bytes);
+  }
+  return n2uq_output_stage(&st, k->layer_elements / channels, channels, values, values_len, out_float, out_float_len,
+                           packed, packed_len, codes, codes_len, k->settings.isa, threads, msg, msg_len);
+}
+
 bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
   // Shapes were validated in prepare; re-check the data pointers and sizes cheaply, because
   // a caller may have resized an input without re-preparing.
-  if (int(io.inputs.size()) != ExpectedInputs(k->kind) || io.outputs.size() != 1) {
+  if (int(io.inputs.size()) != ExpectedInputs(k) || int(io.outputs.size()) != ExpectedOutputs(k)) {
     *err = "tensor lists changed after prepare";
     return false;
   }
@@ -729,19 +923,29 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       *err = "an input tensor has no data";
       return false;
     }
-  const int out_idx = io.outputs[0];
-  if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr ||
-      IsConstant(&ctx->tensors[out_idx])) {
-    *err = "the output tensor has no data or is a constant";
-    return false;
-  }
+  for (int out_idx : io.outputs)
+    if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr ||
+        IsConstant(&ctx->tensors[out_idx])) {
+      *err = "an output tensor has no data or is a constant";
+      return false;
+    }
   N2uqTfLiteTensor* t = ctx->tensors;
   const N2uqTfLiteTensor& x = t[io.inputs[0]];
-  N2uqTfLiteTensor& out = t[out_idx];
+  N2uqTfLiteTensor& out = t[io.outputs[0]];
   const int threads = Threads(k, ctx);
   const int isa = k->settings.isa;
   int status = N2UQ_ERR_INTERNAL;
-  switch (k->kind) {
+  // A layer op writes its float output; a fused op writes it into its float output when it has
+  // one (the stage then runs in place), else into this thread's scratch buffer.
+  float* dest = static_cast<float*>(out.data);
+  int64_t dest_len = int64_t(out.bytes / 4);
+  if (IsFused(k->kind) && k->stage.float_after < 0) {
+    std::vector<float>& scratch = StageScratch();
+    if (scratch.size() < static_cast<size_t>(k->layer_elements)) scratch.resize(static_cast<size_t>(k->layer_elements));
+    dest = scratch.data();
+    dest_len = k->layer_elements;
+  }
+  switch (BaseKind(k->kind)) {
     case kQuantizePack:
     case kQuantize: {
       const N2uqTfLiteTensor& thr = t[io.inputs[1]];
@@ -763,17 +967,16 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       const N2uqTfLiteTensor& mult = t[io.inputs[2]];
       const N2uqTfLiteTensor& bias = t[io.inputs[3]];
       const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
-      if (k->kind == kConv2D)
+      if (BaseKind(k->kind) == kConv2D)
         status = n2uq_conv_plan_run(k->plan.get(), &k->conv, static_cast<const uint64_t*>(x.data),
                                     int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
-                                    static_cast<const float*>(bias.data), channels_len, static_cast<float*>(out.data),
-                                    nullptr, int64_t(out.bytes / 4), threads, msg, msg_len);
+                                    static_cast<const float*>(bias.data), channels_len, dest, nullptr, dest_len,
+                                    threads, msg, msg_len);
       else
         status = n2uq_depthwise_conv2d(&k->conv, static_cast<const uint8_t*>(x.data), int64_t(x.bytes),
                                        k->weight_codes.data(), int64_t(k->weight_codes.size()),
                                        static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
-                                       channels_len, static_cast<float*>(out.data), nullptr, int64_t(out.bytes / 4),
-                                       isa, threads, msg, msg_len);
+                                       channels_len, dest, nullptr, dest_len, isa, threads, msg, msg_len);
       break;
     }
     case kFullyConnected: {
@@ -782,11 +985,12 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
       status = n2uq_conv_plan_run(k->plan.get(), &k->fc_shape, static_cast<const uint64_t*>(x.data),
                                   int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
-                                  static_cast<const float*>(bias.data), channels_len, static_cast<float*>(out.data),
-                                  nullptr, int64_t(out.bytes / 4), threads, msg, msg_len);
+                                  static_cast<const float*>(bias.data), channels_len, dest, nullptr, dest_len,
+                                  threads, msg, msg_len);
       break;
     }
   }
+  if (status == N2UQ_OK && IsFused(k->kind)) status = RunStage(k, io, t, dest, dest_len, threads, msg, msg_len);
   if (status != N2UQ_OK) {
     *err = std::string("kernel failed: ") + (msg[0] ? msg : "unknown error");
     return false;
@@ -1013,7 +1217,8 @@ N2UQ_EXPORT const N2uqTfLiteRegistration* n2uq_tflite_registration(const char* o
   std::call_once(once, [] {
     void* (*inits[kNumOps])(N2uqTfLiteContext*, const char*, size_t) = {
         ResolverKernelInit<kQuantizePack>, ResolverKernelInit<kQuantize>, ResolverKernelInit<kConv2D>,
-        ResolverKernelInit<kDepthwise>, ResolverKernelInit<kFullyConnected>};
+        ResolverKernelInit<kDepthwise>, ResolverKernelInit<kFullyConnected>, ResolverKernelInit<kConv2DFused>,
+        ResolverKernelInit<kDepthwiseFused>, ResolverKernelInit<kFullyConnectedFused>};
     for (int i = 0; i < kNumOps; ++i) {
       memset(&regs[i], 0, sizeof(regs[i]));
       regs[i].init = inits[i];

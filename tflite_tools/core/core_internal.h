@@ -1,0 +1,39 @@
+// What core.cc shares with the output stage (output_stage.cc), which lives in its own files:
+// the ISA resolution, the per-ISA kernel tables, the quantize job set-up and the thread pool.
+// Compiled without target options only (uses std::function).
+#ifndef N2UQ_CORE_INTERNAL_H_
+#define N2UQ_CORE_INTERNAL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <functional>
+
+#include "kernel_table.h"
+#include "n2uq_core.h"
+
+namespace n2uq_core {
+
+// The concrete ISA `isa` resolves to (N2UQ_ISA_AUTO: env or best), or a negative status.
+int resolve_isa(int isa, char* err, size_t err_len);
+// The kernel table of a concrete, supported ISA.
+const KernelTable* isa_kernels(int isa);
+// Fills a QuantizeJob's thresholds table, bit count and beta1 (validated by the caller).
+void prepare_quantize_job(QuantizeJob& job, const float* thresholds, int32_t num_thresholds, int32_t bits,
+                          float beta1);
+// Elements per quantize task at least, for a concrete ISA.
+int64_t quantize_task_elements(int isa);
+// Splits [0, count) over the pool's threads in ranges of at least `grain`.
+void run_ranges(int num_threads, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+// The per-channel steps of the output stage (output_stage_impl.h), compiled once per ISA; the
+// AVX2 / AVX-512 ones are null where the build is not for x86-64.
+typedef void (*OutputStepsFn)(const N2uqOutputStage& stage, int first, int last, float* values, int64_t first_position,
+                              int64_t positions, int64_t channels);
+OutputStepsFn output_steps_portable();
+OutputStepsFn output_steps_avx2();
+OutputStepsFn output_steps_avx512();
+
+}  // namespace n2uq_core
+
+#endif  // N2UQ_CORE_INTERNAL_H_
