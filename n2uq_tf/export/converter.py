@@ -15,9 +15,12 @@ from n2uq_tf.export.lowering import ExportReport, lower
 
 # Written into the flatbuffer's metadata under METADATA_NAME; readers refuse a newer one.
 METADATA_NAME = "n2uq_tf"
-EXPORT_FORMAT_VERSION = 2  # 2: conv ops carry a 'padding' option (custom_ops)
+# 2: conv ops carry a 'padding' option; 3: fused output-stage ops (custom_ops). A file without
+# fused ops is written as format 2, which readers of format 2 run.
+EXPORT_FORMAT_VERSION = 3
+_UNFUSED_FORMAT_VERSION = 2
 INFERENCE_TYPES = ("float", "int8")
-_LAYER_OPS = (custom_ops.OP_CONV2D, custom_ops.OP_DEPTHWISE_CONV2D, custom_ops.OP_FULLY_CONNECTED)
+_LAYER_OPS = custom_ops.LAYER_OPS + tuple(custom_ops.FUSED_OPS)  # ops holding a layer's packed weights
 
 
 def _package_version():
@@ -25,37 +28,46 @@ def _package_version():
     return getattr(n2uq_tf, "__version__", "unknown")
 
 
-def _metadata(report):
-    return {"format_version": EXPORT_FORMAT_VERSION, "n2uq_tf_version": _package_version(),
-            "inference_type": report.inference_type}
+def _metadata(report, fused):
+    return {"format_version": EXPORT_FORMAT_VERSION if fused else _UNFUSED_FORMAT_VERSION,
+            "n2uq_tf_version": _package_version(), "inference_type": report.inference_type}
 
 
-def _compact(model, streams):
+def _layer_names(model, streams):
+    """{(subgraph, op index): Keras layer name} of every N2UQ op holding packed weights, found by
+    its weight bytes (`streams`: weight bytes -> layer names, in graph order)."""
+    codes = [c.customCode.decode() if c.customCode else None for c in model.operatorCodes]
+    left = {key: list(names) for key, names in streams.items()}
+    found = {}
+    for s, subgraph in enumerate(model.subgraphs):
+        for i, op in enumerate(subgraph.operators):
+            if codes[op.opcodeIndex] in _LAYER_OPS:
+                weights = model.buffers[subgraph.tensors[int(op.inputs[1])].buffer].data
+                names = left.get(b"" if weights is None else weights.tobytes())
+                if names:
+                    found[s, i] = names.pop(0)
+    return found
+
+
+def _compact(model, layer_names):
     """Drops what the interpreter does not need, in place: the names of inner tensors, empty
     quantization tables, and shape signatures that equal the shape.
 
     On a small network this structure rivals the packed weights (ResNet-20 at width 16: names
     alone are ~11 KB next to ~67 KB of packed kernels). Graph input and output names stay, and
     the output of each N2UQ conv / FC op is named after its Keras layer (for `inspect_tflite`),
-    found by its packed weights (`streams`: weight bytes -> layer names).
+    found by its packed weights (`layer_names`, `_layer_names`).
     """
-    codes = [c.customCode.decode() if c.customCode else None for c in model.operatorCodes]
     output_layers = {}
-    for subgraph in model.subgraphs:
+    for s, subgraph in enumerate(model.subgraphs):
         keep = set(subgraph.inputs.tolist() if subgraph.inputs is not None else []) | \
             set(subgraph.outputs.tolist() if subgraph.outputs is not None else [])
-        layer_names = {}
-        for op in subgraph.operators:
-            if codes[op.opcodeIndex] in _LAYER_OPS:
-                weights = model.buffers[subgraph.tensors[int(op.inputs[1])].buffer].data
-                names = streams.get(b"" if weights is None else weights.tobytes())
-                if names:
-                    layer_names[int(op.outputs[0])] = names.pop(0)
+        named = {int(subgraph.operators[i].outputs[0]): name for (g, i), name in layer_names.items() if g == s}
         for index, tensor in enumerate(subgraph.tensors):
-            if index in layer_names and index not in keep:
-                tensor.name = layer_names[index]
-            elif index in layer_names:  # a graph output keeps its name: note the layer in the metadata
-                output_layers[str(index)] = layer_names[index]
+            if index in named and index not in keep:
+                tensor.name = named[index]
+            elif index in named:  # a graph output keeps its name: note the layer in the metadata
+                output_layers[str(index)] = named[index]
             elif index not in keep:
                 tensor.name = None
             q = tensor.quantization
@@ -68,13 +80,21 @@ def _compact(model, streams):
     return output_layers
 
 
-def _finish(flatbuffer, metadata, streams):
-    """Compacts the converter's flatbuffer and appends a Model.metadata entry (its own buffer)
-    holding `metadata` as JSON."""
+def _finish(flatbuffer, report, streams, fuse):
+    """Fuses output stages (when `fuse`; noted in `report`), compacts the converter's flatbuffer and
+    appends a Model.metadata entry (its own buffer) holding the export metadata as JSON."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
-    output_layers = _compact(model, streams)
+    fusions = []
+    if fuse:
+        from n2uq_tf.export import fusion
+        fusions = fusion.fuse_output_stages(model)
+    layer_names = _layer_names(model, streams)
+    if fusions:
+        fusion.note_fusions(report, fusions, layer_names)
+    metadata = _metadata(report, bool(fusions))
+    output_layers = _compact(model, layer_names)
     if output_layers:
         metadata = dict(metadata, output_layers=output_layers)
     buffer = schema.BufferT()
@@ -129,7 +149,7 @@ def _check_runnable(info, origin):
 
 def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None, *, inference_type: str = "float",
                   representative_dataset: Callable[[], Iterable[Any]] | None = None,
-                  return_report: bool = False) -> bytes | tuple[bytes, ExportReport]:
+                  return_report: bool = False, fuse: bool = True) -> bytes | tuple[bytes, ExportReport]:
     """Converts a quantized tf_keras model to a TFLite flatbuffer with N2UQ custom ops.
 
     Every lowerable quantized Conv2D / DepthwiseConv2D / Dense (1..4 bits, see
@@ -146,6 +166,9 @@ def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None
     exports as its float32 twin (same weights, float32 builtins). A `DistillationModel` exports its
     student. The signature keeps the Keras input and output names (outputs named after their
     layers, the wrapped layer's name for a quantized one), as TFLite's ``from_keras_model`` does.
+    With ``fuse=True`` the float ops between a lowered layer and the next quantizer (RPReLU, residual
+    adds, ReLUs, ...) and that quantizer are fused into the layer's op (`n2uq_tf.export.fusion`;
+    same outputs bit for bit, fewer passes over memory); the report says per layer what was fused.
     Before anything is written the file is checked to hold only TFLite builtins and N2UQ ops;
     ``path`` is written atomically (a failed export leaves no file).
 
@@ -156,7 +179,8 @@ def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None
       inference_type: "float" or "int8".
       representative_dataset: for "int8": a callable yielding lists of float32 input arrays in the
         Keras model's input order (or dicts keyed by input name).
-      return_report: also return the `ExportReport` (per layer ops, bits, bytes; file size).
+      return_report: also return the `ExportReport` (per layer ops, bits, bytes, fusions; file size).
+      fuse: fuse output stages into the layer ops (False: one op per builtin, as converted).
 
     Returns:
       the flatbuffer bytes, or (bytes, report) with ``return_report=True``.
@@ -200,7 +224,7 @@ def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None
     for r in lowered.lowered_layers:
         streams.setdefault(r.stream.tobytes(), []).append(r.name)
     converted = converter.convert()
-    flatbuffer = _finish(converted, _metadata(report), streams)
+    flatbuffer = _finish(converted, report, streams, fuse)
     if path is None:
         info = inspect_tflite(flatbuffer)
         _check_runnable(info, "export_tflite refused it")

@@ -61,6 +61,7 @@ class LayerExport:
     float_bytes: int = 0          # float32 bytes this layer adds (params, or multiplier/bias/thresholds)
     folded: str = None            # name of the BatchNormalization folded into this layer
     reason: str = ""              # why a quantized layer was kept builtin
+    fused: list = dataclasses.field(default_factory=list)  # output stages fused into its op (export_tflite)
 
 
 @dataclasses.dataclass
@@ -116,7 +117,8 @@ class ExportReport:
         for r in self.layers:
             if r.status == "float" and not r.float_bytes:
                 continue
-            note = r.reason if r.status == "builtin" else (f"+ folded {r.folded}" if r.folded else "")
+            note = r.reason if r.status == "builtin" else "; ".join(
+                ([f"+ folded {r.folded}"] if r.folded else []) + [f"fused: {f}" for f in r.fused])
             rows.append((r.name, r.type, "-" if r.weight_bits is None else str(r.weight_bits),
                          "-" if r.activation_bits is None else str(r.activation_bits),
                          " + ".join(r.ops) if r.status == "lowered" else r.status,
