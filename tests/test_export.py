@@ -177,9 +177,10 @@ def _expected_options(report_row, lowered_layer):
 def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
     path = tmp_path / "small.tflite"
     with pytest.warns(UserWarning, match="c_w8.*c_wfloat"):
-        data, report = export_tflite(small_cnn, path, return_report=True)
+        data, report = export_tflite(small_cnn, path, return_report=True, fuse=False)
     assert path.read_bytes() == data and isinstance(report, ExportReport)
     info = inspect_tflite(path)
+    # without fused ops a file stays in format 2, which readers of format 2 run
     assert info.metadata["format_version"] == 2 and info.metadata["n2uq_tf_version"] == n2uq_tf.__version__
     lowered = {h.name: h for h in lower(small_cnn).lowered_layers}
     counts = info.op_counts()
@@ -214,6 +215,23 @@ def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
     assert "N2UQDepthwiseConv2D" in text and "depth_multiplier=2" in text and "c_same_s2" in text
     json.dumps(info.to_dict())
 
+    # fused (the default): format 3, the same layers and N2UQ ops, each fused op with its layer's options
+    with pytest.warns(UserWarning, match="c_w8.*c_wfloat"):
+        fused_data, fused_report = export_tflite(small_cnn, return_report=True)
+    fused = inspect_tflite(fused_data)
+    assert fused.metadata["format_version"] == 3 and fused.packed_bytes == info.packed_bytes
+    n2uq_counts = {k: v for k, v in counts.items() if k in custom_ops.ALL_OPS}
+    assert {k: v for k, v in fused.op_counts(as_unfused=True).items() if k in custom_ops.ALL_OPS} == n2uq_counts
+    assert set(fused.op_counts()) & set(custom_ops.FUSED_OPS)
+    assert {l.name for l in fused.layers} == set(lowered)
+    for layer in fused.layers:
+        op = next(o for o in fused.operators if o.layer == layer.name)
+        assert custom_ops.FUSED_OPS.get(op.name, op.name) == lowered[layer.name].kind
+        expected = _expected_options(None, lowered[layer.name])
+        assert {k: op.options[k] for k in expected} == expected, layer.name
+        assert (layer.fused is not None) == (op.name in custom_ops.FUSED_OPS)
+    assert any(r.fused for r in fused_report.lowered) and "fused output stage" in str(fused)
+
 
 def test_stub_bodies_convert_like_reference_bodies(small_cnn):
     """export_tflite converts empty-bodied twins of the ops: same ops, options, inputs as the references."""
@@ -240,7 +258,8 @@ def test_resnet20_export_size_and_ops(tmp_path):
         data, report = export_tflite(q, return_report=True)
         info = inspect_tflite(data)
         assert info.packed_bytes == report.packed_bytes
-        assert info.op_counts()[custom_ops.OP_CONV2D] == 20 and info.op_counts()[custom_ops.OP_QUANTIZE_PACK] == 20
+        counts = info.op_counts(as_unfused=True)
+        assert counts[custom_ops.OP_CONV2D] == 20 and counts[custom_ops.OP_QUANTIZE_PACK] == 20
         assert "PRELU" in info.op_counts() and "NEG" not in info.op_counts()  # RPReLU fused to PRELU
         assert report.size_ratio == info.size_ratio
         ratios[width] = (info.size_ratio, report.expected_bytes, len(data))
@@ -322,7 +341,7 @@ def test_newer_format_is_refused(small_cnn):
     meta["format_version"] = 99
     model.buffers[entry.buffer].data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     newer = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    with pytest.raises(ValueError, match="format 99.*reads up to format 2"):
+    with pytest.raises(ValueError, match=f"format 99.*reads up to format {n2uq_tf.export.EXPORT_FORMAT_VERSION}"):
         inspect_tflite(newer)
 
 
@@ -422,7 +441,7 @@ def test_mixed_precision_exports_the_float32_graph_and_runs(policy, tmp_path):
         path = tmp_path / "mixed.tflite"
         data = export_tflite(q, path)
         assert data == export_tflite(twin) and path.read_bytes() == data
-        counts = inspect_tflite(data).op_counts()
+        counts = inspect_tflite(data).op_counts(as_unfused=True)
         assert counts[custom_ops.OP_CONV2D] == 2 and counts[custom_ops.OP_FULLY_CONNECTED] == 1
         assert set(counts) - set(custom_ops.ALL_OPS) <= {"CONV_2D", "PRELU", "ADD", "MUL", "RELU", "RESHAPE",
                                                          "FULLY_CONNECTED"}

@@ -55,13 +55,28 @@ quantize is 0): the op also outputs y after that many steps, float32 of the laye
 Inputs after the layer's four: one per step that takes one, in step order, then the thresholds
 (2^quantize_bits - 1 float32) when it quantizes. Outputs: the float tensor (if any), then the codes.
 
-Each step is the float32 operation of the TFLite builtin it replaces (ADD / SUB of a constant as an
-add, MUL, PRELU, ADD of a tensor, the ReLUs and fused activations), applied to the same operands
-in the same order, and the quantizer compares the same float32 products with the same thresholds,
-so a fused op gives exactly the float tensor and the codes of the ops it replaces: no threshold
-moves by rounding (the stage does not fold the steps' constants into the layer's multiplier and
-bias, which would round differently; the only difference left is NaN handling, where the ReLU
-builtins disagree among themselves). The exporter (`n2uq_tf.export.fusion`) writes these ops.
+Exactness. Each step is the float32 operation of the TFLite builtin it replaces (ADD / SUB of a
+constant as an add, MUL, PRELU, ADD of a tensor, the ReLUs and fused activations), applied to the
+same operands in the same order, one rounding per step (no fused multiply-add), and the quantizer
+compares the same float32 products x * beta1 with the same thresholds in the same kernels as
+N2UQQuantizePack / N2UQQuantize. So a fused op gives the float tensor and the codes of the ops it
+replaces bit for bit, ties at a threshold included: no value moves across a threshold by rounding.
+The stage deliberately does not fold its constants into the layer's multiplier and bias (or into the
+thresholds): folded, (acc * m + b) * s + c rounds differently from acc * (m * s) + (b * s + c), and a
+value within an ulp of a threshold would change its code. What can still differ:
+
+* NaN, through the ReLUs: the stage keeps a NaN (NaN < 0 is false); the ReLU kernels of TFLite
+  and XNNPACK do not all agree on a NaN (some give 0 or the clamp bound, whose code can differ
+  from a NaN's code 0: NaN * beta1 > t is false). A finite network never makes a NaN.
+* The sign of a zero: a LEAKY_RELU is fused as a PRELU (x >= 0 ? x : a x instead of
+  x > 0 ? x : a x), which differ only at -0 with a negative slope: -0 against +0, equal in
+  value and in code.
+* Subnormals, if an application sets flush-to-zero on its own thread only: the stage runs on the
+  delegate's worker threads too (new threads inherit the creating thread's floating-point mode).
+
+tests/test_fusion.py checks this: outputs of fused and unfused files equal bit for bit, with
+thresholds placed exactly on values of the unfused chain (where a folded stage differs).
+The exporter (`n2uq_tf.export.fusion`) writes these ops.
 
 Padding (option ``padding``): PADDING_SAME (1) is TF's 'same', computed by the kernel at prepare
 from the actual input size (the output has ceil(H / stride) x ceil(W / stride) positions, the
@@ -370,6 +385,29 @@ def output_stage_options(steps=(), *, float_output=None, quantize=None, quantize
     if float_output is not None:
         options["float_output"] = int(float_output)
     return options
+
+
+_STEP_LABELS = {"add": "add", "mul": "mul", "prelu": "prelu", "add_tensor": "add tensor", "relu": "relu",
+                "relu6": "relu6", "relu_n1_to_1": "relu_n1_to_1"}
+
+
+def describe_output_stage(options):
+    """A fused op's output stage in words, from its custom options: "add tensor -> prelu -> float
+    output -> prelu -> quantize-and-pack 2-bit" (None for options without a stage)."""
+    if "steps" not in options:
+        return None
+    kinds = {number: kind for kind, (number, _) in STEP_KINDS.items()}
+    steps = options["steps"] if isinstance(options["steps"], int) else 0
+    parts = [_STEP_LABELS.get(kinds.get(options.get(f"step_{i}")), "?") for i in range(steps)]
+    float_output = options.get("float_output")
+    quantize = options.get("quantize", QUANTIZE_NONE)
+    if isinstance(float_output, int) and quantize != QUANTIZE_NONE:
+        parts.insert(float_output, "float output")
+    if quantize == QUANTIZE_PACK:
+        parts.append(f"quantize-and-pack {options.get('quantize_bits', '?')}-bit")
+    elif quantize == QUANTIZE_CODES:
+        parts.append(f"quantize {options.get('quantize_bits', '?')}-bit")
+    return " -> ".join(parts) or "nothing"
 
 
 def stage_input_count(steps, quantize):

@@ -233,6 +233,8 @@ def _quantizer(graph, i, t, channels):
         return None
     if not isinstance(options, dict) or options.get("channels") != channels:
         return None
+    if graph.constant(inputs[1]) is None:  # thresholds computed in the graph could depend on the layer
+        return None
     return mode, options, inputs[1]
 
 

@@ -8,7 +8,8 @@ import os
 from n2uq_tf.export import custom_ops
 from n2uq_tf.export.converter import EXPORT_FORMAT_VERSION, METADATA_NAME
 
-_LAYER_OPS = (custom_ops.OP_CONV2D, custom_ops.OP_DEPTHWISE_CONV2D, custom_ops.OP_FULLY_CONNECTED)
+_LAYER_OPS = custom_ops.LAYER_OPS + tuple(custom_ops.FUSED_OPS)  # the ops holding a layer's packed weights
+_QUANTIZE_OPS = {custom_ops.QUANTIZE_PACK: custom_ops.OP_QUANTIZE_PACK, custom_ops.QUANTIZE_CODES: custom_ops.OP_QUANTIZE}
 
 
 @dataclasses.dataclass
@@ -25,12 +26,13 @@ class OperatorInfo:
 @dataclasses.dataclass
 class QuantizedLayerInfo:
     name: str                 # Keras layer name (the op's output tensor), else "op <index>"
-    op: str
+    op: str                   # its op: a layer op (N2UQConv2D) or a fused one (N2UQConv2DFused)
     weight_bits: int
     activation_bits: int
     weight_count: int
     packed_bytes: int         # bytes of its weight buffer in the file
     expected_bytes: int       # ceil(weight_count * weight_bits / 8)
+    fused: str = None         # a fused op's output stage (custom_ops.describe_output_stage), else None
 
 
 @dataclasses.dataclass
@@ -54,10 +56,18 @@ class TFLiteInspection:
         `ExportReport.size_ratio` is this figure of the written file."""
         return self.file_bytes / self.data_bytes if self.data_bytes else None
 
-    def op_counts(self):
+    def op_counts(self, as_unfused=False):
+        """{op name: count}. With ``as_unfused=True`` each fused op counts as the layer op and the
+        quantizer it stands for: the N2UQ op counts of the same export with ``fuse=False`` (the
+        builtins it absorbed are not counted)."""
         counts = {}
         for op in self.operators:
-            counts[op.name] = counts.get(op.name, 0) + 1
+            names = [op.name]
+            if as_unfused and op.name in custom_ops.FUSED_OPS:
+                quantizer = _QUANTIZE_OPS.get((op.options or {}).get("quantize"))
+                names = [custom_ops.FUSED_OPS[op.name]] + ([quantizer] if quantizer else [])
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
         return counts
 
     def to_dict(self):
@@ -80,13 +90,13 @@ class TFLiteInspection:
                                 for k, v in sorted((op.options or {}).items()))
                 lines.append(f"  #{op.index:<4d} {op.name:<22s} {opts}")
         if self.layers:
-            header = ("layer", "op", "W", "A", "weights", "packed B")
+            header = ("layer", "op", "W", "A", "weights", "packed B", "fused output stage")
             rows = [(layer.name, layer.op, str(layer.weight_bits), str(layer.activation_bits),
-                     f"{layer.weight_count:,}", f"{layer.packed_bytes:,}") for layer in self.layers]
-            widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+                     f"{layer.weight_count:,}", f"{layer.packed_bytes:,}", layer.fused or "-") for layer in self.layers]
+            widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
             for row in [header] + rows:
-                lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                       for i, (c, w) in enumerate(zip(row, widths))))
+                cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+                lines.append("  ".join(cells + [row[-1]]))
         ratio = self.size_ratio
         lines.append(f"file {self.file_bytes:,} B; N2UQ weights {self.packed_bytes:,} B; other buffers "
                      f"{self.float_bytes:,} B; file = "
@@ -162,18 +172,20 @@ def inspect_tflite(path_or_bytes: str | os.PathLike[str] | bytes) -> TFLiteInspe
                 tensor = subgraph.tensors[info.inputs[1]]
                 weight_buffers.add(tensor.buffer)
                 buf = model.buffers[tensor.buffer].data
-                if name == custom_ops.OP_FULLY_CONNECTED:
+                kind = custom_ops.FUSED_OPS.get(name, name)
+                if kind == custom_ops.OP_FULLY_CONNECTED:
                     count = options["in_features"] * options["out_features"]
                 else:
                     count = options["kernel_height"] * options["kernel_width"] * (
-                        options["out_channels"] if name == custom_ops.OP_DEPTHWISE_CONV2D
+                        options["out_channels"] if kind == custom_ops.OP_DEPTHWISE_CONV2D
                         else options["in_channels"] * options["out_channels"])
                 out_name = ((metadata or {}).get("output_layers", {}).get(str(info.outputs[0]))
                             or _name(subgraph.tensors[info.outputs[0]].name))
                 info.layer = out_name or f"op {index}"
                 layers.append(QuantizedLayerInfo(info.layer, name, options["weight_bits"],
                                                  options["act_bits"], count, 0 if buf is None else len(buf),
-                                                 math.ceil(count * options["weight_bits"] / 8)))
+                                                 math.ceil(count * options["weight_bits"] / 8),
+                                                 custom_ops.describe_output_stage(options)))
             index += 1
     meta_buffers = {entry.buffer for entry in model.metadata or []}
     packed = sum(len(model.buffers[b].data) for b in weight_buffers if model.buffers[b].data is not None)
