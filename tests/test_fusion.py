@@ -178,3 +178,178 @@ def test_output_stage_rejects_bad_arguments():
         _core.output_stage(y, [])
     with pytest.raises(_core.CoreError, match="float_after must be -1..num_steps"):
         _core.output_stage(y, [("relu", None)], float_after=2)
+
+
+# ------------------------------------------------------------------ the rewrite on a graph of custom ops
+
+def _prelu(x, alpha):
+    """The formula the converter turns into one PRELU (slopes of the rank of x without its batch axis)."""
+    return tf.nn.relu(x) + tf.constant(-alpha.reshape([1] * (x.shape.rank - 2) + [-1])) * tf.nn.relu(-x)
+
+
+class OpGraph:
+    """A small network of N2UQ ops (custom_ops' reference bodies) and the float ops between them:
+
+    q0 -> conv1 -> ADD c, PRELU [float output h] -> RELU6 -> q1 (4-bit)
+       -> conv2 -> MUL, ADD (a BatchNorm), ADD h + RELU (fused activation) -> q2 (byte codes)
+       -> depthwise -> LEAKY_RELU, SUB c -> q3 (3-bit)
+       -> conv3 (1x1) -> outputs: + a constant of the full shape (not per channel: stays a builtin),
+          + its own ReLU (a residual that depends on the layer: stays), MEAN -> q4
+       -> fc1 -> ADD c + RELU -> q5 -> fc2 -> output.
+    Thresholds: the input quantizer's spread over the input range; every other quantizer's placed on
+    values its input takes for INPUT (ties: x * beta1 == t exactly).
+    """
+    SHAPE = (2, 6, 6, 8)
+    QUANTIZERS = {"q1": (4, 16, 0.9, True), "q2": (2, 16, 1.1, False), "q3": (3, 16, 1.0, True),
+                  "q4": (2, 8, 1.0, True), "q5": (2, 12, 1.0, True)}  # name: bits, channels, beta1, packed
+
+    def __init__(self):
+        rng = np.random.default_rng(5)
+        self.input = rng.normal(0.3, 1.0, self.SHAPE).astype(np.float32)
+        normal = lambda *shape, scale=1.0: (rng.normal(0, scale, shape)).astype(np.float32)  # noqa: E731
+        self.c = {name: normal(n, scale=0.3) for name, n in (("c1", 16), ("c2", 16), ("c3", 16), ("c5", 12))}
+        self.alpha = rng.uniform(0.05, 0.5, 16).astype(np.float32)
+        self.scale = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+        self.full = normal(1, 6, 6, 8)
+        self.layers = {}
+        specs = {"conv1": (8, 16, 3, 2, 2), "conv2": (16, 16, 3, 4, 3), "dw": (16, 16, 3, 2, 2),
+                 "conv3": (16, 8, 1, 3, 2), "fc1": (8, 12, 1, 2, 2), "fc2": (12, 5, 1, 2, 3)}
+        for name, (cin, cout, k, ab, wb) in specs.items():
+            count = k * k * cout if name == "dw" else k * k * cin * cout
+            self.layers[name] = (co.pack_weight_codes(rng.integers(0, 2 ** wb, count), wb),
+                                 rng.uniform(0.02, 0.2, cout).astype(np.float32), normal(cout, scale=0.5))
+        self.thresholds = {"q0": np.array([-0.4, 0.3, 1.0], np.float32)}
+        self.network(tf.constant(self.input), place_thresholds=True)  # eager: the reference bodies
+
+    def _place(self, name, value):
+        """Thresholds of quantizer `name` on values its input takes, spread over them."""
+        bits, _, beta1, _ = self.QUANTIZERS[name]
+        distinct = np.unique((value.numpy() * np.float32(beta1)).astype(np.float32))
+        self.thresholds[name] = distinct[np.linspace(0, len(distinct) - 1, 2 ** bits + 1)[1:-1].astype(int)]
+
+    @staticmethod
+    def _call(fn, *args):
+        # eagerly, the body itself (a tf.function would trace on every call)
+        return fn.python_function(*args) if tf.executing_eagerly() else fn(*args)
+
+    def _layer(self, fn, name, x):
+        stream, multiplier, bias = self.layers[name]
+        return self._call(fn, x, tf.constant(stream), tf.constant(multiplier), tf.constant(bias))
+
+    def _quantize(self, name, x, bits=None, channels=None, beta1=1.0, packed=True):
+        if name in self.QUANTIZERS:
+            bits, channels, beta1, packed = self.QUANTIZERS[name]
+        return self._call(co.quantize_pack_fn(bits, channels, beta1, pack=packed), x,
+                          tf.constant(self.thresholds[name]))
+
+    def network(self, x, place_thresholds=False):
+        def tap(name, value):
+            if place_thresholds:
+                self._place(name, value)
+            return value
+
+        conv = dict(strides=(1, 1), dilations=(1, 1))
+        if True:
+            y1 = self._layer(co.conv2d_fn(in_channels=8, out_channels=16, kernel_size=(3, 3), paddings=co.SAME,
+                                          act_bits=2, weight_bits=2, **conv), "conv1", self._quantize("q0", x, 2, 8))
+            h = _prelu(y1 + self.c["c1"], self.alpha)
+            p1 = self._quantize("q1", tap("q1", tf.nn.relu6(h)))
+            y2 = self._layer(co.conv2d_fn(in_channels=16, out_channels=16, kernel_size=(3, 3),
+                                          paddings=((1, 1), (1, 1)), act_bits=4, weight_bits=3, **conv), "conv2", p1)
+            g = tap("q2", tf.nn.relu(y2 * self.scale + self.c["c2"] + h))
+            y3 = self._layer(co.depthwise_conv2d_fn(in_channels=16, depth_multiplier=1, kernel_size=(3, 3),
+                                                    paddings=co.SAME, act_bits=2, weight_bits=2, **conv), "dw",
+                             self._quantize("q2", g))
+            k = tap("q3", tf.nn.leaky_relu(y3, 0.1) - self.c["c3"])
+            y4 = self._layer(co.conv2d_fn(in_channels=16, out_channels=8, kernel_size=(1, 1), paddings=((0, 0), (0, 0)),
+                                          act_bits=3, weight_bits=2, **conv), "conv3", self._quantize("q3", k))
+            pooled = tap("q4", tf.reduce_mean(y4, axis=[1, 2]))
+            y5 = self._layer(co.fully_connected_fn(in_features=8, out_features=12, act_bits=2, weight_bits=2), "fc1",
+                             self._quantize("q4", pooled))
+            z = tap("q5", tf.nn.relu(y5 + self.c["c5"]))
+            y6 = self._layer(co.fully_connected_fn(in_features=12, out_features=5, act_bits=2, weight_bits=3), "fc2",
+                             self._quantize("q5", z))
+        return y4 + self.full, y4 + tf.nn.relu(y4), h, y6
+
+    def convert(self):
+        module = tf.Module()
+        module.f = tf.function(self.network, input_signature=[tf.TensorSpec(self.SHAPE, tf.float32)])
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+        converter.allow_custom_ops = True
+        return converter.convert()
+
+
+def fuse_bytes(content):
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    fusions = fusion.fuse_output_stages(model)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), fusions
+
+
+@pytest.fixture(scope="module")
+def op_graph():
+    graph = OpGraph()
+    unfused = graph.convert()
+    fused, fusions = fuse_bytes(unfused)
+    return graph, unfused, fused, fusions
+
+
+def run(content, x, backend, threads):
+    interpreter = n2tfl.Interpreter(model_content=content, num_threads=threads, backend=backend)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
+
+
+def assert_bit_identical(got, want, label):
+    assert len(got) == len(want), label
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (label, i)
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"{label}: output {i}")
+
+
+def test_rewrite_fuses_the_patterns_and_leaves_the_rest(op_graph):
+    _, unfused, fused, fusions = op_graph
+    before, after = inspect_tflite(unfused), inspect_tflite(fused)
+    counts = after.op_counts()
+    assert {k: v for k, v in counts.items() if k.startswith("N2UQ")} == {
+        "N2UQQuantizePack": 2, "N2UQConv2DFused": 2, "N2UQDepthwiseConv2DFused": 1, "N2UQConv2D": 1,
+        "N2UQFullyConnectedFused": 1, "N2UQFullyConnected": 1}
+    assert {k: v for k, v in after.op_counts(as_unfused=True).items() if k.startswith("N2UQ")} == \
+        {k: v for k, v in before.op_counts().items() if k.startswith("N2UQ")}
+    # what stays: MEAN, the full-shape ADD, the self-residual's RELU and ADD
+    assert {k: v for k, v in counts.items() if not k.startswith("N2UQ")} == {"MEAN": 1, "ADD": 2, "RELU": 1}
+    assert {"PRELU", "RELU6", "LEAKY_RELU", "MUL", "SUB"} <= set(before.op_counts())
+    stages = {op.name: [] for op in after.operators}
+    for op in after.operators:
+        stages[op.name].append(co.describe_output_stage(op.options or {}))
+    assert stages["N2UQConv2DFused"] == ["add -> prelu -> float output -> relu6 -> quantize-and-pack 4-bit",
+                                         "mul -> add -> add tensor -> relu -> quantize 2-bit"]
+    assert stages["N2UQDepthwiseConv2DFused"] == ["prelu -> add -> quantize-and-pack 3-bit"]
+    assert stages["N2UQFullyConnectedFused"] == ["add -> relu -> quantize-and-pack 2-bit"]
+    first = next(op for op in after.operators if op.name == "N2UQConv2DFused")
+    assert first.options["quantize_beta1"] == pytest.approx(0.9) and first.options["float_output"] == 2
+    assert [(f.layer_op, f.quantize, f.float_output) for f in fusions] == [
+        ("N2UQConv2D", "pack", 2), ("N2UQConv2D", "codes", None), ("N2UQDepthwiseConv2D", "pack", None),
+        ("N2UQFullyConnected", "pack", None)]
+    assert [name for name, _ in fusions[0].absorbed] == ["ADD", "PRELU", "RELU6"]
+    # the file holds fewer tensors (intermediates gone) and no buffer nothing refers to
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(fused))
+    assert len(model.subgraphs[0].tensors) < len(flatbuffer_utils.convert_bytearray_to_object(
+        bytearray(unfused)).subgraphs[0].tensors)
+    used = {t.buffer for t in model.subgraphs[0].tensors} | {m.buffer for m in model.metadata} | {0}
+    assert used == set(range(len(model.buffers)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_outputs_equal_unfused_bit_for_bit(op_graph, backend):
+    """Thresholds on the chain's own values (ties), 1 and 2 threads, every kernel ISA."""
+    graph, unfused, fused, _ = op_graph
+    want = run(unfused, graph.input, backend, 1)
+    logits = next(w for w in want if w.shape == (2, 5))
+    assert not np.array_equal(logits[0], logits[1])  # outputs that depend on the codes
+    for threads in (1, 2):
+        assert_bit_identical(run(fused, graph.input, backend, threads), want, f"{backend} {threads} threads")
+    # a second input: ties are gone, the outputs still equal
+    x = np.random.default_rng(9).normal(0, 1.5, graph.SHAPE).astype(np.float32)
+    assert_bit_identical(run(fused, x, backend, 2), run(unfused, x, backend, 2), f"{backend} other input")
