@@ -353,3 +353,161 @@ def test_fused_outputs_equal_unfused_bit_for_bit(op_graph, backend):
     # a second input: ties are gone, the outputs still equal
     x = np.random.default_rng(9).normal(0, 1.5, graph.SHAPE).astype(np.float32)
     assert_bit_identical(run(fused, x, backend, 2), run(unfused, x, backend, 2), f"{backend} other input")
+
+
+# ------------------------------------------------------------------ exported Keras models
+
+def _randomize(model, seed):
+    """Non-trivial quantizer parameters, BN statistics, biases and RPReLU shifts (zeros would be
+    folded away by the converter and hide the steps)."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        n, shape = v.name, tuple(v.shape)
+        if "n2uq_start" in n:
+            v.assign(rng.uniform(-0.6, -0.1))
+        elif "n2uq_intervals" in n:
+            v.assign(rng.uniform(0.1, 0.6, shape).astype(np.float32))
+        elif "n2uq_beta" in n:
+            v.assign(rng.uniform(0.7, 1.4))
+        elif "moving_mean" in n:
+            v.assign(rng.normal(0, 0.1, shape).astype(np.float32))
+        elif "moving_variance" in n:
+            v.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
+        elif "gamma" in n:
+            v.assign(rng.normal(1, 0.2, shape).astype(np.float32))
+        elif n.split("/")[-1].startswith(("beta", "bias", "alpha")):
+            v.assign(rng.normal(0, 0.1, shape).astype(np.float32) + (0.25 if "alpha" in n else 0))
+
+
+def resnet18_style(bits):
+    """ResNet-18's structure at toy size: 3x3 stem, BN, ReLU, max-pool, the library's basic blocks
+    (identity shortcuts, then a stride-2 block with a downsample conv), GAP, fc; the paper's plan."""
+    from n2uq_tf.models import _common, resnet
+    keras.utils.set_random_seed(bits)
+    inputs = keras.Input((16, 16, 3), name="input")
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = L.ReLU(name="stem_relu")(_common.batch_norm("stem_bn")(x))
+    x = L.MaxPooling2D(2, name="stem_pool")(x)
+    for prefix, planes, stride in (("layer1_0", 8, 1), ("layer1_1", 8, 1), ("layer2_0", 16, 2)):
+        x = resnet.basic_block(x, planes, stride, prefix)
+    x = _common.classifier(10, 16)(L.GlobalAveragePooling2D(name="avgpool")(x))
+    model = _common.quantize(keras.Model(inputs, x, name="resnet18_style"), bits)
+    _randomize(model, bits)
+    return model
+
+
+def mixed_network():
+    """A shortcut that needs the float tensor, ReLU6, depthwise, LeakyReLU, a BatchNorm that cannot
+    be folded (after a ReLU), a stride-2 conv and a quantized Dense head; mixed bits."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((12, 12, 4), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
+    shortcut = n2uq_tf.layers.RPReLU(name="c1_act")(L.BatchNormalization(name="c1_bn")(x))
+    y = L.ReLU(6.0, name="c2_relu6")(L.Conv2D(8, 3, padding="same", name="c2")(shortcut))
+    y = L.LeakyReLU(0.1, name="dw_leaky")(L.BatchNormalization(name="dw_bn")(L.DepthwiseConv2D(3, padding="same",
+                                                                                               name="dw")(y)))
+    y = L.BatchNormalization(name="pw_bn")(L.Conv2D(8, 1, name="pw")(y))
+    x = L.ReLU(name="add_relu")(L.Add(name="add")([shortcut, y]))
+    x = L.BatchNormalization(name="kept_bn")(x)
+    x = L.Conv2D(16, 3, strides=2, padding="same", name="c3")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(12, activation="relu", name="d1")(x)
+    out = L.Dense(5, name="d2")(x)
+    model = n2uq_tf.quantize_model(keras.Model(inp, out), bits=2, skip_layers=None,
+                                   overrides={"c2": (3, 2), "dw": (2, 4), "d1": (4, 3)})
+    _randomize(model, 4)
+    return model
+
+
+def _exports(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unfused = export_tflite(model, fuse=False)
+        fused, report = export_tflite(model, return_report=True)
+    return unfused, fused, report
+
+
+def _check_parity(model, unfused, fused, batch=2):
+    x = np.random.default_rng(1).normal(0, 1, (batch,) + tuple(model.inputs[0].shape[1:])).astype(np.float32)
+    for backend in BACKENDS:
+        want = run_resized(unfused, x, backend, 1)
+        for threads in (1, 2):
+            assert_bit_identical(run_resized(fused, x, backend, threads), want, f"{model.name} {backend} {threads}")
+    expected = model(x, training=False).numpy()
+    assert np.abs(want[0] - expected).max() <= 1e-4 * max(float(np.abs(expected).max()), 1.0)
+
+
+def run_resized(content, x, backend, threads):
+    interpreter = n2tfl.Interpreter(model_content=content, num_threads=threads, backend=backend)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], x)
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
+
+
+def _n2uq_counts(counts):
+    return {k: v for k, v in counts.items() if k in co.ALL_OPS}
+
+
+@pytest.mark.slow
+def test_resnet20_fused_equals_unfused():
+    model = n2uq_tf.models.resnet20(bits=2, width=4, input_shape=(16, 16, 3))
+    _randomize(model, 1)
+    unfused, fused, report = _exports(model)
+    _check_parity(model, unfused, fused)
+    info, before = inspect_tflite(fused), inspect_tflite(unfused)
+    assert info.metadata["format_version"] == 3 and before.metadata["format_version"] == 2
+    # Every conv fused but the second conv of each downsampling block (its output is the residual the
+    # downsample conv's stage adds). Left as builtins: the first block's input RPReLU (after the float
+    # stem, before the first quantizer).
+    assert info.op_counts() == {"CONV_2D": 1, "ADD": 2, "PRELU": 1, "N2UQQuantizePack": 3, "N2UQConv2DFused": 18,
+                                "N2UQConv2D": 2, "MEAN": 1, "FULLY_CONNECTED": 1}
+    assert _n2uq_counts(info.op_counts(as_unfused=True)) == _n2uq_counts(before.op_counts())
+    assert before.op_counts()["ADD"] == 63 and len(fused) < len(unfused)
+    rows = {r.name: r for r in report.layers}
+    assert rows["layer1_0_conv2"].fused == [
+        "layer1_0_add (ADD) -> layer1_0_rprelu_out (ADD, PRELU, ADD) -> float output -> layer1_1_rprelu1 (ADD, PRELU, "
+        "ADD) -> quantize-and-pack for layer1_1_conv1"]
+    assert rows["layer3_2_conv2"].fused == ["layer3_2_add (ADD) -> layer3_2_rprelu_out (ADD, PRELU, ADD)"]
+    assert rows["layer1_1_conv1"].ops == ["N2UQConv2DFused"]  # its quantizer runs in layer1_0_conv2's op
+    assert rows["layer1_0_conv1"].ops == ["N2UQQuantizePack", "N2UQConv2DFused"]
+    assert rows["layer2_0_conv2"].ops == ["N2UQConv2D"] and not rows["layer2_0_conv2"].fused
+    text = str(report)
+    assert "fused: layer1_0_add (ADD) -> layer1_0_rprelu_out" in text and "fused output stage" in str(info)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4])
+def test_resnet18_style_fused_equals_unfused(bits):
+    model = resnet18_style(bits)
+    unfused, fused, report = _exports(model)
+    _check_parity(model, unfused, fused)
+    info, before = inspect_tflite(fused), inspect_tflite(unfused)
+    assert info.op_counts() == {"CONV_2D": 1, "MAX_POOL_2D": 1, "ADD": 2, "PRELU": 1, "N2UQQuantizePack": 2,
+                                "N2UQConv2DFused": 6, "N2UQConv2D": 1, "MEAN": 1, "FULLY_CONNECTED": 1}
+    assert _n2uq_counts(info.op_counts(as_unfused=True)) == _n2uq_counts(before.op_counts())
+    assert all(layer.activation_bits == bits for layer in info.layers)
+    assert len([r for r in report.lowered if r.fused]) == 6
+
+
+@pytest.mark.slow
+def test_mixed_network_fused_equals_unfused():
+    model = mixed_network()
+    unfused, fused, report = _exports(model)
+    _check_parity(model, unfused, fused)
+    rows = {r.name: r for r in report.layers}
+    assert {name: r.fused for name, r in rows.items() if r.fused} == {
+        "c1": ["c1_act (ADD, PRELU, ADD) -> float output -> quantize-and-pack for c2"],
+        "c2": ["c2_relu6 (RELU6) -> quantize for dw"],
+        "dw": ["dw_leaky (LEAKY_RELU) -> quantize-and-pack for pw"],
+        "pw": ["add_relu (ADD) -> kept_bn (MUL, ADD) -> quantize-and-pack for c3"],
+        "d1": ["d1 (RELU) -> quantize-and-pack for d2"]}
+    assert rows["d1"].ops == ["N2UQQuantizePack", "N2UQFullyConnectedFused"]  # its ReLU runs in the op
+    assert rows["c3"].ops == ["N2UQConv2D"] and rows["d2"].ops == ["N2UQFullyConnected"]
+    stages = {layer.name: layer.fused for layer in inspect_tflite(fused).layers}
+    assert stages == {"c1": "add -> prelu -> add -> float output -> quantize-and-pack 2-bit",
+                      "c2": "relu6 -> quantize 4-bit", "dw": "prelu -> quantize-and-pack 2-bit",
+                      "pw": "add tensor -> relu -> mul -> add -> quantize-and-pack 2-bit", "c3": None,
+                      "d1": "relu -> quantize-and-pack 2-bit", "d2": None}

@@ -529,6 +529,8 @@ def note_fusions(report, fusions, layer_names):
         position = _layer_op_position(row, stage)
         if position is not None:
             row.ops[position] = fusion.fused_op
+        if stage is None and any(scope == row.name for _, scope in fusion.absorbed):
+            row.ops = [op for op in row.ops if not op.startswith("builtin")]  # its activation runs in the op
         if fusion.quantized_for is None:
             continue
         reader, reader_stage = _row_and_stage(rows, layer_names.get((fusion.subgraph, fusion.quantized_for)))
