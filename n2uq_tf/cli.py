@@ -215,6 +215,10 @@ def build_parser():
     export.add_argument("--data-dir", help="TFDS data folder")
     export.add_argument("--calibration-batches", type=_positive_int, default=8,
                         help="batches of 16 images for --int8 calibration (default 8)")
+    export.add_argument("--no-fuse", dest="fuse", action="store_false",
+                        help="keep the float ops between a layer and the next quantizer as separate builtins "
+                             "(default: fused into the layer's op, export format 3; without fused ops a file is "
+                             "format 2)")
     _add_input_arguments(export)
 
     inspect_cmd = commands.add_parser(
@@ -740,7 +744,7 @@ def command_export(args):
         representative = calibration_images
     with atomic_path(output) as tmp:  # a failed export leaves no file and the old one as it was
         _, report = export_tflite(model, tmp, inference_type="int8" if args.int8 else "float",
-                                  representative_dataset=representative, return_report=True)
+                                  representative_dataset=representative, return_report=True, fuse=args.fuse)
     print(report)
     print(f"wrote {output} ({os.path.getsize(output):,} bytes)")
     return 0

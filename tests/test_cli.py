@@ -181,7 +181,13 @@ def test_export_inspect_benchmark(finished_run, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["file_bytes"] == os.path.getsize(tflite_path)
     assert cli.main(["inspect", tflite_path]) == 0
-    assert "N2UQQuantizePack x20" in capsys.readouterr().out
+    out = capsys.readouterr().out  # 18 convs fused with what follows them up to the next quantizer
+    assert "export format 3" in out and "N2UQConv2DFused x18" in out and "N2UQQuantizePack x3" in out
+    unfused_path = str(tmp_path / "unfused.tflite")
+    assert cli.main(["export", student, "-o", unfused_path, "--no-fuse"]) == 0 and "fused:" not in capsys.readouterr().out
+    assert cli.main(["inspect", unfused_path]) == 0
+    out = capsys.readouterr().out
+    assert "export format 2" in out and "N2UQQuantizePack x20" in out and "Fused" not in out
     assert cli.main(["benchmark", tflite_path, "--runs", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "with n2uq delegate" in out and "N2UQConv2D" in out

@@ -31,7 +31,8 @@ def exported(tmp_path_factory):
     qmodel = n2uq_tf.quantize_model(model, bits=2)
     path = str(tmp_path_factory.mktemp("concurrency") / "m.tflite")
     n2uq_tf.export_tflite(qmodel, path)
-    assert {"N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected"} <= set(n2tfl.model_n2uq_ops(path))
+    ops = set(n2tfl.model_n2uq_ops(path))  # (fused ones run the layer op's kernels too)
+    assert {"N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused", "N2UQFullyConnected"} <= ops
     return path
 
 

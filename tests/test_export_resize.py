@@ -75,6 +75,15 @@ def exported():
     return model, free, content
 
 
+@pytest.fixture(scope="module")
+def exported_unfused(exported):
+    """The same model exported without fused output stages (as every file before export format 3)."""
+    model, free, _ = exported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, free, export_tflite(model, fuse=False)
+
+
 def _run(content, x, backend):
     interpreter = n2tfl.Interpreter(model_content=content, backend=backend)
     index = interpreter.get_input_details()[0]["index"]
@@ -95,8 +104,8 @@ def _sizes():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resized_inputs_match_keras(exported, backend):
     model, free, content = exported
-    ops = n2tfl.model_n2uq_ops(model_content=content)
-    assert custom_ops.OP_CONV2D in ops and custom_ops.OP_DEPTHWISE_CONV2D in ops
+    ops = n2tfl.model_n2uq_ops(model_content=content)  # fused ops: resized residuals and codes too
+    assert custom_ops.OP_CONV2D_FUSED in ops and custom_ops.OP_DEPTHWISE_CONV2D_FUSED in ops
     rng = np.random.default_rng(5)
     for h, w in _sizes():
         x = rng.normal(0.3, 1.0, (2, h, w, 3)).astype(np.float32)
@@ -145,8 +154,8 @@ def _as_format_1(content):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_format_1_files_run_at_their_size_and_refuse_ambiguous_sizes(exported, backend):
-    model, free, content = exported
+def test_format_1_files_run_at_their_size_and_refuse_ambiguous_sizes(exported_unfused, backend):
+    model, free, content = exported_unfused
     old = _as_format_1(content)
     rng = np.random.default_rng(8)
     # at the exported size and at sizes where every 'same' padding is what was exported: as Keras

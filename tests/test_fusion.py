@@ -511,3 +511,20 @@ def test_mixed_network_fused_equals_unfused():
                       "c2": "relu6 -> quantize 4-bit", "dw": "prelu -> quantize-and-pack 2-bit",
                       "pw": "add tensor -> relu -> mul -> add -> quantize-and-pack 2-bit", "c3": None,
                       "d1": "relu -> quantize-and-pack 2-bit", "d2": None}
+
+
+def test_format_version_follows_fusion_and_older_readers_refuse_format_3(op_graph, monkeypatch):
+    """A file with fused ops is export format 3; one without stays format 2 (readers of format 2 run
+    it). A reader of format 2 refuses format 3 naming both, instead of misreading the fused ops."""
+    from n2uq_tf.export import converter, inspect as inspect_module
+    from n2uq_tf.export.lowering import ExportReport
+    _, unfused, _, _ = op_graph
+    fused_file = converter._finish(unfused, ExportReport([]), {}, fuse=True)
+    plain_file = converter._finish(unfused, ExportReport([]), {}, fuse=False)
+    assert inspect_tflite(fused_file).metadata["format_version"] == 3
+    assert inspect_tflite(plain_file).metadata["format_version"] == 2
+    assert not set(inspect_tflite(plain_file).op_counts()) & set(co.FUSED_OPS)
+    monkeypatch.setattr(inspect_module, "EXPORT_FORMAT_VERSION", 2)
+    assert inspect_tflite(plain_file).metadata["format_version"] == 2
+    with pytest.raises(ValueError, match="export format 3; this n2uq_tf reads up to format 2. Upgrade"):
+        inspect_tflite(fused_file)
