@@ -10,9 +10,10 @@ restarts a child after it.
 Mutation classes (`CLASSES`): truncations; bit flips anywhere in the file; bit flips in the
 custom options, the packed weight buffers and the shape vectors of N2UQ ops; shape, rank and
 type edits of N2UQ ops' tensors; option edits (every option of every N2UQ op set to
-boundary, out-of-range, float and bool values, removed, and the padding mode changed); op-I/O
-edits (every input slot -> -1, output -> a constant tensor of the same or another shape,
-output aliased to each input); resized inputs (random batch, height, width).
+boundary, out-of-range, float and bool values, removed, and the padding mode changed; the
+fused ops' output-stage options too); op-I/O edits (every input slot -> -1, each output -> a
+constant tensor of the same or another shape, each output aliased to each input); resized inputs
+(random batch, height, width). The base model has every N2UQ op, fused and not.
 
 In tf.lite, files that LiteRT's verifying loader refuses are not run (tf.lite's own loader
 does not verify and crashes on many of them, which is no news about the delegate).
@@ -41,12 +42,12 @@ import native_build
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(ROOT, "tflite_tools", "tflite")
 CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
-N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
+N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected",
+            "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")
+QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")  # the others hold a layer's packed weights (input 1)
 RANDOM_CLASSES = ("truncate", "bitflip_file", "bitflip_options", "bitflip_weights", "bitflip_shape", "shape_edit",
                   "rank_edit", "type_edit")
 CLASSES = RANDOM_CLASSES + ("option_edit", "op_io_edit", "resize")
-INPUT_COUNTS = {"N2UQQuantizePack": 2, "N2UQQuantize": 2, "N2UQConv2D": 4, "N2UQDepthwiseConv2D": 4,
-                "N2UQFullyConnected": 4}
 
 Mutant = collections.namedtuple("Mutant", "cls label content resize")
 
@@ -91,8 +92,11 @@ def sanitizer_env():
 # ------------------------------------------------------------------ the base model
 
 def base_model():
-    """An exported 2-bit model with every N2UQ op: 'same' conv with stride 2, explicit-pad conv,
-    'same' depthwise with dilation 2 and multiplier 2, dense (the .tflite bytes)."""
+    """An exported 2-bit model with every N2UQ op (the .tflite bytes): 'same' convs with stride 2 whose
+    sum goes through ReLU (one fused with the residual add and the ReLU, writing the byte codes of a
+    'same' depthwise with dilation 2 and multiplier 2, the other plain); that depthwise fused with
+    ReLU6 and the packing for an explicit-pad conv (plain: pooled); dense -> ReLU -> dense (fused,
+    plain); a depthwise on the input (plain byte-code quantizer, plain depthwise)."""
     import n2uq_tf
     from n2uq_tf._keras import keras
     from n2uq_tf.export import export_tflite
@@ -100,12 +104,17 @@ def base_model():
     L = keras.layers
     keras.utils.set_random_seed(11)
     inp = keras.Input((9, 9, 3))
-    x = L.Conv2D(8, 3, strides=2, padding="same", name="conv_same")(inp)
-    x = PaddedConv2D(8, 3, explicit_padding=((1, 1), (0, 1)), name="conv_explicit")(x)
+    a = L.Conv2D(8, 3, strides=2, padding="same", name="conv_same")(inp)
+    b = L.Conv2D(8, 1, strides=2, padding="same", name="conv_skip")(inp)
+    x = L.ReLU(name="relu")(L.Add(name="add")([a, b]))
     x = L.DepthwiseConv2D(3, padding="same", dilation_rate=2, depth_multiplier=2, name="dw")(x)
+    x = L.ReLU(6.0, name="relu6")(x)
+    x = PaddedConv2D(8, 3, explicit_padding=((1, 1), (0, 1)), name="conv_explicit")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(6, activation="relu", name="fc1")(x)
     x = L.Dense(5, name="fc")(x)
-    model = n2uq_tf.quantize_model(keras.Model(inp, x), bits=2, skip_layers=None)
+    side = L.GlobalAveragePooling2D(name="side_gap")(L.DepthwiseConv2D(3, name="dw_input")(inp))
+    model = n2uq_tf.quantize_model(keras.Model(inp, [x, side]), bits=2, skip_layers=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_tflite(model)
@@ -155,7 +164,7 @@ def _random_mutant(cls, rng, base):
         op.customOptions = list(_flip_bits(bytes(bytearray(op.customOptions)), rng, count))
         label = f"{name}: {count} bits of its options"
     elif cls == "bitflip_weights":
-        layer_ops = [(n, o) for n, o in ops if INPUT_COUNTS[n] == 4]
+        layer_ops = [(n, o) for n, o in ops if n not in QUANTIZE_OPS]
         name, op = layer_ops[int(rng.integers(0, len(layer_ops)))]
         buffer = model.buffers[graph.tensors[int(op.inputs[1])].buffer]
         count = int(rng.integers(1, 9))
@@ -240,17 +249,19 @@ def apply_option_edit(base, position, changes):
     return _write(model)
 
 
-def op_io_edits(base):
-    """For the first op of every N2UQ op type: each input slot -> -1, every input slot -> -1,
-    output -> a new constant tensor of its own shape and of another shape, output aliased to each
-    input. [(op name, label, content)]."""
+def op_io_edits(base, names=None):
+    """For the first op of each N2UQ op type in `names` (default: every one, all required): each input
+    slot -> -1, every input slot -> -1, each output -> a new constant tensor of its own shape and of
+    another shape, each output aliased to each input. [(op name, label, content)]."""
     from tensorflow.lite.python import schema_py_generated as schema
     item_bytes = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 9: 1}
     model = _read(base)
     firsts = {}
     for position, (name, _op) in enumerate(_n2uq_ops(model)):
         firsts.setdefault(name, position)
-    assert set(firsts) == set(N2UQ_OPS), f"the base model lacks {set(N2UQ_OPS) - set(firsts)}"
+    if names is None:
+        assert set(firsts) == set(N2UQ_OPS), f"the base model lacks {set(N2UQ_OPS) - set(firsts)}"
+        names = N2UQ_OPS
     out = []
 
     def edited(position, edit):
@@ -260,9 +271,9 @@ def op_io_edits(base):
         edit(model, graph, op)
         return _write(model)
 
-    def to_constant(shape_of):
+    def to_constant(slot, shape_of):
         def edit(model, graph, op):
-            tensor = graph.tensors[int(op.outputs[0])]
+            tensor = graph.tensors[int(op.outputs[slot])]
             shape = shape_of([int(d) for d in tensor.shape])
             constant = schema.TensorT()
             constant.shape, constant.type, constant.name = np.array(shape, np.int32), tensor.type, "constant"
@@ -271,8 +282,9 @@ def op_io_edits(base):
             model.buffers.append(buffer)
             constant.buffer = len(model.buffers) - 1
             graph.tensors.append(constant)
-            old = int(op.outputs[0])
-            op.outputs = np.array([len(graph.tensors) - 1], np.int32)
+            old = int(op.outputs[slot])
+            op.outputs = np.array([len(graph.tensors) - 1 if i == slot else v for i, v in enumerate(op.outputs)],
+                                  np.int32)
             # Later ops read the constant now (as a model whose output was made constant would).
             for other in graph.operators:
                 if other is not op and other.inputs is not None:
@@ -280,20 +292,26 @@ def op_io_edits(base):
             graph.outputs = np.where(graph.outputs == old, len(graph.tensors) - 1, graph.outputs).astype(np.int32)
         return edit
 
-    for name in N2UQ_OPS:
+    for name in names:
         position = firsts[name]
-        for slot in range(INPUT_COUNTS[name]):
+        _, op = _n2uq_ops(model)[position]
+        inputs, outputs = len(op.inputs), len(op.outputs)
+        for slot in range(inputs):
             def edit(model, graph, op, slot=slot):
                 op.inputs = np.array([-1 if i == slot else v for i, v in enumerate(op.inputs)], np.int32)
             out.append((name, f"input {slot} -> -1", edited(position, edit)))
         out.append((name, "every input -> -1", edited(
             position, lambda m, g, op: setattr(op, "inputs", np.full(len(op.inputs), -1, np.int32)))))
-        out.append((name, "output -> a constant of its shape", edited(position, to_constant(lambda s: s))))
-        out.append((name, "output -> a constant of another shape", edited(position, to_constant(lambda s: [2, 3]))))
-        for slot in range(INPUT_COUNTS[name]):
-            def edit(model, graph, op, slot=slot):
-                op.outputs = np.array([op.inputs[slot]], np.int32)
-            out.append((name, f"output aliased to input {slot}", edited(position, edit)))
+        for o in range(outputs):
+            which = "output" if outputs == 1 else f"output {o}"
+            out.append((name, f"{which} -> a constant of its shape", edited(position, to_constant(o, lambda s: s))))
+            out.append((name, f"{which} -> a constant of another shape",
+                        edited(position, to_constant(o, lambda s: [2, 3]))))
+            for slot in range(inputs):
+                def edit(model, graph, op, slot=slot, o=o):
+                    op.outputs = np.array([op.inputs[slot] if i == o else v for i, v in enumerate(op.outputs)],
+                                          np.int32)
+                out.append((name, f"{which} aliased to input {slot}", edited(position, edit)))
     return out
 
 

@@ -109,6 +109,49 @@ class ModelB(tf.Module):
         return y1, d1, d2, f1, f2, d3
 
 
+class ModelF(tf.Module):
+    """The fused ops (custom_ops "Fused output stages") from their reference bodies: a conv whose stage
+    takes a per-channel add, a PReLU, the float output, a residual add and ReLU6, then packs 3-bit codes
+    (70 channels: a partial second word); a strided, dilated conv writing byte codes only; a depthwise
+    with multiplier whose stage ends in a float output; an FC packing 1-bit codes for an FC that
+    outputs floats only. Codes and packed outputs are graph outputs too."""
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 7, 6, 5], tf.float32)])
+    def f(self, x):
+        rng = np.random.default_rng(4)
+        vector = lambda n, low=-1.0, high=1.0: tf.constant(rng.uniform(low, high, n).astype(np.float32))  # noqa: E731
+
+        def layer_inputs(count, cout, wb):
+            return (tf.constant(co.pack_weight_codes(rng.integers(0, 2 ** wb, count), wb)), vector(cout, 0.01, 0.2),
+                    vector(cout))
+
+        packed = co.quantize_pack_fn(2, 5, 0.9)(x, tf.constant(thresholds(rng, 2)))
+        conv1 = co.conv2d_fused_fn(in_channels=5, out_channels=70, kernel_size=(3, 3), strides=(1, 1),
+                                   dilations=(1, 1), paddings=co.SAME, act_bits=2, weight_bits=2,
+                                   steps=["add", "prelu", "add_tensor", "relu6"], float_output=2, quantize="pack",
+                                   quantize_bits=3, quantize_beta1=1.1)
+        residual = tf.tile(x[..., :1], [1, 1, 1, 70]) * 0.5
+        h, p1 = conv1(packed, *layer_inputs(70 * 9 * 5, 70, 2), vector(70), vector(70, 0.05, 0.5), residual,
+                      tf.constant(thresholds(rng, 3)))
+        conv2 = co.conv2d_fused_fn(in_channels=70, out_channels=9, kernel_size=(2, 3), strides=(2, 1),
+                                   dilations=(1, 2), paddings=((1, 0), (1, 1)), act_bits=3, weight_bits=1,
+                                   quantize="codes", quantize_bits=4, quantize_beta1=1.0)
+        codes = conv2(p1, *layer_inputs(9 * 6 * 70, 9, 1), tf.constant(thresholds(rng, 4)))
+        dw = co.depthwise_conv2d_fused_fn(in_channels=9, depth_multiplier=2, kernel_size=(3, 3), strides=(1, 1),
+                                          dilations=(1, 1), paddings=co.SAME, act_bits=4, weight_bits=2,
+                                          steps=["mul", "add", "relu"], float_output=3)
+        d = dw(codes, *layer_inputs(9 * 18, 18, 2), vector(18, 0.5, 1.5), vector(18))
+        flat = tf.reshape(d, [2, -1])
+        features = int(flat.shape[-1])
+        p_fc = co.quantize_pack_fn(2, features, 1.0)(flat * 0.1, tf.constant(thresholds(rng, 2)))
+        fc1 = co.fully_connected_fused_fn(in_features=features, out_features=65, act_bits=2, weight_bits=3,
+                                          steps=["prelu"], quantize="pack", quantize_bits=1, quantize_beta1=0.8)
+        q = fc1(p_fc, *layer_inputs(65 * features, 65, 3), vector(65, -0.5, 0.5), tf.constant(thresholds(rng, 1)))
+        fc2 = co.fully_connected_fused_fn(in_features=65, out_features=7, act_bits=1, weight_bits=2,
+                                          steps=["relu_n1_to_1"], float_output=1)
+        return h, codes, d, q, fc2(q, *layer_inputs(7 * 65, 7, 2))
+
+
 def convert(module):
     converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
     converter.allow_custom_ops = True
@@ -124,6 +167,13 @@ def models():
         reference = [np.asarray(r) for r in module.f(tf.constant(x))]
         out[name] = (convert(module), x, reference)
     return out
+
+
+@pytest.fixture(scope="module")
+def fused_model():
+    module = ModelF()
+    x = np.random.default_rng(8).normal(0.5, 0.8, module.f.input_signature[0].shape).astype(np.float32)
+    return convert(module), x, [np.asarray(r) for r in module.f(tf.constant(x))]
 
 
 def run(content, x, backend, threads, **options):
@@ -167,6 +217,20 @@ def test_outputs_equal_tf_reference_bit_for_bit(models, name, backend):
         assert_same_outputs(results[threads], reference)
     for a, b in zip(results[1], results[2]):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_ops_equal_tf_reference_bit_for_bit(fused_model, backend):
+    """The fused ops' float outputs, byte codes and packed codes equal their reference bodies on every
+    ISA, 1 and 2 threads."""
+    content, x, reference = fused_model
+    assert set(n2tfl.model_n2uq_ops(model_content=content)) == {
+        "N2UQQuantizePack", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused"}
+    assert [r.dtype for r in reference] == [np.float32, np.uint8, np.float32, np.int64, np.float32]
+    assert all(len(np.unique(r)) > 2 for r in reference)
+    for isa in _core.supported_isas():
+        for threads in (1, 2):
+            assert_same_outputs(run(content, x, backend, threads, isa=isa), reference)
 
 
 def test_isa_option_and_thread_override(models):
