@@ -462,7 +462,8 @@ def test_malformed_models_report_errors_without_crashing(models, sanitized, back
         content = models["A" if op_name in ("N2UQConv2D", "N2UQQuantizePack") else "B"][0]
         mutants.append(delegate_fuzz.Mutant("malformed", case, _edit(content, op_name, edit), None))
         expected.append(message)
-    for op_name, label, content in delegate_fuzz.op_io_edits(models["B"][0]):
+    for op_name, label, content in delegate_fuzz.op_io_edits(models["B"][0], names=co.LAYER_OPS + (
+            co.OP_QUANTIZE_PACK, co.OP_QUANTIZE)):
         mutants.append(delegate_fuzz.Mutant("op_io_edit", f"{op_name}: {label}", content, None))
         expected.append(re.compile(rf"{op_name} \(node \d+\): "))
     assert len(mutants) == len(MALFORMED) + 2 * 7 + 3 * 11  # 7 edits of a 2-input op, 11 of a 4-input op
@@ -472,6 +473,93 @@ def test_malformed_models_report_errors_without_crashing(models, sanitized, back
         assert outcome == "error", f"{mutant.label} ({backend}): {outcome}\n{detail[-3000:]}"
         found = message.search(detail) if isinstance(message, re.Pattern) else message in detail
         assert found, f"{mutant.label} ({backend}): {detail}"
+
+
+def _edit_nth(content, op_name, n, edit):
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    graph = model.subgraphs[0]
+    op = [o for o in graph.operators if model.operatorCodes[o.opcodeIndex].customCode == op_name.encode()][n]
+    edit(model, graph, op)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _set_type(slot, output=False, type_id=0):
+    def edit(m, g, op):
+        g.tensors[int((op.outputs if output else op.inputs)[slot])].type = type_id
+    return edit
+
+
+def _set_input(slot, tensor_of):
+    def edit(m, g, op):
+        op.inputs = np.array([tensor_of(g) if i == slot else v for i, v in enumerate(op.inputs)], np.int32)
+    return edit
+
+
+# ModelF's fused ops (the nth of a name): conv1 = (N2UQConv2DFused, 0) with inputs packed, weights,
+# multiplier, bias, add values, PReLU slopes, residual, thresholds and outputs float, packed; conv2 =
+# (N2UQConv2DFused, 1): packed, weights, multiplier, bias, thresholds -> byte codes; the depthwise:
+# codes, weights, multiplier, bias, mul values, add values -> float; fc1 -> packed; fc2 -> float.
+CONV1, CONV2 = ("N2UQConv2DFused", 0), ("N2UQConv2DFused", 1)
+DW, FC1, FC2 = ("N2UQDepthwiseConv2DFused", 0), ("N2UQFullyConnectedFused", 0), ("N2UQFullyConnectedFused", 1)
+MALFORMED_FUSED = {
+    "steps out of range": (CONV1, lambda m, g, op: _options(op, steps=17), "option 'steps' = 17 is out of range"),
+    "step kind 0": (CONV1, lambda m, g, op: _options(op, step_0=0), "option 'step_0' = 0 is out of range"),
+    "step kind 8": (DW, lambda m, g, op: _options(op, step_2=8), "option 'step_2' = 8 is out of range"),
+    "a step missing": (CONV1, lambda m, g, op: _options(op, step_3=None), "missing option 'step_3'"),
+    "quantize mode 3": (CONV1, lambda m, g, op: _options(op, quantize=3), "option 'quantize' = 3 is out of range"),
+    "quantize_bits missing": (CONV2, lambda m, g, op: _options(op, quantize_bits=None),
+                              "missing option 'quantize_bits'"),
+    "quantize_bits 5": (FC1, lambda m, g, op: _options(op, quantize_bits=5), "option 'quantize_bits' = 5"),
+    "quantize_beta1 not a number": (CONV1, lambda m, g, op: _options(op, quantize_beta1="x"),
+                                    "option 'quantize_beta1' must be a number"),
+    "quantize_beta1 infinite": (FC1, lambda m, g, op: _options(op, quantize_beta1=float("inf")),
+                                "option 'quantize_beta1' is not finite"),
+    "float_output beyond the steps": (CONV1, lambda m, g, op: _options(op, float_output=5),
+                                      "option 'float_output' = 5 is out of range"),
+    "no output at all": (CONV2, lambda m, g, op: _options(op, quantize=0), "needs float_output = steps (0)"),
+    "no quantizer, float output mid-chain": (DW, lambda m, g, op: _options(op, float_output=1),
+                                             "needs float_output = steps (3)"),
+    "steps that take fewer inputs": (CONV1, lambda m, g, op: _options(op, step_2=5),
+                                     "expects 7 inputs and 2 outputs, got 8 and 2"),
+    "a float output the op lacks": (CONV2, lambda m, g, op: _options(op, float_output=0),
+                                    "expects 5 inputs and 2 outputs, got 5 and 1"),
+    "one step more than inputs": (FC2, lambda m, g, op: _options(op, steps=2, step_1=2, float_output=2),
+                                  "expects 5 inputs and 1 output, got 4 and 1"),
+    "residual of another shape": (CONV1, _set_input(6, lambda g: int(g.inputs[0])),
+                                  "step 2 residual has shape [2, 7, 6, 5] but the layer's output has [2, 7, 6, 70]"),
+    "residual of another type": (CONV1, _set_input(6, lambda g: int(g.operators[0].outputs[0])),
+                                 "step 2 residual (tensor"),
+    "per-channel values too short": (CONV1, lambda m, g, op: _set_buffer(
+        m, g, op.inputs[4], np.ones(69, np.float32).tobytes(), [69]), "step 0 values has shape [69] but needs 70"),
+    "per-channel values of another type": (DW, _set_type(4, type_id=2), "must be float32"),
+    "thresholds of another count": (CONV2, lambda m, g, op: _set_buffer(
+        m, g, op.inputs[4], np.arange(3, dtype=np.float32).tobytes(), [3]), "thresholds has shape [3] but needs 15"),
+    "codes output of another type": (CONV2, _set_type(0, output=True, type_id=4), "must be uint8"),
+    "packed output of another type": (CONV1, _set_type(1, output=True, type_id=0), "must be int64"),
+    "float output of another type": (FC2, _set_type(0, output=True, type_id=2), "must be float32"),
+}
+
+
+def test_malformed_fused_ops_report_errors_without_crashing(fused_model, sanitized, tmp_path):
+    """Each malformed fused op (its stage options, its stage inputs and outputs) and every op-I/O edit
+    of each fused op type gets our error in a child running the sanitized plugin (ai_edge_litert;
+    the kernels are the same under tf.lite): never a crash or a sanitizer report."""
+    content = fused_model[0]
+    mutants, expected = [], []
+    for case, ((op_name, nth), edit, message) in MALFORMED_FUSED.items():
+        mutants.append(delegate_fuzz.Mutant("malformed", case, _edit_nth(content, op_name, nth, edit), None))
+        expected.append(message)
+    for op_name, label, edited in delegate_fuzz.op_io_edits(content, names=tuple(co.FUSED_OPS)):
+        mutants.append(delegate_fuzz.Mutant("op_io_edit", f"{op_name}: {label}", edited, None))
+        expected.append(re.compile(rf"{op_name} \(node \d+\): "))
+    # conv1: 8 inputs, 2 outputs; the depthwise and fc1: 6 inputs, 1 output
+    assert len(mutants) == len(MALFORMED_FUSED) + (8 + 1 + 2 * (2 + 8)) + 2 * (6 + 1 + 2 + 6)
+    plugin, env = sanitized
+    results = delegate_fuzz.run_mutants(mutants, "litert", plugin, env, str(tmp_path))
+    for (mutant, outcome, detail), message in zip(results, expected):
+        assert outcome == "error", f"{mutant.label}: {outcome}\n{detail[-3000:]}"
+        found = message.search(detail) if isinstance(message, re.Pattern) else message in detail
+        assert found, f"{mutant.label}: {detail}"
 
 
 # ------------------------------------------------------------------ sanitizers
