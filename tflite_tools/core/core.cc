@@ -898,6 +898,7 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 constexpr int kMinRounds = 5;
 constexpr int kMaxRounds = 15;
 constexpr double kBudgetSeconds = 0.05;
+constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, output) of the timing runs
 
 struct SelectionKey {
   int32_t fields[17];
@@ -952,20 +953,31 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
   }
   if (candidates.size() == 1)
     return make_plan(s, weights, z.weights, isa, candidates[0], num_threads, out, err, err_len);
+  // The timing runs on one image of the batch when the whole batch's buffers would exceed
+  // kCalibrationBytes (plans serve any batch); on a shape even one image of which exceeds it (a
+  // corrupt file's, say), nothing is timed and the first candidate kept, allocating nothing big.
+  N2uqConvShape timed = s;
+  ConvSizes tz = z;
+  auto too_big = [](const ConvSizes& c) { return c.input > kCalibrationBytes / 8 || c.out > kCalibrationBytes / 4; };
+  if (too_big(tz) && s.batch > 1) {
+    timed.batch = 1;
+    if (int rc = check_conv(&timed, &tz, err, err_len)) return rc;
+  }
+  if (too_big(tz)) return make_plan(s, weights, z.weights, isa, candidates[0], num_threads, out, err, err_len);
   std::vector<std::unique_ptr<N2uqConvPlan>> plans(candidates.size());
   for (size_t i = 0; i < candidates.size(); ++i)
     if (int rc = make_plan(s, weights, z.weights, isa, candidates[i], num_threads, &plans[i], err, err_len))
       return rc;
-  const std::vector<uint64_t> input = calibration_input(z.input);
-  std::vector<int32_t> output(size_t(z.out));
+  const std::vector<uint64_t> input = calibration_input(tz.input);
+  std::vector<int32_t> output(size_t(tz.out));
   std::vector<double> best(candidates.size(), 1e30);
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   for (int round = 0; round <= kMaxRounds; ++round) {
     for (size_t i = 0; i < candidates.size(); ++i) {
       const auto t0 = clock::now();
-      if (int rc = run_plan(*plans[i], &s, z.g, input.data(), nullptr, nullptr, nullptr, output.data(), num_threads,
-                            err, err_len))
+      if (int rc = run_plan(*plans[i], &timed, tz.g, input.data(), nullptr, nullptr, nullptr, output.data(),
+                            num_threads, err, err_len))
         return rc;
       const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
       if (round > 0 && seconds < best[i]) best[i] = seconds;  // round 0 warms up
