@@ -51,10 +51,22 @@ static const char* kConvOptions =
     "745f62697473000eaaa293857a6d61554b433a33261a0e010e020101050303030101010101010204040404040404040404040404041c"
     "2401";
 
+// N2UQConv2DFused: the conv above with an output stage PRELU (step 0), ADD of a residual (step 1),
+// the float output after step 1, then quantize-and-pack (2 bits, beta1 0.75); written by flexbuffers.Dumps.
+static const char* kFusedOptions =
+    "6163745f626974730064696c6174696f6e5f6865696768740064696c6174696f6e5f776964746800696e5f6368616e6e656c73006b65"
+    "726e656c5f686569676874006b65726e656c5f7769647468006f75745f6368616e6e656c73007061645f626f74746f6d007061645f6c"
+    "656674007061645f7269676874007061645f746f70007374726964655f686569676874007374726964655f7769647468007765696768"
+    "745f6269747300737465707300737465705f3000737465705f3100666c6f61745f6f7574707574007175616e74697a65007175616e74"
+    "697a655f62697473007175616e74697a655f62657461310015f1e9da37cdc2b5a99d938b82331d2c514b598174680000170000000100"
+    "000015000000020000000100000001000000010000000500000003000000030000000300000001000000010000000100000001000000"
+    "010000000000403f02000000030000000400000002000000010000000100000002000000060606060606060606060606060e06060606"
+    "060606692601";
+
 static void TestFlexBuffers(int iterations) {
   n2uq::FlexOptions o;
   std::string err;
-  std::vector<uint8_t> pack = Hex(kPackOptions), conv = Hex(kConvOptions);
+  std::vector<uint8_t> pack = Hex(kPackOptions), conv = Hex(kConvOptions), fused = Hex(kFusedOptions);
   CHECK(o.Parse(pack.data(), pack.size(), &err), "pack options: %s", err.c_str());
   int64_t v = 0;
   double f = 0;
@@ -64,9 +76,11 @@ static void TestFlexBuffers(int iterations) {
   CHECK(!o.GetInt("missing", 0, 1, &v, &err) && err.find("missing option") != std::string::npos, "missing");
   CHECK(!o.GetInt("bits", 3, 4, &v, &err) && err.find("out of range") != std::string::npos, "range");
   CHECK(o.Parse(conv.data(), conv.size(), &err) && o.entries().size() == 14, "conv options: %s", err.c_str());
+  CHECK(o.Parse(fused.data(), fused.size(), &err) && o.entries().size() == 21, "fused options: %s", err.c_str());
+  CHECK(o.GetInt("step_1", 1, 7, &v, &err) && v == 4 && o.GetFloat("quantize_beta1", &f, &err) && f == 0.75, "stage");
   CHECK(!o.Parse(nullptr, 0, &err), "empty buffer");
   std::mt19937_64 rng(1234);
-  for (const std::vector<uint8_t>* base : {&pack, &conv}) {
+  for (const std::vector<uint8_t>* base : {&pack, &conv, &fused}) {
     for (size_t n = 0; n < base->size(); ++n) {  // every prefix and suffix, in exact-size heap copies
       std::vector<uint8_t> a(base->begin(), base->begin() + n), b(base->end() - n, base->end());
       o.Parse(a.empty() ? nullptr : a.data(), a.size(), &err);
@@ -283,6 +297,122 @@ static int RunConv(Mutation m, std::string* error, bool delegate_path, const cha
   return status;
 }
 
+enum FusedMutation { kFusedNone, kShortResidual, kResidualBytes, kShortSlopes, kShortThresholds, kPackedAsFloat,
+                     kFloatAliasedToResidual, kOutputsAliased, kConstantCodes, kStepsWithoutInputs, kNoQuantizer,
+                     kNumFusedMutations };
+
+// One N2UQConv2DFused run (kFusedOptions) through the op-resolver registration or the delegate; returns the
+// status and the error text. A valid run also checks what it wrote: the packed codes' unused bits are 0 and
+// the float output was written.
+static int RunFused(FusedMutation m, std::string* error, bool delegate_path, const char* kernel_path = "auto") {
+  FakeInterpreter f;
+  Init(&f);
+  int in = AddTensor(&f, kN2uqTfLiteInt64, {1, 6, 6, 2, 1}, "packed");
+  int w = AddTensor(&f, kN2uqTfLiteUInt8, {34}, "weights");
+  int mult = AddTensor(&f, kN2uqTfLiteFloat32, {3}, "multiplier");
+  int bias = AddTensor(&f, kN2uqTfLiteFloat32, {3}, "bias");
+  int slopes = AddTensor(&f, kN2uqTfLiteFloat32, {m == kShortSlopes ? 2 : 3}, "slopes");
+  int residual = AddTensor(&f, kN2uqTfLiteFloat32, {1, 6, m == kShortResidual ? 5 : 6, 3}, "residual");
+  int thresholds = AddTensor(&f, kN2uqTfLiteFloat32, {m == kShortThresholds ? 2 : 3}, "thresholds");
+  int out_float = AddTensor(&f, kN2uqTfLiteFloat32, {1, 6, 6, 3}, "float");
+  int out_codes = AddTensor(&f, m == kPackedAsFloat ? kN2uqTfLiteFloat32 : kN2uqTfLiteInt64, {1, 6, 6, 2, 1}, "codes");
+  Finalize(&f);
+  if (m == kResidualBytes) f.tensors[residual].bytes -= 4;
+  if (m == kConstantCodes) f.tensors[out_codes].allocation_type = kN2uqTfLiteMmapRo;
+  for (size_t i = 0; i < f.storage[w].size(); ++i) f.storage[w][i] = uint8_t(i * 37 + 11);
+  memset(f.storage[in].data(), 0x5A, f.storage[in].size());
+  for (int i = 0; i < 3; ++i) {
+    reinterpret_cast<float*>(f.storage[mult].data())[i] = 0.25f;
+    reinterpret_cast<float*>(f.storage[bias].data())[i] = 0.5f - float(i);
+  }
+  for (size_t i = 0; i < f.storage[slopes].size() / 4; ++i) reinterpret_cast<float*>(f.storage[slopes].data())[i] = 0.1f;
+  for (size_t i = 0; i < f.storage[residual].size() / 4; ++i)
+    reinterpret_cast<float*>(f.storage[residual].data())[i] = float(int(i % 7) - 3) * 0.5f;
+  const float t[3] = {-0.5f, 0.25f, 1.0f};
+  memcpy(f.storage[thresholds].data(), t, f.storage[thresholds].size() < sizeof(t) ? f.storage[thresholds].size()
+                                                                                   : sizeof(t));
+  std::vector<uint8_t> options = Hex(kFusedOptions);
+  std::vector<int> ins = {in, w, mult, bias, slopes, residual, thresholds};
+  std::vector<int> outs = {m == kFloatAliasedToResidual ? residual : out_float, m == kOutputsAliased ? out_float
+                                                                                                     : out_codes};
+  if (m == kStepsWithoutInputs) ins.erase(ins.begin() + 4);  // the stage's PReLU has no slopes
+  if (m == kNoQuantizer) outs.pop_back();                      // no codes output for the quantizer
+  int status;
+  const char* name = "N2UQConv2DFused";
+  if (!delegate_path) {
+    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);
+    N2uqTfLiteNode node = {};
+    node.inputs = NewArray(ins);
+    node.outputs = NewArray(outs);
+    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
+    status = reg->prepare(&f.ctx, &node);
+    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
+    reg->free(&f.ctx, node.user_data);
+    free(node.inputs);
+    free(node.outputs);
+  } else {
+    f.plan = NewArray({0});
+    f.inputs = NewArray(ins);
+    f.outputs = NewArray(outs);
+    memset(&f.node, 0, sizeof(f.node));
+    f.node.inputs = f.inputs;
+    f.node.outputs = f.outputs;
+    f.node.custom_initial_data = options.data();
+    f.node.custom_initial_data_size = int(options.size());
+    memset(&f.node_reg, 0, sizeof(f.node_reg));
+    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
+    f.node_reg.custom_name = name;
+    char err[256];
+    const char* keys[] = {"num_threads", "path"};
+    const char* values_[] = {"2", kernel_path};
+    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values_, 2, err, sizeof(err));
+    status = d->Prepare(&f.ctx, d);
+    if (status == kN2uqTfLiteOk) status = f.replaced_status;
+    n2uq_delegate_delete(d);
+  }
+  if (status == kN2uqTfLiteOk) {
+    const uint64_t* codes = reinterpret_cast<const uint64_t*>(f.storage[out_codes].data());
+    for (size_t i = 0; i < f.storage[out_codes].size() / 8; ++i)
+      CHECK((codes[i] >> 3) == 0, "packed word %zu has bits above channel 3: %llx", i, (unsigned long long)codes[i]);
+    const float* y = reinterpret_cast<const float*>(f.storage[out_float].data());
+    bool written = true;
+    for (size_t i = 0; i < f.storage[out_float].size() / 4; ++i) written = written && y[i] == y[i] && y[i] > -100.0f;
+    CHECK(written, "the float output was not written");
+  }
+  *error = f.last_error;
+  Release(&f);
+  return status;
+}
+
+static void TestFusedKernels() {
+  static const char* const expected[kNumFusedMutations] = {
+      "", "step 1 residual has shape [1, 6, 5, 3] but the layer's output has [1, 6, 6, 3]", "bytes but its shape",
+      "step 0 values has shape [2] but needs 3 elements", "thresholds has shape [2] but needs 3 elements",
+      "must be int64", "is also input 5 of the op", "is also output 1 of the op", "is a constant tensor",
+      "expects 7 inputs and 2 outputs, got 6 and 2", "expects 7 inputs and 2 outputs, got 7 and 1"};
+  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut"};
+  for (int path = 0; path < 2; ++path) {
+    for (int m = 0; m < kNumFusedMutations; ++m) {
+      std::string error;
+      const int status = RunFused(FusedMutation(m), &error, path == 1);
+      if (m == kFusedNone) {
+        CHECK(status == kN2uqTfLiteOk, "valid fused conv failed (path %d): %s", path, error.c_str());
+      } else {
+        CHECK(status != kN2uqTfLiteOk, "fused mutation %d accepted (path %d)", m, path);
+        CHECK(error.find(expected[m]) != std::string::npos && error.find("N2UQConv2DFused") != std::string::npos,
+              "fused mutation %d (path %d): unexpected message '%s'", m, path, error.c_str());
+      }
+    }
+  }
+  const int isa = n2uq_resolve_isa(N2UQ_ISA_AUTO, nullptr, 0);
+  for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path) {
+    if (isa < 0 || !n2uq_path_supported(isa, path)) continue;  // every path the delegate's default ISA runs
+    std::string error;
+    CHECK(RunFused(kFusedNone, &error, true, kPaths[path]) == kN2uqTfLiteOk, "valid fused conv failed (path %s): %s",
+          kPaths[path], error.c_str());
+  }
+}
+
 static void TestKernels() {
   static const char* const expected[kNumMutations] = {
       "", "weight bitstream", "weight bitstream", "input shape", "must be int64", "out of range",
@@ -336,6 +466,7 @@ int main(int argc, char** argv) {
   const int iterations = argc > 1 ? atoi(argv[1]) : 2000;
   TestFlexBuffers(iterations);
   TestKernels();
+  TestFusedKernels();
   if (failures) {
     printf("selftest: %d failure(s)\n", failures);
     return 1;
