@@ -19,17 +19,20 @@ Three parts, all in one run by default (each can be skipped):
    / our time. With --lce-python, W1A1 is also compared with Larq Compute Engine's binary
    conv (benchmarks/lce_layers.py, run by that Python: LCE pins numpy < 2).
 2. End to end (--skip-end-to-end): ResNet-18 at 224x224x3, batch 1, in the stock interpreter:
-   ours (`n2uq_tf.models.resnet18(bits=b)` exported with `export_tflite`, float builtins for
-   stem/fc/PReLU/adds, N2UQ ops run by our delegate; with --e2e-int8-bits also
+   ours (`n2uq_tf.models.resnet18(bits=b)` exported with `export_tflite`: the float ops between a
+   conv and the next quantizer (RPReLU, residual adds) fused into the conv's output stage, float
+   builtins for the stem, the first block's RPReLU, pool and fc, N2UQ ops run by our delegate;
+   with --e2e-unfused-bits also exported with fuse=False, with --e2e-int8-bits also
    inference_type="int8"), against the float twin `resnet18()` converted to TFLite int8
    (full-integer post-training quantization, float input/output) and float32, and against
    the standard ReLU ResNet-18 (the network a TFLite user would otherwise ship; TFLite runs
    the RPReLU twin's PReLUs through QUANTIZE/DEQUANTIZE) in full-integer int8 and float32,
    all on the interpreter's default XNNPACK. Random weights (latency does not depend on values), with
    randomized BN statistics and quantizer parameters so the activation codes are spread over
-   the levels. The delegate's per-kernel profile splits our time into N2UQ conv, N2UQ
-   quantize-and-pack and the rest (builtins + interpreter). A sanity line compares each
-   exported model's output with Keras on one image.
+   the levels. The delegate's per-kernel profile splits our time into N2UQ conv (with its fused
+   output stage), N2UQ quantize-and-pack and the rest (builtins + interpreter). Sanity lines
+   compare each exported model's output with Keras on one image, each N2UQ conv of the unfused
+   export with its Keras layer, and the fused export with the unfused one (bit for bit).
 3. File sizes (--skip-sizes): file bytes, packed N2UQ weight bytes and the remaining buffers
    (`inspect_tflite`) per exported model, file / (packed + remainder) vs the 1.10 target, and
    the float twin's float32 and int8 .tflite sizes.
@@ -67,7 +70,9 @@ from n2uq_tf.tflite import _core  # noqa: E402
 SHAPES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # (spatial, channels), 3x3, stride 1, pad 1
 E2E_INPUT = (224, 224, 3)
 SIZE_TARGET = 1.10
-N2UQ_CONV_OPS = ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected")
+N2UQ_CONV_OPS = ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected", "N2UQConv2DFused",
+                 "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")  # fused: the layer + its output stage
+N2UQ_FUSED_OPS = N2UQ_CONV_OPS[3:]
 N2UQ_QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")
 
 
@@ -537,6 +542,10 @@ def layer_check(quantized, path, probe, label):
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], probe)
     interpreter.invoke()
     ops = inspect_tflite(path).operators
+    fused = sorted({op.name for op in ops if op.name in N2UQ_FUSED_OPS})
+    if fused:  # a fused conv's outputs are its stage's, not the layer's: nothing to hold against Keras
+        raise ValueError(f"layer_check reads files without fused ops (export_tflite(fuse=False)); {path} has "
+                         f"{', '.join(fused)}")
     producer_input = {op.outputs[0]: op.inputs[0] for op in ops if op.name in N2UQ_QUANTIZE_OPS}
     names = {layer.name for layer in quantized.layers}
     isolated, chained, first = [], [], None
@@ -636,19 +645,25 @@ def build_e2e_models(args, cache):
             sanity.append(f"W{bits}A{bits} activation codes on the probe image: {count} quantized convs use on "
                           f"average {100 * used:.0f}% of their levels; single-level layers: "
                           f"{', '.join(single) or 'none'}")
-        kinds = (["float"] if bits in args.e2e_bits else []) + (["int8"] if bits in args.e2e_int8_bits else [])
+        # unfused: the per-layer sanity lines read it (a fused conv outputs its stage), and the fused file
+        # is checked against it bit for bit; timed too for --e2e-unfused-bits
+        kinds = (["float", "unfused"] if bits in args.e2e_bits else []) + (
+            ["int8"] if bits in args.e2e_int8_bits else [])
         for kind in kinds:
             path = os.path.join(cache, f"resnet18_w{bits}a{bits}_{kind}.tflite")
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 kwargs = {"inference_type": "int8", "representative_dataset": representative} if kind == "int8" else {}
+                if kind == "unfused":
+                    kwargs["fuse"] = False
                 _, report = n2uq_tf.export_tflite(quantized, path, return_report=True, **kwargs)
-            label = f"ours W{bits}A{bits}" + (" (int8 builtins)" if kind == "int8" else "")
+            label = f"ours W{bits}A{bits}" + {"float": "", "int8": " (int8 builtins)", "unfused": " unfused"}[kind]
             infos[f"w{bits}_{kind}"] = {"label": label, "path": path, "ours": True, "bits": bits, "kind": kind,
                                         "expected": expected, "convert_s": time.perf_counter() - start,
-                                        "kept_builtin": [r.name for r in report.kept_builtin]}
-            if check_layers and kind == "float":
+                                        "kept_builtin": [r.name for r in report.kept_builtin],
+                                        "timed": kind != "unfused" or bits in args.e2e_unfused_bits}
+            if check_layers and kind == "unfused":
                 sanity += layer_check(quantized, path, probe, label)
             print(f"  exported {label}: {os.path.getsize(path):,} B in {time.perf_counter() - start:.1f} s "
                   f"(+{build_s:.1f} s to build and calibrate the Keras model)", flush=True)
@@ -665,9 +680,15 @@ def build_e2e_models(args, cache):
                       f"top-1 {'equal' if info['sanity'][2] else 'DIFFERS'}"
                       + ((" [within the tests' 2e-5 relative float tolerance]" if diff <= 2e-5 * scale else
                           " [beyond the tests' 2e-5 relative tolerance: see the per-layer lines for where]")
-                         if info["ours"] and info["kind"] == "float"
+                         if info["ours"] and info["kind"] in ("float", "unfused")
                          else " [quantized by the converter: not expected to match closely]"
                          if "int8" in key else ""))
+    for key, info in infos.items():  # the fused export computes what the unfused one does, bit for bit
+        if info["ours"] and info["kind"] == "float" and f"w{info['bits']}_unfused" in infos:
+            same = np.array_equal(run_once(info, probe).view(np.uint32),
+                                  run_once(infos[f"w{info['bits']}_unfused"], probe).view(np.uint32))
+            sanity.append(f"{info['label']} (fused) vs {info['label']} unfused on the probe image: "
+                          + ("bit-identical outputs" if same else "outputs DIFFER"))
     return infos, sanity
 
 
@@ -698,7 +719,8 @@ def run_end_to_end(args, infos, md):
     interp_name = stock_interpreter()[0]
     print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; {STATISTIC} of "
           f"{args.e2e_repeats} interleaved rounds of ~{args.e2e_sample_time * 1e3:g} ms samples", flush=True)
-    order = [k for k in infos if infos[k]["ours"]] + ["relu_int8", "relu_float", "tfl_int8", "tfl_float"]
+    order = [k for k in infos if infos[k]["ours"] and infos[k]["timed"]] + ["relu_int8", "relu_float", "tfl_int8",
+                                                                            "tfl_float"]
     header = (f"{'model':<34} {'thr':>3} {STATISTIC + ' ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
               f"{'N2UQ conv':>9} {'N2UQ pack':>9} {'rest':>6}")
     print(header)
@@ -752,20 +774,23 @@ def run_end_to_end(args, infos, md):
                             *share_txt, f"{100 * noise:.0f}%"])
         del live, candidates
     print("vs ReLU i8 / twin i8: TFLite int8 time of the ReLU ResNet-18 / of the RPReLU float twin, over that time "
-          "(> 1: faster); N2UQ conv / pack: share of the invoke time in our kernels (delegate profile); rest: "
-          "builtins (stem, PReLU, adds, pool, fc) + interpreter")
+          "(> 1: faster); N2UQ conv / pack: share of the invoke time in our kernels (delegate profile; conv includes "
+          "a fused conv's output stage); rest: builtins (stem, PReLU, adds, pool, fc) + interpreter")
     md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
     md.append("")
     md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs "
               f"every model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
-              "`resnet18(bits=b)` exported with `export_tflite` (float builtins for the 7x7 stem, PReLU, adds, pool "
-              "and fc; \"int8 builtins\" = `inference_type=\"int8\"`), with the N2UQ delegate. TFLite int8 / "
+              "`resnet18(bits=b)` exported with `export_tflite` (the RPReLUs and residual adds between a conv and the "
+              "next quantizer fused into the conv's output stage, which also packs the next conv's input; float "
+              "builtins for the 7x7 stem, the first block's RPReLU, pool and fc; \"unfused\" = `fuse=False`, every "
+              "float op a builtin; \"int8 builtins\" = `inference_type=\"int8\"`), with the N2UQ delegate. "
+              "TFLite int8 / "
               "float32: the standard ReLU ResNet-18 (what a TFLite user would otherwise ship) and the RPReLU float "
               "twin `resnet18()`, converted by TFLite (full-integer PTQ on 4 random images, float input/output; "
               "TFLite runs the twin's PReLUs through QUANTIZE/DEQUANTIZE), on the interpreter's default XNNPACK. "
               "\"vs ReLU int8\" / \"vs twin int8\" = that TFLite int8 time / the row's time. "
-              "N2UQ conv / pack = share of invoke time inside our conv and quantize-and-pack kernels (the "
-              "delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
+              "N2UQ conv / pack = share of invoke time inside our conv ops (with their fused output stages) and "
+              "separate quantize-and-pack ops (the delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
               "Noise = IQR/median over rounds.")
     md.append("")
     md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",
@@ -880,6 +905,8 @@ def main():
     parser.add_argument("--skip-sizes", action="store_true", help="skip the file-size table")
     parser.add_argument("--e2e-bits", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="end to end: our bit widths exported with float builtins")
+    parser.add_argument("--e2e-unfused-bits", type=int, nargs="*", default=[2],
+                        help="end to end: our bit widths also timed exported with fuse=False (none: skip)")
     parser.add_argument("--e2e-int8-bits", type=int, nargs="*", default=[2],
                         help="end to end: our bit widths also exported with inference_type='int8' (none: skip)")
     parser.add_argument("--e2e-repeats", type=int, default=9, help="end to end: interleaved timing rounds")
