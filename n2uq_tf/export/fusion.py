@@ -10,17 +10,25 @@ output stages"). It works on the flatbuffer's object form after conversion, so i
 ops the converter emitted whatever Keras layers produced them, and it needs nothing from the
 Keras-side lowering.
 
-A chain starts at a layer op's float output and follows the tensor through the ops of
-`_STEP_BUILTINS` while each intermediate tensor has that op as its only consumer and is no graph
-output. Where a tensor has several consumers (a shortcut that needs the float block output), it
-becomes the fused op's float output and the chain continues along the consumer that absorbs the most
-ops on its way to a quantizer; a second such branch point ends the chain. The chain ends at an
-N2UQQuantizePack (packed codes) or N2UQQuantize (byte codes) of the layer's channels, or, without
-one, at the last op it could absorb (the fused op then outputs the float tensor only). Everything
-else stays as it was: ops that are not float32, constants that are not per-channel, a residual that
-depends on the layer's own output, broadcasting residuals, int8 builtins. Each step is the float32
-operation of the builtin it replaces, so the fused model computes exactly what the unfused one does
-(the tests compare both files bit for bit).
+A chain starts at a layer op's float output and follows the tensor through float32 ops of the
+layer output's shape (`_step`): ADD / SUB / MUL of a per-channel constant (a scalar, [C] or
+[1, ..., C]; a fused activation RELU, RELU_N1_TO_1 or RELU6 adds its step), ADD of a tensor of the
+same shape that does not depend on the layer (a residual), PRELU with per-channel slopes,
+LEAKY_RELU, RELU, RELU6, RELU_N1_TO_1, while each intermediate tensor has that op as its only
+consumer and is no graph output. Where a tensor has several consumers (a shortcut that needs the
+float block output) or is a graph output, it becomes the fused op's float output and the chain
+continues along the consumer that absorbs the most ops on its way to a quantizer; a second such
+branch point ends the chain. The chain ends at an N2UQQuantizePack (packed codes) or N2UQQuantize
+(byte codes) of the layer's channels with constant thresholds, or, without one, at the last op it
+could absorb (the fused op then outputs the float tensor only). Everything else stays as it was:
+ops that are not float32, constants that are not per-channel, a residual that depends on the
+layer's own output, broadcasting residuals, int8 builtins. Where two layer ops could take the
+same op (the residual ADD of two convs), the first in graph order does. Each step is the float32
+operation of the builtin it replaces, so the fused model computes exactly what the unfused one
+does (custom_ops, "Exactness"; tests/test_fusion.py compares both files bit for bit).
+
+`export_tflite` runs this rewrite by default (``fuse=True``) and writes export format 3 when
+something was fused, format 2 (which older readers run) otherwise.
 """
 
 import dataclasses
