@@ -2,6 +2,7 @@
 // dispatcher (output_stage.cc) calls them only under the matching resolved ISA.
 #if defined(__x86_64__)
 #include <stdint.h>
+#include <string.h>
 
 #include "core_internal.h"
 #include "n2uq_core.h"
