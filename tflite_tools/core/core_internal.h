@@ -26,13 +26,13 @@ int64_t quantize_task_elements(int isa);
 // Splits [0, count) over the pool's threads in ranges of at least `grain`.
 void run_ranges(int num_threads, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-// The per-channel steps of the output stage (output_stage_impl.h), compiled once per ISA; the
-// AVX2 / AVX-512 ones are null where the build is not for x86-64.
-typedef void (*OutputStepsFn)(const N2uqOutputStage& stage, int first, int last, float* values, int64_t first_position,
-                              int64_t positions, int64_t channels);
-OutputStepsFn output_steps_portable();
-OutputStepsFn output_steps_avx2();
-OutputStepsFn output_steps_avx512();
+// The output stage's rows (output_stage_impl.h: steps in registers, float output, final values),
+// compiled once per ISA; the AVX2 / AVX-512 ones are null where the build is not for x86-64.
+typedef void (*OutputRowsFn)(const N2uqOutputStage& stage, const float* values, float* out_float, float* out_final,
+                             int64_t first_position, int64_t positions, int64_t channels);
+OutputRowsFn output_rows_portable();
+OutputRowsFn output_rows_avx2();
+OutputRowsFn output_rows_avx512();
 
 }  // namespace n2uq_core
 

@@ -1,12 +1,14 @@
 // The output stage of the fused layer ops (n2uq_output_stage in n2uq_core.h): per-channel steps,
 // an optional float output, an optional quantize(-and-pack) of the next layer's input, in one
-// pass over the layer's float output, chunk by chunk in a small buffer that stays in L1.
+// pass over the layer's float output: the steps in registers (output_stage_impl.h), the final
+// values chunk by chunk into a small buffer that stays in L1 for the quantizer.
 // The quantize kernels are the ISA's own (KernelTable::quantize_and_pack / quantize_codes), so the
 // codes are those of n2uq_quantize_and_pack on the same float values.
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <new>
+#include <string.h>
 #include <vector>
 
 #include "core_internal.h"
@@ -14,10 +16,11 @@
 
 namespace n2uq_core {
 namespace portable_steps {
+constexpr int kLaneBytes = 16;  // SSE2 on x86-64, NEON on aarch64, the compiler's lowering elsewhere
 #include "output_stage_impl.h"
 }  // namespace portable_steps
 
-OutputStepsFn output_steps_portable() { return &portable_steps::output_steps; }
+OutputRowsFn output_rows_portable() { return &portable_steps::output_rows; }
 
 namespace {
 
@@ -111,7 +114,7 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
       STAGE_CHECK(out_float != nullptr, N2UQ_ERR_ARGUMENT, "out_float is NULL");
       STAGE_CHECK(out_float_len >= elements, N2UQ_ERR_BUFFER, "out_float has %lld elements, the shape needs %lld",
                   (long long)out_float_len, (long long)elements);
-      // In place is fine (each chunk is read before it is written); a shifted overlap is not.
+      // In place is fine (each block of a row is read before it is written); a shifted overlap is not.
       STAGE_CHECK(out_float == values || out_float + elements <= values || values + elements <= out_float,
                   N2UQ_ERR_ARGUMENT, "out_float overlaps values without being values");
     }
@@ -130,10 +133,10 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
     }
     const int resolved = resolve_isa(isa, err, err_len);
     if (resolved < 0) return resolved;
-    OutputStepsFn steps = resolved == N2UQ_ISA_AVX512 ? output_steps_avx512()
-                          : resolved == N2UQ_ISA_AVX2 ? output_steps_avx2()
-                                                      : output_steps_portable();
-    if (steps == nullptr) steps = output_steps_portable();
+    OutputRowsFn rows = resolved == N2UQ_ISA_AVX512 ? output_rows_avx512()
+                        : resolved == N2UQ_ISA_AVX2 ? output_rows_avx2()
+                                                    : output_rows_portable();
+    if (rows == nullptr) rows = output_rows_portable();
     const KernelTable* table = isa_kernels(resolved);
     QuantizeJob quantize{};
     if (stage->quantize != N2UQ_QUANTIZE_NONE)
@@ -145,19 +148,13 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
     const int64_t grain = quantize_task_elements(resolved) / channels + 1;
     const N2uqOutputStage& s = *stage;
     run_ranges(num_threads, num_positions, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(size_t(chunk_positions * channels));
+      std::vector<float> buffer(s.quantize != N2UQ_QUANTIZE_NONE ? size_t(chunk_positions * channels) : 0);
       float* chunk = buffer.data();
       for (int64_t p0 = begin; p0 < end; p0 += chunk_positions) {
         const int64_t count = end - p0 < chunk_positions ? end - p0 : chunk_positions;
         const int64_t offset = p0 * channels, n = count * channels;
-        std::memcpy(chunk, values + offset, size_t(n) * sizeof(float));
-        if (s.float_after >= 0) {
-          steps(s, 0, s.float_after, chunk, p0, count, channels);
-          std::memcpy(out_float + offset, chunk, size_t(n) * sizeof(float));
-          steps(s, s.float_after, s.num_steps, chunk, p0, count, channels);
-        } else {
-          steps(s, 0, s.num_steps, chunk, p0, count, channels);
-        }
+        rows(s, values + offset, s.float_after >= 0 ? out_float + offset : nullptr,
+             s.quantize != N2UQ_QUANTIZE_NONE ? chunk : nullptr, p0, count, channels);
         if (s.quantize == N2UQ_QUANTIZE_NONE) continue;
         QuantizeJob job = quantize;
         job.x = chunk;

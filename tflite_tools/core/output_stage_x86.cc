@@ -15,6 +15,7 @@
 #endif
 namespace n2uq_core {
 namespace avx2_steps {
+constexpr int kLaneBytes = 32;
 #include "output_stage_impl.h"
 }  // namespace avx2_steps
 }  // namespace n2uq_core
@@ -32,6 +33,7 @@ namespace avx2_steps {
 #endif
 namespace n2uq_core {
 namespace avx512_steps {
+constexpr int kLaneBytes = 64;
 #include "output_stage_impl.h"
 }  // namespace avx512_steps
 }  // namespace n2uq_core
@@ -42,8 +44,8 @@ namespace avx512_steps {
 #endif
 
 namespace n2uq_core {
-OutputStepsFn output_steps_avx2() { return &avx2_steps::output_steps; }
-OutputStepsFn output_steps_avx512() { return &avx512_steps::output_steps; }
+OutputRowsFn output_rows_avx2() { return &avx2_steps::output_rows; }
+OutputRowsFn output_rows_avx512() { return &avx512_steps::output_rows; }
 }  // namespace n2uq_core
 
 #else  // not x86-64
@@ -51,8 +53,8 @@ OutputStepsFn output_steps_avx512() { return &avx512_steps::output_steps; }
 #include "core_internal.h"
 
 namespace n2uq_core {
-OutputStepsFn output_steps_avx2() { return nullptr; }
-OutputStepsFn output_steps_avx512() { return nullptr; }
+OutputRowsFn output_rows_avx2() { return nullptr; }
+OutputRowsFn output_rows_avx512() { return nullptr; }
 }  // namespace n2uq_core
 
 #endif
