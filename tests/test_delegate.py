@@ -544,6 +544,7 @@ MALFORMED_FUSED = {
 }
 
 
+@pytest.mark.slow
 def test_malformed_fused_ops_report_errors_without_crashing(fused_model, sanitized, tmp_path):
     """Each malformed fused op (its stage options, its stage inputs and outputs) and every op-I/O edit
     of each fused op type gets our error in a child running the sanitized plugin (ai_edge_litert;
