@@ -683,7 +683,7 @@ def build_e2e_models(args, cache):
                          if info["ours"] and info["kind"] in ("float", "unfused")
                          else " [quantized by the converter: not expected to match closely]"
                          if "int8" in key else ""))
-    for key, info in infos.items():  # the fused export computes what the unfused one does, bit for bit
+    for info in infos.values():  # the fused export computes what the unfused one does, bit for bit
         if info["ours"] and info["kind"] == "float" and f"w{info['bits']}_unfused" in infos:
             same = np.array_equal(run_once(info, probe).view(np.uint32),
                                   run_once(infos[f"w{info['bits']}_unfused"], probe).view(np.uint32))
@@ -790,7 +790,8 @@ def run_end_to_end(args, infos, md):
               "TFLite runs the twin's PReLUs through QUANTIZE/DEQUANTIZE), on the interpreter's default XNNPACK. "
               "\"vs ReLU int8\" / \"vs twin int8\" = that TFLite int8 time / the row's time. "
               "N2UQ conv / pack = share of invoke time inside our conv ops (with their fused output stages) and "
-              "separate quantize-and-pack ops (the delegate's per-kernel profile over the timed rounds); rest = builtin ops and interpreter overhead. "
+              "separate quantize-and-pack ops (the delegate's per-kernel profile over the timed rounds); rest = "
+              "builtin ops and interpreter overhead. "
               "Noise = IQR/median over rounds.")
     md.append("")
     md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",

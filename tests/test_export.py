@@ -223,7 +223,7 @@ def test_small_cnn_flatbuffer_contents(small_cnn, tmp_path):
     n2uq_counts = {k: v for k, v in counts.items() if k in custom_ops.ALL_OPS}
     assert {k: v for k, v in fused.op_counts(as_unfused=True).items() if k in custom_ops.ALL_OPS} == n2uq_counts
     assert set(fused.op_counts()) & set(custom_ops.FUSED_OPS)
-    assert {l.name for l in fused.layers} == set(lowered)
+    assert {layer.name for layer in fused.layers} == set(lowered)
     for layer in fused.layers:
         op = next(o for o in fused.operators if o.layer == layer.name)
         assert custom_ops.FUSED_OPS.get(op.name, op.name) == lowered[layer.name].kind

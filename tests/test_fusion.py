@@ -8,7 +8,6 @@ are placed exactly on values of the unfused chain, where any other rounding (e.g
 into the layer's multiplier and bias) changes codes; the tests show that it would.
 """
 
-import copy
 import warnings
 
 import numpy as np
@@ -26,7 +25,8 @@ from n2uq_tf.tflite import _core
 BACKENDS = ("tflite", "litert")
 L = keras.layers
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 # ------------------------------------------------------------------ NumPy reference of a stage
@@ -212,9 +212,9 @@ class OpGraph:
         self.scale = rng.uniform(0.5, 1.5, 16).astype(np.float32)
         self.full = normal(1, 6, 6, 8)
         self.layers = {}
-        specs = {"conv1": (8, 16, 3, 2, 2), "conv2": (16, 16, 3, 4, 3), "dw": (16, 16, 3, 2, 2),
-                 "conv3": (16, 8, 1, 3, 2), "fc1": (8, 12, 1, 2, 2), "fc2": (12, 5, 1, 2, 3)}
-        for name, (cin, cout, k, ab, wb) in specs.items():
+        specs = {"conv1": (8, 16, 3, 2), "conv2": (16, 16, 3, 3), "dw": (16, 16, 3, 2),
+                 "conv3": (16, 8, 1, 2), "fc1": (8, 12, 1, 2), "fc2": (12, 5, 1, 3)}  # in, out, kernel, weight bits
+        for name, (cin, cout, k, wb) in specs.items():
             count = k * k * cout if name == "dw" else k * k * cin * cout
             self.layers[name] = (co.pack_weight_codes(rng.integers(0, 2 ** wb, count), wb),
                                  rng.uniform(0.02, 0.2, cout).astype(np.float32), normal(cout, scale=0.5))

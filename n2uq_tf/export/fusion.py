@@ -396,7 +396,7 @@ def _prune(model):
         new = {old: i for i, old in enumerate(keep)}
         if len(keep) == len(subgraph.tensors):
             continue
-        remap = np.vectorize(lambda t: new[t] if t >= 0 else t, otypes=[np.int32])
+        remap = np.vectorize(lambda t, new=new: new[t] if t >= 0 else t, otypes=[np.int32])
         subgraph.tensors = [subgraph.tensors[t] for t in keep]
         for op in subgraph.operators:
             for field in ("inputs", "outputs", "intermediates"):
@@ -465,7 +465,7 @@ def fuse_output_stages(model):
             position[id(op)] = i
             operators.append(op)
         graph.subgraph.operators = operators
-        graph.subgraph.operators = _topological(graph.subgraph, lambda op: position[id(op)])
+        graph.subgraph.operators = _topological(graph.subgraph, lambda op, position=position: position[id(op)])
     _prune(model)
     for fusion, op, codes in made:  # where the fused ops and the readers of their codes ended up
         operators = model.subgraphs[fusion.subgraph].operators

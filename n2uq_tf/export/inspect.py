@@ -9,7 +9,8 @@ from n2uq_tf.export import custom_ops
 from n2uq_tf.export.converter import EXPORT_FORMAT_VERSION, METADATA_NAME
 
 _LAYER_OPS = custom_ops.LAYER_OPS + tuple(custom_ops.FUSED_OPS)  # the ops holding a layer's packed weights
-_QUANTIZE_OPS = {custom_ops.QUANTIZE_PACK: custom_ops.OP_QUANTIZE_PACK, custom_ops.QUANTIZE_CODES: custom_ops.OP_QUANTIZE}
+_QUANTIZE_OPS = {custom_ops.QUANTIZE_PACK: custom_ops.OP_QUANTIZE_PACK,
+                 custom_ops.QUANTIZE_CODES: custom_ops.OP_QUANTIZE}  # a fused op's quantize option -> the op
 
 
 @dataclasses.dataclass
