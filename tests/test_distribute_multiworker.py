@@ -19,6 +19,8 @@ import pytest
 import n2uq_tf
 from n2uq_tf.distribute import launch as launcher
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
+
 WORKER_SCRIPT = textwrap.dedent(r'''
 import hashlib, json, os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -169,8 +171,6 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 from n2uq_tf import distribute as nd
-
-pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
 
 # (index in a 600-value gradient): (worker 0's value, worker 1's value)
 BAD = {3: ("nan", 1.0), 70: ("inf", 2.0), 140: ("inf", "-inf"), 210: ("-inf", "-inf"), 333: (0.5, "nan"),
