@@ -299,6 +299,8 @@ def test_saved_model_of_earlier_versions_with_the_fused_op_loads(small_trained, 
     """Before, a SavedModel recorded the fused training op; load_model registers it for such files."""
     from n2uq_tf import ops
     if ops.active_implementation() != "fused":
+        # Only where no C++ compiler is present; CI has one, so there the check must run.
+        assert not os.environ.get("CI"), "the fused kernel failed to build in CI, where a C++ compiler is present"
         pytest.skip("the fused kernel does not build here, so no such SavedModel can be written")
     monkeypatch.setattr(ops, "_writing_saved_model", lambda: False)  # what earlier versions did
     old = str(tmp_path / "old_savedmodel")
