@@ -14,6 +14,7 @@ from n2uq_tf._keras import keras
 from n2uq_tf.export import (ExportReport, custom_ops, export_tflite, inspect_tflite, lower, plan_export)
 from n2uq_tf.layers import PaddedConv2D
 from n2uq_tf.plots import activation_inputs
+from random_parameters import randomize
 
 L = keras.layers
 
@@ -22,27 +23,6 @@ L = keras.layers
 # ~5e-7 on outputs of magnitude ~3; ~2e-6 through ResNet-20 / MobileNetV2). Bound relative
 # to the output scale so a wrong level or a wrong fold (errors ~1e-1) cannot hide in it.
 REL_TOL = 2e-5
-
-
-def _randomize(model, seed=0):
-    """Non-trivial quantizer parameters, BN statistics and biases (the initial ones hide bugs)."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        n, shape = v.name, tuple(v.shape)
-        if "n2uq_start" in n:
-            v.assign(rng.uniform(-0.6, -0.1))
-        elif "n2uq_intervals" in n:
-            v.assign(rng.uniform(0.1, 0.6, shape).astype(np.float32))
-        elif "n2uq_beta" in n:
-            v.assign(rng.uniform(0.7, 1.4))
-        elif "moving_mean" in n:
-            v.assign(rng.normal(0, 0.1, shape).astype(np.float32))
-        elif "moving_variance" in n:
-            v.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-        elif "gamma" in n:
-            v.assign(rng.normal(1, 0.2, shape).astype(np.float32))
-        elif n.split("/")[-1].startswith(("beta", "bias", "alpha")):
-            v.assign(rng.normal(0, 0.1, shape).astype(np.float32))
 
 
 def _small_cnn():
@@ -67,7 +47,7 @@ def _small_cnn():
     model = keras.Model(inp, x)
     overrides = {"c_dil": (1, 2), "fc_w3a4": (3, 4), "c_w8": (8, 2), "c_wfloat": {"weight_bits": None}}
     q = n2uq_tf.quantize_model(model, bits=2, skip_layers=None, overrides=overrides)
-    _randomize(q)
+    randomize(q)
     return q
 
 
@@ -80,7 +60,7 @@ def small_cnn():
 def resnet20():
     keras.utils.set_random_seed(1)
     q = n2uq_tf.models.resnet20(bits=2, width=4, input_shape=(16, 16, 3))
-    _randomize(q, 1)
+    randomize(q, 1)
     return q
 
 
@@ -89,7 +69,7 @@ def mobilenet_v2():
     keras.utils.set_random_seed(2)
     base = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
     q = n2uq_tf.quantize_model(base, bits=2)
-    _randomize(q, 2)
+    randomize(q, 2)
     return q
 
 
@@ -254,7 +234,7 @@ def test_resnet20_export_size_and_ops(tmp_path):
     ratios = {}
     for width in (16, 32):
         q = n2uq_tf.models.resnet20(bits=2, width=width, input_shape=(16, 16, 3))
-        _randomize(q, 3)
+        randomize(q, 3)
         data, report = export_tflite(q, return_report=True)
         info = inspect_tflite(data)
         assert info.packed_bytes == report.packed_bytes
@@ -351,7 +331,7 @@ def test_plan_export_reports_unsupported_layers():
     x = L.Conv2D(4, 3, padding="same", name="ok")(x)
     x = L.Dense(3, name="dense_rank4")(x)
     q = n2uq_tf.quantize_model(keras.Model(inp, x), bits=2, skip_layers=None)
-    _randomize(q, 4)
+    randomize(q, 4)
     report = plan_export(q)
     kept = {r.name: r.reason for r in report.kept_builtin}
     assert set(kept) == {"grouped", "dense_rank4"}
@@ -433,7 +413,7 @@ def test_mixed_precision_exports_the_float32_graph_and_runs(policy, tmp_path):
         x = rng.normal(0, 1, (16, 10, 10, 3)).astype(np.float32)
         q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         q.fit(x, rng.integers(0, 3, 16), batch_size=8, epochs=2, verbose=0)
-        _randomize(q, 7)
+        randomize(q, 7)
         keras.mixed_precision.set_global_policy("float32")
         # The float32 twin, built independently of the exporter: same architecture, same weights.
         twin = _mixed_cnn("float32")
@@ -493,7 +473,7 @@ def test_signature_keeps_the_keras_names_and_order():
     float_model = _two_in_two_out()
     stock = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(float_model).convert())
     q = n2uq_tf.quantize_model(float_model, bits=2, skip_layers=None)
-    _randomize(q, 8)
+    randomize(q, 8)
     data = export_tflite(q)
     ours = tflite.Interpreter(model_content=data)
     assert ours.get_signature_list() == stock.get_signature_list() == {
@@ -546,7 +526,7 @@ def test_distillation_model_exports_and_reports_its_student(tmp_path):
     out = L.Dense(3, name="fc")(L.Flatten(name="flat")(x))
     teacher = keras.Model(inp, out)
     student = n2uq_tf.quantize_model(teacher, bits=2, skip_layers=None)
-    _randomize(student, 9)
+    randomize(student, 9)
     distiller = n2uq_tf.DistillationModel(student, teacher)
     assert export_tflite(distiller, tmp_path / "d.tflite") == export_tflite(student)
     assert plan_export(distiller).to_dict() == plan_export(student).to_dict()

@@ -18,6 +18,7 @@ import n2uq_tf.tflite as n2tfl
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops, export_tflite, inspect_tflite
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D
+from random_parameters import randomize
 
 L = keras.layers
 BACKENDS = ("tflite", "litert")
@@ -27,21 +28,6 @@ REL_TOL = 2e-5
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-def _randomize(model, seed):
-    """Non-trivial thresholds, scales, BN statistics and biases (the initial ones hide padding bugs)."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        n, shape = v.name, tuple(v.shape)
-        if "n2uq_start" in n:
-            v.assign(rng.uniform(-0.6, -0.1))
-        elif "n2uq_intervals" in n:
-            v.assign(rng.uniform(0.1, 0.6, shape).astype(np.float32))
-        elif "moving_variance" in n:
-            v.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-        elif n.split("/")[-1].startswith(("bias", "beta", "moving_mean")):
-            v.assign(rng.normal(0, 0.1, shape).astype(np.float32))
 
 
 def _model(input_shape):
@@ -65,7 +51,7 @@ def _model(input_shape):
 def exported():
     keras.utils.set_random_seed(3)
     model = n2uq_tf.quantize_model(_model((12, 10, 3)), bits=2, skip_layers=None)
-    _randomize(model, 3)
+    randomize(model, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         content = export_tflite(model)

@@ -21,6 +21,7 @@ from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops as co
 from n2uq_tf.export import export_tflite, fusion, inspect_tflite
 from n2uq_tf.tflite import _core
+from random_parameters import randomize
 
 BACKENDS = ("tflite", "litert")
 L = keras.layers
@@ -357,28 +358,6 @@ def test_fused_outputs_equal_unfused_bit_for_bit(op_graph, backend):
 
 # ------------------------------------------------------------------ exported Keras models
 
-def _randomize(model, seed):
-    """Non-trivial quantizer parameters, BN statistics, biases and RPReLU shifts (zeros would be
-    folded away by the converter and hide the steps)."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        n, shape = v.name, tuple(v.shape)
-        if "n2uq_start" in n:
-            v.assign(rng.uniform(-0.6, -0.1))
-        elif "n2uq_intervals" in n:
-            v.assign(rng.uniform(0.1, 0.6, shape).astype(np.float32))
-        elif "n2uq_beta" in n:
-            v.assign(rng.uniform(0.7, 1.4))
-        elif "moving_mean" in n:
-            v.assign(rng.normal(0, 0.1, shape).astype(np.float32))
-        elif "moving_variance" in n:
-            v.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-        elif "gamma" in n:
-            v.assign(rng.normal(1, 0.2, shape).astype(np.float32))
-        elif n.split("/")[-1].startswith(("beta", "bias", "alpha")):
-            v.assign(rng.normal(0, 0.1, shape).astype(np.float32) + (0.25 if "alpha" in n else 0))
-
-
 def resnet18_style(bits):
     """ResNet-18's structure at toy size: 3x3 stem, BN, ReLU, max-pool, the library's basic blocks
     (identity shortcuts, then a stride-2 block with a downsample conv), GAP, fc; the paper's plan."""
@@ -392,7 +371,7 @@ def resnet18_style(bits):
         x = resnet.basic_block(x, planes, stride, prefix)
     x = _common.classifier(10, 16)(L.GlobalAveragePooling2D(name="avgpool")(x))
     model = _common.quantize(keras.Model(inputs, x, name="resnet18_style"), bits)
-    _randomize(model, bits)
+    randomize(model, bits, alpha_shift=0.25)
     return model
 
 
@@ -415,7 +394,7 @@ def mixed_network():
     out = L.Dense(5, name="d2")(x)
     model = n2uq_tf.quantize_model(keras.Model(inp, out), bits=2, skip_layers=None,
                                    overrides={"c2": (3, 2), "dw": (2, 4), "d1": (4, 3)})
-    _randomize(model, 4)
+    randomize(model, 4, alpha_shift=0.25)
     return model
 
 
@@ -454,7 +433,7 @@ def _n2uq_counts(counts):
 @pytest.mark.slow
 def test_resnet20_fused_equals_unfused():
     model = n2uq_tf.models.resnet20(bits=2, width=4, input_shape=(16, 16, 3))
-    _randomize(model, 1)
+    randomize(model, 1, alpha_shift=0.25)
     unfused, fused, report = _exports(model)
     _check_parity(model, unfused, fused)
     info, before = inspect_tflite(fused), inspect_tflite(unfused)
