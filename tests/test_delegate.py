@@ -375,6 +375,18 @@ def test_delegate_is_harmless_without_n2uq_ops():
         assert np.array_equal(run(content, x, backend, 1)[0], module.f(x).numpy())
 
 
+def test_model_bytes_as_first_argument_are_the_model_content(models):
+    """`Interpreter(export_tflite(model))`: the bytes are the model, not a path."""
+    content, x, reference = models["A"]
+    interpreter = n2tfl.Interpreter(content, backend="litert")
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    assert_same_outputs([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()], reference)
+    with pytest.raises(TypeError, match="both as model_path and model_content"):
+        n2tfl.Interpreter(content, model_content=content)
+
+
 def test_missing_delegate_gives_a_clear_error(models, monkeypatch):
     def unavailable():
         raise n2tfl.DelegateUnavailableError("no compiler")

@@ -189,15 +189,20 @@ def model_n2uq_ops(model_path: str | os.PathLike[str] | None = None, model_conte
     return [name for name in N2UQ_OPS if name.encode() + b"\0" in content]
 
 
-def Interpreter(model_path: str | os.PathLike[str] | None = None, model_content: bytes | None = None,
+def Interpreter(model_path: str | os.PathLike[str] | bytes | None = None, model_content: bytes | None = None,
                 num_threads: int | None = None, backend: str = "auto", delegate_options: dict[str, Any] | None = None,
                 **kwargs: Any) -> Any:
     """A stock TFLite interpreter (ai_edge_litert or tf.lite) with the N2UQ delegate attached.
 
     num_threads goes to the interpreter (context->recommended_num_threads) and so also to
     the N2UQ kernels unless delegate_options sets num_threads. Other keyword arguments go
-    to the interpreter's constructor.
+    to the interpreter's constructor. A flatbuffer given as ``model_path`` (the bytes that
+    `n2uq_tf.export_tflite` returns) is taken as ``model_content``.
     """
+    if isinstance(model_path, (bytes, bytearray)):  # Interpreter(export_tflite(model)): not a path
+        if model_content is not None:
+            raise TypeError("Interpreter: model bytes given both as model_path and model_content")
+        model_path, model_content = None, bytes(model_path)
     name, module = _backend_module(backend)
     try:
         delegate = load_delegate(name, **(delegate_options or {}))
