@@ -15,7 +15,8 @@ import n2uq_tf
 from n2uq_tf import models, tflite
 from n2uq_tf._keras import keras
 from n2uq_tf.export import export_tflite, inspect_tflite
-from test_export import REL_TOL, _randomize
+from random_parameters import randomize
+from test_export import REL_TOL
 
 pytestmark = pytest.mark.slow  # end to end (subprocesses, training, whole networks)
 
@@ -33,7 +34,7 @@ def _run(content, x, backend):
 
 
 def _check(model, expected_custom_ops, seed=0, batch=2):
-    _randomize(model, seed)
+    randomize(model, seed)
     shape = [batch] + model.inputs[0].shape.as_list()[1:]
     x = np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
     with warnings.catch_warnings():

@@ -17,7 +17,8 @@ import tf_keras as keras
 import n2uq_tf
 from n2uq_tf.export import export_tflite, inspect_tflite, lower
 from n2uq_tf.quantize import N2UQWrapper, nested, plan_quantization
-from test_export import REL_TOL, _randomize
+from random_parameters import randomize
+from test_export import REL_TOL
 from test_export_models import BACKENDS, _run
 
 layers = keras.layers
@@ -88,7 +89,7 @@ def randomize_quantizers(model, seed):
 def test_nested_sequential_gives_the_model_of_its_flat_twin():
     """The reference: tfmot's quantize_apply (our flat path) on the same layers flattened."""
     model = sequential_in_sequential()
-    _randomize(model, seed=5)  # BN statistics and biases away from their initial values
+    randomize(model, seed=5)  # BN statistics and biases away from their initial values
     q_nested = n2uq_tf.quantize_model(model, bits=2, skip_layers=["stem"])
     q_flat = n2uq_tf.quantize_model(flat_twin(model), bits=2, skip_layers=["stem"])
     got = wrappers(q_nested)
@@ -211,7 +212,7 @@ def test_nested_model_trains_saves_and_loads(tmp_path, filename):
 def test_nested_model_exports_with_parity_in_both_interpreters():
     model = two_levels()
     q = n2uq_tf.quantize_model(model, 2, skip_layers=None)
-    _randomize(q, seed=4)
+    randomize(q, seed=4)
     x, _ = data(model, n=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing kept builtin
@@ -289,7 +290,7 @@ def test_applications_backbone_in_a_functional_model():
     x, y = data(model, n=4)
     q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     q.fit(x, y, epochs=1, verbose=0)
-    _randomize(q, seed=2)
+    randomize(q, seed=2)
     content, report = export_tflite(q, return_report=True)
     assert len(report.lowered) == len(found) and not report.kept_builtin
     expected = q(x, training=False).numpy()
@@ -307,7 +308,7 @@ def test_nested_separable_conv_stages_are_named_by_path():
     x = layers.GlobalAveragePooling2D()(blk(layers.Conv2D(4, 3, name="stem")(inp)))
     model = keras.Model(inp, layers.Dense(3, name="head")(x))
     q = n2uq_tf.quantize_model(model, 2, skip_layers=None)
-    _randomize(q, seed=3)
+    randomize(q, seed=3)
     x, _ = data(model, n=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
