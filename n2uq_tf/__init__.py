@@ -11,37 +11,79 @@ The paper's recipe in one call: ``n2uq_tf.recipe.train_n2uq``, built from ``n2uq
 Saving: ``n2uq_tf.save_model(qmodel, path)`` (atomic) and ``n2uq_tf.load_model(path)``.
 Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tflite.Interpreter``.
 Data-parallel training with compressed gradients: ``n2uq_tf.distribute.compress_gradients``.
+The quantizer math itself (pure TensorFlow): ``n2uq_tf.quantization_math``.
+
+Every name here is imported on first use, so ``import n2uq_tf.tflite`` (the runtime side, which
+needs only ai_edge_litert or tf.lite) loads neither TensorFlow nor the Keras front end.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
 
 __version__ = "0.1.0"
 
-from n2uq_tf import ops  # noqa: E402
-from n2uq_tf.quantize import (ActivationQuantizer, N2UQQuantizeConfig, N2UQQuantizeScheme,  # noqa: E402
-                              N2UQWrapper, WeightQuantizer, custom_objects, load_model, quantize_model,
-                              quantize_scope)
-from n2uq_tf.quantize.saving import save_model  # noqa: E402
-from n2uq_tf.report import QuantizationReport, quantization_report  # noqa: E402
-from n2uq_tf.training import (DistillationModel, LinearEpochDecay, N2UQAdam, distillation_loss,  # noqa: E402
-                              paper_optimizer)
+# The front end needs tf_keras (Keras 2), and tfmot sets this when the front end imports it. Set
+# here as well, so that `tf.keras` is tf_keras from `import n2uq_tf` on even before the front end
+# has loaded (as when this file imported the front end at once).
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-# Imported on first use: data pulls in tensorflow_datasets, plots matplotlib.
-_LAZY_SUBMODULES = ("cli", "data", "distribute", "export", "layers", "models", "plots", "recipe", "tflite")
-_LAZY_FUNCTIONS = {"export_tflite": "n2uq_tf.export", "inspect_tflite": "n2uq_tf.export"}
+_SUBMODULES = ("cli", "data", "distribute", "export", "layers", "model_reader", "models", "plots",
+               "quantization_math", "quantize", "recipe", "report", "tflite", "training")
+_NAMES = {
+    "n2uq_tf.quantize": ("ActivationQuantizer", "N2UQQuantizeConfig", "N2UQQuantizeScheme", "N2UQWrapper",
+                         "WeightQuantizer", "custom_objects", "load_model", "quantize_model", "quantize_scope",
+                         "save_model"),
+    "n2uq_tf.report": ("QuantizationReport", "quantization_report"),
+    "n2uq_tf.training": ("DistillationModel", "LinearEpochDecay", "N2UQAdam", "distillation_loss", "paper_optimizer"),
+    "n2uq_tf.export": ("export_tflite", "inspect_tflite"),
+}
+_MODULE_OF_NAME = {name: module for module, names in _NAMES.items() for name in names}
+
+# Modules that moved, under the names they had before. Importing an old name gives the module
+# object itself, not a copy, so both names see the same functions and attributes.
+_RENAMED_MODULES = {
+    "n2uq_tf.ops": "n2uq_tf.quantization_math.n2uq",
+    "n2uq_tf.methods": "n2uq_tf.quantization_math.baselines",
+    # .keras files written before the move name their baseline quantizers' module by this name.
+    "n2uq_tf.quantize.methods": "n2uq_tf.quantize.method_table",
+}
+
+
+class _RenamedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the old names of `_RENAMED_MODULES`; loading one puts the module it names in its place."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname in _RENAMED_MODULES else None
+
+    def create_module(self, spec):
+        return None  # a placeholder, replaced below
+
+    def exec_module(self, module):
+        # The import system hands out whatever sys.modules holds under the name after exec_module.
+        sys.modules[module.__name__] = importlib.import_module(_RENAMED_MODULES[module.__name__])
+
+
+# First in line, so that no other finder (an editable install's, a stale ops.py of an older
+# version) answers for these names; it answers for nothing else.
+if not any(type(finder).__name__ == _RenamedModuleFinder.__name__ for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RenamedModuleFinder())
 
 
 def __getattr__(name):
-    if name in _LAZY_SUBMODULES:
+    if name in _SUBMODULES or f"n2uq_tf.{name}" in _RENAMED_MODULES:
         return importlib.import_module(f"n2uq_tf.{name}")
-    if name in _LAZY_FUNCTIONS:
-        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
+    if name in _MODULE_OF_NAME:
+        value = getattr(importlib.import_module(_MODULE_OF_NAME[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'n2uq_tf' has no attribute {name!r}")
 
 
-__all__ = [
-    "ActivationQuantizer", "DistillationModel", "LinearEpochDecay", "N2UQAdam", "N2UQQuantizeConfig",
-    "N2UQQuantizeScheme", "N2UQWrapper", "QuantizationReport", "WeightQuantizer", "custom_objects",
-    "distillation_loss", "export_tflite", "inspect_tflite", "load_model", "ops", "paper_optimizer",
-    "quantization_report", "quantize_model", "quantize_scope", "save_model",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_MODULE_OF_NAME) | {"ops", "methods"})
+
+
+__all__ = sorted(_MODULE_OF_NAME) + ["ops"]

@@ -4,7 +4,7 @@ The library is compiled against the installed TensorFlow's headers, so it is tie
 that TensorFlow version: the file name carries the version, and a missing or stale
 library is rebuilt on first use into the package folder (or, if that is read-only,
 into $XDG_CACHE_HOME/n2uq_tf). Without a C++ compiler, `load()` warns once and returns
-None and ops.py uses its pure-TF reference. N2UQ_TF_DISABLE_FUSED=1 skips the kernel.
+None and quantization_math/n2uq.py uses its pure-TF reference. N2UQ_TF_DISABLE_FUSED=1 skips the kernel.
 """
 
 import os
@@ -75,7 +75,7 @@ def writing_saved_model():
 # Called while Keras traces a model: plain Python, nothing for AutoGraph to convert.
 @tf.autograph.experimental.do_not_convert
 def load():
-    """The op module with n2uq_quantize_forward/backward, or None (then ops.py uses pure TF)."""
+    """The op module with n2uq_quantize_forward/backward, or None (then quantization_math.n2uq uses pure TF)."""
     if os.environ.get("N2UQ_TF_DISABLE_FUSED") == "1":
         return None
     with _lock:

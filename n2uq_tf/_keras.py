@@ -1,19 +1,46 @@
-"""The Keras this package uses: always tf_keras (Keras 2), which tfmot requires.
+"""The Keras this package uses: always tf_keras (Keras 2), which tfmot requires; and its class registry.
 
-Importing tensorflow_model_optimization sets TF_USE_LEGACY_KERAS=1 for the process;
-we import it here so that happens in one known place. Code in this package names
-`tf_keras` explicitly and never uses the ambiguous `tf.keras`.
+Importing tensorflow_model_optimization sets TF_USE_LEGACY_KERAS=1 for the process (the package
+root sets it too, before anything is imported); the front end imports tfmot here, in one known
+place. Code in this package names `tf_keras` explicitly and never uses the ambiguous `tf.keras`.
+
+Every class a saved model may name goes through `register`; `custom_objects` is built from it.
 """
+
+import importlib
 
 import tf_keras as keras  # noqa: F401  (re-exported)
 import tensorflow_model_optimization as tfmot  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1  # bumped when saved configs change incompatibly
 
+# Every module that defines a class through `register` (tests/test_package.py checks the list
+# against the sources). `custom_objects` imports them, so a loader knows every class whichever
+# parts of the package the caller has used so far; the classes themselves are not listed anywhere.
+REGISTERING_MODULES = ("n2uq_tf.layers", "n2uq_tf.quantize.quantizers", "n2uq_tf.quantize.baseline_quantizers",
+                       "n2uq_tf.quantize.config", "n2uq_tf.quantize.wrapper", "n2uq_tf.training.optimizer",
+                       "n2uq_tf.training.schedules", "n2uq_tf.distribute.optimizer")
+_registered = {}  # class name -> class, in registration order
+
 
 def register(cls):
     """Registers a class for Keras serialization under the package name n2uq_tf."""
-    return keras.saving.register_keras_serializable(package="n2uq_tf")(cls)
+    cls = keras.saving.register_keras_serializable(package="n2uq_tf")(cls)
+    _registered[cls.__name__] = cls
+    return cls
+
+
+def registered_classes(package: str = "n2uq_tf") -> dict[str, type]:
+    """{class name: class} of the classes registered so far whose module is `package` or inside it."""
+    return {name: cls for name, cls in _registered.items()
+            if cls.__module__ == package or cls.__module__.startswith(package + ".")}
+
+
+def custom_objects() -> dict[str, type]:
+    """Every class a saved n2uq_tf model may name, for Keras deserialization: {class name: class}."""
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
+    return registered_classes()
 
 
 def check_format_version(config, what):

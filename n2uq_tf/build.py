@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from n2uq_tf import _fused
-from n2uq_tf.tflite import _core, _delegate
+from n2uq_tf.tflite import _core, delegate
 
 
 def main():
@@ -19,7 +19,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # "building ... (once)" as each starts
     print(_fused.build(force=args.force))
     print(_core.build(force=args.force))
-    print(_delegate.build(force=args.force))
+    print(delegate.build(force=args.force))
 
 
 if __name__ == "__main__":

@@ -101,10 +101,11 @@ def _add_input_arguments(parser, training=False):
 
 
 def build_parser():
-    from n2uq_tf import data, distribute, models, ops
-    from n2uq_tf.quantize.methods import ACTIVATION_METHODS, METHODS, WEIGHT_METHODS
+    from n2uq_tf import data, distribute, models
+    from n2uq_tf.quantization_math import n2uq
+    from n2uq_tf.quantize.method_table import ACTIVATION_METHODS, METHODS, WEIGHT_METHODS
     from n2uq_tf.tflite import BACKENDS, _core
-    bits = tuple(range(ops.MIN_BITS, ops.MAX_BITS + 1))
+    bits = tuple(range(n2uq.MIN_BITS, n2uq.MAX_BITS + 1))
     parser = argparse.ArgumentParser(prog="n2uq-tf", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -12,7 +12,7 @@ import math
 
 import tensorflow as tf
 
-from n2uq_tf._keras import keras, register
+from n2uq_tf._keras import keras, register, registered_classes
 
 __all__ = ["RPReLU", "PaddedConv2D", "PaddedDepthwiseConv2D", "custom_objects", "symmetric_padding"]
 
@@ -191,4 +191,4 @@ class PaddedDepthwiseConv2D(_ExplicitPaddingMixin, keras.layers.DepthwiseConv2D)
 
 def custom_objects():
     """{class name: class} of every layer defined here, for loading saved models."""
-    return {cls.__name__: cls for cls in (RPReLU, PaddedConv2D, PaddedDepthwiseConv2D)}
+    return registered_classes(__name__)

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import ops
+from n2uq_tf.quantization_math import n2uq as ops
 
 SEPARATOR = "/"  # between the names in a layer's path
 

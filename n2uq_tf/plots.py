@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import model_reader, ops
+from n2uq_tf import model_reader
 from n2uq_tf.model_reader import quantizer_state
+from n2uq_tf.quantization_math import n2uq as ops
 
 __all__ = ["quantized_layers", "quantizer_state", "activation_inputs", "plot_thresholds",
            "plot_weight_levels", "save_plots"]

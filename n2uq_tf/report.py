@@ -3,7 +3,8 @@
 import dataclasses
 from typing import Any
 
-from n2uq_tf import model_reader, ops
+from n2uq_tf import model_reader
+from n2uq_tf.quantization_math import n2uq as ops
 
 FLOAT_BYTES = 4
 
@@ -29,7 +30,7 @@ class LayerReport:
     beta1: float = None
     beta2: float = None
     note: str = ""
-    weight_method: str = None     # "n2uq", "dorefa", "lsq", ... (n2uq_tf.quantize.methods.METHODS)
+    weight_method: str = None     # "n2uq", "dorefa", "lsq", ... (n2uq_tf.quantize.method_table.METHODS)
     activation_method: str = None
     step: float = None            # activation output step (beta2 * delta for N2UQ)
     export: str = None            # what export_tflite makes of it: EXPORT_* above (None: no export plan)

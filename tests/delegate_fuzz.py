@@ -56,13 +56,12 @@ Mutant = collections.namedtuple("Mutant", "cls label content resize")
 
 def asan_plugin():
     """The delegate plugin built with AddressSanitizer + UBSan (cached by source content); its path."""
-    from n2uq_tf.tflite import _core
     from n2uq_tf import _native
     sources = [os.path.join(PLUGIN_DIR, n) for n in _native.DELEGATE_COMPILED]
     sources += [os.path.join(CORE_DIR, n) for n in _native.CORE_COMPILED]
     headers = [os.path.join(PLUGIN_DIR, n) for n in _native.DELEGATE_HEADERS_AND_SOURCES if n.endswith(".h")]
     headers += [os.path.join(CORE_DIR, n) for n in _native.CORE_HEADERS_AND_SOURCES if n.endswith(".h")]
-    command = ([_core.compiler()] + native_build.SANITIZER_FLAGS
+    command = ([_native.compiler()] + native_build.SANITIZER_FLAGS
                + ["-fPIC", "-shared", "-fvisibility=hidden", "-I" + CORE_DIR, "-I" + PLUGIN_DIR])
     return native_build.cached_binary("n2uq_delegate_asan", command, sources, headers)
 
@@ -75,10 +74,10 @@ def sanitizer_env():
     allocations over 1 GiB fail like a failed malloc instead of filling the machine; ASan prints
     a stack for SIGSEGV / SIGABRT / SIGBUS / SIGFPE / SIGILL too, so every crash can be placed.
     """
-    from n2uq_tf.tflite import _core
+    from n2uq_tf import _native
     libs = []
     for name in ("libasan.so", "libstdc++.so.6"):
-        path = subprocess.run([_core.compiler(), f"-print-file-name={name}"], capture_output=True,
+        path = subprocess.run([_native.compiler(), f"-print-file-name={name}"], capture_output=True,
                               text=True).stdout.strip()
         assert os.path.isabs(path) and os.path.exists(path), f"the compiler has no {name} (needed for ASan)"
         libs.append(path)

@@ -385,7 +385,7 @@ def test_a_missing_optional_package_is_a_failure_not_a_traceback(finished_run, t
 
 def test_choices_come_from_the_library(capsys):
     from n2uq_tf import data, distribute, models, ops, tflite
-    from n2uq_tf.quantize import methods
+    from n2uq_tf.quantize import method_table
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     choices = {(name, action.dest): tuple(action.choices) for name, sub in commands.items()
@@ -396,9 +396,9 @@ def test_choices_come_from_the_library(capsys):
     bits = tuple(range(ops.MIN_BITS, ops.MAX_BITS + 1))
     for option in ("bits", "weight_bits", "activation_bits"):
         assert choices[("train", option)] == bits
-    assert choices[("train", "method")] == tuple(methods.METHODS)
-    assert choices[("train", "weight_method")] == methods.WEIGHT_METHODS
-    assert choices[("train", "activation_method")] == methods.ACTIVATION_METHODS
+    assert choices[("train", "method")] == tuple(method_table.METHODS)
+    assert choices[("train", "weight_method")] == method_table.WEIGHT_METHODS
+    assert choices[("train", "activation_method")] == method_table.ACTIVATION_METHODS
     assert choices[("train", "compression")] == tuple(distribute.COMPRESSORS)
     assert choices[("train", "compression_bits")] == distribute.SUPPORTED_BITS
     assert choices[("train", "channels")] == data.CHANNELS

@@ -45,7 +45,7 @@ def invoke(interpreter, x):
 @pytest.mark.parametrize("backend", ["tflite", "litert"])
 @pytest.mark.parametrize("kernel_threads", [1, 2])
 def test_interpreters_in_parallel_threads_sharing_one_delegate_are_bit_exact(exported, backend, kernel_threads):
-    _, module = n2tfl._delegate._backend_module(backend)
+    _, module = n2tfl.delegate.backend_module(backend)
     delegate = n2tfl.load_delegate(backend)
     inputs = [np.random.default_rng(i).normal(size=(1, 10, 10, 3)).astype(np.float32) for i in range(12)]
 

@@ -11,6 +11,7 @@ self-test (FlexBuffer fuzzing, kernels under a fake context) runs under the sani
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from tensorflow.lite.tools import flatbuffer_utils
 
 import n2uq_tf.tflite as n2tfl
 from n2uq_tf.export import custom_ops as co
-from n2uq_tf.tflite import _core, _delegate
+from n2uq_tf import _native
+from n2uq_tf.tflite import _core, delegate, op_names
 
 import delegate_fuzz
 import native_build
@@ -202,8 +204,42 @@ def assert_same_outputs(outputs, reference):
 
 # ------------------------------------------------------------------ tests
 
-def test_op_names_mirror_the_contract():
-    assert n2tfl.N2UQ_OPS == co.ALL_OPS
+def test_op_names_are_the_plugins_and_the_contracts():
+    lib = delegate.library()
+    plugin_names = []
+    while lib.n2uq_tflite_op_name(len(plugin_names)) is not None:
+        plugin_names.append(lib.n2uq_tflite_op_name(len(plugin_names)).decode())
+    assert set(plugin_names) == set(op_names.ALL_OPS) and len(plugin_names) == len(op_names.ALL_OPS)
+    assert n2tfl.N2UQ_OPS is op_names.ALL_OPS and co.ALL_OPS is op_names.ALL_OPS  # one list, no mirror
+
+
+RUN_WITHOUT_TENSORFLOW = """
+import sys
+import numpy as np
+sys.modules["tensorflow"] = None  # any import of TensorFlow fails from here on
+import n2uq_tf.tflite as n2tfl
+model, inputs, outputs = sys.argv[1:]
+interpreter = n2tfl.Interpreter(model_path=model)
+interpreter.allocate_tensors()
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.load(inputs))
+interpreter.invoke()
+np.savez(outputs, *[interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
+print(n2tfl.benchmark_model(model, runs=1, warmup=0)["backend"])
+"""
+
+
+def test_runtime_runs_without_tensorflow(models, tmp_path):
+    """`n2uq_tf.tflite` with ai_edge_litert alone: a deployment without TensorFlow."""
+    content, x, reference = models["A"]
+    (tmp_path / "a.tflite").write_bytes(content)
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, str(tmp_path / "a.tflite"),
+                             str(tmp_path / "x.npy"), str(tmp_path / "out.npz")], capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "litert"
+    with np.load(tmp_path / "out.npz") as outputs:
+        assert_same_outputs([outputs[key] for key in outputs.files], reference)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -345,7 +381,7 @@ def test_flexbuffer_reader_widths_and_indirect_values():
             fbb.String("s", "text")
         cases.append(fbb.Finish())
     for buffer in cases:
-        parsed = n2tfl._delegate.flexbuffer_dump(buffer)
+        parsed = delegate.flexbuffer_dump(buffer)
         expected = flexbuffers.Loads(buffer)
         assert set(parsed) == set(expected)
         for key, value in expected.items():
@@ -358,7 +394,7 @@ def test_flexbuffer_reader_widths_and_indirect_values():
                 assert got == int(value), key
     for bad in (b"", b"\x00", b"\x01\x01", b"abc\x25\x01", cases[0][:-3] + b"\xff\x26\x01", cases[2][5:]):
         with pytest.raises(ValueError, match="malformed custom options"):
-            n2tfl._delegate.flexbuffer_dump(bad)
+            delegate.flexbuffer_dump(bad)
 
 
 def test_delegate_is_harmless_without_n2uq_ops():
@@ -391,7 +427,7 @@ def test_missing_delegate_gives_a_clear_error(models, monkeypatch):
     def unavailable():
         raise n2tfl.DelegateUnavailableError("no compiler")
 
-    monkeypatch.setattr(_delegate, "delegate_path", unavailable)
+    monkeypatch.setattr(delegate, "delegate_path", unavailable)
     with pytest.raises(n2tfl.DelegateUnavailableError, match="N2UQ custom ops .*N2UQConv2D.*no compiler"):
         n2tfl.Interpreter(model_content=models["A"][0])
 
@@ -585,10 +621,10 @@ def test_malformed_fused_ops_report_errors_without_crashing(fused_model, sanitiz
 def test_cpp_selftest_under_asan_and_ubsan():
     sources = [os.path.join(PLUGIN_DIR, name) for name in ("delegate_selftest.cc", "delegate.cc",
                                                            "flexbuffer_options.cc")]
-    sources += [os.path.join(CORE_DIR, name) for name in _core._COMPILED]
+    sources += [os.path.join(CORE_DIR, name) for name in _native.CORE_COMPILED]
     headers = [os.path.join(PLUGIN_DIR, name) for name in ("tflite_abi.h", "flexbuffer_options.h")]
-    headers += [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
-    command = [_core.compiler()] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR, "-I" + PLUGIN_DIR]
+    headers += [os.path.join(CORE_DIR, name) for name in _native.CORE_HEADERS_AND_SOURCES if name.endswith(".h")]
+    command = [_native.compiler()] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR, "-I" + PLUGIN_DIR]
     binary = native_build.cached_binary("delegate_selftest_asan", command, sources, headers)
     env = dict(os.environ, **native_build.SANITIZER_ENV)
     result = subprocess.run([binary, "3000"], capture_output=True, text=True, env=env, timeout=3600)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from n2uq_tf import _fused, ops
+from n2uq_tf import _fused
+from n2uq_tf.quantization_math import n2uq as ops
 
 kernels = _fused.load()
 if kernels is None and os.environ.get("CI"):
@@ -85,7 +86,8 @@ def test_portable_path_matches_avx2_path():
     """The non-AVX2 path, forced in a fresh process, gives the same results."""
     script = textwrap.dedent("""
         import numpy as np, tensorflow as tf
-        from n2uq_tf import _fused, ops
+        from n2uq_tf import _fused
+        from n2uq_tf.quantization_math import n2uq as ops
         k = _fused.load()
         rng = np.random.default_rng(5)
         x = rng.uniform(-0.5, 2.5, 40_003).astype(np.float32); g = rng.normal(size=x.shape).astype(np.float32)
@@ -133,7 +135,8 @@ def test_empty_input():
 def test_missing_compiler_falls_back_with_a_warning(tmp_path):
     script = textwrap.dedent("""
         import warnings, tensorflow as tf
-        from n2uq_tf import _fused, ops
+        from n2uq_tf import _fused
+        from n2uq_tf.quantization_math import n2uq as ops
         _fused._candidate_dirs = lambda: [TMP]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

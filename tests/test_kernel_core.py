@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from n2uq_tf import ops
+from n2uq_tf import _native, ops
 from n2uq_tf.tflite import _core
 
 import native_build
@@ -606,17 +606,17 @@ def test_malformed_pack_quantize_depthwise_raise():
 
 
 def _cached_build(tag, command_prefix, sources, link_flags):
-    headers = [os.path.join(CORE_DIR, name) for name in _core._SOURCE_NAMES if name.endswith(".h")]
+    headers = [os.path.join(CORE_DIR, name) for name in _native.CORE_HEADERS_AND_SOURCES if name.endswith(".h")]
     return native_build.cached_binary(f"core_selftest_{tag}", command_prefix, sources, headers, link_flags)
 
 
 def _selftest_sources():
-    return [os.path.join(CORE_DIR, name) for name in _core._COMPILED] + [SELFTEST]
+    return [os.path.join(CORE_DIR, name) for name in _native.CORE_COMPILED] + [SELFTEST]
 
 
 @pytest.mark.slow
 def test_cpp_selftest_under_asan_and_ubsan():
-    compiler = _core.compiler()
+    compiler = _native.compiler()
     binary = _cached_build("asan", [compiler] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR],
                            _selftest_sources(), [])
     env = dict(os.environ, **native_build.SANITIZER_ENV)

@@ -12,9 +12,9 @@ import tf_keras as keras
 
 import methods_reference as ref
 import n2uq_tf
-from n2uq_tf import methods as m
-from n2uq_tf.quantize import N2UQQuantizeConfig, N2UQWrapper
-from n2uq_tf.quantize import methods as qm
+from n2uq_tf.quantization_math import baselines as m
+from n2uq_tf.quantize import N2UQQuantizeConfig, N2UQWrapper, method_table
+from n2uq_tf.quantize import baseline_quantizers as bq
 
 BITS = [1, 2, 3, 4]
 
@@ -125,7 +125,7 @@ def test_lsq_weights_signed_and_grad_scale(bits, mode):
 
 def test_lsq_one_bit_weights_rejected():
     with pytest.raises(ValueError, match="at least 2 bits"):
-        qm.LSQWeightQuantizer(1)
+        bq.LSQWeightQuantizer(1)
 
 
 @pytest.mark.parametrize("temperature, sigma", [(2.0, 2.0), (2.0, 1.0), (4.0, 1.5)])
@@ -359,9 +359,9 @@ def test_export_hooks_reproduce_inference(weight_method, activation_method):
         assert view.zero2 == (n_codes if weight_method == "lsq" else n_codes - 1)
         if weight_method == "lsq":
             with pytest.raises(ValueError, match="'lsq' weights have a zero level"):
-                qm.check_exportable(wrapper)
+                method_table.check_exportable(wrapper)
         else:
-            qm.check_exportable(wrapper)
+            method_table.check_exportable(wrapper)
 
 
 def test_data_dependent_initialisation_happens_once():
@@ -446,7 +446,7 @@ def test_old_configs_load_as_n2uq():
 
 def test_every_quantizer_is_registered_for_loading():
     objects = n2uq_tf.custom_objects()
-    for activation, weight in qm.METHODS.values():
+    for activation, weight in method_table.METHODS.values():
         for cls in (activation, weight):
             if cls is not None:
                 assert objects[cls.__name__] is cls

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
-from n2uq_tf import ops
+from n2uq_tf.quantization_math import n2uq as ops
 
 IMPLEMENTATIONS = ["reference"] + (["fused"] if ops.active_implementation() == "fused" else [])
 

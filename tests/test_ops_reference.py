@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import numpy_reference as ref
-from n2uq_tf import ops
+from n2uq_tf.quantization_math import n2uq as ops
 
 F32 = np.float32
 ACT_BITS = [1, 2, 3, 4]

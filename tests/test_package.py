@@ -133,3 +133,168 @@ def test_code_passes_ruff():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ layering and the import graph
+
+PACKAGE_DIR = os.path.join(ROOT, "n2uq_tf")
+
+# Each part of the package (a top-level module or subpackage) and its layer: a module imports
+# only from its own part and from parts of lower layers, also inside functions (docs/design.md,
+# "How the package is layered"). `_keras.custom_objects` imports the registering modules by name.
+LAYER_OF_PART = {
+    "_io": 0, "_native": 0, "_optional": 0,
+    "_fused": 1, "tflite": 1,
+    "_keras": 2, "quantization_math": 2,
+    "layers": 3, "model_reader": 3,
+    "quantize": 4,
+    "data": 5, "distribute": 5, "models": 5, "training": 5,
+    "export": 6,
+    "plots": 7, "report": 7,
+    "build": 8, "recipe": 8,
+    "cli": 9,
+    "__main__": 10,
+}
+
+
+def package_imports():
+    """[(module, part of the package it imports)] for every n2uq_tf import in the package sources."""
+    import ast
+    found = []
+    for folder, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            module = os.path.relpath(path, PACKAGE_DIR)[:-3].replace(os.sep, ".")
+            module = module[:-len(".__init__")] if module.endswith("__init__") else module
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module == "n2uq_tf":
+                    targets = [f"n2uq_tf.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    assert node.level == 0, f"{module}: relative import"
+                    targets = [node.module]
+                else:
+                    continue
+                for target in targets:
+                    if target.startswith("n2uq_tf."):
+                        found.append((module, target.split(".")[1]))
+    return found
+
+
+def test_every_import_runs_down_the_layers():
+    imports = package_imports()
+    assert len(imports) > 100  # the sources were read
+    upward = []
+    for module, part in imports:
+        own = module.split(".")[0]
+        assert own in LAYER_OF_PART and part in LAYER_OF_PART, f"{module} -> {part}: give the part a layer"
+        if own != part and LAYER_OF_PART[part] >= LAYER_OF_PART[own]:
+            upward.append((module, part))
+    assert upward == []
+
+
+def test_quantization_math_is_pure_tensorflow():
+    import ast
+    folder = os.path.join(PACKAGE_DIR, "quantization_math")
+    names = sorted(os.listdir(folder))
+    assert {"__init__.py", "n2uq.py", "baselines.py", "_common.py"} <= set(names)
+    for name in names:
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+            assert not [m for m in imported if "keras" in m or m.startswith(("tensorflow_model_optimization",
+                                                                            "n2uq_tf.quantize"))], name
+            assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "keras"], name
+
+
+def test_no_file_named_methods():
+    for folder, _, files in os.walk(ROOT):
+        if ".venv" not in folder and ".git" not in folder:
+            assert "methods.py" not in files, folder
+
+
+MODULES_LOADED = """
+import json, sys
+def loaded():
+    return sorted(m for m in sys.modules if m.split(".")[0] in ("n2uq_tf", "tensorflow", "tf_keras", "matplotlib"))
+steps = {}
+import n2uq_tf
+steps["import n2uq_tf"] = loaded()
+import n2uq_tf.tflite
+steps["import n2uq_tf.tflite"] = loaded()
+n2uq_tf.quantize_model, n2uq_tf.DistillationModel, n2uq_tf.quantization_report, n2uq_tf.custom_objects()
+steps["front end"] = loaded()
+print(json.dumps(steps))
+"""
+
+
+def test_what_each_import_loads():
+    import json
+    result = run_python(MODULES_LOADED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = json.loads(result.stdout.splitlines()[-1])
+    assert steps["import n2uq_tf"] == ["n2uq_tf"]  # every name loads on first use
+    runtime = steps["import n2uq_tf.tflite"]
+    assert not [m for m in runtime if not m.startswith("n2uq_tf")]  # no TensorFlow, tf_keras or matplotlib
+    assert not [m for m in runtime if m.split(".")[1:2] not in (["tflite"], ["_native"], [])]  # no exporter
+    front_end = steps["front end"]
+    assert {"n2uq_tf.quantize.api", "n2uq_tf.training.callbacks", "n2uq_tf.report"} <= set(front_end)
+    assert not [m for m in front_end if m.startswith(("n2uq_tf.plots", "n2uq_tf.export", "n2uq_tf.cli"))]
+
+
+def test_modules_under_their_former_names_are_the_same_objects():
+    import importlib
+    import n2uq_tf
+    from n2uq_tf import methods
+    from n2uq_tf.quantization_math import baselines, n2uq
+    from n2uq_tf.quantize import method_table
+    assert importlib.import_module("n2uq_tf.ops") is n2uq_tf.ops is n2uq
+    assert methods is importlib.import_module("n2uq_tf.methods") is baselines
+    old_quantizers = importlib.import_module("n2uq_tf.quantize.methods")
+    assert old_quantizers is method_table
+    assert old_quantizers.PACTActivationQuantizer.__name__ == "PACTActivationQuantizer"  # what old .keras files name
+    assert n2uq.n2uq_quantize.__module__ == "n2uq_tf.quantization_math.n2uq"
+    for name in n2uq_tf.__all__ + ["model_reader", "quantize", "report", "training", "quantization_math"]:
+        assert getattr(n2uq_tf, name) is not None  # every name the package root gave at once before
+
+
+# ------------------------------------------------------------------ custom objects from the registry
+
+def test_custom_objects_are_every_registered_class():
+    import tf_keras as keras
+    import n2uq_tf
+    from n2uq_tf.distribute import CompressedOptimizer
+    objects = n2uq_tf.custom_objects()
+    assert objects["CompressedOptimizer"] is CompressedOptimizer
+    registered = {key.split(">", 1)[1]: cls for key, cls in keras.saving.get_custom_objects().items()
+                  if key.startswith("n2uq_tf>")}
+    assert objects == registered
+    assert {"N2UQWrapper", "N2UQQuantizeConfig", "ActivationQuantizer", "RPReLU", "N2UQAdam",
+            "LinearEpochDecay", "PACTActivationQuantizer"} <= set(objects)
+
+
+def test_registering_modules_are_listed():
+    """custom_objects imports the modules that call `register`: the list must name every one."""
+    import ast
+    from n2uq_tf import _keras
+    callers = set()
+    for folder, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if name.endswith(".py") and name != "_keras.py":
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read())
+                uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "register"]
+                imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "n2uq_tf._keras"
+                           and any(a.name == "register" for a in n.names)]
+                if uses and imports:
+                    module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    callers.add(module[:-len(".__init__")] if module.endswith("__init__") else module)
+    assert callers == set(_keras.REGISTERING_MODULES)

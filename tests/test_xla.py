@@ -22,7 +22,8 @@ import tf_keras as keras
 from tensorflow.python.framework import kernels as registered_kernels
 
 import n2uq_tf
-from n2uq_tf import _fused, ops
+from n2uq_tf import _fused
+from n2uq_tf.quantization_math import n2uq as ops
 from n2uq_tf.quantize import N2UQWrapper
 
 FUSED_OPS = ("N2uqQuantizeForward", "N2uqQuantizeBackward")

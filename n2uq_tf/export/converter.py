@@ -218,8 +218,8 @@ def export_tflite(model: keras.Model, path: str | os.PathLike[str] | None = None
         if report.lowered:
             # Calibration runs the float model in the converter's own interpreter, which takes
             # custom ops only from op-resolver registerers (not delegates): give it our kernels.
-            from n2uq_tf.tflite import _delegate
-            converter.target_spec._experimental_custom_op_registerers = [_delegate.op_resolver_registerer()]
+            from n2uq_tf.export.calibration import op_resolver_registerer
+            converter.target_spec._experimental_custom_op_registerers = [op_resolver_registerer()]
     streams = {}
     for r in lowered.lowered_layers:
         streams.setdefault(r.stream.tobytes(), []).append(r.name)

@@ -12,7 +12,7 @@ Ops (inputs in order; "bits" of a quantized tensor are 1..4):
 * ``N2UQQuantizePack``: x float32 [..., C], thresholds float32 [2^bits - 1]
   -> packed int64 [..., bits, ceil(C / 64)].  Options: bits, channels, beta1.
   code m = #{i : x * beta1 > thresholds[i]} (float32 product, strict >), as
-  ``ops.activation_levels``; bit b of m goes to plane b; channel c is bit c % 64 of
+  ``quantization_math.n2uq.activation_levels``; bit b of m goes to plane b; channel c is bit c % 64 of
   word c // 64 of its plane; bits above C are 0 (the int64 holds the uint64 bit pattern).
 * ``N2UQQuantize``: x float32 [..., C], thresholds -> codes uint8 [..., C] (feeds depthwise).
   Options: bits, channels, beta1.
@@ -104,16 +104,11 @@ following BatchNorm folded into multiplier and bias by the exporter. Zero paddin
 import numpy as np
 import tensorflow as tf
 
-OP_QUANTIZE_PACK = "N2UQQuantizePack"
-OP_QUANTIZE = "N2UQQuantize"
-OP_CONV2D = "N2UQConv2D"
-OP_DEPTHWISE_CONV2D = "N2UQDepthwiseConv2D"
-OP_FULLY_CONNECTED = "N2UQFullyConnected"
-OP_CONV2D_FUSED = "N2UQConv2DFused"
-OP_DEPTHWISE_CONV2D_FUSED = "N2UQDepthwiseConv2DFused"
-OP_FULLY_CONNECTED_FUSED = "N2UQFullyConnectedFused"
-ALL_OPS = (OP_QUANTIZE_PACK, OP_QUANTIZE, OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED, OP_CONV2D_FUSED,
-           OP_DEPTHWISE_CONV2D_FUSED, OP_FULLY_CONNECTED_FUSED)
+# The names live where the runtime side reads them without TensorFlow.
+from n2uq_tf.tflite.op_names import (  # noqa: F401
+    ALL_OPS, OP_CONV2D, OP_CONV2D_FUSED, OP_DEPTHWISE_CONV2D, OP_DEPTHWISE_CONV2D_FUSED, OP_FULLY_CONNECTED,
+    OP_FULLY_CONNECTED_FUSED, OP_QUANTIZE, OP_QUANTIZE_PACK)
+
 LAYER_OPS = (OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED)  # each op holding a layer's packed weights
 FUSED_OPS = {OP_CONV2D_FUSED: OP_CONV2D, OP_DEPTHWISE_CONV2D_FUSED: OP_DEPTHWISE_CONV2D,
              OP_FULLY_CONNECTED_FUSED: OP_FULLY_CONNECTED}  # fused op -> its layer op

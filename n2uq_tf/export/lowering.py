@@ -23,7 +23,7 @@ from n2uq_tf import model_reader
 from n2uq_tf._keras import keras
 from n2uq_tf.export import custom_ops
 from n2uq_tf.layers import PaddedConv2D, PaddedDepthwiseConv2D, RPReLU
-from n2uq_tf.quantize import methods
+from n2uq_tf.quantize import method_table
 
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
 FLOAT_BYTES = 4
@@ -193,7 +193,7 @@ def _builtin_reason(quantized, input_shape):
     if quantized.input is None:
         return "input not quantized (activation_bits=None)"
     try:
-        methods.check_exportable(quantized.wrapper)
+        method_table.check_exportable(quantized.wrapper)
     except ValueError as error:
         return str(error)
     if quantized.weight_bits > MAX_EXPORT_BITS or quantized.activation_bits > MAX_EXPORT_BITS:

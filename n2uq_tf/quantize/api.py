@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from n2uq_tf import ops
-from n2uq_tf._keras import keras, tfmot
-from n2uq_tf.quantize import methods, nested, registry, saving
+from n2uq_tf._keras import custom_objects, keras, tfmot
+from n2uq_tf.quantization_math import n2uq
+from n2uq_tf.quantize import method_table, nested, registry, saving
 from n2uq_tf.quantize.config import N2UQQuantizeConfig
-from n2uq_tf.quantize.quantizers import ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer
 from n2uq_tf.quantize.scheme import N2UQQuantizeScheme
 from n2uq_tf.quantize.wrapper import N2UQWrapper
 
@@ -20,23 +19,6 @@ _KERAS2_HINT = (
     "n2uq_tf needs a tf_keras (Keras 2) model, because tensorflow-model-optimization does. "
     "Build the model with `import tf_keras as keras` (or set TF_USE_LEGACY_KERAS=1 before importing "
     "TensorFlow so that tf.keras is tf_keras), e.g. keras.applications.ResNet50(weights=None).")
-
-
-def custom_objects() -> dict[str, type]:
-    """Every class a saved quantized model may name, for Keras deserialization."""
-    objects = {cls.__name__: cls for cls in
-               (N2UQWrapper, N2UQQuantizeConfig, ActivationQuantizer, UniformActivationQuantizer, WeightQuantizer)}
-    objects.update({cls.__name__: cls for pair in methods.METHODS.values() for cls in pair if cls is not None})
-    # Layers defined by n2uq_tf.layers (RPReLU, ...) register themselves there.
-    try:
-        from n2uq_tf import layers as _layers
-        objects.update(_layers.custom_objects())
-    except ImportError:
-        pass
-    # The optimizer and schedule of the training recipe (named by class in .h5 files).
-    from n2uq_tf import training as _training
-    objects.update(_training.custom_objects())
-    return objects
 
 
 @contextlib.contextmanager
@@ -120,8 +102,8 @@ def _normalize_bits(value, default_w, default_a, where):
         w, a = value
     else:
         w = a = value
-    w = None if w is None else ops.check_bits(w, f"overrides[{where!r}] weight bits")
-    a = None if a is None else ops.check_bits(a, f"overrides[{where!r}] activation bits")
+    w = None if w is None else n2uq.check_bits(w, f"overrides[{where!r}] weight bits")
+    a = None if a is None else n2uq.check_bits(a, f"overrides[{where!r}] activation bits")
     if w is None and a is None:
         return None
     return w, a
@@ -169,10 +151,10 @@ def _override_methods(walked, overrides, default_methods):
             if not isinstance(value, dict) or not any(k in value for k in _METHOD_KEYS):
                 break
             if value.get("method") is not None:
-                return methods.resolve_methods(value["method"], value.get("weight_method"),
-                                               value.get("activation_method"))
-            return methods.resolve_methods("n2uq", value.get("weight_method") or default_methods[0],
-                                           value.get("activation_method") or default_methods[1])
+                return method_table.resolve_methods(value["method"], value.get("weight_method"),
+                                                    value.get("activation_method"))
+            return method_table.resolve_methods("n2uq", value.get("weight_method") or default_methods[0],
+                                                value.get("activation_method") or default_methods[1])
     return default_methods
 
 
@@ -195,9 +177,9 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
     weight_bits, activation_bits, weight_method, activation_method, reason, first (True for
     the first quantizable layer) and override (the overrides key that decided its bits, or None).
     """
-    default_methods = methods.resolve_methods(method, weight_method, activation_method, learn_thresholds)
-    default_w = ops.check_bits(bits if weight_bits is None else weight_bits, "weight_bits")
-    default_a = ops.check_bits(bits if activation_bits is None else activation_bits, "activation_bits")
+    default_methods = method_table.resolve_methods(method, weight_method, activation_method, learn_thresholds)
+    default_w = n2uq.check_bits(bits if weight_bits is None else weight_bits, "weight_bits")
+    default_a = n2uq.check_bits(bits if activation_bits is None else activation_bits, "activation_bits")
     overrides = dict(overrides or {})
     walked = list(nested.walk(model))
     model_paths = {w.path for w in nested.walk(model, models=True) if nested.is_nested_model(w.layer)}
@@ -315,7 +297,7 @@ def quantize_model(model: keras.Model, bits: int = 2, *, method: str = "n2uq", w
       method: the quantizer of weights and activations: "n2uq" (default), "uniform" (N2UQ with
         thresholds frozen at uniform: the paper's STE baseline; N2UQ weights), "dorefa", "pact"
         (DoReFa weights, as in the PACT paper), "lsq", "daq"; for weights only, "none" (no weight
-        scaling) and "learnable" (learned per-channel scale); see `n2uq_tf.quantize.methods.METHODS`.
+        scaling) and "learnable" (learned per-channel scale); see `n2uq_tf.quantize.method_table.METHODS`.
         A method without an activation (weight) quantizer leaves that side to "n2uq".
       weight_method, activation_method: override ``method`` for weights / activations (for
         ablations such as uniform activations with entropy-preserving weights).

@@ -1,8 +1,8 @@
 """The N2UQ QuantizeConfig: which weights of a layer are quantized, and its input quantizer."""
 
-from n2uq_tf import ops
 from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, register, tfmot
-from n2uq_tf.quantize import methods, registry
+from n2uq_tf.quantization_math import n2uq
+from n2uq_tf.quantize import method_table, registry
 
 
 @register
@@ -19,7 +19,7 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
         ``{"depthwise_kernel": (-2, -1), "pointwise_kernel": -1}``).
       learn_thresholds: False freezes the activation thresholds at uniform (baseline); the same
         as ``activation_method="uniform"``.
-      weight_method, activation_method: names in `n2uq_tf.quantize.methods.METHODS` ("n2uq",
+      weight_method, activation_method: names in `n2uq_tf.quantize.method_table.METHODS` ("n2uq",
         "uniform", "dorefa", "pact", "lsq", "daq"; weights also "none", "learnable"). A config
         saved before these existed loads as "n2uq".
     """
@@ -28,14 +28,14 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
                  learn_thresholds=True, weight_method="n2uq", activation_method="n2uq"):
         if weight_bits is None and activation_bits is None:
             raise ValueError("N2UQQuantizeConfig needs weight_bits or activation_bits (both are None)")
-        self.weight_bits = None if weight_bits is None else ops.check_bits(weight_bits, "weight_bits")
+        self.weight_bits = None if weight_bits is None else n2uq.check_bits(weight_bits, "weight_bits")
         self.activation_bits = (None if activation_bits is None
-                                else ops.check_bits(activation_bits, "activation_bits"))
+                                else n2uq.check_bits(activation_bits, "activation_bits"))
         self.weight_attrs = tuple(weight_attrs)
         self.channel_axis = _normalize_channel_axis(channel_axis, self.weight_attrs)
         if activation_method == "uniform":
             learn_thresholds = False
-        self.weight_method, self.activation_method = methods.resolve_methods(
+        self.weight_method, self.activation_method = method_table.resolve_methods(
             "n2uq", weight_method, activation_method, learn_thresholds)
         self.learn_thresholds = self.activation_method != "uniform"
         if self.weight_bits is not None:
@@ -47,7 +47,7 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
         return self.channel_axis[attr] if isinstance(self.channel_axis, dict) else self.channel_axis
 
     def _weight_quantizer(self, attr):
-        return methods.weight_quantizer(self.weight_method, self.weight_bits, self.channel_axis_of(attr))
+        return method_table.weight_quantizer(self.weight_method, self.weight_bits, self.channel_axis_of(attr))
 
     def get_weights_and_quantizers(self, layer):
         if self.weight_bits is None:
@@ -79,7 +79,7 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
         """Quantizers for the layer's inputs, applied by `N2UQWrapper` (not a tfmot hook)."""
         if self.activation_bits is None:
             return []
-        return [methods.activation_quantizer(self.activation_method, self.activation_bits)]
+        return [method_table.activation_quantizer(self.activation_method, self.activation_bits)]
 
     def get_intermediate_quantizers(self, layer):
         """[(name, quantizer)] between the stages of a layer the registry splits, applied by `N2UQWrapper`.
@@ -90,7 +90,7 @@ class N2UQQuantizeConfig(ConfigSerializable, tfmot.quantization.keras.QuantizeCo
         split = registry.split_of(layer)
         if split is None or self.activation_bits is None:
             return []
-        return [(split.name, methods.activation_quantizer(self.activation_method, self.activation_bits))]
+        return [(split.name, method_table.activation_quantizer(self.activation_method, self.activation_bits))]
 
     def get_config(self):
         axis = ({attr: _axis_config(a) for attr, a in self.channel_axis.items()}

@@ -1,6 +1,6 @@
-"""tfmot Quantizer subclasses for N2UQ: they own the learnable parameters and call ops.
+"""tfmot Quantizer subclasses for N2UQ: they own the learnable parameters and call `quantization_math.n2uq`.
 
-Every activation quantizer (here and in `n2uq_tf.quantize.methods`) has a ``method`` name and
+Every activation quantizer (here and in `n2uq_tf.quantize.baseline_quantizers`) has a ``method`` name and
 ``uniform_levels(variables)``; every weight quantizer a ``method`` and ``integer_view(w, variables)``:
 the integer form the exporter lowers to bit-serial ops.
 """
@@ -10,8 +10,8 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import ops
 from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, keras, register, tfmot
+from n2uq_tf.quantization_math import n2uq
 
 # Inference output of an activation quantizer = step * #{i : x * input_scale > thresholds[i]},
 # bit for bit in float32 (the exported quantize op's count; input_scale is N2UQ's beta1, else 1).
@@ -36,7 +36,7 @@ class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizer
     """
 
     def __init__(self, bits=2, learn_thresholds=True):
-        self.bits = ops.check_bits(bits, "activation bits")
+        self.bits = n2uq.check_bits(bits, "activation bits")
         self.learn_thresholds = bool(learn_thresholds)
 
     @property
@@ -45,8 +45,8 @@ class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizer
         return "n2uq" if self.learn_thresholds else "uniform"
 
     def build(self, tensor_shape, name, layer):
-        n = ops.num_levels(self.bits)
-        delta = ops.level_step(self.bits)
+        n = n2uq.num_levels(self.bits)
+        delta = n2uq.level_step(self.bits)
 
         def variable(suffix, shape, value, trainable):
             return layer.add_weight(
@@ -62,15 +62,15 @@ class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizer
         }
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return ops.n2uq_quantize(inputs, weights["start"], weights["intervals"], weights["beta1"],
+        return n2uq.n2uq_quantize(inputs, weights["start"], weights["intervals"], weights["beta1"],
                                  weights["beta2"], self.bits)
 
     def uniform_levels(self, variables):
         """Thresholds T_i (in beta1 * x units), step beta2 * delta and input_scale beta1 (exact)."""
-        _, _, thresholds = ops.segment_bounds(variables["start"], variables["intervals"])
+        _, _, thresholds = n2uq.segment_bounds(variables["start"], variables["intervals"])
         beta2 = np.float32(variables["beta2"].numpy())
         return UniformLevels(thresholds.numpy().astype(np.float32),
-                             np.float32(beta2 * np.float32(ops.level_step(self.bits))),
+                             np.float32(beta2 * np.float32(n2uq.level_step(self.bits))),
                              np.float32(variables["beta1"].numpy()))
 
     def get_config(self):
@@ -102,19 +102,19 @@ class WeightQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizers.Qu
     method = "n2uq"
 
     def __init__(self, bits=2, channel_axis=-1):
-        self.bits = ops.check_bits(bits, "weight bits")
+        self.bits = n2uq.check_bits(bits, "weight bits")
         self.channel_axis = tuple(channel_axis) if isinstance(channel_axis, (list, tuple)) else int(channel_axis)
 
     def build(self, tensor_shape, name, layer):
         return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return ops.quantize_weights(inputs, self.bits, self.channel_axis)
+        return n2uq.quantize_weights(inputs, self.bits, self.channel_axis)
 
     def integer_view(self, w, variables=None):
         """codes k, scale 2 alpha / n, zero2 = n: alpha (2k/n - 1) = (2 alpha / n) (2k - n) / 2."""
-        codes, alpha = ops.weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits, self.channel_axis)
-        n = ops.num_levels(self.bits)
+        codes, alpha = n2uq.weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits, self.channel_axis)
+        n = n2uq.num_levels(self.bits)
         return IntegerView(codes.numpy(), (alpha.numpy().astype(np.float64) * 2.0 / n), n)
 
     def get_config(self):

@@ -23,9 +23,6 @@ ISAS = ("auto", "portable", "avx2", "avx512", "neon")
 PATHS = ("auto", "bitserial", "dot", "lut")
 ABI_VERSION = 2
 MAX_BITS = 4
-_SOURCE_NAMES = _native.CORE_HEADERS_AND_SOURCES
-_COMPILED = _native.CORE_COMPILED
-FLAGS = _native.CORE_FLAGS
 _lock = threading.Lock()
 _loaded = {}
 
@@ -34,14 +31,10 @@ class CoreError(ValueError):
     """An argument the kernel core rejected (the message comes from the C library)."""
 
 
-# Building lives in n2uq_tf._native (shared with the delegate and the fused training kernel).
-source_dir = _native.core_source_dir
-compiler = _native.compiler
-build_command = _native.core_build_command
-
-
 def build(force=False, verbose=True):
-    """Compiles the core library if needed and returns its path (RuntimeError on failure)."""
+    """Compiles the core library if needed and returns its path (RuntimeError on failure).
+
+    Building lives in n2uq_tf._native (shared with the delegate and the fused training kernel)."""
     return _native.build_core(force=force, verbose=verbose)
 
 

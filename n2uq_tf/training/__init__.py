@@ -6,6 +6,7 @@
     model.fit(dataset, epochs=E)
 """
 
+from n2uq_tf._keras import registered_classes
 from n2uq_tf.training.callbacks import QuantizerTensorBoard
 from n2uq_tf.training.distillation import DistillationModel, distillation_loss
 from n2uq_tf.training.optimizer import (PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, N2UQAdam,
@@ -15,7 +16,7 @@ from n2uq_tf.training.schedules import LinearEpochDecay, linear_epoch_decay
 
 def custom_objects():
     """Training classes a saved, compiled model may name (its optimizer and schedule)."""
-    return {cls.__name__: cls for cls in (N2UQAdam, LinearEpochDecay)}
+    return registered_classes("n2uq_tf.training")
 
 
 __all__ = [

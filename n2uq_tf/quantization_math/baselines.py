@@ -1,6 +1,6 @@
 """The literature quantizers that N2UQ is compared with: pure-TF math with the papers' gradients.
 
-N2UQ's own math stays in `n2uq_tf.ops` (also the "uniform" baseline: N2UQ with frozen
+N2UQ's own math is the sibling module `n2uq` (also the "uniform" baseline: N2UQ with frozen
 thresholds). This module holds the others, each written from its paper:
 
 * DoReFa-Net (Zhou et al. 2016, arXiv 1606.06160), Sec. 2.2-2.3: weights
@@ -36,7 +36,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import ops
+from n2uq_tf.quantization_math._common import channel_axes, check_bits, count_less, num_levels, symmetric_levels
 
 __all__ = [
     "half_step_thresholds", "count_above",
@@ -47,7 +47,7 @@ __all__ = [
     "daq_temperature", "daq_soft_round", "daq_activation", "daq_weights", "daq_weight_codes", "daq_weight_scale",
     "DAQ_ACT_TEMPERATURE", "DAQ_ACT_SIGMA", "DAQ_WEIGHT_TEMPERATURE", "DAQ_WEIGHT_SIGMA",
     "noscale_weights", "noscale_weight_codes", "learnable_scale_weights", "learnable_scale_codes",
-    "learnable_scale_grad_scale",
+    "learnable_scale_grad_scale", "learnable_scale_init",
 ]
 
 # The authors' DAQ settings (configs/DAQ/resnet20_DAQ_W1A1.yml: a_temp 2, a_sig 2; the weight
@@ -63,30 +63,20 @@ def _f32(value):
 
 def half_step_thresholds(bits):
     """(i - 1/2) / n for i = 1..n as a float32 constant: thresholds of round(n * r) on r in [0, 1]."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     return tf.constant((np.arange(n, dtype=np.float64) + 0.5) / n, tf.float32)
 
 
 def count_above(x, thresholds):
     """#{i : x > T_i} (int32) for increasing float32 thresholds: the exported quantize op's count."""
-    return ops._count_less(thresholds, x)  # one compare per threshold, as the N2UQ forward
-
-
-def _level_table(bits):
-    """(2k - n) / n for k = 0..n, correctly rounded (see ops.quantize_weights for why a table)."""
-    n = ops.num_levels(bits)
-    return tf.constant([(2 * k - n) / n for k in range(n + 1)], tf.float32)
-
-
-def _reduce_axes(rank, channel_axis):
-    return ops._channel_axes(rank, channel_axis)
+    return count_less(thresholds, x)  # one compare per threshold, as the N2UQ forward
 
 
 # --------------------------------------------------------------------------- DoReFa
 
 def dorefa_activation(x, bits):
     """DoReFa activations: round(n * clip(x, 0, 1)) / n; STE gradient 1 on [0, 1], 0 outside."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     thresholds = half_step_thresholds(bits)
     step = tf.constant(1.0 / n, tf.float32)
 
@@ -113,7 +103,7 @@ def dorefa_weight_codes(w, bits):
 
     bits > 1: k = round(n * r), w_q = 2k/n - 1. bits = 1: k = [w >= 0], w_q = E (2k - 1), E = mean|w|.
     """
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     w = tf.cast(w, tf.float32)
     if bits == 1:
         return tf.cast(w >= 0.0, tf.int32), tf.reduce_mean(tf.abs(w))
@@ -131,7 +121,7 @@ def dorefa_weights(w, bits):
         exact = tf.stop_gradient(scale) * (2.0 * tf.cast(codes, tf.float32) - 1.0)
         smooth = w
     else:
-        exact = tf.gather(_level_table(bits), codes)
+        exact = tf.gather(symmetric_levels(bits), codes)
         smooth = 2.0 * _dorefa_normalized(w) - 1.0
     # exact + (smooth - smooth) is exact in the forward (x - x == 0 in float), smooth's gradient backward.
     return tf.stop_gradient(exact) + (smooth - tf.stop_gradient(smooth))
@@ -145,7 +135,7 @@ def pact_activation(x, alpha, bits):
     Gradients (PACT Eq. 3, plain STE): dy_q/dx = 1 for 0 <= x < alpha, else 0;
     dy_q/dalpha = 1 for x >= alpha, else 0. Returns float32.
     """
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     fractions = half_step_thresholds(bits)
 
     @tf.custom_gradient
@@ -166,7 +156,7 @@ def pact_activation(x, alpha, bits):
 
 def pact_levels(alpha, bits):
     """(thresholds, step) of PACT in input units, computed exactly as the forward does."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     alpha = _f32(alpha)
     return alpha * half_step_thresholds(bits), alpha * tf.constant(1.0 / n, tf.float32)
 
@@ -175,7 +165,7 @@ def pact_levels(alpha, bits):
 
 def lsq_weight_range(bits, signed):
     """(Q_N, Q_P): (2^(b-1), 2^(b-1) - 1) signed, (0, 2^b - 1) unsigned."""
-    bits = ops.check_bits(bits)
+    bits = check_bits(bits)
     if signed:
         if bits < 2:
             raise ValueError("signed LSQ needs at least 2 bits (1 bit would give the levels {-1, 0})")
@@ -305,7 +295,7 @@ def daq_activation(x, upper, bits, training, temperature=DAQ_ACT_TEMPERATURE, si
     zero below 0, dy/du = 1 above u); inference: y = u/n * #{x > u (i - 1/2) / n} (hard rounding).
     ``training`` is a Python bool (or a boolean tensor).
     """
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     x = tf.cast(x, tf.float32)
     upper = _f32(upper)
 
@@ -325,7 +315,7 @@ def daq_activation(x, upper, bits, training, temperature=DAQ_ACT_TEMPERATURE, si
 
 def _daq_normalized_codes(w, lower, upper, bits):
     """r = n clip((w_n - l) / (u - l), 0, 1) with w_n = (w - mean) / std (mean, std held constant)."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     w = tf.cast(w, tf.float32)
     mean = tf.stop_gradient(tf.reduce_mean(w))
     std = tf.stop_gradient(tf.math.reduce_std(w))
@@ -353,7 +343,7 @@ def daq_weights(w, lower, upper, bits, training, temperature=DAQ_WEIGHT_TEMPERAT
     S = std (u - l) / 2 maps the normalised levels back to weight units (the authors instead
     scale the conv output by a learned beta; with BatchNorm after the conv that is absorbed).
     """
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     lower, upper = _f32(lower), _f32(upper)
     w = tf.cast(w, tf.float32)
     r, std = _daq_normalized_codes(w, lower, upper, bits)
@@ -361,7 +351,7 @@ def daq_weights(w, lower, upper, bits, training, temperature=DAQ_WEIGHT_TEMPERAT
 
     def hard():
         codes = tf.cast(tf.round(tf.stop_gradient(r)), tf.int32)
-        return scale * tf.gather(_level_table(bits), codes)
+        return scale * tf.gather(symmetric_levels(bits), codes)
 
     def soft():
         return scale * ((2.0 * daq_soft_round(r, temperature, sigma) - n) / n)
@@ -376,31 +366,43 @@ def daq_weights(w, lower, upper, bits, training, temperature=DAQ_WEIGHT_TEMPERAT
 
 def noscale_weight_codes(w, bits):
     """Codes of N2UQ's level set with alpha = 1: k = round((clip(w, -1, 1) + 1) n / 2)."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     return tf.cast(tf.round((tf.clip_by_value(tf.cast(w, tf.float32), -1.0, 1.0) + 1.0) * (n / 2.0)), tf.int32)
 
 
 def noscale_weights(w, bits):
     """No weight scaling: 2^b symmetric levels (2k - n)/n of [-1, 1]; STE gradient g (no clip mask, as N2UQ)."""
     w = tf.cast(w, tf.float32)
-    exact = tf.gather(_level_table(bits), noscale_weight_codes(tf.stop_gradient(w), bits))
+    exact = tf.gather(symmetric_levels(bits), noscale_weight_codes(tf.stop_gradient(w), bits))
     return tf.stop_gradient(exact) + (w - tf.stop_gradient(w))
 
 
 def learnable_scale_codes(w, alpha, bits):
     """k = round((clip(w / alpha, -1, 1) + 1) n / 2) with a per-channel alpha (broadcastable)."""
-    n = ops.num_levels(bits)
+    n = num_levels(bits)
     ratio = tf.cast(w, tf.float32) / tf.cast(alpha, tf.float32)
     return tf.cast(tf.round((tf.clip_by_value(ratio, -1.0, 1.0) + 1.0) * (n / 2.0)), tf.int32)
+
+
+def learnable_scale_init(w, bits, channel_axis=-1):
+    """The learnable scale's start, n mean|W_c| / sqrt(2^(b-1)) per channel (at least 1e-8).
+
+    LSQ's 2 mean|w| / sqrt(Q_P) in steps of 2 alpha / n, with Q_P = 2^(b-1) positive levels.
+    """
+    w = tf.cast(w, tf.float32)
+    axes = channel_axes(w.shape.rank, channel_axis)
+    n = num_levels(bits)
+    mean = tf.reduce_mean(tf.abs(w), axis=axes, keepdims=True)
+    return tf.maximum(mean * (n / math.sqrt(2 ** (bits - 1))), 1e-8)
 
 
 @tf.autograph.experimental.do_not_convert
 def learnable_scale_grad_scale(w, channel_axis, bits):
     """1 / sqrt(N_c * 2^(b-1)): LSQ's g with N the weights per channel and Q_P the positive levels."""
     w = tf.convert_to_tensor(w)
-    axes = _reduce_axes(w.shape.rank, channel_axis)
+    axes = channel_axes(w.shape.rank, channel_axis)
     per_channel = int(np.prod([w.shape[a] for a in axes])) if axes else 1
-    return 1.0 / math.sqrt(per_channel * 2 ** (ops.check_bits(bits) - 1))
+    return 1.0 / math.sqrt(per_channel * 2 ** (check_bits(bits) - 1))
 
 
 def learnable_scale_weights(w, alpha, bits, channel_axis=-1, grad_scale=None):
@@ -410,10 +412,10 @@ def learnable_scale_weights(w, alpha, bits, channel_axis=-1, grad_scale=None):
     sum over the channel of g * (q - w/alpha) inside, g * sign(w) outside, q = (2k - n)/n.
     """
     w = tf.cast(w, tf.float32)
-    axes = _reduce_axes(w.shape.rank, channel_axis)
+    axes = channel_axes(w.shape.rank, channel_axis)
     if grad_scale is None:
         grad_scale = learnable_scale_grad_scale(w, channel_axis, bits)
-    table = _level_table(bits)
+    table = symmetric_levels(bits)
 
     @tf.custom_gradient
     def quantize(w, alpha):

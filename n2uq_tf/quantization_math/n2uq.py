@@ -27,21 +27,18 @@ runs on every device and compiles with XLA (``tf.function(jit_compile=True)``), 
 and is what ``implementation="auto"`` picks on a CPU outside XLA.
 """
 
-import numbers
-
 import tensorflow as tf
 # TensorFlow's own test for "this graph will be compiled by XLA" (what Keras uses too);
 # there is no public equivalent.
 from tensorflow.python.ops import control_flow_util
 
-MIN_BITS, MAX_BITS = 1, 8
+# MIN_BITS, MAX_BITS, check_bits and num_levels are shared with the baselines and public here.
+from n2uq_tf.quantization_math._common import (  # noqa: F401
+    COMPARE_LIMIT, MAX_BITS, MIN_BITS, channel_axes, check_bits, count_less, num_levels, symmetric_levels)
+
 # Intervals at or below this are floored (a `where`, so a floored interval gets
 # no gradient), as in the official code.
 INTERVAL_FLOOR = 1e-3
-# Up to this many thresholds (4 bits), levels and segments are found by one elementwise
-# compare per threshold, which XLA fuses into a single pass with no gather; above it, by
-# a binary search (searchsorted) and index-based segment sums, whose cost does not grow with n.
-COMPARE_LIMIT = 16
 IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 __all__ = [
@@ -57,21 +54,6 @@ __all__ = [
     "weight_codes",
     "quantize_weights",
 ]
-
-
-def check_bits(bits, what="bits"):
-    """Returns ``bits`` as an int after checking it is an integer in 1..8."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-    bits = int(bits)
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-    return bits
-
-
-def num_levels(bits):
-    """n = 2**bits - 1: the number of quantization steps above the lowest level."""
-    return 2 ** check_bits(bits) - 1
 
 
 def level_step(bits):
@@ -97,22 +79,12 @@ def segment_bounds(start, intervals):
     return a, bounds, thresholds
 
 
-def _count_less(sorted_values, xs):
-    """Per element of ``xs``, the number of ``sorted_values`` strictly below it (int32)."""
-    n = int(sorted_values.shape[0])
-    if n <= COMPARE_LIMIT:
-        return tf.add_n([tf.cast(xs > sorted_values[i], tf.int32) for i in range(n)])
-    flat = tf.reshape(xs, [1, -1])
-    counts = tf.searchsorted(sorted_values[tf.newaxis], flat, side="left", out_type=tf.int32)
-    return tf.reshape(counts, tf.shape(xs))
-
-
 def activation_levels(x, start, intervals, beta1, bits):
     """Integer activation codes m in {0..n} (int32) that the quantizer outputs as m * beta2 * delta."""
     num_levels(bits)
     _, _, thresholds = segment_bounds(start, intervals)
     xs = tf.cast(x, tf.float32) * tf.cast(tf.reshape(beta1, []), tf.float32)
-    return _count_less(thresholds, xs)
+    return count_less(thresholds, xs)
 
 
 # The G-STE backward. On segment i the surrogate is u_i(xs) = beta2 * delta * ((i-1) + (xs - d_{i-1}) / a'_i),
@@ -170,7 +142,7 @@ def _gste_backward(g, x, xs, bounds, a, slopes):
         slope_sum = tf.reduce_sum(grad_xs)
         in_range = above[0] & ~above[n]
     else:
-        k = _count_less(bounds, xs)  # segment k for 1 <= k <= n; 0 below d_0 and n + 1 above d_n
+        k = count_less(bounds, xs)  # segment k for 1 <= k <= n; 0 below d_0 and n + 1 above d_n
         pad = tf.zeros([1], tf.float32)
         slope_of = tf.gather(tf.concat([pad, slopes, pad], 0), k)
         lower_of = tf.gather(tf.concat([pad, bounds[:-1], pad], 0), k)
@@ -190,7 +162,7 @@ def _reference_quantize(x, start, intervals, beta1, beta2, bits):
     def quantize(x, start, intervals, beta1, beta2):
         a, bounds, thresholds = segment_bounds(start, intervals)
         scale = beta2 * delta
-        level = tf.cast(_count_less(thresholds, x * beta1), tf.float32)
+        level = tf.cast(count_less(thresholds, x * beta1), tf.float32)
         y = level * scale
 
         def grad(g):
@@ -198,7 +170,7 @@ def _reference_quantize(x, start, intervals, beta1, beta2, bits):
             # fuses into the backward's loops, and no activation-sized tensor is held between passes.
             xs = x * beta1
             grad_xs, interval_sums, slope_sum, beta1_sum = _gste_backward(g, x, xs, bounds, a, scale / a)
-            level_sum = tf.reduce_sum(g * tf.cast(_count_less(thresholds, xs), tf.float32))
+            level_sum = tf.reduce_sum(g * tf.cast(count_less(thresholds, xs), tf.float32))
             return (grad_xs * beta1,) + _parameter_gradients(interval_sums, slope_sum, beta1_sum, level_sum,
                                                              intervals, delta)
 
@@ -344,21 +316,11 @@ def n2uq_quantize(x, start, intervals, beta1, beta2, bits, *, implementation="au
     return tf.cast(y, x.dtype)
 
 
-def _channel_axes(rank, channel_axis):
-    axes = channel_axis if isinstance(channel_axis, (tuple, list)) else (channel_axis,)
-    keep = set()
-    for axis in axes:
-        if not -rank <= axis < rank:
-            raise ValueError(f"channel_axis {channel_axis!r} is out of range for a weight of rank {rank}")
-        keep.add(axis % rank)
-    return [i for i in range(rank) if i not in keep]
-
-
 def weight_scale(w, bits, channel_axis=-1):
     """alpha = gamma * mean(|W|) over every axis but the output-channel axis (keepdims)."""
     gamma = weight_gamma(bits)
     w = tf.convert_to_tensor(w)
-    reduce_axes = _channel_axes(w.shape.rank, channel_axis)
+    reduce_axes = channel_axes(w.shape.rank, channel_axis)
     return gamma * tf.reduce_mean(tf.abs(w), axis=reduce_axes, keepdims=True)
 
 
@@ -383,11 +345,11 @@ def quantize_weights(w, bits, channel_axis=-1):
     tuple of axes kept separate (``(-2, -1)`` for a DepthwiseConv2D kernel, one scale per
     depthwise output channel).
     """
-    n = num_levels(bits)
+    check_bits(bits)
     w = tf.convert_to_tensor(w)
     if not w.dtype.is_floating:
         raise TypeError(f"quantize_weights needs a floating-point weight, got {w.dtype.name}")
-    _channel_axes(w.shape.rank, channel_axis)
+    channel_axes(w.shape.rank, channel_axis)
     dtype = w.dtype
 
     @tf.custom_gradient
@@ -395,10 +357,7 @@ def quantize_weights(w, bits, channel_axis=-1):
         codes, alpha = weight_codes(tf.stop_gradient(w), bits, channel_axis)
         alpha = tf.stop_gradient(alpha)
         nonzero = alpha > 0
-        # 2k/n - 1 looked up from a correctly rounded table: computed as `k * 2.0 / n - 1`,
-        # Grappler's constant folding turns it into `k * (2/n) - 1` in graphs only, and graph
-        # and eager results would differ in the last bits.
-        levels = tf.gather(tf.constant([(2 * k - n) / n for k in range(n + 1)], tf.float32), codes)
+        levels = tf.gather(symmetric_levels(bits), codes)  # 2k/n - 1, correctly rounded (see there)
         wq = tf.where(nonzero, alpha * levels, tf.zeros_like(w))
 
         def grad(g):

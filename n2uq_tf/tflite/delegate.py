@@ -1,4 +1,4 @@
-"""Builds (once) and loads the N2UQ TFLite delegate plugin (tflite_tools/tflite).
+"""The N2UQ TFLite delegate plugin (tflite_tools/tflite): build, load, and interpreters that use it.
 
 The plugin is a shared library with the external-delegate entry points
 `tflite_plugin_create_delegate` / `tflite_plugin_destroy_delegate`; its Prepare claims the
@@ -15,28 +15,23 @@ Delegate options (strings, as for any external delegate):
   path         conv / fully-connected kernel path: auto | bitserial | dot | lut (default auto:
                N2UQ_KERNEL_PATH, else the fastest measured on each layer's shape at Prepare)
   abi_probe    1: record the tensor/node table seen in Prepare (ABI self-test)
+
+Neither TensorFlow nor the exporter is imported here: `Interpreter` runs with ai_edge_litert alone.
+Timing a model is `n2uq_tf.tflite.benchmark`; letting the converter's int8 calibrator run the ops
+is the exporter's business (`n2uq_tf.export.calibration`).
 """
 
 import ctypes
 import os
-import statistics
 import threading
-import time
 from typing import Any
 
-import numpy as np
 
 from n2uq_tf import _native
 from n2uq_tf.tflite import _core
+from n2uq_tf.tflite.op_names import ALL_OPS as N2UQ_OPS
 
-# Mirrors n2uq_tf.export.custom_ops.ALL_OPS (checked by tests) so that running a model
-# does not import TensorFlow when only ai_edge_litert is installed.
-N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected",
-            "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")
 BACKENDS = ("auto", "litert", "tflite")
-_SOURCE_NAMES = _native.DELEGATE_HEADERS_AND_SOURCES
-_COMPILED = _native.DELEGATE_COMPILED
-FLAGS = _native.DELEGATE_FLAGS
 _lock = threading.Lock()
 _loaded = {}
 
@@ -45,20 +40,10 @@ class DelegateUnavailableError(RuntimeError):
     """The model has N2UQ custom ops but the delegate plugin cannot be built or loaded."""
 
 
-# Building lives in n2uq_tf._native (shared with the core and the fused training kernel).
-build_command = _native.delegate_build_command
-
-
-def source_dir():
-    """The folder with the plugin's C++ sources (N2UQ_DELEGATE_SOURCE_DIR overrides)."""
-    try:
-        return _native.delegate_source_dir()
-    except _native.BuildError as error:
-        raise DelegateUnavailableError(str(error)) from error
-
-
 def build(force: bool = False, verbose: bool = True) -> str:
-    """Compiles the delegate plugin if needed and returns its path (DelegateUnavailableError on failure)."""
+    """Compiles the delegate plugin if needed and returns its path (DelegateUnavailableError on failure).
+
+    Building lives in n2uq_tf._native (shared with the core and the fused training kernel)."""
     try:
         return _native.build_delegate(force=force, verbose=verbose, error=DelegateUnavailableError)
     except _native.BuildError as error:  # sources missing
@@ -100,51 +85,13 @@ def library():
         return _loaded["lib"]
 
 
-# ------------------------------------------------------------------ converter calibration
-
-# MutableOpResolver::AddCustom(const char*, const TfLiteRegistration*, int min_version, int max_version)
-_ADD_CUSTOM_SYMBOL = "_ZN6tflite17MutableOpResolver9AddCustomEPKcPK18TfLiteRegistrationii"
-
-
-def op_resolver_registerer():
-    """A registerer for TFLite's converter-side interpreters: ``fn(resolver_address)``.
-
-    TFLite's int8 calibrator runs the float model in its own interpreter, which takes custom
-    ops only from registerers (``converter.target_spec._experimental_custom_op_registerers``),
-    not from delegates. This one adds the plugin's kernels (`n2uq_tflite_registration`) to
-    the calibrator's MutableOpResolver through AddCustom, a symbol of the TensorFlow wheel's
-    libtensorflow_cc (the converter's own TFLite), resolved here with ctypes: no link step,
-    and the plugin itself stays free of TensorFlow symbols. Development-time only; apps load
-    the plugin as a delegate.
-    """
-    import tensorflow as tf
-    from n2uq_tf.export.custom_ops import ALL_OPS
-
-    path = os.path.join(os.path.dirname(tf.__file__), "libtensorflow_cc.so.2")
-    try:
-        add_custom = ctypes.CDLL(path)[_ADD_CUSTOM_SYMBOL]
-    except (OSError, AttributeError) as error:
-        raise DelegateUnavailableError(
-            f"this TensorFlow ({tf.__version__}) does not expose MutableOpResolver::AddCustom in {path}, "
-            f"so its int8 calibrator cannot run the N2UQ ops: {error}") from error
-    add_custom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    add_custom.restype = None
-    lib = library()
-    registrations = {name: lib.n2uq_tflite_registration(name.encode()) for name in ALL_OPS}
-    missing = [name for name, registration in registrations.items() if not registration]
-    if missing:
-        raise DelegateUnavailableError(f"the delegate plugin has no registration for {', '.join(missing)}")
-
-    def register(resolver_address):
-        for name, registration in registrations.items():
-            add_custom(resolver_address, name.encode(), registration, 1, 1)
-
-    return register
-
-
 # ------------------------------------------------------------------ interpreters
 
-def _backend_module(backend):
+def backend_module(backend):
+    """("litert", ai_edge_litert.interpreter) or ("tflite", tf.lite) for a name in BACKENDS.
+
+    "auto" prefers ai_edge_litert; TensorFlow is imported only when tf.lite is the one used.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend in ("auto", "litert"):
@@ -165,7 +112,7 @@ def load_delegate(backend: str = "auto", **options: Any) -> Any:
     "avx512", "neon"), path ("auto", "bitserial", "dot", "lut"), abi_probe (bool). Pass the
     result in `experimental_delegates`.
     """
-    name, module = _backend_module(backend)
+    name, module = backend_module(backend)
     load = module.load_delegate if name == "litert" else module.experimental.load_delegate
     options = {key: (int(value) if isinstance(value, bool) else value) for key, value in options.items()
                if value is not None}
@@ -203,7 +150,7 @@ def Interpreter(model_path: str | os.PathLike[str] | bytes | None = None, model_
         if model_content is not None:
             raise TypeError("Interpreter: model bytes given both as model_path and model_content")
         model_path, model_content = None, bytes(model_path)
-    name, module = _backend_module(backend)
+    name, module = backend_module(backend)
     try:
         delegate = load_delegate(name, **(delegate_options or {}))
     except DelegateUnavailableError as error:
@@ -220,7 +167,7 @@ def Interpreter(model_path: str | os.PathLike[str] | bytes | None = None, model_
                               experimental_delegates=delegates, **kwargs)
 
 
-# ------------------------------------------------------------------ profiling and benchmark
+# ------------------------------------------------------------------ kernel profile and self-tests
 
 def _native_pointer(delegate):
     if delegate is None:
@@ -281,101 +228,3 @@ def flexbuffer_dump(data):
         result[key] = (kind, float(value) if kind == "float" else int(value) if kind in ("int", "uint", "bool")
                        else None)
     return result
-
-
-def _random_inputs(interpreter, seed):
-    rng = np.random.default_rng(seed)
-    values = []
-    for detail in interpreter.get_input_details():
-        shape, dtype = detail["shape"], np.dtype(detail["dtype"])
-        if np.issubdtype(dtype, np.floating):
-            values.append(rng.standard_normal(shape).astype(dtype))
-        elif dtype == np.bool_:
-            values.append(rng.random(shape) < 0.5)
-        else:
-            info = np.iinfo(dtype)
-            values.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
-    return values
-
-
-def _time_interpreter(interpreter, runs, warmup, seed=0, after_warmup=None):
-    interpreter.allocate_tensors()
-    for detail, value in zip(interpreter.get_input_details(), _random_inputs(interpreter, seed)):
-        interpreter.set_tensor(detail["index"], value)
-    for _ in range(warmup):
-        interpreter.invoke()
-    if after_warmup is not None:
-        after_warmup()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        interpreter.invoke()
-        times.append(time.perf_counter() - start)
-    return {"mean_ms": 1e3 * statistics.fmean(times), "median_ms": 1e3 * statistics.median(times),
-            "min_ms": 1e3 * min(times), "runs": runs}
-
-
-def benchmark_model(path: str | os.PathLike[str], num_threads: int = 1, runs: int = 50, warmup: int = 5,
-                    backend: str = "auto", float_model: str | os.PathLike[str] | None = None, isa: str | None = None,
-                    kernel_path: str | None = None) -> dict[str, Any]:
-    """Latency of a .tflite model with the N2UQ delegate, and without it when that is possible.
-
-    A model with N2UQ ops cannot run without the delegate: then "without_delegate" times
-    `float_model` (e.g. a float twin) if given, else is None. "ops" is the per-kernel
-    breakdown of the N2UQ ops measured inside the plugin; "other_ms" is the rest of the
-    mean invoke time (builtin ops and interpreter overhead).
-    """
-    backend_name, module = _backend_module(backend)
-    delegate = load_delegate(backend_name, isa=isa, path=kernel_path)
-    interpreter = module.Interpreter(model_path=str(path), num_threads=int(num_threads),
-                                     experimental_delegates=[delegate])
-    runs = max(int(runs), 1)
-    # Warm-up invokes (caches, thread pool) stay out of the per-op profile.
-    with_delegate = _time_interpreter(interpreter, runs, int(warmup), after_warmup=reset_kernel_profile)
-    ops = []
-    for entry in kernel_profile(delegate):
-        calls = max(entry["invocations"], 1)
-        ops.append({"op": entry["op"], "output": entry["output"], "node": entry["node"],
-                    "calls": entry["invocations"], "mean_ms": 1e3 * entry["seconds"] / calls, "path": entry["path"]})
-    n2uq_ms = sum(op["mean_ms"] * op["calls"] / max(runs, 1) for op in ops)
-    for op in ops:
-        op["share"] = op["mean_ms"] * op["calls"] / max(runs, 1) / with_delegate["mean_ms"]
-    result = {"model": str(path), "backend": backend_name, "num_threads": int(num_threads),
-              "isa": _core.isa(isa or "auto"), "n2uq_ops": model_n2uq_ops(model_path=path),
-              "with_delegate": with_delegate, "ops": ops, "n2uq_ms": n2uq_ms,
-              "other_ms": max(with_delegate["mean_ms"] - n2uq_ms, 0.0), "without_delegate": None,
-              "without_delegate_model": None}
-    del interpreter
-    baseline = None
-    if not result["n2uq_ops"]:
-        baseline = str(path)
-    elif float_model is not None:
-        baseline = str(float_model)
-    if baseline is not None:
-        plain = module.Interpreter(model_path=baseline, num_threads=int(num_threads))
-        result["without_delegate"] = _time_interpreter(plain, runs, warmup)
-        result["without_delegate_model"] = baseline
-    return result
-
-
-def format_benchmark(result: dict[str, Any]) -> str:
-    """A readable table of `benchmark_model`'s result."""
-    w = result["with_delegate"]
-    lines = [f"model: {result['model']}  ({result['backend']}, {result['num_threads']} thread(s), "
-             f"isa {result['isa']}, {w['runs']} runs)",
-             f"with n2uq delegate: mean {w['mean_ms']:.3f} ms, median {w['median_ms']:.3f} ms, "
-             f"min {w['min_ms']:.3f} ms"]
-    base = result["without_delegate"]
-    if base is not None:
-        lines.append(f"without delegate ({result['without_delegate_model']}): mean {base['mean_ms']:.3f} ms, "
-                     f"median {base['median_ms']:.3f} ms, min {base['min_ms']:.3f} ms")
-    elif result["n2uq_ops"]:
-        lines.append("without delegate: cannot run (the model has N2UQ custom ops; pass a float twin to compare)")
-    if result["ops"]:
-        lines.append(f"{'node':>5}  {'op':<20} {'path':<9} {'mean ms':>9} {'share':>7}  output")
-        for op in result["ops"]:
-            lines.append(f"{op['node']:>5}  {op['op']:<20} {op.get('path') or '-':<9} {op['mean_ms']:>9.3f} "
-                         f"{100 * op['share']:>6.1f}%  {op['output']}")
-        lines.append(f"{'':>5}  {'other ops + overhead':<20} {result['other_ms']:>9.3f} "
-                     f"{100 * result['other_ms'] / max(w['mean_ms'], 1e-12):>6.1f}%")
-    return "\n".join(lines)

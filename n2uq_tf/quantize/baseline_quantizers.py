@@ -1,23 +1,20 @@
-"""tfmot Quantizers of the literature methods, and METHODS: method name -> (activation, weight) class.
+"""tfmot Quantizers of the literature baselines: DoReFa, PACT, LSQ, DAQ and two weight variants.
 
-The math is in `n2uq_tf.methods` (and `n2uq_tf.ops` for N2UQ); these classes own the
-variables, choose the training or inference path, and give the exporter the integer view.
+The math is in `n2uq_tf.quantization_math.baselines`; these classes own the variables, choose the
+training or inference path, and give the exporter the integer view (N2UQ's own Quantizers are in
+`quantizers`; `method_table` maps method names to both).
 
 Variables initialised from data (LSQ's step, DAQ's activation range, the learnable weight
 scale) are set on the quantizer's first call (training or not) from the tensor it sees, and a
 saved ``*_initialized`` flag keeps a loaded model from initialising again.
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
-from n2uq_tf import methods as m
-from n2uq_tf import ops
 from n2uq_tf._keras import FORMAT_VERSION, ConfigSerializable, keras, register, tfmot
-from n2uq_tf.quantize.quantizers import (ActivationQuantizer, IntegerView, UniformActivationQuantizer,
-                                         UniformLevels, WeightQuantizer)
+from n2uq_tf.quantization_math import baselines, n2uq
+from n2uq_tf.quantize.quantizers import IntegerView, UniformLevels
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
@@ -66,7 +63,7 @@ class _Base(ConfigSerializable, _Quantizer):
     method = None
 
     def __init__(self, bits=2):
-        self.bits = ops.check_bits(bits, f"{self.method} bits")
+        self.bits = n2uq.check_bits(bits, f"{self.method} bits")
 
     def build(self, tensor_shape, name, layer):
         return {}  # no variables; quantizers with parameters override this
@@ -93,11 +90,11 @@ class DoReFaActivationQuantizer(_Base):
     method = "dorefa"
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return tf.cast(m.dorefa_activation(inputs, self.bits), inputs.dtype)
+        return tf.cast(baselines.dorefa_activation(inputs, self.bits), inputs.dtype)
 
     def uniform_levels(self, variables):
-        n = ops.num_levels(self.bits)
-        return UniformLevels(m.half_step_thresholds(self.bits).numpy(), np.float32(1.0 / n), np.float32(1.0))
+        n = n2uq.num_levels(self.bits)
+        return UniformLevels(baselines.half_step_thresholds(self.bits).numpy(), np.float32(1.0 / n), np.float32(1.0))
 
 
 @register
@@ -124,10 +121,10 @@ class PACTActivationQuantizer(_Base):
         return {"alpha": alpha}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return tf.cast(m.pact_activation(inputs, weights["alpha"], self.bits), inputs.dtype)
+        return tf.cast(baselines.pact_activation(inputs, weights["alpha"], self.bits), inputs.dtype)
 
     def uniform_levels(self, variables):
-        thresholds, step = m.pact_levels(variables["alpha"], self.bits)
+        thresholds, step = baselines.pact_levels(variables["alpha"], self.bits)
         return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
 
     def get_config(self):
@@ -144,13 +141,13 @@ class LSQActivationQuantizer(_Base):
                 "initialized": _variable(layer, name, "lsq_initialized", (), 0.0, trainable=False)}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        _, q_p = m.lsq_weight_range(self.bits, signed=False)
+        _, q_p = baselines.lsq_weight_range(self.bits, signed=False)
         step = _lazy(weights["step"], weights["initialized"],
-                     lambda: tf.maximum(m.lsq_init(inputs, q_p), 1e-6))
-        return tf.cast(m.lsq_activation(inputs, step, self.bits), inputs.dtype)
+                     lambda: tf.maximum(baselines.lsq_init(inputs, q_p), 1e-6))
+        return tf.cast(baselines.lsq_activation(inputs, step, self.bits), inputs.dtype)
 
     def uniform_levels(self, variables):
-        thresholds, step = m.lsq_activation_levels(variables["step"], self.bits)
+        thresholds, step = baselines.lsq_activation_levels(variables["step"], self.bits)
         return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
 
 
@@ -162,7 +159,7 @@ class DAQActivationQuantizer(_Base):
     """
     method = "daq"
 
-    def __init__(self, bits=2, temperature=m.DAQ_ACT_TEMPERATURE, sigma=m.DAQ_ACT_SIGMA):
+    def __init__(self, bits=2, temperature=baselines.DAQ_ACT_TEMPERATURE, sigma=baselines.DAQ_ACT_SIGMA):
         super().__init__(bits)
         self.temperature, self.sigma = float(temperature), float(sigma)
 
@@ -173,11 +170,11 @@ class DAQActivationQuantizer(_Base):
     def __call__(self, inputs, training, weights, **kwargs):
         upper = _lazy(weights["upper"], weights["initialized"],
                       lambda: tf.maximum(3.0 * tf.math.reduce_std(tf.cast(inputs, tf.float32)), 1e-3))
-        y = m.daq_activation(inputs, upper, self.bits, _training(training), self.temperature, self.sigma)
+        y = baselines.daq_activation(inputs, upper, self.bits, _training(training), self.temperature, self.sigma)
         return tf.cast(y, inputs.dtype)
 
     def uniform_levels(self, variables):
-        thresholds, step = m.pact_levels(variables["upper"], self.bits)  # hard rounding on [0, u]
+        thresholds, step = baselines.pact_levels(variables["upper"], self.bits)  # hard rounding on [0, u]
         return UniformLevels(thresholds.numpy(), np.float32(step.numpy()), np.float32(1.0))
 
     def get_config(self):
@@ -192,11 +189,11 @@ class DoReFaWeightQuantizer(_WeightBase):
     method = "dorefa"
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return tf.cast(m.dorefa_weights(inputs, self.bits), inputs.dtype)
+        return tf.cast(baselines.dorefa_weights(inputs, self.bits), inputs.dtype)
 
     def integer_view(self, w, variables=None):
-        codes, scale = m.dorefa_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
-        n = ops.num_levels(self.bits)
+        codes, scale = baselines.dorefa_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
+        n = n2uq.num_levels(self.bits)
         # bits > 1: 2k/n - 1 = (2/n)(2k - n)/2; bits = 1: E (2k - 1) = 2E (2k - 1)/2.
         step = 2.0 / n if self.bits > 1 else 2.0 * float(scale.numpy())
         return IntegerView(codes.numpy(), _per_channel(step, w, self.channel_axis), n)
@@ -212,20 +209,20 @@ class LSQWeightQuantizer(_WeightBase):
 
     def __init__(self, bits=2, channel_axis=-1):
         super().__init__(bits, channel_axis)
-        m.lsq_weight_range(self.bits, signed=True)  # raises for 1 bit
+        baselines.lsq_weight_range(self.bits, signed=True)  # raises for 1 bit
 
     def build(self, tensor_shape, name, layer):
         return {"step": _variable(layer, name, "lsq_step", (), 1.0),
                 "initialized": _variable(layer, name, "lsq_initialized", (), 0.0, trainable=False)}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        _, q_p = m.lsq_weight_range(self.bits, signed=True)
+        _, q_p = baselines.lsq_weight_range(self.bits, signed=True)
         step = _lazy(weights["step"], weights["initialized"],
-                     lambda: tf.maximum(m.lsq_init(inputs, q_p), 1e-8))
-        return tf.cast(m.lsq_weights(inputs, step, self.bits), inputs.dtype)
+                     lambda: tf.maximum(baselines.lsq_init(inputs, q_p), 1e-8))
+        return tf.cast(baselines.lsq_weights(inputs, step, self.bits), inputs.dtype)
 
     def integer_view(self, w, variables):
-        codes = m.lsq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["step"], self.bits)
+        codes = baselines.lsq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["step"], self.bits)
         return IntegerView(codes.numpy(), _per_channel(_numpy(variables["step"]), w, self.channel_axis),
                            2 ** self.bits)
 
@@ -235,7 +232,8 @@ class DAQWeightQuantizer(_WeightBase):
     """DAQ weights: standardised, soft-rounded on a learnable [l, u] (init [-3, 3]), 2^b symmetric levels."""
     method = "daq"
 
-    def __init__(self, bits=2, channel_axis=-1, temperature=m.DAQ_WEIGHT_TEMPERATURE, sigma=m.DAQ_WEIGHT_SIGMA):
+    def __init__(self, bits=2, channel_axis=-1, temperature=baselines.DAQ_WEIGHT_TEMPERATURE,
+                 sigma=baselines.DAQ_WEIGHT_SIGMA):
         super().__init__(bits, channel_axis)
         self.temperature, self.sigma = float(temperature), float(sigma)
 
@@ -244,14 +242,14 @@ class DAQWeightQuantizer(_WeightBase):
                 "upper": _variable(layer, name, "daq_upper", (), 3.0)}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        y = m.daq_weights(inputs, weights["lower"], weights["upper"], self.bits, _training(training),
+        y = baselines.daq_weights(inputs, weights["lower"], weights["upper"], self.bits, _training(training),
                           self.temperature, self.sigma)
         return tf.cast(y, inputs.dtype)
 
     def integer_view(self, w, variables):
-        codes, scale = m.daq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["lower"],
+        codes, scale = baselines.daq_weight_codes(tf.convert_to_tensor(w, tf.float32), variables["lower"],
                                           variables["upper"], self.bits)
-        n = ops.num_levels(self.bits)
+        n = n2uq.num_levels(self.bits)
         return IntegerView(codes.numpy(), _per_channel(float(scale.numpy()) * 2.0 / n, w, self.channel_axis), n)
 
     def get_config(self):
@@ -264,11 +262,11 @@ class NoScaleWeightQuantizer(_WeightBase):
     method = "none"
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return tf.cast(m.noscale_weights(inputs, self.bits), inputs.dtype)
+        return tf.cast(baselines.noscale_weights(inputs, self.bits), inputs.dtype)
 
     def integer_view(self, w, variables=None):
-        codes = m.noscale_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
-        n = ops.num_levels(self.bits)
+        codes = baselines.noscale_weight_codes(tf.convert_to_tensor(w, tf.float32), self.bits)
+        n = n2uq.num_levels(self.bits)
         return IntegerView(codes.numpy(), _per_channel(2.0 / n, w, self.channel_axis), n)
 
 
@@ -285,94 +283,14 @@ class LearnableScaleWeightQuantizer(_WeightBase):
         return {"alpha": _variable(layer, name, "learned_scale", _channel_shape(tensor_shape, self.channel_axis), 1.0),
                 "initialized": _variable(layer, name, "learned_scale_initialized", (), 0.0, trainable=False)}
 
-    def _init(self, w):
-        axes = ops._channel_axes(w.shape.rank, self.channel_axis)
-        n = ops.num_levels(self.bits)
-        mean = tf.reduce_mean(tf.abs(tf.cast(w, tf.float32)), axis=axes, keepdims=True)
-        return tf.maximum(mean * (n / math.sqrt(2 ** (self.bits - 1))), 1e-8)
-
     def __call__(self, inputs, training, weights, **kwargs):
-        alpha = _lazy(weights["alpha"], weights["initialized"], lambda: self._init(inputs))
-        grad_scale = m.learnable_scale_grad_scale(inputs, self.channel_axis, self.bits)  # static shapes
-        return tf.cast(m.learnable_scale_weights(inputs, alpha, self.bits, self.channel_axis, grad_scale),
+        alpha = _lazy(weights["alpha"], weights["initialized"],
+                      lambda: baselines.learnable_scale_init(inputs, self.bits, self.channel_axis))
+        grad_scale = baselines.learnable_scale_grad_scale(inputs, self.channel_axis, self.bits)  # static shapes
+        return tf.cast(baselines.learnable_scale_weights(inputs, alpha, self.bits, self.channel_axis, grad_scale),
                        inputs.dtype)
 
     def integer_view(self, w, variables):
         alpha = _numpy(variables["alpha"]).astype(np.float64)
-        codes = m.learnable_scale_codes(tf.convert_to_tensor(w, tf.float32), variables["alpha"], self.bits)
-        return IntegerView(codes.numpy(), alpha * 2.0 / ops.num_levels(self.bits), ops.num_levels(self.bits))
-
-
-# --------------------------------------------------------------------------- the table
-
-# method -> (activation quantizer class or None, weight quantizer class or None). A method
-# without one side leaves that side to N2UQ when chosen with `method=`; PACT's paper quantizes
-# weights with DoReFa, so "pact" pairs the two.
-METHODS = {
-    "n2uq": (ActivationQuantizer, WeightQuantizer),
-    "uniform": (UniformActivationQuantizer, None),
-    "dorefa": (DoReFaActivationQuantizer, DoReFaWeightQuantizer),
-    "pact": (PACTActivationQuantizer, DoReFaWeightQuantizer),
-    "lsq": (LSQActivationQuantizer, LSQWeightQuantizer),
-    "daq": (DAQActivationQuantizer, DAQWeightQuantizer),
-    "none": (None, NoScaleWeightQuantizer),
-    "learnable": (None, LearnableScaleWeightQuantizer),
-}
-
-ACTIVATION_METHODS = tuple(name for name, (a, _) in METHODS.items() if a is not None)
-WEIGHT_METHODS = tuple(name for name, (_, w) in METHODS.items() if w is not None and w.method == name)
-
-# Today's bit-serial kernels take weights scale * (2k - n) / 2 only (zero2 = n = 2^b - 1).
-NEEDS_ZERO_POINT = ("lsq",)
-
-
-def _check_name(name, allowed, what):
-    if name not in METHODS:
-        raise ValueError(f"unknown quantization method {name!r}; methods: {', '.join(METHODS)}")
-    if name not in allowed:
-        raise ValueError(f"{name!r} is not a {what} method; {what} methods: {', '.join(allowed)}")
-    return name
-
-
-def resolve_methods(method="n2uq", weight_method=None, activation_method=None, learn_thresholds=True):
-    """(weight_method, activation_method) from `method` and the per-side overrides.
-
-    ``method`` sets both sides; a method without one side leaves it to "n2uq".
-    ``learn_thresholds=False`` turns an "n2uq" activation into "uniform".
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; methods: {', '.join(METHODS)}")
-    activation_quantizer, weight_quantizer = METHODS[method]
-    w = _check_name(weight_method, WEIGHT_METHODS, "weight") if weight_method is not None else (
-        weight_quantizer.method if weight_quantizer is not None else "n2uq")
-    a = _check_name(activation_method, ACTIVATION_METHODS, "activation") if activation_method is not None else (
-        method if activation_quantizer is not None else "n2uq")
-    if not learn_thresholds:
-        if a == "n2uq":
-            a = "uniform"
-        elif a != "uniform":
-            raise ValueError(f"learn_thresholds=False freezes N2UQ thresholds; it does not apply to "
-                             f"activation method {a!r}")
-    return w, a
-
-
-def activation_quantizer(method, bits):
-    return METHODS[_check_name(method, ACTIVATION_METHODS, "activation")][0](bits)
-
-
-def weight_quantizer(method, bits, channel_axis):
-    return METHODS[_check_name(method, WEIGHT_METHODS, "weight")][1](bits, channel_axis)
-
-
-def check_exportable(wrapper):
-    """Raises ValueError when a wrapper's quantizers cannot be lowered to today's bit-serial kernels.
-
-    For the exporter: LSQ weights have a zero level (zero2 = 2^b), the kernels take zero2 = 2^b - 1.
-    """
-    for _, _, quantizer, _ in wrapper.weight_quantizers:
-        if getattr(quantizer, "method", None) in NEEDS_ZERO_POINT:
-            raise ValueError(
-                f"layer {wrapper.layer.name!r}: {quantizer.method!r} weights have a zero level "
-                f"(w = scale (2k - 2^b) / 2); the bit-serial kernels take only zero2 = 2^b - 1 "
-                f"(N2UQ, uniform, DoReFa, PACT, DAQ, none, learnable). Export of {quantizer.method!r} "
-                "weights needs the zero-point generalisation of the kernels.")
+        codes = baselines.learnable_scale_codes(tf.convert_to_tensor(w, tf.float32), variables["alpha"], self.bits)
+        return IntegerView(codes.numpy(), alpha * 2.0 / n2uq.num_levels(self.bits), n2uq.num_levels(self.bits))
