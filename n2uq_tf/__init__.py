@@ -13,8 +13,11 @@ Deployment: ``n2uq_tf.export_tflite(qmodel, "model.tflite")`` and ``n2uq_tf.tfli
 Data-parallel training with compressed gradients: ``n2uq_tf.distribute.compress_gradients``.
 The quantizer math itself (pure TensorFlow): ``n2uq_tf.quantization_math``.
 
-Every name here is imported on first use, so ``import n2uq_tf.tflite`` (the runtime side, which
-needs only ai_edge_litert or tf.lite) loads neither TensorFlow nor the Keras front end.
+Every name here is imported on first use, except the classes Keras finds by their registered names
+when it loads a saved model: where TensorFlow is installed, ``import n2uq_tf`` registers them, so that
+``tf_keras.models.load_model("m.keras")`` works after a bare ``import n2uq_tf`` (plots, the exporter and
+the CLI still load on first use). The runtime side ``n2uq_tf.tflite`` imports neither TensorFlow nor the
+exporter, so on a device with only ai_edge_litert ``import n2uq_tf.tflite`` needs nothing else.
 """
 
 import importlib
@@ -87,3 +90,18 @@ def __dir__():
 
 
 __all__ = sorted(_MODULE_OF_NAME) + ["ops"]
+
+
+def _front_end_installed():
+    try:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("tensorflow", "tf_keras", "tensorflow_model_optimization"))
+    except (ImportError, ValueError):  # a finder that refuses the name: treated as not installed
+        return False
+
+
+if _front_end_installed():
+    from n2uq_tf import _keras
+
+    _keras.custom_objects()  # imports every module that registers a class
+

@@ -227,11 +227,22 @@ def loaded():
 steps = {}
 import n2uq_tf
 steps["import n2uq_tf"] = loaded()
-import n2uq_tf.tflite
-steps["import n2uq_tf.tflite"] = loaded()
 n2uq_tf.quantize_model, n2uq_tf.DistillationModel, n2uq_tf.quantization_report, n2uq_tf.custom_objects()
 steps["front end"] = loaded()
 print(json.dumps(steps))
+"""
+
+# A device with only the TFLite runtime: TensorFlow, Keras and tfmot cannot be imported.
+RUNTIME_ONLY = """
+import importlib.abc, json, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization", "matplotlib"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NotInstalled())
+import n2uq_tf.tflite
+from n2uq_tf.tflite import Interpreter, delegate_path, model_n2uq_ops
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("n2uq_tf"))))
 """
 
 
@@ -240,13 +251,38 @@ def test_what_each_import_loads():
     result = run_python(MODULES_LOADED)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = json.loads(result.stdout.splitlines()[-1])
-    assert steps["import n2uq_tf"] == ["n2uq_tf"]  # every name loads on first use
-    runtime = steps["import n2uq_tf.tflite"]
-    assert not [m for m in runtime if not m.startswith("n2uq_tf")]  # no TensorFlow, tf_keras or matplotlib
-    assert not [m for m in runtime if m.split(".")[1:2] not in (["tflite"], ["_native"], [])]  # no exporter
+    first = steps["import n2uq_tf"]  # the classes Keras looks up by name, nothing that draws or exports
+    assert {"n2uq_tf.layers", "n2uq_tf.quantize.wrapper", "n2uq_tf.training.optimizer"} <= set(first)
+    assert not [m for m in first if m.startswith(("n2uq_tf.plots", "n2uq_tf.export", "n2uq_tf.cli"))]
     front_end = steps["front end"]
     assert {"n2uq_tf.quantize.api", "n2uq_tf.training.callbacks", "n2uq_tf.report"} <= set(front_end)
     assert not [m for m in front_end if m.startswith(("n2uq_tf.plots", "n2uq_tf.export", "n2uq_tf.cli"))]
+
+
+def test_runtime_imports_without_tensorflow():
+    import json
+    result = run_python(RUNTIME_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert "n2uq_tf.tflite.delegate" in loaded
+    assert not [m for m in loaded if m.split(".")[1:2] not in (["tflite"], ["_native"], [])]  # no exporter
+
+
+def test_saved_model_loads_with_plain_keras_after_bare_import(tmp_path):
+    import tf_keras as keras
+    import n2uq_tf
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(3)])
+    q = n2uq_tf.quantize_model(model, bits=2, skip_layers=())
+    path = str(tmp_path / "m.keras")
+    q.save(path)
+    code = (f"import numpy as np, n2uq_tf, tf_keras\nm = tf_keras.models.load_model({path!r})\n"
+            "print(m.predict(np.ones((1, 6), np.float32), verbose=0).tolist())")
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import ast
+    import numpy as np
+    got = np.array(ast.literal_eval(result.stdout.splitlines()[-1]))
+    np.testing.assert_array_equal(got, q.predict(np.ones((1, 6), np.float32), verbose=0))
 
 
 def test_modules_under_their_former_names_are_the_same_objects():
