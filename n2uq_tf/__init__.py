@@ -23,15 +23,9 @@ exporter, so on a device with only ai_edge_litert ``import n2uq_tf.tflite`` need
 import importlib
 import importlib.abc
 import importlib.util
-import os
 import sys
 
 __version__ = "0.1.0"
-
-# The front end needs tf_keras (Keras 2), and tfmot sets this when the front end imports it. Set
-# here as well, so that `tf.keras` is tf_keras from `import n2uq_tf` on even before the front end
-# has loaded (as when this file imported the front end at once).
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 _SUBMODULES = ("cli", "data", "distribute", "export", "layers", "model_reader", "models", "plots",
                "quantization_math", "quantize", "recipe", "report", "tflite", "training")

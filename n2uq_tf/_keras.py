@@ -1,16 +1,52 @@
-"""The Keras this package uses: always tf_keras (Keras 2), which tfmot requires; and its class registry.
+"""The Keras this package's tf_keras front end uses: tf_keras (Keras 2), which tfmot requires; its class registry.
 
-Importing tensorflow_model_optimization sets TF_USE_LEGACY_KERAS=1 for the process (the package
-root sets it too, before anything is imported); the front end imports tfmot here, in one known
-place. Code in this package names `tf_keras` explicitly and never uses the ambiguous `tf.keras`.
+The front end imports tfmot here, in one known place. Code in this package names `tf_keras` (or
+`keras` for Keras 3) explicitly and never uses the ambiguous `tf.keras`.
+
+`tf.keras` stays what the user's environment makes it. Importing tfmot sets TF_USE_LEGACY_KERAS=1
+for the process and, if `tf.keras` has not been used yet, resolves it then, to tf_keras for good.
+So before tfmot is imported `tf.keras` is resolved as the environment says (Keras 3 unless the
+user set TF_USE_LEGACY_KERAS), and afterwards the variable is put back as it was. tfmot itself uses
+tf_keras either way (it takes tf_keras when `tf.keras` is Keras 3). If tfmot was imported before
+n2uq_tf, it has already decided `tf.keras` (tf_keras); that cannot be undone.
 
 Every class a saved model may name goes through `register`; `custom_objects` is built from it.
 """
 
 import importlib
+import os
 
 import tf_keras as keras  # noqa: F401  (re-exported)
-import tensorflow_model_optimization as tfmot  # noqa: F401  (re-exported)
+
+_LEGACY_KERAS_VARIABLE = "TF_USE_LEGACY_KERAS"
+
+
+def _import_tfmot_leaving_tf_keras_alone():
+    """Imports tfmot without changing what `tf.keras` is or the TF_USE_LEGACY_KERAS variable."""
+    import sys
+
+    if "tensorflow_model_optimization" in sys.modules:
+        return sys.modules["tensorflow_model_optimization"]
+    previous = os.environ.get(_LEGACY_KERAS_VARIABLE)
+    try:
+        import keras as keras_3  # noqa: F401  (tf.keras resolves to it below, so it must import)
+    except Exception:  # no usable Keras 3 (not installed, or its backend fails): tfmot decides tf.keras
+        keras_3 = None
+    if keras_3 is not None:
+        import tensorflow as tf
+
+        tf.keras.__name__  # noqa: B018  (the first attribute read resolves the lazy tf.keras module)
+    try:
+        import tensorflow_model_optimization as tfmot
+    finally:
+        if previous is None:
+            os.environ.pop(_LEGACY_KERAS_VARIABLE, None)
+        else:
+            os.environ[_LEGACY_KERAS_VARIABLE] = previous
+    return tfmot
+
+
+tfmot = _import_tfmot_leaving_tf_keras_alone()
 
 FORMAT_VERSION = 1  # bumped when saved configs change incompatibly
 

@@ -15,12 +15,17 @@ bit-identical. Keras already scales the loss by 1 / replicas, so the sum is the 
 import typing
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from n2uq_tf._keras import FORMAT_VERSION, check_format_version, keras, register
+from n2uq_tf._keras_kind import require_tf_keras
 from n2uq_tf.distribute.compressors import BucketLayout, GradientCompression, decode_sum, encode
 
 _REGISTERED_NAME = "n2uq_tf>CompressedOptimizer"
+# Keras 3 optimizers aggregate gradients elsewhere (no aggregate_gradients hook): not supported yet.
+KERAS_3_ALTERNATIVE = ("For a Keras 3 model, train with its optimizer uncompressed (tf.distribute exchanges float32 "
+                       "gradients), or build the model with tf_keras to compress the exchange.")
 _compressed_classes = {}
 
 
@@ -28,7 +33,8 @@ def compress_gradients(optimizer: keras.optimizers.Optimizer | str, method: str 
                        bucket_size: int | None = None, seed: int = 0) -> keras.optimizers.Optimizer:
     """The optimizer, exchanging gradients compressed by `method` at `bits` bits per value.
 
-    optimizer: a tf_keras optimizer instance (Adam, SGD, N2UQAdam, ...) or a name like "adam".
+    optimizer: a tf_keras optimizer instance (Adam, SGD, N2UQAdam, ...) or a name like "adam". A Keras 3
+      optimizer raises TypeError: compression is tf_keras-only for now.
     method: "nuqsgd", "qsgd", "qsgdinf", or "none" (the framework's float all-reduce, unchanged).
     bits: 2, 4 or 8 (sign included). bucket_size: values per norm (default 8192; 128 at 2 bits).
     seed: the rounding noise is drawn from (seed, step, replica), so runs repeat exactly.
@@ -37,6 +43,7 @@ def compress_gradients(optimizer: keras.optimizers.Optimizer | str, method: str 
     variables (checkpoints are interchangeable with the uncompressed optimizer's). With a single
     replica the gradients are still compressed, so a one-process run shows the effect on accuracy.
     """
+    require_tf_keras(optimizer, "n2uq_tf.distribute.compress_gradients", "optimizer", KERAS_3_ALTERNATIVE)
     compression = GradientCompression(method, bits, bucket_size, seed)
     optimizer = keras.optimizers.get(optimizer)
     if isinstance(optimizer, CompressedOptimizer):
@@ -209,7 +216,7 @@ def exchange_size(variables: Sequence[tf.Variable],
     """
     if not isinstance(compression, GradientCompression):
         compression = getattr(compression, "gradient_compression", GradientCompression("none"))
-    sizes = [v.shape.num_elements() for v in variables]
+    sizes = [int(np.prod(v.shape)) for v in variables]  # tf.Variable and Keras 3 variables alike
     values = sum(sizes)
     if not compression.enabled:
         return ExchangeSize(values, 4 * values, 4 * values)

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from n2uq_tf._keras import keras
-from n2uq_tf.model_reader import quantizer_state
+from n2uq_tf.model_reader import inspected_model, quantizer_state, reader_for
 
 __all__ = ["QuantizerTensorBoard", "quantizer_state"]
 
@@ -44,6 +44,8 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
     Per quantized layer: ``quantizers/<layer>/threshold_<i>`` (T_i / beta1, input units),
     ``.../start``, ``.../interval_<i>`` (stored values), ``.../beta1``, ``.../beta2``.
     When the model being fitted has a ``student`` (distillation), the student is logged.
+    Works in tf_keras and Keras 3 ``fit`` alike, for any model a front end's `model_reader` reads;
+    a model without quantized activations is trained as usual, with one warning.
 
     Args:
       log_dir: the TensorBoard log directory (may be shared with keras' TensorBoard).
@@ -68,6 +70,10 @@ class QuantizerTensorBoard(keras.callbacks.Callback):
         self._warned = False
 
     def on_train_begin(self, logs=None):
+        try:  # a model no front end reads fails here, before the first step, not mid-training
+            reader_for(inspected_model(self.model))
+        except TypeError as error:
+            raise TypeError(f"QuantizerTensorBoard cannot read the model being fitted: {error}") from error
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.run_dir)
         if self.update_freq != "epoch":

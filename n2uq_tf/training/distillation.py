@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from n2uq_tf._keras import keras
+from n2uq_tf._keras_kind import KERAS_3, is_keras3, keras_of
 from n2uq_tf.quantize.saving import save_model
 
 
@@ -46,26 +47,29 @@ def _is_softmax_function(function):
     return getattr(function, "__name__", None) in _SOFTMAX_NAMES
 
 
-def softmax_output(model):
+def softmax_output(model, keras_module=keras):
     """Where `model`'s output goes through a softmax (a description naming the layer), else None.
 
     Looks at the layer producing each output: a Softmax layer, a layer whose activation is
     softmax (a quantized layer's wrapped layer too), ``tf.nn.softmax`` called on a Keras tensor,
     and the last layer of a nested model. A Lambda that normalises is not seen here;
-    `DistillationModel` also checks the values it trains on.
+    `DistillationModel` also checks the values it trains on. `keras_module` is the Keras that
+    built the model (tf_keras, or Keras 3 for the Keras 3 twin).
     """
-    names = getattr(model, "output_names", None) or []
-    layers = {layer.name: layer for layer in getattr(model, "layers", [])}
+    layers = getattr(model, "layers", None) or []
+    names = getattr(model, "output_names", None) or ([layers[-1].name] if layers else [])  # a Keras 3 Sequential has none
+    # Keras 3 lists the ops of a functional graph (keras.ops.softmax) among its operations.
+    layers = {layer.name: layer for layer in getattr(model, "operations", None) or layers}
     for name in names:
         layer = layers.get(name)
         layer = getattr(layer, "layer", layer)  # a quantize wrapper: the layer it wraps
         if layer is None:
             continue
-        if isinstance(layer, keras.Model):
-            inner = softmax_output(layer)
+        if isinstance(layer, keras_module.Model):
+            inner = softmax_output(layer, keras_module)
             if inner is not None:
                 return inner
-        elif isinstance(layer, keras.layers.Softmax):
+        elif isinstance(layer, keras_module.layers.Softmax) or type(layer).__name__ == "Softmax":
             return f"layer {layer.name!r} (Softmax)"
         elif _is_softmax_function(getattr(layer, "activation", None)):
             return f"layer {layer.name!r} ({type(layer).__name__} with activation softmax)"
@@ -74,9 +78,9 @@ def softmax_output(model):
     return None
 
 
-def _resolve_from_logits(model, from_logits, what):
+def _resolve_from_logits(model, from_logits, what, keras_module=keras):
     """The from_logits flag for `model`: detected when None; an explicit True on a softmax output raises."""
-    softmax = softmax_output(model)
+    softmax = softmax_output(model, keras_module)
     if from_logits is None:
         return softmax is None
     if from_logits and softmax is not None:
@@ -129,6 +133,28 @@ def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor, temp
     return tf.reduce_mean(per_example) if reduction == "mean" else per_example
 
 
+def check_distillation_arguments(temperature, alpha):
+    """(temperature, alpha) as floats, or ValueError naming the one out of range."""
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return temperature, alpha
+
+
+def _same_keras_error(student, teacher):
+    """The TypeError for a student and teacher from different Kerases, or None."""
+    kinds = {what: keras_of(model) for what, model in (("student", student), ("teacher", teacher))}
+    if KERAS_3 in kinds.values() and kinds["student"] != kinds["teacher"]:
+        return TypeError(
+            f"DistillationModel: the student is a {kinds['student'] or type(student).__name__} model and the teacher "
+            f"a {kinds['teacher'] or type(teacher).__name__} model; build both with the same Keras (`import keras` "
+            "for Keras 3, or tf_keras)")
+    return None
+
+
 class DistillationModel(keras.Model):
     """Trains `student` to match a frozen `teacher`; everything else acts on the student.
 
@@ -162,18 +188,25 @@ class DistillationModel(keras.Model):
         outputs logits (a model detected to end in a softmax then raises ValueError).
     """
 
+    def __new__(cls, student=None, teacher=None, *args, **kwargs):
+        # A Keras 3 student and teacher get the Keras 3 twin (not an instance of this class, so
+        # Python does not run __init__ here again).
+        if is_keras3(student) and is_keras3(teacher):
+            from n2uq_tf.training import keras3
+
+            return keras3.DistillationModel(student, teacher, *args, **kwargs)
+        return super().__new__(cls, student, teacher, *args, **kwargs)
+
     def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 1.0, alpha: float = 0.0,
                  teacher_from_logits: bool | None = None, student_from_logits: bool | None = None, **kwargs: Any):
+        mixed = _same_keras_error(student, teacher)
+        if mixed is not None:
+            raise mixed
         super().__init__(**kwargs)
         for model, what in ((student, "student"), (teacher, "teacher")):
             if not isinstance(model, keras.Model):
-                raise TypeError(f"{what} must be a tf_keras.Model, got {type(model).__name__}")
-        temperature = float(temperature)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        alpha = float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+                raise TypeError(f"{what} must be a tf_keras.Model or a Keras 3 keras.Model, got {type(model).__name__}")
+        temperature, alpha = check_distillation_arguments(temperature, alpha)
         self.student = student
         self.teacher = teacher
         self.teacher.trainable = False

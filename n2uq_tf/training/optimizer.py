@@ -13,6 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from n2uq_tf._keras import keras, register
+from n2uq_tf._keras_kind import is_keras3
 from n2uq_tf.quantize.quantizers import QUANTIZER_PARAMETER_SUFFIXES
 from n2uq_tf.training.schedules import LinearEpochDecay
 
@@ -30,6 +31,14 @@ def is_quantizer_variable(variable):
     return name.endswith(QUANTIZER_PARAMETER_SUFFIXES)
 
 
+def checked_multiplier(quantizer_lr_multiplier):
+    """quantizer_lr_multiplier as a float >= 0, or ValueError."""
+    multiplier = float(quantizer_lr_multiplier)
+    if not multiplier >= 0.0:
+        raise ValueError(f"quantizer_lr_multiplier must be >= 0, got {quantizer_lr_multiplier!r}")
+    return multiplier
+
+
 @register
 class N2UQAdam(keras.optimizers.Adam):
     """Adam whose update for quantizer parameters uses learning_rate * quantizer_lr_multiplier.
@@ -42,10 +51,7 @@ class N2UQAdam(keras.optimizers.Adam):
     def __init__(self, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = PAPER_LEARNING_RATE,
                  quantizer_lr_multiplier: float = 0.1, epsilon: float = 1e-8, name: str = "N2UQAdam", **kwargs: Any):
         super().__init__(learning_rate=learning_rate, epsilon=epsilon, name=name, **kwargs)
-        multiplier = float(quantizer_lr_multiplier)
-        if not multiplier >= 0.0:
-            raise ValueError(f"quantizer_lr_multiplier must be >= 0, got {quantizer_lr_multiplier!r}")
-        self.quantizer_lr_multiplier = multiplier
+        self.quantizer_lr_multiplier = checked_multiplier(quantizer_lr_multiplier)
         self._lr_multipliers = {}
 
     def build(self, var_list):
@@ -102,9 +108,23 @@ class N2UQAdam(keras.optimizers.Adam):
         return config
 
 
+def paper_learning_rate(learning_rate: float = PAPER_LEARNING_RATE, *, epochs: int = PAPER_EPOCHS,
+                        steps_per_epoch: int | None = None, batch_size: int | None = None,
+                        schedule_class: type = LinearEpochDecay) -> Any:
+    """The rate `paper_optimizer` gives its Adam: a float, or a `schedule_class` (given steps_per_epoch)."""
+    learning_rate = float(learning_rate)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        learning_rate *= batch_size / PAPER_BATCH_SIZE
+    if steps_per_epoch is None:
+        return learning_rate
+    return schedule_class(learning_rate, epochs, steps_per_epoch)
+
+
 def paper_optimizer(learning_rate: float = PAPER_LEARNING_RATE, *, epochs: int = PAPER_EPOCHS,
                     steps_per_epoch: int | None = None, quantizer_lr_multiplier: float = 0.1, epsilon: float = 1e-8,
-                    batch_size: int | None = None) -> "N2UQAdam":
+                    batch_size: int | None = None, model: Any = None) -> Any:
     """The official N2UQ optimizer, for ``model.compile(optimizer=paper_optimizer(...))``.
 
     Adam with epsilon 1e-8 and no weight decay; activation-quantizer parameters (start,
@@ -122,17 +142,18 @@ def paper_optimizer(learning_rate: float = PAPER_LEARNING_RATE, *, epochs: int =
       epsilon: Adam's epsilon (paper: 1e-8, not Keras' 1e-7).
       batch_size: if given, the rate is scaled linearly, learning_rate * batch_size / 256
         (the linear scaling rule from the paper's batch of 256).
+      model: the model the optimizer will train (a `DistillationModel` too). A Keras 3 model
+        (``import keras``) gets the Keras 3 twin, `n2uq_tf.training.keras3.N2UQAdam` with
+        `n2uq_tf.training.keras3.LinearEpochDecay`; None or a tf_keras model gets the tf_keras one.
 
     Returns:
-      an `N2UQAdam`.
+      an `N2UQAdam` of the model's Keras (tf_keras when no model is given).
     """
-    learning_rate = float(learning_rate)
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        learning_rate *= batch_size / PAPER_BATCH_SIZE
-    if steps_per_epoch is None:
-        rate = learning_rate
-    else:
-        rate = LinearEpochDecay(learning_rate, epochs, steps_per_epoch)
-    return N2UQAdam(rate, quantizer_lr_multiplier=quantizer_lr_multiplier, epsilon=epsilon)
+    optimizer_class, schedule_class = N2UQAdam, LinearEpochDecay
+    if model is not None and is_keras3(model):
+        from n2uq_tf.training import keras3
+
+        optimizer_class, schedule_class = keras3.N2UQAdam, keras3.LinearEpochDecay
+    rate = paper_learning_rate(learning_rate, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                               batch_size=batch_size, schedule_class=schedule_class)
+    return optimizer_class(rate, quantizer_lr_multiplier=quantizer_lr_multiplier, epsilon=epsilon)

@@ -20,13 +20,18 @@ def _check_positive_int(value, what):
     return int(value)
 
 
-@register
-class LinearEpochDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Per-step schedule holding lr0 * (1 - (e + 1) / E) for every step of epoch e.
+def linear_epoch_decay_rate(step, initial_learning_rate, epochs, steps_per_epoch):
+    """float32 tensor: the rate at optimizer step `step` (a tensor) of the per-epoch linear decay."""
+    epoch = tf.math.floordiv(tf.cast(step, tf.int64), steps_per_epoch)
+    # float64 so the per-epoch values are the correctly rounded float32 of the formula.
+    fraction = 1.0 - tf.cast(epoch + 1, tf.float64) / epochs
+    rate = initial_learning_rate * tf.maximum(fraction, 0.0)
+    return tf.cast(rate, tf.float32)
 
-    The optimizer evaluates a schedule at its step count before the update, so steps
-    0 .. steps_per_epoch - 1 are epoch 0, and so on. Past the last epoch the rate stays 0.
-    """
+
+class LinearEpochDecayBase:
+    """The schedule's arguments, rate and config, for the tf_keras class here and the Keras 3 twin
+    (`n2uq_tf.training.keras3.LinearEpochDecay`); each adds its Keras' LearningRateSchedule."""
 
     def __init__(self, initial_learning_rate: float, epochs: int, steps_per_epoch: int, name: str | None = None):
         self.initial_learning_rate = float(initial_learning_rate)
@@ -36,11 +41,7 @@ class LinearEpochDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         with tf.name_scope(self.name or "LinearEpochDecay"):
-            epoch = tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch)
-            # float64 so the per-epoch values are the correctly rounded float32 of the formula.
-            fraction = 1.0 - tf.cast(epoch + 1, tf.float64) / self.epochs
-            rate = self.initial_learning_rate * tf.maximum(fraction, 0.0)
-            return tf.cast(rate, tf.float32)
+            return linear_epoch_decay_rate(step, self.initial_learning_rate, self.epochs, self.steps_per_epoch)
 
     def get_config(self):
         return {"initial_learning_rate": self.initial_learning_rate, "epochs": self.epochs,
@@ -52,3 +53,12 @@ class LinearEpochDecay(keras.optimizers.schedules.LearningRateSchedule):
         config = dict(config)
         check_format_version(config, cls.__name__)
         return cls(**config)
+
+
+@register
+class LinearEpochDecay(LinearEpochDecayBase, keras.optimizers.schedules.LearningRateSchedule):
+    """Per-step schedule holding lr0 * (1 - (e + 1) / E) for every step of epoch e.
+
+    The optimizer evaluates a schedule at its step count before the update, so steps
+    0 .. steps_per_epoch - 1 are epoch 0, and so on. Past the last epoch the rate stays 0.
+    """
