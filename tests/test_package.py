@@ -16,23 +16,50 @@ q = n2uq_tf.quantize_model(model, bits=2)
 print(type(q).__module__.split(".")[0], len(n2uq_tf.quantization_report(q).quantized))
 """
 
+# Both Kerases in one process after the imports of a test: what `tf.keras` is, the environment
+# variable, a tf_keras model quantized, and a Keras 3 student distilled for one step.
+BOTH_KERASES = QUANTIZE_SMALL_MODEL + """
+import os
+import keras, numpy as np, tensorflow as tf
+print("tf.keras:", type(tf.keras.layers.Dense(1)).__module__.split(".")[0], os.environ.get("TF_USE_LEGACY_KERAS"))
+student = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+distiller = n2uq_tf.DistillationModel(student, teacher)
+distiller.compile(n2uq_tf.paper_optimizer(model=distiller))
+loss = distiller.fit(np.ones((4, 3), np.float32), verbose=0).history["loss"][0]
+print("keras 3:", type(distiller).__module__, bool(np.isfinite(loss)))
+"""
 
-def run_python(code):
+
+def run_python(code, **env_vars):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     env.pop("TF_USE_LEGACY_KERAS", None)
+    env.update(env_vars)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("prelude", [
-    "import n2uq_tf",
-    "import keras\nimport tensorflow as tf\nassert tf.keras.__version__.startswith('3')\nimport n2uq_tf",
-    "import tensorflow_model_optimization\nimport tensorflow as tf\nimport n2uq_tf",
+# `import n2uq_tf` leaves `tf.keras` as the environment says: Keras 3, whatever the order of the
+# imports, unless the user set TF_USE_LEGACY_KERAS (then tf_keras) or imported tfmot first (tfmot sets
+# the variable and makes `tf.keras` tf_keras for the process; n2uq_tf cannot undo that).
+@pytest.mark.parametrize("prelude, legacy_variable, tf_keras_is", [
+    ("import n2uq_tf", None, "keras"),
+    ("import keras\nimport tf_keras\nimport tensorflow as tf\nassert tf.keras.__version__.startswith('3')\n"
+     "import n2uq_tf", None, "keras"),
+    ("import tf_keras\nimport n2uq_tf\nimport keras\nimport tensorflow as tf", None, "keras"),
+    ("import tensorflow as tf\nimport n2uq_tf\nimport tf_keras\nimport keras", None, "keras"),
+    ("import n2uq_tf", "1", "tf_keras"),
+    ("import tensorflow_model_optimization\nimport tensorflow as tf\nimport n2uq_tf", None, "tf_keras"),
 ])
 @pytest.mark.slow
-def test_import_order_does_not_matter(prelude):
-    result = run_python(prelude + "\n" + QUANTIZE_SMALL_MODEL)
+def test_import_order_does_not_matter(prelude, legacy_variable, tf_keras_is):
+    environment = {} if legacy_variable is None else {"TF_USE_LEGACY_KERAS": legacy_variable}
+    result = run_python(prelude + "\n" + BOTH_KERASES, **environment)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["tf_keras", "1"]
+    lines = result.stdout.splitlines()
+    assert lines[-3].split() == ["tf_keras", "1"]  # the tf_keras front end, in every case
+    variable = "1" if "tensorflow_model_optimization" in prelude else legacy_variable
+    assert lines[-2].split() == ["tf.keras:", tf_keras_is, str(variable)]
+    assert lines[-1].split() == ["keras", "3:", "n2uq_tf.training.keras3", "True"]
 
 
 @pytest.mark.slow
@@ -145,7 +172,7 @@ PACKAGE_DIR = os.path.join(ROOT, "n2uq_tf")
 LAYER_OF_PART = {
     "_io": 0, "_native": 0, "_optional": 0,
     "_fused": 1, "tflite": 1,
-    "_keras": 2, "quantization_math": 2,
+    "_keras": 2, "_keras_kind": 2, "quantization_math": 2,
     "layers": 3, "model_reader": 3,
     "quantize": 4,
     "data": 5, "distribute": 5, "models": 5, "training": 5,

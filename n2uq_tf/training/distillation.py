@@ -57,7 +57,8 @@ def softmax_output(model, keras_module=keras):
     built the model (tf_keras, or Keras 3 for the Keras 3 twin).
     """
     layers = getattr(model, "layers", None) or []
-    names = getattr(model, "output_names", None) or ([layers[-1].name] if layers else [])  # a Keras 3 Sequential has none
+    # A Keras 3 Sequential has no output_names: its output is its last layer's.
+    names = getattr(model, "output_names", None) or ([layers[-1].name] if layers else [])
     # Keras 3 lists the ops of a functional graph (keras.ops.softmax) among its operations.
     layers = {layer.name: layer for layer in getattr(model, "operations", None) or layers}
     for name in names:

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from n2uq_tf._io import atomic_path
+from n2uq_tf._keras_kind import TF_KERAS, keras_of
 from n2uq_tf.training.distillation import (_checked_logits, _resolve_from_logits, check_distillation_arguments,
                                            distillation_loss)
 from n2uq_tf.training.optimizer import PAPER_LEARNING_RATE, checked_multiplier, is_quantizer_variable
@@ -116,7 +117,7 @@ class DistillationModel(keras.Model):
         if self.alpha > 0 and loss is None:
             raise ValueError(f"alpha={self.alpha} weights a label loss: pass compile(loss=...), e.g. "
                              "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
-        if type(optimizer).__module__.split(".")[0] == "tf_keras":
+        if keras_of(optimizer) == TF_KERAS:
             raise TypeError(f"DistillationModel.compile: the optimizer {type(optimizer).__name__} is a tf_keras "
                             "optimizer, and this is a Keras 3 model; use a Keras 3 optimizer, e.g. "
                             "n2uq_tf.paper_optimizer(..., model=this_model)")
