@@ -293,6 +293,12 @@ def test_quantizer_tensorboard_in_a_keras3_fit(fixed, tmp_path):
         assert not np.array_equal(model.layers[0].get_weights()[0], fixed["student_w"])
 
 
+def test_tf_keras_optimizer_names_itself_for_a_keras3_schedule():
+    assert type(n2uq_tf.paper_optimizer(model=tf_keras.Sequential([tf_keras.Input((2,))]))) is n2uq_tf.N2UQAdam
+    with pytest.raises(TypeError, match=r"n2uq_tf\.training\.N2UQAdam works with tf_keras .*keras3\.N2UQAdam"):
+        n2uq_tf.N2UQAdam(training3.LinearEpochDecay(0.1, 2, 2))
+
+
 def test_compress_gradients_names_itself_for_keras3_optimizers():
     with pytest.raises(TypeError, match=r"n2uq_tf\.distribute\.compress_gradients works with tf_keras .* Keras 3 "
                                         r"Adam.*train with its optimizer uncompressed"):

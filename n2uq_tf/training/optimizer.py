@@ -13,7 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from n2uq_tf._keras import keras, register
-from n2uq_tf._keras_kind import is_keras3
+from n2uq_tf._keras_kind import is_keras3, require_tf_keras
 from n2uq_tf.quantize.quantizers import QUANTIZER_PARAMETER_SUFFIXES
 from n2uq_tf.training.schedules import LinearEpochDecay
 
@@ -50,6 +50,9 @@ class N2UQAdam(keras.optimizers.Adam):
 
     def __init__(self, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = PAPER_LEARNING_RATE,
                  quantizer_lr_multiplier: float = 0.1, epsilon: float = 1e-8, name: str = "N2UQAdam", **kwargs: Any):
+        require_tf_keras(learning_rate, "n2uq_tf.training.N2UQAdam", "learning_rate schedule",
+                         "For Keras 3 use n2uq_tf.training.keras3.N2UQAdam with a Keras 3 schedule, or "
+                         "n2uq_tf.paper_optimizer(..., model=your_keras3_model).")
         super().__init__(learning_rate=learning_rate, epsilon=epsilon, name=name, **kwargs)
         self.quantizer_lr_multiplier = checked_multiplier(quantizer_lr_multiplier)
         self._lr_multipliers = {}
