@@ -320,3 +320,64 @@ def test_exchange_monitor_and_exchange_size_read_keras3_models(fixed):
               callbacks=[monitor])
     assert monitor.summary["steps"] == 2 and monitor.summary["parameters"] == 74
     assert monitor.summary["bytes_per_step"] == 4 * 74 and monitor.summary["compression"] == "none"
+
+
+MIRRORED_SCRIPT = """
+import json
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import n2uq_tf
+
+def models():
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)])
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(1e-3))])
+    model = n2uq_tf.DistillationModel(student, teacher, temperature=2.0, alpha=0.3)
+    model.compile(n2uq_tf.paper_optimizer(1e-2, epochs=4, steps_per_epoch=4, model=model),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 6)).astype(np.float32)
+y = rng.integers(0, 4, 64)
+dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+out = {}
+for name, strategy in (("single", tf.distribute.get_strategy()),
+                       ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+    with strategy.scope():
+        model = models()
+    history = model.fit(dataset, epochs=4, verbose=0).history
+    out[name] = {"replicas": strategy.num_replicas_in_sync, "history": history,
+                 "weights": [w.tolist() for w in model.student.get_weights()],
+                 "eval": model.evaluate(dataset, verbose=0, return_dict=True)}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_trains_as_one_replica():
+    """Two replicas on two logical CPUs train the Keras 3 distiller as one replica does (the loss
+    terms, regularization included, are divided by the number of replicas, as Keras' own)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT"):])
+    single, mirrored = out["single"], out["mirrored"]
+    assert (single["replicas"], mirrored["replicas"]) == (1, 2)
+    assert {"loss", "distillation_loss", "label_loss", "accuracy"} <= set(single["history"])
+    assert single["history"]["loss"][-1] < single["history"]["loss"][0]
+    for key in single["history"]:
+        np.testing.assert_allclose(mirrored["history"][key], single["history"][key], rtol=1e-4, atol=1e-6,
+                                   err_msg=key)
+    for a, b in zip(single["weights"], mirrored["weights"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-5)
+    for key in single["eval"]:
+        assert mirrored["eval"][key] == pytest.approx(single["eval"][key], rel=1e-4, abs=1e-6)

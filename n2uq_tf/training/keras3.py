@@ -151,7 +151,7 @@ class DistillationModel(keras.Model):
         if self.alpha > 0:
             if y is None:
                 raise ValueError(f"alpha={self.alpha} needs labels: the data gave inputs only")
-            label_scaled = tf.cast(self.label_loss(y, y_pred, sample_weight), tf.float32)
+            label_scaled = tf.cast(self.label_loss(y, student_outputs, sample_weight), tf.float32)
             self.label_loss_tracker.update_state(label_scaled * replicas, sample_weight=batch)
             total += self.alpha * label_scaled
         if self.student.losses:
