@@ -110,6 +110,19 @@ def test_softmax_outputs_are_detected_and_give_the_same_loss(fixed, ending):
         n2uq_tf.DistillationModel(student, teacher, teacher_from_logits=True)
 
 
+def test_probabilities_taken_for_logits_stop_training_before_any_update(fixed):
+    """A softmax inside a Lambda is not seen on the model: the values are checked in the step (without
+    XLA, which drops assertions: CPU's default compile)."""
+    teacher = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.Lambda(keras.ops.softmax)])
+    student = dense_model(fixed["student_w"], fixed["student_b"])
+    model = n2uq_tf.DistillationModel(student, teacher)
+    assert model.teacher_from_logits
+    model.compile(keras.optimizers.SGD(0.1), jit_compile=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outputs of the teacher are probabilities"):
+        model.fit(fixed["x"], epochs=1, verbose=0)
+    np.testing.assert_array_equal(student.layers[-1].get_weights()[0], fixed["student_w"])
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_one_fit_step_is_the_hand_computed_gradient_step(fixed, jit_compile):
     """SGD on a linear student: dL/ds = T (softmax(s/T) - softmax(t/T)) / batch, dW = x^T dL/ds."""
