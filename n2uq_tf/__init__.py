@@ -94,8 +94,21 @@ def _front_end_installed():
         return False
 
 
+def _keras3_installed():
+    """True where `keras` is Keras 3 and imports (its backend's package is installed)."""
+    try:
+        if importlib.util.find_spec("keras") is None:
+            return False
+        import keras
+    except Exception:  # noqa: BLE001  (a backend that fails to import: the Keras 3 front end is skipped)
+        return False
+    return str(getattr(keras, "__version__", "")).startswith("3.")
+
+
 if _front_end_installed():
     from n2uq_tf import _keras
 
     _keras.custom_objects()  # imports every module that registers a class
+    if _keras3_installed():
+        import n2uq_tf.keras3  # registers the Keras 3 wrapper (keras.models.load_model finds it) and reader
 

@@ -185,6 +185,21 @@ class ModelReader:
         ``sub_model(x, training=False)``."""
         raise NotImplementedError
 
+    # The entry points `n2uq_tf.quantize_model` and `n2uq_tf.load_model` hand over to a front end
+    # other than tf_keras (the Keras 3 one): its models, and the files it saved.
+
+    def quantize_model(self, model, **arguments):
+        """`n2uq_tf.quantize_model(model, **arguments)` for a float model of this front end."""
+        raise NotImplementedError
+
+    def owns_file(self, path):
+        """True for a saved model file this front end wrote (and `load_model` reads)."""
+        return False
+
+    def load_model(self, path, custom_objects=None, compile=True, require_quantized=True):
+        """`n2uq_tf.load_model` for a file this front end owns (`owns_file`)."""
+        raise NotImplementedError
+
 
 _READERS = []
 
@@ -197,6 +212,16 @@ def register_reader(reader):
 
 def _find_reader(model):
     return next((reader for reader in _READERS if reader.owns(model)), None)
+
+
+def find_reader(model):
+    """The `ModelReader` of the front end that built ``model``, or None."""
+    return _find_reader(model)
+
+
+def readers():
+    """Every registered `ModelReader`, in registration order."""
+    return tuple(_READERS)
 
 
 def reader_for(model):

@@ -30,16 +30,16 @@ def _layers(model):
     for layer in model.layers:
         yield layer
         inner = getattr(layer, "layer", None)
-        if isinstance(inner, keras.layers.Layer):
+        if hasattr(inner, "dtype_policy"):  # a wrapped layer (tf_keras or Keras 3)
             yield inner
-        if isinstance(layer, keras.Model):
+        if hasattr(layer, "layers"):  # a nested model (tf_keras or Keras 3)
             yield from _layers(layer)
 
 
 def reduced_precision_layers(model):
     """Names of the layers (and graph inputs) of `model` whose dtype policy is not float32."""
-    names = [f"input {t.name!r} ({t.dtype.name})" for t in model.inputs
-             if t.dtype.name in REDUCED_PRECISION_POLICIES]
+    names = [f"input {t.name!r} ({tf.as_dtype(t.dtype).name})" for t in model.inputs
+             if tf.as_dtype(t.dtype).name in REDUCED_PRECISION_POLICIES]  # Keras 3 gives dtypes as strings
     names += [f"{layer.name} ({layer.dtype_policy.name})" for layer in _layers(model)
               if layer.dtype_policy.name in REDUCED_PRECISION_POLICIES]
     return names
@@ -132,5 +132,7 @@ def signature_names(model):
     for name in model.output_names:
         layer = model.get_layer(name) if name in {each.name for each in model.layers} else None
         inner = getattr(layer, "layer", None)
-        outputs.append(inner.name if isinstance(inner, keras.layers.Layer) else name)
-    return _unique(list(model.input_names)), _unique(outputs)
+        outputs.append(inner.name if hasattr(inner, "dtype_policy") else name)  # a wrapped layer (either Keras)
+    # Keras 3 models have no input_names; their inputs are named after their input layers.
+    input_names = getattr(model, "input_names", None) or [t.name for t in model.inputs]
+    return _unique(list(input_names)), _unique(outputs)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from n2uq_tf import model_reader
 from n2uq_tf._keras import custom_objects, keras, tfmot
 from n2uq_tf.quantization_math import n2uq
 from n2uq_tf.quantize import method_table, nested, registry, saving
@@ -36,9 +37,13 @@ def quantize_scope(*extra_objects: Mapping[str, Any]) -> Iterator[None]:
 
 
 def check_model(model, what="model"):
-    """Raises TypeError/ValueError unless `model` is a built Functional or Sequential tf_keras model."""
+    """Raises TypeError/ValueError unless `model` is a built Functional or Sequential tf_keras model
+    (or Keras 3 model, which the Keras 3 front end's reader checks where it is registered)."""
     if isinstance(model, keras.Model):
         pass
+    elif _is_keras3_model(model) and hasattr(model_reader.find_reader(model), "check_model"):
+        model_reader.find_reader(model).check_model(model, what)
+        return
     elif _is_keras3_model(model):
         raise TypeError(f"{what} is a Keras 3 model ({type(model).__module__}.{type(model).__name__}). "
                         + _KERAS2_HINT)
@@ -60,11 +65,11 @@ def check_finite_weights(model, what="model"):
     quantize_model and export stop here rather than fail later inside a quantizer.
     """
     bad = []
-    for walked in nested.walk(model):  # inner layers of nested models by their path
+    for walked in _nested_of(model).walk(model):  # inner layers of nested models by their path
         for variable in walked.layer.weights:
-            if not variable.dtype.is_floating:
-                continue
             values = np.asarray(variable.numpy())
+            if not np.issubdtype(values.dtype, np.floating):
+                continue
             finite = np.isfinite(values)
             if not finite.all():
                 bad.append(f"{walked.path} ({variable.name}: {int(np.isnan(values).sum())} NaN and "
@@ -73,6 +78,13 @@ def check_finite_weights(model, what="model"):
         raise ValueError(f"{what} {model.name!r} has non-finite weights (NaN or Inf) in layer "
                          + "; ".join(bad) + ". They come from a diverged training run or a broken file; "
                          "train again from the last good checkpoint (a lower learning rate, gradient clipping).")
+
+
+def _nested_of(model):
+    """The walk over nested models of `model`'s front end: `n2uq_tf.quantize.nested` for tf_keras, the
+    module its reader names as ``nested`` for another front end (Keras 3)."""
+    reader = model_reader.find_reader(model)
+    return getattr(reader, "nested", nested)
 
 
 def _is_keras3_model(obj):
@@ -181,11 +193,12 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
     default_w = n2uq.check_bits(bits if weight_bits is None else weight_bits, "weight_bits")
     default_a = n2uq.check_bits(bits if activation_bits is None else activation_bits, "activation_bits")
     overrides = dict(overrides or {})
-    walked = list(nested.walk(model))
-    model_paths = {w.path for w in nested.walk(model, models=True) if nested.is_nested_model(w.layer)}
+    walker = _nested_of(model)  # plans a float model of either front end
+    walked = list(walker.walk(model))
+    model_paths = {w.path for w in walker.walk(model, models=True) if walker.is_nested_model(w.layer)}
     for key in overrides:
         if isinstance(key, str):
-            _check_layer_key(key, walked, model_paths, model, "overrides")
+            _check_layer_key(key, walked, model_paths, model, "overrides", walker)
         elif isinstance(key, type):
             _check_override_class(key, walked, model)
         else:
@@ -204,7 +217,7 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
         skipped = {}
         for item in skip_layers:
             if isinstance(item, str):
-                _check_layer_key(item, walked, model_paths, model, "skip_layers")
+                _check_layer_key(item, walked, model_paths, model, "skip_layers", walker)
             matches = [w for w in walked if item in _lookup_keys(w)]
             if not matches:
                 raise ValueError(f"skip_layers names {item!r}, which is not a layer name or type in "
@@ -227,7 +240,7 @@ def plan_quantization(model, bits=2, *, weight_bits=None, activation_bits=None,
         key = _override_key(w, overrides) if found else None
         if rule is None:
             reason = registry.unsupported_reason(layer)
-            if isinstance(layer, keras.Model) and not nested.is_nested_model(layer):
+            if (isinstance(layer, keras.Model) or _is_keras3_model(layer)) and not walker.is_nested_model(layer):
                 reason = (f"a subclassed model ({type(layer).__name__}) cannot be looked into; build it with "
                           "the Functional or Sequential API, or wrap its layers in N2UQWrapper by hand")
             if reason is not None:
@@ -259,12 +272,12 @@ def _key_text(key):
     return key.__name__ if isinstance(key, type) else repr(key)
 
 
-def _check_layer_key(key, walked, model_paths, model, argument):
+def _check_layer_key(key, walked, model_paths, model, argument, walker=nested):
     """Raises a ValueError unless the string `key` is a layer path, a nested model's path or a
     layer class name of `model`; a bare name of a layer inside a nested model gets its path."""
     if key in model_paths or any(key in (w.path, type(w.layer).__name__) for w in walked):
         return
-    inner = [w.path for w in walked if w.owners and nested.layer_name(w.layer) == key]
+    inner = [w.path for w in walked if w.owners and walker.layer_name(w.layer) == key]
     hint = ""
     if inner:
         hint = (f"; layers inside nested models are named by their path: did you mean "
@@ -324,33 +337,15 @@ def quantize_model(model: keras.Model, bits: int = 2, *, method: str = "n2uq", w
     Layers that cannot be quantized stay float; they are warned about and listed by
     `quantization_report`.
     """
+    arguments = dict(bits=bits, method=method, weight_method=weight_method, activation_method=activation_method,
+                     weight_bits=weight_bits, activation_bits=activation_bits, skip_layers=skip_layers,
+                     overrides=overrides, learn_thresholds=learn_thresholds)
+    if _is_keras3_model(model):
+        # The Keras 3 front end (n2uq_tf.keras3) registers its reader, which quantizes its models.
+        return model_reader.reader_for(model).quantize_model(model, **arguments)
     check_model(model)
     _check_not_quantized(model)
-    check_finite_weights(model)
-    plan = plan_quantization(model, bits, weight_bits=weight_bits, activation_bits=activation_bits,
-                             skip_layers=skip_layers, overrides=overrides, method=method,
-                             weight_method=weight_method, activation_method=activation_method,
-                             learn_thresholds=learn_thresholds)
-    to_quantize = {p["name"]: p for p in plan if p["action"] == "quantize"}
-    unsupported = [p for p in plan if p["action"] == "unsupported"]
-    if unsupported:
-        warnings.warn("n2uq_tf.quantize_model keeps these layers float: "
-                      + "; ".join(f"{p['name']} ({p['type']}): {p['reason']}" for p in unsupported),
-                      stacklevel=2)
-    if not to_quantize:
-        raise ValueError(_nothing_to_quantize_message(model, plan, skip_layers))
-    first_layer_warning = _first_layer_warning(plan, skip_layers)
-    if first_layer_warning:
-        warnings.warn(first_layer_warning, stacklevel=2)
-
-    # A frozen model (model.trainable = False, as DistillationModel leaves its teacher) gives a
-    # trainable student: cloned with trainable=False, every BatchNorm would run in inference mode
-    # on the float model's moving statistics and only the quantizer parameters would train.
-    frozen = not model.trainable
-    if frozen:
-        warnings.warn(f"model {model.name!r} is frozen (trainable=False, as DistillationModel sets on its "
-                      "teacher); the quantized model is made trainable. Set trainable=False on the result "
-                      "to freeze it.", stacklevel=2)
+    to_quantize, frozen = checked_plan(model, stacklevel=3, **arguments)
 
     def clone_layer(layer, path):
         """(clone of a float layer, its N2UQQuantizeConfig or None when it stays float)."""
@@ -378,6 +373,39 @@ def quantize_model(model: keras.Model, bits: int = 2, *, method: str = "n2uq", w
         annotated.set_weights(model.get_weights())
         quantized = tfmot.quantization.keras.quantize_apply(annotated, N2UQQuantizeScheme())
     return saving.make_save_atomic(quantized)
+
+
+def checked_plan(model, *, stacklevel=2, bits=2, skip_layers="first_last", **arguments):
+    """quantize_model's plan of a float model of either front end, with its warnings and errors.
+
+    Checks the weights are finite, plans (`plan_quantization`), warns about the layers kept float
+    as unsupported, about a first layer quantized without being named and about a frozen model;
+    raises ValueError when nothing would be quantized. Returns ({path: plan entry} of the layers
+    to quantize, whether the model is frozen as a whole).
+    """
+    check_finite_weights(model)
+    plan = plan_quantization(model, bits, skip_layers=skip_layers, **arguments)
+    to_quantize = {p["name"]: p for p in plan if p["action"] == "quantize"}
+    unsupported = [p for p in plan if p["action"] == "unsupported"]
+    if unsupported:
+        warnings.warn("n2uq_tf.quantize_model keeps these layers float: "
+                      + "; ".join(f"{p['name']} ({p['type']}): {p['reason']}" for p in unsupported),
+                      stacklevel=stacklevel)
+    if not to_quantize:
+        raise ValueError(_nothing_to_quantize_message(model, plan, skip_layers))
+    first_layer_warning = _first_layer_warning(plan, skip_layers)
+    if first_layer_warning:
+        warnings.warn(first_layer_warning, stacklevel=stacklevel)
+
+    # A frozen model (model.trainable = False, as DistillationModel leaves its teacher) gives a
+    # trainable student: cloned with trainable=False, every BatchNorm would run in inference mode
+    # on the float model's moving statistics and only the quantizer parameters would train.
+    frozen = not model.trainable
+    if frozen:
+        warnings.warn(f"model {model.name!r} is frozen (trainable=False, as DistillationModel sets on its "
+                      "teacher); the quantized model is made trainable. Set trainable=False on the result "
+                      "to freeze it.", stacklevel=stacklevel)
+    return to_quantize, frozen
 
 
 def _quantize_nested(model, clone_layer, frozen):
@@ -481,6 +509,9 @@ def load_model(path: str | os.PathLike[str], custom_objects: Mapping[str, Any] |
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path!r}")
     fmt = _describe_format(path)
+    other = next((r for r in model_reader.readers() if r.owns_file(path)), None)
+    if other is not None:  # a file of another front end (a Keras 3 .keras file)
+        return other.load_model(path, custom_objects, compile, require_quantized)
     try:
         model = _load_keras_model(path, fmt, custom_objects, compile)
     except Exception as error:  # OSError, zipfile.BadZipFile, h5py and protobuf decode errors, ...

@@ -85,12 +85,28 @@ UNSUPPORTED = {
 }
 
 
+# The Keras 3 front end (`n2uq_tf.keras3`) reads the same rows: a layer of one of Keras 3's own
+# classes is looked up by its class name among the rows of tf_keras' own classes (the layer kinds
+# are the same; their attribute names may differ, which that front end maps).
+_SUPPORTED_BY_NAME = {cls.__name__: rule for cls, rule in SUPPORTED.items() if cls.__module__.startswith("tf_keras.")}
+_UNSUPPORTED_BY_NAME = {cls.__name__: reason for cls, reason in UNSUPPORTED.items()}
+
+
+def _keras3_own_class(layer):
+    """True for a layer whose class is one of Keras 3's own (not a subclass defined elsewhere)."""
+    return type(layer).__module__.startswith("keras.src.layers.")
+
+
 def lookup(layer):
     """The `Rule` of a supported layer, else None.
 
     Exact class match: a subclass may change `call`, so it is not assumed to be supported.
+    A Keras 3 layer matches the row of the tf_keras class of the same name.
     """
-    return SUPPORTED.get(type(layer))
+    rule = SUPPORTED.get(type(layer))
+    if rule is None and _keras3_own_class(layer):
+        rule = _SUPPORTED_BY_NAME.get(type(layer).__name__)
+    return rule
 
 
 def split_of(layer):
@@ -104,6 +120,8 @@ def unsupported_reason(layer):
     if lookup(layer) is not None:
         return None
     reason = UNSUPPORTED.get(type(layer))
+    if reason is None and _keras3_own_class(layer):
+        reason = _UNSUPPORTED_BY_NAME.get(type(layer).__name__)
     if reason is not None:
         return reason
     kernel_like = [w for w in layer.weights if "kernel" in w.name]
