@@ -189,20 +189,16 @@ class N2UQWrapper(keras.layers.Wrapper):
         return FORWARD[type(self.layer).__name__](self.layer, inputs, kernels)
 
     def call(self, inputs, training=None):
-        if self.check_finite:
-            # The checks gate the input only: with the whole call under these control dependencies,
-            # the first fit() with the fused CPU op lost its variable updates (Keras 3.15, TF 2.21).
-            with tf.control_dependencies(self._finite_checks()):
-                inputs = tf.identity(inputs)
-        x = inputs
-        activation = self._quantizers.input
-        if activation is not None:
-            x = activation.quantizer(x, training, weights=activation.variables)
-        between = None
-        if self._quantizers.intermediate:
-            (middle,) = self._quantizers.intermediate
-            between = lambda t: middle.quantizer(t, training, weights=middle.variables)  # noqa: E731
-        return self.call_with_kernels(x, self.kernels(training), between)
+        with tf.control_dependencies(self._finite_checks() if self.check_finite else []):
+            x = inputs
+            activation = self._quantizers.input
+            if activation is not None:
+                x = activation.quantizer(x, training, weights=activation.variables)
+            between = None
+            if self._quantizers.intermediate:
+                (middle,) = self._quantizers.intermediate
+                between = lambda t: middle.quantizer(t, training, weights=middle.variables)  # noqa: E731
+            return self.call_with_kernels(x, self.kernels(training), between)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
