@@ -28,6 +28,15 @@ from n2uq_tf.quantize import method_table
 MAX_EXPORT_BITS = 4  # the custom ops' bit range (custom_ops: "bits of a quantized tensor are 1..4")
 FLOAT_BYTES = 4
 
+def _kind(layer):
+    """The tf_keras class whose lowering a layer takes: its own class, or for one of Keras 3's own
+    layer classes (the Keras 3 front end, `n2uq_tf.keras3`) the tf_keras class of the same name."""
+    cls = type(layer)
+    if cls.__module__.startswith("keras.src.layers."):
+        return getattr(keras.layers, cls.__name__, cls)
+    return cls
+
+
 _DENSE_TYPES = (keras.layers.Dense,)
 _ONE_D_TYPES = (keras.layers.Conv1D,)  # lowered as 2-D convs of height 1, on [batch, 1, width, channels]
 
@@ -154,7 +163,7 @@ def _tf_same_padding(size, kernel, stride, dilation):
 
 def _foldable_bn(bn, rank):
     """Why a BatchNormalization cannot be folded into the preceding op, or None if it can."""
-    if not isinstance(bn, keras.layers.BatchNormalization):
+    if _kind(bn) is not keras.layers.BatchNormalization:
         return "not a BatchNormalization"
     axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     if [a % rank for a in axis] != [rank - 1]:
@@ -199,7 +208,7 @@ def _builtin_reason(quantized, input_shape):
     if quantized.weight_bits > MAX_EXPORT_BITS or quantized.activation_bits > MAX_EXPORT_BITS:
         return (f"W{quantized.weight_bits}A{quantized.activation_bits}: the custom ops take "
                 f"1..{MAX_EXPORT_BITS} bits")
-    stages = _STAGE_OPS.get(type(layer))
+    stages = _STAGE_OPS.get(_kind(layer))
     if stages is None:
         return f"no custom op for {type(layer).__name__}"
     if len(quantized.weights) != len(stages):
@@ -208,7 +217,7 @@ def _builtin_reason(quantized, input_shape):
     if len(quantized.intermediate) != len(stages) - 1:
         return f"no quantizer between the stages of {type(layer).__name__}"
     rank = len(input_shape)
-    if type(layer) in _DENSE_TYPES:
+    if _kind(layer) in _DENSE_TYPES:
         if rank != 2:
             return f"Dense on a rank-{rank} input (only [batch, features] is lowered)"
         if input_shape[-1] is None:
@@ -218,7 +227,7 @@ def _builtin_reason(quantized, input_shape):
         return "data_format='channels_first'"
     if getattr(layer, "groups", 1) != 1:
         return f"grouped convolution (groups={layer.groups})"
-    one_d = type(layer) in _ONE_D_TYPES
+    one_d = _kind(layer) in _ONE_D_TYPES
     spatial = "width" if one_d else "height, width"
     if rank != (3 if one_d else 4) or input_shape[-1] is None:
         return f"input shape {tuple(input_shape)} is not [batch, {spatial}, channels]"
@@ -240,7 +249,7 @@ _POINTWISE = _Geometry((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), False)
 
 def _conv_geometry(layer, input_shape):
     """The `_Geometry` of a conv layer's (first) op; a Conv1D is a 2-D conv of height 1."""
-    if type(layer) in _ONE_D_TYPES:
+    if _kind(layer) in _ONE_D_TYPES:
         kernel, strides, dilations = ((1, int(v[0])) for v in (layer.kernel_size, layer.strides, layer.dilation_rate))
         spatial = (1, input_shape[1])
     else:
@@ -399,13 +408,13 @@ class _Lowered:
         # Named by its path (n2uq_tf.model_reader): in the report, the activation codes and
         # the .tflite tensor names, as in quantization_report.
         self.name, self.layer, self.bn = quantized.path, layer, bn
-        self.one_d = type(layer) in _ONE_D_TYPES
+        self.one_d = _kind(layer) in _ONE_D_TYPES
         self.activation = None if _is_linear(getattr(layer, "activation", None)) else layer.activation
         self.report = LayerExport(self.name, type(layer).__name__, "lowered", [], quantized.weight_bits,
                                   quantized.activation_bits, folded=None if bn is None else prefix + bn.name)
         quantizers = [(self.name, quantized.input)] + [
             (f"{self.name}/{between.name}", between) for between in quantized.intermediate]
-        kinds = _STAGE_OPS[type(layer)]
+        kinds = _STAGE_OPS[_kind(layer)]
         shape = list(input_shape)
         if self.one_d:
             shape.insert(1, 1)
