@@ -1,0 +1,64 @@
+"""export_tflite of a Keras 3 quantized model: the same custom ops, and parity with Keras in both
+stock interpreters through the N2UQ delegate (the tolerance of tests/test_export.py)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import n2uq_tf
+
+keras = pytest.importorskip("keras")
+if not keras.__version__.startswith("3."):
+    pytest.skip("needs Keras 3", allow_module_level=True)
+
+from test_export import REL_TOL  # noqa: E402
+from test_keras3_front_end import cnn, randomize_quantizers  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported():
+    keras.utils.set_random_seed(4)
+    q = n2uq_tf.quantize_model(cnn(keras), bits=2)
+    randomize_quantizers(q, 9)
+    # Moving statistics away from their initial values, so that folding the BatchNorms matters.
+    q.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(1)
+    q.fit(rng.normal(size=(8, 8, 8, 3)).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32),
+          batch_size=4, epochs=1, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = n2uq_tf.export_tflite(q)
+    return q, data
+
+
+def test_every_quantized_layer_becomes_a_custom_op(exported):
+    q, _ = exported
+    rows = {r.name: r for r in n2uq_tf.quantization_report(q).layers}
+    assert {name for name, r in rows.items() if r.export == "packed"} == {"conv", "dw", "sep", "fc1"}
+    assert {name for name, r in rows.items() if r.export == "folded"} == {"bn2", "bn3"}
+
+
+@pytest.mark.parametrize("backend", ["tflite", "litert"])
+def test_parity_with_keras_through_the_delegate(exported, backend):
+    from ai_edge_litert import interpreter as litert
+
+    from n2uq_tf import tflite
+    q, data = exported
+    path = tflite.delegate_path()
+    make, load = ((tf.lite.Interpreter, tf.lite.experimental.load_delegate) if backend == "tflite"
+                  else (litert.Interpreter, litert.load_delegate))
+    x = np.random.default_rng(7).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    interpreter = make(model_content=data, experimental_delegates=[load(path)])
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    expected = q(x, training=False).numpy()
+    scale = float(np.abs(expected).max())
+    assert float(np.abs(got - expected).max()) <= REL_TOL * max(scale, 1.0)
