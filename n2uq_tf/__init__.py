@@ -110,5 +110,6 @@ if _front_end_installed():
 
     _keras.custom_objects()  # imports every module that registers a class
     if _keras3_installed():
-        import n2uq_tf.keras3  # registers the Keras 3 wrapper (keras.models.load_model finds it) and reader
+        # Registers the Keras 3 wrapper (keras.models.load_model finds it) and the Keras 3 model reader.
+        importlib.import_module("n2uq_tf.keras3")
 

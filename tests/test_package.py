@@ -175,7 +175,7 @@ LAYER_OF_PART = {
     "_keras": 2, "_keras_kind": 2, "quantization_math": 2,
     "layers": 3, "model_reader": 3,
     "quantize": 4,
-    "data": 5, "distribute": 5, "models": 5, "training": 5,
+    "data": 5, "distribute": 5, "keras3": 5, "models": 5, "training": 5,
     "export": 6,
     "plots": 7, "report": 7,
     "build": 8, "recipe": 8,
