@@ -225,3 +225,12 @@ def test_mobilenet_v2_quantize_fit_save_load(tmp_path):
     q.save(path)
     loaded = n2uq_tf.load_model(path)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), q.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("function", ["float_twin", "load_float_weights", "quantize"])
+def test_tf_keras_only_model_builders_name_themselves_and_the_alternative(pair, function):
+    from n2uq_tf import models
+    float3, q3, _, _ = pair
+    args = {"float_twin": (q3,), "load_float_weights": (q3, float3), "quantize": (float3,)}[function]
+    with pytest.raises(TypeError, match=f"n2uq_tf.models.{function} is tf_keras-only for now.*Keras 3"):
+        getattr(models, function)(*args)
