@@ -133,7 +133,9 @@ class Keras3Reader(model_reader.ModelReader):
         return found
 
     def sub_model(self, model, outputs):
-        return keras.Model(model.inputs, outputs)
+        # One input as a tensor, not a list of one: Keras 3 warns when a call's structure differs.
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        return keras.Model(inputs, outputs)
 
 
 READER = model_reader.register_reader(Keras3Reader())
