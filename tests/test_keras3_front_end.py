@@ -241,3 +241,14 @@ def test_tf_keras_only_model_builders_name_themselves_and_the_alternative(pair, 
     args = {"float_twin": (q3,), "load_float_weights": (q3, float3), "quantize": (float3,)}[function]
     with pytest.raises(TypeError, match=f"n2uq_tf.models.{function} is tf_keras-only for now.*Keras 3"):
         getattr(models, function)(*args)
+
+
+def test_load_model_tells_the_two_keras_files_apart(tmp_path):
+    from n2uq_tf.keras3 import saving
+    k3, k2 = str(tmp_path / "k3.keras"), str(tmp_path / "k2.keras")
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(k3)
+    tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)]).save(k2)
+    assert saving.owns_file(k3) and not saving.owns_file(k2)
+    assert isinstance(n2uq_tf.load_model(k2, require_quantized=False), tf_keras.Model)
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    assert saving.keras_version_of(str(tmp_path / "junk.keras")) is None
