@@ -252,3 +252,22 @@ def test_load_model_tells_the_two_keras_files_apart(tmp_path):
     assert isinstance(n2uq_tf.load_model(k2, require_quantized=False), tf_keras.Model)
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     assert saving.keras_version_of(str(tmp_path / "junk.keras")) is None
+
+
+def test_quantizer_tensorboard_logs_a_keras3_model(pair, tmp_path):
+    import glob
+
+    from n2uq_tf.training import QuantizerTensorBoard
+    _, q3, _, _ = pair
+    model = keras.models.clone_model(q3)  # the fixture's model stays untrained
+    model.set_weights(q3.get_weights())
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(X, Y, epochs=1, batch_size=6, verbose=0, callbacks=[QuantizerTensorBoard(str(tmp_path))])
+    tags = {}
+    for path in glob.glob(str(tmp_path / "quantizers" / "*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags[value.tag] = float(tf.make_ndarray(value.tensor))
+    state = model_reader.quantizer_state(model)
+    assert tags["quantizers/fc1/beta1"] == pytest.approx(state["fc1"]["beta1"])
+    assert tags["quantizers/sep/threshold_0"] == pytest.approx(state["sep"]["thresholds"][0])

@@ -165,7 +165,8 @@ def test_not_a_model():
 
 def test_keras3_model_goes_to_the_keras3_front_end():
     import keras as keras3
-    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(3), keras3.layers.Dense(3), keras3.layers.Dense(2)])
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(3), keras3.layers.Dense(3),
+                               keras3.layers.Dense(2)])
     q = n2uq_tf.quantize_model(model)  # was a TypeError asking for tf_keras; tests/test_keras3_*.py test the rest
     assert isinstance(q, keras3.Model) and not isinstance(q, keras.Model)
     assert [type(layer).__module__ for layer in q.layers][1] == "n2uq_tf.keras3.wrapper"

@@ -140,7 +140,9 @@ def _inner(layer, reader):
 
 def float_twin(quantized_model: keras.Model) -> keras.Model:
     """A float model with the quantized model's architecture and layer names (fresh weights)."""
-    reject_keras3_model(quantized_model, "n2uq_tf.models.float_twin", "for a Keras 3 model keep the float model you quantized (n2uq_tf.quantize_model leaves it unchanged), or build the network in tf_keras")
+    reject_keras3_model(quantized_model, "n2uq_tf.models.float_twin",
+                        "for a Keras 3 model keep the float model you quantized (n2uq_tf.quantize_model leaves "
+                        "it unchanged), or build the network in tf_keras")
     reader = model_reader.reader_for(quantized_model)
 
     def unwrap(layer):
