@@ -270,4 +270,4 @@ def test_quantizer_tensorboard_logs_a_keras3_model(pair, tmp_path):
                 tags[value.tag] = float(tf.make_ndarray(value.tensor))
     state = model_reader.quantizer_state(model)
     assert tags["quantizers/fc1/beta1"] == pytest.approx(state["fc1"]["beta1"])
-    assert tags["quantizers/sep/threshold_0"] == pytest.approx(state["sep"]["thresholds"][0])
+    assert tags["quantizers/sep/threshold_1"] == pytest.approx(state["sep"]["thresholds"][0])  # numbered from 1
