@@ -94,22 +94,13 @@ def _front_end_installed():
         return False
 
 
-def _keras3_installed():
-    """True where `keras` is Keras 3 and imports (its backend's package is installed)."""
-    try:
-        if importlib.util.find_spec("keras") is None:
-            return False
-        import keras
-    except Exception:  # noqa: BLE001  (a backend that fails to import: the Keras 3 front end is skipped)
-        return False
-    return str(getattr(keras, "__version__", "")).startswith("3.")
-
-
 if _front_end_installed():
     from n2uq_tf import _keras
 
     _keras.custom_objects()  # imports every module that registers a class
-    if _keras3_installed():
+    from n2uq_tf._keras_kind import keras3_available
+
+    if keras3_available():
         # Registers the Keras 3 wrapper (keras.models.load_model finds it) and the Keras 3 model reader.
         importlib.import_module("n2uq_tf.keras3")
 

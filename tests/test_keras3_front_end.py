@@ -239,7 +239,7 @@ def test_tf_keras_only_model_builders_name_themselves_and_the_alternative(pair, 
     from n2uq_tf import models
     float3, q3, _, _ = pair
     args = {"float_twin": (q3,), "load_float_weights": (q3, float3), "quantize": (float3,)}[function]
-    with pytest.raises(TypeError, match=f"n2uq_tf.models.{function} is tf_keras-only for now.*Keras 3"):
+    with pytest.raises(TypeError, match=f"n2uq_tf.models.{function} works with tf_keras .*Keras 3"):
         getattr(models, function)(*args)
 
 

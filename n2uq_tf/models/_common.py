@@ -10,9 +10,9 @@ import os
 
 from n2uq_tf import layers as n2uq_layers
 from n2uq_tf import model_reader
+from n2uq_tf._keras_kind import require_tf_keras
 from n2uq_tf._keras import keras
 from n2uq_tf.quantize import quantize_model, quantize_scope
-from n2uq_tf.quantize.api import reject_keras3_model
 
 FLOAT_LAYERS = ("stem_conv", "fc")  # the paper keeps the first conv and the classifier float
 DOWNSAMPLE_SUFFIX = "downsample_conv"  # float in the N2UQ* variant
@@ -94,9 +94,9 @@ def quantize(float_model: keras.Model, bits: int | None = 2, *, weight_bits: int
     `n2uq_tf.quantize_model` (None: N2UQ; e.g. ``method="lsq"``, or ``weight_method="none",
     activation_method="uniform"`` for the paper's baseline).
     """
-    reject_keras3_model(float_model, "n2uq_tf.models.quantize",
-                        "use n2uq_tf.quantize_model(model, bits=...) for Keras 3 models (the first/last layers "
-                        "stay float by default; skip_layers and overrides choose the rest)")
+    require_tf_keras(float_model, "n2uq_tf.models.quantize", "model",
+                     "use n2uq_tf.quantize_model(model, bits=...) for Keras 3 models (the first/last layers "
+                     "stay float by default; skip_layers and overrides choose the rest)")
     if not isinstance(float_model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras model built by n2uq_tf.models, got "
                         f"{type(float_model).__name__}")
@@ -140,9 +140,9 @@ def _inner(layer, reader):
 
 def float_twin(quantized_model: keras.Model) -> keras.Model:
     """A float model with the quantized model's architecture and layer names (fresh weights)."""
-    reject_keras3_model(quantized_model, "n2uq_tf.models.float_twin",
-                        "for a Keras 3 model keep the float model you quantized (n2uq_tf.quantize_model leaves "
-                        "it unchanged), or build the network in tf_keras")
+    require_tf_keras(quantized_model, "n2uq_tf.models.float_twin", "model",
+                     "for a Keras 3 model keep the float model you quantized (n2uq_tf.quantize_model leaves "
+                     "it unchanged), or build the network in tf_keras")
     reader = model_reader.reader_for(quantized_model)
 
     def unwrap(layer):
@@ -214,8 +214,8 @@ def load_float_weights(quantized_model: keras.Model, source: keras.Model | str |
     layer matches: a layer missing on either side or a shape mismatch raises ValueError
     naming the layer. Returns ``quantized_model``.
     """
-    reject_keras3_model(quantized_model, "n2uq_tf.models.load_float_weights",
-                        "copy float weights into the Keras 3 model before n2uq_tf.quantize_model, which keeps them")
+    require_tf_keras(quantized_model, "n2uq_tf.models.load_float_weights", "model",
+                     "copy float weights into the Keras 3 model before n2uq_tf.quantize_model, which keeps them")
     if not isinstance(quantized_model, keras.Model):
         raise TypeError(f"quantized_model must be a tf_keras model, got {type(quantized_model).__name__}")
     source_model = source if isinstance(source, keras.Model) else _load_source(quantized_model, source)

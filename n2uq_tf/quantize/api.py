@@ -94,14 +94,6 @@ def _is_keras3_model(obj):
     return False
 
 
-def reject_keras3_model(model, function, alternative):
-    """Raises TypeError for a Keras 3 model given to a function that is tf_keras-only for now,
-    naming the function and what a Keras 3 user does instead."""
-    if _is_keras3_model(model):
-        raise TypeError(f"{function} is tf_keras-only for now and got a Keras 3 model "
-                        f"({type(model).__module__}.{type(model).__name__}); {alternative}")
-
-
 _METHOD_KEYS = ("method", "weight_method", "activation_method")
 
 
