@@ -6,11 +6,12 @@ CIFAR-style ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 filt
 classifier float.
 
     python benchmarks/train_step.py [--steps 10] [--bits 2 4] [--implementation auto|reference] [--xla both|on|off]
-                                    [--finite-check-cost]
+                                    [--front-end both|tf_keras|keras3] [--finite-check-cost]
     python benchmarks/train_step.py --quantizer   # the activation quantizer alone, against a ReLU
 
 Each model is timed without XLA and compiled by XLA (`compile(jit_compile=True)`); every
-ratio is against the float model compiled the same way. Without XLA `implementation="auto"`
+ratio is against the float model compiled the same way, built with the same Keras (tf_keras
+through tfmot, or Keras 3: `--front-end`). Without XLA `implementation="auto"`
 uses the fused C++ kernel on the CPU (`--implementation reference` times the pure-TF
 quantizer instead); under XLA the quantizer is always the pure-TF one. `--finite-check-cost`
 adds each quantized model without its NaN/Inf weight check.
@@ -32,6 +33,8 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times")
     parser.add_argument("--xla", choices=["both", "on", "off"], default="both",
                         help="time the models without XLA, compiled by XLA, or both (default)")
+    parser.add_argument("--front-end", choices=["both", "tf_keras", "keras3"], default="both",
+                        help="the Keras the models are built with: tf_keras (tfmot front end), Keras 3, or both")
     parser.add_argument("--quantizer", action="store_true",
                         help="time the N2UQ activation quantizer alone (forward + backward, one 128x32x32x16 "
                              "tensor) for each implementation, with and without XLA, against a ReLU")
@@ -46,13 +49,14 @@ if args.implementation == "reference":
     os.environ["N2UQ_TF_DISABLE_FUSED"] = "1"
 
 import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import tf_keras  # noqa: E402
 
-import n2uq_tf  # noqa: E402
+import n2uq_tf  # noqa: E402  (before Keras 3, so that tf.keras stays as the environment says)
+
 from kernels import cpu_name  # noqa: E402  (benchmarks/kernels.py, beside this script)
 
 
-def resnet20(num_classes=10):
+def resnet20(keras, num_classes=10):
     inp = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inp)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
@@ -72,7 +76,7 @@ def resnet20(num_classes=10):
     return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="resnet20")
 
 
-def compiled(model, jit_compile):
+def compiled(keras, model, jit_compile):
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit_compile)
     return model
@@ -142,22 +146,30 @@ def quantizer_table():
 def main():
     if args.quantizer:
         return quantizer_table()
-    keras.utils.set_random_seed(0)
     x = tf.random.uniform((args.batch, 32, 32, 3))
     y = tf.random.uniform((args.batch,), 0, 10, tf.int32)
-    float_model = resnet20()
+    fronts = {"both": ["tf_keras", "keras3"], "tf_keras": ["tf_keras"], "keras3": ["keras3"]}[args.front_end]
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.xla]
-    models = {}  # (name, jit_compile) -> compiled model; each mode gets its own models
-    for jit in modes:
-        models[("float32", jit)] = compiled(keras.models.clone_model(float_model), jit)
-        for bits in args.bits:
-            models[(f"N2UQ W{bits}A{bits}", jit)] = compiled(n2uq_tf.quantize_model(float_model, bits=bits), jit)
-            if args.finite_check_cost:
-                unchecked = n2uq_tf.quantize_model(float_model, bits=bits)
-                for layer in unchecked.layers:
-                    if isinstance(layer, n2uq_tf.N2UQWrapper):
-                        layer.check_finite = False
-                models[(f"W{bits}A{bits} no check", jit)] = compiled(unchecked, jit)
+    models = {}  # (front end, name, jit_compile) -> compiled model; each mode gets its own models
+    for front in fronts:
+        if front == "keras3":
+            import keras
+            from n2uq_tf.keras3 import N2UQWrapper as wrapper_class
+        else:
+            keras, wrapper_class = tf_keras, n2uq_tf.N2UQWrapper
+        keras.utils.set_random_seed(0)
+        float_model = resnet20(keras)
+        for jit in modes:
+            models[(front, "float32", jit)] = compiled(keras, keras.models.clone_model(float_model), jit)
+            for bits in args.bits:
+                models[(front, f"N2UQ W{bits}A{bits}", jit)] = compiled(
+                    keras, n2uq_tf.quantize_model(float_model, bits=bits), jit)
+                if args.finite_check_cost:
+                    unchecked = n2uq_tf.quantize_model(float_model, bits=bits)
+                    for layer in unchecked.layers:
+                        if isinstance(layer, wrapper_class):
+                            layer.check_finite = False
+                    models[(front, f"W{bits}A{bits} no check", jit)] = compiled(keras, unchecked, jit)
     for model in models.values():
         time_steps(model, x, y, 3)  # trace, compile and warm up
     samples = {key: [] for key in models}
@@ -168,16 +180,16 @@ def main():
     load = load_average()
     print(f"\nResNet-20, 32x32, batch {args.batch}, TF {tf.__version__}, {cpu_name()}, {os.cpu_count()} CPU threads, "
           f"load average {load:.1f} at the end; medians of {args.rounds} x {args.steps} interleaved steps\n")
-    print("| model        | XLA | quantizer | wall ms/step | vs float | CPU ms/step | vs float |")
-    print("|--------------|-----|-----------|--------------|----------|-------------|----------|")
-    for (name, jit), times in samples.items():
-        base = samples[("float32", jit)]
+    print("| Keras    | model        | XLA | quantizer | wall ms/step | vs float | CPU ms/step | vs float |")
+    print("|----------|--------------|-----|-----------|--------------|----------|-------------|----------|")
+    for (front, name, jit), times in samples.items():
+        base = samples[(front, "float32", jit)]
         base_wall = statistics.median(t[0] for t in base)
         base_cpu = statistics.median(t[1] for t in base)
         wall = statistics.median(t[0] for t in times)
         cpu = statistics.median(t[1] for t in times)
         quantizer = "-" if name == "float32" else n2uq_tf.ops.active_implementation(jit_compile=jit)
-        print(f"| {name:12s} | {'yes' if jit else 'no':3s} | {quantizer:9s} | {1e3 * wall:12.1f} | "
+        print(f"| {front:8s} | {name:12s} | {'yes' if jit else 'no':3s} | {quantizer:9s} | {1e3 * wall:12.1f} | "
               f"{wall / base_wall:7.2f}x | {1e3 * cpu:11.1f} | {cpu / base_cpu:7.2f}x |")
     return 0
 
