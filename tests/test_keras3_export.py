@@ -9,9 +9,9 @@ import tensorflow as tf
 
 import n2uq_tf
 
-keras = pytest.importorskip("keras")
-if not keras.__version__.startswith("3."):
-    pytest.skip("needs Keras 3", allow_module_level=True)
+import keras  # noqa: E402  (Keras 3 comes with TensorFlow >= 2.16, which setup.cfg requires)
+
+assert keras.__version__.startswith("3."), f"these tests need Keras 3, got keras {keras.__version__}"
 
 from test_export import REL_TOL  # noqa: E402
 from test_keras3_front_end import cnn, randomize_quantizers  # noqa: E402

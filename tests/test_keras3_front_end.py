@@ -12,9 +12,9 @@ import n2uq_tf
 import numpy_reference as ref
 from n2uq_tf import model_reader
 
-keras = pytest.importorskip("keras")
-if not keras.__version__.startswith("3."):
-    pytest.skip("needs Keras 3", allow_module_level=True)
+import keras  # noqa: E402  (Keras 3 comes with TensorFlow >= 2.16, which setup.cfg requires)
+
+assert keras.__version__.startswith("3."), f"these tests need Keras 3, got keras {keras.__version__}"
 
 import tf_keras  # noqa: E402
 
