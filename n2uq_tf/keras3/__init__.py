@@ -6,7 +6,8 @@ layers (registered with Keras 3 as ``n2uq_tf>N2UQWrapper``), trains with the def
 `keras.models.load_model` after ``import n2uq_tf``, or with `n2uq_tf.load_model`. Importing this
 package registers its `n2uq_tf.model_reader` reader. It imports Keras 3 (`keras`), never tf_keras
 itself; it reuses the tf_keras front end's registry table and planning (`n2uq_tf.quantize`).
-Literature methods (DoReFa, PACT, LSQ, DAQ) are tf_keras only for now.
+The literature methods (DoReFa, PACT, LSQ, DAQ, ...) run the tf_keras front end's quantizer classes
+on Keras 3 variables (`baseline_quantizers`).
 """
 
 from n2uq_tf.keras3 import reader  # noqa: F401  (registers the reader)

@@ -5,14 +5,18 @@ quantizer has ``bits``, ``method``, ``build(layer, name)`` -> its variables and
 ``uniform_levels(variables)``; a weight quantizer has ``bits``, ``method``, ``channel_axis`` and
 ``integer_view(w, variables)``; both are called as ``quantizer(x, training, weights=variables)``.
 They are plain objects rebuilt from the wrapper's config (bits, method), so a saved model stores
-only their variables. Same variables and initial values as the tf_keras front end:
+only their variables. ``build(layer, name, tensor_shape)`` takes the shape of the tensor quantized
+(a kernel's, for per-channel variables). The literature methods are in `baseline_quantizers`. Same variables and initial values as the tf_keras front end:
 start 0, intervals delta each, beta1 = beta2 = 1.
 """
+
+import functools
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from n2uq_tf.keras3 import baseline_quantizers
 from n2uq_tf.quantization_math import n2uq
 from n2uq_tf.quantize.quantizers import IntegerView, UniformLevels
 
@@ -31,7 +35,7 @@ class ActivationQuantizer:
     def method(self):
         return "n2uq" if self.learn_thresholds else "uniform"
 
-    def build(self, layer, name):
+    def build(self, layer, name, tensor_shape=None):
         """Adds the quantizer's variables to ``layer`` (named ``<name>_n2uq_start``, ...); returns them."""
         def variable(suffix, shape, value, trainable):
             # float32 under mixed precision too (autocast off), as in the tf_keras front end.
@@ -70,7 +74,7 @@ class WeightQuantizer:
         self.bits = n2uq.check_bits(bits, "weight bits")
         self.channel_axis = tuple(channel_axis) if isinstance(channel_axis, (list, tuple)) else int(channel_axis)
 
-    def build(self, layer, name):
+    def build(self, layer, name, tensor_shape=None):
         return {}
 
     def __call__(self, inputs, training, weights):
@@ -83,21 +87,26 @@ class WeightQuantizer:
         return IntegerView(codes.numpy(), (alpha.numpy().astype(np.float64) * 2.0 / n), n)
 
 
-# method name -> (activation quantizer factory or None, weight quantizer class or None); the Keras 3
-# rows of `n2uq_tf.quantize.method_table.METHODS` (which resolves the names for both front ends).
-# The literature methods are there for tf_keras only for now.
+# method name -> Keras 3 quantizer factory, each side: N2UQ's own above, and the literature methods
+# of `n2uq_tf.quantize.method_table.METHODS` (which resolves the names for both front ends), each
+# running that table's tf_keras quantizer class on Keras 3 variables.
 ACTIVATION_QUANTIZERS = {
     "n2uq": lambda bits: ActivationQuantizer(bits, learn_thresholds=True),
     "uniform": lambda bits: ActivationQuantizer(bits, learn_thresholds=False),
+    **{name: functools.partial(baseline_quantizers.LiteratureActivationQuantizer, name)
+       for name in baseline_quantizers.ACTIVATION_METHODS},
 }
-WEIGHT_QUANTIZERS = {"n2uq": WeightQuantizer}
+WEIGHT_QUANTIZERS = {
+    "n2uq": WeightQuantizer,
+    **{name: functools.partial(baseline_quantizers.LiteratureWeightQuantizer, name)
+       for name in baseline_quantizers.WEIGHT_METHODS},
+}
 
 
 def check_methods(weight_method, activation_method, where):
-    """Raises ValueError for a method the Keras 3 front end does not have yet."""
+    """Raises ValueError for a method the Keras 3 front end does not have."""
     for side, method, table in (("weight", weight_method, WEIGHT_QUANTIZERS),
                                 ("activation", activation_method, ACTIVATION_QUANTIZERS)):
         if method is not None and method not in table:
-            raise ValueError(f"{where}: {side} method {method!r} is tf_keras only for now; the Keras 3 front end "
-                             f"has {side} methods {', '.join(map(repr, table))}. Build the model with tf_keras "
-                             f"(`import tf_keras as keras`) to use {method!r}.")
+            raise ValueError(f"{where}: {side} method {method!r} is not a Keras 3 {side} method; the Keras 3 "
+                             f"front end has {side} methods {', '.join(map(repr, table))}")

@@ -87,7 +87,9 @@ class N2UQWrapper(keras.layers.Wrapper):
     Args:
       layer: the float layer (its weights are used as they are).
       weight_bits, activation_bits: bits of the kernels / of the input; None keeps that side float.
-      weight_method, activation_method: "n2uq"; activations also "uniform" (thresholds frozen).
+      weight_method, activation_method: a weight / activation method of
+        `n2uq_tf.quantize.method_table.METHODS` ("n2uq", "dorefa", "lsq", ...; activations also
+        "uniform": N2UQ with frozen thresholds).
     """
 
     # Set False (on the class or a wrapper, before the model is traced) to leave out the per-call
@@ -133,7 +135,8 @@ class N2UQWrapper(keras.layers.Wrapper):
             for attr in self.rule.weight_attrs:
                 quantizer = quantizers.WEIGHT_QUANTIZERS[self.weight_method](self.weight_bits, self._channel_axis(attr))
                 variable = getattr(self.layer, keras3_attribute(self.layer, attr))
-                weights.append(QuantizedWeight(attr, variable, quantizer, quantizer.build(self, attr)))
+                variables = quantizer.build(self, attr, tuple(variable.shape))
+                weights.append(QuantizedWeight(attr, variable, quantizer, variables))
         activation, intermediate = None, ()
         if self.activation_bits is not None:
             make = quantizers.ACTIVATION_QUANTIZERS[self.activation_method]
