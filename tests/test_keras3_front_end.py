@@ -181,11 +181,9 @@ def test_load_model_refuses_a_float_keras3_file(tmp_path):
     assert isinstance(n2uq_tf.load_model(path, require_quantized=False), keras.Model)
 
 
-def test_literature_methods_are_tf_keras_only_for_now(pair):
+def test_uniform_is_n2uq_with_frozen_thresholds(pair):
     float3 = pair[0]
-    with pytest.raises(ValueError, match="'dorefa' is tf_keras only for now"):
-        n2uq_tf.quantize_model(float3, bits=2, method="dorefa")
-    q = n2uq_tf.quantize_model(float3, bits=2, learn_thresholds=False)  # "uniform" is N2UQ with frozen thresholds
+    q = n2uq_tf.quantize_model(float3, bits=2, learn_thresholds=False)
     assert {s["method"] for s in model_reader.quantizer_state(q).values()} == {"uniform"}
     assert not any("n2uq_start" in v.path or "n2uq_intervals" in v.path for v in q.trainable_weights)
 
