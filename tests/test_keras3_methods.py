@@ -47,16 +47,16 @@ def quantizer_variables(model):
     return found
 
 
-def quantized_pair(method):
-    """(Keras 3 quantized model, tf_keras quantized model) of `tiny` with `method`: the same float
-    weights and the same quantizer values, moved off their initial values."""
+def quantized_pair(method, **arguments):
+    """(Keras 3 quantized model, tf_keras quantized model) of `tiny` with `method` (and further
+    quantize_model `arguments`): the same float weights and quantizer values, moved off their initial values."""
     keras.utils.set_random_seed(3)
     float3, float2 = tiny(keras), tiny(tf_keras)
     for layer in float2.layers:
         if layer.weights:
             layer.set_weights(float3.get_layer(layer.name).get_weights())
-    q3 = n2uq_tf.quantize_model(float3, bits=2, method=method)
-    q2 = n2uq_tf.quantize_model(float2, bits=2, method=method)
+    q3 = n2uq_tf.quantize_model(float3, bits=2, method=method, **arguments)
+    q2 = n2uq_tf.quantize_model(float2, bits=2, method=method, **arguments)
     q2(X, training=False)  # data-dependent initialisation (LSQ's steps, DAQ's range, the learnable scale)
     rng = np.random.default_rng(7)
     variables3 = quantizer_variables(q3)
@@ -84,6 +84,13 @@ def test_quantize_model_builds_the_same_quantizer_variables(pair):
         assert tuple(variable.shape) == tuple(variables2[key].shape), key
     sides = {(q.weight_method, q.input.method) for q in model_reader.quantized_layers(q3)}
     assert sides == {method_table.resolve_methods(method)}
+    # The literature quantizers are registered Keras 3 serializables.
+    literature = [quantizer for q in model_reader.quantized_layers(q3) for quantizer in
+                  [q.input.quantizer] + [w.quantizer for w in q.weights] if quantizer.method not in ("n2uq", "uniform")]
+    assert literature
+    for quantizer in literature:
+        copy = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(quantizer))
+        assert type(copy) is type(quantizer) and copy.get_config() == quantizer.get_config()
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -162,6 +169,18 @@ def test_save_and_load_round_trip_is_bit_identical(pair, tmp_path):
     for key, variable in before.items():
         np.testing.assert_array_equal(after[key].numpy(), variable.numpy(), err_msg=str(key))
     assert model_reader.quantizer_state(loaded) == model_reader.quantizer_state(q3)
+
+
+def test_methods_per_side_and_per_layer_as_in_the_tf_keras_front_end():
+    q3, q2 = quantized_pair("uniform", weight_method="none", overrides={
+        "conv": {"method": "pact"}, "fc1": {"activation_method": "daq", "weight_method": "lsq", "weight_bits": 3}})
+    rows3, rows2 = ({r.name: (r.method, r.weight_bits) for r in n2uq_tf.quantization_report(q).layers
+                     if r.type != "InputLayer"} for q in (q3, q2))
+    assert rows3 == rows2
+    assert rows3["conv"] == ("W:dorefa A:pact", 2) and rows3["fc1"] == ("W:lsq A:daq", 3)
+    assert model_reader.quantizer_state(q3) == model_reader.quantizer_state(q2)
+    for training in (False, True):
+        np.testing.assert_array_equal(q3(X, training=training).numpy(), q2(X, training=training).numpy())
 
 
 @pytest.mark.slow

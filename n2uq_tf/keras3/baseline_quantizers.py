@@ -33,7 +33,7 @@ class _Keras3Variables:
 
 def _tensorflow_variables(variables):
     """{name: tf.Variable} of a quantizer's Keras 3 variables (what the tf_keras classes compute with)."""
-    return {name: getattr(v, "value", v) for name, v in variables.items()}
+    return {name: v.value if isinstance(v, keras.Variable) else v for name, v in variables.items()}
 
 
 class _LiteratureQuantizer:
