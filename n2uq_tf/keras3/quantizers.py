@@ -6,8 +6,8 @@ quantizer has ``bits``, ``method``, ``build(layer, name)`` -> its variables and
 ``integer_view(w, variables)``; both are called as ``quantizer(x, training, weights=variables)``.
 They are plain objects rebuilt from the wrapper's config (bits, method), so a saved model stores
 only their variables. ``build(layer, name, tensor_shape)`` takes the shape of the tensor quantized
-(a kernel's, for per-channel variables). The literature methods are in `baseline_quantizers`. Same variables and initial values as the tf_keras front end:
-start 0, intervals delta each, beta1 = beta2 = 1.
+(a kernel's, for per-channel variables). Same variables and initial values as the tf_keras front
+end: start 0, intervals delta each, beta1 = beta2 = 1. The literature methods are in `baseline_quantizers`.
 """
 
 import functools
