@@ -198,3 +198,29 @@ def test_gradients_under_xla_equal_the_eager_tf_keras_ones():
 
     for training in (False, True):
         np.testing.assert_array_equal(compiled(q3, training), compiled(q2, training))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, export", [("pact", "packed"), ("lsq", "float")])
+def test_export_tflite_parity_through_the_delegate(method, export):
+    """PACT activations with DoReFa weights become custom ops; LSQ layers stay float builtins (as in tf_keras)."""
+    import warnings
+
+    from n2uq_tf import tflite
+    from test_export import REL_TOL
+    q3, _ = quantized_pair(method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = n2uq_tf.export_tflite(q3)
+    rows = {r.name: r.export for r in n2uq_tf.quantization_report(q3).layers}
+    assert rows["conv"] == rows["fc1"] == export
+    interpreter = tf.lite.Interpreter(model_content=data,
+                                      experimental_delegates=[tf.lite.experimental.load_delegate(tflite.delegate_path())])
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, X.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, X)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    expected = q3(X, training=False).numpy()
+    assert float(np.abs(got - expected).max()) <= REL_TOL * max(float(np.abs(expected).max()), 1.0)
