@@ -247,6 +247,7 @@ def test_runtime_runs_without_tensorflow(models, tmp_path):
 def test_outputs_equal_tf_reference_bit_for_bit(models, name, backend):
     content, x, reference = models[name]
     assert set(n2tfl.model_n2uq_ops(model_content=content)) >= {"N2UQQuantizePack"}
+    assert n2tfl.model_n2uq_ops(content) == n2tfl.model_n2uq_ops(model_content=content)  # bytes as the path
     results = {}
     for threads in (1, 2):
         results[threads] = run(content, x, backend, threads)

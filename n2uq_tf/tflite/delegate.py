@@ -120,6 +120,8 @@ def load_delegate(backend: str = "auto", **options: Any) -> Any:
 
 
 def _read_model(model_path, model_content):
+    if isinstance(model_path, (bytes, bytearray)) and model_content is None:  # the bytes export_tflite returns
+        model_path, model_content = None, model_path
     if (model_path is None) == (model_content is None):
         raise ValueError("pass exactly one of model_path and model_content")
     if model_content is not None:
@@ -128,8 +130,12 @@ def _read_model(model_path, model_content):
         return f.read()
 
 
-def model_n2uq_ops(model_path: str | os.PathLike[str] | None = None, model_content: bytes | None = None) -> list[str]:
-    """Names of the N2UQ custom ops a .tflite model uses (from its operator-code strings)."""
+def model_n2uq_ops(model_path: str | os.PathLike[str] | bytes | None = None,
+                   model_content: bytes | None = None) -> list[str]:
+    """Names of the N2UQ custom ops a .tflite model uses (from its operator-code strings).
+
+    Like `Interpreter`, takes the flatbuffer bytes `n2uq_tf.export_tflite` returns in place of a path.
+    """
     content = _read_model(model_path, model_content)
     # Names are stored as NUL-terminated flatbuffer strings; N2UQQuantize is a prefix of
     # N2UQQuantizePack, so match the terminator too.
