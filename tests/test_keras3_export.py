@@ -62,3 +62,35 @@ def test_parity_with_keras_through_the_delegate(exported, backend):
     expected = q(x, training=False).numpy()
     scale = float(np.abs(expected).max())
     assert float(np.abs(got - expected).max()) <= REL_TOL * max(scale, 1.0)
+
+
+def _names(data):
+    interpreter = tf.lite.Interpreter(model_content=data)
+    signature = interpreter.get_signature_list()["serving_default"]
+    return [d["name"] for d in interpreter.get_input_details()], signature["inputs"], signature["outputs"]
+
+
+def _dense_models():
+    """A Functional model with an unnamed and a named input, and a Sequential model."""
+    a, b = keras.Input((6,)), keras.Input((4,), name="side")
+    x = keras.layers.Dense(8, name="d")(keras.layers.Concatenate(name="join")([a, b]))
+    functional = keras.Model([a, b], keras.layers.Dense(3, name="fc")(x))
+    sequential = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d"), keras.layers.Dense(3, name="fc")])
+    return {"functional": functional, "sequential": sequential}
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_input_names_equal_the_stock_converters(kind):
+    """The stock converter (from_keras_model) names a Keras 3 model's inputs after its KerasTensors
+    (an unnamed keras.Input gives "keras_tensor_<n>", not its layer's "input_layer"); the export
+    of the same quantized model keeps those names, in the signature and on the input tensors. Outputs
+    are named after their layers, as for tf_keras models (the stock converter says "output_0")."""
+    keras.utils.set_random_seed(6)
+    q = n2uq_tf.quantize_model(_dense_models()[kind], bits=2, skip_layers=["fc"])
+    stock = _names(tf.lite.TFLiteConverter.from_keras_model(q).convert())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "d" sees the raw input
+        ours = _names(n2uq_tf.export_tflite(q))
+    assert ours[:2] == stock[:2]
+    assert len(stock[1]) == len(q.inputs)
+    assert ours[2] == ["fc"]

@@ -129,7 +129,8 @@ def signature_names(model):
     quantized export keeps the names app code looks up.
     """
     outputs = []
-    for name in model.output_names:
+    # A Keras 3 Sequential model has no output_names: its one output is its last layer's.
+    for name in getattr(model, "output_names", None) or [model.layers[-1].name]:
         layer = model.get_layer(name) if name in {each.name for each in model.layers} else None
         inner = getattr(layer, "layer", None)
         outputs.append(inner.name if hasattr(inner, "dtype_policy") else name)  # a wrapped layer (either Keras)
