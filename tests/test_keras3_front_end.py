@@ -208,30 +208,6 @@ def test_other_backends_get_a_clear_error_at_call_time(pair, monkeypatch):
         n2uq_tf.quantize_model(pair[0], bits=2)
 
 
-@pytest.mark.slow
-def test_mobilenet_v2_backbone_quantize_fit_save_load(tmp_path):
-    """keras.applications.MobileNetV2 as a backbone inside a Functional model: quantized inside, named by path."""
-    keras.utils.set_random_seed(3)
-    backbone = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(5, name="head")(x))
-    q = n2uq_tf.quantize_model(model, bits=2)
-    paths = [p.path for p in model_reader.quantized_layers(q)]
-    assert len(paths) > 30 and all(p.startswith(backbone.name + "/") for p in paths)
-    # The first conv (the raw input) and the head stay float.
-    assert f"{backbone.name}/Conv1" not in paths and "head" not in paths
-    q.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = RNG.normal(size=(4, 32, 32, 3)).astype(np.float32)
-    before = quantizer_values(q)
-    q.fit(x, np.arange(4) % 5, epochs=1, batch_size=4, verbose=0)
-    assert len(_changed(before, q)) > 0.9 * len(before)  # a quantizer whose inputs are all below start gets no gradient
-    path = str(tmp_path / "mnv2.keras")
-    q.save(path)
-    loaded = n2uq_tf.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), q.predict(x, verbose=0))
-    assert model_reader.quantizer_state(loaded) == model_reader.quantizer_state(q)
-
 @pytest.mark.parametrize("function", ["float_twin", "load_float_weights", "quantize"])
 def test_tf_keras_only_model_builders_name_themselves_and_the_alternative(pair, function):
     from n2uq_tf import models

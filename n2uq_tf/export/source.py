@@ -134,6 +134,7 @@ def signature_names(model):
         layer = model.get_layer(name) if name in {each.name for each in model.layers} else None
         inner = getattr(layer, "layer", None)
         outputs.append(inner.name if hasattr(inner, "dtype_policy") else name)  # a wrapped layer (either Keras)
-    # Keras 3 models have no input_names; their inputs are named after their input layers.
+    # Keras 3 models have no input_names: the stock converter names their inputs after the input
+    # KerasTensors ("keras_tensor_<n>" for an unnamed keras.Input, not the layer's "input_layer").
     input_names = getattr(model, "input_names", None) or [t.name for t in model.inputs]
     return _unique(list(input_names)), _unique(outputs)
