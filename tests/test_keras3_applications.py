@@ -1,5 +1,5 @@
-"""keras.applications models (Keras 3, weights=None) end to end: quantize, a training step (ResNet50 with
-the default compile, MobileNetV2 with jit_compile=True), save as .keras, load (keras.models.load_model after `import n2uq_tf`,
+"""keras.applications models (Keras 3, weights=None) end to end: quantize, a training step (ResNet50
+with the default compile, MobileNetV2 with jit_compile=True), save as .keras, load (keras.models.load_model after `import n2uq_tf`,
 and n2uq_tf.load_model), export_tflite, and parity with Keras in both stock interpreters through the
 N2UQ delegate (the tolerance of tests/test_export.py).
 
@@ -70,7 +70,8 @@ def trained(request):
     rng = np.random.default_rng(11)
     x = rng.normal(size=(2, *SHAPE)).astype(np.float32)
     y = np.arange(2) % CLASSES
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=request.param != "ResNet50")  # ResNet50 ends in softmax
+    # ResNet50 ends in a softmax; the backbone's head gives logits.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=request.param != "ResNet50")
     q.compile(optimizer="adam", loss=loss, jit_compile=JIT_COMPILE[request.param])
     before = quantizer_values(q)
     history = q.fit(x, y, batch_size=2, epochs=1, verbose=0)

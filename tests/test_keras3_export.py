@@ -75,7 +75,8 @@ def _dense_models():
     a, b = keras.Input((6,)), keras.Input((4,), name="side")
     x = keras.layers.Dense(8, name="d")(keras.layers.Concatenate(name="join")([a, b]))
     functional = keras.Model([a, b], keras.layers.Dense(3, name="fc")(x))
-    sequential = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d"), keras.layers.Dense(3, name="fc")])
+    sequential = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d"),
+                                   keras.layers.Dense(3, name="fc")])
     return {"functional": functional, "sequential": sequential}
 
 
