@@ -1,7 +1,7 @@
 """keras.applications models (Keras 3, weights=None) end to end: quantize, a training step (ResNet50
-with the default compile, MobileNetV2 with jit_compile=True), save as .keras, load (keras.models.load_model after `import n2uq_tf`,
-and n2uq_tf.load_model), export_tflite, and parity with Keras in both stock interpreters through the
-N2UQ delegate (the tolerance of tests/test_export.py).
+with the default compile, MobileNetV2 with jit_compile=True), save as .keras, load
+(keras.models.load_model after `import n2uq_tf`, and n2uq_tf.load_model), export_tflite, and parity
+with Keras in both stock interpreters through the N2UQ delegate (the tolerance of tests/test_export.py).
 
 ResNet50 is quantized as the whole model (its classifier included); MobileNetV2 is a backbone
 nested in a Functional model with its own head (quantized inside, layers named by path). Each
