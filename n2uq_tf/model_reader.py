@@ -108,6 +108,58 @@ class WalkedLayer(NamedTuple):
     owners: tuple = ()  # paths of the nested models holding the layer, outermost first
 
 
+def walk_layers(model, is_nested_model, layer_name, *, models=False):
+    """The walk of both front ends' `nested.walk`: a `WalkedLayer` for every layer of `model`,
+    nested models entered, in layer order.
+
+    ``is_nested_model(layer)`` says which layers are models to enter, ``layer_name(layer)`` the
+    name a layer has in paths (a quantize wrapper's: the wrapped layer's). A nested model is
+    replaced by its layers (and, with ``models=True``, also yielded itself, before them). A layer
+    object met twice (shared between models) is yielded once.
+    """
+    seen = set()
+
+    def visit(container, prefix, owners):
+        for layer in container.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            path = prefix + layer_name(layer)
+            if is_nested_model(layer):
+                if models:
+                    yield WalkedLayer(path, layer, owners)
+                yield from visit(layer, path + SEPARATOR, owners + (path,))
+            else:
+                yield WalkedLayer(path, layer, owners)
+
+    yield from visit(model, "", ())
+
+
+def clone_layers(model, clone_leaf, *, is_nested_model, layer_name, clone_model, unfreeze=False):
+    """The clone of both front ends' `nested.clone`: ``clone_model`` (the front end's
+    ``keras.models.clone_model``) at every depth, keeping the user's structure and the paths of
+    `walk_layers`.
+
+    ``clone_leaf(layer, path)`` gives the clone of each layer that is not a nested model; every
+    nested model is cloned the same way, under its own name, and stays frozen if it was
+    (``trainable=False``) unless ``unfreeze``.
+    """
+
+    def clone_level(container, prefix):
+        def clone_function(layer):
+            path = prefix + layer_name(layer)
+            if is_nested_model(layer):
+                return clone_level(layer, path + SEPARATOR)
+            return clone_leaf(layer, path)
+
+        cloned = clone_model(container, clone_function=clone_function)
+        if not container.trainable and not unfreeze:
+            cloned.trainable = False
+        return cloned
+
+    return clone_level(model, "")
+
+
 class GraphNode(NamedTuple):
     """One call of a layer in a functional model's own graph (`ModelReader.graph_nodes`)."""
     layer: Any

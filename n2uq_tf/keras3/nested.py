@@ -10,7 +10,8 @@ import keras
 # this is the one private Keras 3 import of the package.
 from keras.src.models.functional import Functional
 
-from n2uq_tf.model_reader import SEPARATOR, WalkedLayer
+from n2uq_tf import model_reader
+from n2uq_tf.model_reader import SEPARATOR, WalkedLayer  # noqa: F401  (re-exported)
 
 
 def is_model(layer):
@@ -35,22 +36,7 @@ def layer_name(layer):
 def walk(model, *, models=False):
     """Yields a `WalkedLayer` for every layer of `model`, nested models entered, in layer order
     (with ``models=True`` each nested model too, before its layers); a shared layer once."""
-    seen = set()
-
-    def visit(container, prefix, owners):
-        for layer in container.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            path = prefix + layer_name(layer)
-            if is_nested_model(layer):
-                if models:
-                    yield WalkedLayer(path, layer, owners)
-                yield from visit(layer, path + SEPARATOR, owners + (path,))
-            else:
-                yield WalkedLayer(path, layer, owners)
-
-    yield from visit(model, "", ())
+    return model_reader.walk_layers(model, is_nested_model, layer_name, models=models)
 
 
 def clone(model, clone_leaf, *, unfreeze=False):
@@ -60,17 +46,6 @@ def clone(model, clone_leaf, *, unfreeze=False):
     nested model is cloned the same way under its own name and stays frozen if it was, unless
     ``unfreeze``. Cloned layers have fresh weights.
     """
-
-    def clone_level(container, prefix):
-        def clone_function(layer):
-            path = prefix + layer_name(layer)
-            if is_nested_model(layer):
-                return clone_level(layer, path + SEPARATOR)
-            return clone_leaf(layer, path)
-
-        cloned = keras.models.clone_model(container, clone_function=clone_function)
-        if not container.trainable and not unfreeze:
-            cloned.trainable = False
-        return cloned
-
-    return clone_level(model, "")
+    return model_reader.clone_layers(model, clone_leaf, is_nested_model=is_nested_model,
+                                     layer_name=layer_name, clone_model=keras.models.clone_model,
+                                     unfreeze=unfreeze)

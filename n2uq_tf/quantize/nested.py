@@ -13,7 +13,8 @@ them as single layers.
 """
 
 from n2uq_tf._keras import keras, tfmot
-from n2uq_tf.model_reader import SEPARATOR, WalkedLayer  # noqa: F401  (WalkedLayer re-exported)
+from n2uq_tf import model_reader
+from n2uq_tf.model_reader import SEPARATOR, WalkedLayer  # noqa: F401  (re-exported)
 
 
 def is_nested_model(layer):
@@ -34,27 +35,10 @@ def layer_name(layer):
 
 
 def walk(model, *, models=False):
-    """Yields a `WalkedLayer` for every layer of `model`, nested models entered, in layer order.
-
-    A nested model is replaced by its layers (and, with ``models=True``, also yielded itself,
-    before them). A layer object met twice (shared between models) is yielded once.
-    """
-    seen = set()
-
-    def visit(container, prefix, owners):
-        for layer in container.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            path = prefix + layer_name(layer)
-            if is_nested_model(layer):
-                if models:
-                    yield WalkedLayer(path, layer, owners)
-                yield from visit(layer, path + SEPARATOR, owners + (path,))
-            else:
-                yield WalkedLayer(path, layer, owners)
-
-    yield from visit(model, "", ())
+    """Yields a `WalkedLayer` for every layer of `model`, nested models entered, in layer order
+    (`model_reader.walk_layers`: with ``models=True`` each nested model too, before its layers; a
+    shared layer once)."""
+    return model_reader.walk_layers(model, is_nested_model, layer_name, models=models)
 
 
 def clone(model, clone_leaf, *, unfreeze=False):
@@ -65,18 +49,6 @@ def clone(model, clone_leaf, *, unfreeze=False):
     name, and stays frozen if it was (``trainable=False``) unless ``unfreeze``. As with
     clone_model, cloned layers have fresh weights (``clone.set_weights(model.get_weights())``).
     """
-
-    def clone_level(container, prefix):
-        def clone_function(layer):
-            path = prefix + layer_name(layer)
-            if is_nested_model(layer):
-                return clone_level(layer, path + SEPARATOR)
-            return clone_leaf(layer, path)
-
-        cloned = keras.models.clone_model(container, clone_function=clone_function)
-        if not container.trainable and not unfreeze:
-            cloned.trainable = False
-        return cloned
-
-    return clone_level(model, "")
-
+    return model_reader.clone_layers(model, clone_leaf, is_nested_model=is_nested_model,
+                                     layer_name=layer_name, clone_model=keras.models.clone_model,
+                                     unfreeze=unfreeze)
