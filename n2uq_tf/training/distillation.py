@@ -156,7 +156,42 @@ def _same_keras_error(student, teacher):
     return None
 
 
-class DistillationModel(keras.Model):
+class _StudentFacing:
+    """What both front ends' `DistillationModel` do the same: the model is its student for calling,
+    weights and configuration.
+
+    A subclass (a tf_keras or Keras 3 ``Model``) sets ``_keras_module`` to its Keras and gives
+    ``_deserialize_models(student, teacher, custom_objects)``; ``save`` stays its own.
+    """
+
+    _keras_module = None
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def save_weights(self, filepath, *args, **kwargs):
+        return self.student.save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        return self.student.load_weights(filepath, *args, **kwargs)
+
+    def get_config(self):
+        # For to_json (TensorBoard's graph view); the file format of save() is the student's.
+        serialize = self._keras_module.saving.serialize_keras_object
+        return {"student": serialize(self.student), "teacher": serialize(self.teacher),
+                "temperature": self.temperature, "alpha": self.alpha,
+                "teacher_from_logits": self.teacher_from_logits,
+                "student_from_logits": self.student_from_logits, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Rebuilds the architecture (fresh weights); load trained weights with load_weights."""
+        config = dict(config)
+        student, teacher = cls._deserialize_models(config.pop("student"), config.pop("teacher"), custom_objects)
+        return cls(student, teacher, **config)
+
+
+class DistillationModel(_StudentFacing, keras.Model):
     """Trains `student` to match a frozen `teacher`; everything else acts on the student.
 
     ``loss = (1 - alpha) * distillation_loss(teacher, student, temperature)
@@ -188,6 +223,8 @@ class DistillationModel(keras.Model):
         layer whether it outputs logits; False when that model outputs probabilities; True when it
         outputs logits (a model detected to end in a softmax then raises ValueError).
     """
+
+    _keras_module = keras  # for `_StudentFacing.get_config`
 
     def __new__(cls, student=None, teacher=None, *args, **kwargs):
         # A Keras 3 student and teacher get the Keras 3 twin (not an instance of this class, so
@@ -228,9 +265,6 @@ class DistillationModel(keras.Model):
             raise ValueError(f"alpha={self.alpha} weights a label loss: pass compile(loss=...), e.g. "
                              "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
 
     @property
     def metrics(self):
@@ -309,27 +343,10 @@ class DistillationModel(keras.Model):
     def save(self, filepath, *args, **kwargs):
         return save_model(self.student, filepath, *args, **kwargs)
 
-    def save_weights(self, filepath, *args, **kwargs):
-        return self.student.save_weights(filepath, *args, **kwargs)
-
-    def load_weights(self, filepath, *args, **kwargs):
-        return self.student.load_weights(filepath, *args, **kwargs)
-
-    def get_config(self):
-        # For to_json (TensorBoard's graph view); the file format of save() is the student's.
-        return {"student": keras.saving.serialize_keras_object(self.student),
-                "teacher": keras.saving.serialize_keras_object(self.teacher),
-                "temperature": self.temperature, "alpha": self.alpha,
-                "teacher_from_logits": self.teacher_from_logits,
-                "student_from_logits": self.student_from_logits, "name": self.name}
-
     @classmethod
-    def from_config(cls, config, custom_objects=None):
-        """Rebuilds the architecture (fresh weights); load trained weights with load_weights."""
+    def _deserialize_models(cls, student, teacher, custom_objects):
         from n2uq_tf.quantize.api import quantize_scope
 
-        config = dict(config)
         with quantize_scope(custom_objects or {}):
-            student = keras.saving.deserialize_keras_object(config.pop("student"))
-            teacher = keras.saving.deserialize_keras_object(config.pop("teacher"))
-        return cls(student, teacher, **config)
+            return (keras.saving.deserialize_keras_object(student),
+                    keras.saving.deserialize_keras_object(teacher))

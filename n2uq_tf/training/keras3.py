@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from n2uq_tf._io import atomic_path
 from n2uq_tf._keras_kind import TF_KERAS, keras_of
-from n2uq_tf.training.distillation import (_checked_logits, _resolve_from_logits, check_distillation_arguments,
-                                           distillation_loss)
+from n2uq_tf.training.distillation import (_checked_logits, _resolve_from_logits, _StudentFacing,
+                                           check_distillation_arguments, distillation_loss)
 from n2uq_tf.training.optimizer import PAPER_LEARNING_RATE, checked_multiplier, is_quantizer_variable
 from n2uq_tf.training.schedules import LinearEpochDecayBase
 
@@ -76,7 +76,7 @@ class _PerExampleLoss(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE, name="DistillationModel")
-class DistillationModel(keras.Model):
+class DistillationModel(_StudentFacing, keras.Model):
     """Keras 3 twin of `n2uq_tf.training.DistillationModel`: trains `student` to match a frozen `teacher`.
 
     The same loss, arguments and behaviour: ``(1 - alpha) * distillation_loss(teacher, student, T)
@@ -89,6 +89,8 @@ class DistillationModel(keras.Model):
     logits are not probabilities does not run (XLA drops assertions); the check of the models'
     last layers at construction does.
     """
+
+    _keras_module = keras  # for `_StudentFacing.get_config`
 
     def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 1.0, alpha: float = 0.0,
                  teacher_from_logits: bool | None = None, student_from_logits: bool | None = None, **kwargs: Any):
@@ -126,9 +128,6 @@ class DistillationModel(keras.Model):
             self.label_loss = loss if isinstance(loss, keras.losses.Loss) else _PerExampleLoss(loss)
         # Keras' own loss stays unset: compute_loss below is the whole loss.
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -168,23 +167,7 @@ class DistillationModel(keras.Model):
         with atomic_path(filepath) as path:
             return self.student.save(path, *args, **kwargs)
 
-    def save_weights(self, filepath, *args, **kwargs):
-        return self.student.save_weights(filepath, *args, **kwargs)
-
-    def load_weights(self, filepath, *args, **kwargs):
-        return self.student.load_weights(filepath, *args, **kwargs)
-
-    def get_config(self):
-        return {"student": keras.saving.serialize_keras_object(self.student),
-                "teacher": keras.saving.serialize_keras_object(self.teacher),
-                "temperature": self.temperature, "alpha": self.alpha,
-                "teacher_from_logits": self.teacher_from_logits,
-                "student_from_logits": self.student_from_logits, "name": self.name}
-
     @classmethod
-    def from_config(cls, config, custom_objects=None):
-        """Rebuilds the architecture (fresh weights); load trained weights with load_weights."""
-        config = dict(config)
-        student = keras.saving.deserialize_keras_object(config.pop("student"), custom_objects=custom_objects)
-        teacher = keras.saving.deserialize_keras_object(config.pop("teacher"), custom_objects=custom_objects)
-        return cls(student, teacher, **config)
+    def _deserialize_models(cls, student, teacher, custom_objects):
+        return (keras.saving.deserialize_keras_object(student, custom_objects=custom_objects),
+                keras.saving.deserialize_keras_object(teacher, custom_objects=custom_objects))
