@@ -253,6 +253,29 @@ class ModelReader:
         raise NotImplementedError
 
 
+class LayerTableReader(ModelReader):
+    """The `ModelReader` methods both front ends share: which float layers can be quantized is
+    said by a layer table, ``layer_table`` (a module with ``lookup(layer)``, None for a layer it
+    has no entry for, and ``unsupported_reason(layer)``: `n2uq_tf.quantize.registry` for both).
+    """
+
+    layer_table = None
+
+    def unsupported_reason(self, layer):
+        return self.layer_table.unsupported_reason(layer)
+
+    def is_quantizable(self, layer):
+        return self.layer_table.lookup(layer) is not None
+
+    def float_parameter_count(self, layer):
+        seen, count = set(), 0
+        for v in layer.weights:
+            if id(v) not in seen and tf.as_dtype(v.dtype).is_floating:
+                seen.add(id(v))
+                count += int(np.prod(v.shape))
+        return count
+
+
 _READERS = []
 
 

@@ -12,7 +12,6 @@ model's functional graph (``_functional``).
 import inspect
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from n2uq_tf import model_reader
@@ -48,10 +47,11 @@ def _node_input(node):
     return tensors[0] if len(tensors) == 1 else tensors
 
 
-class Keras3Reader(model_reader.ModelReader):
+class Keras3Reader(model_reader.LayerTableReader):
     """Reads Keras 3 models quantized by `n2uq_tf.quantize_model` (`n2uq_tf.keras3.N2UQWrapper` layers)."""
 
     model_type = "keras.Model (Keras 3)"
+    layer_table = registry
     nested = nested  # the walk `n2uq_tf.quantize.api.plan_quantization` uses for these models
 
     def owns(self, model):
@@ -83,20 +83,6 @@ class Keras3Reader(model_reader.ModelReader):
             weight_bits=layer.weight_bits, activation_bits=layer.activation_bits,
             weight_method=None if layer.weight_bits is None else layer.weight_method,
             weights=tuple(layer.weight_quantizers), input=activation, intermediate=tuple(layer.intermediate_quantizers))
-
-    def unsupported_reason(self, layer):
-        return registry.unsupported_reason(layer)
-
-    def is_quantizable(self, layer):
-        return registry.lookup(layer) is not None
-
-    def float_parameter_count(self, layer):
-        seen, count = set(), 0
-        for v in layer.weights:
-            if id(v) not in seen and tf.as_dtype(v.dtype).is_floating:
-                seen.add(id(v))
-                count += int(np.prod(v.shape))
-        return count
 
     def is_functional(self, model):
         return isinstance(model, keras.Model) and _graph_of(model) is not None

@@ -7,7 +7,6 @@ temporary graphs while quantizing) and whether a layer's call takes ``training``
 (``Layer._call_spec``). Nested models are entered through `n2uq_tf.quantize.nested`.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from n2uq_tf import model_reader
@@ -42,10 +41,11 @@ def _graph_node(node):
                                   arguments=arguments)
 
 
-class TfKerasReader(model_reader.ModelReader):
+class TfKerasReader(model_reader.LayerTableReader):
     """Reads tf_keras models quantized by `n2uq_tf.quantize_model` (`N2UQWrapper` layers)."""
 
     model_type = "tf_keras.Model"
+    layer_table = registry
 
     def owns(self, model):
         return isinstance(model, keras.Model)
@@ -66,20 +66,6 @@ class TfKerasReader(model_reader.ModelReader):
             weight_method=None if config.weight_bits is None else getattr(config, "weight_method", "n2uq"),
             weights=tuple(layer.weight_quantizers), input=activation,
             intermediate=tuple(layer.intermediate_quantizers))
-
-    def unsupported_reason(self, layer):
-        return registry.unsupported_reason(layer)
-
-    def is_quantizable(self, layer):
-        return registry.lookup(layer) is not None
-
-    def float_parameter_count(self, layer):
-        seen, count = set(), 0
-        for v in layer.weights:
-            if id(v) not in seen and v.dtype.is_floating:
-                seen.add(id(v))
-                count += int(np.prod(v.shape))
-        return count
 
     def is_functional(self, model):
         return isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False)
