@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from n2uq_tf.keras3 import baseline_quantizers
 from n2uq_tf.quantization_math import n2uq
-from n2uq_tf.quantize.quantizers import IntegerView, UniformLevels
+from n2uq_tf.quantize.quantizers import IntegerView, UniformLevels, n2uq_variables
 
 
 class ActivationQuantizer:
@@ -43,13 +43,7 @@ class ActivationQuantizer:
                                     initializer=keras.initializers.Constant(value), trainable=trainable,
                                     autocast=False)
 
-        return {
-            "start": variable("n2uq_start", (), 0.0, self.learn_thresholds),
-            "intervals": variable("n2uq_intervals", (n2uq.num_levels(self.bits),), n2uq.level_step(self.bits),
-                                  self.learn_thresholds),
-            "beta1": variable("n2uq_beta1", (), 1.0, True),
-            "beta2": variable("n2uq_beta2", (), 1.0, True),
-        }
+        return n2uq_variables(self.bits, self.learn_thresholds, variable)
 
     def __call__(self, inputs, training, weights):
         # implementation="auto": the fused CPU op only on a CPU outside XLA (`n2uq.active_implementation`).

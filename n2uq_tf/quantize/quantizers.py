@@ -27,6 +27,21 @@ IntegerView = collections.namedtuple("IntegerView", ["codes", "scale", "zero2"])
 QUANTIZER_PARAMETER_SUFFIXES = ("n2uq_start", "n2uq_intervals", "n2uq_beta1", "n2uq_beta2")
 
 
+def n2uq_variables(bits, learn_thresholds, variable):
+    """The variables of an N2UQ activation quantizer, in both front ends: start 0, intervals delta
+    each, beta1 = beta2 = 1, float32; start and intervals trainable only with ``learn_thresholds``.
+
+    ``variable(suffix, shape, value, trainable)`` adds one to the layer (named ``<name>_<suffix>``,
+    autocast off) the front end's way; the suffixes are `QUANTIZER_PARAMETER_SUFFIXES`.
+    """
+    return {
+        "start": variable("n2uq_start", (), 0.0, learn_thresholds),
+        "intervals": variable("n2uq_intervals", (n2uq.num_levels(bits),), n2uq.level_step(bits), learn_thresholds),
+        "beta1": variable("n2uq_beta1", (), 1.0, True),
+        "beta2": variable("n2uq_beta2", (), 1.0, True),
+    }
+
+
 @register
 class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizers.Quantizer):
     """N2UQ activation quantizer: learnable thresholds (start, intervals), scales beta1, beta2.
@@ -45,21 +60,13 @@ class ActivationQuantizer(ConfigSerializable, tfmot.quantization.keras.quantizer
         return "n2uq" if self.learn_thresholds else "uniform"
 
     def build(self, tensor_shape, name, layer):
-        n = n2uq.num_levels(self.bits)
-        delta = n2uq.level_step(self.bits)
-
         def variable(suffix, shape, value, trainable):
             return layer.add_weight(
                 f"{name}_{suffix}", shape=shape, dtype="float32",
                 initializer=keras.initializers.Constant(value), trainable=trainable,
                 experimental_autocast=False)  # thresholds stay float32 under mixed precision
 
-        return {
-            "start": variable("n2uq_start", (), 0.0, self.learn_thresholds),
-            "intervals": variable("n2uq_intervals", (n,), delta, self.learn_thresholds),
-            "beta1": variable("n2uq_beta1", (), 1.0, True),
-            "beta2": variable("n2uq_beta2", (), 1.0, True),
-        }
+        return n2uq_variables(self.bits, self.learn_thresholds, variable)
 
     def __call__(self, inputs, training, weights, **kwargs):
         return n2uq.n2uq_quantize(inputs, weights["start"], weights["intervals"], weights["beta1"],
