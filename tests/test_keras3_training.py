@@ -200,38 +200,30 @@ def test_evaluate_save_and_load_the_student(fixed, tmp_path):
 
 # ------------------------------------------------------------------ the paper's optimizer and schedule
 
-@keras.saving.register_keras_serializable(package="n2uq_tf_tests")
-class QuantizerNamedDense(keras.layers.Layer):
-    """Dense with a scalar added to the input, named as an N2UQ quantizer parameter (its start)."""
+def quantizer_named_dense(keras_module):
+    """Dense with a scalar added to the input, named as an N2UQ quantizer parameter (its start),
+    as a layer class of ``keras_module`` (Keras 3 or tf_keras)."""
 
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
+    class QuantizerNamedDense(keras_module.layers.Layer):
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
 
-    def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units))
-        self.start = self.add_weight(name="input_n2uq_start", shape=(), initializer="zeros")
+        def build(self, input_shape):
+            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units))
+            self.start = self.add_weight(name="input_n2uq_start", shape=(), initializer="zeros")
 
-    def call(self, inputs):
-        return (inputs + self.start) @ self.kernel
+        def call(self, inputs):
+            return (inputs + self.start) @ self.kernel
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    return QuantizerNamedDense
 
 
-class TfKerasQuantizerNamedDense(tf_keras.layers.Layer):
-    """QuantizerNamedDense in tf_keras."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units))
-        self.start = self.add_weight(name="input_n2uq_start", shape=(), initializer="zeros")
-
-    def call(self, inputs):
-        return (inputs + self.start) @ self.kernel
+QuantizerNamedDense = keras.saving.register_keras_serializable(package="n2uq_tf_tests")(quantizer_named_dense(keras))
+TfKerasQuantizerNamedDense = quantizer_named_dense(tf_keras)
 
 
 def test_keras3_schedule_is_the_formula_and_serializes():
