@@ -156,15 +156,29 @@ def _same_keras_error(student, teacher):
     return None
 
 
-class _StudentFacing:
-    """What both front ends' `DistillationModel` do the same: the model is its student for calling,
-    weights and configuration.
+class _DistillationMethods:
+    """What both front ends' `DistillationModel` do the same: the distillation term of the loss,
+    and the student standing for the model in calls, weights and configuration.
 
     A subclass (a tf_keras or Keras 3 ``Model``) sets ``_keras_module`` to its Keras and gives
     ``_deserialize_models(student, teacher, custom_objects)``; ``save`` stays its own.
     """
 
     _keras_module = None
+
+    def _distillation_term(self, teacher_outputs, student_outputs, sample_weight):
+        """(the batch's mean weighted distillation loss, the student's outputs as the loss read them:
+        checked for logits where taken for logits)."""
+        if self.teacher_from_logits:
+            teacher_outputs = _checked_logits(teacher_outputs, "teacher")
+        if self.student_from_logits:
+            student_outputs = _checked_logits(student_outputs, "student")
+        per_example = distillation_loss(teacher_outputs, student_outputs, self.temperature, "none",
+                                        self.teacher_from_logits, self.student_from_logits)
+        if sample_weight is not None:
+            weights = tf.cast(sample_weight, per_example.dtype)
+            per_example = per_example * tf.reshape(weights, tf.shape(per_example))
+        return tf.reduce_mean(per_example), student_outputs
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
@@ -191,7 +205,7 @@ class _StudentFacing:
         return cls(student, teacher, **config)
 
 
-class DistillationModel(_StudentFacing, keras.Model):
+class DistillationModel(_DistillationMethods, keras.Model):
     """Trains `student` to match a frozen `teacher`; everything else acts on the student.
 
     ``loss = (1 - alpha) * distillation_loss(teacher, student, temperature)
@@ -224,7 +238,7 @@ class DistillationModel(_StudentFacing, keras.Model):
         outputs logits (a model detected to end in a softmax then raises ValueError).
     """
 
-    _keras_module = keras  # for `_StudentFacing.get_config`
+    _keras_module = keras  # for `_DistillationMethods.get_config`
 
     def __new__(cls, student=None, teacher=None, *args, **kwargs):
         # A Keras 3 student and teacher get the Keras 3 twin (not an instance of this class, so
@@ -284,16 +298,7 @@ class DistillationModel(_StudentFacing, keras.Model):
         because the replicas' gradients are summed.
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if self.teacher_from_logits:
-            teacher_outputs = _checked_logits(teacher_outputs, "teacher")
-        if self.student_from_logits:
-            student_outputs = _checked_logits(student_outputs, "student")
-        per_example = distillation_loss(teacher_outputs, student_outputs, self.temperature, "none",
-                                        self.teacher_from_logits, self.student_from_logits)
-        if sample_weight is not None:
-            weights = tf.cast(sample_weight, per_example.dtype)
-            per_example = per_example * tf.reshape(weights, tf.shape(per_example))
-        distill = tf.reduce_mean(per_example)
+        distill, student_outputs = self._distillation_term(teacher_outputs, student_outputs, sample_weight)
         total_for_log = (1.0 - self.alpha) * distill
         loss = total_for_log / replicas
         label = None

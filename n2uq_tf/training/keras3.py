@@ -18,8 +18,7 @@ import tensorflow as tf
 
 from n2uq_tf._io import atomic_path
 from n2uq_tf._keras_kind import TF_KERAS, keras_of
-from n2uq_tf.training.distillation import (_checked_logits, _resolve_from_logits, _StudentFacing,
-                                           check_distillation_arguments, distillation_loss)
+from n2uq_tf.training.distillation import _DistillationMethods, _resolve_from_logits, check_distillation_arguments
 from n2uq_tf.training.optimizer import PAPER_LEARNING_RATE, checked_multiplier, is_quantizer_variable
 from n2uq_tf.training.schedules import LinearEpochDecayBase
 
@@ -76,7 +75,7 @@ class _PerExampleLoss(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE, name="DistillationModel")
-class DistillationModel(_StudentFacing, keras.Model):
+class DistillationModel(_DistillationMethods, keras.Model):
     """Keras 3 twin of `n2uq_tf.training.DistillationModel`: trains `student` to match a frozen `teacher`.
 
     The same loss, arguments and behaviour: ``(1 - alpha) * distillation_loss(teacher, student, T)
@@ -90,7 +89,7 @@ class DistillationModel(_StudentFacing, keras.Model):
     last layers at construction does.
     """
 
-    _keras_module = keras  # for `_StudentFacing.get_config`
+    _keras_module = keras  # for `_DistillationMethods.get_config`
 
     def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 1.0, alpha: float = 0.0,
                  teacher_from_logits: bool | None = None, student_from_logits: bool | None = None, **kwargs: Any):
@@ -132,16 +131,7 @@ class DistillationModel(_StudentFacing, keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         teacher_outputs = self.teacher(x, training=False)
-        student_outputs = y_pred
-        if self.teacher_from_logits:
-            teacher_outputs = _checked_logits(teacher_outputs, "teacher")
-        if self.student_from_logits:
-            student_outputs = _checked_logits(student_outputs, "student")
-        per_example = distillation_loss(teacher_outputs, student_outputs, self.temperature, "none",
-                                        self.teacher_from_logits, self.student_from_logits)
-        if sample_weight is not None:
-            per_example = per_example * tf.reshape(tf.cast(sample_weight, per_example.dtype), tf.shape(per_example))
-        distill = tf.reduce_mean(per_example)
+        distill, student_outputs = self._distillation_term(teacher_outputs, y_pred, sample_weight)
         batch = tf.shape(tf.nest.flatten(student_outputs)[0])[0]
         self.distillation_loss_tracker.update_state(distill, sample_weight=batch)
         # Keras 3 sums the replicas' gradients: every term is divided by the number of replicas
