@@ -154,6 +154,28 @@ def test_conv2d_wide_channels(channels, out_channels, combos):
         _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), (1, 1, 1, 1), combos, rng)
 
 
+@pytest.mark.parametrize("a_bits, w_bits", [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 1)])
+def test_conv2d_dot_winograd_form(a_bits, w_bits, combos):
+    """3x3 stride-1 convs on the AVX-512 dot path run in Winograd form (2x2 output tiles, input
+    transforms in int8 lanes, weights U(k - 2^(w-1)) as int8): exact at the ends of every range
+    (all codes at the top level with zero checkerboards, which drive the transformed input to
+    -2M and 4M, weights all 0 or all n_w: |U| = 9 * 2^(w-1)), on partial tiles (odd outputs),
+    asymmetric padding, channel tails (not a multiple of 4 or 64), partial output-channel blocks,
+    batch 2, and each chunk width the plan picks (1-3 vectors of 16 output channels)."""
+    rng = np.random.default_rng(40 + 10 * a_bits + w_bits)
+    dot = [(isa, path) for isa, path in combos if path == "dot"]
+    top_m, top_k = 2 ** a_bits - 1, 2 ** w_bits - 1
+    for n, h, w, c, oc, pads in ((2, 5, 7, 70, 13, (1, 1, 1, 1)), (1, 6, 9, 131, 64, (0, 2, 1, 0)),
+                                 (1, 4, 4, 8, 48, (1, 1, 1, 1)), (1, 3, 5, 5, 37, (2, 0, 0, 2))):
+        m = rng.integers(0, top_m + 1, (n, h, w, c)).astype(np.uint8)
+        k = rng.integers(0, top_k + 1, (oc, 3, 3, c)).astype(np.uint8)
+        _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng)
+        checker = ((np.indices((h, w)).sum(0) % 2) * top_m).astype(np.uint8)[None, :, :, None]
+        for m_edge in (np.full((n, h, w, c), top_m, np.uint8), np.broadcast_to(checker, (n, h, w, c)).copy()):
+            for k_edge in (np.zeros((oc, 3, 3, c), np.uint8), np.full((oc, 3, 3, c), top_k, np.uint8)):
+                _check_conv_codes(m_edge, k_edge, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng, threads=(2,))
+
+
 @pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61, 300, 530])
 def test_conv2d_row_blocking(width, combos):
     """Rows split into pixel blocks of every size up to the register limit (and rows longer than

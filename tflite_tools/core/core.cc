@@ -522,6 +522,8 @@ struct N2uqConvPlan {
   std::vector<int8_t> dot;        // dot: ConvJob::dot_weights
   int dot_chunk_blocks = 0;       // dot: ConvJob::dot_chunk_blocks
   std::vector<uint8_t> lut;       // lut: ConvJob::lut_indices
+  bool wino = false;              // dot: the Winograd form (dot holds its transformed weights)
+  std::vector<int32_t> wino_bias; // dot, Winograd: ConvJob::wino_bias
 };
 
 namespace n2uq_core {
@@ -600,7 +602,10 @@ int run_bitserial(const ConvJob& base, const N2uqConvPlan& plan, int num_threads
 
 // Dot path: stage every input row as codes (columns zero-padded), then work items of
 // (output row, chunk of output-channel blocks).
+int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
+
 int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+  if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   job.dot_weights = plan.dot.data();
@@ -628,6 +633,47 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
   const int64_t items = int64_t(job.batch) * job.out_height * job.oc_chunks;
   pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
+  return N2UQ_OK;
+}
+
+// Winograd form of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
+// padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles).
+int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+  ConvJob job = base;
+  const PathKernels* k = plan.kernels;
+  job.dot_weights = plan.dot.data();
+  job.wino_bias = plan.wino_bias.data();
+  job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
+  job.dot_lanes = k->lanes;
+  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
+  job.dot_chunk_blocks = plan.dot_chunk_blocks;
+  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+  job.wino_tiles_h = (job.out_height + 1) / 2;
+  job.wino_tiles_w = (job.out_width + 1) / 2;
+  job.wino_code_rows = 2 * int64_t(job.wino_tiles_h) + 2;
+  job.wino_code_cols = 2 * int64_t(job.wino_tiles_w) + 2;
+  const int64_t cw = int64_t(job.words) * 64;
+  int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0;
+  if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols * cw, &code_bytes) ||
+      !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, 16 * cw, &v_bytes) ||
+      !mul_ok(tiles, 16, &terms))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  job.wino_tiles = tiles;
+  // Tiles per register block: as many as the chunk's register budget allows, equal blocks.
+  const int most = job.dot_chunk_blocks >= 4 ? 6 : job.dot_chunk_blocks == 3 ? 8 : job.dot_chunk_blocks == 2 ? 12 : 16;
+  job.wino_tile_blocks = int32_t((tiles + most - 1) / most);
+  Scratch& s = scratch();
+  if (int rc = ensure(s.codes, code_bytes + v_bytes, "staged codes", err, err_len)) return rc;
+  if (int rc = ensure(s.pixel_sums, terms, "tile sums", err, err_len)) return rc;
+  job.wino_codes = s.codes.data();
+  job.wino_v = s.codes.data() + code_bytes;
+  job.wino_tile_terms = s.pixel_sums.data();
+  parallel_ranges(num_threads, int64_t(job.batch) * job.wino_code_rows, 1,
+                  [&](int64_t b, int64_t e) { k->wino_codes(job, b, e); });
+  parallel_ranges(num_threads, int64_t(job.batch) * job.wino_tiles_h, 1,
+                  [&](int64_t b, int64_t e) { k->wino_transform(job, b, e); });
+  const int64_t items = int64_t(job.oc_chunks) * job.wino_tile_blocks;
+  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->wino_item(job, item, slot); });
   return N2UQ_OK;
 }
 
@@ -774,6 +820,57 @@ void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes
   }
 }
 
+// The Winograd form of the dot path (see isa_avx512_dot.cc) takes the shape: 3x3, stride 1,
+// dilation 1, kernels that have it, and every intermediate within int32: |Y4| <= 9 * 4 * C *
+// (2 * 9h * 6M + 4M * 9h + 9 * 4M), h = 2^(weight_bits - 1), M = 2^act_bits - 1. N2UQ_DOT_WINOGRAD=0
+// in the environment keeps the direct form (for comparisons).
+bool wino_fits(const N2uqConvShape& s, const PathKernels* k) {
+  const char* env = std::getenv("N2UQ_DOT_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (k == nullptr || k->wino_item == nullptr || k->lanes != 16) return false;
+  if (s.kernel_height != 3 || s.kernel_width != 3 || s.stride_height != 1 || s.stride_width != 1 ||
+      s.dilation_height != 1 || s.dilation_width != 1)
+    return false;
+  const int64_t h = int64_t(1) << (s.weight_bits - 1), m = (int64_t(1) << s.act_bits) - 1;
+  const int64_t per_channel = 36 * (108 * h * m + 36 * h * m + 36 * m);
+  return int64_t(s.in_channels) <= (int64_t(1) << 31) / per_channel - 1;
+}
+
+// Winograd weights (ConvJob::dot_weights in the layout kernel_table.h gives for it) and
+// ConvJob::wino_bias: per output channel and input channel U(q) = G q G^T, q = k - h.
+void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
+                        std::vector<int8_t>* out, std::vector<int32_t>* bias) {
+  static const int kG[4][3] = {{1, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 1}};
+  static const int kShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};
+  const int64_t channels = s.in_channels, quads = (channels + 3) / 4;
+  const int64_t blocks = (int64_t(s.out_channels) + lanes - 1) / lanes, block_bytes = 16 * quads * lanes * 4;
+  const int h = 1 << (s.weight_bits - 1), m = (1 << s.act_bits) - 1;
+  out->assign(size_t(blocks * block_bytes), 0);
+  bias->assign(size_t(16 * blocks * lanes), 0);
+  std::vector<int64_t> sums(16);
+  for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+    const int64_t block = oc / lanes, chunk = block / per_chunk, r = block % per_chunk;
+    const int64_t in_chunk = blocks - chunk * per_chunk < per_chunk ? blocks - chunk * per_chunk : per_chunk;
+    std::fill(sums.begin(), sums.end(), 0);
+    for (int64_t c = 0; c < channels; ++c) {
+      int q[3][3];
+      for (int t = 0; t < 9; ++t) q[t / 3][t % 3] = int(codes[size_t((oc * 9 + t) * channels + c)]) - h;
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) {
+          int u = 0;
+          for (int i = 0; i < 3; ++i)
+            for (int jj = 0; jj < 3; ++jj) u += kG[a][i] * q[i][jj] * kG[b][jj];
+          const int64_t x = a * 4 + b;
+          const int64_t index = chunk * per_chunk * block_bytes + (((x * quads + c / 4) * in_chunk + r) * lanes + oc % lanes) * 4 + c % 4;
+          (*out)[size_t(index)] = int8_t(u);
+          sums[size_t(x)] += u;
+        }
+    }
+    for (int x = 0; x < 16; ++x)
+      (*bias)[size_t(x * blocks * lanes + oc)] = int32_t(-4 * m * sums[size_t(x)] * (int64_t(1) << kShift[x]));
+  }
+}
+
 // Weight vectors per dot-path work chunk (R of the register blocks). Measured on Zen 5 (AVX-512,
 // ResNet-18 3x3 layers): R = 3 allows blocks of up to 8 pixels, so rows of 7, 14, 28 and 56
 // pixels split into whole 7-pixel blocks and each weight vector loaded from L2 (the 7x7x512
@@ -815,7 +912,11 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   if (plan->path == N2UQ_PATH_DOT) {
     plan->dot_chunk_blocks =
         dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) / plan->kernels->lanes);
-    build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
+    plan->wino = wino_fits(s, plan->kernels);
+    if (plan->wino)
+      build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot, &plan->wino_bias);
+    else
+      build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
   }
   else
     build_lut_indices(s, codes, plan->kernels->blocks_per_chunk * plan->kernels->lanes / 32, &plan->lut);

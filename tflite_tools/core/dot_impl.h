@@ -162,7 +162,7 @@ void dot_item(const ConvJob& j, int64_t item, int /*slot*/) {
 
 template <class O>
 PathKernels make_dot_kernels(const char* name) {
-  PathKernels k;
+  PathKernels k = {};
   k.name = name;
   k.lanes = O::kLanes;
   k.lanes_wide = O::kLanes;

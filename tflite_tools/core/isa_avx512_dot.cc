@@ -58,11 +58,222 @@ struct DotOps {
 
 #include "dot_impl.h"
 
+// ---- Winograd form (F(2x2, 3x3)) of the dot path: 3x3 kernels, stride 1, dilation 1.
+//
+// Each 2x2 block of output pixels (a tile) comes from the 4x4 input codes d under it:
+//   Y = A^T [U . V] A / 4, V = B^T d B, U = s . (G g G^T), with g the 3x3 weights w' (per
+// input channel, summed over channels), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],
+// G = [1 0 0; 1 1 1; 1 -1 1; 0 0 1] (integer: the usual 1/2 rows are folded into s),
+// A^T = [1 1 1 0; 0 1 -1 -1] and s[a][b] = 4 / (e_a e_b), e = (1, 2, 2, 1): 16 products per
+// tile and channel instead of 36, every step an exact integer (Y4 = A^T (s . Z) A is a
+// multiple of 4). The VPDPBUSD operands must be u8 x s8 and fit a byte:
+//   V in [-2M, 4M] (M = 2^act_bits - 1, at most 60) is stored as V8 = V + 2M in [0, 6M];
+//   w' = 2k - n_w = 2q + 1 with q = k - 2^(weight_bits - 1) in [-8, 7], and U(q) = G q G^T
+//   is in [-72, 72];
+// so with acc = sum_c U(q) V8 (one 16-position GEMM over channels),
+//   Z = sum_c U(w') V = 2 acc - 4M sum_c U(q) + U1 sum_c V,   U1 = G 1 G^T,
+// where -4M s sum_c U(q) is per output channel (wino_bias, from the plan) and s U1 sum_c V
+// per tile (wino_tile_terms). The plan checks that int32 holds every intermediate.
+// Input transforms run in int8 lanes: every intermediate (B^T d in [-M, 2M], V, V8) fits.
+
+constexpr int kWinoShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};  // log2 s[a][b]
+constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};     // (G 1 G^T)[a][b]
+
+inline int64_t wino_channel_bytes(const ConvJob& j) { return int64_t(j.words) * 64; }
+
+// Padded code rows [begin, end) of the N * wino_code_rows: code row r holds input row r - pad_top,
+// column c input column c - pad_left, zero outside the input and past in_channels.
+void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, act_bits = j.act_bits, cw = wino_channel_bytes(j);
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / j.wino_code_rows, ih = row % j.wino_code_rows - j.pad_top;
+    uint8_t* dst = j.wino_codes + row * j.wino_code_cols * cw;
+    for (int64_t c = 0; c < j.wino_code_cols; ++c, dst += cw) {
+      const int64_t iw = c - j.pad_left;
+      if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
+        for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512((void*)(dst + w * 64), _mm512_setzero_si512());
+        continue;
+      }
+      const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * act_bits * words;
+      for (int64_t w = 0; w < words; ++w)
+        DotOps::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, dst + w * 64);
+    }
+  }
+}
+
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and
+// 64-channel word, and the tile's correction terms.
+void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
+  const int32_t m = (1 << j.act_bits) - 1;
+  const __m512i offset = _mm512_set1_epi8((char)(2 * m)), zero = _mm512_setzero_si512();
+  for (int64_t tr = begin; tr < end; ++tr) {
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+      const int64_t t = tr * j.wino_tiles_w + tx;
+      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
+      __m512i total[16];
+      for (int x = 0; x < 16; ++x) total[x] = zero;
+      for (int64_t w = 0; w < words; ++w) {
+        __m512i d[4][4], u[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) d[r][c] = _mm512_loadu_si512((const void*)(base + (r * cols + c) * cw + w * 64));
+        for (int c = 0; c < 4; ++c) {  // B^T d: over rows
+          u[0][c] = _mm512_sub_epi8(d[0][c], d[2][c]);
+          u[1][c] = _mm512_add_epi8(d[1][c], d[2][c]);
+          u[2][c] = _mm512_sub_epi8(d[2][c], d[1][c]);
+          u[3][c] = _mm512_sub_epi8(d[1][c], d[3][c]);
+        }
+        for (int a = 0; a < 4; ++a) {  // (B^T d) B: over columns
+          __m512i v[4];
+          v[0] = _mm512_sub_epi8(u[a][0], u[a][2]);
+          v[1] = _mm512_add_epi8(u[a][1], u[a][2]);
+          v[2] = _mm512_sub_epi8(u[a][2], u[a][1]);
+          v[3] = _mm512_sub_epi8(u[a][1], u[a][3]);
+          for (int b = 0; b < 4; ++b) {
+            const int x = a * 4 + b;
+            const __m512i v8 = _mm512_add_epi8(v[b], offset);
+            _mm512_storeu_si512((void*)(j.wino_v + (x * j.wino_tiles + t) * cw + w * 64), v8);
+            total[x] = _mm512_add_epi64(total[x], _mm512_sad_epu8(v8, zero));
+          }
+        }
+      }
+      // sum_c V over the real channels: lanes past in_channels hold d = 0, so V8 = 2M.
+      for (int x = 0; x < 16; ++x) {
+        const int64_t sum_v = _mm512_reduce_add_epi64(total[x]) - 2 * int64_t(m) * cw;
+        j.wino_tile_terms[t * 16 + x] = int32_t((kWinoU1[x] * sum_v) * (int64_t(1) << kWinoShift[x]));
+      }
+    }
+  }
+}
+
+// acc[p][r] = sum over the quads of tile p's V8 (at a + p * cw) times weight vector r: the
+// GEMM of one position. Kept out of line: inlined into wino_block, GCC spilled the accumulators.
+template <int P, int R>
+__attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads,
+                                         __m512i* out) {
+  __m512i acc[P][R];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512((const void*)(w + q * (R * 64) + r * 64));
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      const __m512i av = DotOps::broadcast4(a + p * cw + 4 * q);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[p][r] = _mm512_dpbusd_epi32(acc[p][r], av, wv[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(out + p * R + r), acc[p][r]);
+}
+
+// One register block: P tiles (from tile t0) x R weight vectors of one chunk, every one of the
+// 16 positions, then the output transform and the stores.
+template <int P, int R>
+void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
+  const int64_t cw = wino_channel_bytes(j), quads = j.quads, lanes = DotOps::kLanes;
+  const int64_t oc_padded = int64_t(j.oc_blocks) * lanes;
+  const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
+  __m512i z[16][P][R];
+  for (int x = 0; x < 16; ++x) {
+    __m512i acc[P][R];
+    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &acc[0][0]);
+    const __m128i shift = _mm_cvtsi32_si128(1 + kWinoShift[x]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i bias = _mm512_loadu_si512((const void*)(j.wino_bias + x * oc_padded + oc_begin + r * lanes));
+      for (int p = 0; p < P; ++p)
+        z[x][p][r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(acc[p][r], shift), bias),
+                                      _mm512_set1_epi32(j.wino_tile_terms[(t0 + p) * 16 + x]));
+    }
+  }
+  const int64_t per_image = int64_t(j.wino_tiles_h) * j.wino_tiles_w;
+  for (int p = 0; p < P; ++p) {
+    const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / j.wino_tiles_w, tx = t % j.wino_tiles_w;
+    for (int r = 0; r < R; ++r) {
+      const int64_t oc0 = oc_begin + r * lanes, left = j.out_channels - oc0;
+      __m512i u[2][4];
+      for (int b = 0; b < 4; ++b) {  // A^T Z: over rows
+        u[0][b] = _mm512_add_epi32(_mm512_add_epi32(z[b][p][r], z[4 + b][p][r]), z[8 + b][p][r]);
+        u[1][b] = _mm512_sub_epi32(_mm512_sub_epi32(z[4 + b][p][r], z[8 + b][p][r]), z[12 + b][p][r]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        const int64_t oy = 2 * ty + i;
+        if (oy >= j.out_height) continue;
+        __m512i y[2];
+        y[0] = _mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]);
+        y[1] = _mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]);
+        for (int jx = 0; jx < 2; ++jx) {
+          const int64_t ox = 2 * tx + jx;
+          if (ox >= j.out_width) continue;
+          const int64_t index = ((n * j.out_height + oy) * j.out_width + ox) * j.out_channels;
+          DotOps::store(j, index + oc0, oc0, _mm512_srai_epi32(y[jx], 2), left < lanes ? (int)left : (int)lanes);
+        }
+      }
+    }
+  }
+}
+
+typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
+
+template <int P, int R>
+struct WinoBlocks {
+  static void fill(WinoBlockFn* table) {
+    table[P] = &wino_block<P, R>;
+    WinoBlocks<P - 1, R>::fill(table);
+  }
+};
+template <int R>
+struct WinoBlocks<0, R> {
+  static void fill(WinoBlockFn*) {}
+};
+
+// Tiles per register block at most, per R (accumulators P * R + R weights, and the 16 * P * R
+// position sums kept for the output transform).
+constexpr int wino_max_tiles(int r) { return r >= 4 ? 6 : r == 3 ? 8 : r == 2 ? 12 : 16; }
+
+template <int R>
+void wino_run(const ConvJob& j, int64_t block, int64_t chunk) {
+  constexpr int kMax = wino_max_tiles(R);
+  WinoBlockFn blocks[kMax + 1];
+  WinoBlocks<kMax, R>::fill(blocks);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
+  const int64_t t0 = block * base + (block < longer ? block : longer);
+  blocks[base + (block < longer ? 1 : 0)](j, t0, chunk);
+}
+
+void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: wino_run<1>(j, block, chunk); break;
+    case 2: wino_run<2>(j, block, chunk); break;
+    case 3: wino_run<3>(j, block, chunk); break;
+    case 4: wino_run<4>(j, block, chunk); break;
+    default: break;
+  }
+}
+
 }  // namespace avx512_dot
 }  // namespace
 
 const PathKernels* avx512_dot_kernels() {
-  static const PathKernels kernels = avx512_dot::make_dot_kernels<avx512_dot::DotOps>("avx512 vnni dot");
+  static const PathKernels kernels = [] {
+    PathKernels k = avx512_dot::make_dot_kernels<avx512_dot::DotOps>("avx512 vnni dot");
+    k.wino_codes = &avx512_dot::wino_codes;
+    k.wino_transform = &avx512_dot::wino_transform;
+    k.wino_item = &avx512_dot::wino_item;
+    return k;
+  }();
   return &kernels;
 }
 
@@ -430,7 +641,7 @@ void lut_item(const ConvJob& j, int64_t item, int slot) {
 
 const PathKernels* avx512_lut_kernels() {
   static const PathKernels kernels = [] {
-    PathKernels k;
+    PathKernels k = {};
     k.name = "avx512 vbmi lut";
     k.lanes = 32;       // weight_bits <= 2: 32 channels x 2 planes
     k.lanes_wide = 16;  // weight_bits 3-4: 16 channels x 4 planes

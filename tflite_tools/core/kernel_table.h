@@ -68,6 +68,18 @@ struct ConvJob {
   int32_t dot_chunk_blocks;  // weight vectors per chunk (<= PathKernels::blocks_per_chunk), set by the plan
   const int8_t* dot_weights;
 
+  // Winograd form of the dot path (3x3 kernels, stride 1, dilation 1; PathKernels::wino_item,
+  // derivation in isa_avx512_dot.cc): output tiles of 2x2 pixels, tile t = (n * wino_tiles_h +
+  // ty) * wino_tiles_w + tx. dot_weights are then [chunk][16][quads][blocks of the chunk][dot_lanes][4]
+  // (the transformed weights U of q = k - 2^(weight_bits - 1)).
+  int32_t wino_tiles_h, wino_tiles_w, wino_tile_blocks;  // ceil(out / 2); register blocks of tiles
+  int64_t wino_tiles;                                     // batch * tiles_h * tiles_w
+  int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
+  uint8_t* wino_codes;       // [N][code_rows][code_cols][words * 64] codes, zero outside the input
+  uint8_t* wino_v;           // [16][tiles][words * 64] transformed input V + 2 (2^act_bits - 1), u8
+  int32_t* wino_tile_terms;  // [tiles][16] per-tile correction s * U1 * sum_c V
+  const int32_t* wino_bias;  // [16][oc_blocks * dot_lanes] per-channel correction -s * 4M * sum_c U
+
   // LUT path (see isa_avx512_dot.cc): per input pixel and group of kLutGroup input
   // channels a table of the 2^kLutGroup subset sums of their codes; weights are table
   // indices [chunk][KH][KW][lut_groups][blocks of the chunk][64] (lane = output channel x
@@ -157,6 +169,12 @@ struct PathKernels {
   void (*item)(const ConvJob&, int64_t item, int slot);
   // Output channel blocks (of `lanes`) per work item.
   int blocks_per_chunk;
+  // Winograd form of the dot path (null where the ISA has none): codes of padded rows
+  // [begin, end) of the N * wino_code_rows, transforms of tile rows [begin, end) of the N *
+  // wino_tiles_h, and item chunk * wino_tile_blocks + block.
+  void (*wino_codes)(const ConvJob&, int64_t begin, int64_t end);
+  void (*wino_transform)(const ConvJob&, int64_t begin, int64_t end);
+  void (*wino_item)(const ConvJob&, int64_t item, int slot);
 };
 
 const KernelTable* portable_kernels();
