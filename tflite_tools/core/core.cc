@@ -653,8 +653,8 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.wino_code_rows = 2 * int64_t(job.wino_tiles_h) + 2;
   job.wino_code_cols = 2 * int64_t(job.wino_tiles_w) + 2;
   const int64_t cw = int64_t(job.words) * 64;
-  int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0;
-  if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols * cw, &code_bytes) ||
+  int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0, pixels = 0;
+  if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols, &pixels) || !mul_ok(pixels, cw, &code_bytes) ||
       !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, 16 * cw, &v_bytes) ||
       !mul_ok(tiles, 16, &terms))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
@@ -664,10 +664,11 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.wino_tile_blocks = int32_t((tiles + most - 1) / most);
   Scratch& s = scratch();
   if (int rc = ensure(s.codes, code_bytes + v_bytes, "staged codes", err, err_len)) return rc;
-  if (int rc = ensure(s.pixel_sums, terms, "tile sums", err, err_len)) return rc;
+  if (int rc = ensure(s.pixel_sums, terms + pixels, "tile and pixel sums", err, err_len)) return rc;
   job.wino_codes = s.codes.data();
   job.wino_v = s.codes.data() + code_bytes;
   job.wino_tile_terms = s.pixel_sums.data();
+  job.wino_pixel_sums = s.pixel_sums.data() + terms;
   parallel_ranges(num_threads, int64_t(job.batch) * job.wino_code_rows, 1,
                   [&](int64_t b, int64_t e) { k->wino_codes(job, b, e); });
   parallel_ranges(num_threads, int64_t(job.batch) * job.wino_tiles_h, 1,

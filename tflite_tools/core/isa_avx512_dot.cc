@@ -82,7 +82,8 @@ constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};   
 inline int64_t wino_channel_bytes(const ConvJob& j) { return int64_t(j.words) * 64; }
 
 // Padded code rows [begin, end) of the N * wino_code_rows: code row r holds input row r - pad_top,
-// column c input column c - pad_left, zero outside the input and past in_channels.
+// column c input column c - pad_left, zero outside the input and past in_channels; and the sum
+// of each pixel's codes (sum_p 2^p popcount(plane p)).
 void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, act_bits = j.act_bits, cw = wino_channel_bytes(j);
   const int rem = j.in_channels % 64;
@@ -90,15 +91,22 @@ void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / j.wino_code_rows, ih = row % j.wino_code_rows - j.pad_top;
     uint8_t* dst = j.wino_codes + row * j.wino_code_cols * cw;
+    int32_t* sums = j.wino_pixel_sums + row * j.wino_code_cols;
     for (int64_t c = 0; c < j.wino_code_cols; ++c, dst += cw) {
       const int64_t iw = c - j.pad_left;
+      sums[c] = 0;
       if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
         for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512((void*)(dst + w * 64), _mm512_setzero_si512());
         continue;
       }
       const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * act_bits * words;
-      for (int64_t w = 0; w < words; ++w)
-        DotOps::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, dst + w * 64);
+      int64_t sum = 0;
+      for (int64_t w = 0; w < words; ++w) {
+        const uint64_t mask = w == words - 1 ? tail : ~0ull;
+        DotOps::codes64(src + w, words, (int)act_bits, mask, dst + w * 64);
+        for (int64_t p = 0; p < act_bits; ++p) sum += int64_t(__builtin_popcountll(src[p * words + w] & mask)) << p;
+      }
+      sums[c] = int32_t(sum);
     }
   }
 }
@@ -108,14 +116,12 @@ void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
 void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
   const int32_t m = (1 << j.act_bits) - 1;
-  const __m512i offset = _mm512_set1_epi8((char)(2 * m)), zero = _mm512_setzero_si512();
+  const __m512i offset = _mm512_set1_epi8((char)(2 * m));
   for (int64_t tr = begin; tr < end; ++tr) {
     const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
     for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
       const int64_t t = tr * j.wino_tiles_w + tx;
       const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
-      __m512i total[16];
-      for (int x = 0; x < 16; ++x) total[x] = zero;
       for (int64_t w = 0; w < words; ++w) {
         __m512i d[4][4], u[4][4];
         for (int r = 0; r < 4; ++r)
@@ -136,24 +142,33 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
             const int x = a * 4 + b;
             const __m512i v8 = _mm512_add_epi8(v[b], offset);
             _mm512_storeu_si512((void*)(j.wino_v + (x * j.wino_tiles + t) * cw + w * 64), v8);
-            total[x] = _mm512_add_epi64(total[x], _mm512_sad_epu8(v8, zero));
           }
         }
       }
-      // sum_c V over the real channels: lanes past in_channels hold d = 0, so V8 = 2M.
-      for (int x = 0; x < 16; ++x) {
-        const int64_t sum_v = _mm512_reduce_add_epi64(total[x]) - 2 * int64_t(m) * cw;
-        j.wino_tile_terms[t * 16 + x] = int32_t((kWinoU1[x] * sum_v) * (int64_t(1) << kWinoShift[x]));
+      // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
+      const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
+      int64_t u[4][4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
+        u[0][c] = d0 - d2;
+        u[1][c] = d1 + d2;
+        u[2][c] = d2 - d1;
+        u[3][c] = d1 - d3;
+      }
+      for (int a = 0; a < 4; ++a) {
+        const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
+        for (int b = 0; b < 4; ++b)
+          j.wino_tile_terms[t * 16 + a * 4 + b] = int32_t(kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]));
       }
     }
   }
 }
 
-// acc[p][r] = sum over the quads of tile p's V8 (at a + p * cw) times weight vector r: the
-// GEMM of one position. Kept out of line: inlined into wino_block, GCC spilled the accumulators.
+// One position of a register block: z[p * R + r] = sum over the quads of tile p's V8 (at a + p *
+// cw) times weight vector r. Out of line, loops unrolled and nothing else in it: inlined into
+// wino_block, or with the epilogue here, GCC 12 spilled accumulators inside the quad loop.
 template <int P, int R>
-__attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads,
-                                         __m512i* out) {
+__attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads, __m512i* z) {
   __m512i acc[P][R];
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
@@ -173,7 +188,7 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(out + p * R + r), acc[p][r]);
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(z + p * R + r), acc[p][r]);
 }
 
 // One register block: P tiles (from tile t0) x R weight vectors of one chunk, every one of the
@@ -186,13 +201,13 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
   __m512i z[16][P][R];
   for (int x = 0; x < 16; ++x) {
-    __m512i acc[P][R];
-    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &acc[0][0]);
-    const __m128i shift = _mm_cvtsi32_si128(1 + kWinoShift[x]);
+    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
+    // z = (acc << (1 + shift)) + the channel's and the tile's corrections
+    const __m128i count = _mm_cvtsi32_si128(1 + kWinoShift[x]);
     for (int r = 0; r < R; ++r) {
       const __m512i bias = _mm512_loadu_si512((const void*)(j.wino_bias + x * oc_padded + oc_begin + r * lanes));
       for (int p = 0; p < P; ++p)
-        z[x][p][r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(acc[p][r], shift), bias),
+        z[x][p][r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(z[x][p][r], count), bias),
                                       _mm512_set1_epi32(j.wino_tile_terms[(t0 + p) * 16 + x]));
     }
   }
