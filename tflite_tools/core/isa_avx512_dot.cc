@@ -211,11 +211,22 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
                                       _mm512_set1_epi32(j.wino_tile_terms[(t0 + p) * 16 + x]));
     }
   }
-  const int64_t per_image = int64_t(j.wino_tiles_h) * j.wino_tiles_w;
-  for (int p = 0; p < P; ++p) {
-    const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / j.wino_tiles_w, tx = t % j.wino_tiles_w;
-    for (int r = 0; r < R; ++r) {
-      const int64_t oc0 = oc_begin + r * lanes, left = j.out_channels - oc0;
+  // Output transform and stores. The job's fields in locals: stores through out_float could
+  // alias the job for the compiler, which then reloaded every field after each store.
+  int32_t* const out_int32 = j.out_int32;
+  float* const out_float = j.out_float;
+  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
+  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
+  for (int r = 0; r < R; ++r) {
+    const int64_t oc0 = oc_begin + r * lanes, left = out_channels - oc0;
+    const __mmask16 mask = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+    if (out_float != nullptr) {
+      multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
+      bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
+    }
+    for (int p = 0; p < P; ++p) {
+      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
       __m512i u[2][4];
       for (int b = 0; b < 4; ++b) {  // A^T Z: over rows
         u[0][b] = _mm512_add_epi32(_mm512_add_epi32(z[b][p][r], z[4 + b][p][r]), z[8 + b][p][r]);
@@ -223,15 +234,18 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
       }
       for (int i = 0; i < 2; ++i) {
         const int64_t oy = 2 * ty + i;
-        if (oy >= j.out_height) continue;
-        __m512i y[2];
-        y[0] = _mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]);
-        y[1] = _mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]);
+        if (oy >= out_height) continue;
+        __m512i y[2];  // (A^T Z) A / 4: over columns
+        y[0] = _mm512_srai_epi32(_mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]), 2);
+        y[1] = _mm512_srai_epi32(_mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]), 2);
         for (int jx = 0; jx < 2; ++jx) {
           const int64_t ox = 2 * tx + jx;
-          if (ox >= j.out_width) continue;
-          const int64_t index = ((n * j.out_height + oy) * j.out_width + ox) * j.out_channels;
-          DotOps::store(j, index + oc0, oc0, _mm512_srai_epi32(y[jx], 2), left < lanes ? (int)left : (int)lanes);
+          if (ox >= out_width) continue;
+          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
+          if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, y[jx]);
+          if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
+            _mm512_mask_storeu_ps(out_float + index, mask,
+                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(y[jx]), multiplier), bias));
         }
       }
     }

@@ -76,6 +76,10 @@ Case random_case(bool depthwise) {
   s.stride_width = uniform(1, 3);
   s.dilation_height = uniform(1, 2);
   s.dilation_width = uniform(1, 3);
+  if (!depthwise && uniform(0, 3) == 0) {  // the shapes of the dot path's Winograd form
+    s.kernel_height = s.kernel_width = 3;
+    s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  }
   const int eh = (s.kernel_height - 1) * s.dilation_height, ew = (s.kernel_width - 1) * s.dilation_width;
   s.pad_top = uniform(0, eh);
   s.pad_bottom = uniform(0, eh);
