@@ -656,7 +656,7 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0, pixels = 0;
   if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols, &pixels) || !mul_ok(pixels, cw, &code_bytes) ||
       !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, 16 * cw, &v_bytes) ||
-      !mul_ok(tiles, 16, &terms))
+      !mul_ok(tiles, 4, &terms))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   job.wino_tiles = tiles;
   // Tiles per register block: as many as the chunk's register budget allows, equal blocks.
@@ -847,7 +847,7 @@ void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& code
   const int64_t blocks = (int64_t(s.out_channels) + lanes - 1) / lanes, block_bytes = 16 * quads * lanes * 4;
   const int h = 1 << (s.weight_bits - 1), m = (1 << s.act_bits) - 1;
   out->assign(size_t(blocks * block_bytes), 0);
-  bias->assign(size_t(16 * blocks * lanes), 0);
+  bias->assign(size_t(4 * blocks * lanes), 0);
   std::vector<int64_t> sums(16);
   for (int64_t oc = 0; oc < s.out_channels; ++oc) {
     const int64_t block = oc / lanes, chunk = block / per_chunk, r = block % per_chunk;
@@ -867,8 +867,14 @@ void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& code
           sums[size_t(x)] += u;
         }
     }
-    for (int x = 0; x < 16; ++x)
-      (*bias)[size_t(x * blocks * lanes + oc)] = int32_t(-4 * m * sums[size_t(x)] * (int64_t(1) << kShift[x]));
+    int64_t z[16];
+    for (int x = 0; x < 16; ++x) z[x] = -4 * m * sums[size_t(x)] * (int64_t(1) << kShift[x]);
+    for (int i = 0; i < 2; ++i)  // through the output transform A^T z A, A^T = [1 1 1 0; 0 1 -1 -1]
+      for (int jx = 0; jx < 2; ++jx) {
+        int64_t u[4];
+        for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
+        (*bias)[size_t((2 * i + jx) * blocks * lanes + oc)] = int32_t(jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3]);
+      }
   }
 }
 

@@ -72,7 +72,8 @@ struct DotOps {
 //   is in [-72, 72];
 // so with acc = sum_c U(q) V8 (one 16-position GEMM over channels),
 //   Z = sum_c U(w') V = 2 acc - 4M sum_c U(q) + U1 sum_c V,   U1 = G 1 G^T,
-// where -4M s sum_c U(q) is per output channel (wino_bias, from the plan) and s U1 sum_c V
+// where -4M s sum_c U(q) is per output channel and s U1 sum_c V per tile; both go through the
+// output transform once (the transform is linear), the first in the plan (wino_bias), the second
 // per tile (wino_tile_terms). The plan checks that int32 holds every intermediate.
 // Input transforms run in int8 lanes: every intermediate (B^T d in [-M, 2M], V, V8) fits.
 
@@ -109,6 +110,13 @@ void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
       sums[c] = int32_t(sum);
     }
   }
+}
+
+// (A^T z A)[i][jx] of a 4x4 position array z (row-major): row i of A^T is (1 1 1 0) or (0 1 -1 -1).
+inline int64_t wino_output_term(const int64_t* z, int i, int jx) {
+  int64_t u[4];
+  for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
+  return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
 }
 
 // Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and
@@ -155,11 +163,13 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
         u[2][c] = d2 - d1;
         u[3][c] = d1 - d3;
       }
+      int64_t z[16];  // s U1 sum_c V per position
       for (int a = 0; a < 4; ++a) {
         const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
-        for (int b = 0; b < 4; ++b)
-          j.wino_tile_terms[t * 16 + a * 4 + b] = int32_t(kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]));
+        for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]);
       }
+      // ... taken through the output transform A^T z A once per tile: its 4 output pixels' terms.
+      for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
     }
   }
 }
@@ -200,17 +210,8 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
   __m512i z[16][P][R];
-  for (int x = 0; x < 16; ++x) {
+  for (int x = 0; x < 16; ++x)
     wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
-    // z = (acc << (1 + shift)) + the channel's and the tile's corrections
-    const __m128i count = _mm_cvtsi32_si128(1 + kWinoShift[x]);
-    for (int r = 0; r < R; ++r) {
-      const __m512i bias = _mm512_loadu_si512((const void*)(j.wino_bias + x * oc_padded + oc_begin + r * lanes));
-      for (int p = 0; p < P; ++p)
-        z[x][p][r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(z[x][p][r], count), bias),
-                                      _mm512_set1_epi32(j.wino_tile_terms[(t0 + p) * 16 + x]));
-    }
-  }
   // Output transform and stores. The job's fields in locals: stores through out_float could
   // alias the job for the compiler, which then reloaded every field after each store.
   int32_t* const out_int32 = j.out_int32;
@@ -225,27 +226,35 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
       multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
       bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
     }
+    __m512i bias4[4];  // the channel correction's share of each output pixel of a tile
+    for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
+      __m512i zs[16];  // s * 2 acc
+#pragma GCC unroll 16
+      for (int x = 0; x < 16; ++x) zs[x] = _mm512_slli_epi32(z[x][p][r], 1 + kWinoShift[x]);
       __m512i u[2][4];
       for (int b = 0; b < 4; ++b) {  // A^T Z: over rows
-        u[0][b] = _mm512_add_epi32(_mm512_add_epi32(z[b][p][r], z[4 + b][p][r]), z[8 + b][p][r]);
-        u[1][b] = _mm512_sub_epi32(_mm512_sub_epi32(z[4 + b][p][r], z[8 + b][p][r]), z[12 + b][p][r]);
+        u[0][b] = _mm512_add_epi32(_mm512_add_epi32(zs[b], zs[4 + b]), zs[8 + b]);
+        u[1][b] = _mm512_sub_epi32(_mm512_sub_epi32(zs[4 + b], zs[8 + b]), zs[12 + b]);
       }
+      const int32_t* terms = j.wino_tile_terms + t * 4;
       for (int i = 0; i < 2; ++i) {
         const int64_t oy = 2 * ty + i;
         if (oy >= out_height) continue;
-        __m512i y[2];  // (A^T Z) A / 4: over columns
-        y[0] = _mm512_srai_epi32(_mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]), 2);
-        y[1] = _mm512_srai_epi32(_mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]), 2);
+        __m512i y[2];  // (A^T Z) A + the corrections, / 4
+        y[0] = _mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]);
+        y[1] = _mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]);
         for (int jx = 0; jx < 2; ++jx) {
           const int64_t ox = 2 * tx + jx;
           if (ox >= out_width) continue;
+          const __m512i value = _mm512_srai_epi32(
+              _mm512_add_epi32(_mm512_add_epi32(y[jx], bias4[2 * i + jx]), _mm512_set1_epi32(terms[2 * i + jx])), 2);
           const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
-          if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, y[jx]);
+          if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, value);
           if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
             _mm512_mask_storeu_ps(out_float + index, mask,
-                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(y[jx]), multiplier), bias));
+                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), multiplier), bias));
         }
       }
     }

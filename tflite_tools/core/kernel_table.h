@@ -77,9 +77,9 @@ struct ConvJob {
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
   uint8_t* wino_codes;       // [N][code_rows][code_cols][words * 64] codes, zero outside the input
   uint8_t* wino_v;           // [16][tiles][words * 64] transformed input V + 2 (2^act_bits - 1), u8
-  int32_t* wino_tile_terms;  // [tiles][16] per-tile correction s * U1 * sum_c V
+  int32_t* wino_tile_terms;  // [tiles][4] per-tile correction A^T (s U1 sum_c V) A, per output pixel
   int32_t* wino_pixel_sums;  // [N][code_rows][code_cols] sum of the codes at each padded pixel
-  const int32_t* wino_bias;  // [16][oc_blocks * dot_lanes] per-channel correction -s * 4M * sum_c U
+  const int32_t* wino_bias;  // [4][oc_blocks * dot_lanes] per-channel correction A^T (-s 4M sum_c U) A
 
   // LUT path (see isa_avx512_dot.cc): per input pixel and group of kLutGroup input
   // channels a table of the 2^kLutGroup subset sums of their codes; weights are table
