@@ -67,7 +67,7 @@ struct DotOps {
 // A^T = [1 1 1 0; 0 1 -1 -1] and s[a][b] = 4 / (e_a e_b), e = (1, 2, 2, 1): 16 products per
 // tile and channel instead of 36, every step an exact integer (Y4 = A^T (s . Z) A is a
 // multiple of 4). The VPDPBUSD operands must be u8 x s8 and fit a byte:
-//   V in [-2M, 4M] (M = 2^act_bits - 1, at most 60) is stored as V8 = V + 2M in [0, 6M];
+//   V in [-2M, 4M] (M = 2^act_bits - 1 <= 15) is stored as V8 = V + 2M in [0, 6M] (<= 90);
 //   w' = 2k - n_w = 2q + 1 with q = k - 2^(weight_bits - 1) in [-8, 7], and U(q) = G q G^T
 //   is in [-72, 72];
 // so with acc = sum_c U(q) V8 (one 16-position GEMM over channels),
