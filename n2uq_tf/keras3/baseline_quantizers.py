@@ -62,7 +62,7 @@ class _LiteratureQuantizer:
 
     def __call__(self, inputs, training, weights):
         # Keras 3 leaves training None outside fit(); the tf_keras classes would ask tf_keras' learning phase.
-        return self.tf_keras_quantizer(inputs, bool(training) if training is None else training,
+        return self.tf_keras_quantizer(inputs, False if training is None else training,
                                        _tensorflow_variables(weights))
 
     def get_config(self):
