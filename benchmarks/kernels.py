@@ -69,6 +69,7 @@ from n2uq_tf.tflite import _core  # noqa: E402
 
 SHAPES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # (spatial, channels), 3x3, stride 1, pad 1
 E2E_INPUT = (224, 224, 3)
+STEM_LABEL = "stem alone"
 SIZE_TARGET = 1.10
 N2UQ_CONV_OPS = ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected", "N2UQConv2DFused",
                  "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")  # fused: the layer + its output stage
@@ -614,7 +615,12 @@ def build_e2e_models(args, cache):
     _randomize_float(relu_model, rng)
     _calibrate_batch_norm(relu_model, images)
     expected_relu = relu_model(probe, training=False).numpy()
-    twins = {"tfl": ("float twin", float_model, expected_float), "relu": ("ReLU ResNet-18", relu_model, expected_relu)}
+    # The float stem alone (what every variant of ours keeps as float builtins, as the paper keeps the
+    # first layer full precision): how much of an invoke no low-bit kernel can take over.
+    stem_model = keras.Model(float_model.input, float_model.get_layer("stem_pool").output)
+    expected_stem = stem_model(probe, training=False).numpy()
+    twins = {"tfl": ("float twin", float_model, expected_float), "relu": ("ReLU ResNet-18", relu_model, expected_relu),
+             "stem": (STEM_LABEL, stem_model, expected_stem)}
     for prefix, (twin, keras_model, expected) in twins.items():
         for kind in ("float", "int8"):
             path = os.path.join(cache, f"resnet18_{prefix}_{kind}.tflite")
@@ -628,7 +634,7 @@ def build_e2e_models(args, cache):
                 f.write(converter.convert())
             label = f"TFLite float32 ({twin})" if kind == "float" else f"TFLite int8 PTQ ({twin})"
             infos[f"{prefix}_{kind}"] = {"label": label, "path": path, "ours": False, "expected": expected,
-                                         "convert_s": time.perf_counter() - start}
+                                         "convert_s": time.perf_counter() - start, "part": prefix == "stem"}
             print(f"  converted {label}: {os.path.getsize(path):,} B in {time.perf_counter() - start:.1f} s",
                   flush=True)
 
@@ -720,7 +726,7 @@ def run_end_to_end(args, infos, md):
     print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; {STATISTIC} of "
           f"{args.e2e_repeats} interleaved rounds of ~{args.e2e_sample_time * 1e3:g} ms samples", flush=True)
     order = [k for k in infos if infos[k]["ours"] and infos[k]["timed"]] + ["relu_int8", "relu_float", "tfl_int8",
-                                                                            "tfl_float"]
+                                                                            "tfl_float", "stem_float", "stem_int8"]
     header = (f"{'model':<34} {'thr':>3} {STATISTIC + ' ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
               f"{'N2UQ conv':>9} {'N2UQ pack':>9} {'rest':>6}")
     print(header)
@@ -792,6 +798,9 @@ def run_end_to_end(args, infos, md):
               "N2UQ conv / pack = share of invoke time inside our conv ops (with their fused output stages) and "
               "separate quantize-and-pack ops (the delegate's per-kernel profile over the timed rounds); rest = "
               "builtin ops and interpreter overhead. "
+              "\"stem alone\" rows: the float twin's stem (zero pad, 7x7/2 conv with BN and ReLU, pad, 3x3/2 max "
+              "pool) as a TFLite model of its own, float32 and int8 PTQ, timed in the same rounds: the part every "
+              "variant of ours keeps as float builtins (the paper keeps the first layer full precision). "
               "Noise = IQR/median over rounds.")
     md.append("")
     md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",
@@ -806,6 +815,8 @@ def run_sizes(infos, md):
     print(f"{'model':<28} {'file B':>12} {'packed B':>11} {'ideal B':>11} {'other B':>11} {'file/(p+o)':>10}")
     rows, ratios = [], []
     for info in infos.values():
+        if info.get("part"):
+            continue
         size = os.path.getsize(info["path"])
         if info["ours"]:
             ins = inspect_tflite(info["path"])
@@ -965,6 +976,12 @@ def main():
                     outside = r["shares"][2]
                     line += (f"; share of invoke time outside our kernels {100 * outside:.0f}% (target <= 20%: "
                              f"{'met' if outside <= 0.20 else 'NOT met'})")
+                    stem = e2e.get(("stem_float", threads))
+                    if stem:
+                        stem_share = stem["median_ms"] / r["median_ms"]
+                        line += (f"; the float stem alone takes {stem['median_ms']:.2f} ms = {100 * stem_share:.0f}% "
+                                 f"of it (int8 PTQ stem {e2e[('stem_int8', threads)]['median_ms']:.2f} ms), so "
+                                 f"{100 * max(outside - stem_share, 0.0):.0f}% is outside our kernels and the stem")
                 targets.append(line)
     if size_ratios:
         worst = max(size_ratios, key=lambda r: r[1])
