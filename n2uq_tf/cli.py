@@ -211,7 +211,8 @@ def build_parser():
     export.add_argument("model_path", metavar="MODEL", help="saved quantized model (.keras, .h5 or SavedModel)")
     export.add_argument("--output", "-o", help="the .tflite to write (default: MODEL with .tflite)")
     export.add_argument("--int8", action="store_true",
-                        help="int8 builtins, calibrated on --dataset (the N2UQ ops are bit-serial either way)")
+                        help="convolution and fully connected builtins int8, calibrated on --dataset (elementwise "
+                             "builtins stay float32; the N2UQ ops are the same either way)")
     export.add_argument("--dataset", choices=sorted(data.DATASETS), help="calibration images for --int8")
     export.add_argument("--data-dir", help="TFDS data folder")
     export.add_argument("--calibration-batches", type=_positive_int, default=8,

@@ -259,24 +259,49 @@ def _representative(model, count=4):
 
 
 def test_int8_export(resnet20, small_cnn):
-    """int8: builtins quantized on the representative data, the N2UQ ops stay float-in/float-out.
+    """int8: convolutions and FC builtins quantized on the representative data, the elementwise
+    builtins and the N2UQ ops float32.
 
     The calibrator runs the custom ops through the plugin's op-resolver registrations; the result
-    runs in the stock interpreter with the delegate and stays close to the float export.
+    runs in the stock interpreter with the delegate and stays close to the float export. Only the
+    stem conv (with its pad) and the classifier become int8, so the output stages fuse exactly as
+    in the float export.
     """
     from n2uq_tf import tflite
+    from n2uq_tf.export.converter import INT8_BUILTINS
     rep = _representative(resnet20, count=8)
     data = export_tflite(resnet20, inference_type="int8", representative_dataset=rep)
     info = inspect_tflite(data)
     counts = info.op_counts()
     assert info.metadata["inference_type"] == "int8"
-    assert counts["QUANTIZE"] >= 1 and counts["N2UQConv2D"] == 20 and counts["N2UQQuantizePack"] == 20
+    float_counts = inspect_tflite(export_tflite(resnet20)).op_counts()
+    assert {k: v for k, v in counts.items() if k.startswith("N2UQ")} == \
+        {k: v for k, v in float_counts.items() if k.startswith("N2UQ")}
+    assert counts["N2UQConv2D"] + counts.get("N2UQConv2DFused", 0) == 20
     x = next(rep())[0]
     expected = resnet20.predict(x, verbose=0)
     interpreter = tflite.Interpreter(model_content=data, backend="tflite")
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     interpreter.resize_tensor_input(inp["index"], list(x.shape))
     interpreter.allocate_tensors()
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    graph = fb.subgraphs[0]
+    kinds = {}  # builtin op -> the types of its first input
+    for op in graph.operators:
+        code = fb.operatorCodes[op.opcodeIndex]
+        if code.customCode is None:
+            name = op_names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+            kinds.setdefault(name, set()).add(type_names[graph.tensors[int(op.inputs[0])].type])
+    assert kinds["CONV_2D"] == {"INT8"} and kinds["FULLY_CONNECTED"] == {"INT8"}
+    assert kinds["QUANTIZE"] == {"FLOAT32"} and kinds["DEQUANTIZE"] == {"INT8"}
+    assert {"ADD", "PRELU", "MEAN"} & set(kinds)
+    for name, seen in kinds.items():
+        if name not in INT8_BUILTINS | {"QUANTIZE", "DEQUANTIZE"}:
+            assert seen == {"FLOAT32"}, (name, seen)
     interpreter.set_tensor(inp["index"], x)
     interpreter.invoke()
     got = interpreter.get_tensor(out["index"])
