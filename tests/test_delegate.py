@@ -298,10 +298,10 @@ def test_path_option_is_reported_per_kernel_and_validated(models):
         assert paths["N2UQConv2D"] == path and paths["N2UQFullyConnected"] == path
         assert paths["N2UQQuantizePack"] is None and paths["N2UQDepthwiseConv2D"] is None
         del interpreter
-    with pytest.raises(ValueError, match="path must be auto, bitserial, dot or lut"):
+    with pytest.raises(ValueError, match="path must be auto, bitserial, dot, lut or amx"):
         n2tfl.load_delegate("litert", path="gemm")
     for isa in _core.supported_isas():
-        for path in {"bitserial", "dot", "lut"} - set(_core.supported_paths(isa)):
+        for path in {"bitserial", "dot", "lut", "amx"} - set(_core.supported_paths(isa)):
             delegate = n2tfl.load_delegate("litert", isa=isa, path=path)
             with pytest.raises(RuntimeError, match=f"path {path} is not supported with ISA {isa}"):
                 Interpreter(model_content=content, experimental_delegates=[delegate]).allocate_tensors()

@@ -8,8 +8,9 @@ Functions take NumPy arrays and return NumPy arrays; errors from the C API are r
 variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx512" or "neon".
 Conv and fully connected layers also take `path`: "auto" (environment variable
 N2UQ_KERNEL_PATH, else the fastest on the layer's shape, measured once per shape), "bitserial"
-(AND + popcount), "dot" (integer dot products on byte codes) or "lut" (table lookups); every
-path gives identical results. `ConvPlan` prepares a layer's weights once for repeated calls.
+(AND + popcount), "dot" (integer dot products on byte codes), "lut" (table lookups) or "amx" (the
+dot path with its 3x3 Winograd GEMM on Intel AMX tiles, see `amx_status`); every path gives
+identical results. `ConvPlan` prepares a layer's weights once for repeated calls.
 """
 
 import ctypes
@@ -20,8 +21,8 @@ import numpy as np
 from n2uq_tf import _native
 
 ISAS = ("auto", "portable", "avx2", "avx512", "neon")
-PATHS = ("auto", "bitserial", "dot", "lut")
-ABI_VERSION = 2
+PATHS = ("auto", "bitserial", "dot", "lut", "amx")
+ABI_VERSION = 3
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -84,6 +85,7 @@ def _declare(lib):
         "n2uq_path_name": ([ctypes.c_int], char_p),
         "n2uq_path_supported": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),
         "n2uq_cpu_features": ([], char_p),
+        "n2uq_amx_status": ([], char_p),
         "n2uq_conv_plan_create": ([shape_p, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                    ctypes.POINTER(ctypes.c_void_p)] + err, ctypes.c_int),
         "n2uq_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int] + err,
@@ -175,6 +177,12 @@ def supported_combinations():
 def cpu_features():
     """The CPU features the kernels detected (CPUID + XCR0 / HWCAP), e.g. ["avx2", "popcnt", ...]."""
     return library().n2uq_cpu_features().decode().split()
+
+
+def amx_status():
+    """Whether the "amx" path is offered and why (not): "available: ...", "unavailable: <reason>",
+    or "emulated: ..." under the test hook N2UQ_AMX_EMULATE=1 (read once per process)."""
+    return library().n2uq_amx_status().decode()
 
 
 def _ptr(array):

@@ -109,7 +109,7 @@ def load_delegate(backend: str = "auto", **options: Any) -> Any:
     """The N2UQ delegate as a `Delegate` object of the chosen interpreter package.
 
     Options: num_threads (int, 0 = the interpreter's), isa ("auto", "portable", "avx2",
-    "avx512", "neon"), path ("auto", "bitserial", "dot", "lut"), abi_probe (bool). Pass the
+    "avx512", "neon"), path ("auto", "bitserial", "dot", "lut", "amx"), abi_probe (bool). Pass the
     result in `experimental_delegates`.
     """
     name, module = backend_module(backend)
@@ -186,7 +186,7 @@ def kernel_profile(delegate=None):
     """Per-kernel timings recorded inside the plugin: a list of dicts (op, output, node,
     invocations, seconds, path), for the live kernels of `delegate` (all delegates if None).
     Times cover the kernel's invoke (a steady-clock span around the core call); path is the
-    kernel path a conv / fully connected op prepared ("bitserial", "dot", "lut"), else None."""
+    kernel path a conv / fully connected op prepared ("bitserial", "dot", "lut", "amx"), else None."""
     lib = library()
     wanted = _native_pointer(delegate)
     entries = []

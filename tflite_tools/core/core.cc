@@ -22,6 +22,11 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <cerrno>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
@@ -78,7 +83,7 @@ int check_threads(int num_threads, char* err, size_t err_len) {
 struct CpuFeatures {
   bool popcnt = false, avx2 = false, avx512f = false, avx512bw = false, avx512vl = false;
   bool avx512vpopcntdq = false, avx512vnni = false, avx512vbmi = false, avx_vnni = false;
-  bool amx_int8 = false;  // reported only: no AMX path (it would also need arch_prctl permission)
+  bool amx_int8 = false;  // AMX-TILE + AMX-INT8 and XCR0 tile state; the amx path also needs arch_prctl
   bool asimd_dotprod = false;
 };
 
@@ -207,6 +212,10 @@ const KernelTable* table_for(int isa) {
   }
 }
 
+// The amx path's kernels (hardware or, with N2UQ_AMX_EMULATE=1, the software model), or null
+// with the reason in amx_status(); decided once (defined with the plans below).
+const PathKernels* amx_path_kernels();
+
 // The kernels of a byte-code path under a concrete, supported ISA, or null when this build
 // or CPU cannot run it. Declarative: each row names the instructions the kernels execute
 // beyond the ISA family's own (see cpu_has).
@@ -225,6 +234,8 @@ const PathKernels* path_kernels(int isa, int path) {
       {N2UQ_ISA_AVX512, N2UQ_PATH_LUT, f.avx512vbmi && f.avx512vnni, avx512_lut_kernels()},
       {N2UQ_ISA_NEON, N2UQ_PATH_DOT, f.asimd_dotprod, neon_dot_kernels()},
   };
+  // Looked up only here: deciding it may run the AMX self-check (an AVX-512 conv).
+  if (isa == N2UQ_ISA_AVX512 && path == N2UQ_PATH_AMX) return f.avx512vnni ? amx_path_kernels() : nullptr;
   for (const Row& r : rows)
     if (r.isa == isa && r.path == path && r.cpu_ok && r.kernels != nullptr) return r.kernels;
   return nullptr;
@@ -237,7 +248,7 @@ bool path_available(int isa, int path) {
 }
 
 int path_from_name(const char* name) {
-  static const char* const names[] = {"auto", "bitserial", "dot", "lut"};
+  static const char* const names[] = {"auto", "bitserial", "dot", "lut", "amx"};
   for (int i = 0; i < N2UQ_NUM_PATHS; ++i)
     if (std::strcmp(name, names[i]) == 0) return i;
   return -1;
@@ -249,7 +260,7 @@ int requested_path(int path, char* err, size_t err_len) {
     const char* env = std::getenv("N2UQ_KERNEL_PATH");
     if (env == nullptr || env[0] == '\0') return N2UQ_PATH_AUTO;
     path = path_from_name(env);
-    N2UQ_CHECK(path >= 0, N2UQ_ERR_ARGUMENT, "N2UQ_KERNEL_PATH=%.40s is not one of auto, bitserial, dot, lut", env);
+    N2UQ_CHECK(path >= 0, N2UQ_ERR_ARGUMENT, "N2UQ_KERNEL_PATH=%.40s is not one of auto, bitserial, dot, lut, amx", env);
     return path;
   }
   N2UQ_CHECK(path > N2UQ_PATH_AUTO && path < N2UQ_NUM_PATHS, N2UQ_ERR_ARGUMENT, "unknown path id %d", path);
@@ -659,8 +670,13 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
       !mul_ok(tiles, 4, &terms))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   job.wino_tiles = tiles;
-  // Tiles per register block: as many as the chunk's register budget allows, equal blocks.
-  const int most = job.dot_chunk_blocks >= 4 ? 6 : job.dot_chunk_blocks == 3 ? 8 : job.dot_chunk_blocks == 2 ? 12 : 16;
+  // Tiles per block: the kernels' maximum, else as many as the chunk's register budget allows;
+  // equal blocks.
+  const int most = k->wino_block_tiles > 0          ? k->wino_block_tiles
+                   : job.dot_chunk_blocks >= 4 ? 6
+                   : job.dot_chunk_blocks == 3 ? 8
+                   : job.dot_chunk_blocks == 2 ? 12
+                                               : 16;
   job.wino_tile_blocks = int32_t((tiles + most - 1) / most);
   Scratch& s = scratch();
   if (int rc = ensure(s.codes, code_bytes + v_bytes, "staged codes", err, err_len)) return rc;
@@ -838,12 +854,14 @@ bool wino_fits(const N2uqConvShape& s, const PathKernels* k) {
 }
 
 // Winograd weights (ConvJob::dot_weights in the layout kernel_table.h gives for it) and
-// ConvJob::wino_bias: per output channel and input channel U(q) = G q G^T, q = k - h.
+// ConvJob::wino_bias: per output channel and input channel U(q) = G q G^T, q = k - h. Quads per
+// position are rounded up to a multiple of quad_align (> 1: zero weights past in_channels).
 void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
-                        std::vector<int8_t>* out, std::vector<int32_t>* bias) {
+                        int quad_align, std::vector<int8_t>* out, std::vector<int32_t>* bias) {
   static const int kG[4][3] = {{1, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 1}};
   static const int kShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};
-  const int64_t channels = s.in_channels, quads = (channels + 3) / 4;
+  const int64_t align = quad_align > 1 ? quad_align : 1;
+  const int64_t channels = s.in_channels, quads = ((channels + 3) / 4 + align - 1) / align * align;
   const int64_t blocks = (int64_t(s.out_channels) + lanes - 1) / lanes, block_bytes = 16 * quads * lanes * 4;
   const int h = 1 << (s.weight_bits - 1), m = (1 << s.act_bits) - 1;
   out->assign(size_t(blocks * block_bytes), 0);
@@ -889,6 +907,9 @@ int dot_chunk_blocks(const PathKernels* k, int64_t blocks) {
   return blocks == 4 && most >= 2 ? 2 : most;
 }
 
+// Paths whose plans and runs are the dot path's (amx: the dot layout, another Winograd GEMM).
+bool dot_layout(int path) { return path == N2UQ_PATH_DOT || path == N2UQ_PATH_AMX; }
+
 // Builds `plan`'s weights for its path from the packed weights.
 int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
                     size_t err_len) {
@@ -916,12 +937,13 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
     return N2UQ_OK;
   }
   const std::vector<uint8_t> codes = weight_codes(s, weights);
-  if (plan->path == N2UQ_PATH_DOT) {
+  if (dot_layout(plan->path)) {
     plan->dot_chunk_blocks =
         dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) / plan->kernels->lanes);
     plan->wino = wino_fits(s, plan->kernels);
     if (plan->wino)
-      build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot, &plan->wino_bias);
+      build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, plan->kernels->wino_quad_align,
+                         &plan->dot, &plan->wino_bias);
     else
       build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
   }
@@ -967,7 +989,8 @@ int run_plan(const N2uqConvPlan& plan, const N2uqConvShape* s, const ConvGeometr
   job.act_bits = s->act_bits;
   job.input = input;
   switch (plan.path) {
-    case N2UQ_PATH_DOT: return run_dot(job, plan, num_threads, err, err_len);
+    case N2UQ_PATH_DOT:
+    case N2UQ_PATH_AMX: return run_dot(job, plan, num_threads, err, err_len);
     case N2UQ_PATH_LUT: return run_lut(job, plan, num_threads, err, err_len);
     default: return run_bitserial(job, plan, num_threads, err, err_len);
   }
@@ -1044,6 +1067,102 @@ std::vector<uint64_t> calibration_input(int64_t words_needed) {
   }
   return input;
 }
+
+// ---------------------------------------------------------------- AMX availability
+
+// The hardware AMX Winograd GEMM against the AVX-512 one on a small conv whose tiles, input
+// channels and output channels all leave partial tiles (18 tiles in blocks of 9; 80 channels:
+// a 16-channel tail word; 40 output channels: 3 vectors, the last half full), 2-bit codes.
+// Empty on a bit-exact match, else what differed.
+std::string amx_self_check(const PathKernels* amx) {
+  N2uqConvShape s{};
+  s.batch = 2;
+  s.in_height = s.in_width = 6;
+  s.in_channels = 80;
+  s.out_channels = 40;
+  s.kernel_height = s.kernel_width = 3;
+  s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 1;
+  s.act_bits = s.weight_bits = 2;
+  char err[256] = "";
+  ConvSizes z;
+  if (check_conv(&s, &z, err, sizeof err) != N2UQ_OK) return std::string("self-check shape: ") + err;
+  const std::vector<uint64_t> input = calibration_input(z.input);
+  std::vector<uint64_t> weights = calibration_input(z.weights + 7);
+  weights.erase(weights.begin(), weights.begin() + 7);  // other bits than the input's
+  const PathKernels* kernels[2] = {amx, avx512_dot_kernels()};
+  std::vector<int32_t> out[2];
+  for (int i = 0; i < 2; ++i) {
+    N2uqConvPlan plan;
+    plan.filter = s;
+    plan.isa = N2UQ_ISA_AVX512;
+    plan.path = i == 0 ? N2UQ_PATH_AMX : N2UQ_PATH_DOT;
+    plan.table = table_for(N2UQ_ISA_AVX512);
+    plan.kernels = kernels[i];
+    out[i].assign(size_t(z.out), 0);
+    if (prepare_weights(&plan, weights.data(), z.weights, 1, err, sizeof err) != N2UQ_OK ||
+        run_plan(plan, &s, z.g, input.data(), nullptr, nullptr, nullptr, out[i].data(), 1, err, sizeof err) != N2UQ_OK)
+      return std::string("self-check run: ") + err;
+  }
+  for (size_t i = 0; i < out[0].size(); ++i)
+    if (out[0][i] != out[1][i]) {
+      char what[160];
+      std::snprintf(what, sizeof what, "the hardware self-check differed from the AVX-512 dot path at output %zu "
+                    "(%d vs %d)", i, out[0][i], out[1][i]);
+      return what;
+    }
+  return std::string();
+}
+
+struct AmxState {
+  const PathKernels* kernels = nullptr;
+  std::string status;
+};
+
+// Decided once per process: the environment's test hook, then the CPU and OS (CPUID, XCR0), the
+// kernel's permission for the tile data state (Linux asks processes to request it), and the
+// self-check.
+const AmxState& amx_state() {
+  static const AmxState state = [] {
+    AmxState a;
+    const CpuFeatures& f = cpu_features();
+    const char* env = std::getenv("N2UQ_AMX_EMULATE");
+    const bool emulate = env != nullptr && std::strcmp(env, "1") == 0;
+    if (amx_kernels(false) == nullptr) {
+      a.status = "unavailable: not built for x86-64";
+    } else if (!cpu_has(N2UQ_ISA_AVX512) || !f.avx512vnni) {
+      a.status = "unavailable: the amx path needs the avx512 ISA with AVX-512 VNNI";
+    } else if (emulate) {
+      a.kernels = amx_kernels(true);
+      a.status = "emulated: N2UQ_AMX_EMULATE=1 runs the AMX code on a software model of the tile instructions "
+                 "(a test hook)";
+    } else if (!f.amx_int8) {
+      a.status = "unavailable: the CPU or OS does not report AMX-TILE and AMX-INT8";
+    } else {
+#if defined(__x86_64__) && defined(__linux__)
+      const long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+      if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) != 0) {
+        a.status = std::string("unavailable: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: ") +
+                   std::strerror(errno);
+      } else {
+        const std::string problem = amx_self_check(amx_kernels(false));
+        if (problem.empty()) {
+          a.kernels = amx_kernels(false);
+          a.status = "available: AMX hardware, self-check passed";
+        } else {
+          a.status = "unavailable: " + problem;
+        }
+      }
+#else
+      a.status = "unavailable: requesting the AMX tile state is implemented for Linux only";
+#endif
+    }
+    return a;
+  }();
+  return state;
+}
+
+const PathKernels* amx_path_kernels() { return amx_state().kernels; }
 
 int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa,
                          int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
@@ -1231,6 +1350,7 @@ const char* n2uq_path_name(int path) {
     case N2UQ_PATH_BITSERIAL: return "bitserial";
     case N2UQ_PATH_DOT: return "dot";
     case N2UQ_PATH_LUT: return "lut";
+    case N2UQ_PATH_AMX: return "amx";
     default: return "unknown";
   }
 }
@@ -1249,6 +1369,8 @@ const char* n2uq_cpu_features(void) {
   }();
   return names.c_str();
 }
+
+const char* n2uq_amx_status(void) { return amx_state().status.c_str(); }
 
 const char* n2uq_isa_name(int isa) {
   switch (isa) {

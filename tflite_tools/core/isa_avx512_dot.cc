@@ -201,19 +201,17 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
     for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(z + p * R + r), acc[p][r]);
 }
 
-// One register block: P tiles (from tile t0) x R weight vectors of one chunk, every one of the
-// 16 positions, then the output transform and the stores.
-template <int P, int R>
-void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
-  const int64_t cw = wino_channel_bytes(j), quads = j.quads, lanes = DotOps::kLanes;
+// The output transform, corrections and stores of P tiles (from tile t0) x R weight vectors of
+// one chunk, from their position sums z[(x * P + p) * R + r] (x = position). Shared with the
+// AMX form (isa_amx.cc, through wino_output below), whose tile stores leave z in this layout.
+template <int R>
+__attribute__((always_inline)) inline void wino_epilogue(const ConvJob& j, int64_t t0, int P, int64_t chunk,
+                                                         const __m512i* z) {
+  const int64_t lanes = DotOps::kLanes;
   const int64_t oc_padded = int64_t(j.oc_blocks) * lanes;
   const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
-  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
-  __m512i z[16][P][R];
-  for (int x = 0; x < 16; ++x)
-    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
-  // Output transform and stores. The job's fields in locals: stores through out_float could
-  // alias the job for the compiler, which then reloaded every field after each store.
+  // The job's fields in locals: stores through out_float could alias the job for the
+  // compiler, which then reloaded every field after each store.
   int32_t* const out_int32 = j.out_int32;
   float* const out_float = j.out_float;
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
@@ -232,7 +230,7 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
       __m512i zs[16];  // s * 2 acc
 #pragma GCC unroll 16
-      for (int x = 0; x < 16; ++x) zs[x] = _mm512_slli_epi32(z[x][p][r], 1 + kWinoShift[x]);
+      for (int x = 0; x < 16; ++x) zs[x] = _mm512_slli_epi32(z[(x * P + p) * R + r], 1 + kWinoShift[x]);
       __m512i u[2][4];
       for (int b = 0; b < 4; ++b) {  // A^T Z: over rows
         u[0][b] = _mm512_add_epi32(_mm512_add_epi32(zs[b], zs[4 + b]), zs[8 + b]);
@@ -259,6 +257,18 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
       }
     }
   }
+}
+
+// One register block: P tiles (from tile t0) x R weight vectors of one chunk, every one of the
+// 16 positions, then the output transform and the stores.
+template <int P, int R>
+void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
+  const int64_t cw = wino_channel_bytes(j), quads = j.quads, lanes = DotOps::kLanes;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
+  __m512i z[16][P][R];
+  for (int x = 0; x < 16; ++x)
+    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
+  wino_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
 
 typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
@@ -303,6 +313,18 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
 
 }  // namespace avx512_dot
 }  // namespace
+
+void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z) {
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  const __m512i* v = reinterpret_cast<const __m512i*>(z);
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: avx512_dot::wino_epilogue<1>(j, t0, tiles, chunk, v); break;
+    case 2: avx512_dot::wino_epilogue<2>(j, t0, tiles, chunk, v); break;
+    case 3: avx512_dot::wino_epilogue<3>(j, t0, tiles, chunk, v); break;
+    case 4: avx512_dot::wino_epilogue<4>(j, t0, tiles, chunk, v); break;
+    default: break;
+  }
+}
 
 const PathKernels* avx512_dot_kernels() {
   static const PathKernels kernels = [] {

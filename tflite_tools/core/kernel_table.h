@@ -176,6 +176,10 @@ struct PathKernels {
   void (*wino_codes)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_item)(const ConvJob&, int64_t item, int slot);
+  // Winograd tiles per item at most (0: the AVX-512 register-block maximum for the chunk's
+  // blocks), and the multiple the weights' quads per position are padded to with zero weights
+  // (0 or 1: none; the AMX form loads whole 64-channel words).
+  int wino_block_tiles, wino_quad_align;
 };
 
 const KernelTable* portable_kernels();
@@ -189,6 +193,15 @@ const PathKernels* avx_vnni_dot_kernels();   // AVX-VNNI VPDPBUSD on ymm; null w
 const PathKernels* avx512_dot_kernels();     // AVX-512 VNNI; null when not built for x86-64
 const PathKernels* avx512_lut_kernels();     // AVX-512 VBMI + VNNI; null when not built for x86-64
 const PathKernels* neon_dot_kernels();       // SDOT (dotprod); null when not built for aarch64
+// The AVX-512 dot path with its Winograd GEMM on AMX tiles (isa_amx.cc); `emulated`: the same
+// code on a software model of the tile instructions (test hook, runs on AVX-512 VNNI alone).
+// Null when not built for x86-64. core.cc checks AMX support, permission and a self-check.
+const PathKernels* amx_kernels(bool emulated);
+
+// The AVX-512 Winograd output stage (isa_avx512_dot.cc; x86-64 only): output transform,
+// corrections and stores of `tiles` tiles from t0 of `chunk`, from their 64-byte aligned
+// position sums z[((x * tiles + p) * R + r) * 16 + lane] (R = the chunk's weight vectors).
+void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z);
 
 }  // namespace n2uq_core
 

@@ -22,6 +22,8 @@
  *   bitserial  AND + popcount over bit planes (S_mk = sum_ij 2^(i+j) popcount(m_i & k_j));
  *   dot        integer dot products on byte codes: acc = sum m * w' with int8 weights
  *              w' = 2k - n_w (AVX-512 VNNI, AVX-VNNI, AVX2 VPMADDUBSW, NEON SDOT, scalar);
+ *   amx        the dot path with its 3x3 Winograd GEMM on AMX tiles (TDPBUSD; Intel CPUs with
+ *              AMX-INT8, Linux, after a one-time self-check; see n2uq_amx_status);
  *   lut        table lookups: per input pixel and 7 channels, the 128 subset sums of their
  *              codes, indexed by the bit planes of 7 weights (AVX-512 VBMI VPERMI2B).
  * N2UQ_PATH_AUTO takes N2UQ_KERNEL_PATH from the environment when set, else times the
@@ -39,7 +41,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 2
+#define N2UQ_CORE_ABI_VERSION 3
 
 enum {
   N2UQ_OK = 0,
@@ -60,14 +62,15 @@ enum {
 };
 
 /* Conv / fully-connected paths (see above). N2UQ_PATH_AUTO picks N2UQ_KERNEL_PATH from the
- * environment (auto|bitserial|dot|lut) when set, else the fastest measured on the shape. */
+ * environment (auto|bitserial|dot|lut|amx) when set, else the fastest measured on the shape. */
 enum {
   N2UQ_PATH_AUTO = 0,
   N2UQ_PATH_BITSERIAL = 1,
   N2UQ_PATH_DOT = 2,
-  N2UQ_PATH_LUT = 3
+  N2UQ_PATH_LUT = 3,
+  N2UQ_PATH_AMX = 4
 };
-#define N2UQ_NUM_PATHS 4
+#define N2UQ_NUM_PATHS 5
 
 #define N2UQ_MAX_BITS 4
 #define N2UQ_MAX_THREADS 256
@@ -96,6 +99,11 @@ int n2uq_path_supported(int isa, int path);
  * environment variable N2UQ_CPU_DISABLE (comma-separated names, read once) hides features,
  * for testing the fallback kernels. */
 const char* n2uq_cpu_features(void);
+/* Whether the amx path is offered and why (not): "available: ...", "unavailable: <reason>"
+ * (no AMX, no tile permission, or its self-check against the AVX-512 dot path failed), or
+ * "emulated: ..." when the test hook N2UQ_AMX_EMULATE=1 (read once) runs the same AMX code on a
+ * software model of the tile instructions on any CPU with AVX-512 VNNI. */
+const char* n2uq_amx_status(void);
 
 /* Packs codes[num_positions][channels] (each < 2^bits) into
  * out[num_positions][bits][ceil(channels / 64)]. */

@@ -1147,13 +1147,13 @@ bool ParseSetting(Settings* s, const char* key, const char* value, std::string* 
     return false;
   }
   if (k == "path") {
-    static const char* const names[] = {"auto", "bitserial", "dot", "lut"};
+    static const char* const names[] = {"auto", "bitserial", "dot", "lut", "amx"};
     for (int i = 0; i < N2UQ_NUM_PATHS; ++i)
       if (v == names[i]) {
         s->path = i;
         return true;
       }
-    *err = "path must be auto, bitserial, dot or lut, got '" + v + "'";
+    *err = "path must be auto, bitserial, dot, lut or amx, got '" + v + "'";
     return false;
   }
   if (k == "abi_probe") {

@@ -390,7 +390,7 @@ static void TestFusedKernels() {
       "step 0 values has shape [2] but needs 3 elements", "thresholds has shape [2] but needs 3 elements",
       "must be int64", "is also input 5 of the op", "is also output 1 of the op", "is a constant tensor",
       "expects 7 inputs and 2 outputs, got 6 and 2", "expects 7 inputs and 2 outputs, got 7 and 1"};
-  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut"};
+  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut", "amx"};
   for (int path = 0; path < 2; ++path) {
     for (int m = 0; m < kNumFusedMutations; ++m) {
       std::string error;
@@ -432,7 +432,7 @@ static void TestKernels() {
     }
   }
   // Every kernel path the CPU runs, through the delegate's `path` option, valid and mutated.
-  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut"};
+  static const char* const kPaths[] = {"auto", "bitserial", "dot", "lut", "amx"};
   for (int isa = N2UQ_ISA_PORTABLE; isa <= N2UQ_ISA_NEON; ++isa) {
     if (!n2uq_isa_supported(isa)) continue;
     for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path) {

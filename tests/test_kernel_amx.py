@@ -1,0 +1,152 @@
+"""The "amx" conv path: the AVX-512 dot path with its Winograd F(2x2, 3x3) GEMM on AMX tiles.
+
+This CPU may lack AMX, so the AMX code is tested through its software model of the tile
+instructions (N2UQ_AMX_EMULATE=1, a test hook read once per process: hence subprocesses),
+bit-exact against the exact NumPy conv of test_kernel_core; where the CPU reports AMX the
+hardware path must be offered and be bit-exact on the same shapes. The sanitizer self-test
+(test_kernel_core) runs the emulated path too.
+"""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# Checks path amx (forced, threads 1 and 2, int32 and float outputs) against the NumPy reference
+# on Winograd shapes (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4) and shapes that
+# take the dot items (stride 2, 1x1, dilation 2); prints "checked N".
+CHECK_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, %(tests)r)
+from n2uq_tf.tflite import _core
+from test_kernel_core import affine, reference_conv
+
+def check(n, h, w, c, oc, kernel, strides, dilations, pads, a, wb, rng):
+    m = rng.integers(0, 2 ** a, (n, h, w, c)).astype(np.uint8)
+    k = rng.integers(0, 2 ** wb, (oc, kernel, kernel, c)).astype(np.uint8)
+    want = reference_conv(m, k, (strides, strides), (dilations, dilations), pads, wb)
+    mult = rng.normal(0, 0.1, oc).astype(np.float32)
+    bias = rng.normal(0, 1, oc).astype(np.float32)
+    for threads in (1, 2):
+        out_f, out_i = _core.conv2d(_core.pack_bitplanes(m, a), _core.pack_bitplanes(k, wb), c, a, wb, mult, bias,
+                                    strides=strides, dilations=dilations, padding=pads, output="both", isa="avx512",
+                                    path="amx", num_threads=threads)
+        where = (n, h, w, c, oc, kernel, strides, dilations, pads, a, wb, threads)
+        assert np.array_equal(out_i, want), where
+        assert np.array_equal(out_f, affine(want, mult, bias)), where
+
+rng = np.random.default_rng(7)
+bits = [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 1), (3, 2), (1, 3)]
+count = 0
+for i, (c, oc) in enumerate([(c, oc) for c in (3, 64, 80, 128) for oc in (8, 16, 40, 64)]):
+    a, wb = bits[i %% len(bits)]
+    h, w = (5, 7) if i %% 2 == 0 else (7, 3)
+    pads = (1, 1, 1, 1) if i %% 3 else (0, 2, 1, 0)
+    check(2, h, w, c, oc, 3, 1, 1, pads, a, wb, rng)
+    count += 1
+# Many tiles (more than one block of 16; the last blocks shorter) and 4-vector chunks (OC 64).
+check(1, 17, 15, 72, 64, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
+check(2, 9, 11, 200, 48, 3, 1, 1, (1, 1, 1, 1), 4, 4, rng)
+count += 2
+# Not the Winograd form: the AVX-512 dot items.
+check(2, 7, 9, 80, 40, 3, 2, 1, (1, 1, 1, 1), 2, 2, rng)
+check(2, 5, 7, 80, 40, 1, 1, 1, (0, 0, 0, 0), 3, 2, rng)
+check(1, 7, 7, 64, 16, 3, 1, 2, (2, 2, 2, 2), 2, 3, rng)
+count += 3
+print("checked", count)
+""" % {"tests": TESTS}
+
+
+def _run(script, **env_changes):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for name in ("N2UQ_AMX_EMULATE", "N2UQ_KERNEL_PATH", "N2UQ_KERNEL_ISA", "N2UQ_CPU_DISABLE", "N2UQ_DOT_WINOGRAD"):
+        env.pop(name, None)
+    env.update(env_changes)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _report(**env_changes):
+    """(cpu features, amx status, supported combinations) of a fresh process."""
+    out = _run("from n2uq_tf.tflite import _core\n"
+               "print(repr((_core.cpu_features(), _core.amx_status(), _core.supported_combinations())))\n",
+               **env_changes)
+    return eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr of lists and strings
+
+
+def test_emulated_amx_path_is_bit_exact():
+    features, status, combos = _report(N2UQ_AMX_EMULATE="1")
+    if "avx512vnni" not in features or "avx512f" not in features:
+        # The hook needs AVX-512 VNNI: without it the path stays off, with the reason.
+        assert ("avx512", "amx") not in combos and status.startswith("unavailable"), status
+        return
+    assert status.startswith("emulated"), status
+    assert ("avx512", "amx") in combos
+    assert "checked 21" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+
+
+def test_emulated_amx_path_direct_form_and_selection():
+    """With N2UQ_DOT_WINOGRAD=0 the amx plan runs the dot items everywhere; auto selection may
+    pick amx like any path and stays exact."""
+    features, _, _ = _report()
+    if "avx512vnni" not in features:
+        assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
+        return
+    assert "checked 21" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
+    script = (
+        "import numpy as np\n"
+        "from n2uq_tf.tflite import _core\n"
+        "rng = np.random.default_rng(3)\n"
+        "k = _core.pack_bitplanes(rng.integers(0, 4, (40, 3, 3, 80)), 2)\n"
+        "x = _core.pack_bitplanes(rng.integers(0, 4, (1, 9, 9, 80)), 2)\n"
+        "shape = _core.conv_shape(1, 9, 9, 80, 40, 3, padding=1, act_bits=2, weight_bits=2)\n"
+        "plan = _core.ConvPlan(shape, k)\n"
+        "assert plan.path in _core.supported_paths(), plan.path\n"
+        "got = _core.conv2d(x, k, 80, 2, 2, padding=1, output='int32')\n"
+        "want = _core.conv2d(x, k, 80, 2, 2, padding=1, output='int32', isa='portable', path='bitserial')\n"
+        "assert np.array_equal(got, want)\n"
+        "print('auto', plan.path)\n")
+    assert "auto " in _run(script, N2UQ_AMX_EMULATE="1")
+
+
+def test_amx_path_follows_the_cpu():
+    """Without the hook the path is offered only where the CPU and OS report AMX (then it must
+    have passed its self-check and be exact); elsewhere forcing it fails naming the path, and
+    auto selection never returns it."""
+    features, status, combos = _report()
+    if "amx_int8" in features:
+        assert status.startswith("available"), status
+        assert ("avx512", "amx") in combos
+        assert "checked 21" in _run(CHECK_SCRIPT)
+    else:
+        assert status.startswith("unavailable"), status
+        assert all(path != "amx" for _, path in combos)
+    # Hiding AMX withdraws the hardware path on any CPU, and says why.
+    features, status, combos = _report(N2UQ_CPU_DISABLE="amx_int8")
+    assert "amx_int8" not in features and all(path != "amx" for _, path in combos)
+    assert status.startswith("unavailable"), status
+    script = (
+        "import numpy as np, os\n"
+        "from n2uq_tf.tflite import _core\n"
+        "x = _core.pack_bitplanes(np.ones((1, 6, 6, 80), np.uint8), 2)\n"
+        "k = _core.pack_bitplanes(np.ones((40, 3, 3, 80), np.uint8), 2)\n"
+        "for isa in _core.supported_isas():\n"
+        "    try:\n"
+        "        _core.conv2d(x, k, 80, 2, 2, padding=1, isa=isa, path='amx')\n"
+        "        raise SystemExit('amx ran with ' + isa)\n"
+        "    except _core.CoreError as e:\n"
+        "        assert 'path amx is not supported with ISA ' + isa in str(e), str(e)\n"
+        "shape = _core.conv_shape(1, 6, 6, 80, 40, 3, padding=1, act_bits=2, weight_bits=2)\n"
+        "assert _core.ConvPlan(shape, k).path != 'amx'\n"
+        "os.environ['N2UQ_KERNEL_PATH'] = 'amx'\n"
+        "try:\n"
+        "    _core.ConvPlan(shape, k)\n"
+        "    raise SystemExit('N2UQ_KERNEL_PATH=amx ran')\n"
+        "except _core.CoreError as e:\n"
+        "    assert 'path amx is not supported' in str(e), str(e)\n"
+        "print('refused')\n")
+    assert "refused" in _run(script, N2UQ_CPU_DISABLE="amx_int8")

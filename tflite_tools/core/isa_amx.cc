@@ -1,0 +1,226 @@
+// AMX form of the dot path's Winograd GEMM (AMX-TILE + AMX-INT8, TDPBUSD), the rest of the path
+// (direct items, codes, input transforms, output stage) the AVX-512 VNNI kernels'. Target
+// options for this file only, no -march; core.cc offers the path only when the CPU and OS
+// report AMX, the process got the tile-data permission and a self-check matched the AVX-512
+// result. The same GEMM source also runs on a software model of the tile instructions
+// (AmxEmulated), which reads and writes exactly the bytes the hardware would: tests run it under
+// the sanitizers on CPUs without AMX.
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "kernel_table.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
+
+namespace n2uq_core {
+namespace {
+namespace amx {
+
+// LDTILECFG's 64-byte operand (palette 1: 8 tiles of up to 16 rows x 64 bytes).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The tile instructions themselves, as inline assembly with "memory" clobbers (the compiler
+// must see that LDTILECFG reads the whole 64-byte config, loads read and stores write memory;
+// GCC 12's _tile_loadconfig declares an 8-byte operand). Tile numbers are immediates.
+struct AmxHardware {
+  static inline void config(const TileConfig& c) { __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory"); }
+  static inline void release() { __asm__ volatile("tilerelease" ::: "memory"); }
+  template <int T> static inline void zero() { __asm__ volatile("tilezero %%tmm%c0" ::"i"(T) : "memory"); }
+  template <int T> static inline void load(const void* base, int64_t stride) {
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "i"(T) : "memory");
+  }
+  template <int T> static inline void store(void* base, int64_t stride) {
+    __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "i"(T) : "memory");
+  }
+  // TDPBUSD tmm(C), tmm(A), tmm(B) in Intel order; AT&T lists the operands reversed.
+  template <int C, int A, int B> static inline void dpbusd() {
+    __asm__ volatile("tdpbusd %%tmm%c0, %%tmm%c1, %%tmm%c2" ::"i"(B), "i"(A), "i"(C) : "memory");
+  }
+};
+
+// A software model of the same instructions on per-thread tile registers, with their
+// architectural semantics (Intel SDM, AMX): loads read rows x colsb bytes at the stride and zero
+// the rest of the register; TDPBUSD adds u8 x s8 quad products in int32 (wrapping) over
+// colsb(A) / 4 quads and zeroes C past its shape; every shape rule the hardware faults on traps.
+struct EmulatedState {
+  bool configured;
+  uint8_t rows[8];
+  uint16_t colsb[8];
+  uint8_t data[8][16][64];
+};
+thread_local EmulatedState emulated_state;
+
+struct AmxEmulated {
+  static inline void check(bool ok) {
+    if (!ok) __builtin_trap();
+  }
+  static inline void config(const TileConfig& c) {
+    EmulatedState& s = emulated_state;
+    check(c.palette == 1 && c.start_row == 0);
+    for (int t = 0; t < 8; ++t) {
+      check(c.rows[t] <= 16 && c.colsb[t] <= 64 && (c.rows[t] == 0) == (c.colsb[t] == 0));
+      s.rows[t] = c.rows[t];
+      s.colsb[t] = c.colsb[t];
+    }
+    __builtin_memset(s.data, 0, sizeof(s.data));
+    s.configured = true;
+  }
+  static inline void release() {
+    __builtin_memset(&emulated_state, 0, sizeof(emulated_state));
+  }
+  static inline void used(int t) { check(emulated_state.configured && emulated_state.rows[t] != 0); }
+  template <int T> static inline void zero() {
+    used(T);
+    __builtin_memset(emulated_state.data[T], 0, sizeof(emulated_state.data[T]));
+  }
+  template <int T> static inline void load(const void* base, int64_t stride) {
+    used(T);
+    EmulatedState& s = emulated_state;
+    __builtin_memset(s.data[T], 0, sizeof(s.data[T]));
+    for (int m = 0; m < s.rows[T]; ++m)
+      __builtin_memcpy(s.data[T][m], static_cast<const uint8_t*>(base) + m * stride, s.colsb[T]);
+  }
+  template <int T> static inline void store(void* base, int64_t stride) {
+    used(T);
+    const EmulatedState& s = emulated_state;
+    for (int m = 0; m < s.rows[T]; ++m) __builtin_memcpy(static_cast<uint8_t*>(base) + m * stride, s.data[T][m], s.colsb[T]);
+  }
+  template <int C, int A, int B> static inline void dpbusd() {
+    used(C);
+    used(A);
+    used(B);
+    EmulatedState& s = emulated_state;
+    check(C != A && C != B && A != B);
+    check(s.rows[A] == s.rows[C] && s.colsb[A] == 4 * s.rows[B] && s.colsb[B] == s.colsb[C] && s.colsb[A] % 4 == 0 &&
+          s.colsb[C] % 4 == 0);
+    for (int m = 0; m < s.rows[C]; ++m)
+      for (int n = 0; n < s.colsb[C] / 4; ++n) {
+        uint32_t acc;
+        __builtin_memcpy(&acc, s.data[C][m] + 4 * n, 4);
+        for (int k = 0; k < s.colsb[A] / 4; ++k)
+          for (int i = 0; i < 4; ++i)
+            acc += uint32_t(int32_t(s.data[A][m][4 * k + i]) * int32_t(int8_t(s.data[B][k][4 * n + i])));
+        __builtin_memcpy(s.data[C][m] + 4 * n, &acc, 4);
+      }
+    for (int m = 0; m < 16; ++m)  // the rest of C
+      for (int b = m < s.rows[C] ? s.colsb[C] : 0; b < 64; ++b) s.data[C][m][b] = 0;
+  }
+};
+
+// Tiles: 0 = A (the block's V8 rows, one 64-channel word), 1..R = B (the weights of that word
+// for weight vector r), 4..3+R = C (the int32 sums).
+constexpr int kMaxTiles = 16;  // rows of A and C
+constexpr int kMaxVectors = 3; // A + 3 B + 3 C of the 8 tiles
+
+// One block: P <= 16 tiles (from t0) x R <= 3 weight vectors of one chunk. Per position x the
+// GEMM Z_x[p][16 r + lane] = sum over quads of V8_x[t0 + p] . U_x[r][lane], which is exactly
+// what TDPBUSD computes with A = V8 rows (tile p: 64 channel bytes of a word, row stride = the
+// per-tile bytes cw) and B = the dot weight layout's 16 quads x 16 lanes x 4 bytes of a word
+// (row stride R * 64): C[p][lane] += sum_k sum_i A[p][4k + i] * B[k][4 lane + i]. The rest (the
+// transforms, corrections and their derivation) is the AVX-512 form's, isa_avx512_dot.cc.
+// Weights are padded with zero quads to whole words (PathKernels::wino_quad_align = 16), so
+// every B load is 16 full rows inside the plan's buffer, and the padded channels' V8 bytes
+// (2M, not 0) meet zero weights.
+template <class Tiles, int R>
+void block(const ConvJob& j, int64_t t0, int P, int64_t chunk, int32_t* z) {
+  const int64_t words = j.words, cw = words * 64, quads = words * 16;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * 64;
+  TileConfig cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  cfg.rows[0] = uint8_t(P);
+  cfg.colsb[0] = 64;
+  for (int r = 0; r < R; ++r) {
+    cfg.rows[1 + r] = 16;
+    cfg.colsb[1 + r] = 64;
+    cfg.rows[4 + r] = uint8_t(P);
+    cfg.colsb[4 + r] = 64;
+  }
+  Tiles::config(cfg);  // per item: the configuration is per thread
+  for (int x = 0; x < 16; ++x) {
+    const uint8_t* a = j.wino_v + (x * j.wino_tiles + t0) * cw;
+    const int8_t* b = weights + x * quads * R * 64;
+    Tiles::template zero<4>();
+    if (R > 1) Tiles::template zero<5>();
+    if (R > 2) Tiles::template zero<6>();
+    for (int64_t w = 0; w < words; ++w, a += 64, b += 16 * R * 64) {
+      Tiles::template load<0>(a, cw);
+      Tiles::template load<1>(b, R * 64);
+      if (R > 1) Tiles::template load<2>(b + 64, R * 64);
+      if (R > 2) Tiles::template load<3>(b + 128, R * 64);
+      Tiles::template dpbusd<4, 0, 1>();
+      if (R > 1) Tiles::template dpbusd<5, 0, 2>();
+      if (R > 2) Tiles::template dpbusd<6, 0, 3>();
+    }
+    int32_t* zx = z + x * P * R * 16;  // z[(x * P + p) * R + r][lane], as wino_output reads it
+    Tiles::template store<4>(zx, R * 64);
+    if (R > 1) Tiles::template store<5>(zx + 16, R * 64);
+    if (R > 2) Tiles::template store<6>(zx + 32, R * 64);
+  }
+  Tiles::release();
+  wino_output(j, t0, P, chunk, z);
+}
+
+// Item chunk * wino_tile_blocks + block; blocks of near-equal tile counts, at most kMaxTiles.
+template <class Tiles>
+void item(const ConvJob& j, int64_t item, int /*slot*/) {
+  alignas(64) int32_t z[16 * kMaxTiles * kMaxVectors * 16];
+  const int64_t chunk = item / j.wino_tile_blocks, blk = item % j.wino_tile_blocks;
+  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
+  const int64_t t0 = blk * base + (blk < longer ? blk : longer), tiles = base + (blk < longer ? 1 : 0);
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  if (tiles < 1 || tiles > kMaxTiles) return;  // run_wino sizes blocks by wino_block_tiles
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: block<Tiles, 1>(j, t0, int(tiles), chunk, z); break;
+    case 2: block<Tiles, 2>(j, t0, int(tiles), chunk, z); break;
+    case 3: block<Tiles, 3>(j, t0, int(tiles), chunk, z); break;
+    default: break;  // blocks_per_chunk = kMaxVectors
+  }
+}
+
+PathKernels make(const char* name, void (*wino_item)(const ConvJob&, int64_t, int)) {
+  PathKernels k = *avx512_dot_kernels();
+  k.name = name;
+  k.blocks_per_chunk = kMaxVectors;
+  k.wino_item = wino_item;
+  k.wino_block_tiles = kMaxTiles;
+  k.wino_quad_align = 16;
+  return k;
+}
+
+}  // namespace amx
+}  // namespace
+
+const PathKernels* amx_kernels(bool emulated) {
+  static const PathKernels hardware = amx::make("amx", &amx::item<amx::AmxHardware>);
+  static const PathKernels model = amx::make("amx (emulated)", &amx::item<amx::AmxEmulated>);
+  return emulated ? &model : &hardware;
+}
+
+}  // namespace n2uq_core
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+
+#include "kernel_table.h"
+namespace n2uq_core {
+const PathKernels* amx_kernels(bool) { return nullptr; }
+}  // namespace n2uq_core
+
+#endif
