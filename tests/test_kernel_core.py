@@ -2,7 +2,7 @@
 
 Codes come from ops.activation_levels / ops.weight_codes; the reference is an exact
 int64 NumPy conv on those codes followed by the float32 affine map. Every (ISA, conv path)
-pair the CPU runs (bitserial, dot, lut; forced, so each is tested whatever selection
+pair the CPU runs (bitserial, dot, lut, amx where offered; forced, so each is tested whatever selection
 would pick) and thread counts 1-3 must give identical results. The C++ self-test runs
 under AddressSanitizer + UBSan (also with CPU features masked, for the fallback kernels),
 and under qemu-aarch64 (NEON, SDOT) when the cross toolchain is installed.
@@ -642,13 +642,20 @@ def test_cpp_selftest_under_asan_and_ubsan():
     binary = _cached_build("asan", [compiler] + native_build.SANITIZER_FLAGS + ["-I" + CORE_DIR],
                            _selftest_sources(), [])
     env = dict(os.environ, **native_build.SANITIZER_ENV)
-    for name in ("N2UQ_KERNEL_ISA", "N2UQ_KERNEL_PATH", "N2UQ_CPU_DISABLE"):
+    for name in ("N2UQ_KERNEL_ISA", "N2UQ_KERNEL_PATH", "N2UQ_CPU_DISABLE", "N2UQ_AMX_EMULATE"):
         env.pop(name, None)
     result = subprocess.run([binary, "80"], capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "selftest: OK" in result.stdout
     for isa, path in _core.supported_combinations():
         assert f" {isa}/{path}" in result.stdout, (isa, path, result.stdout)
+    # The amx path on the tile model (test_kernel_amx): the sanitizers see every tile load and
+    # store address the hardware would use, on the Winograd tail shapes and the random cases.
+    if "avx512vnni" in _core.cpu_features():
+        result = subprocess.run([binary, "30"], capture_output=True, text=True, env=dict(env, N2UQ_AMX_EMULATE="1"),
+                                timeout=3600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "selftest: OK" in result.stdout and " avx512/amx" in result.stdout and "amx: emulated" in result.stdout
     # The fallback kernels (AVX2 without AVX-VNNI) under the sanitizers too.
     if "avx_vnni" in _core.cpu_features():
         env["N2UQ_CPU_DISABLE"] = "avx_vnni"

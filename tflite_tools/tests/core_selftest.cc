@@ -1,4 +1,4 @@
-// Self-test of the kernel core: every ISA and conv path (bitserial, dot, lut) this CPU
+// Self-test of the kernel core: every ISA and conv path (bitserial, dot, lut, amx) this CPU
 // runs against a naive scalar loop on random cases (edge channel counts, strides,
 // dilations, asymmetric padding, bits 1-4 each, thread counts 1-3), through one-shot calls
 // and through plans reused across input sizes, plus malformed arguments that must return
@@ -181,8 +181,7 @@ void check_outputs(const Case& c, const std::vector<int32_t>& expected, const st
   }
 }
 
-void run_conv_case(bool depthwise) {
-  const Case c = random_case(depthwise);
+void check_conv_case(const Case& c, bool depthwise) {
   const N2uqConvShape& s = c.s;
   const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
   std::vector<uint8_t> m = random_codes(size_t(pixels * s.in_channels), s.act_bits);
@@ -229,6 +228,38 @@ void run_conv_case(bool depthwise) {
       EXPECT(rc == N2UQ_OK, "conv returned %d: %s", rc, err);
       if (rc == N2UQ_OK) check_outputs(c, expected, got_i, got_f, mult, bias, "conv", combo.isa, threads, combo.path);
     }
+}
+
+void run_conv_case(bool depthwise) { check_conv_case(random_case(depthwise), depthwise); }
+
+// Winograd shapes (3x3, stride 1) with every kind of partial tile block: input channels off the
+// 64-channel words (K), tile counts off the blocks (M: AVX-512 register blocks, AMX's 16-row
+// tiles), output channels off the 16-lane vectors and chunks (N). With N2UQ_AMX_EMULATE=1 the
+// amx path's tile model runs here, so the sanitizers check the addresses the AMX hardware would
+// load and store.
+void run_winograd_tail_cases() {
+  static const int kShapes[][5] = {  // batch, height, width, in_channels, out_channels
+      {2, 9, 11, 80, 40}, {1, 3, 3, 3, 8}, {2, 7, 5, 129, 67}, {1, 13, 13, 64, 16}, {2, 4, 6, 65, 33}};
+  for (const auto& shape : kShapes) {
+    Case c{};
+    N2uqConvShape& s = c.s;
+    s.batch = shape[0];
+    s.in_height = shape[1];
+    s.in_width = shape[2];
+    s.in_channels = shape[3];
+    s.out_channels = shape[4];
+    s.kernel_height = s.kernel_width = 3;
+    s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+    s.pad_top = uniform(0, 2);
+    s.pad_bottom = uniform(0, 2);
+    s.pad_left = uniform(0, 2);
+    s.pad_right = uniform(0, 2);
+    s.act_bits = uniform(1, 4);
+    s.weight_bits = uniform(1, 4);
+    c.oh = s.in_height + s.pad_top + s.pad_bottom - 2;
+    c.ow = s.in_width + s.pad_left + s.pad_right - 2;
+    check_conv_case(c, false);
+  }
 }
 
 // A plan made once on one input size runs other batch sizes and input sizes of the same
@@ -561,6 +592,7 @@ int main(int argc, char** argv) {
   for (int isa : isas()) names += std::string(" ") + n2uq_isa_name(isa);
   for (const Combo& c : combos()) paths += std::string(" ") + n2uq_isa_name(c.isa) + "/" + n2uq_path_name(c.path);
   for (int i = 0; i < cases; ++i) run_conv_case(false);
+  run_winograd_tail_cases();
   for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
@@ -570,7 +602,7 @@ int main(int argc, char** argv) {
     std::printf("selftest: %d failures\n", failures);
     return 1;
   }
-  std::printf("selftest: OK, %d conv cases on ISAs:%s; paths:%s; cpu: %s\n", cases, names.c_str(), paths.c_str(),
-              n2uq_cpu_features());
+  std::printf("selftest: OK, %d conv cases on ISAs:%s; paths:%s; amx: %s; cpu: %s\n", cases, names.c_str(),
+              paths.c_str(), n2uq_amx_status(), n2uq_cpu_features());
   return 0;
 }
