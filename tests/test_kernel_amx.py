@@ -7,6 +7,7 @@ hardware path must be offered and be bit-exact on the same shapes. The sanitizer
 (test_kernel_core) runs the emulated path too.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def _report(**env_changes):
     out = _run("from n2uq_tf.tflite import _core\n"
                "print(repr((_core.cpu_features(), _core.amx_status(), _core.supported_combinations())))\n",
                **env_changes)
-    return eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr of lists and strings
+    return ast.literal_eval(out.strip().splitlines()[-1])
 
 
 def test_emulated_amx_path_is_bit_exact():

@@ -1128,10 +1128,11 @@ const AmxState& amx_state() {
     const CpuFeatures& f = cpu_features();
     const char* env = std::getenv("N2UQ_AMX_EMULATE");
     const bool emulate = env != nullptr && std::strcmp(env, "1") == 0;
-    if (amx_kernels(false) == nullptr) {
-      a.status = "unavailable: not built for x86-64";
-    } else if (!cpu_has(N2UQ_ISA_AVX512) || !f.avx512vnni) {
+    // The CPU first: the kernels' static tables are built by code compiled for AVX-512.
+    if (!cpu_has(N2UQ_ISA_AVX512) || !f.avx512vnni) {
       a.status = "unavailable: the amx path needs the avx512 ISA with AVX-512 VNNI";
+    } else if (amx_kernels(false) == nullptr) {
+      a.status = "unavailable: not built for x86-64";
     } else if (emulate) {
       a.kernels = amx_kernels(true);
       a.status = "emulated: N2UQ_AMX_EMULATE=1 runs the AMX code on a software model of the tile instructions "
