@@ -71,7 +71,8 @@ struct ConvJob {
   // Winograd form of the dot path (3x3 kernels, stride 1, dilation 1; PathKernels::wino_item,
   // derivation in isa_avx512_dot.cc): output tiles of 2x2 pixels, tile t = (n * wino_tiles_h +
   // ty) * wino_tiles_w + tx. dot_weights are then [chunk][16][quads][blocks of the chunk][dot_lanes][4]
-  // (the transformed weights U of q = k - 2^(weight_bits - 1)).
+  // (the transformed weights U of q = k - 2^(weight_bits - 1)); quads rounded up to a multiple of
+  // PathKernels::wino_quad_align with zero weights (amx: whole 64-channel words).
   int32_t wino_tiles_h, wino_tiles_w, wino_tile_blocks;  // ceil(out / 2); register blocks of tiles
   int64_t wino_tiles;                                     // batch * tiles_h * tiles_w
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
