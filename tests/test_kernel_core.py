@@ -191,6 +191,41 @@ def test_conv2d_row_blocking(width, combos):
     _check_conv_codes(m, k, 2, 2, (1, 2), (1, 1), (1, 1, 1, 1), combos, rng)
 
 
+STAGING_CASES = [
+    # (batch, h, w, channels, out_channels, kernel, strides, dilations, pads)
+    (1, 12, 12, 64, 32, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),  # ResNet downsample: even rows, phase 0
+    (2, 11, 13, 70, 17, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),  # odd sizes: the last row / column read
+    (1, 10, 9, 130, 20, (1, 1), (3, 3), (1, 1), (0, 0, 0, 0)),
+    (2, 9, 10, 65, 40, (1, 1), (3, 2), (1, 1), (0, 0, 0, 0)),
+    (1, 12, 12, 64, 48, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),  # ResNet stride-2 3x3
+    (2, 13, 11, 63, 33, (3, 3), (2, 2), (1, 1), (0, 1, 1, 0)),
+    (1, 14, 15, 3, 9, (3, 3), (3, 3), (1, 1), (1, 2, 2, 1)),
+    (2, 11, 12, 70, 21, (2, 2), (3, 3), (2, 2), (1, 0, 2, 1)),  # taps on phases 0 and 2 of 3
+    (1, 13, 14, 64, 16, (2, 3), (4, 4), (2, 2), (0, 2, 1, 3)),  # phases 0 and 2 of 4; rows skipped
+    (2, 10, 10, 65, 18, (3, 1), (2, 3), (2, 1), (2, 2, 0, 0)),  # dilation 2 at stride 2: even rows only
+    (1, 9, 9, 129, 64, (1, 3), (3, 2), (1, 2), (0, 0, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STAGING_CASES)))
+def test_conv2d_strided_staging(case, combos):
+    """Strided convs stage only the input rows and column phases some tap reads; the rows and
+    phases they skip hold whatever an earlier (larger, all-top-level) conv left in the per-thread
+    scratch, so any read of them would show in the result."""
+    n, h, w, c, oc, kernel, strides, dilations, pads = STAGING_CASES[case]
+    rng = np.random.default_rng(100 + case)
+    for a_bits, w_bits in ((2, 2), (4, 4), (1, 3), (3, 1)):
+        for isa, path in combos:
+            for t in (1, 2):  # fill every thread's scratch with nonzero codes first
+                top = np.full((2, h + 4, w + 4, c), 2 ** a_bits - 1, np.uint8)
+                _core.conv2d(_core.pack_bitplanes(top, a_bits), _core.pack_bitplanes(
+                    np.ones((4, 1, 1, c), np.uint8), 1), c, a_bits, 1, strides=(1, 1), output="int32", isa=isa,
+                    path=path, num_threads=t)
+        m = rng.integers(0, 2 ** a_bits, (n, h, w, c)).astype(np.uint8)
+        k = rng.integers(0, 2 ** w_bits, (oc,) + kernel + (c,)).astype(np.uint8)
+        _check_conv_codes(m, k, a_bits, w_bits, strides, dilations, pads, combos, rng)
+
+
 def test_conv2d_equals_dequantized_float_conv():
     """The integer form is the exact product of ops.py's quantized activations and weights."""
     rng = np.random.default_rng(7)

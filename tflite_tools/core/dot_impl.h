@@ -31,16 +31,43 @@ inline int64_t dot_word_stride(const ConvJob& j) { return j.code_columns * 64; }
 inline int64_t dot_phase_stride(const ConvJob& j) { return dot_word_stride(j) * j.words; }
 inline int64_t dot_row_stride(const ConvJob& j) { return dot_phase_stride(j) * j.stride_width; }
 
+// Whether some output row reads input row ih: ih + pad_top = oh * stride_height + kh *
+// dilation_height for a valid (oh, kh). At stride 2 a 1x1 kernel reads every other row.
+inline bool dot_row_read(const ConvJob& j, int64_t ih) {
+  const int64_t padded = ih + j.pad_top;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+    const int64_t rest = padded - kh * j.dilation_height;
+    if (rest < 0) break;
+    if (rest % j.stride_height == 0 && rest / j.stride_height < j.out_height) return true;
+  }
+  return false;
+}
+
+// Whether some tap reads column phase `phase` ((kw * dilation_width) % stride_width).
+inline bool dot_phase_read(const ConvJob& j, int64_t phase) {
+  for (int64_t kw = 0; kw < j.kernel_width; ++kw)
+    if (kw * j.dilation_width % j.stride_width == phase) return true;
+  return false;
+}
+
+// Only the rows and column phases that dot_block reads are staged (the rest of the stage
+// keeps stale bytes, never read): a strided 1x1 conv stages 1 / (stride_h * stride_w) of it.
 template <class O>
 void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, act_bits = j.act_bits, in_width = j.in_width, stride = j.stride_width;
   const int64_t word_stride = dot_word_stride(j), phase_stride = dot_phase_stride(j), row_stride = dot_row_stride(j);
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
+  // Phases read, as a bit mask (all phases where the stride is too large for one).
+  uint64_t phases = stride > 64 ? ~0ull : 0;
+  for (int64_t p = 0; p < stride && p < 64; ++p)
+    if (dot_phase_read(j, p)) phases |= 1ull << p;
   for (int64_t row = begin; row < end; ++row) {
+    if (!dot_row_read(j, row % j.in_height)) continue;
     uint8_t* stage = j.code_stage + row * row_stride;
     for (int64_t c = 0; c < j.padded_width; ++c) {  // padding columns: code 0
       if (c >= j.pad_left && c < j.pad_left + in_width) continue;
+      if (c % stride < 64 && !((phases >> (c % stride)) & 1)) continue;
       uint8_t* dst = stage + (c % stride) * phase_stride + (c / stride) * 64;
       for (int64_t w = 0; w < words; ++w)
         for (int b = 0; b < 64; ++b) dst[w * word_stride + b] = 0;
@@ -48,6 +75,7 @@ void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
     const uint64_t* src = j.input + row * in_width * act_bits * words;
     for (int64_t x = 0; x < in_width; ++x, src += act_bits * words) {
       const int64_t c = x + j.pad_left;
+      if (c % stride < 64 && !((phases >> (c % stride)) & 1)) continue;
       uint8_t* dst = stage + (c % stride) * phase_stride + (c / stride) * 64;
       for (int64_t w = 0; w < words; ++w)
         O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, dst + w * word_stride);

@@ -20,6 +20,26 @@ constexpr int pick_register_block(int budget, int sums) {
   return budget / sums >= 16 ? 16 : budget / sums >= 8 ? 8 : budget / sums >= 4 ? 4 : budget / sums >= 2 ? 2 : 1;
 }
 
+// Whether some output row reads input row ih (ih + pad_top = oh * stride_height + kh *
+// dilation_height for a valid oh, kh), and whether some tap reads column phase `phase`.
+inline bool conv_row_read(const ConvJob& j, int64_t ih) {
+  const int64_t padded = ih + j.pad_top;
+  for (int64_t kh = 0; kh < j.kernel_height; ++kh) {
+    const int64_t rest = padded - kh * j.dilation_height;
+    if (rest < 0) break;
+    if (rest % j.stride_height == 0 && rest / j.stride_height < j.out_height) return true;
+  }
+  return false;
+}
+
+inline bool conv_phase_read(const ConvJob& j, int64_t phase) {
+  for (int64_t kw = 0; kw < j.kernel_width; ++kw)
+    if (kw * j.dilation_width % j.stride_width == phase) return true;
+  return false;
+}
+
+// Stages (and sums) only the rows and column phases that some tap reads; the rest of the
+// stage and of pixel_sums keeps stale values that no item reads.
 template <class O>
 void conv_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   // Job fields in locals: the uint64 stores below may alias the job's int64 fields as far
@@ -33,15 +53,24 @@ void conv_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   const uint64_t* const input = j.input;
   int32_t* const pixel_sums = j.pixel_sums;
   const int64_t first_phase = j.pad_left % stride, first_column = j.pad_left / stride;
+  const int64_t phase_words = plane_words * width;
+  uint64_t phases = stride > 64 ? ~0ull : 0;  // phases read (all where the stride exceeds a mask)
+  for (int64_t p = 0; p < stride && p < 64; ++p)
+    if (conv_phase_read(j, p)) phases |= 1ull << p;
   for (int64_t row = begin; row < end; ++row) {
+    if (!conv_row_read(j, row % j.in_height)) continue;
     uint64_t* stage = stage_base + row * row_stage;
-    for (int64_t i = 0; i < row_stage; ++i) stage[i] = 0;
+    for (int64_t p = 0; p < stride; ++p) {
+      if (p < 64 && !((phases >> p) & 1)) continue;
+      for (int64_t i = p * phase_words; i < (p + 1) * phase_words; ++i) stage[i] = 0;
+    }
     const uint64_t* src = input + row * in_width * plane_words;
     int32_t* sums = pixel_sums + row * in_width;
     // Padded column x + pad_left = column * stride + phase, stepped without a division per pixel.
     int64_t phase = first_phase, column = first_column;
     for (int64_t x = 0; x < in_width; ++x, src += plane_words) {
       if (x > 0 && ++phase == stride) phase = 0, ++column;
+      if (phase < 64 && !((phases >> phase) & 1)) continue;
       uint64_t* dst = stage + phase * plane_words * width + column;
       int64_t pixel_sum = 0;
       for (int64_t p = 0; p < act_bits; ++p) {
