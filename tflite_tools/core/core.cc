@@ -611,10 +611,10 @@ int run_bitserial(const ConvJob& base, const N2uqConvPlan& plan, int num_threads
 
 // ---------------------------------------------------------------- byte-code paths
 
-// Dot path: stage every input row as codes (columns zero-padded), then work items of
-// (output row, chunk of output-channel blocks).
 int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
 
+// Dot path: stage the input rows and column phases some tap reads as codes (columns
+// zero-padded), then work items of (output row, chunk of output-channel blocks).
 int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
   ConvJob job = base;

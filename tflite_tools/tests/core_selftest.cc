@@ -79,6 +79,10 @@ Case random_case(bool depthwise) {
   if (!depthwise && uniform(0, 3) == 0) {  // the shapes of the dot path's Winograd form
     s.kernel_height = s.kernel_width = 3;
     s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  } else if (!depthwise && uniform(0, 3) == 0) {  // strided 1x1 (downsample): rows and phases left unstaged
+    s.kernel_height = s.kernel_width = 1;
+    s.stride_height = uniform(2, 3);
+    s.stride_width = uniform(2, 3);
   }
   const int eh = (s.kernel_height - 1) * s.dilation_height, ew = (s.kernel_width - 1) * s.dilation_width;
   s.pad_top = uniform(0, eh);
