@@ -7,8 +7,9 @@
 //   Acc, Wv, Av       accumulator (int32 x kLanes), weight vector, broadcast activations;
 //   zero(), load_weights(const int8_t*) (kLanes x 4 bytes), broadcast4(const uint8_t*)
 //   (one channel quad of one pixel), dot(Acc, Av, Wv) (acc + 4 products per lane: u8 code
-//   x s8 weight), store(const ConvJob&, int64_t index, int64_t oc0, Acc, int valid) (int32
-//   and/or float outputs of `valid` channels at element `index`, channel oc0);
+//   x s8 weight), Out out(const ConvJob&, int64_t oc0, int valid) (what the stores of `valid`
+//   channels from oc0 share: outputs, mask, multiplier and bias) and store(const Out&, int64_t
+//   index, Acc) (int32 and/or float outputs of those channels at element `index`);
 //   codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out)
 //   (the 64 codes of one channel word from its bit planes; planes[p * words] is plane p).
 // No standard-library headers here (see kernel_table.h).
@@ -130,14 +131,15 @@ void dot_block(const ConvJob& j, int64_t n, int64_t oh, int64_t ow0, int64_t chu
       }
     }
   }
+  // The per-channel part of the stores once per weight vector, not per pixel: with few taps
+  // and channels (a 1x1 conv on 64 channels has 16 quads per accumulator) it is a large share.
   const int64_t oc_begin = chunk * j.dot_chunk_blocks * O::kLanes;
-  for (int p = 0; p < P; ++p) {
-    const int64_t index = ((n * j.out_height + oh) * j.out_width + ow0 + p) * j.out_channels;
-    for (int r = 0; r < R; ++r) {
-      const int64_t oc0 = oc_begin + (int64_t)r * O::kLanes;
-      const int64_t left = j.out_channels - oc0;
-      O::store(j, index + oc0, oc0, acc[p][r], left < O::kLanes ? (int)left : O::kLanes);
-    }
+  const int64_t first = ((n * j.out_height + oh) * j.out_width + ow0) * j.out_channels;
+  for (int r = 0; r < R; ++r) {
+    const int64_t oc0 = oc_begin + (int64_t)r * O::kLanes;
+    const int64_t left = j.out_channels - oc0;
+    const typename O::Out out = O::out(j, oc0, left < O::kLanes ? (int)left : O::kLanes);
+    for (int p = 0; p < P; ++p) O::store(out, first + p * j.out_channels + oc0, acc[p][r]);
   }
 }
 

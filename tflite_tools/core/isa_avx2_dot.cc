@@ -23,13 +23,29 @@
     __builtin_memcpy(&quad, p, 4);                                                                          \
     return _mm256_set1_epi32(quad);                                                                         \
   }                                                                                                         \
-  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, Acc acc, int valid) {             \
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
-    if (j.out_int32) _mm256_maskstore_epi32(j.out_int32 + index, mask, acc);                              \
-    if (j.out_float) {                                                                                      \
-      const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_maskload_ps(j.multiplier + oc0, mask)); \
-      _mm256_maskstore_ps(j.out_float + index, mask, _mm256_add_ps(product, _mm256_maskload_ps(j.bias + oc0, mask))); \
+  struct Out {                                                                                              \
+    int32_t* out_int32;                                                                                     \
+    float* out_float;                                                                                       \
+    __m256i mask;                                                                                           \
+    __m256 multiplier, bias;                                                                                \
+  };                                                                                                        \
+  static inline Out out(const ConvJob& j, int64_t oc0, int valid) {                                         \
+    Out o;                                                                                                  \
+    o.out_int32 = j.out_int32;                                                                              \
+    o.out_float = j.out_float;                                                                              \
+    o.mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));       \
+    o.multiplier = o.bias = _mm256_setzero_ps();                                                            \
+    if (j.out_float) { /* multiplier and bias may be null without a float output */                         \
+      o.multiplier = _mm256_maskload_ps(j.multiplier + oc0, o.mask);                                        \
+      o.bias = _mm256_maskload_ps(j.bias + oc0, o.mask);                                                    \
     }                                                                                                       \
+    return o;                                                                                               \
+  }                                                                                                         \
+  static inline void store(const Out& o, int64_t index, Acc acc) {                                          \
+    if (o.out_int32) _mm256_maskstore_epi32(o.out_int32 + index, o.mask, acc);                              \
+    if (o.out_float)                                                                                        \
+      _mm256_maskstore_ps(o.out_float + index, o.mask,                                                      \
+                          _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), o.multiplier), o.bias));     \
   }                                                                                                         \
   /* Bit c of a plane's 32-bit half -> byte c: the byte holding it is copied into 8 lanes,   */           \
   /* each lane tests its own bit, the all-ones result keeps 2^p.                              */           \

@@ -39,13 +39,29 @@ struct DotOps {
     return _mm512_set1_epi32(quad);
   }
   static inline Acc dot(Acc acc, Av a, Wv w) { return _mm512_dpbusd_epi32(acc, a, w); }
-  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, Acc acc, int valid) {
-    const __mmask16 mask = (__mmask16)(valid >= 16 ? 0xFFFFu : (1u << valid) - 1u);
-    if (j.out_int32) _mm512_mask_storeu_epi32(j.out_int32 + index, mask, acc);
-    if (j.out_float) {
-      const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(mask, j.multiplier + oc0));
-      _mm512_mask_storeu_ps(j.out_float + index, mask, _mm512_add_ps(product, _mm512_maskz_loadu_ps(mask, j.bias + oc0)));
+  struct Out {
+    int32_t* out_int32;
+    float* out_float;
+    __mmask16 mask;
+    __m512 multiplier, bias;
+  };
+  static inline Out out(const ConvJob& j, int64_t oc0, int valid) {
+    Out o;
+    o.out_int32 = j.out_int32;
+    o.out_float = j.out_float;
+    o.mask = (__mmask16)(valid >= 16 ? 0xFFFFu : (1u << valid) - 1u);
+    o.multiplier = o.bias = _mm512_setzero_ps();
+    if (j.out_float) {  // multiplier and bias may be null without a float output
+      o.multiplier = _mm512_maskz_loadu_ps(o.mask, j.multiplier + oc0);
+      o.bias = _mm512_maskz_loadu_ps(o.mask, j.bias + oc0);
     }
+    return o;
+  }
+  static inline void store(const Out& o, int64_t index, Acc acc) {
+    if (o.out_int32) _mm512_mask_storeu_epi32(o.out_int32 + index, o.mask, acc);
+    if (o.out_float)
+      _mm512_mask_storeu_ps(o.out_float + index, o.mask,
+                            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), o.multiplier), o.bias));
   }
   // Bit plane p's 64 bits select the bytes that get 2^p: one masked byte add per plane.
   static inline void codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out) {

@@ -175,7 +175,16 @@ struct DotOps {
     return vreinterpretq_s8_u32(vdupq_n_u32(quad));
   }
   static inline Acc dot(Acc acc, Av a, Wv w) { return vdotq_s32(acc, a, w); }
-  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, Acc acc, int valid) {
+  struct Out {
+    const ConvJob* j;
+    int64_t oc0;
+    int valid;
+  };
+  static inline Out out(const ConvJob& j, int64_t oc0, int valid) { return Out{&j, oc0, valid}; }
+  static inline void store(const Out& o, int64_t index, Acc acc) {
+    const ConvJob& j = *o.j;
+    const int64_t oc0 = o.oc0;
+    const int valid = o.valid;
     int32_t lanes[4];
     vst1q_s32(lanes, acc);
     if (valid == 4) {

@@ -48,7 +48,15 @@ struct DotOps {
       acc.v[l] += a.m[0] * w[4 * l] + a.m[1] * w[4 * l + 1] + a.m[2] * w[4 * l + 2] + a.m[3] * w[4 * l + 3];
     return acc;
   }
-  static inline void store(const ConvJob& j, int64_t index, int64_t oc0, const Acc& acc, int valid) {
+  struct Out {
+    const ConvJob* j;
+    int64_t oc0;
+    int valid;
+  };
+  static inline Out out(const ConvJob& j, int64_t oc0, int valid) { return Out{&j, oc0, valid}; }
+  static inline void store(const Out& o, int64_t index, const Acc& acc) {
+    const ConvJob& j = *o.j;
+    const int64_t oc0 = o.oc0, valid = o.valid;
     for (int l = 0; l < valid; ++l) {
       if (j.out_int32) j.out_int32[index + l] = acc.v[l];
       if (j.out_float) j.out_float[index + l] = (float)acc.v[l] * j.multiplier[oc0 + l] + j.bias[oc0 + l];
