@@ -156,12 +156,12 @@ def test_conv2d_wide_channels(channels, out_channels, combos):
 
 @pytest.mark.parametrize("a_bits, w_bits", [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 1)])
 def test_conv2d_dot_winograd_form(a_bits, w_bits, combos):
-    """3x3 stride-1 convs on the AVX-512 dot path run in Winograd form (2x2 output tiles, input
+    """3x3 stride-1 convs on the dot path (every ISA) run in Winograd form (2x2 output tiles, input
     transforms in int8 lanes, weights U(k - 2^(w-1)) as int8): exact at the ends of every range
     (all codes at the top level with zero checkerboards, which drive the transformed input to
     -2M and 4M, weights all 0 or all n_w: |U| = 9 * 2^(w-1)), on partial tiles (odd outputs),
     asymmetric padding, channel tails (not a multiple of 4 or 64), partial output-channel blocks,
-    batch 2, and each chunk width the plan picks (1-3 vectors of 16 output channels)."""
+    batch 2, and each chunk width the plan picks (1-3 weight vectors)."""
     rng = np.random.default_rng(40 + 10 * a_bits + w_bits)
     dot = [(isa, path) for isa, path in combos if path == "dot"]
     top_m, top_k = 2 ** a_bits - 1, 2 ** w_bits - 1
@@ -174,6 +174,46 @@ def test_conv2d_dot_winograd_form(a_bits, w_bits, combos):
         for m_edge in (np.full((n, h, w, c), top_m, np.uint8), np.broadcast_to(checker, (n, h, w, c)).copy()):
             for k_edge in (np.zeros((oc, 3, 3, c), np.uint8), np.full((oc, 3, 3, c), top_k, np.uint8)):
                 _check_conv_codes(m_edge, k_edge, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng, threads=(2,))
+
+
+def _winograd_shapes(a_bits, w_bits, combos):
+    """Every dot ISA's Winograd form: channels 3 (one partial quad), 64 (one word) and 80 (a
+    word tail), output channels 5-40 (partial and several vectors of 4, 8 and 16 lanes, so
+    every chunk width), odd heights and widths (partial tiles), batch 2, 1 and 2 threads."""
+    rng = np.random.default_rng(500 + 10 * a_bits + w_bits)
+    dot = [(isa, path) for isa, path in combos if path == "dot"]
+    for c in (3, 64, 80):
+        for oc, (h, w), pads in ((5, (5, 7), (1, 1, 1, 1)), (8, (3, 9), (0, 2, 1, 1)),
+                                 (16, (7, 5), (1, 1, 2, 0)), (40, (9, 3), (1, 1, 1, 1))):
+            m = rng.integers(0, 2 ** a_bits, (2, h, w, c)).astype(np.uint8)
+            k = rng.integers(0, 2 ** w_bits, (oc, 3, 3, c)).astype(np.uint8)
+            _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng)
+    return dot
+
+
+@pytest.mark.parametrize("a_bits", [1, 2, 3, 4])
+def test_conv2d_dot_winograd_every_isa(a_bits, combos):
+    for w_bits in (1, 2, 3, 4):
+        dot = _winograd_shapes(a_bits, w_bits, combos)
+    assert ("portable", "dot") in dot
+
+
+def test_conv2d_dot_winograd_avx2_without_vnni():
+    """The VPMADDUBSW build of the AVX2 dot kernels in Winograd form (int16 pair sums of V8 x U)."""
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from n2uq_tf.tflite import _core\n"
+        "import test_kernel_core as t\n"
+        "assert 'avx_vnni' not in _core.cpu_features()\n"
+        "for a in (1, 2, 3, 4):\n"
+        "    for w in (1, 2, 3, 4):\n"
+        "        dot = t._winograd_shapes(a, w, _core.supported_combinations())\n"
+        "assert ('avx2', 'dot') in dot or 'avx2' not in _core.supported_isas(), dot\n"
+        "print('ok', dot)\n") % os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, N2UQ_CPU_DISABLE="avx_vnni", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "ok" in result.stdout
 
 
 @pytest.mark.parametrize("width", [1, 7, 14, 23, 28, 56, 61, 300, 530])

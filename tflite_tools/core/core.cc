@@ -844,7 +844,7 @@ void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes
 bool wino_fits(const N2uqConvShape& s, const PathKernels* k) {
   const char* env = std::getenv("N2UQ_DOT_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (k == nullptr || k->wino_item == nullptr || k->lanes != 16) return false;
+  if (k == nullptr || k->wino_item == nullptr) return false;
   if (s.kernel_height != 3 || s.kernel_width != 3 || s.stride_height != 1 || s.stride_width != 1 ||
       s.dilation_height != 1 || s.dilation_width != 1)
     return false;

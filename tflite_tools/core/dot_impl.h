@@ -190,6 +190,232 @@ void dot_item(const ConvJob& j, int64_t item, int /*slot*/) {
   }
 }
 
+// ---- Winograd form F(2x2, 3x3) for any DotOps (3x3, stride 1, dilation 1). The derivation,
+// the byte ranges and the data layout are those of the AVX-512 version (isa_avx512_dot.cc,
+// ConvJob in kernel_table.h), so core.cc's plan and weights serve every ISA: V8 = B^T d B +
+// 2M in [0, 90] (u8, and valid s8 for SDOT), U = G q G^T in [-72, 72] (s8). Transforms are
+// plain byte loops the compiler vectorizes under the file's target options; byte arithmetic
+// wraps, which is exact since every final value is in [0, 90].
+
+constexpr int kWinoShiftG[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};  // log2 s[a][b]
+constexpr int kWinoU1G[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};     // (G 1 G^T)[a][b]
+
+// Padded code rows [begin, end) of the N * wino_code_rows and each pixel's code sum.
+template <class O>
+void wino_codes_generic(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, act_bits = j.act_bits, cw = words * 64;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / j.wino_code_rows, ih = row % j.wino_code_rows - j.pad_top;
+    uint8_t* dst = j.wino_codes + row * j.wino_code_cols * cw;
+    int32_t* sums = j.wino_pixel_sums + row * j.wino_code_cols;
+    for (int64_t c = 0; c < j.wino_code_cols; ++c, dst += cw) {
+      const int64_t iw = c - j.pad_left;
+      if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
+        for (int64_t b = 0; b < cw; ++b) dst[b] = 0;
+        sums[c] = 0;
+        continue;
+      }
+      const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * act_bits * words;
+      int32_t sum = 0;  // <= 15 * channels, in int32 (wino_fits bounds channels far below)
+      for (int64_t w = 0; w < words; ++w) {
+        uint8_t* out = dst + w * 64;
+        O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, out);
+        for (int b = 0; b < 64; ++b) sum += out[b];
+      }
+      sums[c] = sum;
+    }
+  }
+}
+
+// (A^T z A)[i][jx] of a 4x4 position array z: row i of A^T is (1 1 1 0) or (0 1 -1 -1).
+inline int64_t wino_output_term_generic(const int64_t* z, int i, int jx) {
+  int64_t u[4];
+  for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
+  return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
+}
+
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 per tile and channel
+// byte, and the tile's correction terms A^T (s U1 sum_c V) A.
+template <class O>
+void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, cw = words * 64, cols = j.wino_code_cols, tiles = j.wino_tiles;
+  const uint8_t offset = (uint8_t)(2 * ((1 << j.act_bits) - 1));
+  for (int64_t tr = begin; tr < end; ++tr) {
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+      const int64_t t = tr * j.wino_tiles_w + tx;
+      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
+      uint8_t* const v8 = j.wino_v + t * cw;
+      for (int64_t w = 0; w < words; ++w) {
+        const uint8_t* d = base + w * 64;
+        uint8_t* out = v8 + w * 64;
+        for (int b = 0; b < 64; ++b) {  // a fixed 64-byte loop: vectorized whole
+          uint8_t u[4][4];
+          for (int c = 0; c < 4; ++c) {  // B^T d: over rows
+            const uint8_t d0 = d[c * cw + b], d1 = d[(cols + c) * cw + b], d2 = d[(2 * cols + c) * cw + b],
+                          d3 = d[(3 * cols + c) * cw + b];
+            u[0][c] = (uint8_t)(d0 - d2);
+            u[1][c] = (uint8_t)(d1 + d2);
+            u[2][c] = (uint8_t)(d2 - d1);
+            u[3][c] = (uint8_t)(d1 - d3);
+          }
+          for (int a = 0; a < 4; ++a) {  // (B^T d) B: over columns, + 2M
+            out[((a * 4 + 0) * tiles) * cw + b] = (uint8_t)(u[a][0] - u[a][2] + offset);
+            out[((a * 4 + 1) * tiles) * cw + b] = (uint8_t)(u[a][1] + u[a][2] + offset);
+            out[((a * 4 + 2) * tiles) * cw + b] = (uint8_t)(u[a][2] - u[a][1] + offset);
+            out[((a * 4 + 3) * tiles) * cw + b] = (uint8_t)(u[a][1] - u[a][3] + offset);
+          }
+        }
+      }
+      // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
+      const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
+      int64_t u[4][4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
+        u[0][c] = d0 - d2;
+        u[1][c] = d1 + d2;
+        u[2][c] = d2 - d1;
+        u[3][c] = d1 - d3;
+      }
+      int64_t z[16];  // s U1 sum_c V per position
+      for (int a = 0; a < 4; ++a) {
+        const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
+        for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1G[a * 4 + b] * v[b] * (int64_t(1) << kWinoShiftG[a * 4 + b]);
+      }
+      for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term_generic(z, i / 2, i % 2));
+    }
+  }
+}
+
+// One position of a register block: z[p * R + r] = sum over the quads of tile p's V8 (at a + p *
+// cw) times weight vector r ([quad][R][kLanes][4] from w). Out of line so the accumulators stay
+// in registers (the AVX-512 version found GCC spilling them when the epilogue was inlined).
+template <class O, int P, int R>
+__attribute__((noinline)) void wino_gemm_generic(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads,
+                                                 typename O::Acc* z) {
+  typedef typename O::Acc Acc;
+  typedef typename O::Wv Wv;
+  typedef typename O::Av Av;
+  constexpr int64_t kStep = (int64_t)R * O::kLanes * 4;
+  Acc acc[P][R];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = O::zero();
+  for (int64_t q = 0; q < quads; ++q, w += kStep) {
+    Wv wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + r * O::kLanes * 4);
+    for (int p = 0; p < P; ++p) {
+      const Av av = O::broadcast4(a + p * cw + 4 * q);
+      for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) z[p * R + r] = acc[p][r];
+}
+
+// One register block: P tiles from t0 x R weight vectors of one chunk, all 16 positions, then
+// the output transform (on int32 lanes), the corrections, / 4, and O::store as the direct form.
+template <class O, int P, int R>
+void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
+  typedef typename O::Acc Acc;
+  constexpr int L = O::kLanes;
+  const int64_t cw = int64_t(j.words) * 64, quads = j.quads;
+  const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * L * 4;
+  Acc z[16][P][R];
+  for (int x = 0; x < 16; ++x)
+    wino_gemm_generic<O, P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * L * 4, quads,
+                               &z[x][0][0]);
+  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
+  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
+  for (int r = 0; r < R; ++r) {
+    const int64_t oc0 = oc_begin + r * L, left = out_channels - oc0;
+    const int valid = left < L ? (int)left : L;
+    const int32_t* bias4 = j.wino_bias + oc0;  // [4][oc_padded]: each output pixel's channel term
+    for (int p = 0; p < P; ++p) {
+      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
+      int32_t zs[16][L];  // s * 2 acc, per lane
+      for (int x = 0; x < 16; ++x) {
+        __builtin_memcpy(zs[x], &z[x][p][r], sizeof(zs[x]));
+        for (int l = 0; l < L; ++l) zs[x][l] = (int32_t)((uint32_t)zs[x][l] << (1 + kWinoShiftG[x]));
+      }
+      int32_t u[2][4][L];
+      for (int b = 0; b < 4; ++b)  // A^T Z: over rows
+        for (int l = 0; l < L; ++l) {
+          u[0][b][l] = zs[b][l] + zs[4 + b][l] + zs[8 + b][l];
+          u[1][b][l] = zs[4 + b][l] - zs[8 + b][l] - zs[12 + b][l];
+        }
+      const int32_t* terms = j.wino_tile_terms + t * 4;
+      for (int i = 0; i < 2; ++i) {
+        const int64_t oy = 2 * ty + i;
+        if (oy >= out_height) continue;
+        for (int jx = 0; jx < 2; ++jx) {
+          const int64_t ox = 2 * tx + jx;
+          if (ox >= out_width) continue;
+          const int32_t term = terms[2 * i + jx];
+          const int32_t* bias = bias4 + (2 * i + jx) * oc_padded;
+          int32_t value[L];  // ((A^T Z) A + the corrections) / 4, exact: a multiple of 4
+          for (int l = 0; l < L; ++l) {
+            const int32_t y = jx == 0 ? u[i][0][l] + u[i][1][l] + u[i][2][l] : u[i][1][l] - u[i][2][l] - u[i][3][l];
+            value[l] = (y + bias[l] + term) >> 2;
+          }
+          Acc acc;
+          __builtin_memcpy(&acc, value, sizeof(value));
+          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
+          O::store(j, index, oc0, acc, valid);
+        }
+      }
+    }
+  }
+}
+
+typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
+
+template <class O, int P, int R>
+struct WinoBlocksGeneric {
+  static void fill(WinoBlockFn* table) {
+    table[P] = &wino_block_generic<O, P, R>;
+    WinoBlocksGeneric<O, P - 1, R>::fill(table);
+  }
+};
+template <class O, int R>
+struct WinoBlocksGeneric<O, 0, R> {
+  static void fill(WinoBlockFn*) {}
+};
+
+// Block `block` of the plan's wino_tile_blocks equal blocks of tiles, in equal register blocks
+// of at most max_pixels(R) tiles (the plan's blocks may be larger than this ISA's registers).
+template <class O, int R>
+void wino_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
+  constexpr int kMax = O::max_pixels(R);
+  WinoBlockFn blocks[kMax + 1];
+  WinoBlocksGeneric<O, kMax, R>::fill(blocks);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
+  const int64_t t0 = block * base + (block < longer ? block : longer), size = base + (block < longer ? 1 : 0);
+  const int64_t parts = (size + kMax - 1) / kMax;
+  if (parts == 0) return;
+  const int64_t part = size / parts, part_longer = size % parts;
+  for (int64_t b = 0, t = t0; b < parts; ++b) {
+    const int64_t tiles = part + (b < part_longer ? 1 : 0);
+    blocks[tiles](j, t, chunk);
+    t += tiles;
+  }
+}
+
+template <class O>
+void wino_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: wino_run_generic<O, 1>(j, block, chunk); break;
+    case 2: if (O::kBlocksPerChunk >= 2) wino_run_generic<O, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, block, chunk); break;
+    case 3: if (O::kBlocksPerChunk >= 3) wino_run_generic<O, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, block, chunk); break;
+    case 4: if (O::kBlocksPerChunk >= 4) wino_run_generic<O, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, block, chunk); break;
+    default: break;
+  }
+}
+
 template <class O>
 PathKernels make_dot_kernels(const char* name) {
   PathKernels k = {};
@@ -199,5 +425,15 @@ PathKernels make_dot_kernels(const char* name) {
   k.stage_rows = &dot_stage_rows<O>;
   k.item = &dot_item<O>;
   k.blocks_per_chunk = O::kBlocksPerChunk;
+  return k;
+}
+
+// The dot kernels plus the generic Winograd form.
+template <class O>
+PathKernels make_dot_kernels_wino(const char* name) {
+  PathKernels k = make_dot_kernels<O>(name);
+  k.wino_codes = &wino_codes_generic<O>;
+  k.wino_transform = &wino_transform_generic<O>;
+  k.wino_item = &wino_item_generic<O>;
   return k;
 }

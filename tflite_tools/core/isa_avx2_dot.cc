@@ -79,7 +79,8 @@ namespace n2uq_core {
 namespace {
 namespace avx2_dot {
 
-// u8 x s8 pairs -> int16 (|sum| <= 2 * 15 * 15, no saturation), pairs -> int32, add.
+// u8 x s8 pairs -> int16, pairs -> int32, add. The int16 pair sums never saturate: codes
+// x weights are |2 * 15 * 15| = 450 at most, Winograd V8 x U |2 * 90 * 72| = 12960 < 32767.
 struct DotOps {
   N2UQ_AVX2_DOT_COMMON
   static constexpr int max_pixels(int r) { return r >= 2 ? 5 : 10; }
@@ -95,7 +96,7 @@ struct DotOps {
 }  // namespace
 
 const PathKernels* avx2_dot_kernels() {
-  static const PathKernels kernels = avx2_dot::make_dot_kernels<avx2_dot::DotOps>("avx2 dot");
+  static const PathKernels kernels = avx2_dot::make_dot_kernels_wino<avx2_dot::DotOps>("avx2 dot");
   return &kernels;
 }
 
@@ -132,7 +133,7 @@ struct DotOps {
 }  // namespace
 
 const PathKernels* avx_vnni_dot_kernels() {
-  static const PathKernels kernels = avx_vnni_dot::make_dot_kernels<avx_vnni_dot::DotOps>("avx-vnni dot");
+  static const PathKernels kernels = avx_vnni_dot::make_dot_kernels_wino<avx_vnni_dot::DotOps>("avx-vnni dot");
   return &kernels;
 }
 

@@ -159,7 +159,8 @@ namespace {
 namespace neon_dot {
 
 // 4 output channels per vector, 4 vectors per work item; P * R accumulators + R weights +
-// the broadcast in 32 q registers. Codes (<= 15) are valid int8, so SDOT (s8 x s8) serves.
+// the broadcast in 32 q registers. Codes (<= 15) and Winograd V8 (<= 90) are valid int8,
+// so SDOT (s8 x s8) serves.
 struct DotOps {
   static constexpr int kLanes = 4;
   static constexpr int kBlocksPerChunk = 4;
@@ -221,7 +222,7 @@ struct DotOps {
 }  // namespace
 
 const PathKernels* neon_dot_kernels() {
-  static const PathKernels kernels = neon_dot::make_dot_kernels<neon_dot::DotOps>("neon sdot");
+  static const PathKernels kernels = neon_dot::make_dot_kernels_wino<neon_dot::DotOps>("neon sdot");
   return &kernels;
 }
 

@@ -81,7 +81,7 @@ const KernelTable* portable_kernels() {
 }
 
 const PathKernels* portable_dot_kernels() {
-  static const PathKernels kernels = make_dot_kernels<DotOps>("portable dot");
+  static const PathKernels kernels = make_dot_kernels_wino<DotOps>("portable dot");
   return &kernels;
 }
 
