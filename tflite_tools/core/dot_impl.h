@@ -236,6 +236,31 @@ inline int64_t wino_output_term_generic(const int64_t* z, int i, int jx) {
   return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
 }
 
+// V8 = B^T d B + 2M of 64 channel bytes (one word of one tile): B^T d over rows, then over
+// columns, in GCC vector types of 32 bytes (one ymm on AVX2, two registers elsewhere; plain
+// loops here stayed scalar).
+typedef uint8_t WinoBytes __attribute__((vector_size(32)));
+
+inline void transform64(const uint8_t* base, int64_t row_step, int64_t col_step, uint8_t* out, int64_t out_step,
+                        uint8_t offset) {
+  for (int half = 0; half < 2; ++half) {
+    WinoBytes d[4][4], u[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) __builtin_memcpy(&d[r][c], base + r * row_step + c * col_step + 32 * half, 32);
+    for (int c = 0; c < 4; ++c) {
+      u[0][c] = d[0][c] - d[2][c];
+      u[1][c] = d[1][c] + d[2][c];
+      u[2][c] = d[2][c] - d[1][c];
+      u[3][c] = d[1][c] - d[3][c];
+    }
+    for (int a = 0; a < 4; ++a) {
+      const WinoBytes v[4] = {u[a][0] - u[a][2] + offset, u[a][1] + u[a][2] + offset, u[a][2] - u[a][1] + offset,
+                              u[a][1] - u[a][3] + offset};
+      for (int b = 0; b < 4; ++b) __builtin_memcpy(out + (a * 4 + b) * out_step + 32 * half, &v[b], 32);
+    }
+  }
+}
+
 // Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 per tile and channel
 // byte, and the tile's correction terms A^T (s U1 sum_c V) A.
 template <class O>
@@ -247,28 +272,8 @@ void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
     for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
       const int64_t t = tr * j.wino_tiles_w + tx;
       const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
-      uint8_t* const v8 = j.wino_v + t * cw;
-      for (int64_t w = 0; w < words; ++w) {
-        const uint8_t* d = base + w * 64;
-        uint8_t* out = v8 + w * 64;
-        for (int b = 0; b < 64; ++b) {  // a fixed 64-byte loop: vectorized whole
-          uint8_t u[4][4];
-          for (int c = 0; c < 4; ++c) {  // B^T d: over rows
-            const uint8_t d0 = d[c * cw + b], d1 = d[(cols + c) * cw + b], d2 = d[(2 * cols + c) * cw + b],
-                          d3 = d[(3 * cols + c) * cw + b];
-            u[0][c] = (uint8_t)(d0 - d2);
-            u[1][c] = (uint8_t)(d1 + d2);
-            u[2][c] = (uint8_t)(d2 - d1);
-            u[3][c] = (uint8_t)(d1 - d3);
-          }
-          for (int a = 0; a < 4; ++a) {  // (B^T d) B: over columns, + 2M
-            out[((a * 4 + 0) * tiles) * cw + b] = (uint8_t)(u[a][0] - u[a][2] + offset);
-            out[((a * 4 + 1) * tiles) * cw + b] = (uint8_t)(u[a][1] + u[a][2] + offset);
-            out[((a * 4 + 2) * tiles) * cw + b] = (uint8_t)(u[a][2] - u[a][1] + offset);
-            out[((a * 4 + 3) * tiles) * cw + b] = (uint8_t)(u[a][1] - u[a][3] + offset);
-          }
-        }
-      }
+      for (int64_t w = 0; w < words; ++w)
+        transform64(base + w * 64, cols * cw, cw, j.wino_v + t * cw + w * 64, tiles * cw, offset);
       // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
       const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
       int64_t u[4][4];
@@ -294,24 +299,33 @@ void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
 // in registers (the AVX-512 version found GCC spilling them when the epilogue was inlined).
 template <class O, int P, int R>
 __attribute__((noinline)) void wino_gemm_generic(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads,
-                                                 typename O::Acc* z) {
+                                                 int32_t* z) {
   typedef typename O::Acc Acc;
   typedef typename O::Wv Wv;
   typedef typename O::Av Av;
   constexpr int64_t kStep = (int64_t)R * O::kLanes * 4;
+  // Every loop over P and R unrolled whole: otherwise GCC 12 kept a copy of the accumulators
+  // on the stack, stored every iteration.
   Acc acc[P][R];
+#pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[p][r] = O::zero();
   for (int64_t q = 0; q < quads; ++q, w += kStep) {
     Wv wv[R];
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) wv[r] = O::load_weights(w + r * O::kLanes * 4);
+#pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       const Av av = O::broadcast4(a + p * cw + 4 * q);
+#pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc[p][r] = O::dot(acc[p][r], av, wv[r]);
     }
   }
+#pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
-    for (int r = 0; r < R; ++r) z[p * R + r] = acc[p][r];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) __builtin_memcpy(z + (p * R + r) * O::kLanes, &acc[p][r], sizeof(Acc));
 }
 
 // One register block: P tiles from t0 x R weight vectors of one chunk, all 16 positions, then
@@ -323,10 +337,12 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
   const int64_t cw = int64_t(j.words) * 64, quads = j.quads;
   const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * L * 4;
-  Acc z[16][P][R];
+  // The position sums as int32 lanes, written whole by the GEMM and read whole by the
+  // transform (copying them lane by lane cost a store-forwarding stall per vector).
+  alignas(64) int32_t z[16][P][R][L];
   for (int x = 0; x < 16; ++x)
     wino_gemm_generic<O, P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * L * 4, quads,
-                               &z[x][0][0]);
+                               &z[x][0][0][0]);
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
   const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
   for (int r = 0; r < R; ++r) {
@@ -335,16 +351,16 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
     const int32_t* bias4 = j.wino_bias + oc0;  // [4][oc_padded]: each output pixel's channel term
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      int32_t zs[16][L];  // s * 2 acc, per lane
-      for (int x = 0; x < 16; ++x) {
-        __builtin_memcpy(zs[x], &z[x][p][r], sizeof(zs[x]));
-        for (int l = 0; l < L; ++l) zs[x][l] = (int32_t)((uint32_t)zs[x][l] << (1 + kWinoShiftG[x]));
-      }
-      int32_t u[2][4][L];
-      for (int b = 0; b < 4; ++b)  // A^T Z: over rows
+      int32_t u[2][4][L];  // A^T (s * 2 acc): over rows
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b)
         for (int l = 0; l < L; ++l) {
-          u[0][b][l] = zs[b][l] + zs[4 + b][l] + zs[8 + b][l];
-          u[1][b][l] = zs[4 + b][l] - zs[8 + b][l] - zs[12 + b][l];
+          const uint32_t z0 = (uint32_t)z[b][p][r][l] << (1 + kWinoShiftG[b]);
+          const uint32_t z1 = (uint32_t)z[4 + b][p][r][l] << (1 + kWinoShiftG[4 + b]);
+          const uint32_t z2 = (uint32_t)z[8 + b][p][r][l] << (1 + kWinoShiftG[8 + b]);
+          const uint32_t z3 = (uint32_t)z[12 + b][p][r][l] << (1 + kWinoShiftG[12 + b]);
+          u[0][b][l] = (int32_t)(z0 + z1 + z2);
+          u[1][b][l] = (int32_t)(z1 - z2 - z3);
         }
       const int32_t* terms = j.wino_tile_terms + t * 4;
       for (int i = 0; i < 2; ++i) {
