@@ -65,7 +65,7 @@ struct Case {
   int oh, ow;
 };
 
-Case random_case(bool depthwise) {
+Case random_case(bool depthwise, bool wino = false) {
   static const int channel_choices[] = {1, 2, 3, 7, 63, 64, 65, 127, 128, 129, 130, 512, 577};
   Case c{};
   N2uqConvShape& s = c.s;
@@ -76,7 +76,7 @@ Case random_case(bool depthwise) {
   s.stride_width = uniform(1, 3);
   s.dilation_height = uniform(1, 2);
   s.dilation_width = uniform(1, 3);
-  if (!depthwise && uniform(0, 3) == 0) {  // the shapes of the dot path's Winograd form
+  if (!depthwise && (wino || uniform(0, 3) == 0)) {  // the shapes of the dot path's Winograd form
     s.kernel_height = s.kernel_width = 3;
     s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
   } else if (!depthwise && uniform(0, 3) == 0) {  // strided 1x1 (downsample): rows and phases left unstaged
@@ -234,7 +234,9 @@ void check_conv_case(const Case& c, bool depthwise) {
     }
 }
 
-void run_conv_case(bool depthwise) { check_conv_case(random_case(depthwise), depthwise); }
+void run_conv_case(bool depthwise, bool wino = false) {
+  check_conv_case(random_case(depthwise, wino), depthwise);
+}
 
 // Winograd shapes (3x3, stride 1) with every kind of partial tile block: input channels off the
 // 64-channel words (K), tile counts off the blocks (M: AVX-512 register blocks, AMX's 16-row
@@ -597,6 +599,8 @@ int main(int argc, char** argv) {
   for (const Combo& c : combos()) paths += std::string(" ") + n2uq_isa_name(c.isa) + "/" + n2uq_path_name(c.path);
   for (int i = 0; i < cases; ++i) run_conv_case(false);
   run_winograd_tail_cases();
+  // 3x3 stride-1 shapes: every ISA's dot path runs them in Winograd form.
+  for (int i = 0; i < cases / 4 + 1; ++i) run_conv_case(false, true);
   for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
