@@ -334,6 +334,9 @@ template <class O, int P, int R>
 void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
   typedef typename O::Acc Acc;
   constexpr int L = O::kLanes;
+  typedef uint32_t VU __attribute__((vector_size(4 * L)));
+  typedef int32_t VS __attribute__((vector_size(4 * L)));
+  static_assert(sizeof(VU) == sizeof(Acc), "an Acc is kLanes int32 lanes");
   const int64_t cw = int64_t(j.words) * 64, quads = j.quads;
   const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * L * 4;
@@ -351,17 +354,21 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
     const int32_t* bias4 = j.wino_bias + oc0;  // [4][oc_padded]: each output pixel's channel term
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      int32_t u[2][4][L];  // A^T (s * 2 acc): over rows
+      // In GCC vectors of the Acc's size: int32 lane arrays written piecewise and read back as a
+      // whole Acc stalled store forwarding. Unsigned for the sums (wrapping is defined; the plan
+      // keeps the true values in int32), signed for the final / 4.
+      VU zs[16];
+#pragma GCC unroll 16
+      for (int x = 0; x < 16; ++x) {
+        __builtin_memcpy(&zs[x], &z[x][p][r][0], sizeof(VU));
+        zs[x] = zs[x] << (1 + kWinoShiftG[x]);
+      }
+      VU u[2][4];  // A^T (s * 2 acc): over rows
 #pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b)
-        for (int l = 0; l < L; ++l) {
-          const uint32_t z0 = (uint32_t)z[b][p][r][l] << (1 + kWinoShiftG[b]);
-          const uint32_t z1 = (uint32_t)z[4 + b][p][r][l] << (1 + kWinoShiftG[4 + b]);
-          const uint32_t z2 = (uint32_t)z[8 + b][p][r][l] << (1 + kWinoShiftG[8 + b]);
-          const uint32_t z3 = (uint32_t)z[12 + b][p][r][l] << (1 + kWinoShiftG[12 + b]);
-          u[0][b][l] = (int32_t)(z0 + z1 + z2);
-          u[1][b][l] = (int32_t)(z1 - z2 - z3);
-        }
+      for (int b = 0; b < 4; ++b) {
+        u[0][b] = zs[b] + zs[4 + b] + zs[8 + b];
+        u[1][b] = zs[4 + b] - zs[8 + b] - zs[12 + b];
+      }
       const int32_t* terms = j.wino_tile_terms + t * 4;
       for (int i = 0; i < 2; ++i) {
         const int64_t oy = 2 * ty + i;
@@ -369,15 +376,13 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
         for (int jx = 0; jx < 2; ++jx) {
           const int64_t ox = 2 * tx + jx;
           if (ox >= out_width) continue;
-          const int32_t term = terms[2 * i + jx];
-          const int32_t* bias = bias4 + (2 * i + jx) * oc_padded;
-          int32_t value[L];  // ((A^T Z) A + the corrections) / 4, exact: a multiple of 4
-          for (int l = 0; l < L; ++l) {
-            const int32_t y = jx == 0 ? u[i][0][l] + u[i][1][l] + u[i][2][l] : u[i][1][l] - u[i][2][l] - u[i][3][l];
-            value[l] = (y + bias[l] + term) >> 2;
-          }
+          VU bias;
+          __builtin_memcpy(&bias, bias4 + (2 * i + jx) * oc_padded, sizeof(VU));
+          const VU y = (jx == 0 ? u[i][0] + u[i][1] + u[i][2] : u[i][1] - u[i][2] - u[i][3]) + bias +
+                       (uint32_t)terms[2 * i + jx];
+          const VS value = (VS)y >> 2;  // exact: a multiple of 4
           Acc acc;
-          __builtin_memcpy(&acc, value, sizeof(value));
+          __builtin_memcpy(&acc, &value, sizeof(value));
           const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
           O::store(j, index, oc0, acc, valid);
         }
