@@ -351,6 +351,7 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
   for (int r = 0; r < R; ++r) {
     const int64_t oc0 = oc_begin + r * L, left = out_channels - oc0;
     const int valid = left < L ? (int)left : L;
+    const typename O::Out out = O::out(j, oc0, valid);
     const int32_t* bias4 = j.wino_bias + oc0;  // [4][oc_padded]: each output pixel's channel term
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
@@ -384,7 +385,7 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
           Acc acc;
           __builtin_memcpy(&acc, &value, sizeof(value));
           const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
-          O::store(j, index, oc0, acc, valid);
+          O::store(out, index, acc);
         }
       }
     }
