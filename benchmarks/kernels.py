@@ -7,7 +7,8 @@
 Three parts, all in one run by default (each can be skipped):
 
 1. Per layer (--skip-layers): GMAC/s = N*OH*OW*OC*KH*KW*IC / median time on ResNet-18's 3x3
-   layer shapes (stride 1, pad 1, batch 1), for each bit width (WkAk), thread count and ISA.
+   layer shapes (stride 1, pad 1, batch 1; and, unless --skip-strided, the stride-2 3x3 conv
+   that opens stages 2-4), for each bit width (WkAk), thread count and ISA.
    Ours is what a network pays for the layer: the quantize-and-pack of its float input
    (N2UQQuantizePack) plus the conv, both through the C API on preallocated buffers as the
    TFLite delegate calls them, the conv from a plan prepared once (weights in the chosen
@@ -68,6 +69,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from n2uq_tf.tflite import _core  # noqa: E402
 
 SHAPES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # (spatial, channels), 3x3, stride 1, pad 1
+# ResNet-18's other 3x3 convs: the first of stages 2-4, stride 2 ('same' padding: 0 above/left,
+# 1 below/right), doubling the channels. (input spatial, in channels, out channels).
+STRIDED_SHAPES = [(56, 64, 128), (28, 128, 256), (14, 256, 512)]
 E2E_INPUT = (224, 224, 3)
 STEM_LABEL = "stem alone"
 SIZE_TARGET = 1.10
@@ -182,8 +186,17 @@ def interleaved(candidates, repeats, sample_time, before_rounds=None):
     return samples, calls
 
 
-def macs(size, channels):
-    return size * size * channels * channels * 9
+def macs(size, channels, out_channels=None, stride=1):
+    out = -(-size // stride)
+    return out * out * channels * (out_channels or channels) * 9
+
+
+def conv_layers(strided=True):
+    """Per-layer rows: (label, input spatial, in channels, out channels, stride)."""
+    rows = [(f"{size}x{size}x{channels}", size, channels, channels, 1) for size, channels in SHAPES]
+    if strided:
+        rows += [(f"{size}x{size}x{cin}/2->{cout}", size, cin, cout, 2) for size, cin, cout in STRIDED_SHAPES]
+    return rows
 
 
 def markdown_table(header, rows, align=None):
@@ -196,23 +209,32 @@ def markdown_table(header, rows, align=None):
 
 # ------------------------------------------------------------------ part 1: per layer
 
-def our_layer(size, channels, bits, isa, path, threads, rng):
+def same_padding(size, stride):
+    """TensorFlow's 'same' padding of a 3x3 conv: (top, bottom, left, right)."""
+    total = max((-(-size // stride) - 1) * stride + 3 - size, 0)
+    return (total // 2, total - total // 2) * 2
+
+
+def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, stride=1):
     """(callable, chosen path): one layer as a network runs it, quantize-and-pack of the float input
     then the conv from a plan prepared once, through the C API on preallocated buffers."""
+    out_channels = out_channels or channels
+    out_size = -(-size // stride)
     x = rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32)
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
     packed = np.empty((1, size, size, bits, _core.words_per_plane(channels)), np.uint64)
-    w = _core.pack_bitplanes(rng.integers(0, 2 ** bits, (channels, 3, 3, channels)), bits)
-    mult = np.full(channels, 0.01, np.float32)
-    bias = np.zeros(channels, np.float32)
-    out = np.empty((1, size, size, channels), np.float32)
-    shape = _core.conv_shape(1, size, size, channels, channels, 3, padding=1, act_bits=bits, weight_bits=bits)
+    w = _core.pack_bitplanes(rng.integers(0, 2 ** bits, (out_channels, 3, 3, channels)), bits)
+    mult = np.full(out_channels, 0.01, np.float32)
+    bias = np.zeros(out_channels, np.float32)
+    out = np.empty((1, out_size, out_size, out_channels), np.float32)
+    shape = _core.conv_shape(1, size, size, channels, out_channels, 3, strides=stride,
+                             padding=same_padding(size, stride), act_bits=bits, weight_bits=bits)
     plan = _core.ConvPlan(shape, w, isa=isa, path=path, num_threads=threads)
     lib, err = _core.library(), ctypes.create_string_buffer(256)
     pack_args = (_core._ptr(x), x.size, size * size, channels, _core._ptr(thresholds), thresholds.size, 1.0, bits,
                  _core._ptr(packed), packed.size, _core.ISAS.index(isa), threads, err, len(err))
     conv_args = (plan._handle, ctypes.byref(shape), _core._ptr(packed), packed.size, _core._ptr(mult),
-                 _core._ptr(bias), channels, _core._ptr(out), None, out.size, threads, err, len(err))
+                 _core._ptr(bias), out_channels, _core._ptr(out), None, out.size, threads, err, len(err))
     pack, conv = lib.n2uq_quantize_and_pack, lib.n2uq_conv_plan_run
 
     def layer(_keep=(x, thresholds, packed, w, mult, bias, out, shape, plan)):
@@ -223,13 +245,13 @@ def our_layer(size, channels, bits, isa, path, threads, rng):
     return layer, plan.path
 
 
-def tflite_layer_models(size, channels, rng):
+def tflite_layer_models(size, channels, rng, out_channels=None, stride=1):
     """Float32 and int8 (int8 input/output) TFLite flatbuffers of one 3x3 conv on this shape."""
     import tensorflow as tf
     import tf_keras as keras
 
     inp = keras.Input((size, size, channels), batch_size=1)
-    out = keras.layers.Conv2D(channels, 3, padding="same", use_bias=True)(inp)
+    out = keras.layers.Conv2D(out_channels or channels, 3, stride, padding="same", use_bias=True)(inp)
     model = keras.Model(inp, out)
     result = {}
     for kind in ("float", "int8"):
@@ -265,7 +287,7 @@ PATH_ABBREVIATIONS = {"bitserial": "bs", "dot": "dot", "lut": "lut"}
 
 
 def run_layers(args, isas, rng, md):
-    print(f"\n== Per layer: GMAC/s (3x3, stride 1, pad 1, batch 1; ours = quantize-and-pack + conv); {STATISTIC} of "
+    print(f"\n== Per layer: GMAC/s (ResNet-18's 3x3 convs, batch 1; ours = quantize-and-pack + conv); {STATISTIC} of "
           f"{args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples; ISA: {', '.join(isas)}; path "
           f"{args.path}" + (f"; TFLite in {stock_interpreter()[0]} (XNNPACK)" if args.tflite else ""), flush=True)
     header = f"{'layer':>14} {'thr':>3} {'isa':>8} " + " ".join(f"{f'W{b}A{b}':>8}" for b in args.bits)
@@ -279,17 +301,17 @@ def run_layers(args, isas, rng, md):
         md_header += ["TFLite fp32", "TFLite int8"] + [f"W{b}A{b} vs int8" for b in args.bits] + ["fp32 vs int8"]
     md_header += ["path " + "/".join(f"W{b}" for b in args.bits), "noise"]
     md_rows, ratios = [], []
-    for size, channels in SHAPES:
-        layer = f"{size}x{size}x{channels}"
-        work = macs(size, channels)
-        flatbuffers = tflite_layer_models(size, channels, rng) if args.tflite else {}
+    for layer, size, channels, out_channels, stride in conv_layers(not args.skip_strided):
+        work = macs(size, channels, out_channels, stride)
+        flatbuffers = tflite_layer_models(size, channels, rng, out_channels, stride) if args.tflite else {}
         for threads in args.threads:
             candidates, paths = {}, {}
             for kind, interpreter in tflite_layer_interpreters(flatbuffers, threads).items():
                 candidates[kind] = interpreter.invoke
             for isa in isas:
                 for b in args.bits:
-                    candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads, rng)
+                    candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads, rng,
+                                                                      out_channels, stride)
             samples, _ = interleaved(candidates, args.repeats, args.sample_time)
             median = {key: summary(v) for key, v in samples.items()}
             noise = max(spread(v) for v in samples.values())
@@ -300,7 +322,7 @@ def run_layers(args, isas, rng, md):
                 md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
                 if args.tflite:
                     vs = {b: median["int8"] / median[(isa, b)] for b in args.bits}
-                    ratios.append((layer, threads, isa, vs))
+                    ratios.append((layer, threads, isa, vs, stride))
                     row += f" {work / median['float'] / 1e9:8.1f} {work / median['int8'] / 1e9:8.1f} "
                     row += " ".join(f"{vs[b]:8.2f}" for b in args.bits)
                     row += f" {median['int8'] / median['float']:8.2f}"
@@ -314,17 +336,22 @@ def run_layers(args, isas, rng, md):
     if args.tflite:
         print("W*A*/i8 and fp32/i8: TFLite int8 time / that time (> 1: faster than TFLite int8); paths: the conv "
               "path per bit width (bs = bitserial); noise: largest IQR/median of any candidate in the row")
+        # Over every row, then (where strided rows ran) over the stride-1 rows alone.
+        groups = [("every layer row", ratios)]
+        if any(r[4] != 1 for r in ratios):
+            groups.append(("every stride-1 row", [r for r in ratios if r[4] == 1]))
         for bits in sorted(LAYER_TARGETS):
             if bits in args.bits:
                 target = LAYER_TARGETS[bits]
-                worst = min(ratios, key=lambda r: r[3][bits])
-                met = all(r[3][bits] >= target for r in ratios)
-                notes.append(f"W{bits}A{bits} >= {target:g}x TFLite int8 on every layer row: "
-                             f"{'met' if met else 'NOT met'} (worst {worst[3][bits]:.2f}x at {worst[0]}, "
-                             f"{worst[1]} thread(s))")
+                for label, rows in groups:
+                    worst = min(rows, key=lambda r: r[3][bits])
+                    met = all(r[3][bits] >= target for r in rows)
+                    notes.append(f"W{bits}A{bits} >= {target:g}x TFLite int8 on {label}: "
+                                 f"{'met' if met else 'NOT met'} (worst {worst[3][bits]:.2f}x at {worst[0]}, "
+                                 f"{worst[1]} thread(s))")
         for note in notes:
             print("target: " + note)
-    md.append("## Per layer: 3x3 conv, stride 1, pad 1, batch 1 (GMAC/s, higher is better)")
+    md.append("## Per layer: ResNet-18's 3x3 convs, batch 1 (GMAC/s, higher is better)")
     md.append("")
     md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms "
               "samples. Ours = the quantize-and-pack of the float input plus the conv (what a network pays per "
@@ -334,7 +361,9 @@ def run_layers(args, isas, rng, md):
               "chosen by the plan's timing of the paths this CPU runs when auto). TFLite's CONV_2D is a one-layer "
               f"int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default XNNPACK. "
               "\"vs int8\" = TFLite int8 time / that time (> 1: faster than int8). Noise = largest IQR/median of any "
-              "candidate in the row.")
+              "candidate in the row. Rows HxWxC: stride 1, 'same' padding, C channels in and out; rows HxWxC/2->C': "
+              "the first 3x3 conv of ResNet-18's stages 2-4, stride 2 ('same' padding), C' output channels (GMAC/s "
+              "of its own MACs).")
     md.append("")
     md += markdown_table(md_header, md_rows)
     md.append("")
@@ -914,6 +943,8 @@ def main():
                              "other jobs)")
     parser.add_argument("--sample-time", type=float, default=0.05, help="per layer: seconds per timing sample")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
+    parser.add_argument("--skip-strided", action="store_true",
+                        help="per layer: only the stride-1 3x3 shapes (not ResNet-18's stride-2 3x3 convs)")
     parser.add_argument("--skip-end-to-end", action="store_true", help="skip the end-to-end ResNet-18 timing")
     parser.add_argument("--skip-sizes", action="store_true", help="skip the file-size table")
     parser.add_argument("--e2e-bits", type=int, nargs="+", default=[1, 2, 3, 4],
