@@ -301,37 +301,59 @@ def run_layers(args, isas, rng, md):
         md_header += ["TFLite fp32", "TFLite int8"] + [f"W{b}A{b} vs int8" for b in args.bits] + ["fp32 vs int8"]
     md_header += ["path " + "/".join(f"W{b}" for b in args.bits), "noise"]
     md_rows, ratios = [], []
-    for layer, size, channels, out_channels, stride in conv_layers(not args.skip_strided):
+    # The rounds of every row are split over --layer-passes passes through all rows, so that a
+    # row's rounds span the whole part's time: a minute in which another job holds a core (on a
+    # shared machine) then costs some rounds of many rows, not every round of a few.
+    rows = [(layer, size, channels, out_channels, stride, threads)
+            for layer, size, channels, out_channels, stride in conv_layers(not args.skip_strided)
+            for threads in args.threads]
+    models, built, collected = {}, {}, {}
+    passes = max(1, min(args.layer_passes, args.repeats))
+    for index in range(passes):
+        rounds = args.repeats // passes + (1 if index < args.repeats % passes else 0)
+        for layer, size, channels, out_channels, stride, threads in rows:
+            if (layer, threads) not in built:
+                if layer not in models:
+                    models[layer] = (tflite_layer_models(size, channels, rng, out_channels, stride)
+                                     if args.tflite else {})
+                flatbuffers = models[layer]
+                candidates, paths = {}, {}
+                for kind, interpreter in tflite_layer_interpreters(flatbuffers, threads).items():
+                    candidates[kind] = interpreter.invoke
+                for isa in isas:
+                    for b in args.bits:
+                        candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads,
+                                                                          rng, out_channels, stride)
+                built[(layer, threads)] = candidates, paths
+            candidates, _ = built[(layer, threads)]
+            samples, _ = interleaved(candidates, rounds, args.sample_time)
+            for key, values in samples.items():
+                collected.setdefault((layer, threads), {}).setdefault(key, []).extend(values)
+        if passes > 1:
+            print(f"(pass {index + 1} of {passes} over the {len(rows)} rows done)", flush=True)
+    for layer, size, channels, out_channels, stride, threads in rows:
         work = macs(size, channels, out_channels, stride)
-        flatbuffers = tflite_layer_models(size, channels, rng, out_channels, stride) if args.tflite else {}
-        for threads in args.threads:
-            candidates, paths = {}, {}
-            for kind, interpreter in tflite_layer_interpreters(flatbuffers, threads).items():
-                candidates[kind] = interpreter.invoke
-            for isa in isas:
-                for b in args.bits:
-                    candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads, rng,
-                                                                      out_channels, stride)
-            samples, _ = interleaved(candidates, args.repeats, args.sample_time)
-            median = {key: summary(v) for key, v in samples.items()}
-            noise = max(spread(v) for v in samples.values())
-            for isa in isas:
-                gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
-                chosen = "/".join(PATH_ABBREVIATIONS[paths[(isa, b)]] for b in args.bits)
-                row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{g:>8}" for g in gmacs)
-                md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
-                if args.tflite:
-                    vs = {b: median["int8"] / median[(isa, b)] for b in args.bits}
-                    ratios.append((layer, threads, isa, vs, stride))
-                    row += f" {work / median['float'] / 1e9:8.1f} {work / median['int8'] / 1e9:8.1f} "
-                    row += " ".join(f"{vs[b]:8.2f}" for b in args.bits)
-                    row += f" {median['int8'] / median['float']:8.2f}"
-                    md_row += [f"{work / median['float'] / 1e9:.1f}", f"{work / median['int8'] / 1e9:.1f}"]
-                    md_row += [f"{vs[b]:.2f}x" for b in args.bits] + [f"{median['int8'] / median['float']:.2f}x"]
-                row += f" {chosen:>16} {100 * noise:5.1f}%"
-                md_row += [chosen, f"{100 * noise:.0f}%"]
-                md_rows.append(md_row)
-                print(row, flush=True)
+        _, paths = built[(layer, threads)]
+        samples = collected[(layer, threads)]
+        median = {key: summary(v) for key, v in samples.items()}
+        noise = max(spread(v) for v in samples.values())
+        for isa in isas:
+            gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
+            chosen = "/".join(PATH_ABBREVIATIONS[paths[(isa, b)]] for b in args.bits)
+            row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{g:>8}" for g in gmacs)
+            md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
+            if args.tflite:
+                vs = {b: median["int8"] / median[(isa, b)] for b in args.bits}
+                ratios.append((layer, threads, isa, vs, stride))
+                row += f" {work / median['float'] / 1e9:8.1f} {work / median['int8'] / 1e9:8.1f} "
+                row += " ".join(f"{vs[b]:8.2f}" for b in args.bits)
+                row += f" {median['int8'] / median['float']:8.2f}"
+                md_row += [f"{work / median['float'] / 1e9:.1f}", f"{work / median['int8'] / 1e9:.1f}"]
+                md_row += [f"{vs[b]:.2f}x" for b in args.bits] + [f"{median['int8'] / median['float']:.2f}x"]
+            row += f" {chosen:>16} {100 * noise:5.1f}%"
+            md_row += [chosen, f"{100 * noise:.0f}%"]
+            md_rows.append(md_row)
+            print(row, flush=True)
     notes = []
     if args.tflite:
         print("W*A*/i8 and fp32/i8: TFLite int8 time / that time (> 1: faster than TFLite int8); paths: the conv "
@@ -354,8 +376,8 @@ def run_layers(args, isas, rng, md):
     md.append("## Per layer: ResNet-18's 3x3 convs, batch 1 (GMAC/s, higher is better)")
     md.append("")
     md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms "
-              "samples. Ours = the quantize-and-pack of the float input plus the conv (what a network pays per "
-              "layer), both through the kernel core's C API on preallocated buffers, the conv from a plan prepared "
+              f"samples (in {passes} pass(es) over all rows). Ours = the quantize-and-pack of the float input plus the "
+              "conv (what a network pays per layer), both through the kernel core's C API on preallocated buffers, the conv from a plan prepared "
               "once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, bs = bitserial, "
               "chosen by the plan's timing of the paths this CPU runs when auto). TFLite's CONV_2D is a one-layer "
@@ -938,6 +960,9 @@ def main():
     parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True,
                         help="per layer: also time TFLite float32 and int8 CONV_2D (default on)")
     parser.add_argument("--repeats", type=int, default=9, help="per layer: interleaved timing rounds per row")
+    parser.add_argument("--layer-passes", type=int, default=2,
+                        help="per layer: passes over all rows that share each row's rounds (spreads a row's rounds "
+                             "over the part's whole time)")
     parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
                         help="per-candidate statistic of the rounds (min: best round, for a machine shared with "
                              "other jobs)")

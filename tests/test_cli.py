@@ -204,6 +204,61 @@ def test_export_inspect_benchmark(finished_run, tmp_path, capsys):
     np.testing.assert_allclose(interpreter.get_tensor(outp["index"]), keras_out, atol=1e-4)
 
 
+def test_export_int8(finished_run, tmp_path, capsys):
+    """`export --int8` calibrates on --calibration-batches batches of --dataset images fed through
+    the model's own pipeline: the conv builtins become int8, the N2UQ ops are those of the float
+    export, and the file computes what `export_tflite(inference_type="int8")` gives with those
+    images (test_export.py checks that export against the Keras model). Without --dataset it is a
+    usage error that writes nothing."""
+    from n2uq_tf.export import export_tflite, inspect_tflite
+    student = os.path.join(finished_run, "student.keras")
+    path = str(tmp_path / "int8.tflite")
+    assert cli.main(["export", student, "-o", path, "--int8"]) == 2
+    assert "--int8 needs --dataset" in capsys.readouterr().err
+    assert not os.path.exists(path)
+    assert cli.main(["export", student, "-o", path, "--int8", "--dataset", "digits",
+                     "--calibration-batches", "2"]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    plain_path = str(tmp_path / "float.tflite")
+    assert cli.main(["export", student, "-o", plain_path]) == 0
+    capsys.readouterr()
+    int8, plain = inspect_tflite(path), inspect_tflite(plain_path)
+    assert int8.metadata["inference_type"] == "int8" and plain.metadata["inference_type"] == "float"
+    n2uq_ops = lambda info: {k: v for k, v in info.op_counts().items() if k.startswith("N2UQ")}  # noqa: E731
+    assert n2uq_ops(int8) == n2uq_ops(plain) and n2uq_ops(int8)
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+    with open(path, "rb") as f:
+        fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
+    graph, codes = fb.subgraphs[0], fb.operatorCodes
+    conv_inputs = [graph.tensors[int(op.inputs[0])].type for op in graph.operators
+                   if codes[op.opcodeIndex].customCode is None and schema.BuiltinOperator.CONV_2D ==
+                   max(codes[op.opcodeIndex].builtinCode, codes[op.opcodeIndex].deprecatedBuiltinCode)]
+    assert conv_inputs and set(conv_inputs) == {schema.TensorType.INT8}
+    # The same images through the library: the pipeline's first two batches of 16.
+    model = n2uq_tf.load_model(student)
+    batches = [x.numpy() for x, _ in n2uq_tf.data.load_dataset("digits", "train", batch_size=16, image_size=8,
+                                                                training=False, channels=3).take(2)]
+    assert sum(len(b) for b in batches) == 32
+
+    def images():
+        for batch in batches:
+            for image in batch:
+                yield [image[None]]
+    reference = export_tflite(model, inference_type="int8", representative_dataset=images)
+    x, _ = n2uq_tf.data.digits_arrays(image_size=8)[1]
+    outputs = []
+    for source in ({"model_path": path}, {"model_content": reference}):
+        interpreter = n2uq_tf.tflite.Interpreter(**source)
+        inp, outp = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.resize_tensor_input(inp["index"], [8, 8, 8, 3])
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x[:8])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(outp["index"]))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 # --- data safety ------------------------------------------------------------------------------------
 
 def test_export_never_writes_over_its_input(finished_run, tmp_path, capsys):
