@@ -27,4 +27,20 @@ def cached_binary(tag, command, sources, headers=(), link_flags=()):
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         os.replace(tmp, binary)
+        prune_older_builds(cache, tag, binary)
     return binary
+
+
+def prune_older_builds(cache, tag, keep):
+    """Removes the binaries of `tag` built from older sources (``{tag}_{12 hex digits}``; another
+    process's unfinished ``.tmp`` file and other tags are left alone), so the cache holds one
+    binary per tag, as the library builds do."""
+    stem = f"{tag}_"
+    for name in os.listdir(cache):
+        path = os.path.join(cache, name)
+        rest = name[len(stem):]
+        if name.startswith(stem) and len(rest) == 12 and set(rest) <= set("0123456789abcdef") and path != keep:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

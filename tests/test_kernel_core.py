@@ -707,6 +707,27 @@ def _cached_build(tag, command_prefix, sources, link_flags):
     return native_build.cached_binary(f"core_selftest_{tag}", command_prefix, sources, headers, link_flags)
 
 
+def test_native_build_cache_keeps_one_binary_per_tag(tmp_path, monkeypatch):
+    """A rebuild from changed sources replaces the tag's older binary in the cache (each sanitizer
+    build is tens of MB); other tags, the libraries and unfinished builds stay."""
+    monkeypatch.setattr(_native, "library_dirs", lambda: [str(tmp_path / "other"), str(tmp_path)])
+    source = tmp_path / "main.cc"
+    keep = ["core_selftest_asan_0123456789ab", "core_selftest_asan_neon_0123456789ab",
+            "core_selftest_asan_0123456789ab.tmp42", "n2uq_core_0123456789ab.so"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    command = [_native.compiler(), "-std=c++17"]
+    built = []
+    for value in (1, 2):
+        source.write_text(f"int main() {{ return {value} - {value}; }}\n")
+        built.append(native_build.cached_binary("demo", command, [str(source)]))
+        assert subprocess.run([built[-1]]).returncode == 0
+    assert built[0] != built[1] and not os.path.exists(built[0])
+    assert native_build.cached_binary("demo", command, [str(source)]) == built[1]  # cached: not rebuilt
+    native_build.prune_older_builds(str(tmp_path), "core_selftest_asan", keep=None)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep[1:] + ["main.cc", os.path.basename(built[1])])
+
+
 def _selftest_sources():
     return [os.path.join(CORE_DIR, name) for name in _native.CORE_COMPILED] + [SELFTEST]
 
