@@ -377,8 +377,8 @@ def run_layers(args, isas, rng, md):
     md.append("")
     md.append(f"{STATISTIC.capitalize()} of {args.repeats} interleaved rounds of {args.sample_time * 1e3:g} ms "
               f"samples (in {passes} pass(es) over all rows). Ours = the quantize-and-pack of the float input plus the "
-              "conv (what a network pays per layer), both through the kernel core's C API on preallocated buffers, the conv from a plan prepared "
-              "once; ISA "
+              "conv (what a network pays per layer), both through the kernel core's C API on preallocated buffers, "
+              "the conv from a plan prepared once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, bs = bitserial, "
               "chosen by the plan's timing of the paths this CPU runs when auto). TFLite's CONV_2D is a one-layer "
               f"int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default XNNPACK. "
