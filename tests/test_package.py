@@ -23,7 +23,10 @@ import os
 import keras, numpy as np, tensorflow as tf
 print("tf.keras:", type(tf.keras.layers.Dense(1)).__module__.split(".")[0], os.environ.get("TF_USE_LEGACY_KERAS"))
 student = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+# Logits (-1, 3) whatever the random state: a random teacher's two outputs on this input can, rarely,
+# be non-negative and sum to 1, which DistillationModel rightly refuses as probabilities.
+logits = keras.layers.Dense(2, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant([-1.0, 3.0]))
+teacher = keras.Sequential([keras.Input((3,)), logits])
 distiller = n2uq_tf.DistillationModel(student, teacher)
 distiller.compile(n2uq_tf.paper_optimizer(model=distiller))
 loss = distiller.fit(np.ones((4, 3), np.float32), verbose=0).history["loss"][0]
