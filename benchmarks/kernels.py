@@ -186,8 +186,13 @@ def interleaved(candidates, repeats, sample_time, before_rounds=None):
     return samples, calls
 
 
+def same_out(size, stride):
+    """Output size of a 'same'-padded conv: ceil(size / stride)."""
+    return -(-size // stride)
+
+
 def macs(size, channels, out_channels=None, stride=1):
-    out = -(-size // stride)
+    out = same_out(size, stride)
     return out * out * channels * (out_channels or channels) * 9
 
 
@@ -211,7 +216,7 @@ def markdown_table(header, rows, align=None):
 
 def same_padding(size, stride):
     """TensorFlow's 'same' padding of a 3x3 conv: (top, bottom, left, right)."""
-    total = max((-(-size // stride) - 1) * stride + 3 - size, 0)
+    total = max((same_out(size, stride) - 1) * stride + 3 - size, 0)
     return (total // 2, total - total // 2) * 2
 
 
@@ -219,16 +224,15 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
     """(callable, chosen path): one layer as a network runs it, quantize-and-pack of the float input
     then the conv from a plan prepared once, through the C API on preallocated buffers."""
     out_channels = out_channels or channels
-    out_size = -(-size // stride)
     x = rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32)
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
     packed = np.empty((1, size, size, bits, _core.words_per_plane(channels)), np.uint64)
     w = _core.pack_bitplanes(rng.integers(0, 2 ** bits, (out_channels, 3, 3, channels)), bits)
     mult = np.full(out_channels, 0.01, np.float32)
     bias = np.zeros(out_channels, np.float32)
-    out = np.empty((1, out_size, out_size, out_channels), np.float32)
     shape = _core.conv_shape(1, size, size, channels, out_channels, 3, strides=stride,
                              padding=same_padding(size, stride), act_bits=bits, weight_bits=bits)
+    out = np.empty((1, *_core.output_size(shape), out_channels), np.float32)
     plan = _core.ConvPlan(shape, w, isa=isa, path=path, num_threads=threads)
     lib, err = _core.library(), ctypes.create_string_buffer(256)
     pack_args = (_core._ptr(x), x.size, size * size, channels, _core._ptr(thresholds), thresholds.size, 1.0, bits,

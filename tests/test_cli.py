@@ -14,6 +14,7 @@ import tf_keras as keras
 
 import n2uq_tf
 from n2uq_tf import cli, recipe
+from tflite_files import builtin_input_types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet20", "--width", "4", "--image-size", "8", "--batch-size", "32",
@@ -226,15 +227,8 @@ def test_export_int8(finished_run, tmp_path, capsys):
     assert int8.metadata["inference_type"] == "int8" and plain.metadata["inference_type"] == "float"
     n2uq_ops = lambda info: {k: v for k, v in info.op_counts().items() if k.startswith("N2UQ")}  # noqa: E731
     assert n2uq_ops(int8) == n2uq_ops(plain) and n2uq_ops(int8)
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
     with open(path, "rb") as f:
-        fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
-    graph, codes = fb.subgraphs[0], fb.operatorCodes
-    conv_inputs = [graph.tensors[int(op.inputs[0])].type for op in graph.operators
-                   if codes[op.opcodeIndex].customCode is None and schema.BuiltinOperator.CONV_2D ==
-                   max(codes[op.opcodeIndex].builtinCode, codes[op.opcodeIndex].deprecatedBuiltinCode)]
-    assert conv_inputs and set(conv_inputs) == {schema.TensorType.INT8}
+        assert builtin_input_types(f.read())["CONV_2D"] == {"INT8"}
     # The same images through the library: the pipeline's first two batches of 16.
     model = n2uq_tf.load_model(student)
     batches = [x.numpy() for x, _ in n2uq_tf.data.load_dataset("digits", "train", batch_size=16, image_size=8,

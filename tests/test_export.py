@@ -15,6 +15,7 @@ from n2uq_tf.export import (ExportReport, custom_ops, export_tflite, inspect_tfl
 from n2uq_tf.layers import PaddedConv2D
 from n2uq_tf.plots import activation_inputs
 from random_parameters import randomize
+from tflite_files import builtin_input_types
 
 L = keras.layers
 
@@ -284,18 +285,7 @@ def test_int8_export(resnet20, small_cnn):
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     interpreter.resize_tensor_input(inp["index"], list(x.shape))
     interpreter.allocate_tensors()
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    graph = fb.subgraphs[0]
-    kinds = {}  # builtin op -> the types of its first input
-    for op in graph.operators:
-        code = fb.operatorCodes[op.opcodeIndex]
-        if code.customCode is None:
-            name = op_names[max(code.builtinCode, code.deprecatedBuiltinCode)]
-            kinds.setdefault(name, set()).add(type_names[graph.tensors[int(op.inputs[0])].type])
+    kinds = builtin_input_types(data)  # builtin op -> the types of its first input
     assert kinds["CONV_2D"] == {"INT8"} and kinds["FULLY_CONNECTED"] == {"INT8"}
     assert kinds["QUANTIZE"] == {"FLOAT32"} and kinds["DEQUANTIZE"] == {"INT8"}
     assert {"ADD", "PRELU", "MEAN"} & set(kinds)
