@@ -1024,11 +1024,15 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 // thread count) times every path the CPU can run on random codes of that shape and keeps
 // the fastest; later plans of the same shape reuse the answer. Per candidate: one warm-up
 // call (scratch growth, page faults, pool wake-up), then interleaved rounds until each has
-// run kMinRounds times and the budget is spent, at most kMaxRounds; the best (minimum)
-// time of each decides, which is the estimate least disturbed by other processes.
+// run kMinRounds times and kMinSeconds have passed, at most kMaxRounds; the best (minimum)
+// time of each decides, which is the estimate least disturbed by other processes. kMinSeconds
+// (once a fixed 15 rounds, ~4 ms on a small layer) because a disturbance lasts a while:
+// another runtime's pool threads may still spin after their last job (a TFLite builtin that
+// ran just before), and a benchmark once saw a 2-thread choice of bit-serial that ran 30%
+// slower than dot, which other processes picked; picks by a longer window agree more often.
 constexpr int kMinRounds = 5;
-constexpr int kMaxRounds = 15;
-constexpr double kBudgetSeconds = 0.05;
+constexpr int kMaxRounds = 100;
+constexpr double kMinSeconds = 0.02;
 constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, output) of the timing runs
 
 struct SelectionKey {
@@ -1221,7 +1225,7 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
       const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
       if (round > 0 && seconds < best[i]) best[i] = seconds;  // round 0 warms up
     }
-    if (round >= kMinRounds && std::chrono::duration<double>(clock::now() - start).count() > kBudgetSeconds) break;
+    if (round >= kMinRounds && std::chrono::duration<double>(clock::now() - start).count() > kMinSeconds) break;
   }
   size_t winner = 0;
   for (size_t i = 1; i < candidates.size(); ++i)
