@@ -57,6 +57,12 @@ class OutputStep(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("values", ctypes.c_void_p), ("values_len", ctypes.c_int64)]
 
 
+class PoolShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "batch", "in_height", "in_width", "channels", "filter_height", "filter_width", "stride_height",
+        "stride_width", "pad_top", "pad_bottom", "pad_left", "pad_right")]
+
+
 class OutputStage(ctypes.Structure):
     _fields_ = [("num_steps", ctypes.c_int32), ("steps", OutputStep * MAX_OUTPUT_STEPS),
                 ("float_after", ctypes.c_int32), ("quantize", ctypes.c_int32), ("bits", ctypes.c_int32),
@@ -99,6 +105,9 @@ def _declare(lib):
                                    ctypes.c_int] + err, ctypes.c_int),
         "n2uq_output_stage": ([ctypes.POINTER(OutputStage), i64, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64,
                                ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_max_pool2d_output_size": ([ctypes.POINTER(PoolShape), ctypes.POINTER(i32), ctypes.POINTER(i32)] + err,
+                                        ctypes.c_int),
+        "n2uq_max_pool2d": ([ctypes.POINTER(PoolShape), ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
     }
     for name, (args, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -488,3 +497,25 @@ def output_stage(values, steps=(), *, float_after=None, quantize=None, bits=None
           None if out_p is None else _ptr(out_p), 0 if out_p is None else out_p.size,
           None if out_c is None else _ptr(out_c), 0 if out_c is None else out_c.size, _isa_id(isa), int(num_threads))
     return out_f, (out_p if quantize == "pack" else out_c)
+
+
+def max_pool2d(x, pool_size, *, strides=None, padding=0, num_threads=1):
+    """Max pooling of float32 x [N, H, W, C] (n2uq_max_pool2d): the layer of N2UQMaxPool2DFused.
+
+    padding: zeros around the input (an int, a pair (vertical, horizontal) or (top, bottom, left,
+    right)), as a PAD before a 'valid' pool; a window position in it counts as 0.0. strides default
+    to pool_size.
+    """
+    x = _as(x, np.float32, "x")
+    if x.ndim != 4:
+        raise CoreError(f"x must be [N, H, W, C], got shape {x.shape}")
+    fh, fw = _pair(pool_size, "pool_size")
+    sh, sw = _pair(pool_size if strides is None else strides, "strides")
+    top, bottom, left, right = _padding(padding)
+    shape = PoolShape(*x.shape, fh, fw, sh, sw, top, bottom, left, right)
+    lib = library()
+    oh, ow = ctypes.c_int32(), ctypes.c_int32()
+    _call(lib.n2uq_max_pool2d_output_size, ctypes.byref(shape), ctypes.byref(oh), ctypes.byref(ow))
+    out = np.empty((x.shape[0], oh.value, ow.value, x.shape[3]), np.float32)
+    _call(lib.n2uq_max_pool2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(out), out.size, int(num_threads))
+    return out

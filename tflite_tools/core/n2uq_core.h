@@ -221,6 +221,22 @@ int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32
                       int64_t out_packed_len, uint8_t* out_codes, int64_t out_codes_len, int isa, int num_threads,
                       char* err, size_t err_len);
 
+/* Max pooling (the layer of the N2UQMaxPool2DFused op: a PAD of zeros + MAX_POOL_2D 'valid'):
+ * input float32 [batch][in_height][in_width][channels] -> output [batch][OH][OW][channels],
+ * OH = (in_height + pad_top + pad_bottom - filter_height) / stride_height + 1 (OW likewise); each
+ * output the max of its filter_height x filter_width window, a position in the padding counting
+ * as 0.0f (the zeros the PAD wrote). */
+typedef struct N2uqPoolShape {
+  int32_t batch, in_height, in_width, channels;
+  int32_t filter_height, filter_width, stride_height, stride_width;
+  int32_t pad_top, pad_bottom, pad_left, pad_right;
+} N2uqPoolShape;
+
+int n2uq_max_pool2d_output_size(const N2uqPoolShape* shape, int32_t* out_height, int32_t* out_width, char* err,
+                                size_t err_len);
+int n2uq_max_pool2d(const N2uqPoolShape* shape, const float* input, int64_t input_len, float* output,
+                    int64_t output_len, int num_threads, char* err, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif

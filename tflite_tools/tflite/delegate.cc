@@ -33,12 +33,19 @@ enum OpKind {
   kQuantizePack = 0, kQuantize, kConv2D, kDepthwise, kFullyConnected,
   // The layer ops with a fused output stage (custom_ops "Fused output stages"): the layer op's
   // inputs and options, then the stage's.
-  kConv2DFused, kDepthwiseFused, kFullyConnectedFused, kNumOps
+  kConv2DFused, kDepthwiseFused, kFullyConnectedFused,
+  // A PAD of zeros + MAX_POOL_2D with the output stage after it (its layer input: the float tensor).
+  kMaxPool2DFused, kNumOps
 };
 const char* const kOpNames[kNumOps] = {"N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D",
                                        "N2UQFullyConnected", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused",
-                                       "N2UQFullyConnectedFused"};
-bool IsFused(int kind) { return kind == kConv2DFused || kind == kDepthwiseFused || kind == kFullyConnectedFused; }
+                                       "N2UQFullyConnectedFused", "N2UQMaxPool2DFused"};
+bool IsFused(int kind) {
+  return kind == kConv2DFused || kind == kDepthwiseFused || kind == kFullyConnectedFused || kind == kMaxPool2DFused;
+}
+// Inputs of the layer before a fused op's stage inputs: the pool reads its input only; the
+// weighted layers their input, weights, multiplier and bias.
+size_t LayerInputs(int kind) { return kind == kMaxPool2DFused ? 1 : 4; }
 // The layer op a fused op extends (itself for the others).
 int BaseKind(int kind) {
   return kind == kConv2DFused ? kConv2D : kind == kDepthwiseFused ? kDepthwise
@@ -144,6 +151,7 @@ struct Kernel {
   // conv, FC: the weights unpacked once and laid out for the kernel path (n2uq_conv_plan_*)
   std::unique_ptr<N2uqConvPlan, void (*)(N2uqConvPlan*)> plan{nullptr, n2uq_conv_plan_destroy};
   N2uqConvShape fc_shape = {};           // FC: the plan's shape (batch from the input)
+  N2uqPoolShape pool = {};               // max pool: options, then the input's size at prepare
   std::vector<uint8_t> weight_codes;     // depthwise: plain codes
   std::shared_ptr<ProfileEntry> profile;
   std::string label;
@@ -229,6 +237,26 @@ bool ParseLayerOptions(int kind, Kernel* k, const n2uq::FlexOptions& o, std::str
                  std::to_string(s.in_channels) + " * depth_multiplier " + std::to_string(k->depth_multiplier);
           return false;
         }
+      }
+      return true;
+    }
+    case kMaxPool2DFused: {
+      static const struct {
+        const char* key;
+        int64_t lo, hi;
+        int32_t N2uqPoolShape::*field;
+      } kPoolOptions[] = {{"channels", 1, kMaxDim, &N2uqPoolShape::channels},
+                          {"filter_height", 1, kMaxKernel, &N2uqPoolShape::filter_height},
+                          {"filter_width", 1, kMaxKernel, &N2uqPoolShape::filter_width},
+                          {"stride_height", 1, kMaxKernel, &N2uqPoolShape::stride_height},
+                          {"stride_width", 1, kMaxKernel, &N2uqPoolShape::stride_width},
+                          {"pad_top", 0, kMaxKernel, &N2uqPoolShape::pad_top},
+                          {"pad_bottom", 0, kMaxKernel, &N2uqPoolShape::pad_bottom},
+                          {"pad_left", 0, kMaxKernel, &N2uqPoolShape::pad_left},
+                          {"pad_right", 0, kMaxKernel, &N2uqPoolShape::pad_right}};
+      for (const auto& option : kPoolOptions) {
+        if (!get(option.key, option.lo, option.hi, &v[0])) return false;
+        k->pool.*option.field = int32_t(v[0]);
       }
       return true;
     }
@@ -375,12 +403,12 @@ bool StepHasInput(int32_t kind) {
   return kind == N2UQ_STEP_ADD || kind == N2UQ_STEP_MUL || kind == N2UQ_STEP_PRELU || kind == N2UQ_STEP_ADD_TENSOR;
 }
 
-// Inputs: quantize ops 2; layer ops 4; fused ops 4, one per step that reads a tensor, then the
-// thresholds when they quantize.
+// Inputs: quantize ops 2; layer ops 4; fused ops their layer's (LayerInputs), one per step that
+// reads a tensor, then the thresholds when they quantize.
 int ExpectedInputs(const Kernel* k) {
   const int kind = BaseKind(k->kind);
   if (kind == kQuantizePack || kind == kQuantize) return 2;
-  int n = 4;
+  int n = int(LayerInputs(k->kind));
   if (IsFused(k->kind)) {
     for (int i = 0; i < k->stage.num_steps; ++i) n += StepHasInput(k->stage.steps[i].kind) ? 1 : 0;
     n += k->stage.quantize != N2UQ_QUANTIZE_NONE ? 1 : 0;
@@ -690,7 +718,7 @@ bool PrepareLayerOutputs(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, const 
       return false;
     }
   k->layer_elements = elements;
-  size_t next = 4;
+  size_t next = LayerInputs(k->kind);
   for (int i = 0; i < st.num_steps; ++i) {
     const int kind = st.steps[i].kind;
     if (!StepHasInput(kind)) continue;
@@ -848,6 +876,26 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
       dims.push_back(k->out_features);
       return PrepareLayerOutputs(ctx, k, io, dims, err);
     }
+    case kMaxPool2DFused: {
+      N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteFloat32, "input", err);
+      if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+      const N2uqTfLiteIntArray* d = x->dims;
+      if (d->size != 4 || d->data[3] != k->pool.channels) {
+        *err = "input shape " + DimsString(d) + " must be [N, H, W, channels=" + std::to_string(k->pool.channels) +
+               "]";
+        return false;
+      }
+      k->pool.batch = d->data[0];
+      k->pool.in_height = d->data[1];
+      k->pool.in_width = d->data[2];
+      int32_t oh = 0, ow = 0;
+      char msg[256] = {0};
+      if (n2uq_max_pool2d_output_size(&k->pool, &oh, &ow, msg, sizeof(msg)) != N2UQ_OK) {
+        *err = msg;
+        return false;
+      }
+      return PrepareLayerOutputs(ctx, k, io, {k->pool.batch, oh, ow, k->pool.channels}, err);
+    }
   }
   *err = "unknown op";
   return false;
@@ -876,7 +924,7 @@ std::vector<float>& StageScratch() {
 int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* values, int64_t values_len,
              int threads, char* msg, size_t msg_len) {
   N2uqOutputStage st = k->stage;
-  size_t next = 4;
+  size_t next = LayerInputs(k->kind);
   for (int i = 0; i < st.num_steps; ++i) {
     if (!StepHasInput(st.steps[i].kind)) continue;
     const N2uqTfLiteTensor& v = t[io.inputs[next++]];
@@ -888,7 +936,9 @@ int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* va
     st.thresholds = static_cast<const float*>(thr.data);
     st.num_thresholds = int32_t(thr.bytes / 4);
   }
-  const int32_t channels = BaseKind(k->kind) == kFullyConnected ? k->out_features : k->conv.out_channels;
+  const int32_t channels = BaseKind(k->kind) == kFullyConnected ? k->out_features
+                           : k->kind == kMaxPool2DFused          ? k->pool.channels
+                                                                 : k->conv.out_channels;
   float* out_float = nullptr;
   int64_t out_float_len = 0;
   size_t slot = 0;
@@ -989,6 +1039,10 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
                                   threads, msg, msg_len);
       break;
     }
+    case kMaxPool2DFused:
+      status = n2uq_max_pool2d(&k->pool, static_cast<const float*>(x.data), int64_t(x.bytes / 4), dest, dest_len,
+                               threads, msg, msg_len);
+      break;
   }
   if (status == N2UQ_OK && IsFused(k->kind)) status = RunStage(k, io, t, dest, dest_len, threads, msg, msg_len);
   if (status != N2UQ_OK) {
