@@ -55,6 +55,13 @@ quantize is 0): the op also outputs y after that many steps, float32 of the laye
 Inputs after the layer's four: one per step that takes one, in step order, then the thresholds
 (2^quantize_bits - 1 float32) when it quantizes. Outputs: the float tensor (if any), then the codes.
 
+``N2UQMaxPool2DFused`` is the same for a layer without weights: a PAD of zeros and the 'valid'
+MAX_POOL_2D after it (a ResNet stem's pool), then the stage. Inputs: x float32 [N, H, W, C], then
+the stage's. Options: channels (C), filter_height, filter_width, stride_height, stride_width,
+pad_top, pad_bottom, pad_left, pad_right (the PAD's zeros; all 0 for a pool without one), then the
+stage's. The layer output has (H + pad_top + pad_bottom - filter_height) / stride_height + 1 rows
+(columns likewise); each value the max of its window over the zero-padded input.
+
 Exactness. Each step is the float32 operation of the TFLite builtin it replaces (ADD / SUB of a
 constant as an add, MUL, PRELU, ADD of a tensor, the ReLUs and fused activations), applied to the
 same operands in the same order, one rounding per step (no fused multiply-add), and the quantizer
@@ -71,6 +78,10 @@ value within an ulp of a threshold would change its code. What can still differ:
 * The sign of a zero: a LEAKY_RELU is fused as a PRELU (x >= 0 ? x : a x instead of
   x > 0 ? x : a x), which differ only at -0 with a negative slope: -0 against +0, equal in
   value and in code.
+* The max pool's NaN and signed zeros: the pool takes v > m ? v : m over a window's input
+  positions, then 0 where the window reaches into the padding; TFLite's MAX_POOL_2D kernels
+  (reference and XNNPACK) can pick another of two equal zeros (+0, -0) or keep a NaN that this
+  drops. Max is otherwise exact: every other value is the same.
 * Subnormals, if an application sets flush-to-zero on its own thread only: the stage runs on the
   delegate's worker threads too (new threads inherit the creating thread's floating-point mode).
 
@@ -107,11 +118,13 @@ import tensorflow as tf
 # The names live where the runtime side reads them without TensorFlow.
 from n2uq_tf.tflite.op_names import (  # noqa: F401
     ALL_OPS, OP_CONV2D, OP_CONV2D_FUSED, OP_DEPTHWISE_CONV2D, OP_DEPTHWISE_CONV2D_FUSED, OP_FULLY_CONNECTED,
-    OP_FULLY_CONNECTED_FUSED, OP_QUANTIZE, OP_QUANTIZE_PACK)
+    OP_FULLY_CONNECTED_FUSED, OP_MAX_POOL2D_FUSED, OP_QUANTIZE, OP_QUANTIZE_PACK)
 
 LAYER_OPS = (OP_CONV2D, OP_DEPTHWISE_CONV2D, OP_FULLY_CONNECTED)  # each op holding a layer's packed weights
 FUSED_OPS = {OP_CONV2D_FUSED: OP_CONV2D, OP_DEPTHWISE_CONV2D_FUSED: OP_DEPTHWISE_CONV2D,
              OP_FULLY_CONNECTED_FUSED: OP_FULLY_CONNECTED}  # fused op -> its layer op
+POOL_OPTIONS = ("channels", "filter_height", "filter_width", "stride_height", "stride_width", "pad_top", "pad_bottom",
+                "pad_left", "pad_right")  # N2UQMaxPool2DFused's layer options
 
 # Output-stage steps of the fused ops (see "Fused output stages"): kind -> (id, takes a tensor input).
 STEP_KINDS = {"add": (1, True), "mul": (2, True), "prelu": (3, True), "add_tensor": (4, True), "relu": (5, False),
@@ -485,3 +498,25 @@ def fully_connected_fused_fn(*, steps=(), float_output=None, quantize=None, quan
     return _fused_fn(OP_FULLY_CONNECTED_FUSED, *_fully_connected_body(**fully_connected),
                      dict(steps=steps, float_output=float_output, quantize=quantize, quantize_bits=quantize_bits,
                           quantize_beta1=quantize_beta1))
+
+
+def max_pool2d_fused_fn(*, channels, pool_size, strides, pads=(0, 0, 0, 0), steps=(), float_output=None, quantize=None,
+                        quantize_bits=None, quantize_beta1=1.0):
+    """The N2UQMaxPool2DFused op as a tf.function(x, *stage_inputs): zero pads (top, bottom, left,
+    right), a 'valid' max pool of `pool_size` and `strides` (pairs), then the stage (`output_stage_options`)."""
+    (fh, fw), (sh, sw) = (tuple(int(v) for v in pool_size), tuple(int(v) for v in strides))
+    top, bottom, left, right = (int(p) for p in pads)
+    layer_options = dict(channels=int(channels), filter_height=fh, filter_width=fw, stride_height=sh, stride_width=sw,
+                         pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right)
+    stage = dict(steps=steps, float_output=float_output, quantize=quantize, quantize_bits=quantize_bits,
+                 quantize_beta1=quantize_beta1)
+    options = dict(layer_options, **output_stage_options(**stage))
+
+    @tf.function(experimental_implements=_implements(OP_MAX_POOL2D_FUSED, **options))
+    def fused(x, *stage_inputs):
+        padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        pooled = tf.nn.max_pool2d(padded, (fh, fw), (sh, sw), "VALID")
+        outputs = output_stage_reference(pooled, stage_inputs, **stage)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    return fused

@@ -44,6 +44,9 @@ _FLEXBUFFERS = 0  # schema CustomOptionsFormat.FLEXBUFFERS
 # schema ActivationFunctionType -> the step it adds (None: none; TANH, SIGN_BIT: not fusable).
 _FUSED_ACTIVATIONS = {0: [], 1: ["relu"], 2: ["relu_n1_to_1"], 3: ["relu6"]}
 _FUSED_OF = {layer: fused for fused, layer in custom_ops.FUSED_OPS.items()}
+_FUSED_OF["MAX_POOL_2D"] = custom_ops.OP_MAX_POOL2D_FUSED  # a layer without weights (`_pool_layer`)
+_INT32 = 2  # schema TensorType.INT32
+_VALID = 1  # schema Padding.VALID
 _QUANTIZERS = {custom_ops.OP_QUANTIZE_PACK: "pack", custom_ops.OP_QUANTIZE: "codes"}
 _QUANTIZER_LABELS = {"pack": "quantize-and-pack", "codes": "quantize"}
 
@@ -61,6 +64,7 @@ class Fusion:
     quantize: str = None         # None, "pack" or "codes"
     quantized_for: int = None    # index (in the rewritten subgraph) of the op reading the codes
     layer_index: int = None      # index of the fused op in the rewritten subgraph
+    scope: str = None            # Keras scope of the layer op's output (names a pool's report row)
 
 
 def _scope(name):
@@ -228,6 +232,47 @@ def _step(graph, i, t, channels, layer_ops):
     return None
 
 
+def _int_constant(graph, t):
+    """The int32 value of constant tensor t, or None."""
+    tensor = graph.tensor(t)
+    data = graph.model.buffers[tensor.buffer].data if tensor.buffer is not None else None
+    if data is None or len(data) == 0 or tensor.type != _INT32:
+        return None
+    shape = [] if tensor.shape is None else [int(d) for d in tensor.shape]
+    return np.frombuffer(bytes(bytearray(data)), np.int32).reshape(shape)
+
+
+def _pool_layer(graph, i):
+    """(layer options, input tensor, PAD op or None) when op i is a MAX_POOL_2D that N2UQMaxPool2DFused
+    can take: float32 NHWC, 'valid', no fused activation, optionally after a PAD (or PADV2) of zeros
+    of the spatial dims only whose output nothing else reads; else None."""
+    op, options = graph.op(i), graph.op(i).builtinOptions
+    inputs, outputs = _indices(op.inputs), _indices(op.outputs)
+    if graph.name(i) != "MAX_POOL_2D" or options is None or len(inputs) != 1 or len(outputs) != 1:
+        return None
+    shape = graph.shape(inputs[0])[0]
+    if options.padding != _VALID or options.fusedActivationFunction != 0 or not shape or len(shape) != 4 \
+            or not graph.is_float(inputs[0]) or not graph.is_float(outputs[0]):
+        return None
+    layer = dict(channels=shape[3], filter_height=options.filterHeight, filter_width=options.filterWidth,
+                 stride_height=options.strideH, stride_width=options.strideW,
+                 pad_top=0, pad_bottom=0, pad_left=0, pad_right=0)
+    pad, source = graph.producer.get(inputs[0]), inputs[0]
+    if pad is None or graph.name(pad) not in ("PAD", "PADV2") or graph.consumers.get(inputs[0]) != [i] \
+            or inputs[0] in graph.graph_outputs:
+        return layer, source, None
+    pad_inputs = _indices(graph.op(pad).inputs)
+    pads = _int_constant(graph, pad_inputs[1]) if len(pad_inputs) >= 2 else None
+    value = graph.constant(pad_inputs[2]) if len(pad_inputs) == 3 else np.zeros((), np.float32)
+    if pads is None or pads.shape != (4, 2) or pads[0].any() or pads[3].any() or (pads < 0).any() \
+            or value is None or value.size != 1 or value.reshape(-1).view(np.uint32)[0] != 0 \
+            or not graph.is_float(pad_inputs[0]):
+        return layer, source, None
+    layer.update(pad_top=int(pads[1, 0]), pad_bottom=int(pads[1, 1]), pad_left=int(pads[2, 0]),
+                 pad_right=int(pads[2, 1]))
+    return layer, pad_inputs[0], pad
+
+
 def _quantizer(graph, i, t, channels):
     """(mode, options, thresholds tensor) if op i quantizes tensor t of `channels` channels, else None."""
     mode = _QUANTIZERS.get(graph.name(i))
@@ -334,12 +379,15 @@ def _fused_operator(model, graph, layer, plan):
     from tensorflow.lite.python import schema_py_generated as schema
     chain, float_tensor, float_ops, quantizer = plan
     layer_op = graph.op(layer)
-    options = flexbuffers.Loads(bytes(bytearray(layer_op.customOptions)))
+    pool = _pool_layer(graph, layer) if graph.name(layer) == "MAX_POOL_2D" else None
+    if pool is not None:
+        options, inputs = dict(pool[0]), [pool[1]]
+    else:
+        options, inputs = flexbuffers.Loads(bytes(bytearray(layer_op.customOptions))), _indices(layer_op.inputs)[:4]
     float_output = None
     if float_tensor is not None:  # the steps of the ops before it
         float_output = chain.steps_before(float_ops)
     stage = dict(steps=chain.steps, float_output=float_output, quantize=None)
-    inputs = _indices(layer_op.inputs)[:4]
     for kind, value in chain.inputs:
         inputs.append(value if kind == "tensor" else _constant(model, graph.subgraph, value))
     outputs = [] if float_tensor is None else [float_tensor]
@@ -439,11 +487,21 @@ def fuse_output_stages(model):
         for layer in range(len(graph.subgraph.operators)):
             if graph.name(layer) not in _FUSED_OF:
                 continue
+            pool = None
+            if graph.name(layer) == "MAX_POOL_2D":
+                pool = _pool_layer(graph, layer)
+                if pool is None:
+                    continue
             plan = _plan(graph, layer)
+            if plan is None and pool is not None and pool[2] is not None:
+                # nothing to fuse after it, but the PAD goes: the pool op alone, float output only
+                plan = (_Chain(), _indices(graph.op(layer).outputs)[0], 0, None)
             if plan is None:
                 continue
             chain, _, float_ops, quantizer = plan
             taken = set(chain.ops) | ({quantizer} if quantizer is not None else set())
+            if pool is not None and pool[2] is not None:
+                taken.add(pool[2])
             if taken & absorbed:
                 continue
             op, stage = _fused_operator(model, graph, layer, plan)
@@ -451,9 +509,12 @@ def fuse_output_stages(model):
             replaced[layer] = op
             described = [(graph.name(i), _scope(graph.tensor(_indices(graph.op(i).outputs)[0]).name))
                          for i in chain.ops]
-            fusion = Fusion(s, graph.name(layer), _FUSED_OF[graph.name(layer)], described, list(chain.steps),
+            layer_op = graph.name(layer) if pool is None or pool[2] is None else \
+                f"{graph.name(pool[2])} + {graph.name(layer)}"
+            fusion = Fusion(s, layer_op, _FUSED_OF[graph.name(layer)], described, list(chain.steps),
                             stage["float_output"], float_ops if stage["float_output"] is not None else None,
-                            stage["quantize"])
+                            stage["quantize"],
+                            scope=_scope(graph.tensor(_indices(graph.op(layer).outputs)[0]).name))
             made.append((fusion, op, None if quantizer is None else _indices(op.outputs)[-1]))
         if not replaced:
             continue
@@ -529,16 +590,25 @@ def note_fusions(report, fusions, layer_names):
     """
     rows = {row.name: row for row in report.layers}
     for fusion in fusions:
-        row, stage = _row_and_stage(rows, layer_names.get((fusion.subgraph, fusion.layer_index)))
-        if row is None:
-            continue
         text = " -> ".join(describe(fusion, lambda s, i: layer_names.get((s, i))))
-        row.fused.append(f"{stage}: {text}" if stage else text)
-        position = _layer_op_position(row, stage)
-        if position is not None:
-            row.ops[position] = fusion.fused_op
-        if stage is None and any(scope == row.name for _, scope in fusion.absorbed):
-            row.ops = [op for op in row.ops if not op.startswith("builtin")]  # its activation runs in the op
+        if fusion.fused_op == custom_ops.OP_MAX_POOL2D_FUSED:
+            # A pool has no report row of its own (no weights): the row of the first layer whose op
+            # it absorbed (an RPReLU), else of its own Keras layer, gets the note.
+            scopes = [scope for _, scope in fusion.absorbed if scope in rows] + [fusion.scope]
+            row = rows.get(scopes[0])
+            if row is not None:
+                row.fused.append(f"{fusion.fused_op}: {fusion.scope or 'pool'} ({fusion.layer_op})"
+                                 + (f" -> {text}" if text else ""))
+        else:
+            row, stage = _row_and_stage(rows, layer_names.get((fusion.subgraph, fusion.layer_index)))
+            if row is None:
+                continue
+            row.fused.append(f"{stage}: {text}" if stage else text)
+            position = _layer_op_position(row, stage)
+            if position is not None:
+                row.ops[position] = fusion.fused_op
+            if stage is None and any(scope == row.name for _, scope in fusion.absorbed):
+                row.ops = [op for op in row.ops if not op.startswith("builtin")]  # its activation runs in the op
         if fusion.quantized_for is None:
             continue
         reader, reader_stage = _row_and_stage(rows, layer_names.get((fusion.subgraph, fusion.quantized_for)))
