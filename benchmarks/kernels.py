@@ -79,6 +79,8 @@ N2UQ_CONV_OPS = ("N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected", "N2U
                  "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")  # fused: the layer + its output stage
 N2UQ_FUSED_OPS = N2UQ_CONV_OPS[3:]
 N2UQ_QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")
+# ours besides the layers: quantize(-and-pack) ops, and the stem's pool with the first block's stage
+N2UQ_OTHER_OPS = N2UQ_QUANTIZE_OPS + ("N2UQMaxPool2DFused",)
 
 
 def cpu_name():
@@ -672,7 +674,7 @@ def build_e2e_models(args, cache):
     expected_relu = relu_model(probe, training=False).numpy()
     # The float stem alone (what every variant of ours keeps as float builtins, as the paper keeps the
     # first layer full precision): how much of an invoke no low-bit kernel can take over.
-    stem_model = keras.Model(float_model.input, float_model.get_layer("stem_pool").output)
+    stem_model = keras.Model(float_model.input, float_model.get_layer("stem_relu").output)
     expected_stem = stem_model(probe, training=False).numpy()
     twins = {"tfl": ("float twin", float_model, expected_float), "relu": ("ReLU ResNet-18", relu_model, expected_relu),
              "stem": (STEM_LABEL, stem_model, expected_stem)}
@@ -783,7 +785,7 @@ def run_end_to_end(args, infos, md):
     order = [k for k in infos if infos[k]["ours"] and infos[k]["timed"]] + ["relu_int8", "relu_float", "tfl_int8",
                                                                             "tfl_float", "stem_float", "stem_int8"]
     header = (f"{'model':<34} {'thr':>3} {STATISTIC + ' ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
-              f"{'N2UQ conv':>9} {'N2UQ pack':>9} {'rest':>6}")
+              f"{'N2UQ conv':>9} {'pack/pool':>9} {'rest':>6}")
     print(header)
     md_rows, results = [], {}
     image = np.random.default_rng(3).standard_normal((1,) + E2E_INPUT).astype(np.float32)
@@ -820,7 +822,7 @@ def run_end_to_end(args, infos, md):
             if info["ours"]:
                 profile = tflite.kernel_profile(delegate)
                 conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS)
-                pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_QUANTIZE_OPS)
+                pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_OTHER_OPS)
                 total = counted[key]
                 shares = (conv_s / total, pack_s / total, 1.0 - (conv_s + pack_s) / total)
             vs = median["relu_int8"] / median[key]
@@ -835,15 +837,17 @@ def run_end_to_end(args, infos, md):
                             *share_txt, f"{100 * noise:.0f}%"])
         del live, candidates
     print("vs ReLU i8 / twin i8: TFLite int8 time of the ReLU ResNet-18 / of the RPReLU float twin, over that time "
-          "(> 1: faster); N2UQ conv / pack: share of the invoke time in our kernels (delegate profile; conv includes "
-          "a fused conv's output stage); rest: builtins (stem, PReLU, adds, pool, fc) + interpreter")
+          "(> 1: faster); N2UQ conv / pack/pool: share of the invoke time in our kernels (delegate profile; conv "
+          "includes a fused conv's output stage; pack/pool: quantize-and-pack ops and the stem's fused pool); rest: "
+          "builtins (stem conv, fc, ...) + interpreter")
     md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
     md.append("")
     md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs "
               f"every model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
               "`resnet18(bits=b)` exported with `export_tflite` (the RPReLUs and residual adds between a conv and the "
-              "next quantizer fused into the conv's output stage, which also packs the next conv's input; float "
-              "builtins for the 7x7 stem, the first block's RPReLU, pool and fc; \"unfused\" = `fuse=False`, every "
+              "next quantizer fused into the conv's output stage, which also packs the next conv's input; the stem's "
+              "zero pad and max pool, the first block's RPReLU and its quantize-and-pack in one N2UQMaxPool2DFused; "
+              "float builtins for the 7x7 stem conv and the fc; \"unfused\" = `fuse=False`, every "
               "float op a builtin; \"int8 builtins\" = `inference_type=\"int8\"`: the stem conv, its pads "
               "and pool and the fc int8, the elementwise builtins float32), with the N2UQ delegate. "
               "TFLite int8 / "
@@ -851,16 +855,16 @@ def run_end_to_end(args, infos, md):
               "twin `resnet18()`, converted by TFLite (full-integer PTQ on 4 random images, float input/output; "
               "TFLite runs the twin's PReLUs through QUANTIZE/DEQUANTIZE), on the interpreter's default XNNPACK. "
               "\"vs ReLU int8\" / \"vs twin int8\" = that TFLite int8 time / the row's time. "
-              "N2UQ conv / pack = share of invoke time inside our conv ops (with their fused output stages) and "
-              "separate quantize-and-pack ops (the delegate's per-kernel profile over the timed rounds); rest = "
-              "builtin ops and interpreter overhead. "
-              "\"stem alone\" rows: the float twin's stem (zero pad, 7x7/2 conv with BN and ReLU, pad, 3x3/2 max "
-              "pool) as a TFLite model of its own, float32 and int8 PTQ, timed in the same rounds: the part every "
-              "variant of ours keeps as float builtins (the paper keeps the first layer full precision). "
+              "N2UQ conv / pack/pool = share of invoke time inside our conv ops (with their fused output stages) and "
+              "our other ops (separate quantize-and-pack ops, the stem's fused pool; the delegate's per-kernel "
+              "profile over the timed rounds); rest = builtin ops and interpreter overhead. "
+              "\"stem alone\" rows: the float twin's stem conv (zero pad, 7x7/2 conv with BN and ReLU) as a TFLite "
+              "model of its own, float32 and int8 PTQ, timed in the same rounds: the part every variant of ours "
+              "keeps as float builtins (the paper keeps the first layer full precision). "
               "Noise = IQR/median over rounds.")
     md.append("")
     md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",
-                          "N2UQ pack", "rest", "noise"], md_rows)
+                          "N2UQ pack/pool", "rest", "noise"], md_rows)
     md.append("")
     return results
 

@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(ROOT, "tflite_tools", "tflite")
 CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
 N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected",
-            "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused")
+            "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused", "N2UQMaxPool2DFused")
 QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")  # the others hold a layer's packed weights (input 1)
 RANDOM_CLASSES = ("truncate", "bitflip_file", "bitflip_options", "bitflip_weights", "bitflip_shape", "shape_edit",
                   "rank_edit", "type_edit")
@@ -95,7 +95,8 @@ def base_model():
     sum goes through ReLU (one fused with the residual add and the ReLU, writing the byte codes of a
     'same' depthwise with dilation 2 and multiplier 2, the other plain); that depthwise fused with
     ReLU6 and the packing for an explicit-pad conv (plain: pooled); dense -> ReLU -> dense (fused,
-    plain); a depthwise on the input (plain byte-code quantizer, plain depthwise)."""
+    plain); a depthwise on the input (plain byte-code quantizer, plain depthwise); ReLU, zero pad and a
+    3x3 / 2 max pool of the input (fused with the packing for the conv after it)."""
     import n2uq_tf
     from n2uq_tf._keras import keras
     from n2uq_tf.export import export_tflite
@@ -113,7 +114,9 @@ def base_model():
     x = L.Dense(6, activation="relu", name="fc1")(x)
     x = L.Dense(5, name="fc")(x)
     side = L.GlobalAveragePooling2D(name="side_gap")(L.DepthwiseConv2D(3, name="dw_input")(inp))
-    model = n2uq_tf.quantize_model(keras.Model(inp, [x, side]), bits=2, skip_layers=None)
+    pooled = L.MaxPooling2D(3, strides=2, name="pool")(L.ZeroPadding2D(1, name="pool_pad")(L.ReLU(name="in_relu")(inp)))
+    pooled = L.GlobalAveragePooling2D(name="pool_gap")(L.Conv2D(4, 3, padding="same", name="conv_pooled")(pooled))
+    model = n2uq_tf.quantize_model(keras.Model(inp, [x, side, pooled]), bits=2, skip_layers=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_tflite(model)

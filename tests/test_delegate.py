@@ -116,7 +116,9 @@ class ModelF(tf.Module):
     takes a per-channel add, a PReLU, the float output, a residual add and ReLU6, then packs 3-bit codes
     (70 channels: a partial second word); a strided, dilated conv writing byte codes only; a depthwise
     with multiplier whose stage ends in a float output; an FC packing 1-bit codes for an FC that
-    outputs floats only. Codes and packed outputs are graph outputs too."""
+    outputs floats only; a max pool (asymmetric zero pads, 3x2 window, strides 2x1) whose stage adds,
+    takes a PReLU and packs 2-bit codes after its float output. Codes and packed outputs are graph
+    outputs too."""
 
     @tf.function(input_signature=[tf.TensorSpec([2, 7, 6, 5], tf.float32)])
     def f(self, x):
@@ -151,7 +153,11 @@ class ModelF(tf.Module):
         q = fc1(p_fc, *layer_inputs(65 * features, 65, 3), vector(65, -0.5, 0.5), tf.constant(thresholds(rng, 1)))
         fc2 = co.fully_connected_fused_fn(in_features=65, out_features=7, act_bits=1, weight_bits=2,
                                           steps=["relu_n1_to_1"], float_output=1)
-        return h, codes, d, q, fc2(q, *layer_inputs(7 * 65, 7, 2))
+        pool = co.max_pool2d_fused_fn(channels=5, pool_size=(3, 2), strides=(2, 1), pads=(1, 1, 0, 1),
+                                      steps=["add", "prelu"], float_output=0, quantize="pack", quantize_bits=2,
+                                      quantize_beta1=0.9)
+        pooled, p_pool = pool(x, vector(5), vector(5, 0.05, 0.5), tf.constant(thresholds(rng, 2)))
+        return h, codes, d, q, fc2(q, *layer_inputs(7 * 65, 7, 2)), pooled, p_pool
 
 
 def convert(module):
@@ -262,8 +268,10 @@ def test_fused_ops_equal_tf_reference_bit_for_bit(fused_model, backend):
     ISA, 1 and 2 threads."""
     content, x, reference = fused_model
     assert set(n2tfl.model_n2uq_ops(model_content=content)) == {
-        "N2UQQuantizePack", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused"}
-    assert [r.dtype for r in reference] == [np.float32, np.uint8, np.float32, np.int64, np.float32]
+        "N2UQQuantizePack", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused",
+        "N2UQMaxPool2DFused"}
+    assert [r.dtype for r in reference] == [np.float32, np.uint8, np.float32, np.int64, np.float32, np.float32,
+                                            np.int64]
     assert all(len(np.unique(r)) > 2 for r in reference)
     for isa in _core.supported_isas():
         for threads in (1, 2):
@@ -554,6 +562,7 @@ def _set_input(slot, tensor_of):
 # codes, weights, multiplier, bias, mul values, add values -> float; fc1 -> packed; fc2 -> float.
 CONV1, CONV2 = ("N2UQConv2DFused", 0), ("N2UQConv2DFused", 1)
 DW, FC1, FC2 = ("N2UQDepthwiseConv2DFused", 0), ("N2UQFullyConnectedFused", 0), ("N2UQFullyConnectedFused", 1)
+POOL = ("N2UQMaxPool2DFused", 0)  # x, add values, PReLU slopes, thresholds -> float, packed
 MALFORMED_FUSED = {
     "steps out of range": (CONV1, lambda m, g, op: _options(op, steps=17), "option 'steps' = 17 is out of range"),
     "step kind 0": (CONV1, lambda m, g, op: _options(op, step_0=0), "option 'step_0' = 0 is out of range"),
@@ -590,6 +599,16 @@ MALFORMED_FUSED = {
     "codes output of another type": (CONV2, _set_type(0, output=True, type_id=4), "must be uint8"),
     "packed output of another type": (CONV1, _set_type(1, output=True, type_id=0), "must be int64"),
     "float output of another type": (FC2, _set_type(0, output=True, type_id=2), "must be float32"),
+    "pool window larger than the padded input": (POOL, lambda m, g, op: _options(op, filter_height=20),
+                                                 "the padded input (9 x 7) is smaller than the filter (20 x 2)"),
+    "pool channels of another count": (POOL, lambda m, g, op: _options(op, channels=6),
+                                       "input shape [2, 7, 6, 5] must be [N, H, W, channels=6]"),
+    "pool pad missing": (POOL, lambda m, g, op: _options(op, pad_left=None), "missing option 'pad_left'"),
+    "pool stride 0": (POOL, lambda m, g, op: _options(op, stride_width=0), "option 'stride_width' = 0 is out of range"),
+    "pool pads negative": (POOL, lambda m, g, op: _options(op, pad_top=-1), "option 'pad_top' = -1 is out of range"),
+    "pool input of another type": (POOL, _set_type(0, type_id=2), "must be float32"),
+    "pool slopes too short": (POOL, lambda m, g, op: _set_buffer(
+        m, g, op.inputs[2], np.ones(4, np.float32).tobytes(), [4]), "step 1 values has shape [4] but needs 5"),
 }
 
 
@@ -603,11 +622,12 @@ def test_malformed_fused_ops_report_errors_without_crashing(fused_model, sanitiz
     for case, ((op_name, nth), edit, message) in MALFORMED_FUSED.items():
         mutants.append(delegate_fuzz.Mutant("malformed", case, _edit_nth(content, op_name, nth, edit), None))
         expected.append(message)
-    for op_name, label, edited in delegate_fuzz.op_io_edits(content, names=tuple(co.FUSED_OPS)):
+    for op_name, label, edited in delegate_fuzz.op_io_edits(content, names=tuple(co.FUSED_OPS) + (
+            co.OP_MAX_POOL2D_FUSED,)):
         mutants.append(delegate_fuzz.Mutant("op_io_edit", f"{op_name}: {label}", edited, None))
         expected.append(re.compile(rf"{op_name} \(node \d+\): "))
-    # conv1: 8 inputs, 2 outputs; the depthwise and fc1: 6 inputs, 1 output
-    assert len(mutants) == len(MALFORMED_FUSED) + (8 + 1 + 2 * (2 + 8)) + 2 * (6 + 1 + 2 + 6)
+    # conv1: 8 inputs, 2 outputs; the depthwise and fc1: 6 inputs, 1 output; the pool: 4 inputs, 2 outputs
+    assert len(mutants) == len(MALFORMED_FUSED) + (8 + 1 + 2 * (2 + 8)) + 2 * (6 + 1 + 2 + 6) + (4 + 1 + 2 * (2 + 4))
     plugin, env = sanitized
     results = delegate_fuzz.run_mutants(mutants, "litert", plugin, env, str(tmp_path))
     for (mutant, outcome, detail), message in zip(results, expected):

@@ -356,17 +356,113 @@ def test_fused_outputs_equal_unfused_bit_for_bit(op_graph, backend):
     assert_bit_identical(run(fused, x, backend, 2), run(unfused, x, backend, 2), f"{backend} other input")
 
 
+# ------------------------------------------------------------------ the max pool as a layer op
+
+class PoolGraph:
+    """Three pools of one input (float32 [2, 7, 9, 16]), each followed by a quantize-and-pack:
+    a PAD of zeros (asymmetric) + 3x3 / 2 'valid' pool + ADD c, PRELU (fused: the PAD too); a PAD of
+    ones + 'valid' pool (the pool fused, the PAD stays: its padding is not zeros); a 'same' pool
+    (stays: TFLite's 'same' pool skips the padding, it does not count zeros). Thresholds on values the
+    quantizers' inputs take (ties)."""
+    SHAPE = (2, 7, 9, 16)
+
+    def __init__(self):
+        rng = np.random.default_rng(3)
+        self.input = hard_values(rng, self.SHAPE, [0.25, -0.5], 1.0)
+        self.c = rng.normal(0, 0.3, 16).astype(np.float32)
+        self.alpha = rng.uniform(0.05, 0.5, 16).astype(np.float32)
+        self.thresholds = {}
+        self.network(tf.constant(self.input), place=True)
+
+    def branches(self, x):
+        zero = tf.nn.max_pool2d(tf.pad(x, [[0, 0], [1, 2], [0, 1], [0, 0]]), 3, 2, "VALID")
+        ones = tf.nn.max_pool2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=1.0), 2, 2, "VALID")
+        same = tf.nn.max_pool2d(x, 3, 2, "SAME")
+        return {"zero": _prelu(zero + self.c, self.alpha), "ones": ones, "same": same}
+
+    def network(self, x, place=False):
+        outputs = []
+        for name, value in self.branches(x).items():
+            if place:
+                distinct = np.unique(value.numpy())
+                self.thresholds[name] = distinct[np.linspace(0, len(distinct) - 1, 5)[1:-1].astype(int)]
+            fn = co.quantize_pack_fn(2, 16, 1.0)
+            q = fn.python_function(value, tf.constant(self.thresholds[name])) if tf.executing_eagerly() else \
+                fn(value, tf.constant(self.thresholds[name]))
+            outputs.append(q)
+        return outputs
+
+    def convert(self):
+        module = tf.Module()
+        module.f = tf.function(self.network, input_signature=[tf.TensorSpec(self.SHAPE, tf.float32)])
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+        converter.allow_custom_ops = True
+        return converter.convert()
+
+
+def test_pool_fusion_takes_zero_pads_and_valid_pools_only():
+    graph = PoolGraph()
+    unfused = graph.convert()
+    fused, fusions = fuse_bytes(unfused)
+    before, after = inspect_tflite(unfused), inspect_tflite(fused)
+    assert before.op_counts()["MAX_POOL_2D"] == 3
+    assert after.op_counts() == {"N2UQMaxPool2DFused": 2, "PADV2": 1, "MAX_POOL_2D": 1, "N2UQQuantizePack": 1}
+    assert [(f.layer_op, f.steps, f.quantize) for f in fusions] == [
+        ("PAD + MAX_POOL_2D", ["add", "prelu"], "pack"), ("MAX_POOL_2D", [], "pack")]
+    pools = [op.options for op in after.operators if op.name == co.OP_MAX_POOL2D_FUSED]
+    assert [(o["filter_height"], o["stride_height"], o["pad_top"], o["pad_bottom"], o["pad_left"], o["pad_right"])
+            for o in pools] == [(3, 2, 1, 2, 0, 1), (2, 2, 0, 0, 0, 0)]
+    for backend in BACKENDS:
+        want = run(unfused, graph.input, backend, 1)
+        assert all(len(np.unique(w)) > 1 for w in want)
+        for threads in (1, 2):
+            assert_bit_identical(run(fused, graph.input, backend, threads), want, f"{backend} {threads} threads")
+
+
+def test_max_pool_kernel_equals_numpy():
+    """n2uq_max_pool2d: the max over each window of the zero-padded input, every shape and thread count."""
+    rng = np.random.default_rng(0)
+    cases = [((2, 9, 11, 5), 3, 2, (1, 1, 1, 1)), ((1, 7, 7, 70), (2, 3), (1, 2), (0, 2, 1, 0)),
+             ((1, 4, 4, 16), 3, 2, 0), ((1, 3, 3, 17), 2, 1, 4), ((1, 1, 1, 1), 1, 1, 0)]
+    for shape, size, strides, pads in cases:
+        x = rng.normal(0, 1, shape).astype(np.float32)
+        x[x > 1.5] = -0.0
+        fh, fw = (size, size) if isinstance(size, int) else size
+        sh, sw = (strides, strides) if isinstance(strides, int) else strides
+        top, bottom, left, right = (pads,) * 4 if isinstance(pads, int) else pads
+        padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        oh, ow = (padded.shape[1] - fh) // sh + 1, (padded.shape[2] - fw) // sw + 1
+        want = np.full((shape[0], oh, ow, shape[3]), -np.inf, np.float32)
+        for fy in range(fh):
+            for fx in range(fw):
+                want = np.maximum(want, padded[:, fy:fy + sh * (oh - 1) + 1:sh, fx:fx + sw * (ow - 1) + 1:sw])
+        for threads in (1, 3):
+            got = _core.max_pool2d(x, size, strides=strides, padding=pads, num_threads=threads)
+            np.testing.assert_array_equal(got, want, err_msg=f"{shape} {size} {strides} {pads} {threads}")
+    x = rng.normal(0, 1, (1, 4, 4, 3)).astype(np.float32)
+    with pytest.raises(_core.CoreError, match="smaller than the filter"):
+        _core.max_pool2d(x, 5, strides=1, padding=0)
+    with pytest.raises(_core.CoreError, match="num_threads"):
+        _core.max_pool2d(x, 2, num_threads=0)
+    with pytest.raises(_core.CoreError, match="filter_height"):
+        _core.max_pool2d(x, 0)
+
+
 # ------------------------------------------------------------------ exported Keras models
 
-def resnet18_style(bits):
-    """ResNet-18's structure at toy size: 3x3 stem, BN, ReLU, max-pool, the library's basic blocks
-    (identity shortcuts, then a stride-2 block with a downsample conv), GAP, fc; the paper's plan."""
+def resnet18_style(bits, padded_pool=False):
+    """ResNet-18's structure at toy size: 3x3 stem, BN, ReLU, max-pool (2x2, or with `padded_pool`
+    the ImageNet model's zero pad of 1 and 3x3 / 2), the library's basic blocks (identity shortcuts,
+    then a stride-2 block with a downsample conv), GAP, fc; the paper's plan."""
     from n2uq_tf.models import _common, resnet
     keras.utils.set_random_seed(bits)
     inputs = keras.Input((16, 16, 3), name="input")
     x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = L.ReLU(name="stem_relu")(_common.batch_norm("stem_bn")(x))
-    x = L.MaxPooling2D(2, name="stem_pool")(x)
+    if padded_pool:
+        x = L.MaxPooling2D(3, strides=2, name="stem_pool")(L.ZeroPadding2D(1, name="stem_pool_pad")(x))
+    else:
+        x = L.MaxPooling2D(2, name="stem_pool")(x)
     for prefix, planes, stride in (("layer1_0", 8, 1), ("layer1_1", 8, 1), ("layer2_0", 16, 2)):
         x = resnet.basic_block(x, planes, stride, prefix)
     x = _common.classifier(10, 16)(L.GlobalAveragePooling2D(name="avgpool")(x))
@@ -458,17 +554,32 @@ def test_resnet20_fused_equals_unfused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [2, 4])
-def test_resnet18_style_fused_equals_unfused(bits):
-    model = resnet18_style(bits)
+@pytest.mark.parametrize("bits, padded_pool", [(2, True), (4, False)])
+def test_resnet18_style_fused_equals_unfused(bits, padded_pool):
+    """The stem's pool (with its zero PAD when there is one), the first block's RPReLU and its
+    quantize-and-pack become one N2UQMaxPool2DFused that also outputs the float tensor (the shortcut)."""
+    model = resnet18_style(bits, padded_pool)
     unfused, fused, report = _exports(model)
     _check_parity(model, unfused, fused)
     info, before = inspect_tflite(fused), inspect_tflite(unfused)
-    assert info.op_counts() == {"CONV_2D": 1, "MAX_POOL_2D": 1, "ADD": 2, "PRELU": 1, "N2UQQuantizePack": 2,
+    assert info.op_counts() == {"CONV_2D": 1, "N2UQMaxPool2DFused": 1, "N2UQQuantizePack": 1,
                                 "N2UQConv2DFused": 6, "N2UQConv2D": 1, "MEAN": 1, "FULLY_CONNECTED": 1}
+    assert before.op_counts()["MAX_POOL_2D"] == 1 and before.op_counts().get("PAD", 0) == int(padded_pool)
     assert _n2uq_counts(info.op_counts(as_unfused=True)) == _n2uq_counts(before.op_counts())
     assert all(layer.activation_bits == bits for layer in info.layers)
     assert len([r for r in report.lowered if r.fused]) == 6
+    pool = next(op for op in info.operators if op.name == co.OP_MAX_POOL2D_FUSED)
+    size, stride, pad = (3, 2, 1) if padded_pool else (2, 2, 0)
+    assert {k: pool.options[k] for k in co.POOL_OPTIONS} == dict(
+        channels=8, filter_height=size, filter_width=size, stride_height=stride, stride_width=stride, pad_top=pad,
+        pad_bottom=pad, pad_left=pad, pad_right=pad)
+    assert co.describe_output_stage(pool.options) == "float output -> add -> prelu -> add -> quantize-and-pack " \
+        f"{bits}-bit"
+    rows = {r.name: r for r in report.layers}
+    assert rows["layer1_0_rprelu1"].fused == [
+        f"N2UQMaxPool2DFused: stem_pool ({'PAD + ' if padded_pool else ''}MAX_POOL_2D) -> float output -> "
+        "layer1_0_rprelu1 (ADD, PRELU, ADD) -> quantize-and-pack for layer1_0_conv1"]
+    assert rows["layer1_0_conv1"].ops == ["N2UQConv2DFused"]  # its quantizer runs in the pool's op
 
 
 @pytest.mark.slow

@@ -27,6 +27,12 @@ same op (the residual ADD of two convs), the first in graph order does. Each ste
 operation of the builtin it replaces, so the fused model computes exactly what the unfused one
 does (custom_ops, "Exactness"; tests/test_fusion.py compares both files bit for bit).
 
+A float32 MAX_POOL_2D with 'valid' padding and no fused activation counts as a layer op too
+(`_pool_layer`), with a PAD of zeros before it (spatial pads only, read by nothing else) taken in:
+N2UQMaxPool2DFused. A pool with only a PAD to absorb and no chain after it is still rewritten (the
+PAD goes); one with neither stays a builtin. A 'same' pool stays (TFLite's skips its padding,
+which counts no zeros), and so does a PAD of another value, the pool then fused without it.
+
 `export_tflite` runs this rewrite by default (``fuse=True``) and writes export format 3 when
 something was fused, format 2 (which older readers run) otherwise.
 """

@@ -64,9 +64,11 @@ class TFLiteInspection:
         counts = {}
         for op in self.operators:
             names = [op.name]
-            if as_unfused and op.name in custom_ops.FUSED_OPS:
+            if as_unfused and (op.name in custom_ops.FUSED_OPS or op.name == custom_ops.OP_MAX_POOL2D_FUSED):
                 quantizer = _QUANTIZE_OPS.get((op.options or {}).get("quantize"))
-                names = [custom_ops.FUSED_OPS[op.name]] + ([quantizer] if quantizer else [])
+                # the pool's own ops were builtins (PAD, MAX_POOL_2D): only its quantizer counts
+                layer = [custom_ops.FUSED_OPS[op.name]] if op.name in custom_ops.FUSED_OPS else []
+                names = layer + ([quantizer] if quantizer else [])
             for name in names:
                 counts[name] = counts.get(name, 0) + 1
         return counts
