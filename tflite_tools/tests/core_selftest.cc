@@ -1,8 +1,9 @@
 // Self-test of the kernel core: every ISA and conv path (bitserial, dot, lut, amx) this CPU
 // runs against a naive scalar loop on random cases (edge channel counts, strides,
 // dilations, asymmetric padding, bits 1-4 each, thread counts 1-3), through one-shot calls
-// and through plans reused across input sizes, plus malformed arguments that must return
-// errors. N2UQ_CPU_DISABLE (see n2uq_core.h) reaches the fallback kernels.
+// and through plans reused across input sizes, the max pool against a scalar loop, plus
+// malformed arguments that must return errors. N2UQ_CPU_DISABLE (see n2uq_core.h) reaches
+// the fallback kernels.
 // Built with -fsanitize=address,undefined by tests/test_kernel_core.py, cross-built for
 // aarch64 and run under qemu-user when the toolchain exists.
 //
@@ -415,6 +416,232 @@ void run_quantize_case() {
   }
 }
 
+// Max pool vs a scalar loop over an explicitly zero-padded copy of the input. Each window takes
+// its input positions first, in row-major order, then its padding positions (the documented
+// order, n2uq_max_pool2d: it decides which of +0 / -0 or of two NaNs comes out), so inputs with
+// signed zeros, NaN and infinities compare bit for bit too.
+std::vector<float> naive_pool(const N2uqPoolShape& s, int oh, int ow, const std::vector<float>& x) {
+  const int ph = s.in_height + s.pad_top + s.pad_bottom, pw = s.in_width + s.pad_left + s.pad_right;
+  const size_t c = size_t(s.channels);
+  std::vector<float> padded(size_t(s.batch) * ph * pw * c, 0.f);
+  std::vector<char> in_padding(size_t(ph) * pw, 1);
+  for (int n = 0; n < s.batch; ++n)
+    for (int y = 0; y < s.in_height; ++y)
+      for (int xx = 0; xx < s.in_width; ++xx) {
+        const size_t p = size_t(y + s.pad_top) * pw + size_t(xx + s.pad_left);
+        in_padding[p] = 0;
+        std::memcpy(&padded[(size_t(n) * ph * pw + p) * c], &x[((size_t(n) * s.in_height + y) * s.in_width + xx) * c],
+                    c * sizeof(float));
+      }
+  std::vector<float> out(size_t(s.batch) * oh * ow * c);
+  for (int n = 0; n < s.batch; ++n)
+    for (int oy = 0; oy < oh; ++oy)
+      for (int ox = 0; ox < ow; ++ox)
+        for (size_t ch = 0; ch < c; ++ch) {
+          bool first = true;
+          float m = 0.f;
+          for (int pass = 0; pass < 2; ++pass)  // 0: the input positions, 1: the padding's zeros
+            for (int fy = 0; fy < s.filter_height; ++fy)
+              for (int fx = 0; fx < s.filter_width; ++fx) {
+                const size_t p = size_t(oy * s.stride_height + fy) * pw + size_t(ox * s.stride_width + fx);
+                if (in_padding[p] != pass) continue;
+                const float v = padded[(size_t(n) * ph * pw + p) * c + ch];
+                m = first || v > m ? v : m;
+                first = false;
+              }
+          out[((size_t(n) * oh + oy) * ow + ox) * c + ch] = m;
+        }
+  return out;
+}
+
+// One pool shape on random data (mode 0: mixed signs; 1: all negative, so wherever a window
+// reaches the padding its zero wins; 2: a quarter special values), with 1 and 3 threads.
+void check_pool_case(const N2uqPoolShape& s, int mode) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float specials[] = {nan, -nan, inf, -inf, 0.f, -0.f, std::numeric_limits<float>::denorm_min(), -3e-39f};
+  const int want_oh = (s.in_height + s.pad_top + s.pad_bottom - s.filter_height) / s.stride_height + 1;
+  const int want_ow = (s.in_width + s.pad_left + s.pad_right - s.filter_width) / s.stride_width + 1;
+  int32_t oh = 0, ow = 0;
+  char err[256] = "";
+  int rc = n2uq_max_pool2d_output_size(&s, &oh, &ow, err, sizeof err);
+  EXPECT(rc == N2UQ_OK && oh == want_oh && ow == want_ow, "pool output size rc=%d %s: %dx%d, want %dx%d", rc, err,
+         oh, ow, want_oh, want_ow);
+  if (rc != N2UQ_OK) return;
+  std::vector<float> x(size_t(s.batch) * s.in_height * s.in_width * s.channels);
+  for (auto& v : x)
+    v = mode == 1                         ? std::uniform_real_distribution<float>(-3.f, -0.5f)(rng)
+        : mode == 2 && uniform(0, 3) == 0 ? specials[uniform(0, 7)]
+                                          : std::uniform_real_distribution<float>(-2.f, 2.f)(rng);
+  const std::vector<float> expected = naive_pool(s, oh, ow, x);
+  for (int threads : {1, 3}) {
+    // Exact size with 1 thread (ASan sees any write past it); with 3, a longer buffer whose tail
+    // must stay as it was.
+    const size_t extra = threads == 1 ? 0 : 5;
+    std::vector<float> got(expected.size() + extra, -7.f);
+    rc = n2uq_max_pool2d(&s, x.data(), int64_t(x.size()), got.data(), int64_t(got.size()), threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "max_pool2d returned %d: %s", rc, err);
+    if (rc != N2UQ_OK) continue;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float want = i < expected.size() ? expected[i] : -7.f;
+      if (std::memcmp(&got[i], &want, sizeof want) != 0) {
+        EXPECT(false,
+               "max_pool2d threads=%d mode=%d index %zu: %.9g vs %.9g (N=%d %dx%d C=%d filter %dx%d stride %dx%d "
+               "pads t%d b%d l%d r%d)",
+               threads, mode, i, got[i], want, s.batch, s.in_height, s.in_width, s.channels, s.filter_height,
+               s.filter_width, s.stride_height, s.stride_width, s.pad_top, s.pad_bottom, s.pad_left, s.pad_right);
+        break;
+      }
+    }
+  }
+}
+
+// Channel counts around the 16-channel register blocks, 2x3 and 3x3 filters, strides 1 and 2 (and
+// mixed), no pads, asymmetric pads and pads at least a filter wide (whole windows in the padding);
+// then two wide layers, whose rows (~17K outputs each, over the kernel's grain) 3 threads split.
+void run_pool_cases() {
+  static const int kChannels[] = {1, 5, 16, 17, 70};
+  static const int kFilters[][2] = {{2, 3}, {3, 3}};
+  static const int kPads[][4] = {{0, 0, 0, 0}, {1, 0, 2, 1}, {3, 1, 0, 4}, {0, 3, 3, 0}};  // top, bottom, left, right
+  for (int channels : kChannels)
+    for (const auto& f : kFilters)
+      for (int stride = 1; stride <= 2; ++stride)
+        for (const auto& p : kPads) {
+          N2uqPoolShape s{};
+          s.batch = uniform(1, 2);
+          s.channels = channels;
+          s.filter_height = f[0];
+          s.filter_width = f[1];
+          s.stride_height = stride;
+          s.stride_width = uniform(0, 3) == 0 ? 3 - stride : stride;
+          s.pad_top = p[0];
+          s.pad_bottom = p[1];
+          s.pad_left = p[2];
+          s.pad_right = p[3];
+          // The smallest input the padded size holds a window of, and up to a few more rows / columns.
+          s.in_height = std::max(1, f[0] - p[0] - p[1]) + uniform(0, 5);
+          s.in_width = std::max(1, f[1] - p[2] - p[3]) + uniform(0, 8);
+          check_pool_case(s, uniform(0, 2));
+        }
+  static const int kWide[][3] = {{5, 250, 70}, {4, 1000, 17}};  // height, width, channels
+  for (const auto& w : kWide) {
+    N2uqPoolShape s{};
+    s.batch = 1;
+    s.in_height = w[0];
+    s.in_width = w[1];
+    s.channels = w[2];
+    s.filter_height = s.filter_width = 3;
+    s.stride_height = s.stride_width = 1;
+    s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 1;
+    check_pool_case(s, uniform(0, 2));
+  }
+}
+
+// Malformed pool calls: each returns its status and message, and writes nothing.
+void run_pool_malformed() {
+  N2uqPoolShape good{};
+  good.batch = 2;
+  good.in_height = 4;
+  good.in_width = 5;
+  good.channels = 3;
+  good.filter_height = good.filter_width = 3;
+  good.stride_height = good.stride_width = 2;
+  good.pad_top = 1;
+  good.pad_right = 1;
+  // Output 2 x 2 x 2 x 3 = 24 values from 2 x 4 x 5 x 3 = 120.
+  std::vector<float> in(120, 1.f), out(24, -7.f);
+  auto pool = [&](const N2uqPoolShape* s, const float* x, int64_t x_len, float* y, int64_t y_len, int threads,
+                  int status, const char* expect) {
+    char err[256] = "";
+    std::fill(out.begin(), out.end(), -7.f);
+    const int rc = n2uq_max_pool2d(s, x, x_len, y, y_len, threads, err, sizeof err);
+    EXPECT(rc == status && std::strstr(err, expect) != nullptr, "pool malformed (%s): rc=%d msg='%s'", expect, rc,
+           err);
+    EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "pool malformed (%s) wrote its output", expect);
+  };
+  {
+    char err[256] = "";
+    const int rc = n2uq_max_pool2d(&good, in.data(), 120, out.data(), 24, 2, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && std::count(out.begin(), out.end(), 1.f) == 24, "good pool failed: %d %s", rc, err);
+  }
+  pool(nullptr, in.data(), 120, out.data(), 24, 1, N2UQ_ERR_ARGUMENT, "NULL");
+  pool(&good, nullptr, 120, out.data(), 24, 1, N2UQ_ERR_ARGUMENT, "NULL");
+  pool(&good, in.data(), 120, nullptr, 24, 1, N2UQ_ERR_ARGUMENT, "NULL");
+  pool(&good, in.data(), 119, out.data(), 24, 1, N2UQ_ERR_BUFFER, "input has 119 elements, the shape needs 120");
+  pool(&good, in.data(), 120, out.data(), 23, 1, N2UQ_ERR_BUFFER, "output has 23 elements, the shape needs 24");
+  pool(&good, in.data(), -1, out.data(), 24, 1, N2UQ_ERR_BUFFER, "input has");
+  pool(&good, in.data(), 120, out.data(), 24, 0, N2UQ_ERR_ARGUMENT, "num_threads");
+  pool(&good, in.data(), 120, out.data(), 24, -2, N2UQ_ERR_ARGUMENT, "num_threads");
+  pool(&good, in.data(), 120, out.data(), 24, N2UQ_MAX_THREADS + 1, N2UQ_ERR_ARGUMENT, "num_threads");
+  struct Edit {
+    int32_t N2uqPoolShape::*field;
+    int32_t value;
+    const char* expect;
+  };
+  static const Edit kEdits[] = {
+      {&N2uqPoolShape::batch, 0, "must be >= 1"},          {&N2uqPoolShape::batch, -3, "must be >= 1"},
+      {&N2uqPoolShape::in_height, -1, "must be >= 1"},     {&N2uqPoolShape::in_width, 0, "must be >= 1"},
+      {&N2uqPoolShape::channels, 0, "must be >= 1"},       {&N2uqPoolShape::channels, (1 << 24) + 1, "must be <="},
+      {&N2uqPoolShape::in_width, 2000000000, "must be <="}, {&N2uqPoolShape::filter_height, 0, "filter_height"},
+      {&N2uqPoolShape::filter_width, -1, "filter_width"},  {&N2uqPoolShape::filter_width, 4097, "filter_width"},
+      {&N2uqPoolShape::stride_height, 0, "stride_height"}, {&N2uqPoolShape::stride_width, -2, "stride_width"},
+      {&N2uqPoolShape::pad_top, -1, "pads"},               {&N2uqPoolShape::pad_right, 4097, "pads"},
+      // Larger than the padded input (4 + 1 rows, 5 + 1 columns).
+      {&N2uqPoolShape::filter_height, 6, "smaller than the filter"},
+      {&N2uqPoolShape::filter_width, 7, "smaller than the filter"}};
+  for (const Edit& e : kEdits) {
+    N2uqPoolShape s = good;
+    s.*e.field = e.value;
+    pool(&s, in.data(), 120, out.data(), 24, 1, N2UQ_ERR_ARGUMENT, e.expect);
+    int32_t oh = -5, ow = -5;
+    char err[256] = "";
+    const int rc = n2uq_max_pool2d_output_size(&s, &oh, &ow, err, sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT && std::strstr(err, e.expect) && oh == -5 && ow == -5,
+           "pool output size malformed (%s): rc=%d msg='%s'", e.expect, rc, err);
+  }
+  {
+    // A filter exactly the padded input's size is fine: one output row.
+    N2uqPoolShape s = good;
+    s.filter_height = 5;
+    int32_t oh = 0, ow = 0;
+    char err[256] = "";
+    EXPECT(n2uq_max_pool2d_output_size(&s, &oh, &ow, err, sizeof err) == N2UQ_OK && oh == 1 && ow == 2,
+           "pool filter of the padded height: %s", err);
+    // Sizes whose element counts pass 2^40 are refused before any buffer is looked at.
+    s = good;
+    s.in_height = s.in_width = s.channels = 1 << 24;
+    pool(&s, in.data(), 120, out.data(), 24, 1, N2UQ_ERR_UNSUPPORTED, "too large");
+    EXPECT(n2uq_max_pool2d_output_size(nullptr, &oh, &ow, err, sizeof err) == N2UQ_ERR_ARGUMENT, "pool size NULL");
+    EXPECT(n2uq_max_pool2d_output_size(&good, nullptr, &ow, err, sizeof err) == N2UQ_ERR_ARGUMENT, "pool size NULL h");
+    EXPECT(n2uq_max_pool2d_output_size(&good, &oh, nullptr, err, sizeof err) == N2UQ_ERR_ARGUMENT, "pool size NULL w");
+    // A too-small error buffer gets a terminated prefix; a NULL one is allowed.
+    char tiny[4];
+    EXPECT(n2uq_max_pool2d(nullptr, in.data(), 120, out.data(), 24, 1, tiny, sizeof tiny) == N2UQ_ERR_ARGUMENT &&
+               std::strlen(tiny) == 3, "pool tiny error buffer");
+    EXPECT(n2uq_max_pool2d(&good, in.data(), 119, out.data(), 24, 1, nullptr, 0) == N2UQ_ERR_BUFFER,
+           "pool null error buffer");
+  }
+  {
+    // Output and input in one buffer: any overlap is refused (nothing written); adjacent is fine.
+    std::vector<float> shared(24 + 120 + 24, 2.f);
+    float* base = shared.data();
+    auto overlap = [&](const float* x, float* y, int status) {
+      std::fill(shared.begin(), shared.end(), 2.f);
+      char err[256] = "";
+      const int rc = n2uq_max_pool2d(&good, x, 120, y, 24, 1, err, sizeof err);
+      EXPECT(rc == status && (status == N2UQ_OK || std::strstr(err, "overlaps")), "pool overlap at %td/%td: rc=%d %s",
+             x - base, y - base, rc, err);
+      if (status != N2UQ_OK)
+        EXPECT(std::count(shared.begin(), shared.end(), 2.f) == int64_t(shared.size()), "pool overlap wrote");
+    };
+    overlap(base + 24, base + 24, N2UQ_ERR_ARGUMENT);   // the same address
+    overlap(base + 24, base + 1, N2UQ_ERR_ARGUMENT);    // output's last value on the input's first
+    overlap(base + 24, base + 143, N2UQ_ERR_ARGUMENT);  // output's first value on the input's last
+    overlap(base + 24, base + 60, N2UQ_ERR_ARGUMENT);   // inside
+    overlap(base + 24, base, N2UQ_OK);                  // just before
+    overlap(base + 24, base + 144, N2UQ_OK);            // just after
+  }
+}
+
 // Every malformed call must fail with a status and a message (never crash or read
 // past a buffer: the sanitizers watch the exact-size vectors).
 void run_malformed() {
@@ -605,7 +832,9 @@ int main(int argc, char** argv) {
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
   for (int i = 0; i < 2 * cases; ++i) run_quantize_case();
+  run_pool_cases();
   run_malformed();
+  run_pool_malformed();
   if (failures) {
     std::printf("selftest: %d failures\n", failures);
     return 1;

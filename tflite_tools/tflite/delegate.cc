@@ -1269,10 +1269,12 @@ N2UQ_EXPORT const N2uqTfLiteRegistration* n2uq_tflite_registration(const char* o
   static N2uqTfLiteRegistration regs[kNumOps];
   static std::once_flag once;
   std::call_once(once, [] {
-    void* (*inits[kNumOps])(N2uqTfLiteContext*, const char*, size_t) = {
+    void* (*inits[])(N2uqTfLiteContext*, const char*, size_t) = {
         ResolverKernelInit<kQuantizePack>, ResolverKernelInit<kQuantize>, ResolverKernelInit<kConv2D>,
         ResolverKernelInit<kDepthwise>, ResolverKernelInit<kFullyConnected>, ResolverKernelInit<kConv2DFused>,
-        ResolverKernelInit<kDepthwiseFused>, ResolverKernelInit<kFullyConnectedFused>};
+        ResolverKernelInit<kDepthwiseFused>, ResolverKernelInit<kFullyConnectedFused>,
+        ResolverKernelInit<kMaxPool2DFused>};
+    static_assert(sizeof(inits) / sizeof(inits[0]) == kNumOps, "one resolver init per op kind");
     for (int i = 0; i < kNumOps; ++i) {
       memset(&regs[i], 0, sizeof(regs[i]));
       regs[i].init = inits[i];

@@ -18,6 +18,8 @@
 
 extern "C" {
 const N2uqTfLiteRegistration* n2uq_tflite_registration(const char* op_name);
+int n2uq_tflite_op_count(void);
+const char* n2uq_tflite_op_name(int index);
 N2uqTfLiteDelegate* n2uq_delegate_create(const char* const* keys, const char* const* values, size_t count, char* err,
                                          size_t err_len);
 void n2uq_delegate_delete(N2uqTfLiteDelegate* delegate);
@@ -63,10 +65,28 @@ static const char* kFusedOptions =
     "010000000000403f02000000030000000400000002000000010000000100000002000000060606060606060606060606060e06060606"
     "060606692601";
 
+// N2UQMaxPool2DFused(channels 5, 3x3 filter, stride 2, pads top 1 bottom 1 left 1 right 0) with the
+// stage PRELU (step 0), the float output before it (float_output 0), then quantize-and-pack (2 bits,
+// beta1 1.0); written by flexbuffers.Dumps. kPoolOptionsNoFilterWidth: the same without filter_width.
+static const char* kPoolOptions =
+    "6368616e6e656c730066696c7465725f6865696768740066696c7465725f7769647468007374726964655f686569676874007374"
+    "726964655f7769647468007061645f746f70007061645f626f74746f6d007061645f6c656674007061645f726967687400737465"
+    "707300737465705f30007175616e74697a65007175616e74697a655f62697473007175616e74697a655f626574613100666c6f61"
+    "745f6f7574707574000fa69e91116359516e3c2635464d8f8200000012000000010000000f000000050000000300000003000000"
+    "0000000001000000010000000000000001000000010000000000803f020000000300000001000000020000000200000006060606"
+    "06060606060e06060606064b2601";
+static const char* kPoolOptionsNoFilterWidth =
+    "6368616e6e656c730066696c7465725f686569676874007374726964655f686569676874007374726964655f7769647468007061"
+    "645f746f70007061645f626f74746f6d007061645f6c656674007061645f726967687400737465707300737465705f3000717561"
+    "6e74697a65007175616e74697a655f62697473007175616e74697a655f626574613100666c6f61745f6f7574707574000e999110"
+    "6258506d3b2534454c8e81000f000000010000000e000000050000000300000000000000010000000100000000000000010000"
+    "00010000000000803f020000000300000001000000020000000200000006060606060606060e0606060606462601";
+
 static void TestFlexBuffers(int iterations) {
   n2uq::FlexOptions o;
   std::string err;
-  std::vector<uint8_t> pack = Hex(kPackOptions), conv = Hex(kConvOptions), fused = Hex(kFusedOptions);
+  std::vector<uint8_t> pack = Hex(kPackOptions), conv = Hex(kConvOptions), fused = Hex(kFusedOptions),
+                       pool = Hex(kPoolOptions);
   CHECK(o.Parse(pack.data(), pack.size(), &err), "pack options: %s", err.c_str());
   int64_t v = 0;
   double f = 0;
@@ -78,9 +98,13 @@ static void TestFlexBuffers(int iterations) {
   CHECK(o.Parse(conv.data(), conv.size(), &err) && o.entries().size() == 14, "conv options: %s", err.c_str());
   CHECK(o.Parse(fused.data(), fused.size(), &err) && o.entries().size() == 21, "fused options: %s", err.c_str());
   CHECK(o.GetInt("step_1", 1, 7, &v, &err) && v == 4 && o.GetFloat("quantize_beta1", &f, &err) && f == 0.75, "stage");
+  CHECK(o.Parse(pool.data(), pool.size(), &err) && o.entries().size() == 15, "pool options: %s", err.c_str());
+  CHECK(o.GetInt("pad_right", 0, 4, &v, &err) && v == 0 && o.GetInt("stride_width", 1, 4, &v, &err) && v == 2 &&
+            o.GetFloat("quantize_beta1", &f, &err) && f == 1.0,
+        "pool options' values");
   CHECK(!o.Parse(nullptr, 0, &err), "empty buffer");
   std::mt19937_64 rng(1234);
-  for (const std::vector<uint8_t>* base : {&pack, &conv, &fused}) {
+  for (const std::vector<uint8_t>* base : {&pack, &conv, &fused, &pool}) {
     for (size_t n = 0; n < base->size(); ++n) {  // every prefix and suffix, in exact-size heap copies
       std::vector<uint8_t> a(base->begin(), base->begin() + n), b(base->end() - n, base->end());
       o.Parse(a.empty() ? nullptr : a.data(), a.size(), &err);
@@ -413,6 +437,160 @@ static void TestFusedKernels() {
   }
 }
 
+// The op-resolver registration of `name` (for MutableOpResolver::AddCustom) has every callback the
+// interpreter calls and the op's name.
+static bool Registered(const char* name) {
+  const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);
+  return reg != nullptr && reg->init != nullptr && reg->free != nullptr && reg->prepare != nullptr &&
+         reg->invoke != nullptr && reg->custom_name != nullptr && strcmp(reg->custom_name, name) == 0;
+}
+
+static void TestRegistrations() {
+  const int count = n2uq_tflite_op_count();
+  CHECK(count > 0 && n2uq_tflite_op_name(count) == nullptr && n2uq_tflite_op_name(-1) == nullptr, "op count %d",
+        count);
+  for (int i = 0; i < count; ++i) {
+    const char* name = n2uq_tflite_op_name(i);
+    CHECK(name != nullptr && Registered(name), "op %d (%s): registration missing or incomplete", i,
+          name ? name : "no name");
+  }
+  CHECK(n2uq_tflite_registration("N2UQBogus") == nullptr, "registration of an unknown op");
+}
+
+enum PoolMutation { kPoolNone, kPoolShortThresholds, kPoolWrongChannels, kPoolShortSlopes, kPoolFilterTooLarge,
+                    kPoolMissingOption, kPoolIntInput, kPoolFloatAliasedToInput, kPoolNoThresholdsInput,
+                    kNumPoolMutations };
+
+// The pool's float output and packed codes, computed here: max over each window of the zero-padded
+// input, then the PReLU (y >= 0 ? y : y * slope) and the count of thresholds below y * beta1
+// (beta1 = 1), bit b of the code in plane b.
+static void PoolReference(const std::vector<float>& x, int h, int w, const float* slopes, const float* t,
+                          std::vector<float>* pooled, std::vector<uint64_t>* packed) {
+  const int c = 5, fh = 3, fw = 3, stride = 2, pad_top = 1, pad_left = 1;
+  const int oh = (h + 2 - fh) / stride + 1, ow = (w + 1 - fw) / stride + 1;
+  pooled->assign(size_t(oh) * ow * c, 0.0f);
+  packed->assign(size_t(oh) * ow * 2, 0);
+  for (int oy = 0; oy < oh; ++oy)
+    for (int ox = 0; ox < ow; ++ox)
+      for (int ch = 0; ch < c; ++ch) {
+        float m = -1e30f;
+        for (int fy = 0; fy < fh; ++fy)
+          for (int fx = 0; fx < fw; ++fx) {
+            const int y = oy * stride + fy - pad_top, xx = ox * stride + fx - pad_left;
+            const float v = y < 0 || y >= h || xx < 0 || xx >= w ? 0.0f : x[(size_t(y) * w + xx) * c + ch];
+            if (v > m) m = v;
+          }
+        const size_t p = size_t(oy) * ow + ox;
+        (*pooled)[p * c + ch] = m;
+        const float y = m >= 0.0f ? m : m * slopes[ch];
+        const unsigned code = unsigned(y > t[0]) + unsigned(y > t[1]) + unsigned(y > t[2]);
+        for (int b = 0; b < 2; ++b) (*packed)[p * 2 + b] |= uint64_t((code >> b) & 1u) << ch;
+      }
+}
+
+// One N2UQMaxPool2DFused run (kPoolOptions) on a 5x6 input through the op-resolver registration or
+// the delegate; returns the status and the error text. A valid run is checked against PoolReference
+// bit for bit (the float output and the packed codes).
+static int RunPool(PoolMutation m, std::string* error, bool delegate_path) {
+  FakeInterpreter f;
+  Init(&f);
+  const int h = m == kPoolFilterTooLarge ? 1 : 5, w = m == kPoolFilterTooLarge ? 1 : 6;
+  const int oh = (h + 2 - 3) / 2 + 1, ow = (w + 1 - 3) / 2 + 1;
+  int in = AddTensor(&f, m == kPoolIntInput ? kN2uqTfLiteInt32 : kN2uqTfLiteFloat32,
+                     {1, h, w, m == kPoolWrongChannels ? 6 : 5}, "x");
+  int slopes = AddTensor(&f, kN2uqTfLiteFloat32, {m == kPoolShortSlopes ? 4 : 5}, "slopes");
+  int thresholds = AddTensor(&f, kN2uqTfLiteFloat32, {m == kPoolShortThresholds ? 2 : 3}, "thresholds");
+  int out_float = AddTensor(&f, kN2uqTfLiteFloat32, {1, oh, ow, 5}, "pooled");
+  int out_codes = AddTensor(&f, kN2uqTfLiteInt64, {1, oh, ow, 2, 1}, "codes");
+  Finalize(&f);
+  // Channel 0 all negative (windows inside the input give a negative max: the PReLU's slope acts,
+  // windows reaching the padding give 0), the others mixed.
+  std::vector<float> x(f.storage[in].size() / 4);
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] = i % 5 == 0 ? -0.5f - 0.25f * float(i % 3) : float(int((i * 37 + 11) % 17) - 8) * 0.25f;
+  memcpy(f.storage[in].data(), x.data(), f.storage[in].size());
+  const float slope_values[5] = {0.5f, 2.0f, 0.25f, 1.5f, 0.75f};
+  memcpy(f.storage[slopes].data(), slope_values, f.storage[slopes].size());
+  const float t[3] = {-0.5f, 0.25f, 1.0f};
+  memcpy(f.storage[thresholds].data(), t, f.storage[thresholds].size());
+  memset(f.storage[out_float].data(), 0xAB, f.storage[out_float].size());  // so unwritten outputs show
+  memset(f.storage[out_codes].data(), 0xAB, f.storage[out_codes].size());
+  std::vector<uint8_t> options = Hex(m == kPoolMissingOption ? kPoolOptionsNoFilterWidth : kPoolOptions);
+  std::vector<int> ins = {in, slopes, thresholds};
+  std::vector<int> outs = {m == kPoolFloatAliasedToInput ? in : out_float, out_codes};
+  if (m == kPoolNoThresholdsInput) ins.pop_back();
+  int status;
+  const char* name = "N2UQMaxPool2DFused";
+  if (!delegate_path) {
+    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);  // checked by TestPoolKernels
+    N2uqTfLiteNode node = {};
+    node.inputs = NewArray(ins);
+    node.outputs = NewArray(outs);
+    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
+    status = reg->prepare(&f.ctx, &node);
+    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
+    reg->free(&f.ctx, node.user_data);
+    free(node.inputs);
+    free(node.outputs);
+  } else {
+    f.plan = NewArray({0});
+    f.inputs = NewArray(ins);
+    f.outputs = NewArray(outs);
+    memset(&f.node, 0, sizeof(f.node));
+    f.node.inputs = f.inputs;
+    f.node.outputs = f.outputs;
+    f.node.custom_initial_data = options.data();
+    f.node.custom_initial_data_size = int(options.size());
+    memset(&f.node_reg, 0, sizeof(f.node_reg));
+    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
+    f.node_reg.custom_name = name;
+    char err[256];
+    const char* keys[] = {"num_threads"};
+    const char* values[] = {"2"};
+    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 1, err, sizeof(err));
+    status = d->Prepare(&f.ctx, d);
+    if (status == kN2uqTfLiteOk) status = f.replaced_status;
+    n2uq_delegate_delete(d);
+  }
+  if (status == kN2uqTfLiteOk && m == kPoolNone) {
+    std::vector<float> pooled;
+    std::vector<uint64_t> packed;
+    PoolReference(x, h, w, slope_values, t, &pooled, &packed);
+    CHECK(f.storage[out_float].size() == pooled.size() * 4 &&
+              memcmp(f.storage[out_float].data(), pooled.data(), pooled.size() * 4) == 0,
+          "pool float output differs from the reference (path %d)", int(delegate_path));
+    CHECK(f.storage[out_codes].size() == packed.size() * 8 &&
+              memcmp(f.storage[out_codes].data(), packed.data(), packed.size() * 8) == 0,
+          "pool packed codes differ from the reference (path %d)", int(delegate_path));
+  }
+  *error = f.last_error;
+  Release(&f);
+  return status;
+}
+
+static void TestPoolKernels() {
+  static const char* const expected[kNumPoolMutations] = {
+      "", "thresholds has shape [2] but needs 3 elements", "input shape [1, 5, 6, 6] must be [N, H, W, channels=5]",
+      "step 0 values has shape [4] but needs 5 elements", "the padded input (3 x 2) is smaller than the filter (3 x 3)",
+      "missing option 'filter_width'", "must be float32", "output tensor 0 'x' is also input 0 of the op",
+      "expects 3 inputs and 2 outputs, got 2 and 2"};
+  // Without a complete registration (TestRegistrations reports it) the resolver run would call NULL.
+  const bool registered = Registered("N2UQMaxPool2DFused");
+  for (int path = registered ? 0 : 1; path < 2; ++path) {
+    for (int m = 0; m < kNumPoolMutations; ++m) {
+      std::string error;
+      const int status = RunPool(PoolMutation(m), &error, path == 1);
+      if (m == kPoolNone) {
+        CHECK(status == kN2uqTfLiteOk, "valid pool failed (path %d): %s", path, error.c_str());
+      } else {
+        CHECK(status != kN2uqTfLiteOk, "pool mutation %d accepted (path %d)", m, path);
+        CHECK(error.find(expected[m]) != std::string::npos && error.find("N2UQMaxPool2DFused") != std::string::npos,
+              "pool mutation %d (path %d): unexpected message '%s'", m, path, error.c_str());
+      }
+    }
+  }
+}
+
 static void TestKernels() {
   static const char* const expected[kNumMutations] = {
       "", "weight bitstream", "weight bitstream", "input shape", "must be int64", "out of range",
@@ -465,8 +643,10 @@ static void TestKernels() {
 int main(int argc, char** argv) {
   const int iterations = argc > 1 ? atoi(argv[1]) : 2000;
   TestFlexBuffers(iterations);
+  TestRegistrations();
   TestKernels();
   TestFusedKernels();
+  TestPoolKernels();
   if (failures) {
     printf("selftest: %d failure(s)\n", failures);
     return 1;
