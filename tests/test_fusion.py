@@ -273,11 +273,16 @@ class OpGraph:
         return y4 + self.full, y4 + tf.nn.relu(y4), h, y6
 
     def convert(self):
-        module = tf.Module()
-        module.f = tf.function(self.network, input_signature=[tf.TensorSpec(self.SHAPE, tf.float32)])
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
-        converter.allow_custom_ops = True
-        return converter.convert()
+        return convert_network(self.network, self.SHAPE)
+
+
+def convert_network(network, shape):
+    """The TFLite flatbuffer of network(x) for float32 x of `shape`, custom ops allowed."""
+    module = tf.Module()
+    module.f = tf.function(network, input_signature=[tf.TensorSpec(shape, tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+    converter.allow_custom_ops = True
+    return converter.convert()
 
 
 def fuse_bytes(content):
@@ -393,11 +398,7 @@ class PoolGraph:
         return outputs
 
     def convert(self):
-        module = tf.Module()
-        module.f = tf.function(self.network, input_signature=[tf.TensorSpec(self.SHAPE, tf.float32)])
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
-        converter.allow_custom_ops = True
-        return converter.convert()
+        return convert_network(self.network, self.SHAPE)
 
 
 def test_pool_fusion_takes_zero_pads_and_valid_pools_only():

@@ -107,14 +107,15 @@ class _Graph:
     def tensor(self, t):
         return self.subgraph.tensors[t]
 
-    def constant(self, t):
-        """The float32 value of constant tensor t, or None."""
+    def constant(self, t, tensor_type=_FLOAT32):
+        """The value of constant tensor t if it is float32 (or `tensor_type`: _INT32), else None."""
         tensor = self.tensor(t)
         data = self.model.buffers[tensor.buffer].data if tensor.buffer is not None else None
-        if data is None or len(data) == 0 or tensor.type != _FLOAT32:
+        if data is None or len(data) == 0 or tensor.type != tensor_type:
             return None
         shape = [] if tensor.shape is None else [int(d) for d in tensor.shape]
-        return np.frombuffer(bytes(bytearray(data)), np.float32).reshape(shape)
+        dtype = np.int32 if tensor_type == _INT32 else np.float32
+        return np.frombuffer(bytes(bytearray(data)), dtype).reshape(shape)
 
     def is_float(self, t):
         return self.tensor(t).type == _FLOAT32
@@ -238,16 +239,6 @@ def _step(graph, i, t, channels, layer_ops):
     return None
 
 
-def _int_constant(graph, t):
-    """The int32 value of constant tensor t, or None."""
-    tensor = graph.tensor(t)
-    data = graph.model.buffers[tensor.buffer].data if tensor.buffer is not None else None
-    if data is None or len(data) == 0 or tensor.type != _INT32:
-        return None
-    shape = [] if tensor.shape is None else [int(d) for d in tensor.shape]
-    return np.frombuffer(bytes(bytearray(data)), np.int32).reshape(shape)
-
-
 def _pool_layer(graph, i):
     """(layer options, input tensor, PAD op or None) when op i is a MAX_POOL_2D that N2UQMaxPool2DFused
     can take: float32 NHWC, 'valid', no fused activation, optionally after a PAD (or PADV2) of zeros
@@ -268,7 +259,7 @@ def _pool_layer(graph, i):
             or inputs[0] in graph.graph_outputs:
         return layer, source, None
     pad_inputs = _indices(graph.op(pad).inputs)
-    pads = _int_constant(graph, pad_inputs[1]) if len(pad_inputs) >= 2 else None
+    pads = graph.constant(pad_inputs[1], _INT32) if len(pad_inputs) >= 2 else None
     value = graph.constant(pad_inputs[2]) if len(pad_inputs) == 3 else np.zeros((), np.float32)
     if pads is None or pads.shape != (4, 2) or pads[0].any() or pads[3].any() or (pads < 0).any() \
             or value is None or value.size != 1 or value.reshape(-1).view(np.uint32)[0] != 0 \

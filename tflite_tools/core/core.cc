@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "core_internal.h"
 #include "kernel_table.h"
 #include "n2uq_core.h"
 
@@ -32,11 +33,8 @@
 #endif
 
 namespace n2uq_core {
-namespace {
 
-// ---------------------------------------------------------------- errors
-
-int report(char* err, size_t err_len, int status, const char* format, ...) {
+int report_error(char* err, size_t err_len, int status, const char* format, ...) {
   if (err != nullptr && err_len > 0) {
     va_list args;
     va_start(args, format);
@@ -46,11 +44,7 @@ int report(char* err, size_t err_len, int status, const char* format, ...) {
   return status;
 }
 
-#define N2UQ_FAIL(status, ...) return report(err, err_len, status, __VA_ARGS__)
-#define N2UQ_CHECK(cond, status, ...) \
-  do {                                \
-    if (!(cond)) N2UQ_FAIL(status, __VA_ARGS__); \
-  } while (0)
+namespace {
 
 // Largest dimension accepted: keeps every index product far from int64 overflow.
 constexpr int64_t kMaxDim = 1 << 24;
@@ -1339,11 +1333,11 @@ int guarded(char* err, size_t err_len, F&& body) {
   try {
     return body();
   } catch (const std::bad_alloc&) {
-    return report(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
   } catch (const std::exception& e) {
-    return report(err, err_len, N2UQ_ERR_INTERNAL, "internal error: %s", e.what());
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error: %s", e.what());
   } catch (...) {
-    return report(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
   }
 }
 

@@ -14,6 +14,16 @@
 
 namespace n2uq_core {
 
+// Writes the formatted message into err (when err_len > 0) and returns status: how every C API
+// function of the core fails (N2UQ_FAIL / N2UQ_CHECK expect `err` and `err_len` in scope).
+int report_error(char* err, size_t err_len, int status, const char* format, ...)
+    __attribute__((format(printf, 4, 5)));
+#define N2UQ_FAIL(status, ...) return ::n2uq_core::report_error(err, err_len, status, __VA_ARGS__)
+#define N2UQ_CHECK(cond, status, ...)              \
+  do {                                             \
+    if (!(cond)) N2UQ_FAIL(status, __VA_ARGS__);   \
+  } while (0)
+
 // The concrete ISA `isa` resolves to (N2UQ_ISA_AUTO: env or best), or a negative status.
 int resolve_isa(int isa, char* err, size_t err_len);
 // The kernel table of a concrete, supported ISA.

@@ -24,21 +24,6 @@ OutputRowsFn output_rows_portable() { return &portable_steps::output_rows; }
 
 namespace {
 
-int fail(char* err, size_t err_len, int status, const char* format, ...) {
-  if (err != nullptr && err_len > 0) {
-    va_list args;
-    va_start(args, format);
-    std::vsnprintf(err, err_len, format, args);
-    va_end(args);
-  }
-  return status;
-}
-
-#define STAGE_CHECK(cond, status, ...) \
-  do {                                 \
-    if (!(cond)) return fail(err, err_len, status, __VA_ARGS__); \
-  } while (0)
-
 constexpr int64_t kMaxChannels = int64_t(1) << 24;  // as the conv ops' channel cap
 constexpr int64_t kMaxElements = int64_t(1) << 40;
 // Floats per chunk: 16 KB, so a chunk and its step vectors stay in L1 between the steps.
@@ -54,12 +39,12 @@ const char* step_name(int kind) {
 
 int check_stage(const N2uqOutputStage* s, int64_t positions, int64_t channels, int64_t elements, char* err,
                 size_t err_len) {
-  STAGE_CHECK(s != nullptr, N2UQ_ERR_ARGUMENT, "stage is NULL");
-  STAGE_CHECK(s->num_steps >= 0 && s->num_steps <= N2UQ_MAX_OUTPUT_STEPS, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s != nullptr, N2UQ_ERR_ARGUMENT, "stage is NULL");
+  N2UQ_CHECK(s->num_steps >= 0 && s->num_steps <= N2UQ_MAX_OUTPUT_STEPS, N2UQ_ERR_ARGUMENT,
               "num_steps must be 0..%d, got %d", N2UQ_MAX_OUTPUT_STEPS, s->num_steps);
   for (int i = 0; i < s->num_steps; ++i) {
     const N2uqOutputStep& step = s->steps[i];
-    STAGE_CHECK(step.kind > 0 && step.kind < N2UQ_STEP_KINDS, N2UQ_ERR_ARGUMENT,
+    N2UQ_CHECK(step.kind > 0 && step.kind < N2UQ_STEP_KINDS, N2UQ_ERR_ARGUMENT,
                 "step %d has kind %d, not one of 1..%d", i, step.kind, N2UQ_STEP_KINDS - 1);
     int64_t needed = 0;
     if (step.kind == N2UQ_STEP_ADD || step.kind == N2UQ_STEP_MUL || step.kind == N2UQ_STEP_PRELU)
@@ -67,22 +52,22 @@ int check_stage(const N2uqOutputStage* s, int64_t positions, int64_t channels, i
     else if (step.kind == N2UQ_STEP_ADD_TENSOR)
       needed = elements;
     if (needed > 0) {
-      STAGE_CHECK(step.values != nullptr, N2UQ_ERR_ARGUMENT, "step %d (%s) has no values", i, step_name(step.kind));
-      STAGE_CHECK(step.values_len >= needed, N2UQ_ERR_BUFFER, "step %d (%s) has %lld values, needs %lld", i,
+      N2UQ_CHECK(step.values != nullptr, N2UQ_ERR_ARGUMENT, "step %d (%s) has no values", i, step_name(step.kind));
+      N2UQ_CHECK(step.values_len >= needed, N2UQ_ERR_BUFFER, "step %d (%s) has %lld values, needs %lld", i,
                   step_name(step.kind), (long long)step.values_len, (long long)needed);
     }
   }
-  STAGE_CHECK(s->float_after >= -1 && s->float_after <= s->num_steps, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s->float_after >= -1 && s->float_after <= s->num_steps, N2UQ_ERR_ARGUMENT,
               "float_after must be -1..num_steps (%d), got %d", s->num_steps, s->float_after);
-  STAGE_CHECK(s->quantize >= N2UQ_QUANTIZE_NONE && s->quantize <= N2UQ_QUANTIZE_CODES, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s->quantize >= N2UQ_QUANTIZE_NONE && s->quantize <= N2UQ_QUANTIZE_CODES, N2UQ_ERR_ARGUMENT,
               "quantize must be 0 (none), 1 (pack) or 2 (codes), got %d", s->quantize);
-  STAGE_CHECK(s->float_after >= 0 || s->quantize != N2UQ_QUANTIZE_NONE, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s->float_after >= 0 || s->quantize != N2UQ_QUANTIZE_NONE, N2UQ_ERR_ARGUMENT,
               "the stage has no output (float_after = -1 and quantize = none)");
   if (s->quantize != N2UQ_QUANTIZE_NONE) {
-    STAGE_CHECK(s->bits >= 1 && s->bits <= N2UQ_MAX_BITS, N2UQ_ERR_ARGUMENT, "bits must be 1..%d, got %d",
+    N2UQ_CHECK(s->bits >= 1 && s->bits <= N2UQ_MAX_BITS, N2UQ_ERR_ARGUMENT, "bits must be 1..%d, got %d",
                 N2UQ_MAX_BITS, s->bits);
-    STAGE_CHECK(s->thresholds != nullptr, N2UQ_ERR_ARGUMENT, "thresholds is NULL");
-    STAGE_CHECK(s->num_thresholds == (1 << s->bits) - 1, N2UQ_ERR_ARGUMENT, "%d-bit codes need %d thresholds, got %d",
+    N2UQ_CHECK(s->thresholds != nullptr, N2UQ_ERR_ARGUMENT, "thresholds is NULL");
+    N2UQ_CHECK(s->num_thresholds == (1 << s->bits) - 1, N2UQ_ERR_ARGUMENT, "%d-bit codes need %d thresholds, got %d",
                 s->bits, (1 << s->bits) - 1, s->num_thresholds);
   }
   return N2UQ_OK;
@@ -98,37 +83,37 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
                                  uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes,
                                  int64_t out_codes_len, int isa, int num_threads, char* err, size_t err_len) {
   try {
-    STAGE_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
+    N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
                 "num_positions must be >= 1, got %lld", (long long)num_positions);
-    STAGE_CHECK(channels >= 1 && channels <= kMaxChannels, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
+    N2UQ_CHECK(channels >= 1 && channels <= kMaxChannels, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
                 (long long)kMaxChannels, channels);
-    STAGE_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
+    N2UQ_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
                 "num_threads must be 1..%d, got %d", N2UQ_MAX_THREADS, num_threads);
     int64_t elements = 0;
-    STAGE_CHECK(product(num_positions, channels, &elements), N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
+    N2UQ_CHECK(product(num_positions, channels, &elements), N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
     if (int rc = check_stage(stage, num_positions, channels, elements, err, err_len)) return rc;
-    STAGE_CHECK(values != nullptr, N2UQ_ERR_ARGUMENT, "values is NULL");
-    STAGE_CHECK(values_len >= elements, N2UQ_ERR_BUFFER, "values has %lld elements, the shape needs %lld",
+    N2UQ_CHECK(values != nullptr, N2UQ_ERR_ARGUMENT, "values is NULL");
+    N2UQ_CHECK(values_len >= elements, N2UQ_ERR_BUFFER, "values has %lld elements, the shape needs %lld",
                 (long long)values_len, (long long)elements);
     if (stage->float_after >= 0) {
-      STAGE_CHECK(out_float != nullptr, N2UQ_ERR_ARGUMENT, "out_float is NULL");
-      STAGE_CHECK(out_float_len >= elements, N2UQ_ERR_BUFFER, "out_float has %lld elements, the shape needs %lld",
+      N2UQ_CHECK(out_float != nullptr, N2UQ_ERR_ARGUMENT, "out_float is NULL");
+      N2UQ_CHECK(out_float_len >= elements, N2UQ_ERR_BUFFER, "out_float has %lld elements, the shape needs %lld",
                   (long long)out_float_len, (long long)elements);
       // In place is fine (each block of a row is read before it is written); a shifted overlap is not.
-      STAGE_CHECK(out_float == values || out_float + elements <= values || values + elements <= out_float,
+      N2UQ_CHECK(out_float == values || out_float + elements <= values || values + elements <= out_float,
                   N2UQ_ERR_ARGUMENT, "out_float overlaps values without being values");
     }
     const int64_t words = (int64_t(channels) + 63) / 64;
     if (stage->quantize == N2UQ_QUANTIZE_PACK) {
       int64_t needed = 0;
-      STAGE_CHECK(product(num_positions, stage->bits * words, &needed), N2UQ_ERR_UNSUPPORTED,
+      N2UQ_CHECK(product(num_positions, stage->bits * words, &needed), N2UQ_ERR_UNSUPPORTED,
                   "tensor sizes are too large");
-      STAGE_CHECK(out_packed != nullptr, N2UQ_ERR_ARGUMENT, "out_packed is NULL");
-      STAGE_CHECK(out_packed_len >= needed, N2UQ_ERR_BUFFER, "out_packed has %lld words, the shape needs %lld",
+      N2UQ_CHECK(out_packed != nullptr, N2UQ_ERR_ARGUMENT, "out_packed is NULL");
+      N2UQ_CHECK(out_packed_len >= needed, N2UQ_ERR_BUFFER, "out_packed has %lld words, the shape needs %lld",
                   (long long)out_packed_len, (long long)needed);
     } else if (stage->quantize == N2UQ_QUANTIZE_CODES) {
-      STAGE_CHECK(out_codes != nullptr, N2UQ_ERR_ARGUMENT, "out_codes is NULL");
-      STAGE_CHECK(out_codes_len >= elements, N2UQ_ERR_BUFFER, "out_codes has %lld elements, the shape needs %lld",
+      N2UQ_CHECK(out_codes != nullptr, N2UQ_ERR_ARGUMENT, "out_codes is NULL");
+      N2UQ_CHECK(out_codes_len >= elements, N2UQ_ERR_BUFFER, "out_codes has %lld elements, the shape needs %lld",
                   (long long)out_codes_len, (long long)elements);
     }
     const int resolved = resolve_isa(isa, err, err_len);
@@ -171,8 +156,8 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
     });
     return N2UQ_OK;
   } catch (const std::bad_alloc&) {
-    return fail(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
   } catch (...) {
-    return fail(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
   }
 }

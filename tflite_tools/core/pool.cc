@@ -10,8 +10,6 @@
 // this compares with TFLite's pool). Sixteen channels at a time stay in registers over the
 // window (vectors of the library's baseline ISA: the pool is bound by memory); the work is split
 // over output rows.
-#include <cstdarg>
-#include <cstdio>
 #include <cstring>
 #include <new>
 
@@ -20,21 +18,6 @@
 
 namespace n2uq_core {
 namespace {
-
-int pool_fail(char* err, size_t err_len, int status, const char* format, ...) {
-  if (err != nullptr && err_len > 0) {
-    va_list args;
-    va_start(args, format);
-    vsnprintf(err, err_len, format, args);
-    va_end(args);
-  }
-  return status;
-}
-
-#define POOL_CHECK(cond, status, ...) \
-  do {                                \
-    if (!(cond)) return pool_fail(err, err_len, status, __VA_ARGS__); \
-  } while (0)
 
 constexpr int64_t kMaxPoolDim = int64_t(1) << 24;
 constexpr int64_t kMaxPoolElements = int64_t(1) << 40;
@@ -97,26 +80,26 @@ using namespace n2uq_core;
 
 extern "C" int n2uq_max_pool2d_output_size(const N2uqPoolShape* s, int32_t* out_height, int32_t* out_width,
                                            char* err, size_t err_len) {
-  POOL_CHECK(s != nullptr && out_height != nullptr && out_width != nullptr, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s != nullptr && out_height != nullptr && out_width != nullptr, N2UQ_ERR_ARGUMENT,
              "shape or output pointer is NULL");
-  POOL_CHECK(s->batch >= 1 && s->in_height >= 1 && s->in_width >= 1 && s->channels >= 1, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(s->batch >= 1 && s->in_height >= 1 && s->in_width >= 1 && s->channels >= 1, N2UQ_ERR_ARGUMENT,
              "batch, in_height, in_width and channels must be >= 1, got %d, %d, %d, %d", s->batch, s->in_height,
              s->in_width, s->channels);
-  POOL_CHECK(s->in_height <= kMaxPoolDim && s->in_width <= kMaxPoolDim && s->channels <= kMaxPoolDim,
+  N2UQ_CHECK(s->in_height <= kMaxPoolDim && s->in_width <= kMaxPoolDim && s->channels <= kMaxPoolDim,
              N2UQ_ERR_ARGUMENT, "in_height, in_width and channels must be <= %lld", (long long)kMaxPoolDim);
-  POOL_CHECK(s->filter_height >= 1 && s->filter_width >= 1 && s->filter_height <= 4096 && s->filter_width <= 4096,
+  N2UQ_CHECK(s->filter_height >= 1 && s->filter_width >= 1 && s->filter_height <= 4096 && s->filter_width <= 4096,
              N2UQ_ERR_ARGUMENT, "filter_height and filter_width must be 1..4096, got %d, %d", s->filter_height,
              s->filter_width);
-  POOL_CHECK(s->stride_height >= 1 && s->stride_width >= 1 && s->stride_height <= 4096 && s->stride_width <= 4096,
+  N2UQ_CHECK(s->stride_height >= 1 && s->stride_width >= 1 && s->stride_height <= 4096 && s->stride_width <= 4096,
              N2UQ_ERR_ARGUMENT, "stride_height and stride_width must be 1..4096, got %d, %d", s->stride_height,
              s->stride_width);
-  POOL_CHECK(s->pad_top >= 0 && s->pad_bottom >= 0 && s->pad_left >= 0 && s->pad_right >= 0 && s->pad_top <= 4096 &&
+  N2UQ_CHECK(s->pad_top >= 0 && s->pad_bottom >= 0 && s->pad_left >= 0 && s->pad_right >= 0 && s->pad_top <= 4096 &&
                  s->pad_bottom <= 4096 && s->pad_left <= 4096 && s->pad_right <= 4096,
              N2UQ_ERR_ARGUMENT, "pads must be 0..4096, got top %d bottom %d left %d right %d", s->pad_top,
              s->pad_bottom, s->pad_left, s->pad_right);
   const int64_t padded_h = int64_t(s->in_height) + s->pad_top + s->pad_bottom;
   const int64_t padded_w = int64_t(s->in_width) + s->pad_left + s->pad_right;
-  POOL_CHECK(padded_h >= s->filter_height && padded_w >= s->filter_width, N2UQ_ERR_ARGUMENT,
+  N2UQ_CHECK(padded_h >= s->filter_height && padded_w >= s->filter_width, N2UQ_ERR_ARGUMENT,
              "the padded input (%lld x %lld) is smaller than the filter (%d x %d)", (long long)padded_h,
              (long long)padded_w, s->filter_height, s->filter_width);
   *out_height = int32_t((padded_h - s->filter_height) / s->stride_height + 1);
@@ -129,21 +112,21 @@ extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64
   try {
     int32_t oh = 0, ow = 0;
     if (int rc = n2uq_max_pool2d_output_size(s, &oh, &ow, err, err_len)) return rc;
-    POOL_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
+    N2UQ_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
                "num_threads must be 1..%d, got %d", N2UQ_MAX_THREADS, num_threads);
     const int64_t c = s->channels, h = s->in_height, w = s->in_width;
     // Every factor is below 2^31, so each product of two fits; the caps keep the next ones in range.
     const int64_t in_pixels = h * w, out_pixels = int64_t(oh) * ow;
-    POOL_CHECK(in_pixels <= kMaxPoolElements / c && out_pixels <= kMaxPoolElements / c &&
+    N2UQ_CHECK(in_pixels <= kMaxPoolElements / c && out_pixels <= kMaxPoolElements / c &&
                    in_pixels * c <= kMaxPoolElements / s->batch && out_pixels * c <= kMaxPoolElements / s->batch,
                N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
     const int64_t in_elements = in_pixels * c * s->batch, out_elements = out_pixels * c * s->batch;
-    POOL_CHECK(input != nullptr && output != nullptr, N2UQ_ERR_ARGUMENT, "input or output is NULL");
-    POOL_CHECK(input_len >= in_elements, N2UQ_ERR_BUFFER, "input has %lld elements, the shape needs %lld",
+    N2UQ_CHECK(input != nullptr && output != nullptr, N2UQ_ERR_ARGUMENT, "input or output is NULL");
+    N2UQ_CHECK(input_len >= in_elements, N2UQ_ERR_BUFFER, "input has %lld elements, the shape needs %lld",
                (long long)input_len, (long long)in_elements);
-    POOL_CHECK(output_len >= out_elements, N2UQ_ERR_BUFFER, "output has %lld elements, the shape needs %lld",
+    N2UQ_CHECK(output_len >= out_elements, N2UQ_ERR_BUFFER, "output has %lld elements, the shape needs %lld",
                (long long)output_len, (long long)out_elements);
-    POOL_CHECK(output + out_elements <= input || input + in_elements <= output, N2UQ_ERR_ARGUMENT,
+    N2UQ_CHECK(output + out_elements <= input || input + in_elements <= output, N2UQ_ERR_ARGUMENT,
                "output overlaps input");
     const N2uqPoolShape shape = *s;
     const int64_t rows = int64_t(shape.batch) * oh;
@@ -168,8 +151,8 @@ extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64
     });
     return N2UQ_OK;
   } catch (const std::bad_alloc&) {
-    return pool_fail(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
   } catch (...) {
-    return pool_fail(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
   }
 }

@@ -10,6 +10,7 @@
 
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flexbuffer_options.h"
@@ -252,6 +253,51 @@ static void Release(FakeInterpreter* f) {
   free(f->outputs);
 }
 
+// Runs op `name` (FlexBuffer `options`) on the fake interpreter's tensors `ins` -> `outs`: through
+// the op-resolver registration (init, prepare, invoke, free), or with `delegate_path` through the
+// delegate's Prepare, which replaces the one-node plan (the kernel runs in FakeReplace) with the
+// delegate options `settings` ({key, value} pairs). Returns the status; the error text is in f->last_error.
+static int RunNode(FakeInterpreter* f, const char* name, const std::vector<uint8_t>& options,
+                   const std::vector<int>& ins, const std::vector<int>& outs, bool delegate_path,
+                   const std::vector<std::pair<const char*, const char*>>& settings) {
+  int status;
+  if (!delegate_path) {
+    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);
+    N2uqTfLiteNode node = {};
+    node.inputs = NewArray(ins);
+    node.outputs = NewArray(outs);
+    node.user_data = reg->init(&f->ctx, reinterpret_cast<const char*>(options.data()), options.size());
+    status = reg->prepare(&f->ctx, &node);
+    if (status == kN2uqTfLiteOk) status = reg->invoke(&f->ctx, &node);
+    reg->free(&f->ctx, node.user_data);
+    free(node.inputs);
+    free(node.outputs);
+    return status;
+  }
+  f->plan = NewArray({0});
+  f->inputs = NewArray(ins);
+  f->outputs = NewArray(outs);
+  memset(&f->node, 0, sizeof(f->node));
+  f->node.inputs = f->inputs;
+  f->node.outputs = f->outputs;
+  f->node.custom_initial_data = options.data();
+  f->node.custom_initial_data_size = int(options.size());
+  memset(&f->node_reg, 0, sizeof(f->node_reg));
+  f->node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
+  f->node_reg.custom_name = name;
+  std::vector<const char*> keys, values;
+  for (const auto& kv : settings) {
+    keys.push_back(kv.first);
+    values.push_back(kv.second);
+  }
+  char err[256];
+  N2uqTfLiteDelegate* d = n2uq_delegate_create(keys.data(), values.data(), int(keys.size()), err, sizeof(err));
+  status = d->Prepare(&f->ctx, d);
+  if (status == kN2uqTfLiteOk) status = f->replaced_status;
+  n2uq_delegate_delete(d);
+  return status;
+}
+
 enum Mutation { kNone, kShortWeights, kLongWeights, kBadRank, kBadType, kBadIndex, kTruncatedOptions, kShortBias,
                 kBadActBits, kBadDataBytes, kConstantOutput, kFailedResize, kAliasedOutput, kNumMutations };
 
@@ -284,38 +330,9 @@ static int RunConv(Mutation m, std::string* error, bool delegate_path, const cha
   std::vector<uint8_t> options = Hex(kConvOptions);
   if (m == kTruncatedOptions) options.resize(options.size() / 2);
   std::vector<int> ins = {in, w, mult, m == kBadIndex ? 99 : bias};
-  int status;
-  if (!delegate_path) {
-    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration("N2UQConv2D");
-    N2uqTfLiteNode node = {};
-    node.inputs = NewArray(ins);
-    node.outputs = NewArray({out});
-    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
-    status = reg->prepare(&f.ctx, &node);
-    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
-    reg->free(&f.ctx, node.user_data);
-    free(node.inputs);
-    free(node.outputs);
-  } else {
-    f.plan = NewArray({0});
-    f.inputs = NewArray(ins);
-    f.outputs = NewArray({out});
-    memset(&f.node, 0, sizeof(f.node));
-    f.node.inputs = f.inputs;
-    f.node.outputs = f.outputs;
-    f.node.custom_initial_data = options.data();
-    f.node.custom_initial_data_size = int(options.size());
-    memset(&f.node_reg, 0, sizeof(f.node_reg));
-    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
-    f.node_reg.custom_name = "N2UQConv2D";
-    char err[256];
-    const char* keys[] = {"num_threads", "path", "isa"};
-    const char* values[] = {"2", kernel_path ? kernel_path : "auto", isa ? isa : "auto"};
-    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 3, err, sizeof(err));
-    status = d->Prepare(&f.ctx, d);
-    if (status == kN2uqTfLiteOk) status = f.replaced_status;
-    n2uq_delegate_delete(d);
-  }
+  const int status = RunNode(&f, "N2UQConv2D", options, ins, {out}, delegate_path,
+                             {{"num_threads", "2"}, {"path", kernel_path ? kernel_path : "auto"},
+                              {"isa", isa ? isa : "auto"}});
   *error = f.last_error;
   Release(&f);
   return status;
@@ -361,39 +378,8 @@ static int RunFused(FusedMutation m, std::string* error, bool delegate_path, con
                                                                                                      : out_codes};
   if (m == kStepsWithoutInputs) ins.erase(ins.begin() + 4);  // the stage's PReLU has no slopes
   if (m == kNoQuantizer) outs.pop_back();                      // no codes output for the quantizer
-  int status;
-  const char* name = "N2UQConv2DFused";
-  if (!delegate_path) {
-    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);
-    N2uqTfLiteNode node = {};
-    node.inputs = NewArray(ins);
-    node.outputs = NewArray(outs);
-    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
-    status = reg->prepare(&f.ctx, &node);
-    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
-    reg->free(&f.ctx, node.user_data);
-    free(node.inputs);
-    free(node.outputs);
-  } else {
-    f.plan = NewArray({0});
-    f.inputs = NewArray(ins);
-    f.outputs = NewArray(outs);
-    memset(&f.node, 0, sizeof(f.node));
-    f.node.inputs = f.inputs;
-    f.node.outputs = f.outputs;
-    f.node.custom_initial_data = options.data();
-    f.node.custom_initial_data_size = int(options.size());
-    memset(&f.node_reg, 0, sizeof(f.node_reg));
-    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
-    f.node_reg.custom_name = name;
-    char err[256];
-    const char* keys[] = {"num_threads", "path"};
-    const char* values_[] = {"2", kernel_path};
-    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values_, 2, err, sizeof(err));
-    status = d->Prepare(&f.ctx, d);
-    if (status == kN2uqTfLiteOk) status = f.replaced_status;
-    n2uq_delegate_delete(d);
-  }
+  const int status = RunNode(&f, "N2UQConv2DFused", options, ins, outs, delegate_path,
+                             {{"num_threads", "2"}, {"path", kernel_path}});
   if (status == kN2uqTfLiteOk) {
     const uint64_t* codes = reinterpret_cast<const uint64_t*>(f.storage[out_codes].data());
     for (size_t i = 0; i < f.storage[out_codes].size() / 8; ++i)
@@ -519,39 +505,8 @@ static int RunPool(PoolMutation m, std::string* error, bool delegate_path) {
   std::vector<int> ins = {in, slopes, thresholds};
   std::vector<int> outs = {m == kPoolFloatAliasedToInput ? in : out_float, out_codes};
   if (m == kPoolNoThresholdsInput) ins.pop_back();
-  int status;
-  const char* name = "N2UQMaxPool2DFused";
-  if (!delegate_path) {
-    const N2uqTfLiteRegistration* reg = n2uq_tflite_registration(name);  // checked by TestPoolKernels
-    N2uqTfLiteNode node = {};
-    node.inputs = NewArray(ins);
-    node.outputs = NewArray(outs);
-    node.user_data = reg->init(&f.ctx, reinterpret_cast<const char*>(options.data()), options.size());
-    status = reg->prepare(&f.ctx, &node);
-    if (status == kN2uqTfLiteOk) status = reg->invoke(&f.ctx, &node);
-    reg->free(&f.ctx, node.user_data);
-    free(node.inputs);
-    free(node.outputs);
-  } else {
-    f.plan = NewArray({0});
-    f.inputs = NewArray(ins);
-    f.outputs = NewArray(outs);
-    memset(&f.node, 0, sizeof(f.node));
-    f.node.inputs = f.inputs;
-    f.node.outputs = f.outputs;
-    f.node.custom_initial_data = options.data();
-    f.node.custom_initial_data_size = int(options.size());
-    memset(&f.node_reg, 0, sizeof(f.node_reg));
-    f.node_reg.builtin_code = kN2uqTfLiteBuiltinCustom;
-    f.node_reg.custom_name = name;
-    char err[256];
-    const char* keys[] = {"num_threads"};
-    const char* values[] = {"2"};
-    N2uqTfLiteDelegate* d = n2uq_delegate_create(keys, values, 1, err, sizeof(err));
-    status = d->Prepare(&f.ctx, d);
-    if (status == kN2uqTfLiteOk) status = f.replaced_status;
-    n2uq_delegate_delete(d);
-  }
+  // (the registration's completeness is checked by TestPoolKernels before any resolver run)
+  const int status = RunNode(&f, "N2UQMaxPool2DFused", options, ins, outs, delegate_path, {{"num_threads", "2"}});
   if (status == kN2uqTfLiteOk && m == kPoolNone) {
     std::vector<float> pooled;
     std::vector<uint64_t> packed;
