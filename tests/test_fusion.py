@@ -8,6 +8,7 @@ are placed exactly on values of the unfused chain, where any other rounding (e.g
 into the layer's multiplier and bias) changes codes; the tests show that it would.
 """
 
+import re
 import warnings
 
 import numpy as np
@@ -581,6 +582,39 @@ def test_resnet18_style_fused_equals_unfused(bits, padded_pool):
         f"N2UQMaxPool2DFused: stem_pool ({'PAD + ' if padded_pool else ''}MAX_POOL_2D) -> float output -> "
         "layer1_0_rprelu1 (ADD, PRELU, ADD) -> quantize-and-pack for layer1_0_conv1"]
     assert rows["layer1_0_conv1"].ops == ["N2UQConv2DFused"]  # its quantizer runs in the pool's op
+
+
+@pytest.mark.slow
+def test_keras3_nested_backbone_pool_fused():
+    """A Keras 3 model whose backbone (a Functional nested in the outer one) has a zero-padded max pool
+    right before a quantized conv: the pool and that conv's quantize-and-pack become one op, the
+    report notes it on the conv's row (the pool has none), and the file equals the unfused one."""
+    import keras as keras3
+    keras3.utils.set_random_seed(0)
+    K = keras3.layers
+    image = keras3.Input((16, 16, 3))
+    h = K.ReLU()(K.BatchNormalization()(K.Conv2D(8, 3, strides=2, padding="same")(image)))
+    h = K.MaxPooling2D(3, strides=2)(K.ZeroPadding2D(1)(h))
+    h = K.Conv2D(12, 3, padding="same", name="after_pool")(h)
+    backbone = keras3.Model(image, h, name="backbone")
+    inp = keras3.Input((16, 16, 3))
+    model = n2uq_tf.quantize_model(keras3.Model(inp, K.Dense(5)(K.GlobalAveragePooling2D()(backbone(inp)))),
+                                   bits=3)
+    unfused, fused, report = _exports(model)
+    counts = inspect_tflite(fused).op_counts()
+    assert counts[co.OP_MAX_POOL2D_FUSED] == 1 and "MAX_POOL_2D" not in counts and "PAD" not in counts
+    assert "MAX_POOL_2D" in inspect_tflite(unfused).op_counts()
+    notes = {r.name: r.fused for r in report.layers if r.fused}
+    assert list(notes) == ["backbone/after_pool"]
+    assert re.fullmatch(r"N2UQMaxPool2DFused: \S+ \(PAD \+ MAX_POOL_2D\) -> quantize-and-pack for backbone/after_pool",
+                        notes["backbone/after_pool"][0])
+    x = np.random.default_rng(2).normal(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    want = run_resized(unfused, x, "litert", 1)
+    for backend in BACKENDS:
+        for threads in (1, 2):
+            assert_bit_identical(run_resized(fused, x, backend, threads), want, f"keras3 {backend} {threads}")
+    expected = np.asarray(model(x, training=False))
+    assert np.abs(want[0] - expected).max() <= 1e-4 * max(float(np.abs(expected).max()), 1.0)
 
 
 @pytest.mark.slow

@@ -589,10 +589,13 @@ def note_fusions(report, fusions, layer_names):
     for fusion in fusions:
         text = " -> ".join(describe(fusion, lambda s, i: layer_names.get((s, i))))
         if fusion.fused_op == custom_ops.OP_MAX_POOL2D_FUSED:
-            # A pool has no report row of its own (no weights): the row of the first layer whose op
-            # it absorbed (an RPReLU), else of its own Keras layer, gets the note.
-            scopes = [scope for _, scope in fusion.absorbed if scope in rows] + [fusion.scope]
-            row = rows.get(scopes[0])
+            # A pool may have no report row of its own (no weights): the row of the first layer whose op
+            # it absorbed (an RPReLU), else of its own Keras layer, else of the layer reading its codes
+            # gets the note.
+            reader = None if fusion.quantized_for is None else \
+                _row_and_stage(rows, layer_names.get((fusion.subgraph, fusion.quantized_for)))[0]
+            candidates = [rows.get(scope) for _, scope in fusion.absorbed] + [rows.get(fusion.scope), reader]
+            row = next((r for r in candidates if r is not None), None)
             if row is not None:
                 row.fused.append(f"{fusion.fused_op}: {fusion.scope or 'pool'} ({fusion.layer_op})"
                                  + (f" -> {text}" if text else ""))
