@@ -370,13 +370,13 @@ def _constant(model, subgraph, values):
     return len(subgraph.tensors) - 1
 
 
-def _fused_operator(model, graph, layer, plan):
-    """The fused operator for `plan` (`_plan`) and its output-stage keywords."""
+def _fused_operator(model, graph, layer, plan, pool=None):
+    """The fused operator for `plan` (`_plan`) and its output-stage keywords; `pool`: `_pool_layer`'s
+    answer when the layer op is a MAX_POOL_2D."""
     from flatbuffers import flexbuffers
     from tensorflow.lite.python import schema_py_generated as schema
     chain, float_tensor, float_ops, quantizer = plan
     layer_op = graph.op(layer)
-    pool = _pool_layer(graph, layer) if graph.name(layer) == "MAX_POOL_2D" else None
     if pool is not None:
         options, inputs = dict(pool[0]), [pool[1]]
     else:
@@ -501,7 +501,7 @@ def fuse_output_stages(model):
                 taken.add(pool[2])
             if taken & absorbed:
                 continue
-            op, stage = _fused_operator(model, graph, layer, plan)
+            op, stage = _fused_operator(model, graph, layer, plan, pool)
             absorbed |= taken
             replaced[layer] = op
             described = [(graph.name(i), _scope(graph.tensor(_indices(graph.op(i).outputs)[0]).name))

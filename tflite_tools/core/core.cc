@@ -1327,20 +1327,6 @@ void fill_thresholds(QuantizeJob& job, const float* thresholds, int32_t num_thre
   for (int32_t i = n; i < kThresholdTable; ++i) job.thresholds[i] = __builtin_inff();
 }
 
-// Wraps an API body so that no C++ exception crosses the C boundary.
-template <class F>
-int guarded(char* err, size_t err_len, F&& body) {
-  try {
-    return body();
-  } catch (const std::bad_alloc&) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
-  } catch (const std::exception& e) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error: %s", e.what());
-  } catch (...) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
-  }
-}
-
 }  // namespace
 }  // namespace n2uq_core
 

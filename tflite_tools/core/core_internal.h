@@ -7,7 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <exception>
 #include <functional>
+#include <new>
 
 #include "kernel_table.h"
 #include "n2uq_core.h"
@@ -23,6 +25,20 @@ int report_error(char* err, size_t err_len, int status, const char* format, ...)
   do {                                             \
     if (!(cond)) N2UQ_FAIL(status, __VA_ARGS__);   \
   } while (0)
+
+// Wraps an API body so that no C++ exception crosses the C boundary.
+template <class F>
+int guarded(char* err, size_t err_len, F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
+  } catch (const std::exception& e) {
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error: %s", e.what());
+  } catch (...) {
+    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
+  }
+}
 
 // The concrete ISA `isa` resolves to (N2UQ_ISA_AUTO: env or best), or a negative status.
 int resolve_isa(int isa, char* err, size_t err_len);

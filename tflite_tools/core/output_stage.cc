@@ -82,7 +82,7 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
                                  const float* values, int64_t values_len, float* out_float, int64_t out_float_len,
                                  uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes,
                                  int64_t out_codes_len, int isa, int num_threads, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&]() -> int {
     N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
                 "num_positions must be >= 1, got %lld", (long long)num_positions);
     N2UQ_CHECK(channels >= 1 && channels <= kMaxChannels, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
@@ -155,9 +155,5 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
       }
     });
     return N2UQ_OK;
-  } catch (const std::bad_alloc&) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
-  } catch (...) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
-  }
+  });
 }

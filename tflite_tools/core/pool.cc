@@ -11,7 +11,6 @@
 // window (vectors of the library's baseline ISA: the pool is bound by memory); the work is split
 // over output rows.
 #include <cstring>
-#include <new>
 
 #include "core_internal.h"
 #include "n2uq_core.h"
@@ -109,7 +108,7 @@ extern "C" int n2uq_max_pool2d_output_size(const N2uqPoolShape* s, int32_t* out_
 
 extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64_t input_len, float* output,
                                int64_t output_len, int num_threads, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&]() -> int {
     int32_t oh = 0, ow = 0;
     if (int rc = n2uq_max_pool2d_output_size(s, &oh, &ow, err, err_len)) return rc;
     N2UQ_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
@@ -150,9 +149,5 @@ extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64
       }
     });
     return N2UQ_OK;
-  } catch (const std::bad_alloc&) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "out of memory");
-  } catch (...) {
-    return report_error(err, err_len, N2UQ_ERR_INTERNAL, "internal error");
-  }
+  });
 }

@@ -55,13 +55,16 @@ const int kBuiltinDelegate = 51;  // BuiltinOperator_DELEGATE
 const int64_t kMaxDim = int64_t(1) << 24;  // generous cap on channels/features so products cannot overflow
 const int64_t kMaxKernel = 4096;
 
-// Conv / depthwise options and where they go. The pad_* options are there unless padding is
-// 'same' (custom_ops: "Padding").
-struct ConvOption {
+// An integer option, its range and the shape field it fills.
+template <class Shape>
+struct IntOption {
   const char* key;
   int64_t lo, hi;
-  int32_t N2uqConvShape::*field;
+  int32_t Shape::*field;
 };
+using ConvOption = IntOption<N2uqConvShape>;
+// Conv / depthwise options and where they go. The pad_* options are there unless padding is
+// 'same' (custom_ops: "Padding").
 const ConvOption kConvOptions[] = {
     {"in_channels", 1, kMaxDim, &N2uqConvShape::in_channels},
     {"out_channels", 1, kMaxDim, &N2uqConvShape::out_channels},
@@ -77,6 +80,16 @@ const ConvOption kPadOptions[] = {{"pad_top", 0, kMaxKernel, &N2uqConvShape::pad
                                   {"pad_bottom", 0, kMaxKernel, &N2uqConvShape::pad_bottom},
                                   {"pad_left", 0, kMaxKernel, &N2uqConvShape::pad_left},
                                   {"pad_right", 0, kMaxKernel, &N2uqConvShape::pad_right}};
+// N2UQMaxPool2DFused's layer options (custom_ops.POOL_OPTIONS).
+const IntOption<N2uqPoolShape> kPoolOptions[] = {{"channels", 1, kMaxDim, &N2uqPoolShape::channels},
+                                                 {"filter_height", 1, kMaxKernel, &N2uqPoolShape::filter_height},
+                                                 {"filter_width", 1, kMaxKernel, &N2uqPoolShape::filter_width},
+                                                 {"stride_height", 1, kMaxKernel, &N2uqPoolShape::stride_height},
+                                                 {"stride_width", 1, kMaxKernel, &N2uqPoolShape::stride_width},
+                                                 {"pad_top", 0, kMaxKernel, &N2uqPoolShape::pad_top},
+                                                 {"pad_bottom", 0, kMaxKernel, &N2uqPoolShape::pad_bottom},
+                                                 {"pad_left", 0, kMaxKernel, &N2uqPoolShape::pad_left},
+                                                 {"pad_right", 0, kMaxKernel, &N2uqPoolShape::pad_right}};
 // The "padding" option (custom_ops.PADDING_EXPLICIT / PADDING_SAME); kPaddingUnstated: absent.
 enum PaddingMode { kPaddingUnstated = -1, kPaddingExplicit = 0, kPaddingSame = 1 };
 
@@ -147,6 +160,7 @@ struct Kernel {
   // prepared state
   int64_t positions = 0;  // quantize: positions; FC: batch
   int64_t layer_elements = 0;  // fused: elements of the layer's float output (the stage's input)
+  int32_t layer_channels = 0;  // fused: its last dimension (the stage's channels)
   bool weights_ready = false;
   // conv, FC: the weights unpacked once and laid out for the kernel path (n2uq_conv_plan_*)
   std::unique_ptr<N2uqConvPlan, void (*)(N2uqConvPlan*)> plan{nullptr, n2uq_conv_plan_destroy};
@@ -241,19 +255,6 @@ bool ParseLayerOptions(int kind, Kernel* k, const n2uq::FlexOptions& o, std::str
       return true;
     }
     case kMaxPool2DFused: {
-      static const struct {
-        const char* key;
-        int64_t lo, hi;
-        int32_t N2uqPoolShape::*field;
-      } kPoolOptions[] = {{"channels", 1, kMaxDim, &N2uqPoolShape::channels},
-                          {"filter_height", 1, kMaxKernel, &N2uqPoolShape::filter_height},
-                          {"filter_width", 1, kMaxKernel, &N2uqPoolShape::filter_width},
-                          {"stride_height", 1, kMaxKernel, &N2uqPoolShape::stride_height},
-                          {"stride_width", 1, kMaxKernel, &N2uqPoolShape::stride_width},
-                          {"pad_top", 0, kMaxKernel, &N2uqPoolShape::pad_top},
-                          {"pad_bottom", 0, kMaxKernel, &N2uqPoolShape::pad_bottom},
-                          {"pad_left", 0, kMaxKernel, &N2uqPoolShape::pad_left},
-                          {"pad_right", 0, kMaxKernel, &N2uqPoolShape::pad_right}};
       for (const auto& option : kPoolOptions) {
         if (!get(option.key, option.lo, option.hi, &v[0])) return false;
         k->pool.*option.field = int32_t(v[0]);
@@ -718,6 +719,7 @@ bool PrepareLayerOutputs(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, const 
       return false;
     }
   k->layer_elements = elements;
+  k->layer_channels = int32_t(channels);
   size_t next = LayerInputs(k->kind);
   for (int i = 0; i < st.num_steps; ++i) {
     const int kind = st.steps[i].kind;
@@ -936,9 +938,7 @@ int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* va
     st.thresholds = static_cast<const float*>(thr.data);
     st.num_thresholds = int32_t(thr.bytes / 4);
   }
-  const int32_t channels = BaseKind(k->kind) == kFullyConnected ? k->out_features
-                           : k->kind == kMaxPool2DFused          ? k->pool.channels
-                                                                 : k->conv.out_channels;
+  const int32_t channels = k->layer_channels;
   float* out_float = nullptr;
   int64_t out_float_len = 0;
   size_t slot = 0;
