@@ -527,8 +527,8 @@ struct N2uqConvPlan {
   std::vector<int8_t> dot;        // dot: ConvJob::dot_weights
   int dot_chunk_blocks = 0;       // dot: ConvJob::dot_chunk_blocks
   std::vector<uint8_t> lut;       // lut: ConvJob::lut_indices
-  bool wino = false;              // dot: the Winograd form (dot holds its transformed weights)
-  std::vector<int32_t> wino_bias; // dot, Winograd: ConvJob::wino_bias
+  int wino = 0;                   // dot: its form (n2uq_core::WinoForm; dot holds the transformed weights)
+  std::vector<int32_t> wino_bias; // dot, Winograd forms: ConvJob::wino_bias
 };
 
 namespace n2uq_core {
@@ -641,11 +641,13 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   return N2UQ_OK;
 }
 
-// Winograd form of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
+// Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
 // padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles).
 int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
+  const bool stride2 = plan.wino == kWinoStride2;
+  const int positions = stride2 ? kWinoPositions2 : kWinoPositions1;
   job.dot_weights = plan.dot.data();
   job.wino_bias = plan.wino_bias.data();
   job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
@@ -655,12 +657,14 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
   job.wino_tiles_h = (job.out_height + 1) / 2;
   job.wino_tiles_w = (job.out_width + 1) / 2;
-  job.wino_code_rows = 2 * int64_t(job.wino_tiles_h) + 2;
-  job.wino_code_cols = 2 * int64_t(job.wino_tiles_w) + 2;
+  // The input rows and columns the tiles read: 4 per stride-1 tile (overlapping by 2), 5 per
+  // stride-2 tile (overlapping by 1).
+  job.wino_code_rows = stride2 ? 4 * int64_t(job.wino_tiles_h) + 1 : 2 * int64_t(job.wino_tiles_h) + 2;
+  job.wino_code_cols = stride2 ? 4 * int64_t(job.wino_tiles_w) + 1 : 2 * int64_t(job.wino_tiles_w) + 2;
   const int64_t cw = int64_t(job.words) * 64;
   int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0, pixels = 0;
   if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols, &pixels) || !mul_ok(pixels, cw, &code_bytes) ||
-      !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, 16 * cw, &v_bytes) ||
+      !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, positions * cw, &v_bytes) ||
       !mul_ok(tiles, 4, &terms))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   job.wino_tiles = tiles;
@@ -674,17 +678,21 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.wino_tile_blocks = int32_t((tiles + most - 1) / most);
   Scratch& s = scratch();
   if (int rc = ensure(s.codes, code_bytes + v_bytes, "staged codes", err, err_len)) return rc;
-  if (int rc = ensure(s.pixel_sums, terms + pixels, "tile and pixel sums", err, err_len)) return rc;
   job.wino_codes = s.codes.data();
   job.wino_v = s.codes.data() + code_bytes;
-  job.wino_tile_terms = s.pixel_sums.data();
-  job.wino_pixel_sums = s.pixel_sums.data() + terms;
+  if (!stride2) {  // the per-tile terms and the pixel sums they come from (the stride-2 form has none)
+    if (int rc = ensure(s.pixel_sums, terms + pixels, "tile and pixel sums", err, err_len)) return rc;
+    job.wino_tile_terms = s.pixel_sums.data();
+    job.wino_pixel_sums = s.pixel_sums.data() + terms;
+  }
   parallel_ranges(num_threads, int64_t(job.batch) * job.wino_code_rows, 1,
                   [&](int64_t b, int64_t e) { k->wino_codes(job, b, e); });
+  const auto transform = stride2 ? k->wino2_transform : k->wino_transform;
+  const auto item_fn = stride2 ? k->wino2_item : k->wino_item;
   parallel_ranges(num_threads, int64_t(job.batch) * job.wino_tiles_h, 1,
-                  [&](int64_t b, int64_t e) { k->wino_transform(job, b, e); });
+                  [&](int64_t b, int64_t e) { transform(job, b, e); });
   const int64_t items = int64_t(job.oc_chunks) * job.wino_tile_blocks;
-  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->wino_item(job, item, slot); });
+  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { item_fn(job, item, slot); });
   return N2UQ_OK;
 }
 
@@ -831,20 +839,30 @@ void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes
   }
 }
 
-// The Winograd form of the dot path (see isa_avx512_dot.cc) takes the shape: 3x3, stride 1,
-// dilation 1, kernels that have it, and every intermediate within int32: |Y4| <= 9 * 4 * C *
-// (2 * 9h * 6M + 4M * 9h + 9 * 4M), h = 2^(weight_bits - 1), M = 2^act_bits - 1. N2UQ_DOT_WINOGRAD=0
-// in the environment keeps the direct form (for comparisons).
-bool wino_fits(const N2uqConvShape& s, const PathKernels* k) {
+// The form of the dot path for a shape (see isa_avx512_dot.cc), on kernels that have it:
+//   kWinoStride1: 3x3, stride 1, dilation 1, and every intermediate within int32: |Y4| <= 9 * 4 *
+//     C * (2 * 9h * 6M + 4M * 9h + 9 * 4M), h = 2^(weight_bits - 1), M = 2^act_bits - 1;
+//   kWinoStride2: 3x3, stride 2, dilation 1, and |Y| <= 9 * C * (4 n_w * 4M + 2M * 4 n_w) (each
+//     output sums 9 positions of |acc| <= C |U| |V8| and |2M sum_c U|), n_w = 2^weight_bits - 1;
+//   else kWinoNone (direct). N2UQ_DOT_WINOGRAD=0 in the environment keeps the direct form (for
+// comparisons).
+int wino_form(const N2uqConvShape& s, const PathKernels* k) {
   const char* env = std::getenv("N2UQ_DOT_WINOGRAD");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (k == nullptr || k->wino_item == nullptr) return false;
-  if (s.kernel_height != 3 || s.kernel_width != 3 || s.stride_height != 1 || s.stride_width != 1 ||
-      s.dilation_height != 1 || s.dilation_width != 1)
-    return false;
-  const int64_t h = int64_t(1) << (s.weight_bits - 1), m = (int64_t(1) << s.act_bits) - 1;
-  const int64_t per_channel = 36 * (108 * h * m + 36 * h * m + 36 * m);
-  return int64_t(s.in_channels) <= (int64_t(1) << 31) / per_channel - 1;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return kWinoNone;
+  if (k == nullptr || s.kernel_height != 3 || s.kernel_width != 3 || s.dilation_height != 1 ||
+      s.dilation_width != 1 || s.stride_height != s.stride_width)
+    return kWinoNone;
+  const int64_t h = int64_t(1) << (s.weight_bits - 1), m = (int64_t(1) << s.act_bits) - 1, n_w = 2 * h - 1;
+  const int64_t limit = (int64_t(1) << 31) - 1;
+  if (s.stride_height == 1 && k->wino_item != nullptr) {
+    const int64_t per_channel = 36 * (108 * h * m + 36 * h * m + 36 * m);
+    return int64_t(s.in_channels) <= limit / per_channel - 1 ? kWinoStride1 : kWinoNone;
+  }
+  if (s.stride_height == 2 && k->wino2_item != nullptr && k->wino_quad_align <= 1) {
+    const int64_t per_channel = 9 * (16 * n_w * m + 8 * m * n_w);
+    return int64_t(s.in_channels) <= limit / per_channel - 1 ? kWinoStride2 : kWinoNone;
+  }
+  return kWinoNone;
 }
 
 // Winograd weights (ConvJob::dot_weights in the layout kernel_table.h gives for it) and
@@ -886,6 +904,48 @@ void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& code
         int64_t u[4];
         for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
         (*bias)[size_t((2 * i + jx) * blocks * lanes + oc)] = int32_t(jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3]);
+      }
+  }
+}
+
+// Stride-2 form weights (ConvJob::dot_weights: U(w') = G w' G^T per position, in slot order) and
+// ConvJob::wino_bias = A (-2M sum_c U) A^T per output pixel of a tile (isa_avx512_dot.cc).
+void build_wino2_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
+                         std::vector<int8_t>* out, std::vector<int32_t>* bias) {
+  static const int kG[5][3] = {{1, 0, 0}, {1, 0, 1}, {0, 0, 1}, {0, 1, 0}, {0, 1, 0}};
+  static const int kA[2][5] = {{1, 1, 0, 1, 0}, {0, 1, 1, 0, 1}};
+  const int64_t channels = s.in_channels, quads = words_for(channels) * 16;  // whole words: kernel_table.h
+  const int64_t blocks = (int64_t(s.out_channels) + lanes - 1) / lanes;
+  const int64_t block_bytes = kWinoPositions2 * quads * lanes * 4;
+  const int n_w = (1 << s.weight_bits) - 1, m = (1 << s.act_bits) - 1;
+  out->assign(size_t(blocks * block_bytes), 0);
+  bias->assign(size_t(4 * blocks * lanes), 0);
+  int64_t sums[kWinoPositions2];
+  for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+    const int64_t block = oc / lanes, chunk = block / per_chunk, r = block % per_chunk;
+    const int64_t in_chunk = blocks - chunk * per_chunk < per_chunk ? blocks - chunk * per_chunk : per_chunk;
+    std::fill(sums, sums + kWinoPositions2, 0);
+    for (int64_t c = 0; c < channels; ++c) {
+      int g[3][3];
+      for (int t = 0; t < 9; ++t) g[t / 3][t % 3] = 2 * int(codes[size_t((oc * 9 + t) * channels + c)]) - n_w;
+      for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+          int u = 0;
+          for (int i = 0; i < 3; ++i)
+            for (int jj = 0; jj < 3; ++jj) u += kG[a][i] * g[i][jj] * kG[b][jj];
+          const int64_t x = a * 5 + b, slot = kWino2Slot[x];
+          const int64_t index = chunk * per_chunk * block_bytes +
+                                (((slot * quads + c / 4) * in_chunk + r) * lanes + oc % lanes) * 4 + c % 4;
+          (*out)[size_t(index)] = int8_t(u);
+          sums[x] += u;
+        }
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int jx = 0; jx < 2; ++jx) {
+        int64_t y = 0;
+        for (int a = 0; a < 5; ++a)
+          for (int b = 0; b < 5; ++b) y += kA[i][a] * kA[jx][b] * sums[a * 5 + b];
+        (*bias)[size_t((2 * i + jx) * blocks * lanes + oc)] = int32_t(-2 * m * y);
       }
   }
 }
@@ -934,10 +994,12 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   if (dot_layout(plan->path)) {
     plan->dot_chunk_blocks =
         dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) / plan->kernels->lanes);
-    plan->wino = wino_fits(s, plan->kernels);
-    if (plan->wino)
+    plan->wino = wino_form(s, plan->kernels);
+    if (plan->wino == kWinoStride1)
       build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, plan->kernels->wino_quad_align,
                          &plan->dot, &plan->wino_bias);
+    else if (plan->wino == kWinoStride2)
+      build_wino2_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot, &plan->wino_bias);
     else
       build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
   }
@@ -1100,8 +1162,8 @@ std::string amx_self_check(const PathKernels* amx) {
     out[i].assign(size_t(z.out), 0);
     if (prepare_weights(&plan, weights.data(), z.weights, 1, err, sizeof err) != N2UQ_OK)
       return std::string("self-check weights: ") + err;
-    if (!plan.wino) {  // N2UQ_DOT_WINOGRAD=0 now need not hold later: check the AMX GEMM anyway
-      plan.wino = true;
+    if (plan.wino != kWinoStride1) {  // N2UQ_DOT_WINOGRAD=0 now need not hold later: check the AMX GEMM anyway
+      plan.wino = kWinoStride1;
       build_wino_weights(s, weight_codes(s, weights.data()), plan.kernels->lanes, plan.dot_chunk_blocks,
                          plan.kernels->wino_quad_align, &plan.dot, &plan.wino_bias);
     }

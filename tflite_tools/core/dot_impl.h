@@ -209,12 +209,13 @@ void wino_codes_generic(const ConvJob& j, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / j.wino_code_rows, ih = row % j.wino_code_rows - j.pad_top;
     uint8_t* dst = j.wino_codes + row * j.wino_code_cols * cw;
-    int32_t* sums = j.wino_pixel_sums + row * j.wino_code_cols;
+    // Pixel sums only where wino_pixel_sums is set (the stride-1 form's per-tile terms).
+    int32_t* sums = j.wino_pixel_sums != nullptr ? j.wino_pixel_sums + row * j.wino_code_cols : nullptr;
     for (int64_t c = 0; c < j.wino_code_cols; ++c, dst += cw) {
       const int64_t iw = c - j.pad_left;
       if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
         for (int64_t b = 0; b < cw; ++b) dst[b] = 0;
-        sums[c] = 0;
+        if (sums != nullptr) sums[c] = 0;
         continue;
       }
       const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * act_bits * words;
@@ -224,7 +225,7 @@ void wino_codes_generic(const ConvJob& j, int64_t begin, int64_t end) {
         O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, out);
         for (int b = 0; b < 64; ++b) sum += out[b];
       }
-      sums[c] = sum;
+      if (sums != nullptr) sums[c] = sum;
     }
   }
 }
@@ -438,6 +439,141 @@ void wino_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
   }
 }
 
+// ---- Stride-2 form (3x3, stride 2, dilation 1) for any DotOps: the derivation and layout are
+// those of the AVX-512 version (isa_avx512_dot.cc): V8 = T d T^T + 2M in [0, 60], U = G w' G^T
+// in [-60, 60], Y = A Z A^T + wino_bias, no per-tile term.
+
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h.
+template <class O>
+void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, cw = words * 64, cols = j.wino_code_cols;
+  const uint8_t offset = (uint8_t)(2 * ((1 << j.act_bits) - 1));
+  for (int64_t tr = begin; tr < end; ++tr) {
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+      const int64_t t = tr * j.wino_tiles_w + tx;
+      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 4 * ty) * cols + 4 * tx) * cw;
+      for (int64_t w = 0; w < words; ++w)
+        for (int half = 0; half < 2; ++half) {
+          WinoBytes u[5][5];
+          for (int c = 0; c < 5; ++c) {  // T d: over rows
+            WinoBytes d[5];
+            for (int r = 0; r < 5; ++r) __builtin_memcpy(&d[r], base + (r * cols + c) * cw + w * 64 + 32 * half, 32);
+            u[0][c] = d[0] - d[2];
+            u[1][c] = d[2];
+            u[2][c] = d[4] - d[2];
+            u[3][c] = d[1];
+            u[4][c] = d[3];
+          }
+          for (int a = 0; a < 5; ++a) {  // (T d) T^T: over columns, + 2M
+            const WinoBytes v[5] = {u[a][0] - u[a][2] + offset, u[a][2] + offset, u[a][4] - u[a][2] + offset,
+                                    u[a][1] + offset, u[a][3] + offset};
+            for (int b = 0; b < 5; ++b)
+              __builtin_memcpy(j.wino_v + (t * kWinoPositions2 + kWino2Slot[a * 5 + b]) * cw + w * 64 + 32 * half,
+                               &v[b], 32);
+          }
+        }
+    }
+  }
+}
+
+// One register block: P tiles from t0 x R weight vectors of one chunk, one GEMM per class (as the
+// AVX-512 version), then the output transform (int32 lanes), the channel correction and O::store.
+template <class O, int P, int R>
+void wino2_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
+  typedef typename O::Acc Acc;
+  constexpr int L = O::kLanes;
+  typedef uint32_t VU __attribute__((vector_size(4 * L)));
+  static_assert(sizeof(VU) == sizeof(Acc), "an Acc is kLanes int32 lanes");
+  const int64_t cw = int64_t(j.words) * 64, quads = cw / 4;
+  const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * kWinoPositions2 * quads * L * 4;
+  const uint8_t* const v = j.wino_v + t0 * kWinoPositions2 * cw;
+  alignas(64) int32_t z[9][P][R][L];
+  for (int c = 0; c < 9; ++c) {
+    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
+    wino_gemm_generic<O, P, R>(v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * L * 4,
+                               count * quads, &z[c][0][0][0]);
+  }
+  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
+  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
+  for (int r = 0; r < R; ++r) {
+    const int64_t oc0 = oc_begin + r * L, left = out_channels - oc0;
+    const int valid = left < L ? (int)left : L;
+    const typename O::Out out = O::out(j, oc0, valid);
+    const int32_t* bias4 = j.wino_bias + oc0;
+    for (int p = 0; p < P; ++p) {
+      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
+      VU zs[9];  // unsigned: wrapping is defined (the plan keeps the sums in int32)
+#pragma GCC unroll 9
+      for (int c = 0; c < 9; ++c) __builtin_memcpy(&zs[c], &z[c][p][r][0], sizeof(VU));
+      VU u[2][3];  // output row i takes row parts i and i + 1
+#pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) {
+        u[0][c] = zs[c] + zs[3 + c];
+        u[1][c] = zs[3 + c] + zs[6 + c];
+      }
+      for (int i = 0; i < 2; ++i) {
+        const int64_t oy = 2 * ty + i;
+        if (oy >= out_height) continue;
+        for (int jx = 0; jx < 2; ++jx) {
+          const int64_t ox = 2 * tx + jx;
+          if (ox >= out_width) continue;
+          VU bias;
+          __builtin_memcpy(&bias, bias4 + (2 * i + jx) * oc_padded, sizeof(VU));
+          const VU y = u[i][jx] + u[i][jx + 1] + bias;
+          Acc acc;
+          __builtin_memcpy(&acc, &y, sizeof(y));
+          O::store(out, ((n * out_height + oy) * out_width + ox) * out_channels + oc0, acc);
+        }
+      }
+    }
+  }
+}
+
+template <class O, int P, int R>
+struct Wino2BlocksGeneric {
+  static void fill(WinoBlockFn* table) {
+    table[P] = &wino2_block_generic<O, P, R>;
+    Wino2BlocksGeneric<O, P - 1, R>::fill(table);
+  }
+};
+template <class O, int R>
+struct Wino2BlocksGeneric<O, 0, R> {
+  static void fill(WinoBlockFn*) {}
+};
+
+// As wino_run_generic, with the stride-2 blocks.
+template <class O, int R>
+void wino2_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
+  constexpr int kMax = O::max_pixels(R);
+  WinoBlockFn blocks[kMax + 1];
+  Wino2BlocksGeneric<O, kMax, R>::fill(blocks);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
+  const int64_t t0 = block * base + (block < longer ? block : longer), size = base + (block < longer ? 1 : 0);
+  const int64_t parts = (size + kMax - 1) / kMax;
+  if (parts == 0) return;
+  const int64_t part = size / parts, part_longer = size % parts;
+  for (int64_t b = 0, t = t0; b < parts; ++b) {
+    const int64_t tiles = part + (b < part_longer ? 1 : 0);
+    blocks[tiles](j, t, chunk);
+    t += tiles;
+  }
+}
+
+template <class O>
+void wino2_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: wino2_run_generic<O, 1>(j, block, chunk); break;
+    case 2: if (O::kBlocksPerChunk >= 2) wino2_run_generic<O, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, block, chunk); break;
+    case 3: if (O::kBlocksPerChunk >= 3) wino2_run_generic<O, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, block, chunk); break;
+    case 4: if (O::kBlocksPerChunk >= 4) wino2_run_generic<O, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, block, chunk); break;
+    default: break;
+  }
+}
+
 template <class O>
 PathKernels make_dot_kernels(const char* name) {
   PathKernels k = {};
@@ -457,5 +593,7 @@ PathKernels make_dot_kernels_wino(const char* name) {
   k.wino_codes = &wino_codes_generic<O>;
   k.wino_transform = &wino_transform_generic<O>;
   k.wino_item = &wino_item_generic<O>;
+  k.wino2_transform = &wino2_transform_generic<O>;
+  k.wino2_item = &wino2_item_generic<O>;
   return k;
 }

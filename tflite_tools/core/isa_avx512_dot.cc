@@ -98,33 +98,64 @@ constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};   
 
 inline int64_t wino_channel_bytes(const ConvJob& j) { return int64_t(j.words) * 64; }
 
+// 64 channel codes from their BITS bit planes (plane p at planes[p * words]), lanes outside
+// `mask` zero: each plane's bits select 2^p in its own register, then one OR tree (a chain of
+// masked adds on one register was the slowest part of staging).
+template <int BITS>
+inline __m512i codes_from_planes(const uint64_t* planes, int64_t words, uint64_t mask) {
+  __m512i part[BITS];
+  for (int p = 0; p < BITS; ++p)
+    part[p] = _mm512_maskz_mov_epi8((__mmask64)(planes[p * words] & mask), _mm512_set1_epi8((char)(1 << p)));
+  if (BITS == 1) return part[0];
+  if (BITS == 2) return _mm512_or_si512(part[0], part[BITS > 1 ? 1 : 0]);
+  const __m512i three = _mm512_ternarylogic_epi32(part[0], part[BITS > 1 ? 1 : 0], part[BITS > 2 ? 2 : 0], 0xFE);
+  return BITS == 3 ? three : _mm512_or_si512(three, part[BITS > 3 ? 3 : 0]);
+}
+
 // Padded code rows [begin, end) of the N * wino_code_rows: code row r holds input row r - pad_top,
-// column c input column c - pad_left, zero outside the input and past in_channels; and the sum
-// of each pixel's codes (sum_p 2^p popcount(plane p)).
-void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, act_bits = j.act_bits, cw = wino_channel_bytes(j);
+// column c input column c - pad_left, zero outside the input and past in_channels; and, where
+// wino_pixel_sums is set (the stride-1 form), the sum of each pixel's codes (sum_p 2^p
+// popcount(plane p)).
+template <int BITS>
+void wino_codes_bits(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, cw = wino_channel_bytes(j);
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / j.wino_code_rows, ih = row % j.wino_code_rows - j.pad_top;
     uint8_t* dst = j.wino_codes + row * j.wino_code_cols * cw;
-    int32_t* sums = j.wino_pixel_sums + row * j.wino_code_cols;
+    int32_t* sums = j.wino_pixel_sums != nullptr ? j.wino_pixel_sums + row * j.wino_code_cols : nullptr;
+    const bool row_inside = ih >= 0 && ih < j.in_height;
+    const uint64_t* src_row = j.input + (n * j.in_height + ih) * j.in_width * BITS * words;
     for (int64_t c = 0; c < j.wino_code_cols; ++c, dst += cw) {
       const int64_t iw = c - j.pad_left;
-      sums[c] = 0;
-      if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
+      if (!row_inside || iw < 0 || iw >= j.in_width) {
         for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512((void*)(dst + w * 64), _mm512_setzero_si512());
+        if (sums != nullptr) sums[c] = 0;
         continue;
       }
-      const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * act_bits * words;
-      int64_t sum = 0;
-      for (int64_t w = 0; w < words; ++w) {
-        const uint64_t mask = w == words - 1 ? tail : ~0ull;
-        DotOps::codes64(src + w, words, (int)act_bits, mask, dst + w * 64);
-        for (int64_t p = 0; p < act_bits; ++p) sum += int64_t(__builtin_popcountll(src[p * words + w] & mask)) << p;
+      const uint64_t* src = src_row + iw * BITS * words;
+      for (int64_t w = 0; w < words; ++w)
+        _mm512_storeu_si512((void*)(dst + w * 64), codes_from_planes<BITS>(src + w, words, w == words - 1 ? tail : ~0ull));
+      if (sums != nullptr) {
+        int64_t sum = 0;
+        for (int64_t w = 0; w < words; ++w) {
+          const uint64_t mask = w == words - 1 ? tail : ~0ull;
+          for (int p = 0; p < BITS; ++p) sum += int64_t(__builtin_popcountll(src[p * words + w] & mask)) << p;
+        }
+        sums[c] = int32_t(sum);
       }
-      sums[c] = int32_t(sum);
     }
+  }
+}
+
+void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
+  switch (j.act_bits) {
+    case 1: wino_codes_bits<1>(j, begin, end); break;
+    case 2: wino_codes_bits<2>(j, begin, end); break;
+    case 3: wino_codes_bits<3>(j, begin, end); break;
+    case 4: wino_codes_bits<4>(j, begin, end); break;
+    default: break;  // validated by the dispatcher
   }
 }
 
@@ -327,6 +358,158 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
   }
 }
 
+// ---- Stride-2 form of the dot path: 3x3 kernels, stride 2, dilation 1 (polyphase Winograd).
+//
+// In 1D, two outputs of a 3-tap stride-2 conv read five inputs: y0 = d0 g0 + d1 g1 + d2 g2 and
+// y1 = d2 g0 + d3 g1 + d4 g2. The even inputs (d0, d2, d4) meet the even taps (g0, g2) as a
+// stride-1 conv, which F(2, 2) does in 3 products: (d0 - d2) g0, d2 (g0 + g2), (d4 - d2) g2;
+// the odd inputs meet g1 in 2 plain products. So with
+//   T d = (d0 - d2, d2, d4 - d2, d1, d3),  G g = (g0, g0 + g2, g2, g1, g1),
+//   A = [1 1 0 1 0; 0 1 1 0 1],             y = A (G g . T d),
+// a 2x2 output tile of the 2D conv is Y = A [U . V] A^T with V = T d T^T (the tile's 5x5 input
+// codes d) and U = G g G^T summed over channels: 25 products per tile and channel instead of 36,
+// every step an integer (no 1/2 rows, no scaling). Byte ranges, M = 2^act_bits - 1:
+//   V in [-2M, 2M] is stored as V8 = V + 2M in [0, 4M] (<= 60, u8);
+//   U = U(w') itself with w' = 2k - n_w in [-15, 15]: |U| <= 4 * 15 = 60 (s8), so
+// acc = sum_c U V8 and Z = sum_c U V = acc - 2M sum_c U: the channel term goes through A once in
+// the plan (wino_bias); there is no per-tile term. The plan checks that int32 holds every sum.
+// Input transforms run in int8 lanes (wrapping; every final value is in [0, 4M]).
+
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and word.
+void wino2_transform(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
+  const int32_t m = (1 << j.act_bits) - 1;
+  const __m512i offset = _mm512_set1_epi8((char)(2 * m));
+  for (int64_t tr = begin; tr < end; ++tr) {
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+      const int64_t t = tr * j.wino_tiles_w + tx;
+      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 4 * ty) * cols + 4 * tx) * cw;
+      for (int64_t w = 0; w < words; ++w) {
+        __m512i u[5][5];
+        for (int c = 0; c < 5; ++c) {  // T d: over rows
+          __m512i d[5];
+          for (int r = 0; r < 5; ++r) d[r] = _mm512_loadu_si512((const void*)(base + (r * cols + c) * cw + w * 64));
+          u[0][c] = _mm512_sub_epi8(d[0], d[2]);
+          u[1][c] = d[2];
+          u[2][c] = _mm512_sub_epi8(d[4], d[2]);
+          u[3][c] = d[1];
+          u[4][c] = d[3];
+        }
+        for (int a = 0; a < 5; ++a) {  // (T d) T^T: over columns, + 2M
+          const __m512i v[5] = {_mm512_sub_epi8(u[a][0], u[a][2]), u[a][2], _mm512_sub_epi8(u[a][4], u[a][2]),
+                                u[a][1], u[a][3]};
+          for (int b = 0; b < 5; ++b)
+            _mm512_storeu_si512((void*)(j.wino_v + (t * kWinoPositions2 + kWino2Slot[a * 5 + b]) * cw + w * 64),
+                                _mm512_add_epi8(v[b], offset));
+        }
+      }
+    }
+  }
+}
+
+// The output transform, channel correction and stores of P tiles x R weight vectors of one
+// chunk, from their class sums z[(c * P + p) * R + r] (kernel_table.h: class c = 3 * row part +
+// column part, parts {0, 3}, {1}, {2, 4}): output pixel (i, jx) sums the classes of row parts i
+// and i + 1 and column parts jx and jx + 1.
+template <int R>
+__attribute__((always_inline)) inline void wino2_epilogue(const ConvJob& j, int64_t t0, int P, int64_t chunk,
+                                                          const __m512i* z) {
+  const int64_t lanes = DotOps::kLanes;
+  const int64_t oc_padded = int64_t(j.oc_blocks) * lanes;
+  const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
+  int32_t* const out_int32 = j.out_int32;  // locals: see wino_epilogue
+  float* const out_float = j.out_float;
+  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
+  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
+  for (int r = 0; r < R; ++r) {
+    const int64_t oc0 = oc_begin + r * lanes, left = out_channels - oc0;
+    const __mmask16 mask = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+    if (out_float != nullptr) {
+      multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
+      bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
+    }
+    __m512i bias4[4];
+    for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
+    for (int p = 0; p < P; ++p) {
+      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
+      __m512i u[2][3];  // over row parts: output row i takes parts i and i + 1
+#pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) {
+        const __m512i mid = z[((3 + c) * P + p) * R + r];
+        u[0][c] = _mm512_add_epi32(z[((0 + c) * P + p) * R + r], mid);
+        u[1][c] = _mm512_add_epi32(mid, z[((6 + c) * P + p) * R + r]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        const int64_t oy = 2 * ty + i;
+        if (oy >= out_height) continue;
+        const __m512i y[2] = {_mm512_add_epi32(u[i][0], u[i][1]), _mm512_add_epi32(u[i][1], u[i][2])};
+        for (int jx = 0; jx < 2; ++jx) {
+          const int64_t ox = 2 * tx + jx;
+          if (ox >= out_width) continue;
+          const __m512i value = _mm512_add_epi32(y[jx], bias4[2 * i + jx]);
+          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
+          if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, value);
+          if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
+            _mm512_mask_storeu_ps(out_float + index, mask,
+                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), multiplier), bias));
+        }
+      }
+    }
+  }
+}
+
+// One register block: P tiles (from t0) x R weight vectors of one chunk, one GEMM per class over
+// its positions' quads (contiguous: kernel_table.h), then the output stage.
+template <int P, int R>
+void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
+  const int64_t cw = wino_channel_bytes(j), quads = cw / 4, lanes = DotOps::kLanes;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * kWinoPositions2 * quads * lanes * 4;
+  const uint8_t* const v = j.wino_v + t0 * kWinoPositions2 * cw;
+  __m512i z[9][P][R];
+  for (int c = 0; c < 9; ++c) {
+    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
+    wino_gemm<P, R>(v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads,
+                    &z[c][0][0]);
+  }
+  wino2_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
+}
+
+template <int P, int R>
+struct Wino2Blocks {
+  static void fill(WinoBlockFn* table) {
+    table[P] = &wino2_block<P, R>;
+    Wino2Blocks<P - 1, R>::fill(table);
+  }
+};
+template <int R>
+struct Wino2Blocks<0, R> {
+  static void fill(WinoBlockFn*) {}
+};
+
+template <int R>
+void wino2_run(const ConvJob& j, int64_t block, int64_t chunk) {
+  constexpr int kMax = wino_max_tiles(R);
+  WinoBlockFn blocks[kMax + 1];
+  Wino2Blocks<kMax, R>::fill(blocks);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
+  const int64_t t0 = block * base + (block < longer ? block : longer);
+  blocks[base + (block < longer ? 1 : 0)](j, t0, chunk);
+}
+
+void wino2_item(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: wino2_run<1>(j, block, chunk); break;
+    case 2: wino2_run<2>(j, block, chunk); break;
+    case 3: wino2_run<3>(j, block, chunk); break;
+    case 4: wino2_run<4>(j, block, chunk); break;
+    default: break;
+  }
+}
+
 }  // namespace avx512_dot
 }  // namespace
 
@@ -348,6 +531,8 @@ const PathKernels* avx512_dot_kernels() {
     k.wino_codes = &avx512_dot::wino_codes;
     k.wino_transform = &avx512_dot::wino_transform;
     k.wino_item = &avx512_dot::wino_item;
+    k.wino2_transform = &avx512_dot::wino2_transform;
+    k.wino2_item = &avx512_dot::wino2_item;
     return k;
   }();
   return &kernels;

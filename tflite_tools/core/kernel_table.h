@@ -73,6 +73,13 @@ struct ConvJob {
   // ty) * wino_tiles_w + tx. dot_weights are then [chunk][16][quads][blocks of the chunk][dot_lanes][4]
   // (the transformed weights U of q = k - 2^(weight_bits - 1)); quads rounded up to a multiple of
   // PathKernels::wino_quad_align with zero weights (amx: whole 64-channel words).
+  //
+  // Stride-2 form (3x3, stride 2, dilation 1; PathKernels::wino2_item, derivation in
+  // isa_avx512_dot.cc): the same tiles and fields with 25 positions instead of 16, code rows and
+  // columns 4 * tiles + 1, wino_v [tiles][25 slots][words * 64] (V + 2M; slots: kWino2Order),
+  // dot_weights [chunk][25 slots][16 * words quads][blocks][dot_lanes][4] holding U(w') itself
+  // (zero past in_channels; no per-tile terms), and wino_bias the channel correction A (-2M
+  // sum_c U) A^T.
   int32_t wino_tiles_h, wino_tiles_w, wino_tile_blocks;  // ceil(out / 2); register blocks of tiles
   int64_t wino_tiles;                                     // batch * tiles_h * tiles_w
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
@@ -98,6 +105,24 @@ struct ConvJob {
   uint8_t* lut_tables;
   const uint8_t* lut_indices;
 };
+
+// Forms of the dot path (N2uqConvPlan::wino): direct, Winograd F(2x2, 3x3) for 3x3 stride 1,
+// and its polyphase stride-2 variant for 3x3 stride 2.
+enum WinoForm { kWinoNone = 0, kWinoStride1 = 1, kWinoStride2 = 2 };
+// Transformed positions per 2x2 output tile of each form.
+constexpr int kWinoPositions1 = 16, kWinoPositions2 = 25;
+// The stride-2 form's positions x = 5a + b in class order. Output pixel (i, jx) of a tile sums
+// the positions with a in S_i and b in S_jx, S_0 = {0, 1, 3}, S_1 = {1, 2, 4} (isa_avx512_dot.cc),
+// so positions whose row a falls in the same part of {0, 3} | {1} | {2, 4}, and column b likewise,
+// meet the same output pixels: each of these 9 classes (row part * 3 + column part) is summed in
+// one GEMM over all its positions' channels, and only 9 sums per tile reach the output transform.
+// V8 is stored [tile][slot][channel bytes] and the weights [slot][quads] per chunk, slots in this
+// order, so that a class is one contiguous run of quads.
+constexpr int kWino2Order[kWinoPositions2] = {0,  3,  15, 18, 1,  16, 2,  4,  17, 19, 5,  8, 6,
+                                              7,  9,  10, 13, 20, 23, 11, 21, 12, 14, 22, 24};
+constexpr int kWino2ClassStart[10] = {0, 4, 6, 10, 12, 13, 15, 19, 21, 25};
+constexpr int kWino2Slot[kWinoPositions2] = {0,  4,  6,  1,  7,  10, 12, 13, 11, 14, 15, 19, 21,
+                                             16, 22, 2,  5,  8,  3,  9,  17, 20, 23, 18, 24};
 
 // LUT path geometry: 6 input channels per table (VPERMB: a 64-byte table, a 6-bit index
 // per byte lane, the table a memory operand).
@@ -177,6 +202,10 @@ struct PathKernels {
   void (*wino_codes)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_item)(const ConvJob&, int64_t item, int slot);
+  // The stride-2 form (null where the ISA has none): transforms of tile rows [begin, end) and
+  // items as above (codes by wino_codes).
+  void (*wino2_transform)(const ConvJob&, int64_t begin, int64_t end);
+  void (*wino2_item)(const ConvJob&, int64_t item, int slot);
   // Winograd tiles per item at most (0: the AVX-512 register-block maximum for the chunk's
   // blocks), and the multiple the weights' quads per position are padded to with zero weights
   // (0 or 1: none; the AMX form loads whole 64-channel words).
