@@ -176,10 +176,39 @@ def test_conv2d_dot_winograd_form(a_bits, w_bits, combos):
                 _check_conv_codes(m_edge, k_edge, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng, threads=(2,))
 
 
+@pytest.mark.parametrize("a_bits, w_bits", [(1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (4, 1)])
+def test_conv2d_dot_winograd_stride2_form(a_bits, w_bits, combos):
+    """3x3 stride-2 convs on the dot path (every ISA) run in a polyphase Winograd form: 2x2 output
+    tiles of 5x5 input codes d, V = T d T^T with T d = (d0 - d2, d2, d4 - d2, d1, d3), weights
+    U = G w' G^T with G w = (w0, w0 + w2, w2, w1, w1), Y = A (U . V) A^T. Exact at the ends of
+    every range: checkerboards of zero and top codes (whose differences of differences reach -2M
+    and 2M), all codes at the top level, weights all 0 or all n_w (|U| = 4 n_w, w' = -n_w or
+    n_w); on partial tiles (odd outputs, inputs that end inside a tile), asymmetric and zero
+    padding, channel tails, partial output-channel blocks, batch 2, and the chunk widths the plan
+    picks. A plain-NumPy conv of the codes is the reference."""
+    rng = np.random.default_rng(90 + 10 * a_bits + w_bits)
+    dot = [(isa, path) for isa, path in combos if path == "dot"]
+    top_m, top_k = 2 ** a_bits - 1, 2 ** w_bits - 1
+    for n, h, w, c, oc, pads in ((2, 5, 7, 70, 13, (1, 1, 1, 1)), (1, 6, 9, 131, 64, (0, 2, 1, 0)),
+                                 (1, 4, 4, 8, 48, (1, 1, 1, 1)), (1, 3, 5, 5, 37, (2, 0, 0, 2)),
+                                 (1, 8, 8, 64, 16, (0, 1, 0, 1)), (1, 9, 11, 3, 5, (0, 0, 0, 0))):
+        m = rng.integers(0, top_m + 1, (n, h, w, c)).astype(np.uint8)
+        k = rng.integers(0, top_k + 1, (oc, 3, 3, c)).astype(np.uint8)
+        _check_conv_codes(m, k, a_bits, w_bits, (2, 2), (1, 1), pads, dot, rng)
+        checker = ((np.indices((h, w)).sum(0) % 2) * top_m).astype(np.uint8)[None, :, :, None]
+        stripes = ((np.indices((h, w))[0] % 2) * top_m).astype(np.uint8)[None, :, :, None]
+        for m_edge in (np.full((n, h, w, c), top_m, np.uint8), np.broadcast_to(checker, (n, h, w, c)).copy(),
+                       np.broadcast_to(top_m - checker, (n, h, w, c)).copy(),
+                       np.broadcast_to(stripes, (n, h, w, c)).copy()):
+            for k_edge in (np.zeros((oc, 3, 3, c), np.uint8), np.full((oc, 3, 3, c), top_k, np.uint8)):
+                _check_conv_codes(m_edge, k_edge, a_bits, w_bits, (2, 2), (1, 1), pads, dot, rng, threads=(2,))
+
+
 def _winograd_shapes(a_bits, w_bits, combos):
-    """Every dot ISA's Winograd form: channels 3 (one partial quad), 64 (one word) and 80 (a
-    word tail), output channels 5-40 (partial and several vectors of 4, 8 and 16 lanes, so
-    every chunk width), odd heights and widths (partial tiles), batch 2, 1 and 2 threads."""
+    """Every dot ISA's Winograd forms (stride 1, and the polyphase form of stride 2): channels 3
+    (one partial quad), 64 (one word) and 80 (a word tail), output channels 5-40 (partial and
+    several vectors of 4, 8 and 16 lanes, so every chunk width), odd heights and widths (partial
+    tiles), batch 2, 1 and 2 threads."""
     rng = np.random.default_rng(500 + 10 * a_bits + w_bits)
     dot = [(isa, path) for isa, path in combos if path == "dot"]
     for c in (3, 64, 80):
@@ -187,7 +216,8 @@ def _winograd_shapes(a_bits, w_bits, combos):
                                  (16, (7, 5), (1, 1, 2, 0)), (40, (9, 3), (1, 1, 1, 1))):
             m = rng.integers(0, 2 ** a_bits, (2, h, w, c)).astype(np.uint8)
             k = rng.integers(0, 2 ** w_bits, (oc, 3, 3, c)).astype(np.uint8)
-            _check_conv_codes(m, k, a_bits, w_bits, (1, 1), (1, 1), pads, dot, rng)
+            for strides in ((1, 1), (2, 2)):
+                _check_conv_codes(m, k, a_bits, w_bits, strides, (1, 1), pads, dot, rng)
     return dot
 
 

@@ -356,12 +356,15 @@ ThreadPool& pool() {
   return *instance;
 }
 
-// Splits [0, count) into about 4 tasks per thread of at least `grain` elements.
+// Splits [0, count) into about 4 tasks per thread, as many as tasks of `grain` elements allow,
+// of equal sizes: a 56x56x64 quantize with its 1025-position grain was 3 whole tasks and a
+// 61-position one, so one of 2 threads did 2050 positions of 3136 (1.3x the even share).
 void parallel_ranges(int num_threads, int64_t count, int64_t grain,
                      const std::function<void(int64_t, int64_t)>& fn) {
   int64_t size = (count + 4 * num_threads - 1) / (4 * num_threads);
   if (size < grain) size = grain;
   const int64_t tasks = (count + size - 1) / size;
+  size = (count + tasks - 1) / tasks;
   pool().run(num_threads, tasks, [&](int64_t t) {
     const int64_t begin = t * size;
     fn(begin, begin + size < count ? begin + size : count);
@@ -657,16 +660,18 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
   job.wino_tiles_h = (job.out_height + 1) / 2;
   job.wino_tiles_w = (job.out_width + 1) / 2;
-  // The input rows and columns the tiles read: 4 per stride-1 tile (overlapping by 2), 5 per
-  // stride-2 tile (overlapping by 1).
-  job.wino_code_rows = stride2 ? 4 * int64_t(job.wino_tiles_h) + 1 : 2 * int64_t(job.wino_tiles_h) + 2;
-  job.wino_code_cols = stride2 ? 4 * int64_t(job.wino_tiles_w) + 1 : 2 * int64_t(job.wino_tiles_w) + 2;
   const int64_t cw = int64_t(job.words) * 64;
   int64_t code_bytes = 0, tiles = 0, v_bytes = 0, terms = 0, pixels = 0;
-  if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols, &pixels) || !mul_ok(pixels, cw, &code_bytes) ||
-      !mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) || !mul_ok(tiles, positions * cw, &v_bytes) ||
-      !mul_ok(tiles, 4, &terms))
+  if (!mul_ok(int64_t(job.batch) * job.wino_tiles_h, job.wino_tiles_w, &tiles) ||
+      !mul_ok(tiles, positions * cw, &v_bytes) || !mul_ok(tiles, 4, &terms))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  if (!stride2) {  // the staged code image: the 4 input rows and columns of each tile, overlapping by 2
+    job.wino_code_rows = 2 * int64_t(job.wino_tiles_h) + 2;
+    job.wino_code_cols = 2 * int64_t(job.wino_tiles_w) + 2;
+    if (!mul_ok(int64_t(job.batch) * job.wino_code_rows, job.wino_code_cols, &pixels) ||
+        !mul_ok(pixels, cw, &code_bytes))
+      N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  }
   job.wino_tiles = tiles;
   // Tiles per block: the kernels' maximum, else as many as the chunk's register budget allows;
   // equal blocks.
@@ -680,13 +685,15 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   if (int rc = ensure(s.codes, code_bytes + v_bytes, "staged codes", err, err_len)) return rc;
   job.wino_codes = s.codes.data();
   job.wino_v = s.codes.data() + code_bytes;
-  if (!stride2) {  // the per-tile terms and the pixel sums they come from (the stride-2 form has none)
+  // The stride-2 transforms read the packed input themselves and have no per-tile terms; the
+  // stride-1 ones read a staged code image and its pixel sums.
+  if (!stride2) {
     if (int rc = ensure(s.pixel_sums, terms + pixels, "tile and pixel sums", err, err_len)) return rc;
     job.wino_tile_terms = s.pixel_sums.data();
     job.wino_pixel_sums = s.pixel_sums.data() + terms;
+    parallel_ranges(num_threads, int64_t(job.batch) * job.wino_code_rows, 1,
+                    [&](int64_t b, int64_t e) { k->wino_codes(job, b, e); });
   }
-  parallel_ranges(num_threads, int64_t(job.batch) * job.wino_code_rows, 1,
-                  [&](int64_t b, int64_t e) { k->wino_codes(job, b, e); });
   const auto transform = stride2 ? k->wino2_transform : k->wino_transform;
   const auto item_fn = stride2 ? k->wino2_item : k->wino_item;
   parallel_ranges(num_threads, int64_t(job.batch) * job.wino_tiles_h, 1,

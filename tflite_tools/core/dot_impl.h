@@ -443,22 +443,35 @@ void wino_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
 // those of the AVX-512 version (isa_avx512_dot.cc): V8 = T d T^T + 2M in [0, 60], U = G w' G^T
 // in [-60, 60], Y = A Z A^T + wino_bias, no per-tile term.
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h.
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h, the codes taken straight
+// from the packed input (as the AVX-512 version).
 template <class O>
 void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, cw = words * 64, cols = j.wino_code_cols;
-  const uint8_t offset = (uint8_t)(2 * ((1 << j.act_bits) - 1));
+  const int64_t words = j.words, cw = words * 64, act_bits = j.act_bits, pixel_words = act_bits * words;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
+  const uint8_t offset = (uint8_t)(2 * ((1 << act_bits) - 1));
+  alignas(64) uint8_t codes[5][5][64];
   for (int64_t tr = begin; tr < end; ++tr) {
-    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h, ih0 = 4 * ty - j.pad_top;
     for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx;
-      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 4 * ty) * cols + 4 * tx) * cw;
-      for (int64_t w = 0; w < words; ++w)
+      const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
+      for (int64_t w = 0; w < words; ++w) {
+        for (int r = 0; r < 5; ++r)
+          for (int c = 0; c < 5; ++c) {
+            const int64_t ih = ih0 + r, iw = iw0 + c;
+            if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
+              __builtin_memset(codes[r][c], 0, 64);
+              continue;
+            }
+            const uint64_t* src = j.input + ((n * j.in_height + ih) * j.in_width + iw) * pixel_words + w;
+            O::codes64(src, words, (int)act_bits, w == words - 1 ? tail : ~0ull, codes[r][c]);
+          }
         for (int half = 0; half < 2; ++half) {
           WinoBytes u[5][5];
           for (int c = 0; c < 5; ++c) {  // T d: over rows
             WinoBytes d[5];
-            for (int r = 0; r < 5; ++r) __builtin_memcpy(&d[r], base + (r * cols + c) * cw + w * 64 + 32 * half, 32);
+            for (int r = 0; r < 5; ++r) __builtin_memcpy(&d[r], codes[r][c] + 32 * half, 32);
             u[0][c] = d[0] - d[2];
             u[1][c] = d[2];
             u[2][c] = d[4] - d[2];
@@ -473,6 +486,7 @@ void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
                                &v[b], 32);
           }
         }
+      }
     }
   }
 }

@@ -375,21 +375,35 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
 // the plan (wino_bias); there is no per-tile term. The plan checks that int32 holds every sum.
 // Input transforms run in int8 lanes (wrapping; every final value is in [0, 4M]).
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and word.
-void wino2_transform(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
-  const int32_t m = (1 << j.act_bits) - 1;
-  const __m512i offset = _mm512_set1_epi8((char)(2 * m));
+// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and word,
+// the codes taken straight from the packed input (tiles overlap by one pixel only, so a staged
+// code image would be written and read for about as many pixels as this converts).
+template <int BITS>
+void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t cw = wino_channel_bytes(j), words = j.words, pixel_words = BITS * words;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
+  const __m512i offset = _mm512_set1_epi8((char)(2 * ((1 << BITS) - 1)));
   for (int64_t tr = begin; tr < end; ++tr) {
     const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    const int64_t ih0 = 4 * ty - j.pad_top;
+    bool row_inside[5];
+    const uint64_t* rows[5];
+    for (int r = 0; r < 5; ++r) {
+      row_inside[r] = ih0 + r >= 0 && ih0 + r < j.in_height;
+      rows[r] = j.input + (n * j.in_height + ih0 + r) * j.in_width * pixel_words;
+    }
     for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx;
-      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 4 * ty) * cols + 4 * tx) * cw;
+      const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
       for (int64_t w = 0; w < words; ++w) {
+        const uint64_t mask = w == words - 1 ? tail : ~0ull;
         __m512i u[5][5];
         for (int c = 0; c < 5; ++c) {  // T d: over rows
+          const bool col_inside = iw0 + c >= 0 && iw0 + c < j.in_width;
           __m512i d[5];
-          for (int r = 0; r < 5; ++r) d[r] = _mm512_loadu_si512((const void*)(base + (r * cols + c) * cw + w * 64));
+          for (int r = 0; r < 5; ++r)
+            d[r] = row_inside[r] && col_inside ? codes_from_planes<BITS>(rows[r] + (iw0 + c) * pixel_words + w, words, mask)
+                                               : _mm512_setzero_si512();
           u[0][c] = _mm512_sub_epi8(d[0], d[2]);
           u[1][c] = d[2];
           u[2][c] = _mm512_sub_epi8(d[4], d[2]);
@@ -405,6 +419,16 @@ void wino2_transform(const ConvJob& j, int64_t begin, int64_t end) {
         }
       }
     }
+  }
+}
+
+void wino2_transform(const ConvJob& j, int64_t begin, int64_t end) {
+  switch (j.act_bits) {
+    case 1: wino2_transform_bits<1>(j, begin, end); break;
+    case 2: wino2_transform_bits<2>(j, begin, end); break;
+    case 3: wino2_transform_bits<3>(j, begin, end); break;
+    case 4: wino2_transform_bits<4>(j, begin, end); break;
+    default: break;  // validated by the dispatcher
   }
 }
 

@@ -75,8 +75,8 @@ struct ConvJob {
   // PathKernels::wino_quad_align with zero weights (amx: whole 64-channel words).
   //
   // Stride-2 form (3x3, stride 2, dilation 1; PathKernels::wino2_item, derivation in
-  // isa_avx512_dot.cc): the same tiles and fields with 25 positions instead of 16, code rows and
-  // columns 4 * tiles + 1, wino_v [tiles][25 slots][words * 64] (V + 2M; slots: kWino2Order),
+  // isa_avx512_dot.cc): the same tiles and fields with 25 positions instead of 16, no code image
+  // (the transforms read the packed input), wino_v [tiles][25 slots][words * 64] (V + 2M; slots: kWino2Order),
   // dot_weights [chunk][25 slots][16 * words quads][blocks][dot_lanes][4] holding U(w') itself
   // (zero past in_channels; no per-tile terms), and wino_bias the channel correction A (-2M
   // sum_c U) A^T.
@@ -202,8 +202,8 @@ struct PathKernels {
   void (*wino_codes)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_item)(const ConvJob&, int64_t item, int slot);
-  // The stride-2 form (null where the ISA has none): transforms of tile rows [begin, end) and
-  // items as above (codes by wino_codes).
+  // The stride-2 form (null where the ISA has none): transforms of tile rows [begin, end) from
+  // the packed input, and items as above.
   void (*wino2_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino2_item)(const ConvJob&, int64_t item, int slot);
   // Winograd tiles per item at most (0: the AVX-512 register-block maximum for the chunk's

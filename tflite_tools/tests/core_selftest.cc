@@ -77,9 +77,10 @@ Case random_case(bool depthwise, bool wino = false) {
   s.stride_width = uniform(1, 3);
   s.dilation_height = uniform(1, 2);
   s.dilation_width = uniform(1, 3);
-  if (!depthwise && (wino || uniform(0, 3) == 0)) {  // the shapes of the dot path's Winograd form
+  if (!depthwise && (wino || uniform(0, 3) == 0)) {  // the shapes of the dot path's Winograd forms
     s.kernel_height = s.kernel_width = 3;
-    s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+    s.stride_height = s.stride_width = uniform(1, 2);  // stride 2: the polyphase form
+    s.dilation_height = s.dilation_width = 1;
   } else if (!depthwise && uniform(0, 3) == 0) {  // strided 1x1 (downsample): rows and phases left unstaged
     s.kernel_height = s.kernel_width = 1;
     s.stride_height = uniform(2, 3);
@@ -239,11 +240,11 @@ void run_conv_case(bool depthwise, bool wino = false) {
   check_conv_case(random_case(depthwise, wino), depthwise);
 }
 
-// Winograd shapes (3x3, stride 1) with every kind of partial tile block: input channels off the
-// 64-channel words (K), tile counts off the blocks (M: AVX-512 register blocks, AMX's 16-row
-// tiles), output channels off the 16-lane vectors and chunks (N). With N2UQ_AMX_EMULATE=1 the
-// amx path's tile model runs here, so the sanitizers check the addresses the AMX hardware would
-// load and store.
+// Winograd shapes (3x3, stride 1 and 2) with every kind of partial tile block: input channels off
+// the 64-channel words (K), tile counts off the blocks (M: AVX-512 register blocks, AMX's 16-row
+// tiles), output channels off the 16-lane vectors and chunks (N), and for stride 2 tiles whose
+// 5x5 input window runs past the input. With N2UQ_AMX_EMULATE=1 the amx path's tile model runs
+// here, so the sanitizers check the addresses the AMX hardware would load and store.
 void run_winograd_tail_cases() {
   static const int kShapes[][5] = {  // batch, height, width, in_channels, out_channels
       {2, 9, 11, 80, 40}, {1, 3, 3, 3, 8}, {2, 7, 5, 129, 67}, {1, 13, 13, 64, 16}, {2, 4, 6, 65, 33}};
@@ -256,16 +257,19 @@ void run_winograd_tail_cases() {
     s.in_channels = shape[3];
     s.out_channels = shape[4];
     s.kernel_height = s.kernel_width = 3;
-    s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+    s.dilation_height = s.dilation_width = 1;
     s.pad_top = uniform(0, 2);
     s.pad_bottom = uniform(0, 2);
     s.pad_left = uniform(0, 2);
     s.pad_right = uniform(0, 2);
     s.act_bits = uniform(1, 4);
     s.weight_bits = uniform(1, 4);
-    c.oh = s.in_height + s.pad_top + s.pad_bottom - 2;
-    c.ow = s.in_width + s.pad_left + s.pad_right - 2;
-    check_conv_case(c, false);
+    for (int stride = 1; stride <= 2; ++stride) {
+      s.stride_height = s.stride_width = stride;
+      c.oh = (s.in_height + s.pad_top + s.pad_bottom - 3) / stride + 1;
+      c.ow = (s.in_width + s.pad_left + s.pad_right - 3) / stride + 1;
+      check_conv_case(c, false);
+    }
   }
 }
 
