@@ -311,18 +311,33 @@ class ThreadPool {
 
  private:
   static constexpr auto kSpin = std::chrono::microseconds(100);
+  static constexpr auto kPauseSpin = std::chrono::microseconds(5);
 
   template <class Ready>
   static void spin_until(Ready ready) {
     const auto start = std::chrono::steady_clock::now();
-    // Yield rather than pause: when the machine is oversubscribed (more runnable threads
-    // than cores), a pausing spinner would hold the core that the thread it waits for
-    // needs; a 2-thread call then ran 6x slower than 1 thread. With nothing else
-    // runnable, yield returns at once and the spin keeps its low latency.
+    // First kPauseSpin of pause-spinning: a yield is a system call (about a microsecond on a
+    // VM), which every parallel region paid about twice (the worker seeing the job, the caller
+    // seeing it done): 1.7 us per region at 2 threads. Then yield rather than pause: when the
+    // machine is oversubscribed (more runnable threads than cores), a pausing spinner would
+    // hold the core that the thread it waits for needs; a 2-thread call then ran 6x slower
+    // than 1 thread. With nothing else runnable, yield returns at once.
+    for (int i = 1; !ready(); ++i) {
+      if (i % 64 == 0 && std::chrono::steady_clock::now() - start > kPauseSpin) break;
+      cpu_relax();
+    }
     for (int i = 1; !ready(); ++i) {
       std::this_thread::yield();
       if (i % 16 == 0 && std::chrono::steady_clock::now() - start > kSpin) return;
     }
+  }
+
+  static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
   }
 
   void worker_loop(int id) {
@@ -1371,14 +1386,16 @@ int check_thresholds(const float* thresholds, int32_t num_thresholds, int32_t bi
 
 static_assert((1 << N2UQ_MAX_BITS) - 1 < kThresholdTable, "threshold table too small");
 
-// Elements per quantize task at least: the AVX2 / AVX-512 paths take ~3-12 us for 64K
-// floats, about what waking a pool worker costs on a shared VM, so smaller layers stay on
-// one thread (7x7x512 at 2 threads took 23-34 us against 6-10 us on 1 with a 4096-element
-// grain, loaded 2-core VM). The scalar path is ~30x slower per element and keeps 4096.
+// Elements per quantize task at least: the AVX2 / AVX-512 paths take ~2-6 us for 32K
+// floats, a few times what handing a task to a spinning pool worker costs, so smaller layers
+// stay on one thread (7x7x512 at 2 threads took 23-34 us against 6-10 us on 1 with a
+// 4096-element grain and yield-only spinning, loaded 2-core VM; with the pause-spin, 32K split
+// 14x14x256 at 4 bits 6.4 -> 4.1 us and left 7x7x512 on one thread, Zen 5). The scalar path is
+// ~30x slower per element and keeps 4096.
 int64_t quantize_grain(int isa) {
   switch (isa) {
     case N2UQ_ISA_AVX2:
-    case N2UQ_ISA_AVX512: return 65536;
+    case N2UQ_ISA_AVX512: return 32768;
     case N2UQ_ISA_NEON: return 16384;
     default: return 4096;
   }
