@@ -599,6 +599,43 @@ def test_auto_path_is_one_the_cpu_runs_and_is_kept_per_shape(monkeypatch):
     assert chosen <= set(_core.supported_paths())
 
 
+def test_auto_selection_times_each_form_and_logs_it():
+    """With path=auto the plan times every path this CPU runs, and the dot path's direct form as a
+    candidate of its own where the shape has a Winograd form (3x3 stride 1 and 2), not elsewhere;
+    N2UQ_SELECT_LOG=1 prints the timings and the choice. The chosen plan is exact either way."""
+    script = (
+        "import numpy as np, sys; sys.path.insert(0, %r)\n"
+        "from n2uq_tf.tflite import _core\n"
+        "import test_kernel_core as t\n"
+        "rng = np.random.default_rng(8)\n"
+        "for kernel, strides in ((3, (2, 2)), (3, (1, 1)), (1, (2, 2))):\n"
+        "    m = rng.integers(0, 4, (1, 9, 9, 70)).astype(np.uint8)\n"
+        "    k = rng.integers(0, 4, (24, kernel, kernel, 70)).astype(np.uint8)\n"
+        "    pads = (1, 1, 1, 1) if kernel == 3 else (0, 0, 0, 0)\n"
+        "    t._check_conv_codes(m, k, 2, 2, strides, (1, 1), pads, [(_core.isa(), 'auto')], rng, threads=(1,))\n"
+        "    print('case done', kernel, strides, file=sys.stderr, flush=True)\n"
+    ) % os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, N2UQ_SELECT_LOG="1", PYTHONPATH=ROOT)
+    env.pop("N2UQ_KERNEL_PATH", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("n2uq path selection", "case done"))]
+    if len(_core.supported_paths()) < 2 and "dot" not in _core.supported_paths():  # one candidate: nothing to time
+        assert not [line for line in lines if line.startswith("n2uq path")], lines
+        return
+    assert [line[:14] for line in lines] == ["n2uq path sele", "case done 3 (2", "n2uq path sele", "case done 3 (1",
+                                             "n2uq path sele", "case done 1 (2"], lines
+    stride2, stride1, pointwise = lines[0], lines[2], lines[4]
+    assert "3x3 /2" in stride2 and "3x3 /1" in stride1 and "1x1 /2" in pointwise
+    for line in (stride2, stride1, pointwise):
+        assert line.count("[chosen]") == 1, line
+        for path in _core.supported_paths():
+            assert f" {path} " in line, (path, line)
+    has_dot = "dot" in _core.supported_paths()
+    assert ("dot (direct form)" in stride2) == has_dot and ("dot (direct form)" in stride1) == has_dot
+    assert "direct form" not in pointwise
+
+
 def test_kernel_path_environment_and_arguments(monkeypatch):
     shape = _core.conv_shape(1, 5, 5, 70, 3, 3, padding=1, act_bits=2, weight_bits=2)
     x, w = _good_conv_args()

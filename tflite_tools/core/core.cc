@@ -988,7 +988,7 @@ bool dot_layout(int path) { return path == N2UQ_PATH_DOT || path == N2UQ_PATH_AM
 
 // Builds `plan`'s weights for its path from the packed weights.
 int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
-                    size_t err_len) {
+                    size_t err_len, bool direct_form = false) {
   const N2uqConvShape& s = plan->filter;
   if (plan->path == N2UQ_PATH_BITSERIAL) {
     plan->packed.assign(weights, weights + weights_needed);
@@ -1016,7 +1016,7 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   if (dot_layout(plan->path)) {
     plan->dot_chunk_blocks =
         dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) / plan->kernels->lanes);
-    plan->wino = wino_form(s, plan->kernels);
+    plan->wino = direct_form ? kWinoNone : wino_form(s, plan->kernels);
     if (plan->wino == kWinoStride1)
       build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, plan->kernels->wino_quad_align,
                          &plan->dot, &plan->wino_bias);
@@ -1076,7 +1076,8 @@ int run_plan(const N2uqConvPlan& plan, const N2uqConvShape* s, const ConvGeometr
 
 // A plan for a concrete path (weights built), or a status.
 int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_needed, int isa, int path,
-              int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+              int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len,
+              bool direct_form = false) {
   N2UQ_CHECK(path_available(isa, path), N2UQ_ERR_UNSUPPORTED, "path %s is not supported with ISA %s by this CPU or build",
              n2uq_path_name(path), n2uq_isa_name(isa));
   if (path == N2UQ_PATH_LUT) {
@@ -1091,7 +1092,7 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
   plan->path = path;
   plan->table = table_for(isa);
   plan->kernels = path == N2UQ_PATH_BITSERIAL ? nullptr : path_kernels(isa, path);
-  if (int rc = prepare_weights(plan.get(), weights, weights_needed, num_threads, err, err_len)) return rc;
+  if (int rc = prepare_weights(plan.get(), weights, weights_needed, num_threads, err, err_len, direct_form)) return rc;
   *out = std::move(plan);
   return N2UQ_OK;
 }
@@ -1100,7 +1101,9 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 
 // Selection by measurement: the first plan of a shape (filter, batch, input size, ISA,
 // thread count) times every path the CPU can run on random codes of that shape and keeps
-// the fastest; later plans of the same shape reuse the answer. Per candidate: one warm-up
+// the fastest; later plans of the same shape reuse the answer. Where the dot path has a
+// Winograd form for the shape, its direct form is a candidate of its own (the forms trade
+// fewer products for 16/9 or 25/9 times the weight bytes). Per candidate: one warm-up
 // call (scratch growth, page faults, pool wake-up), then interleaved rounds until each has
 // run kMinRounds times and kMinSeconds have passed, at most kMaxRounds; the best (minimum)
 // time of each decides, which is the estimate least disturbed by other processes. kMinSeconds
@@ -1108,6 +1111,11 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 // another runtime's pool threads may still spin after their last job (a TFLite builtin that
 // ran just before), and a benchmark once saw a 2-thread choice of bit-serial that ran 30%
 // slower than dot, which other processes picked; picks by a longer window agree more often.
+// Every timed run starts with the candidate's weights flushed from the caches: in a network
+// the other layers run between two calls of a layer, so its weights come from memory (ResNet-18
+// W2A2 on Zen 5: the 7x7x512 convs' Winograd weights, 4.2 MB each, took 224-231 us per call in
+// the network against ~145 us warm, and bit-serial, whose 2-bit planes are 7x smaller and which
+// loses warm, took 162-168 us; a warm timing picked the Winograd form).
 constexpr int kMinRounds = 5;
 constexpr int kMaxRounds = 100;
 constexpr double kMinSeconds = 0.02;
@@ -1258,6 +1266,47 @@ const AmxState& amx_state() {
 
 const PathKernels* amx_path_kernels() { return amx_state().kernels; }
 
+// A selection candidate: a path, and for the dot path whether it runs its direct form where the
+// shape has a Winograd one. Encoded as path + kDirectForm in the selection cache.
+constexpr int kDirectForm = 1 << 8;
+
+int make_candidate_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa, int candidate,
+                        int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+  return make_plan(s, weights, z.weights, isa, candidate & ~kDirectForm, num_threads, out, err, err_len,
+                   (candidate & kDirectForm) != 0);
+}
+
+// Writes back and evicts `bytes` at `data` from every cache level (no-op where the ISA has no
+// user-level flush).
+void flush_from_caches(const void* data, size_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  for (size_t i = 0; i < bytes; i += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_clflush(p + i);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("dc civac, %0" : : "r"(p + i) : "memory");
+#endif
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_mfence();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("dsb ish" : : : "memory");
+#endif
+}
+
+template <class T>
+void flush_vector(const std::vector<T>& v) {
+  if (!v.empty()) flush_from_caches(v.data(), v.size() * sizeof(T));
+}
+
+void flush_plan_weights(const N2uqConvPlan& plan) {
+  flush_vector(plan.packed);
+  flush_vector(plan.grouped);
+  flush_vector(plan.dot);
+  flush_vector(plan.lut);
+  flush_vector(plan.wino_bias);
+}
+
 int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa,
                          int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
   std::vector<int> candidates;
@@ -1265,6 +1314,8 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     if (!path_available(isa, path)) continue;
     if (path == N2UQ_PATH_LUT && !lut_fits(s)) continue;
     candidates.push_back(path);
+    if (path == N2UQ_PATH_DOT && wino_form(s, path_kernels(isa, path)) != kWinoNone)
+      candidates.push_back(path | kDirectForm);
   }
   const SelectionKey key = selection_key(s, isa, num_threads);
   {
@@ -1273,7 +1324,7 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     if (it != selections().end()) candidates.assign(1, it->second);
   }
   if (candidates.size() == 1)
-    return make_plan(s, weights, z.weights, isa, candidates[0], num_threads, out, err, err_len);
+    return make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, out, err, err_len);
   // The timing runs on one image of the batch when the whole batch's buffers would exceed
   // kCalibrationBytes (plans serve any batch); on a shape even one image of which exceeds it (a
   // corrupt file's, say), nothing is timed and the first candidate kept, allocating nothing big.
@@ -1284,10 +1335,10 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     timed.batch = 1;
     if (int rc = check_conv(&timed, &tz, err, err_len)) return rc;
   }
-  if (too_big(tz)) return make_plan(s, weights, z.weights, isa, candidates[0], num_threads, out, err, err_len);
+  if (too_big(tz)) return make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, out, err, err_len);
   std::vector<std::unique_ptr<N2uqConvPlan>> plans(candidates.size());
   for (size_t i = 0; i < candidates.size(); ++i)
-    if (int rc = make_plan(s, weights, z.weights, isa, candidates[i], num_threads, &plans[i], err, err_len))
+    if (int rc = make_candidate_plan(s, z, weights, isa, candidates[i], num_threads, &plans[i], err, err_len))
       return rc;
   const std::vector<uint64_t> input = calibration_input(tz.input);
   std::vector<int32_t> output(size_t(tz.out));
@@ -1296,6 +1347,7 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
   const auto start = clock::now();
   for (int round = 0; round <= kMaxRounds; ++round) {
     for (size_t i = 0; i < candidates.size(); ++i) {
+      flush_plan_weights(*plans[i]);
       const auto t0 = clock::now();
       if (int rc = run_plan(*plans[i], &timed, tz.g, input.data(), nullptr, nullptr, nullptr, output.data(),
                             num_threads, err, err_len))
@@ -1308,6 +1360,15 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
   size_t winner = 0;
   for (size_t i = 1; i < candidates.size(); ++i)
     if (best[i] < best[winner]) winner = i;
+  if (const char* log = std::getenv("N2UQ_SELECT_LOG"); log != nullptr && std::strcmp(log, "1") == 0) {
+    std::fprintf(stderr, "n2uq path selection, %dx%dx%d -> %d, %dx%d /%d, W%dA%d, %d thread(s):", s.in_height,
+                 s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width, s.stride_height,
+                 s.weight_bits, s.act_bits, num_threads);
+    for (size_t i = 0; i < candidates.size(); ++i)
+      std::fprintf(stderr, " %s%s %.1f us%s", n2uq_path_name(candidates[i] & ~kDirectForm),
+                   (candidates[i] & kDirectForm) ? " (direct form)" : "", best[i] * 1e6, i == winner ? " [chosen]" : "");
+    std::fprintf(stderr, "\n");
+  }
   {
     std::lock_guard<std::mutex> lock(g_selection_mutex);
     selections()[key] = candidates[winner];
