@@ -1111,11 +1111,12 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 // another runtime's pool threads may still spin after their last job (a TFLite builtin that
 // ran just before), and a benchmark once saw a 2-thread choice of bit-serial that ran 30%
 // slower than dot, which other processes picked; picks by a longer window agree more often.
-// Every timed run starts with the candidate's weights flushed from the caches: in a network
-// the other layers run between two calls of a layer, so its weights come from memory (ResNet-18
-// W2A2 on Zen 5: the 7x7x512 convs' Winograd weights, 4.2 MB each, took 224-231 us per call in
-// the network against ~145 us warm, and bit-serial, whose 2-bit planes are 7x smaller and which
-// loses warm, took 162-168 us; a warm timing picked the Winograd form).
+// Where some candidate's weights exceed kColdWeightBytes, every timed run starts with the
+// candidate's weights flushed from the caches: in a network the other layers run between two
+// calls of a layer, so large weights come from memory (ResNet-18 W2A2 on Zen 5: the 7x7x512
+// convs' Winograd weights, 4.2 MB each, took 224-231 us per call in the network against ~145 us
+// warm, and bit-serial, whose 2-bit planes are 7x smaller and which loses warm, took 162-168 us;
+// a warm timing picked the Winograd form).
 constexpr int kMinRounds = 5;
 constexpr int kMaxRounds = 100;
 constexpr double kMinSeconds = 0.02;
@@ -1307,6 +1308,18 @@ void flush_plan_weights(const N2uqConvPlan& plan) {
   flush_vector(plan.wino_bias);
 }
 
+size_t plan_weight_bytes(const N2uqConvPlan& plan) {
+  return plan.packed.size() * 8 + plan.grouped.size() * 8 + plan.dot.size() + plan.lut.size() +
+         plan.wino_bias.size() * 4;
+}
+
+// Candidates are timed with their weights flushed when some candidate's weights exceed this: half
+// the L2 of the cores measured (1-2 MB per core). Smaller weights mostly stay within L2 and L3 in
+// a network, and flushing them would turn a warm per-layer benchmark's pick into a cold one's
+// (28x28x128/2 W2A2 on Zen 5: bit-serial, 5% slower warm than the stride-2 Winograd form, whose
+// 0.8 MB of weights cost about that much more from memory; in the network the two tied).
+constexpr size_t kColdWeightBytes = size_t(1) << 20;
+
 int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa,
                          int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
   std::vector<int> candidates;
@@ -1343,11 +1356,13 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
   const std::vector<uint64_t> input = calibration_input(tz.input);
   std::vector<int32_t> output(size_t(tz.out));
   std::vector<double> best(candidates.size(), 1e30);
+  bool cold = false;
+  for (const auto& plan : plans) cold = cold || plan_weight_bytes(*plan) > kColdWeightBytes;
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   for (int round = 0; round <= kMaxRounds; ++round) {
     for (size_t i = 0; i < candidates.size(); ++i) {
-      flush_plan_weights(*plans[i]);
+      if (cold) flush_plan_weights(*plans[i]);
       const auto t0 = clock::now();
       if (int rc = run_plan(*plans[i], &timed, tz.g, input.data(), nullptr, nullptr, nullptr, output.data(),
                             num_threads, err, err_len))
