@@ -329,24 +329,20 @@ __attribute__((noinline)) void wino_gemm_generic(const uint8_t* a, int64_t cw, c
     for (int r = 0; r < R; ++r) __builtin_memcpy(z + (p * R + r) * O::kLanes, &acc[p][r], sizeof(Acc));
 }
 
-// One register block: P tiles from t0 x R weight vectors of one chunk, all 16 positions, then
-// the output transform (on int32 lanes), the corrections, / 4, and O::store as the direct form.
-template <class O, int P, int R>
-void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
+// The output stage of both Winograd forms for P tiles from t0 x R weight vectors of one chunk, in
+// GCC vectors of the Acc's size (VU: int32 lane arrays written piecewise and read back as a whole
+// Acc stalled store forwarding; unsigned, so wrapping is defined, the plan keeping the true values
+// in int32): pixels(p, r, y) gives tile p's sums y[2i + jx] for vector r before the channel
+// correction; finish(value, t, pixel) the output from sum plus correction; then O::store of the
+// pixels inside the output.
+template <class O, int R, class Pixels, class Finish>
+inline void wino_output_stage_generic(const ConvJob& j, int64_t t0, int P, int64_t chunk, Pixels pixels,
+                                      Finish finish) {
   typedef typename O::Acc Acc;
   constexpr int L = O::kLanes;
   typedef uint32_t VU __attribute__((vector_size(4 * L)));
-  typedef int32_t VS __attribute__((vector_size(4 * L)));
   static_assert(sizeof(VU) == sizeof(Acc), "an Acc is kLanes int32 lanes");
-  const int64_t cw = int64_t(j.words) * 64, quads = j.quads;
   const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
-  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * L * 4;
-  // The position sums as int32 lanes, written whole by the GEMM and read whole by the
-  // transform (copying them lane by lane cost a store-forwarding stall per vector).
-  alignas(64) int32_t z[16][P][R][L];
-  for (int x = 0; x < 16; ++x)
-    wino_gemm_generic<O, P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * L * 4, quads,
-                               &z[x][0][0][0]);
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
   const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
   for (int r = 0; r < R; ++r) {
@@ -356,22 +352,8 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
     const int32_t* bias4 = j.wino_bias + oc0;  // [4][oc_padded]: each output pixel's channel term
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      // In GCC vectors of the Acc's size: int32 lane arrays written piecewise and read back as a
-      // whole Acc stalled store forwarding. Unsigned for the sums (wrapping is defined; the plan
-      // keeps the true values in int32), signed for the final / 4.
-      VU zs[16];
-#pragma GCC unroll 16
-      for (int x = 0; x < 16; ++x) {
-        __builtin_memcpy(&zs[x], &z[x][p][r][0], sizeof(VU));
-        zs[x] = zs[x] << (1 + kWinoShiftG[x]);
-      }
-      VU u[2][4];  // A^T (s * 2 acc): over rows
-#pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b) {
-        u[0][b] = zs[b] + zs[4 + b] + zs[8 + b];
-        u[1][b] = zs[4 + b] - zs[8 + b] - zs[12 + b];
-      }
-      const int32_t* terms = j.wino_tile_terms + t * 4;
+      VU y[4];
+      pixels(p, r, y);
       for (int i = 0; i < 2; ++i) {
         const int64_t oy = 2 * ty + i;
         if (oy >= out_height) continue;
@@ -380,63 +362,53 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
           if (ox >= out_width) continue;
           VU bias;
           __builtin_memcpy(&bias, bias4 + (2 * i + jx) * oc_padded, sizeof(VU));
-          const VU y = (jx == 0 ? u[i][0] + u[i][1] + u[i][2] : u[i][1] - u[i][2] - u[i][3]) + bias +
-                       (uint32_t)terms[2 * i + jx];
-          const VS value = (VS)y >> 2;  // exact: a multiple of 4
+          const VU value = finish(y[2 * i + jx] + bias, t, 2 * i + jx);
           Acc acc;
           __builtin_memcpy(&acc, &value, sizeof(value));
-          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
-          O::store(out, index, acc);
+          O::store(out, ((n * out_height + oy) * out_width + ox) * out_channels + oc0, acc);
         }
       }
     }
   }
 }
 
-typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
-
+// One register block: P tiles from t0 x R weight vectors of one chunk, all 16 positions, then
+// the output transform (on int32 lanes), the corrections, / 4, and O::store as the direct form.
 template <class O, int P, int R>
-struct WinoBlocksGeneric {
-  static void fill(WinoBlockFn* table) {
-    table[P] = &wino_block_generic<O, P, R>;
-    WinoBlocksGeneric<O, P - 1, R>::fill(table);
-  }
-};
-template <class O, int R>
-struct WinoBlocksGeneric<O, 0, R> {
-  static void fill(WinoBlockFn*) {}
-};
-
-// Block `block` of the plan's wino_tile_blocks equal blocks of tiles, in equal register blocks
-// of at most max_pixels(R) tiles (the plan's blocks may be larger than this ISA's registers).
-template <class O, int R>
-void wino_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
-  constexpr int kMax = O::max_pixels(R);
-  WinoBlockFn blocks[kMax + 1];
-  WinoBlocksGeneric<O, kMax, R>::fill(blocks);
-  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
-  const int64_t t0 = block * base + (block < longer ? block : longer), size = base + (block < longer ? 1 : 0);
-  const int64_t parts = (size + kMax - 1) / kMax;
-  if (parts == 0) return;
-  const int64_t part = size / parts, part_longer = size % parts;
-  for (int64_t b = 0, t = t0; b < parts; ++b) {
-    const int64_t tiles = part + (b < part_longer ? 1 : 0);
-    blocks[tiles](j, t, chunk);
-    t += tiles;
-  }
-}
-
-template <class O>
-void wino_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
-  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
-  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
-  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: wino_run_generic<O, 1>(j, block, chunk); break;
-    case 2: if (O::kBlocksPerChunk >= 2) wino_run_generic<O, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, block, chunk); break;
-    case 3: if (O::kBlocksPerChunk >= 3) wino_run_generic<O, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, block, chunk); break;
-    case 4: if (O::kBlocksPerChunk >= 4) wino_run_generic<O, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, block, chunk); break;
-    default: break;
-  }
+void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
+  constexpr int L = O::kLanes;
+  typedef uint32_t VU __attribute__((vector_size(4 * L)));
+  typedef int32_t VS __attribute__((vector_size(4 * L)));
+  const int64_t cw = int64_t(j.words) * 64, quads = j.quads;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * L * 4;
+  // The position sums as int32 lanes, written whole by the GEMM and read whole by the
+  // transform (copying them lane by lane cost a store-forwarding stall per vector).
+  alignas(64) int32_t z[16][P][R][L];
+  for (int x = 0; x < 16; ++x)
+    wino_gemm_generic<O, P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * L * 4, quads,
+                               &z[x][0][0][0]);
+  const int32_t* const terms = j.wino_tile_terms;
+  wino_output_stage_generic<O, R>(
+      j, t0, P, chunk,
+      [&](int p, int r, VU* y) {
+        VU zs[16];  // s * 2 acc
+#pragma GCC unroll 16
+        for (int x = 0; x < 16; ++x) {
+          __builtin_memcpy(&zs[x], &z[x][p][r][0], sizeof(VU));
+          zs[x] = zs[x] << (1 + kWinoShiftG[x]);
+        }
+        for (int i = 0; i < 2; ++i) {
+          VU u[4];  // A^T (s * 2 acc): over rows
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b)
+            u[b] = i == 0 ? zs[b] + zs[4 + b] + zs[8 + b] : zs[4 + b] - zs[8 + b] - zs[12 + b];
+          y[2 * i] = u[0] + u[1] + u[2];
+          y[2 * i + 1] = u[1] - u[2] - u[3];
+        }
+      },
+      [&](VU value, int64_t t, int pixel) {  // + the per-tile term, / 4 (signed; exact: a multiple of 4)
+        return (VU)((VS)(value + (uint32_t)terms[t * 4 + pixel]) >> 2);
+      });
 }
 
 // ---- Stride-2 form (3x3, stride 2, dilation 1) for any DotOps: the derivation and layout are
@@ -495,12 +467,9 @@ void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
 // AVX-512 version), then the output transform (int32 lanes), the channel correction and O::store.
 template <class O, int P, int R>
 void wino2_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
-  typedef typename O::Acc Acc;
   constexpr int L = O::kLanes;
   typedef uint32_t VU __attribute__((vector_size(4 * L)));
-  static_assert(sizeof(VU) == sizeof(Acc), "an Acc is kLanes int32 lanes");
   const int64_t cw = int64_t(j.words) * 64, quads = cw / 4;
-  const int64_t oc_padded = int64_t(j.oc_blocks) * L, oc_begin = chunk * j.dot_chunk_blocks * L;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * kWinoPositions2 * quads * L * 4;
   const uint8_t* const v = j.wino_v + t0 * kWinoPositions2 * cw;
   alignas(64) int32_t z[9][P][R][L];
@@ -509,60 +478,55 @@ void wino2_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
     wino_gemm_generic<O, P, R>(v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * L * 4,
                                count * quads, &z[c][0][0][0]);
   }
-  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
-  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
-  for (int r = 0; r < R; ++r) {
-    const int64_t oc0 = oc_begin + r * L, left = out_channels - oc0;
-    const int valid = left < L ? (int)left : L;
-    const typename O::Out out = O::out(j, oc0, valid);
-    const int32_t* bias4 = j.wino_bias + oc0;
-    for (int p = 0; p < P; ++p) {
-      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      VU zs[9];  // unsigned: wrapping is defined (the plan keeps the sums in int32)
+  wino_output_stage_generic<O, R>(
+      j, t0, P, chunk,
+      [&](int p, int r, VU* y) {
+        VU zs[9];
 #pragma GCC unroll 9
-      for (int c = 0; c < 9; ++c) __builtin_memcpy(&zs[c], &z[c][p][r][0], sizeof(VU));
-      VU u[2][3];  // output row i takes row parts i and i + 1
+        for (int c = 0; c < 9; ++c) __builtin_memcpy(&zs[c], &z[c][p][r][0], sizeof(VU));
+        for (int i = 0; i < 2; ++i) {  // output row i takes row parts i and i + 1
+          VU u[3];
 #pragma GCC unroll 3
-      for (int c = 0; c < 3; ++c) {
-        u[0][c] = zs[c] + zs[3 + c];
-        u[1][c] = zs[3 + c] + zs[6 + c];
-      }
-      for (int i = 0; i < 2; ++i) {
-        const int64_t oy = 2 * ty + i;
-        if (oy >= out_height) continue;
-        for (int jx = 0; jx < 2; ++jx) {
-          const int64_t ox = 2 * tx + jx;
-          if (ox >= out_width) continue;
-          VU bias;
-          __builtin_memcpy(&bias, bias4 + (2 * i + jx) * oc_padded, sizeof(VU));
-          const VU y = u[i][jx] + u[i][jx + 1] + bias;
-          Acc acc;
-          __builtin_memcpy(&acc, &y, sizeof(y));
-          O::store(out, ((n * out_height + oy) * out_width + ox) * out_channels + oc0, acc);
+          for (int c = 0; c < 3; ++c) u[c] = zs[3 * i + c] + zs[3 * (i + 1) + c];
+          y[2 * i] = u[0] + u[1];
+          y[2 * i + 1] = u[1] + u[2];
         }
-      }
-    }
-  }
+      },
+      [](VU value, int64_t, int) { return value; });
 }
 
-template <class O, int P, int R>
-struct Wino2BlocksGeneric {
+// ---- Register blocks, runs and items of both Winograd forms.
+
+typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
+
+// One register block of either form (kernel_table.h's WinoForm: FORM 1 or 2).
+template <class O, int FORM, int P, int R>
+void wino_form_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
+  if (FORM == kWinoStride2)
+    wino2_block_generic<O, P, R>(j, t0, chunk);
+  else
+    wino_block_generic<O, P, R>(j, t0, chunk);
+}
+
+template <class O, int FORM, int P, int R>
+struct WinoBlocksGeneric {
   static void fill(WinoBlockFn* table) {
-    table[P] = &wino2_block_generic<O, P, R>;
-    Wino2BlocksGeneric<O, P - 1, R>::fill(table);
+    table[P] = &wino_form_block_generic<O, FORM, P, R>;
+    WinoBlocksGeneric<O, FORM, P - 1, R>::fill(table);
   }
 };
-template <class O, int R>
-struct Wino2BlocksGeneric<O, 0, R> {
+template <class O, int FORM, int R>
+struct WinoBlocksGeneric<O, FORM, 0, R> {
   static void fill(WinoBlockFn*) {}
 };
 
-// As wino_run_generic, with the stride-2 blocks.
-template <class O, int R>
-void wino2_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
+// Block `block` of the plan's wino_tile_blocks equal blocks of tiles, in equal register blocks
+// of at most max_pixels(R) tiles (the plan's blocks may be larger than this ISA's registers).
+template <class O, int FORM, int R>
+void wino_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
   constexpr int kMax = O::max_pixels(R);
   WinoBlockFn blocks[kMax + 1];
-  Wino2BlocksGeneric<O, kMax, R>::fill(blocks);
+  WinoBlocksGeneric<O, FORM, kMax, R>::fill(blocks);
   const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
   const int64_t t0 = block * base + (block < longer ? block : longer), size = base + (block < longer ? 1 : 0);
   const int64_t parts = (size + kMax - 1) / kMax;
@@ -575,15 +539,16 @@ void wino2_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
   }
 }
 
-template <class O>
-void wino2_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
+// Item chunk * wino_tile_blocks + block of either form.
+template <class O, int FORM>
+void wino_item_generic(const ConvJob& j, int64_t item, int /*slot*/) {
   const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
   const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
   switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: wino2_run_generic<O, 1>(j, block, chunk); break;
-    case 2: if (O::kBlocksPerChunk >= 2) wino2_run_generic<O, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, block, chunk); break;
-    case 3: if (O::kBlocksPerChunk >= 3) wino2_run_generic<O, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, block, chunk); break;
-    case 4: if (O::kBlocksPerChunk >= 4) wino2_run_generic<O, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, block, chunk); break;
+    case 1: wino_run_generic<O, FORM, 1>(j, block, chunk); break;
+    case 2: if (O::kBlocksPerChunk >= 2) wino_run_generic<O, FORM, (O::kBlocksPerChunk >= 2 ? 2 : 1)>(j, block, chunk); break;
+    case 3: if (O::kBlocksPerChunk >= 3) wino_run_generic<O, FORM, (O::kBlocksPerChunk >= 3 ? 3 : 1)>(j, block, chunk); break;
+    case 4: if (O::kBlocksPerChunk >= 4) wino_run_generic<O, FORM, (O::kBlocksPerChunk >= 4 ? 4 : 1)>(j, block, chunk); break;
     default: break;
   }
 }
@@ -606,8 +571,8 @@ PathKernels make_dot_kernels_wino(const char* name) {
   PathKernels k = make_dot_kernels<O>(name);
   k.wino_codes = &wino_codes_generic<O>;
   k.wino_transform = &wino_transform_generic<O>;
-  k.wino_item = &wino_item_generic<O>;
+  k.wino_item = &wino_item_generic<O, kWinoStride1>;
   k.wino2_transform = &wino2_transform_generic<O>;
-  k.wino2_item = &wino2_item_generic<O>;
+  k.wino2_item = &wino_item_generic<O, kWinoStride2>;
   return k;
 }

@@ -248,12 +248,14 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
     for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(z + p * R + r), acc[p][r]);
 }
 
-// The output transform, corrections and stores of P tiles (from tile t0) x R weight vectors of
-// one chunk, from their position sums z[(x * P + p) * R + r] (x = position). Shared with the
-// AMX form (isa_amx.cc, through wino_output below), whose tile stores leave z in this layout.
-template <int R>
-__attribute__((always_inline)) inline void wino_epilogue(const ConvJob& j, int64_t t0, int P, int64_t chunk,
-                                                         const __m512i* z) {
+// The output stage of both Winograd forms for P tiles (from tile t0) x R weight vectors of one
+// chunk: pixels(p, r, y) gives the int32 sums y[2i + jx] of tile p's output pixel (i, jx) for
+// vector r before the channel correction (wino_bias); finish(value, t, pixel) turns sum plus
+// correction into the output (the stride-1 form adds its per-tile term and divides by 4); then
+// the int32 and / or float32 stores of the pixels inside the output.
+template <int R, class Pixels, class Finish>
+__attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, int64_t t0, int P, int64_t chunk,
+                                                             Pixels pixels, Finish finish) {
   const int64_t lanes = DotOps::kLanes;
   const int64_t oc_padded = int64_t(j.oc_blocks) * lanes;
   const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
@@ -275,26 +277,15 @@ __attribute__((always_inline)) inline void wino_epilogue(const ConvJob& j, int64
     for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      __m512i zs[16];  // s * 2 acc
-#pragma GCC unroll 16
-      for (int x = 0; x < 16; ++x) zs[x] = _mm512_slli_epi32(z[(x * P + p) * R + r], 1 + kWinoShift[x]);
-      __m512i u[2][4];
-      for (int b = 0; b < 4; ++b) {  // A^T Z: over rows
-        u[0][b] = _mm512_add_epi32(_mm512_add_epi32(zs[b], zs[4 + b]), zs[8 + b]);
-        u[1][b] = _mm512_sub_epi32(_mm512_sub_epi32(zs[4 + b], zs[8 + b]), zs[12 + b]);
-      }
-      const int32_t* terms = j.wino_tile_terms + t * 4;
+      __m512i y[4];
+      pixels(p, r, y);
       for (int i = 0; i < 2; ++i) {
         const int64_t oy = 2 * ty + i;
         if (oy >= out_height) continue;
-        __m512i y[2];  // (A^T Z) A + the corrections, / 4
-        y[0] = _mm512_add_epi32(_mm512_add_epi32(u[i][0], u[i][1]), u[i][2]);
-        y[1] = _mm512_sub_epi32(_mm512_sub_epi32(u[i][1], u[i][2]), u[i][3]);
         for (int jx = 0; jx < 2; ++jx) {
           const int64_t ox = 2 * tx + jx;
           if (ox >= out_width) continue;
-          const __m512i value = _mm512_srai_epi32(
-              _mm512_add_epi32(_mm512_add_epi32(y[jx], bias4[2 * i + jx]), _mm512_set1_epi32(terms[2 * i + jx])), 2);
+          const __m512i value = finish(_mm512_add_epi32(y[2 * i + jx], bias4[2 * i + jx]), t, 2 * i + jx);
           const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
           if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, value);
           if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
@@ -304,6 +295,33 @@ __attribute__((always_inline)) inline void wino_epilogue(const ConvJob& j, int64
       }
     }
   }
+}
+
+// The stride-1 form's output stage from the position sums z[(x * P + p) * R + r] (x = position):
+// Y4 = A^T (s . 2 acc) A + the corrections, / 4. Shared with the AMX form (isa_amx.cc, through
+// wino_output below), whose tile stores leave z in this layout.
+template <int R>
+__attribute__((always_inline)) inline void wino_epilogue(const ConvJob& j, int64_t t0, int P, int64_t chunk,
+                                                         const __m512i* z) {
+  const int32_t* const terms = j.wino_tile_terms;
+  wino_output_stage<R>(
+      j, t0, P, chunk,
+      [&](int p, int r, __m512i* y) {
+        __m512i zs[16];  // s * 2 acc
+#pragma GCC unroll 16
+        for (int x = 0; x < 16; ++x) zs[x] = _mm512_slli_epi32(z[(x * P + p) * R + r], 1 + kWinoShift[x]);
+        for (int i = 0; i < 2; ++i) {
+          __m512i u[4];  // A^T Z: over rows
+          for (int b = 0; b < 4; ++b)
+            u[b] = i == 0 ? _mm512_add_epi32(_mm512_add_epi32(zs[b], zs[4 + b]), zs[8 + b])
+                          : _mm512_sub_epi32(_mm512_sub_epi32(zs[4 + b], zs[8 + b]), zs[12 + b]);
+          y[2 * i] = _mm512_add_epi32(_mm512_add_epi32(u[0], u[1]), u[2]);  // (A^T Z) A
+          y[2 * i + 1] = _mm512_sub_epi32(_mm512_sub_epi32(u[1], u[2]), u[3]);
+        }
+      },
+      [&](__m512i value, int64_t t, int pixel) {  // + the per-tile term, / 4 (exact: a multiple of 4)
+        return _mm512_srai_epi32(_mm512_add_epi32(value, _mm512_set1_epi32(terms[t * 4 + pixel])), 2);
+      });
 }
 
 // One register block: P tiles (from tile t0) x R weight vectors of one chunk, every one of the
@@ -316,46 +334,6 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   for (int x = 0; x < 16; ++x)
     wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
   wino_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
-}
-
-typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
-
-template <int P, int R>
-struct WinoBlocks {
-  static void fill(WinoBlockFn* table) {
-    table[P] = &wino_block<P, R>;
-    WinoBlocks<P - 1, R>::fill(table);
-  }
-};
-template <int R>
-struct WinoBlocks<0, R> {
-  static void fill(WinoBlockFn*) {}
-};
-
-// Tiles per register block at most, per R (accumulators P * R + R weights, and the 16 * P * R
-// position sums kept for the output transform).
-constexpr int wino_max_tiles(int r) { return r >= 4 ? 6 : r == 3 ? 8 : r == 2 ? 12 : 16; }
-
-template <int R>
-void wino_run(const ConvJob& j, int64_t block, int64_t chunk) {
-  constexpr int kMax = wino_max_tiles(R);
-  WinoBlockFn blocks[kMax + 1];
-  WinoBlocks<kMax, R>::fill(blocks);
-  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
-  const int64_t t0 = block * base + (block < longer ? block : longer);
-  blocks[base + (block < longer ? 1 : 0)](j, t0, chunk);
-}
-
-void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
-  const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
-  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
-  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: wino_run<1>(j, block, chunk); break;
-    case 2: wino_run<2>(j, block, chunk); break;
-    case 3: wino_run<3>(j, block, chunk); break;
-    case 4: wino_run<4>(j, block, chunk); break;
-    default: break;
-  }
 }
 
 // ---- Stride-2 form of the dot path: 3x3 kernels, stride 2, dilation 1 (polyphase Winograd).
@@ -432,56 +410,28 @@ void wino2_transform(const ConvJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// The output transform, channel correction and stores of P tiles x R weight vectors of one
-// chunk, from their class sums z[(c * P + p) * R + r] (kernel_table.h: class c = 3 * row part +
-// column part, parts {0, 3}, {1}, {2, 4}): output pixel (i, jx) sums the classes of row parts i
-// and i + 1 and column parts jx and jx + 1.
+// The stride-2 form's output stage from the class sums z[(c * P + p) * R + r] (kernel_table.h:
+// class c = 3 * row part + column part, parts {0, 3}, {1}, {2, 4}): output pixel (i, jx) sums the
+// classes of row parts i and i + 1 and column parts jx and jx + 1.
 template <int R>
 __attribute__((always_inline)) inline void wino2_epilogue(const ConvJob& j, int64_t t0, int P, int64_t chunk,
                                                           const __m512i* z) {
-  const int64_t lanes = DotOps::kLanes;
-  const int64_t oc_padded = int64_t(j.oc_blocks) * lanes;
-  const int64_t oc_begin = chunk * j.dot_chunk_blocks * lanes;
-  int32_t* const out_int32 = j.out_int32;  // locals: see wino_epilogue
-  float* const out_float = j.out_float;
-  const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
-  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
-  for (int r = 0; r < R; ++r) {
-    const int64_t oc0 = oc_begin + r * lanes, left = out_channels - oc0;
-    const __mmask16 mask = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-    __m512 multiplier = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
-    if (out_float != nullptr) {
-      multiplier = _mm512_maskz_loadu_ps(mask, j.multiplier + oc0);
-      bias = _mm512_maskz_loadu_ps(mask, j.bias + oc0);
-    }
-    __m512i bias4[4];
-    for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
-    for (int p = 0; p < P; ++p) {
-      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
-      __m512i u[2][3];  // over row parts: output row i takes parts i and i + 1
+  wino_output_stage<R>(
+      j, t0, P, chunk,
+      [&](int p, int r, __m512i* y) {
+        __m512i u[2][3];  // over row parts: output row i takes parts i and i + 1
 #pragma GCC unroll 3
-      for (int c = 0; c < 3; ++c) {
-        const __m512i mid = z[((3 + c) * P + p) * R + r];
-        u[0][c] = _mm512_add_epi32(z[((0 + c) * P + p) * R + r], mid);
-        u[1][c] = _mm512_add_epi32(mid, z[((6 + c) * P + p) * R + r]);
-      }
-      for (int i = 0; i < 2; ++i) {
-        const int64_t oy = 2 * ty + i;
-        if (oy >= out_height) continue;
-        const __m512i y[2] = {_mm512_add_epi32(u[i][0], u[i][1]), _mm512_add_epi32(u[i][1], u[i][2])};
-        for (int jx = 0; jx < 2; ++jx) {
-          const int64_t ox = 2 * tx + jx;
-          if (ox >= out_width) continue;
-          const __m512i value = _mm512_add_epi32(y[jx], bias4[2 * i + jx]);
-          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
-          if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, value);
-          if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
-            _mm512_mask_storeu_ps(out_float + index, mask,
-                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), multiplier), bias));
+        for (int c = 0; c < 3; ++c) {
+          const __m512i mid = z[((3 + c) * P + p) * R + r];
+          u[0][c] = _mm512_add_epi32(z[((0 + c) * P + p) * R + r], mid);
+          u[1][c] = _mm512_add_epi32(mid, z[((6 + c) * P + p) * R + r]);
         }
-      }
-    }
-  }
+        for (int i = 0; i < 2; ++i) {
+          y[2 * i] = _mm512_add_epi32(u[i][0], u[i][1]);
+          y[2 * i + 1] = _mm512_add_epi32(u[i][1], u[i][2]);
+        }
+      },
+      [](__m512i value, int64_t, int) { return value; });
 }
 
 // One register block: P tiles (from t0) x R weight vectors of one chunk, one GEMM per class over
@@ -500,36 +450,53 @@ void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   wino2_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
 
-template <int P, int R>
-struct Wino2Blocks {
+// ---- Register blocks, runs and items of both Winograd forms (FORM: kernel_table.h's WinoForm).
+
+typedef void (*WinoBlockFn)(const ConvJob&, int64_t, int64_t);
+
+template <int FORM, int P, int R>
+void wino_form_block(const ConvJob& j, int64_t t0, int64_t chunk) {
+  if (FORM == kWinoStride2)
+    wino2_block<P, R>(j, t0, chunk);
+  else
+    wino_block<P, R>(j, t0, chunk);
+}
+
+template <int FORM, int P, int R>
+struct WinoBlocks {
   static void fill(WinoBlockFn* table) {
-    table[P] = &wino2_block<P, R>;
-    Wino2Blocks<P - 1, R>::fill(table);
+    table[P] = &wino_form_block<FORM, P, R>;
+    WinoBlocks<FORM, P - 1, R>::fill(table);
   }
 };
-template <int R>
-struct Wino2Blocks<0, R> {
+template <int FORM, int R>
+struct WinoBlocks<FORM, 0, R> {
   static void fill(WinoBlockFn*) {}
 };
 
-template <int R>
-void wino2_run(const ConvJob& j, int64_t block, int64_t chunk) {
+// Tiles per register block at most, per R (accumulators P * R + R weights, and the 16 * P * R
+// position sums, or 9 * P * R class sums, kept for the output transform).
+constexpr int wino_max_tiles(int r) { return r >= 4 ? 6 : r == 3 ? 8 : r == 2 ? 12 : 16; }
+
+template <int FORM, int R>
+void wino_run(const ConvJob& j, int64_t block, int64_t chunk) {
   constexpr int kMax = wino_max_tiles(R);
   WinoBlockFn blocks[kMax + 1];
-  Wino2Blocks<kMax, R>::fill(blocks);
+  WinoBlocks<FORM, kMax, R>::fill(blocks);
   const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
   const int64_t t0 = block * base + (block < longer ? block : longer);
   blocks[base + (block < longer ? 1 : 0)](j, t0, chunk);
 }
 
-void wino2_item(const ConvJob& j, int64_t item, int /*slot*/) {
+template <int FORM>
+void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
   const int64_t chunk = item / j.wino_tile_blocks, block = item % j.wino_tile_blocks;
   const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
   switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: wino2_run<1>(j, block, chunk); break;
-    case 2: wino2_run<2>(j, block, chunk); break;
-    case 3: wino2_run<3>(j, block, chunk); break;
-    case 4: wino2_run<4>(j, block, chunk); break;
+    case 1: wino_run<FORM, 1>(j, block, chunk); break;
+    case 2: wino_run<FORM, 2>(j, block, chunk); break;
+    case 3: wino_run<FORM, 3>(j, block, chunk); break;
+    case 4: wino_run<FORM, 4>(j, block, chunk); break;
     default: break;
   }
 }
@@ -554,9 +521,9 @@ const PathKernels* avx512_dot_kernels() {
     PathKernels k = avx512_dot::make_dot_kernels<avx512_dot::DotOps>("avx512 vnni dot");
     k.wino_codes = &avx512_dot::wino_codes;
     k.wino_transform = &avx512_dot::wino_transform;
-    k.wino_item = &avx512_dot::wino_item;
+    k.wino_item = &avx512_dot::wino_item<kWinoStride1>;
     k.wino2_transform = &avx512_dot::wino2_transform;
-    k.wino2_item = &avx512_dot::wino2_item;
+    k.wino2_item = &avx512_dot::wino_item<kWinoStride2>;
     return k;
   }();
   return &kernels;
