@@ -1295,22 +1295,24 @@ void flush_from_caches(const void* data, size_t bytes) {
 #endif
 }
 
-template <class T>
-void flush_vector(const std::vector<T>& v) {
-  if (!v.empty()) flush_from_caches(v.data(), v.size() * sizeof(T));
+// Calls fn(data, bytes) for each buffer a plan's runs read weights from.
+template <class Fn>
+void for_each_weight_buffer(const N2uqConvPlan& plan, Fn fn) {
+  fn(plan.packed.data(), plan.packed.size() * sizeof(uint64_t));
+  fn(plan.grouped.data(), plan.grouped.size() * sizeof(uint64_t));
+  fn(plan.dot.data(), plan.dot.size());
+  fn(plan.lut.data(), plan.lut.size());
+  fn(plan.wino_bias.data(), plan.wino_bias.size() * sizeof(int32_t));
 }
 
 void flush_plan_weights(const N2uqConvPlan& plan) {
-  flush_vector(plan.packed);
-  flush_vector(plan.grouped);
-  flush_vector(plan.dot);
-  flush_vector(plan.lut);
-  flush_vector(plan.wino_bias);
+  for_each_weight_buffer(plan, [](const void* data, size_t bytes) { flush_from_caches(data, bytes); });
 }
 
 size_t plan_weight_bytes(const N2uqConvPlan& plan) {
-  return plan.packed.size() * 8 + plan.grouped.size() * 8 + plan.dot.size() + plan.lut.size() +
-         plan.wino_bias.size() * 4;
+  size_t total = 0;
+  for_each_weight_buffer(plan, [&](const void*, size_t bytes) { total += bytes; });
+  return total;
 }
 
 // Candidates are timed with their weights flushed when some candidate's weights exceed this: half

@@ -20,6 +20,20 @@ namespace n2uq_core {
 namespace {
 namespace avx512_dot {
 
+// 64 channel codes from their BITS bit planes (plane p at planes[p * words]), lanes outside
+// `mask` zero: each plane's bits select 2^p in its own register, then one OR tree (a chain of
+// masked adds on one register was the slowest part of staging).
+template <int BITS>
+inline __m512i codes_from_planes(const uint64_t* planes, int64_t words, uint64_t mask) {
+  __m512i part[BITS];
+  for (int p = 0; p < BITS; ++p)
+    part[p] = _mm512_maskz_mov_epi8((__mmask64)(planes[p * words] & mask), _mm512_set1_epi8((char)(1 << p)));
+  if (BITS == 1) return part[0];
+  if (BITS == 2) return _mm512_or_si512(part[0], part[BITS > 1 ? 1 : 0]);
+  const __m512i three = _mm512_ternarylogic_epi32(part[0], part[BITS > 1 ? 1 : 0], part[BITS > 2 ? 2 : 0], 0xFE);
+  return BITS == 3 ? three : _mm512_or_si512(three, part[BITS > 3 ? 3 : 0]);
+}
+
 // 16 output channels per vector (one int32 lane each), up to 4 vectors per work item (the
 // plan picks R, core.cc dot_chunk_blocks); register blocks of P pixels x R vectors: P * R
 // accumulators + R weights <= 31 of 32 zmm.
@@ -63,11 +77,14 @@ struct DotOps {
       _mm512_mask_storeu_ps(o.out_float + index, o.mask,
                             _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), o.multiplier), o.bias));
   }
-  // Bit plane p's 64 bits select the bytes that get 2^p: one masked byte add per plane.
   static inline void codes64(const uint64_t* planes, int64_t words, int act_bits, uint64_t tail, uint8_t* out) {
-    __m512i codes = _mm512_setzero_si512();
-    for (int p = 0; p < act_bits; ++p)
-      codes = _mm512_mask_add_epi8(codes, (__mmask64)(planes[p * words] & tail), codes, _mm512_set1_epi8((char)(1 << p)));
+    __m512i codes;
+    switch (act_bits) {
+      case 1: codes = codes_from_planes<1>(planes, words, tail); break;
+      case 2: codes = codes_from_planes<2>(planes, words, tail); break;
+      case 3: codes = codes_from_planes<3>(planes, words, tail); break;
+      default: codes = codes_from_planes<4>(planes, words, tail); break;  // validated: 1..4
+    }
     _mm512_storeu_si512((void*)out, codes);
   }
 };
@@ -97,20 +114,6 @@ constexpr int kWinoShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};
 constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};     // (G 1 G^T)[a][b]
 
 inline int64_t wino_channel_bytes(const ConvJob& j) { return int64_t(j.words) * 64; }
-
-// 64 channel codes from their BITS bit planes (plane p at planes[p * words]), lanes outside
-// `mask` zero: each plane's bits select 2^p in its own register, then one OR tree (a chain of
-// masked adds on one register was the slowest part of staging).
-template <int BITS>
-inline __m512i codes_from_planes(const uint64_t* planes, int64_t words, uint64_t mask) {
-  __m512i part[BITS];
-  for (int p = 0; p < BITS; ++p)
-    part[p] = _mm512_maskz_mov_epi8((__mmask64)(planes[p * words] & mask), _mm512_set1_epi8((char)(1 << p)));
-  if (BITS == 1) return part[0];
-  if (BITS == 2) return _mm512_or_si512(part[0], part[BITS > 1 ? 1 : 0]);
-  const __m512i three = _mm512_ternarylogic_epi32(part[0], part[BITS > 1 ? 1 : 0], part[BITS > 2 ? 2 : 0], 0xFE);
-  return BITS == 3 ? three : _mm512_or_si512(three, part[BITS > 3 ? 3 : 0]);
-}
 
 // Padded code rows [begin, end) of the N * wino_code_rows: code row r holds input row r - pad_top,
 // column c input column c - pad_left, zero outside the input and past in_channels; and, where

@@ -121,8 +121,15 @@ constexpr int kWinoPositions1 = 16, kWinoPositions2 = 25;
 constexpr int kWino2Order[kWinoPositions2] = {0,  3,  15, 18, 1,  16, 2,  4,  17, 19, 5,  8, 6,
                                               7,  9,  10, 13, 20, 23, 11, 21, 12, 14, 22, 24};
 constexpr int kWino2ClassStart[10] = {0, 4, 6, 10, 12, 13, 15, 19, 21, 25};
-constexpr int kWino2Slot[kWinoPositions2] = {0,  4,  6,  1,  7,  10, 12, 13, 11, 14, 15, 19, 21,
-                                             16, 22, 2,  5,  8,  3,  9,  17, 20, 23, 18, 24};
+// kWino2Slot[x]: the slot of position x, the inverse of kWino2Order.
+struct Wino2Slots {
+  int slot[kWinoPositions2];
+  constexpr Wino2Slots() : slot() {
+    for (int i = 0; i < kWinoPositions2; ++i) slot[kWino2Order[i]] = i;
+  }
+};
+constexpr Wino2Slots kWino2Slots;
+constexpr const int* kWino2Slot = kWino2Slots.slot;
 
 // LUT path geometry: 6 input channels per table (VPERMB: a 64-byte table, a 6-bit index
 // per byte lane, the table a memory operand).
