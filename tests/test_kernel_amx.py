@@ -1,4 +1,5 @@
-"""The "amx" conv path: the AVX-512 dot path with its Winograd F(2x2, 3x3) GEMM on AMX tiles.
+"""The "amx" conv path: the AVX-512 dot path with the GEMMs of its Winograd forms (F(2x2, 3x3) for
+3x3 stride 1, the polyphase form for 3x3 stride 2) on AMX tiles.
 
 This CPU may lack AMX, so the AMX code is tested through its software model of the tile
 instructions (N2UQ_AMX_EMULATE=1, a test hook read once per process: hence subprocesses),
@@ -16,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # Checks path amx (forced, threads 1 and 2, int32 and float outputs) against the NumPy reference
-# on Winograd shapes (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4) and shapes that
-# take the dot items (stride 2, 1x1, dilation 2); prints "checked N".
+# on Winograd shapes of both forms (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4) and
+# shapes that take the dot items (1x1, dilation 2); prints "checked N".
 CHECK_SCRIPT = """
 import sys
 import numpy as np
@@ -46,17 +47,19 @@ for i, (c, oc) in enumerate([(c, oc) for c in (3, 64, 80, 128) for oc in (8, 16,
     a, wb = bits[i %% len(bits)]
     h, w = (5, 7) if i %% 2 == 0 else (7, 3)
     pads = (1, 1, 1, 1) if i %% 3 else (0, 2, 1, 0)
-    check(2, h, w, c, oc, 3, 1, 1, pads, a, wb, rng)
-    count += 1
+    for strides in (1, 2):
+        check(2, h, w, c, oc, 3, strides, 1, pads, a, wb, rng)
+        count += 1
 # Many tiles (more than one block of 16; the last blocks shorter) and 4-vector chunks (OC 64).
-check(1, 17, 15, 72, 64, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
-check(2, 9, 11, 200, 48, 3, 1, 1, (1, 1, 1, 1), 4, 4, rng)
-count += 2
-# Not the Winograd form: the AVX-512 dot items.
-check(2, 7, 9, 80, 40, 3, 2, 1, (1, 1, 1, 1), 2, 2, rng)
+for strides in (1, 2):
+    check(1, 17, 15, 72, 64, 3, strides, 1, (1, 1, 1, 1), 2, 2, rng)
+    check(2, 9, 11, 200, 48, 3, strides, 1, (1, 1, 1, 1), 4, 4, rng)
+    check(2, 13, 11, 64, 40, 3, strides, 1, (0, 1, 1, 0), 3, 3, rng)
+    count += 3
+# Not a Winograd form: the AVX-512 dot items.
 check(2, 5, 7, 80, 40, 1, 1, 1, (0, 0, 0, 0), 3, 2, rng)
 check(1, 7, 7, 64, 16, 3, 1, 2, (2, 2, 2, 2), 2, 3, rng)
-count += 3
+count += 2
 print("checked", count)
 """ % {"tests": TESTS}
 
@@ -87,7 +90,7 @@ def test_emulated_amx_path_is_bit_exact():
         return
     assert status.startswith("emulated") and "self-check passed" in status, status
     assert ("avx512", "amx") in combos
-    assert "checked 21" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+    assert "checked 40" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
 
 
 def test_emulated_amx_path_direct_form_and_selection():
@@ -97,7 +100,7 @@ def test_emulated_amx_path_direct_form_and_selection():
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 21" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
+    assert "checked 40" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -122,7 +125,7 @@ def test_amx_path_follows_the_cpu():
     if "amx_int8" in features:
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
-        assert "checked 21" in _run(CHECK_SCRIPT)
+        assert "checked 40" in _run(CHECK_SCRIPT)
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

@@ -880,7 +880,7 @@ int wino_form(const N2uqConvShape& s, const PathKernels* k) {
     const int64_t per_channel = 36 * (108 * h * m + 36 * h * m + 36 * m);
     return int64_t(s.in_channels) <= limit / per_channel - 1 ? kWinoStride1 : kWinoNone;
   }
-  if (s.stride_height == 2 && k->wino2_item != nullptr && k->wino_quad_align <= 1) {
+  if (s.stride_height == 2 && k->wino2_item != nullptr) {  // its weights are whole words for any kernels
     const int64_t per_channel = 9 * (16 * n_w * m + 8 * m * n_w);
     return int64_t(s.in_channels) <= limit / per_channel - 1 ? kWinoStride2 : kWinoNone;
   }
@@ -1161,20 +1161,23 @@ std::vector<uint64_t> calibration_input(int64_t words_needed) {
 
 // ---------------------------------------------------------------- AMX availability
 
-// The AMX Winograd GEMM (hardware, or the model under the test hook) against the AVX-512 one on
-// a small conv whose tiles, input channels and output channels all leave partial tiles (18 tiles
-// in blocks of 9; 80 channels: a 16-channel tail word; 40 output channels: 3 vectors, the last
-// half full), 2-bit codes. Empty on a bit-exact match, else what differed.
-std::string amx_self_check(const PathKernels* amx) {
+// The AMX Winograd GEMMs (hardware, or the model under the test hook) against the AVX-512 ones
+// on a small conv whose tiles, input channels and output channels all leave partial tiles (18
+// tiles in blocks of 9 at stride 1, 8 at stride 2; 80 channels: a 16-channel tail word; 40 output
+// channels: 3 vectors, the last half full), 2-bit codes, both forms. Empty on a bit-exact match,
+// else what differed.
+std::string amx_self_check_form(const PathKernels* amx, int stride) {
   N2uqConvShape s{};
   s.batch = 2;
   s.in_height = s.in_width = 6;
   s.in_channels = 80;
   s.out_channels = 40;
   s.kernel_height = s.kernel_width = 3;
-  s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  s.stride_height = s.stride_width = stride;
+  s.dilation_height = s.dilation_width = 1;
   s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 1;
   s.act_bits = s.weight_bits = 2;
+  const int form = stride == 1 ? kWinoStride1 : kWinoStride2;
   char err[256] = "";
   ConvSizes z;
   if (check_conv(&s, &z, err, sizeof err) != N2UQ_OK) return std::string("self-check shape: ") + err;
@@ -1193,10 +1196,14 @@ std::string amx_self_check(const PathKernels* amx) {
     out[i].assign(size_t(z.out), 0);
     if (prepare_weights(&plan, weights.data(), z.weights, 1, err, sizeof err) != N2UQ_OK)
       return std::string("self-check weights: ") + err;
-    if (plan.wino != kWinoStride1) {  // N2UQ_DOT_WINOGRAD=0 now need not hold later: check the AMX GEMM anyway
-      plan.wino = kWinoStride1;
-      build_wino_weights(s, weight_codes(s, weights.data()), plan.kernels->lanes, plan.dot_chunk_blocks,
-                         plan.kernels->wino_quad_align, &plan.dot, &plan.wino_bias);
+    if (plan.wino != form) {  // N2UQ_DOT_WINOGRAD=0 now need not hold later: check the AMX GEMM anyway
+      plan.wino = form;
+      if (form == kWinoStride1)
+        build_wino_weights(s, weight_codes(s, weights.data()), plan.kernels->lanes, plan.dot_chunk_blocks,
+                           plan.kernels->wino_quad_align, &plan.dot, &plan.wino_bias);
+      else
+        build_wino2_weights(s, weight_codes(s, weights.data()), plan.kernels->lanes, plan.dot_chunk_blocks,
+                            &plan.dot, &plan.wino_bias);
     }
     if (run_plan(plan, &s, z.g, input.data(), nullptr, nullptr, nullptr, out[i].data(), 1, err, sizeof err) != N2UQ_OK)
       return std::string("self-check run: ") + err;
@@ -1204,10 +1211,18 @@ std::string amx_self_check(const PathKernels* amx) {
   for (size_t i = 0; i < out[0].size(); ++i)
     if (out[0][i] != out[1][i]) {
       char what[160];
-      std::snprintf(what, sizeof what, "the self-check differed from the AVX-512 dot path at output %zu "
-                    "(%d vs %d)", i, out[0][i], out[1][i]);
+      std::snprintf(what, sizeof what, "the self-check differed from the AVX-512 dot path at stride %d, output %zu "
+                    "(%d vs %d)", stride, i, out[0][i], out[1][i]);
       return what;
     }
+  return std::string();
+}
+
+std::string amx_self_check(const PathKernels* amx) {
+  for (int stride = 1; stride <= 2; ++stride) {
+    const std::string problem = amx_self_check_form(amx, stride);
+    if (!problem.empty()) return problem;
+  }
   return std::string();
 }
 

@@ -1,5 +1,6 @@
-// AMX form of the dot path's Winograd GEMM (AMX-TILE + AMX-INT8, TDPBUSD), the rest of the path
-// (direct items, codes, input transforms, output stage) the AVX-512 VNNI kernels'. Target
+// AMX form of the dot path's Winograd GEMMs (AMX-TILE + AMX-INT8, TDPBUSD), both forms (3x3
+// stride 1 and stride 2), the rest of the path (direct items, codes, input transforms, output
+// stages) the AVX-512 VNNI kernels'. Target
 // options for this file only, no -march; core.cc offers the path only when the CPU and OS
 // report AMX, the process got the tile-data permission and a self-check matched the AVX-512
 // result. The same GEMM source also runs on a software model of the tile instructions
@@ -123,19 +124,9 @@ struct AmxEmulated {
 constexpr int kMaxTiles = 16;  // rows of A and C
 constexpr int kMaxVectors = 3; // A + 3 B + 3 C of the 8 tiles
 
-// One block: P <= 16 tiles (from t0) x R <= 3 weight vectors of one chunk. Per position x the
-// GEMM Z_x[p][16 r + lane] = sum over quads of V8_x[t0 + p] . U_x[r][lane], which is exactly
-// what TDPBUSD computes with A = V8 rows (tile p: 64 channel bytes of a word, row stride = the
-// per-tile bytes cw) and B = the dot weight layout's 16 quads x 16 lanes x 4 bytes of a word
-// (row stride R * 64): C[p][lane] += sum_k sum_i A[p][4k + i] * B[k][4 lane + i]. The rest (the
-// transforms, corrections and their derivation) is the AVX-512 form's, isa_avx512_dot.cc.
-// Weights are padded with zero quads to whole words (PathKernels::wino_quad_align = 16), so
-// every B load is 16 full rows inside the plan's buffer, and the padded channels' V8 bytes
-// (2M, not 0) meet zero weights.
+// The tile shapes of a block of P tiles x R weight vectors.
 template <class Tiles, int R>
-void block(const ConvJob& j, int64_t t0, int P, int64_t chunk, int32_t* z) {
-  const int64_t words = j.words, cw = words * 64, quads = words * 16;
-  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * 64;
+inline void configure(int P) {
   TileConfig cfg;
   __builtin_memset(&cfg, 0, sizeof(cfg));
   cfg.palette = 1;
@@ -148,32 +139,74 @@ void block(const ConvJob& j, int64_t t0, int P, int64_t chunk, int32_t* z) {
     cfg.colsb[4 + r] = 64;
   }
   Tiles::config(cfg);  // per item: the configuration is per thread
-  for (int x = 0; x < 16; ++x) {
-    const uint8_t* a = j.wino_v + (x * j.wino_tiles + t0) * cw;
-    const int8_t* b = weights + x * quads * R * 64;
-    Tiles::template zero<4>();
-    if (R > 1) Tiles::template zero<5>();
-    if (R > 2) Tiles::template zero<6>();
-    for (int64_t w = 0; w < words; ++w, a += 64, b += 16 * R * 64) {
-      Tiles::template load<0>(a, cw);
-      Tiles::template load<1>(b, R * 64);
-      if (R > 1) Tiles::template load<2>(b + 64, R * 64);
-      if (R > 2) Tiles::template load<3>(b + 128, R * 64);
-      Tiles::template dpbusd<4, 0, 1>();
-      if (R > 1) Tiles::template dpbusd<5, 0, 2>();
-      if (R > 2) Tiles::template dpbusd<6, 0, 3>();
+}
+
+// C[p][r] = sum over `words` words of A (P rows from a, row stride a_stride; the next word 64
+// bytes on) times B (vector r's 16 quad rows from b + 64 r, row stride R * 64; the next word
+// 16 * R * 64 bytes on), stored to z[p * R + r][lane].
+template <class Tiles, int R>
+inline void gemm(const uint8_t* a, int64_t a_stride, const int8_t* b, int64_t words, int32_t* z) {
+  Tiles::template zero<4>();
+  if (R > 1) Tiles::template zero<5>();
+  if (R > 2) Tiles::template zero<6>();
+  for (int64_t w = 0; w < words; ++w, a += 64, b += 16 * R * 64) {
+    Tiles::template load<0>(a, a_stride);
+    Tiles::template load<1>(b, R * 64);
+    if (R > 1) Tiles::template load<2>(b + 64, R * 64);
+    if (R > 2) Tiles::template load<3>(b + 128, R * 64);
+    Tiles::template dpbusd<4, 0, 1>();
+    if (R > 1) Tiles::template dpbusd<5, 0, 2>();
+    if (R > 2) Tiles::template dpbusd<6, 0, 3>();
+  }
+  Tiles::template store<4>(z, R * 64);
+  if (R > 1) Tiles::template store<5>(z + 16, R * 64);
+  if (R > 2) Tiles::template store<6>(z + 32, R * 64);
+}
+
+// One block: P <= 16 tiles (from t0) x R <= 3 weight vectors of one chunk. Per position x the
+// GEMM Z_x[p][16 r + lane] = sum over quads of V8_x[t0 + p] . U_x[r][lane], which is exactly
+// what TDPBUSD computes with A = V8 rows (tile p: 64 channel bytes of a word, row stride = the
+// per-tile bytes cw) and B = the dot weight layout's 16 quads x 16 lanes x 4 bytes of a word
+// (row stride R * 64): C[p][lane] += sum_k sum_i A[p][4k + i] * B[k][4 lane + i]. The rest (the
+// transforms, corrections and their derivation) is the AVX-512 form's, isa_avx512_dot.cc.
+// Weights are padded with zero quads to whole words (PathKernels::wino_quad_align = 16; the
+// stride-2 form's always are), so
+// every B load is 16 full rows inside the plan's buffer, and the padded channels' V8 bytes
+// (2M, not 0) meet zero weights.
+//
+// The stride-2 form (FORM = kWinoStride2) stores V8 [tile][25 slots][cw] and the weights [slot]
+// [quads] per chunk, slots in class order (kernel_table.h): class c's GEMM runs over its slots
+// and their words into one C tile per vector (A rows = tiles, row stride 25 * cw), so z holds 9
+// class sums per tile, z[(c * P + p) * R + r][lane], as wino2_output reads them.
+template <class Tiles, int FORM, int R>
+void block(const ConvJob& j, int64_t t0, int P, int64_t chunk, int32_t* z) {
+  const int64_t words = j.words, cw = words * 64, quads = words * 16;
+  const int positions = FORM == kWinoStride2 ? kWinoPositions2 : kWinoPositions1;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * positions * quads * 64;
+  configure<Tiles, R>(P);
+  if (FORM == kWinoStride2) {
+    // A class's slots are consecutive, and so are their words in V8 and in the weights: one
+    // GEMM over count * words words.
+    const uint8_t* const v = j.wino_v + t0 * kWinoPositions2 * cw;
+    for (int c = 0; c < 9; ++c) {
+      const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
+      gemm<Tiles, R>(v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * words,
+                     z + c * P * R * 16);
     }
-    int32_t* zx = z + x * P * R * 16;  // z[(x * P + p) * R + r][lane], as wino_output reads it
-    Tiles::template store<4>(zx, R * 64);
-    if (R > 1) Tiles::template store<5>(zx + 16, R * 64);
-    if (R > 2) Tiles::template store<6>(zx + 32, R * 64);
+  } else {
+    for (int x = 0; x < 16; ++x)  // z[(x * P + p) * R + r][lane], as wino_output reads it
+      gemm<Tiles, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, words,
+                     z + x * P * R * 16);
   }
   Tiles::release();
-  wino_output(j, t0, P, chunk, z);
+  if (FORM == kWinoStride2)
+    wino2_output(j, t0, P, chunk, z);
+  else
+    wino_output(j, t0, P, chunk, z);
 }
 
 // Item chunk * wino_tile_blocks + block; blocks of near-equal tile counts, at most kMaxTiles.
-template <class Tiles>
+template <class Tiles, int FORM>
 void item(const ConvJob& j, int64_t item, int /*slot*/) {
   alignas(64) int32_t z[16 * kMaxTiles * kMaxVectors * 16];
   const int64_t chunk = item / j.wino_tile_blocks, blk = item % j.wino_tile_blocks;
@@ -182,18 +215,20 @@ void item(const ConvJob& j, int64_t item, int /*slot*/) {
   const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
   if (tiles < 1 || tiles > kMaxTiles) return;  // run_wino sizes blocks by wino_block_tiles
   switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: block<Tiles, 1>(j, t0, int(tiles), chunk, z); break;
-    case 2: block<Tiles, 2>(j, t0, int(tiles), chunk, z); break;
-    case 3: block<Tiles, 3>(j, t0, int(tiles), chunk, z); break;
+    case 1: block<Tiles, FORM, 1>(j, t0, int(tiles), chunk, z); break;
+    case 2: block<Tiles, FORM, 2>(j, t0, int(tiles), chunk, z); break;
+    case 3: block<Tiles, FORM, 3>(j, t0, int(tiles), chunk, z); break;
     default: break;  // blocks_per_chunk = kMaxVectors
   }
 }
 
-PathKernels make(const char* name, void (*wino_item)(const ConvJob&, int64_t, int)) {
+template <class Tiles>
+PathKernels make(const char* name) {
   PathKernels k = *avx512_dot_kernels();
   k.name = name;
   k.blocks_per_chunk = kMaxVectors;
-  k.wino_item = wino_item;
+  k.wino_item = &item<Tiles, kWinoStride1>;
+  k.wino2_item = &item<Tiles, kWinoStride2>;
   k.wino_block_tiles = kMaxTiles;
   k.wino_quad_align = 16;
   return k;
@@ -203,8 +238,8 @@ PathKernels make(const char* name, void (*wino_item)(const ConvJob&, int64_t, in
 }  // namespace
 
 const PathKernels* amx_kernels(bool emulated) {
-  static const PathKernels hardware = amx::make("amx", &amx::item<amx::AmxHardware>);
-  static const PathKernels model = amx::make("amx (emulated)", &amx::item<amx::AmxEmulated>);
+  static const PathKernels hardware = amx::make<amx::AmxHardware>("amx");
+  static const PathKernels model = amx::make<amx::AmxEmulated>("amx (emulated)");
   return emulated ? &model : &hardware;
 }
 

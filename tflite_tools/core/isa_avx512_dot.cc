@@ -519,6 +519,18 @@ void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const i
   }
 }
 
+void wino2_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z) {
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  const __m512i* v = reinterpret_cast<const __m512i*>(z);
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: avx512_dot::wino2_epilogue<1>(j, t0, tiles, chunk, v); break;
+    case 2: avx512_dot::wino2_epilogue<2>(j, t0, tiles, chunk, v); break;
+    case 3: avx512_dot::wino2_epilogue<3>(j, t0, tiles, chunk, v); break;
+    case 4: avx512_dot::wino2_epilogue<4>(j, t0, tiles, chunk, v); break;
+    default: break;
+  }
+}
+
 const PathKernels* avx512_dot_kernels() {
   static const PathKernels kernels = [] {
     PathKernels k = avx512_dot::make_dot_kernels<avx512_dot::DotOps>("avx512 vnni dot");

@@ -239,6 +239,8 @@ const PathKernels* amx_kernels(bool emulated);
 // corrections and stores of `tiles` tiles from t0 of `chunk`, from their 64-byte aligned
 // position sums z[((x * tiles + p) * R + r) * 16 + lane] (R = the chunk's weight vectors).
 void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z);
+// The same for the stride-2 form, from the class sums z[((c * tiles + p) * R + r) * 16 + lane].
+void wino2_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z);
 
 }  // namespace n2uq_core
 
