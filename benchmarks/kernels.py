@@ -223,7 +223,7 @@ def same_padding(size, stride):
 
 
 def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, stride=1):
-    """(callable, chosen path): one layer as a network runs it, quantize-and-pack of the float input
+    """(callable, (chosen path, its form)): one layer as a network runs it, quantize-and-pack of the float input
     then the conv from a plan prepared once, through the C API on preallocated buffers."""
     out_channels = out_channels or channels
     x = rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32)
@@ -248,7 +248,7 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
             raise RuntimeError(err.value.decode())
 
     layer()
-    return layer, plan.path
+    return layer, (plan.path, plan.form)
 
 
 def tflite_layer_models(size, channels, rng, out_channels=None, stride=1):
@@ -289,7 +289,13 @@ def tflite_layer_interpreters(flatbuffers, threads):
 
 # Targets of the per-layer table: TFLite int8 time / ours, every row.
 LAYER_TARGETS = {1: 2.0, 2: 1.0, 3: 1.0, 4: 1.0}
-PATH_ABBREVIATIONS = {"bitserial": "bs", "dot": "dot", "lut": "lut"}
+# The "path" column: the conv path per bit width, and for the dot / amx paths their form (3x3
+# layers: Winograd unless the plan's timing chose the direct form).
+PATH_ABBREVIATIONS = {("bitserial", "direct"): "bs", ("dot", "direct"): "dot", ("lut", "direct"): "lut",
+                      ("amx", "direct"): "amx", ("dot", "winograd"): "wg", ("dot", "winograd_stride2"): "wg",
+                      ("amx", "winograd"): "amx-wg", ("amx", "winograd_stride2"): "amx-wg"}
+PATH_LEGEND = ("bs = bitserial, wg = dot in Winograd form (F(2x2, 3x3), or its polyphase variant at stride 2), "
+               "dot = dot in direct form, amx-wg = the Winograd GEMM on AMX tiles")
 
 
 def run_layers(args, isas, rng, md):
@@ -363,7 +369,7 @@ def run_layers(args, isas, rng, md):
     notes = []
     if args.tflite:
         print("W*A*/i8 and fp32/i8: TFLite int8 time / that time (> 1: faster than TFLite int8); paths: the conv "
-              "path per bit width (bs = bitserial); noise: largest IQR/median of any candidate in the row")
+              f"path per bit width ({PATH_LEGEND}); noise: largest IQR/median of any candidate in the row")
         # Over every row, then (where strided rows ran) over the stride-1 rows alone.
         groups = [("every layer row", ratios)]
         if any(r[4] != 1 for r in ratios):
@@ -385,9 +391,10 @@ def run_layers(args, isas, rng, md):
               f"samples (in {passes} pass(es) over all rows). Ours = the quantize-and-pack of the float input plus the "
               "conv (what a network pays per layer), both through the kernel core's C API on preallocated buffers, "
               "the conv from a plan prepared once; ISA "
-              f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, bs = bitserial, "
-              "chosen by the plan's timing of the paths this CPU runs when auto). TFLite's CONV_2D is a one-layer "
-              f"int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default XNNPACK. "
+              f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, {PATH_LEGEND}, "
+              "chosen by the plan's timing of the paths and forms this CPU runs when auto). TFLite's CONV_2D is a "
+              f"one-layer int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default "
+              "XNNPACK. "
               "\"vs int8\" = TFLite int8 time / that time (> 1: faster than int8). Noise = largest IQR/median of any "
               "candidate in the row. Rows HxWxC: stride 1, 'same' padding, C channels in and out; rows HxWxC/2->C': "
               "the first 3x3 conv of ResNet-18's stages 2-4, stride 2 ('same' padding), C' output channels (GMAC/s "

@@ -636,6 +636,33 @@ def test_auto_selection_times_each_form_and_logs_it():
     assert "direct form" not in pointwise
 
 
+def test_plan_reports_its_form(monkeypatch):
+    """ConvPlan.form (n2uq_conv_plan_form): the dot path's Winograd forms for 3x3 dilation-1 convs
+    at stride 1 and 2, the direct form elsewhere, with N2UQ_DOT_WINOGRAD=0, and on every other
+    path; plans of each form stay exact."""
+    rng = np.random.default_rng(11)
+    m = rng.integers(0, 4, (1, 9, 9, 70)).astype(np.uint8)
+    x = _core.pack_bitplanes(m, 2)
+    cases = [(3, (1, 1), (1, 1), "winograd"), (3, (2, 2), (1, 1), "winograd_stride2"), (1, (1, 1), (1, 1), "direct"),
+             (3, (1, 1), (2, 2), "direct"), (3, (1, 2), (1, 1), "direct")]
+    for kernel, strides, dilations, form in cases:
+        k = rng.integers(0, 4, (24, kernel, kernel, 70)).astype(np.uint8)
+        w = _core.pack_bitplanes(k, 2)
+        pad = dilations[0] * (kernel - 1) // 2
+        shape = _core.conv_shape(1, 9, 9, 70, 24, kernel, strides=strides, dilations=dilations, padding=pad,
+                                 act_bits=2, weight_bits=2)
+        want = reference_conv(m, k, strides, dilations, (pad,) * 4, 2)
+        for isa in _core.supported_isas():
+            for path in _core.supported_paths(isa):
+                for winograd in ("1", "0"):
+                    monkeypatch.setenv("N2UQ_DOT_WINOGRAD", winograd)
+                    plan = _core.ConvPlan(shape, w, isa=isa, path=path)
+                    expected = form if path in ("dot", "amx") and winograd == "1" else "direct"
+                    assert plan.form == expected, (kernel, strides, dilations, isa, path, winograd)
+                    np.testing.assert_array_equal(plan.run(x, output="int32"), want)
+    monkeypatch.delenv("N2UQ_DOT_WINOGRAD")
+
+
 def test_kernel_path_environment_and_arguments(monkeypatch):
     shape = _core.conv_shape(1, 5, 5, 70, 3, 3, padding=1, act_bits=2, weight_bits=2)
     x, w = _good_conv_args()

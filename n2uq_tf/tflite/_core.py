@@ -22,7 +22,11 @@ from n2uq_tf import _native
 
 ISAS = ("auto", "portable", "avx2", "avx512", "neon")
 PATHS = ("auto", "bitserial", "dot", "lut", "amx")
-ABI_VERSION = 3
+# A plan's form (n2uq_conv_plan_form): the dot and amx paths run 3x3 stride-1 convs in Winograd
+# F(2x2, 3x3) form and 3x3 stride-2 convs in its polyphase variant unless the plan's timing chose
+# their direct form (or N2UQ_DOT_WINOGRAD=0); every other plan is direct.
+FORMS = ("direct", "winograd", "winograd_stride2")
+ABI_VERSION = 4
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -97,6 +101,7 @@ def _declare(lib):
         "n2uq_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int] + err,
                                ctypes.c_int),
         "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "n2uq_conv_plan_form": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_destroy": ([ptr], None),
         "n2uq_fully_connected_shape": ([i32, i32, i32, i32, i32, shape_p] + err, ctypes.c_int),
         "n2uq_fully_connected": ([i32, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
@@ -383,6 +388,7 @@ class ConvPlan:
 
     `shape` is a ConvShape (conv_shape or fully_connected_shape) whose batch and input size
     path selection times on; `run` accepts any batch and input size with the same filter.
+    `isa`, `path` and `form` (one of FORMS) say what the plan runs.
     """
 
     def __init__(self, shape, packed_weights, *, isa="auto", path="auto", num_threads=1):
@@ -395,6 +401,7 @@ class ConvPlan:
         isa_id, path_id = ctypes.c_int(), ctypes.c_int()
         self._lib.n2uq_conv_plan_info(self._handle, ctypes.byref(isa_id), ctypes.byref(path_id))
         self.isa, self.path = ISAS[isa_id.value], PATHS[path_id.value]
+        self.form = FORMS[self._lib.n2uq_conv_plan_form(self._handle)]
 
     def run(self, packed_input, multiplier=None, bias=None, *, shape=None, output="float", num_threads=1):
         """packed_input as for conv2d (5-D) or fully_connected (3-D); returns the same outputs."""

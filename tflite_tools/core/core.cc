@@ -1702,6 +1702,13 @@ int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path) {
   return N2UQ_OK;
 }
 
+int n2uq_conv_plan_form(const N2uqConvPlan* plan) {
+  if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
+  static_assert(N2UQ_FORM_WINOGRAD == kWinoStride1 && N2UQ_FORM_WINOGRAD_STRIDE2 == kWinoStride2,
+                "the C API's form numbers are the plan's");
+  return plan->wino;
+}
+
 void n2uq_conv_plan_destroy(N2uqConvPlan* plan) { delete plan; }
 
 int n2uq_fully_connected_shape(int32_t batch, int32_t in_features, int32_t out_features, int32_t act_bits,

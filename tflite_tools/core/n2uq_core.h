@@ -41,7 +41,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 3
+#define N2UQ_CORE_ABI_VERSION 4
 
 enum {
   N2UQ_OK = 0,
@@ -153,6 +153,10 @@ int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, con
                        size_t err_len);
 /* The plan's concrete ISA and path (either pointer may be NULL). */
 int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path);
+/* The plan's form (dot and amx paths; the others have only the direct one), or N2UQ_ERR_ARGUMENT
+   for a NULL plan. */
+enum { N2UQ_FORM_DIRECT = 0, N2UQ_FORM_WINOGRAD = 1, N2UQ_FORM_WINOGRAD_STRIDE2 = 2 };
+int n2uq_conv_plan_form(const N2uqConvPlan* plan);
 void n2uq_conv_plan_destroy(N2uqConvPlan* plan);
 
 /* The conv shape of a fully connected layer: a 1x1 conv over a 1 x batch image. */

@@ -812,6 +812,7 @@ void run_malformed() {
                             nullptr, 75, 1, err, sizeof err);
     EXPECT(rc == N2UQ_OK, "plan run: %s", err);
     EXPECT(n2uq_conv_plan_info(nullptr, nullptr, nullptr) == N2UQ_ERR_ARGUMENT, "info NULL plan");
+    EXPECT(n2uq_conv_plan_form(nullptr) == N2UQ_ERR_ARGUMENT, "form NULL plan");
     n2uq_conv_plan_destroy(plan);
     n2uq_conv_plan_destroy(nullptr);
     N2uqConvShape fc;
