@@ -426,11 +426,14 @@ void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
   alignas(64) uint8_t codes[5][5][64];
   for (int64_t tr = begin; tr < end; ++tr) {
     const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h, ih0 = 4 * ty - j.pad_top;
-    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
-      for (int64_t w = 0; w < words; ++w) {
+    for (int64_t w = 0; w < words; ++w) {
+      for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+        const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
+        // Neighbouring tiles share a column of codes: the last one's last is this one's first.
+        if (tx > 0)
+          for (int r = 0; r < 5; ++r) __builtin_memcpy(codes[r][0], codes[r][4], 64);
         for (int r = 0; r < 5; ++r)
-          for (int c = 0; c < 5; ++c) {
+          for (int c = tx == 0 ? 0 : 1; c < 5; ++c) {
             const int64_t ih = ih0 + r, iw = iw0 + c;
             if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
               __builtin_memset(codes[r][c], 0, 64);

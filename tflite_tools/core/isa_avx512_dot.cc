@@ -374,12 +374,13 @@ void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
       row_inside[r] = ih0 + r >= 0 && ih0 + r < j.in_height;
       rows[r] = j.input + (n * j.in_height + ih0 + r) * j.in_width * pixel_words;
     }
-    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
-      for (int64_t w = 0; w < words; ++w) {
-        const uint64_t mask = w == words - 1 ? tail : ~0ull;
-        __m512i u[5][5];
-        for (int c = 0; c < 5; ++c) {  // T d: over rows
+    for (int64_t w = 0; w < words; ++w) {
+      const uint64_t mask = w == words - 1 ? tail : ~0ull;
+      __m512i u[5][5];
+      for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
+        const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
+        // Neighbouring tiles share a column: the last one's T d is this one's first.
+        for (int c = tx == 0 ? 0 : 1; c < 5; ++c) {  // T d: over rows
           const bool col_inside = iw0 + c >= 0 && iw0 + c < j.in_width;
           __m512i d[5];
           for (int r = 0; r < 5; ++r)
@@ -398,6 +399,7 @@ void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
             _mm512_storeu_si512((void*)(j.wino_v + (t * kWinoPositions2 + kWino2Slot[a * 5 + b]) * cw + w * 64),
                                 _mm512_add_epi8(v[b], offset));
         }
+        for (int a = 0; a < 5; ++a) u[a][0] = u[a][4];
       }
     }
   }
