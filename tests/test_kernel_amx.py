@@ -1,5 +1,6 @@
-"""The "amx" conv path: the AVX-512 dot path with the GEMMs of its Winograd forms (F(2x2, 3x3) for
-3x3 stride 1, the polyphase form for 3x3 stride 2) on AMX tiles.
+"""The "amx" conv path: the dot path's GEMMs on AMX tiles, in its direct form (the input split
+into stride phases, any kernel, stride and dilation) and its Winograd forms (F(2x2, 3x3) for 3x3
+stride 1, the polyphase form for 3x3 stride 2).
 
 This CPU may lack AMX, so the AMX code is tested through its software model of the tile
 instructions (N2UQ_AMX_EMULATE=1, a test hook read once per process: hence subprocesses),
@@ -18,7 +19,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # Checks path amx (forced, threads 1 and 2, int32 and float outputs) against the NumPy reference
 # on Winograd shapes of both forms (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4) and
-# shapes that take the dot items (1x1, dilation 2); prints "checked N".
+# shapes only the direct form takes (1x1, dilation, 5x5, stride 3); prints "checked N". With
+# N2UQ_DOT_WINOGRAD=0 every shape runs the direct form.
 CHECK_SCRIPT = """
 import sys
 import numpy as np
@@ -56,10 +58,14 @@ for strides in (1, 2):
     check(2, 9, 11, 200, 48, 3, strides, 1, (1, 1, 1, 1), 4, 4, rng)
     check(2, 13, 11, 64, 40, 3, strides, 1, (0, 1, 1, 0), 3, 3, rng)
     count += 3
-# Not a Winograd form: the AVX-512 dot items.
+# Not a Winograd form: the phased direct form (1x1, dilation, a 1x1 at stride 2 that reads one
+# phase of four, 5x5 at stride 2, stride 3 with dilation 2: taps in every phase and row shift).
 check(2, 5, 7, 80, 40, 1, 1, 1, (0, 0, 0, 0), 3, 2, rng)
 check(1, 7, 7, 64, 16, 3, 1, 2, (2, 2, 2, 2), 2, 3, rng)
-count += 2
+check(2, 9, 8, 72, 24, 1, 2, 1, (0, 0, 0, 0), 2, 2, rng)
+check(1, 13, 12, 64, 48, 5, 2, 1, (2, 2, 1, 2), 4, 3, rng)
+check(2, 14, 11, 130, 33, 3, 3, 2, (1, 2, 2, 1), 1, 4, rng)
+count += 5
 print("checked", count)
 """ % {"tests": TESTS}
 
@@ -90,17 +96,17 @@ def test_emulated_amx_path_is_bit_exact():
         return
     assert status.startswith("emulated") and "self-check passed" in status, status
     assert ("avx512", "amx") in combos
-    assert "checked 40" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+    assert "checked 43" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
 
 
 def test_emulated_amx_path_direct_form_and_selection():
-    """With N2UQ_DOT_WINOGRAD=0 the amx plan runs the dot items everywhere; auto selection may
-    pick amx like any path and stays exact."""
+    """With N2UQ_DOT_WINOGRAD=0 the amx plan runs its phased direct form everywhere; auto selection
+    may pick amx like any path and stays exact."""
     features, _, _ = _report()
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 40" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
+    assert "checked 43" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -125,7 +131,7 @@ def test_amx_path_follows_the_cpu():
     if "amx_int8" in features:
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
-        assert "checked 40" in _run(CHECK_SCRIPT)
+        assert "checked 43" in _run(CHECK_SCRIPT)
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

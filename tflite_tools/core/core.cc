@@ -498,10 +498,10 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 // page faults per layer once it passes malloc's mmap threshold. Grows, never shrinks;
 // contents are rewritten. (Weights live in the plan, prepared once.)
 struct Scratch {
-  std::vector<uint64_t> stage;
-  std::vector<int32_t> pixel_sums;
+  AlignedVector<uint64_t> stage;
+  AlignedVector<int32_t> pixel_sums;
   std::vector<int64_t> tap_offsets;
-  std::vector<uint8_t> codes;   // dot path: staged codes; lut path: every thread's table rings
+  AlignedVector<uint8_t> codes;   // dot path: staged codes; lut path: every thread's table rings
 };
 
 Scratch& scratch() {
@@ -509,8 +509,8 @@ Scratch& scratch() {
   return instance;
 }
 
-template <class T>
-int ensure(std::vector<T>& v, int64_t size, const char* what, char* err, size_t err_len) {
+template <class V>
+int ensure(V& v, int64_t size, const char* what, char* err, size_t err_len) {
   try {
     if (int64_t(v.size()) < size) v.resize(size_t(size));
   } catch (const std::bad_alloc&) {
@@ -541,12 +541,12 @@ struct N2uqConvPlan {
   const n2uq_core::KernelTable* table = nullptr;
   const n2uq_core::PathKernels* kernels = nullptr;  // dot / lut
   std::vector<uint64_t> packed;   // bitserial: [OC][KH][KW][weight_bits][words]
-  std::vector<uint64_t> grouped;  // bitserial with conv_group_item: ConvJob::group_weights
-  std::vector<int8_t> dot;        // dot: ConvJob::dot_weights
+  n2uq_core::AlignedVector<uint64_t> grouped;  // bitserial with conv_group_item: ConvJob::group_weights
+  n2uq_core::AlignedVector<int8_t> dot;        // dot: ConvJob::dot_weights
   int dot_chunk_blocks = 0;       // dot: ConvJob::dot_chunk_blocks
-  std::vector<uint8_t> lut;       // lut: ConvJob::lut_indices
+  n2uq_core::AlignedVector<uint8_t> lut;       // lut: ConvJob::lut_indices
   int wino = 0;                   // dot: its form (n2uq_core::WinoForm; dot holds the transformed weights)
-  std::vector<int32_t> wino_bias; // dot, Winograd forms: ConvJob::wino_bias
+  n2uq_core::AlignedVector<int32_t> wino_bias; // dot, Winograd forms: ConvJob::wino_bias
 };
 
 namespace n2uq_core {
@@ -627,8 +627,11 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
 
 // Dot path: stage the input rows and column phases some tap reads as codes (columns
 // zero-padded), then work items of (output row, chunk of output-channel blocks).
+int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
+
 int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
+  if (plan.kernels->phased_direct) return run_phased(base, plan, num_threads, err, err_len);
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   job.dot_weights = plan.dot.data();
@@ -655,6 +658,55 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   job.code_tap_columns = s.tap_offsets.data();
   parallel_ranges(num_threads, rows, 1, [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
   const int64_t items = int64_t(job.batch) * job.out_height * job.oc_chunks;
+  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
+  return N2UQ_OK;
+}
+
+// Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; items in isa_amx.cc): the
+// phase planes, then items of (image, chunk, block of tile pairs).
+int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+  ConvJob job = base;
+  const PathKernels* k = plan.kernels;
+  job.dot_weights = plan.dot.data();
+  job.quads = job.words * 16;
+  job.dot_lanes = k->lanes;
+  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
+  job.dot_chunk_blocks = plan.dot_chunk_blocks;
+  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+  const int64_t sh = job.stride_height, sw = job.stride_width;
+  const int64_t row_shift = int64_t(job.kernel_height - 1) * job.dilation_height / sh;
+  const int64_t col_shift = int64_t(job.kernel_width - 1) * job.dilation_width / sw;
+  job.amx_cols = job.out_width + col_shift;
+  int64_t virt = 0, bytes = 0;
+  if (!mul_ok(job.out_height, job.amx_cols, &virt)) N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  job.amx_virtual = (virt + 31) / 32 * 32;
+  // Rows of a plane: every pixel the last pair's taps read (q < amx_virtual plus the largest shift).
+  job.amx_plane_rows = (job.amx_virtual + row_shift * job.amx_cols + col_shift + job.amx_cols - 1) / job.amx_cols;
+  job.amx_plane_pixels = job.amx_plane_rows * job.amx_cols;
+  if (!mul_ok(int64_t(job.batch) * sh * sw, int64_t(job.words) * job.amx_plane_pixels, &bytes) ||
+      !mul_ok(bytes, 64, &bytes))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
+  Scratch& s = scratch();
+  if (int rc = ensure(s.codes, bytes, "staged codes", err, err_len)) return rc;
+  if (int rc = ensure(s.tap_offsets, int64_t(job.kernel_height) * job.kernel_width, "tap offsets", err, err_len))
+    return rc;
+  job.amx_stage = s.codes.data();
+  const int64_t plane_bytes = job.amx_plane_pixels * 64;
+  for (int64_t kh = 0; kh < job.kernel_height; ++kh)
+    for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
+      const int64_t y = kh * job.dilation_height, x = kw * job.dilation_width;
+      s.tap_offsets[size_t(kh * job.kernel_width + kw)] =
+          (y % sh * sw + x % sw) * job.words * plane_bytes + (y / sh * job.amx_cols + x / sw) * 64;
+    }
+  job.amx_tap_offsets = s.tap_offsets.data();
+  // Items of 4 pairs (128 virtual pixels): enough items for the pool to balance, few enough that
+  // a chunk's weights are reused from the cache across an item's pairs.
+  const int64_t pairs = job.amx_virtual / 32;
+  job.amx_block_pairs = 4;
+  job.amx_blocks = int32_t((pairs + job.amx_block_pairs - 1) / job.amx_block_pairs);
+  parallel_ranges(num_threads, int64_t(job.batch) * sh * sw * job.amx_plane_rows, 1,
+                  [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
+  const int64_t items = int64_t(job.batch) * job.oc_chunks * job.amx_blocks;
   pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
   return N2UQ_OK;
 }
@@ -814,10 +866,13 @@ std::vector<uint8_t> weight_codes(const N2uqConvShape& s, const uint64_t* packed
 
 // ConvJob::dot_weights: int8 w' = 2k - n_w, [chunk][KH][KW][quads][blocks of the chunk][lanes][4]
 // (chunks of `per_chunk` blocks of `lanes` output channels; the last chunk may have fewer blocks).
+// Quads per tap are rounded up to a multiple of quad_align (> 1: zero weights past in_channels).
 void build_dot_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
-                       std::vector<int8_t>* out) {
+                       int quad_align, AlignedVector<int8_t>* out) {
   const int64_t taps = int64_t(s.kernel_height) * s.kernel_width, channels = s.in_channels;
-  const int64_t quads = (channels + 3) / 4, blocks = (int64_t(s.out_channels) + lanes - 1) / lanes;
+  const int64_t align = quad_align > 1 ? quad_align : 1;
+  const int64_t quads = ((channels + 3) / 4 + align - 1) / align * align;
+  const int64_t blocks = (int64_t(s.out_channels) + lanes - 1) / lanes;
   const int64_t block_bytes = taps * quads * lanes * 4;
   const int n_w = (1 << s.weight_bits) - 1;
   out->assign(size_t(blocks * block_bytes), 0);
@@ -837,7 +892,7 @@ void build_dot_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes
 // channels (bit i: channel i), planes = 2 for weight_bits <= 2, else 4, per_block = 64 /
 // planes output channels; lanes of missing planes or channels index entry 0 (= 0).
 void build_lut_indices(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int chunk_blocks_narrow,
-                       std::vector<uint8_t>* out) {
+                       AlignedVector<uint8_t>* out) {
   const int64_t taps = int64_t(s.kernel_height) * s.kernel_width, channels = s.in_channels;
   const int64_t planes = s.weight_bits <= 2 ? 2 : 4, per_block = 64 / planes;
   // Chunks hold the same output channels for either lane layout: chunk_blocks_narrow blocks of
@@ -891,7 +946,7 @@ int wino_form(const N2uqConvShape& s, const PathKernels* k) {
 // ConvJob::wino_bias: per output channel and input channel U(q) = G q G^T, q = k - h. Quads per
 // position are rounded up to a multiple of quad_align (> 1: zero weights past in_channels).
 void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
-                        int quad_align, std::vector<int8_t>* out, std::vector<int32_t>* bias) {
+                        int quad_align, AlignedVector<int8_t>* out, AlignedVector<int32_t>* bias) {
   static const int kG[4][3] = {{1, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 1}};
   static const int kShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};
   const int64_t align = quad_align > 1 ? quad_align : 1;
@@ -933,7 +988,7 @@ void build_wino_weights(const N2uqConvShape& s, const std::vector<uint8_t>& code
 // Stride-2 form weights (ConvJob::dot_weights: U(w') = G w' G^T per position, in slot order) and
 // ConvJob::wino_bias = A (-2M sum_c U) A^T per output pixel of a tile (isa_avx512_dot.cc).
 void build_wino2_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes, int lanes, int per_chunk,
-                         std::vector<int8_t>* out, std::vector<int32_t>* bias) {
+                         AlignedVector<int8_t>* out, AlignedVector<int32_t>* bias) {
   static const int kG[5][3] = {{1, 0, 0}, {1, 0, 1}, {0, 0, 1}, {0, 1, 0}, {0, 1, 0}};
   static const int kA[2][5] = {{1, 1, 0, 1, 0}, {0, 1, 1, 0, 1}};
   const int64_t channels = s.in_channels, quads = words_for(channels) * 16;  // whole words: kernel_table.h
@@ -1014,16 +1069,19 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   }
   const std::vector<uint8_t> codes = weight_codes(s, weights);
   if (dot_layout(plan->path)) {
-    plan->dot_chunk_blocks =
-        dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) / plan->kernels->lanes);
     plan->wino = direct_form ? kWinoNone : wino_form(s, plan->kernels);
+    const bool phased = plan->wino == kWinoNone && plan->kernels->phased_direct;
+    plan->dot_chunk_blocks =
+        phased ? kAmxDirectVectors
+               : dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) /
+                                                      plan->kernels->lanes);
     if (plan->wino == kWinoStride1)
       build_wino_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, plan->kernels->wino_quad_align,
                          &plan->dot, &plan->wino_bias);
     else if (plan->wino == kWinoStride2)
       build_wino2_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot, &plan->wino_bias);
     else
-      build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot);
+      build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, phased ? 16 : 1, &plan->dot);
   }
   else
     build_lut_indices(s, codes, plan->kernels->blocks_per_chunk * plan->kernels->lanes / 32, &plan->lut);
@@ -1161,12 +1219,13 @@ std::vector<uint64_t> calibration_input(int64_t words_needed) {
 
 // ---------------------------------------------------------------- AMX availability
 
-// The AMX Winograd GEMMs (hardware, or the model under the test hook) against the AVX-512 ones
-// on a small conv whose tiles, input channels and output channels all leave partial tiles (18
-// tiles in blocks of 9 at stride 1, 8 at stride 2; 80 channels: a 16-channel tail word; 40 output
-// channels: 3 vectors, the last half full), 2-bit codes, both forms. Empty on a bit-exact match,
-// else what differed.
-std::string amx_self_check_form(const PathKernels* amx, int stride) {
+// The AMX GEMMs (hardware, or the model under the test hook) against the AVX-512 ones on a small
+// conv whose tiles, input channels and output channels all leave partial tiles (Winograd: 18
+// tiles in blocks of 9 at stride 1, 8 at stride 2; direct: 2 images of 6 x 8 and 3 x 4 virtual
+// pixels, pairs past the last row; 80 channels: a 16-channel tail word; 40 output channels: 3
+// vectors, the last half full, a chunk of 1 in the direct form), 2-bit codes, every form. Empty
+// on a bit-exact match, else what differed.
+std::string amx_self_check_form(const PathKernels* amx, int stride, bool winograd) {
   N2uqConvShape s{};
   s.batch = 2;
   s.in_height = s.in_width = 6;
@@ -1177,7 +1236,7 @@ std::string amx_self_check_form(const PathKernels* amx, int stride) {
   s.dilation_height = s.dilation_width = 1;
   s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 1;
   s.act_bits = s.weight_bits = 2;
-  const int form = stride == 1 ? kWinoStride1 : kWinoStride2;
+  const int form = !winograd ? kWinoNone : stride == 1 ? kWinoStride1 : kWinoStride2;
   char err[256] = "";
   ConvSizes z;
   if (check_conv(&s, &z, err, sizeof err) != N2UQ_OK) return std::string("self-check shape: ") + err;
@@ -1194,7 +1253,7 @@ std::string amx_self_check_form(const PathKernels* amx, int stride) {
     plan.table = table_for(N2UQ_ISA_AVX512);
     plan.kernels = kernels[i];
     out[i].assign(size_t(z.out), 0);
-    if (prepare_weights(&plan, weights.data(), z.weights, 1, err, sizeof err) != N2UQ_OK)
+    if (prepare_weights(&plan, weights.data(), z.weights, 1, err, sizeof err, !winograd) != N2UQ_OK)
       return std::string("self-check weights: ") + err;
     if (plan.wino != form) {  // N2UQ_DOT_WINOGRAD=0 now need not hold later: check the AMX GEMM anyway
       plan.wino = form;
@@ -1211,18 +1270,19 @@ std::string amx_self_check_form(const PathKernels* amx, int stride) {
   for (size_t i = 0; i < out[0].size(); ++i)
     if (out[0][i] != out[1][i]) {
       char what[160];
-      std::snprintf(what, sizeof what, "the self-check differed from the AVX-512 dot path at stride %d, output %zu "
-                    "(%d vs %d)", stride, i, out[0][i], out[1][i]);
+      std::snprintf(what, sizeof what, "the self-check differed from the AVX-512 dot path (%s form, stride %d) at "
+                    "output %zu (%d vs %d)", winograd ? "Winograd" : "direct", stride, i, out[0][i], out[1][i]);
       return what;
     }
   return std::string();
 }
 
 std::string amx_self_check(const PathKernels* amx) {
-  for (int stride = 1; stride <= 2; ++stride) {
-    const std::string problem = amx_self_check_form(amx, stride);
-    if (!problem.empty()) return problem;
-  }
+  for (int stride = 1; stride <= 2; ++stride)
+    for (bool winograd : {true, false}) {
+      const std::string problem = amx_self_check_form(amx, stride, winograd);
+      if (!problem.empty()) return problem;
+    }
   return std::string();
 }
 
@@ -1344,7 +1404,7 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     if (!path_available(isa, path)) continue;
     if (path == N2UQ_PATH_LUT && !lut_fits(s)) continue;
     candidates.push_back(path);
-    if (path == N2UQ_PATH_DOT && wino_form(s, path_kernels(isa, path)) != kWinoNone)
+    if ((path == N2UQ_PATH_DOT || path == N2UQ_PATH_AMX) && wino_form(s, path_kernels(isa, path)) != kWinoNone)
       candidates.push_back(path | kDirectForm);
   }
   const SelectionKey key = selection_key(s, isa, num_threads);

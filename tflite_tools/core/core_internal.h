@@ -10,6 +10,7 @@
 #include <exception>
 #include <functional>
 #include <new>
+#include <vector>
 
 #include "kernel_table.h"
 #include "n2uq_core.h"
@@ -25,6 +26,25 @@ int report_error(char* err, size_t err_len, int status, const char* format, ...)
   do {                                             \
     if (!(cond)) N2UQ_FAIL(status, __VA_ARGS__);   \
   } while (0)
+
+// Vectors whose data start on a cache line: the kernels load 64-byte rows (zmm registers, AMX
+// tile rows) at multiples of 64 bytes from these buffers, and a row that straddles two lines
+// costs two (the amx path's tile loads ran up to 1.4x slower, varying with malloc's placement).
+template <class T>
+struct CacheLineAllocator {
+  typedef T value_type;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <class T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Wraps an API body so that no C++ exception crosses the C boundary.
 template <class F>

@@ -1,6 +1,6 @@
-// AMX form of the dot path's Winograd GEMMs (AMX-TILE + AMX-INT8, TDPBUSD), both forms (3x3
-// stride 1 and stride 2), the rest of the path (direct items, codes, input transforms, output
-// stages) the AVX-512 VNNI kernels'. Target
+// The amx path: the dot path's GEMMs on AMX tiles (AMX-TILE + AMX-INT8, TDPBUSD), in its direct
+// form (phased, any conv) and both Winograd forms (3x3 stride 1 and stride 2); the rest (codes,
+// input transforms, Winograd output stages) the AVX-512 VNNI kernels'. Target
 // options for this file only, no -march; core.cc offers the path only when the CPU and OS
 // report AMX, the process got the tile-data permission and a self-check matched the AVX-512
 // result. The same GEMM source also runs on a software model of the tile instructions
@@ -222,6 +222,124 @@ void item(const ConvJob& j, int64_t item, int /*slot*/) {
   }
 }
 
+// ---- Phased direct form (any kernel, stride and dilation; layout in kernel_table.h, ConvJob::
+// amx_stage). Per pair of 16-pixel tiles and chunk of R <= 2 weight vectors, C[g][r] = sum over
+// taps and words of A_g . B_r: A_g = 16 consecutive virtual pixels' codes of one word (row
+// stride 64, one load however the tap shifts them), B_r = that tap and word's 16 quads x 16
+// lanes of vector r (the direct dot weights, row stride R * 64). The sum is the dot path's acc
+// = sum m w', w' = 2k - n_w (no correction term), so the output is multiplier * acc + bias.
+// Tiles: 0-1 = A_0, A_1; 2..1+R = B; 4 + 2g + r = C[g][r]. Every load is 16 full rows inside the
+// plane (amx_plane_pixels covers the last pair's taps), so one configuration serves an item.
+template <class Tiles, int R>
+inline void configure_direct() {
+  TileConfig cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int g = 0; g < 2; ++g) {
+    cfg.rows[g] = 16;
+    cfg.colsb[g] = 64;
+    for (int r = 0; r < R; ++r) {
+      cfg.rows[4 + 2 * g + r] = 16;
+      cfg.colsb[4 + 2 * g + r] = 64;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    cfg.rows[2 + r] = 16;
+    cfg.colsb[2 + r] = 64;
+  }
+  Tiles::config(cfg);
+}
+
+// Stores the valid pixels of one pair: z[p][r * 16 + lane] for virtual pixels q0 + p.
+template <int R>
+inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0, const int32_t* z) {
+  __mmask16 mask[R];
+  __m512 multiplier[R], bias[R];
+  const int64_t oc_begin = chunk * j.dot_chunk_blocks * 16;
+  for (int r = 0; r < R; ++r) {
+    const int64_t left = j.out_channels - (oc_begin + 16 * r);
+    mask[r] = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    multiplier[r] = bias[r] = _mm512_setzero_ps();
+    if (j.out_float != nullptr) {  // multiplier and bias may be null without a float output
+      multiplier[r] = _mm512_maskz_loadu_ps(mask[r], j.multiplier + oc_begin + 16 * r);
+      bias[r] = _mm512_maskz_loadu_ps(mask[r], j.bias + oc_begin + 16 * r);
+    }
+  }
+  const int64_t cols = j.amx_cols;
+  int64_t oh = q0 / cols, ow = q0 - oh * cols;
+  for (int p = 0; p < 32; ++p, ++ow) {
+    if (ow == cols) {
+      ow = 0;
+      ++oh;
+    }
+    if (ow >= j.out_width) continue;
+    if (oh >= j.out_height) break;
+    const int64_t index = ((n * j.out_height + oh) * j.out_width + ow) * j.out_channels + oc_begin;
+    for (int r = 0; r < R; ++r) {
+      const __m512i acc = _mm512_load_si512((const void*)(z + (p * R + r) * 16));
+      if (j.out_int32 != nullptr) _mm512_mask_storeu_epi32(j.out_int32 + index + 16 * r, mask[r], acc);
+      if (j.out_float != nullptr)  // as DotOps::store: float32 multiply, then add
+        _mm512_mask_storeu_ps(j.out_float + index + 16 * r, mask[r],
+                              _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), multiplier[r]), bias[r]));
+    }
+  }
+}
+
+template <class Tiles, int R>
+void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end) {
+  alignas(64) int32_t z[32 * R * 16];
+  const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
+  const int64_t plane_bytes = j.amx_plane_pixels * 64, tap_bytes = words * 16 * R * 64;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * words * 16 * 64;
+  const uint8_t* const image =
+      j.amx_stage + n * int64_t(j.stride_height) * j.stride_width * words * plane_bytes;
+  configure_direct<Tiles, R>();
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+    const int64_t q0 = pair * 32;
+    Tiles::template zero<4>();
+    Tiles::template zero<6>();
+    if (R > 1) Tiles::template zero<5>();
+    if (R > 1) Tiles::template zero<7>();
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint8_t* a = image + j.amx_tap_offsets[t] + q0 * 64;
+      const int8_t* b = weights + t * tap_bytes;
+      for (int64_t w = 0; w < words; ++w, a += plane_bytes, b += 16 * R * 64) {
+        Tiles::template load<0>(a, 64);
+        Tiles::template load<2>(b, R * 64);
+        Tiles::template dpbusd<4, 0, 2>();
+        Tiles::template load<1>(a + 16 * 64, 64);
+        Tiles::template dpbusd<6, 1, 2>();
+        if (R > 1) {
+          Tiles::template load<3>(b + 64, R * 64);
+          Tiles::template dpbusd<5, 0, 3>();
+          Tiles::template dpbusd<7, 1, 3>();
+        }
+      }
+    }
+    Tiles::template store<4>(z, R * 64);
+    Tiles::template store<6>(z + 16 * R * 16, R * 64);
+    if (R > 1) Tiles::template store<5>(z + 16, R * 64);
+    if (R > 1) Tiles::template store<7>(z + 16 * R * 16 + 16, R * 64);
+    direct_output<R>(j, n, chunk, q0, z);
+  }
+  Tiles::release();
+}
+
+template <class Tiles>
+void direct_item(const ConvJob& j, int64_t item, int /*slot*/) {
+  const int64_t block = item % j.amx_blocks, rest = item / j.amx_blocks;
+  const int64_t chunk = rest % j.oc_chunks, n = rest / j.oc_chunks;
+  const int64_t pairs = j.amx_virtual / 32, begin = block * j.amx_block_pairs;
+  const int64_t end = begin + j.amx_block_pairs < pairs ? begin + j.amx_block_pairs : pairs;
+  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+  if (begin >= end) return;
+  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+    case 1: direct_pairs<Tiles, 1>(j, n, chunk, begin, end); break;
+    case 2: direct_pairs<Tiles, 2>(j, n, chunk, begin, end); break;
+    default: break;  // dot_chunk_blocks = kAmxDirectVectors
+  }
+}
+
 template <class Tiles>
 PathKernels make(const char* name) {
   PathKernels k = *avx512_dot_kernels();
@@ -231,6 +349,9 @@ PathKernels make(const char* name) {
   k.wino2_item = &item<Tiles, kWinoStride2>;
   k.wino_block_tiles = kMaxTiles;
   k.wino_quad_align = 16;
+  k.stage_rows = &phased_stage_rows;
+  k.item = &direct_item<Tiles>;
+  k.phased_direct = true;
   return k;
 }
 

@@ -509,6 +509,10 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
 }  // namespace avx512_dot
 }  // namespace
 
+void phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
+  avx512_dot::dot_phased_stage_rows<avx512_dot::DotOps>(j, begin, end);
+}
+
 void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z) {
   const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
   const __m512i* v = reinterpret_cast<const __m512i*>(z);
