@@ -65,7 +65,9 @@ check(1, 7, 7, 64, 16, 3, 1, 2, (2, 2, 2, 2), 2, 3, rng)
 check(2, 9, 8, 72, 24, 1, 2, 1, (0, 0, 0, 0), 2, 2, rng)
 check(1, 13, 12, 64, 48, 5, 2, 1, (2, 2, 1, 2), 4, 3, rng)
 check(2, 14, 11, 130, 33, 3, 3, 2, (1, 2, 2, 1), 1, 4, rng)
-count += 5
+# 3 images of 4 tile pairs: 2 threads split the pairs in the middle of the second image.
+check(3, 11, 9, 64, 24, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
+count += 6
 print("checked", count)
 """ % {"tests": TESTS}
 
@@ -96,7 +98,7 @@ def test_emulated_amx_path_is_bit_exact():
         return
     assert status.startswith("emulated") and "self-check passed" in status, status
     assert ("avx512", "amx") in combos
-    assert "checked 43" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
 
 
 def test_emulated_amx_path_direct_form_and_selection():
@@ -106,7 +108,7 @@ def test_emulated_amx_path_direct_form_and_selection():
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 43" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
+    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -131,7 +133,7 @@ def test_amx_path_follows_the_cpu():
     if "amx_int8" in features:
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
-        assert "checked 43" in _run(CHECK_SCRIPT)
+        assert "checked 44" in _run(CHECK_SCRIPT)
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

@@ -631,7 +631,7 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
 
 int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
-  if (plan.kernels->phased_direct) return run_phased(base, plan, num_threads, err, err_len);
+  if (plan.kernels->phased_run != nullptr) return run_phased(base, plan, num_threads, err, err_len);
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   job.dot_weights = plan.dot.data();
@@ -662,8 +662,12 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   return N2UQ_OK;
 }
 
-// Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; items in isa_amx.cc): the
-// phase planes, then items of (image, chunk, block of tile pairs).
+// Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; tile work in isa_amx.cc). One
+// task per thread, each staging the plane rows its own pairs read into its own stage and then
+// running them: staged rows that another core just wrote reach the tile loads through that
+// core's cache, and when one thread staged and another ran the tiles, 2 threads (Xeon, 28x28x128)
+// were slower than 1. Tasks split the pairs of 16-pixel tiles (rows staged twice where two
+// tasks meet) or, with few pairs, the chunks (each task then stages every row).
 int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
@@ -677,20 +681,28 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
   const int64_t row_shift = int64_t(job.kernel_height - 1) * job.dilation_height / sh;
   const int64_t col_shift = int64_t(job.kernel_width - 1) * job.dilation_width / sw;
   job.amx_cols = job.out_width + col_shift;
-  int64_t virt = 0, bytes = 0;
+  int64_t virt = 0, stage_bytes = 0, all_bytes = 0;
   if (!mul_ok(job.out_height, job.amx_cols, &virt)) N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   job.amx_virtual = (virt + 31) / 32 * 32;
   // Rows of a plane: every pixel the last pair's taps read (q < amx_virtual plus the largest shift).
-  job.amx_plane_rows = (job.amx_virtual + row_shift * job.amx_cols + col_shift + job.amx_cols - 1) / job.amx_cols;
+  const int64_t max_shift = row_shift * job.amx_cols + col_shift;
+  job.amx_plane_rows = (job.amx_virtual + max_shift + job.amx_cols - 1) / job.amx_cols;
   job.amx_plane_pixels = job.amx_plane_rows * job.amx_cols;
-  if (!mul_ok(int64_t(job.batch) * sh * sw, int64_t(job.words) * job.amx_plane_pixels, &bytes) ||
-      !mul_ok(bytes, 64, &bytes))
+  const int64_t pairs = job.amx_virtual / 32, all_pairs = pairs * job.batch, chunks = job.oc_chunks;
+  int tasks = num_threads;
+  if (tasks > all_pairs && tasks > chunks) tasks = int(all_pairs > chunks ? all_pairs : chunks);
+  // Chunks where there are fewer than 4 pairs per task: then each task also keeps only its share
+  // of the weights in its cache (7x7x512 on 2 threads: 39 us, 65 us split by pairs, 112 us on 1).
+  // Split by chunks where pairs are many, both tasks write every output pixel, 64 channels
+  // apart, and 28x28x128 ran 2.4x slower than split by pairs.
+  const bool split_chunks = tasks > 1 && all_pairs < 4 * tasks && chunks > 1;
+  if (!mul_ok(sh * sw, int64_t(job.words) * job.amx_plane_pixels, &stage_bytes) ||
+      !mul_ok(stage_bytes, 64, &stage_bytes) || !mul_ok(stage_bytes, tasks, &all_bytes))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
-  if (int rc = ensure(s.codes, bytes, "staged codes", err, err_len)) return rc;
+  if (int rc = ensure(s.codes, all_bytes, "staged codes", err, err_len)) return rc;
   if (int rc = ensure(s.tap_offsets, int64_t(job.kernel_height) * job.kernel_width, "tap offsets", err, err_len))
     return rc;
-  job.amx_stage = s.codes.data();
   const int64_t plane_bytes = job.amx_plane_pixels * 64;
   for (int64_t kh = 0; kh < job.kernel_height; ++kh)
     for (int64_t kw = 0; kw < job.kernel_width; ++kw) {
@@ -699,15 +711,30 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
           (y % sh * sw + x % sw) * job.words * plane_bytes + (y / sh * job.amx_cols + x / sw) * 64;
     }
   job.amx_tap_offsets = s.tap_offsets.data();
-  // Items of 4 pairs (128 virtual pixels): enough items for the pool to balance, few enough that
-  // a chunk's weights are reused from the cache across an item's pairs.
-  const int64_t pairs = job.amx_virtual / 32;
-  job.amx_block_pairs = 4;
-  job.amx_blocks = int32_t((pairs + job.amx_block_pairs - 1) / job.amx_block_pairs);
-  parallel_ranges(num_threads, int64_t(job.batch) * sh * sw * job.amx_plane_rows, 1,
-                  [&](int64_t b, int64_t e) { k->stage_rows(job, b, e); });
-  const int64_t items = int64_t(job.batch) * job.oc_chunks * job.amx_blocks;
-  pool().run_slots(num_threads, items, [&](int64_t item, int slot) { k->item(job, item, slot); });
+  uint8_t* const stages = s.codes.data();
+  pool().run_slots(tasks, tasks, [&](int64_t task, int slot) {
+    ConvJob local = job;
+    local.amx_stage = stages + slot * stage_bytes;
+    // This task's share: chunks [c0, c1) of every pair, or flat pairs [g0, g1) (image * pairs + pair).
+    int64_t c0 = 0, c1 = chunks, g0 = 0, g1 = all_pairs;
+    if (split_chunks) {
+      c0 = chunks * task / tasks;
+      c1 = chunks * (task + 1) / tasks;
+    } else {
+      g0 = all_pairs * task / tasks;
+      g1 = all_pairs * (task + 1) / tasks;
+    }
+    if (c0 >= c1 || g0 >= g1) return;
+    for (int64_t n = g0 / pairs; n * pairs < g1; ++n) {
+      const int64_t p0 = g0 > n * pairs ? g0 - n * pairs : 0, p1 = g1 < (n + 1) * pairs ? g1 - n * pairs : pairs;
+      // The plane rows pairs [p0, p1) read: virtual pixels [32 p0, 32 p1 + max_shift).
+      const int64_t r0 = p0 * 32 / job.amx_cols, r1 = (p1 * 32 - 1 + max_shift) / job.amx_cols + 1;
+      local.amx_image = n;
+      for (int64_t phase = 0; phase < sh * sw; ++phase)
+        k->stage_rows(local, phase * job.amx_plane_rows + r0, phase * job.amx_plane_rows + r1);
+      k->phased_run(local, n, c0, c1, p0, p1);
+    }
+  });
   return N2UQ_OK;
 }
 
@@ -1070,7 +1097,7 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   const std::vector<uint8_t> codes = weight_codes(s, weights);
   if (dot_layout(plan->path)) {
     plan->wino = direct_form ? kWinoNone : wino_form(s, plan->kernels);
-    const bool phased = plan->wino == kWinoNone && plan->kernels->phased_direct;
+    const bool phased = plan->wino == kWinoNone && plan->kernels->phased_run != nullptr;
     plan->dot_chunk_blocks =
         phased ? kAmxDirectVectors
                : dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) /

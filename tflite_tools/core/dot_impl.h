@@ -96,18 +96,17 @@ inline bool dot_dimension_phase_read(int64_t k, int64_t d, int64_t st, int64_t p
 // phases no tap reads are not staged (never read).
 template <class O>
 void dot_phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols;
+  const int64_t words = j.words, sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols, n = j.amx_image;
   const int64_t plane_bytes = j.amx_plane_pixels * 64, in_pixel = (int64_t)j.act_bits * words;
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t prow = u % j.amx_plane_rows, image_phase = u / j.amx_plane_rows;
-    const int64_t phase = image_phase % (sh * sw), n = image_phase / (sh * sw);
+    const int64_t prow = u % j.amx_plane_rows, phase = u / j.amx_plane_rows;
     const int64_t py = phase / sw, px = phase % sw;
     if (!dot_dimension_phase_read(j.kernel_height, j.dilation_height, sh, py) ||
         !dot_dimension_phase_read(j.kernel_width, j.dilation_width, sw, px))
       continue;
-    uint8_t* const base = j.amx_stage + (image_phase * words * j.amx_plane_pixels + prow * cols) * 64;
+    uint8_t* const base = j.amx_stage + (phase * words * j.amx_plane_pixels + prow * cols) * 64;
     const int64_t ih = prow * sh + py - j.pad_top;
     const bool row_inside = ih >= 0 && ih < j.in_height;
     const uint64_t* const row = j.input + (n * j.in_height + (row_inside ? ih : 0)) * j.in_width * in_pixel;

@@ -229,7 +229,7 @@ void item(const ConvJob& j, int64_t item, int /*slot*/) {
 // lanes of vector r (the direct dot weights, row stride R * 64). The sum is the dot path's acc
 // = sum m w', w' = 2k - n_w (no correction term), so the output is multiplier * acc + bias.
 // Tiles: 0-1 = A_0, A_1; 2..1+R = B; 4 + 2g + r = C[g][r]. Every load is 16 full rows inside the
-// plane (amx_plane_pixels covers the last pair's taps), so one configuration serves an item.
+// plane (amx_plane_pixels covers the last pair's taps), so one configuration serves a chunk.
 template <class Tiles, int R>
 inline void configure_direct() {
   TileConfig cfg;
@@ -285,23 +285,25 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
   }
 }
 
+// Pairs [pair_begin, pair_end) of image n for one chunk of R vectors. The output of a pair is
+// stored after the next pair's tile work is issued: its vector code then runs while the tile
+// unit works (the pair's C tiles went to z before the next pair's TILEZERO).
 template <class Tiles, int R>
 void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end) {
-  alignas(64) int32_t z[32 * R * 16];
+  alignas(64) int32_t z[2][32 * R * 16];
   const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
   const int64_t plane_bytes = j.amx_plane_pixels * 64, tap_bytes = words * 16 * R * 64;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * words * 16 * 64;
-  const uint8_t* const image =
-      j.amx_stage + n * int64_t(j.stride_height) * j.stride_width * words * plane_bytes;
   configure_direct<Tiles, R>();
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t q0 = pair * 32;
+    int32_t* const zp = z[(pair - pair_begin) & 1];
     Tiles::template zero<4>();
     Tiles::template zero<6>();
     if (R > 1) Tiles::template zero<5>();
     if (R > 1) Tiles::template zero<7>();
     for (int64_t t = 0; t < taps; ++t) {
-      const uint8_t* a = image + j.amx_tap_offsets[t] + q0 * 64;
+      const uint8_t* a = j.amx_stage + j.amx_tap_offsets[t] + q0 * 64;
       const int8_t* b = weights + t * tap_bytes;
       for (int64_t w = 0; w < words; ++w, a += plane_bytes, b += 16 * R * 64) {
         Tiles::template load<0>(a, 64);
@@ -316,27 +318,26 @@ void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin
         }
       }
     }
-    Tiles::template store<4>(z, R * 64);
-    Tiles::template store<6>(z + 16 * R * 16, R * 64);
-    if (R > 1) Tiles::template store<5>(z + 16, R * 64);
-    if (R > 1) Tiles::template store<7>(z + 16 * R * 16 + 16, R * 64);
-    direct_output<R>(j, n, chunk, q0, z);
+    Tiles::template store<4>(zp, R * 64);
+    Tiles::template store<6>(zp + 16 * R * 16, R * 64);
+    if (R > 1) Tiles::template store<5>(zp + 16, R * 64);
+    if (R > 1) Tiles::template store<7>(zp + 16 * R * 16 + 16, R * 64);
+    if (pair > pair_begin) direct_output<R>(j, n, chunk, q0 - 32, z[(pair - 1 - pair_begin) & 1]);
   }
   Tiles::release();
+  if (pair_end > pair_begin) direct_output<R>(j, n, chunk, (pair_end - 1) * 32, z[(pair_end - 1 - pair_begin) & 1]);
 }
 
 template <class Tiles>
-void direct_item(const ConvJob& j, int64_t item, int /*slot*/) {
-  const int64_t block = item % j.amx_blocks, rest = item / j.amx_blocks;
-  const int64_t chunk = rest % j.oc_chunks, n = rest / j.oc_chunks;
-  const int64_t pairs = j.amx_virtual / 32, begin = block * j.amx_block_pairs;
-  const int64_t end = begin + j.amx_block_pairs < pairs ? begin + j.amx_block_pairs : pairs;
-  const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
-  if (begin >= end) return;
-  switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-    case 1: direct_pairs<Tiles, 1>(j, n, chunk, begin, end); break;
-    case 2: direct_pairs<Tiles, 2>(j, n, chunk, begin, end); break;
-    default: break;  // dot_chunk_blocks = kAmxDirectVectors
+void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
+                int64_t pair_end) {
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+    switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
+      case 1: direct_pairs<Tiles, 1>(j, n, chunk, pair_begin, pair_end); break;
+      case 2: direct_pairs<Tiles, 2>(j, n, chunk, pair_begin, pair_end); break;
+      default: break;  // dot_chunk_blocks = kAmxDirectVectors
+    }
   }
 }
 
@@ -350,8 +351,7 @@ PathKernels make(const char* name) {
   k.wino_block_tiles = kMaxTiles;
   k.wino_quad_align = 16;
   k.stage_rows = &phased_stage_rows;
-  k.item = &direct_item<Tiles>;
-  k.phased_direct = true;
+  k.phased_run = &phased_run<Tiles>;
   return k;
 }
 

@@ -89,23 +89,22 @@ struct ConvJob {
   int32_t* wino_pixel_sums;  // [N][code_rows][code_cols] sum of the codes at each padded pixel
   const int32_t* wino_bias;  // [4][oc_blocks * dot_lanes] per-channel correction A^T (-s 4M sum_c U) A
 
-  // Phased direct form (PathKernels::phased_direct: the amx path's direct form, isa_amx.cc): the
-  // zero-padded input split into its stride phases, each phase and 64-channel word one flat image
-  // of amx_cols columns,
-  //   amx_stage[n][phase_y][phase_x][word][amx_plane_pixels][64] (codes),
+  // Phased direct form (PathKernels::phased_run: the amx path's direct form, isa_amx.cc): the
+  // zero-padded input of one image split into its stride phases, each phase and 64-channel word
+  // one flat image of amx_cols columns,
+  //   amx_stage[phase_y][phase_x][word][amx_plane_pixels][64] (codes of image amx_image),
   // pixel (r, c) of phase (py, px) = padded input pixel (r * stride_height + py, c * stride_width
   // + px). Output pixel (oh, ow) is virtual pixel q = oh * amx_cols + ow, and tap (kh, kw) reads
   // pixel q + ((kh * dilation_height) / stride_height) * amx_cols + (kw * dilation_width) /
   // stride_width of phase ((kh * dilation_height) % stride_height, (kw * dilation_width) %
-  // stride_width): one byte offset per tap from the image's base (amx_tap_offsets [KH * KW]),
+  // stride_width): one byte offset per tap from the stage's base (amx_tap_offsets [KH * KW]),
   // the same for every q, so 16 consecutive virtual pixels are one tile of row stride 64.
   // Virtual pixels with ow >= out_width, or past out_height * amx_cols (up to amx_virtual, a
-  // multiple of 32), are computed and dropped; the plane holds every pixel they read. Weights:
+  // multiple of 32), are computed and dropped; the planes hold every pixel they read. Weights:
   // the direct dot layout with quads padded to whole words (16 per word) and kAmxDirectVectors
-  // vectors per chunk. Items: (n * oc_chunks + chunk) * amx_blocks + block of amx_block_pairs
-  // pairs of 16-pixel tiles.
-  int64_t amx_cols, amx_virtual, amx_plane_rows, amx_plane_pixels;
-  int32_t amx_blocks, amx_block_pairs;
+  // vectors per chunk. Each thread stages the plane rows its own pairs of 16-pixel tiles read
+  // into its own stage (core.cc, run_phased).
+  int64_t amx_cols, amx_virtual, amx_plane_rows, amx_plane_pixels, amx_image;
   uint8_t* amx_stage;
   const int64_t* amx_tap_offsets;
 
@@ -233,9 +232,13 @@ struct PathKernels {
   // the packed input, and items as above.
   void (*wino2_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino2_item)(const ConvJob&, int64_t item, int slot);
-  // Whether the direct form is the phased one (stage_rows stages ConvJob::amx_stage, item runs
-  // its items; amx): weights then have quads padded to whole words, kAmxDirectVectors per chunk.
-  bool phased_direct;
+  // The phased direct form (null where the direct form is the dot items; amx): stage_rows then
+  // stages plane rows [begin, end) of the sh * sw * amx_plane_rows of image amx_image into
+  // ConvJob::amx_stage, and this runs pairs [pair_begin, pair_end) of 16-pixel tiles of image n
+  // for chunks [chunk_begin, chunk_end) from it. Weights have quads padded to whole words,
+  // kAmxDirectVectors vectors per chunk.
+  void (*phased_run)(const ConvJob&, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
+                     int64_t pair_end);
   // Winograd tiles per item at most (0: the AVX-512 register-block maximum for the chunk's
   // blocks), and the multiple the weights' quads per position are padded to with zero weights
   // (0 or 1: none; the AMX form loads whole 64-channel words).
@@ -262,7 +265,8 @@ const PathKernels* amx_kernels(bool emulated);
 // tiles = 4 C tiles of AMX's 8.
 constexpr int kAmxDirectVectors = 2;
 // Stages the phase planes of the phased direct form (ConvJob::amx_stage): plane rows [begin, end)
-// of the batch * stride_height * stride_width * amx_plane_rows (isa_avx512_dot.cc; x86-64 only).
+// of the stride_height * stride_width * amx_plane_rows of image amx_image (isa_avx512_dot.cc;
+// x86-64 only).
 void phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end);
 
 // The AVX-512 Winograd output stage (isa_avx512_dot.cc; x86-64 only): output transform,
