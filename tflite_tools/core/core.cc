@@ -689,15 +689,18 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
   job.amx_plane_rows = (job.amx_virtual + max_shift + job.amx_cols - 1) / job.amx_cols;
   job.amx_plane_pixels = job.amx_plane_rows * job.amx_cols;
   const int64_t pairs = job.amx_virtual / 32, all_pairs = pairs * job.batch, chunks = job.oc_chunks;
-  int tasks = num_threads;
-  if (tasks > all_pairs && tasks > chunks) tasks = int(all_pairs > chunks ? all_pairs : chunks);
-  // Chunks where there are fewer than 4 pairs per task: then each task also keeps only its share
-  // of the weights in its cache (7x7x512 on 2 threads: 39 us, 65 us split by pairs, 112 us on 1).
-  // Split by chunks where pairs are many, both tasks write every output pixel, 64 channels
-  // apart, and 28x28x128 ran 2.4x slower than split by pairs.
-  const bool split_chunks = tasks > 1 && all_pairs < 4 * tasks && chunks > 1;
+  // Chunks where there are fewer than 4 pairs per thread: then each thread also keeps only its
+  // share of the weights in its cache (7x7x512 on 2 threads: 39 us, 65 us split by pairs, 112 us
+  // on 1). Split by chunks where pairs are many, both threads write every output pixel, 64
+  // channels apart, and 28x28x128 ran 2.4x slower than split by pairs. One task per thread: with
+  // 2 or 4 smaller tasks per thread (taken as threads come free) every shape ran slower, up to
+  // 1.9x (56x56x64/2 on 2 threads).
+  const int threads = num_threads;
+  const bool split_chunks = threads > 1 && all_pairs < 4 * threads && chunks > 1;
+  const int64_t units = split_chunks ? chunks : all_pairs;
+  const int64_t tasks = units < threads ? units : threads;
   if (!mul_ok(sh * sw, int64_t(job.words) * job.amx_plane_pixels, &stage_bytes) ||
-      !mul_ok(stage_bytes, 64, &stage_bytes) || !mul_ok(stage_bytes, tasks, &all_bytes))
+      !mul_ok(stage_bytes, 64, &stage_bytes) || !mul_ok(stage_bytes, threads, &all_bytes))
     N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the staged input would be too large");
   Scratch& s = scratch();
   if (int rc = ensure(s.codes, all_bytes, "staged codes", err, err_len)) return rc;
@@ -712,7 +715,11 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
     }
   job.amx_tap_offsets = s.tap_offsets.data();
   uint8_t* const stages = s.codes.data();
-  pool().run_slots(tasks, tasks, [&](int64_t task, int slot) {
+  // Split by chunks, every task stages all rows of each image: a thread's stage keeps the last
+  // image it staged (staged_image[slot]), so it stages each image once.
+  int64_t staged_image[N2UQ_MAX_THREADS];
+  for (int i = 0; i < threads && i < N2UQ_MAX_THREADS; ++i) staged_image[i] = -1;
+  pool().run_slots(threads, tasks, [&](int64_t task, int slot) {
     ConvJob local = job;
     local.amx_stage = stages + slot * stage_bytes;
     // This task's share: chunks [c0, c1) of every pair, or flat pairs [g0, g1) (image * pairs + pair).
@@ -727,11 +734,14 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
     if (c0 >= c1 || g0 >= g1) return;
     for (int64_t n = g0 / pairs; n * pairs < g1; ++n) {
       const int64_t p0 = g0 > n * pairs ? g0 - n * pairs : 0, p1 = g1 < (n + 1) * pairs ? g1 - n * pairs : pairs;
-      // The plane rows pairs [p0, p1) read: virtual pixels [32 p0, 32 p1 + max_shift).
-      const int64_t r0 = p0 * 32 / job.amx_cols, r1 = (p1 * 32 - 1 + max_shift) / job.amx_cols + 1;
       local.amx_image = n;
-      for (int64_t phase = 0; phase < sh * sw; ++phase)
-        k->stage_rows(local, phase * job.amx_plane_rows + r0, phase * job.amx_plane_rows + r1);
+      if (!split_chunks || staged_image[slot] != n) {
+        // The plane rows pairs [p0, p1) read: virtual pixels [32 p0, 32 p1 + max_shift).
+        const int64_t r0 = p0 * 32 / job.amx_cols, r1 = (p1 * 32 - 1 + max_shift) / job.amx_cols + 1;
+        for (int64_t phase = 0; phase < sh * sw; ++phase)
+          k->stage_rows(local, phase * job.amx_plane_rows + r0, phase * job.amx_plane_rows + r1);
+        staged_image[slot] = n;
+      }
       k->phased_run(local, n, c0, c1, p0, p1);
     }
   });
