@@ -1196,7 +1196,7 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
 
 // Selection by measurement: the first plan of a shape (filter, batch, input size, ISA,
 // thread count) times every path the CPU can run on random codes of that shape and keeps
-// the fastest; later plans of the same shape reuse the answer. Where the dot path has a
+// the fastest; later plans of the same shape reuse the answer. Where the dot or amx path has a
 // Winograd form for the shape, its direct form is a candidate of its own (the forms trade
 // fewer products for 16/9 or 25/9 times the weight bytes). Per candidate: one warm-up
 // call (scratch growth, page faults, pool wake-up), then interleaved rounds until each has
@@ -1379,7 +1379,7 @@ const AmxState& amx_state() {
 
 const PathKernels* amx_path_kernels() { return amx_state().kernels; }
 
-// A selection candidate: a path, and for the dot path whether it runs its direct form where the
+// A selection candidate: a path, and for dot and amx whether it runs its direct form where the
 // shape has a Winograd one. Encoded as path + kDirectForm in the selection cache.
 constexpr int kDirectForm = 1 << 8;
 
