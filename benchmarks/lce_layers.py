@@ -89,7 +89,8 @@ def ours_w1a1(lib, size, channels, threads, rng):
             raise RuntimeError(err.value.decode())
 
     run()
-    return run, ("auto", "bitserial", "dot", "lut")[path.value]
+    lib.n2uq_path_name.restype = ctypes.c_char_p  # the core's own names: no list here to fall behind it
+    return run, lib.n2uq_path_name(path.value).decode()
 
 
 def lce_models(size, channels):
