@@ -94,8 +94,11 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-# x86 CPU families by their CPUID family number (the VM's model name may not say).
+# x86 CPU families by their CPUID family number (the VM's model name may not say), and Intel's
+# server cores by family 6 model number, which is where Intel names them.
 CPU_FAMILIES = {("AuthenticAMD", 25): "Zen 3 / Zen 4", ("AuthenticAMD", 26): "Zen 5", ("GenuineIntel", 6): "Intel Core"}
+INTEL_MODELS = {85: "Skylake / Cascade Lake server", 106: "Ice Lake server", 143: "Sapphire Rapids",
+                207: "Emerald Rapids", 173: "Granite Rapids"}
 
 
 def cpu_family():
@@ -112,13 +115,15 @@ def cpu_family():
         return ""
     family = int(info["cpu family"])
     name = CPU_FAMILIES.get((info.get("vendor_id", ""), family))
+    if info.get("vendor_id") == "GenuineIntel" and family == 6 and info.get("model", "").isdigit():
+        name = INTEL_MODELS.get(int(info["model"]), name)
     return f"family {family} model {info.get('model', '?')}" + (f" ({name})" if name else "")
 
 
 def cpu_flags():
     """The SIMD flags that matter to these kernels (from /proc/cpuinfo)."""
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni",
-              "avx512_bitalg", "popcnt")
+              "avx512_bitalg", "avx512vbmi", "popcnt", "amx_tile", "amx_int8", "amx_bf16")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -931,8 +936,9 @@ def _git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True)
+        # The results file itself does not count: a second run in a clone has rewritten it.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/RESULTS.md"], cwd=here, capture_output=True, text=True)
         if head.returncode == 0:
             return head.stdout.strip() + (" (working tree modified)" if dirty.stdout.strip() else "")
     except OSError:
