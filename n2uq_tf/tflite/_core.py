@@ -9,8 +9,8 @@ variable N2UQ_KERNEL_ISA, else the fastest supported), "portable", "avx2", "avx5
 Conv and fully connected layers also take `path`: "auto" (environment variable
 N2UQ_KERNEL_PATH, else the fastest on the layer's shape, measured once per shape), "bitserial"
 (AND + popcount), "dot" (integer dot products on byte codes), "lut" (table lookups) or "amx" (the
-dot path with the GEMMs of its 3x3 Winograd forms on Intel AMX tiles, see `amx_status`); every path gives
-identical results. `ConvPlan` prepares a layer's weights once for repeated calls.
+dot path's products on Intel AMX tiles, in its direct form for any conv and its 3x3 Winograd forms,
+see `amx_status`); every path gives identical results. `ConvPlan` prepares a layer's weights once for repeated calls.
 """
 
 import ctypes

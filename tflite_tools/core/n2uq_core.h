@@ -22,8 +22,9 @@
  *   bitserial  AND + popcount over bit planes (S_mk = sum_ij 2^(i+j) popcount(m_i & k_j));
  *   dot        integer dot products on byte codes: acc = sum m * w' with int8 weights
  *              w' = 2k - n_w (AVX-512 VNNI, AVX-VNNI, AVX2 VPMADDUBSW, NEON SDOT, scalar);
- *   amx        the dot path with its 3x3 Winograd GEMM on AMX tiles (TDPBUSD; Intel CPUs with
- *              AMX-INT8, Linux, after a one-time self-check; see n2uq_amx_status);
+ *   amx        the dot path's products on AMX tiles (TDPBUSD), direct for any conv and in its
+ *              3x3 Winograd forms (Intel CPUs with AMX-INT8, Linux, after a one-time
+ *              self-check; see n2uq_amx_status);
  *   lut        table lookups: per input pixel and 7 channels, the 128 subset sums of their
  *              codes, indexed by the bit planes of 7 weights (AVX-512 VBMI VPERMI2B).
  * N2UQ_PATH_AUTO takes N2UQ_KERNEL_PATH from the environment when set, else times the
