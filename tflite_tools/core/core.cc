@@ -629,6 +629,15 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
 // zero-padded), then work items of (output row, chunk of output-channel blocks).
 int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
 
+// The dot layout's output-channel blocking (every form of dot and amx): vectors of k->lanes
+// channels, plan.dot_chunk_blocks of them per chunk.
+void set_dot_chunks(ConvJob& job, const N2uqConvPlan& plan) {
+  job.dot_lanes = plan.kernels->lanes;
+  job.oc_blocks = int32_t((int64_t(job.out_channels) + job.dot_lanes - 1) / job.dot_lanes);
+  job.dot_chunk_blocks = plan.dot_chunk_blocks;
+  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+}
+
 int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
   if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
   if (plan.kernels->phased_run != nullptr) return run_phased(base, plan, num_threads, err, err_len);
@@ -638,10 +647,7 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
   job.padded_width = int64_t(job.in_width) + plan.filter.pad_left + plan.filter.pad_right;
   job.code_columns = (job.padded_width + job.stride_width - 1) / job.stride_width;
   job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
-  job.dot_lanes = k->lanes;
-  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
-  job.dot_chunk_blocks = plan.dot_chunk_blocks;
-  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+  set_dot_chunks(job, plan);
   int64_t rows = 0, bytes = 0;
   if (!mul_ok(job.batch, job.in_height, &rows) || !mul_ok(rows, job.code_columns * job.stride_width, &bytes) ||
       !mul_ok(bytes, int64_t(job.words) * 64, &bytes))
@@ -673,10 +679,7 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
   const PathKernels* k = plan.kernels;
   job.dot_weights = plan.dot.data();
   job.quads = job.words * 16;
-  job.dot_lanes = k->lanes;
-  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
-  job.dot_chunk_blocks = plan.dot_chunk_blocks;
-  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+  set_dot_chunks(job, plan);
   const int64_t sh = job.stride_height, sw = job.stride_width;
   const int64_t row_shift = int64_t(job.kernel_height - 1) * job.dilation_height / sh;
   const int64_t col_shift = int64_t(job.kernel_width - 1) * job.dilation_width / sw;
@@ -758,10 +761,7 @@ int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, cha
   job.dot_weights = plan.dot.data();
   job.wino_bias = plan.wino_bias.data();
   job.quads = int32_t((int64_t(job.in_channels) + 3) / 4);
-  job.dot_lanes = k->lanes;
-  job.oc_blocks = int32_t((int64_t(job.out_channels) + k->lanes - 1) / k->lanes);
-  job.dot_chunk_blocks = plan.dot_chunk_blocks;
-  job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
+  set_dot_chunks(job, plan);
   job.wino_tiles_h = (job.out_height + 1) / 2;
   job.wino_tiles_w = (job.out_width + 1) / 2;
   const int64_t cw = int64_t(job.words) * 64;

@@ -44,11 +44,17 @@ inline bool dot_row_read(const ConvJob& j, int64_t ih) {
   return false;
 }
 
+
+// Whether some tap of a kernel dimension (size k, dilation d, stride st) reads phase `phase`.
+inline bool dot_dimension_phase_read(int64_t k, int64_t d, int64_t st, int64_t phase) {
+  for (int64_t i = 0; i < k; ++i)
+    if (i * d % st == phase) return true;
+  return false;
+}
+
 // Whether some tap reads column phase `phase` ((kw * dilation_width) % stride_width).
 inline bool dot_phase_read(const ConvJob& j, int64_t phase) {
-  for (int64_t kw = 0; kw < j.kernel_width; ++kw)
-    if (kw * j.dilation_width % j.stride_width == phase) return true;
-  return false;
+  return dot_dimension_phase_read(j.kernel_width, j.dilation_width, j.stride_width, phase);
 }
 
 // Only the rows and column phases that dot_block reads are staged (the rest of the stage
@@ -82,13 +88,6 @@ void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
         O::codes64(src + w, words, (int)act_bits, w == words - 1 ? tail : ~0ull, dst + w * word_stride);
     }
   }
-}
-
-// Whether some tap of a kernel dimension (size k, dilation d, stride st) reads phase `phase`.
-inline bool dot_dimension_phase_read(int64_t k, int64_t d, int64_t st, int64_t phase) {
-  for (int64_t i = 0; i < k; ++i)
-    if (i * d % st == phase) return true;
-  return false;
 }
 
 // The phase planes of the phased direct form (ConvJob::amx_stage): every pixel of a plane row,
