@@ -90,40 +90,6 @@ void dot_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// The phase planes of the phased direct form (ConvJob::amx_stage): every pixel of a plane row,
-// codes inside the input and zero outside it, one 64-byte store per pixel and word. Planes of
-// phases no tap reads are not staged (never read).
-template <class O>
-void dot_phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols, n = j.amx_image;
-  const int64_t plane_bytes = j.amx_plane_pixels * 64, in_pixel = (int64_t)j.act_bits * words;
-  const int rem = j.in_channels % 64;
-  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t prow = u % j.amx_plane_rows, phase = u / j.amx_plane_rows;
-    const int64_t py = phase / sw, px = phase % sw;
-    if (!dot_dimension_phase_read(j.kernel_height, j.dilation_height, sh, py) ||
-        !dot_dimension_phase_read(j.kernel_width, j.dilation_width, sw, px))
-      continue;
-    uint8_t* const base = j.amx_stage + (phase * words * j.amx_plane_pixels + prow * cols) * 64;
-    const int64_t ih = prow * sh + py - j.pad_top;
-    const bool row_inside = ih >= 0 && ih < j.in_height;
-    const uint64_t* const row = j.input + (n * j.in_height + (row_inside ? ih : 0)) * j.in_width * in_pixel;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t iw = c * sw + px - j.pad_left;
-      uint8_t* const dst = base + c * 64;
-      if (row_inside && iw >= 0 && iw < j.in_width) {
-        for (int64_t w = 0; w < words; ++w)
-          O::codes64(row + iw * in_pixel + w, words, (int)j.act_bits, w == words - 1 ? tail : ~0ull,
-                     dst + w * plane_bytes);
-      } else {
-        for (int64_t w = 0; w < words; ++w)
-          for (int b = 0; b < 64; ++b) dst[w * plane_bytes + b] = 0;
-      }
-    }
-  }
-}
-
 // Weights of a chunk (ConvJob::dot_weights, see build_dot_weights in core.cc):
 // [chunk][KH][KW][quad][R][kLanes][4], R = the chunk's blocks, so one pointer walks them.
 template <class O, int P, int R>

@@ -509,8 +509,61 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
 }  // namespace avx512_dot
 }  // namespace
 
+namespace {
+namespace avx512_dot {
+// The phase planes of the phased direct form (ConvJob::amx_stage): every pixel of a plane row,
+// codes inside the input and zero outside it, one 64-byte store per pixel and word; the code
+// width a template parameter, so that the plane-to-byte expansion inlines into the pixel loop.
+// Planes of phases no tap reads are not staged (never read).
+template <int BITS>
+void phased_stage_rows_bits(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols, n = j.amx_image;
+  const int64_t plane_bytes = j.amx_plane_pixels * 64, in_pixel = int64_t(BITS) * words;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t prow = u % j.amx_plane_rows, phase = u / j.amx_plane_rows;
+    const int64_t py = phase / sw, px = phase % sw;
+    if (!dot_dimension_phase_read(j.kernel_height, j.dilation_height, sh, py) ||
+        !dot_dimension_phase_read(j.kernel_width, j.dilation_width, sw, px))
+      continue;
+    uint8_t* const base = j.amx_stage + (phase * words * j.amx_plane_pixels + prow * cols) * 64;
+    const int64_t ih = prow * sh + py - j.pad_top;
+    // Columns c whose input column c * sw + px - pad_left lies inside the input: [c0, c1).
+    int64_t c0 = 0, c1 = 0;
+    if (ih >= 0 && ih < j.in_height) {
+      const int64_t first = j.pad_left - px;  // c * sw >= first
+      c0 = first <= 0 ? 0 : (first + sw - 1) / sw;
+      const int64_t last = j.in_width - 1 + j.pad_left - px;  // c * sw <= last
+      c1 = last < 0 ? 0 : last / sw + 1;
+      if (c1 > cols) c1 = cols;
+      if (c0 > c1) c0 = c1;
+    }
+    for (int64_t w = 0; w < words; ++w) {
+      uint8_t* const dst = base + w * plane_bytes;
+      for (int64_t c = 0; c < c0; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      for (int64_t c = c1; c < cols; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      if (c0 == c1) continue;
+      const uint64_t mask = w == words - 1 ? tail : ~0ull;
+      const uint64_t* src =
+          j.input + ((n * j.in_height + ih) * j.in_width + c0 * sw + px - j.pad_left) * in_pixel + w;
+      for (int64_t c = c0; c < c1; ++c, src += sw * in_pixel)
+        _mm512_store_si512((void*)(dst + c * 64), codes_from_planes<BITS>(src, words, mask));
+    }
+  }
+}
+}  // namespace avx512_dot
+}  // namespace
+
+// The stage is 64-byte aligned (AlignedVector), and so is every pixel of it.
 void phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end) {
-  avx512_dot::dot_phased_stage_rows<avx512_dot::DotOps>(j, begin, end);
+  switch (j.act_bits) {
+    case 1: avx512_dot::phased_stage_rows_bits<1>(j, begin, end); break;
+    case 2: avx512_dot::phased_stage_rows_bits<2>(j, begin, end); break;
+    case 3: avx512_dot::phased_stage_rows_bits<3>(j, begin, end); break;
+    default: avx512_dot::phased_stage_rows_bits<4>(j, begin, end); break;  // validated: 1..4
+  }
 }
 
 void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z) {
