@@ -57,13 +57,23 @@ def ptr(a):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
+def aligned_empty(shape, dtype):
+    """An empty array at a 64-byte boundary, as TFLite's arena places tensors (kernels.py's
+    arena_array; this script runs in LCE's environment and imports nothing of ours)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def ours_w1a1(lib, size, channels, threads, rng):
     """(callable, path name): quantize-and-pack + conv plan, 1-bit activations and weights."""
     err = ctypes.create_string_buffer(512)
     words = (channels + 63) // 64
-    x = rng.standard_normal((1, size, size, channels)).astype(np.float32)
+    x = aligned_empty((1, size, size, channels), np.float32)
+    x[...] = rng.standard_normal((1, size, size, channels))
     thresholds = np.zeros(1, np.float32)  # 1 bit: code = x > 0, the sign
-    packed = np.empty(size * size * words, np.uint64)
+    packed = aligned_empty(size * size * words, np.uint64)
     codes = rng.integers(0, 2, (channels * 9, channels)).astype(np.uint8)
     weights = np.empty(channels * 9 * words, np.uint64)
     if lib.n2uq_pack_bitplanes(ptr(codes), codes.size, channels * 9, channels, 1, ptr(weights), weights.size, err,
@@ -78,7 +88,7 @@ def ours_w1a1(lib, size, channels, threads, rng):
     lib.n2uq_conv_plan_info(plan, None, ctypes.byref(path))
     mult = np.full(channels, 0.01, np.float32)
     bias = np.zeros(channels, np.float32)
-    out = np.empty((1, size, size, channels), np.float32)
+    out = aligned_empty((1, size, size, channels), np.float32)
     keep = (x, thresholds, packed, weights, mult, bias, out, shape, plan)
 
     def run(_keep=keep):

@@ -265,23 +265,35 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
       bias[r] = _mm512_maskz_loadu_ps(mask[r], j.bias + oc_begin + 16 * r);
     }
   }
+  // Runs of valid pixels: from virtual pixel q0 + p, the rest of output row oh (ow < out_width).
   const int64_t cols = j.amx_cols;
   int64_t oh = q0 / cols, ow = q0 - oh * cols;
-  for (int p = 0; p < 32; ++p, ++ow) {
-    if (ow == cols) {
-      ow = 0;
-      ++oh;
-    }
-    if (ow >= j.out_width) continue;
-    if (oh >= j.out_height) break;
+  for (int p = 0; p < 32 && oh < j.out_height; ++oh, ow = 0) {
+    const int64_t valid = ow < j.out_width ? j.out_width - ow : 0;
+    const int run = valid < 32 - p ? int(valid) : 32 - p;
     const int64_t index = ((n * j.out_height + oh) * j.out_width + ow) * j.out_channels + oc_begin;
-    for (int r = 0; r < R; ++r) {
-      const __m512i acc = _mm512_load_si512((const void*)(z + (p * R + r) * 16));
-      if (j.out_int32 != nullptr) _mm512_mask_storeu_epi32(j.out_int32 + index + 16 * r, mask[r], acc);
-      if (j.out_float != nullptr)  // as DotOps::store: float32 multiply, then add
-        _mm512_mask_storeu_ps(j.out_float + index + 16 * r, mask[r],
-                              _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), multiplier[r]), bias[r]));
+    const int32_t* zp = z + p * R * 16;
+    if (j.out_int32 == nullptr) {  // the float output alone: no per-pixel tests
+      float* out = j.out_float + index;
+      for (int i = 0; i < run; ++i, zp += R * 16, out += j.out_channels)
+        for (int r = 0; r < R; ++r)  // as DotOps::store: float32 multiply, then add
+          _mm512_mask_storeu_ps(out + 16 * r, mask[r],
+                                _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(zp + 16 * r)),
+                                                            multiplier[r]),
+                                              bias[r]));
+    } else {
+      for (int i = 0; i < run; ++i, zp += R * 16) {
+        const int64_t at = index + int64_t(i) * j.out_channels;
+        for (int r = 0; r < R; ++r) {
+          const __m512i acc = _mm512_load_si512((const void*)(zp + 16 * r));
+          _mm512_mask_storeu_epi32(j.out_int32 + at + 16 * r, mask[r], acc);
+          if (j.out_float != nullptr)
+            _mm512_mask_storeu_ps(j.out_float + at + 16 * r, mask[r],
+                                  _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), multiplier[r]), bias[r]));
+        }
+      }
     }
+    p += int(cols - ow);  // past the row's dropped virtual pixels to the next row's first
   }
 }
 
