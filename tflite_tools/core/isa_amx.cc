@@ -298,8 +298,10 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
 }
 
 // Pairs [pair_begin, pair_end) of image n for one chunk of R vectors. The output of a pair is
-// stored after the next pair's tile work is issued: its vector code then runs while the tile
-// unit works (the pair's C tiles went to z before the next pair's TILEZERO).
+// stored after the next pair's tile work is issued (the pair's C tiles went to z before the next
+// pair's TILEZERO). Its stores overlap that tile work little (vector loads and stores contend
+// with the tile loads; tflite_tools/README.md), and spreading them over the tap steps measured
+// slower still.
 template <class Tiles, int R>
 void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end) {
   alignas(64) int32_t z[2][32 * R * 16];
