@@ -1,5 +1,6 @@
 // C API of n2uq_core: argument validation, ISA dispatch and the thread pool.
 // Compiled without any target options; the per-ISA files hold the kernels.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -1490,12 +1491,9 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
                             num_threads, err, err_len))
         return rc;
       const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
-      if (round > 0 && seconds < best[i]) {  // round 0 warms up
-        second[i] = best[i];
-        best[i] = seconds;
-      } else if (round > 0 && seconds < second[i]) {
-        second[i] = seconds;
-      }
+      if (round == 0) continue;  // warms up
+      second[i] = std::min(second[i], std::max(best[i], seconds));
+      best[i] = std::min(best[i], seconds);
     }
     const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
     bool confirmed = true;

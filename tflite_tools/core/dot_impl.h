@@ -44,7 +44,6 @@ inline bool dot_row_read(const ConvJob& j, int64_t ih) {
   return false;
 }
 
-
 // Whether some tap of a kernel dimension (size k, dilation d, stride st) reads phase `phase`.
 inline bool dot_dimension_phase_read(int64_t k, int64_t d, int64_t st, int64_t phase) {
   for (int64_t i = 0; i < k; ++i)

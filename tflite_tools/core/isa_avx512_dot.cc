@@ -506,11 +506,6 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
   }
 }
 
-}  // namespace avx512_dot
-}  // namespace
-
-namespace {
-namespace avx512_dot {
 // The phase planes of the phased direct form (ConvJob::amx_stage): every pixel of a plane row,
 // codes inside the input and zero outside it, one 64-byte store per pixel and word; the code
 // width a template parameter, so that the plane-to-byte expansion inlines into the pixel loop.
@@ -553,6 +548,7 @@ void phased_stage_rows_bits(const ConvJob& j, int64_t begin, int64_t end) {
     }
   }
 }
+
 }  // namespace avx512_dot
 }  // namespace
 
