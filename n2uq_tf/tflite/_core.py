@@ -26,7 +26,7 @@ PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # F(2x2, 3x3) form and 3x3 stride-2 convs in its polyphase variant unless the plan's timing chose
 # their direct form (or N2UQ_DOT_WINOGRAD=0); every other plan is direct.
 FORMS = ("direct", "winograd", "winograd_stride2")
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -65,6 +65,12 @@ class PoolShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "batch", "in_height", "in_width", "channels", "filter_height", "filter_width", "stride_height",
         "stride_width", "pad_top", "pad_bottom", "pad_left", "pad_right")]
+
+
+class Int8ConvParams(ctypes.Structure):
+    _fields_ = [("input_scale", ctypes.c_float), ("input_zero_point", ctypes.c_int32),
+                ("output_scale", ctypes.c_float), ("output_zero_point", ctypes.c_int32),
+                ("output_min", ctypes.c_int32), ("output_max", ctypes.c_int32)]
 
 
 class OutputStage(ctypes.Structure):
@@ -113,6 +119,12 @@ def _declare(lib):
         "n2uq_max_pool2d_output_size": ([ctypes.POINTER(PoolShape), ctypes.POINTER(i32), ctypes.POINTER(i32)] + err,
                                         ctypes.c_int),
         "n2uq_max_pool2d": ([ctypes.POINTER(PoolShape), ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_int8_conv_plan_create": ([shape_p, ptr, i64, ptr, i64, ptr, i64, ctypes.POINTER(Int8ConvParams),
+                                        ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)] + err,
+                                       ctypes.c_int),
+        "n2uq_int8_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_int8_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "n2uq_int8_conv_plan_destroy": ([ptr], None),
     }
     for name, (args, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -418,6 +430,62 @@ class ConvPlan:
     def close(self):
         if getattr(self, "_handle", None):
             self._lib.n2uq_conv_plan_destroy(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+class Int8ConvPlan:
+    """TFLite's int8 CONV_2D prepared once (n2uq_int8_conv_plan_create), for few input channels.
+
+    filter int8 [OC, KH, KW, IC] (symmetric), filter_scales [OC] or one scale, bias int32 [OC] or
+    None; input and output int8 with their (scale, zero point); output_range the fused
+    activation's quantized (min, max). `run(x)` takes int8 [N, H, W, IC] and returns int8
+    [N, OH, OW, OC], requantized as XNNPACK does (n2uq_core.h). `padding` as for conv_shape.
+    """
+
+    def __init__(self, filter, filter_scales, bias, input_quant, output_quant, *, strides=1, dilations=1, padding=0,
+                 output_range=(-128, 127), isa="auto", path="auto"):
+        self._lib = library()
+        w = _as(filter, np.int8, "filter")
+        if w.ndim != 4:
+            raise CoreError(f"filter must be 4-D [OC, KH, KW, IC], got shape {w.shape}")
+        scales = _as(np.atleast_1d(filter_scales), np.float32, "filter_scales")
+        b = None if bias is None else _as(bias, np.int32, "bias")
+        self.out_channels, kh, kw, self.in_channels = (int(d) for d in w.shape)
+        self._geometry = dict(kernel_size=(kh, kw), strides=strides, dilations=dilations, padding=padding)
+        dh, dw = _pair(dilations, "dilations")  # the plan's shape: one image the size of the dilated filter
+        shape = conv_shape(1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, self.in_channels, self.out_channels, (kh, kw),
+                           strides=strides,
+                           dilations=dilations, act_bits=1, weight_bits=1)  # bits: ignored
+        params = Int8ConvParams(float(input_quant[0]), int(input_quant[1]), float(output_quant[0]),
+                                int(output_quant[1]), int(output_range[0]), int(output_range[1]))
+        self._handle = ctypes.c_void_p()
+        _call(self._lib.n2uq_int8_conv_plan_create, ctypes.byref(shape), _ptr(w), w.size,
+              None if b is None else _ptr(b), 0 if b is None else b.size, _ptr(scales), scales.size,
+              ctypes.byref(params), _isa_id(isa), _path_id(path), ctypes.byref(self._handle))
+        isa_id, path_id = ctypes.c_int(), ctypes.c_int()
+        self._lib.n2uq_int8_conv_plan_info(self._handle, ctypes.byref(isa_id), ctypes.byref(path_id))
+        self.isa, self.path = ISAS[isa_id.value], PATHS[path_id.value]
+
+    def run(self, x, *, num_threads=1):
+        x = _as(x, np.int8, "x")
+        if x.ndim != 4 or x.shape[3] != self.in_channels:
+            raise CoreError(f"x must be [N, H, W, {self.in_channels}], got shape {x.shape}")
+        g = self._geometry
+        shape = conv_shape(x.shape[0], x.shape[1], x.shape[2], self.in_channels, self.out_channels,
+                           g["kernel_size"], strides=g["strides"], dilations=g["dilations"], padding=g["padding"],
+                           act_bits=1, weight_bits=1)
+        oh, ow = output_size(shape)
+        out = np.empty((x.shape[0], oh, ow, self.out_channels), np.int8)
+        _call(self._lib.n2uq_int8_conv_plan_run, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(out),
+              out.size, int(num_threads))
+        return out
+
+    def close(self):
+        if getattr(self, "_handle", None):
+            self._lib.n2uq_int8_conv_plan_destroy(self._handle)
             self._handle = None
 
     def __del__(self):

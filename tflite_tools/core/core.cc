@@ -1618,6 +1618,27 @@ void fill_thresholds(QuantizeJob& job, const float* thresholds, int32_t num_thre
 }
 
 }  // namespace
+
+int int8_conv_geometry(const N2uqConvShape* shape, int64_t* out_height, int64_t* out_width, char* err,
+                       size_t err_len) {
+  N2UQ_CHECK(shape != nullptr, N2UQ_ERR_ARGUMENT, "shape is NULL");
+  N2uqConvShape s = *shape;
+  s.act_bits = s.weight_bits = 1;  // bytes, not codes: the checks below are the spatial ones
+  ConvGeometry g;
+  if (int rc = check_spatial(&s, false, &g, err, err_len)) return rc;
+  *out_height = g.out_height;
+  *out_width = g.out_width;
+  return N2UQ_OK;
+}
+
+bool cpu_avx512_vnni() { return cpu_has(N2UQ_ISA_AVX512) && cpu_features().avx512vnni; }
+
+int amx_mode() {
+  const PathKernels* k = amx_path_kernels();
+  return k == nullptr ? 0 : k == amx_kernels(true) ? 2 : 1;
+}
+
+int requested_conv_path(int path, char* err, size_t err_len) { return requested_path(path, err, err_len); }
 }  // namespace n2uq_core
 
 using namespace n2uq_core;

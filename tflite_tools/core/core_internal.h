@@ -72,6 +72,16 @@ int64_t quantize_task_elements(int isa);
 // Splits [0, count) over the pool's threads in ranges of at least `grain`.
 void run_ranges(int num_threads, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+// For the int8 conv (int8_conv.cc): the output size of a shape (validated as a conv's, its bit
+// widths ignored), whether the CPU has AVX-512 VNNI, the amx path's state (0: unavailable, 1: AMX
+// hardware, 2: the software model of N2UQ_AMX_EMULATE=1) and a requested path (AUTO: the
+// environment's N2UQ_KERNEL_PATH, if set).
+int int8_conv_geometry(const N2uqConvShape* shape, int64_t* out_height, int64_t* out_width, char* err,
+                       size_t err_len);
+bool cpu_avx512_vnni();
+int amx_mode();
+int requested_conv_path(int path, char* err, size_t err_len);
+
 // The output stage's rows (output_stage_impl.h: steps in registers, float output, final values),
 // compiled once per ISA; the AVX2 / AVX-512 ones are null where the build is not for x86-64.
 typedef void (*OutputRowsFn)(const N2uqOutputStage& stage, const float* values, float* out_float, float* out_final,

@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <new>
+
 #include "kernel_table.h"
 
 #if defined(__clang__)
@@ -355,6 +357,47 @@ void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_
   }
 }
 
+// ---- Int8 convolution (kernel_table.h, Int8ConvJob). Per block of 32 pixels (rows a[32][kp])
+// and chunk of 2 vectors of 16 channels: C[g][r] = sum over 64-byte words of A_g (16 pixels'
+// row bytes of the word, row stride kp) . B_r (the word's 16 quads x 16 lanes of vector r), with
+// TDPBUSD's u8 x s8 products. Tiles: 0-1 = A_0, A_1; 2-3 = B_0, B_1; 4 + 2g + r = C[g][r].
+template <class Tiles>
+void int8_blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t kp = j.k_padded, words = kp / 64;
+  uint8_t* a = static_cast<uint8_t*>(::operator new(size_t(kInt8BlockPixels * kp), std::align_val_t(64)));
+  __builtin_memset(a, 0, size_t(kInt8BlockPixels * kp));
+  alignas(64) int32_t z[32 * 32];
+  configure_direct<Tiles, 2>();
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t q0 = b * kInt8BlockPixels;
+    avx512_int8_rows(j, q0, a);
+    for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
+      const int8_t* w = j.weights + chunk * words * 2048;
+      Tiles::template zero<4>();
+      Tiles::template zero<5>();
+      Tiles::template zero<6>();
+      Tiles::template zero<7>();
+      for (int64_t word = 0; word < words; ++word, w += 2048) {
+        Tiles::template load<0>(a + word * 64, kp);
+        Tiles::template load<2>(w, 64);
+        Tiles::template dpbusd<4, 0, 2>();
+        Tiles::template load<3>(w + 1024, 64);
+        Tiles::template dpbusd<5, 0, 3>();
+        Tiles::template load<1>(a + 16 * kp + word * 64, kp);
+        Tiles::template dpbusd<6, 1, 2>();
+        Tiles::template dpbusd<7, 1, 3>();
+      }
+      Tiles::template store<4>(z, 128);
+      Tiles::template store<5>(z + 16, 128);
+      Tiles::template store<6>(z + 16 * 32, 128);
+      Tiles::template store<7>(z + 16 * 32 + 16, 128);
+      avx512_int8_store(j, q0, chunk, z);
+    }
+  }
+  Tiles::release();
+  ::operator delete(a, std::align_val_t(64));
+}
+
 template <class Tiles>
 PathKernels make(const char* name) {
   PathKernels k = *avx512_dot_kernels();
@@ -378,6 +421,10 @@ const PathKernels* amx_kernels(bool emulated) {
   return emulated ? &model : &hardware;
 }
 
+Int8ConvBlocksFn amx_int8_conv_blocks(bool emulated) {
+  return emulated ? &amx::int8_blocks<amx::AmxEmulated> : &amx::int8_blocks<amx::AmxHardware>;
+}
+
 }  // namespace n2uq_core
 
 #if defined(__clang__)
@@ -391,6 +438,7 @@ const PathKernels* amx_kernels(bool emulated) {
 #include "kernel_table.h"
 namespace n2uq_core {
 const PathKernels* amx_kernels(bool) { return nullptr; }
+Int8ConvBlocksFn amx_int8_conv_blocks(bool) { return nullptr; }
 }  // namespace n2uq_core
 
 #endif

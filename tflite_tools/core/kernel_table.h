@@ -276,6 +276,43 @@ void wino_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const i
 // The same for the stride-2 form, from the class sums z[((c * tiles + p) * R + r) * 16 + lane].
 void wino2_output(const ConvJob& j, int64_t t0, int tiles, int64_t chunk, const int32_t* z);
 
+// ---- Int8 convolution (int8_conv.cc: TFLite's int8 CONV_2D, for layers with few input channels
+// such as an image stem, where TFLite's own kernels run far below their usual rate).
+// Rows: pixel q's receptive field in filter order (kh, kw, c), K = KH * KW * C bytes, each input
+// byte x stored as the unsigned x ^ 0x80 = x + 128 (VPDPBUSD and TDPBUSD multiply unsigned by
+// signed bytes), padding as pad_code = zp_in ^ 0x80, and bytes K..k_padded-1 meeting zero weights.
+// So sum_k row[k] * w[k] = sum (x + 128) w, and the bias folds the rest of TFLite's
+// acc = bias + sum (x - zp_in) w:  int8_bias = bias - (zp_in + 128) * sum_k w[k].
+// Output: XNNPACK's fp32 requantization, clamp(rne(float(acc) * scale), min - zp, max - zp) + zp.
+struct Int8ConvJob {
+  int64_t batch, in_height, in_width, in_channels, out_height, out_width, out_channels;
+  int64_t kernel_height, kernel_width, stride_height, stride_width, dilation_height, dilation_width;
+  int64_t pad_top, pad_left;
+  int64_t pixels;            // batch * out_height * out_width
+  int64_t k, k_padded;       // KH * KW * C, rounded up to a multiple of 64 (one AMX tile row)
+  int64_t oc_chunks;         // ceil(out_channels / 32): chunks of 2 vectors of 16 channels
+  const int8_t* input;       // NHWC
+  int8_t* output;            // [pixels][out_channels]
+  uint8_t pad_code;
+  // [chunk][k_padded / 64][vector 0..1][16 quads][16 lanes][4 bytes]: the AMX B tiles, whose
+  // rows are also the VNNI path's weight vectors of one quad (zero past K and out_channels).
+  const int8_t* weights;
+  const int32_t* bias;       // [oc_chunks * 32], folded as above
+  const float* scale;        // [oc_chunks * 32]: input_scale * filter_scale[oc] / output_scale
+  float min_less_zero_point, max_less_zero_point;
+  int32_t output_zero_point;
+};
+constexpr int64_t kInt8BlockPixels = 32;  // pixels per block: 2 AMX A tiles of 16 rows
+// Runs 32-pixel blocks [begin, end) of the job (rows, products and requantized stores).
+typedef void (*Int8ConvBlocksFn)(const Int8ConvJob& job, int64_t begin, int64_t end);
+Int8ConvBlocksFn avx512_int8_conv_blocks();          // AVX-512 VNNI; null when not built for x86-64
+Int8ConvBlocksFn amx_int8_conv_blocks(bool emulated);  // isa_amx.cc; null when not built for x86-64
+// The AVX-512 parts the AMX blocks share (isa_avx512_int8.cc; x86-64 only): the rows of block
+// pixels [q0, q0 + 32) into a[32][k_padded], and the requantized stores of chunk `chunk` of those
+// pixels from z[32][32] int32 sums (without the bias).
+void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a);
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t chunk, const int32_t* z);
+
 }  // namespace n2uq_core
 
 #endif  // N2UQ_KERNEL_TABLE_H_

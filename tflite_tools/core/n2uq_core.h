@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 4
+#define N2UQ_CORE_ABI_VERSION 5
 
 enum {
   N2UQ_OK = 0,
@@ -242,6 +242,34 @@ int n2uq_max_pool2d_output_size(const N2uqPoolShape* shape, int32_t* out_height,
 int n2uq_max_pool2d(const N2uqPoolShape* shape, const float* input, int64_t input_len, float* output,
                     int64_t output_len, int num_threads, char* err, size_t err_len);
 
+/* Int8 convolution with TFLite's int8 CONV_2D arithmetic: input and output int8 with zero points,
+ * a symmetric int8 filter [OC][KH][KW][IC] with per-channel (or one) scales, int32 bias (or NULL)
+ * on the scale input_scale * filter_scale. Per output:
+ *     acc = bias[oc] + sum (x - input_zero_point) * w       (padding contributes x = zero point)
+ *     out = clamp(rne(float(acc) * s[oc]), output_min - zp, output_max - zp) + zp,
+ *     s[oc] = input_scale * filter_scale[oc] / output_scale  (float32, in this order)
+ * which is XNNPACK's requantization (TFLite's default CPU kernels), so results match the
+ * interpreter's byte for byte. For convs over few input channels (an image stem), where TFLite's
+ * kernels are slow; paths: amx (AMX tiles), dot (AVX-512 VNNI; portable C under other ISAs).
+ * The shape's act_bits and weight_bits are ignored. A plan accepts any batch and input size with
+ * its filter. */
+typedef struct N2uqInt8ConvParams {
+  float input_scale;
+  int32_t input_zero_point;
+  float output_scale;
+  int32_t output_zero_point;
+  int32_t output_min, output_max; /* the fused activation's range, quantized: -128 <= min <= max <= 127 */
+} N2uqInt8ConvParams;
+typedef struct N2uqInt8ConvPlan N2uqInt8ConvPlan;
+int n2uq_int8_conv_plan_create(const N2uqConvShape* shape, const int8_t* filter, int64_t filter_len,
+                               const int32_t* bias, int64_t bias_len, const float* filter_scales, int64_t scales_len,
+                               const N2uqInt8ConvParams* params, int isa, int path, N2uqInt8ConvPlan** plan,
+                               char* err, size_t err_len);
+int n2uq_int8_conv_plan_run(const N2uqInt8ConvPlan* plan, const N2uqConvShape* shape, const int8_t* input,
+                            int64_t input_len, int8_t* output, int64_t output_len, int num_threads, char* err,
+                            size_t err_len);
+int n2uq_int8_conv_plan_info(const N2uqInt8ConvPlan* plan, int* isa, int* path);
+void n2uq_int8_conv_plan_destroy(N2uqInt8ConvPlan* plan);
 #ifdef __cplusplus
 }
 #endif

@@ -9,6 +9,7 @@
 // Kernels validate every tensor and option against the op contract and report problems
 // through context->ReportError; the arithmetic is the TFLite-independent core (n2uq_core.h).
 // Only the self-written tflite_abi.h describes TFLite structures.
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +41,12 @@ enum OpKind {
 const char* const kOpNames[kNumOps] = {"N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D",
                                        "N2UQFullyConnected", "N2UQConv2DFused", "N2UQDepthwiseConv2DFused",
                                        "N2UQFullyConnectedFused", "N2UQMaxPool2DFused"};
+// Builtin CONV_2D nodes in int8 the delegate runs (DelegatePrepare, "int8 convolutions"): a kind
+// past the custom ops, with no registration of its own.
+const int kInt8Conv2D = kNumOps;
+const char* OpName(int kind) {
+  return kind >= 0 && kind < kNumOps ? kOpNames[kind] : kind == kInt8Conv2D ? "CONV_2D (int8)" : "N2UQ op";
+}
 bool IsFused(int kind) {
   return kind == kConv2DFused || kind == kDepthwiseFused || kind == kFullyConnectedFused || kind == kMaxPool2DFused;
 }
@@ -100,10 +107,20 @@ int OpKindOf(const char* name) {
   return -1;
 }
 
+// Which builtin int8 CONV_2D nodes the delegate claims: none, those over few input channels where
+// an AMX or AVX-512 VNNI kernel runs them (auto), or every one it supports (all: tests, and the
+// portable kernel).
+enum { kInt8ConvOff = 0, kInt8ConvAuto = 1, kInt8ConvAll = 2 };
+// auto: at most this many input channels. TFLite's int8 kernels vectorise over input channels, so
+// an image stem (3) runs them at a fraction of their rate (53 GMAC/s on an AMX Xeon, against
+// 780-1060 on 3x3 layers of 64+ channels), while the im2col GEMM here does not care.
+const int kInt8ConvAutoMaxChannels = 8;
+
 struct Settings {
   int num_threads = 0;  // 0: the interpreter's recommended_num_threads
   int isa = N2UQ_ISA_AUTO;
   int path = N2UQ_PATH_AUTO;  // conv / fully connected kernel path (n2uq_core.h)
+  int int8_conv = kInt8ConvAuto;
   bool abi_probe = false;
 };
 
@@ -125,11 +142,16 @@ std::string g_abi_probe;
 
 // ----------------------------------------------------------------- delegate state
 
+using Int8ConvPlanPtr = std::shared_ptr<N2uqInt8ConvPlan>;
+
 struct ClaimedNode {
   int kind = -1;
   int node_index = -1;
   std::vector<int> inputs, outputs;
   std::vector<uint8_t> options;
+  // kInt8Conv2D: the plan made while claiming, and the node's options
+  Int8ConvPlanPtr int8_plan;
+  N2uqTfLiteConvParams conv_params = {};
 };
 
 struct DelegateData {
@@ -167,6 +189,8 @@ struct Kernel {
   N2uqConvShape fc_shape = {};           // FC: the plan's shape (batch from the input)
   N2uqPoolShape pool = {};               // max pool: options, then the input's size at prepare
   std::vector<uint8_t> weight_codes;     // depthwise: plain codes
+  Int8ConvPlanPtr int8_plan;             // kInt8Conv2D: the filter prepared once (ClaimInt8Conv)
+  N2uqTfLiteConvParams conv_params = {};  // kInt8Conv2D: padding and strides
   std::shared_ptr<ProfileEntry> profile;
   std::string label;
 };
@@ -187,7 +211,7 @@ std::string TensorLabel(const N2uqTfLiteContext* ctx, int index) {
 }
 
 int ReportNode(N2uqTfLiteContext* ctx, int kind, int node_index, const std::string& message) {
-  std::string text = std::string(kind >= 0 && kind < kNumOps ? kOpNames[kind] : "N2UQ op");
+  std::string text = OpName(kind);
   if (node_index >= 0) text += " (node " + std::to_string(node_index) + ")";
   text += ": " + message;
   if (ctx && ctx->ReportError) ctx->ReportError(ctx, "%s", text.c_str());
@@ -330,9 +354,9 @@ void RegisterProfile(Kernel* k, const N2uqTfLiteContext* ctx) {
 Kernel* NewKernel(int kind, const uint8_t* options, size_t size) {
   Kernel* k = new Kernel;
   k->kind = kind;
-  k->label = kOpNames[kind];
+  k->label = OpName(kind);
   std::string err;
-  if (!ParseOptions(k, options, size, &err)) k->init_error = err;
+  if (kind != kInt8Conv2D && !ParseOptions(k, options, size, &err)) k->init_error = err;
   return k;
 }
 
@@ -355,7 +379,14 @@ void* DelegateKernelInit(N2uqTfLiteContext* ctx, const char* buffer, size_t) {
   k->node_index = node.node_index;
   k->inputs = node.inputs;
   k->outputs = node.outputs;
+  k->int8_plan = node.int8_plan;
+  k->conv_params = node.conv_params;
   RegisterProfile(k, ctx);
+  if (k->int8_plan) {
+    int path = 0;
+    n2uq_int8_conv_plan_info(k->int8_plan.get(), nullptr, &path);
+    k->profile->path.store(path);
+  }
   return k;
 }
 
@@ -429,6 +460,7 @@ const char* TypeName(int type) {
     case kN2uqTfLiteInt32: return "int32";
     case kN2uqTfLiteUInt8: return "uint8";
     case kN2uqTfLiteInt64: return "int64";
+    case kN2uqTfLiteInt8: return "int8";
     default: return "another type";
   }
 }
@@ -436,7 +468,7 @@ const char* TypeName(int type) {
 size_t TypeSize(int type) {
   switch (type) {
     case kN2uqTfLiteFloat32: case kN2uqTfLiteInt32: return 4;
-    case kN2uqTfLiteUInt8: return 1;
+    case kN2uqTfLiteUInt8: case kN2uqTfLiteInt8: return 1;
     case kN2uqTfLiteInt64: return 8;
     default: return 0;
   }
@@ -903,13 +935,187 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
   return false;
 }
 
+// ----------------------------------------------------------------- int8 convolutions
+
+// A builtin CONV_2D in int8 runs here (n2uq_int8_conv_plan_*, the same bytes as XNNPACK's int8
+// conv, TFLite's default) when every part of the node is what that kernel supports; anything
+// else stays with TFLite, so nothing is reported for nodes left alone.
+const N2uqTfLiteAffineQuantization* Affine(const N2uqTfLiteTensor& t) {
+  if (t.quantization.type != kN2uqTfLiteAffineQuantization || t.quantization.params == nullptr) return nullptr;
+  const auto* q = static_cast<const N2uqTfLiteAffineQuantization*>(t.quantization.params);
+  return q->scale != nullptr && q->zero_point != nullptr && q->scale->size >= 1 ? q : nullptr;
+}
+
+// A fused activation's bound as XNNPACK clamps it: TFLite's XNNPACK delegate passes the float
+// range (relu: 0, +inf; relu6: 0, 6; relu_n1_to_1: -1, 1) and XNNPACK quantizes it like this.
+int32_t QuantizeBound(float value, float scale, int32_t zero_point) {
+  return int32_t(lrintf(fminf(fmaxf(value / scale + float(zero_point), -128.0f), 127.0f)));
+}
+
+bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
+  if (settings.int8_conv == kInt8ConvOff || node->builtin_data == nullptr || node->inputs == nullptr ||
+      node->outputs == nullptr || node->inputs->size < 2 || node->inputs->size > 3 || node->outputs->size != 1)
+    return false;
+  auto tensor = [&](int index) -> const N2uqTfLiteTensor* {
+    return index >= 0 && size_t(index) < ctx->tensors_size ? &ctx->tensors[index] : nullptr;
+  };
+  const int bias_index = node->inputs->size == 3 ? node->inputs->data[2] : -1;
+  const N2uqTfLiteTensor *x = tensor(node->inputs->data[0]), *w = tensor(node->inputs->data[1]),
+                         *b = tensor(bias_index), *y = tensor(node->outputs->data[0]);
+  if (!x || !w || !y || (bias_index >= 0 && !b)) return false;
+  if (x->type != kN2uqTfLiteInt8 || w->type != kN2uqTfLiteInt8 || y->type != kN2uqTfLiteInt8) return false;
+  for (const N2uqTfLiteTensor* t : {x, w, y})
+    if (t->dims == nullptr || t->dims->size != 4) return false;
+  const int oc = w->dims->data[0], kh = w->dims->data[1], kw = w->dims->data[2], ic = w->dims->data[3];
+  if (oc < 1 || kh < 1 || kw < 1 || ic < 1 || ic != x->dims->data[3] || y->dims->data[3] != oc) return false;
+  if (!IsConstant(w) || w->data == nullptr || w->bytes != size_t(oc) * kh * kw * ic) return false;
+  if (settings.int8_conv == kInt8ConvAuto && ic > kInt8ConvAutoMaxChannels) return false;
+  if (b && (b->type != kN2uqTfLiteInt32 || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
+            b->dims->size != 1 || b->dims->data[0] != oc || b->bytes != size_t(oc) * 4))
+    return false;
+  const N2uqTfLiteAffineQuantization *xq = Affine(*x), *wq = Affine(*w), *yq = Affine(*y);
+  if (!xq || !wq || !yq || xq->scale->size != 1 || yq->scale->size != 1 || xq->zero_point->size < 1 ||
+      yq->zero_point->size < 1)
+    return false;
+  if (wq->scale->size != 1 && (wq->scale->size != oc || wq->quantized_dimension != 0)) return false;
+  for (int i = 0; i < wq->zero_point->size; ++i)
+    if (wq->zero_point->data[i] != 0) return false;  // symmetric filters only
+  const auto* p = static_cast<const N2uqTfLiteConvParams*>(node->builtin_data);
+  if (p->padding != kN2uqTfLitePaddingSame && p->padding != kN2uqTfLitePaddingValid) return false;
+  for (int v : {p->stride_width, p->stride_height, p->dilation_width_factor, p->dilation_height_factor})
+    if (v < 1 || v > 1024) return false;
+  float lo = -INFINITY, hi = INFINITY;
+  switch (p->activation) {
+    case kN2uqTfLiteActNone: break;
+    case kN2uqTfLiteActRelu: lo = 0.0f; break;
+    case kN2uqTfLiteActReluN1To1: lo = -1.0f, hi = 1.0f; break;
+    case kN2uqTfLiteActRelu6: lo = 0.0f, hi = 6.0f; break;
+    default: return false;
+  }
+  N2uqInt8ConvParams q;
+  q.input_scale = xq->scale->data[0];
+  q.input_zero_point = xq->zero_point->data[0];
+  q.output_scale = yq->scale->data[0];
+  q.output_zero_point = yq->zero_point->data[0];
+  if (!(q.output_scale > 0.0f)) return false;
+  q.output_min = QuantizeBound(lo, q.output_scale, q.output_zero_point);
+  q.output_max = QuantizeBound(hi, q.output_scale, q.output_zero_point);
+  // XNNPACK refuses requantization scales >= 256; TFLite's own kernel, which rounds otherwise,
+  // then runs the node, so it is left to it.
+  for (int o = 0; o < wq->scale->size; ++o)
+    if (!(q.input_scale * wq->scale->data[o] / q.output_scale < 256.0f)) return false;
+  N2uqConvShape s = {};
+  s.batch = 1;
+  s.in_height = (kh - 1) * p->dilation_height_factor + 1;  // the plan's shape: any input size runs
+  s.in_width = (kw - 1) * p->dilation_width_factor + 1;
+  s.in_channels = ic;
+  s.out_channels = oc;
+  s.kernel_height = kh;
+  s.kernel_width = kw;
+  s.stride_height = p->stride_height;
+  s.stride_width = p->stride_width;
+  s.dilation_height = p->dilation_height_factor;
+  s.dilation_width = p->dilation_width_factor;
+  N2uqInt8ConvPlan* plan = nullptr;
+  char msg[256] = {0};
+  if (n2uq_int8_conv_plan_create(&s, static_cast<const int8_t*>(w->data), int64_t(w->bytes),
+                                 b ? static_cast<const int32_t*>(b->data) : nullptr, b ? oc : 0, wq->scale->data,
+                                 wq->scale->size, &q, settings.isa, settings.path, &plan, msg,
+                                 sizeof(msg)) != N2UQ_OK)
+    return false;
+  Int8ConvPlanPtr holder(plan, n2uq_int8_conv_plan_destroy);
+  int isa = N2UQ_ISA_PORTABLE;
+  n2uq_int8_conv_plan_info(plan, &isa, nullptr);
+  if (settings.int8_conv == kInt8ConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
+  c->kind = kInt8Conv2D;
+  c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
+  c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  c->int8_plan = holder;
+  c->conv_params = *p;
+  return true;
+}
+
+bool PrepareInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
+  if (!k->int8_plan || io.inputs.size() < 2 || io.outputs.size() != 1) {
+    *err = "the int8 conv lost its plan or tensors";
+    return false;
+  }
+  N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteInt8, "input", err);
+  if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+  const N2uqTfLiteConvParams& p = k->conv_params;
+  N2uqConvShape& s = k->conv;
+  if (x->dims->size != 4) {
+    *err = "input shape " + DimsString(x->dims) + " must be 4-D (NHWC)";
+    return false;
+  }
+  const N2uqTfLiteTensor* filter = GetTensor(ctx, io.inputs[1], kN2uqTfLiteInt8, "filter", err);
+  if (!filter || filter->dims->size != 4) {
+    if (filter) *err = "filter shape " + DimsString(filter->dims) + " must be 4-D";
+    return false;
+  }
+  const N2uqTfLiteTensor& w = *filter;
+  s = N2uqConvShape{};
+  s.batch = x->dims->data[0];
+  s.in_height = x->dims->data[1];
+  s.in_width = x->dims->data[2];
+  s.in_channels = x->dims->data[3];
+  s.out_channels = w.dims->data[0];
+  s.kernel_height = w.dims->data[1];
+  s.kernel_width = w.dims->data[2];
+  s.stride_height = p.stride_height;
+  s.stride_width = p.stride_width;
+  s.dilation_height = p.dilation_height_factor;
+  s.dilation_width = p.dilation_width_factor;
+  s.act_bits = s.weight_bits = 1;  // ignored by the int8 conv; lets n2uq_conv2d_output_size check the rest
+  if (p.padding == kN2uqTfLitePaddingSame) {
+    SamePadding(s.in_height, s.kernel_height, s.stride_height, s.dilation_height, &s.pad_top, &s.pad_bottom);
+    SamePadding(s.in_width, s.kernel_width, s.stride_width, s.dilation_width, &s.pad_left, &s.pad_right);
+  }
+  if (s.in_channels != w.dims->data[3]) {
+    *err = "input shape " + DimsString(x->dims) + " must end in the filter's " + std::to_string(w.dims->data[3]) +
+           " channels";
+    return false;
+  }
+  int32_t oh = 0, ow = 0;
+  char msg[256] = {0};
+  if (n2uq_conv2d_output_size(&s, &oh, &ow, msg, sizeof(msg)) != N2UQ_OK) {
+    *err = std::string("input shape ") + DimsString(x->dims) + ": " + msg;
+    return false;
+  }
+  N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteInt8, err);
+  return out && Resize(ctx, out, {s.batch, oh, ow, s.out_channels}, err);
+}
+
+bool InvokeInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
+  if (io.inputs.empty() || io.outputs.size() != 1 || !k->int8_plan) {
+    *err = "tensor lists changed after prepare";
+    return false;
+  }
+  const N2uqTfLiteTensor& x = ctx->tensors[io.inputs[0]];
+  N2uqTfLiteTensor& out = ctx->tensors[io.outputs[0]];
+  if (x.data == nullptr || out.data == nullptr || IsConstant(&out)) {
+    *err = "the input or output has no data";
+    return false;
+  }
+  char msg[256] = {0};
+  if (n2uq_int8_conv_plan_run(k->int8_plan.get(), &k->conv, static_cast<const int8_t*>(x.data), int64_t(x.bytes),
+                              static_cast<int8_t*>(out.data), int64_t(out.bytes), Threads(k, ctx), msg,
+                              sizeof(msg)) != N2UQ_OK) {
+    *err = msg;
+    return false;
+  }
+  return true;
+}
+
 int KernelPrepare(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   Kernel* k = static_cast<Kernel*>(node->user_data);
   if (k == nullptr) return Report(ctx, nullptr, "kernel state is missing");
   if (!k->init_error.empty()) return Report(ctx, k, k->init_error);
   Io io;
   std::string err;
-  if (!GetIo(k, node, &io, &err) || !PrepareImpl(ctx, k, io, &err)) return Report(ctx, k, err);
+  if (!GetIo(k, node, &io, &err) ||
+      !(k->kind == kInt8Conv2D ? PrepareInt8Conv(ctx, k, io, &err) : PrepareImpl(ctx, k, io, &err)))
+    return Report(ctx, k, err);
   return kN2uqTfLiteOk;
 }
 
@@ -1060,7 +1266,9 @@ int KernelInvoke(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   Io io;
   std::string err;
   char msg[512] = {0};
-  if (!GetIo(k, node, &io, &err) || !InvokeImpl(ctx, k, io, msg, sizeof(msg), &err)) return Report(ctx, k, err);
+  if (!GetIo(k, node, &io, &err) || !(k->kind == kInt8Conv2D ? InvokeInt8Conv(ctx, k, io, &err)
+                                                               : InvokeImpl(ctx, k, io, msg, sizeof(msg), &err)))
+    return Report(ctx, k, err);
   if (k->profile) {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
     k->profile->invocations.fetch_add(1, std::memory_order_relaxed);
@@ -1135,6 +1343,14 @@ int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
     N2uqTfLiteNode* node = nullptr;
     N2uqTfLiteRegistration* reg = nullptr;
     if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kN2uqTfLiteOk || !node || !reg) continue;
+    if (reg->builtin_code == kN2uqTfLiteBuiltinConv2d) {
+      ClaimedNode c;
+      if (ClaimInt8Conv(ctx, node, d->settings, &c)) {
+        c.node_index = plan->data[i];
+        claims.push_back(std::move(c));
+      }
+      continue;
+    }
     if (reg->builtin_code != kN2uqTfLiteBuiltinCustom) continue;
     const int kind = OpKindOf(reg->custom_name);
     if (kind < 0) continue;
@@ -1210,11 +1426,21 @@ bool ParseSetting(Settings* s, const char* key, const char* value, std::string* 
     *err = "path must be auto, bitserial, dot, lut or amx, got '" + v + "'";
     return false;
   }
+  if (k == "int8_conv") {
+    static const char* const names[] = {"off", "auto", "all"};
+    for (int i = 0; i < 3; ++i)
+      if (v == names[i]) {
+        s->int8_conv = i;
+        return true;
+      }
+    *err = "int8_conv must be off, auto or all, got '" + v + "'";
+    return false;
+  }
   if (k == "abi_probe") {
     s->abi_probe = v == "1" || v == "true" || v == "True";
     return true;
   }
-  *err = "unknown option '" + k + "' (known: num_threads, isa, path, abi_probe)";
+  *err = "unknown option '" + k + "' (known: num_threads, isa, path, int8_conv, abi_probe)";
   return false;
 }
 
@@ -1306,7 +1532,7 @@ N2UQ_EXPORT int n2uq_delegate_profile_entry(int index, const void** delegate, ch
   if (index < 0 || size_t(index) >= g_profiles.size()) return -1;
   const ProfileEntry& e = *g_profiles[index];
   if (delegate) *delegate = e.delegate;
-  if (op && op_len) snprintf(op, op_len, "%s", kOpNames[e.op]);
+  if (op && op_len) snprintf(op, op_len, "%s", OpName(e.op));
   if (name && name_len) snprintf(name, name_len, "%s", e.output_name.c_str());
   if (node_index) *node_index = e.node_index;
   if (invocations) *invocations = e.invocations.load();

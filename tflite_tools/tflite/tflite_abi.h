@@ -30,13 +30,14 @@ typedef enum {
   kN2uqTfLiteFloat32 = 1,
   kN2uqTfLiteInt32 = 2,
   kN2uqTfLiteUInt8 = 3,
-  kN2uqTfLiteInt64 = 4
+  kN2uqTfLiteInt64 = 4,
+  kN2uqTfLiteInt8 = 9
 } N2uqTfLiteType;
 
 /* TfLiteAllocationType values: constant tensors are memory-mapped or persistent read-only. */
 enum { kN2uqTfLiteMmapRo = 1, kN2uqTfLitePersistentRo = 5 };
 
-enum { kN2uqTfLiteBuiltinCustom = 32 };
+enum { kN2uqTfLiteBuiltinConv2d = 3, kN2uqTfLiteBuiltinCustom = 32 };
 enum { kN2uqTfLiteDelegateFlagsAllowDynamicTensors = 1 };
 
 typedef struct N2uqTfLiteIntArray {
@@ -61,6 +62,32 @@ typedef struct N2uqTfLiteTensor {
   void* sparsity;              /* 96 */
   const N2uqTfLiteIntArray* dims_signature; /* 104 */
 } N2uqTfLiteTensor;
+
+/* TfLiteQuantization.type of affine (scale, zero point) quantization; its params point to this. */
+enum { kN2uqTfLiteAffineQuantization = 1 };
+typedef struct N2uqTfLiteFloatArray {
+  int size;
+  float data[];
+} N2uqTfLiteFloatArray;
+typedef struct N2uqTfLiteAffineQuantization {
+  N2uqTfLiteFloatArray* scale;     /* 0 */
+  N2uqTfLiteIntArray* zero_point;  /* 8 */
+  int32_t quantized_dimension;     /* 16 */
+} N2uqTfLiteAffineQuantization;
+
+/* The builtin CONV_2D's options (node->builtin_data): the leading fields every TFLite version has
+ * (later ones append fields we do not read). TfLitePadding: 1 same, 2 valid. TfLiteFusedActivation:
+ * 0 none, 1 relu, 2 relu_n1_to_1, 3 relu6 (others are not claimed). */
+enum { kN2uqTfLitePaddingSame = 1, kN2uqTfLitePaddingValid = 2 };
+enum { kN2uqTfLiteActNone = 0, kN2uqTfLiteActRelu = 1, kN2uqTfLiteActReluN1To1 = 2, kN2uqTfLiteActRelu6 = 3 };
+typedef struct N2uqTfLiteConvParams {
+  int padding;                 /* 0 */
+  int stride_width;            /* 4 */
+  int stride_height;           /* 8 */
+  int activation;              /* 12 */
+  int dilation_width_factor;   /* 16 */
+  int dilation_height_factor;  /* 20 */
+} N2uqTfLiteConvParams;
 
 struct N2uqTfLiteDelegate;
 
@@ -153,6 +180,16 @@ N2UQ_ABI_CHECK(N2uqTfLiteTensor, is_variable, 77);
 N2UQ_ABI_CHECK(N2uqTfLiteTensor, quantization, 80);
 N2UQ_ABI_CHECK(N2uqTfLiteTensor, sparsity, 96);
 N2UQ_ABI_CHECK(N2uqTfLiteTensor, dims_signature, 104);
+N2UQ_ABI_CHECK(N2uqTfLiteAffineQuantization, scale, 0);
+N2UQ_ABI_CHECK(N2uqTfLiteAffineQuantization, zero_point, 8);
+N2UQ_ABI_CHECK(N2uqTfLiteAffineQuantization, quantized_dimension, 16);
+static_assert(sizeof(N2uqTfLiteFloatArray) == 4, "TfLiteFloatArray header");
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, padding, 0);
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, stride_width, 4);
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, stride_height, 8);
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, activation, 12);
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, dilation_width_factor, 16);
+N2UQ_ABI_CHECK(N2uqTfLiteConvParams, dilation_height_factor, 20);
 static_assert(sizeof(N2uqTfLiteRegistration) == 88, "registration is passed by value");
 N2UQ_ABI_CHECK(N2uqTfLiteRegistration, init, 0);
 N2UQ_ABI_CHECK(N2uqTfLiteRegistration, free, 8);

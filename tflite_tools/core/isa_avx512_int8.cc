@@ -1,0 +1,208 @@
+// The int8 convolution on AVX-512 VNNI (layout and arithmetic in kernel_table.h, Int8ConvJob):
+// receptive-field rows with masked byte copies, VPDPBUSD over them, and XNNPACK's fp32
+// requantization. Target options for this file only, no -march; int8_conv.cc calls in only when
+// the CPU reports AVX-512 VNNI. The AMX blocks (isa_amx.cc) reuse the rows and the stores.
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <new>
+
+#include "kernel_table.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
+
+namespace n2uq_core {
+namespace {
+namespace avx512_int8 {
+
+inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// n input bytes as row bytes (x ^ 0x80), whole 64-byte pieces and a masked tail: masked loads
+// never touch memory outside the mask, so the last pixel of the input is read in bounds.
+inline void copy_flipped(uint8_t* dst, const int8_t* src, int64_t n) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t i = 0; i < n; i += 64) {
+    const __mmask64 m = byte_mask(n - i);
+    _mm512_mask_storeu_epi8(dst + i, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), flip));
+  }
+}
+
+inline void fill(uint8_t* dst, uint8_t value, int64_t n) {
+  const __m512i v = _mm512_set1_epi8(char(value));
+  for (int64_t i = 0; i < n; i += 64) _mm512_mask_storeu_epi8(dst + i, byte_mask(n - i), v);
+}
+
+// The rows of pixels [q, q + count) of one output row (n, oh) from column ow0. Where a kernel
+// row lies inside the image (dilation 1) its KW * C bytes are one copy; when they fit a 16-, 32-
+// or 64-byte register, one unmasked load and store of that width (masked ones cost about 3x),
+// in ascending kernel-row order so that each store's spill past its segment is overwritten by
+// the next segment or lands in the padding bytes past K (which meet zero weights). `wide` says
+// the last kernel row's store stays inside the row (checked once per job) and the load is
+// bounds-checked per pixel against the end of the input.
+template <int WIDTH>
+inline void copy_segment(uint8_t* dst, const int8_t* src) {
+  if (WIDTH == 16) {
+    _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm_loadu_si128((const __m128i*)src), _mm_set1_epi8(char(0x80))));
+  } else if (WIDTH == 32) {
+    _mm256_storeu_si256((__m256i*)dst,
+                        _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), _mm256_set1_epi8(char(0x80))));
+  } else {
+    _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_loadu_si512(src), _mm512_set1_epi8(char(0x80))));
+  }
+}
+
+template <int WIDTH>
+void row_pixels(const Int8ConvJob& j, int64_t n, int64_t oh, int64_t ow0, int64_t count, uint8_t* row) {
+  const int64_t c = j.in_channels, seg = j.kernel_width * c, kp = j.k_padded;
+  const int8_t* const input_end = j.input + j.batch * j.in_height * j.in_width * c;
+  const int64_t ih0 = oh * j.stride_height - j.pad_top;
+  for (int64_t i = 0; i < count; ++i, row += kp) {
+    const int64_t iw0 = (ow0 + i) * j.stride_width - j.pad_left;
+    const bool inside_w = j.dilation_width == 1 && iw0 >= 0 && iw0 + j.kernel_width <= j.in_width;
+    uint8_t* dst = row;
+    for (int64_t kh = 0; kh < j.kernel_height; ++kh, dst += seg) {
+      const int64_t ih = ih0 + kh * j.dilation_height;
+      if (ih < 0 || ih >= j.in_height) {
+        fill(dst, j.pad_code, seg);
+        continue;
+      }
+      const int8_t* src = j.input + (n * j.in_height + ih) * j.in_width * c;
+      if (inside_w) {
+        if (WIDTH > 0 && src + iw0 * c + WIDTH <= input_end)
+          copy_segment<WIDTH>(dst, src + iw0 * c);
+        else
+          copy_flipped(dst, src + iw0 * c, seg);
+        continue;
+      }
+      for (int64_t kw = 0; kw < j.kernel_width; ++kw) {
+        const int64_t iw = iw0 + kw * j.dilation_width;
+        if (iw < 0 || iw >= j.in_width)
+          fill(dst + kw * c, j.pad_code, c);
+        else
+          copy_flipped(dst + kw * c, src + iw * c, c);
+      }
+    }
+  }
+}
+
+// Vector r of chunk `chunk` for pixel q from its int32 sums (bias not yet added): as XNNPACK's
+// qs8 fp32 requantization, float32 product, clamp, round to nearest even (MXCSR default), + zp,
+// then saturated to int8 (the clamp already bounds it).
+inline void store_vector(const Int8ConvJob& j, int64_t q, int64_t chunk, int r, __m512i acc) {
+  const int64_t oc = chunk * 32 + r * 16, left = j.out_channels - oc;
+  if (left <= 0) return;
+  const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+  acc = _mm512_add_epi32(acc, _mm512_loadu_si512(j.bias + oc));
+  __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(j.scale + oc));
+  f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(j.min_less_zero_point)), _mm512_set1_ps(j.max_less_zero_point));
+  const __m512i out = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(j.output_zero_point));
+  _mm_mask_storeu_epi8(j.output + q * j.out_channels + oc, m, _mm512_cvtsepi32_epi8(out));
+}
+
+// VPDPBUSD over the rows: 8 pixels x 2 vectors of 16 channels in 16 accumulators; per quad two
+// weight rows and 8 broadcasts of the pixels' 4 row bytes.
+void blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t kp = j.k_padded, quads = kp / 4;
+  uint8_t* a = static_cast<uint8_t*>(::operator new(size_t(kInt8BlockPixels * kp), std::align_val_t(64)));
+  memset(a, 0, size_t(kInt8BlockPixels * kp));
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t q0 = b * kInt8BlockPixels;
+    avx512_int8_rows(j, q0, a);
+    const int64_t count = j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels;
+    for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
+      const int8_t* w = j.weights + chunk * (kp / 64) * 2048;
+      for (int64_t p0 = 0; p0 < count; p0 += 8) {
+        __m512i acc[8][2];
+        for (int p = 0; p < 8; ++p) acc[p][0] = acc[p][1] = _mm512_setzero_si512();
+        const int np = count - p0 < 8 ? int(count - p0) : 8;
+        for (int64_t t = 0; t < quads; ++t) {
+          // quad t: word t / 16, row t % 16 of each vector's tile
+          const int8_t* wt = w + (t / 16) * 2048 + (t % 16) * 64;
+          const __m512i w0 = _mm512_load_si512(wt), w1 = _mm512_load_si512(wt + 1024);
+          for (int p = 0; p < 8; ++p) {
+            int32_t quad;
+            memcpy(&quad, a + (p0 + p) * kp + 4 * t, 4);
+            const __m512i x = _mm512_set1_epi32(quad);
+            acc[p][0] = _mm512_dpbusd_epi32(acc[p][0], x, w0);
+            acc[p][1] = _mm512_dpbusd_epi32(acc[p][1], x, w1);
+          }
+        }
+        for (int p = 0; p < np; ++p) {
+          store_vector(j, q0 + p0 + p, chunk, 0, acc[p][0]);
+          store_vector(j, q0 + p0 + p, chunk, 1, acc[p][1]);
+        }
+      }
+    }
+  }
+  ::operator delete(a, std::align_val_t(64));
+}
+
+}  // namespace avx512_int8
+}  // namespace
+
+void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a) {
+  using namespace avx512_int8;
+  const int64_t end = q0 + kInt8BlockPixels < j.pixels ? q0 + kInt8BlockPixels : j.pixels;
+  const int64_t seg = j.kernel_width * j.in_channels, last = (j.kernel_height - 1) * seg;
+  // The widest unmasked copy a segment fits whose last store stays inside the row.
+  const int width = seg <= 16 && last + 16 <= j.k_padded ? 16 : seg <= 32 && last + 32 <= j.k_padded ? 32
+                    : seg <= 64 && last + 64 <= j.k_padded ? 64 : 0;
+  const int64_t plane = j.out_height * j.out_width;
+  for (int64_t q = q0; q < end;) {  // one output row's run at a time
+    const int64_t n = q / plane, r = q - n * plane, oh = r / j.out_width, ow = r - oh * j.out_width;
+    const int64_t count = j.out_width - ow < end - q ? j.out_width - ow : end - q;
+    uint8_t* row = a + (q - q0) * j.k_padded;
+    switch (width) {
+      case 16: row_pixels<16>(j, n, oh, ow, count, row); break;
+      case 32: row_pixels<32>(j, n, oh, ow, count, row); break;
+      case 64: row_pixels<64>(j, n, oh, ow, count, row); break;
+      default: row_pixels<0>(j, n, oh, ow, count, row); break;
+    }
+    q += count;
+  }
+}
+
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t chunk, const int32_t* z) {
+  const int64_t end = q0 + kInt8BlockPixels < j.pixels ? q0 + kInt8BlockPixels : j.pixels;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t oc = chunk * 32 + r * 16, left = j.out_channels - oc;
+    if (left <= 0) return;
+    const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    const __m512i bias = _mm512_loadu_si512(j.bias + oc), zp = _mm512_set1_epi32(j.output_zero_point);
+    const __m512 scale = _mm512_loadu_ps(j.scale + oc), lo = _mm512_set1_ps(j.min_less_zero_point),
+                 hi = _mm512_set1_ps(j.max_less_zero_point);
+    int8_t* out = j.output + q0 * j.out_channels + oc;
+    const int32_t* zr = z + 16 * r;
+    for (int64_t q = q0; q < end; ++q, zr += 32, out += j.out_channels) {  // as store_vector
+      const __m512i acc = _mm512_add_epi32(_mm512_load_si512(zr), bias);
+      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale), lo), hi);
+      _mm_mask_storeu_epi8(out, m, _mm512_cvtsepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(f), zp)));
+    }
+  }
+}
+
+Int8ConvBlocksFn avx512_int8_conv_blocks() { return &avx512_int8::blocks; }
+
+}  // namespace n2uq_core
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+
+#include "kernel_table.h"
+namespace n2uq_core {
+Int8ConvBlocksFn avx512_int8_conv_blocks() { return nullptr; }
+}  // namespace n2uq_core
+
+#endif
