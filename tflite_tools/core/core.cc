@@ -1633,6 +1633,8 @@ int int8_conv_geometry(const N2uqConvShape* shape, int64_t* out_height, int64_t*
 
 bool cpu_avx512_vnni() { return cpu_has(N2UQ_ISA_AVX512) && cpu_features().avx512vnni; }
 
+bool cpu_avx512_vbmi() { return cpu_has(N2UQ_ISA_AVX512) && cpu_features().avx512vbmi; }
+
 int amx_mode() {
   const PathKernels* k = amx_path_kernels();
   return k == nullptr ? 0 : k == amx_kernels(true) ? 2 : 1;

@@ -79,6 +79,7 @@ void run_ranges(int num_threads, int64_t count, int64_t grain, const std::functi
 int int8_conv_geometry(const N2uqConvShape* shape, int64_t* out_height, int64_t* out_width, char* err,
                        size_t err_len);
 bool cpu_avx512_vnni();
+bool cpu_avx512_vbmi();
 int amx_mode();
 int requested_conv_path(int path, char* err, size_t err_len);
 

@@ -357,41 +357,56 @@ void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_
   }
 }
 
-// ---- Int8 convolution (kernel_table.h, Int8ConvJob). Per block of 32 pixels (rows a[32][kp])
-// and chunk of 2 vectors of 16 channels: C[g][r] = sum over 64-byte words of A_g (16 pixels'
-// row bytes of the word, row stride kp) . B_r (the word's 16 quads x 16 lanes of vector r), with
-// TDPBUSD's u8 x s8 products. Tiles: 0-1 = A_0, A_1; 2-3 = B_0, B_1; 4 + 2g + r = C[g][r].
+// ---- Int8 convolution (kernel_table.h, Int8ConvJob). Per block of 32 pixels (pixel p's K bytes
+// at rows + p * stride: the block's im2col rows, or in place in the stacked row) and chunk of 2
+// vectors of 16 channels: C[g][r] = sum over 64-byte words of A_g (16 pixels' bytes of the word)
+// . B_r (the word's 16 quads x 16 lanes of vector r), with TDPBUSD's u8 x s8 products. Tiles:
+// 0-1 = A_0, A_1; 2-3 = B_0, B_1; 4 + 2g + r = C[g][r].
+template <class Tiles>
+void int8_block(const Int8ConvJob& j, const uint8_t* rows, int64_t stride, int64_t q0, int64_t count, int32_t* z) {
+  const int64_t words = j.k_padded / 64;
+  for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
+    const int8_t* w = j.weights + chunk * words * 2048;
+    Tiles::template zero<4>();
+    Tiles::template zero<5>();
+    Tiles::template zero<6>();
+    Tiles::template zero<7>();
+    for (int64_t word = 0; word < words; ++word, w += 2048) {
+      Tiles::template load<0>(rows + word * 64, stride);
+      Tiles::template load<2>(w, 64);
+      Tiles::template dpbusd<4, 0, 2>();
+      Tiles::template load<3>(w + 1024, 64);
+      Tiles::template dpbusd<5, 0, 3>();
+      Tiles::template load<1>(rows + 16 * stride + word * 64, stride);
+      Tiles::template dpbusd<6, 1, 2>();
+      Tiles::template dpbusd<7, 1, 3>();
+    }
+    Tiles::template store<4>(z, 128);
+    Tiles::template store<5>(z + 16, 128);
+    Tiles::template store<6>(z + 16 * 32, 128);
+    Tiles::template store<7>(z + 16 * 32 + 16, 128);
+    avx512_int8_store(j, q0, count, chunk, z);
+  }
+}
+
 template <class Tiles>
 void int8_blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t kp = j.k_padded, words = kp / 64;
-  uint8_t* a = static_cast<uint8_t*>(::operator new(size_t(kInt8BlockPixels * kp), std::align_val_t(64)));
-  __builtin_memset(a, 0, size_t(kInt8BlockPixels * kp));
+  const size_t bytes = size_t(j.stack ? j.stack_bytes : kInt8BlockPixels * j.k_padded);
+  uint8_t* a = static_cast<uint8_t*>(::operator new(bytes, std::align_val_t(64)));
+  __builtin_memset(a, 0, bytes);
   alignas(64) int32_t z[32 * 32];
   configure_direct<Tiles, 2>();
-  for (int64_t b = begin; b < end; ++b) {
-    const int64_t q0 = b * kInt8BlockPixels;
-    avx512_int8_rows(j, q0, a);
-    for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
-      const int8_t* w = j.weights + chunk * words * 2048;
-      Tiles::template zero<4>();
-      Tiles::template zero<5>();
-      Tiles::template zero<6>();
-      Tiles::template zero<7>();
-      for (int64_t word = 0; word < words; ++word, w += 2048) {
-        Tiles::template load<0>(a + word * 64, kp);
-        Tiles::template load<2>(w, 64);
-        Tiles::template dpbusd<4, 0, 2>();
-        Tiles::template load<3>(w + 1024, 64);
-        Tiles::template dpbusd<5, 0, 3>();
-        Tiles::template load<1>(a + 16 * kp + word * 64, kp);
-        Tiles::template dpbusd<6, 1, 2>();
-        Tiles::template dpbusd<7, 1, 3>();
-      }
-      Tiles::template store<4>(z, 128);
-      Tiles::template store<5>(z + 16, 128);
-      Tiles::template store<6>(z + 16 * 32, 128);
-      Tiles::template store<7>(z + 16 * 32 + 16, 128);
-      avx512_int8_store(j, q0, chunk, z);
+  for (int64_t item = begin; item < end; ++item) {
+    if (j.stack) {  // item: output row (n, oh)
+      avx512_int8_stack_row(j, item / j.out_height, item % j.out_height, a);
+      const int64_t step = j.stride_width * j.kernel_height * j.in_channels;
+      for (int64_t ow0 = 0; ow0 < j.out_width; ow0 += kInt8BlockPixels)
+        int8_block<Tiles>(j, a + ow0 * step, step, item * j.out_width + ow0,
+                          j.out_width - ow0 < kInt8BlockPixels ? j.out_width - ow0 : kInt8BlockPixels, z);
+    } else {  // item: 32-pixel block
+      const int64_t q0 = item * kInt8BlockPixels;
+      avx512_int8_rows(j, q0, a);
+      int8_block<Tiles>(j, a, j.k_padded, q0, j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels, z);
     }
   }
   Tiles::release();

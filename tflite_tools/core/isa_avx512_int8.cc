@@ -106,39 +106,52 @@ inline void store_vector(const Int8ConvJob& j, int64_t q, int64_t chunk, int r, 
   _mm_mask_storeu_epi8(j.output + q * j.out_channels + oc, m, _mm512_cvtsepi32_epi8(out));
 }
 
-// VPDPBUSD over the rows: 8 pixels x 2 vectors of 16 channels in 16 accumulators; per quad two
-// weight rows and 8 broadcasts of the pixels' 4 row bytes.
-void blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t kp = j.k_padded, quads = kp / 4;
-  uint8_t* a = static_cast<uint8_t*>(::operator new(size_t(kInt8BlockPixels * kp), std::align_val_t(64)));
-  memset(a, 0, size_t(kInt8BlockPixels * kp));
-  for (int64_t b = begin; b < end; ++b) {
-    const int64_t q0 = b * kInt8BlockPixels;
-    avx512_int8_rows(j, q0, a);
-    const int64_t count = j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels;
-    for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
-      const int8_t* w = j.weights + chunk * (kp / 64) * 2048;
-      for (int64_t p0 = 0; p0 < count; p0 += 8) {
-        __m512i acc[8][2];
-        for (int p = 0; p < 8; ++p) acc[p][0] = acc[p][1] = _mm512_setzero_si512();
-        const int np = count - p0 < 8 ? int(count - p0) : 8;
-        for (int64_t t = 0; t < quads; ++t) {
-          // quad t: word t / 16, row t % 16 of each vector's tile
-          const int8_t* wt = w + (t / 16) * 2048 + (t % 16) * 64;
-          const __m512i w0 = _mm512_load_si512(wt), w1 = _mm512_load_si512(wt + 1024);
-          for (int p = 0; p < 8; ++p) {
-            int32_t quad;
-            memcpy(&quad, a + (p0 + p) * kp + 4 * t, 4);
-            const __m512i x = _mm512_set1_epi32(quad);
-            acc[p][0] = _mm512_dpbusd_epi32(acc[p][0], x, w0);
-            acc[p][1] = _mm512_dpbusd_epi32(acc[p][1], x, w1);
-          }
-        }
-        for (int p = 0; p < np; ++p) {
-          store_vector(j, q0 + p0 + p, chunk, 0, acc[p][0]);
-          store_vector(j, q0 + p0 + p, chunk, 1, acc[p][1]);
+// VPDPBUSD over one block's rows (pixel p's K bytes at rows + p * stride, 32 rows readable):
+// 8 pixels x 2 vectors of 16 channels in 16 accumulators; per quad two weight rows and 8
+// broadcasts of the pixels' 4 row bytes. Stores pixels [q0, q0 + count).
+void block(const Int8ConvJob& j, const uint8_t* rows, int64_t stride, int64_t q0, int64_t count) {
+  const int64_t quads = j.k_padded / 4;
+  for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
+    const int8_t* w = j.weights + chunk * (j.k_padded / 64) * 2048;
+    for (int64_t p0 = 0; p0 < count; p0 += 8) {
+      __m512i acc[8][2];
+      for (int p = 0; p < 8; ++p) acc[p][0] = acc[p][1] = _mm512_setzero_si512();
+      const int np = count - p0 < 8 ? int(count - p0) : 8;
+      for (int64_t t = 0; t < quads; ++t) {
+        // quad t: word t / 16, row t % 16 of each vector's tile
+        const int8_t* wt = w + (t / 16) * 2048 + (t % 16) * 64;
+        const __m512i w0 = _mm512_load_si512(wt), w1 = _mm512_load_si512(wt + 1024);
+        for (int p = 0; p < 8; ++p) {
+          int32_t quad;
+          memcpy(&quad, rows + (p0 + p) * stride + 4 * t, 4);
+          const __m512i x = _mm512_set1_epi32(quad);
+          acc[p][0] = _mm512_dpbusd_epi32(acc[p][0], x, w0);
+          acc[p][1] = _mm512_dpbusd_epi32(acc[p][1], x, w1);
         }
       }
+      for (int p = 0; p < np; ++p) {
+        store_vector(j, q0 + p0 + p, chunk, 0, acc[p][0]);
+        store_vector(j, q0 + p0 + p, chunk, 1, acc[p][1]);
+      }
+    }
+  }
+}
+
+void blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
+  const size_t bytes = size_t(j.stack ? j.stack_bytes : kInt8BlockPixels * j.k_padded);
+  uint8_t* a = static_cast<uint8_t*>(::operator new(bytes, std::align_val_t(64)));
+  memset(a, 0, bytes);
+  for (int64_t item = begin; item < end; ++item) {
+    if (j.stack) {  // item: output row (n, oh)
+      avx512_int8_stack_row(j, item / j.out_height, item % j.out_height, a);
+      const int64_t step = j.stride_width * j.kernel_height * j.in_channels;
+      for (int64_t ow0 = 0; ow0 < j.out_width; ow0 += kInt8BlockPixels)
+        block(j, a + ow0 * step, step, item * j.out_width + ow0,
+              j.out_width - ow0 < kInt8BlockPixels ? j.out_width - ow0 : kInt8BlockPixels);
+    } else {  // item: 32-pixel block
+      const int64_t q0 = item * kInt8BlockPixels;
+      avx512_int8_rows(j, q0, a);
+      block(j, a, j.k_padded, q0, j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels);
     }
   }
   ::operator delete(a, std::align_val_t(64));
@@ -169,8 +182,8 @@ void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a) {
   }
 }
 
-void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t chunk, const int32_t* z) {
-  const int64_t end = q0 + kInt8BlockPixels < j.pixels ? q0 + kInt8BlockPixels : j.pixels;
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z) {
+  const int64_t end = q0 + count;
   for (int r = 0; r < 2; ++r) {
     const int64_t oc = chunk * 32 + r * 16, left = j.out_channels - oc;
     if (left <= 0) return;
@@ -189,6 +202,85 @@ void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t chunk, const in
 }
 
 Int8ConvBlocksFn avx512_int8_conv_blocks() { return &avx512_int8::blocks; }
+
+}  // namespace n2uq_core
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ---- The stacked rows (VPERMT2B: AVX-512 VBMI, which int8_conv.cc checks before choosing the form)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi")
+#endif
+
+namespace n2uq_core {
+
+// Bytes [lo, hi) of a 64-byte vector (clamped to it).
+static inline __mmask64 byte_range(int64_t lo, int64_t hi) {
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > 64 ? 64 : hi;
+  if (hi <= lo) return 0;
+  const __mmask64 upto_hi = hi >= 64 ? ~__mmask64(0) : (__mmask64(1) << hi) - 1;
+  return upto_hi & ~((__mmask64(1) << lo) - 1);
+}
+
+// S for output row (n, oh), one 64-byte vector at a time: per kernel row inside the image, a
+// 128-byte window of its input row (from column col_first - pad_left, where the vector's first
+// column col_first starts) permuted into place and merged under that row's byte mask; bytes of
+// rows or columns outside the image keep the input zero point. Then x ^ 0x80 for all.
+void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s) {
+  const int64_t c = j.in_channels, kh_count = j.kernel_height, khc = kh_count * c, row_bytes = j.in_width * c;
+  const int64_t vectors = (j.stack_cols * khc + 63) / 64;
+  const uintptr_t image = uintptr_t(j.input + n * j.in_height * row_bytes);
+  int64_t rows[256];  // input row of kernel row kh, or -1 outside the image (khc <= 256)
+  for (int64_t kh = 0; kh < kh_count; ++kh) {
+    const int64_t ih = oh * j.stride_height - j.pad_top + kh * j.dilation_height;
+    rows[kh] = ih >= 0 && ih < j.in_height ? ih : -1;
+  }
+  const __m512i zero_point = _mm512_set1_epi8(char(j.pad_code ^ 0x80)), flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t col_first = 64 * v / khc, phase = 64 * v - col_first * khc;
+    const int64_t base = (col_first - j.pad_left) * c;  // window start in the input row, in bytes
+    const __m512i index = _mm512_loadu_si512(j.stack_index + phase * 64);
+    const uint64_t* masks = j.stack_masks + phase * kh_count;
+    const bool interior = base >= 0 && base + j.stack_window <= row_bytes;
+    // At the edges: only window bytes inside the row load, and only vector bytes reading them merge.
+    const __mmask64 lo_load = interior ? ~__mmask64(0) : byte_range(-base, row_bytes - base);
+    const __mmask64 hi_load = interior ? ~__mmask64(0) : byte_range(-base - 64, row_bytes - base - 64);
+    __mmask64 inside = ~__mmask64(0);
+    if (!interior) {
+      const int64_t lo = base < 0 ? -base : 0, hi = row_bytes - base < 128 ? row_bytes - base : 128;
+      inside = hi <= lo ? 0
+                        : _mm512_cmpge_epu8_mask(index, _mm512_set1_epi8(char(lo))) &
+                              _mm512_cmplt_epu8_mask(index, _mm512_set1_epi8(char(hi)));
+    }
+    __m512i out = zero_point;
+    if (j.stack_window == 64) {  // every index < 64: one window load and a one-table VPERMB per row
+      for (int64_t kh = 0; kh < kh_count; ++kh) {
+        if (rows[kh] < 0) continue;
+        const uintptr_t at = image + uintptr_t(rows[kh] * row_bytes + base);  // may lie outside: masked
+        const __m512i lo = _mm512_maskz_loadu_epi8(lo_load, reinterpret_cast<const void*>(at));
+        out = _mm512_mask_permutexvar_epi8(out, masks[kh] & inside, index, lo);
+      }
+    } else {
+      for (int64_t kh = 0; kh < kh_count; ++kh) {
+        if (rows[kh] < 0) continue;
+        const uintptr_t at = image + uintptr_t(rows[kh] * row_bytes + base);
+        const __m512i lo = _mm512_maskz_loadu_epi8(lo_load, reinterpret_cast<const void*>(at));
+        const __m512i hi = _mm512_maskz_loadu_epi8(hi_load, reinterpret_cast<const void*>(at + 64));
+        out = _mm512_mask_mov_epi8(out, masks[kh] & inside, _mm512_permutex2var_epi8(lo, index, hi));
+      }
+    }
+    _mm512_store_si512(s + 64 * v, _mm512_xor_si512(out, flip));
+  }
+}
 
 }  // namespace n2uq_core
 

@@ -301,17 +301,32 @@ struct Int8ConvJob {
   const float* scale;        // [oc_chunks * 32]: input_scale * filter_scale[oc] / output_scale
   float min_less_zero_point, max_less_zero_point;
   int32_t output_zero_point;
+  // The column-stacked form (stack = 1; dilation_width 1, int8_conv.cc): K in (kw, kh, c) order,
+  // and per output row (n, oh) one stacked row S[col][kh][c] = x[oh * sh - pad_top + kh * dh]
+  // [col - pad_left][c] (the zero point outside the image) over stack_cols columns, so that pixel
+  // ow's K bytes are S + ow * stride_width * KH * C, contiguous: the GEMM reads them in place (AMX
+  // tile loads take any row stride) and nothing is copied per pixel. S is built 64 bytes at a time
+  // (AVX-512 VBMI): a vector starting `phase` bytes into a column takes byte b from index[phase][b]
+  // of a 128-byte window of each kernel row's input, where masks[phase][kh] has the bytes of row kh.
+  int stack;
+  int64_t stack_cols, stack_bytes;    // S: columns, and bytes (the last block's 32 rows inside)
+  int64_t stack_window;               // 64 where every index is < 64 (one window register), else 128
+  const uint8_t* stack_index;         // [KH * C][64]
+  const uint64_t* stack_masks;        // [KH * C][KH]
 };
 constexpr int64_t kInt8BlockPixels = 32;  // pixels per block: 2 AMX A tiles of 16 rows
-// Runs 32-pixel blocks [begin, end) of the job (rows, products and requantized stores).
+// Runs items [begin, end) of the job: 32-pixel blocks (rows, products and requantized stores), or
+// in the stacked form output rows (n, oh).
 typedef void (*Int8ConvBlocksFn)(const Int8ConvJob& job, int64_t begin, int64_t end);
 Int8ConvBlocksFn avx512_int8_conv_blocks();          // AVX-512 VNNI; null when not built for x86-64
 Int8ConvBlocksFn amx_int8_conv_blocks(bool emulated);  // isa_amx.cc; null when not built for x86-64
 // The AVX-512 parts the AMX blocks share (isa_avx512_int8.cc; x86-64 only): the rows of block
-// pixels [q0, q0 + 32) into a[32][k_padded], and the requantized stores of chunk `chunk` of those
-// pixels from z[32][32] int32 sums (without the bias).
+// pixels [q0, q0 + 32) into a[32][k_padded]; the stacked row of output row (n, oh) into s
+// (AVX-512 VBMI); and the requantized stores of chunk `chunk` of pixels [q0, q0 + count) from
+// z[32][32] int32 sums (without the bias).
 void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a);
-void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t chunk, const int32_t* z);
+void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s);
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z);
 
 }  // namespace n2uq_core
 
