@@ -92,18 +92,45 @@ void row_pixels(const Int8ConvJob& j, int64_t n, int64_t oh, int64_t ow0, int64_
   }
 }
 
-// Vector r of chunk `chunk` for pixel q from its int32 sums (bias not yet added): as XNNPACK's
-// qs8 fp32 requantization, float32 product, clamp, round to nearest even (MXCSR default), + zp,
-// then saturated to int8 (the clamp already bounds it).
-inline void store_vector(const Int8ConvJob& j, int64_t q, int64_t chunk, int r, __m512i acc) {
-  const int64_t oc = chunk * 32 + r * 16, left = j.out_channels - oc;
-  if (left <= 0) return;
-  const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-  acc = _mm512_add_epi32(acc, _mm512_loadu_si512(j.bias + oc));
-  __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(j.scale + oc));
-  f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(j.min_less_zero_point)), _mm512_set1_ps(j.max_less_zero_point));
-  const __m512i out = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(j.output_zero_point));
-  _mm_mask_storeu_epi8(j.output + q * j.out_channels + oc, m, _mm512_cvtsepi32_epi8(out));
+// The requantized stores of one chunk (32 channels) of a pixel from its two int32 sum vectors
+// (bias not yet added): as XNNPACK's qs8 fp32 requantization, float32 product, clamp, round to
+// nearest even (MXCSR default), + zp. The clamp bounds values to [-255, 255], so the saturating
+// packs (int32 -> int16, + zp, -> int8) are exact; they leave the bytes of each 128-bit lane as
+// (4 of vector 0, 4 of vector 1) twice, which one dword permute puts in channel order.
+struct ChunkStore {
+  __m512i bias[2], zero_point;
+  __m512 scale[2], lo, hi;
+  __mmask32 mask;
+  int64_t oc;
+};
+
+inline ChunkStore chunk_store(const Int8ConvJob& j, int64_t chunk) {
+  ChunkStore k;
+  k.oc = chunk * 32;
+  const int64_t left = j.out_channels - k.oc;
+  k.mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+  for (int r = 0; r < 2; ++r) {
+    k.bias[r] = _mm512_loadu_si512(j.bias + k.oc + 16 * r);
+    k.scale[r] = _mm512_loadu_ps(j.scale + k.oc + 16 * r);
+  }
+  k.zero_point = _mm512_set1_epi16(short(j.output_zero_point));
+  k.lo = _mm512_set1_ps(j.min_less_zero_point);
+  k.hi = _mm512_set1_ps(j.max_less_zero_point);
+  return k;
+}
+
+inline void store_chunk(const Int8ConvJob& j, const ChunkStore& k, int64_t q, __m512i acc0, __m512i acc1) {
+  __m512i v[2];
+  const __m512i acc[2] = {acc0, acc1};
+  for (int r = 0; r < 2; ++r) {
+    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r], k.bias[r])), k.scale[r]);
+    v[r] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, k.lo), k.hi));
+  }
+  const __m512i words = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[1]), k.zero_point);
+  const __m512i bytes = _mm512_packs_epi16(words, words);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  _mm256_mask_storeu_epi8(j.output + q * j.out_channels + k.oc, k.mask,
+                          _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes)));
 }
 
 // VPDPBUSD over one block's rows (pixel p's K bytes at rows + p * stride, 32 rows readable):
@@ -129,10 +156,8 @@ void block(const Int8ConvJob& j, const uint8_t* rows, int64_t stride, int64_t q0
           acc[p][1] = _mm512_dpbusd_epi32(acc[p][1], x, w1);
         }
       }
-      for (int p = 0; p < np; ++p) {
-        store_vector(j, q0 + p0 + p, chunk, 0, acc[p][0]);
-        store_vector(j, q0 + p0 + p, chunk, 1, acc[p][1]);
-      }
+      const ChunkStore k = chunk_store(j, chunk);
+      for (int p = 0; p < np; ++p) store_chunk(j, k, q0 + p0 + p, acc[p][0], acc[p][1]);
     }
   }
 }
@@ -183,22 +208,9 @@ void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a) {
 }
 
 void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z) {
-  const int64_t end = q0 + count;
-  for (int r = 0; r < 2; ++r) {
-    const int64_t oc = chunk * 32 + r * 16, left = j.out_channels - oc;
-    if (left <= 0) return;
-    const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-    const __m512i bias = _mm512_loadu_si512(j.bias + oc), zp = _mm512_set1_epi32(j.output_zero_point);
-    const __m512 scale = _mm512_loadu_ps(j.scale + oc), lo = _mm512_set1_ps(j.min_less_zero_point),
-                 hi = _mm512_set1_ps(j.max_less_zero_point);
-    int8_t* out = j.output + q0 * j.out_channels + oc;
-    const int32_t* zr = z + 16 * r;
-    for (int64_t q = q0; q < end; ++q, zr += 32, out += j.out_channels) {  // as store_vector
-      const __m512i acc = _mm512_add_epi32(_mm512_load_si512(zr), bias);
-      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale), lo), hi);
-      _mm_mask_storeu_epi8(out, m, _mm512_cvtsepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(f), zp)));
-    }
-  }
+  const avx512_int8::ChunkStore k = avx512_int8::chunk_store(j, chunk);
+  for (int64_t q = q0; q < q0 + count; ++q, z += 32)
+    avx512_int8::store_chunk(j, k, q, _mm512_load_si512(z), _mm512_load_si512(z + 16));
 }
 
 Int8ConvBlocksFn avx512_int8_conv_blocks() { return &avx512_int8::blocks; }
