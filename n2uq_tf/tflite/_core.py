@@ -125,6 +125,11 @@ def _declare(lib):
         "n2uq_int8_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_int8_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "n2uq_int8_conv_plan_destroy": ([ptr], None),
+        "n2uq_float_conv_plan_create": ([shape_p, ptr, i64, ptr, i64, f32, f32, ctypes.c_int,
+                                         ctypes.POINTER(ctypes.c_void_p)] + err, ctypes.c_int),
+        "n2uq_float_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_float_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "n2uq_float_conv_plan_destroy": ([ptr], None),
     }
     for name, (args, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -486,6 +491,57 @@ class Int8ConvPlan:
     def close(self):
         if getattr(self, "_handle", None):
             self._lib.n2uq_int8_conv_plan_destroy(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+class FloatConvPlan:
+    """TFLite's float CONV_2D prepared once (n2uq_float_conv_plan_create), for few input channels.
+
+    filter float32 [OC, KH, KW, IC], bias [OC] or None, output_range the fused activation's clamp
+    ((-inf, inf) for none). `run(x)` takes float32 [N, H, W, IC] and returns [N, OH, OW, OC]: TFLite's
+    result up to float rounding (float32 sums in this kernel's order). `padding` as for conv_shape.
+    """
+
+    def __init__(self, filter, bias=None, *, strides=1, dilations=1, padding=0,
+                 output_range=(-np.inf, np.inf), isa="auto"):
+        self._lib = library()
+        w = _as(filter, np.float32, "filter")
+        if w.ndim != 4:
+            raise CoreError(f"filter must be 4-D [OC, KH, KW, IC], got shape {w.shape}")
+        b = None if bias is None else _as(bias, np.float32, "bias")
+        self.out_channels, kh, kw, self.in_channels = (int(d) for d in w.shape)
+        self._geometry = dict(kernel_size=(kh, kw), strides=strides, dilations=dilations, padding=padding)
+        dh, dw = _pair(dilations, "dilations")  # the plan's shape: one image the size of the dilated filter
+        shape = conv_shape(1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, self.in_channels, self.out_channels, (kh, kw),
+                           strides=strides, dilations=dilations, act_bits=1, weight_bits=1)  # bits: ignored
+        self._handle = ctypes.c_void_p()
+        _call(self._lib.n2uq_float_conv_plan_create, ctypes.byref(shape), _ptr(w), w.size,
+              None if b is None else _ptr(b), 0 if b is None else b.size, float(output_range[0]),
+              float(output_range[1]), _isa_id(isa), ctypes.byref(self._handle))
+        isa_id = ctypes.c_int()
+        self._lib.n2uq_float_conv_plan_info(self._handle, ctypes.byref(isa_id))
+        self.isa = ISAS[isa_id.value]
+
+    def run(self, x, *, num_threads=1):
+        x = _as(x, np.float32, "x")
+        if x.ndim != 4 or x.shape[3] != self.in_channels:
+            raise CoreError(f"x must be [N, H, W, {self.in_channels}], got shape {x.shape}")
+        g = self._geometry
+        shape = conv_shape(x.shape[0], x.shape[1], x.shape[2], self.in_channels, self.out_channels,
+                           g["kernel_size"], strides=g["strides"], dilations=g["dilations"], padding=g["padding"],
+                           act_bits=1, weight_bits=1)
+        oh, ow = output_size(shape)
+        out = np.empty((x.shape[0], oh, ow, self.out_channels), np.float32)
+        _call(self._lib.n2uq_float_conv_plan_run, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(out),
+              out.size, int(num_threads))
+        return out
+
+    def close(self):
+        if getattr(self, "_handle", None):
+            self._lib.n2uq_float_conv_plan_destroy(self._handle)
             self._handle = None
 
     def __del__(self):

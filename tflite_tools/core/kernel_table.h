@@ -328,6 +328,28 @@ void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a);
 void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s);
 void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z);
 
+// ---- Float convolution over few input channels (float_conv.cc): a direct conv, each output row
+// in register blocks of 7 pixels x up to 4 vectors of 16 channels (28 FMA accumulators), every
+// input value a broadcast operand. TFLite's float kernels vectorise over input channels, so an
+// image stem (3) ran at about 57 GMAC/s in XNNPACK on the AMX Xeon; this loop keeps both FMA ports
+// busy (about 105 there).
+struct FloatConvJob {
+  int64_t batch, in_height, in_width, in_channels;  // the input, zero padded beforehand when needed
+  int64_t out_height, out_width, out_channels;
+  int64_t kernel_height, stride_height, stride_width, dilation_height;
+  int64_t taps;                // KW * C
+  const int64_t* tap_offsets;  // [taps]: kw * dilation_width * C + c, floats from a pixel's first tap
+  int64_t passes;              // ceil(out_channels / 64)
+  const float* input;          // NHWC
+  float* output;               // NHWC
+  const float* weights;        // [pass][KH][taps][64], zero past out_channels
+  const float* bias;           // [passes * 64]
+  float output_min, output_max;
+};
+// Runs output rows [begin, end) of the N * out_height.
+typedef void (*FloatConvRowsFn)(const FloatConvJob& job, int64_t begin, int64_t end);
+FloatConvRowsFn avx512_float_conv_rows();  // isa_avx512_float.cc; null when not built for x86-64
+
 }  // namespace n2uq_core
 
 #endif  // N2UQ_KERNEL_TABLE_H_

@@ -270,6 +270,22 @@ int n2uq_int8_conv_plan_run(const N2uqInt8ConvPlan* plan, const N2uqConvShape* s
                             size_t err_len);
 int n2uq_int8_conv_plan_info(const N2uqInt8ConvPlan* plan, int* isa, int* path);
 void n2uq_int8_conv_plan_destroy(N2uqInt8ConvPlan* plan);
+/* Float convolution over few input channels (TFLite's float CONV_2D, for an image stem, where
+ * TFLite's kernels run far below the core's rate): filter float [OC][KH][KW][IC], bias [OC] or
+ * NULL, output clamped to [output_min, output_max] (the fused activation's range; +-INFINITY for
+ * none). Each output is bias + its products summed in float32, in this kernel's order (fused
+ * multiply-adds on the avx512 ISA), so results equal TFLite's up to float rounding. ISAs: avx512,
+ * portable (others run the portable code). The shape's act_bits and weight_bits are ignored; a
+ * plan accepts any batch, input size and padding with its filter and dilation_width. */
+typedef struct N2uqFloatConvPlan N2uqFloatConvPlan;
+int n2uq_float_conv_plan_create(const N2uqConvShape* shape, const float* filter, int64_t filter_len, const float* bias,
+                                int64_t bias_len, float output_min, float output_max, int isa,
+                                N2uqFloatConvPlan** plan, char* err, size_t err_len);
+int n2uq_float_conv_plan_run(const N2uqFloatConvPlan* plan, const N2uqConvShape* shape, const float* input,
+                             int64_t input_len, float* output, int64_t output_len, int num_threads, char* err,
+                             size_t err_len);
+int n2uq_float_conv_plan_info(const N2uqFloatConvPlan* plan, int* isa);
+void n2uq_float_conv_plan_destroy(N2uqFloatConvPlan* plan);
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,7 @@
 //       -ffp-contract=off -Itflite_tools/core tflite_tools/core/*.cc tflite_tools/tests/core_selftest.cc
 //   ./a.out [num_cases]     prints "selftest: OK ..." and exits 0 on success
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -822,6 +823,507 @@ void run_malformed() {
   }
 }
 
+
+// ---- Int8 convolution (n2uq_int8_conv_plan_*): TFLite's int8 CONV_2D with XNNPACK's fp32
+// requantization, against a scalar loop here: acc = bias + sum (x - zp_in) w in int64 over the
+// padded input (padding holds x = zp_in), then clamp(rne(float(acc) * s), min - zp, max - zp) + zp
+// with s = input_scale * filter_scale / output_scale in float32.
+
+struct Int8Combo {
+  int isa, path;
+};
+
+// The int8 conv's paths here: portable C always, AVX-512 VNNI and AMX (hardware, or the tile model
+// under N2UQ_AMX_EMULATE=1) where the core offers those conv paths.
+std::vector<Int8Combo> int8_combos() {
+  std::vector<Int8Combo> result{{N2UQ_ISA_PORTABLE, N2UQ_PATH_DOT}};
+  if (n2uq_isa_supported(N2UQ_ISA_AVX512)) {
+    if (n2uq_path_supported(N2UQ_ISA_AVX512, N2UQ_PATH_DOT)) result.push_back({N2UQ_ISA_AVX512, N2UQ_PATH_DOT});
+    if (n2uq_path_supported(N2UQ_ISA_AVX512, N2UQ_PATH_AMX)) result.push_back({N2UQ_ISA_AVX512, N2UQ_PATH_AMX});
+  }
+  return result;
+}
+
+struct Int8Case {
+  N2uqConvShape s;  // the filter and geometry; batch and input size of the first input
+  std::vector<int8_t> w;
+  std::vector<int32_t> bias;  // empty: no bias (NULL)
+  std::vector<float> scales;  // 1 or out_channels
+  N2uqInt8ConvParams p;
+};
+
+int32_t int8_out_size(int32_t size, int32_t kernel, int32_t stride, int32_t dilation, int32_t pad_a, int32_t pad_b) {
+  return (size + pad_a + pad_b - (kernel - 1) * dilation - 1) / stride + 1;
+}
+
+std::vector<int64_t> naive_int8_acc(const Int8Case& c, const N2uqConvShape& s, const std::vector<int8_t>& x) {
+  const int oh = int8_out_size(s.in_height, s.kernel_height, s.stride_height, s.dilation_height, s.pad_top,
+                               s.pad_bottom);
+  const int ow = int8_out_size(s.in_width, s.kernel_width, s.stride_width, s.dilation_width, s.pad_left,
+                               s.pad_right);
+  const int zp = c.p.input_zero_point;
+  std::vector<int64_t> acc(size_t(s.batch) * oh * ow * s.out_channels);
+  for (int n = 0; n < s.batch; ++n)
+    for (int y = 0; y < oh; ++y)
+      for (int xo = 0; xo < ow; ++xo)
+        for (int oc = 0; oc < s.out_channels; ++oc) {
+          int64_t sum = c.bias.empty() ? 0 : c.bias[size_t(oc)];
+          for (int kh = 0; kh < s.kernel_height; ++kh)
+            for (int kw = 0; kw < s.kernel_width; ++kw) {
+              const int ih = y * s.stride_height + kh * s.dilation_height - s.pad_top;
+              const int iw = xo * s.stride_width + kw * s.dilation_width - s.pad_left;
+              const bool inside = ih >= 0 && ih < s.in_height && iw >= 0 && iw < s.in_width;
+              const int8_t* wk = &c.w[((size_t(oc) * s.kernel_height + kh) * s.kernel_width + kw) * s.in_channels];
+              for (int ic = 0; ic < s.in_channels; ++ic) {
+                const int v = inside ? x[((size_t(n) * s.in_height + ih) * s.in_width + iw) * s.in_channels + ic] : zp;
+                sum += int64_t(v - zp) * wk[ic];
+              }
+            }
+          acc[((size_t(n) * oh + y) * ow + xo) * s.out_channels + oc] = sum;
+        }
+  return acc;
+}
+
+std::vector<int8_t> naive_int8_requantize(const Int8Case& c, const std::vector<int64_t>& acc) {
+  std::vector<int8_t> out(acc.size());
+  const int oc_count = c.s.out_channels, zp = c.p.output_zero_point;
+  const float lo = float(c.p.output_min - zp), hi = float(c.p.output_max - zp);
+  for (size_t i = 0; i < acc.size(); ++i) {
+    const int oc = int(i % size_t(oc_count));
+    EXPECT(acc[i] >= INT32_MIN && acc[i] <= INT32_MAX, "int8 case accumulator %lld past int32", (long long)acc[i]);
+    const float fs = c.scales[c.scales.size() == 1 ? 0 : size_t(oc)];
+    const float scale = c.p.input_scale * fs / c.p.output_scale;
+    float f = float(int32_t(acc[i])) * scale;
+    f = std::min(std::max(f, lo), hi);
+    out[i] = int8_t(int(std::nearbyint(f)) + zp);
+  }
+  return out;
+}
+
+std::vector<int8_t> random_int8(size_t count, int lo = -128, int hi = 127) {
+  std::vector<int8_t> v(count);
+  for (auto& x : v) x = int8_t(uniform(lo, hi));
+  return v;
+}
+
+// Creates a plan of `c` for every int8 path and runs it on each input (exact-size buffers, so
+// the sanitizers see any access outside them) with 1-3 threads.
+void check_int8_case(const Int8Case& c, const std::vector<N2uqConvShape>& shapes, const char* what) {
+  std::vector<std::vector<int8_t>> inputs;
+  std::vector<std::vector<int8_t>> expected;
+  for (const N2uqConvShape& s : shapes) {
+    inputs.push_back(random_int8(size_t(s.batch) * s.in_height * s.in_width * s.in_channels));
+    if (uniform(0, 4) == 0)  // inputs all at one end: row bytes 0x00 / 0xFF, the widest sums
+      std::fill(inputs.back().begin(), inputs.back().end(), int8_t(uniform(0, 1) ? 127 : -128));
+    expected.push_back(naive_int8_requantize(c, naive_int8_acc(c, s, inputs.back())));
+  }
+  for (const Int8Combo& combo : int8_combos()) {
+    N2uqInt8ConvPlan* plan = nullptr;
+    char err[256] = "";
+    int rc = n2uq_int8_conv_plan_create(&c.s, c.w.data(), int64_t(c.w.size()), c.bias.empty() ? nullptr : c.bias.data(),
+                                        int64_t(c.bias.size()), c.scales.data(), int64_t(c.scales.size()), &c.p,
+                                        combo.isa, combo.path, &plan, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && plan != nullptr, "%s: int8 plan_create isa=%s path=%s: %s", what,
+           n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), err);
+    if (plan == nullptr) continue;
+    int isa = -1, path = -1;
+    EXPECT(n2uq_int8_conv_plan_info(plan, &isa, &path) == N2UQ_OK && isa == combo.isa && path == combo.path,
+           "%s: int8 plan_info isa %d path %d, asked %d %d", what, isa, path, combo.isa, combo.path);
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const N2uqConvShape& s = shapes[i];
+      for (int threads = 1; threads <= 3; ++threads) {
+        std::vector<int8_t> got(expected[i].size(), int8_t(-77));
+        rc = n2uq_int8_conv_plan_run(plan, &s, inputs[i].data(), int64_t(inputs[i].size()), got.data(),
+                                     int64_t(got.size()), threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "%s: int8 plan_run returned %d: %s", what, rc, err);
+        if (rc != N2UQ_OK) continue;
+        for (size_t j = 0; j < got.size(); ++j)
+          if (got[j] != expected[i][j]) {
+            EXPECT(false,
+                   "%s: int8 conv isa=%s path=%s threads=%d index %zu: %d vs %d (N=%d %dx%d C=%d OC=%d k%dx%d s%dx%d "
+                   "d%dx%d pads %d %d %d %d zp %d %d range %d..%d scales %zu bias %d)",
+                   what, n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), threads, j, got[j], expected[i][j],
+                   s.batch, s.in_height, s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width,
+                   s.stride_height, s.stride_width, s.dilation_height, s.dilation_width, s.pad_top, s.pad_bottom,
+                   s.pad_left, s.pad_right, c.p.input_zero_point, c.p.output_zero_point, c.p.output_min,
+                   c.p.output_max, c.scales.size(), int(!c.bias.empty()));
+            break;
+          }
+      }
+    }
+    n2uq_int8_conv_plan_destroy(plan);
+  }
+}
+
+int pick_zero_point() {
+  const int kind = uniform(0, 2);
+  return kind == 0 ? -128 : kind == 1 ? 127 : uniform(-128, 127);
+}
+
+void run_int8_case() {
+  static const int channel_choices[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 19, 64, 65, 130};
+  static const int wide_out[] = {32, 33, 64, 70};
+  Int8Case c{};
+  N2uqConvShape& s = c.s;
+  s.batch = uniform(1, 2);
+  s.in_channels = channel_choices[uniform(0, int(sizeof channel_choices / sizeof(int)) - 1)];
+  s.out_channels = uniform(0, 2) == 0 ? wide_out[uniform(0, 3)] : uniform(1, 19);
+  s.kernel_height = uniform(1, 7);
+  s.kernel_width = uniform(1, 7);
+  s.stride_height = uniform(1, 3);
+  s.stride_width = uniform(1, 3);
+  s.dilation_height = uniform(1, 2);
+  s.dilation_width = uniform(1, 2);
+  const int eh = (s.kernel_height - 1) * s.dilation_height, ew = (s.kernel_width - 1) * s.dilation_width;
+  s.pad_top = uniform(0, eh);
+  s.pad_bottom = uniform(0, eh);
+  s.pad_left = uniform(0, ew);
+  s.pad_right = uniform(0, ew);
+  s.in_height = uniform(1, 6) + std::max(0, eh - s.pad_top - s.pad_bottom);
+  s.in_width = uniform(1, 16) + std::max(0, ew - s.pad_left - s.pad_right);
+  s.act_bits = uniform(-5, 9);  // ignored by the int8 conv
+  s.weight_bits = uniform(-5, 9);
+  c.w = random_int8(size_t(s.out_channels) * s.kernel_height * s.kernel_width * s.in_channels,
+                    uniform(0, 2) == 0 ? -128 : -127);
+  if (uniform(0, 3) != 0) {
+    c.bias.resize(size_t(s.out_channels));
+    for (auto& b : c.bias) b = uniform(-20000, 20000);
+  }
+  c.p.input_zero_point = pick_zero_point();
+  c.p.output_zero_point = pick_zero_point();
+  c.p.input_scale = std::uniform_real_distribution<float>(0.005f, 0.05f)(rng);
+  c.scales.resize(uniform(0, 2) == 0 ? 1 : size_t(s.out_channels));
+  for (auto& f : c.scales) f = std::uniform_real_distribution<float>(0.005f, 0.02f)(rng);
+  // The output scale from the spread of the accumulators (so rounding and both clamps occur).
+  std::vector<N2uqConvShape> shapes{s};
+  N2uqConvShape other = s;
+  other.batch = 3 - s.batch;
+  other.in_height += uniform(0, 3);
+  other.in_width += uniform(0, 9);
+  shapes.push_back(other);
+  const std::vector<int8_t> probe = random_int8(size_t(s.batch) * s.in_height * s.in_width * s.in_channels);
+  double sq = 0;
+  const std::vector<int64_t> acc = naive_int8_acc(c, s, probe);
+  for (int64_t a : acc) sq += double(a) * double(a);
+  const double rms = std::max(1.0, std::sqrt(sq / double(acc.size())));
+  c.p.output_scale = float(double(c.p.input_scale) * 0.0125 * rms / 30.0);
+  const int zp = c.p.output_zero_point, kind = uniform(0, 4);
+  c.p.output_min = kind == 1 ? zp : kind == 2 ? std::max(-128, zp - 4) : kind == 4 ? uniform(-128, 127) : -128;
+  c.p.output_max = kind == 2 ? std::min(127, zp + 4) : kind == 3 ? std::min(127, zp + 12) : 127;
+  if (kind == 3) c.p.output_min = zp;
+  if (kind == 4) c.p.output_max = c.p.output_min;
+  check_int8_case(c, shapes, "random");
+}
+
+// Fixed shapes: the ResNet stem (7x7/2, 3 -> 64 at 224 x 224, TF 'same' pads), receptive fields
+// of exactly 64 bytes (4x4x4, 1x1x64) and one over, pixel counts around the 32-pixel blocks.
+void run_int8_fixed_cases() {
+  static const int kShapes[][8] = {  // H, W, C, OC, KH, KW, stride, pad (top/left; bottom/right one more)
+      {224, 224, 3, 64, 7, 7, 2, 2}, {8, 12, 4, 16, 4, 4, 1, 1}, {5, 13, 64, 17, 1, 1, 1, 0},
+      {6, 7, 65, 33, 1, 1, 2, 0},    {9, 9, 8, 31, 2, 4, 1, 0},  {3, 11, 1, 5, 1, 1, 1, 0}};
+  for (const auto& d : kShapes) {
+    Int8Case c{};
+    N2uqConvShape& s = c.s;
+    s.batch = 1;
+    s.in_height = d[0];
+    s.in_width = d[1];
+    s.in_channels = d[2];
+    s.out_channels = d[3];
+    s.kernel_height = d[4];
+    s.kernel_width = d[5];
+    s.stride_height = s.stride_width = d[6];
+    s.dilation_height = s.dilation_width = 1;
+    s.pad_top = s.pad_left = d[7];
+    s.pad_bottom = std::min(d[7] + 1, d[4] - 1);
+    s.pad_right = std::min(d[7] + 1, d[5] - 1);
+    c.w = random_int8(size_t(s.out_channels) * s.kernel_height * s.kernel_width * s.in_channels, -127);
+    c.bias.resize(size_t(s.out_channels));
+    for (auto& b : c.bias) b = uniform(-3000, 3000);
+    c.scales.resize(size_t(s.out_channels));
+    for (auto& f : c.scales) f = std::uniform_real_distribution<float>(0.002f, 0.02f)(rng);
+    c.p = N2uqInt8ConvParams{0.0187f, -9, 0.3f * std::sqrt(float(s.in_channels * s.kernel_height * s.kernel_width) /
+                                                              147.f), -128, -128, 127};
+    check_int8_case(c, {s}, "fixed");
+  }
+}
+
+// Exact ties: scale 1 * 0.5 / 1 = 0.5 on a 1x1 conv with weight 1, so outputs are rne(x / 2) + zp
+// (half to even, as XNNPACK; TFLite's reference kernels would round away from zero).
+void run_int8_ties() {
+  const int8_t x[] = {-9, -7, -5, -3, -1, 0, 1, 3, 5, 7, 9, 11, 127, -128};
+  const int want[] = {-4, -4, -2, -2, 0, 0, 0, 2, 2, 4, 4, 6, 64, -64};
+  const int count = int(sizeof x);
+  N2uqConvShape s{};
+  s.batch = s.in_height = s.in_channels = s.out_channels = s.kernel_height = s.kernel_width = 1;
+  s.in_width = count;
+  s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  const int8_t w = 1;
+  const float scale = 0.5f;
+  for (const Int8Combo& combo : int8_combos())
+    for (int zp : {0, 3, -7}) {
+      const N2uqInt8ConvParams p{1.0f, 0, 1.0f, zp, -128, 127};
+      N2uqInt8ConvPlan* plan = nullptr;
+      char err[256] = "";
+      int rc = n2uq_int8_conv_plan_create(&s, &w, 1, nullptr, 0, &scale, 1, &p, combo.isa, combo.path, &plan, err,
+                                          sizeof err);
+      EXPECT(rc == N2UQ_OK, "ties plan: %s", err);
+      if (rc != N2UQ_OK) continue;
+      std::vector<int8_t> out(size_t(count), int8_t(99));
+      rc = n2uq_int8_conv_plan_run(plan, &s, x, count, out.data(), count, 2, err, sizeof err);
+      EXPECT(rc == N2UQ_OK, "ties run: %s", err);
+      for (int i = 0; i < count && rc == N2UQ_OK; ++i)
+        EXPECT(out[size_t(i)] == want[i] + zp, "ties isa=%s path=%s zp=%d: x=%d gave %d, want %d",
+               n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), zp, x[i], out[size_t(i)], want[i] + zp);
+      n2uq_int8_conv_plan_destroy(plan);
+    }
+}
+
+// Every malformed int8 call returns an error status with a message, never crashes or touches
+// memory outside the exact-size buffers, leaves *plan NULL and the output unwritten.
+void run_int8_malformed() {
+  N2uqConvShape good{};
+  good.batch = 1;
+  good.in_height = good.in_width = 5;
+  good.in_channels = 3;
+  good.out_channels = 5;
+  good.kernel_height = good.kernel_width = 3;
+  good.stride_height = good.stride_width = good.dilation_height = good.dilation_width = 1;
+  good.pad_top = good.pad_bottom = good.pad_left = good.pad_right = 1;
+  const std::vector<int8_t> w = random_int8(5 * 9 * 3, -127), x = random_int8(75);
+  const std::vector<int32_t> bias(5, 7);
+  const std::vector<float> scales(5, 0.01f);
+  const N2uqInt8ConvParams params{0.02f, 3, 0.1f, -2, -128, 127};
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  struct Create {
+    const N2uqConvShape* shape;
+    const int8_t* filter;
+    int64_t filter_len;
+    const int32_t* bias;
+    int64_t bias_len;
+    const float* scales;
+    int64_t scales_len;
+    const N2uqInt8ConvParams* params;
+    int isa, path;
+    bool out;
+  };
+  const Create base{&good, w.data(), 135, bias.data(), 5, scales.data(), 5, &params, 0, 0, true};
+  auto create = [&](const Create& a, int status, const char* expect) {
+    int sentinel = 0;
+    N2uqInt8ConvPlan* plan = reinterpret_cast<N2uqInt8ConvPlan*>(&sentinel);  // must become NULL
+    char err[256] = "";
+    const int rc = n2uq_int8_conv_plan_create(a.shape, a.filter, a.filter_len, a.bias, a.bias_len, a.scales,
+                                              a.scales_len, a.params, a.isa, a.path, a.out ? &plan : nullptr, err,
+                                              sizeof err);
+    EXPECT(rc == status && std::strstr(err, expect) != nullptr && (!a.out || (plan != nullptr) == (rc == N2UQ_OK)),
+           "int8 create (%s): rc=%d msg='%s'", expect, rc, err);
+    if (rc == N2UQ_OK && a.out) n2uq_int8_conv_plan_destroy(plan);
+  };
+  Create a = base;
+  a.shape = nullptr;
+  create(a, N2UQ_ERR_ARGUMENT, "shape is NULL");
+  a = base;
+  a.out = false;
+  create(a, N2UQ_ERR_ARGUMENT, "plan pointer is NULL");
+  a = base;
+  a.params = nullptr;
+  create(a, N2UQ_ERR_ARGUMENT, "params is NULL");
+  a = base;
+  a.filter = nullptr;
+  create(a, N2UQ_ERR_BUFFER, "filter must hold");
+  a = base;
+  a.filter_len = 134;
+  create(a, N2UQ_ERR_BUFFER, "= 135 int8 values, got 134");
+  a.filter_len = 136;
+  create(a, N2UQ_ERR_BUFFER, "= 135 int8 values, got 136");
+  a.filter_len = -1;
+  create(a, N2UQ_ERR_BUFFER, "got -1");
+  a = base;
+  a.bias_len = 4;
+  create(a, N2UQ_ERR_BUFFER, "bias must hold out_channels = 5 values, got 4");
+  a = base;
+  a.scales = nullptr;
+  create(a, N2UQ_ERR_BUFFER, "filter_scales must hold");
+  a = base;
+  a.scales_len = 0;
+  create(a, N2UQ_ERR_BUFFER, "got 0");
+  a.scales_len = 2;
+  create(a, N2UQ_ERR_BUFFER, "got 2");
+  a = base;
+  a.isa = 99;
+  create(a, N2UQ_ERR_ARGUMENT, "");
+  a = base;
+  a.path = 7;
+  create(a, N2UQ_ERR_ARGUMENT, "unknown path");
+  a.path = -1;
+  create(a, N2UQ_ERR_ARGUMENT, "unknown path");
+  a = base;
+  a.isa = N2UQ_ISA_PORTABLE;
+  a.path = N2UQ_PATH_AMX;
+  create(a, N2UQ_ERR_UNSUPPORTED, "amx path is not available");
+  for (int path : {N2UQ_PATH_BITSERIAL, N2UQ_PATH_LUT}) {  // paths the int8 conv lacks: the automatic choice
+    a = base;
+    a.path = path;
+    create(a, N2UQ_OK, "");
+  }
+  a = base;
+  a.bias = nullptr;
+  a.bias_len = 0;
+  create(a, N2UQ_OK, "");
+  a.scales_len = 1;
+  create(a, N2UQ_OK, "");
+  for (float bad : {0.f, -0.01f, nan, inf, -inf}) {
+    std::vector<float> s2 = scales;
+    s2[3] = bad;
+    a = base;
+    a.scales = s2.data();
+    create(a, N2UQ_ERR_ARGUMENT, "filter scale 3 must be finite and > 0");
+    N2uqInt8ConvParams p = params;
+    p.input_scale = bad;
+    a = base;
+    a.params = &p;
+    create(a, N2UQ_ERR_ARGUMENT, "input_scale must be finite and > 0");
+    p = params;
+    p.output_scale = bad;
+    create(a, N2UQ_ERR_ARGUMENT, "output_scale must be finite and > 0");
+  }
+  {
+    N2uqInt8ConvParams p = params;
+    a = base;
+    a.params = &p;
+    for (int zp : {-129, 128, INT32_MIN, INT32_MAX}) {
+      p = params;
+      p.input_zero_point = zp;
+      create(a, N2UQ_ERR_ARGUMENT, "input_zero_point must be in -128..127");
+      p = params;
+      p.output_zero_point = zp;
+      create(a, N2UQ_ERR_ARGUMENT, "output_zero_point must be in -128..127");
+    }
+    const int ranges[][2] = {{5, 4}, {-129, 0}, {0, 128}, {127, -128}, {INT32_MIN, INT32_MAX}};
+    for (const auto& r : ranges) {
+      p = params;
+      p.output_min = r[0];
+      p.output_max = r[1];
+      create(a, N2UQ_ERR_ARGUMENT, "need -128 <= output_min <= output_max <= 127");
+    }
+    p = params;
+    p.output_min = p.output_max = 127;
+    create(a, N2UQ_OK, "");
+  }
+  // Bad shapes: each field out of range, paddings past the kernel, a kernel past the input, a
+  // receptive field over 2^20 bytes.
+  struct ShapeEdit {
+    int32_t N2uqConvShape::*field;
+    int32_t value;
+    const char* expect;
+  };
+  const ShapeEdit edits[] = {{&N2uqConvShape::batch, 0, "batch"},
+                             {&N2uqConvShape::batch, -3, "batch"},
+                             {&N2uqConvShape::in_height, 0, "in_height"},
+                             {&N2uqConvShape::in_width, -1, "in_width"},
+                             {&N2uqConvShape::in_channels, 0, "in_channels"},
+                             {&N2uqConvShape::in_channels, INT32_MAX, "in_channels"},
+                             {&N2uqConvShape::out_channels, 0, "out_channels"},
+                             {&N2uqConvShape::kernel_height, 0, "kernel_height"},
+                             {&N2uqConvShape::kernel_width, -7, "kernel_width"},
+                             {&N2uqConvShape::stride_height, 0, "stride_height"},
+                             {&N2uqConvShape::stride_width, 1025, "stride_width"},
+                             {&N2uqConvShape::dilation_height, 0, "dilation_height"},
+                             {&N2uqConvShape::dilation_width, INT32_MIN, "dilation_width"},
+                             {&N2uqConvShape::pad_top, -1, "pad_top"},
+                             {&N2uqConvShape::pad_left, 3, "pad_left"},
+                             {&N2uqConvShape::pad_right, INT32_MAX, "pad_right"},
+                             {&N2uqConvShape::kernel_height, 9, "larger than the padded input"}};
+  for (const ShapeEdit& e : edits) {
+    N2uqConvShape s = good;
+    s.*e.field = e.value;
+    a = base;
+    a.shape = &s;
+    create(a, N2UQ_ERR_ARGUMENT, e.expect);
+  }
+  {
+    N2uqConvShape s = good;
+    s.in_channels = (1 << 20) + 1;
+    s.kernel_height = s.kernel_width = 1;
+    s.in_height = s.in_width = 1;
+    s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 0;
+    a = base;
+    a.shape = &s;
+    create(a, N2UQ_ERR_UNSUPPORTED, "a receptive field of 1048577 bytes");
+    s.in_channels = 1 << 18;
+    s.kernel_height = 2;
+    s.in_height = 2;
+    s.kernel_width = 3;
+    s.in_width = 3;
+    create(a, N2UQ_ERR_UNSUPPORTED, "a receptive field of 1572864 bytes");
+  }
+  // Runs.
+  N2uqInt8ConvPlan* plan = nullptr;
+  char err[256] = "";
+  int rc = n2uq_int8_conv_plan_create(&good, w.data(), 135, bias.data(), 5, scales.data(), 5, &params, 0, 0, &plan,
+                                      err, sizeof err);
+  EXPECT(rc == N2UQ_OK && plan != nullptr, "int8 good plan: %s", err);
+  if (plan == nullptr) return;
+  std::vector<int8_t> out(125, int8_t(99));
+  auto run = [&](const N2uqInt8ConvPlan* p, const N2uqConvShape* s, const int8_t* in, int64_t in_len, int8_t* o,
+                 int64_t out_len, int threads, int status, const char* expect) {
+    std::fill(out.begin(), out.end(), int8_t(99));
+    char e[256] = "";
+    const int r = n2uq_int8_conv_plan_run(p, s, in, in_len, o, out_len, threads, e, sizeof e);
+    EXPECT(r == status && std::strstr(e, expect) != nullptr, "int8 run malformed (%s): rc=%d msg='%s'", expect, r, e);
+    if (status != N2UQ_OK)
+      EXPECT(std::count(out.begin(), out.end(), int8_t(99)) == 125, "int8 run (%s) wrote its output", expect);
+  };
+  run(plan, &good, x.data(), 75, out.data(), 125, 1, N2UQ_OK, "");
+  run(nullptr, &good, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_ARGUMENT, "plan is NULL");
+  run(plan, nullptr, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_ARGUMENT, "shape is NULL");
+  run(plan, &good, nullptr, 75, out.data(), 125, 1, N2UQ_ERR_BUFFER, "input has");
+  run(plan, &good, x.data(), 74, out.data(), 125, 1, N2UQ_ERR_BUFFER, "input has 74 values, the shape needs 75");
+  run(plan, &good, x.data(), -75, out.data(), 125, 1, N2UQ_ERR_BUFFER, "input has");
+  run(plan, &good, x.data(), 75, nullptr, 125, 1, N2UQ_ERR_BUFFER, "output has");
+  run(plan, &good, x.data(), 75, out.data(), 124, 1, N2UQ_ERR_BUFFER, "output has 124 values, the shape needs 125");
+  for (int threads : {0, -1, N2UQ_MAX_THREADS + 1})
+    run(plan, &good, x.data(), 75, out.data(), 125, threads, N2UQ_ERR_ARGUMENT, "num_threads");
+  for (const ShapeEdit& e : edits) {
+    N2uqConvShape s = good;
+    s.*e.field = e.value;
+    run(plan, &s, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_ARGUMENT, "");
+  }
+  const ShapeEdit other_filter[] = {{&N2uqConvShape::in_channels, 4, "is not the plan's"},
+                                    {&N2uqConvShape::out_channels, 4, "is not the plan's"},
+                                    {&N2uqConvShape::kernel_width, 2, "is not the plan's"},
+                                    {&N2uqConvShape::kernel_height, 1, "is not the plan's"}};
+  for (const ShapeEdit& e : other_filter) {
+    N2uqConvShape s = good;
+    s.*e.field = e.value;
+    if (s.kernel_height == 1) s.pad_top = s.pad_bottom = 0;
+    run(plan, &s, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_ARGUMENT, e.expect);
+  }
+  {
+    N2uqConvShape s = good;
+    s.in_height = 9;  // a larger input than the buffers hold
+    run(plan, &s, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_BUFFER, "input has 75 values, the shape needs 135");
+    s = good;
+    s.batch = 2;
+    run(plan, &s, x.data(), 75, out.data(), 125, 1, N2UQ_ERR_BUFFER, "input has");
+    s = good;
+    s.pad_top = s.pad_bottom = s.pad_left = s.pad_right = 0;  // 3 x 3 outputs: 45 bytes suffice
+    run(plan, &s, x.data(), 75, out.data(), 45, 1, N2UQ_OK, "");
+    EXPECT(std::count(out.begin() + 45, out.end(), int8_t(99)) == 80, "int8 run wrote past its output");
+  }
+  int isa = -1, path = -1;
+  EXPECT(n2uq_int8_conv_plan_info(nullptr, &isa, &path) == N2UQ_ERR_ARGUMENT && isa == -1 && path == -1,
+         "int8 info NULL plan");
+  EXPECT(n2uq_int8_conv_plan_info(plan, nullptr, nullptr) == N2UQ_OK, "int8 info NULL outputs");
+  char tiny[4];
+  EXPECT(n2uq_int8_conv_plan_run(nullptr, &good, x.data(), 75, out.data(), 125, 1, tiny, sizeof tiny) ==
+                 N2UQ_ERR_ARGUMENT && std::strlen(tiny) == 3,
+         "int8 tiny error buffer");
+  EXPECT(n2uq_int8_conv_plan_run(plan, &good, x.data(), 74, out.data(), 125, 1, nullptr, 0) == N2UQ_ERR_BUFFER,
+         "int8 null error buffer");
+  n2uq_int8_conv_plan_destroy(plan);
+  n2uq_int8_conv_plan_destroy(nullptr);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -829,6 +1331,9 @@ int main(int argc, char** argv) {
   std::string names, paths;
   for (int isa : isas()) names += std::string(" ") + n2uq_isa_name(isa);
   for (const Combo& c : combos()) paths += std::string(" ") + n2uq_isa_name(c.isa) + "/" + n2uq_path_name(c.path);
+  std::string int8_paths;
+  for (const Int8Combo& c : int8_combos())
+    int8_paths += std::string(" ") + n2uq_isa_name(c.isa) + "/" + n2uq_path_name(c.path);
   for (int i = 0; i < cases; ++i) run_conv_case(false);
   run_winograd_tail_cases();
   // 3x3 stride-1 shapes: every ISA's dot path runs them in Winograd form.
@@ -838,13 +1343,17 @@ int main(int argc, char** argv) {
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
   for (int i = 0; i < 2 * cases; ++i) run_quantize_case();
   run_pool_cases();
+  for (int i = 0; i < cases / 2 + 1; ++i) run_int8_case();
+  run_int8_fixed_cases();
+  run_int8_ties();
   run_malformed();
   run_pool_malformed();
+  run_int8_malformed();
   if (failures) {
     std::printf("selftest: %d failures\n", failures);
     return 1;
   }
-  std::printf("selftest: OK, %d conv cases on ISAs:%s; paths:%s; amx: %s; cpu: %s\n", cases, names.c_str(),
-              paths.c_str(), n2uq_amx_status(), n2uq_cpu_features());
+  std::printf("selftest: OK, %d conv cases on ISAs:%s; paths:%s; int8 conv paths:%s; amx: %s; cpu: %s\n", cases,
+              names.c_str(), paths.c_str(), int8_paths.c_str(), n2uq_amx_status(), n2uq_cpu_features());
   return 0;
 }

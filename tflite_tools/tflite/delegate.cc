@@ -43,10 +43,14 @@ const char* const kOpNames[kNumOps] = {"N2UQQuantizePack", "N2UQQuantize", "N2UQ
                                        "N2UQFullyConnectedFused", "N2UQMaxPool2DFused"};
 // Builtin CONV_2D nodes in int8 the delegate runs (DelegatePrepare, "int8 convolutions"): a kind
 // past the custom ops, with no registration of its own.
-const int kInt8Conv2D = kNumOps;
+const int kInt8Conv2D = kNumOps, kFloatConv2D = kNumOps + 1;
 const char* OpName(int kind) {
-  return kind >= 0 && kind < kNumOps ? kOpNames[kind] : kind == kInt8Conv2D ? "CONV_2D (int8)" : "N2UQ op";
+  return kind >= 0 && kind < kNumOps ? kOpNames[kind]
+         : kind == kInt8Conv2D       ? "CONV_2D (int8)"
+         : kind == kFloatConv2D      ? "CONV_2D (float)"
+                                     : "N2UQ op";
 }
+bool IsBuiltinConv(int kind) { return kind == kInt8Conv2D || kind == kFloatConv2D; }
 bool IsFused(int kind) {
   return kind == kConv2DFused || kind == kDepthwiseFused || kind == kFullyConnectedFused || kind == kMaxPool2DFused;
 }
@@ -107,20 +111,21 @@ int OpKindOf(const char* name) {
   return -1;
 }
 
-// Which builtin int8 CONV_2D nodes the delegate claims: none, those over few input channels where
-// an AMX or AVX-512 VNNI kernel runs them (auto), or every one it supports (all: tests, and the
-// portable kernel).
-enum { kInt8ConvOff = 0, kInt8ConvAuto = 1, kInt8ConvAll = 2 };
-// auto: at most this many input channels. TFLite's int8 kernels vectorise over input channels, so
-// an image stem (3) runs them at a fraction of their rate (53 GMAC/s on an AMX Xeon, against
-// 780-1060 on 3x3 layers of 64+ channels), while the im2col GEMM here does not care.
-const int kInt8ConvAutoMaxChannels = 8;
+// Which builtin CONV_2D nodes the delegate claims, per type (int8_conv, float_conv): none, those
+// over few input channels where an AVX-512 kernel runs them (auto: AMX or VNNI for int8, FMA for
+// float), or every one it supports (all: tests, and the portable kernels).
+enum { kBuiltinConvOff = 0, kBuiltinConvAuto = 1, kBuiltinConvAll = 2 };
+// auto: at most this many input channels. TFLite's kernels vectorise over input channels, so an
+// image stem (3) runs them at a fraction of their rate (on an AMX Xeon: int8 53 GMAC/s against
+// 780-1060 on 3x3 layers of 64+ channels, float32 about 57 of the core's 105), while the kernels
+// here block over pixels and output channels.
+const int kBuiltinConvAutoMaxChannels = 8;
 
 struct Settings {
   int num_threads = 0;  // 0: the interpreter's recommended_num_threads
   int isa = N2UQ_ISA_AUTO;
   int path = N2UQ_PATH_AUTO;  // conv / fully connected kernel path (n2uq_core.h)
-  int int8_conv = kInt8ConvAuto;
+  int int8_conv = kBuiltinConvAuto, float_conv = kBuiltinConvAuto;
   bool abi_probe = false;
 };
 
@@ -149,8 +154,9 @@ struct ClaimedNode {
   int node_index = -1;
   std::vector<int> inputs, outputs;
   std::vector<uint8_t> options;
-  // kInt8Conv2D: the plan made while claiming, and the node's options
+  // kInt8Conv2D / kFloatConv2D: the plan made while claiming, and the node's options
   Int8ConvPlanPtr int8_plan;
+  std::shared_ptr<N2uqFloatConvPlan> float_plan;
   N2uqTfLiteConvParams conv_params = {};
 };
 
@@ -189,8 +195,9 @@ struct Kernel {
   N2uqConvShape fc_shape = {};           // FC: the plan's shape (batch from the input)
   N2uqPoolShape pool = {};               // max pool: options, then the input's size at prepare
   std::vector<uint8_t> weight_codes;     // depthwise: plain codes
-  Int8ConvPlanPtr int8_plan;             // kInt8Conv2D: the filter prepared once (ClaimInt8Conv)
-  N2uqTfLiteConvParams conv_params = {};  // kInt8Conv2D: padding and strides
+  Int8ConvPlanPtr int8_plan;             // kInt8Conv2D: the filter prepared once (ClaimBuiltinConv)
+  std::shared_ptr<N2uqFloatConvPlan> float_plan;  // kFloatConv2D: likewise
+  N2uqTfLiteConvParams conv_params = {};  // kInt8Conv2D / kFloatConv2D: padding and strides
   std::shared_ptr<ProfileEntry> profile;
   std::string label;
 };
@@ -356,7 +363,7 @@ Kernel* NewKernel(int kind, const uint8_t* options, size_t size) {
   k->kind = kind;
   k->label = OpName(kind);
   std::string err;
-  if (kind != kInt8Conv2D && !ParseOptions(k, options, size, &err)) k->init_error = err;
+  if (!IsBuiltinConv(kind) && !ParseOptions(k, options, size, &err)) k->init_error = err;
   return k;
 }
 
@@ -380,6 +387,7 @@ void* DelegateKernelInit(N2uqTfLiteContext* ctx, const char* buffer, size_t) {
   k->inputs = node.inputs;
   k->outputs = node.outputs;
   k->int8_plan = node.int8_plan;
+  k->float_plan = node.float_plan;
   k->conv_params = node.conv_params;
   RegisterProfile(k, ctx);
   if (k->int8_plan) {
@@ -952,10 +960,80 @@ int32_t QuantizeBound(float value, float scale, int32_t zero_point) {
   return int32_t(lrintf(fminf(fmaxf(value / scale + float(zero_point), -128.0f), 127.0f)));
 }
 
-bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
-  if (settings.int8_conv == kInt8ConvOff || node->builtin_data == nullptr || node->inputs == nullptr ||
-      node->outputs == nullptr || node->inputs->size < 2 || node->inputs->size > 3 || node->outputs->size != 1)
+// The float range of a fused activation (XNNPACK's clamp; none: unbounded), false for others.
+bool ActivationRange(int activation, float* lo, float* hi) {
+  *lo = -INFINITY, *hi = INFINITY;
+  switch (activation) {
+    case kN2uqTfLiteActNone: return true;
+    case kN2uqTfLiteActRelu: *lo = 0.0f; return true;
+    case kN2uqTfLiteActReluN1To1: *lo = -1.0f, *hi = 1.0f; return true;
+    case kN2uqTfLiteActRelu6: *lo = 0.0f, *hi = 6.0f; return true;
+    default: return false;
+  }
+}
+
+// The plan's shape for a filter: one image the size of the dilated filter (any input size runs).
+N2uqConvShape FilterShape(const N2uqTfLiteConvParams* p, int oc, int kh, int kw, int ic) {
+  N2uqConvShape s = {};
+  s.batch = 1;
+  s.in_height = (kh - 1) * p->dilation_height_factor + 1;
+  s.in_width = (kw - 1) * p->dilation_width_factor + 1;
+  s.in_channels = ic;
+  s.out_channels = oc;
+  s.kernel_height = kh;
+  s.kernel_width = kw;
+  s.stride_height = p->stride_height;
+  s.stride_width = p->stride_width;
+  s.dilation_height = p->dilation_height_factor;
+  s.dilation_width = p->dilation_width_factor;
+  return s;
+}
+
+// A float32 CONV_2D (runs with n2uq_float_conv_plan_*: TFLite's result up to float rounding).
+bool ClaimFloatConv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
+  auto tensor = [&](int index) -> const N2uqTfLiteTensor* {
+    return index >= 0 && size_t(index) < ctx->tensors_size ? &ctx->tensors[index] : nullptr;
+  };
+  const int bias_index = node->inputs->size == 3 ? node->inputs->data[2] : -1;
+  const N2uqTfLiteTensor *x = tensor(node->inputs->data[0]), *w = tensor(node->inputs->data[1]),
+                         *b = tensor(bias_index), *y = tensor(node->outputs->data[0]);
+  if (!x || !w || !y || (bias_index >= 0 && !b)) return false;
+  if (x->type != kN2uqTfLiteFloat32 || w->type != kN2uqTfLiteFloat32 || y->type != kN2uqTfLiteFloat32) return false;
+  for (const N2uqTfLiteTensor* t : {x, w, y})
+    if (t->dims == nullptr || t->dims->size != 4) return false;
+  const int oc = w->dims->data[0], kh = w->dims->data[1], kw = w->dims->data[2], ic = w->dims->data[3];
+  if (oc < 1 || kh < 1 || kw < 1 || ic < 1 || ic != x->dims->data[3] || y->dims->data[3] != oc) return false;
+  if (!IsConstant(w) || w->data == nullptr || w->bytes != size_t(oc) * kh * kw * ic * 4) return false;
+  if (settings.float_conv == kBuiltinConvAuto && ic > kBuiltinConvAutoMaxChannels) return false;
+  if (b && (b->type != kN2uqTfLiteFloat32 || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
+            b->dims->size != 1 || b->dims->data[0] != oc || b->bytes != size_t(oc) * 4))
     return false;
+  const auto* p = static_cast<const N2uqTfLiteConvParams*>(node->builtin_data);
+  if (p->padding != kN2uqTfLitePaddingSame && p->padding != kN2uqTfLitePaddingValid) return false;
+  for (int v : {p->stride_width, p->stride_height, p->dilation_width_factor, p->dilation_height_factor})
+    if (v < 1 || v > 1024) return false;
+  float lo, hi;
+  if (!ActivationRange(p->activation, &lo, &hi)) return false;
+  const N2uqConvShape s = FilterShape(p, oc, kh, kw, ic);
+  N2uqFloatConvPlan* plan = nullptr;
+  char msg[256] = {0};
+  if (n2uq_float_conv_plan_create(&s, static_cast<const float*>(w->data), int64_t(w->bytes / 4),
+                                  b ? static_cast<const float*>(b->data) : nullptr, b ? oc : 0, lo, hi, settings.isa,
+                                  &plan, msg, sizeof(msg)) != N2UQ_OK)
+    return false;
+  std::shared_ptr<N2uqFloatConvPlan> holder(plan, n2uq_float_conv_plan_destroy);
+  int isa = N2UQ_ISA_PORTABLE;
+  n2uq_float_conv_plan_info(plan, &isa);
+  if (settings.float_conv == kBuiltinConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
+  c->kind = kFloatConv2D;
+  c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
+  c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  c->float_plan = holder;
+  c->conv_params = *p;
+  return true;
+}
+
+bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
   auto tensor = [&](int index) -> const N2uqTfLiteTensor* {
     return index >= 0 && size_t(index) < ctx->tensors_size ? &ctx->tensors[index] : nullptr;
   };
@@ -969,7 +1047,7 @@ bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Set
   const int oc = w->dims->data[0], kh = w->dims->data[1], kw = w->dims->data[2], ic = w->dims->data[3];
   if (oc < 1 || kh < 1 || kw < 1 || ic < 1 || ic != x->dims->data[3] || y->dims->data[3] != oc) return false;
   if (!IsConstant(w) || w->data == nullptr || w->bytes != size_t(oc) * kh * kw * ic) return false;
-  if (settings.int8_conv == kInt8ConvAuto && ic > kInt8ConvAutoMaxChannels) return false;
+  if (settings.int8_conv == kBuiltinConvAuto && ic > kBuiltinConvAutoMaxChannels) return false;
   if (b && (b->type != kN2uqTfLiteInt32 || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
             b->dims->size != 1 || b->dims->data[0] != oc || b->bytes != size_t(oc) * 4))
     return false;
@@ -984,14 +1062,8 @@ bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Set
   if (p->padding != kN2uqTfLitePaddingSame && p->padding != kN2uqTfLitePaddingValid) return false;
   for (int v : {p->stride_width, p->stride_height, p->dilation_width_factor, p->dilation_height_factor})
     if (v < 1 || v > 1024) return false;
-  float lo = -INFINITY, hi = INFINITY;
-  switch (p->activation) {
-    case kN2uqTfLiteActNone: break;
-    case kN2uqTfLiteActRelu: lo = 0.0f; break;
-    case kN2uqTfLiteActReluN1To1: lo = -1.0f, hi = 1.0f; break;
-    case kN2uqTfLiteActRelu6: lo = 0.0f, hi = 6.0f; break;
-    default: return false;
-  }
+  float lo, hi;
+  if (!ActivationRange(p->activation, &lo, &hi)) return false;
   N2uqInt8ConvParams q;
   q.input_scale = xq->scale->data[0];
   q.input_zero_point = xq->zero_point->data[0];
@@ -1004,18 +1076,7 @@ bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Set
   // then runs the node, so it is left to it.
   for (int o = 0; o < wq->scale->size; ++o)
     if (!(q.input_scale * wq->scale->data[o] / q.output_scale < 256.0f)) return false;
-  N2uqConvShape s = {};
-  s.batch = 1;
-  s.in_height = (kh - 1) * p->dilation_height_factor + 1;  // the plan's shape: any input size runs
-  s.in_width = (kw - 1) * p->dilation_width_factor + 1;
-  s.in_channels = ic;
-  s.out_channels = oc;
-  s.kernel_height = kh;
-  s.kernel_width = kw;
-  s.stride_height = p->stride_height;
-  s.stride_width = p->stride_width;
-  s.dilation_height = p->dilation_height_factor;
-  s.dilation_width = p->dilation_width_factor;
+  const N2uqConvShape s = FilterShape(p, oc, kh, kw, ic);
   N2uqInt8ConvPlan* plan = nullptr;
   char msg[256] = {0};
   if (n2uq_int8_conv_plan_create(&s, static_cast<const int8_t*>(w->data), int64_t(w->bytes),
@@ -1026,7 +1087,7 @@ bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Set
   Int8ConvPlanPtr holder(plan, n2uq_int8_conv_plan_destroy);
   int isa = N2UQ_ISA_PORTABLE;
   n2uq_int8_conv_plan_info(plan, &isa, nullptr);
-  if (settings.int8_conv == kInt8ConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
+  if (settings.int8_conv == kBuiltinConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
   c->kind = kInt8Conv2D;
   c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
   c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
@@ -1035,12 +1096,28 @@ bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Set
   return true;
 }
 
-bool PrepareInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
-  if (!k->int8_plan || io.inputs.size() < 2 || io.outputs.size() != 1) {
-    *err = "the int8 conv lost its plan or tensors";
+// A builtin CONV_2D node the settings let the delegate run: int8 or float32, else none.
+bool ClaimBuiltinConv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
+  if (node->builtin_data == nullptr || node->inputs == nullptr || node->outputs == nullptr ||
+      node->inputs->size < 2 || node->inputs->size > 3 || node->outputs->size != 1)
+    return false;
+  const int x = node->inputs->data[0];
+  if (x < 0 || size_t(x) >= ctx->tensors_size) return false;
+  const int type = ctx->tensors[x].type;
+  if (type == kN2uqTfLiteInt8) return settings.int8_conv != kBuiltinConvOff && ClaimInt8Conv(ctx, node, settings, c);
+  if (type == kN2uqTfLiteFloat32)
+    return settings.float_conv != kBuiltinConvOff && ClaimFloatConv(ctx, node, settings, c);
+  return false;
+}
+
+bool PrepareBuiltinConv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
+  const bool int8 = k->kind == kInt8Conv2D;
+  if ((int8 ? !k->int8_plan : !k->float_plan) || io.inputs.size() < 2 || io.outputs.size() != 1) {
+    *err = "the conv lost its plan or tensors";
     return false;
   }
-  N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteInt8, "input", err);
+  const int type = int8 ? kN2uqTfLiteInt8 : kN2uqTfLiteFloat32;
+  N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], type, "input", err);
   if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
   const N2uqTfLiteConvParams& p = k->conv_params;
   N2uqConvShape& s = k->conv;
@@ -1048,7 +1125,7 @@ bool PrepareInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::strin
     *err = "input shape " + DimsString(x->dims) + " must be 4-D (NHWC)";
     return false;
   }
-  const N2uqTfLiteTensor* filter = GetTensor(ctx, io.inputs[1], kN2uqTfLiteInt8, "filter", err);
+  const N2uqTfLiteTensor* filter = GetTensor(ctx, io.inputs[1], type, "filter", err);
   if (!filter || filter->dims->size != 4) {
     if (filter) *err = "filter shape " + DimsString(filter->dims) + " must be 4-D";
     return false;
@@ -1066,7 +1143,7 @@ bool PrepareInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::strin
   s.stride_width = p.stride_width;
   s.dilation_height = p.dilation_height_factor;
   s.dilation_width = p.dilation_width_factor;
-  s.act_bits = s.weight_bits = 1;  // ignored by the int8 conv; lets n2uq_conv2d_output_size check the rest
+  s.act_bits = s.weight_bits = 1;  // ignored by these convs; lets n2uq_conv2d_output_size check the rest
   if (p.padding == kN2uqTfLitePaddingSame) {
     SamePadding(s.in_height, s.kernel_height, s.stride_height, s.dilation_height, &s.pad_top, &s.pad_bottom);
     SamePadding(s.in_width, s.kernel_width, s.stride_width, s.dilation_width, &s.pad_left, &s.pad_right);
@@ -1082,12 +1159,12 @@ bool PrepareInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::strin
     *err = std::string("input shape ") + DimsString(x->dims) + ": " + msg;
     return false;
   }
-  N2uqTfLiteTensor* out = GetOutput(ctx, io, kN2uqTfLiteInt8, err);
+  N2uqTfLiteTensor* out = GetOutput(ctx, io, type, err);
   return out && Resize(ctx, out, {s.batch, oh, ow, s.out_channels}, err);
 }
 
-bool InvokeInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
-  if (io.inputs.empty() || io.outputs.size() != 1 || !k->int8_plan) {
+bool InvokeBuiltinConv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
+  if (io.inputs.empty() || io.outputs.size() != 1 || (k->kind == kInt8Conv2D ? !k->int8_plan : !k->float_plan)) {
     *err = "tensor lists changed after prepare";
     return false;
   }
@@ -1098,9 +1175,15 @@ bool InvokeInt8Conv(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string
     return false;
   }
   char msg[256] = {0};
-  if (n2uq_int8_conv_plan_run(k->int8_plan.get(), &k->conv, static_cast<const int8_t*>(x.data), int64_t(x.bytes),
-                              static_cast<int8_t*>(out.data), int64_t(out.bytes), Threads(k, ctx), msg,
-                              sizeof(msg)) != N2UQ_OK) {
+  const int status =
+      k->kind == kInt8Conv2D
+          ? n2uq_int8_conv_plan_run(k->int8_plan.get(), &k->conv, static_cast<const int8_t*>(x.data),
+                                    int64_t(x.bytes), static_cast<int8_t*>(out.data), int64_t(out.bytes),
+                                    Threads(k, ctx), msg, sizeof(msg))
+          : n2uq_float_conv_plan_run(k->float_plan.get(), &k->conv, static_cast<const float*>(x.data),
+                                     int64_t(x.bytes / 4), static_cast<float*>(out.data), int64_t(out.bytes / 4),
+                                     Threads(k, ctx), msg, sizeof(msg));
+  if (status != N2UQ_OK) {
     *err = msg;
     return false;
   }
@@ -1114,7 +1197,7 @@ int KernelPrepare(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   Io io;
   std::string err;
   if (!GetIo(k, node, &io, &err) ||
-      !(k->kind == kInt8Conv2D ? PrepareInt8Conv(ctx, k, io, &err) : PrepareImpl(ctx, k, io, &err)))
+      !(IsBuiltinConv(k->kind) ? PrepareBuiltinConv(ctx, k, io, &err) : PrepareImpl(ctx, k, io, &err)))
     return Report(ctx, k, err);
   return kN2uqTfLiteOk;
 }
@@ -1266,7 +1349,7 @@ int KernelInvoke(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   Io io;
   std::string err;
   char msg[512] = {0};
-  if (!GetIo(k, node, &io, &err) || !(k->kind == kInt8Conv2D ? InvokeInt8Conv(ctx, k, io, &err)
+  if (!GetIo(k, node, &io, &err) || !(IsBuiltinConv(k->kind) ? InvokeBuiltinConv(ctx, k, io, &err)
                                                                : InvokeImpl(ctx, k, io, msg, sizeof(msg), &err)))
     return Report(ctx, k, err);
   if (k->profile) {
@@ -1345,7 +1428,7 @@ int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
     if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kN2uqTfLiteOk || !node || !reg) continue;
     if (reg->builtin_code == kN2uqTfLiteBuiltinConv2d) {
       ClaimedNode c;
-      if (ClaimInt8Conv(ctx, node, d->settings, &c)) {
+      if (ClaimBuiltinConv(ctx, node, d->settings, &c)) {
         c.node_index = plan->data[i];
         claims.push_back(std::move(c));
       }
@@ -1426,21 +1509,21 @@ bool ParseSetting(Settings* s, const char* key, const char* value, std::string* 
     *err = "path must be auto, bitserial, dot, lut or amx, got '" + v + "'";
     return false;
   }
-  if (k == "int8_conv") {
+  if (k == "int8_conv" || k == "float_conv") {
     static const char* const names[] = {"off", "auto", "all"};
     for (int i = 0; i < 3; ++i)
       if (v == names[i]) {
-        s->int8_conv = i;
+        (k == "int8_conv" ? s->int8_conv : s->float_conv) = i;
         return true;
       }
-    *err = "int8_conv must be off, auto or all, got '" + v + "'";
+    *err = k + " must be off, auto or all, got '" + v + "'";
     return false;
   }
   if (k == "abi_probe") {
     s->abi_probe = v == "1" || v == "true" || v == "True";
     return true;
   }
-  *err = "unknown option '" + k + "' (known: num_threads, isa, path, int8_conv, abi_probe)";
+  *err = "unknown option '" + k + "' (known: num_threads, isa, path, int8_conv, float_conv, abi_probe)";
   return false;
 }
 
