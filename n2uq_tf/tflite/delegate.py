@@ -14,6 +14,11 @@ Delegate options (strings, as for any external delegate):
   isa          auto | portable | avx2 | avx512 | neon (default auto, see N2UQ_KERNEL_ISA)
   path         conv / fully-connected kernel path: auto | bitserial | dot | lut (default auto:
                N2UQ_KERNEL_PATH, else the fastest measured on each layer's shape at Prepare)
+  int8_conv    off | auto | all: which builtin int8 CONV_2D nodes the delegate runs (auto: those with
+               at most 8 input channels, e.g. an image stem, where an AMX or AVX-512 VNNI kernel runs
+               them; the bytes of TFLite's default XNNPACK run)
+  float_conv   off | auto | all: the same for float32 CONV_2D nodes (AVX-512 FMA; TFLite's result up
+               to float rounding)
   abi_probe    1: record the tensor/node table seen in Prepare (ABI self-test)
 
 Neither TensorFlow nor the exporter is imported here: `Interpreter` runs with ai_edge_litert alone.
@@ -109,7 +114,8 @@ def load_delegate(backend: str = "auto", **options: Any) -> Any:
     """The N2UQ delegate as a `Delegate` object of the chosen interpreter package.
 
     Options: num_threads (int, 0 = the interpreter's), isa ("auto", "portable", "avx2",
-    "avx512", "neon"), path ("auto", "bitserial", "dot", "lut", "amx"), abi_probe (bool). Pass the
+    "avx512", "neon"), path ("auto", "bitserial", "dot", "lut", "amx"), int8_conv and float_conv ("off",
+    "auto", "all": builtin CONV_2D nodes over few input channels the delegate runs), abi_probe (bool). Pass the
     result in `experimental_delegates`.
     """
     name, module = backend_module(backend)
