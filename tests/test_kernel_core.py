@@ -839,6 +839,10 @@ def test_cpp_selftest_under_asan_and_ubsan():
     assert "selftest: OK" in result.stdout
     for isa, path in _core.supported_combinations():
         assert f" {isa}/{path}" in result.stdout, (isa, path, result.stdout)
+    # The int8 conv (n2uq_int8_conv_plan_*) on each of its paths the CPU runs.
+    int8_paths = result.stdout.split("int8 conv paths:")[1].split(";")[0].split()
+    assert int8_paths == ["portable/dot"] + [f"avx512/{path}" for path in ("dot", "amx")
+                                             if ("avx512", path) in _core.supported_combinations()]
     # The amx path on the tile model (test_kernel_amx): the sanitizers see every tile load and
     # store address the hardware would use, on the Winograd tail shapes and the random cases.
     if "avx512vnni" in _core.cpu_features():
@@ -846,6 +850,12 @@ def test_cpp_selftest_under_asan_and_ubsan():
                                 timeout=3600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "selftest: OK" in result.stdout and " avx512/amx" in result.stdout and "amx: emulated" in result.stdout
+    # The int8 conv's per-pixel rows where its column-stacked rows would run (VBMI hidden).
+    if "avx512vbmi" in _core.cpu_features():
+        result = subprocess.run([binary, "30"], capture_output=True, text=True,
+                                env=dict(env, N2UQ_CPU_DISABLE="avx512vbmi"), timeout=3600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "selftest: OK" in result.stdout and "avx512vbmi" not in result.stdout.split("cpu:")[-1]
     # The fallback kernels (AVX2 without AVX-VNNI) under the sanitizers too.
     if "avx_vnni" in _core.cpu_features():
         env["N2UQ_CPU_DISABLE"] = "avx_vnni"

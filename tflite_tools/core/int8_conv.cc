@@ -81,9 +81,11 @@ void portable_blocks(const Int8ConvJob& j, const int8_t* plain, int64_t begin, i
       }
     for (int64_t oc = 0; oc < j.out_channels; ++oc) {
       const int8_t* w = plain + oc * kp;
-      int32_t acc = j.bias[oc];
-      for (int64_t i = 0; i < j.k; ++i) acc += int32_t(row[size_t(i)]) * int32_t(w[i]);
-      float f = float(acc) * j.scale[oc];
+      // Wrapping int32 sums, as VPDPBUSD and TDPBUSD add: the shifted inputs (x + 128) can take the
+      // running sum past int32 where TFLite's own accumulator (x - zp) fits, and the bias brings it back.
+      uint32_t acc = uint32_t(j.bias[oc]);
+      for (int64_t i = 0; i < j.k; ++i) acc += uint32_t(int32_t(row[size_t(i)]) * int32_t(w[i]));
+      float f = float(int32_t(acc)) * j.scale[oc];
       f = fminf(fmaxf(f, j.min_less_zero_point), j.max_less_zero_point);
       j.output[q * j.out_channels + oc] = int8_t(lrintf(f) + j.output_zero_point);
     }

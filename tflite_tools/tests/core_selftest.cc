@@ -961,14 +961,16 @@ int pick_zero_point() {
 }
 
 void run_int8_case() {
-  static const int channel_choices[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 19, 64, 65, 130};
+  // 32 and 33, kernel heights to 8: the AVX-512 kernels' column-stacked rows (VBMI) take C <= 32 and
+  // KH * C <= 256, other shapes per-pixel rows; every third case has rows of several 32-pixel blocks.
+  static const int channel_choices[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 19, 32, 33, 64, 65, 130};
   static const int wide_out[] = {32, 33, 64, 70};
   Int8Case c{};
   N2uqConvShape& s = c.s;
   s.batch = uniform(1, 2);
   s.in_channels = channel_choices[uniform(0, int(sizeof channel_choices / sizeof(int)) - 1)];
   s.out_channels = uniform(0, 2) == 0 ? wide_out[uniform(0, 3)] : uniform(1, 19);
-  s.kernel_height = uniform(1, 7);
+  s.kernel_height = uniform(1, 8);
   s.kernel_width = uniform(1, 7);
   s.stride_height = uniform(1, 3);
   s.stride_width = uniform(1, 3);
@@ -980,7 +982,7 @@ void run_int8_case() {
   s.pad_left = uniform(0, ew);
   s.pad_right = uniform(0, ew);
   s.in_height = uniform(1, 6) + std::max(0, eh - s.pad_top - s.pad_bottom);
-  s.in_width = uniform(1, 16) + std::max(0, ew - s.pad_left - s.pad_right);
+  s.in_width = (uniform(0, 2) == 0 ? uniform(30, 110) : uniform(1, 16)) + std::max(0, ew - s.pad_left - s.pad_right);
   s.act_bits = uniform(-5, 9);  // ignored by the int8 conv
   s.weight_bits = uniform(-5, 9);
   c.w = random_int8(size_t(s.out_channels) * s.kernel_height * s.kernel_width * s.in_channels,
@@ -1016,11 +1018,16 @@ void run_int8_case() {
 }
 
 // Fixed shapes: the ResNet stem (7x7/2, 3 -> 64 at 224 x 224, TF 'same' pads), receptive fields
-// of exactly 64 bytes (4x4x4, 1x1x64) and one over, pixel counts around the 32-pixel blocks.
+// of exactly 64 bytes (4x4x4, 1x1x64) and one over, pixel counts around the 32-pixel blocks; the
+// column-stacked rows' limits (KH * C = 256 and 288, C = 32 and 33), a one-register window (C = 1)
+// and rows narrower than the kernel.
 void run_int8_fixed_cases() {
-  static const int kShapes[][8] = {  // H, W, C, OC, KH, KW, stride, pad (top/left; bottom/right one more)
-      {224, 224, 3, 64, 7, 7, 2, 2}, {8, 12, 4, 16, 4, 4, 1, 1}, {5, 13, 64, 17, 1, 1, 1, 0},
-      {6, 7, 65, 33, 1, 1, 2, 0},    {9, 9, 8, 31, 2, 4, 1, 0},  {3, 11, 1, 5, 1, 1, 1, 0}};
+  // H, W, C, OC, KH, KW, stride, pad: top / left that (at most KH - 1, KW - 1), bottom / right one more
+  static const int kShapes[][8] = {
+      {224, 224, 3, 64, 7, 7, 2, 2}, {8, 12, 4, 16, 4, 4, 1, 1},  {5, 13, 64, 17, 1, 1, 1, 0},
+      {6, 7, 65, 33, 1, 1, 2, 0},    {9, 9, 8, 31, 2, 4, 1, 0},   {3, 11, 1, 5, 1, 1, 1, 0},
+      {10, 40, 32, 33, 8, 1, 1, 3},  {9, 33, 32, 17, 9, 1, 1, 4}, {8, 35, 33, 20, 7, 2, 1, 0},
+      {3, 100, 1, 5, 1, 1, 1, 0},    {9, 5, 7, 9, 4, 6, 1, 3},    {12, 98, 5, 40, 3, 5, 3, 2}};
   for (const auto& d : kShapes) {
     Int8Case c{};
     N2uqConvShape& s = c.s;
@@ -1033,7 +1040,8 @@ void run_int8_fixed_cases() {
     s.kernel_width = d[5];
     s.stride_height = s.stride_width = d[6];
     s.dilation_height = s.dilation_width = 1;
-    s.pad_top = s.pad_left = d[7];
+    s.pad_top = std::min(d[7], d[4] - 1);
+    s.pad_left = std::min(d[7], d[5] - 1);
     s.pad_bottom = std::min(d[7] + 1, d[4] - 1);
     s.pad_right = std::min(d[7] + 1, d[5] - 1);
     c.w = random_int8(size_t(s.out_channels) * s.kernel_height * s.kernel_width * s.in_channels, -127);
@@ -1076,6 +1084,40 @@ void run_int8_ties() {
                n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), zp, x[i], out[size_t(i)], want[i] + zp);
       n2uq_int8_conv_plan_destroy(plan);
     }
+}
+
+// Sums past int32 inside the kernels: the rows hold x + 128, so with x = zp = 127 and weights of
+// 127 over 70656 channels the running sum reaches about 2^31 while TFLite's accumulator (x - zp)
+// stays small; every path must wrap as VPDPBUSD does (the portable loop once overflowed a signed
+// int32 here, which the sanitizers report) and land on TFLite's value.
+void run_int8_wrapping_sums() {
+  Int8Case c{};
+  N2uqConvShape& s = c.s;
+  s.batch = s.in_height = s.in_width = s.kernel_height = s.kernel_width = 1;
+  s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  s.in_channels = 69 * 1024;
+  s.out_channels = 3;
+  c.w.assign(size_t(s.out_channels) * s.in_channels, int8_t(127));
+  c.bias = {100, -100, 7};
+  c.scales = {0.0625f};
+  c.p = N2uqInt8ConvParams{1.0f, 127, 1.0f, 0, -128, 127};
+  std::vector<int8_t> x(size_t(s.in_channels), int8_t(127));
+  x[0] = 126, x[1] = 125, x[2] = 120;
+  const std::vector<int8_t> expected = naive_int8_requantize(c, naive_int8_acc(c, s, x));
+  for (const Int8Combo& combo : int8_combos()) {
+    N2uqInt8ConvPlan* plan = nullptr;
+    char err[256] = "";
+    int rc = n2uq_int8_conv_plan_create(&s, c.w.data(), int64_t(c.w.size()), c.bias.data(), 3, c.scales.data(), 1,
+                                        &c.p, combo.isa, combo.path, &plan, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "wrapping sums plan: %s", err);
+    if (rc != N2UQ_OK) continue;
+    std::vector<int8_t> out(3, int8_t(99));
+    rc = n2uq_int8_conv_plan_run(plan, &s, x.data(), int64_t(x.size()), out.data(), 3, 1, err, sizeof err);
+    EXPECT(rc == N2UQ_OK && out == expected, "wrapping sums isa=%s path=%s: %d %d %d, want %d %d %d (%s)",
+           n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), out[0], out[1], out[2], expected[0], expected[1],
+           expected[2], err);
+    n2uq_int8_conv_plan_destroy(plan);
+  }
 }
 
 // Every malformed int8 call returns an error status with a message, never crashes or touches
@@ -1346,6 +1388,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < cases / 2 + 1; ++i) run_int8_case();
   run_int8_fixed_cases();
   run_int8_ties();
+  run_int8_wrapping_sums();
   run_malformed();
   run_pool_malformed();
   run_int8_malformed();
