@@ -81,9 +81,9 @@ N2UQ_FUSED_OPS = N2UQ_CONV_OPS[3:]
 N2UQ_QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")
 # ours besides the layers: quantize(-and-pack) ops, and the stem's pool with the first block's stage
 N2UQ_OTHER_OPS = N2UQ_QUANTIZE_OPS + ("N2UQMaxPool2DFused",)
-# builtin int8 CONV_2D nodes our delegate runs (few input channels: the int8 stem of an
-# inference_type="int8" export, or of TFLite's own int8 model): counted with our convs
-INT8_CONV_OP = "CONV_2D (int8)"
+# builtin CONV_2D nodes our delegate runs (few input channels: the float stem of every export, the
+# int8 stem of an inference_type="int8" export or of TFLite's own int8 model): counted with our convs
+BUILTIN_CONV_OPS = ("CONV_2D (int8)", "CONV_2D (float)")
 
 
 def cpu_name():
@@ -728,11 +728,12 @@ def build_e2e_models(args, cache):
                                          "convert_s": time.perf_counter() - start, "part": prefix == "stem"}
             print(f"  converted {label}: {os.path.getsize(path):,} B in {time.perf_counter() - start:.1f} s",
                   flush=True)
-            if kind == "int8" and prefix in ("relu", "stem"):
-                # The same file with our delegate, which runs its int8 stem conv (3 input channels; its
-                # other convs stay with TFLite): what our int8 kernel gives a TFLite user's own model.
-                infos[f"{prefix}_int8_n2uq"] = dict(infos[f"{prefix}_int8"], delegate=True,
-                                                    label=f"TFLite int8 PTQ ({twin}) + N2UQ delegate")
+            if (kind == "int8" and prefix in ("relu", "stem")) or (kind == "float" and prefix == "stem"):
+                # The same file with our delegate, which runs its stem conv (3 input channels; every
+                # other op stays TFLite's): what our kernels give a TFLite user's own model, and the
+                # stem as every export of ours runs it.
+                infos[f"{prefix}_{kind}_n2uq"] = dict(infos[f"{prefix}_{kind}"], delegate=True,
+                                                      label=f"{label} + N2UQ delegate")
 
     for bits in sorted(set(args.e2e_bits) | set(args.e2e_int8_bits)):
         start = time.perf_counter()
@@ -822,8 +823,8 @@ def run_end_to_end(args, infos, md):
     print(f"\n== End to end: ResNet-18 {'x'.join(map(str, E2E_INPUT))}, batch 1, {interp_name}; {STATISTIC} of "
           f"{args.e2e_repeats} interleaved rounds of ~{args.e2e_sample_time * 1e3:g} ms samples", flush=True)
     order = [k for k in infos if infos[k]["ours"] and infos[k]["timed"]] + [
-        "relu_int8", "relu_int8_n2uq", "relu_float", "tfl_int8", "tfl_float", "stem_float", "stem_int8",
-        "stem_int8_n2uq"]
+        "relu_int8", "relu_int8_n2uq", "relu_float", "tfl_int8", "tfl_float", "stem_float", "stem_float_n2uq",
+        "stem_int8", "stem_int8_n2uq"]
     header = (f"{'model':<34} {'thr':>3} {STATISTIC + ' ms':>10} {'noise':>6} {'vs ReLU i8':>10} {'vs twin i8':>10} "
               f"{'N2UQ conv':>9} {'pack/pool':>9} {'rest':>6}")
     print(header)
@@ -861,7 +862,7 @@ def run_end_to_end(args, infos, md):
             shares = None
             if info["ours"] or info.get("delegate"):
                 profile = tflite.kernel_profile(delegate)
-                conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS + (INT8_CONV_OP,))
+                conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS + BUILTIN_CONV_OPS)
                 pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_OTHER_OPS)
                 total = counted[key]
                 shares = (conv_s / total, pack_s / total, 1.0 - (conv_s + pack_s) / total)
@@ -890,9 +891,9 @@ def run_end_to_end(args, infos, md):
               "float builtins for the 7x7 stem conv and the fc; \"unfused\" = `fuse=False`, every "
               "float op a builtin; \"int8 builtins\" = `inference_type=\"int8\"`: the stem conv, its pads "
               "and pool and the fc int8, the elementwise builtins float32), with the N2UQ delegate, which also runs "
-              "builtin int8 convs over <= 8 input channels (here the int8 stem conv; TFLite's bytes, counted in "
-              "\"N2UQ conv\"). \"+ N2UQ delegate\": TFLite's own int8 file with our delegate, which takes its "
-              "stem conv the same way (every other op stays TFLite's). "
+              "builtin convs over <= 8 input channels (here the stem conv: float32, or int8 with TFLite's bytes; "
+              "counted in \"N2UQ conv\"). \"+ N2UQ delegate\": TFLite's own file with our delegate, which takes "
+              "its stem conv the same way (every other op stays TFLite's). "
               "TFLite int8 / "
               "float32: the standard ReLU ResNet-18 (what a TFLite user would otherwise ship) and the RPReLU float "
               "twin `resnet18()`, converted by TFLite (full-integer PTQ on 4 random images, float input/output; "
@@ -902,8 +903,9 @@ def run_end_to_end(args, infos, md):
               "our other ops (separate quantize-and-pack ops, the stem's fused pool; the delegate's per-kernel "
               "profile over the timed rounds); rest = builtin ops and interpreter overhead. "
               "\"stem alone\" rows: the float twin's stem conv (zero pad, 7x7/2 conv with BN and ReLU) as a TFLite "
-              "model of its own, float32 and int8 PTQ, timed in the same rounds: the part every variant of ours "
-              "keeps as float builtins (the paper keeps the first layer full precision). "
+              "model of its own, float32 and int8 PTQ, timed in the same rounds, with TFLite's kernels and with "
+              "ours: the part every variant of ours keeps as a float builtin (the paper keeps the first layer full "
+              "precision). "
               "Noise = IQR/median over rounds.")
     md.append("")
     md += markdown_table(["model", "threads", f"{STATISTIC} ms", "vs ReLU int8", "vs twin int8", "N2UQ conv",
@@ -1085,12 +1087,11 @@ def main():
                     outside = r["shares"][2]
                     line += (f"; share of invoke time outside our kernels {100 * outside:.0f}% (target <= 20%: "
                              f"{'met' if outside <= 0.20 else 'NOT met'})")
-                    stem = e2e.get(("stem_float", threads))
-                    if stem:
-                        stem_share = stem["median_ms"] / r["median_ms"]
-                        line += (f"; the float stem alone takes {stem['median_ms']:.2f} ms = {100 * stem_share:.0f}% "
-                                 f"of it (int8 PTQ stem {e2e[('stem_int8', threads)]['median_ms']:.2f} ms), so "
-                                 f"{100 * max(outside - stem_share, 0.0):.0f}% is outside our kernels and the stem")
+                    stem, tfl_stem = e2e.get(("stem_float_n2uq", threads)), e2e.get(("stem_float", threads))
+                    if stem and tfl_stem:
+                        line += (f" (its float stem conv counted as ours; the stem alone as a model of its own: "
+                                 f"{stem['median_ms']:.2f} ms with our delegate, {tfl_stem['median_ms']:.2f} ms with "
+                                 f"TFLite's kernels)")
                 targets.append(line)
             if key.startswith("w") and key.endswith("_int8"):
                 bits, r = int(key[1:-5]), e2e[(key, threads)]
