@@ -204,3 +204,50 @@ def test_delegate_float_conv_option_is_validated(float_models):
     from n2uq_tf.tflite import delegate
     with pytest.raises(Exception, match="float_conv must be off, auto or all"):
         delegate.load_delegate("litert", float_conv="sometimes")
+
+
+def _padded_stem(int8):
+    """ZeroPadding2D + a 'valid' 7x7/2 conv over 3 channels (the exporters' stem), float or int8 PTQ,
+    and a second pad whose consumer is a max pool (not a claimed conv)."""
+    import tensorflow as tf
+    import tf_keras as keras
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((30, 34, 3))
+    x = keras.layers.ZeroPadding2D(((3, 2), (1, 3)))(inputs)
+    x = keras.layers.Conv2D(16, 7, strides=2, padding="valid", activation="relu")(x)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.MaxPooling2D(3, 2)(x)
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, x))
+    if int8:
+        data = np.random.default_rng(0).normal(size=(4, 30, 34, 3)).astype(np.float32)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([data[i:i + 1]] for i in range(4))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_delegate_runs_the_pad_before_a_claimed_conv(int8):
+    """XNNPACK folds a stem's explicit PAD into its conv; once the conv is ours the delegate runs that
+    PAD too (TFLite's XNNPACK ran it alone 20x slower), with the same bytes, and leaves other pads."""
+    from n2uq_tf.tflite import delegate
+    if "avx512" not in _core.supported_isas():
+        options = {"int8_conv": "all", "float_conv": "all"}
+    else:
+        options = {}
+    content = _padded_stem(int8)
+    x = np.random.default_rng(2).normal(size=(1, 30, 34, 3)).astype(np.float32)
+    stock, _ = _run(content, x, 1)
+    delegate.reset_kernel_profile()
+    got, interpreter = _run(content, x, 2, options)
+    ops = [e["op"] for e in delegate.kernel_profile() if e["invocations"] > 0]
+    assert sorted(ops) == sorted(["PAD", "CONV_2D (int8)" if int8 else "CONV_2D (float)"]), ops
+    if int8:
+        assert np.array_equal(got, stock)
+    else:
+        np.testing.assert_allclose(got, stock, rtol=0, atol=1e-5 * float(np.abs(stock).max()))
+    del interpreter
+    delegate.reset_kernel_profile()
+    off = {"int8_conv": "off", "float_conv": "off"}
+    _, interpreter = _run(content, x, 1, off)
+    assert not [e for e in delegate.kernel_profile() if e["invocations"] > 0]  # no conv claimed: no pad either

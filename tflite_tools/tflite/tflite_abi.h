@@ -37,7 +37,7 @@ typedef enum {
 /* TfLiteAllocationType values: constant tensors are memory-mapped or persistent read-only. */
 enum { kN2uqTfLiteMmapRo = 1, kN2uqTfLitePersistentRo = 5 };
 
-enum { kN2uqTfLiteBuiltinConv2d = 3, kN2uqTfLiteBuiltinCustom = 32 };
+enum { kN2uqTfLiteBuiltinConv2d = 3, kN2uqTfLiteBuiltinCustom = 32, kN2uqTfLiteBuiltinPad = 34 };
 enum { kN2uqTfLiteDelegateFlagsAllowDynamicTensors = 1 };
 
 typedef struct N2uqTfLiteIntArray {
