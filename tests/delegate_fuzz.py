@@ -15,6 +15,12 @@ fused ops' output-stage options too); op-I/O edits (every input slot -> -1, each
 constant tensor of the same or another shape, each output aliased to each input); resized inputs
 (random batch, height, width). The base model has every N2UQ op, fused and not.
 
+Builtin CONV_2D nodes the delegate claims (`builtin_conv_campaign`, with the delegate options
+BUILTIN_CONV_OPTIONS): a tiny float32 and int8 stem (`builtin_conv_models`) with every targeted edit
+of what the claim reads (the conv options, the quantization scale / zero-point vectors and quantized
+dimension, the filter and bias buffers, the shape vectors, the types, the node's tensor lists) and
+random combinations of them (classes BUILTIN_CONV_CLASSES).
+
 In tf.lite, files that LiteRT's verifying loader refuses are not run (tf.lite's own loader
 does not verify and crashes on many of them, which is no news about the delegate).
 
@@ -45,6 +51,8 @@ CORE_DIR = os.path.join(ROOT, "tflite_tools", "core")
 N2UQ_OPS = ("N2UQQuantizePack", "N2UQQuantize", "N2UQConv2D", "N2UQDepthwiseConv2D", "N2UQFullyConnected",
             "N2UQConv2DFused", "N2UQDepthwiseConv2DFused", "N2UQFullyConnectedFused", "N2UQMaxPool2DFused")
 QUANTIZE_OPS = ("N2UQQuantizePack", "N2UQQuantize")  # the others hold a layer's packed weights (input 1)
+# the delegate's kernels for builtin nodes: CONV_2D over few channels, and the PAD feeding one
+BUILTIN_CONV_KERNELS = ("CONV_2D (int8)", "CONV_2D (float)", "PAD")
 RANDOM_CLASSES = ("truncate", "bitflip_file", "bitflip_options", "bitflip_weights", "bitflip_shape", "shape_edit",
                   "rank_edit", "type_edit")
 CLASSES = RANDOM_CLASSES + ("option_edit", "op_io_edit", "resize")
@@ -348,7 +356,8 @@ _CHILD = textwrap.dedent("""
     import json, sys, warnings
     warnings.simplefilter("ignore")
     import numpy as np
-    jobs_path, plugin, backend = sys.argv[1:4]
+    jobs_path, plugin, backend, options = sys.argv[1:5]
+    options = json.loads(options)
     from ai_edge_litert import interpreter as litert
     if backend == "litert":
         module, load = litert, litert.load_delegate
@@ -370,7 +379,7 @@ _CHILD = textwrap.dedent("""
                         raise
                 except Exception:
                     pass
-            it = module.Interpreter(model_path=path, experimental_delegates=[load(plugin)])
+            it = module.Interpreter(model_path=path, experimental_delegates=[load(plugin, options)])
             if resize is not None:
                 it.resize_tensor_input(it.get_input_details()[0]["index"], resize)
             it.allocate_tensors()
@@ -408,9 +417,10 @@ def classify_crash(stderr, plugin_path):
     return ("ours" if in_ours else "stock"), summary or frames[0]
 
 
-def run_mutants(mutants, backend, plugin, env, workdir):
-    """Runs every mutant in child processes; returns [(mutant, outcome, detail)] in order, with outcome
-    "ran", "error", "crash-ours" or "crash-stock"."""
+def run_mutants(mutants, backend, plugin, env, workdir, options=None):
+    """Runs every mutant in child processes (the delegate created with `options`, a dict of its
+    options); returns [(mutant, outcome, detail)] in order, with outcome "ran", "error", "crash-ours"
+    or "crash-stock"."""
     jobs = []
     for i, mutant in enumerate(mutants):
         path = os.path.join(workdir, f"mutant_{i}.tflite")
@@ -424,8 +434,8 @@ def run_mutants(mutants, backend, plugin, env, workdir):
         with open(jobs_path, "w") as f:
             json.dump(pending, f)
         with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.run([sys.executable, "-c", _CHILD, jobs_path, plugin, backend], stdout=subprocess.PIPE,
-                                  stderr=err, text=True, env=env, cwd=workdir)
+            proc = subprocess.run([sys.executable, "-c", _CHILD, jobs_path, plugin, backend, json.dumps(options or {})],
+                                  stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=workdir)
             err.seek(0)
             stderr = err.read()
         started = None
@@ -447,8 +457,8 @@ def run_mutants(mutants, backend, plugin, env, workdir):
 
 
 def is_our_error(message):
-    """An error our kernels reported (they name the op and its node)."""
-    return any(re.search(rf"{name} \(node \d+\): ", message) for name in N2UQ_OPS)
+    """An error our kernels reported (they name the op, or the builtin conv kernel, and its node)."""
+    return any(re.search(re.escape(name) + r" \(node \d+\): ", message) for name in N2UQ_OPS + BUILTIN_CONV_KERNELS)
 
 
 def tally(results):
@@ -461,8 +471,363 @@ def tally(results):
         counts[mutant.cls][key] += 1
     columns = ("ran", "error (ours)", "error (runtime)", "crash-stock", "crash-ours")
     lines = [f"{'class':<16}" + "".join(f"{c:>17}" for c in columns) + f"{'total':>8}"]
-    for cls in CLASSES:
+    for cls in CLASSES + BUILTIN_CONV_CLASSES:
         if cls in counts:
             lines.append(f"{cls:<16}" + "".join(f"{counts[cls][c]:>17}" for c in columns)
                          + f"{sum(counts[cls].values()):>8}")
     return counts, "\n".join(lines)
+
+
+# ------------------------------------------------------------------ builtin CONV_2D nodes
+
+CONV_2D, PAD = 3, 34  # BuiltinOperator
+BUILTIN_CONV_OPTIONS = {"int8_conv": "all", "float_conv": "all"}  # claimed on any CPU
+BUILTIN_CONV_CLASSES = ("conv_options", "conv_quantization", "conv_buffers", "conv_shapes", "conv_types", "conv_io",
+                        "conv_random", "pad")
+
+
+def builtin_conv_models():
+    """{"float": bytes, "int8": bytes}: a tiny tf_keras stem with three CONV_2D nodes the delegate claims
+    (int8_conv / float_conv = all) and the PAD before the first (claimed with it): zero padding
+    (1, 2) x (2, 1), 3 -> 6 channels 3x3 / 2 'valid' + ReLU; 6 -> 5 channels 3x3 'same'; 5 -> 4
+    channels 2x3 'valid' dilated (1, 2) + ReLU6. Converted in float32 and with full-integer int8
+    quantization (per-channel filter scales, a float input and output around the int8 graph)."""
+    import tensorflow as tf
+    import tf_keras as keras
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((9, 10, 3), batch_size=1)
+    x = keras.layers.ZeroPadding2D(((1, 2), (2, 1)))(inp)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="valid", activation="relu",
+                            bias_initializer="random_normal")(x)
+    x = keras.layers.Conv2D(5, 3, padding="same", bias_initializer="random_normal")(x)
+    x = keras.layers.Conv2D(4, (2, 3), padding="valid", dilation_rate=(1, 2), activation="relu6",
+                            bias_initializer="random_normal")(x)
+    model = keras.Model(inp, x)
+    data = np.random.default_rng(1).normal(0.3, 1.5, (8, 9, 10, 3)).astype(np.float32)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["float"] = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([data[i:i + 1]] for i in range(len(data)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        out["int8"] = converter.convert()
+    return out
+
+
+def _builtin_ops(model, code):
+    """The first subgraph's operators of builtin `code`, in graph order."""
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    return [op for op in model.subgraphs[0].operators if codes[op.opcodeIndex] == code]
+
+
+def _conv_ops(model):
+    return _builtin_ops(model, CONV_2D)
+
+
+def _builtin_edited(content, code, nth, edit):
+    model = _read(content)
+    edit(model, model.subgraphs[0], _builtin_ops(model, code)[nth])
+    return _write(model)
+
+
+def _conv_tensor(graph, op, slot):
+    """The conv's tensor `slot`: "input", "filter", "bias" or "output"."""
+    index = op.outputs[0] if slot == "output" else op.inputs[("input", "filter", "bias").index(slot)]
+    return graph.tensors[int(index)]
+
+
+def _set_shape(tensor, shape):
+    tensor.shape = np.array(shape, np.int32)
+    tensor.shapeSignature = None
+
+
+def _new_buffer(model, data):
+    from tensorflow.lite.python import schema_py_generated as schema
+    buffer = schema.BufferT()
+    buffer.data = None if data is None else np.frombuffer(bytes(data), np.uint8).copy()
+    model.buffers.append(buffer)
+    return len(model.buffers) - 1
+
+
+def _buffer_bytes(model, tensor):
+    data = model.buffers[tensor.buffer].data
+    return b"" if data is None else np.asarray(data, np.uint8).tobytes()
+
+
+def _output_to_constant(m, g, op):
+    """Makes the op's output a new constant tensor of its shape, type and quantization (zeros), read by
+    the later ops and the graph's outputs in its place."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    old = int(op.outputs[0])
+    tensor = g.tensors[old]
+    constant = schema.TensorT()
+    constant.shape, constant.type, constant.name = np.array(tensor.shape, np.int32), tensor.type, "constant"
+    constant.quantization = tensor.quantization
+    item = 1 if tensor.type == 9 else 4
+    constant.buffer = _new_buffer(m, bytes(int(np.prod(tensor.shape)) * item))
+    g.tensors.append(constant)
+    new = len(g.tensors) - 1
+    op.outputs = np.array([new], np.int32)
+    for other in g.operators:  # later ops read the constant now
+        if other is not op and other.inputs is not None:
+            other.inputs = np.where(other.inputs == old, new, other.inputs).astype(np.int32)
+    g.outputs = np.where(g.outputs == old, new, g.outputs).astype(np.int32)
+
+
+def builtin_conv_edits(kind):
+    """[(class, label, edit(model, graph, op))]: the targeted edits of one CONV_2D of a `kind` ("int8" or
+    "float") model, in the parts the delegate's claim reads: the conv options (builtin_data), the
+    quantization vectors (int8), the filter and bias buffers, the shape vectors, the types and the
+    node's tensor lists. Each edit gets a fresh copy of the buffers it changes."""
+    edits = []
+
+    def option(field, value):
+        return lambda m, g, op: setattr(op.builtinOptions, field, value)
+
+    for value in (0, 1, 2, 3, -1):  # schema Padding: SAME 0, VALID 1
+        edits.append(("conv_options", f"padding {value}", option("padding", value)))
+    for field in ("strideW", "strideH", "dilationWFactor", "dilationHFactor"):
+        for value in (0, -1, 2, 1024, 1025, 2 ** 31 - 1, -2 ** 31):
+            edits.append(("conv_options", f"{field} {value}", option(field, value)))
+    for value in (0, 1, 2, 3, 4, 5, 6, -1, 127):
+        edits.append(("conv_options", f"fused activation {value}", option("fusedActivationFunction", value)))
+
+    def no_options(m, g, op):
+        op.builtinOptionsType, op.builtinOptions = 0, None
+    edits.append(("conv_options", "no options", no_options))
+
+    if kind == "int8":
+        def quant(slot, label, change):
+            def edit(m, g, op):
+                tensor = _conv_tensor(g, op, slot)
+                if change is None:
+                    tensor.quantization = None
+                else:
+                    change(tensor.quantization)
+            edits.append(("conv_quantization", f"{slot} {label}", edit))
+
+        def set_scale(value, first_only):
+            def change(q):
+                scale = np.array(q.scale, np.float32)
+                scale[:1 if first_only else None] = value
+                q.scale = scale
+            return change
+
+        def set_zero_point(value):
+            def change(q):
+                zero_point = np.array(q.zeroPoint, np.int64)
+                zero_point[:1] = value
+                q.zeroPoint = zero_point
+            return change
+
+        for slot in ("input", "filter", "bias", "output"):
+            quant(slot, "quantization removed", None)
+            quant(slot, "scale empty", lambda q: setattr(q, "scale", np.zeros(0, np.float32)))
+            quant(slot, "zero points empty", lambda q: setattr(q, "zeroPoint", np.zeros(0, np.int64)))
+            quant(slot, "scale and zero points empty", lambda q: (setattr(q, "scale", np.zeros(0, np.float32)),
+                                                                  setattr(q, "zeroPoint", np.zeros(0, np.int64))))
+            for value in (0.0, -1.0, float("nan"), float("inf"), 1e30, 1e-30):
+                quant(slot, f"scale {value}", set_scale(value, slot == "filter"))
+            for value in (1, 300, -200):
+                quant(slot, f"zero point {value}", set_zero_point(value))
+            quant(slot, "one scale and zero point more", lambda q: (
+                setattr(q, "scale", np.append(np.array(q.scale, np.float32), np.float32(0.5))),
+                setattr(q, "zeroPoint", np.append(np.array(q.zeroPoint, np.int64), 0))))
+            for value in (1, 3, 4, -1):
+                quant(slot, f"quantized dimension {value}",
+                      lambda q, value=value: setattr(q, "quantizedDimension", value))
+        quant("filter", "one scale and zero point fewer", lambda q: (
+            setattr(q, "scale", np.array(q.scale, np.float32)[:-1]),
+            setattr(q, "zeroPoint", np.array(q.zeroPoint, np.int64)[:-1])))
+        quant("filter", "one scale (per-tensor)", lambda q: (setattr(q, "scale", np.array(q.scale, np.float32)[:1]),
+                                                           setattr(q, "zeroPoint", np.zeros(1, np.int64))))
+        quant("filter", "zero points one fewer",
+              lambda q: setattr(q, "zeroPoint", np.array(q.zeroPoint, np.int64)[:-1]))
+        quant("filter", "scales x 1e6 (requantization scales past 256)",
+              lambda q: setattr(q, "scale", np.array(q.scale, np.float32) * np.float32(1e6)))
+
+    def buffer(slot, label, change):
+        def edit(m, g, op):
+            tensor = _conv_tensor(g, op, slot)
+            tensor.buffer = _new_buffer(m, change(_buffer_bytes(m, tensor)))
+        edits.append(("conv_buffers", f"{slot} buffer {label}", edit))
+
+    for slot in ("filter", "bias"):
+        buffer(slot, "one byte short", lambda data: data[:-1])
+        buffer(slot, "one byte long", lambda data: data + b"\x01")
+        buffer(slot, "one element short", lambda data: data[:-4])
+        buffer(slot, "emptied", lambda data: None)
+        buffer(slot, "all 0xff", lambda data: b"\xff" * len(data))
+    buffer("filter", "all 0x7f", lambda data: b"\x7f" * len(data))  # float: NaN
+
+    def shape(slot, label, change):
+        def edit(m, g, op):
+            tensor = _conv_tensor(g, op, slot)
+            _set_shape(tensor, change([int(d) for d in tensor.shape]))
+        edits.append(("conv_shapes", f"{slot} shape {label}", edit))
+
+    for slot in ("input", "filter", "bias", "output"):
+        rank = 1 if slot == "bias" else 4
+        for axis in range(rank):
+            for value in ("+1", "-1", 0, -1, 2 ** 31 - 1):
+                shape(slot, f"dim {axis} {value}", lambda s, axis=axis, value=value: [
+                    (d + int(value) if isinstance(value, str) else value) if i == axis else d for i, d in enumerate(s)])
+        shape(slot, "rank - 1", lambda s: s[:-1] if len(s) > 1 else [])
+        shape(slot, "rank + 1", lambda s: s + [1])
+
+    def retype(slot, type_id):
+        def edit(m, g, op):
+            _conv_tensor(g, op, slot).type = type_id
+        edits.append(("conv_types", f"{slot} type {type_id}", edit))
+
+    for slot in ("input", "filter", "bias", "output"):
+        for type_id in (0, 2, 3, 4, 7, 9):  # float32, int32, uint8, int64, int16, int8
+            retype(slot, type_id)
+
+    def io(label, edit):
+        edits.append(("conv_io", label, edit))
+
+    for slot in range(3):
+        io(f"input {slot} -> -1", lambda m, g, op, slot=slot: setattr(
+            op, "inputs", np.array([-1 if i == slot else v for i, v in enumerate(op.inputs)], np.int32)))
+    io("no bias input", lambda m, g, op: setattr(op, "inputs", np.array(op.inputs[:2], np.int32)))
+    io("one input", lambda m, g, op: setattr(op, "inputs", np.array(op.inputs[:1], np.int32)))
+    io("four inputs", lambda m, g, op: setattr(op, "inputs", np.append(op.inputs, op.inputs[2]).astype(np.int32)))
+    io("input index past the tensors", lambda m, g, op: setattr(
+        op, "inputs", np.array([len(g.tensors)] + list(op.inputs[1:]), np.int32)))
+    io("filter is the input", lambda m, g, op: setattr(
+        op, "inputs", np.array([op.inputs[0], op.inputs[0], op.inputs[2]], np.int32)))
+    io("output aliased to the input", lambda m, g, op: setattr(op, "outputs", np.array(op.inputs[:1], np.int32)))
+    io("two outputs", lambda m, g, op: setattr(op, "outputs", np.append(op.outputs, op.outputs[0]).astype(np.int32)))
+
+    io("output -> a constant of its shape", _output_to_constant)
+    return edits
+
+
+def _random_conv_mutant(rng, models):
+    """A random mutant of a builtin conv model (class conv_random): 1-3 of bit flips in the filter or bias
+    buffer, an option set to a random edge value, a quantization value (int8) or a shape dim."""
+    kind = ("float", "int8")[int(rng.integers(0, 2))]
+    model = _read(models[kind])
+    graph = model.subgraphs[0]
+    convs = _conv_ops(model)
+    nth = int(rng.integers(0, len(convs)))
+    op = convs[nth]
+    labels = []
+    for _ in range(int(rng.integers(1, 4))):
+        what = int(rng.integers(0, 4))
+        if what == 0:
+            slot = ("filter", "bias")[int(rng.integers(0, 2))]
+            tensor = _conv_tensor(graph, op, slot)
+            data = _buffer_bytes(model, tensor)
+            if data:
+                count = int(rng.integers(1, 9))
+                tensor.buffer = _new_buffer(model, _flip_bits(data, rng, count))
+                labels.append(f"{count} bits of the {slot}")
+        elif what == 1:
+            field = ("padding", "strideW", "strideH", "fusedActivationFunction", "dilationWFactor",
+                     "dilationHFactor")[int(rng.integers(0, 6))]
+            value = int(rng.choice([0, 1, 2, 3, 4, -1, 7, 64, 1024, 1025, 2 ** 16]))
+            if field in ("padding", "fusedActivationFunction"):  # byte fields
+                value = ((value & 0xFF) ^ 0x80) - 0x80
+            setattr(op.builtinOptions, field, value)
+            labels.append(f"{field} {value}")
+        elif what == 2 and kind == "int8":
+            slot = ("input", "filter", "output")[int(rng.integers(0, 3))]
+            q = _conv_tensor(graph, op, slot).quantization
+            if q is not None and q.scale is not None and len(q.scale):
+                scale = np.array(q.scale, np.float32)
+                value = float(rng.choice([0.0, -1.0, float("nan"), float("inf"), 1e-30, 1e30, rng.uniform(0, 2)]))
+                scale[int(rng.integers(0, len(scale)))] = value
+                q.scale = scale
+                labels.append(f"{slot} scale {value}")
+        else:
+            slot = ("input", "filter", "bias", "output")[int(rng.integers(0, 4))]
+            tensor = _conv_tensor(graph, op, slot)
+            dims = [int(d) for d in tensor.shape]
+            if dims:
+                axis = int(rng.integers(0, len(dims)))
+                dims[axis] = int(rng.choice([0, -1, 1, 2, dims[axis] + 1, dims[axis] - 1, 2 ** 20, 2 ** 31 - 1]))
+                _set_shape(tensor, dims)
+                labels.append(f"{slot} dim {axis} -> {dims[axis]}")
+    return Mutant("conv_random", f"{kind} conv {nth}: " + ", ".join(labels or ["unchanged"]), _write(model), None)
+
+
+def pad_edits(kind):
+    """[(label, edit(model, graph, op))]: edits of the PAD before the stem conv of a `kind` model: its
+    paddings (values, buffer, shape, type), its tensors' types and quantization, its tensor lists."""
+    edits = []
+
+    def paddings(label, change):
+        def edit(m, g, op):
+            tensor = g.tensors[int(op.inputs[1])]
+            tensor.buffer = _new_buffer(m, change(_buffer_bytes(m, tensor)))
+        edits.append((f"paddings {label}", edit))
+
+    for index in range(8):
+        for value in (-1, 1, 5000, 2 ** 31 - 1):
+            def change(data, index=index, value=value):
+                values = np.frombuffer(data, np.int32).copy()
+                values[index] = value
+                return values.tobytes()
+            paddings(f"[{index // 2}][{index % 2}] = {value}", change)
+    paddings("emptied", lambda data: None)
+    paddings("one value short", lambda data: data[:-4])
+    paddings("one value long", lambda data: data + bytes(4))
+
+    def reshape(label, shape):
+        def edit(m, g, op):
+            _set_shape(g.tensors[int(op.inputs[1])], shape)
+        edits.append((f"paddings shape {label}", edit))
+
+    reshape("[2, 4]", [2, 4])
+    reshape("[8]", [8])
+    reshape("[4, 2, 1]", [4, 2, 1])
+
+    def retype(which, type_id):
+        def edit(m, g, op):
+            index = op.outputs[0] if which == "output" else op.inputs[("input", "paddings").index(which)]
+            g.tensors[int(index)].type = type_id
+        edits.append((f"{which} type {type_id}", edit))
+
+    for which in ("input", "paddings", "output"):
+        for type_id in (0, 2, 3, 4, 9):
+            retype(which, type_id)
+    if kind == "int8":
+        def requantize(m, g, op):
+            q = g.tensors[int(op.outputs[0])].quantization
+            q.scale = np.array(q.scale, np.float32) * np.float32(2)
+        edits.append(("output scale x 2 (a requantizing pad)", requantize))
+    edits.append(("input 0 -> -1", lambda m, g, op: setattr(op, "inputs", np.array([-1, op.inputs[1]], np.int32))))
+    edits.append(("input 1 -> -1", lambda m, g, op: setattr(op, "inputs", np.array([op.inputs[0], -1], np.int32))))
+    edits.append(("one input", lambda m, g, op: setattr(op, "inputs", np.array(op.inputs[:1], np.int32))))
+    edits.append(("three inputs", lambda m, g, op: setattr(op, "inputs", np.append(op.inputs, op.inputs[1]).astype(
+        np.int32))))
+    edits.append(("paddings are the input", lambda m, g, op: setattr(
+        op, "inputs", np.array([op.inputs[0], op.inputs[0]], np.int32))))
+    edits.append(("output -> a constant of its shape", _output_to_constant))
+    return edits
+
+
+def builtin_conv_campaign(models, random_cases, seed):
+    """Mutants of the builtin conv models (`builtin_conv_models`): every edit of builtin_conv_edits on
+    the first conv of each model (after the PAD) and the option and I/O edits on the others; every
+    edit of pad_edits on the PAD; `random_cases` random mutants (seeded); each model unmutated and
+    resized (2 x 17 x 15: the claimed kernels run the new size)."""
+    rng = np.random.default_rng(seed)
+    mutants = []
+    for kind, content in models.items():
+        mutants.append(Mutant("conv_io", f"{kind}: unmutated", content, None))
+        mutants.append(Mutant("conv_shapes", f"{kind}: input resized", content, (2, 17, 15, 3)))
+        for nth in range(len(_conv_ops(_read(content)))):
+            for cls, label, edit in builtin_conv_edits(kind):
+                if nth == 0 or cls in ("conv_options", "conv_io"):
+                    mutants.append(Mutant(cls, f"{kind} conv {nth}: {label}",
+                                          _builtin_edited(content, CONV_2D, nth, edit), None))
+        for label, edit in pad_edits(kind):
+            mutants.append(Mutant("pad", f"{kind} pad: {label}", _builtin_edited(content, PAD, 0, edit), None))
+    for _ in range(random_cases):
+        mutants.append(_random_conv_mutant(rng, models))
+    return mutants

@@ -6,10 +6,18 @@ both interpreters (FUZZ_CASES, FUZZ_SEED). Pass: no crash with a frame in our co
 option edit and op-I/O edit answered by our kernels (our error message, or a run for the
 harmless ones), and the campaign reaches our code (valid mutants run, invalid ones get our
 errors).
+
+The builtin CONV_2D nodes the delegate claims (int8_conv / float_conv = all), and the PAD before
+one, get their own campaign: a tiny float32 and int8 stem, every targeted edit of what the claims
+read (conv options, quantization vectors, filter and bias buffers, paddings, shapes, types, tensor
+lists) and N2UQ_FUZZ_CASES / 8 random mutants. Pass: no crash with a frame in our code; the
+unmutated and resized models run with every conv and the PAD claimed, and a claimed conv or PAD
+with a constant output gets our error.
 """
 
 import os
 
+import numpy as np
 import pytest
 
 import delegate_fuzz
@@ -75,3 +83,49 @@ def test_mutants_never_crash_in_our_code(campaign, backend, tmp_path):
     assert counts["option_edit"]["ran"] > 0 and counts["option_edit"]["error (ours)"] > 0
     for cls in ("bitflip_options", "shape_edit", "type_edit"):
         assert counts[cls]["error (ours)"] > 0, cls
+
+
+# ------------------------------------------------------------------ builtin CONV_2D nodes
+
+@pytest.fixture(scope="module")
+def conv_models():
+    return delegate_fuzz.builtin_conv_models()
+
+
+def test_builtin_conv_models_are_claimed(conv_models):
+    """The campaign's base models reach the delegate's builtin kernels: with the campaign's options
+    the three CONV_2D nodes and the PAD of each model are claimed and run."""
+    from ai_edge_litert.interpreter import Interpreter
+    from n2uq_tf.tflite import delegate as n2d
+
+    for kind, content in conv_models.items():
+        plugin = n2d.load_delegate("litert", **delegate_fuzz.BUILTIN_CONV_OPTIONS)
+        interpreter = Interpreter(model_content=content, experimental_delegates=[plugin])
+        interpreter.allocate_tensors()
+        detail = interpreter.get_input_details()[0]
+        x = np.random.default_rng(0).normal(size=detail["shape"]).astype(np.float32)
+        interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        entries = n2d.kernel_profile(plugin)
+        assert sorted(e["op"] for e in entries) == [f"CONV_2D ({kind})"] * 3 + ["PAD"], (kind, entries)
+        assert all(e["invocations"] == 1 for e in entries), (kind, entries)
+        del interpreter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_builtin_conv_mutants_never_crash_in_our_code(conv_models, backend, tmp_path):
+    mutants = delegate_fuzz.builtin_conv_campaign(conv_models, max(CASES // 8, 1), SEED)
+    plugin, env = delegate_fuzz.asan_plugin(), delegate_fuzz.sanitizer_env()
+    results = delegate_fuzz.run_mutants(mutants, backend, plugin, env, str(tmp_path),
+                                        options=delegate_fuzz.BUILTIN_CONV_OPTIONS)
+    counts, table = delegate_fuzz.tally(results)
+    print(f"\n{backend}: {len(mutants)} builtin conv mutants, seed {SEED}\n{table}")
+    failures = [f"[{m.cls}] {m.label}: crash in our code\n{detail[-4000:]}" for m, outcome, detail in results
+                if outcome == "crash-ours"]
+    failures += [f"[{m.cls}] {m.label}: {outcome} {detail[:500]}" for m, outcome, detail in results
+                 if m.label.endswith(("unmutated", "input resized")) and outcome != "ran"]
+    assert not failures, f"{len(failures)} failures:\n" + "\n\n".join(failures[:10])
+    assert set(counts) == set(delegate_fuzz.BUILTIN_CONV_CLASSES)
+    # The campaign reaches the kernels: valid edits run, a claimed node's constant output gets our error.
+    assert counts["conv_options"]["ran"] > 0 and counts["conv_random"]["ran"] > 0 and counts["pad"]["ran"] > 0
+    assert counts["conv_io"]["error (ours)"] > 0 and counts["pad"]["error (ours)"] > 0

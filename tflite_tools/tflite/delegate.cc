@@ -1291,7 +1291,12 @@ bool InvokePad(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err
   const size_t elem = x.type == kN2uqTfLiteInt8 ? 1 : 4;
   const int64_t n = x.dims->data[0], h = x.dims->data[1], w = x.dims->data[2], c = x.dims->data[3];
   const int64_t oh = h + pads[0] + pads[1], ow = w + pads[2] + pads[3];
-  if (out.bytes != size_t(n * oh * ow * c) * elem || x.bytes != size_t(n * h * w * c) * elem) {
+  // Checked: dims changed behind prepare's back (negative ones, products past int64) never size a copy.
+  int64_t in_bytes = 0, out_bytes = 0;
+  if (!NumElements(&x, &in_bytes) || !CheckedMul(in_bytes, int64_t(elem), &in_bytes) ||
+      !CheckedMul(n, oh, &out_bytes) || !CheckedMul(out_bytes, ow, &out_bytes) ||
+      !CheckedMul(out_bytes, c, &out_bytes) || !CheckedMul(out_bytes, int64_t(elem), &out_bytes) ||
+      out.bytes != size_t(out_bytes) || x.bytes != size_t(in_bytes)) {
     *err = "the input or output size changed after prepare";
     return false;
   }

@@ -1,13 +1,17 @@
 // delegate_selftest.cc: the FlexBuffer reader and the kernels' validation under a fake
 // TfLiteContext, meant to be built with -fsanitize=address,undefined (tests/test_delegate.py).
 // The reader gets truncated, bit-flipped and random buffers; the kernels get malformed
-// tensors and options through both the op-resolver registration and the delegate path.
+// tensors and options through both the op-resolver registration and the delegate path. Builtin
+// CONV_2D nodes (int8, float32) and the PAD before one: claimed as the options say and run against
+// a scalar reference; malformed ones left to TFLite or refused with an error, resized inputs too.
 // Any out-of-bounds read aborts the sanitized binary; wrong answers print FAIL.
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <random>
 #include <string>
 #include <utility>
@@ -145,6 +149,19 @@ struct FakeInterpreter {
   N2uqTfLiteIntArray* outputs = nullptr;
   int replaced_status = -1;
   bool fail_resize = false;  // ResizeTensor fails, and frees the new shape as TFLite does
+  // keep_kernel: each delegate kernel is only initialised when it replaces a node, then kept (with
+  // the node it replaced) for the test to prepare, invoke and free (builtin CONV_2D and PAD tests)
+  bool keep_kernel = false;
+  int replace_calls = 0;
+  struct Kept {
+    int node_index;
+    N2uqTfLiteRegistration reg;
+    N2uqTfLiteNode node;
+  };
+  std::vector<Kept> kept;
+  // nodes 1, 2, ... of the graph (node 0 is `node`)
+  std::vector<N2uqTfLiteNode> more_nodes;
+  std::vector<N2uqTfLiteRegistration> more_regs;
 };
 
 static FakeInterpreter* Self(N2uqTfLiteContext* c) { return reinterpret_cast<FakeInterpreter*>(c); }
@@ -156,7 +173,9 @@ static N2uqTfLiteIntArray* NewArray(const std::vector<int>& values) {
   return a;
 }
 
-static size_t ElementSize(int type) { return type == kN2uqTfLiteInt64 ? 8 : type == kN2uqTfLiteUInt8 ? 1 : 4; }
+static size_t ElementSize(int type) {
+  return type == kN2uqTfLiteInt64 ? 8 : type == kN2uqTfLiteUInt8 || type == kN2uqTfLiteInt8 ? 1 : 4;
+}
 
 static int FakeResize(N2uqTfLiteContext* c, N2uqTfLiteTensor* t, N2uqTfLiteIntArray* new_size) {
   FakeInterpreter* f = Self(c);
@@ -191,9 +210,15 @@ static int FakePlan(N2uqTfLiteContext* c, N2uqTfLiteIntArray** plan) {
 }
 
 static int FakeNode(N2uqTfLiteContext* c, int index, N2uqTfLiteNode** node, N2uqTfLiteRegistration** reg) {
-  if (index != 0) return kN2uqTfLiteError;
-  *node = &Self(c)->node;
-  *reg = &Self(c)->node_reg;
+  FakeInterpreter* f = Self(c);
+  if (index == 0) {
+    *node = &f->node;
+    *reg = &f->node_reg;
+    return kN2uqTfLiteOk;
+  }
+  if (index < 0 || size_t(index) > f->more_nodes.size()) return kN2uqTfLiteError;
+  *node = &f->more_nodes[size_t(index) - 1];
+  *reg = &f->more_regs[size_t(index) - 1];
   return kN2uqTfLiteOk;
 }
 
@@ -206,6 +231,11 @@ static int FakeReplace(N2uqTfLiteContext* c, N2uqTfLiteRegistration reg, const N
   node.inputs = f->inputs;
   node.outputs = f->outputs;
   node.user_data = reg.init(c, reinterpret_cast<const char*>(&params), 0);
+  ++f->replace_calls;
+  if (f->keep_kernel) {
+    f->kept.push_back({nodes->size == 1 ? nodes->data[0] : -1, reg, node});
+    return kN2uqTfLiteOk;
+  }
   int status = reg.prepare(c, &node);
   if (status == kN2uqTfLiteOk) status = reg.invoke(c, &node);
   reg.free(c, node.user_data);
@@ -595,6 +625,985 @@ static void TestKernels() {
         "bad path");
 }
 
+// ------------------------------------------------------------------ builtin CONV_2D claims
+
+// A builtin CONV_2D node (int8 or float32) the delegate may claim: input [N, H, W, IC], constant
+// filter [OC, KH, KW, IC], constant bias [OC] (int32 / float32), TfLiteConvParams as builtin_data;
+// int8 tensors with affine quantization (per-channel filter scales, zero points 0).
+struct ConvSpec {
+  int batch = 2, height = 9, width = 11, in_channels = 3, out_channels = 33, kernel_h = 3, kernel_w = 3;
+  int padding = kN2uqTfLitePaddingSame, stride_h = 2, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  int activation = kN2uqTfLiteActRelu;
+  bool bias = true, per_channel = true;
+  float output_scale = 0.8f;  // int8
+};
+
+static const float kConvInputScale = 0.05f;
+static const int kConvInputZeroPoint = -3, kConvOutputZeroPoint = 5;
+static float ConvFilterScale(int oc) { return 0.01f + 0.00025f * float(oc % 7); }
+
+// TFLite's output size of one spatial dim (0 when a 'valid' conv does not fit).
+static int ConvOutputSize(int size, int kernel, int stride, int dilation, int padding) {
+  const int extent = (kernel - 1) * dilation + 1;
+  if (padding == kN2uqTfLitePaddingSame) return (size + stride - 1) / stride;
+  return size < extent ? 0 : (size - extent) / stride + 1;
+}
+
+struct BuiltinConv {
+  FakeInterpreter f;  // first: the context's callbacks cast back to it
+  bool int8 = true;
+  ConvSpec spec;
+  int x = -1, w = -1, b = -1, y = -1;
+  N2uqTfLiteConvParams params = {};
+  bool builtin_data = true;
+  N2uqTfLiteAffineQuantization quant[3] = {};  // of x, w, y
+  std::vector<void*> arrays;                   // quantization arrays and replaced buffers, freed at the end
+  std::vector<int> inputs, outputs;            // the node's tensors
+  std::vector<int> pad_inputs, pad_outputs;    // a PAD node's (AddPad), else empty
+  int pad_input = -1, paddings = -1;           // its input and paddings tensors
+  BuiltinConv() = default;
+  BuiltinConv(const BuiltinConv&) = delete;
+  BuiltinConv& operator=(const BuiltinConv&) = delete;
+  ~BuiltinConv() {
+    for (void* a : arrays) free(a);
+    Release(&f);
+  }
+};
+
+static N2uqTfLiteFloatArray* NewFloats(BuiltinConv* c, const std::vector<float>& values) {
+  auto* a = static_cast<N2uqTfLiteFloatArray*>(malloc(sizeof(int) + sizeof(float) * values.size()));
+  a->size = int(values.size());
+  for (size_t i = 0; i < values.size(); ++i) a->data[i] = values[i];
+  c->arrays.push_back(a);
+  return a;
+}
+
+static N2uqTfLiteIntArray* NewInts(BuiltinConv* c, const std::vector<int>& values) {
+  N2uqTfLiteIntArray* a = NewArray(values);
+  c->arrays.push_back(a);
+  return a;
+}
+
+// Affine quantization `slot` (0 x, 1 w, 2 y) of tensor `index`.
+static void SetAffine(BuiltinConv* c, int slot, int index, const std::vector<float>& scales,
+                      const std::vector<int>& zero_points) {
+  N2uqTfLiteAffineQuantization& q = c->quant[slot];
+  q.scale = NewFloats(c, scales);
+  q.zero_point = NewInts(c, zero_points);
+  q.quantized_dimension = 0;
+  c->f.tensors[index].quantization.type = kN2uqTfLiteAffineQuantization;
+  c->f.tensors[index].quantization.params = &q;
+}
+
+// Gives tensor `index` the shape `shape`; its bytes and data stay as they are.
+static void SetDims(FakeInterpreter* f, int index, const std::vector<int>& shape) {
+  free(f->dims[index]);
+  f->dims[index] = NewArray(shape);
+  f->tensors[index].dims = f->dims[index];
+}
+
+// Gives tensor `index` a fresh buffer of `bytes` (filled with `fill`).
+static void SetBuffer(BuiltinConv* c, int index, size_t bytes, uint8_t fill) {
+  void* data = malloc(bytes ? bytes : 1);
+  memset(data, fill, bytes);
+  c->arrays.push_back(data);
+  c->f.tensors[index].data = data;
+  c->f.tensors[index].bytes = bytes;
+}
+
+// Random values in tensor `index` (the conv's input, or the PAD's).
+static void FillActivations(BuiltinConv* c, int index, uint32_t seed) {
+  std::mt19937 rng(seed);
+  N2uqTfLiteTensor& t = c->f.tensors[index];
+  if (t.data == nullptr) return;
+  if (c->int8) {
+    for (size_t i = 0; i < t.bytes; ++i) static_cast<uint8_t*>(t.data)[i] = uint8_t(rng());
+  } else {  // quarters in [-2, 2]: with halves for weights every sum is exact in float32, in any order
+    for (size_t i = 0; i < t.bytes / 4; ++i) static_cast<float*>(t.data)[i] = float(int(rng() % 17) - 8) * 0.25f;
+  }
+}
+
+static void FillConvInput(BuiltinConv* c, uint32_t seed) { FillActivations(c, c->x, seed); }
+
+static void BuildConv(BuiltinConv* c, bool int8, const ConvSpec& s) {
+  FakeInterpreter& f = c->f;
+  Init(&f);
+  c->int8 = int8;
+  c->spec = s;
+  const int type = int8 ? kN2uqTfLiteInt8 : kN2uqTfLiteFloat32;
+  const int oh = ConvOutputSize(s.height, s.kernel_h, s.stride_h, s.dilation_h, s.padding);
+  const int ow = ConvOutputSize(s.width, s.kernel_w, s.stride_w, s.dilation_w, s.padding);
+  c->x = AddTensor(&f, type, {s.batch, s.height, s.width, s.in_channels}, "conv_input");
+  c->w = AddTensor(&f, type, {s.out_channels, s.kernel_h, s.kernel_w, s.in_channels}, "conv_filter");
+  c->b = AddTensor(&f, int8 ? kN2uqTfLiteInt32 : kN2uqTfLiteFloat32, {s.out_channels}, "conv_bias");
+  c->y = AddTensor(&f, type, {s.batch, oh > 0 ? oh : 1, ow > 0 ? ow : 1, s.out_channels}, "conv_output");
+  Finalize(&f);
+  f.tensors[c->w].allocation_type = kN2uqTfLiteMmapRo;
+  f.tensors[c->b].allocation_type = kN2uqTfLiteMmapRo;
+  std::mt19937 rng(7);
+  std::vector<uint8_t>& w = f.storage[c->w];
+  std::vector<uint8_t>& b = f.storage[c->b];
+  if (int8) {
+    for (auto& v : w) v = uint8_t(int8_t(int(rng() % 255) - 127));
+    for (size_t i = 0; i < b.size() / 4; ++i) reinterpret_cast<int32_t*>(b.data())[i] = int32_t(rng() % 4001) - 2000;
+    std::vector<float> scales;
+    for (int o = 0; o < (s.per_channel ? s.out_channels : 1); ++o) scales.push_back(ConvFilterScale(o));
+    SetAffine(c, 0, c->x, {kConvInputScale}, {kConvInputZeroPoint});
+    SetAffine(c, 1, c->w, scales, std::vector<int>(scales.size(), 0));
+    SetAffine(c, 2, c->y, {s.output_scale}, {kConvOutputZeroPoint});
+  } else {
+    for (size_t i = 0; i < w.size() / 4; ++i) reinterpret_cast<float*>(w.data())[i] = float(int(rng() % 7) - 3) * 0.5f;
+    for (size_t i = 0; i < b.size() / 4; ++i) reinterpret_cast<float*>(b.data())[i] = float(int(rng() % 9) - 4) * 0.25f;
+  }
+  c->params.padding = s.padding;
+  c->params.stride_width = s.stride_w;
+  c->params.stride_height = s.stride_h;
+  c->params.activation = s.activation;
+  c->params.dilation_width_factor = s.dilation_w;
+  c->params.dilation_height_factor = s.dilation_h;
+  c->inputs = s.bias ? std::vector<int>{c->x, c->w, c->b} : std::vector<int>{c->x, c->w};
+  c->outputs = {c->y};
+  FillConvInput(c, 1);
+}
+
+// The conv of the fixture's current input computed here (TFLite's CONV_2D; int8 with XNNPACK's
+// requantization: s = input_scale * filter_scale / output_scale in float32, the float(acc) * s
+// clamped to the activation's quantized range, rounded to nearest even), as output bytes.
+static std::vector<uint8_t> ConvReference(const BuiltinConv& c, std::vector<int>* out_dims) {
+  const ConvSpec& s = c.spec;
+  const N2uqTfLiteTensor& xt = c.f.tensors[c.x];
+  const int n = xt.dims->data[0], h = xt.dims->data[1], wd = xt.dims->data[2], ic = xt.dims->data[3];
+  const int oc = s.out_channels, kh = s.kernel_h, kw = s.kernel_w;
+  const int oh = ConvOutputSize(h, kh, s.stride_h, s.dilation_h, s.padding);
+  const int ow = ConvOutputSize(wd, kw, s.stride_w, s.dilation_w, s.padding);
+  int pad_top = 0, pad_left = 0;
+  if (s.padding == kN2uqTfLitePaddingSame) {
+    pad_top = std::max((oh - 1) * s.stride_h + (kh - 1) * s.dilation_h + 1 - h, 0) / 2;
+    pad_left = std::max((ow - 1) * s.stride_w + (kw - 1) * s.dilation_w + 1 - wd, 0) / 2;
+  }
+  *out_dims = {n, oh, ow, oc};
+  float lo = -INFINITY, hi = INFINITY;
+  if (s.activation == kN2uqTfLiteActRelu) lo = 0.0f;
+  if (s.activation == kN2uqTfLiteActReluN1To1) lo = -1.0f, hi = 1.0f;
+  if (s.activation == kN2uqTfLiteActRelu6) lo = 0.0f, hi = 6.0f;
+  const bool has_bias = c.inputs.size() == 3 && c.inputs[2] >= 0;
+  const size_t item = c.int8 ? 1 : 4;
+  std::vector<uint8_t> out(size_t(n) * oh * ow * oc * item);
+  const void* xv = xt.data;
+  const void* wv = c.f.tensors[c.w].data;
+  const void* bv = c.f.tensors[c.b].data;
+  for (int b = 0; b < n; ++b)
+    for (int y = 0; y < oh; ++y)
+      for (int x = 0; x < ow; ++x)
+        for (int o = 0; o < oc; ++o) {
+          int32_t acc = 0;
+          double sum = 0.0;
+          if (has_bias) {
+            if (c.int8) acc = static_cast<const int32_t*>(bv)[o];
+            else sum = static_cast<const float*>(bv)[o];
+          }
+          for (int ky = 0; ky < kh; ++ky)
+            for (int kx = 0; kx < kw; ++kx) {
+              const int iy = y * s.stride_h - pad_top + ky * s.dilation_h;
+              const int ix = x * s.stride_w - pad_left + kx * s.dilation_w;
+              if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;  // padding: x = zero point
+              for (int i = 0; i < ic; ++i) {
+                const size_t xi = ((size_t(b) * h + iy) * wd + ix) * ic + i, wi = ((size_t(o) * kh + ky) * kw + kx) * ic + i;
+                if (c.int8)
+                  acc += (int32_t(static_cast<const int8_t*>(xv)[xi]) - kConvInputZeroPoint) *
+                         int32_t(static_cast<const int8_t*>(wv)[wi]);
+                else
+                  sum += double(static_cast<const float*>(xv)[xi]) * double(static_cast<const float*>(wv)[wi]);
+              }
+            }
+          const size_t at = ((size_t(b) * oh + y) * ow + x) * oc + o;
+          if (c.int8) {
+            const float scale = kConvInputScale * ConvFilterScale(s.per_channel ? o : 0) / s.output_scale;
+            const float zp = float(kConvOutputZeroPoint);
+            const float qlo = float(lrintf(fminf(fmaxf(lo / s.output_scale + zp, -128.0f), 127.0f))) - zp;
+            const float qhi = float(lrintf(fminf(fmaxf(hi / s.output_scale + zp, -128.0f), 127.0f))) - zp;
+            const float v = fminf(fmaxf(float(acc) * scale, qlo), qhi);
+            out[at] = uint8_t(int8_t(lrintf(v) + kConvOutputZeroPoint));
+          } else {
+            const float v = fminf(fmaxf(float(sum), lo), hi);
+            memcpy(out.data() + at * 4, &v, 4);
+          }
+        }
+  return out;
+}
+
+// The output tensor holds ConvReference's shape and values (floats compared as values).
+static bool ConvOutputMatches(const BuiltinConv& c, std::string* why) {
+  std::vector<int> dims;
+  const std::vector<uint8_t> expected = ConvReference(c, &dims);
+  const N2uqTfLiteTensor& y = c.f.tensors[c.y];
+  if (y.dims == nullptr || y.dims->size != 4 || std::vector<int>(y.dims->data, y.dims->data + 4) != dims) {
+    *why = "output shape " + std::to_string(y.dims ? y.dims->size : -1) + "-D differs from the reference's";
+    return false;
+  }
+  if (y.bytes != expected.size() || y.data == nullptr) {
+    *why = "output holds " + std::to_string(y.bytes) + " bytes, the reference " + std::to_string(expected.size());
+    return false;
+  }
+  const size_t item = c.int8 ? 1 : 4;
+  for (size_t i = 0; i < expected.size() / item; ++i) {
+    bool same;
+    if (c.int8) {
+      same = static_cast<const uint8_t*>(y.data)[i] == expected[i];
+    } else {
+      float got, want;
+      memcpy(&got, static_cast<const uint8_t*>(y.data) + i * 4, 4);
+      memcpy(&want, expected.data() + i * 4, 4);
+      same = got == want;
+    }
+    if (!same) {
+      char buf[160];
+      if (c.int8)
+        snprintf(buf, sizeof(buf), "output %zu is %d, the reference %d", i, int(static_cast<const int8_t*>(y.data)[i]),
+                 int(int8_t(expected[i])));
+      else
+        snprintf(buf, sizeof(buf), "output %zu is %g, the reference %g", i,
+                 double(static_cast<const float*>(y.data)[i]), double(reinterpret_cast<const float*>(expected.data())[i]));
+      *why = buf;
+      return false;
+    }
+  }
+  return true;
+}
+
+typedef std::vector<std::pair<const char*, const char*>> DelegateOptions;
+
+static std::string OptionsString(const DelegateOptions& options) {
+  std::string s = "{";
+  for (const auto& kv : options) s += std::string(s.size() > 1 ? ", " : "") + kv.first + "=" + kv.second;
+  return s + "}";
+}
+
+// The delegate's Prepare over the fixture's graph: node 0 the conv (its tensors, builtin_data, builtin
+// code CONV_2D) and, when the fixture has a PAD (pad_inputs), node 1 the PAD. Returns how many nodes it
+// claimed; each claimed node's kernel is initialised and waits in f.kept for the caller to prepare
+// and invoke it (PrepareKernel, InvokeKernel), then ReleaseConv frees them.
+static int ClaimNodes(BuiltinConv* c, const DelegateOptions& options, N2uqTfLiteDelegate** delegate) {
+  FakeInterpreter& f = c->f;
+  free(f.plan);
+  free(f.inputs);
+  free(f.outputs);
+  const bool pad = !c->pad_inputs.empty();
+  f.plan = pad ? NewArray({1, 0}) : NewArray({0});
+  f.inputs = NewArray(c->inputs);
+  f.outputs = NewArray(c->outputs);
+  memset(&f.node, 0, sizeof(f.node));
+  f.node.inputs = f.inputs;
+  f.node.outputs = f.outputs;
+  f.node.builtin_data = c->builtin_data ? &c->params : nullptr;
+  memset(&f.node_reg, 0, sizeof(f.node_reg));
+  f.node_reg.builtin_code = kN2uqTfLiteBuiltinConv2d;
+  f.node_reg.version = 1;
+  f.more_nodes.assign(pad ? 1 : 0, N2uqTfLiteNode{});
+  f.more_regs.assign(pad ? 1 : 0, N2uqTfLiteRegistration{});
+  if (pad) {
+    f.more_nodes[0].inputs = NewInts(c, c->pad_inputs);
+    f.more_nodes[0].outputs = NewInts(c, c->pad_outputs);
+    f.more_regs[0].builtin_code = kN2uqTfLiteBuiltinPad;
+    f.more_regs[0].version = 1;
+  }
+  f.keep_kernel = true;
+  f.replace_calls = 0;
+  f.kept.clear();
+  f.last_error.clear();
+  std::vector<const char*> keys, values;
+  for (const auto& kv : options) {
+    keys.push_back(kv.first);
+    values.push_back(kv.second);
+  }
+  char err[256] = {0};
+  *delegate = n2uq_delegate_create(keys.data(), values.data(), keys.size(), err, sizeof(err));
+  CHECK(*delegate != nullptr, "delegate options %s refused: %s", OptionsString(options).c_str(), err);
+  if (*delegate == nullptr) return 0;
+  const int status = (*delegate)->Prepare(&f.ctx, *delegate);
+  CHECK(status == kN2uqTfLiteOk, "the delegate's Prepare failed: %s", f.last_error.c_str());
+  CHECK(f.replace_calls == int(f.kept.size()), "%d replacements, %zu kernels", f.replace_calls, f.kept.size());
+  return f.replace_calls;
+}
+
+// Whether the delegate claimed the fixture's one conv node (its kernel then waits as node 0's).
+static bool ClaimConv(BuiltinConv* c, const DelegateOptions& options, N2uqTfLiteDelegate** delegate) {
+  const int claimed = ClaimNodes(c, options, delegate);
+  CHECK(claimed <= 1 && (claimed == 0 || c->f.kept[0].node_index == 0), "one CONV_2D node: %d claims", claimed);
+  return claimed == 1;
+}
+
+static FakeInterpreter::Kept* KeptKernel(BuiltinConv* c, int node_index) {
+  for (auto& k : c->f.kept)
+    if (k.node_index == node_index) return &k;
+  return nullptr;
+}
+
+// The kept kernel of node `node_index`: prepare / invoke, as the interpreter calls them; the status,
+// the error text in f.last_error.
+static int PrepareKernel(BuiltinConv* c, int node_index) {
+  FakeInterpreter::Kept* k = KeptKernel(c, node_index);
+  return k ? k->reg.prepare(&c->f.ctx, &k->node) : kN2uqTfLiteError;
+}
+
+static int InvokeKernel(BuiltinConv* c, int node_index) {
+  FakeInterpreter::Kept* k = KeptKernel(c, node_index);
+  return k ? k->reg.invoke(&c->f.ctx, &k->node) : kN2uqTfLiteError;
+}
+
+// The conv kernel's prepare, then (when it succeeded) invoke.
+static int PrepareAndInvoke(BuiltinConv* c) {
+  c->f.last_error.clear();
+  int status = PrepareKernel(c, 0);
+  if (status == kN2uqTfLiteOk) status = InvokeKernel(c, 0);
+  return status;
+}
+
+static void ReleaseConv(BuiltinConv* c, N2uqTfLiteDelegate* delegate) {
+  for (auto& k : c->f.kept) k.reg.free(&c->f.ctx, k.node.user_data);
+  c->f.kept.clear();
+  n2uq_delegate_delete(delegate);
+}
+
+// The ISA of a plan the core makes for a 1x1 filter with the delegate's default isa (auto) and kernel
+// `path` (int8), or -1 when it makes none.
+static int ProbePlanIsa(bool int8, int path) {
+  N2uqConvShape s = {};
+  s.batch = s.in_height = s.in_width = s.in_channels = s.out_channels = s.kernel_height = s.kernel_width = 1;
+  s.stride_height = s.stride_width = s.dilation_height = s.dilation_width = 1;
+  char msg[256] = {0};
+  int isa = N2UQ_ISA_PORTABLE;
+  if (int8) {
+    const int8_t w = 1;
+    const float scale = 1.0f;
+    const N2uqInt8ConvParams q = {1.0f, 0, 1.0f, 0, -128, 127};
+    N2uqInt8ConvPlan* plan = nullptr;
+    if (n2uq_int8_conv_plan_create(&s, &w, 1, nullptr, 0, &scale, 1, &q, N2UQ_ISA_AUTO, path, &plan, msg,
+                                   sizeof(msg)) != N2UQ_OK)
+      return -1;
+    n2uq_int8_conv_plan_info(plan, &isa, nullptr);
+    n2uq_int8_conv_plan_destroy(plan);
+  } else {
+    const float w = 1.0f;
+    N2uqFloatConvPlan* plan = nullptr;
+    if (n2uq_float_conv_plan_create(&s, &w, 1, nullptr, 0, -INFINITY, INFINITY, N2UQ_ISA_AUTO, &plan, msg,
+                                    sizeof(msg)) != N2UQ_OK)
+      return -1;
+    n2uq_float_conv_plan_info(plan, &isa);
+    n2uq_float_conv_plan_destroy(plan);
+  }
+  return isa;
+}
+
+// Whether the delegate's default int8_conv / float_conv = auto claims a node over few channels
+// here: when the plan for its filter gets an AVX-512 kernel (the delegate's own criterion).
+static bool ClaimsByDefault(bool int8) {
+  const int isa = ProbePlanIsa(int8, N2UQ_PATH_AUTO);
+  return isa >= 0 && isa != N2UQ_ISA_PORTABLE;
+}
+
+// The delegate settings a valid node is run with, and whether each claims it.
+static std::vector<std::pair<DelegateOptions, bool>> ConvSettings(bool int8) {
+  const char* key = int8 ? "int8_conv" : "float_conv";
+  std::vector<std::pair<DelegateOptions, bool>> out = {
+      {{{key, "all"}, {"isa", "portable"}}, true},
+      {{{key, "all"}, {"num_threads", "1"}}, true},
+      {{}, ClaimsByDefault(int8)},  // auto
+      {{{key, "auto"}, {"isa", "portable"}}, false},  // TFLite's own kernels beat the portable ones
+      {{{key, "off"}}, false},
+      {{{int8 ? "float_conv" : "int8_conv", "all"}, {key, "off"}}, false}};
+  if (int8) {
+    out.push_back({{{key, "all"}, {"path", "dot"}}, true});
+    if (ProbePlanIsa(true, N2UQ_PATH_AMX) >= 0)  // the amx path runs here
+      out.push_back({{{key, "all"}, {"path", "amx"}, {"num_threads", "2"}}, true});
+  }
+  return out;
+}
+
+// Valid nodes: claimed where the settings say so, and the result equals the reference.
+static void TestBuiltinConvValid() {
+  std::vector<ConvSpec> specs(5);
+  specs[1].padding = kN2uqTfLitePaddingValid;  // strided along W, dilated, relu6, no bias
+  specs[1].stride_h = 1, specs[1].stride_w = 2, specs[1].dilation_w = 2, specs[1].activation = kN2uqTfLiteActRelu6;
+  specs[1].bias = false, specs[1].output_scale = 0.05f;  // relu6: 120 levels
+  specs[2].in_channels = 1, specs[2].out_channels = 5, specs[2].kernel_h = 2, specs[2].kernel_w = 3;  // per-tensor
+  specs[2].stride_h = 1, specs[2].dilation_h = 2, specs[2].activation = kN2uqTfLiteActReluN1To1;
+  specs[2].per_channel = false, specs[2].output_scale = 0.05f;
+  specs[3].in_channels = 8, specs[3].out_channels = 64, specs[3].kernel_h = specs[3].kernel_w = 1;  // auto's limit
+  specs[3].stride_w = 2, specs[3].activation = kN2uqTfLiteActNone;
+  specs[4].batch = 1, specs[4].height = 20, specs[4].width = 23, specs[4].kernel_h = specs[4].kernel_w = 7;  // a stem
+  specs[4].out_channels = 16, specs[4].stride_w = 2;
+  for (int int8 = 1; int8 >= 0; --int8) {
+    for (size_t si = 0; si <= specs.size(); ++si) {
+      for (const auto& setting : ConvSettings(int8 != 0)) {
+        BuiltinConv c;
+        BuildConv(&c, int8 != 0, specs[si < specs.size() ? si : 0]);
+        if (si == specs.size()) c.inputs[2] = -1;  // an omitted optional bias
+        N2uqTfLiteDelegate* d = nullptr;
+        const bool claimed = ClaimConv(&c, setting.first, &d);
+        const std::string where = std::string(int8 ? "int8" : "float") + " conv " + std::to_string(si) + " " +
+                                  OptionsString(setting.first);
+        CHECK(claimed == setting.second, "%s: claimed %d, expected %d", where.c_str(), int(claimed),
+              int(setting.second));
+        if (claimed) {
+          for (int run = 0; run < 2; ++run) {  // the kernel again on another input
+            if (run) FillConvInput(&c, 99);
+            const int status = PrepareAndInvoke(&c);
+            std::string why;
+            CHECK(status == kN2uqTfLiteOk, "%s: run %d failed: %s", where.c_str(), run, c.f.last_error.c_str());
+            CHECK(status != kN2uqTfLiteOk || ConvOutputMatches(c, &why), "%s: run %d: %s", where.c_str(), run,
+                  why.c_str());
+          }
+        }
+        ReleaseConv(&c, d);
+      }
+    }
+    // Over 8 input channels, auto leaves the node to TFLite; all takes it.
+    for (const char* mode : {"auto", "all"}) {
+      ConvSpec wide;
+      wide.in_channels = 9;
+      BuiltinConv c;
+      BuildConv(&c, int8 != 0, wide);
+      N2uqTfLiteDelegate* d = nullptr;
+      const bool claimed = ClaimConv(&c, {{int8 ? "int8_conv" : "float_conv", mode}}, &d);
+      CHECK(claimed == (strcmp(mode, "all") == 0), "%s conv over 9 channels, %s: claimed %d", int8 ? "int8" : "float", mode,
+            int(claimed));
+      std::string why;
+      if (claimed)
+        CHECK(PrepareAndInvoke(&c) == kN2uqTfLiteOk && ConvOutputMatches(c, &why), "9 channels: %s %s",
+              c.f.last_error.c_str(), why.c_str());
+      ReleaseConv(&c, d);
+    }
+  }
+}
+
+// Malformed nodes. Each is left to TFLite (U), or claimed and then refused by the kernel's prepare or
+// invoke with an error (E); A: an empty filter zero-point list (TFLite's loader refuses a count that
+// differs from the scales'; the filter's zero points are only required to be 0) may run, exactly.
+enum ConvMutation {
+  kCmInputQuantNull, kCmFilterQuantNull, kCmOutputQuantNull, kCmInputQuantNotAffine, kCmFilterQuantNotAffine,
+  kCmOutputQuantNotAffine, kCmInputScalesEmpty, kCmFilterScalesEmpty, kCmOutputScalesEmpty, kCmInputZeroPointsEmpty,
+  kCmOutputZeroPointsEmpty, kCmFilterZeroPointsEmpty, kCmFilterScalesShort, kCmFilterScalesLong, kCmInputScalesTwo,
+  kCmFilterZeroPointNonZero, kCmQuantizedDimension3, kCmQuantizedDimensionNegative, kCmHugeScale, kCmOutputScaleZero,
+  kCmOutputScaleNaN, kCmInputScaleNegative, kCmFilterScaleZero, kCmInputZeroPointOutOfRange,
+  kCmOutputZeroPointOutOfRange, kCmFilterNotConstant, kCmFilterDataNull, kCmFilterBytesShort, kCmFilterBytesLong,
+  kCmFilterRank3, kCmFilterDimZero, kCmFilterDimNegative, kCmFilterBytesWrap, kCmDilatedFilterPastInt32,
+  kCmFilterNaN, kCmBiasWrongType, kCmBiasWrongSize, kCmBiasBytes, kCmBiasNotConstant, kCmBiasDataNull, kCmBiasRank2,
+  kCmBiasIndexOutOfRange, kCmInputRank3, kCmInputRank5, kCmOutputRank3, kCmOutputRank5, kCmInputDimsNull,
+  kCmFilterDimsNull, kCmChannelMismatch, kCmOutputChannelMismatch, kCmInputInt32, kCmFilterTypeMismatch,
+  kCmOutputTypeMismatch, kCmBuiltinDataNull, kCmPadding0, kCmPadding3, kCmStrideWidth0, kCmStrideHeightNegative,
+  kCmStride1025, kCmDilationWidth0, kCmDilationHeight0, kCmActivationTanh, kCmActivationSignBit,
+  kCmActivationNegative, kCmOneInput, kCmFourInputs, kCmNoOutputs, kCmTwoOutputs, kCmInputIndexNegative,
+  kCmInputIndexOutOfRange, kCmFilterIndexNegative, kCmFilterIndexOutOfRange, kCmOutputIndexNegative,
+  kCmOutputIndexOutOfRange, kCmInputBytesShort, kCmInputDataNull, kCmOutputConstant, kCmOutputResizeFails,
+  kCmInputTooSmall, kNumConvMutations
+};
+
+static const struct {
+  const char* name;
+  char expect;  // U, E or A
+  bool int8_only, float_only;
+} kConvMutations[kNumConvMutations] = {
+    {"input quantization.params NULL", 'U', true, false},
+    {"filter quantization.params NULL", 'U', true, false},
+    {"output quantization.params NULL", 'U', true, false},
+    {"input quantization not affine", 'U', true, false},
+    {"filter quantization not affine", 'U', true, false},
+    {"output quantization not affine", 'U', true, false},
+    {"input scales empty", 'U', true, false},
+    {"filter scales empty", 'U', true, false},
+    {"output scales empty", 'U', true, false},
+    {"input zero points empty", 'U', true, false},
+    {"output zero points empty", 'U', true, false},
+    {"filter zero points empty", 'A', true, false},
+    {"filter scales OC - 1", 'U', true, false},
+    {"filter scales OC + 1", 'U', true, false},
+    {"input scales 2", 'U', true, false},
+    {"filter zero point 1", 'U', true, false},
+    {"quantized_dimension 3", 'U', true, false},
+    {"quantized_dimension -1", 'U', true, false},
+    {"requantization scale >= 256", 'U', true, false},
+    {"output scale 0", 'U', true, false},
+    {"output scale NaN", 'U', true, false},
+    {"input scale negative", 'U', true, false},
+    {"filter scale 0", 'U', true, false},
+    {"input zero point 300", 'U', true, false},
+    {"output zero point -200", 'U', true, false},
+    {"filter not constant", 'U', false, false},
+    {"filter data NULL", 'U', false, false},
+    {"filter bytes short", 'U', false, false},
+    {"filter bytes long", 'U', false, false},
+    {"filter rank 3", 'U', false, false},
+    {"filter dim 0", 'U', false, false},
+    {"filter dim negative", 'U', false, false},
+    {"filter dims whose byte count wraps", 'U', false, false},
+    {"dilated filter past int32", 'U', false, false},
+    {"filter NaN", 'U', false, true},
+    {"bias wrong type", 'U', false, false},
+    {"bias OC - 1 values", 'U', false, false},
+    {"bias bytes short", 'U', false, false},
+    {"bias not constant", 'U', false, false},
+    {"bias data NULL", 'U', false, false},
+    {"bias rank 2", 'U', false, false},
+    {"bias index out of range", 'U', false, false},
+    {"input rank 3", 'U', false, false},
+    {"input rank 5", 'U', false, false},
+    {"output rank 3", 'U', false, false},
+    {"output rank 5", 'U', false, false},
+    {"input dims NULL", 'U', false, false},
+    {"filter dims NULL", 'U', false, false},
+    {"input channels 4", 'U', false, false},
+    {"output channels OC + 1", 'U', false, false},
+    {"input int32", 'U', false, false},
+    {"filter of another type", 'U', false, false},
+    {"output of another type", 'U', false, false},
+    {"builtin_data NULL", 'U', false, false},
+    {"padding 0 (unknown)", 'U', false, false},
+    {"padding 3", 'U', false, false},
+    {"stride_width 0", 'U', false, false},
+    {"stride_height -1", 'U', false, false},
+    {"stride_height 1025", 'U', false, false},
+    {"dilation_width 0", 'U', false, false},
+    {"dilation_height 0", 'U', false, false},
+    {"activation 4 (tanh)", 'U', false, false},
+    {"activation 5 (sign bit)", 'U', false, false},
+    {"activation -1", 'U', false, false},
+    {"one input", 'U', false, false},
+    {"four inputs", 'U', false, false},
+    {"no outputs", 'U', false, false},
+    {"two outputs", 'U', false, false},
+    {"input index -1", 'U', false, false},
+    {"input index out of range", 'U', false, false},
+    {"filter index -1", 'U', false, false},
+    {"filter index out of range", 'U', false, false},
+    {"output index -1", 'U', false, false},
+    {"output index out of range", 'U', false, false},
+    {"input bytes short", 'E', false, false},
+    {"input data NULL", 'E', false, false},
+    {"output constant", 'E', false, false},
+    {"output resize fails", 'E', false, false},
+    {"input smaller than the filter", 'E', false, false},
+};
+
+// A valid fixture (ConvSpec's defaults, 'valid' padding for kCmInputTooSmall) with mutation `m`.
+static void BuildMutatedConv(BuiltinConv* c, bool int8, ConvMutation m) {
+  ConvSpec s;
+  if (m == kCmInputTooSmall) s.padding = kN2uqTfLitePaddingValid;
+  BuildConv(c, int8, s);
+  FakeInterpreter& f = c->f;
+  N2uqTfLiteTensor &x = f.tensors[c->x], &w = f.tensors[c->w], &b = f.tensors[c->b], &y = f.tensors[c->y];
+  const int oc = s.out_channels;
+  const int big = 1 << 22;
+  switch (m) {
+    case kCmInputQuantNull: x.quantization.params = nullptr; break;
+    case kCmFilterQuantNull: w.quantization.params = nullptr; break;
+    case kCmOutputQuantNull: y.quantization.params = nullptr; break;
+    case kCmInputQuantNotAffine: x.quantization.type = 0; break;
+    case kCmFilterQuantNotAffine: w.quantization.type = 2; break;
+    case kCmOutputQuantNotAffine: y.quantization.type = 0; break;
+    case kCmInputScalesEmpty: c->quant[0].scale = NewFloats(c, {}); break;
+    case kCmFilterScalesEmpty: c->quant[1].scale = NewFloats(c, {}); break;
+    case kCmOutputScalesEmpty: c->quant[2].scale = NewFloats(c, {}); break;
+    case kCmInputZeroPointsEmpty: c->quant[0].zero_point = NewInts(c, {}); break;
+    case kCmOutputZeroPointsEmpty: c->quant[2].zero_point = NewInts(c, {}); break;
+    case kCmFilterZeroPointsEmpty: c->quant[1].zero_point = NewInts(c, {}); break;
+    case kCmFilterScalesShort: c->quant[1].scale = NewFloats(c, std::vector<float>(size_t(oc - 1), 0.01f)); break;
+    case kCmFilterScalesLong: c->quant[1].scale = NewFloats(c, std::vector<float>(size_t(oc + 1), 0.01f)); break;
+    case kCmInputScalesTwo: c->quant[0].scale = NewFloats(c, {kConvInputScale, kConvInputScale}); break;
+    case kCmFilterZeroPointNonZero: c->quant[1].zero_point->data[oc - 1] = 1; break;
+    case kCmQuantizedDimension3: c->quant[1].quantized_dimension = 3; break;
+    case kCmQuantizedDimensionNegative: c->quant[1].quantized_dimension = -1; break;
+    case kCmHugeScale: c->quant[1].scale->data[5] = 1e4f; break;  // 0.05 * 1e4 / 0.8 = 625
+    case kCmOutputScaleZero: c->quant[2].scale->data[0] = 0.0f; break;
+    case kCmOutputScaleNaN: c->quant[2].scale->data[0] = NAN; break;
+    case kCmInputScaleNegative: c->quant[0].scale->data[0] = -0.05f; break;
+    case kCmFilterScaleZero: c->quant[1].scale->data[3] = 0.0f; break;
+    case kCmInputZeroPointOutOfRange: c->quant[0].zero_point->data[0] = 300; break;
+    case kCmOutputZeroPointOutOfRange: c->quant[2].zero_point->data[0] = -200; break;
+    case kCmFilterNotConstant: w.allocation_type = 2; break;  // kTfLiteArenaRw
+    case kCmFilterDataNull: w.data = nullptr; break;
+    case kCmFilterBytesShort: w.bytes -= 1; break;
+    case kCmFilterBytesLong: w.bytes += 1; break;
+    case kCmFilterRank3: SetDims(&f, c->w, {oc, 3, 3 * 3}); break;
+    case kCmFilterDimZero: SetDims(&f, c->w, {oc, 0, 3, 3}); break;
+    case kCmFilterDimNegative: SetDims(&f, c->w, {oc, -3, -3, 3}); break;
+    case kCmFilterBytesWrap:
+      // [1, 2^22, 2^22, 2^22]: 2^66 elements, a byte count of 0 modulo 2^64 (the buffer's is 0)
+      SetDims(&f, c->x, {1, 1, 1, big});
+      SetDims(&f, c->w, {1, big, big, big});
+      SetDims(&f, c->y, {1, 1, 1, 1});
+      w.bytes = 0;
+      if (int8) c->quant[1].scale = NewFloats(c, {0.01f}), c->quant[1].zero_point = NewInts(c, {0});
+      c->inputs.pop_back();  // no bias
+      break;
+    case kCmDilatedFilterPastInt32: {
+      // [1, 2^21 + 1, 1, 1] at dilation 1024: a dilated height of 2^31 + 1
+      const int kh = (1 << 21) + 1;
+      SetDims(&f, c->x, {1, 6, 7, 1});
+      SetDims(&f, c->w, {1, kh, 1, 1});
+      SetDims(&f, c->y, {1, 6, 7, 1});
+      SetBuffer(c, c->w, size_t(kh) * (int8 ? 1 : 4), 0);
+      if (int8) c->quant[1].scale = NewFloats(c, {0.01f}), c->quant[1].zero_point = NewInts(c, {0});
+      c->params.dilation_height_factor = 1024;
+      c->inputs.pop_back();
+      break;
+    }
+    case kCmFilterNaN: reinterpret_cast<float*>(w.data)[17] = NAN; break;
+    case kCmBiasWrongType: b.type = int8 ? kN2uqTfLiteFloat32 : kN2uqTfLiteInt32; break;
+    case kCmBiasWrongSize: SetDims(&f, c->b, {oc - 1}), b.bytes = size_t(oc - 1) * 4; break;
+    case kCmBiasBytes: b.bytes -= 4; break;
+    case kCmBiasNotConstant: b.allocation_type = 2; break;
+    case kCmBiasDataNull: b.data = nullptr; break;
+    case kCmBiasRank2: SetDims(&f, c->b, {1, oc}); break;
+    case kCmBiasIndexOutOfRange: c->inputs[2] = 99; break;
+    case kCmInputRank3: SetDims(&f, c->x, {2 * 9, 11, 3}); break;
+    case kCmInputRank5: SetDims(&f, c->x, {2, 9, 11, 3, 1}); break;
+    case kCmOutputRank3: SetDims(&f, c->y, {2 * 9, 11, oc}); break;
+    case kCmOutputRank5: SetDims(&f, c->y, {2, 5, 11, oc, 1}); break;
+    case kCmInputDimsNull: x.dims = nullptr; break;
+    case kCmFilterDimsNull: w.dims = nullptr; break;
+    case kCmChannelMismatch: SetDims(&f, c->x, {2, 9, 11, 4}); break;
+    case kCmOutputChannelMismatch: SetDims(&f, c->y, {2, 5, 11, oc + 1}); break;
+    case kCmInputInt32: x.type = kN2uqTfLiteInt32; break;
+    case kCmFilterTypeMismatch: w.type = int8 ? kN2uqTfLiteUInt8 : kN2uqTfLiteInt8; break;
+    case kCmOutputTypeMismatch: y.type = int8 ? kN2uqTfLiteUInt8 : kN2uqTfLiteInt32; break;
+    case kCmBuiltinDataNull: c->builtin_data = false; break;
+    case kCmPadding0: c->params.padding = 0; break;
+    case kCmPadding3: c->params.padding = 3; break;
+    case kCmStrideWidth0: c->params.stride_width = 0; break;
+    case kCmStrideHeightNegative: c->params.stride_height = -1; break;
+    case kCmStride1025: c->params.stride_height = 1025; break;
+    case kCmDilationWidth0: c->params.dilation_width_factor = 0; break;
+    case kCmDilationHeight0: c->params.dilation_height_factor = 0; break;
+    case kCmActivationTanh: c->params.activation = 4; break;
+    case kCmActivationSignBit: c->params.activation = 5; break;
+    case kCmActivationNegative: c->params.activation = -1; break;
+    case kCmOneInput: c->inputs = {c->x}; break;
+    case kCmFourInputs: c->inputs.push_back(c->b); break;
+    case kCmNoOutputs: c->outputs.clear(); break;
+    case kCmTwoOutputs: c->outputs.push_back(c->b); break;
+    case kCmInputIndexNegative: c->inputs[0] = -1; break;
+    case kCmInputIndexOutOfRange: c->inputs[0] = int(f.tensors.size()); break;
+    case kCmFilterIndexNegative: c->inputs[1] = -1; break;
+    case kCmFilterIndexOutOfRange: c->inputs[1] = 1 << 30; break;
+    case kCmOutputIndexNegative: c->outputs[0] = -1; break;
+    case kCmOutputIndexOutOfRange: c->outputs[0] = int(f.tensors.size()); break;
+    case kCmInputBytesShort: x.bytes -= 1; break;
+    case kCmInputDataNull: x.data = nullptr; break;
+    case kCmOutputConstant: y.allocation_type = kN2uqTfLiteMmapRo; break;
+    case kCmOutputResizeFails: SetDims(&f, c->y, {1, 2, 2, oc}), f.fail_resize = true; break;
+    case kCmInputTooSmall: SetDims(&f, c->x, {2, 2, 11, 3}), x.bytes = size_t(2 * 2 * 11 * 3) * (int8 ? 1 : 4); break;
+    case kNumConvMutations: break;
+  }
+}
+
+static void TestBuiltinConvMalformed() {
+  const char* const prefixes[2] = {"CONV_2D (float)", "CONV_2D (int8)"};
+  for (int int8 = 0; int8 < 2; ++int8) {
+    const bool by_default = ClaimsByDefault(int8 != 0);
+    for (int m = 0; m < kNumConvMutations; ++m) {
+      if ((kConvMutations[m].int8_only && !int8) || (kConvMutations[m].float_only && int8)) continue;
+      for (int all = 0; all < 2; ++all) {
+        BuiltinConv c;
+        BuildMutatedConv(&c, int8 != 0, ConvMutation(m));
+        N2uqTfLiteDelegate* d = nullptr;
+        const DelegateOptions options = all ? DelegateOptions{{int8 ? "int8_conv" : "float_conv", "all"}}
+                                            : DelegateOptions{};
+        const bool claimed = ClaimConv(&c, options, &d);
+        const char expect = all || by_default ? kConvMutations[m].expect : 'U';
+        const std::string where = std::string(prefixes[int8]) + " " + kConvMutations[m].name + " " +
+                                  OptionsString(options);
+        int status = kN2uqTfLiteOk;
+        if (claimed) {
+          status = PrepareAndInvoke(&c);
+          if (status == kN2uqTfLiteOk) status = InvokeKernel(&c, 0);  // and once more
+        }
+        if (expect == 'U') {
+          CHECK(!claimed, "%s: claimed (run status %d, '%s')", where.c_str(), status, c.f.last_error.c_str());
+        } else if (expect == 'E') {
+          CHECK(claimed && status != kN2uqTfLiteOk && c.f.last_error.find(prefixes[int8]) != std::string::npos,
+                "%s: claimed %d, status %d, error '%s'", where.c_str(), int(claimed), status,
+                c.f.last_error.c_str());
+        } else {
+          std::string why;
+          CHECK(!claimed || (status == kN2uqTfLiteOk && ConvOutputMatches(c, &why)), "%s: status %d '%s' %s",
+                where.c_str(), status, c.f.last_error.c_str(), why.c_str());
+        }
+        ReleaseConv(&c, d);
+      }
+    }
+  }
+}
+
+// A claimed kernel across input resizes, as the interpreter drives it: after each resize its prepare
+// runs again (then invoke). An input smaller than the filter: prepare reports an error, and an invoke
+// anyway is refused too; then a larger input runs and matches the reference. Invokes with the input
+// or output resized behind prepare's back are refused, never run out of bounds.
+static void TestBuiltinConvResize() {
+  for (int int8 = 0; int8 < 2; ++int8) {
+    ConvSpec s;
+    s.padding = kN2uqTfLitePaddingValid;
+    BuiltinConv c;
+    BuildConv(&c, int8 != 0, s);
+    N2uqTfLiteDelegate* d = nullptr;
+    const char* what = int8 ? "int8" : "float";
+    const bool claimed = ClaimConv(&c, {{int8 ? "int8_conv" : "float_conv", "all"}}, &d);
+    CHECK(claimed, "%s resize: not claimed", what);
+    if (!claimed) {
+      ReleaseConv(&c, d);
+      continue;
+    }
+    FakeInterpreter& f = c.f;
+    N2uqTfLiteTensor& x = f.tensors[c.x];
+    std::string why;
+    CHECK(PrepareAndInvoke(&c) == kN2uqTfLiteOk && ConvOutputMatches(c, &why), "%s resize: first run: %s %s", what,
+          f.last_error.c_str(), why.c_str());
+    // smaller than the 3x3 filter
+    CHECK(FakeResize(&f.ctx, &x, NewArray({1, 2, 5, 3})) == kN2uqTfLiteOk, "resize");
+    f.last_error.clear();
+    CHECK(PrepareKernel(&c, 0) != kN2uqTfLiteOk && f.last_error.find("CONV_2D") != std::string::npos,
+          "%s resize: prepare accepted an input smaller than the filter: '%s'", what, f.last_error.c_str());
+    f.last_error.clear();
+    CHECK(InvokeKernel(&c, 0) != kN2uqTfLiteOk, "%s resize: invoke after a failed prepare ran",
+          what);
+    // rank 3
+    CHECK(FakeResize(&f.ctx, &x, NewArray({5, 6, 3})) == kN2uqTfLiteOk, "resize");
+    CHECK(PrepareKernel(&c, 0) != kN2uqTfLiteOk && f.last_error.find("4-D") != std::string::npos,
+          "%s resize: prepare accepted a 3-D input: '%s'", what, f.last_error.c_str());
+    // larger, and another batch: runs
+    CHECK(FakeResize(&f.ctx, &x, NewArray({3, 12, 14, 3})) == kN2uqTfLiteOk, "resize");
+    FillConvInput(&c, 5);
+    CHECK(PrepareAndInvoke(&c) == kN2uqTfLiteOk && ConvOutputMatches(c, &why), "%s resize: larger input: %s %s", what,
+          f.last_error.c_str(), why.c_str());
+    // the input shrunk without a prepare: the kernel's shape needs more than the buffer holds
+    CHECK(FakeResize(&f.ctx, &x, NewArray({1, 12, 14, 3})) == kN2uqTfLiteOk, "resize");
+    f.last_error.clear();
+    CHECK(InvokeKernel(&c, 0) != kN2uqTfLiteOk && !f.last_error.empty(),
+          "%s resize: invoke ran on an input smaller than prepared", what);
+    // the output shrunk without a prepare
+    CHECK(PrepareAndInvoke(&c) == kN2uqTfLiteOk, "%s resize: %s", what, f.last_error.c_str());
+    CHECK(FakeResize(&f.ctx, &f.tensors[c.y], NewArray({1, 1, 1, s.out_channels})) == kN2uqTfLiteOk, "resize");
+    f.last_error.clear();
+    CHECK(InvokeKernel(&c, 0) != kN2uqTfLiteOk && !f.last_error.empty(),
+          "%s resize: invoke ran into an output smaller than prepared", what);
+    ReleaseConv(&c, d);
+  }
+}
+
+// ------------------------------------------------------------------ the PAD before a claimed conv
+
+// Puts a PAD (node 1) before the conv: a new input, the conv's less the pads, and constant int32
+// paddings [[0, 0], [top, bottom], [left, right], [0, 0]], writing the conv's input; int8 tensors keep
+// the input's quantization (the legacy scale and zero point too, which the claim compares).
+static void AddPad(BuiltinConv* c, int top, int bottom, int left, int right) {
+  FakeInterpreter& f = c->f;
+  const ConvSpec& s = c->spec;
+  c->pad_input = AddTensor(&f, c->int8 ? kN2uqTfLiteInt8 : kN2uqTfLiteFloat32,
+                           {s.batch, s.height - top - bottom, s.width - left - right, s.in_channels}, "pad_input");
+  c->paddings = AddTensor(&f, kN2uqTfLiteInt32, {4, 2}, "paddings");
+  Finalize(&f);  // (the tensors moved; nothing was mutated yet)
+  f.tensors[c->paddings].allocation_type = kN2uqTfLiteMmapRo;
+  const int32_t pads[8] = {0, 0, top, bottom, left, right, 0, 0};
+  memcpy(f.storage[c->paddings].data(), pads, sizeof(pads));
+  if (c->int8) {
+    f.tensors[c->pad_input].quantization = f.tensors[c->x].quantization;
+    for (int t : {c->pad_input, c->x}) {
+      f.tensors[t].params.scale = kConvInputScale;
+      f.tensors[t].params.zero_point = kConvInputZeroPoint;
+    }
+  }
+  c->pad_inputs = {c->pad_input, c->paddings};
+  c->pad_outputs = {c->x};
+  FillActivations(c, c->pad_input, 3);
+  memset(f.storage[c->x].data(), 0xAB, f.storage[c->x].size());  // the PAD writes it
+}
+
+// The PAD's output computed here from its input and paddings: the input with rows and columns of the
+// input's zero point (int8) or 0 around it.
+static bool PadOutputMatches(const BuiltinConv& c) {
+  const N2uqTfLiteTensor& in = c.f.tensors[c.pad_input];
+  const N2uqTfLiteTensor& out = c.f.tensors[c.x];
+  const int32_t* p = static_cast<const int32_t*>(c.f.tensors[c.paddings].data);
+  const size_t item = c.int8 ? 1 : 4;
+  const int n = in.dims->data[0], h = in.dims->data[1], w = in.dims->data[2], ch = in.dims->data[3];
+  const int oh = h + p[2] + p[3], ow = w + p[4] + p[5];
+  if (out.dims->size != 4 || out.dims->data[0] != n || out.dims->data[1] != oh || out.dims->data[2] != ow ||
+      out.dims->data[3] != ch || out.bytes != size_t(n) * oh * ow * ch * item)
+    return false;
+  for (int b = 0; b < n; ++b)
+    for (int y = 0; y < oh; ++y)
+      for (int x = 0; x < ow; ++x) {
+        const int iy = y - p[2], ix = x - p[4];
+        const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+        const uint8_t* got = static_cast<const uint8_t*>(out.data) + ((size_t(b) * oh + y) * ow + x) * ch * item;
+        for (size_t i = 0; i < ch * item; ++i) {
+          const uint8_t want = inside ? static_cast<const uint8_t*>(in.data)[((size_t(b) * h + iy) * w + ix) * ch * item + i]
+                               : c.int8 ? uint8_t(int8_t(kConvInputZeroPoint)) : uint8_t(0);
+          if (got[i] != want) return false;
+        }
+      }
+  return true;
+}
+
+// The interpreter's order: prepare the PAD (it sizes the conv's input), the conv, then invoke both.
+static int RunPadAndConv(BuiltinConv* c) {
+  c->f.last_error.clear();
+  int status = PrepareKernel(c, 1);
+  if (status == kN2uqTfLiteOk) status = PrepareKernel(c, 0);
+  if (status == kN2uqTfLiteOk) status = InvokeKernel(c, 1);
+  if (status == kN2uqTfLiteOk) status = InvokeKernel(c, 0);
+  return status;
+}
+
+// Malformed PADs: each is left to TFLite (U: only the conv is claimed) or claimed and refused by its
+// kernel (E).
+enum PadMutation {
+  kPmBatchPadded, kPmChannelsPadded, kPmNegative, kPmPast4096, kPmPaddingsNotConstant, kPmPaddingsDataNull,
+  kPmPaddingsBytes, kPmPaddingsShape24, kPmPaddingsShape8, kPmPaddingsInt64, kPmInputInt32, kPmInputOtherType,
+  kPmScaleDiffers, kPmZeroPointDiffers, kPmOneInput, kPmThreeInputs, kPmTwoOutputs, kPmInputIndexNegative,
+  kPmPaddingsIndexOutOfRange, kPmInputRank3, kPmInputDimsNull, kPmInputBytesShort, kPmOutputConstant,
+  kPmInputDataNull, kNumPadMutations
+};
+
+static const struct {
+  const char* name;
+  char expect;
+  bool int8_only;
+} kPadMutations[kNumPadMutations] = {
+    {"batch padded", 'U', false},          {"channels padded", 'U', false},
+    {"a negative pad", 'U', false},        {"a pad past 4096", 'U', false},
+    {"paddings not constant", 'U', false}, {"paddings data NULL", 'U', false},
+    {"paddings bytes 28", 'U', false},     {"paddings shape [2, 4]", 'U', false},
+    {"paddings shape [8]", 'U', false},    {"paddings int64", 'U', false},
+    {"input int32", 'U', false},           {"input of the other type", 'U', false},
+    {"input scale differs", 'U', true},    {"input zero point differs", 'U', true},
+    {"one input", 'U', false},             {"three inputs", 'U', false},
+    {"two outputs", 'U', false},           {"input index -1", 'U', false},
+    {"paddings index out of range", 'U', false}, {"input rank 3", 'U', false},
+    {"input dims NULL", 'U', false},       {"input bytes short", 'E', false},
+    {"output constant", 'E', false},       {"input data NULL", 'E', false},
+};
+
+static void BuildPadConv(BuiltinConv* c, bool int8) {
+  ConvSpec s;
+  s.padding = kN2uqTfLitePaddingValid;
+  BuildConv(c, int8, s);
+  AddPad(c, 1, 2, 2, 1);
+}
+
+static void TestBuiltinPad() {
+  for (int int8 = 0; int8 < 2; ++int8) {
+    const char* what = int8 ? "int8" : "float";
+    const char* key = int8 ? "int8_conv" : "float_conv";
+    // valid: claimed with the conv, the padded input and the conv's result as computed here
+    for (const auto& setting : std::vector<std::pair<DelegateOptions, bool>>{
+             {{{key, "all"}}, true}, {{{key, "all"}, {"isa", "portable"}}, true}, {{}, ClaimsByDefault(int8 != 0)},
+             {{{key, "off"}}, false}}) {
+      BuiltinConv c;
+      BuildPadConv(&c, int8 != 0);
+      N2uqTfLiteDelegate* d = nullptr;
+      const int claimed = ClaimNodes(&c, setting.first, &d);
+      const std::string where = std::string(what) + " PAD + conv " + OptionsString(setting.first);
+      CHECK(claimed == (setting.second ? 2 : 0) && (!claimed || (KeptKernel(&c, 0) && KeptKernel(&c, 1))),
+            "%s: %d nodes claimed", where.c_str(), claimed);
+      if (claimed == 2) {
+        std::string why;
+        CHECK(RunPadAndConv(&c) == kN2uqTfLiteOk && PadOutputMatches(c) && ConvOutputMatches(c, &why),
+              "%s: '%s' %s", where.c_str(), c.f.last_error.c_str(), why.c_str());
+        // another input size: both prepare again and run it
+        N2uqTfLiteTensor& in = c.f.tensors[c.pad_input];
+        CHECK(FakeResize(&c.f.ctx, &in, NewArray({1, 4, 7, 3})) == kN2uqTfLiteOk, "resize");
+        FillActivations(&c, c.pad_input, 8);
+        CHECK(RunPadAndConv(&c) == kN2uqTfLiteOk && PadOutputMatches(c) && ConvOutputMatches(c, &why),
+              "%s, resized: '%s' %s", where.c_str(), c.f.last_error.c_str(), why.c_str());
+        // shrunk without a prepare: refused at invoke
+        CHECK(FakeResize(&c.f.ctx, &in, NewArray({1, 2, 7, 3})) == kN2uqTfLiteOk, "resize");
+        c.f.last_error.clear();
+        CHECK(InvokeKernel(&c, 1) != kN2uqTfLiteOk && c.f.last_error.find("PAD") != std::string::npos,
+              "%s: invoke ran on an input resized after prepare: '%s'", where.c_str(), c.f.last_error.c_str());
+        // negative dims whose products match both byte counts (1 x 1 x -4 x -1 -> 1 x 4 x -1 x -1), set
+        // behind prepare's back: refused at invoke, never a fill of the "left" padding of -2 channels
+        CHECK(RunPadAndConv(&c) == kN2uqTfLiteOk, "%s: '%s'", where.c_str(), c.f.last_error.c_str());
+        const size_t item = int8 ? 1 : 4;
+        SetDims(&c.f, c.pad_input, {1, 1, -4, -1});
+        in.bytes = 4 * item;
+        SetDims(&c.f, c.x, {1, 4, -1, -1});
+        c.f.tensors[c.x].bytes = 4 * item;
+        c.f.last_error.clear();
+        CHECK(InvokeKernel(&c, 1) != kN2uqTfLiteOk && c.f.last_error.find("PAD") != std::string::npos,
+              "%s: invoke ran on negative dims: '%s'", where.c_str(), c.f.last_error.c_str());
+        // an empty input whose padded output would hold 3 * 2^62 elements
+        SetDims(&c.f, c.pad_input, {1, 0, 0x7fffffff, 0x7fffffff});
+        in.bytes = 0;
+        c.f.last_error.clear();
+        CHECK(InvokeKernel(&c, 1) != kN2uqTfLiteOk && c.f.last_error.find("PAD") != std::string::npos,
+              "%s: invoke ran on an output past int64: '%s'", where.c_str(), c.f.last_error.c_str());
+        // 3-D: refused at prepare
+        CHECK(FakeResize(&c.f.ctx, &in, NewArray({4, 7, 3})) == kN2uqTfLiteOk, "resize");
+        CHECK(PrepareKernel(&c, 1) != kN2uqTfLiteOk && c.f.last_error.find("PAD") != std::string::npos,
+              "%s: prepare accepted a 3-D input: '%s'", where.c_str(), c.f.last_error.c_str());
+      }
+      ReleaseConv(&c, d);
+    }
+    for (int m = 0; m < kNumPadMutations; ++m) {
+      if (kPadMutations[m].int8_only && !int8) continue;
+      BuiltinConv c;
+      BuildPadConv(&c, int8 != 0);
+      FakeInterpreter& f = c.f;
+      N2uqTfLiteTensor &in = f.tensors[c.pad_input], &pads = f.tensors[c.paddings];
+      int32_t* p = reinterpret_cast<int32_t*>(f.storage[c.paddings].data());
+      switch (PadMutation(m)) {
+        case kPmBatchPadded: p[0] = 1; break;
+        case kPmChannelsPadded: p[7] = 1; break;
+        case kPmNegative: p[2] = -1; break;
+        case kPmPast4096: p[5] = 5000; break;
+        case kPmPaddingsNotConstant: pads.allocation_type = 2; break;
+        case kPmPaddingsDataNull: pads.data = nullptr; break;
+        case kPmPaddingsBytes: pads.bytes = 28; break;
+        case kPmPaddingsShape24: SetDims(&f, c.paddings, {2, 4}); break;
+        case kPmPaddingsShape8: SetDims(&f, c.paddings, {8}); break;
+        case kPmPaddingsInt64: pads.type = kN2uqTfLiteInt64; break;
+        case kPmInputInt32: in.type = kN2uqTfLiteInt32; break;
+        case kPmInputOtherType: in.type = int8 ? kN2uqTfLiteFloat32 : kN2uqTfLiteInt8; break;
+        case kPmScaleDiffers: in.params.scale *= 2.0f; break;
+        case kPmZeroPointDiffers: in.params.zero_point += 1; break;
+        case kPmOneInput: c.pad_inputs.pop_back(); break;
+        case kPmThreeInputs: c.pad_inputs.push_back(c.paddings); break;
+        case kPmTwoOutputs: c.pad_outputs.push_back(c.y); break;
+        case kPmInputIndexNegative: c.pad_inputs[0] = -1; break;
+        case kPmPaddingsIndexOutOfRange: c.pad_inputs[1] = int(f.tensors.size()) + 5; break;
+        case kPmInputRank3: SetDims(&f, c.pad_input, {2 * 6, 8, 3}); break;
+        case kPmInputDimsNull: in.dims = nullptr; break;
+        case kPmInputBytesShort: in.bytes -= 1; break;
+        case kPmOutputConstant: f.tensors[c.x].allocation_type = kN2uqTfLiteMmapRo; break;
+        case kPmInputDataNull: in.data = nullptr; break;
+        case kNumPadMutations: break;
+      }
+      N2uqTfLiteDelegate* d = nullptr;
+      const int claimed = ClaimNodes(&c, {{key, "all"}}, &d);
+      const std::string where = std::string(what) + " PAD " + kPadMutations[m].name;
+      if (kPadMutations[m].expect == 'U') {
+        CHECK(claimed == 1 && KeptKernel(&c, 0), "%s: %d nodes claimed", where.c_str(), claimed);
+      } else {
+        const int status = claimed == 2 ? RunPadAndConv(&c) : kN2uqTfLiteOk;
+        CHECK(claimed == 2 && status != kN2uqTfLiteOk && f.last_error.find("PAD (node 1)") != std::string::npos,
+              "%s: %d nodes claimed, status %d, '%s'", where.c_str(), claimed, status, f.last_error.c_str());
+      }
+      ReleaseConv(&c, d);
+    }
+  }
+}
+
+static void TestBuiltinConv() {
+  printf("builtin CONV_2D: the delegate's defaults claim int8 %s, float32 %s; int8 amx path %s\n",
+         ClaimsByDefault(true) ? "yes" : "no", ClaimsByDefault(false) ? "yes" : "no",
+         ProbePlanIsa(true, N2UQ_PATH_AMX) >= 0 ? "tested" : "not available");
+  TestBuiltinConvValid();
+  TestBuiltinConvMalformed();
+  TestBuiltinConvResize();
+  TestBuiltinPad();
+}
+
 int main(int argc, char** argv) {
   const int iterations = argc > 1 ? atoi(argv[1]) : 2000;
   TestFlexBuffers(iterations);
@@ -602,6 +1611,7 @@ int main(int argc, char** argv) {
   TestKernels();
   TestFusedKernels();
   TestPoolKernels();
+  TestBuiltinConv();
   if (failures) {
     printf("selftest: %d failure(s)\n", failures);
     return 1;
