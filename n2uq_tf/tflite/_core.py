@@ -441,7 +441,45 @@ class ConvPlan:
         self.close()
 
 
-class Int8ConvPlan:
+class _BuiltinConvPlan:
+    """What Int8ConvPlan and FloatConvPlan share: a filter [OC, KH, KW, IC] prepared once, the
+    plan's own shape (one image the size of the dilated filter; the shape's bit widths are ignored),
+    and runs on any batch and input size."""
+
+    _destroy = None  # the plan's destroy function's name
+
+    def _shape_of_filter(self, w, strides, dilations, padding):
+        if w.ndim != 4:
+            raise CoreError(f"filter must be 4-D [OC, KH, KW, IC], got shape {w.shape}")
+        self.out_channels, kh, kw, self.in_channels = (int(d) for d in w.shape)
+        self._geometry = dict(kernel_size=(kh, kw), strides=strides, dilations=dilations, padding=padding)
+        dh, dw = _pair(dilations, "dilations")
+        return conv_shape(1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, self.in_channels, self.out_channels, (kh, kw),
+                          strides=strides, dilations=dilations, act_bits=1, weight_bits=1)
+
+    def _run(self, function, x, dtype, num_threads):
+        x = _as(x, dtype, "x")
+        if x.ndim != 4 or x.shape[3] != self.in_channels:
+            raise CoreError(f"x must be [N, H, W, {self.in_channels}], got shape {x.shape}")
+        g = self._geometry
+        shape = conv_shape(x.shape[0], x.shape[1], x.shape[2], self.in_channels, self.out_channels,
+                           g["kernel_size"], strides=g["strides"], dilations=g["dilations"], padding=g["padding"],
+                           act_bits=1, weight_bits=1)
+        oh, ow = output_size(shape)
+        out = np.empty((x.shape[0], oh, ow, self.out_channels), dtype)
+        _call(function, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(out), out.size, int(num_threads))
+        return out
+
+    def close(self):
+        if getattr(self, "_handle", None):
+            getattr(self._lib, self._destroy)(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+class Int8ConvPlan(_BuiltinConvPlan):
     """TFLite's int8 CONV_2D prepared once (n2uq_int8_conv_plan_create), for few input channels.
 
     filter int8 [OC, KH, KW, IC] (symmetric), filter_scales [OC] or one scale, bias int32 [OC] or
@@ -450,20 +488,15 @@ class Int8ConvPlan:
     [N, OH, OW, OC], requantized as XNNPACK does (n2uq_core.h). `padding` as for conv_shape.
     """
 
+    _destroy = "n2uq_int8_conv_plan_destroy"
+
     def __init__(self, filter, filter_scales, bias, input_quant, output_quant, *, strides=1, dilations=1, padding=0,
                  output_range=(-128, 127), isa="auto", path="auto"):
         self._lib = library()
         w = _as(filter, np.int8, "filter")
-        if w.ndim != 4:
-            raise CoreError(f"filter must be 4-D [OC, KH, KW, IC], got shape {w.shape}")
         scales = _as(np.atleast_1d(filter_scales), np.float32, "filter_scales")
         b = None if bias is None else _as(bias, np.int32, "bias")
-        self.out_channels, kh, kw, self.in_channels = (int(d) for d in w.shape)
-        self._geometry = dict(kernel_size=(kh, kw), strides=strides, dilations=dilations, padding=padding)
-        dh, dw = _pair(dilations, "dilations")  # the plan's shape: one image the size of the dilated filter
-        shape = conv_shape(1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, self.in_channels, self.out_channels, (kh, kw),
-                           strides=strides,
-                           dilations=dilations, act_bits=1, weight_bits=1)  # bits: ignored
+        shape = self._shape_of_filter(w, strides, dilations, padding)
         params = Int8ConvParams(float(input_quant[0]), int(input_quant[1]), float(output_quant[0]),
                                 int(output_quant[1]), int(output_range[0]), int(output_range[1]))
         self._handle = ctypes.c_void_p()
@@ -475,29 +508,10 @@ class Int8ConvPlan:
         self.isa, self.path = ISAS[isa_id.value], PATHS[path_id.value]
 
     def run(self, x, *, num_threads=1):
-        x = _as(x, np.int8, "x")
-        if x.ndim != 4 or x.shape[3] != self.in_channels:
-            raise CoreError(f"x must be [N, H, W, {self.in_channels}], got shape {x.shape}")
-        g = self._geometry
-        shape = conv_shape(x.shape[0], x.shape[1], x.shape[2], self.in_channels, self.out_channels,
-                           g["kernel_size"], strides=g["strides"], dilations=g["dilations"], padding=g["padding"],
-                           act_bits=1, weight_bits=1)
-        oh, ow = output_size(shape)
-        out = np.empty((x.shape[0], oh, ow, self.out_channels), np.int8)
-        _call(self._lib.n2uq_int8_conv_plan_run, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(out),
-              out.size, int(num_threads))
-        return out
-
-    def close(self):
-        if getattr(self, "_handle", None):
-            self._lib.n2uq_int8_conv_plan_destroy(self._handle)
-            self._handle = None
-
-    def __del__(self):
-        self.close()
+        return self._run(self._lib.n2uq_int8_conv_plan_run, x, np.int8, num_threads)
 
 
-class FloatConvPlan:
+class FloatConvPlan(_BuiltinConvPlan):
     """TFLite's float CONV_2D prepared once (n2uq_float_conv_plan_create), for few input channels.
 
     filter float32 [OC, KH, KW, IC], bias [OC] or None, output_range the fused activation's clamp
@@ -505,18 +519,14 @@ class FloatConvPlan:
     result up to float rounding (float32 sums in this kernel's order). `padding` as for conv_shape.
     """
 
+    _destroy = "n2uq_float_conv_plan_destroy"
+
     def __init__(self, filter, bias=None, *, strides=1, dilations=1, padding=0,
                  output_range=(-np.inf, np.inf), isa="auto"):
         self._lib = library()
         w = _as(filter, np.float32, "filter")
-        if w.ndim != 4:
-            raise CoreError(f"filter must be 4-D [OC, KH, KW, IC], got shape {w.shape}")
         b = None if bias is None else _as(bias, np.float32, "bias")
-        self.out_channels, kh, kw, self.in_channels = (int(d) for d in w.shape)
-        self._geometry = dict(kernel_size=(kh, kw), strides=strides, dilations=dilations, padding=padding)
-        dh, dw = _pair(dilations, "dilations")  # the plan's shape: one image the size of the dilated filter
-        shape = conv_shape(1, (kh - 1) * dh + 1, (kw - 1) * dw + 1, self.in_channels, self.out_channels, (kh, kw),
-                           strides=strides, dilations=dilations, act_bits=1, weight_bits=1)  # bits: ignored
+        shape = self._shape_of_filter(w, strides, dilations, padding)
         self._handle = ctypes.c_void_p()
         _call(self._lib.n2uq_float_conv_plan_create, ctypes.byref(shape), _ptr(w), w.size,
               None if b is None else _ptr(b), 0 if b is None else b.size, float(output_range[0]),
@@ -526,26 +536,7 @@ class FloatConvPlan:
         self.isa = ISAS[isa_id.value]
 
     def run(self, x, *, num_threads=1):
-        x = _as(x, np.float32, "x")
-        if x.ndim != 4 or x.shape[3] != self.in_channels:
-            raise CoreError(f"x must be [N, H, W, {self.in_channels}], got shape {x.shape}")
-        g = self._geometry
-        shape = conv_shape(x.shape[0], x.shape[1], x.shape[2], self.in_channels, self.out_channels,
-                           g["kernel_size"], strides=g["strides"], dilations=g["dilations"], padding=g["padding"],
-                           act_bits=1, weight_bits=1)
-        oh, ow = output_size(shape)
-        out = np.empty((x.shape[0], oh, ow, self.out_channels), np.float32)
-        _call(self._lib.n2uq_float_conv_plan_run, self._handle, ctypes.byref(shape), _ptr(x), x.size, _ptr(out),
-              out.size, int(num_threads))
-        return out
-
-    def close(self):
-        if getattr(self, "_handle", None):
-            self._lib.n2uq_float_conv_plan_destroy(self._handle)
-            self._handle = None
-
-    def __del__(self):
-        self.close()
+        return self._run(self._lib.n2uq_float_conv_plan_run, x, np.float32, num_threads)
 
 
 def fully_connected_shape(batch, in_features, out_features, act_bits, weight_bits):

@@ -995,115 +995,114 @@ N2uqConvShape FilterShape(const N2uqTfLiteConvParams* p, int oc, int kh, int kw,
   return s;
 }
 
-// A float32 CONV_2D (runs with n2uq_float_conv_plan_*: TFLite's result up to float rounding).
-bool ClaimFloatConv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
+// What both claims read of a CONV_2D node: input, filter, output (rank 4, one group) of `type`, a
+// constant filter of exactly its elements' bytes, an optional constant bias [OC] of `bias_type`,
+// the options (padding same or valid, strides and dilations 1..1024) and the activation's range.
+// `mode`: the setting (auto stops at kBuiltinConvAutoMaxChannels input channels).
+struct ConvNode {
+  const N2uqTfLiteTensor *x, *w, *b, *y;
+  int oc, kh, kw, ic;
+  const N2uqTfLiteConvParams* p;
+  float lo, hi;
+};
+
+bool ReadConvNode(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, int type, int bias_type, int mode,
+                  ConvNode* n) {
   auto tensor = [&](int index) -> const N2uqTfLiteTensor* {
     return index >= 0 && size_t(index) < ctx->tensors_size ? &ctx->tensors[index] : nullptr;
   };
   const int bias_index = node->inputs->size == 3 ? node->inputs->data[2] : -1;
-  const N2uqTfLiteTensor *x = tensor(node->inputs->data[0]), *w = tensor(node->inputs->data[1]),
-                         *b = tensor(bias_index), *y = tensor(node->outputs->data[0]);
+  n->x = tensor(node->inputs->data[0]), n->w = tensor(node->inputs->data[1]);
+  n->b = tensor(bias_index), n->y = tensor(node->outputs->data[0]);
+  const N2uqTfLiteTensor *x = n->x, *w = n->w, *b = n->b, *y = n->y;
   if (!x || !w || !y || (bias_index >= 0 && !b)) return false;
-  if (x->type != kN2uqTfLiteFloat32 || w->type != kN2uqTfLiteFloat32 || y->type != kN2uqTfLiteFloat32) return false;
+  if (x->type != type || w->type != type || y->type != type) return false;
   for (const N2uqTfLiteTensor* t : {x, w, y})
     if (t->dims == nullptr || t->dims->size != 4) return false;
-  const int oc = w->dims->data[0], kh = w->dims->data[1], kw = w->dims->data[2], ic = w->dims->data[3];
-  if (oc < 1 || kh < 1 || kw < 1 || ic < 1 || ic != x->dims->data[3] || y->dims->data[3] != oc) return false;
+  n->oc = w->dims->data[0], n->kh = w->dims->data[1], n->kw = w->dims->data[2], n->ic = w->dims->data[3];
+  if (n->oc < 1 || n->kh < 1 || n->kw < 1 || n->ic < 1 || n->ic != x->dims->data[3] || y->dims->data[3] != n->oc)
+    return false;
   int64_t filter_count = 0, filter_bytes = 0;  // checked: a product that wraps could match any byte count
   if (!IsConstant(w) || w->data == nullptr || !NumElements(w, &filter_count) ||
-      !CheckedMul(filter_count, 4, &filter_bytes) || w->bytes != size_t(filter_bytes))
+      !CheckedMul(filter_count, int64_t(TypeSize(type)), &filter_bytes) || w->bytes != size_t(filter_bytes))
     return false;
-  if (settings.float_conv == kBuiltinConvAuto && ic > kBuiltinConvAutoMaxChannels) return false;
-  if (b && (b->type != kN2uqTfLiteFloat32 || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
-            b->dims->size != 1 || b->dims->data[0] != oc || b->bytes != size_t(oc) * 4))
+  if (mode == kBuiltinConvAuto && n->ic > kBuiltinConvAutoMaxChannels) return false;
+  if (b && (b->type != bias_type || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
+            b->dims->size != 1 || b->dims->data[0] != n->oc || b->bytes != size_t(n->oc) * 4))
     return false;
-  const auto* p = static_cast<const N2uqTfLiteConvParams*>(node->builtin_data);
-  if (p->padding != kN2uqTfLitePaddingSame && p->padding != kN2uqTfLitePaddingValid) return false;
-  for (int v : {p->stride_width, p->stride_height, p->dilation_width_factor, p->dilation_height_factor})
+  n->p = static_cast<const N2uqTfLiteConvParams*>(node->builtin_data);
+  if (n->p->padding != kN2uqTfLitePaddingSame && n->p->padding != kN2uqTfLitePaddingValid) return false;
+  for (int v : {n->p->stride_width, n->p->stride_height, n->p->dilation_width_factor, n->p->dilation_height_factor})
     if (v < 1 || v > 1024) return false;
-  float lo, hi;
-  if (!ActivationRange(p->activation, &lo, &hi)) return false;
-  const N2uqConvShape s = FilterShape(p, oc, kh, kw, ic);
+  return ActivationRange(n->p->activation, &n->lo, &n->hi);
+}
+
+// The claimed node's tensors and options (its plan set by the caller).
+void FillClaim(const N2uqTfLiteNode* node, int kind, const N2uqTfLiteConvParams* p, ClaimedNode* c) {
+  c->kind = kind;
+  c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
+  c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  c->conv_params = *p;
+}
+
+// A float32 CONV_2D (runs with n2uq_float_conv_plan_*: TFLite's result up to float rounding).
+bool ClaimFloatConv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
+  ConvNode n;
+  if (!ReadConvNode(ctx, node, kN2uqTfLiteFloat32, kN2uqTfLiteFloat32, settings.float_conv, &n)) return false;
+  const N2uqConvShape s = FilterShape(n.p, n.oc, n.kh, n.kw, n.ic);
   N2uqFloatConvPlan* plan = nullptr;
   char msg[256] = {0};
-  if (n2uq_float_conv_plan_create(&s, static_cast<const float*>(w->data), int64_t(w->bytes / 4),
-                                  b ? static_cast<const float*>(b->data) : nullptr, b ? oc : 0, lo, hi, settings.isa,
-                                  &plan, msg, sizeof(msg)) != N2UQ_OK)
+  if (n2uq_float_conv_plan_create(&s, static_cast<const float*>(n.w->data), int64_t(n.w->bytes / 4),
+                                  n.b ? static_cast<const float*>(n.b->data) : nullptr, n.b ? n.oc : 0, n.lo, n.hi,
+                                  settings.isa, &plan, msg, sizeof(msg)) != N2UQ_OK)
     return false;
   std::shared_ptr<N2uqFloatConvPlan> holder(plan, n2uq_float_conv_plan_destroy);
   int isa = N2UQ_ISA_PORTABLE;
   n2uq_float_conv_plan_info(plan, &isa);
   if (settings.float_conv == kBuiltinConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
-  c->kind = kFloatConv2D;
-  c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
-  c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  FillClaim(node, kFloatConv2D, n.p, c);
   c->float_plan = holder;
-  c->conv_params = *p;
   return true;
 }
 
+// An int8 CONV_2D with affine quantization: per-tensor input and output, a symmetric filter with
+// one scale or one per output channel (runs with n2uq_int8_conv_plan_*: TFLite's bytes).
 bool ClaimInt8Conv(N2uqTfLiteContext* ctx, const N2uqTfLiteNode* node, const Settings& settings, ClaimedNode* c) {
-  auto tensor = [&](int index) -> const N2uqTfLiteTensor* {
-    return index >= 0 && size_t(index) < ctx->tensors_size ? &ctx->tensors[index] : nullptr;
-  };
-  const int bias_index = node->inputs->size == 3 ? node->inputs->data[2] : -1;
-  const N2uqTfLiteTensor *x = tensor(node->inputs->data[0]), *w = tensor(node->inputs->data[1]),
-                         *b = tensor(bias_index), *y = tensor(node->outputs->data[0]);
-  if (!x || !w || !y || (bias_index >= 0 && !b)) return false;
-  if (x->type != kN2uqTfLiteInt8 || w->type != kN2uqTfLiteInt8 || y->type != kN2uqTfLiteInt8) return false;
-  for (const N2uqTfLiteTensor* t : {x, w, y})
-    if (t->dims == nullptr || t->dims->size != 4) return false;
-  const int oc = w->dims->data[0], kh = w->dims->data[1], kw = w->dims->data[2], ic = w->dims->data[3];
-  if (oc < 1 || kh < 1 || kw < 1 || ic < 1 || ic != x->dims->data[3] || y->dims->data[3] != oc) return false;
-  int64_t filter_count = 0;  // checked: a product that wraps could match any byte count
-  if (!IsConstant(w) || w->data == nullptr || !NumElements(w, &filter_count) || w->bytes != size_t(filter_count))
-    return false;
-  if (settings.int8_conv == kBuiltinConvAuto && ic > kBuiltinConvAutoMaxChannels) return false;
-  if (b && (b->type != kN2uqTfLiteInt32 || !IsConstant(b) || b->data == nullptr || b->dims == nullptr ||
-            b->dims->size != 1 || b->dims->data[0] != oc || b->bytes != size_t(oc) * 4))
-    return false;
-  const N2uqTfLiteAffineQuantization *xq = Affine(*x), *wq = Affine(*w), *yq = Affine(*y);
+  ConvNode n;
+  if (!ReadConvNode(ctx, node, kN2uqTfLiteInt8, kN2uqTfLiteInt32, settings.int8_conv, &n)) return false;
+  const N2uqTfLiteAffineQuantization *xq = Affine(*n.x), *wq = Affine(*n.w), *yq = Affine(*n.y);
   if (!xq || !wq || !yq || xq->scale->size != 1 || yq->scale->size != 1 || xq->zero_point->size < 1 ||
       yq->zero_point->size < 1)
     return false;
-  if (wq->scale->size != 1 && (wq->scale->size != oc || wq->quantized_dimension != 0)) return false;
+  if (wq->scale->size != 1 && (wq->scale->size != n.oc || wq->quantized_dimension != 0)) return false;
   for (int i = 0; i < wq->zero_point->size; ++i)
     if (wq->zero_point->data[i] != 0) return false;  // symmetric filters only
-  const auto* p = static_cast<const N2uqTfLiteConvParams*>(node->builtin_data);
-  if (p->padding != kN2uqTfLitePaddingSame && p->padding != kN2uqTfLitePaddingValid) return false;
-  for (int v : {p->stride_width, p->stride_height, p->dilation_width_factor, p->dilation_height_factor})
-    if (v < 1 || v > 1024) return false;
-  float lo, hi;
-  if (!ActivationRange(p->activation, &lo, &hi)) return false;
   N2uqInt8ConvParams q;
   q.input_scale = xq->scale->data[0];
   q.input_zero_point = xq->zero_point->data[0];
   q.output_scale = yq->scale->data[0];
   q.output_zero_point = yq->zero_point->data[0];
   if (!(q.output_scale > 0.0f)) return false;
-  q.output_min = QuantizeBound(lo, q.output_scale, q.output_zero_point);
-  q.output_max = QuantizeBound(hi, q.output_scale, q.output_zero_point);
+  q.output_min = QuantizeBound(n.lo, q.output_scale, q.output_zero_point);
+  q.output_max = QuantizeBound(n.hi, q.output_scale, q.output_zero_point);
   // XNNPACK refuses requantization scales >= 256; TFLite's own kernel, which rounds otherwise,
   // then runs the node, so it is left to it.
   for (int o = 0; o < wq->scale->size; ++o)
     if (!(q.input_scale * wq->scale->data[o] / q.output_scale < 256.0f)) return false;
-  const N2uqConvShape s = FilterShape(p, oc, kh, kw, ic);
+  const N2uqConvShape s = FilterShape(n.p, n.oc, n.kh, n.kw, n.ic);
   N2uqInt8ConvPlan* plan = nullptr;
   char msg[256] = {0};
-  if (n2uq_int8_conv_plan_create(&s, static_cast<const int8_t*>(w->data), int64_t(w->bytes),
-                                 b ? static_cast<const int32_t*>(b->data) : nullptr, b ? oc : 0, wq->scale->data,
-                                 wq->scale->size, &q, settings.isa, settings.path, &plan, msg,
+  if (n2uq_int8_conv_plan_create(&s, static_cast<const int8_t*>(n.w->data), int64_t(n.w->bytes),
+                                 n.b ? static_cast<const int32_t*>(n.b->data) : nullptr, n.b ? n.oc : 0,
+                                 wq->scale->data, wq->scale->size, &q, settings.isa, settings.path, &plan, msg,
                                  sizeof(msg)) != N2UQ_OK)
     return false;
   Int8ConvPlanPtr holder(plan, n2uq_int8_conv_plan_destroy);
   int isa = N2UQ_ISA_PORTABLE;
   n2uq_int8_conv_plan_info(plan, &isa, nullptr);
   if (settings.int8_conv == kBuiltinConvAuto && isa == N2UQ_ISA_PORTABLE) return false;  // TFLite's is faster
-  c->kind = kInt8Conv2D;
-  c->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
-  c->outputs.assign(node->outputs->data, node->outputs->data + node->outputs->size);
+  FillClaim(node, kInt8Conv2D, n.p, c);
   c->int8_plan = holder;
-  c->conv_params = *p;
   return true;
 }
 
