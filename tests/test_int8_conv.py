@@ -764,8 +764,6 @@ def test_delegate_int8_conv_equals_xnnpack(int8_models, name):
     content = int8_models(name)
     cin, _, _, _, _, _, act, hw, _, per_tensor = MODELS[name]
     activation, scale_count, input_count = conv_operator(content)
-    if act == "clip" and activation != RELU_N1_TO_1:
-        pytest.skip("this converter does not fuse clip(-1, 1) into the conv as RELU_N1_TO_1")
     assert activation == ACTIVATION_CODES[act]
     assert (scale_count == 1) == per_tensor
     assert input_count == 3  # the converter adds a zero bias even for use_bias=False

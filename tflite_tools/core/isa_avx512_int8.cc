@@ -43,9 +43,9 @@ inline void fill(uint8_t* dst, uint8_t value, int64_t n) {
 // row lies inside the image (dilation 1) its KW * C bytes are one copy; when they fit a 16-, 32-
 // or 64-byte register, one unmasked load and store of that width (masked ones cost about 3x),
 // in ascending kernel-row order so that each store's spill past its segment is overwritten by
-// the next segment or lands in the padding bytes past K (which meet zero weights). `wide` says
-// the last kernel row's store stays inside the row (checked once per job) and the load is
-// bounds-checked per pixel against the end of the input.
+// the next segment or lands in the padding bytes past K (which meet zero weights). WIDTH is chosen
+// once per job so that the last kernel row's store stays inside the row (avx512_int8_rows); each
+// load is checked per pixel against the end of the input (masked copy past it).
 template <int WIDTH>
 inline void copy_segment(uint8_t* dst, const int8_t* src) {
   if (WIDTH == 16) {

@@ -1258,10 +1258,10 @@ bool PreparePad(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* er
   }
   const N2uqTfLiteTensor* x0 = io.inputs[0] >= 0 && size_t(io.inputs[0]) < ctx->tensors_size
                                    ? &ctx->tensors[io.inputs[0]] : nullptr;
-  const int type = x0 ? x0->type : kN2uqTfLiteFloat32;
+  const int type = x0 && x0->type == kN2uqTfLiteInt8 ? kN2uqTfLiteInt8 : kN2uqTfLiteFloat32;
   N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], type, "input", err);
   if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
-  if (x->dims->size != 4 || TypeSize(type) != (type == kN2uqTfLiteInt8 ? 1u : 4u)) {
+  if (x->dims->size != 4) {
     *err = "PAD input must be a 4-D float32 or int8 tensor";
     return false;
   }
@@ -1274,8 +1274,7 @@ bool PreparePad(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* er
                        err);
 }
 
-bool InvokePad(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
-  (void)k;
+bool InvokePad(N2uqTfLiteContext* ctx, const Io& io, std::string* err) {
   int32_t pads[4];
   if (io.inputs.size() != 2 || io.outputs.size() != 1 || !PadAmounts(ctx, io, pads, err)) {
     if (err->empty()) *err = "tensor lists changed after prepare";
@@ -1479,7 +1478,7 @@ int KernelInvoke(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
   Io io;
   std::string err;
   char msg[512] = {0};
-  if (!GetIo(k, node, &io, &err) || !(k->kind == kBuiltinPad ? InvokePad(ctx, k, io, &err)
+  if (!GetIo(k, node, &io, &err) || !(k->kind == kBuiltinPad ? InvokePad(ctx, io, &err)
                                       : IsBuiltinConv(k->kind) ? InvokeBuiltinConv(ctx, k, io, &err)
                                                                : InvokeImpl(ctx, k, io, msg, sizeof(msg), &err)))
     return Report(ctx, k, err);
