@@ -26,7 +26,7 @@ PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # F(2x2, 3x3) form and 3x3 stride-2 convs in its polyphase variant unless the plan's timing chose
 # their direct form (or N2UQ_DOT_WINOGRAD=0); every other plan is direct.
 FORMS = ("direct", "winograd", "winograd_stride2")
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -106,6 +106,9 @@ def _declare(lib):
                                    ctypes.POINTER(ctypes.c_void_p)] + err, ctypes.c_int),
         "n2uq_conv_plan_run": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int] + err,
                                ctypes.c_int),
+        "n2uq_conv_plan_run_stage": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ctypes.POINTER(OutputStage), ptr, i64,
+                                      ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_conv_plan_stage_fused": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "n2uq_conv_plan_form": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_destroy": ([ptr], None),
@@ -432,6 +435,26 @@ class ConvPlan:
               None if out_i is None else _ptr(out_i), size, int(num_threads))
         return _result(out_f, out_i, output)
 
+    @property
+    def stage_fused(self):
+        """Whether run_stage applies the output stage in the conv's own output pass."""
+        return bool(self._lib.n2uq_conv_plan_stage_fused(self._handle))
+
+    def run_stage(self, packed_input, multiplier, bias, steps=(), *, float_after=None, quantize=None, bits=None,
+                  thresholds=None, beta1=1.0, shape=None, num_threads=1):
+        """The conv then an output stage (n2uq_conv_plan_run_stage): output_stage's arguments and
+        return value over the conv's float output [N, OH, OW, OC], which is not returned."""
+        shape = shape or self.shape
+        x = _as(packed_input, np.uint64, "packed_input")
+        oh, ow = output_size(shape)
+        multiplier, bias = _affine(multiplier, bias, shape.out_channels)
+        out_shape = (shape.batch, oh, ow, shape.out_channels)
+        stage, _keep, out_f, out_q = _stage_call(out_shape, steps, float_after, quantize, bits, thresholds, beta1)
+        _call(self._lib.n2uq_conv_plan_run_stage, self._handle, ctypes.byref(shape), _ptr(x), x.size,
+              _ptr(multiplier), _ptr(bias), multiplier.size, ctypes.byref(stage),
+              *_stage_outputs(out_f, out_q, quantize), int(num_threads))
+        return out_f, out_q
+
     def close(self):
         if getattr(self, "_handle", None):
             self._lib.n2uq_conv_plan_destroy(self._handle)
@@ -581,8 +604,17 @@ def output_stage(values, steps=(), *, float_after=None, quantize=None, bits=None
     x = _as(values, np.float32, "values")
     if x.ndim < 1 or x.shape[-1] < 1:
         raise CoreError(f"values need a non-empty last (channel) axis, got shape {x.shape}")
-    channels = x.shape[-1]
-    positions = x.size // channels
+    stage, _keep, out_f, out_q = _stage_call(x.shape, steps, float_after, quantize, bits, thresholds, beta1)
+    positions = x.size // x.shape[-1]
+    _call(library().n2uq_output_stage, ctypes.byref(stage), positions, x.shape[-1], _ptr(x), x.size,
+          *_stage_outputs(out_f, out_q, quantize), _isa_id(isa), int(num_threads))
+    return out_f, out_q
+
+
+def _stage_call(shape, steps, float_after, quantize, bits, thresholds, beta1):
+    """(OutputStage, arrays it points into, float output or None, quantized output or None) for an
+    output stage over values of `shape` (output_stage's arguments)."""
+    channels = shape[-1]
     steps = list(steps)
     if len(steps) > MAX_OUTPUT_STEPS:
         raise CoreError(f"at most {MAX_OUTPUT_STEPS} steps, got {len(steps)}")
@@ -602,23 +634,28 @@ def output_stage(values, steps=(), *, float_after=None, quantize=None, bits=None
             stage.steps[i].values_len = array.size
     stage.float_after = -1 if float_after is None else int(float_after)
     stage.quantize = QUANTIZE_MODES.index(quantize)
-    out_f = np.empty(x.shape, np.float32) if float_after is not None else None
-    out_p = out_c = None
+    out_f = np.empty(shape, np.float32) if float_after is not None else None
+    out_q = None
     if quantize is not None:
         t = _thresholds(thresholds)
         keep.append(t)
         stage.bits, stage.thresholds, stage.num_thresholds = int(bits), t.ctypes.data, t.size
         stage.beta1 = float(np.float32(beta1))
         if quantize == "pack":
-            out_p = np.empty(x.shape[:-1] + (int(bits) if 1 <= int(bits) <= 8 else 1, words_per_plane(channels)),
+            out_q = np.empty(tuple(shape[:-1]) + (int(bits) if 1 <= int(bits) <= 8 else 1, words_per_plane(channels)),
                              np.uint64)
         else:
-            out_c = np.empty(x.shape, np.uint8)
-    _call(library().n2uq_output_stage, ctypes.byref(stage), positions, channels, _ptr(x), x.size,
-          None if out_f is None else _ptr(out_f), 0 if out_f is None else out_f.size,
-          None if out_p is None else _ptr(out_p), 0 if out_p is None else out_p.size,
-          None if out_c is None else _ptr(out_c), 0 if out_c is None else out_c.size, _isa_id(isa), int(num_threads))
-    return out_f, (out_p if quantize == "pack" else out_c)
+            out_q = np.empty(shape, np.uint8)
+    return stage, keep, out_f, out_q
+
+
+def _stage_outputs(out_f, out_q, quantize):
+    """The (out_float, len, out_packed, len, out_codes, len) arguments of the stage calls."""
+    packed = out_q if quantize == "pack" else None
+    codes = out_q if quantize == "codes" else None
+    return (None if out_f is None else _ptr(out_f), 0 if out_f is None else out_f.size,
+            None if packed is None else _ptr(packed), 0 if packed is None else packed.size,
+            None if codes is None else _ptr(codes), 0 if codes is None else codes.size)
 
 
 def max_pool2d(x, pool_size, *, strides=None, padding=0, num_threads=1):

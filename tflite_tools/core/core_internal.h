@@ -83,6 +83,12 @@ bool cpu_avx512_vbmi();
 int amx_mode();
 int requested_conv_path(int path, char* err, size_t err_len);
 
+// n2uq_output_stage's checks of a stage and its output buffers (not of the values it reads);
+// *elements = num_positions * channels.
+int check_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32_t channels, const float* out_float,
+                       int64_t out_float_len, const uint64_t* out_packed, int64_t out_packed_len,
+                       const uint8_t* out_codes, int64_t out_codes_len, int64_t* elements, char* err, size_t err_len);
+
 // The output stage's rows (output_stage_impl.h: steps in registers, float output, final values),
 // compiled once per ISA; the AVX2 / AVX-512 ones are null where the build is not for x86-64.
 typedef void (*OutputRowsFn)(const N2uqOutputStage& stage, const float* values, float* out_float, float* out_final,

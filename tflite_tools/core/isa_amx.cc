@@ -13,6 +13,7 @@
 #include <new>
 
 #include "kernel_table.h"
+#include "n2uq_core.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni"))), \
@@ -24,6 +25,7 @@
 
 namespace n2uq_core {
 namespace {
+#include "quantize_avx512_impl.h"
 namespace amx {
 
 // LDTILECFG's 64-byte operand (palette 1: 8 tiles of up to 16 rows x 64 bytes).
@@ -252,9 +254,184 @@ inline void configure_direct() {
   Tiles::config(cfg);
 }
 
+// ---- The fused output stage (ConvJob::output_stage, StageJob in kernel_table.h), on the valid
+// pixels of one pair and chunk: y = multiplier * acc + bias, then each step as output_stage_impl.h
+// computes it (the float32 operation of its builtin, operands in the builtin's order, no fused
+// multiply-add), the float output after float_after steps, and the final y quantized by
+// quantize16: with PACK its plane masks are the 16 bits of a vector's channels in each plane word
+// (stored as that 16-bit part of the word), with CODES one byte per channel. The conv's float
+// output never goes to memory: the separate stage pass re-read it from L2, and its steps were
+// each a load, operation and store of every value (56x56x64 with the residual block's 7 steps:
+// 150 us for the stage against 70 us for the conv on the AMX Xeon).
+
+// One step on the 16 channels of one pixel: v its per-channel operand, tensor the residual there.
+template <int KIND>
+__attribute__((always_inline)) inline __m512 apply_step(__m512 y, __m512 v, const float* tensor, __mmask16 mask) {
+  const __m512 zero = _mm512_setzero_ps();
+  if constexpr (KIND == N2UQ_STEP_ADD) return _mm512_add_ps(y, v);
+  if constexpr (KIND == N2UQ_STEP_MUL) return _mm512_mul_ps(y, v);
+  if constexpr (KIND == N2UQ_STEP_PRELU)  // y >= 0 ? y : y * slope (NaN: the product)
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_GE_OQ), _mm512_mul_ps(y, v), y);
+  if constexpr (KIND == N2UQ_STEP_ADD_TENSOR) return _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, tensor));
+  if constexpr (KIND == N2UQ_STEP_RELU)  // y < 0 ? 0 : y
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), y, zero);
+  if constexpr (KIND == N2UQ_STEP_RELU6 || KIND == N2UQ_STEP_RELU_N1_TO_1) {  // y < low ? low : y > high ? high : y
+    const __m512 low = KIND == N2UQ_STEP_RELU6 ? zero : _mm512_set1_ps(-1.0f);
+    const __m512 high = _mm512_set1_ps(KIND == N2UQ_STEP_RELU6 ? 6.0f : 1.0f);
+    const __m512 upper = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, high, _CMP_GT_OQ), y, high);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, low, _CMP_LT_OQ), upper, low);
+  }
+  return y;
+}
+
+// The final y of a vector quantized into out_codes or the plane words (see above).
+template <int BITS>
+__attribute__((always_inline)) inline void stage_quantize(const StageJob& st, __m512 y, __m512 beta1, const __m512* levels, __mmask16 mask,
+                           int64_t position, int64_t oc, int64_t out_channels) {
+  __mmask16 planes[BITS];
+  const __m512i code = quantize16<BITS, true>(y, beta1, levels, mask, planes);
+  if (st.quantize == N2UQ_QUANTIZE_CODES) {
+    _mm512_mask_cvtepi32_storeu_epi8(st.q.out_codes + position * out_channels + oc, mask, code);
+    return;
+  }
+  // Plane b's word oc / 64 of this position; its bytes 2 (oc / 16 % 4), +1 (little endian).
+  char* word = reinterpret_cast<char*>(st.q.out_packed + position * BITS * st.q.words + oc / 64) + 2 * (oc / 16 % 4);
+  for (int b = 0; b < BITS; ++b) __builtin_memcpy(word + b * st.q.words * 8, &planes[b], 2);
+}
+
+// The 16-bit parts of a position's plane words past the last channel's group (no vector writes
+// them) are zero, as n2uq_quantize_and_pack leaves them: written with the last group.
+inline void stage_zero_tail(const StageJob& st, int64_t position, int64_t out_channels) {
+  const int64_t words = st.q.words, groups = (out_channels + 15) / 16;
+  const uint16_t none = 0;
+  for (int b = 0; b < st.q.bits; ++b)
+    for (int64_t g = groups; g < 4 * words; ++g)
+      __builtin_memcpy(reinterpret_cast<char*>(st.q.out_packed + (position * st.q.bits + b) * words + g / 4) + 2 * (g % 4),
+                       &none, 2);
+}
+
+// The pair's valid pixels: z row zi[i] is output position position[i]; returns their count.
+inline int pair_pixels(const ConvJob& j, int64_t n, int64_t q0, int* zi, int64_t* position) {
+  int count = 0;
+  const int64_t cols = j.amx_cols;
+  int64_t oh = q0 / cols, ow = q0 - oh * cols;
+  for (int p = 0; p < 32 && oh < j.out_height; ++oh, ow = 0) {
+    const int64_t valid = ow < j.out_width ? j.out_width - ow : 0;
+    const int run = valid < 32 - p ? int(valid) : 32 - p;
+    const int64_t first = (n * j.out_height + oh) * j.out_width + ow;
+    for (int i = 0; i < run; ++i, ++count) {
+      zi[count] = p + i;
+      position[count] = first + i;
+    }
+    p += int(cols - ow);
+  }
+  return count;
+}
+
+// One step of the generic loop over the pair's values y[i][r * 16 + lane].
+template <int KIND, int R>
+inline void step_block(float (*y)[R * 16], int count, const __m512* v, const float* tensor, const int64_t* position,
+                       int64_t oc_begin, int64_t out_channels, const __mmask16* mask) {
+  for (int i = 0; i < count; ++i)
+    for (int r = 0; r < R; ++r)
+      _mm512_store_ps(y[i] + 16 * r,
+                      apply_step<KIND>(_mm512_load_ps(y[i] + 16 * r), v[r],
+                                       KIND == N2UQ_STEP_ADD_TENSOR
+                                           ? tensor + position[i] * out_channels + oc_begin + 16 * r
+                                           : nullptr,
+                                       mask[r]));
+}
+
+// The pair's values stay in y[pixel][vector] (L1) and each step is one loop over them, so its kind
+// is dispatched once per pair (a switch per vector cost ~10 cycles per vector and step; step
+// sequences compiled whole, each vector in registers throughout, measured no faster). BITS = 0:
+// no quantizer.
+template <int R, int BITS>
+void direct_output_stage(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0, const int32_t* z) {
+  const StageJob& st = *j.output_stage;
+  const int64_t oc_begin = chunk * j.dot_chunk_blocks * 16, oc_count = j.out_channels;
+  __mmask16 mask[R];
+  __m512 multiplier[R], bias[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t left = oc_count - (oc_begin + 16 * r);
+    mask[r] = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    multiplier[r] = _mm512_maskz_loadu_ps(mask[r], j.multiplier + oc_begin + 16 * r);
+    bias[r] = _mm512_maskz_loadu_ps(mask[r], j.bias + oc_begin + 16 * r);
+  }
+  __m512 v[R][kMaxStageSteps];  // per-channel operands (zero for the other kinds)
+  for (int s = 0; s < st.num_steps; ++s) {
+    const int kind = st.kinds[s];
+    const bool per_channel = kind == N2UQ_STEP_ADD || kind == N2UQ_STEP_MUL || kind == N2UQ_STEP_PRELU;
+    for (int r = 0; r < R; ++r)
+      v[r][s] = per_channel ? _mm512_maskz_loadu_ps(mask[r], st.values[s] + oc_begin + 16 * r) : _mm512_setzero_ps();
+  }
+  __m512 levels[BITS > 0 ? BITS : 1];
+  if constexpr (BITS > 0) quantize_levels<BITS>(st.q, levels);
+  const __m512 beta1 = _mm512_set1_ps(st.q.beta1);
+  const bool zero_tail = BITS > 0 && st.quantize == N2UQ_QUANTIZE_PACK && oc_begin + 16 * R >= oc_count &&
+                         (oc_count + 15) / 16 < 4 * int64_t(st.q.words);
+  int zi[32];
+  int64_t position[32];
+  const int count = pair_pixels(j, n, q0, zi, position);
+  alignas(64) float y[32][R * 16];
+  for (int i = 0; i < count; ++i)
+    for (int r = 0; r < R; ++r)  // as DotOps::store: float32 multiply, then add
+      _mm512_store_ps(y[i] + 16 * r,
+                      _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(z + zi[i] * R * 16 + 16 * r)),
+                                                  multiplier[r]),
+                                    bias[r]));
+  for (int s = 0; s <= st.num_steps; ++s) {
+    if (s == st.float_after)
+      for (int i = 0; i < count; ++i)
+        for (int r = 0; r < R; ++r)
+          _mm512_mask_storeu_ps(st.out_float + position[i] * oc_count + oc_begin + 16 * r, mask[r],
+                                _mm512_load_ps(y[i] + 16 * r));
+    if (s == st.num_steps) break;
+    __m512 vs[R];
+    for (int r = 0; r < R; ++r) vs[r] = v[r][s];
+    const float* tensor = st.values[s];
+    switch (st.kinds[s]) {
+      case N2UQ_STEP_ADD: step_block<N2UQ_STEP_ADD, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
+      case N2UQ_STEP_MUL: step_block<N2UQ_STEP_MUL, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
+      case N2UQ_STEP_PRELU:
+        step_block<N2UQ_STEP_PRELU, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
+        break;
+      case N2UQ_STEP_ADD_TENSOR:
+        step_block<N2UQ_STEP_ADD_TENSOR, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
+        break;
+      case N2UQ_STEP_RELU: step_block<N2UQ_STEP_RELU, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
+      case N2UQ_STEP_RELU6:
+        step_block<N2UQ_STEP_RELU6, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
+        break;
+      case N2UQ_STEP_RELU_N1_TO_1:
+        step_block<N2UQ_STEP_RELU_N1_TO_1, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
+        break;
+      default: break;  // validated by n2uq_conv_plan_run_stage
+    }
+  }
+  if constexpr (BITS > 0)
+    for (int i = 0; i < count; ++i) {
+      for (int r = 0; r < R; ++r)
+        stage_quantize<BITS>(st, _mm512_load_ps(y[i] + 16 * r), beta1, levels, mask[r], position[i], oc_begin + 16 * r,
+                             oc_count);
+      if (zero_tail) stage_zero_tail(st, position[i], oc_count);
+    }
+}
+
 // Stores the valid pixels of one pair: z[p][r * 16 + lane] for virtual pixels q0 + p.
 template <int R>
 inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0, const int32_t* z) {
+  if (j.output_stage != nullptr) {
+    switch (j.output_stage->quantize == N2UQ_QUANTIZE_NONE ? 0 : j.output_stage->q.bits) {
+      case 0: direct_output_stage<R, 0>(j, n, chunk, q0, z); break;
+      case 1: direct_output_stage<R, 1>(j, n, chunk, q0, z); break;
+      case 2: direct_output_stage<R, 2>(j, n, chunk, q0, z); break;
+      case 3: direct_output_stage<R, 3>(j, n, chunk, q0, z); break;
+      case 4: direct_output_stage<R, 4>(j, n, chunk, q0, z); break;
+      default: break;  // validated by n2uq_conv_plan_run_stage
+    }
+    return;
+  }
   __mmask16 mask[R];
   __m512 multiplier[R], bias[R];
   const int64_t oc_begin = chunk * j.dot_chunk_blocks * 16;
@@ -299,6 +476,38 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
   }
 }
 
+// The tile work of one pair (virtual pixels q0 .. q0 + 31) and chunk of R vectors: C[g][r] over
+// every tap and word, stored to zp[p][r * 16 + lane].
+template <class Tiles, int R>
+inline void pair_tiles(const ConvJob& j, int64_t q0, const int8_t* weights, int32_t* zp) {
+  const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
+  const int64_t plane_bytes = j.amx_plane_pixels * 64, tap_bytes = words * 16 * R * 64;
+  Tiles::template zero<4>();
+  Tiles::template zero<6>();
+  if (R > 1) Tiles::template zero<5>();
+  if (R > 1) Tiles::template zero<7>();
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint8_t* a = j.amx_stage + j.amx_tap_offsets[t] + q0 * 64;
+    const int8_t* b = weights + t * tap_bytes;
+    for (int64_t w = 0; w < words; ++w, a += plane_bytes, b += 16 * R * 64) {
+      Tiles::template load<0>(a, 64);
+      Tiles::template load<2>(b, R * 64);
+      Tiles::template dpbusd<4, 0, 2>();
+      Tiles::template load<1>(a + 16 * 64, 64);
+      Tiles::template dpbusd<6, 1, 2>();
+      if (R > 1) {
+        Tiles::template load<3>(b + 64, R * 64);
+        Tiles::template dpbusd<5, 0, 3>();
+        Tiles::template dpbusd<7, 1, 3>();
+      }
+    }
+  }
+  Tiles::template store<4>(zp, R * 64);
+  Tiles::template store<6>(zp + 16 * R * 16, R * 64);
+  if (R > 1) Tiles::template store<5>(zp + 16, R * 64);
+  if (R > 1) Tiles::template store<7>(zp + 16 * R * 16 + 16, R * 64);
+}
+
 // Pairs [pair_begin, pair_end) of image n for one chunk of R vectors. The output of a pair is
 // stored after the next pair's tile work is issued (the pair's C tiles went to z before the next
 // pair's TILEZERO). Its stores overlap that tile work little (vector loads and stores contend
@@ -307,46 +516,49 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
 template <class Tiles, int R>
 void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end) {
   alignas(64) int32_t z[2][32 * R * 16];
-  const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
-  const int64_t plane_bytes = j.amx_plane_pixels * 64, tap_bytes = words * 16 * R * 64;
-  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * words * 16 * 64;
+  const int64_t taps = int64_t(j.kernel_height) * j.kernel_width;
+  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * j.words * 16 * 64;
   configure_direct<Tiles, R>();
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
-    const int64_t q0 = pair * 32;
-    int32_t* const zp = z[(pair - pair_begin) & 1];
-    Tiles::template zero<4>();
-    Tiles::template zero<6>();
-    if (R > 1) Tiles::template zero<5>();
-    if (R > 1) Tiles::template zero<7>();
-    for (int64_t t = 0; t < taps; ++t) {
-      const uint8_t* a = j.amx_stage + j.amx_tap_offsets[t] + q0 * 64;
-      const int8_t* b = weights + t * tap_bytes;
-      for (int64_t w = 0; w < words; ++w, a += plane_bytes, b += 16 * R * 64) {
-        Tiles::template load<0>(a, 64);
-        Tiles::template load<2>(b, R * 64);
-        Tiles::template dpbusd<4, 0, 2>();
-        Tiles::template load<1>(a + 16 * 64, 64);
-        Tiles::template dpbusd<6, 1, 2>();
-        if (R > 1) {
-          Tiles::template load<3>(b + 64, R * 64);
-          Tiles::template dpbusd<5, 0, 3>();
-          Tiles::template dpbusd<7, 1, 3>();
-        }
-      }
-    }
-    Tiles::template store<4>(zp, R * 64);
-    Tiles::template store<6>(zp + 16 * R * 16, R * 64);
-    if (R > 1) Tiles::template store<5>(zp + 16, R * 64);
-    if (R > 1) Tiles::template store<7>(zp + 16 * R * 16 + 16, R * 64);
-    if (pair > pair_begin) direct_output<R>(j, n, chunk, q0 - 32, z[(pair - 1 - pair_begin) & 1]);
+    pair_tiles<Tiles, R>(j, pair * 32, weights, z[(pair - pair_begin) & 1]);
+    if (pair > pair_begin) direct_output<R>(j, n, chunk, pair * 32 - 32, z[(pair - 1 - pair_begin) & 1]);
   }
   Tiles::release();
   if (pair_end > pair_begin) direct_output<R>(j, n, chunk, (pair_end - 1) * 32, z[(pair_end - 1 - pair_begin) & 1]);
 }
 
+// With a fused output stage and whole chunks of 2 vectors: the chunks inside the pair loop, so
+// that a pair's outputs (its float rows, residual rows and plane words) are written and read in
+// one visit each. Chunk-outer, each chunk's pass over the image touched every output line again,
+// half of it (56x56x64 with a residual and float output: 0.30 ms fused, 0.25 unfused, in the
+// network on the AMX Xeon).
+template <class Tiles>
+void direct_pairs_all_chunks(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
+                             int64_t pair_end) {
+  constexpr int R = kAmxDirectVectors;
+  alignas(64) int32_t z[2][32 * R * 16];
+  const int64_t chunk_bytes = j.dot_chunk_blocks * int64_t(j.kernel_height) * j.kernel_width * j.words * 16 * 64;
+  configure_direct<Tiles, R>();
+  int64_t previous_pair = -1, previous_chunk = 0;
+  int slot = 0;
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair)
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk, slot ^= 1) {
+      pair_tiles<Tiles, R>(j, pair * 32, j.dot_weights + chunk * chunk_bytes, z[slot]);
+      if (previous_pair >= 0) direct_output<R>(j, n, previous_chunk, previous_pair * 32, z[slot ^ 1]);
+      previous_pair = pair;
+      previous_chunk = chunk;
+    }
+  Tiles::release();
+  if (previous_pair >= 0) direct_output<R>(j, n, previous_chunk, previous_pair * 32, z[slot ^ 1]);
+}
+
 template <class Tiles>
 void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
                 int64_t pair_end) {
+  if (j.output_stage != nullptr && j.dot_chunk_blocks == kAmxDirectVectors && j.oc_blocks % kAmxDirectVectors == 0) {
+    direct_pairs_all_chunks<Tiles>(j, n, chunk_begin, chunk_end, pair_begin, pair_end);
+    return;
+  }
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
     switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
@@ -424,6 +636,7 @@ PathKernels make(const char* name) {
   k.wino_quad_align = 16;
   k.stage_rows = &phased_stage_rows;
   k.phased_run = &phased_run<Tiles>;
+  k.fused_stage = true;
   return k;
 }
 

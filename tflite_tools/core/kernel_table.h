@@ -21,6 +21,8 @@ constexpr int kDepthwiseChunk = 256;
 constexpr int kGroupLanes = 8;
 constexpr int kGroupChunk = 8;
 
+struct StageJob;  // below
+
 struct ConvJob {
   int32_t batch, in_height, in_width, in_channels, words;  // words = ceil(in_channels / 64)
   int32_t out_channels, kernel_height, kernel_width;
@@ -47,6 +49,9 @@ struct ConvJob {
   // [KH][KW][words]: offset of each (tap, word) step's staged words from the staged
   // base of kernel row 0 (input row oh * stride_height - pad_top) at output column 0.
   const int64_t* tap_offsets;
+  // A fused output stage (StageJob, below) run in the conv's own output pass, or null: then the
+  // conv writes out_float / out_int32. Only paths whose PathKernels::fused_stage is set take one.
+  const StageJob* output_stage;
 
   // ---- byte-code paths (dot and lut): one uint8 code per channel, columns zero-padded:
   // tap (kh, kw) of output column ow reads padded column ow * stride_width + kw *
@@ -188,6 +193,23 @@ struct QuantizeJob {
   uint64_t* out_packed; // quantize_and_pack: [positions][bits][words]
 };
 
+// A layer's output stage (n2uq_core.h, N2uqOutputStage) resolved for a conv's output pass
+// (n2uq_conv_plan_run_stage): the conv computes y = multiplier * acc + bias per output, applies
+// the steps in order, writes y to out_float after float_after steps (-1: no float output), and
+// quantizes the final y into out_packed [positions][bits][words] (16 channels = one 16-bit part of
+// a word) or out_codes [positions][channels]. Every operation is the float32 one of
+// output_stage_impl.h, so the results equal the conv's float output run through n2uq_output_stage.
+constexpr int kMaxStageSteps = 16;  // N2UQ_MAX_OUTPUT_STEPS
+struct StageJob {
+  int32_t num_steps;
+  int32_t kinds[kMaxStageSteps];         // N2UQ_STEP_*
+  const float* values[kMaxStageSteps];   // per channel [OC], the residual [positions][OC], or null
+  int32_t float_after;
+  float* out_float;
+  int32_t quantize;                      // N2UQ_QUANTIZE_*
+  QuantizeJob q;                         // bits, thresholds, beta1, words = ceil(OC / 64), outputs
+};
+
 struct KernelTable {
   const char* name;
   int lanes;
@@ -239,6 +261,9 @@ struct PathKernels {
   // kAmxDirectVectors vectors per chunk.
   void (*phased_run)(const ConvJob&, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
                      int64_t pair_end);
+  // Whether phased_run applies ConvJob::output_stage in its output pass (else the caller runs the stage
+  // over the conv's float output).
+  bool fused_stage;
   // Winograd tiles per item at most (0: the AVX-512 register-block maximum for the chunk's
   // blocks), and the multiple the weights' quads per position are padded to with zero weights
   // (0 or 1: none; the AMX form loads whole 64-channel words).

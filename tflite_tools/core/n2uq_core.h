@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 5
+#define N2UQ_CORE_ABI_VERSION 6
 
 enum {
   N2UQ_OK = 0,
@@ -225,6 +225,22 @@ int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32
                       int64_t values_len, float* out_float, int64_t out_float_len, uint64_t* out_packed,
                       int64_t out_packed_len, uint8_t* out_codes, int64_t out_codes_len, int isa, int num_threads,
                       char* err, size_t err_len);
+
+/* A conv plan's run followed by an output stage (the fused layer ops): the same outputs as
+ * n2uq_conv_plan_run's float output run through n2uq_output_stage (bit for bit), without the
+ * float output in between where the plan applies the stage in its own output pass (the amx path's
+ * direct form, for stages without a residual: n2uq_conv_plan_stage_fused); otherwise the two run
+ * in turn. multiplier and bias are required; stage, out_float, out_packed and out_codes as for
+ * n2uq_output_stage over the conv's [N * OH * OW][OC] output. A residual (ADD_TENSOR) must not
+ * overlap out_float. */
+int n2uq_conv_plan_run_stage(const N2uqConvPlan* plan, const N2uqConvShape* shape, const uint64_t* input,
+                             int64_t input_len, const float* multiplier, const float* bias, int64_t channels_len,
+                             const N2uqOutputStage* stage, float* out_float, int64_t out_float_len,
+                             uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes, int64_t out_codes_len,
+                             int num_threads, char* err, size_t err_len);
+/* 1 when the plan applies an output stage without a residual in its own output pass, 0 when it
+ * runs it afterwards, N2UQ_ERR_ARGUMENT for a NULL plan. */
+int n2uq_conv_plan_stage_fused(const N2uqConvPlan* plan);
 
 /* Max pooling (the layer of the N2UQMaxPool2DFused op: a PAD of zeros + MAX_POOL_2D 'valid'):
  * input float32 [batch][in_height][in_width][channels] -> output [batch][OH][OW][channels],

@@ -74,6 +74,37 @@ int check_stage(const N2uqOutputStage* s, int64_t positions, int64_t channels, i
 }
 
 }  // namespace
+
+int check_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32_t channels, const float* out_float,
+                       int64_t out_float_len, const uint64_t* out_packed, int64_t out_packed_len,
+                       const uint8_t* out_codes, int64_t out_codes_len, int64_t* elements, char* err, size_t err_len) {
+  N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
+              "num_positions must be >= 1, got %lld", (long long)num_positions);
+  N2UQ_CHECK(channels >= 1 && channels <= kMaxChannels, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
+              (long long)kMaxChannels, channels);
+  N2UQ_CHECK(product(num_positions, channels, elements), N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
+  if (int rc = check_stage(stage, num_positions, channels, *elements, err, err_len)) return rc;
+  if (stage->float_after >= 0) {
+    N2UQ_CHECK(out_float != nullptr, N2UQ_ERR_ARGUMENT, "out_float is NULL");
+    N2UQ_CHECK(out_float_len >= *elements, N2UQ_ERR_BUFFER, "out_float has %lld elements, the shape needs %lld",
+                (long long)out_float_len, (long long)*elements);
+  }
+  const int64_t words = (int64_t(channels) + 63) / 64;
+  if (stage->quantize == N2UQ_QUANTIZE_PACK) {
+    int64_t needed = 0;
+    N2UQ_CHECK(product(num_positions, stage->bits * words, &needed), N2UQ_ERR_UNSUPPORTED,
+                "tensor sizes are too large");
+    N2UQ_CHECK(out_packed != nullptr, N2UQ_ERR_ARGUMENT, "out_packed is NULL");
+    N2UQ_CHECK(out_packed_len >= needed, N2UQ_ERR_BUFFER, "out_packed has %lld words, the shape needs %lld",
+                (long long)out_packed_len, (long long)needed);
+  } else if (stage->quantize == N2UQ_QUANTIZE_CODES) {
+    N2UQ_CHECK(out_codes != nullptr, N2UQ_ERR_ARGUMENT, "out_codes is NULL");
+    N2UQ_CHECK(out_codes_len >= *elements, N2UQ_ERR_BUFFER, "out_codes has %lld elements, the shape needs %lld",
+                (long long)out_codes_len, (long long)*elements);
+  }
+  return N2UQ_OK;
+}
+
 }  // namespace n2uq_core
 
 using namespace n2uq_core;
@@ -83,39 +114,20 @@ extern "C" int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_posit
                                  uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes,
                                  int64_t out_codes_len, int isa, int num_threads, char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
-    N2UQ_CHECK(num_positions >= 1 && num_positions <= kMaxElements, N2UQ_ERR_ARGUMENT,
-                "num_positions must be >= 1, got %lld", (long long)num_positions);
-    N2UQ_CHECK(channels >= 1 && channels <= kMaxChannels, N2UQ_ERR_ARGUMENT, "channels must be 1..%lld, got %d",
-                (long long)kMaxChannels, channels);
     N2UQ_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
                 "num_threads must be 1..%d, got %d", N2UQ_MAX_THREADS, num_threads);
     int64_t elements = 0;
-    N2UQ_CHECK(product(num_positions, channels, &elements), N2UQ_ERR_UNSUPPORTED, "tensor sizes are too large");
-    if (int rc = check_stage(stage, num_positions, channels, elements, err, err_len)) return rc;
+    if (int rc = check_output_stage(stage, num_positions, channels, out_float, out_float_len, out_packed,
+                                    out_packed_len, out_codes, out_codes_len, &elements, err, err_len))
+      return rc;
     N2UQ_CHECK(values != nullptr, N2UQ_ERR_ARGUMENT, "values is NULL");
     N2UQ_CHECK(values_len >= elements, N2UQ_ERR_BUFFER, "values has %lld elements, the shape needs %lld",
                 (long long)values_len, (long long)elements);
-    if (stage->float_after >= 0) {
-      N2UQ_CHECK(out_float != nullptr, N2UQ_ERR_ARGUMENT, "out_float is NULL");
-      N2UQ_CHECK(out_float_len >= elements, N2UQ_ERR_BUFFER, "out_float has %lld elements, the shape needs %lld",
-                  (long long)out_float_len, (long long)elements);
-      // In place is fine (each block of a row is read before it is written); a shifted overlap is not.
-      N2UQ_CHECK(out_float == values || out_float + elements <= values || values + elements <= out_float,
-                  N2UQ_ERR_ARGUMENT, "out_float overlaps values without being values");
-    }
+    // In place is fine (each block of a row is read before it is written); a shifted overlap is not.
+    N2UQ_CHECK(stage->float_after < 0 || out_float == values || out_float + elements <= values ||
+                   values + elements <= out_float,
+                N2UQ_ERR_ARGUMENT, "out_float overlaps values without being values");
     const int64_t words = (int64_t(channels) + 63) / 64;
-    if (stage->quantize == N2UQ_QUANTIZE_PACK) {
-      int64_t needed = 0;
-      N2UQ_CHECK(product(num_positions, stage->bits * words, &needed), N2UQ_ERR_UNSUPPORTED,
-                  "tensor sizes are too large");
-      N2UQ_CHECK(out_packed != nullptr, N2UQ_ERR_ARGUMENT, "out_packed is NULL");
-      N2UQ_CHECK(out_packed_len >= needed, N2UQ_ERR_BUFFER, "out_packed has %lld words, the shape needs %lld",
-                  (long long)out_packed_len, (long long)needed);
-    } else if (stage->quantize == N2UQ_QUANTIZE_CODES) {
-      N2UQ_CHECK(out_codes != nullptr, N2UQ_ERR_ARGUMENT, "out_codes is NULL");
-      N2UQ_CHECK(out_codes_len >= elements, N2UQ_ERR_BUFFER, "out_codes has %lld elements, the shape needs %lld",
-                  (long long)out_codes_len, (long long)elements);
-    }
     const int resolved = resolve_isa(isa, err, err_len);
     if (resolved < 0) return resolved;
     OutputRowsFn rows = resolved == N2UQ_ISA_AVX512 ? output_rows_avx512()

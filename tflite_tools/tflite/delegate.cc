@@ -1339,11 +1339,20 @@ std::vector<float>& StageScratch() {
   return scratch;
 }
 
-// Runs a fused op's output stage on the layer output `values` (the stage's tensors from the op's
-// inputs after the layer's four, in the order of custom_ops "Fused output stages").
-int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* values, int64_t values_len,
-             int threads, char* msg, size_t msg_len) {
-  N2uqOutputStage st = k->stage;
+// A fused op's output stage with its tensors (from the op's inputs after the layer's four, in the
+// order of custom_ops "Fused output stages") and its outputs.
+struct StageCall {
+  N2uqOutputStage stage;
+  float* out_float = nullptr;
+  uint64_t* packed = nullptr;
+  uint8_t* codes = nullptr;
+  int64_t out_float_len = 0, packed_len = 0, codes_len = 0;
+};
+
+StageCall ResolveStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t) {
+  StageCall c;
+  N2uqOutputStage& st = c.stage;
+  st = k->stage;
   size_t next = LayerInputs(k->kind);
   for (int i = 0; i < st.num_steps; ++i) {
     if (!StepHasInput(st.steps[i].kind)) continue;
@@ -1356,27 +1365,44 @@ int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* va
     st.thresholds = static_cast<const float*>(thr.data);
     st.num_thresholds = int32_t(thr.bytes / 4);
   }
-  const int32_t channels = k->layer_channels;
-  float* out_float = nullptr;
-  int64_t out_float_len = 0;
   size_t slot = 0;
   if (st.float_after >= 0) {
-    out_float = static_cast<float*>(t[io.outputs[slot]].data);
-    out_float_len = int64_t(t[io.outputs[slot]].bytes / 4);
+    c.out_float = static_cast<float*>(t[io.outputs[slot]].data);
+    c.out_float_len = int64_t(t[io.outputs[slot]].bytes / 4);
     ++slot;
   }
-  uint64_t* packed = nullptr;
-  uint8_t* codes = nullptr;
-  int64_t packed_len = 0, codes_len = 0;
   if (st.quantize == N2UQ_QUANTIZE_PACK) {
-    packed = static_cast<uint64_t*>(t[io.outputs[slot]].data);
-    packed_len = int64_t(t[io.outputs[slot]].bytes / 8);
+    c.packed = static_cast<uint64_t*>(t[io.outputs[slot]].data);
+    c.packed_len = int64_t(t[io.outputs[slot]].bytes / 8);
   } else if (st.quantize == N2UQ_QUANTIZE_CODES) {
-    codes = static_cast<uint8_t*>(t[io.outputs[slot]].data);
-    codes_len = int64_t(t[io.outputs[slot]].bytes);
+    c.codes = static_cast<uint8_t*>(t[io.outputs[slot]].data);
+    c.codes_len = int64_t(t[io.outputs[slot]].bytes);
   }
-  return n2uq_output_stage(&st, k->layer_elements / channels, channels, values, values_len, out_float, out_float_len,
-                           packed, packed_len, codes, codes_len, k->settings.isa, threads, msg, msg_len);
+  return c;
+}
+
+// Runs a fused op's output stage on the layer output `values`.
+int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* values, int64_t values_len,
+             int threads, char* msg, size_t msg_len) {
+  const StageCall c = ResolveStage(k, io, t);
+  return n2uq_output_stage(&c.stage, k->layer_elements / k->layer_channels, k->layer_channels, values, values_len,
+                           c.out_float, c.out_float_len, c.packed, c.packed_len, c.codes, c.codes_len,
+                           k->settings.isa, threads, msg, msg_len);
+}
+
+// A fused conv or fully connected op: the plan runs the layer and its stage (in the conv's own
+// output pass where its path can, n2uq_conv_plan_run_stage).
+int RunPlanStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const N2uqConvShape* shape, int threads,
+                 char* msg, size_t msg_len) {
+  const N2uqTfLiteTensor& x = t[io.inputs[0]];
+  const N2uqTfLiteTensor& mult = t[io.inputs[2]];
+  const N2uqTfLiteTensor& bias = t[io.inputs[3]];
+  const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
+  const StageCall c = ResolveStage(k, io, t);
+  return n2uq_conv_plan_run_stage(k->plan.get(), shape, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
+                                  static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
+                                  channels_len, &c.stage, c.out_float, c.out_float_len, c.packed, c.packed_len,
+                                  c.codes, c.codes_len, threads, msg, msg_len);
 }
 
 bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
@@ -1407,6 +1433,15 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
   // one (the stage then runs in place), else into this thread's scratch buffer.
   float* dest = static_cast<float*>(out.data);
   int64_t dest_len = int64_t(out.bytes / 4);
+  const bool plan_stage = IsFused(k->kind) && (BaseKind(k->kind) == kConv2D || BaseKind(k->kind) == kFullyConnected);
+  if (plan_stage) {
+    status = RunPlanStage(k, io, t, BaseKind(k->kind) == kConv2D ? &k->conv : &k->fc_shape, threads, msg, msg_len);
+    if (status != N2UQ_OK) {
+      *err = std::string("kernel failed: ") + (msg[0] ? msg : "unknown error");
+      return false;
+    }
+    return true;
+  }
   if (IsFused(k->kind) && k->stage.float_after < 0) {
     std::vector<float>& scratch = StageScratch();
     if (scratch.size() < static_cast<size_t>(k->layer_elements)) scratch.resize(static_cast<size_t>(k->layer_elements));
