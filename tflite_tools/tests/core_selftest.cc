@@ -319,6 +319,98 @@ void run_plan_case() {
   }
 }
 
+// n2uq_conv_plan_run_stage against the plan's float output run through n2uq_output_stage, byte for
+// byte: random steps of every kind (a residual in some), float outputs anywhere, pack / codes / no
+// quantizer, on every combo (the amx direct form applies stages without a residual in its own
+// output pass, on the tile model under N2UQ_AMX_EMULATE=1).
+void run_plan_stage_case() {
+  Case c = random_case(false);
+  N2uqConvShape& s = c.s;
+  const int64_t weights = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
+  std::vector<uint8_t> k = random_codes(size_t(weights * s.in_channels), s.weight_bits);
+  std::vector<uint64_t> pk = pack(k, weights, s.in_channels, s.weight_bits);
+  std::vector<float> mult(size_t(s.out_channels)), bias(size_t(s.out_channels));
+  for (auto& x : mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
+  for (auto& x : bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  char err[256] = "";
+  n2uq_conv2d_output_size(&s, &c.oh, &c.ow, err, sizeof err);
+  const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
+  const int64_t positions = int64_t(s.batch) * c.oh * c.ow, elements = positions * s.out_channels;
+  std::vector<uint8_t> m = random_codes(size_t(pixels * s.in_channels), s.act_bits);
+  std::vector<uint64_t> pm = pack(m, pixels, s.in_channels, s.act_bits);
+  // The stage: 0-5 steps, per-channel operands [OC], residuals [positions][OC].
+  N2uqOutputStage st{};
+  st.num_steps = uniform(0, 5);
+  std::vector<std::vector<float>> operands(size_t(st.num_steps));
+  for (int i = 0; i < st.num_steps; ++i) {
+    st.steps[i].kind = uniform(1, N2UQ_STEP_KINDS - 1);
+    const int kind = st.steps[i].kind;
+    if (kind == N2UQ_STEP_ADD || kind == N2UQ_STEP_MUL || kind == N2UQ_STEP_PRELU || kind == N2UQ_STEP_ADD_TENSOR) {
+      operands[size_t(i)].resize(size_t(kind == N2UQ_STEP_ADD_TENSOR ? elements : s.out_channels));
+      for (auto& x : operands[size_t(i)]) x = std::uniform_real_distribution<float>(-2.f, 2.f)(rng);
+      st.steps[i].values = operands[size_t(i)].data();
+      st.steps[i].values_len = int64_t(operands[size_t(i)].size());
+    }
+  }
+  st.quantize = uniform(0, 2);
+  st.float_after = st.quantize == N2UQ_QUANTIZE_NONE ? uniform(0, st.num_steps) : uniform(-1, st.num_steps);
+  st.bits = uniform(1, 4);
+  std::vector<float> thresholds(size_t((1 << st.bits) - 1));
+  for (auto& x : thresholds) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  st.thresholds = thresholds.data();
+  st.num_thresholds = int32_t(thresholds.size());
+  st.beta1 = 1.5f;
+  const int64_t words = (int64_t(s.out_channels) + 63) / 64;
+  for (const Combo& combo : combos()) {
+    N2uqConvPlan* plan = nullptr;
+    int rc = n2uq_conv_plan_create(&s, pk.data(), int64_t(pk.size()), combo.isa, combo.path, 1, &plan, err,
+                                   sizeof err);
+    EXPECT(rc == N2UQ_OK && plan != nullptr, "stage plan_create isa=%s path=%s: %s", n2uq_isa_name(combo.isa),
+           n2uq_path_name(combo.path), err);
+    if (plan == nullptr) continue;
+    const int threads = uniform(1, 3);
+    const size_t n = static_cast<size_t>(elements);
+    std::vector<float> y(n, 0.f), want_f(n, -7.f), got_f(n, -7.f);
+    std::vector<uint64_t> want_p(static_cast<size_t>(positions * st.bits * words), 7), got_p(want_p.size(), 7);
+    std::vector<uint8_t> want_c(n, 7), got_c(n, 7);
+    rc = n2uq_conv_plan_run(plan, &s, pm.data(), int64_t(pm.size()), mult.data(), bias.data(), int64_t(mult.size()),
+                            y.data(), nullptr, elements, threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "stage: plan_run returned %d: %s", rc, err);
+    rc = n2uq_output_stage(&st, positions, s.out_channels, y.data(), elements, want_f.data(), elements, want_p.data(),
+                           int64_t(want_p.size()), want_c.data(), elements, combo.isa, threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "stage: output_stage returned %d: %s", rc, err);
+    rc = n2uq_conv_plan_run_stage(plan, &s, pm.data(), int64_t(pm.size()), mult.data(), bias.data(),
+                                  int64_t(mult.size()), &st, got_f.data(), elements, got_p.data(),
+                                  int64_t(got_p.size()), got_c.data(), elements, threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "run_stage returned %d: %s", rc, err);
+    const bool same = std::memcmp(got_f.data(), want_f.data(), got_f.size() * 4) == 0 && got_p == want_p &&
+                      got_c == want_c;
+    EXPECT(same, "run_stage isa=%s path=%s fused=%d threads=%d steps=%d float_after=%d quantize=%d bits=%d differs "
+           "(C=%d OC=%d %dx%d s%dx%d)", n2uq_isa_name(combo.isa), n2uq_path_name(combo.path),
+           n2uq_conv_plan_stage_fused(plan), threads, st.num_steps, st.float_after, st.quantize, st.bits,
+           s.in_channels, s.out_channels, s.kernel_height, s.kernel_width, s.stride_height, s.stride_width);
+    // A NULL stage and a too-short residual are refused with an error.
+    rc = n2uq_conv_plan_run_stage(plan, &s, pm.data(), int64_t(pm.size()), mult.data(), bias.data(),
+                                  int64_t(mult.size()), nullptr, got_f.data(), elements, nullptr, 0, nullptr, 0, 1, err,
+                                  sizeof err);
+    EXPECT(rc == N2UQ_ERR_ARGUMENT, "run_stage with a NULL stage returned %d", rc);
+    if (elements > 1) {
+      N2uqOutputStage short_residual = st;
+      std::vector<float> residual(size_t(elements - 1), 0.f);
+      short_residual.num_steps = 1;
+      short_residual.float_after = 1;
+      short_residual.steps[0].kind = N2UQ_STEP_ADD_TENSOR;
+      short_residual.steps[0].values = residual.data();
+      short_residual.steps[0].values_len = int64_t(residual.size());
+      rc = n2uq_conv_plan_run_stage(plan, &s, pm.data(), int64_t(pm.size()), mult.data(), bias.data(),
+                                    int64_t(mult.size()), &short_residual, got_f.data(), elements, got_p.data(),
+                                    int64_t(got_p.size()), got_c.data(), elements, 1, err, sizeof err);
+      EXPECT(rc == N2UQ_ERR_BUFFER, "run_stage with a short residual returned %d", rc);
+    }
+    n2uq_conv_plan_destroy(plan);
+  }
+}
+
 void run_fully_connected_case() {
   const int batch = uniform(1, 11), in_f = uniform(1, 300), out_f = uniform(1, 40);
   const int a = uniform(1, 4), w = uniform(1, 4);
@@ -1381,6 +1473,7 @@ int main(int argc, char** argv) {
   // 3x3 stride-1 shapes: every ISA's dot path runs them in Winograd form.
   for (int i = 0; i < cases / 4 + 1; ++i) run_conv_case(false, true);
   for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
+  for (int i = 0; i < cases / 2 + 1; ++i) run_plan_stage_case();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
   for (int i = 0; i < 2 * cases; ++i) run_quantize_case();
