@@ -98,6 +98,12 @@ STAGES = {  # name: (steps as kinds, float_after)
     "bn_relu": (["mul", "add", "relu"], None),
     "clamp_negative_slope": (["prelu", "relu_n1_to_1", "mul"], 1),
     "nothing": ([], 0),
+    # Sequences the stage compiles whole (output_stage_impl.h, kProgramSteps): on 80 channels the
+    # blocks are whole vectors, so they take that loop.
+    "program_rprelu": (["add", "prelu", "add"], None),
+    "program_residual_rprelu_twice": (["add_tensor", "add", "prelu", "add", "add", "prelu", "add"], 4),
+    "program_residual_relu": (["add_tensor", "relu"], 1),
+    "program_add_relu": (["add", "relu"], 2),
 }
 
 
@@ -107,7 +113,8 @@ def test_output_stage_equals_the_builtins_one_after_the_other(name):
     equal the NumPy chain, with values on, next to and between the thresholds."""
     kinds, float_after = STAGES[name]
     rng = np.random.default_rng(len(name))
-    positions, channels = 37, 70  # two words per plane, a partial one; several chunks with 2 threads
+    # two words per plane, a partial one; several chunks with 2 threads
+    positions, channels = 37, 80 if name.startswith("program") else 70
     for bits, beta1 in ((2, 1.0), (4, 0.7)):
         steps = []
         for kind in kinds:

@@ -87,6 +87,78 @@ inline void apply_steps(const N2uqOutputStage& stage, int first, int last, float
   }
 }
 
+// ---- Step sequences compiled whole: each vector goes through every step in registers, the
+// float output and final values stored once (the loop below loads and stores the block once per
+// step: for a residual block's 7 steps most of the stage's time). The sequences the exporter writes
+// for ResNets; others take that loop. Kinds as N2UQ_STEP_*: 1 ADD, 3 PRELU, 4 ADD_TENSOR, 5 RELU.
+constexpr int kPrograms = 6;
+constexpr int kProgramSteps[kPrograms][8] = {  // {count, kinds...}
+    {3, 1, 3, 1},              // RPReLU
+    {4, 4, 1, 3, 1},           // residual, RPReLU
+    {7, 4, 1, 3, 1, 1, 3, 1},  // residual, RPReLU, the next block's RPReLU
+    {1, 5},                    // ReLU
+    {2, 4, 5},                 // residual, ReLU
+    {2, 1, 5},                 // ADD, ReLU
+};
+
+inline int program_of(const N2uqOutputStage& stage) {
+  for (int p = 0; p < kPrograms; ++p) {
+    if (kProgramSteps[p][0] != stage.num_steps) continue;
+    int i = 0;
+    while (i < stage.num_steps && kProgramSteps[p][1 + i] == stage.steps[i].kind) ++i;
+    if (i == stage.num_steps) return p;
+  }
+  return -1;
+}
+
+template <int KIND>
+inline Lanes program_step(Lanes y, Lanes v) {
+  if constexpr (KIND == N2UQ_STEP_ADD || KIND == N2UQ_STEP_ADD_TENSOR) return y + v;
+  if constexpr (KIND == N2UQ_STEP_PRELU) return prelu(y, v);
+  if constexpr (KIND == N2UQ_STEP_RELU) return relu(y);
+  return y;
+}
+
+// Steps I.. of program P on one vector at element e of the block (operands[s]: step s's operand
+// laid out like the block), the float output where due.
+template <int P, int I>
+inline Lanes program_steps(Lanes y, const float* const* operands, int64_t e, int split, float* out_float) {
+  if (out_float != nullptr && split == I) store(out_float + e, y);
+  if constexpr (I == kProgramSteps[P][0]) {
+    return y;
+  } else {
+    constexpr int kind = kProgramSteps[P][1 + I];
+    const Lanes v = kind == N2UQ_STEP_RELU ? splat(0.0f) : load(operands[I] + e, static_cast<Lanes*>(nullptr));
+    return program_steps<P, I + 1>(program_step<kind>(y, v), operands, e, split, out_float);
+  }
+}
+
+// The block (n values, a multiple of kLanes) through program P: out_float (after `split` steps;
+// may be null) and out_final (may be null) written once per vector.
+template <int P>
+void program_block(const float* values, const float* const* operands, int64_t n, int split, float* out_float,
+                   float* out_final) {
+  for (int64_t e = 0; e < n; e += kLanes) {
+    const Lanes y = program_steps<P, 0>(load(values + e, static_cast<Lanes*>(nullptr)), operands, e, split, out_float);
+    if (out_final != nullptr) store(out_final + e, y);
+  }
+}
+
+inline bool run_program(int program, const float* values, const float* const* operands, int64_t n, int split,
+                        float* out_float, float* out_final) {
+  static_assert(kPrograms == 6, "one case per program");
+  if (n % kLanes != 0) return false;
+  switch (program) {
+    case 0: program_block<0>(values, operands, n, split, out_float, out_final); return true;
+    case 1: program_block<1>(values, operands, n, split, out_float, out_final); return true;
+    case 2: program_block<2>(values, operands, n, split, out_float, out_final); return true;
+    case 3: program_block<3>(values, operands, n, split, out_float, out_final); return true;
+    case 4: program_block<4>(values, operands, n, split, out_float, out_final); return true;
+    case 5: program_block<5>(values, operands, n, split, out_float, out_final); return true;
+    default: return false;
+  }
+}
+
 // Rows [0, positions) of values (positions x channels; row 0 is output position first_position):
 // out_float (may be values itself) gets each row after stage.float_after steps, out_final (may be
 // null; positions x channels) after every step.
@@ -106,6 +178,7 @@ inline void output_rows(const N2uqOutputStage& stage, const float* values, float
         memcpy(repeated[s] + r * channels, stage.steps[s].values, size_t(channels) * 4);
   }
   const int split = out_float != nullptr ? stage.float_after : 0;
+  const int program = program_of(stage);
   for (int64_t p = 0; p < positions; p += rows_per_block) {
     const int64_t rows = positions - p < rows_per_block ? positions - p : rows_per_block;
     for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
@@ -118,6 +191,10 @@ inline void output_rows(const N2uqOutputStage& stage, const float* values, float
         else if (step.values != nullptr)
           operands[s] = whole_rows ? repeated[s] : step.values + c0;
       }
+      if (program >= 0 && run_program(program, values + offset, operands, n, split,
+                                      out_float != nullptr ? out_float + offset : nullptr,
+                                      out_final != nullptr ? out_final + offset : nullptr))
+        continue;
       float* block = out_final != nullptr ? out_final + offset : local;
       memcpy(block, values + offset, size_t(n) * 4);
       apply_steps(stage, 0, split, block, n, operands);
