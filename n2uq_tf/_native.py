@@ -27,7 +27,7 @@ CORE_HEADERS_AND_SOURCES = ("n2uq_core.h", "kernel_table.h", "kernels_impl.h", "
                             "isa_portable.cc", "isa_avx2.cc", "isa_avx2_dot.cc", "isa_avx512.cc", "isa_avx512_dot.cc",
                             "isa_amx.cc", "isa_neon.cc", "core_internal.h", "output_stage_impl.h", "output_stage.cc",
                             "output_stage_x86.cc", "pool.cc", "int8_conv.cc", "isa_avx512_int8.cc",
-                            "float_conv.cc", "isa_avx512_float.cc")
+                            "float_conv.cc", "isa_avx512_float.cc", "quantize_avx512_impl.h")
 CORE_COMPILED = ("core.cc", "isa_portable.cc", "isa_avx2.cc", "isa_avx2_dot.cc", "isa_avx512.cc", "isa_avx512_dot.cc",
                  "isa_amx.cc", "isa_neon.cc", "output_stage.cc", "output_stage_x86.cc", "pool.cc",
                  "int8_conv.cc", "isa_avx512_int8.cc", "float_conv.cc", "isa_avx512_float.cc")
