@@ -1536,15 +1536,21 @@ int create_plan(const N2uqConvShape* s, const uint64_t* weights, int64_t weights
   return make_plan(*s, weights, z.weights, resolved, wanted, num_threads, out, err, err_len);
 }
 
+// The checks of a plan's run on a shape and input (the outputs are the caller's to check).
+int check_plan_run(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
+                   int num_threads, ConvSizes* z, char* err, size_t err_len) {
+  if (int rc = check_conv(s, z, err, err_len)) return rc;
+  if (int rc = check_threads(num_threads, err, err_len)) return rc;
+  N2UQ_CHECK(same_filter(*s, plan.filter), N2UQ_ERR_ARGUMENT,
+             "the shape's filter (channels, kernel, strides, dilations, padding, bits) differs from the plan's");
+  return check_buffer(input, input_len, z->input, "input", err, err_len);
+}
+
 int run_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                 const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
                 int32_t* out_int32, int64_t out_len, int num_threads, char* err, size_t err_len) {
   ConvSizes z;
-  if (int rc = check_conv(s, &z, err, err_len)) return rc;
-  if (int rc = check_threads(num_threads, err, err_len)) return rc;
-  N2UQ_CHECK(same_filter(*s, plan.filter), N2UQ_ERR_ARGUMENT,
-             "the shape's filter (channels, kernel, strides, dilations, padding, bits) differs from the plan's");
-  if (int rc = check_buffer(input, input_len, z.input, "input", err, err_len)) return rc;
+  if (int rc = check_plan_run(plan, s, input, input_len, num_threads, &z, err, err_len)) return rc;
   if (int rc = check_outputs(out_float, out_int32, out_len, z.out, multiplier, bias, channels_len, s->out_channels,
                              err, err_len))
     return rc;
@@ -1581,11 +1587,7 @@ int run_stage_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const ui
                       float* out_float, int64_t out_float_len, uint64_t* out_packed, int64_t out_packed_len,
                       uint8_t* out_codes, int64_t out_codes_len, int num_threads, char* err, size_t err_len) {
   ConvSizes z;
-  if (int rc = check_conv(s, &z, err, err_len)) return rc;
-  if (int rc = check_threads(num_threads, err, err_len)) return rc;
-  N2UQ_CHECK(same_filter(*s, plan.filter), N2UQ_ERR_ARGUMENT,
-             "the shape's filter (channels, kernel, strides, dilations, padding, bits) differs from the plan's");
-  if (int rc = check_buffer(input, input_len, z.input, "input", err, err_len)) return rc;
+  if (int rc = check_plan_run(plan, s, input, input_len, num_threads, &z, err, err_len)) return rc;
   if (int rc = check_buffer(multiplier, channels_len, s->out_channels, "multiplier", err, err_len)) return rc;
   if (int rc = check_buffer(bias, channels_len, s->out_channels, "bias", err, err_len)) return rc;
   const int64_t positions = z.out / s->out_channels;

@@ -276,15 +276,33 @@ void run_winograd_tail_cases() {
 
 // A plan made once on one input size runs other batch sizes and input sizes of the same
 // filter, on every (ISA, path), and reports the path it was made for.
+// A random filter for shape s: codes k, packed pk, and the per-channel multiplier and bias.
+struct Filter {
+  std::vector<uint8_t> k;
+  std::vector<uint64_t> pk;
+  std::vector<float> mult, bias;
+};
+
+Filter random_filter(const N2uqConvShape& s) {
+  Filter f;
+  const int64_t weights = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
+  f.k = random_codes(size_t(weights * s.in_channels), s.weight_bits);
+  f.pk = pack(f.k, weights, s.in_channels, s.weight_bits);
+  f.mult.resize(size_t(s.out_channels));
+  f.bias.resize(size_t(s.out_channels));
+  for (auto& x : f.mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
+  for (auto& x : f.bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  return f;
+}
+
 void run_plan_case() {
   Case c = random_case(false);
   N2uqConvShape& s = c.s;
-  const int64_t weights = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
-  std::vector<uint8_t> k = random_codes(size_t(weights * s.in_channels), s.weight_bits);
-  std::vector<uint64_t> pk = pack(k, weights, s.in_channels, s.weight_bits);
-  std::vector<float> mult(size_t(s.out_channels)), bias(size_t(s.out_channels));
-  for (auto& x : mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
-  for (auto& x : bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  Filter f = random_filter(s);
+  const std::vector<uint8_t>& k = f.k;
+  const std::vector<uint64_t>& pk = f.pk;
+  const std::vector<float>& mult = f.mult;
+  const std::vector<float>& bias = f.bias;
   for (const Combo& combo : combos()) {
     N2uqConvPlan* plan = nullptr;
     char err[256] = "";
@@ -326,12 +344,10 @@ void run_plan_case() {
 void run_plan_stage_case() {
   Case c = random_case(false);
   N2uqConvShape& s = c.s;
-  const int64_t weights = int64_t(s.out_channels) * s.kernel_height * s.kernel_width;
-  std::vector<uint8_t> k = random_codes(size_t(weights * s.in_channels), s.weight_bits);
-  std::vector<uint64_t> pk = pack(k, weights, s.in_channels, s.weight_bits);
-  std::vector<float> mult(size_t(s.out_channels)), bias(size_t(s.out_channels));
-  for (auto& x : mult) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(rng);
-  for (auto& x : bias) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  Filter f = random_filter(s);
+  const std::vector<uint64_t>& pk = f.pk;
+  const std::vector<float>& mult = f.mult;
+  const std::vector<float>& bias = f.bias;
   char err[256] = "";
   n2uq_conv2d_output_size(&s, &c.oh, &c.ow, err, sizeof err);
   const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
