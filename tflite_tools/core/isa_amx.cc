@@ -264,15 +264,15 @@ inline void configure_direct() {
 // each a load, operation and store of every value (56x56x64 with the residual block's 7 steps:
 // 150 us for the stage against 70 us for the conv on the AMX Xeon).
 
-// One step on the 16 channels of one pixel: v its per-channel operand, tensor the residual there.
+// One step on the 16 channels of one pixel, v its per-channel operand. No residual (ADD_TENSOR):
+// core.cc's plan_fuses_stage leaves those stages to the separate pass.
 template <int KIND>
-__attribute__((always_inline)) inline __m512 apply_step(__m512 y, __m512 v, const float* tensor, __mmask16 mask) {
+__attribute__((always_inline)) inline __m512 apply_step(__m512 y, __m512 v) {
   const __m512 zero = _mm512_setzero_ps();
   if constexpr (KIND == N2UQ_STEP_ADD) return _mm512_add_ps(y, v);
   if constexpr (KIND == N2UQ_STEP_MUL) return _mm512_mul_ps(y, v);
   if constexpr (KIND == N2UQ_STEP_PRELU)  // y >= 0 ? y : y * slope (NaN: the product)
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_GE_OQ), _mm512_mul_ps(y, v), y);
-  if constexpr (KIND == N2UQ_STEP_ADD_TENSOR) return _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, tensor));
   if constexpr (KIND == N2UQ_STEP_RELU)  // y < 0 ? 0 : y
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), y, zero);
   if constexpr (KIND == N2UQ_STEP_RELU6 || KIND == N2UQ_STEP_RELU_N1_TO_1) {  // y < low ? low : y > high ? high : y
@@ -328,18 +328,11 @@ inline int pair_pixels(const ConvJob& j, int64_t n, int64_t q0, int* zi, int64_t
   return count;
 }
 
-// One step of the generic loop over the pair's values y[i][r * 16 + lane].
+// One step of the loop over the pair's values y[i][r * 16 + lane] (count pixels).
 template <int KIND, int R>
-inline void step_block(float (*y)[R * 16], int count, const __m512* v, const float* tensor, const int64_t* position,
-                       int64_t oc_begin, int64_t out_channels, const __mmask16* mask) {
+void step_block(float (*y)[R * 16], int count, const __m512* v) {
   for (int i = 0; i < count; ++i)
-    for (int r = 0; r < R; ++r)
-      _mm512_store_ps(y[i] + 16 * r,
-                      apply_step<KIND>(_mm512_load_ps(y[i] + 16 * r), v[r],
-                                       KIND == N2UQ_STEP_ADD_TENSOR
-                                           ? tensor + position[i] * out_channels + oc_begin + 16 * r
-                                           : nullptr,
-                                       mask[r]));
+    for (int r = 0; r < R; ++r) _mm512_store_ps(y[i] + 16 * r, apply_step<KIND>(_mm512_load_ps(y[i] + 16 * r), v[r]));
 }
 
 // The pair's values stay in y[pixel][vector] (L1) and each step is one loop over them, so its kind
@@ -387,27 +380,18 @@ void direct_output_stage(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0,
           _mm512_mask_storeu_ps(st.out_float + position[i] * oc_count + oc_begin + 16 * r, mask[r],
                                 _mm512_load_ps(y[i] + 16 * r));
     if (s == st.num_steps) break;
+    // Each kind's loop, by N2UQ_STEP_* (ADD_TENSOR never comes here).
+    static_assert(N2UQ_STEP_ADD == 1 && N2UQ_STEP_MUL == 2 && N2UQ_STEP_PRELU == 3 && N2UQ_STEP_RELU == 5 &&
+                      N2UQ_STEP_RELU6 == 6 && N2UQ_STEP_RELU_N1_TO_1 == 7 && N2UQ_STEP_KINDS == 8,
+                  "the table's order");
+    using StepBlock = void (*)(float (*)[R * 16], int, const __m512*);
+    static constexpr StepBlock kSteps[N2UQ_STEP_KINDS] = {
+        nullptr, &step_block<N2UQ_STEP_ADD, R>, &step_block<N2UQ_STEP_MUL, R>, &step_block<N2UQ_STEP_PRELU, R>,
+        nullptr, &step_block<N2UQ_STEP_RELU, R>, &step_block<N2UQ_STEP_RELU6, R>,
+        &step_block<N2UQ_STEP_RELU_N1_TO_1, R>};
     __m512 vs[R];
     for (int r = 0; r < R; ++r) vs[r] = v[r][s];
-    const float* tensor = st.values[s];
-    switch (st.kinds[s]) {
-      case N2UQ_STEP_ADD: step_block<N2UQ_STEP_ADD, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
-      case N2UQ_STEP_MUL: step_block<N2UQ_STEP_MUL, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
-      case N2UQ_STEP_PRELU:
-        step_block<N2UQ_STEP_PRELU, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
-        break;
-      case N2UQ_STEP_ADD_TENSOR:
-        step_block<N2UQ_STEP_ADD_TENSOR, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
-        break;
-      case N2UQ_STEP_RELU: step_block<N2UQ_STEP_RELU, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask); break;
-      case N2UQ_STEP_RELU6:
-        step_block<N2UQ_STEP_RELU6, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
-        break;
-      case N2UQ_STEP_RELU_N1_TO_1:
-        step_block<N2UQ_STEP_RELU_N1_TO_1, R>(y, count, vs, tensor, position, oc_begin, oc_count, mask);
-        break;
-      default: break;  // validated by n2uq_conv_plan_run_stage
-    }
+    if (const StepBlock step = kSteps[st.kinds[s]]) step(y, count, vs);
   }
   if constexpr (BITS > 0)
     for (int i = 0; i < count; ++i) {
@@ -528,10 +512,9 @@ void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin
 }
 
 // With a fused output stage and whole chunks of 2 vectors: the chunks inside the pair loop, so
-// that a pair's outputs (its float rows, residual rows and plane words) are written and read in
-// one visit each. Chunk-outer, each chunk's pass over the image touched every output line again,
-// half of it (56x56x64 with a residual and float output: 0.30 ms fused, 0.25 unfused, in the
-// network on the AMX Xeon).
+// that a pair's outputs (its float rows and plane words) are written in one visit each.
+// Chunk-outer, each chunk's pass over the image touched every output line again, half of it
+// (56x56x64 W2A2, the stage's float output alone: 106 -> 89 us on the AMX Xeon).
 template <class Tiles>
 void direct_pairs_all_chunks(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
                              int64_t pair_end) {

@@ -146,17 +146,12 @@ void program_block(const float* values, const float* const* operands, int64_t n,
 
 inline bool run_program(int program, const float* values, const float* const* operands, int64_t n, int split,
                         float* out_float, float* out_final) {
-  static_assert(kPrograms == 6, "one case per program");
-  if (n % kLanes != 0) return false;
-  switch (program) {
-    case 0: program_block<0>(values, operands, n, split, out_float, out_final); return true;
-    case 1: program_block<1>(values, operands, n, split, out_float, out_final); return true;
-    case 2: program_block<2>(values, operands, n, split, out_float, out_final); return true;
-    case 3: program_block<3>(values, operands, n, split, out_float, out_final); return true;
-    case 4: program_block<4>(values, operands, n, split, out_float, out_final); return true;
-    case 5: program_block<5>(values, operands, n, split, out_float, out_final); return true;
-    default: return false;
-  }
+  using Block = void (*)(const float*, const float* const*, int64_t, int, float*, float*);
+  static constexpr Block kBlocks[kPrograms] = {&program_block<0>, &program_block<1>, &program_block<2>,
+                                               &program_block<3>, &program_block<4>, &program_block<5>};
+  if (program < 0 || n % kLanes != 0) return false;
+  kBlocks[program](values, operands, n, split, out_float, out_final);
+  return true;
 }
 
 // Rows [0, positions) of values (positions x channels; row 0 is output position first_position):

@@ -1390,58 +1390,40 @@ int RunStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const float* va
                            k->settings.isa, threads, msg, msg_len);
 }
 
+// A layer op's per-channel multiplier and bias (inputs 2 and 3) and the channels both hold.
+struct LayerScale {
+  const float *multiplier, *bias;
+  int64_t channels;
+};
+
+LayerScale ReadLayerScale(const Io& io, const N2uqTfLiteTensor* t) {
+  const N2uqTfLiteTensor& mult = t[io.inputs[2]];
+  const N2uqTfLiteTensor& bias = t[io.inputs[3]];
+  return {static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
+          int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4};
+}
+
 // A fused conv or fully connected op: the plan runs the layer and its stage (in the conv's own
 // output pass where its path can, n2uq_conv_plan_run_stage).
 int RunPlanStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const N2uqConvShape* shape, int threads,
                  char* msg, size_t msg_len) {
   const N2uqTfLiteTensor& x = t[io.inputs[0]];
-  const N2uqTfLiteTensor& mult = t[io.inputs[2]];
-  const N2uqTfLiteTensor& bias = t[io.inputs[3]];
-  const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
+  const LayerScale a = ReadLayerScale(io, t);
   const StageCall c = ResolveStage(k, io, t);
   return n2uq_conv_plan_run_stage(k->plan.get(), shape, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
-                                  static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
-                                  channels_len, &c.stage, c.out_float, c.out_float_len, c.packed, c.packed_len,
-                                  c.codes, c.codes_len, threads, msg, msg_len);
+                                  a.multiplier, a.bias, a.channels, &c.stage, c.out_float, c.out_float_len, c.packed,
+                                  c.packed_len, c.codes, c.codes_len, threads, msg, msg_len);
 }
 
-bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
-  // Shapes were validated in prepare; re-check the data pointers and sizes cheaply, because
-  // a caller may have resized an input without re-preparing.
-  if (int(io.inputs.size()) != ExpectedInputs(k) || int(io.outputs.size()) != ExpectedOutputs(k)) {
-    *err = "tensor lists changed after prepare";
-    return false;
-  }
-  for (int idx : io.inputs)
-    if (idx < 0 || static_cast<size_t>(idx) >= ctx->tensors_size || ctx->tensors[idx].data == nullptr) {
-      *err = "an input tensor has no data";
-      return false;
-    }
-  for (int out_idx : io.outputs)
-    if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr ||
-        IsConstant(&ctx->tensors[out_idx])) {
-      *err = "an output tensor has no data or is a constant";
-      return false;
-    }
-  N2uqTfLiteTensor* t = ctx->tensors;
+// Every other op: the layer (into its float output, or a fused op's scratch when the op has no
+// float output; the stage then runs over it).
+int RunLayer(Kernel* k, const Io& io, N2uqTfLiteTensor* t, int threads, char* msg, size_t msg_len) {
   const N2uqTfLiteTensor& x = t[io.inputs[0]];
   N2uqTfLiteTensor& out = t[io.outputs[0]];
-  const int threads = Threads(k, ctx);
   const int isa = k->settings.isa;
   int status = N2UQ_ERR_INTERNAL;
-  // A layer op writes its float output; a fused op writes it into its float output when it has
-  // one (the stage then runs in place), else into this thread's scratch buffer.
   float* dest = static_cast<float*>(out.data);
   int64_t dest_len = int64_t(out.bytes / 4);
-  const bool plan_stage = IsFused(k->kind) && (BaseKind(k->kind) == kConv2D || BaseKind(k->kind) == kFullyConnected);
-  if (plan_stage) {
-    status = RunPlanStage(k, io, t, BaseKind(k->kind) == kConv2D ? &k->conv : &k->fc_shape, threads, msg, msg_len);
-    if (status != N2UQ_OK) {
-      *err = std::string("kernel failed: ") + (msg[0] ? msg : "unknown error");
-      return false;
-    }
-    return true;
-  }
   if (IsFused(k->kind) && k->stage.float_after < 0) {
     std::vector<float>& scratch = StageScratch();
     if (scratch.size() < static_cast<size_t>(k->layer_elements)) scratch.resize(static_cast<size_t>(k->layer_elements));
@@ -1466,30 +1448,18 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       break;
     }
     case kConv2D:
-    case kDepthwise: {
-      const N2uqTfLiteTensor& mult = t[io.inputs[2]];
-      const N2uqTfLiteTensor& bias = t[io.inputs[3]];
-      const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
-      if (BaseKind(k->kind) == kConv2D)
-        status = n2uq_conv_plan_run(k->plan.get(), &k->conv, static_cast<const uint64_t*>(x.data),
-                                    int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
-                                    static_cast<const float*>(bias.data), channels_len, dest, nullptr, dest_len,
-                                    threads, msg, msg_len);
-      else
-        status = n2uq_depthwise_conv2d(&k->conv, static_cast<const uint8_t*>(x.data), int64_t(x.bytes),
-                                       k->weight_codes.data(), int64_t(k->weight_codes.size()),
-                                       static_cast<const float*>(mult.data), static_cast<const float*>(bias.data),
-                                       channels_len, dest, nullptr, dest_len, isa, threads, msg, msg_len);
+    case kFullyConnected: {
+      const LayerScale a = ReadLayerScale(io, t);
+      status = n2uq_conv_plan_run(k->plan.get(), BaseKind(k->kind) == kConv2D ? &k->conv : &k->fc_shape,
+                                  static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8), a.multiplier, a.bias,
+                                  a.channels, dest, nullptr, dest_len, threads, msg, msg_len);
       break;
     }
-    case kFullyConnected: {
-      const N2uqTfLiteTensor& mult = t[io.inputs[2]];
-      const N2uqTfLiteTensor& bias = t[io.inputs[3]];
-      const int64_t channels_len = int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4;
-      status = n2uq_conv_plan_run(k->plan.get(), &k->fc_shape, static_cast<const uint64_t*>(x.data),
-                                  int64_t(x.bytes / 8), static_cast<const float*>(mult.data),
-                                  static_cast<const float*>(bias.data), channels_len, dest, nullptr, dest_len,
-                                  threads, msg, msg_len);
+    case kDepthwise: {
+      const LayerScale a = ReadLayerScale(io, t);
+      status = n2uq_depthwise_conv2d(&k->conv, static_cast<const uint8_t*>(x.data), int64_t(x.bytes),
+                                     k->weight_codes.data(), int64_t(k->weight_codes.size()), a.multiplier, a.bias,
+                                     a.channels, dest, nullptr, dest_len, isa, threads, msg, msg_len);
       break;
     }
     case kMaxPool2DFused:
@@ -1498,6 +1468,33 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
       break;
   }
   if (status == N2UQ_OK && IsFused(k->kind)) status = RunStage(k, io, t, dest, dest_len, threads, msg, msg_len);
+  return status;
+}
+
+bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size_t msg_len, std::string* err) {
+  // Shapes were validated in prepare; re-check the data pointers and sizes cheaply, because
+  // a caller may have resized an input without re-preparing.
+  if (int(io.inputs.size()) != ExpectedInputs(k) || int(io.outputs.size()) != ExpectedOutputs(k)) {
+    *err = "tensor lists changed after prepare";
+    return false;
+  }
+  for (int idx : io.inputs)
+    if (idx < 0 || static_cast<size_t>(idx) >= ctx->tensors_size || ctx->tensors[idx].data == nullptr) {
+      *err = "an input tensor has no data";
+      return false;
+    }
+  for (int out_idx : io.outputs)
+    if (out_idx < 0 || static_cast<size_t>(out_idx) >= ctx->tensors_size || ctx->tensors[out_idx].data == nullptr ||
+        IsConstant(&ctx->tensors[out_idx])) {
+      *err = "an output tensor has no data or is a constant";
+      return false;
+    }
+  N2uqTfLiteTensor* t = ctx->tensors;
+  const int threads = Threads(k, ctx);
+  const bool plan_stage = IsFused(k->kind) && (BaseKind(k->kind) == kConv2D || BaseKind(k->kind) == kFullyConnected);
+  const int status = plan_stage ? RunPlanStage(k, io, t, BaseKind(k->kind) == kConv2D ? &k->conv : &k->fc_shape,
+                                               threads, msg, msg_len)
+                                : RunLayer(k, io, t, threads, msg, msg_len);
   if (status != N2UQ_OK) {
     *err = std::string("kernel failed: ") + (msg[0] ? msg : "unknown error");
     return false;
