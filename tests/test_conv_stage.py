@@ -24,6 +24,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 # channel tails (OC not a multiple of 16 or 64), strides 1 and 2, batch 2, 1 and 2 threads; values
 # include ties at the thresholds. Prints "checked N fused F": F cases ran in the conv's own pass.
 CHECK_SCRIPT = """
+import os
 import sys
 import numpy as np
 sys.path.insert(0, %(tests)r)
@@ -80,8 +81,11 @@ def check(n, h, w, c, oc, stride, bits, steps, float_after, quantize, threads, p
         codes = reference_codes(final, thresholds, beta1)
         want = reference_pack(codes, bits) if quantize == "pack" else codes.astype(np.uint8)
         assert np.array_equal(got, want), where
-    fused = plan.path == "amx" and plan.form == "direct" and "add_tensor" not in steps
-    assert plan.stage_fused == (plan.path == "amx" and plan.form == "direct"), where
+    if os.environ.get("N2UQ_AMX_COMPACT") == "1" and path == "amx":
+        assert plan.form == "direct_compact", where
+    direct = plan.form in ("direct", "direct_compact")
+    fused = plan.path == "amx" and direct and "add_tensor" not in steps
+    assert plan.stage_fused == (plan.path == "amx" and direct), where
     return fused
 
 rng = np.random.default_rng(11)
@@ -100,7 +104,8 @@ print("checked", count, "fused", fused)
 
 def _run(script, *args, **env_changes):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    for name in ("N2UQ_AMX_EMULATE", "N2UQ_KERNEL_PATH", "N2UQ_KERNEL_ISA", "N2UQ_CPU_DISABLE", "N2UQ_DOT_WINOGRAD"):
+    for name in ("N2UQ_AMX_EMULATE", "N2UQ_KERNEL_PATH", "N2UQ_KERNEL_ISA", "N2UQ_CPU_DISABLE", "N2UQ_DOT_WINOGRAD",
+                 "N2UQ_AMX_COMPACT"):
         env.pop(name, None)
     env.update(env_changes)
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
@@ -132,6 +137,10 @@ def test_emulated_amx_direct_form_fuses_the_stage():
         return
     total, fused = _counts(_run(CHECK_SCRIPT, "amx", N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0"))
     assert total == 6 * 9 and fused == 6 * 6
+    # Compact weights (one vector, up to two pairs at a time): the same stages in their output pass.
+    total, fused = _counts(_run(CHECK_SCRIPT, "amx", N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0",
+                                N2UQ_AMX_COMPACT="1"))
+    assert total == 6 * 9 and fused == 6 * 6
 
 
 def test_hardware_amx_fuses_the_stage_where_present():
@@ -141,6 +150,8 @@ def test_hardware_amx_fuses_the_stage_where_present():
         assert "amx_int8" not in _core.cpu_features() or not _core.amx_status().startswith("available")
         return
     total, fused = _counts(_run(CHECK_SCRIPT, "amx", N2UQ_DOT_WINOGRAD="0"))
+    assert total == 6 * 9 and fused == 6 * 6
+    total, fused = _counts(_run(CHECK_SCRIPT, "amx", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1"))
     assert total == 6 * 9 and fused == 6 * 6
     total, fused = _counts(_run(CHECK_SCRIPT, "amx"))  # Winograd forms where they apply: unfused
     assert total == 6 * 9

@@ -68,13 +68,18 @@ check(2, 14, 11, 130, 33, 3, 3, 2, (1, 2, 2, 1), 1, 4, rng)
 # 3 images of 4 tile pairs: 2 threads split the pairs in the middle of the second image.
 check(3, 11, 9, 64, 24, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
 count += 6
+# The form a forced amx plan took (direct_compact under N2UQ_AMX_COMPACT=1 with N2UQ_DOT_WINOGRAD=0).
+shape = _core.conv_shape(1, 9, 9, 80, 40, 3, padding=1, act_bits=2, weight_bits=2)
+plan = _core.ConvPlan(shape, _core.pack_bitplanes(rng.integers(0, 4, (40, 3, 3, 80)), 2), isa="avx512", path="amx")
+print("form", plan.form)
 print("checked", count)
 """ % {"tests": TESTS}
 
 
 def _run(script, **env_changes):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    for name in ("N2UQ_AMX_EMULATE", "N2UQ_KERNEL_PATH", "N2UQ_KERNEL_ISA", "N2UQ_CPU_DISABLE", "N2UQ_DOT_WINOGRAD"):
+    for name in ("N2UQ_AMX_EMULATE", "N2UQ_KERNEL_PATH", "N2UQ_KERNEL_ISA", "N2UQ_CPU_DISABLE", "N2UQ_DOT_WINOGRAD",
+                 "N2UQ_AMX_COMPACT"):
         env.pop(name, None)
     env.update(env_changes)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
@@ -108,7 +113,7 @@ def test_emulated_amx_path_direct_form_and_selection():
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0")
+    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -125,6 +130,20 @@ def test_emulated_amx_path_direct_form_and_selection():
     assert "auto " in _run(script, N2UQ_AMX_EMULATE="1")
 
 
+def test_emulated_amx_path_compact_weights():
+    """N2UQ_AMX_COMPACT=1: the direct form keeps its weights as 1/2/4-bit codes and expands them
+    one tap and word ahead of the tiles (one vector, up to two pairs at a time): exact on every shape
+    and bit width above, with the form reported; =0 keeps the int8 layout."""
+    features, _, _ = _report()
+    if "avx512vnni" not in features:
+        assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
+        return
+    out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
+    assert "checked 44" in out and "form direct_compact" in out, out[-500:]
+    out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
+    assert "form direct\n" in out, out[-500:]
+
+
 def test_amx_path_follows_the_cpu():
     """Without the hook the path is offered only where the CPU and OS report AMX (then it must
     have passed its self-check and be exact); elsewhere forcing it fails naming the path, and
@@ -134,6 +153,8 @@ def test_amx_path_follows_the_cpu():
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
         assert "checked 44" in _run(CHECK_SCRIPT)
+        out = _run(CHECK_SCRIPT, N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
+        assert "checked 44" in out and "form direct_compact" in out, out[-500:]
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

@@ -24,9 +24,11 @@ ISAS = ("auto", "portable", "avx2", "avx512", "neon")
 PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # A plan's form (n2uq_conv_plan_form): the dot and amx paths run 3x3 stride-1 convs in Winograd
 # F(2x2, 3x3) form and 3x3 stride-2 convs in its polyphase variant unless the plan's timing chose
-# their direct form (or N2UQ_DOT_WINOGRAD=0); every other plan is direct.
-FORMS = ("direct", "winograd", "winograd_stride2")
-ABI_VERSION = 6
+# their direct form (or N2UQ_DOT_WINOGRAD=0); every other plan is direct. "direct_compact": the amx
+# path's direct form holding its weights as codes and expanding them per run (large layers, where the
+# timing found that faster; N2UQ_AMX_COMPACT=1 / 0 forces it on / off).
+FORMS = ("direct", "winograd", "winograd_stride2", "direct_compact")
+ABI_VERSION = 7
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}

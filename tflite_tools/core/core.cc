@@ -543,7 +543,9 @@ struct N2uqConvPlan {
   const n2uq_core::PathKernels* kernels = nullptr;  // dot / lut
   std::vector<uint64_t> packed;   // bitserial: [OC][KH][KW][weight_bits][words]
   n2uq_core::AlignedVector<uint64_t> grouped;  // bitserial with conv_group_item: ConvJob::group_weights
-  n2uq_core::AlignedVector<int8_t> dot;        // dot: ConvJob::dot_weights
+  n2uq_core::AlignedVector<int8_t> dot;        // dot: ConvJob::dot_weights (empty when compact)
+  n2uq_core::AlignedVector<uint8_t> compact;   // amx direct form: ConvJob::compact_weights
+  int compact_bits = 0;           // ConvJob::compact_bits; 0: the int8 weights in dot
   int dot_chunk_blocks = 0;       // dot: ConvJob::dot_chunk_blocks
   n2uq_core::AlignedVector<uint8_t> lut;       // lut: ConvJob::lut_indices
   int wino = 0;                   // dot: its form (n2uq_core::WinoForm; dot holds the transformed weights)
@@ -719,6 +721,11 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
     }
   job.amx_tap_offsets = s.tap_offsets.data();
   uint8_t* const stages = s.codes.data();
+  if (plan.compact_bits != 0) {  // chunks of one vector (prepare_weights)
+    job.dot_weights = nullptr;
+    job.compact_weights = plan.compact.data();
+    job.compact_bits = plan.compact_bits;
+  }
   // Split by chunks, every task stages all rows of each image: a thread's stage keeps the last
   // image it staged (staged_image[slot]), so it stages each image once.
   int64_t staged_image[N2UQ_MAX_THREADS];
@@ -925,6 +932,19 @@ void build_dot_weights(const N2uqConvShape& s, const std::vector<uint8_t>& codes
   }
 }
 
+// ConvJob::compact_weights from the int8 dot layout (every row 64 bytes w' = 2k - n_w): each row's
+// codes k in the compact row layout (kernel_table.h).
+void build_compact_weights(const AlignedVector<int8_t>& dot, int weight_bits, AlignedVector<uint8_t>* out) {
+  const int bits = compact_bits_for(weight_bits), n_w = (1 << weight_bits) - 1, row_bytes = 8 * bits;
+  const int64_t rows = int64_t(dot.size()) / 64;
+  out->assign(size_t(rows * row_bytes), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int i = 0; i < 64; ++i) {
+      const unsigned k = unsigned(dot[size_t(r * 64 + i)] + n_w) / 2;
+      (*out)[size_t(r * row_bytes + i % row_bytes)] |= uint8_t(k << (bits * (i / row_bytes)));
+    }
+}
+
 // ConvJob::lut_indices: [chunk][KH][KW][groups][blocks of the chunk][64]; in a block, lane
 // (oc % per_block) * planes + j holds bit j of the weight codes of the group's kLutGroup
 // channels (bit i: channel i), planes = 2 for weight_bits <= 2, else 4, per_block = 64 /
@@ -1081,7 +1101,7 @@ bool dot_layout(int path) { return path == N2UQ_PATH_DOT || path == N2UQ_PATH_AM
 
 // Builds `plan`'s weights for its path from the packed weights.
 int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
-                    size_t err_len, bool direct_form = false) {
+                    size_t err_len, bool direct_form = false, bool compact = false) {
   const N2uqConvShape& s = plan->filter;
   if (plan->path == N2UQ_PATH_BITSERIAL) {
     plan->packed.assign(weights, weights + weights_needed);
@@ -1109,8 +1129,10 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
   if (dot_layout(plan->path)) {
     plan->wino = direct_form ? kWinoNone : wino_form(s, plan->kernels);
     const bool phased = plan->wino == kWinoNone && plan->kernels->phased_run != nullptr;
+    compact = compact && phased;
     plan->dot_chunk_blocks =
-        phased ? kAmxDirectVectors
+        compact  ? 1  // isa_amx.cc, compact_vectors: a vector's rows consecutive
+        : phased ? kAmxDirectVectors
                : dot_chunk_blocks(plan->kernels, (int64_t(s.out_channels) + plan->kernels->lanes - 1) /
                                                       plan->kernels->lanes);
     if (plan->wino == kWinoStride1)
@@ -1120,6 +1142,11 @@ int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights
       build_wino2_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, &plan->dot, &plan->wino_bias);
     else
       build_dot_weights(s, codes, plan->kernels->lanes, plan->dot_chunk_blocks, phased ? 16 : 1, &plan->dot);
+    if (compact) {
+      build_compact_weights(plan->dot, s.weight_bits, &plan->compact);
+      plan->compact_bits = compact_bits_for(s.weight_bits);
+      AlignedVector<int8_t>().swap(plan->dot);
+    }
   }
   else
     build_lut_indices(s, codes, plan->kernels->blocks_per_chunk * plan->kernels->lanes / 32, &plan->lut);
@@ -1171,10 +1198,19 @@ int run_plan(const N2uqConvPlan& plan, const N2uqConvShape* s, const ConvGeometr
   }
 }
 
+// N2UQ_AMX_COMPACT in the environment: "1" gives every amx plan of the direct form compact weights,
+// "0" none (1 / 0 here); otherwise (-1) the selection times them as a candidate of their own.
+int compact_override() {
+  const char* env = std::getenv("N2UQ_AMX_COMPACT");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
+  return -1;
+}
+
 // A plan for a concrete path (weights built), or a status.
 int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_needed, int isa, int path,
               int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len,
-              bool direct_form = false) {
+              bool direct_form = false, bool compact = false) {
   N2UQ_CHECK(path_available(isa, path), N2UQ_ERR_UNSUPPORTED, "path %s is not supported with ISA %s by this CPU or build",
              n2uq_path_name(path), n2uq_isa_name(isa));
   if (path == N2UQ_PATH_LUT) {
@@ -1189,7 +1225,10 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
   plan->path = path;
   plan->table = table_for(isa);
   plan->kernels = path == N2UQ_PATH_BITSERIAL ? nullptr : path_kernels(isa, path);
-  if (int rc = prepare_weights(plan.get(), weights, weights_needed, num_threads, err, err_len, direct_form)) return rc;
+  const int forced = compact_override();
+  compact = path == N2UQ_PATH_AMX && (forced == 1 || (forced == -1 && compact));
+  if (int rc = prepare_weights(plan.get(), weights, weights_needed, num_threads, err, err_len, direct_form, compact))
+    return rc;
   *out = std::move(plan);
   return N2UQ_OK;
 }
@@ -1390,11 +1429,17 @@ const PathKernels* amx_path_kernels() { return amx_state().kernels; }
 // A selection candidate: a path, and for dot and amx whether it runs its direct form where the
 // shape has a Winograd one. Encoded as path + kDirectForm in the selection cache.
 constexpr int kDirectForm = 1 << 8;
+// And for the amx path's direct form, whether it keeps compact weights (ConvJob::compact_weights).
+constexpr int kCompactWeights = 1 << 9;
+// Compact weights are a candidate where the int8 weights reach this: they trade an expansion per
+// chunk and run for 2-8x fewer weight bytes to stream, which pays where the weights come from
+// beyond L2 (7x7x512, 2.4 MB of int8: W2A2 149 -> TODO us on the AMX Xeon).
+constexpr int64_t kCompactMinBytes = int64_t(512) << 10;
 
 int make_candidate_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa, int candidate,
                         int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
-  return make_plan(s, weights, z.weights, isa, candidate & ~kDirectForm, num_threads, out, err, err_len,
-                   (candidate & kDirectForm) != 0);
+  return make_plan(s, weights, z.weights, isa, candidate & ~(kDirectForm | kCompactWeights), num_threads, out, err,
+                   err_len, (candidate & kDirectForm) != 0, (candidate & kCompactWeights) != 0);
 }
 
 // Writes back and evicts `bytes` at `data` from every cache level (no-op where the ISA has no
@@ -1421,6 +1466,7 @@ void for_each_weight_buffer(const N2uqConvPlan& plan, Fn fn) {
   fn(plan.packed.data(), plan.packed.size() * sizeof(uint64_t));
   fn(plan.grouped.data(), plan.grouped.size() * sizeof(uint64_t));
   fn(plan.dot.data(), plan.dot.size());
+  fn(plan.compact.data(), plan.compact.size());
   fn(plan.lut.data(), plan.lut.size());
   fn(plan.wino_bias.data(), plan.wino_bias.size() * sizeof(int32_t));
 }
@@ -1449,8 +1495,14 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     if (!path_available(isa, path)) continue;
     if (path == N2UQ_PATH_LUT && !lut_fits(s)) continue;
     candidates.push_back(path);
-    if ((path == N2UQ_PATH_DOT || path == N2UQ_PATH_AMX) && wino_form(s, path_kernels(isa, path)) != kWinoNone)
-      candidates.push_back(path | kDirectForm);
+    const bool winograd =
+        (path == N2UQ_PATH_DOT || path == N2UQ_PATH_AMX) && wino_form(s, path_kernels(isa, path)) != kWinoNone;
+    if (winograd) candidates.push_back(path | kDirectForm);
+    // The direct form's int8 weights: 32-channel chunks x taps x 64-channel words x 64 bytes per quad row.
+    const int64_t direct_bytes = (int64_t(s.out_channels) + 31) / 32 * 32 * s.kernel_height * s.kernel_width *
+                                 words_for(s.in_channels) * 64;
+    if (path == N2UQ_PATH_AMX && compact_override() == -1 && direct_bytes >= kCompactMinBytes)
+      candidates.push_back(path | kCompactWeights | (winograd ? kDirectForm : 0));
   }
   const SelectionKey key = selection_key(s, isa, num_threads);
   {
@@ -1509,8 +1561,10 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
                  s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width, s.stride_height,
                  s.weight_bits, s.act_bits, num_threads);
     for (size_t i = 0; i < candidates.size(); ++i)
-      std::fprintf(stderr, " %s%s %.1f us%s", n2uq_path_name(candidates[i] & ~kDirectForm),
-                   (candidates[i] & kDirectForm) ? " (direct form)" : "", best[i] * 1e6, i == winner ? " [chosen]" : "");
+      std::fprintf(stderr, " %s%s%s %.1f us%s", n2uq_path_name(candidates[i] & ~(kDirectForm | kCompactWeights)),
+                   (candidates[i] & kDirectForm) ? " (direct form)" : "",
+                   (candidates[i] & kCompactWeights) ? " (compact weights)" : "", best[i] * 1e6,
+                   i == winner ? " [chosen]" : "");
     std::fprintf(stderr, "\n");
   }
   {
@@ -1941,7 +1995,7 @@ int n2uq_conv_plan_form(const N2uqConvPlan* plan) {
   if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
   static_assert(N2UQ_FORM_WINOGRAD == kWinoStride1 && N2UQ_FORM_WINOGRAD_STRIDE2 == kWinoStride2,
                 "the C API's form numbers are the plan's");
-  return plan->wino;
+  return plan->compact_bits != 0 ? N2UQ_FORM_DIRECT_COMPACT : plan->wino;
 }
 
 void n2uq_conv_plan_destroy(N2uqConvPlan* plan) { delete plan; }

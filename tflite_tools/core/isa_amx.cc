@@ -498,10 +498,9 @@ inline void pair_tiles(const ConvJob& j, int64_t q0, const int8_t* weights, int3
 // with the tile loads; tflite_tools/README.md), and spreading them over the tap steps measured
 // slower still.
 template <class Tiles, int R>
-void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end) {
+void direct_pairs(const ConvJob& j, int64_t n, int64_t chunk, int64_t pair_begin, int64_t pair_end,
+                  const int8_t* weights) {
   alignas(64) int32_t z[2][32 * R * 16];
-  const int64_t taps = int64_t(j.kernel_height) * j.kernel_width;
-  const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * taps * j.words * 16 * 64;
   configure_direct<Tiles, R>();
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     pair_tiles<Tiles, R>(j, pair * 32, weights, z[(pair - pair_begin) & 1]);
@@ -535,18 +534,156 @@ void direct_pairs_all_chunks(const ConvJob& j, int64_t n, int64_t chunk_begin, i
   if (previous_pair >= 0) direct_output<R>(j, n, previous_chunk, previous_pair * 32, z[slot ^ 1]);
 }
 
+// ---- Compact weights (ConvJob::compact_weights): per vector of 16 output channels and group of
+// up to 4 A tiles (64 virtual pixels, two pairs), C[g] = sum over taps and words of A_g . B, each B
+// (a tap and word's 16 quad rows) expanded from its codes into an L1 ring one step ahead of the
+// tile work that reads it, so the vector ALUs expand while the tiles multiply. The weights streamed
+// per run are 2-8x fewer bytes than the int8 layout's (7x7x512's 2.4 MB did not fit the Xeon's
+// 2 MB L2 and came from L3 at ~16 GB/s); each expanded B serves G TDPBUSDs, so expanding costs
+// the same share of the tile work on every shape. Tiles: 0-1 = A (alternating), 2-3 = B (the
+// ring's two slots), 4..3+G = C[g].
+
+// One B's 16 rows from its codes. Per row: its 8 * BITS bytes broadcast to each 8 * BITS-byte part
+// of a vector, part f shifted right by BITS * f (VPSRLVQ: qword q is in part q * BITS / 8), so each
+// byte's low BITS bits are its code (the compact row layout, kernel_table.h); the bits above, the
+// next byte's, are masked off and VPSHUFB maps code k to its weight 2k - n_w.
+template <int BITS>
+__attribute__((always_inline)) inline void expand_b(const uint8_t* src, int8_t* dst, __m512i lut) {
+  const __m512i low = _mm512_set1_epi8(char((1 << BITS) - 1));
+  const __m512i shifts = BITS == 1   ? _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)
+                         : BITS == 2 ? _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)
+                                     : _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+  for (int r = 0; r < 16; ++r, src += 8 * BITS, dst += 64) {
+    __m512i v;
+    if constexpr (BITS == 1) {
+      uint64_t bytes;
+      __builtin_memcpy(&bytes, src, 8);
+      v = _mm512_set1_epi64(int64_t(bytes));
+    } else if constexpr (BITS == 2) {
+      v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    } else {
+      v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    }
+    _mm512_store_si512(dst, _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srlv_epi64(v, shifts), low)));
+  }
+}
+
+template <class Tiles>
+inline void configure_compact() {
+  TileConfig cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  Tiles::config(cfg);
+}
+
+// The tile work of G A tiles (virtual pixels q0 .. q0 + 16 G - 1) and one vector, from that
+// vector's compact rows, stored to z[p][lane].
+template <class Tiles, int BITS, int G>
+void compact_tiles(const ConvJob& j, int64_t q0, const uint8_t* rows, __m512i lut, int32_t* z) {
+  alignas(64) int8_t ring[2][16 * 64];
+  const int64_t words = j.words, steps = int64_t(j.kernel_height) * j.kernel_width * words;
+  const int64_t plane_bytes = j.amx_plane_pixels * 64, b_bytes = 16 * 8 * BITS;
+  Tiles::template zero<4>();
+  Tiles::template zero<5>();
+  if (G > 2) Tiles::template zero<6>();
+  if (G > 2) Tiles::template zero<7>();
+  expand_b<BITS>(rows, ring[0], lut);
+  for (int64_t k = 0; k < steps; ++k) {
+    if (k + 1 < steps) expand_b<BITS>(rows + (k + 1) * b_bytes, ring[(k + 1) & 1], lut);
+    const int64_t t = k / words, w = k - t * words;
+    const uint8_t* a = j.amx_stage + j.amx_tap_offsets[t] + w * plane_bytes + q0 * 64;
+    if (k & 1) {
+      Tiles::template load<3>(ring[1], 64);
+      Tiles::template load<0>(a, 64);
+      Tiles::template dpbusd<4, 0, 3>();
+      Tiles::template load<1>(a + 16 * 64, 64);
+      Tiles::template dpbusd<5, 1, 3>();
+      if (G > 2) {
+        Tiles::template load<0>(a + 32 * 64, 64);
+        Tiles::template dpbusd<6, 0, 3>();
+        Tiles::template load<1>(a + 48 * 64, 64);
+        Tiles::template dpbusd<7, 1, 3>();
+      }
+    } else {
+      Tiles::template load<2>(ring[0], 64);
+      Tiles::template load<0>(a, 64);
+      Tiles::template dpbusd<4, 0, 2>();
+      Tiles::template load<1>(a + 16 * 64, 64);
+      Tiles::template dpbusd<5, 1, 2>();
+      if (G > 2) {
+        Tiles::template load<0>(a + 32 * 64, 64);
+        Tiles::template dpbusd<6, 0, 2>();
+        Tiles::template load<1>(a + 48 * 64, 64);
+        Tiles::template dpbusd<7, 1, 2>();
+      }
+    }
+  }
+  Tiles::template store<4>(z, 64);
+  Tiles::template store<5>(z + 16 * 16, 64);
+  if (G > 2) Tiles::template store<6>(z + 32 * 16, 64);
+  if (G > 2) Tiles::template store<7>(z + 48 * 16, 64);
+}
+
+// Vectors [vector_begin, vector_end) (the plan's chunks of one vector) over pairs [pair_begin,
+// pair_end), two pairs at a time; each group's output stored after the next group's tile work.
+template <class Tiles, int BITS>
+void compact_vectors(const ConvJob& j, int64_t n, int64_t vector_begin, int64_t vector_end, int64_t pair_begin,
+                     int64_t pair_end) {
+  alignas(64) int32_t z[2][64 * 16];
+  alignas(64) int8_t table[64];
+  for (int i = 0; i < 64; ++i) table[i] = int8_t(2 * (i % 16) - ((1 << j.weight_bits) - 1));
+  const __m512i lut = _mm512_load_si512(table);
+  const int64_t vector_bytes = int64_t(j.kernel_height) * j.kernel_width * j.words * 16 * 8 * BITS;
+  int64_t previous_vector = -1, previous_q0 = 0;
+  int previous_pairs = 0, slot = 0;
+  configure_compact<Tiles>();
+  auto flush = [&]() {
+    for (int p = 0; p < previous_pairs; ++p)
+      direct_output<1>(j, n, previous_vector, previous_q0 + 32 * p, z[slot ^ 1] + 32 * 16 * p);
+  };
+  for (int64_t v = vector_begin; v < vector_end; ++v)
+    for (int64_t pair = pair_begin; pair < pair_end; pair += 2, slot ^= 1) {
+      const int pairs = pair + 1 < pair_end ? 2 : 1;
+      if (pairs == 2)
+        compact_tiles<Tiles, BITS, 4>(j, pair * 32, j.compact_weights + v * vector_bytes, lut, z[slot]);
+      else
+        compact_tiles<Tiles, BITS, 2>(j, pair * 32, j.compact_weights + v * vector_bytes, lut, z[slot]);
+      if (previous_vector >= 0) flush();
+      previous_vector = v;
+      previous_q0 = pair * 32;
+      previous_pairs = pairs;
+    }
+  Tiles::release();
+  if (previous_vector >= 0) flush();
+}
+
 template <class Tiles>
 void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_end, int64_t pair_begin,
                 int64_t pair_end) {
+  if (j.compact_weights != nullptr) {
+    switch (j.compact_bits) {
+      case 1: compact_vectors<Tiles, 1>(j, n, chunk_begin, chunk_end, pair_begin, pair_end); break;
+      case 2: compact_vectors<Tiles, 2>(j, n, chunk_begin, chunk_end, pair_begin, pair_end); break;
+      case 4: compact_vectors<Tiles, 4>(j, n, chunk_begin, chunk_end, pair_begin, pair_end); break;
+      default: break;  // compact_bits_for
+    }
+    return;
+  }
   if (j.output_stage != nullptr && j.dot_chunk_blocks == kAmxDirectVectors && j.oc_blocks % kAmxDirectVectors == 0) {
     direct_pairs_all_chunks<Tiles>(j, n, chunk_begin, chunk_end, pair_begin, pair_end);
     return;
   }
+  const int64_t chunk_bytes = int64_t(j.dot_chunk_blocks) * j.kernel_height * j.kernel_width * j.words * 16 * 64;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
+    const int8_t* const weights = j.dot_weights + chunk * chunk_bytes;
     switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {
-      case 1: direct_pairs<Tiles, 1>(j, n, chunk, pair_begin, pair_end); break;
-      case 2: direct_pairs<Tiles, 2>(j, n, chunk, pair_begin, pair_end); break;
+      case 1: direct_pairs<Tiles, 1>(j, n, chunk, pair_begin, pair_end, weights); break;
+      case 2: direct_pairs<Tiles, 2>(j, n, chunk, pair_begin, pair_end, weights); break;
       default: break;  // dot_chunk_blocks = kAmxDirectVectors
     }
   }

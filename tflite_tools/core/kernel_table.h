@@ -112,6 +112,12 @@ struct ConvJob {
   int64_t amx_cols, amx_virtual, amx_plane_rows, amx_plane_pixels, amx_image;
   uint8_t* amx_stage;
   const int64_t* amx_tap_offsets;
+  // Compact weights of the phased direct form (null: dot_weights hold the layout's int8 bytes):
+  // the layout with chunks of one vector, each 64-byte row as its 64 codes k = (w' + n_w) / 2 of
+  // compact_bits (1, 2 or 4) bits in 8 * compact_bits bytes (compact_bits_for below); phased_run
+  // expands each row just before its tile load (isa_amx.cc, compact_vectors).
+  const uint8_t* compact_weights;
+  int32_t compact_bits;
 
   // LUT path (see isa_avx512_dot.cc): per input pixel and group of kLutGroup input
   // channels a table of the 2^kLutGroup subset sums of their codes; weights are table
@@ -289,6 +295,12 @@ const PathKernels* amx_kernels(bool emulated);
 // Weight vectors per chunk of the phased direct form (ConvJob::amx_stage): 2 A tiles x 2 B
 // tiles = 4 C tiles of AMX's 8.
 constexpr int kAmxDirectVectors = 2;
+// ConvJob::compact_weights: the bits per code of a weight_bits layer (3-bit codes take 4, so that
+// every code sits inside one byte), and the row layout: a 64-byte row's codes in 8 * bits bytes,
+// byte j holding code j + 8 * bits * f in its bits [bits * f, bits * (f + 1)), f < 8 / bits. So a
+// vector of the row's bytes repeated in each 8 * bits-byte part, part f shifted right by bits * f,
+// has every code in the low bits of its own byte (isa_amx.cc, expand_compact_rows).
+inline int compact_bits_for(int weight_bits) { return weight_bits == 3 ? 4 : weight_bits; }
 // Stages the phase planes of the phased direct form (ConvJob::amx_stage): plane rows [begin, end)
 // of the stride_height * stride_width * amx_plane_rows of image amx_image (isa_avx512_dot.cc;
 // x86-64 only).
