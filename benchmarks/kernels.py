@@ -317,9 +317,11 @@ LAYER_TARGETS = {1: 2.0, 2: 1.0, 3: 1.0, 4: 1.0}
 # layers: Winograd unless the plan's timing chose the direct form).
 PATH_ABBREVIATIONS = {("bitserial", "direct"): "bs", ("dot", "direct"): "dot", ("lut", "direct"): "lut",
                       ("amx", "direct"): "amx", ("dot", "winograd"): "wg", ("dot", "winograd_stride2"): "wg",
-                      ("amx", "winograd"): "amx-wg", ("amx", "winograd_stride2"): "amx-wg"}
+                      ("amx", "winograd"): "amx-wg", ("amx", "winograd_stride2"): "amx-wg",
+                      ("amx", "direct_compact"): "amx-c"}
 PATH_LEGEND = ("bs = bitserial, wg = dot in Winograd form (F(2x2, 3x3), or its polyphase variant at stride 2), "
-               "dot = dot in direct form, amx-wg = the Winograd GEMM on AMX tiles")
+               "dot = dot in direct form, amx-wg = the Winograd GEMM on AMX tiles, amx-c = amx in direct form "
+               "with compact weights (codes expanded while the tiles run)")
 
 
 def run_layers(args, isas, rng, md):
