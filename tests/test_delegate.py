@@ -607,6 +607,14 @@ MALFORMED_FUSED = {
     "pool stride 0": (POOL, lambda m, g, op: _options(op, stride_width=0), "option 'stride_width' = 0 is out of range"),
     "pool pads negative": (POOL, lambda m, g, op: _options(op, pad_top=-1), "option 'pad_top' = -1 is out of range"),
     "pool input of another type": (POOL, _set_type(0, type_id=2), "must be float32"),
+    "pool input_scale alone": (POOL, lambda m, g, op: _options(op, input_scale=0.5),
+                               "options input_zero_point and input_scale come together"),
+    "pool int8 options on a float input": (POOL, lambda m, g, op: _options(op, input_zero_point=0, input_scale=0.5),
+                                           "must be int8, got float32"),
+    "pool input_scale zero": (POOL, lambda m, g, op: _options(op, input_zero_point=0, input_scale=0.0),
+                              "option input_scale must be a positive float32"),
+    "pool input_zero_point out of int8": (POOL, lambda m, g, op: _options(op, input_zero_point=200, input_scale=0.5),
+                                          "option 'input_zero_point' = 200 is out of range"),
     "pool slopes too short": (POOL, lambda m, g, op: _set_buffer(
         m, g, op.inputs[2], np.ones(4, np.float32).tobytes(), [4]), "step 1 values has shape [4] but needs 5"),
 }

@@ -457,6 +457,42 @@ def test_max_pool_kernel_equals_numpy():
         _core.max_pool2d(x, 0)
 
 
+def test_int8_max_pool_kernel_equals_numpy():
+    """n2uq_max_pool2d_int8: TFLite's int8 PAD (the zero point) + MAX_POOL_2D + DEQUANTIZE, i.e. the
+    max over each window of the input padded with the zero point, then float32(max - zp) * scale, bit
+    for bit; every shape and thread count, the zero point at both ends of int8."""
+    rng = np.random.default_rng(1)
+    cases = [((2, 9, 11, 5), 3, 2, (1, 1, 1, 1), -128), ((1, 7, 7, 70), (2, 3), (1, 2), (0, 2, 1, 0), 3),
+             ((1, 4, 4, 16), 3, 2, 0, 127), ((1, 3, 3, 17), 2, 1, 4, -5), ((1, 1, 1, 1), 1, 1, 0, 0)]
+    for shape, size, strides, pads, zp in cases:
+        x = rng.integers(-128, 128, shape).astype(np.int8)
+        scale = np.float32(rng.uniform(0.001, 0.3))
+        fh, fw = (size, size) if isinstance(size, int) else size
+        sh, sw = (strides, strides) if isinstance(strides, int) else strides
+        top, bottom, left, right = (pads,) * 4 if isinstance(pads, int) else pads
+        padded = np.pad(x.astype(np.int32), ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=zp)
+        oh, ow = (padded.shape[1] - fh) // sh + 1, (padded.shape[2] - fw) // sw + 1
+        m = np.full((shape[0], oh, ow, shape[3]), -129, np.int32)
+        for fy in range(fh):
+            for fx in range(fw):
+                m = np.maximum(m, padded[:, fy:fy + sh * (oh - 1) + 1:sh, fx:fx + sw * (ow - 1) + 1:sw])
+        want = (m - zp).astype(np.float32) * scale  # DEQUANTIZE's float32 product
+        assert np.array_equal(want, ((m - zp) * np.float64(scale)).astype(np.float32))  # TFLite's reference form
+        for threads in (1, 3):
+            got = _core.max_pool2d(x, size, strides=strides, padding=pads, num_threads=threads, zero_point=zp,
+                                   scale=scale)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (shape, size, strides, pads, zp, threads)
+    x = rng.integers(-128, 128, (1, 4, 4, 3)).astype(np.int8)
+    with pytest.raises(_core.CoreError, match="zero_point must be -128..127"):
+        _core.max_pool2d(x, 2, zero_point=200, scale=0.5)
+    with pytest.raises(_core.CoreError, match="scale must be positive"):
+        _core.max_pool2d(x, 2, zero_point=0, scale=0.0)
+    with pytest.raises(_core.CoreError, match="x must be int8"):
+        _core.max_pool2d(x.astype(np.float32), 2, zero_point=0, scale=0.5)
+    with pytest.raises(_core.CoreError, match="give both"):
+        _core.max_pool2d(x, 2, zero_point=0)
+
+
 # ------------------------------------------------------------------ exported Keras models
 
 def resnet18_style(bits, padded_pool=False):
@@ -589,6 +625,51 @@ def test_resnet18_style_fused_equals_unfused(bits, padded_pool):
         f"N2UQMaxPool2DFused: stem_pool ({'PAD + ' if padded_pool else ''}MAX_POOL_2D) -> float output -> "
         "layer1_0_rprelu1 (ADD, PRELU, ADD) -> quantize-and-pack for layer1_0_conv1"]
     assert rows["layer1_0_conv1"].ops == ["N2UQConv2DFused"]  # its quantizer runs in the pool's op
+
+
+@pytest.mark.slow
+def test_int8_export_fuses_the_int8_stem_pool():
+    """With inference_type="int8" the stem's int8 PAD + MAX_POOL_2D + DEQUANTIZE, the first block's
+    RPReLU and its quantize-and-pack become one N2UQMaxPool2DFused on the int8 tensor (its zero point
+    and scale as options): the fused file equals the unfused one bit for bit in both interpreters at
+    1 and 2 threads, and the kernel refuses options that disagree with the input's quantization."""
+    model = resnet18_style(2, padded_pool=True)
+
+    def calibration():
+        for i in range(4):
+            yield [np.random.default_rng(30 + i).normal(0, 1, (1, 16, 16, 3)).astype(np.float32)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unfused = export_tflite(model, fuse=False, inference_type="int8", representative_dataset=calibration)
+        fused, report = export_tflite(model, return_report=True, inference_type="int8",
+                                      representative_dataset=calibration)
+    before, after = inspect_tflite(unfused).op_counts(), inspect_tflite(fused).op_counts()
+    assert before["MAX_POOL_2D"] == 1 and before["DEQUANTIZE"] == 2 and before["PAD"] == 1
+    assert "MAX_POOL_2D" not in after and "PAD" not in after and after["DEQUANTIZE"] == 1  # the classifier's stays
+    pool = next(op for op in inspect_tflite(fused).operators if op.name == co.OP_MAX_POOL2D_FUSED)
+    assert -128 <= pool.options["input_zero_point"] <= 127 and pool.options["input_scale"] > 0
+    assert co.describe_output_stage(pool.options) == "float output -> add -> prelu -> add -> quantize-and-pack 2-bit"
+    rows = {r.name: r for r in report.layers}
+    assert rows["layer1_0_rprelu1"].fused == [
+        "N2UQMaxPool2DFused: stem_pool (PAD + MAX_POOL_2D + DEQUANTIZE) -> float output -> "
+        "layer1_0_rprelu1 (ADD, PRELU, ADD) -> quantize-and-pack for layer1_0_conv1"]
+    x = np.random.default_rng(1).normal(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    for backend in BACKENDS:
+        want = run_resized(unfused, x, backend, 1)
+        for threads in (1, 2):
+            assert_bit_identical(run_resized(fused, x, backend, threads), want, f"int8 {backend} {threads}")
+    # An input_scale that is not the int8 input's own: the kernel says so at prepare.
+    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(fused))
+    names = [bytes(c.customCode).decode() if c.customCode else "" for c in obj.operatorCodes]
+    op = next(o for o in obj.subgraphs[0].operators if names[o.opcodeIndex] == co.OP_MAX_POOL2D_FUSED)
+    from flatbuffers import flexbuffers
+    options = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+    options["input_scale"] = options["input_scale"] * 2
+    op.customOptions = list(flexbuffers.Dumps(options))
+    edited = bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+    with pytest.raises(RuntimeError, match="int8 input's quantization is not the op's input_scale"):
+        run_resized(edited, x, "litert", 1)
 
 
 @pytest.mark.slow

@@ -60,7 +60,14 @@ MAX_POOL_2D after it (a ResNet stem's pool), then the stage. Inputs: x float32 [
 the stage's. Options: channels (C), filter_height, filter_width, stride_height, stride_width,
 pad_top, pad_bottom, pad_left, pad_right (the PAD's zeros; all 0 for a pool without one), then the
 stage's. The layer output has (H + pad_top + pad_bottom - filter_height) / stride_height + 1 rows
-(columns likewise); each value the max of its window over the zero-padded input.
+(columns likewise); each value the max of its window over the zero-padded input. In an int8 model
+(``inference_type="int8"``) the op takes the int8 PAD + MAX_POOL_2D + DEQUANTIZE instead: x is int8
+with one scale and zero point, given again as options ``input_zero_point`` (-128..127) and
+``input_scale`` (float32 > 0; the kernel refuses an input whose own quantization differs), the
+padding counts as the zero point (what TFLite's int8 PAD writes), and the layer output is each
+window's max m dequantized, float32(m - input_zero_point) * input_scale: what DEQUANTIZE gives, bit
+for bit (the product of a small integer and a float32 rounds once however it is computed), and max
+commutes with it (scale > 0).
 
 Exactness. Each step is the float32 operation of the TFLite builtin it replaces (ADD / SUB of a
 constant as an add, MUL, PRELU, ADD of a tensor, the ReLUs and fused activations), applied to the

@@ -29,8 +29,10 @@ does (custom_ops, "Exactness"; tests/test_fusion.py compares both files bit for 
 
 A float32 MAX_POOL_2D with 'valid' padding and no fused activation counts as a layer op too
 (`_pool_layer`), with a PAD of zeros before it (spatial pads only, read by nothing else) taken in:
-N2UQMaxPool2DFused. A pool with only a PAD to absorb and no chain after it is still rewritten (the
-PAD goes); one with neither stays a builtin. A 'same' pool stays (TFLite's skips its padding,
+N2UQMaxPool2DFused; so does an int8 one (an int8 model's stem) with the int8 PAD of its zero point
+before it and the DEQUANTIZE after it, the chain then starting at the DEQUANTIZE's float output. A
+pool with only a PAD (or DEQUANTIZE) to absorb and no chain after it is still rewritten (those ops
+go); one with neither stays a builtin. A 'same' pool stays (TFLite's skips its padding,
 which counts no zeros), and so does a PAD of another value, the pool then fused without it.
 
 `export_tflite` runs this rewrite by default (``fuse=True``) and writes export format 3 when
@@ -52,6 +54,7 @@ _FUSED_ACTIVATIONS = {0: [], 1: ["relu"], 2: ["relu_n1_to_1"], 3: ["relu6"]}
 _FUSED_OF = {layer: fused for fused, layer in custom_ops.FUSED_OPS.items()}
 _FUSED_OF["MAX_POOL_2D"] = custom_ops.OP_MAX_POOL2D_FUSED  # a layer without weights (`_pool_layer`)
 _INT32 = 2  # schema TensorType.INT32
+_INT8 = 9  # schema TensorType.INT8
 _VALID = 1  # schema Padding.VALID
 _QUANTIZERS = {custom_ops.OP_QUANTIZE_PACK: "pack", custom_ops.OP_QUANTIZE: "codes"}
 _QUANTIZER_LABELS = {"pack": "quantize-and-pack", "codes": "quantize"}
@@ -108,14 +111,24 @@ class _Graph:
         return self.subgraph.tensors[t]
 
     def constant(self, t, tensor_type=_FLOAT32):
-        """The value of constant tensor t if it is float32 (or `tensor_type`: _INT32), else None."""
+        """The value of constant tensor t if it is float32 (or `tensor_type`: _INT32, _INT8), else None."""
         tensor = self.tensor(t)
         data = self.model.buffers[tensor.buffer].data if tensor.buffer is not None else None
         if data is None or len(data) == 0 or tensor.type != tensor_type:
             return None
         shape = [] if tensor.shape is None else [int(d) for d in tensor.shape]
-        dtype = np.int32 if tensor_type == _INT32 else np.float32
+        dtype = {_INT32: np.int32, _INT8: np.int8}.get(tensor_type, np.float32)
         return np.frombuffer(bytes(bytearray(data)), dtype).reshape(shape)
+
+    def int8_affine(self, t):
+        """(scale, zero point) of int8 tensor t with one scale and zero point, else None."""
+        tensor = self.tensor(t)
+        q = tensor.quantization
+        if tensor.type != _INT8 or q is None or q.scale is None or q.zeroPoint is None or len(q.scale) != 1 \
+                or len(q.zeroPoint) != 1:
+            return None
+        scale = np.float32(q.scale[0])
+        return (float(scale), int(q.zeroPoint[0])) if scale > 0 and np.isfinite(scale) else None
 
     def is_float(self, t):
         return self.tensor(t).type == _FLOAT32
@@ -240,34 +253,58 @@ def _step(graph, i, t, channels, layer_ops):
 
 
 def _pool_layer(graph, i):
-    """(layer options, input tensor, PAD op or None) when op i is a MAX_POOL_2D that N2UQMaxPool2DFused
-    can take: float32 NHWC, 'valid', no fused activation, optionally after a PAD (or PADV2) of zeros
-    of the spatial dims only whose output nothing else reads; else None."""
+    """(layer options, input tensor, PAD op or None, DEQUANTIZE op or None, the layer's float output)
+    when op i is a MAX_POOL_2D that N2UQMaxPool2DFused can take, else None: 'valid', no fused
+    activation, NHWC, optionally after a PAD (or PADV2) of the spatial dims only whose output nothing
+    else reads, either
+
+    * float32, the PAD of zeros; or
+    * int8 with one scale and zero point kept by the PAD and the pool (TFLite's int8 MAX_POOL_2D does
+      not requantize), the PAD's value the zero point (what dequantizes to 0.0), and the pool read by
+      one DEQUANTIZE to float32 alone: the op takes the int8 tensor and outputs the DEQUANTIZE's
+      float32 values (options input_zero_point, input_scale; custom_ops, N2UQMaxPool2DFused)."""
     op, options = graph.op(i), graph.op(i).builtinOptions
     inputs, outputs = _indices(op.inputs), _indices(op.outputs)
     if graph.name(i) != "MAX_POOL_2D" or options is None or len(inputs) != 1 or len(outputs) != 1:
         return None
     shape = graph.shape(inputs[0])[0]
-    if options.padding != _VALID or options.fusedActivationFunction != 0 or not shape or len(shape) != 4 \
-            or not graph.is_float(inputs[0]) or not graph.is_float(outputs[0]):
+    if options.padding != _VALID or options.fusedActivationFunction != 0 or not shape or len(shape) != 4:
         return None
     layer = dict(channels=shape[3], filter_height=options.filterHeight, filter_width=options.filterWidth,
                  stride_height=options.strideH, stride_width=options.strideW,
                  pad_top=0, pad_bottom=0, pad_left=0, pad_right=0)
+    dequantize, output = None, outputs[0]
+    affine = graph.int8_affine(inputs[0])
+    if affine is not None:
+        users = graph.consumers.get(outputs[0], [])
+        if graph.int8_affine(outputs[0]) != affine or outputs[0] in graph.graph_outputs or len(users) != 1 \
+                or graph.name(users[0]) != "DEQUANTIZE" or len(_indices(graph.op(users[0]).outputs)) != 1:
+            return None
+        dequantize, output = users[0], _indices(graph.op(users[0]).outputs)[0]
+        if not graph.is_float(output):
+            return None
+        layer.update(input_zero_point=affine[1], input_scale=affine[0])
+    elif not graph.is_float(inputs[0]) or not graph.is_float(outputs[0]):
+        return None
     pad, source = graph.producer.get(inputs[0]), inputs[0]
     if pad is None or graph.name(pad) not in ("PAD", "PADV2") or graph.consumers.get(inputs[0]) != [i] \
             or inputs[0] in graph.graph_outputs:
-        return layer, source, None
+        return layer, source, None, dequantize, output
     pad_inputs = _indices(graph.op(pad).inputs)
     pads = graph.constant(pad_inputs[1], _INT32) if len(pad_inputs) >= 2 else None
-    value = graph.constant(pad_inputs[2]) if len(pad_inputs) == 3 else np.zeros((), np.float32)
-    if pads is None or pads.shape != (4, 2) or pads[0].any() or pads[3].any() or (pads < 0).any() \
-            or value is None or value.size != 1 or value.reshape(-1).view(np.uint32)[0] != 0 \
-            or not graph.is_float(pad_inputs[0]):
-        return layer, source, None
+    if affine is None:
+        value = graph.constant(pad_inputs[2]) if len(pad_inputs) == 3 else np.zeros((), np.float32)
+        zero = value is not None and value.size == 1 and value.reshape(-1).view(np.uint32)[0] == 0 \
+            and graph.is_float(pad_inputs[0])
+    else:  # TFLite's int8 PAD writes the zero point of its output, which must be its input's
+        value = graph.constant(pad_inputs[2], _INT8) if len(pad_inputs) == 3 else np.full((), affine[1], np.int8)
+        zero = value is not None and value.size == 1 and int(value.reshape(-1)[0]) == affine[1] \
+            and graph.int8_affine(pad_inputs[0]) == affine
+    if pads is None or pads.shape != (4, 2) or pads[0].any() or pads[3].any() or (pads < 0).any() or not zero:
+        return layer, source, None, dequantize, output
     layer.update(pad_top=int(pads[1, 0]), pad_bottom=int(pads[1, 1]), pad_left=int(pads[2, 0]),
                  pad_right=int(pads[2, 1]))
-    return layer, pad_inputs[0], pad
+    return layer, pad_inputs[0], pad, dequantize, output
 
 
 def _quantizer(graph, i, t, channels):
@@ -305,10 +342,10 @@ def _walk(graph, t, channels, layer_ops):
         t = _indices(graph.op(users[0]).outputs)[0]
 
 
-def _plan(graph, layer):
+def _plan(graph, layer, t=None):
     """(chain, float tensor or None, absorbed ops before it, quantizer op or None) for layer op
-    `layer`, or None when nothing can be fused."""
-    t = _indices(graph.op(layer).outputs)[0]
+    `layer` whose float output is t (default: its output), or None when nothing can be fused."""
+    t = _indices(graph.op(layer).outputs)[0] if t is None else t
     shape = graph.shape(t)[0]
     if not shape or not graph.is_float(t):
         return None
@@ -489,16 +526,16 @@ def fuse_output_stages(model):
                 pool = _pool_layer(graph, layer)
                 if pool is None:
                     continue
-            plan = _plan(graph, layer)
-            if plan is None and pool is not None and pool[2] is not None:
-                # nothing to fuse after it, but the PAD goes: the pool op alone, float output only
-                plan = (_Chain(), _indices(graph.op(layer).outputs)[0], 0, None)
+            plan = _plan(graph, layer, None if pool is None else pool[4])
+            if plan is None and pool is not None and (pool[2] is not None or pool[3] is not None):
+                # nothing to fuse after it, but the PAD or DEQUANTIZE goes: the pool op alone, float output only
+                plan = (_Chain(), pool[4], 0, None)
             if plan is None:
                 continue
             chain, _, float_ops, quantizer = plan
             taken = set(chain.ops) | ({quantizer} if quantizer is not None else set())
-            if pool is not None and pool[2] is not None:
-                taken.add(pool[2])
+            if pool is not None:
+                taken |= {op for op in pool[2:4] if op is not None}
             if taken & absorbed:
                 continue
             op, stage = _fused_operator(model, graph, layer, plan, pool)
@@ -506,8 +543,8 @@ def fuse_output_stages(model):
             replaced[layer] = op
             described = [(graph.name(i), _scope(graph.tensor(_indices(graph.op(i).outputs)[0]).name))
                          for i in chain.ops]
-            layer_op = graph.name(layer) if pool is None or pool[2] is None else \
-                f"{graph.name(pool[2])} + {graph.name(layer)}"
+            layer_op = " + ".join(graph.name(op) for op in ([layer] if pool is None else [pool[2], layer, pool[3]])
+                                  if op is not None)
             fusion = Fusion(s, layer_op, _FUSED_OF[graph.name(layer)], described, list(chain.steps),
                             stage["float_output"], float_ops if stage["float_output"] is not None else None,
                             stage["quantize"],

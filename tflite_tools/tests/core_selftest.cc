@@ -606,6 +606,28 @@ void check_pool_case(const N2uqPoolShape& s, int mode) {
       }
     }
   }
+  // The int8 pool on the same shape: the max of q - zp (exact in float) over a zero-padded window is
+  // max(q, zp padding) - zp, so the reference is naive_pool of q - zp times the scale.
+  const int32_t zp = uniform(-128, 127);
+  const float scale = std::uniform_real_distribution<float>(1e-3f, 0.5f)(rng);
+  std::vector<int8_t> q(x.size());
+  std::vector<float> shifted(x.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    q[i] = int8_t(uniform(-128, 127));
+    shifted[i] = float(int32_t(q[i]) - zp);
+  }
+  std::vector<float> expected_int8 = naive_pool(s, oh, ow, shifted);
+  for (float& v : expected_int8) v *= scale;
+  for (int threads : {1, 3}) {
+    std::vector<float> got(expected_int8.size(), -7.f);
+    rc = n2uq_max_pool2d_int8(&s, q.data(), int64_t(q.size()), zp, scale, got.data(), int64_t(got.size()), threads, err,
+                              sizeof err);
+    EXPECT(rc == N2UQ_OK, "max_pool2d_int8 returned %d: %s", rc, err);
+    if (rc == N2UQ_OK && std::memcmp(got.data(), expected_int8.data(), got.size() * sizeof(float)) != 0)
+      EXPECT(false, "max_pool2d_int8 threads=%d zp=%d differs (N=%d %dx%d C=%d filter %dx%d stride %dx%d)", threads,
+             zp, s.batch, s.in_height, s.in_width, s.channels, s.filter_height, s.filter_width, s.stride_height,
+             s.stride_width);
+  }
 }
 
 // Channel counts around the 16-channel register blocks, 2x3 and 3x3 filters, strides 1 and 2 (and
@@ -685,6 +707,25 @@ void run_pool_malformed() {
   pool(&good, in.data(), 120, out.data(), 24, 0, N2UQ_ERR_ARGUMENT, "num_threads");
   pool(&good, in.data(), 120, out.data(), 24, -2, N2UQ_ERR_ARGUMENT, "num_threads");
   pool(&good, in.data(), 120, out.data(), 24, N2UQ_MAX_THREADS + 1, N2UQ_ERR_ARGUMENT, "num_threads");
+  {  // the int8 pool's own arguments, and its input length in bytes
+    const std::vector<int8_t> q(120, 3);
+    auto pool8 = [&](const int8_t* x, int64_t x_len, int32_t zp, float scale, int status, const char* expect) {
+      char err[256] = "";
+      std::fill(out.begin(), out.end(), -7.f);
+      const int rc = n2uq_max_pool2d_int8(&good, x, x_len, zp, scale, out.data(), 24, 1, err, sizeof err);
+      EXPECT(rc == status && std::strstr(err, expect) != nullptr, "int8 pool malformed (%s): rc=%d msg='%s'", expect,
+             rc, err);
+      EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "int8 pool malformed (%s) wrote its output", expect);
+    };
+    pool8(q.data(), 120, 128, 0.5f, N2UQ_ERR_ARGUMENT, "zero_point must be -128..127");
+    pool8(q.data(), 120, -129, 0.5f, N2UQ_ERR_ARGUMENT, "zero_point must be -128..127");
+    pool8(q.data(), 120, 0, 0.0f, N2UQ_ERR_ARGUMENT, "scale must be positive");
+    pool8(q.data(), 120, 0, -1.0f, N2UQ_ERR_ARGUMENT, "scale must be positive");
+    pool8(q.data(), 120, 0, std::numeric_limits<float>::quiet_NaN(), N2UQ_ERR_ARGUMENT, "scale must be positive");
+    pool8(q.data(), 120, 0, std::numeric_limits<float>::infinity(), N2UQ_ERR_ARGUMENT, "scale must be positive");
+    pool8(q.data(), 119, 0, 0.5f, N2UQ_ERR_BUFFER, "input has 119 elements, the shape needs 120");
+    pool8(nullptr, 120, 0, 0.5f, N2UQ_ERR_ARGUMENT, "NULL");
+  }
   struct Edit {
     int32_t N2uqPoolShape::*field;
     int32_t value;

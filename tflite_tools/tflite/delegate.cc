@@ -197,6 +197,9 @@ struct Kernel {
   std::unique_ptr<N2uqConvPlan, void (*)(N2uqConvPlan*)> plan{nullptr, n2uq_conv_plan_destroy};
   N2uqConvShape fc_shape = {};           // FC: the plan's shape (batch from the input)
   N2uqPoolShape pool = {};               // max pool: options, then the input's size at prepare
+  bool pool_int8 = false;                // max pool: int8 input (input_zero_point, input_scale options)
+  int32_t pool_zero_point = 0;
+  float pool_scale = 0.0f;
   std::vector<uint8_t> weight_codes;     // depthwise: plain codes
   Int8ConvPlanPtr int8_plan;             // kInt8Conv2D: the filter prepared once (ClaimBuiltinConv)
   std::shared_ptr<N2uqFloatConvPlan> float_plan;  // kFloatConv2D: likewise
@@ -292,6 +295,23 @@ bool ParseLayerOptions(int kind, Kernel* k, const n2uq::FlexOptions& o, std::str
       for (const auto& option : kPoolOptions) {
         if (!get(option.key, option.lo, option.hi, &v[0])) return false;
         k->pool.*option.field = int32_t(v[0]);
+      }
+      // An int8 input (the int8 PAD + MAX_POOL_2D + DEQUANTIZE of an int8 model) names its
+      // dequantization; a float32 one has neither option.
+      if (o.Has("input_zero_point") != o.Has("input_scale")) {
+        *err = "options input_zero_point and input_scale come together (an int8 input) or not at all";
+        return false;
+      }
+      k->pool_int8 = o.Has("input_zero_point");
+      if (k->pool_int8) {
+        double scale = 0.0;
+        if (!get("input_zero_point", -128, 127, &v[0]) || !o.GetFloat("input_scale", &scale, err)) return false;
+        if (!(scale > 0.0) || float(scale) > 3.4028234663852886e38 || !(float(scale) > 0.0f)) {
+          *err = "option input_scale must be a positive float32, got " + std::to_string(scale);
+          return false;
+        }
+        k->pool_zero_point = int32_t(v[0]);
+        k->pool_scale = float(scale);
       }
       return true;
     }
@@ -498,6 +518,8 @@ std::string DimsString(const std::vector<int64_t>& dims) {
 }
 
 // Looks up tensor `index` (the `what` of the op) and checks its type and byte count.
+const N2uqTfLiteAffineQuantization* Affine(const N2uqTfLiteTensor& t);  // per-tensor or per-channel params, or null
+
 N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const char* what, std::string* err) {
   if (index < 0 || static_cast<size_t>(index) >= ctx->tensors_size) {
     *err = std::string(what) + ": tensor index " + std::to_string(index) + " is missing or out of range";
@@ -922,8 +944,18 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
       return PrepareLayerOutputs(ctx, k, io, dims, err);
     }
     case kMaxPool2DFused: {
-      N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], kN2uqTfLiteFloat32, "input", err);
+      N2uqTfLiteTensor* x =
+          GetTensor(ctx, io.inputs[0], k->pool_int8 ? kN2uqTfLiteInt8 : kN2uqTfLiteFloat32, "input", err);
       if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
+      if (k->pool_int8) {  // the options must be the tensor's own quantization, which TFLite's ops read
+        const N2uqTfLiteAffineQuantization* q = Affine(*x);
+        if (q == nullptr || q->scale->size != 1 || q->zero_point->size < 1 || q->scale->data[0] != k->pool_scale ||
+            q->zero_point->data[0] != k->pool_zero_point) {
+          *err = "the int8 input's quantization is not the op's input_scale " + std::to_string(k->pool_scale) +
+                 " and input_zero_point " + std::to_string(k->pool_zero_point) + " (one per-tensor scale and zero point)";
+          return false;
+        }
+      }
       const N2uqTfLiteIntArray* d = x->dims;
       if (d->size != 4 || d->data[3] != k->pool.channels) {
         *err = "input shape " + DimsString(d) + " must be [N, H, W, channels=" + std::to_string(k->pool.channels) +
@@ -1463,8 +1495,12 @@ int RunLayer(Kernel* k, const Io& io, N2uqTfLiteTensor* t, int threads, char* ms
       break;
     }
     case kMaxPool2DFused:
-      status = n2uq_max_pool2d(&k->pool, static_cast<const float*>(x.data), int64_t(x.bytes / 4), dest, dest_len,
-                               threads, msg, msg_len);
+      if (k->pool_int8)
+        status = n2uq_max_pool2d_int8(&k->pool, static_cast<const int8_t*>(x.data), int64_t(x.bytes), k->pool_zero_point,
+                                      k->pool_scale, dest, dest_len, threads, msg, msg_len);
+      else
+        status = n2uq_max_pool2d(&k->pool, static_cast<const float*>(x.data), int64_t(x.bytes / 4), dest, dest_len,
+                                 threads, msg, msg_len);
       break;
   }
   if (status == N2UQ_OK && IsFused(k->kind)) status = RunStage(k, io, t, dest, dest_len, threads, msg, msg_len);
