@@ -580,6 +580,22 @@ inline void configure_compact() {
   Tiles::config(cfg);
 }
 
+// One tap and word: B (tile TB, from the ring slot b) times the G A tiles at a, into C[g] = tile 4 + g.
+template <class Tiles, int G, int TB>
+__attribute__((always_inline)) inline void compact_step(const uint8_t* a, const int8_t* b) {
+  Tiles::template load<TB>(b, 64);
+  Tiles::template load<0>(a, 64);
+  Tiles::template dpbusd<4, 0, TB>();
+  Tiles::template load<1>(a + 16 * 64, 64);
+  Tiles::template dpbusd<5, 1, TB>();
+  if (G > 2) {
+    Tiles::template load<0>(a + 32 * 64, 64);
+    Tiles::template dpbusd<6, 0, TB>();
+    Tiles::template load<1>(a + 48 * 64, 64);
+    Tiles::template dpbusd<7, 1, TB>();
+  }
+}
+
 // The tile work of G A tiles (virtual pixels q0 .. q0 + 16 G - 1) and one vector, from that
 // vector's compact rows, stored to z[p][lane].
 template <class Tiles, int BITS, int G>
@@ -596,31 +612,10 @@ void compact_tiles(const ConvJob& j, int64_t q0, const uint8_t* rows, __m512i lu
     if (k + 1 < steps) expand_b<BITS>(rows + (k + 1) * b_bytes, ring[(k + 1) & 1], lut);
     const int64_t t = k / words, w = k - t * words;
     const uint8_t* a = j.amx_stage + j.amx_tap_offsets[t] + w * plane_bytes + q0 * 64;
-    if (k & 1) {
-      Tiles::template load<3>(ring[1], 64);
-      Tiles::template load<0>(a, 64);
-      Tiles::template dpbusd<4, 0, 3>();
-      Tiles::template load<1>(a + 16 * 64, 64);
-      Tiles::template dpbusd<5, 1, 3>();
-      if (G > 2) {
-        Tiles::template load<0>(a + 32 * 64, 64);
-        Tiles::template dpbusd<6, 0, 3>();
-        Tiles::template load<1>(a + 48 * 64, 64);
-        Tiles::template dpbusd<7, 1, 3>();
-      }
-    } else {
-      Tiles::template load<2>(ring[0], 64);
-      Tiles::template load<0>(a, 64);
-      Tiles::template dpbusd<4, 0, 2>();
-      Tiles::template load<1>(a + 16 * 64, 64);
-      Tiles::template dpbusd<5, 1, 2>();
-      if (G > 2) {
-        Tiles::template load<0>(a + 32 * 64, 64);
-        Tiles::template dpbusd<6, 0, 2>();
-        Tiles::template load<1>(a + 48 * 64, 64);
-        Tiles::template dpbusd<7, 1, 2>();
-      }
-    }
+    if (k & 1)
+      compact_step<Tiles, G, 3>(a, ring[1]);
+    else
+      compact_step<Tiles, G, 2>(a, ring[0]);
   }
   Tiles::template store<4>(z, 64);
   Tiles::template store<5>(z + 16 * 16, 64);
