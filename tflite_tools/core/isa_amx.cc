@@ -568,18 +568,6 @@ __attribute__((always_inline)) inline void expand_b(const uint8_t* src, int8_t* 
   }
 }
 
-template <class Tiles>
-inline void configure_compact() {
-  TileConfig cfg;
-  __builtin_memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  Tiles::config(cfg);
-}
-
 // One tap and word: B (tile TB, from the ring slot b) times the G A tiles at a, into C[g] = tile 4 + g.
 template <class Tiles, int G, int TB>
 __attribute__((always_inline)) inline void compact_step(const uint8_t* a, const int8_t* b) {
@@ -635,7 +623,7 @@ void compact_vectors(const ConvJob& j, int64_t n, int64_t vector_begin, int64_t 
   const int64_t vector_bytes = int64_t(j.kernel_height) * j.kernel_width * j.words * 16 * 8 * BITS;
   int64_t previous_vector = -1, previous_q0 = 0;
   int previous_pairs = 0, slot = 0;
-  configure_compact<Tiles>();
+  configure_direct<Tiles, 2>();  // all 8 tiles 16 rows x 64 bytes, as the compact tiles use them
   auto flush = [&]() {
     for (int p = 0; p < previous_pairs; ++p)
       direct_output<1>(j, n, previous_vector, previous_q0 + 32 * p, z[slot ^ 1] + 32 * 16 * p);
