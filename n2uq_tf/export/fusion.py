@@ -252,9 +252,18 @@ def _step(graph, i, t, channels, layer_ops):
     return None
 
 
+@dataclasses.dataclass
+class _Pool:
+    """What N2UQMaxPool2DFused takes for a MAX_POOL_2D (`_pool_layer`)."""
+    options: dict        # its layer options (custom_ops.POOL_OPTIONS, and the int8 input's)
+    source: int          # its input tensor (the PAD's input when it takes the PAD)
+    pad: int = None      # the PAD op it takes in, or None
+    dequantize: int = None  # the DEQUANTIZE op it takes in (int8 pools), or None
+    output: int = None   # the layer's float output: the DEQUANTIZE's, else the pool's
+
+
 def _pool_layer(graph, i):
-    """(layer options, input tensor, PAD op or None, DEQUANTIZE op or None, the layer's float output)
-    when op i is a MAX_POOL_2D that N2UQMaxPool2DFused can take, else None: 'valid', no fused
+    """`_Pool` when op i is a MAX_POOL_2D that N2UQMaxPool2DFused can take, else None: 'valid', no fused
     activation, NHWC, optionally after a PAD (or PADV2) of the spatial dims only whose output nothing
     else reads, either
 
@@ -289,7 +298,7 @@ def _pool_layer(graph, i):
     pad, source = graph.producer.get(inputs[0]), inputs[0]
     if pad is None or graph.name(pad) not in ("PAD", "PADV2") or graph.consumers.get(inputs[0]) != [i] \
             or inputs[0] in graph.graph_outputs:
-        return layer, source, None, dequantize, output
+        return _Pool(layer, source, None, dequantize, output)
     pad_inputs = _indices(graph.op(pad).inputs)
     pads = graph.constant(pad_inputs[1], _INT32) if len(pad_inputs) >= 2 else None
     if affine is None:
@@ -301,10 +310,10 @@ def _pool_layer(graph, i):
         zero = value is not None and value.size == 1 and int(value.reshape(-1)[0]) == affine[1] \
             and graph.int8_affine(pad_inputs[0]) == affine
     if pads is None or pads.shape != (4, 2) or pads[0].any() or pads[3].any() or (pads < 0).any() or not zero:
-        return layer, source, None, dequantize, output
+        return _Pool(layer, source, None, dequantize, output)
     layer.update(pad_top=int(pads[1, 0]), pad_bottom=int(pads[1, 1]), pad_left=int(pads[2, 0]),
                  pad_right=int(pads[2, 1]))
-    return layer, pad_inputs[0], pad, dequantize, output
+    return _Pool(layer, pad_inputs[0], pad, dequantize, output)
 
 
 def _quantizer(graph, i, t, channels):
@@ -415,7 +424,7 @@ def _fused_operator(model, graph, layer, plan, pool=None):
     chain, float_tensor, float_ops, quantizer = plan
     layer_op = graph.op(layer)
     if pool is not None:
-        options, inputs = dict(pool[0]), [pool[1]]
+        options, inputs = dict(pool.options), [pool.source]
     else:
         options, inputs = flexbuffers.Loads(bytes(bytearray(layer_op.customOptions))), _indices(layer_op.inputs)[:4]
     float_output = None
@@ -526,16 +535,16 @@ def fuse_output_stages(model):
                 pool = _pool_layer(graph, layer)
                 if pool is None:
                     continue
-            plan = _plan(graph, layer, None if pool is None else pool[4])
-            if plan is None and pool is not None and (pool[2] is not None or pool[3] is not None):
+            plan = _plan(graph, layer, None if pool is None else pool.output)
+            if plan is None and pool is not None and (pool.pad is not None or pool.dequantize is not None):
                 # nothing to fuse after it, but the PAD or DEQUANTIZE goes: the pool op alone, float output only
-                plan = (_Chain(), pool[4], 0, None)
+                plan = (_Chain(), pool.output, 0, None)
             if plan is None:
                 continue
             chain, _, float_ops, quantizer = plan
             taken = set(chain.ops) | ({quantizer} if quantizer is not None else set())
             if pool is not None:
-                taken |= {op for op in pool[2:4] if op is not None}
+                taken |= {op for op in (pool.pad, pool.dequantize) if op is not None}
             if taken & absorbed:
                 continue
             op, stage = _fused_operator(model, graph, layer, plan, pool)
@@ -543,8 +552,8 @@ def fuse_output_stages(model):
             replaced[layer] = op
             described = [(graph.name(i), _scope(graph.tensor(_indices(graph.op(i).outputs)[0]).name))
                          for i in chain.ops]
-            layer_op = " + ".join(graph.name(op) for op in ([layer] if pool is None else [pool[2], layer, pool[3]])
-                                  if op is not None)
+            layer_op = " + ".join(graph.name(op) for op in ([layer] if pool is None else
+                                                            [pool.pad, layer, pool.dequantize]) if op is not None)
             fusion = Fusion(s, layer_op, _FUSED_OF[graph.name(layer)], described, list(chain.steps),
                             stage["float_output"], float_ops if stage["float_output"] is not None else None,
                             stage["quantize"],

@@ -299,7 +299,7 @@ constexpr int kAmxDirectVectors = 2;
 // every code sits inside one byte), and the row layout: a 64-byte row's codes in 8 * bits bytes,
 // byte j holding code j + 8 * bits * f in its bits [bits * f, bits * (f + 1)), f < 8 / bits. So a
 // vector of the row's bytes repeated in each 8 * bits-byte part, part f shifted right by bits * f,
-// has every code in the low bits of its own byte (isa_amx.cc, expand_compact_rows).
+// has every code in the low bits of its own byte (isa_amx.cc, expand_b).
 inline int compact_bits_for(int weight_bits) { return weight_bits == 3 ? 4 : weight_bits; }
 // Stages the phase planes of the phased direct form (ConvJob::amx_stage): plane rows [begin, end)
 // of the stride_height * stride_width * amx_plane_rows of image amx_image (isa_avx512_dot.cc;

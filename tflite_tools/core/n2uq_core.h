@@ -156,7 +156,7 @@ int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, con
 int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path);
 /* The plan's form (dot and amx paths; the others have only the direct one), or N2UQ_ERR_ARGUMENT
    for a NULL plan. N2UQ_FORM_DIRECT_COMPACT: the amx path's direct form keeping its weights as
-   1-, 2- or 4-bit codes (3-bit weights take 4) that each run expands chunk by chunk, where the
+   1-, 2- or 4-bit codes (3-bit weights take 4) that each run expands while the tiles work, where the
    plan's timing found that faster than streaming the int8 weights (large layers). */
 enum { N2UQ_FORM_DIRECT = 0, N2UQ_FORM_WINOGRAD = 1, N2UQ_FORM_WINOGRAD_STRIDE2 = 2, N2UQ_FORM_DIRECT_COMPACT = 3 };
 int n2uq_conv_plan_form(const N2uqConvPlan* plan);

@@ -25,91 +25,73 @@ constexpr int64_t kMaxPoolElements = int64_t(1) << 40;
 
 typedef float Floats4 __attribute__((vector_size(16)));  // SSE2 / NEON: the library's baseline
 
-inline Floats4 load4(const float* p) {
-  Floats4 v;
-  memcpy(&v, p, sizeof(v));
-  return v;
+// The max of channels [c, c + K * sizeof(V) / sizeof(T)) (K vectors V of T, or K = 1 and V = T for
+// one channel) over the window's in-range rows [y0, y1) x columns [x0, x1) of the input (row
+// stride `row`, pixel stride `channels`), in row-major order from the first position: v > m ? v : m keeps the first of equal values and never
+// takes a NaN after a number. Registers only; the vectors are the library's baseline ISA's (the
+// pool is bound by memory).
+template <class V, int K, class T>
+inline void window_max(const T* in, int64_t row, int64_t channels, int64_t c, int64_t y0, int64_t y1, int64_t x0,
+                       int64_t x1, V* m) {
+  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  const T* first = in + y0 * row + x0 * channels + c;
+  for (int k = 0; k < K; ++k) memcpy(&m[k], first + k * kLanes, sizeof(V));
+  for (int64_t y = y0; y < y1; ++y)
+    for (int64_t x = x0; x < x1; ++x)
+      for (int k = 0; k < K; ++k) {
+        V v;
+        memcpy(&v, in + y * row + x * channels + c + k * kLanes, sizeof(V));
+        m[k] = v > m[k] ? v : m[k];
+      }
 }
 
-inline Floats4 max4(Floats4 m, Floats4 v) { return v > m ? v : m; }
-
-// One output pixel: out[c] = max over the window's in-range rows [y0, y1) x columns [x0, x1) of
-// the input (row stride `row`, pixel stride c), and over 0.0f when the window reaches into the
-// padding (`padded`), taken in row-major order. Sixteen channels at a time in registers.
-inline void pool_pixel(const float* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
-                       int64_t x1, bool padded, float* out) {
-  const float* first = in + y0 * row + x0 * channels;
+// One output pixel: out[c] = max over the window's in-range positions (window_max), then over
+// `pad` (the padded tensor's value: 0.0f, or an int8 zero point) when the window reaches into the
+// padding (`padded`), stored through store(c, max): sixteen channels at a time as K vectors V,
+// the rest one by one.
+template <class V, int K, class T, class Store16, class Store1>
+inline void pool_pixel(const T* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                       bool padded, T pad, Store16 store16, Store1 store1) {
   int64_t c = 0;
   for (; c + 16 <= channels; c += 16) {
-    Floats4 m0 = load4(first + c), m1 = load4(first + c + 4), m2 = load4(first + c + 8), m3 = load4(first + c + 12);
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) {
-        const float* p = in + y * row + x * channels + c;
-        m0 = max4(m0, load4(p));
-        m1 = max4(m1, load4(p + 4));
-        m2 = max4(m2, load4(p + 8));
-        m3 = max4(m3, load4(p + 12));
-      }
+    V m[K];
+    window_max<V, K>(in, row, channels, c, y0, y1, x0, x1, m);
     if (padded) {
-      const Floats4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
-      m0 = max4(m0, zero);
-      m1 = max4(m1, zero);
-      m2 = max4(m2, zero);
-      m3 = max4(m3, zero);
+      const V p = V{} + pad;
+      for (int k = 0; k < K; ++k) m[k] = p > m[k] ? p : m[k];
     }
-    memcpy(out + c, &m0, 16);
-    memcpy(out + c + 4, &m1, 16);
-    memcpy(out + c + 8, &m2, 16);
-    memcpy(out + c + 12, &m3, 16);
+    store16(c, m);
   }
   for (; c < channels; ++c) {
-    float m = first[c];
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) {
-        const float v = in[y * row + x * channels + c];
-        m = v > m ? v : m;
-      }
-    if (padded) m = 0.0f > m ? 0.0f : m;
-    out[c] = m;
+    T v;
+    window_max<T, 1>(in, row, channels, c, y0, y1, x0, x1, &v);
+    if (padded) v = pad > v ? pad : v;
+    store1(c, v);
   }
 }
 
 typedef int8_t Bytes16 __attribute__((vector_size(16)));
 
-// The same over int8 codes, padding counting as zero_point (what TFLite's int8 PAD writes), then
-// each max dequantized as DEQUANTIZE does it: float(max - zero_point) * scale, one rounding (the
-// product of a small integer and a float32 is exact in double, so TFLite's reference kernel, which
-// rounds that, and XNNPACK's float32 multiply agree). Max commutes with the dequantization
-// (scale > 0), so this is the int8 PAD + MAX_POOL_2D + DEQUANTIZE it replaces, bit for bit.
+// The float32 pool's pixel: the max itself, padding 0.0f.
+inline void pool_pixel_float(const float* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
+                             int64_t x1, bool padded, float* out) {
+  pool_pixel<Floats4, 4>(in, row, channels, y0, y1, x0, x1, padded, 0.0f,
+                         [out](int64_t c, const Floats4* m) { memcpy(out + c, m, 64); },
+                         [out](int64_t c, float m) { out[c] = m; });
+}
+
+// The int8 pool's pixel: padding counts as zero_point (what TFLite's int8 PAD writes), then each
+// max dequantized as DEQUANTIZE does it: float(max - zero_point) * scale, one rounding (the product
+// of a small integer and a float32 is exact in double, so TFLite's reference kernel, which rounds
+// that, and XNNPACK's float32 multiply agree). Max commutes with the dequantization (scale > 0),
+// so this is the int8 PAD + MAX_POOL_2D + DEQUANTIZE it replaces, bit for bit.
 inline void pool_pixel_int8(const int8_t* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
                             int64_t x1, bool padded, int32_t zero_point, float scale, float* out) {
-  const int8_t* first = in + y0 * row + x0 * channels;
-  int64_t c = 0;
-  for (; c + 16 <= channels; c += 16) {
-    Bytes16 m;
-    memcpy(&m, first + c, 16);
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) {
-        Bytes16 v;
-        memcpy(&v, in + y * row + x * channels + c, 16);
-        m = v > m ? v : m;
-      }
-    if (padded) {
-      const Bytes16 zp = Bytes16{} + int8_t(zero_point);
-      m = zp > m ? zp : m;
-    }
-    for (int i = 0; i < 16; ++i) out[c + i] = float(int32_t(m[i]) - zero_point) * scale;
-  }
-  for (; c < channels; ++c) {
-    int8_t m = first[c];
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) {
-        const int8_t v = in[y * row + x * channels + c];
-        m = v > m ? v : m;
-      }
-    if (padded && int8_t(zero_point) > m) m = int8_t(zero_point);
-    out[c] = float(int32_t(m) - zero_point) * scale;
-  }
+  pool_pixel<Bytes16, 1>(in, row, channels, y0, y1, x0, x1, padded, int8_t(zero_point),
+                         [=](int64_t c, const Bytes16* m) {
+                           for (int i = 0; i < 16; ++i) out[c + i] = float(int32_t(m[0][i]) - zero_point) * scale;
+                         },
+                         [=](int64_t c, int8_t m) { out[c] = float(int32_t(m) - zero_point) * scale; });
 }
 
 // Both pools: the checks, then output rows split over the threads; pixel(in, row, y0, y1, x0, x1,
@@ -201,7 +183,7 @@ extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64
     const int64_t c = s != nullptr ? s->channels : 0;
     return run_pool(s, input, input_len, output, output_len, num_threads, err, err_len,
                     [c](const float* in, int64_t row, int64_t y0, int64_t y1, int64_t x0, int64_t x1, bool padded,
-                        float* out) { pool_pixel(in, row, c, y0, y1, x0, x1, padded, out); });
+                        float* out) { pool_pixel_float(in, row, c, y0, y1, x0, x1, padded, out); });
   });
 }
 

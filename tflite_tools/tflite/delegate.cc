@@ -9,6 +9,7 @@
 // Kernels validate every tensor and option against the op contract and report problems
 // through context->ReportError; the arithmetic is the TFLite-independent core (n2uq_core.h).
 // Only the self-written tflite_abi.h describes TFLite structures.
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -306,7 +307,7 @@ bool ParseLayerOptions(int kind, Kernel* k, const n2uq::FlexOptions& o, std::str
       if (k->pool_int8) {
         double scale = 0.0;
         if (!get("input_zero_point", -128, 127, &v[0]) || !o.GetFloat("input_scale", &scale, err)) return false;
-        if (!(scale > 0.0) || float(scale) > 3.4028234663852886e38 || !(float(scale) > 0.0f)) {
+        if (!(float(scale) > 0.0f) || float(scale) > FLT_MAX) {  // GetFloat gave a finite double
           *err = "option input_scale must be a positive float32, got " + std::to_string(scale);
           return false;
         }
@@ -517,9 +518,14 @@ std::string DimsString(const std::vector<int64_t>& dims) {
   return s + "]";
 }
 
-// Looks up tensor `index` (the `what` of the op) and checks its type and byte count.
-const N2uqTfLiteAffineQuantization* Affine(const N2uqTfLiteTensor& t);  // per-tensor or per-channel params, or null
+// A tensor's affine quantization (per-tensor or per-channel scales and zero points), or null.
+const N2uqTfLiteAffineQuantization* Affine(const N2uqTfLiteTensor& t) {
+  if (t.quantization.type != kN2uqTfLiteAffineQuantization || t.quantization.params == nullptr) return nullptr;
+  const auto* q = static_cast<const N2uqTfLiteAffineQuantization*>(t.quantization.params);
+  return q->scale != nullptr && q->zero_point != nullptr && q->scale->size >= 1 ? q : nullptr;
+}
 
+// Looks up tensor `index` (the `what` of the op) and checks its type and byte count.
 N2uqTfLiteTensor* GetTensor(N2uqTfLiteContext* ctx, int index, int type, const char* what, std::string* err) {
   if (index < 0 || static_cast<size_t>(index) >= ctx->tensors_size) {
     *err = std::string(what) + ": tensor index " + std::to_string(index) + " is missing or out of range";
@@ -983,11 +989,6 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
 // A builtin CONV_2D in int8 runs here (n2uq_int8_conv_plan_*, the same bytes as XNNPACK's int8
 // conv, TFLite's default) when every part of the node is what that kernel supports; anything
 // else stays with TFLite, so nothing is reported for nodes left alone.
-const N2uqTfLiteAffineQuantization* Affine(const N2uqTfLiteTensor& t) {
-  if (t.quantization.type != kN2uqTfLiteAffineQuantization || t.quantization.params == nullptr) return nullptr;
-  const auto* q = static_cast<const N2uqTfLiteAffineQuantization*>(t.quantization.params);
-  return q->scale != nullptr && q->zero_point != nullptr && q->scale->size >= 1 ? q : nullptr;
-}
 
 // A fused activation's bound as XNNPACK clamps it: TFLite's XNNPACK delegate passes the float
 // range (relu: 0, +inf; relu6: 0, 6; relu_n1_to_1: -1, 1) and XNNPACK quantizes it like this.
