@@ -428,11 +428,24 @@ def test_pool_fusion_takes_zero_pads_and_valid_pools_only():
             assert_bit_identical(run(fused, graph.input, backend, threads), want, f"{backend} {threads} threads")
 
 
-def test_max_pool_kernel_equals_numpy():
+# Channel counts that reach every part of the pools' pixel loop on each ISA: the 64-value register
+# blocks (floats: 4 vectors, int8: one vector of bytes), single vectors, 16-byte int8 vectors and
+# the scalar tail.
+POOL_CHANNEL_CASES = [((1, 6, 5, 100), 3, 2, 1), ((1, 5, 6, 150), (3, 2), (2, 1), (1, 0, 0, 1)),
+                      ((2, 4, 4, 64), 2, 2, 0)]
+
+
+@pytest.fixture(params=_core.supported_isas())
+def kernel_isa(request):
+    """Each ISA this CPU runs."""
+    return request.param
+
+
+def test_max_pool_kernel_equals_numpy(kernel_isa):
     """n2uq_max_pool2d: the max over each window of the zero-padded input, every shape and thread count."""
     rng = np.random.default_rng(0)
     cases = [((2, 9, 11, 5), 3, 2, (1, 1, 1, 1)), ((1, 7, 7, 70), (2, 3), (1, 2), (0, 2, 1, 0)),
-             ((1, 4, 4, 16), 3, 2, 0), ((1, 3, 3, 17), 2, 1, 4), ((1, 1, 1, 1), 1, 1, 0)]
+             ((1, 4, 4, 16), 3, 2, 0), ((1, 3, 3, 17), 2, 1, 4), ((1, 1, 1, 1), 1, 1, 0)] + POOL_CHANNEL_CASES
     for shape, size, strides, pads in cases:
         x = rng.normal(0, 1, shape).astype(np.float32)
         x[x > 1.5] = -0.0
@@ -446,8 +459,8 @@ def test_max_pool_kernel_equals_numpy():
             for fx in range(fw):
                 want = np.maximum(want, padded[:, fy:fy + sh * (oh - 1) + 1:sh, fx:fx + sw * (ow - 1) + 1:sw])
         for threads in (1, 3):
-            got = _core.max_pool2d(x, size, strides=strides, padding=pads, num_threads=threads)
-            np.testing.assert_array_equal(got, want, err_msg=f"{shape} {size} {strides} {pads} {threads}")
+            got = _core.max_pool2d(x, size, strides=strides, padding=pads, num_threads=threads, isa=kernel_isa)
+            np.testing.assert_array_equal(got, want, err_msg=f"{kernel_isa} {shape} {size} {strides} {pads} {threads}")
     x = rng.normal(0, 1, (1, 4, 4, 3)).astype(np.float32)
     with pytest.raises(_core.CoreError, match="smaller than the filter"):
         _core.max_pool2d(x, 5, strides=1, padding=0)
@@ -457,13 +470,14 @@ def test_max_pool_kernel_equals_numpy():
         _core.max_pool2d(x, 0)
 
 
-def test_int8_max_pool_kernel_equals_numpy():
+def test_int8_max_pool_kernel_equals_numpy(kernel_isa):
     """n2uq_max_pool2d_int8: TFLite's int8 PAD (the zero point) + MAX_POOL_2D + DEQUANTIZE, i.e. the
     max over each window of the input padded with the zero point, then float32(max - zp) * scale, bit
     for bit; every shape and thread count, the zero point at both ends of int8."""
     rng = np.random.default_rng(1)
     cases = [((2, 9, 11, 5), 3, 2, (1, 1, 1, 1), -128), ((1, 7, 7, 70), (2, 3), (1, 2), (0, 2, 1, 0), 3),
              ((1, 4, 4, 16), 3, 2, 0, 127), ((1, 3, 3, 17), 2, 1, 4, -5), ((1, 1, 1, 1), 1, 1, 0, 0)]
+    cases += [case + (zp,) for case, zp in zip(POOL_CHANNEL_CASES, (-128, 17, 127))]
     for shape, size, strides, pads, zp in cases:
         x = rng.integers(-128, 128, shape).astype(np.int8)
         scale = np.float32(rng.uniform(0.001, 0.3))
@@ -480,8 +494,9 @@ def test_int8_max_pool_kernel_equals_numpy():
         assert np.array_equal(want, ((m - zp) * np.float64(scale)).astype(np.float32))  # TFLite's reference form
         for threads in (1, 3):
             got = _core.max_pool2d(x, size, strides=strides, padding=pads, num_threads=threads, zero_point=zp,
-                                   scale=scale)
-            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (shape, size, strides, pads, zp, threads)
+                                   scale=scale, isa=kernel_isa)
+            where = (kernel_isa, shape, size, strides, pads, zp, threads)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), where
     x = rng.integers(-128, 128, (1, 4, 4, 3)).astype(np.int8)
     with pytest.raises(_core.CoreError, match="zero_point must be -128..127"):
         _core.max_pool2d(x, 2, zero_point=200, scale=0.5)

@@ -28,7 +28,7 @@ PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # path's direct form holding its weights as codes and expanding them per run (large layers, where the
 # timing found that faster; N2UQ_AMX_COMPACT=1 / 0 forces it on / off).
 FORMS = ("direct", "winograd", "winograd_stride2", "direct_compact")
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -123,9 +123,10 @@ def _declare(lib):
                                ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_max_pool2d_output_size": ([ctypes.POINTER(PoolShape), ctypes.POINTER(i32), ctypes.POINTER(i32)] + err,
                                         ctypes.c_int),
-        "n2uq_max_pool2d": ([ctypes.POINTER(PoolShape), ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
+        "n2uq_max_pool2d": ([ctypes.POINTER(PoolShape), ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int] + err,
+                            ctypes.c_int),
         "n2uq_max_pool2d_int8": ([ctypes.POINTER(PoolShape), ptr, i64, i32, ctypes.c_float, ptr, i64,
-                                  ctypes.c_int] + err, ctypes.c_int),
+                                  ctypes.c_int, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_int8_conv_plan_create": ([shape_p, ptr, i64, ptr, i64, ptr, i64, ctypes.POINTER(Int8ConvParams),
                                         ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)] + err,
                                        ctypes.c_int),
@@ -662,13 +663,14 @@ def _stage_outputs(out_f, out_q, quantize):
             None if codes is None else _ptr(codes), 0 if codes is None else codes.size)
 
 
-def max_pool2d(x, pool_size, *, strides=None, padding=0, num_threads=1, zero_point=None, scale=None):
+def max_pool2d(x, pool_size, *, strides=None, padding=0, num_threads=1, zero_point=None, scale=None, isa="auto"):
     """Max pooling of float32 x [N, H, W, C] (n2uq_max_pool2d): the layer of N2UQMaxPool2DFused.
 
     padding: zeros around the input (an int, a pair (vertical, horizontal) or (top, bottom, left,
     right)), as a PAD before a 'valid' pool; a window position in it counts as 0.0. strides default
     to pool_size. With `zero_point` and `scale`, x is int8 (n2uq_max_pool2d_int8): padding counts as
-    zero_point, and each max m comes out dequantized, float32(m - zero_point) * scale.
+    zero_point, and each max m comes out dequantized, float32(m - zero_point) * scale. `isa` as for
+    the other kernels ("auto": the best this CPU runs, or N2UQ_KERNEL_ISA).
     """
     if (zero_point is None) != (scale is None):
         raise CoreError("give both zero_point and scale (an int8 input), or neither")
@@ -686,8 +688,9 @@ def max_pool2d(x, pool_size, *, strides=None, padding=0, num_threads=1, zero_poi
     _call(lib.n2uq_max_pool2d_output_size, ctypes.byref(shape), ctypes.byref(oh), ctypes.byref(ow))
     out = np.empty((x.shape[0], oh.value, ow.value, x.shape[3]), np.float32)
     if scale is None:
-        _call(lib.n2uq_max_pool2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(out), out.size, int(num_threads))
+        _call(lib.n2uq_max_pool2d, ctypes.byref(shape), _ptr(x), x.size, _ptr(out), out.size, _isa_id(isa),
+              int(num_threads))
     else:
         _call(lib.n2uq_max_pool2d_int8, ctypes.byref(shape), _ptr(x), x.size, int(zero_point), float(scale), _ptr(out),
-              out.size, int(num_threads))
+              out.size, _isa_id(isa), int(num_threads))
     return out

@@ -97,6 +97,18 @@ OutputRowsFn output_rows_portable();
 OutputRowsFn output_rows_avx2();
 OutputRowsFn output_rows_avx512();
 
+// The max pools' output rows [begin, end) of batch * out_height (pool_impl.h), compiled once per
+// ISA; the AVX2 / AVX-512 ones are null where the build is not for x86-64.
+struct PoolRowKernels {
+  void (*float_rows)(const N2uqPoolShape& s, int64_t out_height, int64_t out_width, const float* input, float* output,
+                     int64_t begin, int64_t end);
+  void (*int8_rows)(const N2uqPoolShape& s, int64_t out_height, int64_t out_width, const int8_t* input,
+                    int32_t zero_point, float scale, float* output, int64_t begin, int64_t end);
+};
+PoolRowKernels pool_rows_portable();
+PoolRowKernels pool_rows_avx2();
+PoolRowKernels pool_rows_avx512();
+
 }  // namespace n2uq_core
 
 #endif  // N2UQ_CORE_INTERNAL_H_

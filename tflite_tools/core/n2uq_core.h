@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 7
+#define N2UQ_CORE_ABI_VERSION 8
 
 enum {
   N2UQ_OK = 0,
@@ -258,12 +258,13 @@ typedef struct N2uqPoolShape {
 int n2uq_max_pool2d_output_size(const N2uqPoolShape* shape, int32_t* out_height, int32_t* out_width, char* err,
                                 size_t err_len);
 int n2uq_max_pool2d(const N2uqPoolShape* shape, const float* input, int64_t input_len, float* output,
-                    int64_t output_len, int num_threads, char* err, size_t err_len);
+                    int64_t output_len, int isa, int num_threads, char* err, size_t err_len);
 /* The same over int8 input padded with zero_point (-128..127), each max dequantized:
    output = float(max - zero_point) * scale (scale > 0, finite), as TFLite's int8 PAD, MAX_POOL_2D
    and DEQUANTIZE compute it. */
 int n2uq_max_pool2d_int8(const N2uqPoolShape* shape, const int8_t* input, int64_t input_len, int32_t zero_point,
-                         float scale, float* output, int64_t output_len, int num_threads, char* err, size_t err_len);
+                         float scale, float* output, int64_t output_len, int isa, int num_threads, char* err,
+                         size_t err_len);
 
 /* Int8 convolution with TFLite's int8 CONV_2D arithmetic: input and output int8 with zero points,
  * a symmetric int8 filter [OC][KH][KW][IC] with per-channel (or one) scales, int32 bias (or NULL)

@@ -2,103 +2,35 @@
 // int8 ones with their dequantization (n2uq_max_pool2d_int8): the layer of the N2UQMaxPool2DFused
 // op, which replaces a network's PAD (zeros) + MAX_POOL_2D ('valid') pair, or in an int8 model its
 // int8 PAD + MAX_POOL_2D + DEQUANTIZE, and runs the output stage that follows (RPReLU, the next
-// quantize-and-pack) on its result, as the fused conv ops do.
-//
-// Each output is the max over its window's positions inside the input in row-major order, then
-// over 0.0f if the window reaches into the padding (the zeros the padded tensor holds). Max is
-// exact, so the order only matters for NaN and the sign of a zero: v > m ? v : m keeps the first
-// of equal values and never takes a NaN after a number (custom_ops.py, "Exactness", for how
-// this compares with TFLite's pool). Sixteen channels at a time stay in registers over the
-// window (vectors of the library's baseline ISA: the pool is bound by memory); the work is split
-// over output rows.
+// quantize-and-pack) on its result, as the fused conv ops do. The checks and the split of output
+// rows over threads are here; the rows are pool_impl.h's, compiled per ISA (this file: the
+// baseline's 16-byte vectors, SSE2 or NEON; pool_x86.cc: AVX2, AVX-512) and picked by the resolved
+// ISA, as the other kernels'.
 #include <cfloat>
 #include <cstring>
+#include <string.h>
 
 #include "core_internal.h"
 #include "n2uq_core.h"
 
 namespace n2uq_core {
+namespace portable_pool {
+constexpr int kLaneBytes = 16;
+#include "pool_impl.h"
+}  // namespace portable_pool
+
+PoolRowKernels pool_rows_portable() { return portable_pool::pool_row_kernels(); }
+
 namespace {
 
 constexpr int64_t kMaxPoolDim = int64_t(1) << 24;
 constexpr int64_t kMaxPoolElements = int64_t(1) << 40;
 
-typedef float Floats4 __attribute__((vector_size(16)));  // SSE2 / NEON: the library's baseline
-
-// The max of channels [c, c + K * sizeof(V) / sizeof(T)) (K vectors V of T, or K = 1 and V = T for
-// one channel) over the window's in-range rows [y0, y1) x columns [x0, x1) of the input (row
-// stride `row`, pixel stride `channels`), in row-major order from the first position: v > m ? v : m keeps the first of equal values and never
-// takes a NaN after a number. Registers only; the vectors are the library's baseline ISA's (the
-// pool is bound by memory).
-template <class V, int K, class T>
-inline void window_max(const T* in, int64_t row, int64_t channels, int64_t c, int64_t y0, int64_t y1, int64_t x0,
-                       int64_t x1, V* m) {
-  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
-  const T* first = in + y0 * row + x0 * channels + c;
-  for (int k = 0; k < K; ++k) memcpy(&m[k], first + k * kLanes, sizeof(V));
-  for (int64_t y = y0; y < y1; ++y)
-    for (int64_t x = x0; x < x1; ++x)
-      for (int k = 0; k < K; ++k) {
-        V v;
-        memcpy(&v, in + y * row + x * channels + c + k * kLanes, sizeof(V));
-        m[k] = v > m[k] ? v : m[k];
-      }
-}
-
-// One output pixel: out[c] = max over the window's in-range positions (window_max), then over
-// `pad` (the padded tensor's value: 0.0f, or an int8 zero point) when the window reaches into the
-// padding (`padded`), stored through store(c, max): sixteen channels at a time as K vectors V,
-// the rest one by one.
-template <class V, int K, class T, class Store16, class Store1>
-inline void pool_pixel(const T* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
-                       bool padded, T pad, Store16 store16, Store1 store1) {
-  int64_t c = 0;
-  for (; c + 16 <= channels; c += 16) {
-    V m[K];
-    window_max<V, K>(in, row, channels, c, y0, y1, x0, x1, m);
-    if (padded) {
-      const V p = V{} + pad;
-      for (int k = 0; k < K; ++k) m[k] = p > m[k] ? p : m[k];
-    }
-    store16(c, m);
-  }
-  for (; c < channels; ++c) {
-    T v;
-    window_max<T, 1>(in, row, channels, c, y0, y1, x0, x1, &v);
-    if (padded) v = pad > v ? pad : v;
-    store1(c, v);
-  }
-}
-
-typedef int8_t Bytes16 __attribute__((vector_size(16)));
-
-// The float32 pool's pixel: the max itself, padding 0.0f.
-inline void pool_pixel_float(const float* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
-                             int64_t x1, bool padded, float* out) {
-  pool_pixel<Floats4, 4>(in, row, channels, y0, y1, x0, x1, padded, 0.0f,
-                         [out](int64_t c, const Floats4* m) { memcpy(out + c, m, 64); },
-                         [out](int64_t c, float m) { out[c] = m; });
-}
-
-// The int8 pool's pixel: padding counts as zero_point (what TFLite's int8 PAD writes), then each
-// max dequantized as DEQUANTIZE does it: float(max - zero_point) * scale, one rounding (the product
-// of a small integer and a float32 is exact in double, so TFLite's reference kernel, which rounds
-// that, and XNNPACK's float32 multiply agree). Max commutes with the dequantization (scale > 0),
-// so this is the int8 PAD + MAX_POOL_2D + DEQUANTIZE it replaces, bit for bit.
-inline void pool_pixel_int8(const int8_t* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
-                            int64_t x1, bool padded, int32_t zero_point, float scale, float* out) {
-  pool_pixel<Bytes16, 1>(in, row, channels, y0, y1, x0, x1, padded, int8_t(zero_point),
-                         [=](int64_t c, const Bytes16* m) {
-                           for (int i = 0; i < 16; ++i) out[c + i] = float(int32_t(m[0][i]) - zero_point) * scale;
-                         },
-                         [=](int64_t c, int8_t m) { out[c] = float(int32_t(m) - zero_point) * scale; });
-}
-
-// Both pools: the checks, then output rows split over the threads; pixel(in, row, y0, y1, x0, x1,
-// padded, out) pools one output pixel of an image starting at `in`.
-template <class T, class Pixel>
+// Both pools: the checks, then output rows split over the threads; rows(kernels, shape, oh, ow,
+// begin, end) pools output rows [begin, end) with the row kernels of the resolved `isa`.
+template <class T, class Rows>
 int run_pool(const N2uqPoolShape* s, const T* input, int64_t input_len, float* output, int64_t output_len,
-             int num_threads, char* err, size_t err_len, Pixel pixel) {
+             int isa, int num_threads, char* err, size_t err_len, Rows rows) {
   int32_t oh = 0, ow = 0;
   if (int rc = n2uq_max_pool2d_output_size(s, &oh, &ow, err, err_len)) return rc;
   N2UQ_CHECK(num_threads >= 1 && num_threads <= N2UQ_MAX_THREADS, N2UQ_ERR_ARGUMENT,
@@ -119,27 +51,17 @@ int run_pool(const N2uqPoolShape* s, const T* input, int64_t input_len, float* o
   const char* out_bytes = reinterpret_cast<const char*>(output);
   N2UQ_CHECK(out_bytes + out_elements * 4 <= in_bytes || in_bytes + in_elements * int64_t(sizeof(T)) <= out_bytes,
              N2UQ_ERR_ARGUMENT, "output overlaps input");
+  const int resolved = resolve_isa(isa, err, err_len);
+  if (resolved < 0) return resolved;
+  PoolRowKernels kernels = resolved == N2UQ_ISA_AVX512 ? pool_rows_avx512()
+                           : resolved == N2UQ_ISA_AVX2 ? pool_rows_avx2()
+                                                  : pool_rows_portable();
+  if (kernels.float_rows == nullptr) kernels = pool_rows_portable();
   const N2uqPoolShape shape = *s;
-  const int64_t rows = int64_t(shape.batch) * oh;
+  const int64_t rows_total = int64_t(shape.batch) * oh;
   const int64_t grain = (int64_t(16384) / (int64_t(ow) * c)) + 1;  // ~16K outputs per range at least
-  run_ranges(num_threads, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / oh, oy = r % oh;
-      const int64_t top = oy * shape.stride_height - shape.pad_top;
-      const int64_t y0 = top < 0 ? 0 : top, y1 = top + shape.filter_height > h ? h : top + shape.filter_height;
-      for (int64_t ox = 0; ox < ow; ++ox) {
-        const int64_t left = ox * shape.stride_width - shape.pad_left;
-        const int64_t x0 = left < 0 ? 0 : left, x1 = left + shape.filter_width > w ? w : left + shape.filter_width;
-        float* out = output + ((n * oh + oy) * ow + ox) * c;
-        if (y0 >= y1 || x0 >= x1) {  // the whole window in the padding: the padding's value, 0
-          memset(out, 0, size_t(c) * 4);
-          continue;
-        }
-        const bool padded = y1 - y0 < shape.filter_height || x1 - x0 < shape.filter_width;
-        pixel(input + n * h * w * c, w * c, y0, y1, x0, x1, padded, out);
-      }
-    }
-  });
+  run_ranges(num_threads, rows_total, grain,
+             [&](int64_t begin, int64_t end) { rows(kernels, shape, int64_t(oh), int64_t(ow), begin, end); });
   return N2UQ_OK;
 }
 
@@ -178,28 +100,24 @@ extern "C" int n2uq_max_pool2d_output_size(const N2uqPoolShape* s, int32_t* out_
 }
 
 extern "C" int n2uq_max_pool2d(const N2uqPoolShape* s, const float* input, int64_t input_len, float* output,
-                               int64_t output_len, int num_threads, char* err, size_t err_len) {
+                               int64_t output_len, int isa, int num_threads, char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
-    const int64_t c = s != nullptr ? s->channels : 0;
-    return run_pool(s, input, input_len, output, output_len, num_threads, err, err_len,
-                    [c](const float* in, int64_t row, int64_t y0, int64_t y1, int64_t x0, int64_t x1, bool padded,
-                        float* out) { pool_pixel_float(in, row, c, y0, y1, x0, x1, padded, out); });
+    return run_pool(s, input, input_len, output, output_len, isa, num_threads, err, err_len,
+                    [=](const PoolRowKernels& k, const N2uqPoolShape& shape, int64_t oh, int64_t ow, int64_t begin,
+                        int64_t end) { k.float_rows(shape, oh, ow, input, output, begin, end); });
   });
 }
 
 extern "C" int n2uq_max_pool2d_int8(const N2uqPoolShape* s, const int8_t* input, int64_t input_len, int32_t zero_point,
-                                    float scale, float* output, int64_t output_len, int num_threads, char* err,
-                                    size_t err_len) {
+                                    float scale, float* output, int64_t output_len, int isa, int num_threads,
+                                    char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
     N2UQ_CHECK(zero_point >= -128 && zero_point <= 127, N2UQ_ERR_ARGUMENT, "zero_point must be -128..127, got %d",
                zero_point);
     N2UQ_CHECK(scale > 0.0f && scale <= FLT_MAX, N2UQ_ERR_ARGUMENT, "scale must be positive and finite, got %g",
                double(scale));
-    const int64_t c = s != nullptr ? s->channels : 0;
-    return run_pool(s, input, input_len, output, output_len, num_threads, err, err_len,
-                    [c, zero_point, scale](const int8_t* in, int64_t row, int64_t y0, int64_t y1, int64_t x0,
-                                           int64_t x1, bool padded, float* out) {
-                      pool_pixel_int8(in, row, c, y0, y1, x0, x1, padded, zero_point, scale, out);
-                    });
+    return run_pool(s, input, input_len, output, output_len, isa, num_threads, err, err_len,
+                    [=](const PoolRowKernels& k, const N2uqPoolShape& shape, int64_t oh, int64_t ow, int64_t begin,
+                        int64_t end) { k.int8_rows(shape, oh, ow, input, zero_point, scale, output, begin, end); });
   });
 }

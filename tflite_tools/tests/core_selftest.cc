@@ -568,7 +568,8 @@ std::vector<float> naive_pool(const N2uqPoolShape& s, int oh, int ow, const std:
 }
 
 // One pool shape on random data (mode 0: mixed signs; 1: all negative, so wherever a window
-// reaches the padding its zero wins; 2: a quarter special values), with 1 and 3 threads.
+// reaches the padding its zero wins; 2: a quarter special values), on every ISA, with 1 and 3
+// threads.
 void check_pool_case(const N2uqPoolShape& s, int mode) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   const float specials[] = {nan, -nan, inf, -inf, 0.f, -0.f, std::numeric_limits<float>::denorm_min(), -3e-39f};
@@ -586,21 +587,23 @@ void check_pool_case(const N2uqPoolShape& s, int mode) {
         : mode == 2 && uniform(0, 3) == 0 ? specials[uniform(0, 7)]
                                           : std::uniform_real_distribution<float>(-2.f, 2.f)(rng);
   const std::vector<float> expected = naive_pool(s, oh, ow, x);
+  for (int isa : isas())
   for (int threads : {1, 3}) {
     // Exact size with 1 thread (ASan sees any write past it); with 3, a longer buffer whose tail
     // must stay as it was.
     const size_t extra = threads == 1 ? 0 : 5;
     std::vector<float> got(expected.size() + extra, -7.f);
-    rc = n2uq_max_pool2d(&s, x.data(), int64_t(x.size()), got.data(), int64_t(got.size()), threads, err, sizeof err);
-    EXPECT(rc == N2UQ_OK, "max_pool2d returned %d: %s", rc, err);
+    rc = n2uq_max_pool2d(&s, x.data(), int64_t(x.size()), got.data(), int64_t(got.size()), isa, threads, err,
+                         sizeof err);
+    EXPECT(rc == N2UQ_OK, "max_pool2d %s returned %d: %s", n2uq_isa_name(isa), rc, err);
     if (rc != N2UQ_OK) continue;
     for (size_t i = 0; i < got.size(); ++i) {
       const float want = i < expected.size() ? expected[i] : -7.f;
       if (std::memcmp(&got[i], &want, sizeof want) != 0) {
         EXPECT(false,
-               "max_pool2d threads=%d mode=%d index %zu: %.9g vs %.9g (N=%d %dx%d C=%d filter %dx%d stride %dx%d "
-               "pads t%d b%d l%d r%d)",
-               threads, mode, i, got[i], want, s.batch, s.in_height, s.in_width, s.channels, s.filter_height,
+               "max_pool2d %s threads=%d mode=%d index %zu: %.9g vs %.9g (N=%d %dx%d C=%d filter %dx%d stride "
+               "%dx%d pads t%d b%d l%d r%d)",
+               n2uq_isa_name(isa), threads, mode, i, got[i], want, s.batch, s.in_height, s.in_width, s.channels, s.filter_height,
                s.filter_width, s.stride_height, s.stride_width, s.pad_top, s.pad_bottom, s.pad_left, s.pad_right);
         break;
       }
@@ -618,23 +621,25 @@ void check_pool_case(const N2uqPoolShape& s, int mode) {
   }
   std::vector<float> expected_int8 = naive_pool(s, oh, ow, shifted);
   for (float& v : expected_int8) v *= scale;
+  for (int isa : isas())
   for (int threads : {1, 3}) {
     std::vector<float> got(expected_int8.size(), -7.f);
-    rc = n2uq_max_pool2d_int8(&s, q.data(), int64_t(q.size()), zp, scale, got.data(), int64_t(got.size()), threads, err,
-                              sizeof err);
-    EXPECT(rc == N2UQ_OK, "max_pool2d_int8 returned %d: %s", rc, err);
+    rc = n2uq_max_pool2d_int8(&s, q.data(), int64_t(q.size()), zp, scale, got.data(), int64_t(got.size()), isa,
+                              threads, err, sizeof err);
+    EXPECT(rc == N2UQ_OK, "max_pool2d_int8 %s returned %d: %s", n2uq_isa_name(isa), rc, err);
     if (rc == N2UQ_OK && std::memcmp(got.data(), expected_int8.data(), got.size() * sizeof(float)) != 0)
-      EXPECT(false, "max_pool2d_int8 threads=%d zp=%d differs (N=%d %dx%d C=%d filter %dx%d stride %dx%d)", threads,
-             zp, s.batch, s.in_height, s.in_width, s.channels, s.filter_height, s.filter_width, s.stride_height,
+      EXPECT(false, "max_pool2d_int8 %s threads=%d zp=%d differs (N=%d %dx%d C=%d filter %dx%d stride %dx%d)",
+             n2uq_isa_name(isa), threads, zp, s.batch, s.in_height, s.in_width, s.channels, s.filter_height, s.filter_width, s.stride_height,
              s.stride_width);
   }
 }
 
-// Channel counts around the 16-channel register blocks, 2x3 and 3x3 filters, strides 1 and 2 (and
+// Channel counts around the register blocks (16-byte int8 vectors and float blocks of 16 and 4
+// on the baseline, up to 64-value blocks on AVX-512, and the scalar tail), 2x3 and 3x3 filters, strides 1 and 2 (and
 // mixed), no pads, asymmetric pads and pads at least a filter wide (whole windows in the padding);
 // then two wide layers, whose rows (~17K outputs each, over the kernel's grain) 3 threads split.
 void run_pool_cases() {
-  static const int kChannels[] = {1, 5, 16, 17, 70};
+  static const int kChannels[] = {1, 5, 16, 17, 70, 100, 150};
   static const int kFilters[][2] = {{2, 3}, {3, 3}};
   static const int kPads[][4] = {{0, 0, 0, 0}, {1, 0, 2, 1}, {3, 1, 0, 4}, {0, 3, 3, 0}};  // top, bottom, left, right
   for (int channels : kChannels)
@@ -688,14 +693,14 @@ void run_pool_malformed() {
                   int status, const char* expect) {
     char err[256] = "";
     std::fill(out.begin(), out.end(), -7.f);
-    const int rc = n2uq_max_pool2d(s, x, x_len, y, y_len, threads, err, sizeof err);
+    const int rc = n2uq_max_pool2d(s, x, x_len, y, y_len, N2UQ_ISA_AUTO, threads, err, sizeof err);
     EXPECT(rc == status && std::strstr(err, expect) != nullptr, "pool malformed (%s): rc=%d msg='%s'", expect, rc,
            err);
     EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "pool malformed (%s) wrote its output", expect);
   };
   {
     char err[256] = "";
-    const int rc = n2uq_max_pool2d(&good, in.data(), 120, out.data(), 24, 2, err, sizeof err);
+    const int rc = n2uq_max_pool2d(&good, in.data(), 120, out.data(), 24, N2UQ_ISA_AUTO, 2, err, sizeof err);
     EXPECT(rc == N2UQ_OK && std::count(out.begin(), out.end(), 1.f) == 24, "good pool failed: %d %s", rc, err);
   }
   pool(nullptr, in.data(), 120, out.data(), 24, 1, N2UQ_ERR_ARGUMENT, "NULL");
@@ -707,12 +712,24 @@ void run_pool_malformed() {
   pool(&good, in.data(), 120, out.data(), 24, 0, N2UQ_ERR_ARGUMENT, "num_threads");
   pool(&good, in.data(), 120, out.data(), 24, -2, N2UQ_ERR_ARGUMENT, "num_threads");
   pool(&good, in.data(), 120, out.data(), 24, N2UQ_MAX_THREADS + 1, N2UQ_ERR_ARGUMENT, "num_threads");
+  {  // an ISA id out of range, and one this CPU or build lacks (if any)
+    char err[256] = "";
+    EXPECT(n2uq_max_pool2d(&good, in.data(), 120, out.data(), 24, 99, 1, err, sizeof err) == N2UQ_ERR_ARGUMENT &&
+               std::strstr(err, "unknown ISA") != nullptr,
+           "pool with ISA 99: '%s'", err);
+    for (int isa = N2UQ_ISA_PORTABLE; isa <= N2UQ_ISA_NEON; ++isa)
+      if (!n2uq_isa_supported(isa))
+        EXPECT(n2uq_max_pool2d(&good, in.data(), 120, out.data(), 24, isa, 1, err, sizeof err) ==
+                   N2UQ_ERR_UNSUPPORTED,
+               "pool with unsupported ISA %d: '%s'", isa, err);
+    EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "pool with a bad ISA wrote its output");
+  }
   {  // the int8 pool's own arguments, and its input length in bytes
     const std::vector<int8_t> q(120, 3);
     auto pool8 = [&](const int8_t* x, int64_t x_len, int32_t zp, float scale, int status, const char* expect) {
       char err[256] = "";
       std::fill(out.begin(), out.end(), -7.f);
-      const int rc = n2uq_max_pool2d_int8(&good, x, x_len, zp, scale, out.data(), 24, 1, err, sizeof err);
+      const int rc = n2uq_max_pool2d_int8(&good, x, x_len, zp, scale, out.data(), 24, N2UQ_ISA_AUTO, 1, err, sizeof err);
       EXPECT(rc == status && std::strstr(err, expect) != nullptr, "int8 pool malformed (%s): rc=%d msg='%s'", expect,
              rc, err);
       EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "int8 pool malformed (%s) wrote its output", expect);
@@ -769,9 +786,9 @@ void run_pool_malformed() {
     EXPECT(n2uq_max_pool2d_output_size(&good, &oh, nullptr, err, sizeof err) == N2UQ_ERR_ARGUMENT, "pool size NULL w");
     // A too-small error buffer gets a terminated prefix; a NULL one is allowed.
     char tiny[4];
-    EXPECT(n2uq_max_pool2d(nullptr, in.data(), 120, out.data(), 24, 1, tiny, sizeof tiny) == N2UQ_ERR_ARGUMENT &&
+    EXPECT(n2uq_max_pool2d(nullptr, in.data(), 120, out.data(), 24, N2UQ_ISA_AUTO, 1, tiny, sizeof tiny) == N2UQ_ERR_ARGUMENT &&
                std::strlen(tiny) == 3, "pool tiny error buffer");
-    EXPECT(n2uq_max_pool2d(&good, in.data(), 119, out.data(), 24, 1, nullptr, 0) == N2UQ_ERR_BUFFER,
+    EXPECT(n2uq_max_pool2d(&good, in.data(), 119, out.data(), 24, N2UQ_ISA_AUTO, 1, nullptr, 0) == N2UQ_ERR_BUFFER,
            "pool null error buffer");
   }
   {
@@ -781,7 +798,7 @@ void run_pool_malformed() {
     auto overlap = [&](const float* x, float* y, int status) {
       std::fill(shared.begin(), shared.end(), 2.f);
       char err[256] = "";
-      const int rc = n2uq_max_pool2d(&good, x, 120, y, 24, 1, err, sizeof err);
+      const int rc = n2uq_max_pool2d(&good, x, 120, y, 24, N2UQ_ISA_AUTO, 1, err, sizeof err);
       EXPECT(rc == status && (status == N2UQ_OK || std::strstr(err, "overlaps")), "pool overlap at %td/%td: rc=%d %s",
              x - base, y - base, rc, err);
       if (status != N2UQ_OK)

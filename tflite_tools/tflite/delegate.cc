@@ -1498,10 +1498,10 @@ int RunLayer(Kernel* k, const Io& io, N2uqTfLiteTensor* t, int threads, char* ms
     case kMaxPool2DFused:
       if (k->pool_int8)
         status = n2uq_max_pool2d_int8(&k->pool, static_cast<const int8_t*>(x.data), int64_t(x.bytes), k->pool_zero_point,
-                                      k->pool_scale, dest, dest_len, threads, msg, msg_len);
+                                      k->pool_scale, dest, dest_len, isa, threads, msg, msg_len);
       else
         status = n2uq_max_pool2d(&k->pool, static_cast<const float*>(x.data), int64_t(x.bytes / 4), dest, dest_len,
-                                 threads, msg, msg_len);
+                                 isa, threads, msg, msg_len);
       break;
   }
   if (status == N2UQ_OK && IsFused(k->kind)) status = RunStage(k, io, t, dest, dest_len, threads, msg, msg_len);
