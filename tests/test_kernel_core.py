@@ -822,6 +822,15 @@ def test_native_build_cache_keeps_one_binary_per_tag(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(keep[1:] + ["main.cc", os.path.basename(built[1])])
 
 
+def test_the_build_lists_every_core_file():
+    """The package build compiles every .cc file of tflite_tools/core and hashes every file there
+    (a source left off one list is missing from the library, or a changed header leaves a stale
+    build in the cache); tflite_tools/README.md's app build compiles core/*.cc on that promise."""
+    files = sorted(os.listdir(CORE_DIR))
+    assert sorted(_native.CORE_COMPILED) == [f for f in files if f.endswith(".cc")]
+    assert sorted(_native.CORE_HEADERS_AND_SOURCES) == [f for f in files if f.endswith((".cc", ".h"))]
+
+
 def _selftest_sources():
     return [os.path.join(CORE_DIR, name) for name in _native.CORE_COMPILED] + [SELFTEST]
 
