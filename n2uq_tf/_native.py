@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 CORE_HEADERS_AND_SOURCES = ("n2uq_core.h", "kernel_table.h", "kernels_impl.h", "dot_impl.h", "core.cc",
                             "isa_portable.cc", "isa_avx2.cc", "isa_avx2_dot.cc", "isa_avx512.cc", "isa_avx512_dot.cc",
                             "isa_amx.cc", "isa_neon.cc", "core_internal.h", "output_stage_impl.h", "output_stage.cc",
-                            "output_stage_x86.cc", "pool_impl.h", "pool.cc", "pool_x86.cc", "int8_conv.cc",
+                            "vector_x86.cc", "pool_impl.h", "pool.cc", "int8_conv.cc",
                             "isa_avx512_int8.cc", "float_conv.cc", "isa_avx512_float.cc", "quantize_avx512_impl.h")
 CORE_COMPILED = ("core.cc", "isa_portable.cc", "isa_avx2.cc", "isa_avx2_dot.cc", "isa_avx512.cc", "isa_avx512_dot.cc",
-                 "isa_amx.cc", "isa_neon.cc", "output_stage.cc", "output_stage_x86.cc", "pool.cc",
-                 "pool_x86.cc", "int8_conv.cc", "isa_avx512_int8.cc", "float_conv.cc", "isa_avx512_float.cc")
+                 "isa_amx.cc", "isa_neon.cc", "output_stage.cc", "vector_x86.cc", "pool.cc",
+                 "int8_conv.cc", "isa_avx512_int8.cc", "float_conv.cc", "isa_avx512_float.cc")
 CORE_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 DELEGATE_HEADERS_AND_SOURCES = ("tflite_abi.h", "flexbuffer_options.h", "flexbuffer_options.cc", "delegate.cc")
 DELEGATE_COMPILED = ("delegate.cc", "flexbuffer_options.cc")

@@ -1,5 +1,5 @@
 // The output stage's per-channel steps (n2uq_core.h, N2UQ_STEP_*) over rows of a layer's float
-// output, compiled once per ISA by the including file (output_stage*.cc), which defines
+// output, compiled once per ISA by the including file (output_stage.cc, vector_x86.cc), which defines
 // kLaneBytes (16, 32 or 64) and its target options first. The output is walked in blocks of at
 // most kBlock floats (whole rows, or a segment of a long row) that stay in L1: each step is one
 // flat pass over the block in vectors of kLaneBytes / 4 floats (GCC vector extensions), dispatched

@@ -1,5 +1,5 @@
 // The max pools' rows (pool.cc), compiled once per ISA by the including file (pool.cc for the
-// baseline, pool_x86.cc for AVX2 and AVX-512), which defines kLaneBytes (16, 32 or 64) and its
+// baseline, vector_x86.cc for AVX2 and AVX-512), which defines kLaneBytes (16, 32 or 64) and its
 // target options first. Include inside a namespace of its own, after n2uq_core.h and <string.h>.
 //
 // Each output is the max over its window's positions inside the input in row-major order, then

@@ -1,5 +1,7 @@
-// The max pools' rows (pool_impl.h) compiled for AVX2 and for AVX-512; the dispatcher (pool.cc)
-// calls them only under the matching resolved ISA.
+// The kernels written once in GCC vector extensions and compiled per ISA, here for AVX2 and for
+// AVX-512: the output stage's steps (output_stage_impl.h; dispatched by output_stage.cc) and the
+// max pools' rows (pool_impl.h; dispatched by pool.cc). The dispatchers call them only under the
+// matching resolved ISA; their baseline builds live in those files.
 #if defined(__x86_64__)
 #include <stdint.h>
 #include <string.h>
@@ -14,6 +16,10 @@
 #pragma GCC target("avx2")
 #endif
 namespace n2uq_core {
+namespace avx2_steps {
+constexpr int kLaneBytes = 32;
+#include "output_stage_impl.h"
+}  // namespace avx2_steps
 namespace avx2_pool {
 constexpr int kLaneBytes = 32;
 #include "pool_impl.h"
@@ -32,6 +38,10 @@ constexpr int kLaneBytes = 32;
 #pragma GCC target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")
 #endif
 namespace n2uq_core {
+namespace avx512_steps {
+constexpr int kLaneBytes = 64;
+#include "output_stage_impl.h"
+}  // namespace avx512_steps
 namespace avx512_pool {
 constexpr int kLaneBytes = 64;
 #include "pool_impl.h"
@@ -44,6 +54,8 @@ constexpr int kLaneBytes = 64;
 #endif
 
 namespace n2uq_core {
+OutputRowsFn output_rows_avx2() { return &avx2_steps::output_rows; }
+OutputRowsFn output_rows_avx512() { return &avx512_steps::output_rows; }
 PoolRowKernels pool_rows_avx2() { return avx2_pool::pool_row_kernels(); }
 PoolRowKernels pool_rows_avx512() { return avx512_pool::pool_row_kernels(); }
 }  // namespace n2uq_core
@@ -53,6 +65,8 @@ PoolRowKernels pool_rows_avx512() { return avx512_pool::pool_row_kernels(); }
 #include "core_internal.h"
 
 namespace n2uq_core {
+OutputRowsFn output_rows_avx2() { return nullptr; }
+OutputRowsFn output_rows_avx512() { return nullptr; }
 PoolRowKernels pool_rows_avx2() { return PoolRowKernels{nullptr, nullptr}; }
 PoolRowKernels pool_rows_avx512() { return PoolRowKernels{nullptr, nullptr}; }
 }  // namespace n2uq_core
