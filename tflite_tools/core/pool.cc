@@ -4,8 +4,8 @@
 // int8 PAD + MAX_POOL_2D + DEQUANTIZE, and runs the output stage that follows (RPReLU, the next
 // quantize-and-pack) on its result, as the fused conv ops do. The checks and the split of output
 // rows over threads are here; the rows are pool_impl.h's, compiled per ISA (this file: the
-// baseline's 16-byte vectors, SSE2 or NEON; vector_x86.cc: AVX2, AVX-512) and picked by the resolved
-// ISA, as the other kernels'.
+// baseline's 16-byte vectors, SSE2 or NEON; vector_x86.cc: AVX2, AVX-512) and picked by the
+// resolved ISA, as the other kernels'.
 #include <cfloat>
 #include <cstring>
 #include <string.h>
