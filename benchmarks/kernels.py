@@ -324,6 +324,59 @@ PATH_LEGEND = ("bs = bitserial, wg = dot in Winograd form (F(2x2, 3x3), or its p
                "with compact weights (codes expanded while the tiles run)")
 
 
+def amx_phase_probe(seconds=0.3):
+    """(direct-form us, Winograd-form us): the best call of one 28x28x128 W2A2 conv on the amx path in
+    each form, interleaved for `seconds`; None where this CPU or build has no amx path. On the AMX Xeon VM
+    the direct form ran about 86 us and the Winograd form 135 us, but for minutes at a time the host slowed
+    the direct form about 3x and the Winograd form about 1.4x (plans prepared then pick the Winograd form),
+    so the report gives both, at the start and at the end of the run, to say which phase it saw."""
+    if "avx512" not in _core.supported_isas() or "amx" not in _core.supported_paths("avx512"):
+        return None
+    rng = np.random.default_rng(1)
+    size, channels, bits = 28, 128, 2
+    shape = _core.conv_shape(1, size, size, channels, channels, 3, padding=1, act_bits=bits, weight_bits=bits)
+    w = _core.pack_bitplanes(rng.integers(0, 2 ** bits, (channels, 3, 3, channels)), bits)
+    packed = arena_array(_core.pack_bitplanes(rng.integers(0, 2 ** bits, (1, size, size, channels)), bits))
+    out = arena_array(shape=(1, size, size, channels), dtype=np.float32)
+    mult, bias = np.full(channels, 0.01, np.float32), np.zeros(channels, np.float32)
+    saved = os.environ.get("N2UQ_DOT_WINOGRAD")
+    plans = {}
+    try:  # the core's switch to the direct form, read when a plan is made
+        os.environ["N2UQ_DOT_WINOGRAD"] = "0"
+        plans["direct"] = _core.ConvPlan(shape, w, isa="avx512", path="amx")
+    finally:
+        if saved is None:
+            del os.environ["N2UQ_DOT_WINOGRAD"]
+        else:
+            os.environ["N2UQ_DOT_WINOGRAD"] = saved
+    plans["winograd"] = _core.ConvPlan(shape, w, isa="avx512", path="amx")
+    if plans["direct"].form != "direct" or plans["winograd"].form != "winograd":
+        return None
+    lib, err = _core.library(), ctypes.create_string_buffer(256)
+    calls = {name: (plan._handle, ctypes.byref(shape), _core._ptr(packed), packed.size, _core._ptr(mult),
+                    _core._ptr(bias), channels, _core._ptr(out), None, out.size, 1, err, len(err))
+             for name, plan in plans.items()}
+    best = {name: float("inf") for name in calls}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            if lib.n2uq_conv_plan_run(*call) != 0:
+                return None
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["direct"] * 1e6, best["winograd"] * 1e6
+
+
+def describe_amx_probe(before, after):
+    """The report's line for amx_phase_probe's answers at the start and end of the run (None: no line)."""
+    if before is None or after is None:
+        return None
+    return ("AMX phase probe (one 28x28x128 W2A2 conv on the amx path, direct form / Winograd form, best call): "
+            f"at start {before[0]:.0f} / {before[1]:.0f} us, at end {after[0]:.0f} / {after[1]:.0f} us (the direct "
+            "form faster is the usual phase; where it is slower, the host slowed its tile work and the plans "
+            "picked the Winograd form, amx-wg)")
+
+
 def run_layers(args, isas, rng, md):
     print(f"\n== Per layer: GMAC/s (ResNet-18's 3x3 convs, batch 1; ours = quantize-and-pack + conv); {STATISTIC} of "
           f"{args.repeats} interleaved rounds, {args.sample_time * 1e3:g} ms samples; ISA: {', '.join(isas)}; path "
@@ -1053,6 +1106,10 @@ def main():
     versions = _versions()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; {' '.join(flags)}); kernel ISA: {', '.join(isas)}; "
           f"threads {args.threads}; " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    amx_before = amx_phase_probe()
+    if amx_before:
+        print(f"AMX phase probe (28x28x128 W2A2, direct / Winograd form): {amx_before[0]:.0f} / {amx_before[1]:.0f} us",
+              flush=True)
     body, targets = [], []
     if not args.skip_layers:
         targets += run_layers(args, isas, rng, body)
@@ -1115,6 +1172,9 @@ def main():
         print("\ntargets:\n" + "\n".join("  " + t for t in targets))
         body += ["## Targets", ""] + [f"- {t}" for t in targets] + [""]
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    amx_line = describe_amx_probe(amx_before, amx_phase_probe() if amx_before else None)
+    if amx_line:
+        print(amx_line)
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s; load average at start {load_before}, at end {load_after}")
     if args.markdown:
@@ -1131,6 +1191,7 @@ def main():
               + (" (above the CPU count: other jobs competed for the cores during the run, the 2-thread rows and "
                  "the multi-millisecond end-to-end invokes most)"
                  if load_before and max(load_before[0], (load_after or [0])[0]) > (os.cpu_count() or 1) else ""),
+              *([f"- {amx_line}"] if amx_line else []),
               f"- Repeats: per layer {args.repeats} rounds x {args.sample_time * 1e3:g} ms samples; end to end "
               f"{args.e2e_repeats} rounds x ~{args.e2e_sample_time * 1e3:g} ms samples; statistic per candidate: "
               f"{STATISTIC} of its rounds", ""]
