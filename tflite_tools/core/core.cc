@@ -1432,8 +1432,9 @@ constexpr int kDirectForm = 1 << 8;
 // And for the amx path's direct form, whether it keeps compact weights (ConvJob::compact_weights).
 constexpr int kCompactWeights = 1 << 9;
 // Compact weights are a candidate where the int8 weights reach this: they trade expanding every
-// weight row once per group of two pairs (beside the tile work) for 2-8x fewer weight bytes to stream, which pays where the weights come from
-// beyond L2 (7x7x512, 2.4 MB of int8: W2A2 139 -> 89 us on the AMX Xeon; tflite_tools/README.md).
+// weight row once per group of two pairs (beside the tile work) for 2-8x fewer weight bytes to
+// stream, which pays where the weights come from beyond L2 (7x7x512, 2.4 MB of int8: W2A2 139 -> 89
+// us on the AMX Xeon; tflite_tools/README.md).
 constexpr int64_t kCompactMinBytes = int64_t(512) << 10;
 
 int make_candidate_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa, int candidate,

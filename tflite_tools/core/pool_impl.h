@@ -72,23 +72,24 @@ inline void pool_pixel_float(const float* in, int64_t row, int64_t channels, int
   for (; c < channels; ++c) padded_max<float, 1>(in, row, channels, c, y0, y1, x0, x1, padded, 0.0f, out + c);
 }
 
-// The int8 pool's pixel: padding counts as zero_point (what TFLite's int8 PAD writes), then each
-// max dequantized as DEQUANTIZE does it: float(max - zero_point) * scale, one rounding (the product
-// of a small integer and a float32 is exact in double, so TFLite's reference kernel, which rounds
-// that, and XNNPACK's float32 multiply agree). Max commutes with the dequantization (scale > 0),
-// so this is the int8 PAD + MAX_POOL_2D + DEQUANTIZE it replaces, bit for bit.
-// Dequantizes `count` (a multiple of 16) maxes m to out.
+// Dequantizes `count` (a multiple of 16) maxes m to out: float(m - zero_point) * scale.
 __attribute__((always_inline)) inline void dequantize(const int8_t* m, int count, int32_t zero_point, float scale,
                                                       float* out) {
   for (int i = 0; i < count; i += kDequantLanes) {
     PoolDequantBytes q;
     memcpy(&q, m + i, sizeof(q));
-    const PoolDequantInts wide = __builtin_convertvector(__builtin_convertvector(q, PoolDequantShorts), PoolDequantInts);
+    const PoolDequantShorts shorts = __builtin_convertvector(q, PoolDequantShorts);
+    const PoolDequantInts wide = __builtin_convertvector(shorts, PoolDequantInts);
     const PoolDequantFloats y = __builtin_convertvector(wide - zero_point, PoolDequantFloats) * scale;
     memcpy(out + i, &y, sizeof(y));
   }
 }
 
+// The int8 pool's pixel: padding counts as zero_point (what TFLite's int8 PAD writes), then each
+// max dequantized as DEQUANTIZE does it: float(max - zero_point) * scale, one rounding (the product
+// of a small integer and a float32 is exact in double, so TFLite's reference kernel, which rounds
+// that, and XNNPACK's float32 multiply agree). Max commutes with the dequantization (scale > 0),
+// so this is the int8 PAD + MAX_POOL_2D + DEQUANTIZE it replaces, bit for bit.
 inline void pool_pixel_int8(const int8_t* in, int64_t row, int64_t channels, int64_t y0, int64_t y1, int64_t x0,
                             int64_t x1, bool padded, int32_t zero_point, float scale, float* out) {
   const int8_t pad = int8_t(zero_point);

@@ -603,8 +603,9 @@ void check_pool_case(const N2uqPoolShape& s, int mode) {
         EXPECT(false,
                "max_pool2d %s threads=%d mode=%d index %zu: %.9g vs %.9g (N=%d %dx%d C=%d filter %dx%d stride "
                "%dx%d pads t%d b%d l%d r%d)",
-               n2uq_isa_name(isa), threads, mode, i, got[i], want, s.batch, s.in_height, s.in_width, s.channels, s.filter_height,
-               s.filter_width, s.stride_height, s.stride_width, s.pad_top, s.pad_bottom, s.pad_left, s.pad_right);
+               n2uq_isa_name(isa), threads, mode, i, got[i], want, s.batch, s.in_height, s.in_width, s.channels,
+               s.filter_height, s.filter_width, s.stride_height, s.stride_width, s.pad_top, s.pad_bottom, s.pad_left,
+               s.pad_right);
         break;
       }
     }
@@ -629,8 +630,8 @@ void check_pool_case(const N2uqPoolShape& s, int mode) {
     EXPECT(rc == N2UQ_OK, "max_pool2d_int8 %s returned %d: %s", n2uq_isa_name(isa), rc, err);
     if (rc == N2UQ_OK && std::memcmp(got.data(), expected_int8.data(), got.size() * sizeof(float)) != 0)
       EXPECT(false, "max_pool2d_int8 %s threads=%d zp=%d differs (N=%d %dx%d C=%d filter %dx%d stride %dx%d)",
-             n2uq_isa_name(isa), threads, zp, s.batch, s.in_height, s.in_width, s.channels, s.filter_height, s.filter_width, s.stride_height,
-             s.stride_width);
+             n2uq_isa_name(isa), threads, zp, s.batch, s.in_height, s.in_width, s.channels, s.filter_height,
+             s.filter_width, s.stride_height, s.stride_width);
   }
 }
 
@@ -729,7 +730,8 @@ void run_pool_malformed() {
     auto pool8 = [&](const int8_t* x, int64_t x_len, int32_t zp, float scale, int status, const char* expect) {
       char err[256] = "";
       std::fill(out.begin(), out.end(), -7.f);
-      const int rc = n2uq_max_pool2d_int8(&good, x, x_len, zp, scale, out.data(), 24, N2UQ_ISA_AUTO, 1, err, sizeof err);
+      const int rc =
+          n2uq_max_pool2d_int8(&good, x, x_len, zp, scale, out.data(), 24, N2UQ_ISA_AUTO, 1, err, sizeof err);
       EXPECT(rc == status && std::strstr(err, expect) != nullptr, "int8 pool malformed (%s): rc=%d msg='%s'", expect,
              rc, err);
       EXPECT(std::count(out.begin(), out.end(), -7.f) == 24, "int8 pool malformed (%s) wrote its output", expect);
@@ -786,8 +788,10 @@ void run_pool_malformed() {
     EXPECT(n2uq_max_pool2d_output_size(&good, &oh, nullptr, err, sizeof err) == N2UQ_ERR_ARGUMENT, "pool size NULL w");
     // A too-small error buffer gets a terminated prefix; a NULL one is allowed.
     char tiny[4];
-    EXPECT(n2uq_max_pool2d(nullptr, in.data(), 120, out.data(), 24, N2UQ_ISA_AUTO, 1, tiny, sizeof tiny) == N2UQ_ERR_ARGUMENT &&
-               std::strlen(tiny) == 3, "pool tiny error buffer");
+    EXPECT(n2uq_max_pool2d(nullptr, in.data(), 120, out.data(), 24, N2UQ_ISA_AUTO, 1, tiny, sizeof tiny) ==
+                   N2UQ_ERR_ARGUMENT &&
+               std::strlen(tiny) == 3,
+           "pool tiny error buffer");
     EXPECT(n2uq_max_pool2d(&good, in.data(), 119, out.data(), 24, N2UQ_ISA_AUTO, 1, nullptr, 0) == N2UQ_ERR_BUFFER,
            "pool null error buffer");
   }
