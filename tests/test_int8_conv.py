@@ -383,6 +383,36 @@ def test_int8_conv_ties_round_to_even():
     check_case(case, int8_paths(), other_input=False)
 
 
+@pytest.mark.parametrize("oc", [64, 70, 96])
+@pytest.mark.parametrize("largest_scale", [0.5, 0.75, 1e5])
+@pytest.mark.parametrize("output_range", [(-128, 127), (-20, 127), (-100, 30)])
+def test_int8_conv_requantization_forms(oc, largest_scale, output_range):
+    """The AVX-512 / AMX stores requantize in one of two forms: with every scale <= 0.5 (so that
+    float(acc) * scale stays inside int32) without float clamps, the saturating packs and a byte
+    max / min giving the range; else clamping in float first (with scales up to 1e5, products
+    past int32 that a conversion before the clamp would turn into INT32_MIN). Both against the
+    reference, with outputs far past both ends of the range, 64 channels per store and a last
+    chunk of 32 or fewer (70, 96), an image wide enough for several blocks per row."""
+    rng = np.random.default_rng(oc + int(largest_scale * 8) % 1000)
+    x = rng.integers(-128, 128, (1, 20, 75, 3)).astype(np.int8)
+    w = rng.integers(-127, 128, (oc, 7, 7, 3)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, oc).astype(np.int32)
+    # Scales (input 1, output 1) of about 1/300 .. largest: outputs of the smaller ones spread over
+    # the range, the larger ones saturate at either end.
+    filter_scales = np.geomspace(1 / 300, largest_scale, oc).astype(np.float32)
+    rng.shuffle(filter_scales)
+    case = dict(x=x, w=w, bias=bias, filter_scales=filter_scales, input_quant=(1.0, 3), output_quant=(1.0, -7),
+                strides=(2, 2), dilations=(1, 1), pads=(3, 3, 3, 3), output_range=output_range, rng=rng)
+    want = reference_int8_conv(x, w, bias, filter_scales, case["input_quant"], case["output_quant"],
+                               case["strides"], case["dilations"], case["pads"], output_range)
+    assert (want == output_range[0]).sum() > 50 and (want == output_range[1]).sum() > 50
+    assert len(np.unique(want)) > 40
+    if largest_scale > 1:
+        acc = int8_accumulators(x, w, bias, 3, (2, 2), (1, 1), (3, 3, 3, 3))
+        assert (np.abs(acc.astype(np.float64) * filter_scales) > 2.0 ** 31).sum() > 1000
+    assert check_case(case, int8_paths()) == 4 * len(int8_paths())
+
+
 def test_int8_conv_isa_and_path_selection(monkeypatch):
     """auto: amx where offered, else the AVX-512 VNNI blocks, else portable C (also under the AVX2
     ISA); paths the int8 conv lacks (bitserial, lut) fall back to that choice, also from

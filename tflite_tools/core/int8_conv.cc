@@ -33,10 +33,11 @@ struct N2uqInt8ConvPlan {
   float min_less_zero_point = 0, max_less_zero_point = 0;
   int32_t output_zero_point = 0;
   uint8_t pad_code = 0;
+  bool requant_saturates = false;      // Int8ConvJob::requant_saturates
   bool stack = false;                  // the column-stacked form (Int8ConvJob::stack)
   std::vector<uint8_t> stack_index;    // [KH * C][64]
   std::vector<uint64_t> stack_masks;   // [KH * C][KH]
-  int64_t stack_window = 128;
+  int64_t stack_window = 128, stack_reach = 128;
 };
 
 namespace n2uq_core {
@@ -162,6 +163,7 @@ int create(const N2uqConvShape* shape, const int8_t* filter, int64_t filter_len,
     build_stack_tables(shape->kernel_height, shape->in_channels, &plan->stack_index, &plan->stack_masks);
     const uint8_t largest = *std::max_element(plan->stack_index.begin(), plan->stack_index.end());
     plan->stack_window = largest < 64 ? 64 : 128;
+    plan->stack_reach = int64_t(largest) + 1;
   }
   plan->path = chosen;
   plan->k = k;
@@ -198,6 +200,7 @@ int create(const N2uqConvShape* shape, const int8_t* filter, int64_t filter_len,
   plan->min_less_zero_point = float(params->output_min - params->output_zero_point);
   plan->max_less_zero_point = float(params->output_max - params->output_zero_point);
   plan->output_zero_point = params->output_zero_point;
+  plan->requant_saturates = std::all_of(plan->scale.begin(), plan->scale.end(), [](float s) { return s <= 0.5f; });
   plan->pad_code = uint8_t(int8_t(params->input_zero_point)) ^ 0x80;
   *out = plan.release();
   return N2UQ_OK;
@@ -251,6 +254,7 @@ int run(const N2uqInt8ConvPlan* plan, const N2uqConvShape* shape, const int8_t* 
   j.min_less_zero_point = plan->min_less_zero_point;
   j.max_less_zero_point = plan->max_less_zero_point;
   j.output_zero_point = plan->output_zero_point;
+  j.requant_saturates = plan->requant_saturates ? 1 : 0;
   j.stack = plan->stack ? 1 : 0;
   j.stack_cols = (ow - 1) * shape->stride_width + shape->kernel_width;
   // The last block's 32 rows: from its first pixel ow0 = the last multiple of 32 below out_width.
@@ -258,6 +262,7 @@ int run(const N2uqInt8ConvPlan* plan, const N2uqConvShape* shape, const int8_t* 
                            shape->stride_width * shape->kernel_height * shape->in_channels;
   j.stack_bytes = (last_row + plan->k_padded + 63) / 64 * 64;
   j.stack_window = plan->stack_window;
+  j.stack_reach = plan->stack_reach;
   j.stack_index = plan->stack_index.data();
   j.stack_masks = plan->stack_masks.data();
   // Items: output rows in the stacked form, else 32-pixel blocks (the portable blocks: always).

@@ -168,14 +168,14 @@ void blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
   memset(a, 0, bytes);
   for (int64_t item = begin; item < end; ++item) {
     if (j.stack) {  // item: output row (n, oh)
-      avx512_int8_stack_row(j, item / j.out_height, item % j.out_height, a);
+      avx512_int8_stack_row(j, item / j.out_height, item % j.out_height, a, 0, int8_stack_vectors(j));
       const int64_t step = j.stride_width * j.kernel_height * j.in_channels;
       for (int64_t ow0 = 0; ow0 < j.out_width; ow0 += kInt8BlockPixels)
         block(j, a + ow0 * step, step, item * j.out_width + ow0,
               j.out_width - ow0 < kInt8BlockPixels ? j.out_width - ow0 : kInt8BlockPixels);
     } else {  // item: 32-pixel block
       const int64_t q0 = item * kInt8BlockPixels;
-      avx512_int8_rows(j, q0, a);
+      avx512_int8_rows(j, q0, 0, kInt8BlockPixels, a);
       block(j, a, j.k_padded, q0, j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels);
     }
   }
@@ -185,15 +185,15 @@ void blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
 }  // namespace avx512_int8
 }  // namespace
 
-void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a) {
+void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, int64_t p_begin, int64_t p_end, uint8_t* a) {
   using namespace avx512_int8;
-  const int64_t end = q0 + kInt8BlockPixels < j.pixels ? q0 + kInt8BlockPixels : j.pixels;
+  const int64_t end = q0 + p_end < j.pixels ? q0 + p_end : j.pixels;
   const int64_t seg = j.kernel_width * j.in_channels, last = (j.kernel_height - 1) * seg;
   // The widest unmasked copy a segment fits whose last store stays inside the row.
   const int width = seg <= 16 && last + 16 <= j.k_padded ? 16 : seg <= 32 && last + 32 <= j.k_padded ? 32
                     : seg <= 64 && last + 64 <= j.k_padded ? 64 : 0;
   const int64_t plane = j.out_height * j.out_width;
-  for (int64_t q = q0; q < end;) {  // one output row's run at a time
+  for (int64_t q = q0 + p_begin; q < end;) {  // one output row's run at a time
     const int64_t n = q / plane, r = q - n * plane, oh = r / j.out_width, ow = r - oh * j.out_width;
     const int64_t count = j.out_width - ow < end - q ? j.out_width - ow : end - q;
     uint8_t* row = a + (q - q0) * j.k_padded;
@@ -207,10 +207,54 @@ void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a) {
   }
 }
 
-void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z) {
-  const avx512_int8::ChunkStore k = avx512_int8::chunk_store(j, chunk);
-  for (int64_t q = q0; q < q0 + count; ++q, z += 32)
-    avx512_int8::store_chunk(j, k, q, _mm512_load_si512(z), _mm512_load_si512(z + 16));
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t p_begin, int64_t p_end, const int32_t* z) {
+  using namespace avx512_int8;
+  if (!j.requant_saturates) {  // float clamps first (store_chunk), 32 channels at a time
+    for (int64_t chunk = 0; chunk < j.oc_chunks; ++chunk) {
+      const ChunkStore k = chunk_store(j, chunk);
+      const int32_t* zc = z + chunk * 32 * 32;
+      for (int64_t p = p_begin; p < p_end; ++p)
+        store_chunk(j, k, q0 + p, _mm512_load_si512(zc + p * 32), _mm512_load_si512(zc + p * 32 + 16));
+    }
+    return;
+  }
+  // 64 channels (two chunks) per store. With every |scale| <= 0.5, |float(acc) * scale| <= 2^30,
+  // so VCVTPS2DQ is exact (round to nearest even) and the saturating packs int32 -> int16, + zp,
+  // int16 -> int8 give clamp(v + zp, -128, 127) (a value past int16 saturates to the same end
+  // whatever zp adds); the activation's range, clamp(rne(f), lo, hi) = rne(clamp(f, lo, hi)) for
+  // integer lo and hi, is then one byte max and min. The packs leave each 128-bit lane L as
+  // v0[4L..4L+3], v1[4L..], v2[4L..], v3[4L..]; a dword permute puts the channels in order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i zero_point = _mm512_set1_epi16(short(j.output_zero_point));
+  const __m512i lo = _mm512_set1_epi8(char(int(j.min_less_zero_point) + j.output_zero_point));
+  const __m512i hi = _mm512_set1_epi8(char(int(j.max_less_zero_point) + j.output_zero_point));
+  for (int64_t pair = 0; pair * 2 < j.oc_chunks; ++pair) {
+    const int64_t oc = pair * 64, left = j.out_channels - oc;
+    const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    // An odd last chunk is paired with itself; its copy lands in the masked-off bytes.
+    const int64_t second = 2 * pair + 1 < j.oc_chunks ? 2 * pair + 1 : 2 * pair;
+    const int32_t* z0 = z + 2 * pair * 32 * 32;
+    const int32_t* z1 = z + second * 32 * 32;
+    __m512i bias[4];
+    __m512 scale[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t at = (r < 2 ? 2 * pair : second) * 32 + 16 * (r & 1);
+      bias[r] = _mm512_loadu_si512(j.bias + at);
+      scale[r] = _mm512_loadu_ps(j.scale + at);
+    }
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int32_t* acc[4] = {z0 + p * 32, z0 + p * 32 + 16, z1 + p * 32, z1 + p * 32 + 16};
+      __m512i v[4];
+      for (int r = 0; r < 4; ++r)
+        v[r] = _mm512_cvtps_epi32(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_load_si512(acc[r]), bias[r])), scale[r]));
+      const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[1]), zero_point);
+      const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(v[2], v[3]), zero_point);
+      const __m512i bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(w01, w23));
+      _mm512_mask_storeu_epi8(j.output + (q0 + p) * j.out_channels + oc, mask,
+                              _mm512_min_epi8(_mm512_max_epi8(bytes, lo), hi));
+    }
+  }
 }
 
 Int8ConvBlocksFn avx512_int8_conv_blocks() { return &avx512_int8::blocks; }
@@ -246,51 +290,72 @@ static inline __mmask64 byte_range(int64_t lo, int64_t hi) {
 // S for output row (n, oh), one 64-byte vector at a time: per kernel row inside the image, a
 // 128-byte window of its input row (from column col_first - pad_left, where the vector's first
 // column col_first starts) permuted into place and merged under that row's byte mask; bytes of
-// rows or columns outside the image keep the input zero point. Then x ^ 0x80 for all.
-void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s) {
+// rows or columns outside the image keep the input zero point. Then x ^ 0x80 for all. The rows
+// inside the image are listed once per call and (col_first, phase) advance by 64 bytes per vector
+// without a division: per-vector divisions and row arithmetic had made this loop scalar-bound
+// (about 25 cycles per vector for 7 one-register permutes).
+void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s, int64_t v_begin, int64_t v_end) {
   const int64_t c = j.in_channels, kh_count = j.kernel_height, khc = kh_count * c, row_bytes = j.in_width * c;
-  const int64_t vectors = (j.stack_cols * khc + 63) / 64;
+  const int64_t vectors = v_end < int8_stack_vectors(j) ? v_end : int8_stack_vectors(j);
+  if (v_begin >= vectors) return;
   const uintptr_t image = uintptr_t(j.input + n * j.in_height * row_bytes);
-  int64_t rows[256];  // input row of kernel row kh, or -1 outside the image (khc <= 256)
+  uintptr_t starts[256];   // per kernel row inside the image: its input row's first byte (khc <= 256)
+  int64_t kernel_rows[256];  // and that kernel row
+  int64_t inside_rows = 0;
   for (int64_t kh = 0; kh < kh_count; ++kh) {
     const int64_t ih = oh * j.stride_height - j.pad_top + kh * j.dilation_height;
-    rows[kh] = ih >= 0 && ih < j.in_height ? ih : -1;
+    if (ih < 0 || ih >= j.in_height) continue;
+    starts[inside_rows] = image + uintptr_t(ih * row_bytes);
+    kernel_rows[inside_rows++] = kh;
   }
+  // A vector is interior when every byte its index reads lies in the row (stack_reach) and whole
+  // windows load inside the input: past a row's end they read the next row, which no index selects.
+  const uintptr_t input_end = uintptr_t(j.input + j.batch * j.in_height * row_bytes);
+  const uintptr_t last_start = inside_rows > 0 ? starts[inside_rows - 1] : image;
   const __m512i zero_point = _mm512_set1_epi8(char(j.pad_code ^ 0x80)), flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t v = 0; v < vectors; ++v) {
-    const int64_t col_first = 64 * v / khc, phase = 64 * v - col_first * khc;
+  const int64_t column_step = 64 / khc, phase_step = 64 % khc;
+  int64_t col_first = 64 * v_begin / khc, phase = 64 * v_begin - col_first * khc;
+  for (int64_t v = v_begin; v < vectors; ++v) {
     const int64_t base = (col_first - j.pad_left) * c;  // window start in the input row, in bytes
     const __m512i index = _mm512_loadu_si512(j.stack_index + phase * 64);
     const uint64_t* masks = j.stack_masks + phase * kh_count;
-    const bool interior = base >= 0 && base + j.stack_window <= row_bytes;
-    // At the edges: only window bytes inside the row load, and only vector bytes reading them merge.
-    const __mmask64 lo_load = interior ? ~__mmask64(0) : byte_range(-base, row_bytes - base);
-    const __mmask64 hi_load = interior ? ~__mmask64(0) : byte_range(-base - 64, row_bytes - base - 64);
-    __mmask64 inside = ~__mmask64(0);
-    if (!interior) {
-      const int64_t lo = base < 0 ? -base : 0, hi = row_bytes - base < 128 ? row_bytes - base : 128;
-      inside = hi <= lo ? 0
-                        : _mm512_cmpge_epu8_mask(index, _mm512_set1_epi8(char(lo))) &
-                              _mm512_cmplt_epu8_mask(index, _mm512_set1_epi8(char(hi)));
-    }
     __m512i out = zero_point;
-    if (j.stack_window == 64) {  // every index < 64: one window load and a one-table VPERMB per row
-      for (int64_t kh = 0; kh < kh_count; ++kh) {
-        if (rows[kh] < 0) continue;
-        const uintptr_t at = image + uintptr_t(rows[kh] * row_bytes + base);  // may lie outside: masked
-        const __m512i lo = _mm512_maskz_loadu_epi8(lo_load, reinterpret_cast<const void*>(at));
-        out = _mm512_mask_permutexvar_epi8(out, masks[kh] & inside, index, lo);
+    if (base >= 0 && base + j.stack_reach <= row_bytes && last_start + base + j.stack_window <= input_end) {
+      if (j.stack_window == 64) {  // every index < 64: one window register, a one-table VPERMB per row
+        for (int64_t i = 0; i < inside_rows; ++i) {
+          const __m512i lo = _mm512_loadu_si512(reinterpret_cast<const void*>(starts[i] + base));
+          out = _mm512_mask_permutexvar_epi8(out, masks[kernel_rows[i]], index, lo);
+        }
+      } else {
+        for (int64_t i = 0; i < inside_rows; ++i) {
+          const __m512i lo = _mm512_loadu_si512(reinterpret_cast<const void*>(starts[i] + base));
+          const __m512i hi = _mm512_loadu_si512(reinterpret_cast<const void*>(starts[i] + base + 64));
+          out = _mm512_mask_mov_epi8(out, masks[kernel_rows[i]], _mm512_permutex2var_epi8(lo, index, hi));
+        }
       }
     } else {
-      for (int64_t kh = 0; kh < kh_count; ++kh) {
-        if (rows[kh] < 0) continue;
-        const uintptr_t at = image + uintptr_t(rows[kh] * row_bytes + base);
-        const __m512i lo = _mm512_maskz_loadu_epi8(lo_load, reinterpret_cast<const void*>(at));
-        const __m512i hi = _mm512_maskz_loadu_epi8(hi_load, reinterpret_cast<const void*>(at + 64));
-        out = _mm512_mask_mov_epi8(out, masks[kh] & inside, _mm512_permutex2var_epi8(lo, index, hi));
+      // At the edges: only window bytes inside the row load, and only vector bytes reading them merge.
+      const __mmask64 lo_load = byte_range(-base, row_bytes - base);
+      const __mmask64 hi_load = byte_range(-base - 64, row_bytes - base - 64);
+      const int64_t lo = base < 0 ? -base : 0, hi = row_bytes - base < 128 ? row_bytes - base : 128;
+      const __mmask64 inside = hi <= lo ? 0
+                                        : _mm512_cmpge_epu8_mask(index, _mm512_set1_epi8(char(lo))) &
+                                              _mm512_cmplt_epu8_mask(index, _mm512_set1_epi8(char(hi)));
+      for (int64_t i = 0; i < inside_rows; ++i) {
+        const uintptr_t at = starts[i] + uintptr_t(base);  // may lie outside the row: masked
+        const __m512i lo_bytes = _mm512_maskz_loadu_epi8(lo_load, reinterpret_cast<const void*>(at));
+        const __m512i hi_bytes = _mm512_maskz_loadu_epi8(hi_load, reinterpret_cast<const void*>(at + 64));
+        out = _mm512_mask_mov_epi8(out, masks[kernel_rows[i]] & inside,
+                                   _mm512_permutex2var_epi8(lo_bytes, index, hi_bytes));
       }
     }
     _mm512_store_si512(s + 64 * v, _mm512_xor_si512(out, flip));
+    col_first += column_step;
+    phase += phase_step;
+    if (phase >= khc) {
+      phase -= khc;
+      ++col_first;
+    }
   }
 }
 

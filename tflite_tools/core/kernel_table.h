@@ -338,6 +338,7 @@ struct Int8ConvJob {
   const float* scale;        // [oc_chunks * 32]: input_scale * filter_scale[oc] / output_scale
   float min_less_zero_point, max_less_zero_point;
   int32_t output_zero_point;
+  int requant_saturates;     // every |scale| <= 0.5: no float clamp needed (avx512_int8_store)
   // The column-stacked form (stack = 1; dilation_width 1, int8_conv.cc): K in (kw, kh, c) order,
   // and per output row (n, oh) one stacked row S[col][kh][c] = x[oh * sh - pad_top + kh * dh]
   // [col - pad_left][c] (the zero point outside the image) over stack_cols columns, so that pixel
@@ -348,6 +349,7 @@ struct Int8ConvJob {
   int stack;
   int64_t stack_cols, stack_bytes;    // S: columns, and bytes (the last block's 32 rows inside)
   int64_t stack_window;               // 64 where every index is < 64 (one window register), else 128
+  int64_t stack_reach;                // bytes of the window any index reads: the largest index + 1
   const uint8_t* stack_index;         // [KH * C][64]
   const uint64_t* stack_masks;        // [KH * C][KH]
 };
@@ -357,13 +359,19 @@ constexpr int64_t kInt8BlockPixels = 32;  // pixels per block: 2 AMX A tiles of 
 typedef void (*Int8ConvBlocksFn)(const Int8ConvJob& job, int64_t begin, int64_t end);
 Int8ConvBlocksFn avx512_int8_conv_blocks();          // AVX-512 VNNI; null when not built for x86-64
 Int8ConvBlocksFn amx_int8_conv_blocks(bool emulated);  // isa_amx.cc; null when not built for x86-64
-// The AVX-512 parts the AMX blocks share (isa_avx512_int8.cc; x86-64 only): the rows of block
-// pixels [q0, q0 + 32) into a[32][k_padded]; the stacked row of output row (n, oh) into s
-// (AVX-512 VBMI); and the requantized stores of chunk `chunk` of pixels [q0, q0 + count) from
-// z[32][32] int32 sums (without the bias).
-void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, uint8_t* a);
-void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s);
-void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t count, int64_t chunk, const int32_t* z);
+// The 64-byte vectors of one stacked row.
+inline int64_t int8_stack_vectors(const Int8ConvJob& j) {
+  return (j.stack_cols * j.kernel_height * j.in_channels + 63) / 64;
+}
+// The AVX-512 parts the AMX blocks share (isa_avx512_int8.cc; x86-64 only), each on a part of its
+// work so that the AMX blocks can spread it between their tile products: the rows of the block
+// at pixel q0, its pixels [q0 + p_begin, q0 + p_end), into a[32][k_padded]; vectors [v_begin,
+// v_end) of the stacked row of output row (n, oh) into s (AVX-512 VBMI); and the requantized stores of the block at pixel q0, its pixels [q0 + p_begin,
+// q0 + p_end), from z[oc_chunks][32 pixels][32 channels] int32 sums (without the bias).
+void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, int64_t p_begin, int64_t p_end, uint8_t* a);
+void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s, int64_t v_begin,
+                           int64_t v_end);
+void avx512_int8_store(const Int8ConvJob& j, int64_t q0, int64_t p_begin, int64_t p_end, const int32_t* z);
 
 // ---- Float convolution over few input channels (float_conv.cc): a direct conv, each output row
 // in register blocks of 7 pixels x up to 4 vectors of 16 channels (28 FMA accumulators), every
