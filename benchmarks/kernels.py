@@ -99,7 +99,7 @@ def cpu_name():
 
 # x86 CPU families by their CPUID family number (the VM's model name may not say), and Intel's
 # server cores by family 6 model number, which is where Intel names them.
-CPU_FAMILIES = {("AuthenticAMD", 25): "Zen 3 / Zen 4", ("AuthenticAMD", 26): "Zen 5", ("GenuineIntel", 6): "Intel Core"}
+CPU_FAMILIES = {("AuthenticAMD", 25): "Zen 3 / Zen 4", ("AuthenticAMD", 26): "Zen 5"}
 INTEL_MODELS = {85: "Skylake / Cascade Lake server", 106: "Ice Lake server", 143: "Sapphire Rapids",
                 207: "Emerald Rapids", 173: "Granite Rapids"}
 
@@ -121,6 +121,38 @@ def cpu_family():
     if info.get("vendor_id") == "GenuineIntel" and family == 6 and info.get("model", "").isdigit():
         name = INTEL_MODELS.get(int(info["model"]), name)
     return f"family {family} model {info.get('model', '?')}" + (f" ({name})" if name else "")
+
+
+def cpu_caches():
+    """'L2 2 MB per core, L3 480 MB' from sysfs (cpu0's unified and data caches), or ''. A VM's
+    reported model number may not be its host's (a KVM guest has shown family 6 model 167, a
+    desktop core's number, with AMX flags); the cache sizes tell two hosts apart where it does not."""
+    sizes = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            level, kind, size = (open(os.path.join(base, entry, name)).read().strip()
+                                 for name in ("level", "type", "size"))
+            level = int(level)
+            if level >= 2 and kind == "Unified":
+                sizes[level] = size
+    except (OSError, ValueError):
+        return ""
+
+    def pretty(size):
+        return f"{int(size[:-1]) // 1024} MB" if size.endswith("K") and int(size[:-1]) % 1024 == 0 else size
+
+    return ", ".join(f"L{level} {pretty(size)}" + (" per core" if level == 2 else "") for level, size in
+                     sorted(sizes.items()))
+
+
+def cpu_class():
+    """The key of this CPU's RESULTS.md section: model name and family / model number, e.g.
+    'Intel(R) Xeon(R) Processor, family 6 model 207 (Emerald Rapids)'."""
+    family = cpu_family()
+    return f"{cpu_name()}, {family}" if family else cpu_name()
 
 
 def cpu_flags():
@@ -1032,9 +1064,10 @@ def _git_commit():
 
 
 RESULTS_TITLE = "# n2uq_tf kernel benchmark results"
-RESULTS_INTRO = ("One section per CPU class, each written by `python benchmarks/kernels.py --markdown "
-                 "benchmarks/RESULTS.md` on a CPU of that class: a run replaces the section of its own CPU model and "
-                 "keeps the others. Ratios are always between candidates timed in the same run.")
+RESULTS_INTRO = ("One section per CPU class (model name, family and model number), each written by `python "
+                 "benchmarks/kernels.py --markdown benchmarks/RESULTS.md` on a CPU of that class: a run replaces the "
+                 "section of its own class and keeps the others. Ratios are always between candidates timed in the "
+                 "same run.")
 
 
 def write_cpu_section(path, cpu, lines):
@@ -1178,10 +1211,11 @@ def main():
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s; load average at start {load_before}, at end {load_after}")
     if args.markdown:
-        md = [f"## {cpu_name()} ({' '.join(flags) or 'n/a'})", "",
+        md = [f"## {cpu_class()} ({' '.join(flags) or 'n/a'})", "",
               f"Written by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}` on "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (commit {_git_commit()}), {elapsed:.0f} s.", "",
-              f"- CPU: {cpu_name()}, {cpu_family() or 'family n/a'}, {os.cpu_count()} logical CPUs; flags: "
+              f"- CPU: {cpu_name()}, {cpu_family() or 'family n/a'}, {os.cpu_count()} logical CPUs"
+              f"{', ' + cpu_caches() if cpu_caches() else ''}; flags: "
               f"{' '.join(flags) or 'n/a'}; kernel "
               f"features detected: {' '.join(_core.cpu_features()) or 'none'}",
               f"- Kernel ISA path: {', '.join(isas)}; threads: {', '.join(map(str, args.threads))}",
@@ -1198,8 +1232,8 @@ def main():
         if sanity:
             md += ["Sanity checks:", ""] + [f"- {line}" for line in sanity] + [""]
         body = [("#" + line) if line.startswith("## ") else line for line in body]  # sections inside the CPU's
-        write_cpu_section(args.markdown, cpu_name(), md + body)
-        print(f"wrote the {cpu_name()} section of {args.markdown}")
+        write_cpu_section(args.markdown, cpu_class(), md + body)
+        print(f"wrote the {cpu_class()} section of {args.markdown}")
 
 
 if __name__ == "__main__":
