@@ -124,7 +124,7 @@ def cpu_family():
 
 
 def cpu_caches():
-    """'L2 2 MB per core, L3 480 MB' from sysfs (cpu0's unified and data caches), or ''. A VM's
+    """'L2 2 MB per core, L3 480 MB' from sysfs (cpu0's unified caches from L2 on), or ''. A VM's
     reported model number may not be its host's (a KVM guest has shown family 6 model 167, a
     desktop core's number, with AMX flags); the cache sizes tell two hosts apart where it does not."""
     sizes = {}
@@ -1211,11 +1211,12 @@ def main():
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s; load average at start {load_before}, at end {load_after}")
     if args.markdown:
+        caches = cpu_caches()
         md = [f"## {cpu_class()} ({' '.join(flags) or 'n/a'})", "",
               f"Written by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}` on "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (commit {_git_commit()}), {elapsed:.0f} s.", "",
               f"- CPU: {cpu_name()}, {cpu_family() or 'family n/a'}, {os.cpu_count()} logical CPUs"
-              f"{', ' + cpu_caches() if cpu_caches() else ''}; flags: "
+              f"{', ' + caches if caches else ''}; flags: "
               f"{' '.join(flags) or 'n/a'}; kernel "
               f"features detected: {' '.join(_core.cpu_features()) or 'none'}",
               f"- Kernel ISA path: {', '.join(isas)}; threads: {', '.join(map(str, args.threads))}",

@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <new>
 
 #include "kernel_table.h"
@@ -699,12 +700,7 @@ void int8_blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
   const size_t z_values = size_t(j.oc_chunks) * 32 * 32;
   int32_t* const z_base = static_cast<int32_t*>(::operator new(2 * z_values * 4, std::align_val_t(64)));
   int32_t* const z[2] = {z_base, z_base + z_values};
-  // The item's pixels (a row of the stacked form, else one block) and the units of its rows' work.
-  const auto item_pixels = [&](int64_t item) -> int64_t {
-    if (j.stack) return j.out_width;
-    const int64_t q0 = item * kInt8BlockPixels;
-    return j.pixels - q0 < kInt8BlockPixels ? j.pixels - q0 : kInt8BlockPixels;
-  };
+  // The units of an item's rows' work (stacked-row vectors, else block pixels).
   const int64_t prepare_units = j.stack ? int8_stack_vectors(j) : kInt8BlockPixels;
   const auto prepare = [&](int64_t item, int64_t u0, int64_t u1) {
     if (u1 <= u0) return;
@@ -732,7 +728,9 @@ void int8_blocks(const Int8ConvJob& j, int64_t begin, int64_t end) {
   int64_t block_index = 0;
   for (int64_t item = begin; item < end; ++item) {
     const uint8_t* rows = a[item & 1];
-    const int64_t pixels = item_pixels(item), first_q = j.stack ? item * j.out_width : item * kInt8BlockPixels;
+    // The item's pixels: an output row of the stacked form, else one block.
+    const int64_t first_q = j.stack ? item * j.out_width : item * kInt8BlockPixels;
+    const int64_t pixels = j.stack ? j.out_width : std::min(j.pixels - first_q, kInt8BlockPixels);
     const bool next = item + 1 < end;
     int64_t prepared = 0;  // units of the next item's rows done
     for (int64_t p0 = 0; p0 < pixels; p0 += kInt8BlockPixels, ++block_index) {

@@ -366,8 +366,9 @@ inline int64_t int8_stack_vectors(const Int8ConvJob& j) {
 // The AVX-512 parts the AMX blocks share (isa_avx512_int8.cc; x86-64 only), each on a part of its
 // work so that the AMX blocks can spread it between their tile products: the rows of the block
 // at pixel q0, its pixels [q0 + p_begin, q0 + p_end), into a[32][k_padded]; vectors [v_begin,
-// v_end) of the stacked row of output row (n, oh) into s (AVX-512 VBMI); and the requantized stores of the block at pixel q0, its pixels [q0 + p_begin,
-// q0 + p_end), from z[oc_chunks][32 pixels][32 channels] int32 sums (without the bias).
+// v_end) of the stacked row of output row (n, oh) into s (AVX-512 VBMI); and the requantized
+// stores of the block at pixel q0, its pixels [q0 + p_begin, q0 + p_end), from
+// z[oc_chunks][32 pixels][32 channels] int32 sums (without the bias).
 void avx512_int8_rows(const Int8ConvJob& j, int64_t q0, int64_t p_begin, int64_t p_end, uint8_t* a);
 void avx512_int8_stack_row(const Int8ConvJob& j, int64_t n, int64_t oh, uint8_t* s, int64_t v_begin,
                            int64_t v_end);
