@@ -359,7 +359,7 @@ void direct_output_stage(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0,
     for (int r = 0; r < R; ++r)
       v[r][s] = per_channel ? _mm512_maskz_loadu_ps(mask[r], st.values[s] + oc_begin + 16 * r) : _mm512_setzero_ps();
   }
-  __m512 levels[BITS > 0 ? BITS : 1];
+  __m512 levels[BITS > 0 ? kQuantizeLevels<BITS> : 1];
   if constexpr (BITS > 0) quantize_levels<BITS>(st.q, levels);
   const __m512 beta1 = _mm512_set1_ps(st.q.beta1);
   const bool zero_tail = BITS > 0 && st.quantize == N2UQ_QUANTIZE_PACK && oc_begin + 16 * R >= oc_count &&
