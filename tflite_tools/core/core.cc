@@ -286,11 +286,25 @@ class ThreadPool {
       for (int64_t i = 0; i < num_tasks; ++i) task(i, 0);
       return;
     }
-    std::lock_guard<std::mutex> one_call_at_a_time(call_mutex_);
     std::atomic<int64_t> next(0);
-    const std::function<void(int)> body = [&](int slot) {
+    run_body(num_threads, [&](int slot) {
       for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) task(i, slot);
-    };
+    });
+  }
+
+  // Runs part(slot) once on each of num_threads threads (the caller is slot 0): a static split,
+  // so that the same part of a tensor goes to the same core on every call.
+  void run_each(int num_threads, const std::function<void(int)>& part) {
+    if (num_threads <= 1) {
+      part(0);
+      return;
+    }
+    run_body(num_threads, part);
+  }
+
+ private:
+  void run_body(int num_threads, const std::function<void(int)>& body) {
+    std::lock_guard<std::mutex> one_call_at_a_time(call_mutex_);
     {
       std::unique_lock<std::mutex> lock(mutex_);
       while ((int)workers_.size() < num_threads - 1) {
@@ -310,7 +324,6 @@ class ThreadPool {
     job_ = nullptr;
   }
 
- private:
   static constexpr auto kSpin = std::chrono::microseconds(100);
   static constexpr auto kPauseSpin = std::chrono::microseconds(5);
 
@@ -372,15 +385,27 @@ ThreadPool& pool() {
   return *instance;
 }
 
+// One contiguous part of [0, count) per thread, at least `grain` elements each (fewer threads
+// if need be), slot s always getting the same part: the quantizers' float input then stays in
+// the L2 of the core that read it on the last call. With dynamically handed-out tasks, parts
+// moved between cores from call to call (2 threads, AMX Xeon: 56x56x64 at 2 bits 11.0 -> 9.4 us,
+// 14x14x256 5.0 -> 4.4 us).
+void parallel_ranges_static(int num_threads, int64_t count, int64_t grain,
+                            const std::function<void(int64_t, int64_t)>& fn) {
+  int64_t parts = (count + grain - 1) / grain;
+  if (parts > num_threads) parts = num_threads;
+  if (parts < 1) parts = 1;
+  pool().run_each((int)parts, [&](int slot) { fn(count * slot / parts, count * (slot + 1) / parts); });
+}
+
 // Splits [0, count) into about 4 tasks per thread, as many as tasks of `grain` elements allow,
-// of equal sizes: a 56x56x64 quantize with its 1025-position grain was 3 whole tasks and a
-// 61-position one, so one of 2 threads did 2050 positions of 3136 (1.3x the even share).
+// of equal sizes, in whole rounds of the thread count (7 tasks over 2 threads are 4 + 3), handed
+// out as threads get free.
 void parallel_ranges(int num_threads, int64_t count, int64_t grain,
                      const std::function<void(int64_t, int64_t)>& fn) {
   int64_t size = (count + 4 * num_threads - 1) / (4 * num_threads);
   if (size < grain) size = grain;
   int64_t tasks = (count + size - 1) / size;
-  // Whole rounds of equal tasks: 7 grains of a 56x56x64 quantize split 4 + 3 over 2 threads.
   if (tasks > 1 && num_threads > 1) tasks = (tasks + num_threads - 1) / num_threads * num_threads;
   if (tasks > count) tasks = count;
   size = (count + tasks - 1) / tasks;
@@ -1880,7 +1905,8 @@ int n2uq_quantize_codes(const float* x, int64_t count, const float* thresholds, 
     job.beta1 = beta1;
     job.out_codes = out;
     const KernelTable* table = table_for(resolved);
-    parallel_ranges(num_threads, count, quantize_grain(resolved), [&](int64_t b, int64_t e) { table->quantize_codes(job, b, e); });
+    parallel_ranges_static(num_threads, count, quantize_grain(resolved),
+                           [&](int64_t b, int64_t e) { table->quantize_codes(job, b, e); });
     return N2UQ_OK;
   });
 }
@@ -1908,8 +1934,8 @@ int n2uq_quantize_and_pack(const float* x, int64_t x_len, int64_t num_positions,
     job.out_packed = out;
     const KernelTable* table = table_for(resolved);
     const int64_t grain = quantize_grain(resolved) / channels + 1;
-    parallel_ranges(num_threads, num_positions, grain,
-                    [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
+    parallel_ranges_static(num_threads, num_positions, grain,
+                           [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
     return N2UQ_OK;
   });
 }
