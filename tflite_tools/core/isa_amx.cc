@@ -286,12 +286,12 @@ __attribute__((always_inline)) inline __m512 apply_step(__m512 y, __m512 v) {
 }
 
 // The final y of a vector quantized into out_codes or the plane words (see above).
-template <int BITS>
+template <int BITS, bool CODES>
 __attribute__((always_inline)) inline void stage_quantize(const StageJob& st, __m512 y, __m512 beta1, const __m512* levels, __mmask16 mask,
                            int64_t position, int64_t oc, int64_t out_channels) {
   __mmask16 planes[BITS];
-  const __m512i code = quantize16<BITS, true>(y, beta1, levels, mask, planes);
-  if (st.quantize == N2UQ_QUANTIZE_CODES) {
+  const __m512i code = quantize16<BITS, CODES>(y, beta1, levels, mask, planes);
+  if constexpr (CODES) {
     _mm512_mask_cvtepi32_storeu_epi8(st.q.out_codes + position * out_channels + oc, mask, code);
     return;
   }
@@ -396,9 +396,13 @@ void direct_output_stage(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0,
   }
   if constexpr (BITS > 0)
     for (int i = 0; i < count; ++i) {
-      for (int r = 0; r < R; ++r)
-        stage_quantize<BITS>(st, _mm512_load_ps(y[i] + 16 * r), beta1, levels, mask[r], position[i], oc_begin + 16 * r,
-                             oc_count);
+      for (int r = 0; r < R; ++r) {
+        const __m512 yr = _mm512_load_ps(y[i] + 16 * r);
+        if (st.quantize == N2UQ_QUANTIZE_CODES)
+          stage_quantize<BITS, true>(st, yr, beta1, levels, mask[r], position[i], oc_begin + 16 * r, oc_count);
+        else  // the plane words need no complete code (quantize16)
+          stage_quantize<BITS, false>(st, yr, beta1, levels, mask[r], position[i], oc_begin + 16 * r, oc_count);
+      }
       if (zero_tail) stage_zero_tail(st, position[i], oc_count);
     }
 }
