@@ -216,8 +216,9 @@ def spread(values):
     return float(np.subtract(*np.percentile(values, [75, 25])) / np.median(values))
 
 
-def interleaved(candidates, repeats, sample_time, before_rounds=None):
-    """Times every zero-argument callable once per round, `repeats` rounds: {key: [seconds per call]}."""
+def interleaved(candidates, repeats, sample_time, before_rounds=None, after_round=None):
+    """Times every zero-argument callable once per round, `repeats` rounds: {key: [seconds per call]}.
+    after_round(), if given, runs after each round (outside the timed calls)."""
     calls = {key: calls_per_sample(fn, sample_time) for key, fn in candidates.items()}
     if before_rounds is not None:
         before_rounds()
@@ -225,6 +226,8 @@ def interleaved(candidates, repeats, sample_time, before_rounds=None):
     for _ in range(repeats):
         for key, fn in candidates.items():
             samples[key].append(sample(fn, calls[key]))
+        if after_round is not None:
+            after_round()
     return samples, calls
 
 
@@ -936,23 +939,37 @@ def run_end_to_end(args, infos, md):
                 counted[key] += time.perf_counter() - start
             return call
 
+        profiled = [key for key in order if infos[key]["ours"] or infos[key].get("delegate")]
+        # Per round and model: (invoke seconds, conv seconds, pack/pool seconds), from running totals.
+        totals = {key: (0.0, 0.0, 0.0) for key in profiled}
+        round_parts = {key: [] for key in profiled}
+
         def reset(counted=counted):
             for key in counted:
                 counted[key] = 0.0
             tflite.reset_kernel_profile()
 
+        def read_round(profiled=profiled, live=live, counted=counted, totals=totals, round_parts=round_parts):
+            for key in profiled:
+                profile = tflite.kernel_profile(live[key][1])
+                conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS + BUILTIN_CONV_OPS)
+                now = (counted[key], conv_s, sum(e["seconds"] for e in profile if e["op"] in N2UQ_OTHER_OPS))
+                round_parts[key].append(tuple(b - a for a, b in zip(totals[key], now)))
+                totals[key] = now
+
         samples, calls = interleaved({k: counting(k, fn) for k, fn in candidates.items()}, args.e2e_repeats,
-                                     args.e2e_sample_time, before_rounds=reset)
+                                     args.e2e_sample_time, before_rounds=reset, after_round=read_round)
         median = {key: summary(v) for key, v in samples.items()}
         for key in order:
-            info, (_, delegate) = infos[key], live[key]
+            info = infos[key]
             shares = None
-            if info["ours"] or info.get("delegate"):
-                profile = tflite.kernel_profile(delegate)
-                conv_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_CONV_OPS + BUILTIN_CONV_OPS)
-                pack_s = sum(e["seconds"] for e in profile if e["op"] in N2UQ_OTHER_OPS)
-                total = counted[key]
-                shares = (conv_s / total, pack_s / total, 1.0 - (conv_s + pack_s) / total)
+            if key in round_parts:
+                # The median round's shares: a round in which the host preempted the process outside our
+                # kernels (the interpreter's own time) would otherwise move the whole run's "rest".
+                parts = np.array(round_parts[key])
+                conv_share = float(np.median(parts[:, 1] / parts[:, 0]))
+                pack_share = float(np.median(parts[:, 2] / parts[:, 0]))
+                shares = (conv_share, pack_share, 1.0 - conv_share - pack_share)
             vs = median["relu_int8"] / median[key]
             vs_twin = median["tfl_int8"] / median[key]
             noise = spread(samples[key])
@@ -988,7 +1005,7 @@ def run_end_to_end(args, infos, md):
               "\"vs ReLU int8\" / \"vs twin int8\" = that TFLite int8 time / the row's time. "
               "N2UQ conv / pack/pool = share of invoke time inside our conv ops (with their fused output stages) and "
               "our other ops (separate quantize-and-pack ops, the stem's fused pool; the delegate's per-kernel "
-              "profile over the timed rounds); rest = builtin ops and interpreter overhead. "
+              "profile, per round, median over the rounds); rest = builtin ops and interpreter overhead. "
               "\"stem alone\" rows: the float twin's stem conv (zero pad, 7x7/2 conv with BN and ReLU) as a TFLite "
               "model of its own, float32 and int8 PTQ, timed in the same rounds, with TFLite's kernels and with "
               "ours: the part every variant of ours keeps as a float builtin (the paper keeps the first layer full "
