@@ -26,7 +26,7 @@ inline void quantize_levels(const QuantizeJob& j, __m512* levels) {
     levels[b] = _mm512_loadu_ps(table);
   }
   levels[BITS - 1] = _mm512_set1_ps(threshold((1 << (BITS - 1)) - 1));  // code 0 above it
-  if (BITS >= 2) {
+  if constexpr (BITS >= 2) {
     // The second level's thresholds for code 0 and code 2^(BITS-1) above it.
     levels[BITS - 2] = _mm512_set1_ps(threshold((1 << (BITS - 2)) - 1));
     levels[BITS] = _mm512_set1_ps(threshold((1 << (BITS - 1)) + (1 << (BITS - 2)) - 1));
