@@ -19,7 +19,7 @@ constexpr int kQuantizeLevels = BITS + 1;
 template <int BITS>
 inline void quantize_levels(const QuantizeJob& j, __m512* levels) {
   const auto threshold = [&](int index) { return j.thresholds[index < kThresholdTable ? index : kThresholdTable - 1]; };
-  for (int b = 0; b < BITS; ++b) {
+  for (int b = 0; b + 2 < BITS; ++b) {  // the permute tables; the top two levels are broadcasts
     // Lane i: T[i + 2^b - 1], clamped into the table (lanes past it are never indexed).
     float table[16];
     for (int i = 0; i < 16; ++i) table[i] = threshold(i + (1 << b) - 1);
