@@ -203,3 +203,43 @@ def test_run_stage_refuses_a_residual_that_is_the_float_output():
                                           _core._ptr(ones), _core._ptr(ones), 40, _core.ctypes.byref(stage),
                                           _core._ptr(out), out.size, None, 0, None, 0, 1, err, len(err))
     assert status != 0 and b"residual overlaps out_float" in err.value
+
+
+@pytest.mark.parametrize("path", ["auto", "dot"])
+def test_run_stage_refuses_operands_inside_the_float_output(path):
+    """The conv writes the float output before the stage reads its per-channel operands and
+    thresholds (in place in that output: unfused; pair by pair: fused), so an operand that lies in
+    it is refused, not read after being overwritten. Apart from it, the same call runs exactly."""
+    plan, x = _plan(path=path)
+    ones = np.ones(40, np.float32)
+    lib, err = _core.library(), _core.ctypes.create_string_buffer(256)
+    out = np.zeros(6 * 6 * 40 + 40 + 3, np.float32)  # the float output, then room for an operand
+
+    def run(values_at, thresholds_at):
+        stage = _core.OutputStage()
+        stage.num_steps = 1
+        stage.steps[0].kind = _core.STEP_KINDS.index("add") + 1
+        stage.steps[0].values = values_at.ctypes.data
+        stage.steps[0].values_len = 40
+        stage.float_after = 1
+        stage.quantize = _core.QUANTIZE_MODES.index("pack")
+        stage.bits, stage.thresholds, stage.num_thresholds, stage.beta1 = 2, thresholds_at.ctypes.data, 3, 1.0
+        packed = np.zeros(6 * 6 * 2, np.uint64)
+        status = lib.n2uq_conv_plan_run_stage(plan._handle, _core.ctypes.byref(plan.shape), _core._ptr(x), x.size,
+                                              _core._ptr(ones), _core._ptr(ones), 40, _core.ctypes.byref(stage),
+                                              _core._ptr(out), 6 * 6 * 40, _core._ptr(packed), packed.size, None, 0,
+                                              1, err, len(err))
+        return status, packed
+
+    thresholds = np.array([0.5, 1.5, 2.5], np.float32)
+    status, _ = run(out[40:80], thresholds)  # inside the float output
+    assert status != 0 and b"step 0's values overlaps out_float" in err.value
+    status, _ = run(ones, out[100:103])
+    assert status != 0 and b"thresholds overlap out_float" in err.value
+    out[6 * 6 * 40:6 * 6 * 40 + 40] = 0.25  # just past it: accepted, and equal to separate buffers
+    out[6 * 6 * 40 + 40:] = thresholds
+    status, packed = run(out[6 * 6 * 40:6 * 6 * 40 + 40], out[6 * 6 * 40 + 40:])
+    assert status == 0, err.value
+    float_then, packed_then = out[:6 * 6 * 40].copy(), packed
+    status, packed = run(np.full(40, 0.25, np.float32), thresholds)
+    assert status == 0 and np.array_equal(out[:6 * 6 * 40], float_then) and np.array_equal(packed, packed_then)

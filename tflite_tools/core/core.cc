@@ -1678,13 +1678,22 @@ int run_stage_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const ui
   if (int rc = check_output_stage(stage, positions, s->out_channels, out_float, out_float_len, out_packed,
                                   out_packed_len, out_codes, out_codes_len, &elements, err, err_len))
     return rc;
-  if (stage->float_after >= 0)  // the unfused order writes the float output before a residual is read
+  // The conv writes the whole float output before the stage reads its operands (unfused), or
+  // earlier pairs' outputs before later pairs read them (fused), so none may share its memory.
+  if (stage->float_after >= 0) {
+    const auto apart = [&](const float* v, int64_t n) { return v + n <= out_float || out_float + elements <= v; };
     for (int i = 0; i < stage->num_steps; ++i) {
-      const float* v = stage->steps[i].values;
-      N2UQ_CHECK(stage->steps[i].kind != N2UQ_STEP_ADD_TENSOR || v + elements <= out_float ||
-                     out_float + elements <= v,
-                 N2UQ_ERR_ARGUMENT, "step %d's residual overlaps out_float", i);
+      const N2uqOutputStep& step = stage->steps[i];
+      const bool reads = step.kind == N2UQ_STEP_ADD || step.kind == N2UQ_STEP_MUL || step.kind == N2UQ_STEP_PRELU ||
+                         step.kind == N2UQ_STEP_ADD_TENSOR;
+      if (!reads) continue;  // values ignored (check_output_stage)
+      N2UQ_CHECK(apart(step.values, step.kind == N2UQ_STEP_ADD_TENSOR ? elements : int64_t(s->out_channels)),
+                 N2UQ_ERR_ARGUMENT, "step %d's %s overlaps out_float", i,
+                 step.kind == N2UQ_STEP_ADD_TENSOR ? "residual" : "values");
     }
+    N2UQ_CHECK(stage->quantize == N2UQ_QUANTIZE_NONE || apart(stage->thresholds, stage->num_thresholds),
+               N2UQ_ERR_ARGUMENT, "the thresholds overlap out_float");
+  }
   if (plan_fuses_stage(plan, stage)) {
     StageJob job{};
     job.num_steps = stage->num_steps;
