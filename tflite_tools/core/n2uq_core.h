@@ -232,9 +232,10 @@ int n2uq_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32
  * n2uq_conv_plan_run's float output run through n2uq_output_stage (bit for bit), without the
  * float output in between where the plan applies the stage in its own output pass (the amx path's
  * direct form, for stages without a residual: n2uq_conv_plan_stage_fused); otherwise the two run
- * in turn. multiplier and bias are required; stage, out_float, out_packed and out_codes as for
- * n2uq_output_stage over the conv's [N * OH * OW][OC] output. A residual (ADD_TENSOR) must not
- * overlap out_float. */
+ * in turn (the conv's float output then in out_float, where the stage writes one, and the stage
+ * in place over it). multiplier and bias are required; stage, out_float, out_packed and out_codes
+ * as for n2uq_output_stage over the conv's [N * OH * OW][OC] output. No step's values (a
+ * residual included) and no thresholds may overlap out_float. */
 int n2uq_conv_plan_run_stage(const N2uqConvPlan* plan, const N2uqConvShape* shape, const uint64_t* input,
                              int64_t input_len, const float* multiplier, const float* bias, int64_t channels_len,
                              const N2uqOutputStage* stage, float* out_float, int64_t out_float_len,
