@@ -213,7 +213,8 @@ def test_run_stage_refuses_operands_inside_the_float_output(path):
     plan, x = _plan(path=path)
     ones = np.ones(40, np.float32)
     lib, err = _core.library(), _core.ctypes.create_string_buffer(256)
-    out = np.zeros(6 * 6 * 40 + 40 + 3, np.float32)  # the float output, then room for an operand
+    n = 6 * 6 * 40  # the float output's elements
+    out = np.zeros(n + 40 + 3, np.float32)  # the float output, then room for the operands
 
     def run(values_at, thresholds_at):
         stage = _core.OutputStage()
@@ -227,7 +228,7 @@ def test_run_stage_refuses_operands_inside_the_float_output(path):
         packed = np.zeros(6 * 6 * 2, np.uint64)
         status = lib.n2uq_conv_plan_run_stage(plan._handle, _core.ctypes.byref(plan.shape), _core._ptr(x), x.size,
                                               _core._ptr(ones), _core._ptr(ones), 40, _core.ctypes.byref(stage),
-                                              _core._ptr(out), 6 * 6 * 40, _core._ptr(packed), packed.size, None, 0,
+                                              _core._ptr(out), n, _core._ptr(packed), packed.size, None, 0,
                                               1, err, len(err))
         return status, packed
 
@@ -236,10 +237,10 @@ def test_run_stage_refuses_operands_inside_the_float_output(path):
     assert status != 0 and b"step 0's values overlaps out_float" in err.value
     status, _ = run(ones, out[100:103])
     assert status != 0 and b"thresholds overlap out_float" in err.value
-    out[6 * 6 * 40:6 * 6 * 40 + 40] = 0.25  # just past it: accepted, and equal to separate buffers
-    out[6 * 6 * 40 + 40:] = thresholds
-    status, packed = run(out[6 * 6 * 40:6 * 6 * 40 + 40], out[6 * 6 * 40 + 40:])
+    out[n:n + 40] = 0.25  # just past it: accepted, and equal to separate buffers
+    out[n + 40:] = thresholds
+    status, packed = run(out[n:n + 40], out[n + 40:])
     assert status == 0, err.value
-    float_then, packed_then = out[:6 * 6 * 40].copy(), packed
+    float_then, packed_then = out[:n].copy(), packed
     status, packed = run(np.full(40, 0.25, np.float32), thresholds)
-    assert status == 0 and np.array_equal(out[:6 * 6 * 40], float_then) and np.array_equal(packed, packed_then)
+    assert status == 0 and np.array_equal(out[:n], float_then) and np.array_equal(packed, packed_then)

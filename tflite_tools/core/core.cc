@@ -1684,11 +1684,8 @@ int run_stage_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const ui
     const auto apart = [&](const float* v, int64_t n) { return v + n <= out_float || out_float + elements <= v; };
     for (int i = 0; i < stage->num_steps; ++i) {
       const N2uqOutputStep& step = stage->steps[i];
-      const bool reads = step.kind == N2UQ_STEP_ADD || step.kind == N2UQ_STEP_MUL || step.kind == N2UQ_STEP_PRELU ||
-                         step.kind == N2UQ_STEP_ADD_TENSOR;
-      if (!reads) continue;  // values ignored (check_output_stage)
-      N2UQ_CHECK(apart(step.values, step.kind == N2UQ_STEP_ADD_TENSOR ? elements : int64_t(s->out_channels)),
-                 N2UQ_ERR_ARGUMENT, "step %d's %s overlaps out_float", i,
+      const int64_t needed = step_values_needed(step.kind, s->out_channels, elements);
+      N2UQ_CHECK(needed == 0 || apart(step.values, needed), N2UQ_ERR_ARGUMENT, "step %d's %s overlaps out_float", i,
                  step.kind == N2UQ_STEP_ADD_TENSOR ? "residual" : "values");
     }
     N2UQ_CHECK(stage->quantize == N2UQ_QUANTIZE_NONE || apart(stage->thresholds, stage->num_thresholds),

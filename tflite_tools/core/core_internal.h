@@ -83,6 +83,10 @@ bool cpu_avx512_vbmi();
 int amx_mode();
 int requested_conv_path(int path, char* err, size_t err_len);
 
+// The values a stage step reads: per channel (ADD, MUL, PRELU), the layer's elements (ADD_TENSOR),
+// or none (the ReLUs).
+int64_t step_values_needed(int32_t kind, int64_t channels, int64_t elements);
+
 // n2uq_output_stage's checks of a stage and its output buffers (not of the values it reads);
 // *elements = num_positions * channels.
 int check_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32_t channels, const float* out_float,

@@ -46,11 +46,7 @@ int check_stage(const N2uqOutputStage* s, int64_t positions, int64_t channels, i
     const N2uqOutputStep& step = s->steps[i];
     N2UQ_CHECK(step.kind > 0 && step.kind < N2UQ_STEP_KINDS, N2UQ_ERR_ARGUMENT,
                 "step %d has kind %d, not one of 1..%d", i, step.kind, N2UQ_STEP_KINDS - 1);
-    int64_t needed = 0;
-    if (step.kind == N2UQ_STEP_ADD || step.kind == N2UQ_STEP_MUL || step.kind == N2UQ_STEP_PRELU)
-      needed = channels;
-    else if (step.kind == N2UQ_STEP_ADD_TENSOR)
-      needed = elements;
+    const int64_t needed = step_values_needed(step.kind, channels, elements);
     if (needed > 0) {
       N2UQ_CHECK(step.values != nullptr, N2UQ_ERR_ARGUMENT, "step %d (%s) has no values", i, step_name(step.kind));
       N2UQ_CHECK(step.values_len >= needed, N2UQ_ERR_BUFFER, "step %d (%s) has %lld values, needs %lld", i,
@@ -74,6 +70,11 @@ int check_stage(const N2uqOutputStage* s, int64_t positions, int64_t channels, i
 }
 
 }  // namespace
+
+int64_t step_values_needed(int32_t kind, int64_t channels, int64_t elements) {
+  if (kind == N2UQ_STEP_ADD || kind == N2UQ_STEP_MUL || kind == N2UQ_STEP_PRELU) return channels;
+  return kind == N2UQ_STEP_ADD_TENSOR ? elements : 0;
+}
 
 int check_output_stage(const N2uqOutputStage* stage, int64_t num_positions, int32_t channels, const float* out_float,
                        int64_t out_float_len, const uint64_t* out_packed, int64_t out_packed_len,
