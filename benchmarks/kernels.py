@@ -282,8 +282,9 @@ def arena_array(values=None, shape=None, dtype=None):
 
 
 def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, stride=1):
-    """(callable, (chosen path, its form)): one layer as a network runs it, quantize-and-pack of the float input
-    then the conv from a plan prepared once, through the C API on preallocated buffers."""
+    """(callable, plan): one layer as a network runs it, quantize-and-pack of the float input then the conv
+    from a plan prepared once, through the C API on preallocated buffers. The plan's path and form are
+    read after the timing: an auto plan's first runs may put the selection's runner-up on trial."""
     out_channels = out_channels or channels
     x = arena_array(rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32))
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
@@ -307,7 +308,7 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
             raise RuntimeError(err.value.decode())
 
     layer()
-    return layer, (plan.path, plan.form)
+    return layer, plan
 
 
 def tflite_layer_models(size, channels, rng, out_channels=None, stride=1):
@@ -468,7 +469,7 @@ def run_layers(args, isas, rng, md):
         noise = max(spread(v) for v in samples.values())
         for isa in isas:
             gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
-            chosen = "/".join(PATH_ABBREVIATIONS[paths[(isa, b)]] for b in args.bits)
+            chosen = "/".join(PATH_ABBREVIATIONS[(paths[(isa, b)].path, paths[(isa, b)].form)] for b in args.bits)
             row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{g:>8}" for g in gmacs)
             md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
             if args.tflite:
@@ -509,7 +510,8 @@ def run_layers(args, isas, rng, md):
               "conv (what a network pays per layer), both through the kernel core's C API on preallocated buffers, "
               "the conv from a plan prepared once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, {PATH_LEGEND}, "
-              "chosen by the plan's timing of the paths and forms this CPU runs when auto). TFLite's CONV_2D is a "
+              "chosen by the plan's timing of the paths and forms this CPU runs when auto, and where a runner-up "
+              "came within 25% of the winner, by the trial of both on the plan's first runs). TFLite's CONV_2D is a "
               f"one-layer int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default "
               "XNNPACK. "
               "\"vs int8\" = TFLite int8 time / that time (> 1: faster than int8). Noise = largest IQR/median of any "

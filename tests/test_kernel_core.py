@@ -636,6 +636,70 @@ def test_auto_selection_times_each_form_and_logs_it():
     assert "direct form" not in pointwise
 
 
+_TRIAL_SCRIPT = """
+import numpy as np, sys
+sys.path.insert(0, %r)
+from n2uq_tf.tflite import _core
+import test_kernel_core as t
+rng = np.random.default_rng(9)
+m = rng.integers(0, 4, (1, 9, 9, 70)).astype(np.uint8)
+k = rng.integers(0, 4, (24, 3, 3, 70)).astype(np.uint8)
+x, w = _core.pack_bitplanes(m, 2), _core.pack_bitplanes(k, 2)
+want = t.reference_conv(m, k, (2, 2), (1, 1), (1, 1, 1, 1), 2)
+shape = _core.conv_shape(1, 9, 9, 70, 24, 3, strides=2, padding=1, act_bits=2, weight_bits=2)
+first, second = _core.ConvPlan(shape, w), _core.ConvPlan(shape, w)
+print("opened", first.on_trial, second.on_trial, file=sys.stderr, flush=True)
+for plan in (first, second):
+    for _ in range(12):
+        np.testing.assert_array_equal(plan.run(x, output="int32"), want)
+    print("closed", plan.on_trial, plan.path, plan.form, file=sys.stderr, flush=True)
+third = _core.ConvPlan(shape, w)
+print("third", third.on_trial, third.path, third.form, file=sys.stderr, flush=True)
+np.testing.assert_array_equal(third.run(x, output="int32"), want)
+"""
+
+
+def _run_trial_script(trial):
+    env = dict(os.environ, N2UQ_SELECT_LOG="1", N2UQ_PLAN_TRIAL=trial, PYTHONPATH=ROOT)
+    for name in ("N2UQ_KERNEL_PATH", "N2UQ_DOT_WINOGRAD", "N2UQ_AMX_COMPACT"):
+        env.pop(name, None)
+    script = _TRIAL_SCRIPT % os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines()
+            if line.startswith(("n2uq path selection", "n2uq plan trial", "opened", "closed", "third"))]
+
+
+def test_auto_plan_trial_keeps_the_faster_and_stays_exact():
+    """path=auto keeps the selection's runner-up (N2UQ_PLAN_TRIAL=all: whatever its time) and the
+    plan's first runs alternate between the two, every output exact; after one untimed and 5 timed
+    runs each the trial closes on the faster per pixel (the runner-up only where it won by 5%), as
+    its N2UQ_SELECT_LOG line says, and the plan reports that path and form. A plan of the same
+    shape made while a trial is open gets its own trial; one made after it closed takes the answer
+    without one. N2UQ_PLAN_TRIAL=0: no trial."""
+    if len(_core.supported_paths()) < 2 and "dot" not in _core.supported_paths():
+        pytest.skip("one candidate path on this CPU: nothing to put on trial")
+    lines = _run_trial_script("all")
+    assert [line.split(",")[0].split()[0] for line in lines] == ["n2uq", "opened", "n2uq", "closed", "n2uq",
+                                                                  "closed", "third"], lines
+    selection, trials = lines[0], [lines[2], lines[4]]
+    assert selection.count("[chosen]") == 1 and selection.count("[on trial]") == 1, selection
+    assert lines[1] == "opened True True"
+    for trial, closed in zip(trials, (lines[3], lines[5])):
+        # "...: A 12.34 ns, B 23.45 ns per input pixel (best of 5 runs each): kept A"
+        times, kept = trial.split(": ", 1)[1].split(" per input pixel (best of 5 runs each): kept ")
+        (name_a, ns_a), (name_b, ns_b) = [part.rsplit(" ", 2)[:2] for part in times.split(", ")]
+        assert kept == (name_b if float(ns_b) < 0.95 * float(ns_a) else name_a), trial
+        _, on_trial, path, form = closed.split()
+        assert on_trial == "False" and kept.split()[0] == path, (trial, closed)
+        assert ("(compact weights)" in kept) == (form == "direct_compact"), (trial, closed)
+    _, on_trial, path, form = lines[6].split()
+    assert on_trial == "False" and (path, form) == tuple(lines[5].split()[2:]), lines
+    off = _run_trial_script("0")
+    assert [line.split()[0] for line in off] == ["n2uq", "opened", "closed", "closed", "third"], off
+    assert "[on trial]" not in off[0] and off[1] == "opened False False", off
+
+
 def test_plan_reports_its_form(monkeypatch):
     """ConvPlan.form (n2uq_conv_plan_form): the dot path's Winograd forms for 3x3 dilation-1 convs
     at stride 1 and 2, the direct form elsewhere, with N2UQ_DOT_WINOGRAD=0, and on every other

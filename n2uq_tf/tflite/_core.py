@@ -28,7 +28,7 @@ PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # path's direct form holding its weights as codes and expanding them per run (large layers, where the
 # timing found that faster; N2UQ_AMX_COMPACT=1 / 0 forces it on / off).
 FORMS = ("direct", "winograd", "winograd_stride2", "direct_compact")
-ABI_VERSION = 8
+ABI_VERSION = 9
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -113,6 +113,7 @@ def _declare(lib):
         "n2uq_conv_plan_stage_fused": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "n2uq_conv_plan_form": ([ptr], ctypes.c_int),
+        "n2uq_conv_plan_on_trial": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_destroy": ([ptr], None),
         "n2uq_fully_connected_shape": ([i32, i32, i32, i32, i32, shape_p] + err, ctypes.c_int),
         "n2uq_fully_connected": ([i32, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
@@ -413,7 +414,9 @@ class ConvPlan:
 
     `shape` is a ConvShape (conv_shape or fully_connected_shape) whose batch and input size
     path selection times on; `run` accepts any batch and input size with the same filter.
-    `isa`, `path` and `form` (one of FORMS) say what the plan runs.
+    `isa`, `path` and `form` (one of FORMS) say what the plan runs. Where path="auto" found a
+    runner-up close to the winner, the plan's first runs time both (`on_trial` until then) and
+    keep the faster, so `path` and `form` can change after them; the outputs do not.
     """
 
     def __init__(self, shape, packed_weights, *, isa="auto", path="auto", num_threads=1):
@@ -423,10 +426,28 @@ class ConvPlan:
         self._handle = ctypes.c_void_p()
         _call(self._lib.n2uq_conv_plan_create, ctypes.byref(shape), _ptr(w), w.size, _isa_id(isa), _path_id(path),
               int(num_threads), ctypes.byref(self._handle))
+
+    def _info(self):
         isa_id, path_id = ctypes.c_int(), ctypes.c_int()
         self._lib.n2uq_conv_plan_info(self._handle, ctypes.byref(isa_id), ctypes.byref(path_id))
-        self.isa, self.path = ISAS[isa_id.value], PATHS[path_id.value]
-        self.form = FORMS[self._lib.n2uq_conv_plan_form(self._handle)]
+        return ISAS[isa_id.value], PATHS[path_id.value]
+
+    @property
+    def isa(self):
+        return self._info()[0]
+
+    @property
+    def path(self):
+        return self._info()[1]
+
+    @property
+    def form(self):
+        return FORMS[self._lib.n2uq_conv_plan_form(self._handle)]
+
+    @property
+    def on_trial(self):
+        """Whether the plan's runs still alternate between the selection's winner and runner-up."""
+        return bool(self._lib.n2uq_conv_plan_on_trial(self._handle))
 
     def run(self, packed_input, multiplier=None, bias=None, *, shape=None, output="float", num_threads=1):
         """packed_input as for conv2d (5-D) or fully_connected (3-D); returns the same outputs."""

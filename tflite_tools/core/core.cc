@@ -562,9 +562,8 @@ int64_t staged_width(const ConvJob& job, int64_t lanes = 1) {
 }  // namespace n2uq_core
 
 // A prepared conv: the filter, the resolved ISA and path, and the weights in that path's
-// layout (built once by n2uq_conv_plan_create, read-only afterwards, so one plan may run
-// on several threads at once).
-struct N2uqConvPlan {
+// layout (built once, read-only afterwards, so it may run on several threads at once).
+struct N2uqConvPlanBody {
   N2uqConvShape filter;  // batch / in_height / in_width: the shape it was created (and timed) on
   int isa = 0, path = 0;
   const n2uq_core::KernelTable* table = nullptr;
@@ -578,6 +577,22 @@ struct N2uqConvPlan {
   n2uq_core::AlignedVector<uint8_t> lut;       // lut: ConvJob::lut_indices
   int wino = 0;                   // dot: its form (n2uq_core::WinoForm; dot holds the transformed weights)
   n2uq_core::AlignedVector<int32_t> wino_bias; // dot, Winograd forms: ConvJob::wino_bias
+};
+
+namespace n2uq_core {
+struct PlanTrial;  // the runner-up of a timed selection on trial (path selection, below)
+}
+
+// The C API's plan: the body that runs, and while a trial is open the runner-up it is timed
+// against on the plan's first runs. The body is swapped at most once (std::atomic_load / store
+// of the shared_ptr): a run holds its own reference, so a body another thread still runs is freed
+// only after that run.
+struct N2uqConvPlan {
+  mutable std::shared_ptr<const N2uqConvPlanBody> body;
+  std::unique_ptr<n2uq_core::PlanTrial> trial;  // null: no runner-up was kept
+  mutable std::atomic<bool> trial_open{false};
+  ~N2uqConvPlan();
+  std::shared_ptr<const N2uqConvPlanBody> current() const { return std::atomic_load(&body); }
 };
 
 namespace n2uq_core {
@@ -624,7 +639,7 @@ int run_conv_groups(ConvJob job, const KernelTable* table, int num_threads, char
   return N2UQ_OK;
 }
 
-int run_bitserial(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+int run_bitserial(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const KernelTable* table = plan.table;
   job.weights = plan.packed.data();
@@ -654,22 +669,22 @@ int run_bitserial(const ConvJob& base, const N2uqConvPlan& plan, int num_threads
 
 // ---------------------------------------------------------------- byte-code paths
 
-int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
+int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len);
 
 // Dot path: stage the input rows and column phases some tap reads as codes (columns
 // zero-padded), then work items of (output row, chunk of output-channel blocks).
-int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len);
+int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len);
 
 // The dot layout's output-channel blocking (every form of dot and amx): vectors of k->lanes
 // channels, plan.dot_chunk_blocks of them per chunk.
-void set_dot_chunks(ConvJob& job, const N2uqConvPlan& plan) {
+void set_dot_chunks(ConvJob& job, const N2uqConvPlanBody& plan) {
   job.dot_lanes = plan.kernels->lanes;
   job.oc_blocks = int32_t((int64_t(job.out_channels) + job.dot_lanes - 1) / job.dot_lanes);
   job.dot_chunk_blocks = plan.dot_chunk_blocks;
   job.oc_chunks = (job.oc_blocks + job.dot_chunk_blocks - 1) / job.dot_chunk_blocks;
 }
 
-int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+int run_dot(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   if (plan.wino) return run_wino(base, plan, num_threads, err, err_len);
   if (plan.kernels->phased_run != nullptr) return run_phased(base, plan, num_threads, err, err_len);
   ConvJob job = base;
@@ -705,7 +720,7 @@ int run_dot(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char
 // core's cache, and when one thread staged and another ran the tiles, 2 threads (Xeon, 28x28x128)
 // were slower than 1. Tasks split the pairs of 16-pixel tiles (rows staged twice where two
 // tasks meet) or, with few pairs, the chunks (each task then stages every row).
-int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   job.dot_weights = plan.dot.data();
@@ -789,7 +804,7 @@ int run_phased(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, c
 
 // Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
 // padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles).
-int run_wino(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   const bool stride2 = plan.wino == kWinoStride2;
@@ -889,7 +904,7 @@ int64_t lut_band_rows(const ConvJob& job, int num_threads) {
   return band < 1 ? 1 : band;
 }
 
-int run_lut(const ConvJob& base, const N2uqConvPlan& plan, int num_threads, char* err, size_t err_len) {
+int run_lut(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
   job.lut_indices = plan.lut.data();
@@ -1128,7 +1143,7 @@ int dot_chunk_blocks(const PathKernels* k, int64_t blocks) {
 bool dot_layout(int path) { return path == N2UQ_PATH_DOT || path == N2UQ_PATH_AMX; }
 
 // Builds `plan`'s weights for its path from the packed weights.
-int prepare_weights(N2uqConvPlan* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
+int prepare_weights(N2uqConvPlanBody* plan, const uint64_t* weights, int64_t weights_needed, int num_threads, char* err,
                     size_t err_len, bool direct_form = false, bool compact = false) {
   const N2uqConvShape& s = plan->filter;
   if (plan->path == N2UQ_PATH_BITSERIAL) {
@@ -1209,7 +1224,7 @@ int check_conv(const N2uqConvShape* s, ConvSizes* z, char* err, size_t err_len) 
 }
 
 // Runs a plan on a validated shape (same filter) and buffers.
-int run_plan(const N2uqConvPlan& plan, const N2uqConvShape* s, const ConvGeometry& g, const uint64_t* input,
+int run_plan(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const ConvGeometry& g, const uint64_t* input,
              const float* multiplier, const float* bias, float* out_float, int32_t* out_int32, int num_threads,
              char* err, size_t err_len, const StageJob* stage = nullptr) {
   ConvJob job{};
@@ -1237,7 +1252,7 @@ int compact_override() {
 
 // A plan for a concrete path (weights built), or a status.
 int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_needed, int isa, int path,
-              int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len,
+              int num_threads, std::unique_ptr<N2uqConvPlanBody>* out, char* err, size_t err_len,
               bool direct_form = false, bool compact = false) {
   N2UQ_CHECK(path_available(isa, path), N2UQ_ERR_UNSUPPORTED, "path %s is not supported with ISA %s by this CPU or build",
              n2uq_path_name(path), n2uq_isa_name(isa));
@@ -1247,7 +1262,7 @@ int make_plan(const N2uqConvShape& s, const uint64_t* weights, int64_t weights_n
                kLutMaxKernelRows,
                (long long)(kMaxLutRing >> 20));
   }
-  std::unique_ptr<N2uqConvPlan> plan(new N2uqConvPlan);
+  std::unique_ptr<N2uqConvPlanBody> plan(new N2uqConvPlanBody);
   plan->filter = s;
   plan->isa = isa;
   plan->path = path;
@@ -1291,6 +1306,19 @@ constexpr double kMinSeconds = 0.02;
 constexpr double kMaxSeconds = 0.25;
 constexpr double kConfirmRatio = 1.1;
 constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, output) of the timing runs
+// The timing above is one window at Prepare, on calibration codes, and a host can be in another
+// phase then than later (the AMX Xeon VM: a stretch of slow tile work made a 28x28x128/2 W2A2
+// plan keep the Winograd form at 0.86x of TFLite int8, where the direct form ran 1.32x) or the
+// calls can meet other caches than the timing's (flushed weights against weights still in L2 or
+// L3). So the runner-up, where it came within kTrialKeepRatio of the winner, is kept and the
+// plan's first real runs alternate between the two (PlanTrial): after one untimed run each, the
+// best of kTrialRuns runs each per input pixel decides, the runner-up taking over only where
+// it beat the winner by kTrialSwitchRatio; the loser's weights are then freed and the shape's
+// cached answer replaced. Every path gives the same outputs, so the trial changes only timing.
+// N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).
+constexpr double kTrialKeepRatio = 1.25;
+constexpr double kTrialSwitchRatio = 0.95;
+constexpr int kTrialRuns = 5;
 
 struct SelectionKey {
   int32_t fields[17];
@@ -1300,10 +1328,28 @@ struct SelectionKey {
   }
 };
 
+// A shape's answer: the winner, and the runner-up while a trial of it is open (else -1).
+struct Selection {
+  int winner = 0, rival = -1;
+};
+
 std::mutex g_selection_mutex;
-std::map<SelectionKey, int>& selections() {
-  static std::map<SelectionKey, int>* cache = new std::map<SelectionKey, int>();  // never destroyed
+std::map<SelectionKey, Selection>& selections() {
+  static std::map<SelectionKey, Selection>* cache = new std::map<SelectionKey, Selection>();  // never destroyed
   return *cache;
+}
+
+// N2UQ_PLAN_TRIAL: 0 (off), 1 (default: runner-ups within kTrialKeepRatio), 2 ("all").
+int trial_mode() {
+  const char* env = std::getenv("N2UQ_PLAN_TRIAL");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
+  if (env != nullptr && std::strcmp(env, "all") == 0) return 2;
+  return 1;
+}
+
+bool select_log() {
+  const char* log = std::getenv("N2UQ_SELECT_LOG");
+  return log != nullptr && std::strcmp(log, "1") == 0;
 }
 
 SelectionKey selection_key(const N2uqConvShape& s, int isa, int threads) {
@@ -1358,7 +1404,7 @@ std::string amx_self_check_form(const PathKernels* amx, int stride, bool winogra
   const PathKernels* kernels[2] = {amx, avx512_dot_kernels()};
   std::vector<int32_t> out[2];
   for (int i = 0; i < 2; ++i) {
-    N2uqConvPlan plan;
+    N2uqConvPlanBody plan;
     plan.filter = s;
     plan.isa = N2UQ_ISA_AVX512;
     plan.path = i == 0 ? N2UQ_PATH_AMX : N2UQ_PATH_DOT;
@@ -1466,7 +1512,7 @@ constexpr int kCompactWeights = 1 << 9;
 constexpr int64_t kCompactMinBytes = int64_t(512) << 10;
 
 int make_candidate_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa, int candidate,
-                        int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+                        int num_threads, std::unique_ptr<N2uqConvPlanBody>* out, char* err, size_t err_len) {
   return make_plan(s, weights, z.weights, isa, candidate & ~(kDirectForm | kCompactWeights), num_threads, out, err,
                    err_len, (candidate & kDirectForm) != 0, (candidate & kCompactWeights) != 0);
 }
@@ -1491,7 +1537,7 @@ void flush_from_caches(const void* data, size_t bytes) {
 
 // Calls fn(data, bytes) for each buffer a plan's runs read weights from.
 template <class Fn>
-void for_each_weight_buffer(const N2uqConvPlan& plan, Fn fn) {
+void for_each_weight_buffer(const N2uqConvPlanBody& plan, Fn fn) {
   fn(plan.packed.data(), plan.packed.size() * sizeof(uint64_t));
   fn(plan.grouped.data(), plan.grouped.size() * sizeof(uint64_t));
   fn(plan.dot.data(), plan.dot.size());
@@ -1500,11 +1546,11 @@ void for_each_weight_buffer(const N2uqConvPlan& plan, Fn fn) {
   fn(plan.wino_bias.data(), plan.wino_bias.size() * sizeof(int32_t));
 }
 
-void flush_plan_weights(const N2uqConvPlan& plan) {
+void flush_plan_weights(const N2uqConvPlanBody& plan) {
   for_each_weight_buffer(plan, [](const void* data, size_t bytes) { flush_from_caches(data, bytes); });
 }
 
-size_t plan_weight_bytes(const N2uqConvPlan& plan) {
+size_t plan_weight_bytes(const N2uqConvPlanBody& plan) {
   size_t total = 0;
   for_each_weight_buffer(plan, [&](const void*, size_t bytes) { total += bytes; });
   return total;
@@ -1517,8 +1563,21 @@ size_t plan_weight_bytes(const N2uqConvPlan& plan) {
 // 0.8 MB of weights cost about that much more from memory; in the network the two tied).
 constexpr size_t kColdWeightBytes = size_t(1) << 20;
 
+// A candidate's name in the selection's log lines.
+std::string candidate_name(int candidate) {
+  return std::string(n2uq_path_name(candidate & ~(kDirectForm | kCompactWeights))) +
+         ((candidate & kDirectForm) ? " (direct form)" : "") + ((candidate & kCompactWeights) ? " (compact weights)" : "");
+}
+
+// A plan's bodies as selected: the winner, and the runner-up kept for a trial (or null).
+struct Selected {
+  std::unique_ptr<N2uqConvPlanBody> winner, rival;
+  int winner_candidate = 0, rival_candidate = -1;
+  SelectionKey key{};
+};
+
 int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint64_t* weights, int isa,
-                         int num_threads, std::unique_ptr<N2uqConvPlan>* out, char* err, size_t err_len) {
+                         int num_threads, Selected* out, char* err, size_t err_len) {
   std::vector<int> candidates;
   for (int path = N2UQ_PATH_BITSERIAL; path < N2UQ_NUM_PATHS; ++path) {
     if (!path_available(isa, path)) continue;
@@ -1534,13 +1593,27 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
       candidates.push_back(path | kCompactWeights | (winograd ? kDirectForm : 0));
   }
   const SelectionKey key = selection_key(s, isa, num_threads);
+  out->key = key;
+  const int mode = trial_mode();
   {
     std::lock_guard<std::mutex> lock(g_selection_mutex);
     auto it = selections().find(key);
-    if (it != selections().end()) candidates.assign(1, it->second);
+    if (it != selections().end()) {
+      // Answered before: its runner-up too while that shape's trial is open (a network's layers
+      // of one shape are all prepared before any of them runs).
+      out->winner_candidate = it->second.winner;
+      out->rival_candidate = mode == 0 ? -1 : it->second.rival;
+      candidates.assign(1, it->second.winner);
+    }
   }
-  if (candidates.size() == 1)
-    return make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, out, err, err_len);
+  if (candidates.size() == 1) {
+    out->winner_candidate = candidates[0];
+    if (int rc = make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, &out->winner, err, err_len))
+      return rc;
+    if (out->rival_candidate >= 0)
+      return make_candidate_plan(s, z, weights, isa, out->rival_candidate, num_threads, &out->rival, err, err_len);
+    return N2UQ_OK;
+  }
   // The timing runs on one image of the batch when the whole batch's buffers would exceed
   // kCalibrationBytes (plans serve any batch); on a shape even one image of which exceeds it (a
   // corrupt file's, say), nothing is timed and the first candidate kept, allocating nothing big.
@@ -1551,8 +1624,11 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     timed.batch = 1;
     if (int rc = check_conv(&timed, &tz, err, err_len)) return rc;
   }
-  if (too_big(tz)) return make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, out, err, err_len);
-  std::vector<std::unique_ptr<N2uqConvPlan>> plans(candidates.size());
+  if (too_big(tz)) {
+    out->winner_candidate = candidates[0];
+    return make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, &out->winner, err, err_len);
+  }
+  std::vector<std::unique_ptr<N2uqConvPlanBody>> plans(candidates.size());
   for (size_t i = 0; i < candidates.size(); ++i)
     if (int rc = make_candidate_plan(s, z, weights, isa, candidates[i], num_threads, &plans[i], err, err_len))
       return rc;
@@ -1585,27 +1661,105 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
   size_t winner = 0;
   for (size_t i = 1; i < candidates.size(); ++i)
     if (best[i] < best[winner]) winner = i;
-  if (const char* log = std::getenv("N2UQ_SELECT_LOG"); log != nullptr && std::strcmp(log, "1") == 0) {
+  size_t runner_up = winner == 0 ? 1 : 0;
+  for (size_t i = 0; i < candidates.size(); ++i)
+    if (i != winner && best[i] < best[runner_up]) runner_up = i;
+  const bool trial = mode == 2 || (mode == 1 && best[runner_up] <= best[winner] * kTrialKeepRatio);
+  if (select_log()) {
     std::fprintf(stderr, "n2uq path selection, %dx%dx%d -> %d, %dx%d /%d, W%dA%d, %d thread(s):", s.in_height,
                  s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width, s.stride_height,
                  s.weight_bits, s.act_bits, num_threads);
     for (size_t i = 0; i < candidates.size(); ++i)
-      std::fprintf(stderr, " %s%s%s %.1f us%s", n2uq_path_name(candidates[i] & ~(kDirectForm | kCompactWeights)),
-                   (candidates[i] & kDirectForm) ? " (direct form)" : "",
-                   (candidates[i] & kCompactWeights) ? " (compact weights)" : "", best[i] * 1e6,
-                   i == winner ? " [chosen]" : "");
+      std::fprintf(stderr, " %s %.1f us%s", candidate_name(candidates[i]).c_str(), best[i] * 1e6,
+                   i == winner ? " [chosen]" : trial && i == runner_up ? " [on trial]" : "");
     std::fprintf(stderr, "\n");
+  }
+  out->winner_candidate = candidates[winner];
+  out->winner = std::move(plans[winner]);
+  if (trial) {
+    out->rival_candidate = candidates[runner_up];
+    out->rival = std::move(plans[runner_up]);
   }
   {
     std::lock_guard<std::mutex> lock(g_selection_mutex);
-    selections()[key] = candidates[winner];
+    selections()[key] = Selection{out->winner_candidate, out->rival_candidate};
   }
-  *out = std::move(plans[winner]);
   return N2UQ_OK;
 }
 
+}  // namespace
+
+// The trial of a selection's runner-up (kTrialKeepRatio above) on a plan's first runs.
+struct PlanTrial {
+  std::mutex mutex;
+  std::shared_ptr<const N2uqConvPlanBody> rival;
+  int candidates[2] = {0, 0};  // the winner's and the runner-up's (selection cache, log)
+  SelectionKey key{};
+  int started[2] = {0, 0}, timed[2] = {0, 0};
+  double best[2] = {1e30, 1e30};  // seconds per input pixel
+};
+
+namespace {
+
+// Records one finished run of side 0 (the body) or 1 (the runner-up); after kTrialRuns timed runs
+// of each, keeps the faster and closes the trial.
+void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pixel) {
+  PlanTrial& t = *plan.trial;
+  std::lock_guard<std::mutex> lock(t.mutex);
+  if (!plan.trial_open.load(std::memory_order_relaxed)) return;
+  t.best[side] = std::min(t.best[side], seconds_per_pixel);
+  ++t.timed[side];
+  if (t.timed[0] < kTrialRuns || t.timed[1] < kTrialRuns) return;
+  const bool switched = t.best[1] < t.best[0] * kTrialSwitchRatio;
+  if (switched) std::atomic_store(&plan.body, t.rival);
+  t.rival.reset();  // freed here, or by the last run still holding it
+  plan.trial_open.store(false, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> cache_lock(g_selection_mutex);
+    selections()[t.key] = Selection{t.candidates[switched ? 1 : 0], -1};
+  }
+  if (select_log()) {
+    const N2uqConvShape& s = plan.current()->filter;
+    std::fprintf(stderr,
+                 "n2uq plan trial, %dx%dx%d -> %d, %dx%d /%d, W%dA%d: %s %.2f ns, %s %.2f ns per input pixel "
+                 "(best of %d runs each): kept %s\n",
+                 s.in_height, s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width,
+                 s.stride_height, s.weight_bits, s.act_bits, candidate_name(t.candidates[0]).c_str(), t.best[0] * 1e9,
+                 candidate_name(t.candidates[1]).c_str(), t.best[1] * 1e9, kTrialRuns,
+                 candidate_name(t.candidates[switched ? 1 : 0]).c_str());
+  }
+}
+
+// Runs fn(body) on the body this run gets: during a trial, the side with fewer runs so far (each
+// side's first run untimed), timed per input pixel; otherwise the plan's body.
+template <class Fn>
+int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
+  // No trial, or a closed one: the body is final (its last store happened before the close).
+  if (!plan.trial_open.load(std::memory_order_acquire)) return fn(*plan.body);
+  std::shared_ptr<const N2uqConvPlanBody> body;
+  int side = -1;
+  bool timed = false;
+  {
+    PlanTrial& t = *plan.trial;
+    std::lock_guard<std::mutex> lock(t.mutex);
+    if (plan.trial_open.load(std::memory_order_relaxed)) {
+      side = t.started[0] <= t.started[1] ? 0 : 1;
+      timed = ++t.started[side] > 1;
+      body = side == 0 ? plan.current() : t.rival;
+    }
+  }
+  if (!body) body = plan.current();
+  const auto t0 = std::chrono::steady_clock::now();
+  const int rc = fn(*body);
+  if (side >= 0 && timed && rc == N2UQ_OK)
+    finish_trial_run(plan, side,
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(pixels));
+  return rc;
+}
+
+
 int create_plan(const N2uqConvShape* s, const uint64_t* weights, int64_t weights_len, int isa, int path,
-                int num_threads, std::unique_ptr<N2uqConvPlan>* out, ConvSizes* sizes, char* err, size_t err_len) {
+                int num_threads, Selected* out, ConvSizes* sizes, char* err, size_t err_len) {
   ConvSizes z;
   if (int rc = check_conv(s, &z, err, err_len)) return rc;
   if (int rc = check_threads(num_threads, err, err_len)) return rc;
@@ -1616,11 +1770,11 @@ int create_plan(const N2uqConvShape* s, const uint64_t* weights, int64_t weights
   if (wanted < 0) return wanted;
   if (sizes) *sizes = z;
   if (wanted == N2UQ_PATH_AUTO) return select_and_make_plan(*s, z, weights, resolved, num_threads, out, err, err_len);
-  return make_plan(*s, weights, z.weights, resolved, wanted, num_threads, out, err, err_len);
+  return make_plan(*s, weights, z.weights, resolved, wanted, num_threads, &out->winner, err, err_len);
 }
 
 // The checks of a plan's run on a shape and input (the outputs are the caller's to check).
-int check_plan_run(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
+int check_plan_run(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                    int num_threads, ConvSizes* z, char* err, size_t err_len) {
   if (int rc = check_conv(s, z, err, err_len)) return rc;
   if (int rc = check_threads(num_threads, err, err_len)) return rc;
@@ -1629,7 +1783,7 @@ int check_plan_run(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint6
   return check_buffer(input, input_len, z->input, "input", err, err_len);
 }
 
-int run_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
+int run_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                 const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
                 int32_t* out_int32, int64_t out_len, int num_threads, char* err, size_t err_len) {
   ConvSizes z;
@@ -1648,7 +1802,7 @@ int run_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t
 // 0.72-0.88x of their unfused time, those with the residual ADD, float output and two RPReLUs
 // 1.12-1.15x (the separate pass streams the residual; the fused loop's cost grew faster than its
 // step count). stage may be null (the plan's answer for stages without a residual).
-bool plan_fuses_stage(const N2uqConvPlan& plan, const N2uqOutputStage* stage) {
+bool plan_fuses_stage(const N2uqConvPlanBody& plan, const N2uqOutputStage* stage) {
   if (plan.path != N2UQ_PATH_AMX || plan.wino != 0 || plan.kernels == nullptr || plan.kernels->phased_run == nullptr ||
       !plan.kernels->fused_stage)
     return false;
@@ -1665,7 +1819,7 @@ AlignedVector<float>& stage_values_scratch() {
   return values;
 }
 
-int run_stage_checked(const N2uqConvPlan& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
+int run_stage_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                       const float* multiplier, const float* bias, int64_t channels_len, const N2uqOutputStage* stage,
                       float* out_float, int64_t out_float_len, uint64_t* out_packed, int64_t out_packed_len,
                       uint8_t* out_codes, int64_t out_codes_len, int num_threads, char* err, size_t err_len) {
@@ -1736,9 +1890,9 @@ int conv_impl(const N2uqConvShape* s, const uint64_t* input, int64_t input_len, 
   if (int rc = check_outputs(out_float, out_int32, out_len, z.out, multiplier, bias, channels_len, s->out_channels,
                              err, err_len))
     return rc;
-  std::unique_ptr<N2uqConvPlan> plan;
+  Selected plan;
   if (int rc = create_plan(s, weights, weights_len, isa, path, num_threads, &plan, nullptr, err, err_len)) return rc;
-  return run_plan(*plan, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len);
+  return run_plan(*plan.winner, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len);
 }
 
 // Sizes of a [num_positions][channels] tensor of codes (or floats) and of its packed
@@ -1818,6 +1972,16 @@ int requested_conv_path(int path, char* err, size_t err_len) { return requested_
 }  // namespace n2uq_core
 
 using namespace n2uq_core;
+
+N2uqConvPlan::~N2uqConvPlan() = default;
+
+namespace {
+// A run's work for the trial's per-pixel times: input pixels (the filter is the plan's); the shape
+// is checked by the run, which a null one fails before any time is recorded.
+int64_t trial_pixels(const N2uqConvShape* s) {
+  return s == nullptr ? 1 : std::max<int64_t>(1, int64_t(s->batch) * s->in_height * s->in_width);
+}
+}  // namespace
 
 extern "C" {
 
@@ -1985,10 +2149,20 @@ int n2uq_conv_plan_create(const N2uqConvShape* shape, const uint64_t* weights, i
   return guarded(err, err_len, [&]() -> int {
     N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
     *plan = nullptr;
-    std::unique_ptr<N2uqConvPlan> made;
+    Selected made;
     if (int rc = create_plan(shape, weights, weights_len, isa, path, num_threads, &made, nullptr, err, err_len))
       return rc;
-    *plan = made.release();
+    std::unique_ptr<N2uqConvPlan> handle(new N2uqConvPlan);
+    handle->body = std::shared_ptr<const N2uqConvPlanBody>(std::move(made.winner));
+    if (made.rival) {
+      handle->trial.reset(new PlanTrial);
+      handle->trial->rival = std::shared_ptr<const N2uqConvPlanBody>(std::move(made.rival));
+      handle->trial->candidates[0] = made.winner_candidate;
+      handle->trial->candidates[1] = made.rival_candidate;
+      handle->trial->key = made.key;
+      handle->trial_open.store(true);
+    }
+    *plan = handle.release();
     return N2UQ_OK;
   });
 }
@@ -1999,8 +2173,10 @@ int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, con
                        size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
     N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
-    return run_checked(*plan, shape, input, input_len, multiplier, bias, channels_len, out_float, out_int32, out_len,
-                       num_threads, err, err_len);
+    return run_with_trial(*plan, trial_pixels(shape), [&](const N2uqConvPlanBody& body) {
+      return run_checked(body, shape, input, input_len, multiplier, bias, channels_len, out_float, out_int32, out_len,
+                         num_threads, err, err_len);
+    });
   });
 }
 
@@ -2011,21 +2187,24 @@ int n2uq_conv_plan_run_stage(const N2uqConvPlan* plan, const N2uqConvShape* shap
                              int num_threads, char* err, size_t err_len) {
   return guarded(err, err_len, [&]() -> int {
     N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
-    return run_stage_checked(*plan, shape, input, input_len, multiplier, bias, channels_len, stage, out_float,
-                             out_float_len, out_packed, out_packed_len, out_codes, out_codes_len, num_threads, err,
-                             err_len);
+    return run_with_trial(*plan, trial_pixels(shape), [&](const N2uqConvPlanBody& body) {
+      return run_stage_checked(body, shape, input, input_len, multiplier, bias, channels_len, stage, out_float,
+                               out_float_len, out_packed, out_packed_len, out_codes, out_codes_len, num_threads, err,
+                               err_len);
+    });
   });
 }
 
 int n2uq_conv_plan_stage_fused(const N2uqConvPlan* plan) {
   if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
-  return plan_fuses_stage(*plan, nullptr) ? 1 : 0;
+  return plan_fuses_stage(*plan->current(), nullptr) ? 1 : 0;
 }
 
 int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path) {
   if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
-  if (isa) *isa = plan->isa;
-  if (path) *path = plan->path;
+  const std::shared_ptr<const N2uqConvPlanBody> body = plan->current();
+  if (isa) *isa = body->isa;
+  if (path) *path = body->path;
   return N2UQ_OK;
 }
 
@@ -2033,7 +2212,13 @@ int n2uq_conv_plan_form(const N2uqConvPlan* plan) {
   if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
   static_assert(N2UQ_FORM_WINOGRAD == kWinoStride1 && N2UQ_FORM_WINOGRAD_STRIDE2 == kWinoStride2,
                 "the C API's form numbers are the plan's");
-  return plan->compact_bits != 0 ? N2UQ_FORM_DIRECT_COMPACT : plan->wino;
+  const std::shared_ptr<const N2uqConvPlanBody> body = plan->current();
+  return body->compact_bits != 0 ? N2UQ_FORM_DIRECT_COMPACT : body->wino;
+}
+
+int n2uq_conv_plan_on_trial(const N2uqConvPlan* plan) {
+  if (plan == nullptr) return N2UQ_ERR_ARGUMENT;
+  return plan->trial_open.load(std::memory_order_acquire) ? 1 : 0;
 }
 
 void n2uq_conv_plan_destroy(N2uqConvPlan* plan) { delete plan; }

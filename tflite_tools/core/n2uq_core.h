@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 8
+#define N2UQ_CORE_ABI_VERSION 9
 
 enum {
   N2UQ_OK = 0,
@@ -144,7 +144,12 @@ int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int
 /* A conv (or fully connected) layer prepared once: the shape's filter, the path and ISA,
  * and the weights in that path's layout. `shape` includes batch and input size: AUTO path
  * selection times the candidates on it (and n2uq_conv_plan_run accepts any batch and
- * input size with the same filter). `num_threads` is the thread count selection times at. */
+ * input size with the same filter). `num_threads` is the thread count selection times at.
+ * Where AUTO's runner-up came close to the winner, the plan keeps both for a trial: its first
+ * runs alternate between them (one untimed run each, then 5 timed each) and the faster per pixel
+ * stays, the other's weights are freed. Every path gives the same outputs, so only the timing and
+ * the plan's info / form can change; N2UQ_PLAN_TRIAL=0 in the environment turns trials off. A plan
+ * may run on several threads at once, during its trial too. */
 typedef struct N2uqConvPlan N2uqConvPlan;
 int n2uq_conv_plan_create(const N2uqConvShape* shape, const uint64_t* weights, int64_t weights_len, int isa,
                           int path, int num_threads, N2uqConvPlan** plan, char* err, size_t err_len);
@@ -152,8 +157,10 @@ int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, con
                        int64_t input_len, const float* multiplier, const float* bias, int64_t channels_len,
                        float* out_float, int32_t* out_int32, int64_t out_len, int num_threads, char* err,
                        size_t err_len);
-/* The plan's concrete ISA and path (either pointer may be NULL). */
+/* The plan's concrete ISA and path (either pointer may be NULL): during a trial, the winner's. */
 int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path);
+/* 1 while the plan's trial is open, 0 when it has none or it closed, N2UQ_ERR_ARGUMENT for NULL. */
+int n2uq_conv_plan_on_trial(const N2uqConvPlan* plan);
 /* The plan's form (dot and amx paths; the others have only the direct one), or N2UQ_ERR_ARGUMENT
    for a NULL plan. N2UQ_FORM_DIRECT_COMPACT: the amx path's direct form keeping its weights as
    1-, 2- or 4-bit codes (3-bit weights take 4) that each run expands while the tiles work, where the

@@ -19,6 +19,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "n2uq_core.h"
@@ -335,6 +336,54 @@ void run_plan_case() {
     }
     n2uq_conv_plan_destroy(plan);
   }
+}
+
+// Plans on trial (N2UQ_PLAN_TRIAL=all keeps every timed selection's runner-up), run from two threads
+// at once until their trials close: every run's accumulators equal the reference, whichever body
+// ran it, and a closed trial reports a path (under ASan: no body freed while a run still uses it).
+void run_plan_trial_case() {
+  setenv("N2UQ_PLAN_TRIAL", "all", 1);
+  Case c = random_case(false);
+  N2uqConvShape& s = c.s;
+  Filter f = random_filter(s);
+  char err[256] = "";
+  n2uq_conv2d_output_size(&s, &c.oh, &c.ow, err, sizeof err);
+  const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
+  std::vector<uint8_t> m = random_codes(size_t(pixels * s.in_channels), s.act_bits);
+  std::vector<uint64_t> pm = pack(m, pixels, s.in_channels, s.act_bits);
+  const std::vector<int32_t> expected = naive(c, m, f.k, false);
+  for (int isa : isas()) {
+    N2uqConvPlan* plan = nullptr;
+    int rc = n2uq_conv_plan_create(&s, f.pk.data(), int64_t(f.pk.size()), isa, N2UQ_PATH_AUTO, 1, &plan, err,
+                                   sizeof err);
+    EXPECT(rc == N2UQ_OK && plan != nullptr, "trial plan_create isa=%s: %s", n2uq_isa_name(isa), err);
+    if (plan == nullptr) continue;
+    const int opened = n2uq_conv_plan_on_trial(plan);
+    int bad[2] = {0, 0};
+    auto worker = [&](int id) {
+      char werr[256] = "";
+      for (int r = 0; r < 8; ++r) {
+        std::vector<int32_t> got_i(expected.size(), -7);
+        std::vector<float> got_f(expected.size(), -7.f);
+        const int wrc = n2uq_conv_plan_run(plan, &s, pm.data(), int64_t(pm.size()), f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), got_f.data(), got_i.data(),
+                                           int64_t(got_i.size()), 1, werr, sizeof werr);
+        if (wrc != N2UQ_OK || got_i != expected) ++bad[id];
+      }
+    };
+    std::thread a(worker, 0), b(worker, 1);
+    a.join();
+    b.join();
+    int path = -1;
+    EXPECT(bad[0] + bad[1] == 0, "trial runs isa=%s (trial %d): %d wrong or failed", n2uq_isa_name(isa), opened,
+           bad[0] + bad[1]);
+    EXPECT(opened >= 0 && n2uq_conv_plan_on_trial(plan) == 0, "trial isa=%s: opened %d, still open after 16 runs",
+           n2uq_isa_name(isa), opened);
+    EXPECT(n2uq_conv_plan_info(plan, nullptr, &path) == N2UQ_OK && path > N2UQ_PATH_AUTO && path < N2UQ_NUM_PATHS,
+           "trial isa=%s: path %d", n2uq_isa_name(isa), path);
+    n2uq_conv_plan_destroy(plan);
+  }
+  unsetenv("N2UQ_PLAN_TRIAL");
 }
 
 // n2uq_conv_plan_run_stage against the plan's float output run through n2uq_output_stage, byte for
@@ -1551,6 +1600,7 @@ int main(int argc, char** argv) {
   // 3x3 stride-1 shapes: every ISA's dot path runs them in Winograd form.
   for (int i = 0; i < cases / 4 + 1; ++i) run_conv_case(false, true);
   for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
+  for (int i = 0; i < 3; ++i) run_plan_trial_case();
   for (int i = 0; i < cases / 2 + 1; ++i) run_plan_stage_case();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();

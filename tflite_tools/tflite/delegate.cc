@@ -1555,6 +1555,8 @@ int KernelInvoke(N2uqTfLiteContext* ctx, N2uqTfLiteNode* node) {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
     k->profile->invocations.fetch_add(1, std::memory_order_relaxed);
     k->profile->nanoseconds.fetch_add(uint64_t(ns.count()), std::memory_order_relaxed);
+    int path = 0;  // a plan's trial may have switched its path on this run
+    if (k->plan && n2uq_conv_plan_info(k->plan.get(), nullptr, &path) == N2UQ_OK) k->profile->path.store(path);
   }
   return kN2uqTfLiteOk;
 }
