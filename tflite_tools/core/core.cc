@@ -1316,7 +1316,7 @@ constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, 
 // it beat the winner by kTrialSwitchRatio; the loser's weights are then freed and the shape's
 // cached answer replaced. Every path gives the same outputs, so the trial changes only timing.
 // N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).
-constexpr double kTrialKeepRatio = 1.25;
+constexpr double kTrialKeepRatio = 1.5;
 constexpr double kTrialSwitchRatio = 0.95;
 constexpr int kTrialRuns = 5;
 
