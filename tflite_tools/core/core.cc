@@ -1610,8 +1610,21 @@ int select_and_make_plan(const N2uqConvShape& s, const ConvSizes& z, const uint6
     out->winner_candidate = candidates[0];
     if (int rc = make_candidate_plan(s, z, weights, isa, candidates[0], num_threads, &out->winner, err, err_len))
       return rc;
-    if (out->rival_candidate >= 0)
-      return make_candidate_plan(s, z, weights, isa, out->rival_candidate, num_threads, &out->rival, err, err_len);
+    // The runner-up is optional: where it cannot be made (memory), the plan runs without a trial.
+    int rival_rc = N2UQ_OK;
+    if (out->rival_candidate >= 0) {
+      try {
+        rival_rc = make_candidate_plan(s, z, weights, isa, out->rival_candidate, num_threads, &out->rival, err,
+                                       err_len);
+      } catch (const std::bad_alloc&) {
+        rival_rc = N2UQ_ERR_INTERNAL;
+      }
+    }
+    if (rival_rc != N2UQ_OK) {
+      out->rival.reset();
+      out->rival_candidate = -1;
+      if (err != nullptr && err_len > 0) err[0] = '\0';
+    }
     return N2UQ_OK;
   }
   // The timing runs on one image of the batch when the whole batch's buffers would exceed
