@@ -1714,18 +1714,12 @@ struct PlanTrial {
 
 namespace {
 
-// Records one finished run of side 0 (the body) or 1 (the runner-up); after kTrialRuns timed runs
-// of each, keeps the faster and closes the trial.
-void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pixel) {
-  PlanTrial& t = *plan.trial;
-  std::lock_guard<std::mutex> lock(t.mutex);
-  if (!plan.trial_open.load(std::memory_order_relaxed)) return;
-  t.best[side] = std::min(t.best[side], seconds_per_pixel);
-  ++t.timed[side];
-  if (t.timed[0] < kTrialRuns || t.timed[1] < kTrialRuns) return;
-  const bool switched = t.best[1] < t.best[0] * kTrialSwitchRatio;
+// Closes a trial (the caller holds its mutex): the runner-up becomes the body where it won, its
+// reference is dropped either way (the last run still holding it frees it), the shape's cached
+// answer becomes the verdict.
+void close_trial(const N2uqConvPlan& plan, PlanTrial& t, bool switched, const char* why) {
   if (switched) std::atomic_store(&plan.body, t.rival);
-  t.rival.reset();  // freed here, or by the last run still holding it
+  t.rival.reset();
   plan.trial_open.store(false, std::memory_order_release);
   {
     std::lock_guard<std::mutex> cache_lock(g_selection_mutex);
@@ -1735,12 +1729,24 @@ void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pix
     const N2uqConvShape& s = plan.current()->filter;
     std::fprintf(stderr,
                  "n2uq plan trial, %dx%dx%d -> %d, %dx%d /%d, W%dA%d: %s %.2f ns, %s %.2f ns per input pixel "
-                 "(best of %d runs each): kept %s\n",
+                 "(best of %d runs each): kept %s%s\n",
                  s.in_height, s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width,
                  s.stride_height, s.weight_bits, s.act_bits, candidate_name(t.candidates[0]).c_str(), t.best[0] * 1e9,
                  candidate_name(t.candidates[1]).c_str(), t.best[1] * 1e9, kTrialRuns,
-                 candidate_name(t.candidates[switched ? 1 : 0]).c_str());
+                 candidate_name(t.candidates[switched ? 1 : 0]).c_str(), why);
   }
+}
+
+// Records one finished run of side 0 (the body) or 1 (the runner-up); after kTrialRuns timed runs
+// of each, keeps the faster and closes the trial.
+void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pixel) {
+  PlanTrial& t = *plan.trial;
+  std::lock_guard<std::mutex> lock(t.mutex);
+  if (!plan.trial_open.load(std::memory_order_relaxed)) return;
+  t.best[side] = std::min(t.best[side], seconds_per_pixel);
+  ++t.timed[side];
+  if (t.timed[0] < kTrialRuns || t.timed[1] < kTrialRuns) return;
+  close_trial(plan, t, t.best[1] < t.best[0] * kTrialSwitchRatio, "");
 }
 
 // Runs fn(body) on the body this run gets: during a trial, the side with fewer runs so far (each
@@ -1764,6 +1770,17 @@ int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
   if (!body) body = plan.current();
   const auto t0 = std::chrono::steady_clock::now();
   const int rc = fn(*body);
+  if (side == 1 && rc != N2UQ_OK && rc != N2UQ_ERR_ARGUMENT && rc != N2UQ_ERR_BUFFER) {
+    // The runner-up could not run this call (a path's own limit, memory): the winner keeps the
+    // plan, and runs the call. A failed run leaves nothing the caller passed in changed but the
+    // outputs, which a run writes whole.
+    {
+      PlanTrial& t = *plan.trial;
+      std::lock_guard<std::mutex> lock(t.mutex);
+      if (plan.trial_open.load(std::memory_order_relaxed)) close_trial(plan, t, false, " (the runner-up failed a run)");
+    }
+    return fn(*plan.current());
+  }
   if (side >= 0 && timed && rc == N2UQ_OK)
     finish_trial_run(plan, side,
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(pixels));

@@ -148,7 +148,9 @@ int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int
  * Where AUTO's runner-up came close to the winner, the plan keeps both for a trial: its first
  * runs alternate between them (one untimed run each, then 5 timed each) and the faster per pixel
  * stays, the other's weights are freed. Every path gives the same outputs, so only the timing and
- * the plan's info / form can change; N2UQ_PLAN_TRIAL=0 in the environment turns trials off. A plan
+ * the plan's info / form can change (a run the runner-up fails other than on the caller's
+ * arguments is run again by the winner, which keeps the plan); N2UQ_PLAN_TRIAL=0 in the
+ * environment turns trials off. A plan
  * may run on several threads at once, during its trial too. */
 typedef struct N2uqConvPlan N2uqConvPlan;
 int n2uq_conv_plan_create(const N2uqConvShape* shape, const uint64_t* weights, int64_t weights_len, int isa,
