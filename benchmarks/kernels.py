@@ -440,12 +440,12 @@ def run_layers(args, isas, rng, md):
     # spinning after an invoke, took the second core from 2-thread selections (they picked
     # bit-serial or LUT over a 2x faster path).
     for layer, size, channels, out_channels, stride, threads in rows:
-        candidates, paths = {}, {}
+        candidates, plans = {}, {}
         for isa in isas:
             for b in args.bits:
-                candidates[(isa, b)], paths[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads,
+                candidates[(isa, b)], plans[(isa, b)] = our_layer(size, channels, b, isa, args.path, threads,
                                                                   rng, out_channels, stride)
-        built[(layer, threads)] = candidates, paths
+        built[(layer, threads)] = candidates, plans
     passes = max(1, min(args.layer_passes, args.repeats))
     for index in range(passes):
         rounds = args.repeats // passes + (1 if index < args.repeats % passes else 0)
@@ -463,13 +463,13 @@ def run_layers(args, isas, rng, md):
             print(f"(pass {index + 1} of {passes} over the {len(rows)} rows done)", flush=True)
     for layer, size, channels, out_channels, stride, threads in rows:
         work = macs(size, channels, out_channels, stride)
-        _, paths = built[(layer, threads)]
+        _, plans = built[(layer, threads)]
         samples = collected[(layer, threads)]
         median = {key: summary(v) for key, v in samples.items()}
         noise = max(spread(v) for v in samples.values())
         for isa in isas:
             gmacs = [f"{work / median[(isa, b)] / 1e9:.1f}" for b in args.bits]
-            chosen = "/".join(PATH_ABBREVIATIONS[(paths[(isa, b)].path, paths[(isa, b)].form)] for b in args.bits)
+            chosen = "/".join(PATH_ABBREVIATIONS[(plans[(isa, b)].path, plans[(isa, b)].form)] for b in args.bits)
             row = f"{layer:>14} {threads:>3} {isa:>8} " + " ".join(f"{g:>8}" for g in gmacs)
             md_row = [layer, threads] + ([isa] if len(isas) > 1 else []) + gmacs
             if args.tflite:
