@@ -511,7 +511,7 @@ def run_layers(args, isas, rng, md):
               "the conv from a plan prepared once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, {PATH_LEGEND}, "
               "chosen by the plan's timing of the paths and forms this CPU runs when auto, and where a runner-up "
-              "came within 50% of the winner, by the trial of both on the plan's first runs). TFLite's CONV_2D is a "
+              "came within 2x of the winner, by the trial of both on the plan's first runs). TFLite's CONV_2D is a "
               f"one-layer int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default "
               "XNNPACK. "
               "\"vs int8\" = TFLite int8 time / that time (> 1: faster than int8). Noise = largest IQR/median of any "

@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # Checks path amx (forced, threads 1 and 2, int32 and float outputs) against the NumPy reference
-# on Winograd shapes of both forms (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4) and
-# shapes only the direct form takes (1x1, dilation, 5x5, stride 3); prints "checked N". With
+# on Winograd shapes of both forms (C and OC with K, M and N tails, odd H/W, batch 2, bits 1-4),
+# shapes only the direct form takes (1x1, dilation, 5x5, stride 3) and wide 3-4 bit pixels; prints
+# "checked N". With
 # N2UQ_DOT_WINOGRAD=0 every shape runs the direct form.
 CHECK_SCRIPT = """
 import sys
@@ -65,9 +66,14 @@ check(1, 7, 7, 64, 16, 3, 1, 2, (2, 2, 2, 2), 2, 3, rng)
 check(2, 9, 8, 72, 24, 1, 2, 1, (0, 0, 0, 0), 2, 2, rng)
 check(1, 13, 12, 64, 48, 5, 2, 1, (2, 2, 1, 2), 4, 3, rng)
 check(2, 14, 11, 130, 33, 3, 3, 2, (1, 2, 2, 1), 1, 4, rng)
+# The direct form's stage of 3-4 bit codes from wide pixels: 330 channels at 3 bits (a 104-byte
+# window of planes per word, two registers on the GFNI stager) and 400 at 4 bits (past 128 bytes:
+# the mask-move stager), both with a channel tail.
+check(1, 7, 6, 330, 24, 3, 2, 1, (1, 1, 1, 1), 3, 2, rng)
+check(1, 6, 5, 400, 16, 3, 1, 1, (1, 1, 1, 1), 4, 3, rng)
 # 3 images of 4 tile pairs: 2 threads split the pairs in the middle of the second image.
 check(3, 11, 9, 64, 24, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
-count += 6
+count += 8
 # The form a forced amx plan took (direct_compact under N2UQ_AMX_COMPACT=1 with N2UQ_DOT_WINOGRAD=0).
 shape = _core.conv_shape(1, 9, 9, 80, 40, 3, padding=1, act_bits=2, weight_bits=2)
 plan = _core.ConvPlan(shape, _core.pack_bitplanes(rng.integers(0, 4, (40, 3, 3, 80)), 2), isa="avx512", path="amx")
@@ -103,7 +109,7 @@ def test_emulated_amx_path_is_bit_exact():
         return
     assert status.startswith("emulated") and "self-check passed" in status, status
     assert ("avx512", "amx") in combos
-    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+    assert "checked 46" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
 
 
 def test_emulated_amx_path_direct_form_and_selection():
@@ -113,7 +119,7 @@ def test_emulated_amx_path_direct_form_and_selection():
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 44" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
+    assert "checked 46" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -139,9 +145,27 @@ def test_emulated_amx_path_compact_weights():
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
     out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
-    assert "checked 44" in out and "form direct_compact" in out, out[-500:]
+    assert "checked 46" in out and "form direct_compact" in out, out[-500:]
     out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
     assert "form direct\n" in out, out[-500:]
+
+
+def test_amx_direct_form_stages_the_same_without_gfni():
+    """The direct form stages 2-4 bit codes with GF2P8AFFINEQB where the CPU reports GFNI and AVX-512
+    VBMI, else (N2UQ_CPU_DISABLE=gfni) with a mask move per plane: both exact on every shape above;
+    the core reports gfni exactly where /proc/cpuinfo does (with AVX-512)."""
+    features, _, _ = _report()
+    if "avx512vnni" not in features:
+        assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
+        return
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        assert ("gfni" in features) == ("gfni" in flags), (features, flags)
+    hidden, _, _ = _report(N2UQ_CPU_DISABLE="gfni")
+    assert "gfni" not in hidden and "avx512vbmi" in hidden or "avx512vbmi" not in features
+    out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0", N2UQ_CPU_DISABLE="gfni")
+    assert "checked 46" in out and "form direct\n" in out, out[-500:]
 
 
 def test_amx_path_follows_the_cpu():
@@ -152,9 +176,9 @@ def test_amx_path_follows_the_cpu():
     if "amx_int8" in features:
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
-        assert "checked 44" in _run(CHECK_SCRIPT)
+        assert "checked 46" in _run(CHECK_SCRIPT)
         out = _run(CHECK_SCRIPT, N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
-        assert "checked 44" in out and "form direct_compact" in out, out[-500:]
+        assert "checked 46" in out and "form direct_compact" in out, out[-500:]
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

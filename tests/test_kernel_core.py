@@ -672,11 +672,11 @@ def _run_trial_script(trial):
 
 def test_auto_plan_trial_keeps_the_faster_and_stays_exact():
     """path=auto keeps the selection's runner-up (N2UQ_PLAN_TRIAL=all: whatever its time) and the
-    plan's first runs alternate between the two, every output exact; after one untimed and 5 timed
-    runs each the trial closes on the faster per pixel (the runner-up only where it won by 5%), as
-    its N2UQ_SELECT_LOG line says, and the plan reports that path and form. A plan of the same
-    shape made while a trial is open gets its own trial; one made after it closed takes the answer
-    without one. N2UQ_PLAN_TRIAL=0: no trial."""
+    plan's first runs try the two in turn (6 runs each, one block after the other), every output
+    exact; after one untimed and 5 timed runs each the trial closes on the faster per pixel (the
+    runner-up only where it won by 5%), as its N2UQ_SELECT_LOG line says, and the plan reports that
+    path and form. A plan of the same shape made while a trial is open gets its own trial; one made
+    after it closed takes the answer without one. N2UQ_PLAN_TRIAL=0: no trial."""
     lines = _run_trial_script("all")
     if len(_core.supported_paths()) < 2 and "dot" not in _core.supported_paths():  # one candidate: no trial
         assert not [line for line in lines if line.startswith("n2uq")] and "opened False False" in lines, lines
@@ -753,7 +753,7 @@ def test_paths_follow_the_cpu_features():
     """A path is offered only where CPUID (and the OS, XCR0) report what its kernels execute."""
     features = set(_core.cpu_features())
     assert features <= {"popcnt", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512vpopcntdq",
-                        "avx512vnni", "avx512vbmi", "amx_int8", "asimddp"}
+                        "avx512vnni", "avx512vbmi", "gfni", "amx_int8", "asimddp"}
     combos = set(_core.supported_combinations())
     assert (("avx512", "dot") in combos) == ("avx512" in _core.supported_isas() and "avx512vnni" in features)
     assert (("avx512", "lut") in combos) == ("avx512" in _core.supported_isas()

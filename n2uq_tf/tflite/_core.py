@@ -446,7 +446,7 @@ class ConvPlan:
 
     @property
     def on_trial(self):
-        """Whether the plan's runs still alternate between the selection's winner and runner-up."""
+        """Whether the plan's first runs are still trying the selection's winner and runner-up."""
         return bool(self._lib.n2uq_conv_plan_on_trial(self._handle))
 
     def run(self, packed_input, multiplier=None, bias=None, *, shape=None, output="float", num_threads=1):

@@ -78,6 +78,7 @@ int check_threads(int num_threads, char* err, size_t err_len) {
 struct CpuFeatures {
   bool popcnt = false, avx2 = false, avx512f = false, avx512bw = false, avx512vl = false;
   bool avx512vpopcntdq = false, avx512vnni = false, avx512vbmi = false, avx_vnni = false;
+  bool gfni = false;  // GF2P8AFFINEQB (its 512-bit form with avx512f)
   bool amx_int8 = false;  // AMX-TILE + AMX-INT8 and XCR0 tile state; the amx path also needs arch_prctl
   bool asimd_dotprod = false;
 };
@@ -106,6 +107,7 @@ CpuFeatures detect_cpu_features() {
   f.avx512bw = f.avx512f && ((b >> 30) & 1);
   f.avx512vl = f.avx512f && ((b >> 31) & 1);
   f.avx512vbmi = f.avx512f && ((c >> 1) & 1);
+  f.gfni = f.avx512f && ((c >> 8) & 1);
   f.avx512vnni = f.avx512f && ((c >> 11) & 1);
   f.avx512vpopcntdq = f.avx512f && ((c >> 14) & 1);
   f.amx_int8 = tile_state && ((d >> 24) & 1) && ((d >> 25) & 1);
@@ -129,7 +131,8 @@ const FeatureName kFeatureNames[] = {
     {"avx_vnni", &CpuFeatures::avx_vnni},   {"avx512f", &CpuFeatures::avx512f},
     {"avx512bw", &CpuFeatures::avx512bw},   {"avx512vl", &CpuFeatures::avx512vl},
     {"avx512vpopcntdq", &CpuFeatures::avx512vpopcntdq}, {"avx512vnni", &CpuFeatures::avx512vnni},
-    {"avx512vbmi", &CpuFeatures::avx512vbmi}, {"amx_int8", &CpuFeatures::amx_int8},
+    {"avx512vbmi", &CpuFeatures::avx512vbmi}, {"gfni", &CpuFeatures::gfni},
+    {"amx_int8", &CpuFeatures::amx_int8},
     {"asimddp", &CpuFeatures::asimd_dotprod}};
 
 // N2UQ_CPU_DISABLE (comma-separated feature names) treats those features as absent, so that
@@ -1311,12 +1314,20 @@ constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, 
 // plan keep the Winograd form at 0.86x of TFLite int8, where the direct form ran 1.32x) or the
 // calls can meet other caches than the timing's (flushed weights against weights still in L2 or
 // L3). So the runner-up, where it came within kTrialKeepRatio of the winner, is kept and the
-// plan's first real runs alternate between the two (PlanTrial): after one untimed run each, the
-// best of kTrialRuns runs each per input pixel decides, the runner-up taking over only where
-// it beat the winner by kTrialSwitchRatio; the loser's weights are then freed and the shape's
-// cached answer replaced. Every path gives the same outputs, so the trial changes only timing.
+// plan's first real runs try both (PlanTrial): kTrialRuns + 1 runs of the winner, then as many of
+// the runner-up, the first of each block untimed; the best of each block's timed runs per input
+// pixel decides, the runner-up taking over only where it beat the winner by kTrialSwitchRatio; the
+// loser's weights are then freed and the shape's cached answer replaced. Every path gives the same
+// outputs, so the trial changes only timing. Blocks, not alternating runs: the calls then meet the
+// caches they will meet later. Back to back (one layer called again and again), a block's runs
+// find its weights where its previous run left them; alternating, each run found them evicted by
+// the other's (14x14x256/2 W4A4 on the AMX Xeon: the int8 weights' direct form ran 50 us back to
+// back and 78 us alternating, and lost to compact weights' 65 us). Inside a network, other layers
+// run between a layer's calls either way. The keep ratio is 2: a flushed timing of 1.2 MB of int8
+// weights (L3 at ~16 GB/s) adds ~70 us that those calls may not pay (the same layer at W2A2: 132
+// us flushed against compact weights' 71, 51.5 against 55 back to back).
 // N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).
-constexpr double kTrialKeepRatio = 1.5;
+constexpr double kTrialKeepRatio = 2.0;
 constexpr double kTrialSwitchRatio = 0.95;
 constexpr int kTrialRuns = 5;
 
@@ -1749,8 +1760,9 @@ void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pix
   close_trial(plan, t, t.best[1] < t.best[0] * kTrialSwitchRatio, "");
 }
 
-// Runs fn(body) on the body this run gets: during a trial, the side with fewer runs so far (each
-// side's first run untimed), timed per input pixel; otherwise the plan's body.
+// Runs fn(body) on the body this run gets: during a trial, the winner for its kTrialRuns + 1 runs,
+// then the runner-up (each block's first run untimed), timed per input pixel; otherwise the plan's
+// body.
 template <class Fn>
 int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
   // No trial, or a closed one: the body is final (its last store happened before the close).
@@ -1762,7 +1774,7 @@ int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
     PlanTrial& t = *plan.trial;
     std::lock_guard<std::mutex> lock(t.mutex);
     if (plan.trial_open.load(std::memory_order_relaxed)) {
-      side = t.started[0] <= t.started[1] ? 0 : 1;
+      side = t.started[0] <= kTrialRuns ? 0 : 1;
       timed = ++t.started[side] > 1;
       body = side == 0 ? plan.current() : t.rival;
     }
@@ -1992,6 +2004,8 @@ int int8_conv_geometry(const N2uqConvShape* shape, int64_t* out_height, int64_t*
 bool cpu_avx512_vnni() { return cpu_has(N2UQ_ISA_AVX512) && cpu_features().avx512vnni; }
 
 bool cpu_avx512_vbmi() { return cpu_has(N2UQ_ISA_AVX512) && cpu_features().avx512vbmi; }
+
+bool cpu_avx512_gfni() { return cpu_avx512_vbmi() && cpu_features().gfni; }
 
 int amx_mode() {
   const PathKernels* k = amx_path_kernels();

@@ -796,7 +796,7 @@ PathKernels make(const char* name) {
   k.wino2_item = &item<Tiles, kWinoStride2>;
   k.wino_block_tiles = kMaxTiles;
   k.wino_quad_align = 16;
-  k.stage_rows = &phased_stage_rows;
+  k.stage_rows = cpu_avx512_gfni() ? &phased_stage_rows_gfni : &phased_stage_rows;
   k.phased_run = &phased_run<Tiles>;
   k.fused_stage = true;
   return k;

@@ -512,38 +512,21 @@ void wino_item(const ConvJob& j, int64_t item, int /*slot*/) {
 // Planes of phases no tap reads are not staged (never read).
 template <int BITS>
 void phased_stage_rows_bits(const ConvJob& j, int64_t begin, int64_t end) {
-  const int64_t words = j.words, sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols, n = j.amx_image;
-  const int64_t plane_bytes = j.amx_plane_pixels * 64, in_pixel = int64_t(BITS) * words;
+  const int64_t words = j.words, cols = j.amx_cols, plane_bytes = j.amx_plane_pixels * 64;
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t prow = u % j.amx_plane_rows, phase = u / j.amx_plane_rows;
-    const int64_t py = phase / sw, px = phase % sw;
-    if (!dot_dimension_phase_read(j.kernel_height, j.dilation_height, sh, py) ||
-        !dot_dimension_phase_read(j.kernel_width, j.dilation_width, sw, px))
-      continue;
-    uint8_t* const base = j.amx_stage + (phase * words * j.amx_plane_pixels + prow * cols) * 64;
-    const int64_t ih = prow * sh + py - j.pad_top;
-    // Columns c whose input column c * sw + px - pad_left lies inside the input: [c0, c1).
-    int64_t c0 = 0, c1 = 0;
-    if (ih >= 0 && ih < j.in_height) {
-      const int64_t first = j.pad_left - px;  // c * sw >= first
-      c0 = first <= 0 ? 0 : (first + sw - 1) / sw;
-      const int64_t last = j.in_width - 1 + j.pad_left - px;  // c * sw <= last
-      c1 = last < 0 ? 0 : last / sw + 1;
-      if (c1 > cols) c1 = cols;
-      if (c0 > c1) c0 = c1;
-    }
+    const PhasedStageRow row = phased_stage_row(j, u, BITS);
+    if (!row.read) continue;
     for (int64_t w = 0; w < words; ++w) {
-      uint8_t* const dst = base + w * plane_bytes;
-      for (int64_t c = 0; c < c0; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
-      for (int64_t c = c1; c < cols; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
-      if (c0 == c1) continue;
+      uint8_t* const dst = row.base + w * plane_bytes;
+      for (int64_t c = 0; c < row.c0; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      for (int64_t c = row.c1; c < cols; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      if (row.c0 == row.c1) continue;
       const uint64_t mask = w == words - 1 ? tail : ~0ull;
-      const uint64_t* src =
-          j.input + ((n * j.in_height + ih) * j.in_width + c0 * sw + px - j.pad_left) * in_pixel + w;
-      for (int64_t c = c0; c < c1; ++c, src += sw * in_pixel)
+      const uint64_t* src = row.src + w;
+      for (int64_t c = row.c0; c < row.c1; ++c, src += row.src_step)
         _mm512_store_si512((void*)(dst + c * 64), codes_from_planes<BITS>(src, words, mask));
     }
   }
@@ -597,6 +580,98 @@ const PathKernels* avx512_dot_kernels() {
     return k;
   }();
   return &kernels;
+}
+
+}  // namespace n2uq_core
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ---------------------------------------------------------------- phased stage (VBMI + GFNI)
+//
+// The same stage bytes as phased_stage_rows, with one byte permute and one GF2P8AFFINEQB per
+// pixel and word instead of a mask move and a masked byte move per plane (those moves all need
+// port 5 on Intel cores; at 3-4 bits they were most of the stage's time). GF2P8AFFINEQB(x, A)
+// sets bit i of byte j of each qword to parity(A.byte[7 - i] AND x.byte[j]); with x.byte[j] =
+// 1 << j that is bit j of A.byte[7 - i], an 8x8 bit transpose. So with A's qword q holding
+// plane p's byte q in byte 7 - p (p < BITS, the rest zero), byte j of qword q (channel 8q + j
+// of the word) gets bit p = channel 8q + j's bit in plane p: its code. VPERMB (one register) or
+// VPERMT2B (two) builds A from the planes' bytes, which lie in one 64- or 128-byte window from
+// the word's plane 0 when (BITS - 1) * words <= 7 or 15; wider pixels take phased_stage_rows.
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni")
+#endif
+
+namespace n2uq_core {
+namespace {
+namespace avx512_gfni {
+
+// The window's qwords from the word's plane 0: (BITS - 1) * words + 1.
+inline int64_t window_qwords(int bits, int64_t words) { return int64_t(bits - 1) * words + 1; }
+
+template <int BITS, bool TWO>
+void stage_rows_bits(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t words = j.words, cols = j.amx_cols, plane_bytes = j.amx_plane_pixels * 64;
+  const int rem = j.in_channels % 64;
+  const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);  // input bits above C are garbage
+  // A's byte 8q + 7 - p <- window byte 8 p words + q; bytes 8q + 0 .. 7 - BITS stay zero.
+  alignas(64) uint8_t index[64];
+  uint64_t a_mask = 0;
+  for (int b = 0; b < 64; ++b) {
+    const int q = b / 8, p = 7 - b % 8;
+    index[b] = uint8_t(p < BITS ? 8 * p * words + q : 0);
+    if (p < BITS) a_mask |= 1ull << b;
+  }
+  const __m512i permute = _mm512_load_si512(index), bit_select = _mm512_set1_epi64(0x8040201008040201ll);
+  const int64_t window = 8 * window_qwords(BITS, words);  // bytes, <= 128 (<= 64 without TWO)
+  const __mmask64 load0 = window >= 64 ? ~__mmask64(0) : (__mmask64(1) << window) - 1;
+  const __mmask64 load1 = !TWO || window <= 64 ? 0 : window >= 128 ? ~__mmask64(0) : (__mmask64(1) << (window - 64)) - 1;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t u = begin; u < end; ++u) {
+    const PhasedStageRow row = phased_stage_row(j, u, BITS);
+    if (!row.read) continue;
+    for (int64_t w = 0; w < words; ++w) {
+      uint8_t* const dst = row.base + w * plane_bytes;
+      for (int64_t c = 0; c < row.c0; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      for (int64_t c = row.c1; c < cols; ++c) _mm512_store_si512((void*)(dst + c * 64), zero);
+      if (row.c0 == row.c1) continue;
+      const __mmask64 keep = (__mmask64)(w == words - 1 ? tail : ~0ull);
+      // The window ends inside the pixel (its last qword is plane BITS - 1 of word w); masked
+      // loads read no byte past it.
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(row.src + w);
+      for (int64_t c = row.c0; c < row.c1; ++c, src += 8 * row.src_step) {
+        const __m512i lo = _mm512_maskz_loadu_epi8(load0, src);
+        const __m512i a = TWO ? _mm512_maskz_permutex2var_epi8((__mmask64)a_mask, lo, permute,
+                                                               _mm512_maskz_loadu_epi8(load1, src + 64))
+                              : _mm512_maskz_permutexvar_epi8((__mmask64)a_mask, permute, lo);
+        _mm512_store_si512((void*)(dst + c * 64), _mm512_maskz_gf2p8affine_epi64_epi8(keep, bit_select, a, 0));
+      }
+    }
+  }
+}
+
+}  // namespace avx512_gfni
+}  // namespace
+
+void phased_stage_rows_gfni(const ConvJob& j, int64_t begin, int64_t end) {
+  const int64_t window = avx512_gfni::window_qwords(j.act_bits, j.words);
+  if (j.act_bits < 2 || window > 16) {  // 1 bit: one mask move per pixel already; wider: no window
+    phased_stage_rows(j, begin, end);
+    return;
+  }
+  const bool two = window > 8;
+  switch (j.act_bits) {
+    case 2: two ? avx512_gfni::stage_rows_bits<2, true>(j, begin, end) : avx512_gfni::stage_rows_bits<2, false>(j, begin, end); break;
+    case 3: two ? avx512_gfni::stage_rows_bits<3, true>(j, begin, end) : avx512_gfni::stage_rows_bits<3, false>(j, begin, end); break;
+    default: two ? avx512_gfni::stage_rows_bits<4, true>(j, begin, end) : avx512_gfni::stage_rows_bits<4, false>(j, begin, end); break;
+  }
 }
 
 }  // namespace n2uq_core

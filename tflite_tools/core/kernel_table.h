@@ -301,10 +301,53 @@ constexpr int kAmxDirectVectors = 2;
 // vector of the row's bytes repeated in each 8 * bits-byte part, part f shifted right by bits * f,
 // has every code in the low bits of its own byte (isa_amx.cc, expand_b).
 inline int compact_bits_for(int weight_bits) { return weight_bits == 3 ? 4 : weight_bits; }
+// One plane row u of the phased direct form's stage (ConvJob::amx_stage), as both stagers walk it:
+// its first pixel of word 0 (word w's is plane_bytes * w on), and the columns [c0, c1) whose input
+// pixel lies inside the input, the first at src (plane 0 of word 0; column c's at src + (c - c0) *
+// src_step). read: whether some tap reads the row's phase (planes no tap reads are not staged).
+struct PhasedStageRow {
+  bool read;
+  uint8_t* base;
+  int64_t c0, c1;
+  const uint64_t* src;
+  int64_t src_step;
+};
+inline PhasedStageRow phased_stage_row(const ConvJob& j, int64_t u, int act_bits) {
+  PhasedStageRow r = {};
+  const int64_t sh = j.stride_height, sw = j.stride_width, cols = j.amx_cols;
+  const int64_t prow = u % j.amx_plane_rows, phase = u / j.amx_plane_rows;
+  const int64_t py = phase / sw, px = phase % sw;
+  const auto phase_read = [](int64_t k, int64_t d, int64_t st, int64_t ph) {
+    for (int64_t i = 0; i < k; ++i)
+      if (i * d % st == ph) return true;
+    return false;
+  };
+  if (!phase_read(j.kernel_height, j.dilation_height, sh, py) || !phase_read(j.kernel_width, j.dilation_width, sw, px))
+    return r;
+  r.read = true;
+  r.base = j.amx_stage + (phase * j.words * j.amx_plane_pixels + prow * cols) * 64;
+  const int64_t ih = prow * sh + py - j.pad_top, in_pixel = int64_t(act_bits) * j.words;
+  if (ih >= 0 && ih < j.in_height) {
+    const int64_t first = j.pad_left - px;  // c * sw >= first
+    r.c0 = first <= 0 ? 0 : (first + sw - 1) / sw;
+    const int64_t last = j.in_width - 1 + j.pad_left - px;  // c * sw <= last
+    r.c1 = last < 0 ? 0 : last / sw + 1;
+    if (r.c1 > cols) r.c1 = cols;
+    if (r.c0 > r.c1) r.c0 = r.c1;
+  }
+  if (r.c0 < r.c1)
+    r.src = j.input + ((j.amx_image * j.in_height + ih) * j.in_width + r.c0 * sw + px - j.pad_left) * in_pixel;
+  r.src_step = sw * in_pixel;
+  return r;
+}
 // Stages the phase planes of the phased direct form (ConvJob::amx_stage): plane rows [begin, end)
 // of the stride_height * stride_width * amx_plane_rows of image amx_image (isa_avx512_dot.cc;
-// x86-64 only).
+// x86-64 only). The _gfni stager gives the same bytes with GF2P8AFFINEQB (AVX-512 VBMI + GFNI);
+// core.cc offers it only where the CPU reports both.
 void phased_stage_rows(const ConvJob& j, int64_t begin, int64_t end);
+void phased_stage_rows_gfni(const ConvJob& j, int64_t begin, int64_t end);
+// Whether the CPU and OS report AVX-512 VBMI and GFNI (core.cc; N2UQ_CPU_DISABLE=gfni hides it).
+bool cpu_avx512_gfni();
 
 // The AVX-512 Winograd output stage (isa_avx512_dot.cc; x86-64 only): output transform,
 // corrections and stores of `tiles` tiles from t0 of `chunk`, from their 64-byte aligned
