@@ -717,6 +717,10 @@ int run_dot(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, 
   return N2UQ_OK;
 }
 
+// The direct form's int8 weights past which a conv with few tile pairs per thread splits its work
+// by output channels (run_phased): 3/4 of the 2 MB L2 per core of the AMX Xeons.
+constexpr int64_t kChunkSplitWeightBytes = int64_t(1536) << 10;
+
 // Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; tile work in isa_amx.cc). One
 // task per thread, each staging the plane rows its own pairs read into its own stage and then
 // running them: staged rows that another core just wrote reach the tile loads through that
@@ -741,14 +745,25 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
   job.amx_plane_rows = (job.amx_virtual + max_shift + job.amx_cols - 1) / job.amx_cols;
   job.amx_plane_pixels = job.amx_plane_rows * job.amx_cols;
   const int64_t pairs = job.amx_virtual / 32, all_pairs = pairs * job.batch, chunks = job.oc_chunks;
-  // Chunks where there are fewer than 4 pairs per thread: then each thread also keeps only its
-  // share of the weights in its cache (7x7x512 on 2 threads: 39 us, 65 us split by pairs, 112 us
-  // on 1). Split by chunks where pairs are many, both threads write every output pixel, 64
-  // channels apart, and 28x28x128 ran 2.4x slower than split by pairs. One task per thread: with
-  // 2 or 4 smaller tasks per thread (taken as threads come free) every shape ran slower, up to
-  // 1.9x (56x56x64/2 on 2 threads).
+  // Split by chunks (each thread all pairs of its output channels) only where there are fewer than
+  // 4 pairs per thread and the pairs' split would cost more: a thread without a pair; compact
+  // weights, whose expansion serves G = 4 A tiles per vector with every pair in one thread and
+  // fewer with the pairs split; int8 weights past kChunkSplitWeightBytes, which each thread of
+  // the pairs' split would stream from beyond its L2 (7x7x512, 2.4 MB: 39 us split by chunks, 65 us
+  // split by pairs, 112 us on 1 thread; AMX Xeon, 2 MB L2 per core). Otherwise the pairs': each
+  // thread stages only the input rows its pairs read, mostly the rows its own share of the
+  // previous op wrote, where split by chunks each stages the whole input (the stride-2 layers'
+  // is 4x their output); quantize-and-pack plus conv, 2 threads, interleaved: 28x28x128/2 W4A4
+  // 47.0 -> 37.3 us, 14x14x256/2 W4A4 42.2 -> 39.9, 14x14x256 W2A2 50.6 -> 47.2; with compact
+  // weights chunks stayed ahead on 14x14x256, 14x14x256/2 and 7x7x512. Where pairs are many,
+  // split by chunks both threads write every output pixel, 64 channels apart, and 28x28x128 ran
+  // 2.4x slower than split by pairs. One task per thread: with 2 or 4 smaller tasks per thread
+  // (taken as threads come free) every shape ran slower, up to 1.9x (56x56x64/2 on 2 threads).
   const int threads = num_threads;
-  const bool split_chunks = threads > 1 && all_pairs < 4 * threads && chunks > 1;
+  const bool few_pairs = all_pairs < 4 * threads;
+  const bool split_chunks = threads > 1 && chunks > 1 && few_pairs &&
+                            (all_pairs < threads || plan.compact_bits != 0 ||
+                             int64_t(plan.dot.size()) > kChunkSplitWeightBytes);
   const int64_t units = split_chunks ? chunks : all_pairs;
   const int64_t tasks = units < threads ? units : threads;
   if (!mul_ok(sh * sw, int64_t(job.words) * job.amx_plane_pixels, &stage_bytes) ||
@@ -776,7 +791,13 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
   // image it staged (staged_image[slot]), so it stages each image once.
   int64_t staged_image[N2UQ_MAX_THREADS];
   for (int i = 0; i < threads && i < N2UQ_MAX_THREADS; ++i) staged_image[i] = -1;
-  pool().run_slots(threads, tasks, [&](int64_t task, int slot) {
+  // Task s on slot s (the caller is slot 0) on every call: the same pairs on the same core, whose
+  // caches hold what its last call left there (its stage, its output rows) and, after a
+  // quantize-and-pack split the same way (parallel_ranges_static), the rows it packed. Handed out
+  // as threads came free, the tasks swapped cores on some calls (14x14x256/2 W4A4, 2 threads:
+  // calls alternating 31 and 36 us).
+  pool().run_each(int(tasks), [&](int slot) {
+    const int64_t task = slot;
     ConvJob local = job;
     local.amx_stage = stages + slot * stage_bytes;
     // This task's share: chunks [c0, c1) of every pair, or flat pairs [g0, g1) (image * pairs + pair).
