@@ -1342,9 +1342,10 @@ constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, 
 // outputs, so the trial changes only timing. Blocks, not alternating runs: the calls then meet the
 // caches they will meet later. Back to back (one layer called again and again), a block's runs
 // find its weights where its previous run left them; alternating, each run found them evicted by
-// the other's (14x14x256/2 W4A4 on the AMX Xeon: the int8 weights' direct form ran 50 us back to
-// back and 78 us alternating, and lost to compact weights' 65 us). Inside a network, other layers
-// run between a layer's calls either way. The keep ratio is 2: a flushed timing of 1.2 MB of int8
+// the other's (14x14x256/2 W4A4 on the AMX Xeon: the int8 weights' direct form ran 50-55 us back
+// to back, 78 us in an alternating trial, 66 us in a block's first runs; compact weights 60-65,
+// 71 and 57). Inside a network, other layers run between a layer's calls either way. A plan's first
+// runs stay slower than its later ones, so a trial settles clear differences, not 10% ones. The keep ratio is 2: a flushed timing of 1.2 MB of int8
 // weights (L3 at ~16 GB/s) adds ~70 us that those calls may not pay (the same layer at W2A2: 132
 // us flushed against compact weights' 71, 51.5 against 55 back to back).
 // N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).

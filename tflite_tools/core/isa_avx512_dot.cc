@@ -594,7 +594,8 @@ const PathKernels* avx512_dot_kernels() {
 //
 // The same stage bytes as phased_stage_rows, with one byte permute and one GF2P8AFFINEQB per
 // pixel and word instead of a mask move and a masked byte move per plane (those moves all need
-// port 5 on Intel cores; at 3-4 bits they were most of the stage's time). GF2P8AFFINEQB(x, A)
+// port 5 on Intel cores, and their count grows with the code width; the stage's time is mostly its
+// 64-byte stores, so this saves 1-2 us of a 4-bit 56x56x64/2 conv). GF2P8AFFINEQB(x, A)
 // sets bit i of byte j of each qword to parity(A.byte[7 - i] AND x.byte[j]); with x.byte[j] =
 // 1 << j that is bit j of A.byte[7 - i], an 8x8 bit transpose. So with A's qword q holding
 // plane p's byte q in byte 7 - p (p < BITS, the rest zero), byte j of qword q (channel 8q + j
