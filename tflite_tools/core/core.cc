@@ -1335,23 +1335,25 @@ constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, 
 // plan keep the Winograd form at 0.86x of TFLite int8, where the direct form ran 1.32x) or the
 // calls can meet other caches than the timing's (flushed weights against weights still in L2 or
 // L3). So the runner-up, where it came within kTrialKeepRatio of the winner, is kept and the
-// plan's first real runs try both (PlanTrial): kTrialRuns + 1 runs of the winner, then as many of
-// the runner-up, the first of each block untimed; the best of each block's timed runs per input
-// pixel decides, the runner-up taking over only where it beat the winner by kTrialSwitchRatio; the
+// plan's first real runs try both (PlanTrial) in kTrialBlocks blocks each of kTrialRuns + 1 runs,
+// winner, runner-up, winner, runner-up, the first of each block untimed; the best timed run of
+// each per input pixel decides, the runner-up taking over only where it beat the winner by kTrialSwitchRatio; the
 // loser's weights are then freed and the shape's cached answer replaced. Every path gives the same
 // outputs, so the trial changes only timing. Blocks, not alternating runs: the calls then meet the
 // caches they will meet later. Back to back (one layer called again and again), a block's runs
 // find its weights where its previous run left them; alternating, each run found them evicted by
 // the other's (14x14x256/2 W4A4 on the AMX Xeon: the int8 weights' direct form ran 50-55 us back
 // to back, 78 us in an alternating trial, 66 us in a block's first runs; compact weights 60-65,
-// 71 and 57). Inside a network, other layers run between a layer's calls either way. A plan's first
-// runs stay slower than its later ones, so a trial settles clear differences, not 10% ones. The keep ratio is 2: a flushed timing of 1.2 MB of int8
-// weights (L3 at ~16 GB/s) adds ~70 us that those calls may not pay (the same layer at W2A2: 132
+// 71 and 57). Inside a network, other layers run between a layer's calls either way. Two blocks
+// each: a plan's first runs are slower than its later ones (that layer's direct form: 117, 65,
+// 59 us, about 55 from the tenth run), and the second blocks meet the steadier state. The keep
+// ratio is 2: a flushed timing of 1.2 MB of int8 weights (L3 at ~16 GB/s) adds ~70 us that those calls may not pay (the same layer at W2A2: 132
 // us flushed against compact weights' 71, 51.5 against 55 back to back).
 // N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).
 constexpr double kTrialKeepRatio = 2.0;
 constexpr double kTrialSwitchRatio = 0.95;
 constexpr int kTrialRuns = 5;
+constexpr int kTrialBlocks = 2;  // per side, alternating: winner, runner-up, winner, runner-up
 
 struct SelectionKey {
   int32_t fields[17];
@@ -1765,26 +1767,26 @@ void close_trial(const N2uqConvPlan& plan, PlanTrial& t, bool switched, const ch
                  "(best of %d runs each): kept %s%s\n",
                  s.in_height, s.in_width, s.in_channels, s.out_channels, s.kernel_height, s.kernel_width,
                  s.stride_height, s.weight_bits, s.act_bits, candidate_name(t.candidates[0]).c_str(), t.best[0] * 1e9,
-                 candidate_name(t.candidates[1]).c_str(), t.best[1] * 1e9, kTrialRuns,
+                 candidate_name(t.candidates[1]).c_str(), t.best[1] * 1e9, kTrialBlocks * kTrialRuns,
                  candidate_name(t.candidates[switched ? 1 : 0]).c_str(), why);
   }
 }
 
-// Records one finished run of side 0 (the body) or 1 (the runner-up); after kTrialRuns timed runs
-// of each, keeps the faster and closes the trial.
+// Records one finished run of side 0 (the body) or 1 (the runner-up); after kTrialBlocks *
+// kTrialRuns timed runs of each, keeps the faster and closes the trial.
 void finish_trial_run(const N2uqConvPlan& plan, int side, double seconds_per_pixel) {
   PlanTrial& t = *plan.trial;
   std::lock_guard<std::mutex> lock(t.mutex);
   if (!plan.trial_open.load(std::memory_order_relaxed)) return;
   t.best[side] = std::min(t.best[side], seconds_per_pixel);
   ++t.timed[side];
-  if (t.timed[0] < kTrialRuns || t.timed[1] < kTrialRuns) return;
+  if (t.timed[0] < kTrialBlocks * kTrialRuns || t.timed[1] < kTrialBlocks * kTrialRuns) return;
   close_trial(plan, t, t.best[1] < t.best[0] * kTrialSwitchRatio, "");
 }
 
-// Runs fn(body) on the body this run gets: during a trial, the winner for its kTrialRuns + 1 runs,
-// then the runner-up (each block's first run untimed), timed per input pixel; otherwise the plan's
-// body.
+// Runs fn(body) on the body this run gets: during a trial, the side whose block is due (blocks of
+// kTrialRuns + 1 runs, each block's first run untimed), timed per input pixel; otherwise the
+// plan's body.
 template <class Fn>
 int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
   // No trial, or a closed one: the body is final (its last store happened before the close).
@@ -1796,8 +1798,11 @@ int run_with_trial(const N2uqConvPlan& plan, int64_t pixels, Fn fn) {
     PlanTrial& t = *plan.trial;
     std::lock_guard<std::mutex> lock(t.mutex);
     if (plan.trial_open.load(std::memory_order_relaxed)) {
-      side = t.started[0] <= kTrialRuns ? 0 : 1;
-      timed = ++t.started[side] > 1;
+      // Run `started` of the trial: block started / (kTrialRuns + 1), its first run untimed.
+      const int started = t.started[0] + t.started[1];
+      side = started / (kTrialRuns + 1) % 2;
+      timed = started % (kTrialRuns + 1) != 0;
+      ++t.started[side];
       body = side == 0 ? plan.current() : t.rival;
     }
   }

@@ -146,8 +146,8 @@ int n2uq_conv2d_bitserial(const N2uqConvShape* shape, const uint64_t* input, int
  * selection times the candidates on it (and n2uq_conv_plan_run accepts any batch and
  * input size with the same filter). `num_threads` is the thread count selection times at.
  * Where AUTO's runner-up came close to the winner, the plan keeps both for a trial: its first
- * runs try both, one after the other (6 runs of the winner, then 6 of the runner-up, the first of
- * each untimed), and the faster per pixel stays, the other's weights are freed. Every path gives the same outputs, so only the timing and
+ * runs try both in blocks of 6 runs (winner, runner-up, winner, runner-up; the first run of each
+ * block untimed), and the faster per pixel stays, the other's weights are freed. Every path gives the same outputs, so only the timing and
  * the plan's info / form can change (a run the runner-up fails other than on the caller's
  * arguments is run again by the winner, which keeps the plan); N2UQ_PLAN_TRIAL=0 in the
  * environment turns trials off. A plan

@@ -362,7 +362,7 @@ void run_plan_trial_case() {
     int bad[2] = {0, 0};
     auto worker = [&](int id) {
       char werr[256] = "";
-      for (int r = 0; r < 8; ++r) {
+      for (int r = 0; r < 14; ++r) {
         std::vector<int32_t> got_i(expected.size(), -7);
         std::vector<float> got_f(expected.size(), -7.f);
         const int wrc = n2uq_conv_plan_run(plan, &s, pm.data(), int64_t(pm.size()), f.mult.data(), f.bias.data(),
@@ -377,7 +377,7 @@ void run_plan_trial_case() {
     int path = -1;
     EXPECT(bad[0] + bad[1] == 0, "trial runs isa=%s (trial %d): %d wrong or failed", n2uq_isa_name(isa), opened,
            bad[0] + bad[1]);
-    EXPECT(opened >= 0 && n2uq_conv_plan_on_trial(plan) == 0, "trial isa=%s: opened %d, still open after 16 runs",
+    EXPECT(opened >= 0 && n2uq_conv_plan_on_trial(plan) == 0, "trial isa=%s: opened %d, still open after 28 runs",
            n2uq_isa_name(isa), opened);
     EXPECT(n2uq_conv_plan_info(plan, nullptr, &path) == N2UQ_OK && path > N2UQ_PATH_AUTO && path < N2UQ_NUM_PATHS,
            "trial isa=%s: path %d", n2uq_isa_name(isa), path);
