@@ -674,9 +674,10 @@ def test_auto_plan_trial_keeps_the_faster_and_stays_exact():
     """path=auto keeps the selection's runner-up (N2UQ_PLAN_TRIAL=all: whatever its time) and the
     plan's first runs try the two in turn (blocks of 6 runs, winner, runner-up, winner, runner-up),
     every output exact; after each side's 10 timed runs (a block's first run is untimed) the trial
-    closes on the faster per pixel (the runner-up only where it won by 5%), as its N2UQ_SELECT_LOG line says, and the plan reports that
-    path and form. A plan of the same shape made while a trial is open gets its own trial; one made
-    after it closed takes the answer without one. N2UQ_PLAN_TRIAL=0: no trial."""
+    closes on the faster per pixel (the runner-up only where it won by 5%), as its N2UQ_SELECT_LOG
+    line says, and the plan reports that path and form. A plan of the same shape made while a trial
+    is open gets its own trial; one made after it closed takes the answer without one.
+    N2UQ_PLAN_TRIAL=0: no trial."""
     lines = _run_trial_script("all")
     if len(_core.supported_paths()) < 2 and "dot" not in _core.supported_paths():  # one candidate: no trial
         assert not [line for line in lines if line.startswith("n2uq")] and "opened False False" in lines, lines
