@@ -73,7 +73,10 @@ check(1, 7, 6, 330, 24, 3, 2, 1, (1, 1, 1, 1), 3, 2, rng)
 check(1, 6, 5, 400, 16, 3, 1, 1, (1, 1, 1, 1), 4, 3, rng)
 # 3 images of 4 tile pairs: 2 threads split the pairs in the middle of the second image.
 check(3, 11, 9, 64, 24, 3, 1, 1, (1, 1, 1, 1), 2, 2, rng)
-count += 8
+# Int8 weights in chunks past 24 KB (3 words: 54 KB), 2 chunks and 3 pairs: each pair runs over
+# every chunk, the weights loaded as streaming (ConvJob::amx_pairs_outer).
+check(1, 16, 16, 150, 64, 3, 2, 1, (0, 1, 0, 1), 3, 3, rng)
+count += 9
 # The form a forced amx plan took (direct_compact under N2UQ_AMX_COMPACT=1 with N2UQ_DOT_WINOGRAD=0).
 shape = _core.conv_shape(1, 9, 9, 80, 40, 3, padding=1, act_bits=2, weight_bits=2)
 plan = _core.ConvPlan(shape, _core.pack_bitplanes(rng.integers(0, 4, (40, 3, 3, 80)), 2), isa="avx512", path="amx")
@@ -109,7 +112,7 @@ def test_emulated_amx_path_is_bit_exact():
         return
     assert status.startswith("emulated") and "self-check passed" in status, status
     assert ("avx512", "amx") in combos
-    assert "checked 46" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
+    assert "checked 47" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1")
 
 
 def test_emulated_amx_path_direct_form_and_selection():
@@ -119,7 +122,7 @@ def test_emulated_amx_path_direct_form_and_selection():
     if "avx512vnni" not in features:
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
-    assert "checked 46" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
+    assert "checked 47" in _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
     script = (
         "import numpy as np\n"
         "from n2uq_tf.tflite import _core\n"
@@ -145,7 +148,7 @@ def test_emulated_amx_path_compact_weights():
         assert ("avx512", "amx") not in _report(N2UQ_AMX_EMULATE="1")[2]
         return
     out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
-    assert "checked 46" in out and "form direct_compact" in out, out[-500:]
+    assert "checked 47" in out and "form direct_compact" in out, out[-500:]
     out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0")
     assert "form direct\n" in out, out[-500:]
 
@@ -165,7 +168,7 @@ def test_amx_direct_form_stages_the_same_without_gfni():
     hidden, _, _ = _report(N2UQ_CPU_DISABLE="gfni")
     assert "gfni" not in hidden and "avx512vbmi" in hidden or "avx512vbmi" not in features
     out = _run(CHECK_SCRIPT, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="0", N2UQ_CPU_DISABLE="gfni")
-    assert "checked 46" in out and "form direct\n" in out, out[-500:]
+    assert "checked 47" in out and "form direct\n" in out, out[-500:]
 
 
 def test_amx_path_follows_the_cpu():
@@ -176,9 +179,9 @@ def test_amx_path_follows_the_cpu():
     if "amx_int8" in features:
         assert status.startswith("available"), status
         assert ("avx512", "amx") in combos
-        assert "checked 46" in _run(CHECK_SCRIPT)
+        assert "checked 47" in _run(CHECK_SCRIPT)
         out = _run(CHECK_SCRIPT, N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT="1")
-        assert "checked 46" in out and "form direct_compact" in out, out[-500:]
+        assert "checked 47" in out and "form direct_compact" in out, out[-500:]
     else:
         assert status.startswith("unavailable"), status
         assert all(path != "amx" for _, path in combos)

@@ -721,6 +721,19 @@ int run_dot(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, 
 // by output channels (run_phased): 3/4 of the 2 MB L2 per core of the AMX Xeons.
 constexpr int64_t kChunkSplitWeightBytes = int64_t(1536) << 10;
 
+// A chunk's int8 weights past which a task runs each pair over every chunk rather than each chunk
+// over every pair (ConvJob::amx_pairs_outer): half the AMX Xeons' 48 KB L1D, the other half
+// left to the staged rows streaming past. A chunk of this size or less stays in L1 across the
+// pairs, so chunk-outer reads the weights from L2 once and the stage once per chunk; a larger
+// one is re-read from L2 for every pair in either order, and pair-outer then reads the stage
+// once instead of once per chunk (its tile loads from L2 beside the weights' cost about 1.3x the
+// cycles per TDPBUSD of one operand from L2 and the other from L1). Quantize-and-pack plus conv,
+// int8 weights, interleaved, AMX Xeon: 14x14x256/2 W4A4 69.1 -> 59.7 us on 1 thread, 39.7 -> 36.8
+// on 2; 28x28x128/2 W4A4 on 2 threads 38.8 -> 35.9; 56x56x64/2 (18 KB chunks) 71.6 -> 80.7 the
+// other way round. Past kChunkSplitWeightBytes a task's weights come from L3 and each chunk is
+// better read once (7x7x512 W2A2 on 1 thread 119 -> 139 us pair-outer).
+constexpr int64_t kPairsOuterChunkBytes = int64_t(24) << 10;
+
 // Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; tile work in isa_amx.cc). One
 // task per thread, each staging the plane rows its own pairs read into its own stage and then
 // running them: staged rows that another core just wrote reach the tile loads through that
@@ -810,6 +823,9 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
       g1 = all_pairs * (task + 1) / tasks;
     }
     if (c0 >= c1 || g0 >= g1) return;
+    const int64_t chunk_bytes = int64_t(job.dot_chunk_blocks) * job.kernel_height * job.kernel_width * job.words * 16 * 64;
+    local.amx_pairs_outer = plan.compact_bits == 0 && c1 - c0 > 1 && chunk_bytes > kPairsOuterChunkBytes &&
+                            (c1 - c0) * chunk_bytes <= kChunkSplitWeightBytes;
     for (int64_t n = g0 / pairs; n * pairs < g1; ++n) {
       const int64_t p0 = g0 > n * pairs ? g0 - n * pairs : 0, p1 = g1 < (n + 1) * pairs ? g1 - n * pairs : pairs;
       local.amx_image = n;

@@ -112,6 +112,9 @@ struct ConvJob {
   int64_t amx_cols, amx_virtual, amx_plane_rows, amx_plane_pixels, amx_image;
   uint8_t* amx_stage;
   const int64_t* amx_tap_offsets;
+  // Int8 weights, loop order of a task (core.cc, run_phased): each pair over every chunk (its
+  // staged rows stay in L1 while the weights stream from L2) instead of each chunk over every pair.
+  bool amx_pairs_outer;
   // Compact weights of the phased direct form (null: dot_weights hold the layout's int8 bytes):
   // the layout with chunks of one vector, each 64-byte row as its 64 codes k = (w' + n_w) / 2 of
   // compact_bits (1, 2 or 4) bits in 8 * compact_bits bytes (compact_bits_for below); phased_run

@@ -246,10 +246,13 @@ void run_conv_case(bool depthwise, bool wino = false) {
 // the 64-channel words (K), tile counts off the blocks (M: AVX-512 register blocks, AMX's 16-row
 // tiles), output channels off the 16-lane vectors and chunks (N), and for stride 2 tiles whose
 // 5x5 input window runs past the input. With N2UQ_AMX_EMULATE=1 the amx path's tile model runs
-// here, so the sanitizers check the addresses the AMX hardware would load and store.
+// here, so the sanitizers check the addresses the AMX hardware would load and store; the last
+// shape's int8 weights come in 54 KB chunks, which the amx direct form runs pair-outer
+// (ConvJob::amx_pairs_outer).
 void run_winograd_tail_cases() {
   static const int kShapes[][5] = {  // batch, height, width, in_channels, out_channels
-      {2, 9, 11, 80, 40}, {1, 3, 3, 3, 8}, {2, 7, 5, 129, 67}, {1, 13, 13, 64, 16}, {2, 4, 6, 65, 33}};
+      {2, 9, 11, 80, 40}, {1, 3, 3, 3, 8}, {2, 7, 5, 129, 67}, {1, 13, 13, 64, 16}, {2, 4, 6, 65, 33},
+      {1, 12, 12, 150, 64}};
   for (const auto& shape : kShapes) {
     Case c{};
     N2uqConvShape& s = c.s;
