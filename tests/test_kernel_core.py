@@ -929,8 +929,8 @@ def test_cpp_selftest_under_asan_and_ubsan():
         # Its direct form everywhere, with compact weights (expanded one tap and word ahead of the
         # tiles) and with int8 weights (chunk-outer, and pair-outer where chunks pass 24 KB).
         for compact in ("1", "0"):
-            result = subprocess.run([binary, "20"], capture_output=True, text=True, timeout=3600,
-                                    env=dict(env, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT=compact))
+            direct = dict(env, N2UQ_AMX_EMULATE="1", N2UQ_DOT_WINOGRAD="0", N2UQ_AMX_COMPACT=compact)
+            result = subprocess.run([binary, "20"], capture_output=True, text=True, timeout=3600, env=direct)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             assert "selftest: OK" in result.stdout and " avx512/amx" in result.stdout
     # The int8 conv's per-pixel rows where its column-stacked rows would run (VBMI hidden).
