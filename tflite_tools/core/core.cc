@@ -823,7 +823,8 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
       g1 = all_pairs * (task + 1) / tasks;
     }
     if (c0 >= c1 || g0 >= g1) return;
-    const int64_t chunk_bytes = int64_t(job.dot_chunk_blocks) * job.kernel_height * job.kernel_width * job.words * 16 * 64;
+    const int64_t chunk_bytes =
+        int64_t(job.dot_chunk_blocks) * job.kernel_height * job.kernel_width * job.words * 16 * 64;
     local.amx_pairs_outer = plan.compact_bits == 0 && c1 - c0 > 1 && chunk_bytes > kPairsOuterChunkBytes &&
                             (c1 - c0) * chunk_bytes <= kChunkSplitWeightBytes;
     for (int64_t n = g0 / pairs; n * pairs < g1; ++n) {

@@ -475,7 +475,6 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
 // TILELOADDT1 (not to be reused soon), which keeps the pair's staged rows in L1 beside them. In a
 // loop of the tile instructions alone on the AMX Xeon, A from a 40 KB region and B streamed from
 // L2: 33 -> 26 cycles per TDPBUSD; in the conv a few percent (14x14x256/2 W4A4, 1 thread).
-
 template <class Tiles, int R, bool STREAM_B = false>
 inline void pair_tiles(const ConvJob& j, int64_t q0, const int8_t* weights, int32_t* zp) {
   const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
