@@ -728,10 +728,10 @@ constexpr int64_t kChunkSplitWeightBytes = int64_t(1536) << 10;
 // one is re-read from L2 for every pair in either order, and pair-outer then reads the stage
 // once instead of once per chunk (its tile loads from L2 beside the weights' cost about 1.3x the
 // cycles per TDPBUSD of one operand from L2 and the other from L1). Quantize-and-pack plus conv,
-// int8 weights, interleaved, AMX Xeon: 14x14x256/2 W4A4 69.1 -> 59.7 us on 1 thread, 39.7 -> 36.8
-// on 2; 28x28x128/2 W4A4 on 2 threads 38.8 -> 35.9; 56x56x64/2 (18 KB chunks) 71.6 -> 80.7 the
-// other way round. Past kChunkSplitWeightBytes a task's weights come from L3 and each chunk is
-// better read once (7x7x512 W2A2 on 1 thread 119 -> 139 us pair-outer).
+// int8 weights, interleaved, AMX Xeon (family 6 model 167): 14x14x256/2 W4A4 69.1 -> 59.7 us on
+// 1 thread, 39.7 -> 36.8 on 2; 28x28x128/2 W4A4 on 2 threads 38.8 -> 35.9; 56x56x64/2 (18 KB
+// chunks) 71.6 -> 80.7 the other way round. Past kChunkSplitWeightBytes a task's weights come
+// from L3 and each chunk is better read once (7x7x512 W2A2 on 1 thread 119 -> 139 us pair-outer).
 constexpr int64_t kPairsOuterChunkBytes = int64_t(24) << 10;
 
 // Phased direct form (layout in kernel_table.h, ConvJob::amx_stage; tile work in isa_amx.cc). One
@@ -823,8 +823,7 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
       g1 = all_pairs * (task + 1) / tasks;
     }
     if (c0 >= c1 || g0 >= g1) return;
-    const int64_t chunk_bytes =
-        int64_t(job.dot_chunk_blocks) * job.kernel_height * job.kernel_width * job.words * 16 * 64;
+    const int64_t chunk_bytes = direct_chunk_bytes(job);
     local.amx_pairs_outer = plan.compact_bits == 0 && c1 - c0 > 1 && chunk_bytes > kPairsOuterChunkBytes &&
                             (c1 - c0) * chunk_bytes <= kChunkSplitWeightBytes;
     for (int64_t n = g0 / pairs; n * pairs < g1; ++n) {

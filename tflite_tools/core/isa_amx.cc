@@ -470,11 +470,21 @@ inline void direct_output(const ConvJob& j, int64_t n, int64_t chunk, int64_t q0
   }
 }
 
+// Tile T from base: a plain TILELOADD, or with STREAM the TILELOADDT1 (not to be reused soon).
+template <class Tiles, int T, bool STREAM>
+inline void load_tile(const void* base, int64_t stride) {
+  if constexpr (STREAM)
+    Tiles::template load_t1<T>(base, stride);
+  else
+    Tiles::template load<T>(base, stride);
+}
+
 // The tile work of one pair (virtual pixels q0 .. q0 + 31) and chunk of R vectors: C[g][r] over
 // every tap and word, stored to zp[p][r * 16 + lane]. STREAM_B: the weights are loaded with
 // TILELOADDT1 (not to be reused soon), which keeps the pair's staged rows in L1 beside them. In a
-// loop of the tile instructions alone on the AMX Xeon, A from a 40 KB region and B streamed from
-// L2: 33 -> 26 cycles per TDPBUSD; in the conv a few percent (14x14x256/2 W4A4, 1 thread).
+// loop of the tile instructions alone on the AMX Xeon (family 6 model 167), A from a 40 KB region
+// and B streamed from L2: 33 -> 26 cycles per TDPBUSD; in the conv a few percent (14x14x256/2
+// W4A4, 1 thread).
 template <class Tiles, int R, bool STREAM_B = false>
 inline void pair_tiles(const ConvJob& j, int64_t q0, const int8_t* weights, int32_t* zp) {
   const int64_t taps = int64_t(j.kernel_height) * j.kernel_width, words = j.words;
@@ -488,18 +498,12 @@ inline void pair_tiles(const ConvJob& j, int64_t q0, const int8_t* weights, int3
     const int8_t* b = weights + t * tap_bytes;
     for (int64_t w = 0; w < words; ++w, a += plane_bytes, b += 16 * R * 64) {
       Tiles::template load<0>(a, 64);
-      if (STREAM_B)
-        Tiles::template load_t1<2>(b, R * 64);
-      else
-        Tiles::template load<2>(b, R * 64);
+      load_tile<Tiles, 2, STREAM_B>(b, R * 64);
       Tiles::template dpbusd<4, 0, 2>();
       Tiles::template load<1>(a + 16 * 64, 64);
       Tiles::template dpbusd<6, 1, 2>();
       if (R > 1) {
-        if (STREAM_B)
-          Tiles::template load_t1<3>(b + 64, R * 64);
-        else
-          Tiles::template load<3>(b + 64, R * 64);
+        load_tile<Tiles, 3, STREAM_B>(b + 64, R * 64);
         Tiles::template dpbusd<5, 0, 3>();
         Tiles::template dpbusd<7, 1, 3>();
       }
@@ -540,7 +544,7 @@ void direct_pairs_all_chunks(const ConvJob& j, int64_t n, int64_t chunk_begin, i
                              int64_t pair_end) {
   constexpr int R = kAmxDirectVectors;
   alignas(64) int32_t z[2][32 * R * 16];
-  const int64_t chunk_bytes = j.dot_chunk_blocks * int64_t(j.kernel_height) * j.kernel_width * j.words * 16 * 64;
+  const int64_t chunk_bytes = direct_chunk_bytes(j);
   configure_direct<Tiles, R>();
   int64_t previous_pair = -1, previous_chunk = 0;
   int slot = 0;
@@ -685,7 +689,7 @@ void phased_run(const ConvJob& j, int64_t n, int64_t chunk_begin, int64_t chunk_
     direct_pairs_all_chunks<Tiles>(j, n, chunk_begin, chunk_end, pair_begin, pair_end);
     return;
   }
-  const int64_t chunk_bytes = int64_t(j.dot_chunk_blocks) * j.kernel_height * j.kernel_width * j.words * 16 * 64;
+  const int64_t chunk_bytes = direct_chunk_bytes(j);
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
     const int8_t* const weights = j.dot_weights + chunk * chunk_bytes;

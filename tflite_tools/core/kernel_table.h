@@ -298,6 +298,11 @@ const PathKernels* amx_kernels(bool emulated);
 // Weight vectors per chunk of the phased direct form (ConvJob::amx_stage): 2 A tiles x 2 B
 // tiles = 4 C tiles of AMX's 8.
 constexpr int kAmxDirectVectors = 2;
+// Bytes of one chunk of the direct dot layout's int8 weights (dot_chunk_blocks vectors x taps x
+// words x 16 quad rows x 64 bytes): chunk c starts at dot_weights + c * this.
+inline int64_t direct_chunk_bytes(const ConvJob& j) {
+  return int64_t(j.dot_chunk_blocks) * j.kernel_height * j.kernel_width * j.words * 16 * 64;
+}
 // ConvJob::compact_weights: the bits per code of a weight_bits layer (3-bit codes take 4, so that
 // every code sits inside one byte), and the row layout: a 64-byte row's codes in 8 * bits bytes,
 // byte j holding code j + 8 * bits * f in its bits [bits * f, bits * (f + 1)), f < 8 / bits. So a
