@@ -267,16 +267,16 @@ inline void transform64(const uint8_t* base, int64_t row_step, int64_t col_step,
   }
 }
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 per tile and channel
-// byte, and the tile's correction terms A^T (s U1 sum_c V) A.
+// Input transforms of tiles [begin, end) of the N * wino_tiles_h * wino_tiles_w: V8 per tile and
+// channel byte, and the tile's correction terms A^T (s U1 sum_c V) A.
 template <class O>
 void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, cw = words * 64, cols = j.wino_code_cols, tiles = j.wino_tiles;
   const uint8_t offset = (uint8_t)(2 * ((1 << j.act_bits) - 1));
-  for (int64_t tr = begin; tr < end; ++tr) {
-    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
-    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx;
+  {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tr = t / j.wino_tiles_w, tx = t % j.wino_tiles_w;
+      const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
       const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
       for (int64_t w = 0; w < words; ++w)
         transform64(base + w * 64, cols * cw, cw, j.wino_v + t * cw + w * 64, tiles * cw, offset);
@@ -420,8 +420,8 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
 // those of the AVX-512 version (isa_avx512_dot.cc): V8 = T d T^T + 2M in [0, 60], U = G w' G^T
 // in [-60, 60], Y = A Z A^T + wino_bias, no per-tile term.
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h, the codes taken straight
-// from the packed input (as the AVX-512 version).
+// Input transforms of tiles [begin, end) of the N * wino_tiles_h * wino_tiles_w, the codes taken
+// straight from the packed input (as the AVX-512 version).
 template <class O>
 void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, cw = words * 64, act_bits = j.act_bits, pixel_words = act_bits * words;
@@ -429,16 +429,19 @@ void wino2_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
   const uint8_t offset = (uint8_t)(2 * ((1 << act_bits) - 1));
   alignas(64) uint8_t codes[5][5][64];
-  for (int64_t tr = begin; tr < end; ++tr) {
+  const int64_t tiles_w = j.wino_tiles_w;
+  for (int64_t tr = begin / tiles_w; tr * tiles_w < end; ++tr) {
     const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h, ih0 = 4 * ty - j.pad_top;
+    const int64_t tx_begin = begin > tr * tiles_w ? begin - tr * tiles_w : 0;
+    const int64_t tx_end = end < (tr + 1) * tiles_w ? end - tr * tiles_w : tiles_w;
     for (int64_t w = 0; w < words; ++w) {
-      for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-        const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
+      for (int64_t tx = tx_begin; tx < tx_end; ++tx) {
+        const int64_t t = tr * tiles_w + tx, iw0 = 4 * tx - j.pad_left;
         // Neighbouring tiles share a column of codes: the last one's last is this one's first.
-        if (tx > 0)
+        if (tx > tx_begin)
           for (int r = 0; r < 5; ++r) __builtin_memcpy(codes[r][0], codes[r][4], 64);
         for (int r = 0; r < 5; ++r)
-          for (int c = tx == 0 ? 0 : 1; c < 5; ++c) {
+          for (int c = tx == tx_begin ? 0 : 1; c < 5; ++c) {
             const int64_t ih = ih0 + r, iw = iw0 + c;
             if (ih < 0 || ih >= j.in_height || iw < 0 || iw >= j.in_width) {
               __builtin_memset(codes[r][c], 0, 64);
@@ -535,8 +538,9 @@ void wino_run_generic(const ConvJob& j, int64_t block, int64_t chunk) {
   constexpr int kMax = O::max_pixels(R);
   WinoBlockFn blocks[kMax + 1];
   WinoBlocksGeneric<O, FORM, kMax, R>::fill(blocks);
-  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
-  const int64_t t0 = block * base + (block < longer ? block : longer), size = base + (block < longer ? 1 : 0);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_block_span / count, longer = j.wino_block_span % count;
+  const int64_t t0 = j.wino_block_first + block * base + (block < longer ? block : longer);
+  const int64_t size = base + (block < longer ? 1 : 0);
   const int64_t parts = (size + kMax - 1) / kMax;
   if (parts == 0) return;
   const int64_t part = size / parts, part_longer = size % parts;

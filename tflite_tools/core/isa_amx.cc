@@ -220,8 +220,9 @@ template <class Tiles, int FORM>
 void item(const ConvJob& j, int64_t item, int /*slot*/) {
   alignas(64) int32_t z[16 * kMaxTiles * kMaxVectors * 16];
   const int64_t chunk = item / j.wino_tile_blocks, blk = item % j.wino_tile_blocks;
-  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
-  const int64_t t0 = blk * base + (blk < longer ? blk : longer), tiles = base + (blk < longer ? 1 : 0);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_block_span / count, longer = j.wino_block_span % count;
+  const int64_t t0 = j.wino_block_first + blk * base + (blk < longer ? blk : longer);
+  const int64_t tiles = base + (blk < longer ? 1 : 0);
   const int64_t left = j.oc_blocks - chunk * j.dot_chunk_blocks;
   if (tiles < 1 || tiles > kMaxTiles) return;  // run_wino sizes blocks by wino_block_tiles
   switch (left < j.dot_chunk_blocks ? (int)left : j.dot_chunk_blocks) {

@@ -169,16 +169,16 @@ inline int64_t wino_output_term(const int64_t* z, int i, int jx) {
   return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
 }
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and
-// 64-channel word, and the tile's correction terms.
+// Input transforms of tiles [begin, end) of the N * wino_tiles_h * wino_tiles_w: V8 of every tile
+// and 64-channel word, and the tile's correction terms.
 void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
   const int32_t m = (1 << j.act_bits) - 1;
   const __m512i offset = _mm512_set1_epi8((char)(2 * m));
-  for (int64_t tr = begin; tr < end; ++tr) {
-    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
-    for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-      const int64_t t = tr * j.wino_tiles_w + tx;
+  {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tr = t / j.wino_tiles_w, tx = t % j.wino_tiles_w;
+      const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
       const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
       for (int64_t w = 0; w < words; ++w) {
         __m512i d[4][4], u[4][4];
@@ -356,18 +356,21 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
 // the plan (wino_bias); there is no per-tile term. The plan checks that int32 holds every sum.
 // Input transforms run in int8 lanes (wrapping; every final value is in [0, 4M]).
 
-// Input transforms of tile rows [begin, end) of the N * wino_tiles_h: V8 of every tile and word,
-// the codes taken straight from the packed input (tiles overlap by one pixel only, so a staged
-// code image would be written and read for about as many pixels as this converts).
+// Input transforms of tiles [begin, end) of the N * wino_tiles_h * wino_tiles_w: V8 of every tile
+// and word, the codes taken straight from the packed input (tiles overlap by one pixel only, so a
+// staged code image would be written and read for about as many pixels as this converts).
 template <int BITS>
 void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t cw = wino_channel_bytes(j), words = j.words, pixel_words = BITS * words;
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
   const __m512i offset = _mm512_set1_epi8((char)(2 * ((1 << BITS) - 1)));
-  for (int64_t tr = begin; tr < end; ++tr) {
+  const int64_t tiles_w = j.wino_tiles_w;
+  for (int64_t tr = begin / tiles_w; tr * tiles_w < end; ++tr) {
     const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
     const int64_t ih0 = 4 * ty - j.pad_top;
+    const int64_t tx_begin = begin > tr * tiles_w ? begin - tr * tiles_w : 0;
+    const int64_t tx_end = end < (tr + 1) * tiles_w ? end - tr * tiles_w : tiles_w;
     bool row_inside[5];
     const uint64_t* rows[5];
     for (int r = 0; r < 5; ++r) {
@@ -377,10 +380,10 @@ void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
     for (int64_t w = 0; w < words; ++w) {
       const uint64_t mask = w == words - 1 ? tail : ~0ull;
       __m512i u[5][5];
-      for (int64_t tx = 0; tx < j.wino_tiles_w; ++tx) {
-        const int64_t t = tr * j.wino_tiles_w + tx, iw0 = 4 * tx - j.pad_left;
+      for (int64_t tx = tx_begin; tx < tx_end; ++tx) {
+        const int64_t t = tr * tiles_w + tx, iw0 = 4 * tx - j.pad_left;
         // Neighbouring tiles share a column: the last one's T d is this one's first.
-        for (int c = tx == 0 ? 0 : 1; c < 5; ++c) {  // T d: over rows
+        for (int c = tx == tx_begin ? 0 : 1; c < 5; ++c) {  // T d: over rows
           const bool col_inside = iw0 + c >= 0 && iw0 + c < j.in_width;
           __m512i d[5];
           for (int r = 0; r < 5; ++r)
@@ -488,8 +491,8 @@ void wino_run(const ConvJob& j, int64_t block, int64_t chunk) {
   constexpr int kMax = wino_max_tiles(R);
   WinoBlockFn blocks[kMax + 1];
   WinoBlocks<FORM, kMax, R>::fill(blocks);
-  const int64_t count = j.wino_tile_blocks, base = j.wino_tiles / count, longer = j.wino_tiles % count;
-  const int64_t t0 = block * base + (block < longer ? block : longer);
+  const int64_t count = j.wino_tile_blocks, base = j.wino_block_span / count, longer = j.wino_block_span % count;
+  const int64_t t0 = j.wino_block_first + block * base + (block < longer ? block : longer);
   blocks[base + (block < longer ? 1 : 0)](j, t0, chunk);
 }
 

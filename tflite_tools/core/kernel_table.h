@@ -87,6 +87,9 @@ struct ConvJob {
   // sum_c U) A^T.
   int32_t wino_tiles_h, wino_tiles_w, wino_tile_blocks;  // ceil(out / 2); register blocks of tiles
   int64_t wino_tiles;                                     // batch * tiles_h * tiles_w
+  // The tiles the wino_tile_blocks register blocks divide: [first, first + span), all of them
+  // unless the threads split the tiles (run_wino).
+  int64_t wino_block_first, wino_block_span;
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
   uint8_t* wino_codes;       // [N][code_rows][code_cols][words * 64] codes, zero outside the input
   uint8_t* wino_v;           // [16][tiles][words * 64] transformed input V + 2 (2^act_bits - 1), u8
@@ -254,13 +257,13 @@ struct PathKernels {
   // Output channel blocks (of `lanes`) per work item.
   int blocks_per_chunk;
   // Winograd form of the dot path (null where the ISA has none): codes of padded rows
-  // [begin, end) of the N * wino_code_rows, transforms of tile rows [begin, end) of the N *
-  // wino_tiles_h, and item chunk * wino_tile_blocks + block.
+  // [begin, end) of the N * wino_code_rows, transforms of tiles [begin, end) of the N *
+  // wino_tiles_h * wino_tiles_w, and item chunk * wino_tile_blocks + block.
   void (*wino_codes)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino_item)(const ConvJob&, int64_t item, int slot);
-  // The stride-2 form (null where the ISA has none): transforms of tile rows [begin, end) from
-  // the packed input, and items as above.
+  // The stride-2 form (null where the ISA has none): transforms of tiles [begin, end) of the N *
+  // wino_tiles_h * wino_tiles_w from the packed input, and items as above.
   void (*wino2_transform)(const ConvJob&, int64_t begin, int64_t end);
   void (*wino2_item)(const ConvJob&, int64_t item, int slot);
   // The phased direct form (null where the direct form is the dot items; amx): stage_rows then
