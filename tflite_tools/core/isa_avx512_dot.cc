@@ -267,7 +267,6 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
   int32_t* const out_int32 = j.out_int32;
   float* const out_float = j.out_float;
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
-  const int64_t tiles_w = j.wino_tiles_w, per_image = int64_t(j.wino_tiles_h) * tiles_w;
   for (int r = 0; r < R; ++r) {
     const int64_t oc0 = oc_begin + r * lanes, left = out_channels - oc0;
     const __mmask16 mask = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
@@ -279,7 +278,9 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
     __m512i bias4[4];  // the channel correction's share of each output pixel of a tile
     for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
     for (int p = 0; p < P; ++p) {
-      const int64_t t = t0 + p, n = t / per_image, ty = t % per_image / tiles_w, tx = t % tiles_w;
+      const int64_t t = t0 + p;
+      const WinoTile tile = wino_tile_at(j, t);
+      const int64_t n = tile.n, ty = tile.ty, tx = tile.tx;
       __m512i y[4];
       pixels(p, r, y);
       for (int i = 0; i < 2; ++i) {
@@ -365,44 +366,38 @@ void wino2_transform_bits(const ConvJob& j, int64_t begin, int64_t end) {
   const int rem = j.in_channels % 64;
   const uint64_t tail = rem == 0 ? ~0ull : ((1ull << rem) - 1);
   const __m512i offset = _mm512_set1_epi8((char)(2 * ((1 << BITS) - 1)));
-  const int64_t tiles_w = j.wino_tiles_w;
-  for (int64_t tr = begin / tiles_w; tr * tiles_w < end; ++tr) {
-    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
-    const int64_t ih0 = 4 * ty - j.pad_top;
-    const int64_t tx_begin = begin > tr * tiles_w ? begin - tr * tiles_w : 0;
-    const int64_t tx_end = end < (tr + 1) * tiles_w ? end - tr * tiles_w : tiles_w;
-    bool row_inside[5];
-    const uint64_t* rows[5];
-    for (int r = 0; r < 5; ++r) {
-      row_inside[r] = ih0 + r >= 0 && ih0 + r < j.in_height;
-      rows[r] = j.input + (n * j.in_height + ih0 + r) * j.in_width * pixel_words;
-    }
-    for (int64_t w = 0; w < words; ++w) {
-      const uint64_t mask = w == words - 1 ? tail : ~0ull;
-      __m512i u[5][5];
-      for (int64_t tx = tx_begin; tx < tx_end; ++tx) {
-        const int64_t t = tr * tiles_w + tx, iw0 = 4 * tx - j.pad_left;
-        // Neighbouring tiles share a column: the last one's T d is this one's first.
-        for (int c = tx == tx_begin ? 0 : 1; c < 5; ++c) {  // T d: over rows
-          const bool col_inside = iw0 + c >= 0 && iw0 + c < j.in_width;
-          __m512i d[5];
-          for (int r = 0; r < 5; ++r)
-            d[r] = row_inside[r] && col_inside ? codes_from_planes<BITS>(rows[r] + (iw0 + c) * pixel_words + w, words, mask)
-                                               : _mm512_setzero_si512();
-          u[0][c] = _mm512_sub_epi8(d[0], d[2]);
-          u[1][c] = d[2];
-          u[2][c] = _mm512_sub_epi8(d[4], d[2]);
-          u[3][c] = d[1];
-          u[4][c] = d[3];
-        }
-        for (int a = 0; a < 5; ++a) {  // (T d) T^T: over columns, + 2M
-          const __m512i v[5] = {_mm512_sub_epi8(u[a][0], u[a][2]), u[a][2], _mm512_sub_epi8(u[a][4], u[a][2]),
-                                u[a][1], u[a][3]};
-          for (int b = 0; b < 5; ++b)
-            _mm512_storeu_si512((void*)(j.wino_v + (t * kWinoPositions2 + kWino2Slot[a * 5 + b]) * cw + w * 64),
-                                _mm512_add_epi8(v[b], offset));
-        }
+  for (int64_t w = 0; w < words; ++w) {
+    const uint64_t mask = w == words - 1 ? tail : ~0ull;
+    __m512i u[5][5];
+    WinoTile last{-1, -1, -1, 0};
+    for (int64_t t = begin; t < end; ++t) {
+      const WinoTile tile = wino_tile_at(j, t);
+      const int64_t ih0 = 4 * tile.ty - j.pad_top, iw0 = 4 * tile.tx - j.pad_left;
+      // Neighbouring tiles share a column: the last one's T d is this one's first.
+      const bool shares = last.n == tile.n && last.ty == tile.ty && last.tx + 1 == tile.tx;
+      if (shares)
         for (int a = 0; a < 5; ++a) u[a][0] = u[a][4];
+      last = tile;
+      const uint64_t* image = j.input + tile.n * j.in_height * j.in_width * pixel_words;
+      for (int c = shares ? 1 : 0; c < 5; ++c) {  // T d: over rows
+        const bool col_inside = iw0 + c >= 0 && iw0 + c < j.in_width;
+        __m512i d[5];
+        for (int r = 0; r < 5; ++r)
+          d[r] = col_inside && ih0 + r >= 0 && ih0 + r < j.in_height
+                     ? codes_from_planes<BITS>(image + ((ih0 + r) * j.in_width + iw0 + c) * pixel_words + w, words, mask)
+                     : _mm512_setzero_si512();
+        u[0][c] = _mm512_sub_epi8(d[0], d[2]);
+        u[1][c] = d[2];
+        u[2][c] = _mm512_sub_epi8(d[4], d[2]);
+        u[3][c] = d[1];
+        u[4][c] = d[3];
+      }
+      for (int a = 0; a < 5; ++a) {  // (T d) T^T: over columns, + 2M
+        const __m512i v[5] = {_mm512_sub_epi8(u[a][0], u[a][2]), u[a][2], _mm512_sub_epi8(u[a][4], u[a][2]),
+                              u[a][1], u[a][3]};
+        for (int b = 0; b < 5; ++b)
+          _mm512_storeu_si512((void*)(j.wino_v + (t * kWinoPositions2 + kWino2Slot[a * 5 + b]) * cw + w * 64),
+                              _mm512_add_epi8(v[b], offset));
       }
     }
   }
@@ -442,6 +437,19 @@ __attribute__((always_inline)) inline void wino2_epilogue(const ConvJob& j, int6
       [](__m512i value, int64_t, int) { return value; });
 }
 
+// gemms[n] = wino_gemm<n, R> for n in 1 .. P.
+template <int P, int R>
+struct WinoGemms {
+  static void fill(void (**table)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {
+    table[P] = &wino_gemm<P, R>;
+    WinoGemms<P - 1, R>::fill(table);
+  }
+};
+template <int R>
+struct WinoGemms<0, R> {
+  static void fill(void (**)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {}
+};
+
 // One register block: P tiles (from t0) x R weight vectors of one chunk, one GEMM per class over
 // its positions' quads (contiguous: kernel_table.h), then the output stage.
 template <int P, int R>
@@ -450,10 +458,29 @@ void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * kWinoPositions2 * quads * lanes * 4;
   const uint8_t* const v = j.wino_v + t0 * kWinoPositions2 * cw;
   __m512i z[9][P][R];
+  // Tiles whose second output row (column) lies past the output need no class of row (column)
+  // part 2 (A's second row alone reads positions 2 and 4). In wino_partial_last order they come
+  // last, so each class runs over the block's tiles up to the last one that needs it; the skipped
+  // sums are zeroed for the output stage, whose pixels past the output are never stored. (7x7
+  // outputs: 342 tile-positions of 400.)
+  int needed[9];
+  for (int c = 0; c < 9; ++c) needed[c] = P;
+  if (j.wino_partial_last) {
+    for (int c = 0; c < 9; ++c) needed[c] = 0;
+    for (int p = 0; p < P; ++p) {
+      const int partial = wino_tile_at(j, t0 + p).partial;
+      for (int c = 0; c < 9; ++c)
+        if (!((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2)) needed[c] = p + 1;
+    }
+  }
+  typedef void (*GemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
+  GemmFn gemms[P + 1];
+  WinoGemms<P, R>::fill(gemms);
   for (int c = 0; c < 9; ++c) {
-    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
-    wino_gemm<P, R>(v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads,
-                    &z[c][0][0]);
+    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin, n = needed[c];
+    if (n > 0) gemms[n](v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads, &z[c][0][0]);
+    for (int p = n; p < P; ++p)
+      for (int r = 0; r < R; ++r) z[c][p][r] = _mm512_setzero_si512();
   }
   wino2_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
@@ -580,6 +607,7 @@ const PathKernels* avx512_dot_kernels() {
     k.wino_item = &avx512_dot::wino_item<kWinoStride1>;
     k.wino2_transform = &avx512_dot::wino2_transform;
     k.wino2_item = &avx512_dot::wino_item<kWinoStride2>;
+    k.wino2_partial_last = true;
     return k;
   }();
   return &kernels;

@@ -90,6 +90,10 @@ struct ConvJob {
   // The tiles the wino_tile_blocks register blocks divide: [first, first + span), all of them
   // unless the threads split the tiles (run_wino).
   int64_t wino_block_first, wino_block_span;
+  // Stride-2 form only (PathKernels::wino2_partial_last): 1 orders each image's tiles as its
+  // whole tiles, then the last column's, the last row's and the corner (wino_tile_at), so that a
+  // register block's tiles that need a class of positions come first; 0: row-major.
+  int32_t wino_partial_last;
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
   uint8_t* wino_codes;       // [N][code_rows][code_cols][words * 64] codes, zero outside the input
   uint8_t* wino_v;           // [16][tiles][words * 64] transformed input V + 2 (2^act_bits - 1), u8
@@ -280,7 +284,45 @@ struct PathKernels {
   // blocks), and the multiple the weights' quads per position are padded to with zero weights
   // (0 or 1: none; the AMX form loads whole 64-channel words).
   int wino_block_tiles, wino_quad_align;
+  // Whether the stride-2 transform and output stage take tiles in ConvJob::wino_partial_last order.
+  bool wino2_partial_last;
 };
+
+// A Winograd tile's place: image n, tile row ty and column tx, and which of its outputs lie past
+// the output (bit 0: its second column, bit 1: its second row), for tile index t in the job's order.
+struct WinoTile {
+  int64_t n, ty, tx;
+  int partial;
+};
+
+inline WinoTile wino_tile_at(const ConvJob& j, int64_t t) {
+  const int64_t tiles_h = j.wino_tiles_h, tiles_w = j.wino_tiles_w, per_image = tiles_h * tiles_w;
+  const int64_t h_odd = j.out_height % 2, w_odd = j.out_width % 2;
+  WinoTile w;
+  w.n = t / per_image;
+  int64_t i = t % per_image;
+  if (!j.wino_partial_last) {
+    w.ty = i / tiles_w;
+    w.tx = i % tiles_w;
+  } else {
+    const int64_t whole_h = tiles_h - h_odd, whole_w = tiles_w - w_odd;
+    if (i < whole_h * whole_w) {  // whole tiles, row-major
+      w.ty = i / whole_w;
+      w.tx = i % whole_w;
+    } else if ((i -= whole_h * whole_w) < whole_h * w_odd) {  // the last column
+      w.ty = i;
+      w.tx = tiles_w - 1;
+    } else if ((i -= whole_h * w_odd) < whole_w * h_odd) {  // the last row
+      w.ty = tiles_h - 1;
+      w.tx = i;
+    } else {  // the corner
+      w.ty = tiles_h - 1;
+      w.tx = tiles_w - 1;
+    }
+  }
+  w.partial = (w_odd != 0 && w.tx == tiles_w - 1 ? 1 : 0) | (h_odd != 0 && w.ty == tiles_h - 1 ? 2 : 0);
+  return w;
+}
 
 const KernelTable* portable_kernels();
 const KernelTable* avx2_kernels();    // null when not built for x86-64
