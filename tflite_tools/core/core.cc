@@ -844,14 +844,14 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
 
 // Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
 // padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles).
-// Positions a stride-2 tile's GEMMs read (run_wino's split): 5 rows x 5 columns, 3 of either
-// where its second output row or column lies past the output.
-int64_t wino2_tile_cost(const ConvJob& j, int64_t t) {
-  const int partial = wino_tile_at(j, t).partial;
-  return int64_t(partial & 2 ? 3 : 5) * (partial & 1 ? 3 : 5);
+// Positions a tile's GEMMs read (run_wino's split): 4 x 4 (stride-2 form: 5 x 5), one row or
+// column fewer (stride 2: 3 of 5) where its second output row or column lies past the output.
+int64_t wino_tile_cost(const ConvJob& j, int64_t t, bool stride2) {
+  const int partial = wino_tile_at(j, t).partial, whole = stride2 ? 5 : 4, part = 3;
+  return int64_t(partial & 2 ? part : whole) * (partial & 1 ? part : whole);
 }
 
-// N2UQ_WINO_ORDER=0 keeps row-major tiles in the stride-2 form (A/B runs).
+// N2UQ_WINO_ORDER=0 keeps row-major tiles in the Winograd forms (A/B runs).
 bool wino_partial_last_order() {
   const char* env = std::getenv("N2UQ_WINO_ORDER");
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -915,7 +915,7 @@ int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads,
   }
   job.wino_block_first = 0;
   job.wino_block_span = tiles;
-  job.wino_partial_last = stride2 && k->wino2_partial_last && wino_partial_last_order() ? 1 : 0;
+  job.wino_partial_last = k->wino_partial_last && wino_partial_last_order() ? 1 : 0;
   const auto item_fn = stride2 ? k->wino2_item : k->wino_item;
   const auto transform = stride2 ? k->wino2_transform : k->wino_transform;
   if (split) {
@@ -924,18 +924,18 @@ int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads,
     // caches (handed out as items, a thread's blocks read V that the other core had written).
     // Quantize-and-pack plus conv, 2 threads, Zen 5, against items: 56x56x64/2 W4A4 68.3 -> 64.6
     // us, 14x14x256/2 W4A4 66.7 -> 64.1, 28x28x128/2 59.5 -> 58.4.
-    // Shares of equal work: a tile's GEMMs cost its positions (25, or 15 and 9 for partial tiles
-    // in wino_partial_last order, which need 3 of the 5 position rows or columns).
+    // Shares of equal work: a tile's GEMMs cost its positions (stride 2: 25, or 15 and 9 for
+    // partial tiles in wino_partial_last order; stride 1: 16, 12 or 9).
     const int parts = num_threads;
     std::vector<int64_t> bounds(size_t(parts) + 1, tiles);
     bounds[0] = 0;
     if (job.wino_partial_last) {
       int64_t total = 0;
-      for (int64_t t = 0; t < tiles; ++t) total += wino2_tile_cost(job, t);
+      for (int64_t t = 0; t < tiles; ++t) total += wino_tile_cost(job, t, stride2);
       int64_t sum = 0;
       int part = 1;
       for (int64_t t = 0; t < tiles && part < parts; ++t) {
-        sum += wino2_tile_cost(job, t);
+        sum += wino_tile_cost(job, t, stride2);
         while (part < parts && sum * parts >= total * part) bounds[size_t(part++)] = t + 1;
       }
     } else {

@@ -177,8 +177,8 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
   const __m512i offset = _mm512_set1_epi8((char)(2 * m));
   {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t tr = t / j.wino_tiles_w, tx = t % j.wino_tiles_w;
-      const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+      const WinoTile tile = wino_tile_at(j, t);
+      const int64_t n = tile.n, ty = tile.ty, tx = tile.tx;
       const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
       for (int64_t w = 0; w < words; ++w) {
         __m512i d[4][4], u[4][4];
@@ -250,6 +250,33 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) _mm512_storeu_si512((void*)(z + p * R + r), acc[p][r]);
 }
+
+// needed[g] = 1 + the last of the P tiles from t0 that needs group g (a position or a class) of
+// the Winograd GEMMs, needs(g, partial) saying whether a tile with those partial outputs does; P
+// for every group unless the job orders partial tiles last.
+template <int G, class Needs>
+inline void wino_needed_prefix(const ConvJob& j, int64_t t0, int P, Needs needs, int* needed) {
+  for (int g = 0; g < G; ++g) needed[g] = j.wino_partial_last ? 0 : P;
+  if (!j.wino_partial_last) return;
+  for (int p = 0; p < P; ++p) {
+    const int partial = wino_tile_at(j, t0 + p).partial;
+    for (int g = 0; g < G; ++g)
+      if (needs(g, partial)) needed[g] = p + 1;
+  }
+}
+
+// gemms[n] = wino_gemm<n, R> for n in 1 .. P.
+template <int P, int R>
+struct WinoGemms {
+  static void fill(void (**table)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {
+    table[P] = &wino_gemm<P, R>;
+    WinoGemms<P - 1, R>::fill(table);
+  }
+};
+template <int R>
+struct WinoGemms<0, R> {
+  static void fill(void (**)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {}
+};
 
 // The output stage of both Winograd forms for P tiles (from tile t0) x R weight vectors of one
 // chunk: pixels(p, r, y) gives the int32 sums y[2i + jx] of tile p's output pixel (i, jx) for
@@ -335,8 +362,21 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   const int64_t cw = wino_channel_bytes(j), quads = j.quads, lanes = DotOps::kLanes;
   const int8_t* const weights = j.dot_weights + chunk * j.dot_chunk_blocks * 16 * quads * lanes * 4;
   __m512i z[16][P][R];
-  for (int x = 0; x < 16; ++x)
-    wino_gemm<P, R>(j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
+  // A tile whose second output row (column) lies past the output needs no position of row
+  // (column) 3: A^T's first row reads rows 0-2 only. In wino_partial_last order such tiles come
+  // last, so each position runs over the block's tiles up to the last one that needs it (the
+  // skipped sums zeroed for the output stage, which never stores those pixels).
+  int needed[16];
+  wino_needed_prefix<16>(j, t0, P, [](int x, int partial) { return !((partial & 2) && x / 4 == 3) && !((partial & 1) && x % 4 == 3); }, needed);
+  typedef void (*GemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
+  GemmFn gemms[P + 1];
+  WinoGemms<P, R>::fill(gemms);
+  for (int x = 0; x < 16; ++x) {
+    const int n = needed[x];
+    if (n > 0) gemms[n](j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
+    for (int p = n; p < P; ++p)
+      for (int r = 0; r < R; ++r) z[x][p][r] = _mm512_setzero_si512();
+  }
   wino_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
 
@@ -437,19 +477,6 @@ __attribute__((always_inline)) inline void wino2_epilogue(const ConvJob& j, int6
       [](__m512i value, int64_t, int) { return value; });
 }
 
-// gemms[n] = wino_gemm<n, R> for n in 1 .. P.
-template <int P, int R>
-struct WinoGemms {
-  static void fill(void (**table)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {
-    table[P] = &wino_gemm<P, R>;
-    WinoGemms<P - 1, R>::fill(table);
-  }
-};
-template <int R>
-struct WinoGemms<0, R> {
-  static void fill(void (**)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {}
-};
-
 // One register block: P tiles (from t0) x R weight vectors of one chunk, one GEMM per class over
 // its positions' quads (contiguous: kernel_table.h), then the output stage.
 template <int P, int R>
@@ -464,15 +491,7 @@ void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   // sums are zeroed for the output stage, whose pixels past the output are never stored. (7x7
   // outputs: 342 tile-positions of 400.)
   int needed[9];
-  for (int c = 0; c < 9; ++c) needed[c] = P;
-  if (j.wino_partial_last) {
-    for (int c = 0; c < 9; ++c) needed[c] = 0;
-    for (int p = 0; p < P; ++p) {
-      const int partial = wino_tile_at(j, t0 + p).partial;
-      for (int c = 0; c < 9; ++c)
-        if (!((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2)) needed[c] = p + 1;
-    }
-  }
+  wino_needed_prefix<9>(j, t0, P, [](int c, int partial) { return !((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2); }, needed);
   typedef void (*GemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
   GemmFn gemms[P + 1];
   WinoGemms<P, R>::fill(gemms);
@@ -607,7 +626,7 @@ const PathKernels* avx512_dot_kernels() {
     k.wino_item = &avx512_dot::wino_item<kWinoStride1>;
     k.wino2_transform = &avx512_dot::wino2_transform;
     k.wino2_item = &avx512_dot::wino_item<kWinoStride2>;
-    k.wino2_partial_last = true;
+    k.wino_partial_last = true;
     return k;
   }();
   return &kernels;

@@ -90,9 +90,9 @@ struct ConvJob {
   // The tiles the wino_tile_blocks register blocks divide: [first, first + span), all of them
   // unless the threads split the tiles (run_wino).
   int64_t wino_block_first, wino_block_span;
-  // Stride-2 form only (PathKernels::wino2_partial_last): 1 orders each image's tiles as its
-  // whole tiles, then the last column's, the last row's and the corner (wino_tile_at), so that a
-  // register block's tiles that need a class of positions come first; 0: row-major.
+  // Where the kernels take it (PathKernels::wino_partial_last): 1 orders each image's tiles as
+  // its whole tiles, then the last column's, the last row's and the corner (wino_tile_at), so
+  // that a register block's tiles that need a position (or class) come first; 0: row-major.
   int32_t wino_partial_last;
   int64_t wino_code_rows, wino_code_cols;  // 2 * tiles + 2: the zero-padded code image of one batch item
   uint8_t* wino_codes;       // [N][code_rows][code_cols][words * 64] codes, zero outside the input
@@ -284,8 +284,9 @@ struct PathKernels {
   // blocks), and the multiple the weights' quads per position are padded to with zero weights
   // (0 or 1: none; the AMX form loads whole 64-channel words).
   int wino_block_tiles, wino_quad_align;
-  // Whether the stride-2 transform and output stage take tiles in ConvJob::wino_partial_last order.
-  bool wino2_partial_last;
+  // Whether both Winograd forms' transforms and output stages take tiles in
+  // ConvJob::wino_partial_last order.
+  bool wino_partial_last;
 };
 
 // A Winograd tile's place: image n, tile row ty and column tx, and which of its outputs lie past
