@@ -278,6 +278,31 @@ struct WinoGemms<0, R> {
   static void fill(void (**)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {}
 };
 
+// One GEMM's operands: P tiles' V from v (tile stride stride), weights w, quads per tile.
+struct WinoGemmArgs {
+  const uint8_t* v;
+  int64_t stride;
+  const int8_t* w;
+  int64_t quads;
+};
+
+// Group g's GEMM (args(g)) over the first needed[g] of the P tiles into z[g], and zeros for the
+// sums of the rest (the output stage reads every tile's).
+template <int P, int R, int G, class Args>
+inline void wino_prefix_gemms(const int* needed, __m512i (*z)[P][R], Args args) {
+  void (*gemms[P + 1])(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
+  WinoGemms<P, R>::fill(gemms);
+  for (int g = 0; g < G; ++g) {
+    const int n = needed[g];
+    if (n > 0) {
+      const WinoGemmArgs a = args(g);
+      gemms[n](a.v, a.stride, a.w, a.quads, &z[g][0][0]);
+    }
+    for (int p = n; p < P; ++p)
+      for (int r = 0; r < R; ++r) z[g][p][r] = _mm512_setzero_si512();
+  }
+}
+
 // The output stage of both Winograd forms for P tiles (from tile t0) x R weight vectors of one
 // chunk: pixels(p, r, y) gives the int32 sums y[2i + jx] of tile p's output pixel (i, jx) for
 // vector r before the channel correction (wino_bias); finish(value, t, pixel) turns sum plus
@@ -367,16 +392,12 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   // last, so each position runs over the block's tiles up to the last one that needs it (the
   // skipped sums zeroed for the output stage, which never stores those pixels).
   int needed[16];
-  wino_needed_prefix<16>(j, t0, P, [](int x, int partial) { return !((partial & 2) && x / 4 == 3) && !((partial & 1) && x % 4 == 3); }, needed);
-  typedef void (*GemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
-  GemmFn gemms[P + 1];
-  WinoGemms<P, R>::fill(gemms);
-  for (int x = 0; x < 16; ++x) {
-    const int n = needed[x];
-    if (n > 0) gemms[n](j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads, &z[x][0][0]);
-    for (int p = n; p < P; ++p)
-      for (int r = 0; r < R; ++r) z[x][p][r] = _mm512_setzero_si512();
-  }
+  wino_needed_prefix<16>(
+      j, t0, P, [](int x, int partial) { return !((partial & 2) && x / 4 == 3) && !((partial & 1) && x % 4 == 3); },
+      needed);
+  wino_prefix_gemms<P, R, 16>(needed, z, [&](int x) {
+    return WinoGemmArgs{j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads};
+  });
   wino_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
 
@@ -491,16 +512,13 @@ void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   // sums are zeroed for the output stage, whose pixels past the output are never stored. (7x7
   // outputs: 342 tile-positions of 400.)
   int needed[9];
-  wino_needed_prefix<9>(j, t0, P, [](int c, int partial) { return !((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2); }, needed);
-  typedef void (*GemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
-  GemmFn gemms[P + 1];
-  WinoGemms<P, R>::fill(gemms);
-  for (int c = 0; c < 9; ++c) {
-    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin, n = needed[c];
-    if (n > 0) gemms[n](v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads, &z[c][0][0]);
-    for (int p = n; p < P; ++p)
-      for (int r = 0; r < R; ++r) z[c][p][r] = _mm512_setzero_si512();
-  }
+  wino_needed_prefix<9>(
+      j, t0, P, [](int c, int partial) { return !((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2); },
+      needed);
+  wino_prefix_gemms<P, R, 9>(needed, z, [&](int c) {
+    const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
+    return WinoGemmArgs{v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads};
+  });
   wino2_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
 }
 
