@@ -842,13 +842,38 @@ int run_phased(const ConvJob& base, const N2uqConvPlanBody& plan, int num_thread
   return N2UQ_OK;
 }
 
-// Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
-// padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles).
-// Positions a tile's GEMMs read (run_wino's split): 4 x 4 (stride-2 form: 5 x 5), one row or
-// column fewer (stride 2: 3 of 5) where its second output row or column lies past the output.
-int64_t wino_tile_cost(const ConvJob& j, int64_t t, bool stride2) {
-  const int partial = wino_tile_at(j, t).partial, whole = stride2 ? 5 : 4, part = 3;
-  return int64_t(partial & 2 ? part : whole) * (partial & 1 ? part : whole);
+// Splitting the tiles by equal work (run_wino): a tile's GEMMs read 4 x 4 positions (stride-2
+// form: 5 x 5), and 3 of the 4 (5) rows or columns where its second output row or column lies
+// past the output. In wino_partial_last order each image's tiles come in four runs of equal cost
+// (whole tiles, last column, last row, corner), so the split is worked out per run, not per tile:
+// a 56x56 output has 784 tiles, and a per-tile walk through wino_tile_at's divisions cost the
+// 2-thread 56x56x64 layers about a tenth of their time.
+struct WinoTileRuns {
+  int64_t count[4], cost[4], image_cost;
+};
+
+WinoTileRuns wino_tile_runs(const ConvJob& j, bool stride2) {
+  const int64_t whole = stride2 ? 5 : 4, part = 3;
+  const int64_t h_odd = j.out_height % 2, w_odd = j.out_width % 2;
+  const int64_t whole_h = j.wino_tiles_h - h_odd, whole_w = j.wino_tiles_w - w_odd;
+  WinoTileRuns r = {{whole_h * whole_w, whole_h * w_odd, whole_w * h_odd, h_odd * w_odd},
+                    {whole * whole, whole * part, part * whole, part * part}, 0};
+  for (int i = 0; i < 4; ++i) r.image_cost += r.count[i] * r.cost[i];
+  return r;
+}
+
+// The number of tiles, in wino_partial_last order, whose summed cost first reaches `target`.
+int64_t wino_tiles_reaching(const WinoTileRuns& r, int64_t batch, int64_t target) {
+  const int64_t per_image = r.count[0] + r.count[1] + r.count[2] + r.count[3];
+  const int64_t images = r.image_cost > 0 ? target / r.image_cost : 0;
+  if (images >= batch) return batch * per_image;
+  int64_t t = images * per_image, sum = images * r.image_cost;
+  for (int i = 0; i < 4 && sum < target; ++i) {
+    if (sum + r.count[i] * r.cost[i] >= target) return t + (target - sum + r.cost[i] - 1) / r.cost[i];
+    sum += r.count[i] * r.cost[i];
+    t += r.count[i];
+  }
+  return t;
 }
 
 // N2UQ_WINO_ORDER=0 keeps row-major tiles in the Winograd forms (A/B runs).
@@ -862,6 +887,9 @@ bool wino_split_tiles() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
+// padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles),
+// or on several threads each thread's own share of the tiles.
 int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
@@ -924,27 +952,21 @@ int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads,
     // caches (handed out as items, a thread's blocks read V that the other core had written).
     // Quantize-and-pack plus conv, 2 threads, Zen 5, against items: 56x56x64/2 W4A4 68.3 -> 64.6
     // us, 14x14x256/2 W4A4 66.7 -> 64.1, 28x28x128/2 59.5 -> 58.4.
-    // Shares of equal work: a tile's GEMMs cost its positions (stride 2: 25, or 15 and 9 for
-    // partial tiles in wino_partial_last order; stride 1: 16, 12 or 9).
+    // Shares of equal work where some tiles are partial (wino_tile_runs), else of equal tiles.
     const int parts = num_threads;
-    std::vector<int64_t> bounds(size_t(parts) + 1, tiles);
-    bounds[0] = 0;
-    if (job.wino_partial_last) {
-      int64_t total = 0;
-      for (int64_t t = 0; t < tiles; ++t) total += wino_tile_cost(job, t, stride2);
-      int64_t sum = 0;
-      int part = 1;
-      for (int64_t t = 0; t < tiles && part < parts; ++t) {
-        sum += wino_tile_cost(job, t, stride2);
-        while (part < parts && sum * parts >= total * part) bounds[size_t(part++)] = t + 1;
-      }
-    } else {
-      for (int part = 1; part < parts; ++part) bounds[size_t(part)] = tiles * part / parts;
-    }
+    const bool weighted = job.wino_partial_last && (job.out_height % 2 != 0 || job.out_width % 2 != 0);
+    const WinoTileRuns runs = wino_tile_runs(job, stride2);
+    const auto bound = [&](int64_t part) {  // slot `part`'s first tile
+      if (part <= 0) return int64_t(0);
+      if (part >= parts) return tiles;
+      if (!weighted) return tiles * part / parts;
+      const int64_t total = runs.image_cost * job.batch;
+      return wino_tiles_reaching(runs, job.batch, (total * part + parts - 1) / parts);
+    };
     pool().run_each(parts, [&](int slot) {
       ConvJob own = job;
-      own.wino_block_first = bounds[size_t(slot)];
-      own.wino_block_span = bounds[size_t(slot) + 1] - own.wino_block_first;
+      own.wino_block_first = bound(slot);
+      own.wino_block_span = bound(slot + 1) - own.wino_block_first;
       if (own.wino_block_span <= 0) return;
       own.wino_tile_blocks = int32_t((own.wino_block_span + most - 1) / most);
       transform(own, own.wino_block_first, own.wino_block_first + own.wino_block_span);
