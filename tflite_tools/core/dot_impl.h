@@ -273,30 +273,28 @@ template <class O>
 void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t words = j.words, cw = words * 64, cols = j.wino_code_cols, tiles = j.wino_tiles;
   const uint8_t offset = (uint8_t)(2 * ((1 << j.act_bits) - 1));
-  {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t tr = t / j.wino_tiles_w, tx = t % j.wino_tiles_w;
-      const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
-      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
-      for (int64_t w = 0; w < words; ++w)
-        transform64(base + w * 64, cols * cw, cw, j.wino_v + t * cw + w * 64, tiles * cw, offset);
-      // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
-      const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
-      int64_t u[4][4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
-        u[0][c] = d0 - d2;
-        u[1][c] = d1 + d2;
-        u[2][c] = d2 - d1;
-        u[3][c] = d1 - d3;
-      }
-      int64_t z[16];  // s U1 sum_c V per position
-      for (int a = 0; a < 4; ++a) {
-        const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
-        for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1G[a * 4 + b] * v[b] * (int64_t(1) << kWinoShiftG[a * 4 + b]);
-      }
-      for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term_generic(z, i / 2, i % 2));
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t tr = t / j.wino_tiles_w, tx = t % j.wino_tiles_w;
+    const int64_t n = tr / j.wino_tiles_h, ty = tr % j.wino_tiles_h;
+    const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
+    for (int64_t w = 0; w < words; ++w)
+      transform64(base + w * 64, cols * cw, cw, j.wino_v + t * cw + w * 64, tiles * cw, offset);
+    // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
+    const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
+    int64_t u[4][4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
+      u[0][c] = d0 - d2;
+      u[1][c] = d1 + d2;
+      u[2][c] = d2 - d1;
+      u[3][c] = d1 - d3;
     }
+    int64_t z[16];  // s U1 sum_c V per position
+    for (int a = 0; a < 4; ++a) {
+      const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
+      for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1G[a * 4 + b] * v[b] * (int64_t(1) << kWinoShiftG[a * 4 + b]);
+    }
+    for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term_generic(z, i / 2, i % 2));
   }
 }
 

@@ -175,52 +175,50 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
   const int64_t cw = wino_channel_bytes(j), words = j.words, cols = j.wino_code_cols;
   const int32_t m = (1 << j.act_bits) - 1;
   const __m512i offset = _mm512_set1_epi8((char)(2 * m));
-  {
-    for (int64_t t = begin; t < end; ++t) {
-      const WinoTile tile = wino_tile_at(j, t);
-      const int64_t n = tile.n, ty = tile.ty, tx = tile.tx;
-      const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
-      for (int64_t w = 0; w < words; ++w) {
-        __m512i d[4][4], u[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int c = 0; c < 4; ++c) d[r][c] = _mm512_loadu_si512((const void*)(base + (r * cols + c) * cw + w * 64));
-        for (int c = 0; c < 4; ++c) {  // B^T d: over rows
-          u[0][c] = _mm512_sub_epi8(d[0][c], d[2][c]);
-          u[1][c] = _mm512_add_epi8(d[1][c], d[2][c]);
-          u[2][c] = _mm512_sub_epi8(d[2][c], d[1][c]);
-          u[3][c] = _mm512_sub_epi8(d[1][c], d[3][c]);
-        }
-        for (int a = 0; a < 4; ++a) {  // (B^T d) B: over columns
-          __m512i v[4];
-          v[0] = _mm512_sub_epi8(u[a][0], u[a][2]);
-          v[1] = _mm512_add_epi8(u[a][1], u[a][2]);
-          v[2] = _mm512_sub_epi8(u[a][2], u[a][1]);
-          v[3] = _mm512_sub_epi8(u[a][1], u[a][3]);
-          for (int b = 0; b < 4; ++b) {
-            const int x = a * 4 + b;
-            const __m512i v8 = _mm512_add_epi8(v[b], offset);
-            _mm512_storeu_si512((void*)(j.wino_v + (x * j.wino_tiles + t) * cw + w * 64), v8);
-          }
+  for (int64_t t = begin; t < end; ++t) {
+    const WinoTile tile = wino_tile_at(j, t);
+    const int64_t n = tile.n, ty = tile.ty, tx = tile.tx;
+    const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
+    for (int64_t w = 0; w < words; ++w) {
+      __m512i d[4][4], u[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) d[r][c] = _mm512_loadu_si512((const void*)(base + (r * cols + c) * cw + w * 64));
+      for (int c = 0; c < 4; ++c) {  // B^T d: over rows
+        u[0][c] = _mm512_sub_epi8(d[0][c], d[2][c]);
+        u[1][c] = _mm512_add_epi8(d[1][c], d[2][c]);
+        u[2][c] = _mm512_sub_epi8(d[2][c], d[1][c]);
+        u[3][c] = _mm512_sub_epi8(d[1][c], d[3][c]);
+      }
+      for (int a = 0; a < 4; ++a) {  // (B^T d) B: over columns
+        __m512i v[4];
+        v[0] = _mm512_sub_epi8(u[a][0], u[a][2]);
+        v[1] = _mm512_add_epi8(u[a][1], u[a][2]);
+        v[2] = _mm512_sub_epi8(u[a][2], u[a][1]);
+        v[3] = _mm512_sub_epi8(u[a][1], u[a][3]);
+        for (int b = 0; b < 4; ++b) {
+          const int x = a * 4 + b;
+          const __m512i v8 = _mm512_add_epi8(v[b], offset);
+          _mm512_storeu_si512((void*)(j.wino_v + (x * j.wino_tiles + t) * cw + w * 64), v8);
         }
       }
-      // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
-      const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
-      int64_t u[4][4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
-        u[0][c] = d0 - d2;
-        u[1][c] = d1 + d2;
-        u[2][c] = d2 - d1;
-        u[3][c] = d1 - d3;
-      }
-      int64_t z[16];  // s U1 sum_c V per position
-      for (int a = 0; a < 4; ++a) {
-        const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
-        for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]);
-      }
-      // ... taken through the output transform A^T z A once per tile: its 4 output pixels' terms.
-      for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
     }
+    // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
+    const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
+    int64_t u[4][4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
+      u[0][c] = d0 - d2;
+      u[1][c] = d1 + d2;
+      u[2][c] = d2 - d1;
+      u[3][c] = d1 - d3;
+    }
+    int64_t z[16];  // s U1 sum_c V per position
+    for (int a = 0; a < 4; ++a) {
+      const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
+      for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]);
+    }
+    // ... taken through the output transform A^T z A once per tile: its 4 output pixels' terms.
+    for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
   }
 }
 
