@@ -202,9 +202,6 @@ void dot_item(const ConvJob& j, int64_t item, int /*slot*/) {
 // plain byte loops the compiler vectorizes under the file's target options; byte arithmetic
 // wraps, which is exact since every final value is in [0, 90].
 
-constexpr int kWinoShiftG[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};  // log2 s[a][b]
-constexpr int kWinoU1G[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};     // (G 1 G^T)[a][b]
-
 // Padded code rows [begin, end) of the N * wino_code_rows and each pixel's code sum.
 template <class O>
 void wino_codes_generic(const ConvJob& j, int64_t begin, int64_t end) {
@@ -233,13 +230,6 @@ void wino_codes_generic(const ConvJob& j, int64_t begin, int64_t end) {
       if (sums != nullptr) sums[c] = sum;
     }
   }
-}
-
-// (A^T z A)[i][jx] of a 4x4 position array z: row i of A^T is (1 1 1 0) or (0 1 -1 -1).
-inline int64_t wino_output_term_generic(const int64_t* z, int i, int jx) {
-  int64_t u[4];
-  for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
-  return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
 }
 
 // V8 = B^T d B + 2M of 64 channel bytes (one word of one tile): B^T d over rows, then over
@@ -279,22 +269,7 @@ void wino_transform_generic(const ConvJob& j, int64_t begin, int64_t end) {
     const uint8_t* base = j.wino_codes + ((n * j.wino_code_rows + 2 * ty) * cols + 2 * tx) * cw;
     for (int64_t w = 0; w < words; ++w)
       transform64(base + w * 64, cols * cw, cw, j.wino_v + t * cw + w * 64, tiles * cw, offset);
-    // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
-    const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
-    int64_t u[4][4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
-      u[0][c] = d0 - d2;
-      u[1][c] = d1 + d2;
-      u[2][c] = d2 - d1;
-      u[3][c] = d1 - d3;
-    }
-    int64_t z[16];  // s U1 sum_c V per position
-    for (int a = 0; a < 4; ++a) {
-      const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
-      for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1G[a * 4 + b] * v[b] * (int64_t(1) << kWinoShiftG[a * 4 + b]);
-    }
-    for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term_generic(z, i / 2, i % 2));
+    wino_tile_terms(j, t, n, ty, tx);
   }
 }
 
@@ -398,7 +373,7 @@ void wino_block_generic(const ConvJob& j, int64_t t0, int64_t chunk) {
 #pragma GCC unroll 16
         for (int x = 0; x < 16; ++x) {
           __builtin_memcpy(&zs[x], &z[x][p][r][0], sizeof(VU));
-          zs[x] = zs[x] << (1 + kWinoShiftG[x]);
+          zs[x] = zs[x] << (1 + kWinoShift[x]);
         }
         for (int i = 0; i < 2; ++i) {
           VU u[4];  // A^T (s * 2 acc): over rows

@@ -110,9 +110,6 @@ struct DotOps {
 // per tile (wino_tile_terms). The plan checks that int32 holds every intermediate.
 // Input transforms run in int8 lanes: every intermediate (B^T d in [-M, 2M], V, V8) fits.
 
-constexpr int kWinoShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};  // log2 s[a][b]
-constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};     // (G 1 G^T)[a][b]
-
 inline int64_t wino_channel_bytes(const ConvJob& j) { return int64_t(j.words) * 64; }
 
 // Padded code rows [begin, end) of the N * wino_code_rows: code row r holds input row r - pad_top,
@@ -162,13 +159,6 @@ void wino_codes(const ConvJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// (A^T z A)[i][jx] of a 4x4 position array z (row-major): row i of A^T is (1 1 1 0) or (0 1 -1 -1).
-inline int64_t wino_output_term(const int64_t* z, int i, int jx) {
-  int64_t u[4];
-  for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
-  return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
-}
-
 // Input transforms of tiles [begin, end) of the N * wino_tiles_h * wino_tiles_w: V8 of every tile
 // and 64-channel word, and the tile's correction terms.
 void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
@@ -202,23 +192,7 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
         }
       }
     }
-    // sum_c V = B^T S B with S the tile's pixel code sums (the transform is linear).
-    const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
-    int64_t u[4][4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
-      u[0][c] = d0 - d2;
-      u[1][c] = d1 + d2;
-      u[2][c] = d2 - d1;
-      u[3][c] = d1 - d3;
-    }
-    int64_t z[16];  // s U1 sum_c V per position
-    for (int a = 0; a < 4; ++a) {
-      const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
-      for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]);
-    }
-    // ... taken through the output transform A^T z A once per tile: its 4 output pixels' terms.
-    for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
+    wino_tile_terms(j, t, n, ty, tx);
   }
 }
 

@@ -289,6 +289,40 @@ struct PathKernels {
   bool wino_partial_last;
 };
 
+// The stride-1 Winograd form's scale s (log2 s[a][b]) and U1 = G 1 G^T per position (derivation in
+// isa_avx512_dot.cc), shared by every ISA's kernels.
+constexpr int kWinoShift[16] = {2, 1, 1, 2, 1, 0, 0, 1, 1, 0, 0, 1, 2, 1, 1, 2};
+constexpr int kWinoU1[16] = {1, 3, 1, 1, 3, 9, 3, 3, 1, 3, 1, 1, 1, 3, 1, 1};
+
+// (A^T z A)[i][jx] of a 4x4 position array z (row-major): row i of A^T is (1 1 1 0) or (0 1 -1 -1).
+inline int64_t wino_output_term(const int64_t* z, int i, int jx) {
+  int64_t u[4];
+  for (int b = 0; b < 4; ++b) u[b] = i == 0 ? z[b] + z[4 + b] + z[8 + b] : z[4 + b] - z[8 + b] - z[12 + b];
+  return jx == 0 ? u[0] + u[1] + u[2] : u[1] - u[2] - u[3];
+}
+
+// The stride-1 form's per-tile correction of tile t (image n, tile row ty, column tx): sum_c V =
+// B^T S B with S the tile's pixel code sums (the transform is linear), as s U1 sum_c V per
+// position, taken through the output transform A^T z A once: its 4 output pixels' terms.
+inline void wino_tile_terms(const ConvJob& j, int64_t t, int64_t n, int64_t ty, int64_t tx) {
+  const int64_t cols = j.wino_code_cols;
+  const int32_t* sums = j.wino_pixel_sums + (n * j.wino_code_rows + 2 * ty) * cols + 2 * tx;
+  int64_t u[4][4];
+  for (int c = 0; c < 4; ++c) {
+    const int64_t d0 = sums[c], d1 = sums[cols + c], d2 = sums[2 * cols + c], d3 = sums[3 * cols + c];
+    u[0][c] = d0 - d2;
+    u[1][c] = d1 + d2;
+    u[2][c] = d2 - d1;
+    u[3][c] = d1 - d3;
+  }
+  int64_t z[16];
+  for (int a = 0; a < 4; ++a) {
+    const int64_t v[4] = {u[a][0] - u[a][2], u[a][1] + u[a][2], u[a][2] - u[a][1], u[a][1] - u[a][3]};
+    for (int b = 0; b < 4; ++b) z[a * 4 + b] = kWinoU1[a * 4 + b] * v[b] * (int64_t(1) << kWinoShift[a * 4 + b]);
+  }
+  for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
+}
+
 // A Winograd tile's place: image n, tile row ty and column tx, and which of its outputs lie past
 // the output (bit 0: its second column, bit 1: its second row), for tile index t in the job's order.
 struct WinoTile {
