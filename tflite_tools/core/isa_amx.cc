@@ -132,6 +132,7 @@ struct AmxEmulated {
 // Tiles: 0 = A (the block's V8 rows, one 64-channel word), 1..R = B (the weights of that word
 // for weight vector r), 4..3+R = C (the int32 sums).
 constexpr int kMaxTiles = 16;  // rows of A and C
+static_assert(kMaxTiles <= kWinoMaxBlockTiles, "wino_output takes at most kWinoMaxBlockTiles tiles");
 constexpr int kMaxVectors = 3; // A + 3 B + 3 C of the 8 tiles
 
 // The tile shapes of a block of P tiles x R weight vectors.

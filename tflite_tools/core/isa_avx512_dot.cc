@@ -291,6 +291,18 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
   int32_t* const out_int32 = j.out_int32;
   float* const out_float = j.out_float;
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
+  // Each tile's first output element and its pixels inside the output (bit 2i + jx), worked out
+  // once for the R vectors: wino_tile_at divides, and at R = 3 its calls per vector cost the
+  // stride-2 form about 3% of 56x56x64/2 (Zen 5).
+  int64_t first[kWinoMaxBlockTiles];
+  unsigned inside[kWinoMaxBlockTiles];
+  for (int p = 0; p < P; ++p) {
+    const WinoTile tile = wino_tile_at(j, t0 + p);
+    const int64_t oy = 2 * tile.ty, ox = 2 * tile.tx;
+    first[p] = ((tile.n * out_height + oy) * out_width + ox) * out_channels;
+    const bool row2 = oy + 1 < out_height, col2 = ox + 1 < out_width;
+    inside[p] = 1u | (col2 ? 2u : 0u) | (row2 ? 4u : 0u) | (row2 && col2 ? 8u : 0u);
+  }
   for (int r = 0; r < R; ++r) {
     const int64_t oc0 = oc_begin + r * lanes, left = out_channels - oc0;
     const __mmask16 mask = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
@@ -303,18 +315,13 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
     for (int i = 0; i < 4; ++i) bias4[i] = _mm512_loadu_si512((const void*)(j.wino_bias + i * oc_padded + oc0));
     for (int p = 0; p < P; ++p) {
       const int64_t t = t0 + p;
-      const WinoTile tile = wino_tile_at(j, t);
-      const int64_t n = tile.n, ty = tile.ty, tx = tile.tx;
       __m512i y[4];
       pixels(p, r, y);
       for (int i = 0; i < 2; ++i) {
-        const int64_t oy = 2 * ty + i;
-        if (oy >= out_height) continue;
         for (int jx = 0; jx < 2; ++jx) {
-          const int64_t ox = 2 * tx + jx;
-          if (ox >= out_width) continue;
+          if (!(inside[p] & (1u << (2 * i + jx)))) continue;
           const __m512i value = finish(_mm512_add_epi32(y[2 * i + jx], bias4[2 * i + jx]), t, 2 * i + jx);
-          const int64_t index = ((n * out_height + oy) * out_width + ox) * out_channels + oc0;
+          const int64_t index = first[p] + (i * out_width + jx) * out_channels + oc0;
           if (out_int32 != nullptr) _mm512_mask_storeu_epi32(out_int32 + index, mask, value);
           if (out_float != nullptr)  // as DotOps::store: float32 multiply, then add
             _mm512_mask_storeu_ps(out_float + index, mask,
@@ -521,6 +528,7 @@ struct WinoBlocks<FORM, 0, R> {
 // Tiles per register block at most, per R (accumulators P * R + R weights, and the 16 * P * R
 // position sums, or 9 * P * R class sums, kept for the output transform).
 constexpr int wino_max_tiles(int r) { return r >= 4 ? 6 : r == 3 ? 8 : r == 2 ? 12 : 16; }
+static_assert(wino_max_tiles(1) <= kWinoMaxBlockTiles, "the output stage's per-tile arrays are too short");
 
 template <int FORM, int R>
 void wino_run(const ConvJob& j, int64_t block, int64_t chunk) {
