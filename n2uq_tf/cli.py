@@ -239,7 +239,9 @@ def build_parser():
     bench.add_argument("model_path", metavar="MODEL", help=".tflite file")
     bench.add_argument("--threads", type=_positive_int, default=1, help="interpreter threads (default 1)")
     bench.add_argument("--runs", type=_positive_int, default=50, help="timed invocations (default 50)")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed invocations first (default 5)")
+    bench.add_argument("--warmup", type=int, default=None,
+                       help="untimed invocations first (default: the kernels' plan trial length + 5, so that "
+                            "every layer has settled on its path)")
     bench.add_argument("--float-model", help="a .tflite without N2UQ ops to time without the delegate")
     bench.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="ai_edge_litert or tf.lite interpreter (default: litert when installed)")

@@ -114,6 +114,7 @@ def _declare(lib):
         "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "n2uq_conv_plan_form": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_on_trial": ([ptr], ctypes.c_int),
+        "n2uq_plan_trial_runs": ([], ctypes.c_int),
         "n2uq_conv_plan_destroy": ([ptr], None),
         "n2uq_fully_connected_shape": ([i32, i32, i32, i32, i32, shape_p] + err, ctypes.c_int),
         "n2uq_fully_connected": ([i32, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
@@ -223,6 +224,13 @@ def amx_status():
     """Whether the "amx" path is offered and why (not): "available: ...", "unavailable: <reason>",
     or "emulated: ..." under the test hook N2UQ_AMX_EMULATE=1 (read once per process)."""
     return library().n2uq_amx_status().decode()
+
+
+def plan_trial_runs():
+    """Runs of an auto plan that its trial spans at most (path selection's runner-up tried on the
+    plan's first runs; both sides, untimed runs included): warm each layer up with at least this
+    many calls (a network: invokes) before timing steady calls."""
+    return int(library().n2uq_plan_trial_runs())
 
 
 def _ptr(array):

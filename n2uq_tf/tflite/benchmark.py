@@ -50,7 +50,13 @@ def _time_interpreter(interpreter, runs, warmup, seed=0, after_warmup=None):
             "min_ms": 1e3 * min(times), "runs": runs}
 
 
-def benchmark_model(path: str | os.PathLike[str], num_threads: int = 1, runs: int = 50, warmup: int = 5,
+def default_warmup() -> int:
+    """Untimed invokes before timing: the N2UQ kernels' plan trial (a layer whose path selection
+    kept a runner-up tries both on its first runs, then keeps the faster) plus 5."""
+    return _core.plan_trial_runs() + 5
+
+
+def benchmark_model(path: str | os.PathLike[str], num_threads: int = 1, runs: int = 50, warmup: int | None = None,
                     backend: str = "auto", float_model: str | os.PathLike[str] | None = None, isa: str | None = None,
                     kernel_path: str | None = None) -> dict[str, Any]:
     """Latency of a .tflite model with the N2UQ delegate, and without it when that is possible.
@@ -58,8 +64,12 @@ def benchmark_model(path: str | os.PathLike[str], num_threads: int = 1, runs: in
     A model with N2UQ ops cannot run without the delegate: then "without_delegate" times
     `float_model` (e.g. a float twin) if given, else is None. "ops" is the per-kernel
     breakdown of the N2UQ ops measured inside the plugin; "other_ms" is the rest of the
-    mean invoke time (builtin ops and interpreter overhead).
+    mean invoke time (builtin ops and interpreter overhead). `warmup` untimed invokes come first
+    (None: `default_warmup()`, so that no layer is still trying its runner-up path when the timing
+    starts).
     """
+    if warmup is None:
+        warmup = default_warmup()
     backend_name, module = backend_module(backend)
     delegate = load_delegate(backend_name, isa=isa, path=kernel_path)
     interpreter = module.Interpreter(model_path=str(path), num_threads=int(num_threads),

@@ -163,6 +163,9 @@ int n2uq_conv_plan_run(const N2uqConvPlan* plan, const N2uqConvShape* shape, con
 int n2uq_conv_plan_info(const N2uqConvPlan* plan, int* isa, int* path);
 /* 1 while the plan's trial is open, 0 when it has none or it closed, N2UQ_ERR_ARGUMENT for NULL. */
 int n2uq_conv_plan_on_trial(const N2uqConvPlan* plan);
+/* Runs of a plan that a trial spans at most (both sides, untimed runs included): a caller timing
+   steady calls warms each plan up with at least this many. */
+int n2uq_plan_trial_runs(void);
 /* The plan's form (dot and amx paths; the others have only the direct one), or N2UQ_ERR_ARGUMENT
    for a NULL plan. N2UQ_FORM_DIRECT_COMPACT: the amx path's direct form keeping its weights as
    1-, 2- or 4-bit codes (3-bit weights take 4) that each run expands while the tiles work, where the
