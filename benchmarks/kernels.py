@@ -283,8 +283,11 @@ def arena_array(values=None, shape=None, dtype=None):
 
 def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, stride=1):
     """(callable, plan): one layer as a network runs it, quantize-and-pack of the float input then the conv
-    from a plan prepared once, through the C API on preallocated buffers. The plan's path and form are
-    read after the timing: an auto plan's first runs may put the selection's runner-up on trial."""
+    from a plan prepared once, through the C API on preallocated buffers, called back to back past its
+    trial (an auto plan's first _core.plan_trial_runs() runs may try the selection's runner-up), so that
+    the timing sees the path it settled on, chosen on its own calls: trial runs interleaved with
+    TFLite's 2-thread interpreters met their spinning workers and kept 14x14x256/2's direct form at
+    0.85x int8 in some runs, where the Winograd form ran 0.97x (Zen 5)."""
     out_channels = out_channels or channels
     x = arena_array(rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32))
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
@@ -307,7 +310,8 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
         if pack(*pack_args) != 0 or conv(*conv_args) != 0:
             raise RuntimeError(err.value.decode())
 
-    layer()
+    for _ in range(_core.plan_trial_runs()):
+        layer()
     return layer, plan
 
 
@@ -511,7 +515,8 @@ def run_layers(args, isas, rng, md):
               "the conv from a plan prepared once; ISA "
               f"{', '.join(isas)}, path {args.path} (\"path\" column: the conv path per bit width, {PATH_LEGEND}, "
               "chosen by the plan's timing of the paths and forms this CPU runs when auto, and where a runner-up "
-              "came within 2x of the winner, by the trial of both on the plan's first runs). TFLite's CONV_2D is a "
+              "came within 2x of the winner, by the trial of both on the plan's first runs, which run back to back "
+              "before the timing). TFLite's CONV_2D is a "
               f"one-layer int8-in/int8-out (or float32) model invoked in {stock_interpreter()[0]} with its default "
               "XNNPACK. "
               "\"vs int8\" = TFLite int8 time / that time (> 1: faster than int8). Noise = largest IQR/median of any "
@@ -924,10 +929,12 @@ def run_end_to_end(args, infos, md):
     image = np.random.default_rng(3).standard_normal((1,) + E2E_INPUT).astype(np.float32)
     for threads in args.threads:
         live = {key: make_interpreter(infos[key], threads) for key in order}
-        for interpreter, _ in live.values():
+        for interpreter, delegate in live.values():
             inp = interpreter.get_input_details()[0]
             interpreter.set_tensor(inp["index"], image)
-            for _ in range(2):  # warm-up (caches, thread pools, XNNPACK weight packing)
+            # Warm-up (caches, thread pools, XNNPACK weight packing); with our delegate also past its
+            # layers' plan trials (tflite.default_warmup), so that every timed invoke runs settled paths.
+            for _ in range(tflite.default_warmup() if delegate is not None else 2):
                 interpreter.invoke()
         candidates = {key: interpreter.invoke for key, (interpreter, _) in live.items()}
         # Invoke seconds of every call in the rounds (the untimed one before each sample too), the
@@ -990,7 +997,8 @@ def run_end_to_end(args, infos, md):
     md.append(f"## End to end: ResNet-18, {'x'.join(map(str, E2E_INPUT))}, batch 1")
     md.append("")
     md.append(f"{interp_name} `Interpreter`, {STATISTIC} of {args.e2e_repeats} interleaved rounds (each round runs "
-              f"every model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes. Ours: "
+              f"every model of the row group for ~{args.e2e_sample_time * 1e3:g} ms), after 2 warm-up invokes "
+              f"({tflite.default_warmup()} with the N2UQ delegate: its layers' plan trials included). Ours: "
               "`resnet18(bits=b)` exported with `export_tflite` (the RPReLUs and residual adds between a conv and the "
               "next quantizer fused into the conv's output stage, which also packs the next conv's input; the stem's "
               "zero pad and max pool, the first block's RPReLU and its quantize-and-pack in one N2UQMaxPool2DFused; "
