@@ -285,9 +285,8 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
     """(callable, plan): one layer as a network runs it, quantize-and-pack of the float input then the conv
     from a plan prepared once, through the C API on preallocated buffers, called back to back past its
     trial (an auto plan's first _core.plan_trial_runs() runs may try the selection's runner-up), so that
-    the timing sees the path it settled on, chosen on its own calls: trial runs interleaved with
-    TFLite's 2-thread interpreters met their spinning workers and kept 14x14x256/2's direct form at
-    0.85x int8 in some runs, where the Winograd form ran 0.97x (Zen 5)."""
+    the timing sees the path it settled on, decided on its own calls as in an application (interleaved
+    with the timing, the trial's runs met the spinning workers of TFLite's 2-thread interpreters)."""
     out_channels = out_channels or channels
     x = arena_array(rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32))
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)

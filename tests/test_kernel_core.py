@@ -672,13 +672,13 @@ def _run_trial_script(trial):
 
 def test_auto_plan_trial_keeps_the_faster_and_stays_exact():
     """path=auto keeps the selection's runner-up (N2UQ_PLAN_TRIAL=all: whatever its time) and the
-    plan's first runs try the two in turn (3 blocks of 9 runs each, winner, runner-up, winner, ...),
-    every output exact; after each side's 24 timed runs (a block's first run is untimed), that is
-    after plan_trial_runs() = 54 runs, the trial closes on the faster per pixel (the runner-up only
+    plan's first runs try the two in turn (blocks of 6 runs, winner, runner-up, winner, runner-up),
+    every output exact; after each side's 10 timed runs (a block's first run is untimed), that is
+    after plan_trial_runs() = 24 runs, the trial closes on the faster per pixel (the runner-up only
     where it won by 5%), as its N2UQ_SELECT_LOG line says, and the plan reports that path and form.
     A plan of the same shape made while a trial is open gets its own trial; one made after it
     closed takes the answer without one. N2UQ_PLAN_TRIAL=0: no trial."""
-    assert _core.plan_trial_runs() == 2 * 3 * (8 + 1)
+    assert _core.plan_trial_runs() == 2 * 2 * (5 + 1)
     lines = _run_trial_script("all")
     if len(_core.supported_paths()) < 2 and "dot" not in _core.supported_paths():  # one candidate: no trial
         assert not [line for line in lines if line.startswith("n2uq")] and "opened False False" in lines, lines
@@ -689,8 +689,8 @@ def test_auto_plan_trial_keeps_the_faster_and_stays_exact():
     assert selection.count("[chosen]") == 1 and selection.count("[on trial]") == 1, selection
     assert lines[1] == "opened True True"
     for trial, closed in zip(trials, (lines[3], lines[5])):
-        # "...: A 12.34 ns, B 23.45 ns per input pixel (best of 24 runs each): kept A"
-        times, kept = trial.split(": ", 1)[1].split(" per input pixel (best of 24 runs each): kept ")
+        # "...: A 12.34 ns, B 23.45 ns per input pixel (best of 10 runs each): kept A"
+        times, kept = trial.split(": ", 1)[1].split(" per input pixel (best of 10 runs each): kept ")
         (name_a, ns_a), (name_b, ns_b) = [part.rsplit(" ", 2)[:2] for part in times.split(", ")]
         assert kept == (name_b if float(ns_b) < 0.95 * float(ns_a) else name_a), trial
         _, on_trial, path, form = closed.split()

@@ -1443,24 +1443,21 @@ constexpr int64_t kCalibrationBytes = int64_t(64) << 20;  // per buffer (input, 
 // find its weights where its previous run left them; alternating, each run found them evicted by
 // the other's (14x14x256/2 W4A4 on the AMX Xeon: the int8 weights' direct form ran 50-55 us back
 // to back, 78 us in an alternating trial, 66 us in a block's first runs; compact weights 60-65,
-// 71 and 57). Inside a network, other layers run between a layer's calls either way. Several
-// blocks each, of 8 timed runs: a plan's first runs are slower than its later ones (that layer's
-// direct form: 117, 65, 59 us, about 55 from the tenth run), and the later blocks meet the
-// steadier state; more of them also give each side more chances at a window that another
-// runtime's threads (or another tenant) leave quiet. With two blocks of 5, a per-layer benchmark
-// interleaved with TFLite's 2-thread interpreters (Zen 5, 14x14x256/2 W3A3 and W4A4) saw the
-// Winograd form only 3-6% faster than the direct form in the trial, where it runs ~10% faster
-// back to back, so the 5% hurdle kept the direct form in 2 runs of 4 (0.85x of TFLite int8
-// instead of 0.97x); with three blocks of 8 its margin was 10-13% in 3 runs of 4 (in the fourth a
-// burst of load slowed every candidate ~2x and upset the selection itself). The keep
+// 71 and 57). Inside a network, other layers run between a layer's calls either way. Two blocks
+// each: a plan's first runs are slower than its later ones (that layer's direct form: 117, 65,
+// 59 us, about 55 from the tenth run), and the second blocks meet the steadier state. Near-ties
+// stay a coin toss: Zen 5's 14x14x256/2 W3A3 / W4A4 on 2 threads runs its Winograd form about 5-10%
+// faster than the direct form back to back, but the trial measured -13% to +25% between the two
+// by run (3-4 blocks of 5-8 runs did no better), so either form is kept (0.85x or 0.97x of TFLite
+// int8 in the per-layer benchmark). The keep
 // ratio is 2: a flushed timing of 1.2 MB of int8 weights (L3 at ~16 GB/s) adds ~70 us that those calls may not pay (the same layer at W2A2: 132
 // us flushed against compact weights' 71, 51.5 against 55 back to back).
 // N2UQ_PLAN_TRIAL=0 turns the trial off, =all keeps every runner-up whatever its time (tests).
 constexpr double kTrialKeepRatio = 2.0;
 constexpr double kTrialSwitchRatio = 0.95;
-constexpr int kTrialRuns = 8;
-constexpr int kTrialBlocks = 3;  // per side, alternating: winner, runner-up, winner, runner-up, ...
-// n2uq_plan_trial_runs: 2 * kTrialBlocks * (kTrialRuns + 1) = 54 runs.
+constexpr int kTrialRuns = 5;
+constexpr int kTrialBlocks = 2;  // per side, alternating: winner, runner-up, winner, runner-up
+// n2uq_plan_trial_runs: 2 * kTrialBlocks * (kTrialRuns + 1) = 24 runs.
 
 struct SelectionKey {
   int32_t fields[17];
