@@ -292,8 +292,8 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
   float* const out_float = j.out_float;
   const int64_t out_height = j.out_height, out_width = j.out_width, out_channels = j.out_channels;
   // Each tile's first output element and its pixels inside the output (bit 2i + jx), worked out
-  // once for the R vectors: wino_tile_at divides, and at R = 3 its calls per vector cost the
-  // stride-2 form about 3% of 56x56x64/2 (Zen 5).
+  // once for the R vectors rather than per vector (wino_tile_at divides; 56x56x64/2 W4A4 on 1
+  // thread, Zen 5: about 1% faster, other rows within noise).
   int64_t first[kWinoMaxBlockTiles];
   unsigned inside[kWinoMaxBlockTiles];
   for (int p = 0; p < P; ++p) {

@@ -323,12 +323,12 @@ inline void wino_tile_terms(const ConvJob& j, int64_t t, int64_t n, int64_t ty, 
   for (int i = 0; i < 4; ++i) j.wino_tile_terms[t * 4 + i] = int32_t(wino_output_term(z, i / 2, i % 2));
 }
 
-// A Winograd tile's place: image n, tile row ty and column tx, and which of its outputs lie past
-// the output (bit 0: its second column, bit 1: its second row), for tile index t in the job's order.
 // Tiles per register block of either Winograd form at most, on every path (the output stage
 // keeps per-tile arrays of this size).
 constexpr int kWinoMaxBlockTiles = 16;
 
+// A Winograd tile's place: image n, tile row ty and column tx, and which of its outputs lie past
+// the output (bit 0: its second column, bit 1: its second row), for tile index t in the job's order.
 struct WinoTile {
   int64_t n, ty, tx;
   int partial;
