@@ -298,9 +298,10 @@ __attribute__((always_inline)) inline void wino_output_stage(const ConvJob& j, i
   unsigned inside[kWinoMaxBlockTiles];
   for (int p = 0; p < P; ++p) {
     const WinoTile tile = wino_tile_at(j, t0 + p);
-    const int64_t oy = 2 * tile.ty, ox = 2 * tile.tx;
-    first[p] = ((tile.n * out_height + oy) * out_width + ox) * out_channels;
-    const bool row2 = oy + 1 < out_height, col2 = ox + 1 < out_width;
+    first[p] = ((tile.n * out_height + 2 * tile.ty) * out_width + 2 * tile.tx) * out_channels;
+    // WinoTile::partial says which of the tile's second column (bit 0) and row (bit 1) lie past
+    // the output; the first pixel always lies inside.
+    const bool col2 = !(tile.partial & 1), row2 = !(tile.partial & 2);
     inside[p] = 1u | (col2 ? 2u : 0u) | (row2 ? 4u : 0u) | (row2 && col2 ? 8u : 0u);
   }
   for (int r = 0; r < R; ++r) {
