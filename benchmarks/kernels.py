@@ -282,15 +282,16 @@ def arena_array(values=None, shape=None, dtype=None):
 
 
 def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, stride=1):
-    """(callable, plan): one layer as a network runs it, quantize-and-pack of the float input then the conv
-    from a plan prepared once, through the C API on preallocated buffers, called back to back past its
-    trial (an auto plan's first _core.plan_trial_runs() runs may try the selection's runner-up), so that
-    the timing sees the path it settled on, decided on its own calls as in an application (interleaved
-    with the timing, the trial's runs met the spinning workers of TFLite's 2-thread interpreters)."""
+    """(callable, plan): one layer as a network runs it, the quantize-and-pack of the float input and the
+    conv in one call (n2uq_conv_plan_run_quantizing, as the delegate runs an N2UQQuantizePack and the conv
+    right after it: inside the conv's GEMMs where its path can) from a plan prepared once, through the C
+    API on preallocated buffers, called back to back past its trial (an auto plan's first
+    _core.plan_trial_runs() runs may try the selection's runner-up), so that the timing sees the path it
+    settled on, decided on its own calls as in an application (interleaved with the timing, the trial's
+    runs met the spinning workers of TFLite's 2-thread interpreters)."""
     out_channels = out_channels or channels
     x = arena_array(rng.normal(0.3, 1.0, (1, size, size, channels)).astype(np.float32))
     thresholds = np.sort(rng.uniform(-0.5, 1.5, 2 ** bits - 1)).astype(np.float32)
-    packed = arena_array(shape=(1, size, size, bits, _core.words_per_plane(channels)), dtype=np.uint64)
     w = _core.pack_bitplanes(rng.integers(0, 2 ** bits, (out_channels, 3, 3, channels)), bits)
     mult = np.full(out_channels, 0.01, np.float32)
     bias = np.zeros(out_channels, np.float32)
@@ -299,14 +300,13 @@ def our_layer(size, channels, bits, isa, path, threads, rng, out_channels=None, 
     out = arena_array(shape=(1, *_core.output_size(shape), out_channels), dtype=np.float32)
     plan = _core.ConvPlan(shape, w, isa=isa, path=path, num_threads=threads)
     lib, err = _core.library(), ctypes.create_string_buffer(256)
-    pack_args = (_core._ptr(x), x.size, size * size, channels, _core._ptr(thresholds), thresholds.size, 1.0, bits,
-                 _core._ptr(packed), packed.size, _core.ISAS.index(isa), threads, err, len(err))
-    conv_args = (plan._handle, ctypes.byref(shape), _core._ptr(packed), packed.size, _core._ptr(mult),
-                 _core._ptr(bias), out_channels, _core._ptr(out), None, out.size, threads, err, len(err))
-    pack, conv = lib.n2uq_quantize_and_pack, lib.n2uq_conv_plan_run
+    quantizer = _core.InputQuantizer(_core._ptr(x), x.size, _core._ptr(thresholds), thresholds.size, 1.0)
+    args = (plan._handle, ctypes.byref(shape), ctypes.byref(quantizer), None, 0, _core._ptr(mult), _core._ptr(bias),
+            out_channels, None, _core._ptr(out), out.size, None, 0, None, 0, threads, err, len(err))
+    run = lib.n2uq_conv_plan_run_quantizing
 
-    def layer(_keep=(x, thresholds, packed, w, mult, bias, out, shape, plan)):
-        if pack(*pack_args) != 0 or conv(*conv_args) != 0:
+    def layer(_keep=(x, thresholds, w, mult, bias, out, shape, plan, quantizer)):
+        if run(*args) != 0:
             raise RuntimeError(err.value.decode())
 
     for _ in range(_core.plan_trial_runs()):

@@ -28,7 +28,7 @@ PATHS = ("auto", "bitserial", "dot", "lut", "amx")
 # path's direct form holding its weights as codes and expanding them per run (large layers, where the
 # timing found that faster; N2UQ_AMX_COMPACT=1 / 0 forces it on / off).
 FORMS = ("direct", "winograd", "winograd_stride2", "direct_compact")
-ABI_VERSION = 9
+ABI_VERSION = 10
 MAX_BITS = 4
 _lock = threading.Lock()
 _loaded = {}
@@ -81,6 +81,11 @@ class OutputStage(ctypes.Structure):
                 ("thresholds", ctypes.c_void_p), ("num_thresholds", ctypes.c_int32), ("beta1", ctypes.c_float)]
 
 
+class InputQuantizer(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("x_len", ctypes.c_int64), ("thresholds", ctypes.c_void_p),
+                ("num_thresholds", ctypes.c_int32), ("beta1", ctypes.c_float)]
+
+
 def _declare(lib):
     i32, i64, f32, sz = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
     ptr, char_p, shape_p = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ConvShape)
@@ -111,6 +116,10 @@ def _declare(lib):
         "n2uq_conv_plan_run_stage": ([ptr, shape_p, ptr, i64, ptr, ptr, i64, ctypes.POINTER(OutputStage), ptr, i64,
                                       ptr, i64, ptr, i64, ctypes.c_int] + err, ctypes.c_int),
         "n2uq_conv_plan_stage_fused": ([ptr], ctypes.c_int),
+        "n2uq_conv_plan_run_quantizing": ([ptr, shape_p, ctypes.POINTER(InputQuantizer), ptr, i64, ptr, ptr, i64,
+                                           ctypes.POINTER(OutputStage), ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
+                                          + err, ctypes.c_int),
+        "n2uq_conv_plan_quantizes_inline": ([ptr, shape_p, ctypes.c_int], ctypes.c_int),
         "n2uq_conv_plan_info": ([ptr, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "n2uq_conv_plan_form": ([ptr], ctypes.c_int),
         "n2uq_conv_plan_on_trial": ([ptr], ctypes.c_int),
@@ -485,6 +494,47 @@ class ConvPlan:
         out_shape = (shape.batch, oh, ow, shape.out_channels)
         stage, _keep, out_f, out_q = _stage_call(out_shape, steps, float_after, quantize, bits, thresholds, beta1)
         _call(self._lib.n2uq_conv_plan_run_stage, self._handle, ctypes.byref(shape), _ptr(x), x.size,
+              _ptr(multiplier), _ptr(bias), multiplier.size, ctypes.byref(stage),
+              *_stage_outputs(out_f, out_q, quantize), int(num_threads))
+        return out_f, out_q
+
+    def quantizes_inline(self, *, shape=None, num_threads=1):
+        """Whether run_quantizing (without codes kept) quantizes inside the conv on this shape."""
+        shape = shape or self.shape
+        return self._lib.n2uq_conv_plan_quantizes_inline(self._handle, ctypes.byref(shape), int(num_threads)) == 1
+
+    def run_quantizing(self, x, thresholds, multiplier=None, bias=None, *, beta1=1.0, shape=None, packed=None,
+                       num_threads=1):
+        """The quantize-and-pack of the float input x [N, H, W, C] (the shape's act_bits, thresholds,
+        beta1) and the conv, in one call (n2uq_conv_plan_run_quantizing): run's float output. packed: a
+        uint64 array of the packed input's size to receive the codes (the conv then quantizes first)."""
+        shape = shape or self.shape
+        x = _as(x, np.float32, "x")
+        t = _as(thresholds, np.float32, "thresholds")
+        q = InputQuantizer(_ptr(x), x.size, _ptr(t), t.size, float(beta1))
+        oh, ow = output_size(shape)
+        multiplier, bias = _affine(multiplier, bias, shape.out_channels)
+        out = np.empty((shape.batch, oh, ow, shape.out_channels), np.float32)
+        _call(self._lib.n2uq_conv_plan_run_quantizing, self._handle, ctypes.byref(shape), ctypes.byref(q),
+              None if packed is None else _ptr(packed), 0 if packed is None else packed.size, _ptr(multiplier),
+              _ptr(bias), multiplier.size, None, _ptr(out), out.size, None, 0, None, 0, int(num_threads))
+        return out
+
+    def run_stage_quantizing(self, x, thresholds, multiplier, bias, steps=(), *, beta1=1.0, float_after=None,
+                             quantize=None, bits=None, stage_thresholds=None, stage_beta1=1.0, shape=None,
+                             num_threads=1):
+        """run_quantizing's input, run_stage's output stage and return value (the stage's quantizer:
+        bits, stage_thresholds, stage_beta1)."""
+        shape = shape or self.shape
+        x = _as(x, np.float32, "x")
+        t = _as(thresholds, np.float32, "thresholds")
+        q = InputQuantizer(_ptr(x), x.size, _ptr(t), t.size, float(beta1))
+        oh, ow = output_size(shape)
+        multiplier, bias = _affine(multiplier, bias, shape.out_channels)
+        out_shape = (shape.batch, oh, ow, shape.out_channels)
+        stage, _keep, out_f, out_q = _stage_call(out_shape, steps, float_after, quantize, bits, stage_thresholds,
+                                                 stage_beta1)
+        _call(self._lib.n2uq_conv_plan_run_quantizing, self._handle, ctypes.byref(shape), ctypes.byref(q), None, 0,
               _ptr(multiplier), _ptr(bias), multiplier.size, ctypes.byref(stage),
               *_stage_outputs(out_f, out_q, quantize), int(num_threads))
         return out_f, out_q

@@ -531,6 +531,10 @@ int check_accumulator(int64_t taps, int64_t act_max, int64_t weight_max, char* e
 // contents are rewritten. (Weights live in the plan, prepared once.)
 struct Scratch {
   AlignedVector<uint64_t> stage;
+  // run_wino2_quantizing: each thread's packed input image, and the codes the checks of a run
+  // that quantizes its own input are given
+  std::vector<AlignedVector<uint64_t>> images;
+  AlignedVector<uint64_t> input_codes;
   AlignedVector<int32_t> pixel_sums;
   std::vector<int64_t> tap_offsets;
   AlignedVector<uint8_t> codes;   // dot path: staged codes; lut path: every thread's table rings
@@ -890,6 +894,100 @@ bool wino_split_tiles() {
 // Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
 // padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles),
 // or on several threads each thread's own share of the tiles.
+// ---- A stride-2 Winograd conv that quantizes its own input (n2uq_conv_plan_run_quantizing).
+//
+// The quantize-and-pack of the float input goes between the GEMMs' steps (SideQuantize), where
+// about half its time hides behind their VPDPBUSDs (isa_avx512_dot.cc). A tile's transform needs
+// its input rows' codes before the tile's GEMMs, so each thread takes its tiles in bands: the
+// rows of band 0 quantized on their own and transformed, then band b's GEMMs quantize the rows
+// band b + 1 adds, which are transformed next. The first band's rows do not hide: 1 / bands of
+// the quantizer. Every band has a few register blocks (a GEMM's steps spread one band's rows).
+// Each thread packs into an image of its own, so rows that two threads' tiles share are
+// quantized by both (no thread reads what another writes). Tiles row-major, none partial
+// (quantizes_inline): the rows of tiles [a, b) are one range.
+constexpr int kQuantizeBands = 4;
+
+// The input rows [lo, hi) (n * in_height + ih) that the stride-2 transforms of tiles [a, b) read:
+// tile row ty reads rows 4 ty - pad_top .. + 4 (isa_avx512_dot.cc, wino2_transform_bits).
+void wino2_rows(const ConvJob& j, int64_t a, int64_t b, int64_t* lo, int64_t* hi) {
+  const int64_t per_image = int64_t(j.wino_tiles_h) * j.wino_tiles_w;
+  const auto row = [&](int64_t t, int64_t offset) {
+    const int64_t n = t / per_image, ty = t % per_image / j.wino_tiles_w;
+    return n * j.in_height + std::min<int64_t>(std::max<int64_t>(4 * ty - j.pad_top + offset, 0), j.in_height);
+  };
+  *lo = row(a, 0);
+  *hi = row(b - 1, 5);
+}
+
+// One thread's tiles [first, first + span), quantizing the rows they read into image.
+void wino2_quantizing_part(ConvJob own, const N2uqConvPlanBody& plan, int most, int64_t first, int64_t span,
+                           uint64_t* image, int slot) {
+  const PathKernels* k = plan.kernels;
+  QuantizeJob q = *own.input_quantize;
+  q.out_packed = image;
+  own.input = image;
+  const int64_t width = own.in_width;
+  const int64_t row_side_words = width * own.words, row_words = width * int64_t(own.act_bits) * own.words;
+  SideQuantize side{};
+  k->side_prepare(q, &side);
+  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(kQuantizeBands, span / (2 * int64_t(most))));
+  // Band edges on whole register blocks where they can be (a band of 49 tiles ran blocks of 7
+  // where 8 fit).
+  const auto band_first = [&](int64_t b) {
+    return b >= bands ? first + span : first + std::min(span, (span * b / bands + most / 2) / most * most);
+  };
+  int64_t lo = 0, done = 0;
+  wino2_rows(own, first, band_first(1), &lo, &done);
+  plan.table->quantize_and_pack(q, lo * width, done * width);
+  k->wino2_transform(own, first, band_first(1));
+  for (int64_t b = 0; b < bands; ++b) {
+    const int64_t t0 = band_first(b), t1 = band_first(b + 1);
+    int64_t next_lo = 0, next_hi = done;
+    if (b + 1 < bands) wino2_rows(own, t1, band_first(b + 2), &next_lo, &next_hi);
+    own.wino_block_first = t0;
+    own.wino_block_span = t1 - t0;
+    own.wino_tile_blocks = int32_t((own.wino_block_span + most - 1) / most);
+    const int64_t items = int64_t(own.oc_chunks) * own.wino_tile_blocks;
+    side.left = std::max<int64_t>(0, next_hi - done) * row_side_words;
+    own.side_quantize = nullptr;
+    if (side.left > 0) {
+      side.x = q.x + done * width * own.in_channels;
+      side.out = image + done * row_words;
+      side.word = 0;
+      // The band's GEMM steps (each item: 25 positions x quads of every tile) per group.
+      const int64_t steps = items * kWinoPositions2 * own.quads;
+      side.every = int32_t(std::max<int64_t>(1, std::min<int64_t>(steps / side.left, 1 << 20)));
+      side.countdown = side.every;
+      own.side_quantize = &side;
+    }
+    for (int64_t item = 0; item < items; ++item) k->wino2_item(own, item, slot);
+    if (side.left > 0) k->side_finish(&side);
+    done = std::max(done, next_hi);
+    if (b + 1 < bands) k->wino2_transform(own, t1, band_first(b + 2));
+  }
+}
+
+int run_wino2_quantizing(const ConvJob& job, const N2uqConvPlanBody& plan, int most, int parts, char* err,
+                         size_t err_len) {
+  int64_t image_words = 0;
+  if (!mul_ok(int64_t(job.batch) * job.in_height, int64_t(job.in_width) * job.act_bits * job.words, &image_words))
+    N2UQ_FAIL(N2UQ_ERR_UNSUPPORTED, "the packed input would be too large");
+  Scratch& s = scratch();
+  if (s.images.size() < size_t(parts)) s.images.resize(size_t(parts));
+  for (int i = 0; i < parts; ++i)
+    if (int rc = ensure(s.images[size_t(i)], image_words, "packed input", err, err_len)) return rc;
+  const int64_t tiles = job.wino_tiles;
+  if (parts == 1) {
+    wino2_quantizing_part(job, plan, most, 0, tiles, s.images[0].data(), 0);
+    return N2UQ_OK;
+  }
+  pool().run_each(parts, [&](int slot) {
+    const int64_t first = tiles * slot / parts, end = tiles * (slot + 1) / parts;
+    if (end > first) wino2_quantizing_part(job, plan, most, first, end - first, s.images[size_t(slot)].data(), slot);
+  });
+  return N2UQ_OK;
+}
+
 int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
@@ -946,6 +1044,7 @@ int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads,
   job.wino_partial_last = k->wino_partial_last && wino_partial_last_order() ? 1 : 0;
   const auto item_fn = stride2 ? k->wino2_item : k->wino_item;
   const auto transform = stride2 ? k->wino2_transform : k->wino_transform;
+  if (job.input_quantize != nullptr) return run_wino2_quantizing(job, plan, most, split ? num_threads : 1, err, err_len);
   if (split) {
     // Each thread transforms its own share of the tiles and runs every chunk over them: no
     // barrier between the transforms and the GEMMs, and each thread's V stays in its own core's
@@ -1349,10 +1448,12 @@ int check_conv(const N2uqConvShape* s, ConvSizes* z, char* err, size_t err_len) 
 // Runs a plan on a validated shape (same filter) and buffers.
 int run_plan(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const ConvGeometry& g, const uint64_t* input,
              const float* multiplier, const float* bias, float* out_float, int32_t* out_int32, int num_threads,
-             char* err, size_t err_len, const StageJob* stage = nullptr) {
+             char* err, size_t err_len, const StageJob* stage = nullptr,
+             const QuantizeJob* input_quantize = nullptr) {
   ConvJob job{};
   fill_job(job, s, g, multiplier, bias, out_float, out_int32);
   job.output_stage = stage;
+  job.input_quantize = input_quantize;  // quantizes_inline(plan, ...) held
   job.words = int32_t(words_for(s->in_channels));
   job.act_bits = s->act_bits;
   job.input = input;
@@ -1958,13 +2059,15 @@ int check_plan_run(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const u
 
 int run_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                 const float* multiplier, const float* bias, int64_t channels_len, float* out_float,
-                int32_t* out_int32, int64_t out_len, int num_threads, char* err, size_t err_len) {
+                int32_t* out_int32, int64_t out_len, int num_threads, char* err, size_t err_len,
+                const QuantizeJob* input_quantize = nullptr) {
   ConvSizes z;
   if (int rc = check_plan_run(plan, s, input, input_len, num_threads, &z, err, err_len)) return rc;
   if (int rc = check_outputs(out_float, out_int32, out_len, z.out, multiplier, bias, channels_len, s->out_channels,
                              err, err_len))
     return rc;
-  return run_plan(plan, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len);
+  return run_plan(plan, s, z.g, input, multiplier, bias, out_float, out_int32, num_threads, err, err_len, nullptr,
+                  input_quantize);
 }
 
 // Whether a plan applies an output stage in its own output pass: the amx path's direct form,
@@ -1995,7 +2098,8 @@ AlignedVector<float>& stage_values_scratch() {
 int run_stage_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, const uint64_t* input, int64_t input_len,
                       const float* multiplier, const float* bias, int64_t channels_len, const N2uqOutputStage* stage,
                       float* out_float, int64_t out_float_len, uint64_t* out_packed, int64_t out_packed_len,
-                      uint8_t* out_codes, int64_t out_codes_len, int num_threads, char* err, size_t err_len) {
+                      uint8_t* out_codes, int64_t out_codes_len, int num_threads, char* err, size_t err_len,
+                      const QuantizeJob* input_quantize = nullptr) {
   ConvSizes z;
   if (int rc = check_plan_run(plan, s, input, input_len, num_threads, &z, err, err_len)) return rc;
   if (int rc = check_buffer(multiplier, channels_len, s->out_channels, "multiplier", err, err_len)) return rc;
@@ -2034,7 +2138,8 @@ int run_stage_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, cons
     job.q.words = int32_t(words_for(s->out_channels));
     job.q.out_packed = out_packed;
     job.q.out_codes = out_codes;
-    return run_plan(plan, s, z.g, input, multiplier, bias, nullptr, nullptr, num_threads, err, err_len, &job);
+    return run_plan(plan, s, z.g, input, multiplier, bias, nullptr, nullptr, num_threads, err, err_len, &job,
+                    input_quantize);
   }
   // Unfused: the conv's float output, then the stage over it in place (n2uq_output_stage reads each
   // chunk before it writes it). Into out_float wherever the stage writes one: a scratch buffer
@@ -2046,7 +2151,9 @@ int run_stage_checked(const N2uqConvPlanBody& plan, const N2uqConvShape* s, cons
     if (int rc = ensure(scratch, elements, "conv output", err, err_len)) return rc;
     values = scratch.data();
   }
-  if (int rc = run_plan(plan, s, z.g, input, multiplier, bias, values, nullptr, num_threads, err, err_len)) return rc;
+  if (int rc = run_plan(plan, s, z.g, input, multiplier, bias, values, nullptr, num_threads, err, err_len, nullptr,
+                        input_quantize))
+    return rc;
   return n2uq_output_stage(stage, positions, s->out_channels, values, elements, out_float, out_float_len, out_packed,
                            out_packed_len, out_codes, out_codes_len, plan.isa, num_threads, err, err_len);
 }
@@ -2151,6 +2258,69 @@ using namespace n2uq_core;
 N2uqConvPlan::~N2uqConvPlan() = default;
 
 namespace {
+// Whether a run of plan on shape (checked) with num_threads quantizes its input inside the conv
+// (run_wino2_quantizing): the stride-2 Winograd form on kernels whose GEMMs take quantize work,
+// whole tiles only (even output height and width), whole 64-channel words, and on several
+// threads the split of the tiles between them. N2UQ_QUANTIZE_INLINE=0 turns it off.
+bool quantizes_inline(const N2uqConvPlanBody& plan, const N2uqConvShape& s, int num_threads) {
+  const char* env = std::getenv("N2UQ_QUANTIZE_INLINE");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (plan.wino != kWinoStride2 || plan.kernels == nullptr || plan.kernels->side_prepare == nullptr ||
+      plan.kernels->side_finish == nullptr || s.in_channels % 64 != 0)
+    return false;
+  char err[256];
+  ConvGeometry g;
+  if (check_spatial(&s, false, &g, err, sizeof err) != N2UQ_OK || g.out_height % 2 != 0 || g.out_width % 2 != 0)
+    return false;
+  const int64_t tiles = int64_t(s.batch) * (g.out_height / 2) * (g.out_width / 2);
+  return num_threads <= 1 || (tiles >= 2 * int64_t(num_threads) && wino_split_tiles());
+}
+
+// n2uq_conv_plan_run_quantizing's checks of the quantizer and the codes buffer, and its job.
+int check_input_quantizer(const N2uqConvShape* s, const N2uqInputQuantizer* q, const uint64_t* packed,
+                          int64_t packed_len, QuantizeJob* job, char* err, size_t err_len) {
+  N2UQ_CHECK(s != nullptr, N2UQ_ERR_ARGUMENT, "shape is NULL");
+  N2UQ_CHECK(q != nullptr, N2UQ_ERR_ARGUMENT, "quantizer is NULL");
+  ConvSizes z;
+  if (int rc = check_conv(s, &z, err, err_len)) return rc;
+  if (int rc = check_thresholds(q->thresholds, q->num_thresholds, s->act_bits, err, err_len)) return rc;
+  const int64_t elements = int64_t(s->batch) * s->in_height * s->in_width * s->in_channels;
+  if (int rc = check_buffer(q->x, q->x_len, elements, "x", err, err_len)) return rc;
+  if (packed != nullptr)
+    if (int rc = check_buffer(packed, packed_len, z.input, "packed", err, err_len)) return rc;
+  *job = QuantizeJob{};
+  job->x = q->x;
+  job->channels = s->in_channels;
+  job->words = int32_t(words_for(s->in_channels));
+  prepare_quantize_job(*job, q->thresholds, q->num_thresholds, s->act_bits, q->beta1);
+  return N2UQ_OK;
+}
+
+// One run of n2uq_conv_plan_run_quantizing on body: the codes inside the conv where
+// quantizes_inline holds and the caller keeps none, else quantize-and-pack first (into packed, or
+// scratch); then run(codes, their length, the inline quantizer or null).
+template <class Run>
+int run_quantizing(const N2uqConvPlanBody& body, const N2uqConvShape* s, const QuantizeJob& q, uint64_t* packed,
+                   int num_threads, char* err, size_t err_len, Run run) {
+  ConvSizes z;
+  if (int rc = check_conv(s, &z, err, err_len)) return rc;
+  if (int rc = check_threads(num_threads, err, err_len)) return rc;
+  uint64_t* codes = packed;
+  if (codes == nullptr) {
+    Scratch& scratch_buffers = scratch();
+    if (int rc = ensure(scratch_buffers.input_codes, z.input, "packed input", err, err_len)) return rc;
+    codes = scratch_buffers.input_codes.data();
+  }
+  if (packed == nullptr && quantizes_inline(body, *s, num_threads)) return run(codes, z.input, &q);
+  QuantizeJob job = q;
+  job.out_packed = codes;
+  const KernelTable* table = body.table;
+  const int64_t positions = int64_t(s->batch) * s->in_height * s->in_width;
+  parallel_ranges_static(num_threads, positions, quantize_grain(body.isa) / s->in_channels + 1,
+             [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
+  return run(codes, z.input, nullptr);
+}
+
 // A run's work for the trial's per-pixel times: input pixels (the filter is the plan's); the shape
 // is checked by the run, which a null one fails before any time is recorded.
 int64_t trial_pixels(const N2uqConvShape* s) {
@@ -2368,6 +2538,37 @@ int n2uq_conv_plan_run_stage(const N2uqConvPlan* plan, const N2uqConvShape* shap
                                err_len);
     });
   });
+}
+
+int n2uq_conv_plan_run_quantizing(const N2uqConvPlan* plan, const N2uqConvShape* shape,
+                                  const N2uqInputQuantizer* quantizer, uint64_t* packed, int64_t packed_len,
+                                  const float* multiplier, const float* bias, int64_t channels_len,
+                                  const N2uqOutputStage* stage, float* out_float, int64_t out_float_len,
+                                  uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes,
+                                  int64_t out_codes_len, int num_threads, char* err, size_t err_len) {
+  return guarded(err, err_len, [&]() -> int {
+    N2UQ_CHECK(plan != nullptr, N2UQ_ERR_ARGUMENT, "plan is NULL");
+    QuantizeJob q;
+    if (int rc = check_input_quantizer(shape, quantizer, packed, packed_len, &q, err, err_len)) return rc;
+    return run_with_trial(*plan, trial_pixels(shape), [&](const N2uqConvPlanBody& body) {
+      return run_quantizing(body, shape, q, packed, num_threads, err, err_len,
+                            [&](const uint64_t* codes, int64_t codes_len, const QuantizeJob* inline_q) {
+                              if (stage == nullptr)
+                                return run_checked(body, shape, codes, codes_len, multiplier, bias, channels_len,
+                                                   out_float, nullptr, out_float_len, num_threads, err, err_len,
+                                                   inline_q);
+                              return run_stage_checked(body, shape, codes, codes_len, multiplier, bias, channels_len,
+                                                       stage, out_float, out_float_len, out_packed, out_packed_len,
+                                                       out_codes, out_codes_len, num_threads, err, err_len, inline_q);
+                            });
+    });
+  });
+}
+
+int n2uq_conv_plan_quantizes_inline(const N2uqConvPlan* plan, const N2uqConvShape* shape, int num_threads) {
+  if (plan == nullptr || shape == nullptr) return N2UQ_ERR_ARGUMENT;
+  const std::shared_ptr<const N2uqConvPlanBody> body = plan->current();
+  return same_filter(*shape, body->filter) && quantizes_inline(*body, *shape, num_threads) ? 1 : 0;
 }
 
 int n2uq_conv_plan_stage_fused(const N2uqConvPlan* plan) {

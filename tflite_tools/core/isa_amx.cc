@@ -824,6 +824,8 @@ PathKernels make(const char* name) {
   k.stage_rows = cpu_avx512_gfni() ? &phased_stage_rows_gfni : &phased_stage_rows;
   k.phased_run = &phased_run<Tiles>;
   k.fused_stage = true;
+  k.side_prepare = nullptr;  // its tile GEMMs take no quantize work between their steps
+  k.side_finish = nullptr;
   return k;
 }
 

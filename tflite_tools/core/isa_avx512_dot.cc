@@ -196,17 +196,89 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
   }
 }
 
+// ---- Quantize-and-pack between GEMM steps (SideQuantize; core.cc, run_wino2_quantizing).
+//
+// The 4-bit quantizer is bound by its mask-writing compares (four per 16 channels, one per cycle
+// on Zen 5) and its permutes; the GEMMs by VPDPBUSD (two per cycle). They share some issue ports,
+// not all: in a bare loop on Zen 5, 12 VPDPBUSDs plus one 16-channel quantize step took 4.5 TSC
+// cycles, 3.7 without the step, 2.2 the step alone. Out-of-order execution overlaps them only
+// within a few hundred instructions, so the steps go inside the GEMMs' quad loop, one group
+// every `every` quads, rather than between GEMM calls (pieces of 20-40 groups hid 5-12% of
+// their time there, single groups 60-75%).
+#include "quantize_avx512_impl.h"
+
+// One 64-channel word of the side work (4 groups): each plane's word assembled in a register
+// from the groups' masks and stored whole. The progress stays in the struct (memory): as
+// locals it took registers the GEMM loop needs, and GCC moved them through the stack and xmm
+// registers on every group.
+template <int BITS>
+__attribute__((always_inline)) inline void side_word(SideQuantize* s) {
+  const float* const x = s->x;
+  const __m512 beta1 = _mm512_set1_ps(s->beta1);
+  uint64_t planes[BITS] = {};
+  for (int g = 0; g < 4; ++g) {
+    __mmask16 p[BITS];
+    quantize16<BITS, false>(_mm512_loadu_ps(x + 16 * g), beta1, reinterpret_cast<const __m512*>(s->levels),
+                            (__mmask16)0xFFFF, p);
+    for (int b = 0; b < BITS; ++b) planes[b] |= uint64_t(p[b]) << (16 * g);
+  }
+  uint64_t* const out = s->out + s->word;
+  for (int b = 0; b < BITS; ++b) out[b * s->words] = planes[b];
+  s->x = x + 64;
+  if (++s->word == s->words) {
+    s->word = 0;
+    s->out += BITS * s->words;
+  }
+  --s->left;
+}
+
+template <int BITS>
+void side_finish_bits(SideQuantize* s) {
+  while (s->left > 0) side_word<BITS>(s);
+}
+
+void side_prepare(const QuantizeJob& q, SideQuantize* s) {
+  __m512* const levels = reinterpret_cast<__m512*>(s->levels);
+  switch (q.bits) {
+    case 1: quantize_levels<1>(q, levels); break;
+    case 2: quantize_levels<2>(q, levels); break;
+    case 3: quantize_levels<3>(q, levels); break;
+    default: quantize_levels<4>(q, levels); break;
+  }
+  s->beta1 = q.beta1;
+  s->bits = q.bits;
+  s->words = q.words;
+}
+
+void side_finish(SideQuantize* s) {
+  switch (s->bits) {
+    case 1: side_finish_bits<1>(s); break;
+    case 2: side_finish_bits<2>(s); break;
+    case 3: side_finish_bits<3>(s); break;
+    default: side_finish_bits<4>(s); break;
+  }
+}
+
 // One position of a register block: z[p * R + r] = sum over the quads of tile p's V8 (at a + p *
 // cw) times weight vector r. Out of line, loops unrolled and nothing else in it: inlined into
 // wino_block, or with the epilogue here, GCC 12 spilled accumulators inside the quad loop.
-template <int P, int R>
-__attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads, __m512i* z) {
+// SIDE: with a quantize group of SIDE bits every side->every quads (above; one code width per
+// instance: with a switch over the widths in the loop, GCC spilled accumulators around it and
+// the groups hid almost nothing).
+template <int P, int R, int SIDE>
+__attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int8_t* w, int64_t quads, __m512i* z,
+                                         SideQuantize* side) {
   __m512i acc[P][R];
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_si512();
+  int32_t countdown = SIDE ? side->countdown : 0;
   for (int64_t q = 0; q < quads; ++q) {
+    if (SIDE && --countdown == 0) {
+      countdown = side->every;
+      if (side->left > 0) side_word<SIDE>(side);
+    }
     __m512i wv[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512((const void*)(w + q * (R * 64) + r * 64));
@@ -217,6 +289,7 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
       for (int r = 0; r < R; ++r) acc[p][r] = _mm512_dpbusd_epi32(acc[p][r], av, wv[r]);
     }
   }
+  if (SIDE) side->countdown = countdown;
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
@@ -237,18 +310,30 @@ inline void wino_needed_prefix(const ConvJob& j, int64_t t0, int P, Needs needs,
   }
 }
 
-// gemms[n] = wino_gemm<n, R> for n in 1 .. P.
-template <int P, int R>
+typedef void (*WinoGemmFn)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*, SideQuantize*);
+
+// gemms[n] = wino_gemm<n, R, SIDE> for n in 1 .. P.
+template <int P, int R, int SIDE>
 struct WinoGemms {
-  static void fill(void (**table)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {
-    table[P] = &wino_gemm<P, R>;
-    WinoGemms<P - 1, R>::fill(table);
+  static void fill(WinoGemmFn* table) {
+    table[P] = &wino_gemm<P, R, SIDE>;
+    WinoGemms<P - 1, R, SIDE>::fill(table);
   }
 };
-template <int R>
-struct WinoGemms<0, R> {
-  static void fill(void (**)(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*)) {}
+template <int R, int SIDE>
+struct WinoGemms<0, R, SIDE> {
+  static void fill(WinoGemmFn*) {}
 };
+
+// table[b][n]: the GEMM of n tiles with quantize groups of b bits (b = 0: none).
+template <int P, int R>
+inline void fill_wino_gemms(WinoGemmFn (*table)[P + 1]) {
+  WinoGemms<P, R, 0>::fill(table[0]);
+  WinoGemms<P, R, 1>::fill(table[1]);
+  WinoGemms<P, R, 2>::fill(table[2]);
+  WinoGemms<P, R, 3>::fill(table[3]);
+  WinoGemms<P, R, 4>::fill(table[4]);
+}
 
 // One GEMM's operands: P tiles' V from v (tile stride stride), weights w, quads per tile.
 struct WinoGemmArgs {
@@ -259,16 +344,18 @@ struct WinoGemmArgs {
 };
 
 // Group g's GEMM (args(g)) over the first needed[g] of the P tiles into z[g], and zeros for the
-// sums of the rest (the output stage reads every tile's).
+// sums of the rest (the output stage reads every tile's); the quantize groups of side (or null)
+// between their steps while it has some left.
 template <int P, int R, int G, class Args>
-inline void wino_prefix_gemms(const int* needed, __m512i (*z)[P][R], Args args) {
-  void (*gemms[P + 1])(const uint8_t*, int64_t, const int8_t*, int64_t, __m512i*);
-  WinoGemms<P, R>::fill(gemms);
+inline void wino_prefix_gemms(const int* needed, __m512i (*z)[P][R], SideQuantize* side, Args args) {
+  WinoGemmFn gemms[5][P + 1];
+  fill_wino_gemms<P, R>(gemms);
   for (int g = 0; g < G; ++g) {
     const int n = needed[g];
     if (n > 0) {
       const WinoGemmArgs a = args(g);
-      gemms[n](a.v, a.stride, a.w, a.quads, &z[g][0][0]);
+      const int bits = side != nullptr && side->left > 0 ? side->bits : 0;
+      gemms[bits][n](a.v, a.stride, a.w, a.quads, &z[g][0][0], side);
     }
     for (int p = n; p < P; ++p)
       for (int r = 0; r < R; ++r) z[g][p][r] = _mm512_setzero_si512();
@@ -375,7 +462,7 @@ void wino_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   wino_needed_prefix<16>(
       j, t0, P, [](int x, int partial) { return !((partial & 2) && x / 4 == 3) && !((partial & 1) && x % 4 == 3); },
       needed);
-  wino_prefix_gemms<P, R, 16>(needed, z, [&](int x) {
+  wino_prefix_gemms<P, R, 16>(needed, z, j.side_quantize, [&](int x) {
     return WinoGemmArgs{j.wino_v + (x * j.wino_tiles + t0) * cw, cw, weights + x * quads * R * 64, quads};
   });
   wino_epilogue<R>(j, t0, P, chunk, &z[0][0][0]);
@@ -495,7 +582,7 @@ void wino2_block(const ConvJob& j, int64_t t0, int64_t chunk) {
   wino_needed_prefix<9>(
       j, t0, P, [](int c, int partial) { return !((partial & 2) && c / 3 == 2) && !((partial & 1) && c % 3 == 2); },
       needed);
-  wino_prefix_gemms<P, R, 9>(needed, z, [&](int c) {
+  wino_prefix_gemms<P, R, 9>(needed, z, j.side_quantize, [&](int c) {
     const int begin = kWino2ClassStart[c], count = kWino2ClassStart[c + 1] - begin;
     return WinoGemmArgs{v + begin * cw, kWinoPositions2 * cw, weights + begin * quads * R * 64, count * quads};
   });
@@ -626,6 +713,8 @@ const PathKernels* avx512_dot_kernels() {
     k.wino2_transform = &avx512_dot::wino2_transform;
     k.wino2_item = &avx512_dot::wino_item<kWinoStride2>;
     k.wino_partial_last = true;
+    k.side_prepare = &avx512_dot::side_prepare;
+    k.side_finish = &avx512_dot::side_finish;
     return k;
   }();
   return &kernels;

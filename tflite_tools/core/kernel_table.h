@@ -22,6 +22,8 @@ constexpr int kGroupLanes = 8;
 constexpr int kGroupChunk = 8;
 
 struct StageJob;  // below
+struct QuantizeJob;
+struct SideQuantize;
 
 struct ConvJob {
   int32_t batch, in_height, in_width, in_channels, words;  // words = ceil(in_channels / 64)
@@ -52,6 +54,11 @@ struct ConvJob {
   // A fused output stage (StageJob, below) run in the conv's own output pass, or null: then the
   // conv writes out_float / out_int32. Only paths whose PathKernels::fused_stage is set take one.
   const StageJob* output_stage;
+  // The conv quantizes its own input (n2uq_conv_plan_run_quantizing, core.cc's
+  // run_wino2_quantizing): the quantizer of the float input, and the GEMMs' share of it (null
+  // where the GEMMs have none).
+  const QuantizeJob* input_quantize;
+  SideQuantize* side_quantize;
 
   // ---- byte-code paths (dot and lut): one uint8 code per channel, columns zero-padded:
   // tap (kh, kw) of output column ow reads padded column ow * stride_width + kw *
@@ -209,6 +216,20 @@ struct QuantizeJob {
   uint64_t* out_packed; // quantize_and_pack: [positions][bits][words]
 };
 
+// Quantize-and-pack work that a conv's GEMMs do between their own steps (ConvJob::side_quantize):
+// `left` 64-channel words of the float input from x on, in order, into the packed codes (channels
+// a multiple of 64): out is the current position's [bits][words] plane words, word the next
+// one's index there. One word every `every` GEMM steps (isa_avx512_dot.cc).
+struct SideQuantize {
+  alignas(64) float levels[5][16];  // the quantizer's threshold vectors (PathKernels::side_prepare)
+  float beta1;
+  const float* x;
+  uint64_t* out;
+  int32_t bits, words, word;
+  int64_t left;
+  int32_t every, countdown;
+};
+
 // A layer's output stage (n2uq_core.h, N2uqOutputStage) resolved for a conv's output pass
 // (n2uq_conv_plan_run_stage): the conv computes y = multiplier * acc + bias per output, applies
 // the steps in order, writes y to out_float after float_after steps (-1: no float output), and
@@ -287,6 +308,11 @@ struct PathKernels {
   // Whether both Winograd forms' transforms and output stages take tiles in
   // ConvJob::wino_partial_last order.
   bool wino_partial_last;
+  // Quantize-and-pack inside the stride-2 form's GEMMs (null where the kernels have none):
+  // side_prepare fills a SideQuantize's levels, beta1, bits and words from the quantizer;
+  // side_finish quantizes the groups it has left.
+  void (*side_prepare)(const QuantizeJob&, SideQuantize*);
+  void (*side_finish)(SideQuantize*);
 };
 
 // The stride-1 Winograd form's scale s (log2 s[a][b]) and U1 = G 1 G^T per position (derivation in

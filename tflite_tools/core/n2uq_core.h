@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define N2UQ_CORE_ABI_VERSION 9
+#define N2UQ_CORE_ABI_VERSION 10
 
 enum {
   N2UQ_OK = 0,
@@ -256,6 +256,33 @@ int n2uq_conv_plan_run_stage(const N2uqConvPlan* plan, const N2uqConvShape* shap
 /* 1 when the plan applies an output stage without a residual in its own output pass, 0 when it
  * runs it afterwards, N2UQ_ERR_ARGUMENT for a NULL plan. */
 int n2uq_conv_plan_stage_fused(const N2uqConvPlan* plan);
+
+/* A conv plan's run on a float input it quantizes itself: n2uq_quantize_and_pack of x (with the
+ * shape's act_bits, its thresholds and beta1) followed by n2uq_conv_plan_run (stage NULL: the
+ * float output into out_float, out_float_len elements; out_packed and out_codes unused) or
+ * n2uq_conv_plan_run_stage, with the same outputs bit for bit. Where the plan's path allows
+ * (n2uq_conv_plan_quantizes_inline) and packed is NULL, the quantizing runs inside the conv,
+ * between its GEMMs' steps, where about half of its time hides behind theirs. packed: NULL, or
+ * packed_len words that receive the input's codes whole (the conv then quantizes first). */
+typedef struct N2uqInputQuantizer {
+  const float* x;          /* [batch][in_height][in_width][in_channels] */
+  int64_t x_len;
+  const float* thresholds; /* 2^act_bits - 1 */
+  int32_t num_thresholds;
+  float beta1;
+} N2uqInputQuantizer;
+int n2uq_conv_plan_run_quantizing(const N2uqConvPlan* plan, const N2uqConvShape* shape,
+                                  const N2uqInputQuantizer* quantizer, uint64_t* packed, int64_t packed_len,
+                                  const float* multiplier, const float* bias, int64_t channels_len,
+                                  const N2uqOutputStage* stage, float* out_float, int64_t out_float_len,
+                                  uint64_t* out_packed, int64_t out_packed_len, uint8_t* out_codes,
+                                  int64_t out_codes_len, int num_threads, char* err, size_t err_len);
+/* 1 when n2uq_conv_plan_run_quantizing with this shape (the plan's filter), num_threads and no
+ * packed buffer quantizes inside the conv (the stride-2 Winograd form of the AVX-512 dot path,
+ * even output height and width, in_channels a multiple of 64; N2UQ_QUANTIZE_INLINE=0 turns it
+ * off), 0 when it quantizes first, N2UQ_ERR_ARGUMENT for a NULL plan or shape. A plan still on
+ * trial (n2uq_conv_plan_on_trial) may answer for either candidate. */
+int n2uq_conv_plan_quantizes_inline(const N2uqConvPlan* plan, const N2uqConvShape* shape, int num_threads);
 
 /* Max pooling (the layer of the N2UQMaxPool2DFused op: a PAD of zeros + MAX_POOL_2D 'valid'):
  * input float32 [batch][in_height][in_width][channels] -> output [batch][OH][OW][channels],

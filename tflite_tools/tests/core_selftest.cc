@@ -479,6 +479,121 @@ void run_plan_stage_case() {
   }
 }
 
+// n2uq_conv_plan_run_quantizing against n2uq_quantize_and_pack then n2uq_conv_plan_run (or
+// _run_stage), byte for byte: stride-2 3x3 shapes whose even outputs and whole 64-channel words let
+// the AVX-512 dot path quantize inside its Winograd GEMMs (bands, an image per thread), one with
+// partial tiles, every combo, 1 and 2 threads, a kept-codes buffer, and the refusals.
+void run_quantizing_cases() {
+  const int shapes[][5] = {{1, 20, 24, 64, 40}, {2, 12, 16, 128, 24}, {1, 14, 14, 64, 16}, {3, 8, 8, 192, 8}};
+  for (const auto& d : shapes) {
+    N2uqConvShape s{};
+    s.batch = d[0];
+    s.in_height = d[1];
+    s.in_width = d[2];
+    s.in_channels = d[3];
+    s.out_channels = d[4];
+    s.kernel_height = s.kernel_width = 3;
+    s.stride_height = s.stride_width = 2;
+    s.dilation_height = s.dilation_width = 1;
+    s.pad_top = s.pad_left = uniform(0, 1);
+    s.pad_bottom = s.pad_right = 1;
+    s.act_bits = uniform(1, 4);
+    s.weight_bits = uniform(1, 4);
+    Filter f = random_filter(s);
+    char err[256] = "";
+    int32_t oh = 0, ow = 0;
+    n2uq_conv2d_output_size(&s, &oh, &ow, err, sizeof err);
+    const int64_t pixels = int64_t(s.batch) * s.in_height * s.in_width;
+    const int64_t elements = int64_t(s.batch) * oh * ow * s.out_channels;
+    const int64_t words = (int64_t(s.in_channels) + 63) / 64;
+    std::vector<float> x(size_t(pixels * s.in_channels));
+    for (auto& v : x) v = std::uniform_real_distribution<float>(-2.f, 2.f)(rng);
+    std::vector<float> thresholds(size_t((1 << s.act_bits) - 1));
+    for (auto& v : thresholds) v = std::uniform_real_distribution<float>(-1.5f, 1.5f)(rng);
+    for (size_t i = 0; i < x.size(); i += 37) x[i] = thresholds[i % thresholds.size()];  // ties
+    const N2uqInputQuantizer q{x.data(), int64_t(x.size()), thresholds.data(), int32_t(thresholds.size()), 1.0f};
+    N2uqOutputStage st{};
+    std::vector<float> add(size_t(s.out_channels), 0.25f), stage_t = {-0.5f, 0.f, 0.5f};
+    st.num_steps = 1;
+    st.steps[0].kind = N2UQ_STEP_ADD;
+    st.steps[0].values = add.data();
+    st.steps[0].values_len = int64_t(add.size());
+    st.float_after = 1;
+    st.quantize = N2UQ_QUANTIZE_PACK;
+    st.bits = 2;
+    st.thresholds = stage_t.data();
+    st.num_thresholds = 3;
+    st.beta1 = 1.0f;
+    const int64_t stage_words = (int64_t(s.out_channels) + 63) / 64, stage_len = elements / s.out_channels * 2 * stage_words;
+    for (const Combo& combo : combos()) {
+      for (int threads = 1; threads <= 2; ++threads) {
+        N2uqConvPlan* plan = nullptr;
+        int rc = n2uq_conv_plan_create(&s, f.pk.data(), int64_t(f.pk.size()), combo.isa, combo.path, threads, &plan,
+                                       err, sizeof err);
+        EXPECT(rc == N2UQ_OK && plan != nullptr, "quantizing plan_create isa=%s path=%s: %s", n2uq_isa_name(combo.isa),
+               n2uq_path_name(combo.path), err);
+        if (plan == nullptr) continue;
+        std::vector<uint64_t> pm(size_t(pixels * s.act_bits * words), 0), kept(pm.size(), 7);
+        rc = n2uq_quantize_and_pack(x.data(), int64_t(x.size()), pixels, s.in_channels, thresholds.data(),
+                                    int32_t(thresholds.size()), 1.0f, s.act_bits, pm.data(), int64_t(pm.size()),
+                                    combo.isa, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "quantizing: quantize_and_pack returned %d: %s", rc, err);
+        std::vector<float> want(size_t(elements), -7.f), got(size_t(elements), -9.f), got2(size_t(elements), -9.f);
+        rc = n2uq_conv_plan_run(plan, &s, pm.data(), int64_t(pm.size()), f.mult.data(), f.bias.data(),
+                                int64_t(f.mult.size()), want.data(), nullptr, elements, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "quantizing: plan_run returned %d: %s", rc, err);
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &q, nullptr, 0, f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), nullptr, got.data(), elements, nullptr, 0, nullptr,
+                                           0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "run_quantizing returned %d: %s", rc, err);
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &q, kept.data(), int64_t(kept.size()), f.mult.data(),
+                                           f.bias.data(), int64_t(f.mult.size()), nullptr, got2.data(), elements,
+                                           nullptr, 0, nullptr, 0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "run_quantizing (kept codes) returned %d: %s", rc, err);
+        EXPECT(std::memcmp(got.data(), want.data(), got.size() * 4) == 0 &&
+                   std::memcmp(got2.data(), want.data(), got2.size() * 4) == 0 && kept == pm,
+               "run_quantizing isa=%s path=%s inline=%d threads=%d bits=%d/%d differs (%dx%dx%d -> %d, batch %d)",
+               n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), n2uq_conv_plan_quantizes_inline(plan, &s, threads),
+               threads, s.act_bits, s.weight_bits, s.in_height, s.in_width, s.in_channels, s.out_channels, s.batch);
+        std::vector<float> want_f(size_t(elements), -7.f), got_f(size_t(elements), -9.f);
+        std::vector<uint64_t> want_p(size_t(stage_len), 7), got_p(size_t(stage_len), 9);
+        rc = n2uq_conv_plan_run_stage(plan, &s, pm.data(), int64_t(pm.size()), f.mult.data(), f.bias.data(),
+                                      int64_t(f.mult.size()), &st, want_f.data(), elements, want_p.data(), stage_len,
+                                      nullptr, 0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK, "quantizing: run_stage returned %d: %s", rc, err);
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &q, nullptr, 0, f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), &st, got_f.data(), elements, got_p.data(),
+                                           stage_len, nullptr, 0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_OK && std::memcmp(got_f.data(), want_f.data(), got_f.size() * 4) == 0 && got_p == want_p,
+               "run_quantizing with a stage isa=%s path=%s threads=%d differs (rc %d: %s)", n2uq_isa_name(combo.isa),
+               n2uq_path_name(combo.path), threads, rc, err);
+        // Refusals: no quantizer, a short input, the wrong number of thresholds, a short codes buffer.
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, nullptr, nullptr, 0, f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), nullptr, got.data(), elements, nullptr, 0, nullptr,
+                                           0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_ERR_ARGUMENT, "run_quantizing with no quantizer returned %d", rc);
+        N2uqInputQuantizer bad = q;
+        bad.x_len = q.x_len - 1;
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &bad, nullptr, 0, f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), nullptr, got.data(), elements, nullptr, 0, nullptr,
+                                           0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_ERR_BUFFER, "run_quantizing with a short input returned %d", rc);
+        bad = q;
+        bad.num_thresholds = q.num_thresholds + 1;
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &bad, nullptr, 0, f.mult.data(), f.bias.data(),
+                                           int64_t(f.mult.size()), nullptr, got.data(), elements, nullptr, 0, nullptr,
+                                           0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_ERR_ARGUMENT, "run_quantizing with too many thresholds returned %d", rc);
+        rc = n2uq_conv_plan_run_quantizing(plan, &s, &q, kept.data(), int64_t(kept.size()) - 1, f.mult.data(),
+                                           f.bias.data(), int64_t(f.mult.size()), nullptr, got.data(), elements,
+                                           nullptr, 0, nullptr, 0, threads, err, sizeof err);
+        EXPECT(rc == N2UQ_ERR_BUFFER, "run_quantizing with a short codes buffer returned %d", rc);
+        n2uq_conv_plan_destroy(plan);
+      }
+    }
+  }
+}
+
 void run_fully_connected_case() {
   const int batch = uniform(1, 11), in_f = uniform(1, 300), out_f = uniform(1, 40);
   const int a = uniform(1, 4), w = uniform(1, 4);
@@ -1605,6 +1720,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < cases / 4 + 1; ++i) run_plan_case();
   for (int i = 0; i < 3; ++i) run_plan_trial_case();
   for (int i = 0; i < cases / 2 + 1; ++i) run_plan_stage_case();
+  run_quantizing_cases();
   for (int i = 0; i < cases / 3 + 1; ++i) run_conv_case(true);
   for (int i = 0; i < cases / 3 + 1; ++i) run_fully_connected_case();
   for (int i = 0; i < 2 * cases; ++i) run_quantize_case();

@@ -131,6 +131,9 @@ struct Settings {
   int path = N2UQ_PATH_AUTO;  // conv / fully connected kernel path (n2uq_core.h)
   int int8_conv = kBuiltinConvAuto, float_conv = kBuiltinConvAuto;
   bool abi_probe = false;
+  // Claim an N2UQQuantizePack whose codes only one N2UQConv2D(Fused) reads together with that conv
+  // (DelegatePrepare, "input quantize in the conv").
+  bool quantize_into_conv = true;
 };
 
 // ----------------------------------------------------------------- profiling registry
@@ -162,6 +165,12 @@ struct ClaimedNode {
   Int8ConvPlanPtr int8_plan;
   std::shared_ptr<N2uqFloatConvPlan> float_plan;
   N2uqTfLiteConvParams conv_params = {};
+  // A conv claimed with the N2UQQuantizePack before it (DelegatePrepare): that node, its tensors and
+  // options; `merged` marks the quantize node's own claim, which the conv's kernel replaces.
+  int quantize_node = -1;
+  std::vector<int> quantize_inputs;
+  std::vector<uint8_t> quantize_options;
+  bool merged = false;
 };
 
 struct DelegateData {
@@ -207,6 +216,16 @@ struct Kernel {
   N2uqTfLiteConvParams conv_params = {};  // kInt8Conv2D / kFloatConv2D: padding and strides
   std::shared_ptr<ProfileEntry> profile;
   std::string label;
+  // kConv2D / kConv2DFused claimed with the N2UQQuantizePack that feeds it (DelegatePrepare): the
+  // conv quantizes that op's float input x itself (n2uq_conv_plan_run_quantizing) with its
+  // thresholds tensor and options; `codes` is the packed tensor between them (the conv's input 0),
+  // written only where it is also an output of the pair (keep_codes).
+  struct InputQuantize {
+    int x = -1, thresholds = -1, codes = -1, node_index = -1;
+    int32_t bits = 0, channels = 0;
+    float beta1 = 1.0f;
+    bool keep_codes = false;
+  } quantize_in;
 };
 
 const char* TensorName(const N2uqTfLiteContext* ctx, int index) {
@@ -403,6 +422,25 @@ void* DelegateKernelInit(N2uqTfLiteContext* ctx, const char* buffer, size_t) {
     return k;
   }
   const ClaimedNode& node = *d->pending;
+  // A quantize and its conv (MergeInputQuantizes) come as one subset of two nodes; should the
+  // interpreter still split them, each part gets its own op's kernel.
+  bool has_quantize = false, has_conv = node.quantize_node < 0;
+  const N2uqTfLiteIntArray* replaced = params->nodes_to_replace;
+  for (int i = 0; replaced != nullptr && i < replaced->size; ++i) {
+    has_quantize = has_quantize || (node.quantize_node >= 0 && replaced->data[i] == node.quantize_node);
+    has_conv = has_conv || replaced->data[i] == node.node_index;
+  }
+  if (node.quantize_node >= 0 && !has_conv) {
+    Kernel* q = NewKernel(kQuantizePack, node.quantize_options.data(), node.quantize_options.size());
+    q->delegated = true;
+    q->delegate = params->delegate;
+    q->settings = d->settings;
+    q->node_index = node.quantize_node;
+    q->inputs = node.quantize_inputs;
+    q->outputs = {node.inputs.empty() ? -1 : node.inputs[0]};
+    RegisterProfile(q, ctx);
+    return q;
+  }
   Kernel* k = NewKernel(node.kind, node.options.data(), node.options.size());
   k->delegated = true;
   k->delegate = params->delegate;
@@ -413,6 +451,22 @@ void* DelegateKernelInit(N2uqTfLiteContext* ctx, const char* buffer, size_t) {
   k->int8_plan = node.int8_plan;
   k->float_plan = node.float_plan;
   k->conv_params = node.conv_params;
+  if (has_quantize && node.quantize_inputs.size() == 2 && !node.inputs.empty()) {
+    std::unique_ptr<Kernel> q(NewKernel(kQuantizePack, node.quantize_options.data(), node.quantize_options.size()));
+    if (!q->init_error.empty() && k->init_error.empty())
+      k->init_error = "the N2UQQuantizePack before it (node " + std::to_string(node.quantize_node) + "): " + q->init_error;
+    Kernel::InputQuantize& in = k->quantize_in;
+    in.x = node.quantize_inputs[0];
+    in.thresholds = node.quantize_inputs[1];
+    in.codes = node.inputs[0];
+    in.node_index = node.quantize_node;
+    in.bits = q->bits;
+    in.channels = q->channels;
+    in.beta1 = q->beta1;
+    const N2uqTfLiteIntArray* outs = params->output_tensors;
+    for (int i = 0; outs != nullptr && i < outs->size; ++i) in.keep_codes = in.keep_codes || outs->data[i] == in.codes;
+    k->label += " (quantizing its input)";
+  }
   RegisterProfile(k, ctx);
   if (k->int8_plan) {
     int path = 0;
@@ -834,6 +888,34 @@ bool PrepareLayerOutputs(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, const 
   return true;
 }
 
+// A conv that quantizes its own input (Kernel::quantize_in): the checks of the N2UQQuantizePack it
+// replaces (a float32 input [N, H, W, channels], 2^bits - 1 float32 thresholds), that op's options
+// against the conv's, and the packed tensor between them sized from the input as that op would
+// (nothing else sizes it now; its data is written only where the pair outputs it).
+bool PrepareInputQuantize(N2uqTfLiteContext* ctx, Kernel* k, std::string* err) {
+  const Kernel::InputQuantize& in = k->quantize_in;
+  const std::string where = " of the N2UQQuantizePack before it (node " + std::to_string(in.node_index) + ")";
+  N2uqTfLiteTensor* x = GetTensor(ctx, in.x, kN2uqTfLiteFloat32, ("input" + where).c_str(), err);
+  if (!x || !CheckBytes(ctx, x, ("input" + where).c_str(), false, err)) return false;
+  N2uqTfLiteTensor* t = GetTensor(ctx, in.thresholds, kN2uqTfLiteFloat32, ("thresholds" + where).c_str(), err);
+  if (!t || !CheckBytes(ctx, t, ("thresholds" + where).c_str(), false, err) ||
+      !CheckCount(t, (1 << in.bits) - 1, ("thresholds" + where).c_str(), err))
+    return false;
+  if (in.bits != k->conv.act_bits || in.channels != k->conv.in_channels) {
+    *err = "the N2UQQuantizePack before it (node " + std::to_string(in.node_index) + ") makes " +
+           std::to_string(in.bits) + "-bit codes of " + std::to_string(in.channels) + " channels, the conv takes " +
+           std::to_string(k->conv.act_bits) + "-bit codes of " + std::to_string(k->conv.in_channels);
+    return false;
+  }
+  const N2uqTfLiteIntArray* d = x->dims;
+  if (d->size != 4 || d->data[3] != in.channels) {
+    *err = "input shape " + DimsString(d) + where + " must be [N, H, W, " + std::to_string(in.channels) + "]";
+    return false;
+  }
+  N2uqTfLiteTensor* codes = GetTensor(ctx, in.codes, kN2uqTfLiteInt64, "input", err);
+  return codes && Resize(ctx, codes, {d->data[0], d->data[1], d->data[2], in.bits, (in.channels + 63) / 64}, err);
+}
+
 bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* err) {
   const int want = ExpectedInputs(k), want_out = ExpectedOutputs(k);
   if (int(io.inputs.size()) != want || int(io.outputs.size()) != want_out) {
@@ -873,6 +955,7 @@ bool PrepareImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, std::string* e
     case kDepthwise: {
       N2uqConvShape& s = k->conv;
       const bool dw = BaseKind(k->kind) == kDepthwise;
+      if (k->quantize_in.x >= 0 && !PrepareInputQuantize(ctx, k, err)) return false;
       N2uqTfLiteTensor* x = GetTensor(ctx, io.inputs[0], dw ? kN2uqTfLiteUInt8 : kN2uqTfLiteInt64, "input", err);
       if (!x || !CheckBytes(ctx, x, "input", false, err)) return false;
       const int words = (s.in_channels + 63) / 64;
@@ -1436,6 +1519,29 @@ LayerScale ReadLayerScale(const Io& io, const N2uqTfLiteTensor* t) {
           int64_t(mult.bytes < bias.bytes ? mult.bytes : bias.bytes) / 4};
 }
 
+// The quantizer of a conv that quantizes its own input (Kernel::quantize_in), and where its codes go
+// (null: nowhere outside the conv).
+struct QuantizeCall {
+  N2uqInputQuantizer quantizer;
+  uint64_t* codes = nullptr;
+  int64_t codes_len = 0;
+};
+
+QuantizeCall ResolveInputQuantize(const Kernel* k, N2uqTfLiteTensor* t) {
+  const Kernel::InputQuantize& in = k->quantize_in;
+  QuantizeCall q;
+  q.quantizer.x = static_cast<const float*>(t[in.x].data);
+  q.quantizer.x_len = int64_t(t[in.x].bytes / 4);
+  q.quantizer.thresholds = static_cast<const float*>(t[in.thresholds].data);
+  q.quantizer.num_thresholds = int32_t(t[in.thresholds].bytes / 4);
+  q.quantizer.beta1 = in.beta1;
+  if (in.keep_codes) {
+    q.codes = static_cast<uint64_t*>(t[in.codes].data);
+    q.codes_len = int64_t(t[in.codes].bytes / 8);
+  }
+  return q;
+}
+
 // A fused conv or fully connected op: the plan runs the layer and its stage (in the conv's own
 // output pass where its path can, n2uq_conv_plan_run_stage).
 int RunPlanStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const N2uqConvShape* shape, int threads,
@@ -1443,6 +1549,12 @@ int RunPlanStage(const Kernel* k, const Io& io, N2uqTfLiteTensor* t, const N2uqC
   const N2uqTfLiteTensor& x = t[io.inputs[0]];
   const LayerScale a = ReadLayerScale(io, t);
   const StageCall c = ResolveStage(k, io, t);
+  if (k->quantize_in.x >= 0) {
+    const QuantizeCall q = ResolveInputQuantize(k, t);
+    return n2uq_conv_plan_run_quantizing(k->plan.get(), shape, &q.quantizer, q.codes, q.codes_len, a.multiplier,
+                                         a.bias, a.channels, &c.stage, c.out_float, c.out_float_len, c.packed,
+                                         c.packed_len, c.codes, c.codes_len, threads, msg, msg_len);
+  }
   return n2uq_conv_plan_run_stage(k->plan.get(), shape, static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8),
                                   a.multiplier, a.bias, a.channels, &c.stage, c.out_float, c.out_float_len, c.packed,
                                   c.packed_len, c.codes, c.codes_len, threads, msg, msg_len);
@@ -1483,6 +1595,13 @@ int RunLayer(Kernel* k, const Io& io, N2uqTfLiteTensor* t, int threads, char* ms
     case kConv2D:
     case kFullyConnected: {
       const LayerScale a = ReadLayerScale(io, t);
+      if (k->quantize_in.x >= 0) {
+        const QuantizeCall q = ResolveInputQuantize(k, t);
+        status = n2uq_conv_plan_run_quantizing(k->plan.get(), &k->conv, &q.quantizer, q.codes, q.codes_len,
+                                               a.multiplier, a.bias, a.channels, nullptr, dest, dest_len, nullptr, 0,
+                                               nullptr, 0, threads, msg, msg_len);
+        break;
+      }
       status = n2uq_conv_plan_run(k->plan.get(), BaseKind(k->kind) == kConv2D ? &k->conv : &k->fc_shape,
                                   static_cast<const uint64_t*>(x.data), int64_t(x.bytes / 8), a.multiplier, a.bias,
                                   a.channels, dest, nullptr, dest_len, threads, msg, msg_len);
@@ -1515,7 +1634,16 @@ bool InvokeImpl(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, char* msg, size
     *err = "tensor lists changed after prepare";
     return false;
   }
-  for (int idx : io.inputs)
+  // A conv that quantizes its own input reads the quantizer's input and thresholds instead of the
+  // codes between them, which the interpreter need not have allocated.
+  const Kernel::InputQuantize& in = k->quantize_in;
+  std::vector<int> read = io.inputs;
+  if (in.x >= 0) {
+    if (!in.keep_codes) read.erase(read.begin());
+    read.push_back(in.x);
+    read.push_back(in.thresholds);
+  }
+  for (int idx : read)
     if (idx < 0 || static_cast<size_t>(idx) >= ctx->tensors_size || ctx->tensors[idx].data == nullptr) {
       *err = "an input tensor has no data";
       return false;
@@ -1613,6 +1741,43 @@ void RecordAbiProbe(N2uqTfLiteContext* ctx, const N2uqTfLiteIntArray* plan) {
   g_abi_probe = s;
 }
 
+// Input quantize in the conv: an N2UQQuantizePack whose packed output one claimed N2UQConv2D(Fused)
+// reads as its input and no other node of the plan reads is claimed with that conv, as one kernel
+// that quantizes the float input itself (n2uq_conv_plan_run_quantizing: where the conv's path can,
+// inside its GEMMs, which hides about half the quantizer's time). One kernel, not two: the float
+// input then lives until the conv runs (with the quantize node on its own, the interpreter may reuse
+// its memory once that node has run). A packed tensor that is also a graph output stays an output
+// of the pair, which then writes it (DelegateKernelInit).
+void MergeInputQuantizes(N2uqTfLiteContext* ctx, const N2uqTfLiteIntArray* plan, std::vector<ClaimedNode>* claims) {
+  for (ClaimedNode& q : *claims) {
+    if (q.kind != kQuantizePack || q.outputs.size() != 1 || q.inputs.size() != 2) continue;
+    const int codes = q.outputs[0];
+    int readers = 0;
+    for (int i = 0; i < plan->size; ++i) {
+      N2uqTfLiteNode* node = nullptr;
+      N2uqTfLiteRegistration* reg = nullptr;
+      if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kN2uqTfLiteOk || !node || !node->inputs)
+        continue;
+      for (int j = 0; j < node->inputs->size; ++j) readers += node->inputs->data[j] == codes ? 1 : 0;
+    }
+    // The conv must come right after the quantize in the plan: with other nodes between them the
+    // interpreter may split the pair into two kernels (a residual computed in between).
+    int next = -1;
+    for (int i = 0; i + 1 < plan->size; ++i)
+      if (plan->data[i] == q.node_index) next = plan->data[i + 1];
+    if (readers != 1 || next < 0) continue;
+    for (ClaimedNode& c : *claims)
+      if ((c.kind == kConv2D || c.kind == kConv2DFused) && c.node_index == next && c.quantize_node < 0 &&
+          !c.inputs.empty() && c.inputs[0] == codes) {
+        c.quantize_node = q.node_index;
+        c.quantize_inputs = q.inputs;
+        c.quantize_options = q.options;
+        q.merged = true;
+        break;
+      }
+  }
+}
+
 int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
   auto* d = static_cast<DelegateData*>(delegate->data_);
   N2uqTfLiteIntArray* plan = nullptr;
@@ -1679,14 +1844,17 @@ int DelegatePrepare(N2uqTfLiteContext* ctx, N2uqTfLiteDelegate* delegate) {
       }
     }
   }
+  if (d->settings.quantize_into_conv) MergeInputQuantizes(ctx, plan, &claims);
   const N2uqTfLiteRegistration reg = DelegateKernelRegistration();
-  struct { int size; int data[1]; } one;  // a TfLiteIntArray of one node
+  struct { int size; int data[2]; } nodes;  // a TfLiteIntArray of one node, or of a quantize and its conv
   for (const ClaimedNode& c : claims) {
-    one.size = 1;
-    one.data[0] = c.node_index;
+    if (c.merged) continue;  // replaced with its conv
+    nodes.size = 0;
+    if (c.quantize_node >= 0) nodes.data[nodes.size++] = c.quantize_node;
+    nodes.data[nodes.size++] = c.node_index;
     d->pending = &c;  // read by DelegateKernelInit, which the call below runs synchronously
     const int status = ctx->ReplaceNodeSubsetsWithDelegateKernels(
-        ctx, reg, reinterpret_cast<const N2uqTfLiteIntArray*>(&one), delegate);
+        ctx, reg, reinterpret_cast<const N2uqTfLiteIntArray*>(&nodes), delegate);
     d->pending = nullptr;
     if (status != kN2uqTfLiteOk) return status;
   }
@@ -1745,7 +1913,16 @@ bool ParseSetting(Settings* s, const char* key, const char* value, std::string* 
     s->abi_probe = v == "1" || v == "true" || v == "True";
     return true;
   }
-  *err = "unknown option '" + k + "' (known: num_threads, isa, path, int8_conv, float_conv, abi_probe)";
+  if (k == "quantize_into_conv") {
+    if (v != "0" && v != "1") {
+      *err = "quantize_into_conv must be 0 or 1, got '" + v + "'";
+      return false;
+    }
+    s->quantize_into_conv = v == "1";
+    return true;
+  }
+  *err = "unknown option '" + k +
+         "' (known: num_threads, isa, path, int8_conv, float_conv, abi_probe, quantize_into_conv)";
   return false;
 }
 
