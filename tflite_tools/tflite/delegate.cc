@@ -889,9 +889,10 @@ bool PrepareLayerOutputs(N2uqTfLiteContext* ctx, Kernel* k, const Io& io, const 
 }
 
 // A conv that quantizes its own input (Kernel::quantize_in): the checks of the N2UQQuantizePack it
-// replaces (a float32 input [N, H, W, channels], 2^bits - 1 float32 thresholds), that op's options
-// against the conv's, and the packed tensor between them sized from the input as that op would
-// (nothing else sizes it now; its data is written only where the pair outputs it).
+// replaces (a float32 input [N, H, W, channels], 2^bits - 1 float32 thresholds) and the packed
+// tensor between them sized from the input as that op would (nothing else sizes it now; its data is
+// written only where the pair outputs it). The conv's own checks of that tensor follow.
+// (MergeInputQuantizes paired them only where their bits and channels agree.)
 bool PrepareInputQuantize(N2uqTfLiteContext* ctx, Kernel* k, std::string* err) {
   const Kernel::InputQuantize& in = k->quantize_in;
   const std::string where = " of the N2UQQuantizePack before it (node " + std::to_string(in.node_index) + ")";
@@ -901,15 +902,10 @@ bool PrepareInputQuantize(N2uqTfLiteContext* ctx, Kernel* k, std::string* err) {
   if (!t || !CheckBytes(ctx, t, ("thresholds" + where).c_str(), false, err) ||
       !CheckCount(t, (1 << in.bits) - 1, ("thresholds" + where).c_str(), err))
     return false;
-  if (in.bits != k->conv.act_bits || in.channels != k->conv.in_channels) {
-    *err = "the N2UQQuantizePack before it (node " + std::to_string(in.node_index) + ") makes " +
-           std::to_string(in.bits) + "-bit codes of " + std::to_string(in.channels) + " channels, the conv takes " +
-           std::to_string(k->conv.act_bits) + "-bit codes of " + std::to_string(k->conv.in_channels);
-    return false;
-  }
   const N2uqTfLiteIntArray* d = x->dims;
   if (d->size != 4 || d->data[3] != in.channels) {
-    *err = "input shape " + DimsString(d) + where + " must be [N, H, W, " + std::to_string(in.channels) + "]";
+    *err = "input shape " + DimsString(d) + where + " must be [N, H, W, C] and end in channels = " +
+           std::to_string(in.channels);
     return false;
   }
   N2uqTfLiteTensor* codes = GetTensor(ctx, in.codes, kN2uqTfLiteInt64, "input", err);
@@ -1766,9 +1762,15 @@ void MergeInputQuantizes(N2uqTfLiteContext* ctx, const N2uqTfLiteIntArray* plan,
     for (int i = 0; i + 1 < plan->size; ++i)
       if (plan->data[i] == q.node_index) next = plan->data[i + 1];
     if (readers != 1 || next < 0) continue;
+    const std::unique_ptr<Kernel> quantize(NewKernel(kQuantizePack, q.options.data(), q.options.size()));
     for (ClaimedNode& c : *claims)
       if ((c.kind == kConv2D || c.kind == kConv2DFused) && c.node_index == next && c.quantize_node < 0 &&
           !c.inputs.empty() && c.inputs[0] == codes) {
+        // Options that disagree (bits, channels) or do not parse: each op reports its own problem.
+        const std::unique_ptr<Kernel> conv(NewKernel(c.kind, c.options.data(), c.options.size()));
+        if (!quantize->init_error.empty() || !conv->init_error.empty() || quantize->bits != conv->conv.act_bits ||
+            quantize->channels != conv->conv.in_channels)
+          break;
         c.quantize_node = q.node_index;
         c.quantize_inputs = q.inputs;
         c.quantize_options = q.options;
