@@ -21,7 +21,7 @@ class ModelQ(tf.Module):
     stride-1 conv, a fused conv whose stage packs codes, a packed tensor two convs read, and one
     that is also a graph output."""
 
-    @tf.function(input_signature=[tf.TensorSpec([2, 16, 16, 64], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 64], tf.float32)])
     def f(self, x):
         rng = np.random.default_rng(11)
         vector = lambda n, low=-1.0, high=1.0: tf.constant(rng.uniform(low, high, n).astype(np.float32))  # noqa: E731
@@ -89,8 +89,9 @@ def test_which_pairs_merge(model_q):
 
 
 def test_inline_route_is_taken_where_the_kernels_have_it():
-    """The 16x16x64 stride-2 W4A4 conv of ModelQ, as a plan: inline on the AVX-512 dot path."""
-    shape = _core.conv_shape(2, 16, 16, 64, 32, 3, strides=2, padding=1, act_bits=4, weight_bits=4)
+    """The 32x32x64 stride-2 W4A4 conv of ModelQ, as a plan: inline on the AVX-512 dot path's
+    stride-2 form (1 thread: 64 tiles, two bands of two blocks)."""
+    shape = _core.conv_shape(1, 32, 32, 64, 32, 3, strides=2, padding=1, act_bits=4, weight_bits=4)
     rng = np.random.default_rng(0)
     plan = _core.ConvPlan(shape, _core.pack_bitplanes(rng.integers(0, 16, (32, 3, 3, 64)), 4), path="auto")
     expected = plan.isa == "avx512" and plan.path == "dot" and plan.form == "winograd_stride2"

@@ -484,7 +484,11 @@ void run_plan_stage_case() {
 // the AVX-512 dot path quantize inside its Winograd GEMMs (bands, an image per thread), one with
 // partial tiles, every combo, 1 and 2 threads, a kept-codes buffer, and the refusals.
 void run_quantizing_cases() {
-  const int shapes[][5] = {{1, 20, 24, 64, 40}, {2, 12, 16, 128, 24}, {1, 14, 14, 64, 16}, {3, 8, 8, 192, 8}};
+  // (batch, height, width, channels, out channels): the first three inline on 1 thread (two bands of
+  // two register blocks at least), the first and third on 2 as well; 7x7 outputs quantize first.
+  const int shapes[][5] = {{1, 40, 48, 64, 64}, {2, 24, 16, 128, 40}, {3, 16, 16, 192, 64}, {1, 14, 14, 64, 16}};
+  int inline_runs = 0;
+  bool inline_possible = false;
   for (const auto& d : shapes) {
     N2uqConvShape s{};
     s.batch = d[0];
@@ -555,6 +559,9 @@ void run_quantizing_cases() {
                "run_quantizing isa=%s path=%s inline=%d threads=%d bits=%d/%d differs (%dx%dx%d -> %d, batch %d)",
                n2uq_isa_name(combo.isa), n2uq_path_name(combo.path), n2uq_conv_plan_quantizes_inline(plan, &s, threads),
                threads, s.act_bits, s.weight_bits, s.in_height, s.in_width, s.in_channels, s.out_channels, s.batch);
+        inline_runs += n2uq_conv_plan_quantizes_inline(plan, &s, threads) == 1 ? 1 : 0;
+        inline_possible = inline_possible || (combo.isa == N2UQ_ISA_AVX512 && combo.path == N2UQ_PATH_DOT &&
+                                              n2uq_conv_plan_form(plan) == N2UQ_FORM_WINOGRAD_STRIDE2);
         std::vector<float> want_f(size_t(elements), -7.f), got_f(size_t(elements), -9.f);
         std::vector<uint64_t> want_p(size_t(stage_len), 7), got_p(size_t(stage_len), 9);
         rc = n2uq_conv_plan_run_stage(plan, &s, pm.data(), int64_t(pm.size()), f.mult.data(), f.bias.data(),
@@ -592,6 +599,7 @@ void run_quantizing_cases() {
       }
     }
   }
+  EXPECT(!inline_possible || inline_runs >= 3, "run_quantizing: %d runs quantized inside the conv", inline_runs);
 }
 
 void run_fully_connected_case() {
