@@ -908,12 +908,12 @@ int wino_most_tiles(const N2uqConvPlanBody& plan) {
 // ---- A stride-2 Winograd conv that quantizes its own input (n2uq_conv_plan_run_quantizing).
 //
 // The quantize-and-pack of the float input goes between the GEMMs' steps (SideQuantize), where
-// about half its time hides behind their VPDPBUSDs (isa_avx512_dot.cc). A tile's transform needs
+// part of its time hides behind their VPDPBUSDs (isa_avx512_dot.cc). A tile's transform needs
 // its input rows' codes before the tile's GEMMs, so each thread takes its tiles in bands: the
 // rows of band 0 quantized on their own and transformed, then band b's GEMMs quantize the rows
 // band b + 1 adds, which are transformed next. The first band's rows do not hide: 1 / bands of
-// the quantizer (8 bands: 56x56x64/2 W4A4 on 1 thread of Zen 5 117.1 us, 4: 117.8, 2: 119.0;
-// quantize first: 122.9). Every band has two register blocks or more.
+// the quantizer (56x56x64/2 W4A4 on 1 thread of Zen 5, pieces of 64 channels: 8 bands 117.1 us,
+// 4: 117.8, 2: 119.0, quantizing first 122.9). Every band has two register blocks or more.
 // Each thread packs into an image of its own, so rows that two threads' tiles share are
 // quantized by both (no thread reads what another writes). Tiles row-major, none partial
 // (quantizes_inline): the rows of tiles [a, b) are one range.
@@ -939,7 +939,7 @@ void wino2_quantizing_part(ConvJob own, const N2uqConvPlanBody& plan, int most, 
   q.out_packed = image;
   own.input = image;
   const int64_t width = own.in_width;
-  const int64_t row_side_words = width * own.words, row_words = width * int64_t(own.act_bits) * own.words;
+  const int64_t row_pieces = width * own.words * 2, row_words = width * int64_t(own.act_bits) * own.words;
   SideQuantize side{};
   k->side_prepare(q, &side);
   const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(kQuantizeBands, span / (2 * int64_t(most))));
@@ -960,13 +960,13 @@ void wino2_quantizing_part(ConvJob own, const N2uqConvPlanBody& plan, int most, 
     own.wino_block_span = t1 - t0;
     own.wino_tile_blocks = int32_t((own.wino_block_span + most - 1) / most);
     const int64_t items = int64_t(own.oc_chunks) * own.wino_tile_blocks;
-    side.left = std::max<int64_t>(0, next_hi - done) * row_side_words;
+    side.left = std::max<int64_t>(0, next_hi - done) * row_pieces;
     own.side_quantize = nullptr;
     if (side.left > 0) {
       side.x = q.x + done * width * own.in_channels;
       side.out = image + done * row_words;
       side.word = 0;
-      // The band's GEMM steps (each item: 25 positions x quads of every tile) per group.
+      // The band's GEMM steps (each item: 25 positions x quads of every tile) per piece.
       const int64_t steps = items * kWinoPositions2 * own.quads;
       side.every = int32_t(std::max<int64_t>(1, std::min<int64_t>(steps / side.left, 1 << 20)));
       side.countdown = side.every;

@@ -202,30 +202,32 @@ void wino_transform(const ConvJob& j, int64_t begin, int64_t end) {
 // on Zen 5) and its permutes; the GEMMs by VPDPBUSD (two per cycle). They share some issue ports,
 // not all: in a bare loop on Zen 5, 12 VPDPBUSDs plus one 16-channel quantize step took 4.5 TSC
 // cycles, 3.7 without the step, 2.2 the step alone. Out-of-order execution overlaps them only
-// within a few hundred instructions, so the steps go inside the GEMMs' quad loop, one group
-// every `every` quads, rather than between GEMM calls (pieces of 20-40 groups hid 5-12% of
-// their time there, single groups 60-75%).
+// within a few hundred instructions, so the steps go inside the GEMMs' quad loop, a piece of 2
+// groups every `every` quads, rather than between GEMM calls (in that bare loop, runs of 20-40
+// steps between the VPDPBUSDs hid 5-12% of their time, runs of 1-5 steps 66-74%).
 #include "quantize_avx512_impl.h"
 
-// One 64-channel word of the side work (4 groups): each plane's word assembled in a register
-// from the groups' masks and stored whole. The progress stays in the struct (memory): as
-// locals it took registers the GEMM loop needs, and GCC moved them through the stack and xmm
-// registers on every group.
+// One piece of the side work, 32 channels (2 groups): each plane's 32 bits assembled in a register
+// from the groups' masks and stored whole. Same process, 1 thread, Zen 5, against pieces of 64
+// channels: 56x56x64/2 W4A4 0.98x the time, W3A3 1.01x, 28x28x128/2 W4A4 0.98x; pieces of 16
+// (each mask stored on its own) hid less than half as much. The progress stays in the struct
+// (memory): as locals it took registers the GEMM loop needs, and GCC moved them through the stack
+// and xmm registers on every piece.
 template <int BITS>
-__attribute__((always_inline)) inline void side_word(SideQuantize* s) {
+__attribute__((always_inline)) inline void side_piece(SideQuantize* s) {
   const float* const x = s->x;
   const __m512 beta1 = _mm512_set1_ps(s->beta1);
-  uint64_t planes[BITS] = {};
-  for (int g = 0; g < 4; ++g) {
+  uint32_t planes[BITS] = {};
+  for (int g = 0; g < 2; ++g) {
     __mmask16 p[BITS];
     quantize16<BITS, false>(_mm512_loadu_ps(x + 16 * g), beta1, reinterpret_cast<const __m512*>(s->levels),
                             (__mmask16)0xFFFF, p);
-    for (int b = 0; b < BITS; ++b) planes[b] |= uint64_t(p[b]) << (16 * g);
+    for (int b = 0; b < BITS; ++b) planes[b] |= uint32_t(p[b]) << (16 * g);
   }
-  uint64_t* const out = s->out + s->word;
-  for (int b = 0; b < BITS; ++b) out[b * s->words] = planes[b];
-  s->x = x + 64;
-  if (++s->word == s->words) {
+  uint32_t* const out = reinterpret_cast<uint32_t*>(s->out) + s->word;
+  for (int b = 0; b < BITS; ++b) out[b * s->words * 2] = planes[b];
+  s->x = x + 32;
+  if (++s->word == s->words * 2) {
     s->word = 0;
     s->out += BITS * s->words;
   }
@@ -234,7 +236,7 @@ __attribute__((always_inline)) inline void side_word(SideQuantize* s) {
 
 template <int BITS>
 void side_finish_bits(SideQuantize* s) {
-  while (s->left > 0) side_word<BITS>(s);
+  while (s->left > 0) side_piece<BITS>(s);
 }
 
 void side_prepare(const QuantizeJob& q, SideQuantize* s) {
@@ -262,7 +264,7 @@ void side_finish(SideQuantize* s) {
 // One position of a register block: z[p * R + r] = sum over the quads of tile p's V8 (at a + p *
 // cw) times weight vector r. Out of line, loops unrolled and nothing else in it: inlined into
 // wino_block, or with the epilogue here, GCC 12 spilled accumulators inside the quad loop.
-// SIDE: with a quantize group of SIDE bits every side->every quads (above; one code width per
+// SIDE: with a quantize piece of SIDE bits every side->every quads (above; one code width per
 // instance: with a switch over the widths in the loop, GCC spilled accumulators around it and
 // the groups hid almost nothing).
 template <int P, int R, int SIDE>
@@ -277,7 +279,7 @@ __attribute__((noinline)) void wino_gemm(const uint8_t* a, int64_t cw, const int
   for (int64_t q = 0; q < quads; ++q) {
     if (SIDE && --countdown == 0) {
       countdown = side->every;
-      if (side->left > 0) side_word<SIDE>(side);
+      if (side->left > 0) side_piece<SIDE>(side);
     }
     __m512i wv[R];
 #pragma GCC unroll 4
@@ -325,7 +327,7 @@ struct WinoGemms<0, R, SIDE> {
   static void fill(WinoGemmFn*) {}
 };
 
-// table[b][n]: the GEMM of n tiles with quantize groups of b bits (b = 0: none).
+// table[b][n]: the GEMM of n tiles with quantize pieces of b bits (b = 0: none).
 template <int P, int R>
 inline void fill_wino_gemms(WinoGemmFn (*table)[P + 1]) {
   WinoGemms<P, R, 0>::fill(table[0]);
@@ -344,7 +346,7 @@ struct WinoGemmArgs {
 };
 
 // Group g's GEMM (args(g)) over the first needed[g] of the P tiles into z[g], and zeros for the
-// sums of the rest (the output stage reads every tile's); the quantize groups of side (or null)
+// sums of the rest (the output stage reads every tile's); the quantize pieces of side (or null)
 // between their steps while it has some left.
 template <int P, int R, int G, class Args>
 inline void wino_prefix_gemms(const int* needed, __m512i (*z)[P][R], SideQuantize* side, Args args) {

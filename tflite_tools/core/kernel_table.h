@@ -217,9 +217,10 @@ struct QuantizeJob {
 };
 
 // Quantize-and-pack work that a conv's GEMMs do between their own steps (ConvJob::side_quantize):
-// `left` 64-channel words of the float input from x on, in order, into the packed codes (channels
-// a multiple of 64): out is the current position's [bits][words] plane words, word the next
-// one's index there. One word every `every` GEMM steps (isa_avx512_dot.cc).
+// `left` pieces of 32 channels of the float input from x on, in order, into the packed codes
+// (channels a multiple of 64): out is the current position's [bits][words] plane words, and `word`
+// the next piece's index among their 32-bit halves (2 * words per plane). One piece every `every`
+// GEMM steps (isa_avx512_dot.cc).
 struct SideQuantize {
   alignas(64) float levels[5][16];  // the quantizer's threshold vectors (PathKernels::side_prepare)
   float beta1;
