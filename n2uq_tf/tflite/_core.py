@@ -426,6 +426,13 @@ def fully_connected(packed_input, packed_weights, in_features, act_bits, weight_
     return _result(out_f, out_i, output)
 
 
+def _input_quantizer(x, thresholds, beta1):
+    """(InputQuantizer, the arrays it points into) for the float input x and its quantizer."""
+    x = _as(x, np.float32, "x")
+    t = _as(thresholds, np.float32, "thresholds")
+    return InputQuantizer(_ptr(x), x.size, _ptr(t), t.size, float(beta1)), (x, t)
+
+
 class ConvPlan:
     """A conv layer's weights prepared once for one path (n2uq_conv_plan_create).
 
@@ -509,9 +516,7 @@ class ConvPlan:
         beta1) and the conv, in one call (n2uq_conv_plan_run_quantizing): run's float output. packed: a
         uint64 array of the packed input's size to receive the codes (the conv then quantizes first)."""
         shape = shape or self.shape
-        x = _as(x, np.float32, "x")
-        t = _as(thresholds, np.float32, "thresholds")
-        q = InputQuantizer(_ptr(x), x.size, _ptr(t), t.size, float(beta1))
+        q, _keep = _input_quantizer(x, thresholds, beta1)
         oh, ow = output_size(shape)
         multiplier, bias = _affine(multiplier, bias, shape.out_channels)
         out = np.empty((shape.batch, oh, ow, shape.out_channels), np.float32)
@@ -526,9 +531,7 @@ class ConvPlan:
         """run_quantizing's input, run_stage's output stage and return value (the stage's quantizer:
         bits, stage_thresholds, stage_beta1)."""
         shape = shape or self.shape
-        x = _as(x, np.float32, "x")
-        t = _as(thresholds, np.float32, "thresholds")
-        q = InputQuantizer(_ptr(x), x.size, _ptr(t), t.size, float(beta1))
+        q, _keep = _input_quantizer(x, thresholds, beta1)
         oh, ow = output_size(shape)
         multiplier, bias = _affine(multiplier, bias, shape.out_channels)
         out_shape = (shape.batch, oh, ow, shape.out_channels)

@@ -891,9 +891,6 @@ bool wino_split_tiles() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
-// padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles),
-// or on several threads each thread's own share of the tiles.
 // Tiles per register block of a Winograd plan: the kernels' maximum, else as many as the chunk's
 // register budget allows (the blocks of a run are then equal).
 int wino_most_tiles(const N2uqConvPlanBody& plan) {
@@ -1000,6 +997,9 @@ int run_wino2_quantizing(const ConvJob& job, const N2uqConvPlanBody& plan, int m
   return N2UQ_OK;
 }
 
+// Winograd forms of the dot path (layout in kernel_table.h, kernels in isa_avx512_dot.cc): the
+// padded codes, their transforms per 2x2 output tile, then items of (chunk, block of tiles),
+// or on several threads each thread's own share of the tiles.
 int run_wino(const ConvJob& base, const N2uqConvPlanBody& plan, int num_threads, char* err, size_t err_len) {
   ConvJob job = base;
   const PathKernels* k = plan.kernels;
@@ -2266,8 +2266,9 @@ N2uqConvPlan::~N2uqConvPlan() = default;
 namespace {
 // Whether a run of plan on shape (checked) with num_threads quantizes its input inside the conv
 // (run_wino2_quantizing): the stride-2 Winograd form on kernels whose GEMMs take quantize work,
-// whole tiles only (even output height and width), whole 64-channel words, and on several
-// threads the split of the tiles between them. N2UQ_QUANTIZE_INLINE=0 turns it off.
+// whole tiles only (even output height and width), whole 64-channel words, two bands of two
+// register blocks per thread at least, and on several threads the split of the tiles between
+// them. N2UQ_QUANTIZE_INLINE=0 turns it off.
 bool quantizes_inline(const N2uqConvPlanBody& plan, const N2uqConvShape& s, int num_threads) {
   const char* env = std::getenv("N2UQ_QUANTIZE_INLINE");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
@@ -2328,7 +2329,7 @@ int run_quantizing(const N2uqConvPlanBody& body, const N2uqConvShape* s, const Q
   const KernelTable* table = body.table;
   const int64_t positions = int64_t(s->batch) * s->in_height * s->in_width;
   parallel_ranges_static(num_threads, positions, quantize_grain(body.isa) / s->in_channels + 1,
-             [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
+                         [&](int64_t b, int64_t e) { table->quantize_and_pack(job, b, e); });
   return run(codes, z.input, nullptr);
 }
 
